@@ -1,0 +1,209 @@
+"""The Backend contract: say what you support, compile a partition to an Artifact, load it.
+
+A backend never schedules: it gets one partition (an fx GraphModule whose inputs are
+activations followed by parameters) and a device description, writes files, and later
+turns those files into a callable bound to a device. Options are frozen so the
+artifact key is a hash of (partition graph, options, versions).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from hetero.cluster.spec import DeviceSpec
+from hetero.partitioner.graph import OpNode
+from hetero.partitioner.split import Partition
+
+
+@dataclass(frozen=True)
+class Support:
+    """Whether a backend can run an op on a device; falsy with a reason when it cannot."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+YES = Support(True)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything that changes what a backend emits; part of the artifact key."""
+
+    dtype: str | None = None  # cast the partition to this dtype (None: keep the captured one)
+    tune_trials: int = 0  # autotuning budget (MetaSchedule trials, Triton configs); 0 = defaults
+    dynamic: bool = False  # compile for the captured dynamic dims instead of the example's sizes
+    extra: tuple[tuple[str, Any], ...] = ()  # backend-specific knobs, sorted (key, value)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.extra).get(key, default)
+
+
+@dataclass(frozen=True)
+class CompileUnit:
+    """One partition as a backend sees it."""
+
+    name: str  # for messages and file names, e.g. "p2"
+    module: torch.fx.GraphModule  # inputs: activations (in `inputs` order), then `params`
+    inputs: tuple[str, ...]  # activation/user-input names
+    params: tuple[str, ...]  # parameter names, following the activations
+    outputs: tuple[str, ...]
+    example_inputs: tuple[torch.Tensor, ...]  # one per name in `inputs`
+    param_values: Mapping[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    dynamic_dims: tuple[tuple[int, int, str], ...] = ()  # (input index, dim, symbol)
+
+    @classmethod
+    def from_partition(
+        cls,
+        part: Partition,
+        env: Mapping[str, Any],
+        params: Mapping[str, torch.Tensor],
+        dynamic_dims: tuple[tuple[int, int, str], ...] = (),
+    ) -> CompileUnit:
+        """`env` holds example values for the partition's inputs (from an eager run)."""
+        return cls(
+            name=f"p{part.index}",
+            module=_reorder(part),
+            inputs=part.inputs,
+            params=part.params,
+            outputs=part.outputs,
+            example_inputs=tuple(env[a] for a in part.inputs),
+            param_values={p: params[p] for p in part.params},
+            dynamic_dims=dynamic_dims,
+        )
+
+    def graph_hash(self) -> str:
+        """Hash of the partition's code and of its parameters' contents."""
+        h = hashlib.sha256(self.module.code.encode())
+        for t in self.example_inputs:
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        for name in self.params:
+            t = self.param_values[name].detach().contiguous().cpu()
+            h.update(name.encode())
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(repr(self.dynamic_dims).encode())
+        return h.hexdigest()
+
+
+def _reorder(part: Partition) -> torch.fx.GraphModule:
+    """The partition's module with activations first, then parameters (it is already so when
+    split_module kept the original placeholder order; reorder only when it did not)."""
+    inputs, params = part.inputs, part.params
+    if tuple(part.arg_names) == tuple(inputs) + tuple(params):
+        return part.module
+    gm = part.module
+    graph = torch.fx.Graph()
+    phs = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    by_arg = dict(zip(part.arg_names, phs.values(), strict=True))
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for name in (*inputs, *params):
+        old = by_arg[name]
+        env[old] = graph.placeholder(old.name)
+        env[old].meta = dict(old.meta)
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            env[n] = graph.node_copy(n, lambda x: env[x])
+    return torch.fx.GraphModule(gm, graph)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A compiled partition on disk: files plus a manifest that names and hashes them."""
+
+    backend: str
+    key: str  # content hash: partition graph, options, target, versions
+    path: Path  # directory holding manifest.json and the files
+    manifest: Mapping[str, Any]
+
+    @property
+    def files(self) -> dict[str, str]:
+        """file name -> sha256 of its bytes."""
+        return dict(self.manifest.get("files", {}))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    backend: str
+    key: str
+    target: str
+    device_kind: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    versions: Mapping[str, str]
+    files: Mapping[str, str]  # name -> sha256
+    emulated: bool = False
+    notes: str = ""
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["versions"] = dict(self.versions)
+        d["files"] = dict(self.files)
+        return json.dumps(d, indent=2, sort_keys=True)
+
+
+Runner = Callable[..., tuple[torch.Tensor, ...]]
+
+
+class Backend(abc.ABC):
+    """Contract every backend implements. Subclasses set `name` and `device_kinds`."""
+
+    name: ClassVar[str]
+    device_kinds: ClassVar[tuple[str, ...]]
+
+    def available(self) -> Support:
+        """Whether this backend's libraries are importable here."""
+        return YES
+
+    def supports(self, node: OpNode, device: DeviceSpec) -> Support:
+        """Can this backend run `node` on `device`? Never raises; returns a reason when not."""
+        if device.kind not in self.device_kinds:
+            return Support(False, f"{self.name} does not target {device.kind} devices")
+        return YES
+
+    def target(self, device: DeviceSpec, options: CompileOptions) -> str:
+        """A string naming what the artifact is compiled for (part of the key)."""
+        return f"{self.name}:{device.kind}"
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__}
+
+    def artifact_key(self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions) -> str:
+        h = hashlib.sha256()
+        h.update(unit.graph_hash().encode())
+        h.update(repr(options).encode())
+        h.update(self.target(device, options).encode())
+        h.update(json.dumps(self.versions(), sort_keys=True).encode())
+        return f"{self.name}-{h.hexdigest()[:32]}"
+
+    @abc.abstractmethod
+    def compile(
+        self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
+    ) -> Manifest:
+        """Write the artifact's files into `out_dir` and return its manifest (files hashed)."""
+
+    @abc.abstractmethod
+    def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
+        """A callable taking the activations (manifest `inputs` order) and returning a tuple."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_files(out_dir: Path, names: Sequence[str]) -> dict[str, str]:
+    return {n: sha256_file(out_dir / n) for n in names}

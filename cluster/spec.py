@@ -1,0 +1,467 @@
+"""ClusterSpec: the devices of a cluster and the links between them.
+
+Stands alone (no torch, no Ray at import time) so planning runs anywhere. Read from
+YAML (`ClusterSpec.from_yaml`), discovered on this machine (`ClusterSpec.local`) or
+from a running Ray cluster (`ClusterSpec.from_ray`).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import platform
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import networkx as nx
+import yaml
+from hetero.cluster.units import (
+    UnitError,
+    parse_bandwidth,
+    parse_bytes,
+    parse_flops,
+    parse_seconds,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hetero.errors import ConfigError
+
+DeviceKind = Literal["gpu", "cpu", "npu"]
+DEVICE_KINDS: tuple[str, ...] = ("gpu", "cpu", "npu")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device that computes. Rates are peaks from the datasheet; calibration scales them."""
+
+    name: str  # unique in the cluster: "<host>/<device>", e.g. "node0/gpu1"
+    kind: str  # gpu | cpu | npu
+    host: str  # the node (Ray node) that holds the device
+    model: str = ""  # e.g. "NVIDIA H100 SXM5 80GB"
+    peak_flops: tuple[tuple[str, float], ...] = ()  # (dtype, FLOP/s), dense
+    mem_bandwidth: float = 0.0  # bytes/s of the device's own memory
+    memory: float = 0.0  # bytes usable for weights and activations
+    launch_overhead: float = 5e-6  # seconds per kernel launch / op dispatch
+    dtypes: tuple[str, ...] = ("float32",)
+    cores: int = 0  # CPU cores (threads the backend may use); 0 for accelerators
+    index: int = 0  # the device's ordinal on its host (cuda:<index> for GPUs)
+    emulated: bool = False  # runs on the host through TVM because no such device is present
+    mcpu: str = ""  # LLVM -mcpu for CPU/NPU targets; "" lets TVM pick the host's
+
+    def peak(self, dtype: str) -> float:
+        """Peak FLOP/s for `dtype`; falls back to float32's rate, then to the best listed."""
+        table = dict(self.peak_flops)
+        if dtype in table:
+            return table[dtype]
+        if "float32" in table:
+            return table["float32"]
+        return max(table.values(), default=1e9)
+
+    def supports_dtype(self, dtype: str) -> bool:
+        return dtype in self.dtypes
+
+    @property
+    def short(self) -> str:
+        return self.name.split("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A bidirectional link between two devices (or two hosts' CPUs, for the network)."""
+
+    a: str
+    b: str
+    bandwidth: float  # bytes/s, each direction
+    latency: float  # seconds per transfer
+    kind: str = "pcie"  # pcie | nvlink | network | memory
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Devices and links of a cluster, with its topology as a networkx graph."""
+
+    name: str
+    devices: tuple[DeviceSpec, ...]
+    links: tuple[LinkSpec, ...] = ()
+    source: str = ""  # the file it came from, for messages
+    _topology: Any = field(default=None, compare=False, repr=False, hash=False)
+
+    def __post_init__(self) -> None:
+        names = [d.name for d in self.devices]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"{self._where()}: device names must be unique; repeated: {dupes}")
+        g = nx.Graph()
+        for d in self.devices:
+            g.add_node(d.name, device=d)
+        for link in self.links:
+            for end in (link.a, link.b):
+                if end not in g:
+                    raise ConfigError(
+                        f"{self._where()}: link {link.a} <-> {link.b} names unknown device "
+                        f"{end!r}; known: {', '.join(names)}"
+                    )
+            g.add_edge(link.a, link.b, link=link, weight=link.latency + 1.0 / link.bandwidth)
+        if len(self.devices) > 1 and not nx.is_connected(g):
+            parts = [sorted(c) for c in nx.connected_components(g)]
+            raise ConfigError(
+                f"{self._where()}: the devices do not form one connected topology: {parts}. "
+                "Add `links:` between them (or a `network:` between hosts)."
+            )
+        object.__setattr__(self, "_topology", g)
+
+    def _where(self) -> str:
+        return self.source or f"cluster {self.name!r}"
+
+    # ---- lookups -------------------------------------------------------------------------
+    @property
+    def topology(self) -> nx.Graph:
+        return self._topology
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(d.host for d in self.devices))
+
+    def device(self, name: str) -> DeviceSpec:
+        for d in self.devices:
+            if d.name == name or (d.short == name and len(self.hosts) == 1):
+                return d
+        raise ConfigError(
+            f"{self._where()}: no device {name!r}; known: {', '.join(d.name for d in self.devices)}"
+        )
+
+    def of_kind(self, kind: str) -> tuple[DeviceSpec, ...]:
+        return tuple(d for d in self.devices if d.kind == kind)
+
+    def host_cpu(self, host: str) -> DeviceSpec | None:
+        for d in self.devices:
+            if d.host == host and d.kind == "cpu":
+                return d
+        return None
+
+    # ---- transfers -----------------------------------------------------------------------
+    def route(self, src: str, dst: str) -> tuple[LinkSpec, ...]:
+        """The links a tensor crosses from `src` to `dst` (lowest latency + 1/bandwidth path)."""
+        if src == dst:
+            return ()
+        return _route(self, src, dst)
+
+    def transfer_time(self, src: str, dst: str, nbytes: float) -> float:
+        """Seconds to move `nbytes` from `src` to `dst`.
+
+        Latencies add up along the path; the bytes stream through it pipelined in
+        chunks, so the slowest link sets the rate (staged copies through host memory
+        overlap with the next hop the way NCCL and Ray's channels chunk them).
+        """
+        links = self.route(src, dst)
+        if not links or nbytes <= 0:
+            return 0.0
+        return sum(l.latency for l in links) + nbytes / min(l.bandwidth for l in links)
+
+    def link_bandwidth(self, src: str, dst: str) -> float:
+        links = self.route(src, dst)
+        return min((l.bandwidth for l in links), default=float("inf"))
+
+    # ---- edits (new values; specs are frozen) --------------------------------------------
+    def without(self, names: Iterable[str]) -> ClusterSpec:
+        """The cluster less some devices (for excluded devices and re-planning)."""
+        drop = {self.device(n).name for n in names}
+        return ClusterSpec(
+            name=self.name,
+            devices=tuple(d for d in self.devices if d.name not in drop),
+            links=tuple(l for l in self.links if l.a not in drop and l.b not in drop),
+            source=self.source,
+        )
+
+    def with_device(self, name: str, **changes: Any) -> ClusterSpec:
+        """A copy where one device's fields are replaced (e.g. a memory cap)."""
+        target = self.device(name).name
+        devices = tuple(replace(d, **changes) if d.name == target else d for d in self.devices)
+        return ClusterSpec(self.name, devices, self.links, self.source)
+
+    # ---- constructors --------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> ClusterSpec:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the cluster file ({e.strerror})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        return cls.from_dict(data, source=str(p))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> ClusterSpec:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: a cluster description is a mapping with `hosts:`")
+        try:
+            doc = _ClusterDoc.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(_format_validation(source, e)) from None
+        return doc.build(source)
+
+    @classmethod
+    def local(cls, include_gpus: bool = True) -> ClusterSpec:
+        """This machine: its CPU (cores, memory) and, when torch sees CUDA, its GPUs."""
+        from hetero.cluster.discover import local_cluster
+
+        return local_cluster(include_gpus=include_gpus)
+
+    @classmethod
+    def from_ray(cls, address: str | None = None) -> ClusterSpec:
+        """The nodes of a running Ray cluster, with their CPUs, GPUs and `NPU` resources."""
+        from hetero.cluster.discover import ray_cluster
+
+        return ray_cluster(address)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "devices": [
+                {
+                    "name": d.name,
+                    "kind": d.kind,
+                    "host": d.host,
+                    "model": d.model,
+                    "peak_flops": dict(d.peak_flops),
+                    "mem_bandwidth": d.mem_bandwidth,
+                    "memory": d.memory,
+                    "launch_overhead": d.launch_overhead,
+                    "dtypes": list(d.dtypes),
+                    "cores": d.cores,
+                    "index": d.index,
+                    "emulated": d.emulated,
+                }
+                for d in self.devices
+            ],
+            "links": [
+                {"a": l.a, "b": l.b, "bandwidth": l.bandwidth, "latency": l.latency, "kind": l.kind}
+                for l in self.links
+            ],
+        }
+
+    def summary(self) -> str:
+        lines = [f"cluster {self.name}: {len(self.devices)} devices on {len(self.hosts)} host(s)"]
+        for d in self.devices:
+            tflops = d.peak("float16" if d.kind != "cpu" else "float32") / 1e12
+            lines.append(
+                f"  {d.name:<18} {d.kind:<4} {d.model[:28]:<28} {tflops:8.2f} TFLOP/s "
+                f"{d.mem_bandwidth / 1e9:8.1f} GB/s {d.memory / 2**30:7.1f} GiB"
+                + (" (emulated)" if d.emulated else "")
+            )
+        return "\n".join(lines)
+
+
+# Kept out of the frozen dataclass so the cached value never rides along in pickles.
+@functools.lru_cache(maxsize=4096)
+def _route(cluster: ClusterSpec, src: str, dst: str) -> tuple[LinkSpec, ...]:
+    g = cluster.topology
+    for end in (src, dst):
+        if end not in g:
+            raise ConfigError(f"{cluster._where()}: no device {end!r} in the topology")
+    path = nx.shortest_path(g, src, dst, weight="weight")
+    return tuple(g.edges[u, v]["link"] for u, v in itertools.pairwise(path))
+
+
+# ---- the YAML schema ---------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _unit(parser):
+    def check(v: Any) -> float:
+        try:
+            return parser(v)
+        except UnitError as e:
+            raise ValueError(str(e)) from None
+
+    return check
+
+
+class _DeviceDoc(_Strict):
+    name: str
+    kind: DeviceKind
+    count: int = Field(1, ge=1)
+    model: str = ""
+    peak_flops: dict[str, float | str] = Field(default_factory=dict)
+    bandwidth: float | str = Field(description="memory bandwidth, e.g. 3.35 TB/s")
+    memory: float | str = Field(description="usable memory, e.g. 80 GB")
+    launch_overhead: float | str = "5 us"
+    dtypes: list[str] | None = None
+    cores: int = 0
+    emulated: bool | None = None
+    mcpu: str = ""
+
+    @field_validator("peak_flops")
+    @classmethod
+    def _flops(cls, v: dict[str, Any]) -> dict[str, float]:
+        return {k: _unit(parse_flops)(x) for k, x in v.items()}
+
+    @field_validator("bandwidth")
+    @classmethod
+    def _bw(cls, v: Any) -> float:
+        return _unit(parse_bandwidth)(v)
+
+    @field_validator("memory")
+    @classmethod
+    def _mem(cls, v: Any) -> float:
+        return _unit(parse_bytes)(v)
+
+    @field_validator("launch_overhead")
+    @classmethod
+    def _lat(cls, v: Any) -> float:
+        return _unit(parse_seconds)(v)
+
+
+class _LinkDoc(_Strict):
+    between: tuple[str, str]
+    bandwidth: float | str
+    latency: float | str = "5 us"
+    kind: Literal["pcie", "nvlink", "network", "memory", "chip"] = "pcie"
+
+    @field_validator("bandwidth")
+    @classmethod
+    def _bw(cls, v: Any) -> float:
+        return _unit(parse_bandwidth)(v)
+
+    @field_validator("latency")
+    @classmethod
+    def _lat(cls, v: Any) -> float:
+        return _unit(parse_seconds)(v)
+
+
+class _HostDoc(_Strict):
+    name: str
+    devices: list[_DeviceDoc]
+    links: list[_LinkDoc] = Field(default_factory=list)
+
+
+class _NetworkDoc(_Strict):
+    bandwidth: float | str
+    latency: float | str = "10 us"
+
+    @field_validator("bandwidth")
+    @classmethod
+    def _bw(cls, v: Any) -> float:
+        return _unit(parse_bandwidth)(v)
+
+    @field_validator("latency")
+    @classmethod
+    def _lat(cls, v: Any) -> float:
+        return _unit(parse_seconds)(v)
+
+
+class _ClusterDoc(_Strict):
+    name: str
+    hosts: list[_HostDoc] = Field(min_length=1)
+    network: _NetworkDoc | None = None
+
+    def build(self, source: str) -> ClusterSpec:
+        devices: list[DeviceSpec] = []
+        links: list[LinkSpec] = []
+        for hi, host in enumerate(self.hosts):
+            groups: dict[str, list[str]] = {}
+            counters: dict[str, int] = {}
+            for d in host.devices:
+                members = []
+                for i in range(d.count):
+                    short = f"{d.name}{i}" if d.count > 1 else d.name
+                    members.append(f"{host.name}/{short}")
+                    index = counters.get(d.kind, 0)
+                    counters[d.kind] = index + 1
+                    default_dtypes = {
+                        "gpu": ["float32", "float16", "bfloat16"],
+                        "cpu": ["float32", "bfloat16", "float16"],
+                        "npu": ["float16", "int8"],
+                    }[d.kind]
+                    devices.append(
+                        DeviceSpec(
+                            name=f"{host.name}/{short}",
+                            kind=d.kind,
+                            host=host.name,
+                            model=d.model,
+                            peak_flops=tuple(sorted(d.peak_flops.items())),
+                            mem_bandwidth=float(d.bandwidth),
+                            memory=float(d.memory),
+                            launch_overhead=float(d.launch_overhead),
+                            dtypes=tuple(d.dtypes or default_dtypes),
+                            cores=d.cores,
+                            index=index,
+                            emulated=d.kind == "npu" if d.emulated is None else d.emulated,
+                            mcpu=d.mcpu,
+                        )
+                    )
+                if d.name in groups:
+                    raise ConfigError(
+                        f"{source}: hosts[{hi}] ({host.name}): device name {d.name!r} is used twice"
+                    )
+                groups[d.name] = members
+            for li, link in enumerate(host.links):
+                ends = []
+                for end in link.between:
+                    if end in groups:
+                        ends.append(groups[end])
+                    elif f"{host.name}/{end}" in {m for ms in groups.values() for m in ms}:
+                        ends.append([f"{host.name}/{end}"])
+                    else:
+                        raise ConfigError(
+                            f"{source}: hosts[{hi}].links[{li}].between: no device {end!r} on host "
+                            f"{host.name}; known: {', '.join(groups)}"
+                        )
+                pairs = (
+                    itertools.combinations(ends[0], 2)
+                    if link.between[0] == link.between[1]
+                    else itertools.product(ends[0], ends[1])
+                )
+                for a, b in pairs:
+                    links.append(
+                        LinkSpec(a, b, float(link.bandwidth), float(link.latency), link.kind)
+                    )
+            if not any(d.kind == "cpu" for d in host.devices):
+                raise ConfigError(
+                    f"{source}: hosts[{hi}] ({host.name}) has no cpu device; every host needs one "
+                    "(its CPU drives the accelerators and carries network traffic)"
+                )
+        cpus = [
+            next(d.name for d in devices if d.host == h.name and d.kind == "cpu")
+            for h in self.hosts
+        ]
+        if len(cpus) > 1:
+            if self.network is None:
+                raise ConfigError(
+                    f"{source}: {len(cpus)} hosts but no `network:` (bandwidth, latency) between them"
+                )
+            for a, b in itertools.combinations(cpus, 2):
+                links.append(
+                    LinkSpec(
+                        a, b, float(self.network.bandwidth), float(self.network.latency), "network"
+                    )
+                )
+        return ClusterSpec(
+            name=self.name, devices=tuple(devices), links=tuple(links), source=source
+        )
+
+
+def _format_validation(source: str, e: ValidationError) -> str:
+    lines = [f"{source}: the cluster description is not valid:"]
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def host_platform() -> str:
+    return f"{platform.system()} {platform.machine()}"

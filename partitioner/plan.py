@@ -1,0 +1,138 @@
+"""Plan: which ops run where, through which backend, what moves between devices, and
+what the cost model predicts. Frozen; JSON round trip with a schema version."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from hetero.errors import ConfigError
+
+SCHEMA_VERSION = 1
+WEIGHT_HOMES = ("resident", "streamed")  # on the compute device / in host memory, streamed in
+
+
+@dataclass(frozen=True)
+class PlannedPartition:
+    index: int
+    nodes: tuple[str, ...]  # op names of the captured graph
+    groups: tuple[str, ...]  # coarse groups (module paths) it covers
+    device: str  # the device that computes it
+    backend: str
+    weights: str = "resident"  # resident | streamed (kept in host memory, copied in before use)
+    predicted_ms: float = 0.0
+    compute_ms: float = 0.0
+    weight_stream_ms: float = 0.0
+    flops: int = 0
+    param_bytes: int = 0
+    memory_bytes: int = (
+        0  # on the compute device: resident params (or stream buffers) + activations
+    )
+    emulated: bool = False  # an NPU partition run through TVM on the host
+
+
+@dataclass(frozen=True)
+class Transfer:
+    src: int  # partition index; -1 is the caller (inputs) / the result (outputs)
+    dst: int
+    values: tuple[str, ...]
+    bytes: int
+    src_device: str
+    dst_device: str
+    links: tuple[str, ...] = ()  # "a<->b (kind)" along the route
+    predicted_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a node (or group) was kept off a device: shown by explain()."""
+
+    node: str
+    device: str
+    reason: str  # "unsupported: ...", "memory: ...", "pinned to ...", "excluded"
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    cluster: str
+    objective: str  # latency | throughput
+    algorithm: str
+    partitions: tuple[PlannedPartition, ...]
+    transfers: tuple[Transfer, ...] = ()
+    predicted_ms: float = 0.0  # one request end to end (latency) or per microbatch at steady state
+    microbatches: int = 1
+    rejections: tuple[Rejection, ...] = ()
+    memory: tuple[tuple[str, int], ...] = ()  # device -> bytes planned on it
+    measured_ms: tuple[tuple[int, float], ...] = ()  # partition index -> measured, once run
+    schema_version: int = SCHEMA_VERSION
+    notes: tuple[str, ...] = field(default=())
+
+    # ---- lookups ---------------------------------------------------------------------------
+    def assignment(self) -> dict[str, int]:
+        """op name -> partition index, the input `partitioner.split` takes."""
+        return {n: p.index for p in self.partitions for n in p.nodes}
+
+    def devices(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.device for p in self.partitions))
+
+    def partition(self, index: int) -> PlannedPartition:
+        for p in self.partitions:
+            if p.index == index:
+                return p
+        raise KeyError(index)
+
+    def with_measured(self, measured: Mapping[int, float]) -> Plan:
+        return replace(self, measured_ms=tuple(sorted(measured.items())))
+
+    # ---- JSON --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"plan schema version {version!r} is not {SCHEMA_VERSION}; re-run `hetero plan`"
+            )
+        d = dict(d)
+        d["partitions"] = tuple(
+            PlannedPartition(**{**p, "nodes": tuple(p["nodes"]), "groups": tuple(p["groups"])})
+            for p in d["partitions"]
+        )
+        d["transfers"] = tuple(
+            Transfer(**{**t, "values": tuple(t["values"]), "links": tuple(t["links"])})
+            for t in d["transfers"]
+        )
+        d["rejections"] = tuple(Rejection(**r) for r in d["rejections"])
+        d["memory"] = tuple((k, int(v)) for k, v in d["memory"])
+        d["measured_ms"] = tuple((int(k), float(v)) for k, v in d["measured_ms"])
+        d["notes"] = tuple(d.get("notes", ()))
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Plan:
+        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        text = p.read_text() if p is not None else str(text_or_path)
+        return cls.from_dict(json.loads(text))
+
+    # ---- for people ----------------------------------------------------------------------------
+    def explain(self) -> str:
+        from hetero.partitioner.explain import explain
+
+        return explain(self)
+
+    def draw(self, path: str | Path) -> Path:
+        from hetero.partitioner.draw import draw
+
+        return draw(self, path)
