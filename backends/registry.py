@@ -19,6 +19,9 @@ ENTRY_POINT_GROUP = "hetero.backends"
 # name -> "module:Class"; imported on first use so that `hetero plan` never pays for TVM/Triton.
 BUILTIN: dict[str, str] = {
     "eager": "hetero.backends.eager:EagerBackend",
+    "tvm": "hetero.backends.tvm:TVMBackend",
+    "triton": "hetero.backends.triton:TritonBackend",
+    "inductor": "hetero.backends.inductor:InductorBackend",
 }
 
 

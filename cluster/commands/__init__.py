@@ -1,0 +1,1 @@
+"""CLI commands: each module here defines `register(app: typer.Typer)`."""
