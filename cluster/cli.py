@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+import warnings
 
 import typer
 from rich.console import Console
@@ -21,6 +22,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Compile one PyTorch model for a cluster of GPUs, CPUs and NPUs, and run it."""
+
+
 def _register_commands() -> None:
     import hetero.cluster.commands as pkg
 
@@ -33,6 +39,8 @@ _register_commands()
 
 
 def main() -> None:
+    # torch.export's pytree shims warn on every capture; nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         app()
     except HeteroError as e:

@@ -273,7 +273,7 @@ def _route(cluster: ClusterSpec, src: str, dst: str) -> tuple[LinkSpec, ...]:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 def _unit(parser):

@@ -69,13 +69,16 @@ def _itemsize(dtype: str) -> int:
 
 
 def _hint(s: Any) -> int:
+    """The example's concrete size of a (possibly symbolic) dim."""
     if isinstance(s, int):
         return s
+    node = getattr(s, "node", None)
+    hint = getattr(node, "hint", None)
+    if hint is not None:
+        return int(hint)
     try:
-        from torch.fx.experimental.symbolic_shapes import hint_int
-
-        return int(hint_int(s))
-    except Exception:
+        return int(node.shape_env.size_hint(node.expr))
+    except Exception:  # an unbacked symbol has no example value
         return 1
 
 
@@ -104,13 +107,13 @@ class OpNode:
     target: str  # e.g. "aten.addmm.default"
     op_class: str  # matmul | conv | attention | norm | reduction | elementwise | data | view
     inputs: tuple[str, ...]  # values it reads: user inputs or other nodes' names
-    params: tuple[str, ...]  # parameter/buffer/constant placeholders it reads
+    params: tuple[str, ...]  # parameter/buffer/constant placeholders it reads directly
     in_meta: tuple[TensorMeta, ...]
     out_meta: tuple[TensorMeta, ...]
     flops: int
     bytes_read: int
     bytes_written: int
-    param_bytes: int
+    param_bytes: int  # weights it owns: read directly or through views (a Linear's transpose)
     launches: int  # kernels it costs when run alone (0 for views)
     module_stack: tuple[tuple[str, str], ...]  # (path, type) from the outermost submodule in
     stack_trace: str = ""
@@ -319,15 +322,18 @@ def from_exported(ep: ExportedProgram, model_name: str = "model") -> OpGraph:
 
     nodes: dict[str, OpNode] = {}
     last_stack: tuple[tuple[str, str], ...] = ()
+    param_alias: dict[str, tuple[str, ...]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        ins, ps, in_meta = [], [], []
+        ins, ps, owned, in_meta = [], [], [], []
         for a in node.all_input_nodes:
             if a.name in params:
                 ps.append(a.name)
+                owned.append(a.name)
             else:
                 ins.append(a.name)
+                owned.extend(param_alias.get(a.name, ()))
             in_meta.append(tensor_meta(a.meta.get("val")))
         val = node.meta.get("val")
         outs = (
@@ -342,6 +348,10 @@ def from_exported(ep: ExportedProgram, model_name: str = "model") -> OpGraph:
         last_stack = stack
         flops = _flops(node, cls)
         moves = cls != "view"
+        if not moves and node.all_input_nodes and not ins:
+            # A view of a weight (nn.Linear's transpose): its consumer owns the weight.
+            param_alias[node.name] = tuple(dict.fromkeys(owned))
+            owned = []
         nodes[node.name] = OpNode(
             name=node.name,
             target=_target_name(node.target),
@@ -353,7 +363,7 @@ def from_exported(ep: ExportedProgram, model_name: str = "model") -> OpGraph:
             flops=flops,
             bytes_read=sum(m.nbytes for m in in_meta if m.is_tensor) if moves else 0,
             bytes_written=sum(m.nbytes for m in outs if m.is_tensor) if moves else 0,
-            param_bytes=sum(params[p][1] for p in dict.fromkeys(ps)),
+            param_bytes=sum(params[p][1] for p in dict.fromkeys(owned)),
             launches=1 if moves else 0,
             module_stack=stack,
             stack_trace=node.meta.get("stack_trace", "") or "",

@@ -101,7 +101,7 @@ def split(graph: OpGraph, assignment: Mapping[str, int]) -> list[Partition]:
         gm,
         None,
         callback,
-        keep_original_order=True,
+        keep_original_order=False,
         keep_original_node_name=True,
         tuple_return=True,
     )
@@ -178,9 +178,16 @@ def unflatten_outputs(graph: OpGraph, env: Mapping[str, Any]) -> Any:
 
 def run_partitions(graph: OpGraph, parts: Sequence[Partition], *args: Any, **kwargs: Any) -> Any:
     """Run partitions in order in this process; returns what the model returns."""
+    return unflatten_outputs(graph, eager_values(graph, parts, *args, **kwargs))
+
+
+def eager_values(
+    graph: OpGraph, parts: Sequence[Partition], *args: Any, **kwargs: Any
+) -> dict[str, Any]:
+    """Every value the partitions exchange, from an eager run: examples for compiling each one."""
     env: dict[str, Any] = dict(param_values(graph))
     env.update(flatten_inputs(graph, args, kwargs))
     with torch.no_grad():
         for p in parts:
             env.update(zip(p.outputs, p(env), strict=True))
-    return unflatten_outputs(graph, env)
+    return env

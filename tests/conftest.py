@@ -1,0 +1,73 @@
+"""Shared fixtures: small models (built from configs, random weights, nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Keep the 2-core CI machine responsive when several torch ops run in tests.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def gpt2_model(layers: int = 2, dim: int = 64, heads: int = 4, vocab: int = 128, ctx: int = 64):
+    from transformers import GPT2Config, GPT2Model
+
+    cfg = GPT2Config(
+        n_layer=layers, n_embd=dim, n_head=heads, vocab_size=vocab, n_positions=ctx,
+        use_cache=False, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return GPT2Model(cfg).eval()
+
+
+def bert_model(layers: int = 2, dim: int = 64, heads: int = 4, vocab: int = 128):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        num_hidden_layers=layers, hidden_size=dim, num_attention_heads=heads,
+        intermediate_size=4 * dim, vocab_size=vocab, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return BertModel(cfg).eval()
+
+
+class TestMLP(torch.nn.Module):
+    """A plain MLP defined in the tests (two hidden layers, ReLU and SiLU)."""
+
+    __test__ = False
+
+    def __init__(self, d_in: int = 32, hidden: int = 64, d_out: int = 16) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(d_in, hidden)
+        self.l2 = torch.nn.Linear(hidden, hidden)
+        self.l3 = torch.nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(torch.nn.functional.silu(self.l2(torch.relu(self.l1(x)))))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt():
+    from hetero.cluster.models import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=128, dim=64, heads=4, layers=2, ctx=64).eval()
+    return model, (torch.randint(0, 128, (2, 16)),)
+
+
+@pytest.fixture(scope="session")
+def mlp():
+    torch.manual_seed(0)
+    return TestMLP().eval(), (torch.randn(4, 32),)
+
+
+@pytest.fixture(scope="session")
+def gpt2():
+    return gpt2_model(), (torch.randint(0, 128, (2, 16)),)
+
+
+@pytest.fixture(scope="session")
+def bert():
+    return bert_model(), (torch.randint(0, 128, (2, 16)),)
