@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from hetero.partitioner.graph import OpGraph
 from rich.table import Table
+
+from hetero.partitioner.graph import OpGraph
 
 
 def human(n: float, unit: str = "") -> str:

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import networkx as nx
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from hetero.cluster.units import (
     UnitError,
     parse_bandwidth,
@@ -25,8 +27,6 @@ from hetero.cluster.units import (
     parse_flops,
     parse_seconds,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from hetero.errors import ConfigError
 
 DeviceKind = Literal["gpu", "cpu", "npu"]

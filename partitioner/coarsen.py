@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import networkx as nx
+
 from hetero.partitioner.graph import OpGraph
 
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import networkx as nx
 import torch
-from hetero.partitioner.opinfo import count_flops, numel, op_class
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from hetero.errors import CaptureError
+from hetero.partitioner.opinfo import count_flops, numel, op_class
 
 # Checks torch.export inserts; they compute nothing and would only pin partitions together.
 _DROPPED = {

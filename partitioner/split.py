@@ -14,12 +14,12 @@ from typing import Any
 
 import networkx as nx
 import torch
-from hetero.partitioner.graph import OpGraph
 from torch.fx import GraphModule
 from torch.fx.passes.split_module import split_module
 from torch.utils import _pytree as pytree
 
 from hetero.errors import PartitionError
+from hetero.partitioner.graph import OpGraph
 
 
 @dataclass(frozen=True)

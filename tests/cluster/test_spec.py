@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hetero.cluster.units import parse_bandwidth, parse_bytes, parse_flops, parse_seconds
 
 from hetero import Cluster
+from hetero.cluster.units import parse_bandwidth, parse_bytes, parse_flops, parse_seconds
 from hetero.errors import ConfigError
 
 CLUSTERS = sorted((Path(__file__).parents[2] / "configs" / "clusters").glob("*.yaml"))

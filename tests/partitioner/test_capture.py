@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hetero.partitioner import capture
 from torch.export import Dim
 
 from hetero.errors import CaptureError
+from hetero.partitioner import capture
 
 
 def _only(graph, target: str):

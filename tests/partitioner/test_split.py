@@ -5,12 +5,12 @@ from __future__ import annotations
 import networkx as nx
 import pytest
 import torch
-from hetero.partitioner import capture, run_partitions, split
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
 from hetero.errors import PartitionError
+from hetero.partitioner import capture, run_partitions, split
 
 
 @pytest.fixture(scope="module")
