@@ -7,6 +7,7 @@ one's explicit inputs, parameters and outputs by the captured graph's value name
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -97,26 +98,21 @@ def split(graph: OpGraph, assignment: Mapping[str, int]) -> list[Partition]:
     def callback(node: torch.fx.Node) -> int:
         return node_part[node.name]
 
-    top = split_module(
-        gm,
-        None,
-        callback,
-        keep_original_order=False,
-        keep_original_node_name=True,
-        tuple_return=True,
-    )
+    top = _split_module(gm, callback)
     # Where does each value of the top-level graph come from: a placeholder or an output k of submod j.
-    produced: dict[str, str] = {}
+    # Placeholders keep the original order, but fx renames ones that shadow builtins ("input").
+    original = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    renamed = [n.name for n in top.graph.nodes if n.op == "placeholder"]
+    produced: dict[str, str] = dict(zip(renamed, original, strict=True))
     parts: list[Partition] = []
     for node in top.graph.nodes:
-        if node.op == "placeholder":
-            produced[node.name] = node.name
-        elif node.op == "call_function" and node.target is operator.getitem:
+        if node.op == "call_function" and node.target is operator.getitem:
             src, k = node.args
-            sub = getattr(top, src.target)
-            produced[node.name] = _output_names(sub)[k]
+            produced[node.name] = _output_names(getattr(top, src.target))[k]
         elif node.op == "call_module":
             sub: GraphModule = getattr(top, node.target)
+            _ensure_tuple_output(sub)
+            produced[node.name] = _output_names(sub)[0]  # used directly when it had one output
             arg_names = tuple(produced[a.name] for a in node.args)
             idx = int(node.target.rsplit("_", 1)[-1])
             ops = tuple(
@@ -134,6 +130,21 @@ def split(graph: OpGraph, assignment: Mapping[str, int]) -> list[Partition]:
             )
     parts.sort(key=lambda p: p.index)
     return parts
+
+
+def _split_module(gm: GraphModule, callback) -> GraphModule:
+    kwargs = {"keep_original_order": False, "keep_original_node_name": True}
+    if "tuple_return" in inspect.signature(split_module).parameters:  # torch >= 2.12
+        kwargs["tuple_return"] = True
+    return split_module(gm, None, callback, **kwargs)
+
+
+def _ensure_tuple_output(sub: GraphModule) -> None:
+    """Make a submodule return a tuple even for one output (older split_module returns it bare)."""
+    out = next(n for n in sub.graph.nodes if n.op == "output")
+    if not isinstance(out.args[0], tuple | list):
+        out.args = ((out.args[0],),)
+        sub.recompile()
 
 
 def _output_names(sub: GraphModule) -> tuple[str, ...]:
