@@ -52,13 +52,13 @@ class DeviceSpec:
     mcpu: str = ""  # LLVM -mcpu for CPU/NPU targets; "" lets TVM pick the host's
 
     def peak(self, dtype: str) -> float:
-        """Peak FLOP/s for `dtype`; falls back to float32's rate, then to the best listed."""
+        """Peak FLOP/s for `dtype`; else float32's, then float16's, then the slowest listed rate
+        (never an integer rate for floating-point work: that would flatter the device)."""
         table = dict(self.peak_flops)
-        if dtype in table:
-            return table[dtype]
-        if "float32" in table:
-            return table["float32"]
-        return max(table.values(), default=1e9)
+        for key in (dtype, "float32", "float16"):
+            if key in table:
+                return table[key]
+        return min(table.values(), default=1e9)
 
     def supports_dtype(self, dtype: str) -> bool:
         return dtype in self.dtypes

@@ -155,7 +155,8 @@ def _make_group(opgraph: OpGraph, module: str, nodes: tuple[str, ...], depth: in
     bytes_out = sum(opgraph.value_bytes(n) for n in leaving)
     classes = Counter(op.op_class for op in ops if op.op_class != "view")
     dtypes = Counter(op.dtype for op in ops if op.op_class != "view")
-    act = max((sum(m.nbytes for m in op.out_meta) for op in ops), default=0)
+    # Views allocate nothing (a transposed weight is not an activation).
+    act = max((sum(m.nbytes for m in op.out_meta) for op in ops if op.op_class != "view"), default=0)
     return Group(
         name=module,
         nodes=nodes,
