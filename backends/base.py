@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch.utils import _pytree as pytree
+
 from hetero.cluster.spec import DeviceSpec
 from hetero.partitioner.graph import OpNode
 from hetero.partitioner.split import Partition
@@ -83,10 +85,18 @@ class CompileUnit:
         )
 
     def graph_hash(self) -> str:
-        """Hash of the partition's code and of its parameters' contents."""
-        h = hashlib.sha256(self.module.code.encode())
-        for t in self.example_inputs:
-            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        """Hash of the partition's graph and of its parameters' contents.
+
+        The graph is read node by node (op, target, args, values named by position), not from
+        `module.code`: a pickled copy (sent to a compile worker) is re-traced, which renames
+        nodes and drops the source-line comments.
+        """
+        h = hashlib.sha256(_canonical_graph(self.module.graph).encode())
+        for t in pytree.tree_leaves(self.example_inputs):
+            if isinstance(t, torch.Tensor):
+                h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            else:
+                h.update(repr(t).encode())
         for name in self.params:
             t = self.param_values[name].detach().contiguous().cpu()
             h.update(name.encode())
@@ -94,6 +104,24 @@ class CompileUnit:
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         h.update(repr(self.dynamic_dims).encode())
         return h.hexdigest()
+
+
+def _canonical_graph(graph: torch.fx.Graph) -> str:
+    index = {n: i for i, n in enumerate(graph.nodes)}
+
+    def arg(a: Any) -> str:
+        if isinstance(a, torch.fx.Node):
+            return f"%{index[a]}"
+        if isinstance(a, list | tuple):
+            return "[" + ", ".join(arg(x) for x in a) + "]"
+        if isinstance(a, dict):
+            return "{" + ", ".join(f"{k}: {arg(v)}" for k, v in sorted(a.items())) + "}"
+        return repr(a)
+
+    return "\n".join(
+        f"{n.op} {n.target if n.op != 'placeholder' else ''} {arg(n.args)} {arg(n.kwargs)}"
+        for n in graph.nodes
+    )
 
 
 def _reorder(part: Partition) -> torch.fx.GraphModule:
@@ -144,6 +172,9 @@ class Manifest:
     files: Mapping[str, str]  # name -> sha256
     emulated: bool = False
     notes: str = ""
+    # torch.utils._pytree.treespec_dumps of the outputs when an output is itself a tuple
+    # (e.g. a partition ending in native_layer_norm); "" when they are plain tensors.
+    out_spec: str = ""
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
+
 from hetero.backends.base import (
     Artifact,
     Backend,
@@ -54,6 +56,7 @@ class EagerBackend(Backend):
 
         def run(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
             with torch.no_grad():
-                return tuple(mod(*[a.to(dev) for a in acts]))
+                # an activation may be a tuple (a multi-output op cut from its getitems)
+                return tuple(mod(*pytree.tree_map(lambda a: a.to(dev), acts)))
 
         return run

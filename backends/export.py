@@ -7,6 +7,8 @@ Backends that consume torch.export programs (TVM's Relax frontend, the eager ref
 from __future__ import annotations
 
 import torch
+from torch.utils import _pytree as pytree
+
 from hetero.backends.base import CompileUnit
 
 
@@ -35,9 +37,13 @@ def export_unit(
 ) -> torch.export.ExportedProgram:
     """torch.export of the unit (dynamic dims kept when the unit names them)."""
     mod = UnitModule(unit, dtype).eval()
-    inputs = tuple(
-        t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        for t in unit.example_inputs
+    inputs = pytree.tree_map(
+        lambda t: (
+            t.to(dtype)
+            if dtype is not None and isinstance(t, torch.Tensor) and t.is_floating_point()
+            else t
+        ),
+        tuple(unit.example_inputs),
     )
     dynamic = None
     if unit.dynamic_dims:

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 
 from hetero.backends.base import Backend
-
 from hetero.errors import ConfigError
 
 ENTRY_POINT_GROUP = "hetero.backends"

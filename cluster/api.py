@@ -120,16 +120,19 @@ def compile(
     microbatches: int = 1,
     options: Any = None,
     cost_model: Any = None,
+    graph: OpGraph | None = None,
 ) -> CompiledModel:
     """Capture, plan, compile every partition (cached) and start an executor.
 
     executor: "local" runs the partitions in this process, "ray" as one Ray actor per
     device; "auto" picks local when the cluster is this one machine, Ray otherwise.
+    `graph` reuses a capture of the same model and inputs.
     """
     from hetero.partitioner.algorithms import plan as make_plan
     from hetero.runtime.build import compile_plan, needed_outputs
 
-    graph = capture(model, example_inputs, dynamic_shapes)
+    if graph is None:
+        graph = capture(model, example_inputs, dynamic_shapes)
     spec = resolve_cluster(cluster)
     plan = make_plan(
         graph,
@@ -157,12 +160,48 @@ def compile(
 
         runner = LocalExecutor(stages, needed_outputs(graph), plan=plan)
     elif kind == "ray":
+        import ray
+
+        from hetero.cluster.deploy import init_ray
         from hetero.runtime.ray_executor import RayExecutor
 
-        runner = RayExecutor(stages, needed_outputs(graph), plan=plan)
+        if not ray.is_initialized():
+            # A private, token-authenticated head for this process; emulated NPUs of this
+            # host become the custom resource NPU workers ask for.
+            npus = sum(1 for d in spec.devices if d.kind == "npu")
+            init_ray(resources={"NPU": float(npus)} if npus else None)
+        runner = RayExecutor(
+            stages,
+            needed_outputs(graph),
+            cluster=spec,
+            plan=plan,
+            replan=_replanner(graph, spec, objective, backends, cache_dir, example_inputs, options),
+        )
     else:
         raise ConfigError(f"executor {executor!r} is not one of: auto, local, ray")
     return CompiledModel(graph, plan, spec, stages, runner)
+
+
+def _replanner(graph, cluster, objective, backends, cache_dir, example_inputs, options):
+    """The runtime's hook for devices that are gone for good: plan again over what is left
+    and compile what is missing (cache hits for the rest)."""
+
+    def replan(remaining: ClusterSpec):
+        from hetero.partitioner.algorithms import plan as make_plan
+        from hetero.runtime.build import compile_plan
+
+        new_plan = make_plan(graph, remaining, objective, backends=backends)
+        stages = compile_plan(
+            graph,
+            new_plan,
+            remaining,
+            Path(cache_dir) if cache_dir else default_cache_dir(),
+            example_inputs=example_inputs,
+            options=options,
+        )
+        return stages, new_plan
+
+    return replan
 
 
 def deploy(target: CompiledModel | str | os.PathLike[str], **kwargs: Any) -> Any:

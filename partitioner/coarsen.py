@@ -156,7 +156,9 @@ def _make_group(opgraph: OpGraph, module: str, nodes: tuple[str, ...], depth: in
     classes = Counter(op.op_class for op in ops if op.op_class != "view")
     dtypes = Counter(op.dtype for op in ops if op.op_class != "view")
     # Views allocate nothing (a transposed weight is not an activation).
-    act = max((sum(m.nbytes for m in op.out_meta) for op in ops if op.op_class != "view"), default=0)
+    act = max(
+        (sum(m.nbytes for m in op.out_meta) for op in ops if op.op_class != "view"), default=0
+    )
     return Group(
         name=module,
         nodes=nodes,

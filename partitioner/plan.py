@@ -127,10 +127,11 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
     # ---- for people ----------------------------------------------------------------------------
-    def explain(self) -> str:
+    def explain(self, width: int = 120) -> str:
+        """Tables: partitions, transfers, memory, ops kept off devices and why, notes."""
         from hetero.partitioner.explain import explain
 
-        return explain(self)
+        return explain(self, width=width)
 
     def draw(self, path: str | Path) -> Path:
         from hetero.partitioner.draw import draw

@@ -1,0 +1,103 @@
+"""The reference to beat: a partition through torch.compile (Inductor also emits Triton).
+
+The artifact is the partition as a torch.export program (`program.pt2`, weights inside)
+plus `inductor.json` with the torch.compile settings; `load` compiles it for the device
+it runs on (Inductor's own cache makes the second load fast). The planner can choose it
+per partition by predicted or measured time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from hetero.backends.base import (
+    YES,
+    Artifact,
+    Backend,
+    CompileOptions,
+    CompileUnit,
+    Manifest,
+    Runner,
+    Support,
+    hash_files,
+)
+from hetero.backends.eager import torch_device
+from hetero.backends.export import export_unit
+from hetero.cluster.spec import DeviceSpec
+from hetero.errors import CompileError
+
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class InductorBackend(Backend):
+    """Options (CompileOptions.extra): mode (a torch.compile mode, default None),
+    fullgraph (bool, default True)."""
+
+    name = "inductor"
+    device_kinds = ("gpu", "cpu")
+
+    def available(self) -> Support:
+        if not hasattr(torch, "compile"):
+            return Support(False, "this torch has no torch.compile")
+        return YES
+
+    def target(self, device: DeviceSpec, options: CompileOptions) -> str:
+        return f"inductor:{device.kind}:{device.model or 'any'}:{options.get('mode') or 'default'}"
+
+    def compile(
+        self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
+    ) -> Manifest:
+        mode = options.get("mode")
+        if mode not in MODES:
+            raise CompileError(
+                f"partition {unit.name}: unknown torch.compile mode {mode!r} in the options of "
+                f"backend 'inductor'; use one of {', '.join(str(m) for m in MODES)}"
+            )
+        dtype = getattr(torch, options.dtype) if options.dtype else None
+        try:
+            ep = export_unit(unit, dtype)
+        except Exception as e:
+            raise CompileError(
+                f"partition {unit.name}: torch.export of the partition failed for inductor "
+                f"({type(e).__name__}: {e})"
+            ) from e
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.export.save(ep, out_dir / "program.pt2")
+        settings = {
+            "mode": mode,
+            "fullgraph": bool(options.get("fullgraph", True)),
+            "dynamic": bool(options.dynamic or unit.dynamic_dims),
+        }
+        (out_dir / "inductor.json").write_text(json.dumps(settings, indent=1))
+        return Manifest(
+            backend=self.name,
+            key="",
+            target=self.target(device, options),
+            device_kind=device.kind,
+            inputs=unit.inputs,
+            outputs=unit.outputs,
+            versions=self.versions(),
+            files=hash_files(out_dir, ["program.pt2", "inductor.json"]),
+        )
+
+    def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
+        settings = json.loads((artifact.path / "inductor.json").read_text())
+        # torch.export.load reads a program and its weights; it never unpickles code.
+        ep = torch.export.load(artifact.path / "program.pt2")
+        dev = torch_device(device)
+        mod = ep.module().to(dev)
+        compiled = torch.compile(
+            mod,
+            mode=settings["mode"],
+            fullgraph=settings["fullgraph"],
+            dynamic=settings["dynamic"],
+        )
+
+        def run(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            with torch.no_grad():
+                return tuple(compiled(*[a.to(dev) for a in acts]))
+
+        return run

@@ -1,0 +1,207 @@
+"""The Triton backend: fold weights, fuse the ATen graph, generate kernels, tune, load.
+
+Artifact files (all hashed in the manifest):
+  program.py           the generated Triton kernels, their launchers and `forward`
+  weights.safetensors  the partition's weights after folding, contiguous, in `forward` order
+  fusion.txt           the fusion plan: one line per step (kind, rule, ATen nodes)
+  triton.json          inputs, weight names, kernels and how `load` should run them
+
+Without CUDA the backend still compiles and, with TRITON_INTERPRET=1, loads onto the CPU:
+every kernel then runs in Triton's interpreter (that is how the tests check kernels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from hetero.backends.base import (
+    YES,
+    Artifact,
+    Backend,
+    CompileOptions,
+    CompileUnit,
+    Manifest,
+    Runner,
+    Support,
+    hash_files,
+)
+from hetero.backends.triton.autotune import TuneCache, cache_file, tune
+from hetero.backends.triton.codegen import generate
+from hetero.backends.triton.fold import fold_weights
+from hetero.backends.triton.fusion import fuse
+from hetero.backends.triton.graphs import GraphRunner
+from hetero.cluster.spec import DeviceSpec
+from hetero.errors import CompileError, WorkerError
+
+FILES = ("program.py", "weights.safetensors", "fusion.txt", "triton.json")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def run_device(device: DeviceSpec) -> torch.device:
+    """Where a Triton partition runs here: its GPU, or the CPU under the interpreter."""
+    if torch.cuda.is_available() and not interpreting():
+        return torch.device("cuda", device.index)
+    if interpreting():
+        return torch.device("cpu")
+    raise WorkerError(
+        f"the triton backend needs CUDA to run on {device.name}, and none is visible here. "
+        "Run on a machine with an NVIDIA GPU, choose another backend for this device, or set "
+        "TRITON_INTERPRET=1 to run the kernels slowly on the CPU (tests)."
+    )
+
+
+class TritonBackend(Backend):
+    """Options (CompileOptions.extra): cuda_graphs (bool, default True), clone_outputs (bool,
+    default True: copy outputs out of the CUDA graph's pool), tune (bool, default True on a
+    GPU), tune_cache (a directory; default: `triton-autotune` beside the artifact)."""
+
+    name = "triton"
+    device_kinds = ("gpu",)
+
+    def available(self) -> Support:
+        if importlib.util.find_spec("triton") is None:
+            return Support(False, "triton is not installed (pip install 'hetero[triton]')")
+        return YES
+
+    def target(self, device: DeviceSpec, options: CompileOptions) -> str:
+        mode = "interpret" if interpreting() or not torch.cuda.is_available() else "cuda"
+        return f"triton:gpu:{device.model or 'any'}:{mode}"
+
+    def versions(self) -> dict[str, str]:
+        import triton
+
+        return {"torch": torch.__version__, "triton": triton.__version__}
+
+    # ---- compile -----------------------------------------------------------------------------
+    def compile(
+        self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
+    ) -> Manifest:
+        if options.dynamic or unit.dynamic_dims:
+            raise CompileError(
+                f"partition {unit.name}: the triton backend compiles static shapes only and "
+                f"this partition has dynamic dims {unit.dynamic_dims}. Compile it with static "
+                "shapes, or choose the 'inductor' or 'eager' backend for it."
+            )
+        dtype = getattr(torch, options.dtype) if options.dtype else None
+        acts = tuple(
+            t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            for t in unit.example_inputs
+        )
+        try:
+            folded = fold_weights(unit.module, unit.inputs, unit.param_values, dtype)
+            weights = tuple(t for _, t in folded.weights)
+            _propagate(folded.module, (*acts, *weights))
+            plan = fuse(folded.module)
+        except Exception as e:
+            raise CompileError(
+                f"partition {unit.name}: the triton backend could not fuse its graph "
+                f"({type(e).__name__}: {e})"
+            ) from e
+        interpret = self.target(device, options).endswith("interpret")
+        wnames = tuple(n for n, _ in folded.weights)
+        cache = TuneCache(
+            cache_file(
+                Path(options.get("tune_cache") or out_dir.parent / "triton-autotune"),
+                torch.cuda.get_device_name(device.index) if not interpret else "interpreter",
+            )
+        )
+        known = cache.read()
+        program = generate(plan, wnames, interpret, known)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "program.py").write_text(program.source)
+        if not interpret and options.get("tune", True):
+            found = self._tune(out_dir, program, acts, weights, device, known,
+                               options.tune_trials)  # fmt: skip
+            if found:
+                cache.write(found)
+                program = generate(plan, wnames, interpret, {**known, **found})
+                (out_dir / "program.py").write_text(program.source)
+        _save_weights(out_dir / "weights.safetensors", folded.weights)
+        (out_dir / "fusion.txt").write_text(plan.table() + "\n")
+        config = {
+            "inputs": list(program.inputs),
+            "weights": list(wnames),
+            "kernels": [k.__dict__ for k in program.kernels],
+            "steps": len(plan.steps),
+            "cuda_graphs": bool(options.get("cuda_graphs", True)),
+            "clone_outputs": bool(options.get("clone_outputs", True)),
+        }
+        (out_dir / "triton.json").write_text(json.dumps(config, indent=1))
+        return Manifest(
+            backend=self.name,
+            key="",
+            target=self.target(device, options),
+            device_kind=device.kind,
+            inputs=unit.inputs,
+            outputs=unit.outputs,
+            versions=self.versions(),
+            files=hash_files(out_dir, list(FILES)),
+            notes=f"{len(program.kernels)} kernels, {plan.kernels()} fused launches, "
+            f"{len(plan.steps) - plan.kernels()} ATen calls",
+        )
+
+    def _tune(self, out_dir, program, acts, weights, device, known, trials) -> dict:
+        dev = torch.device("cuda", device.index)
+        mod = _import(out_dir / "program.py", f"hetero_triton_tune_{id(program)}")
+        args = [a.to(dev) for a in acts] + [w.to(dev) for w in weights]
+        with torch.no_grad():
+            return tune(mod, program.kernels, lambda: mod.forward(*args), known, trials)
+
+    # ---- load --------------------------------------------------------------------------------
+    def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
+        from safetensors.torch import load_file
+
+        dev = run_device(device)
+        config = json.loads((artifact.path / "triton.json").read_text())
+        mod = _import(artifact.path / "program.py", f"hetero_triton_{artifact.key or id(config)}")
+        table = load_file(str(artifact.path / "weights.safetensors"), device=str(dev))
+        weights = [table[n] for n in config["weights"]]
+
+        def forward(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(mod.forward(*acts, *weights))
+
+        fn = forward
+        if dev.type == "cuda" and config.get("cuda_graphs", True):
+            fn = GraphRunner(forward, clone_outputs=config.get("clone_outputs", True))
+
+        def run(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            with torch.no_grad():
+                return fn(*[a.to(dev) for a in acts])
+
+        return run
+
+
+def _propagate(gm: torch.fx.GraphModule, args: tuple) -> None:
+    """Fresh meta['val'] (shapes, dtypes, strides) after folding and casting."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(a) for a in args])
+
+
+def _save_weights(path: Path, weights: tuple[tuple[str, torch.Tensor], ...]) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors refuses tensors that share memory; every weight gets its own copy.
+    save_file({n: t.detach().cpu().contiguous().clone() for n, t in weights}, str(path))
+
+
+def _import(path: Path, name: str):
+    """Import a generated program from its file (Triton reads kernel source from the file)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise CompileError(f"cannot import the generated program {path}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # triton's JIT resolves globals through the module
+    spec.loader.exec_module(mod)
+    return mod

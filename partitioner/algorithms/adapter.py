@@ -1,0 +1,328 @@
+"""From (GroupGraph, ClusterSpec, CostModel, backends, constraints) to a `Problem`, recording
+why each group or op is kept off a device."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hetero.cluster.spec import ClusterSpec, DeviceSpec
+from hetero.errors import ConfigError, PlanInfeasible
+from hetero.partitioner.algorithms.problem import INF, RESIDENT, STREAMED, Placement, Problem
+from hetero.partitioner.coarsen import GroupGraph
+from hetero.partitioner.cost import CostModel
+from hetero.partitioner.plan import Rejection
+
+DEFAULT_BACKENDS: Mapping[str, str] = {"gpu": "triton", "cpu": "tvm", "npu": "tvm"}
+FALLBACK_BACKEND = "eager"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the Plan needs besides the solution: the inputs the problem was built from."""
+
+    groups: GroupGraph
+    cluster: ClusterSpec
+    cost_model: CostModel
+    backends: Mapping[str, str]  # device name -> backend used there
+    scale: float  # activation scale (1 / microbatches)
+    rejections: tuple[Rejection, ...]
+    notes: tuple[str, ...]
+
+
+def resolve_backends(
+    cluster: ClusterSpec, backends: Mapping[str, str] | None, registry
+) -> tuple[dict[str, str], list[str]]:
+    """device name -> usable backend; falls back to eager (with a note) where the asked one
+    is unknown, fails to import or is unavailable here."""
+    wanted = {**DEFAULT_BACKENDS, **(backends or {})}
+    by_kind: dict[str, str] = {}
+    notes: list[str] = []
+    for kind in dict.fromkeys(d.kind for d in cluster.devices):
+        name = wanted.get(kind, FALLBACK_BACKEND)
+        why = ""
+        if name not in registry:
+            why = f"no backend named {name!r} (known: {', '.join(registry.names())})"
+        else:
+            try:
+                ok = registry.get(name).available()
+                if not ok:
+                    why = f"{name} is not available here: {getattr(ok, 'reason', '') or 'no reason given'}"
+            except Exception as e:  # a plug-in that fails to import must not stop planning
+                why = f"{name} failed to load ({type(e).__name__}: {e})"
+        if why:
+            notes.append(f"{kind}: {why}; planning with {FALLBACK_BACKEND} instead")
+            name = FALLBACK_BACKEND
+        by_kind[kind] = name
+    return {d.name: by_kind[d.kind] for d in cluster.devices}, notes
+
+
+def build_problem(
+    groups: GroupGraph,
+    cluster: ClusterSpec,
+    cost_model: CostModel,
+    *,
+    backends: Mapping[str, str] | None = None,
+    pins: Mapping[str, str] | None = None,
+    exclude: Sequence[str] = (),
+    microbatches: int = 1,
+    registry=None,
+) -> tuple[Problem, Context]:
+    if registry is None:
+        from hetero.backends.registry import default_registry
+
+        registry = default_registry()
+    if microbatches < 1:
+        raise ConfigError(f"microbatches must be at least 1, got {microbatches}")
+    og = groups.opgraph
+    devices = cluster.devices
+    names = [d.name for d in devices]
+    backend_of, notes = resolve_backends(cluster, backends, registry)
+    excluded = {cluster.device(x).name for x in exclude}
+    pinned = _pins(groups, cluster, pins or {})
+    scale = 1.0 / microbatches
+    rejections: list[Rejection] = [
+        Rejection("*", d, "excluded by the user") for d in names if d in excluded
+    ]
+
+    placements: list[Placement] = []
+    for i, d in enumerate(devices):
+        placements.append(Placement(i, RESIDENT))
+        host = cluster.host_cpu(d.host)
+        if d.kind == "gpu" and host is not None and host.name != d.name:
+            placements.append(Placement(i, STREAMED))
+
+    n, num_p = len(groups), len(placements)
+    compute = np.full((n, num_p), INF)
+    support_cache: dict[tuple[str, str], object] = {}
+    for gi, g in enumerate(groups):
+        ops = [og[x] for x in g.nodes]
+        for di, d in enumerate(devices):
+            if d.name in excluded:
+                continue
+            if g.name in pinned and pinned[g.name] != d.name:
+                rejections.append(Rejection(g.name, d.name, f"pinned to {pinned[g.name]}"))
+                continue
+            bad = _unsupported(ops, d, backend_of[d.name], registry, support_cache)
+            if bad:
+                for op, reason in bad:
+                    rejections.append(Rejection(op, d.name, reason))
+                if len(bad) < sum(op.op_class != "view" for op in ops):
+                    rejections.append(
+                        Rejection(
+                            g.name,
+                            d.name,
+                            f"group kept together: {len(bad)} of its ops are unsupported there",
+                        )
+                    )
+                continue
+            t = cost_model.group_time(g, ops, d, backend=backend_of[d.name], scale=scale)
+            stream = cost_model.stream_time(cluster, d, g.param_bytes)
+            for p, pl in enumerate(placements):
+                if pl.device == di:
+                    compute[gi, p] = max(t, stream) if pl.weights == STREAMED else t
+
+    index = groups.index
+    edges = [(index[u], index[v], b * scale) for u, v, b in groups.graph.edges(data="bytes")]
+    edges.sort()
+    d_n = len(devices)
+    lat = np.zeros((d_n, d_n))
+    inv = np.zeros((d_n, d_n))
+    for a in range(d_n):
+        for b in range(d_n):
+            if a != b:
+                # two probes of the cost model give its latency and per-byte slope
+                t1 = cost_model.transfer_time(cluster, names[a], names[b], 1.0)
+                t2 = cost_model.transfer_time(cluster, names[a], names[b], 1e9 + 1.0)
+                inv[a, b] = (t2 - t1) / 1e9
+                # crossing to another device starts a partition there: one more call
+                lat[a, b] = t1 - inv[a, b] + cost_model.call_overhead(devices[b])
+    origin_dev = next((d for d in devices if d.kind == "cpu"), devices[0])
+    problem = Problem(
+        names=tuple(g.name for g in groups),
+        devices=tuple(names),
+        placements=tuple(placements),
+        compute=compute,
+        edges=np.array([(u, v) for u, v, _ in edges], dtype=int).reshape(-1, 2),
+        edge_bytes=np.array([b for _, _, b in edges], dtype=float),
+        link_latency=lat,
+        link_inv_bw=inv,
+        param_bytes=np.array([g.param_bytes for g in groups], dtype=float),
+        act_bytes=np.array([_act_bytes(og, g) * scale for g in groups], dtype=float),
+        capacity=np.array([d.memory or INF for d in devices], dtype=float),
+        in_bytes=np.array([groups.input_bytes(g.name) * scale for g in groups], dtype=float),
+        out_bytes=np.array([groups.output_bytes(g.name) * scale for g in groups], dtype=float),
+        origin=names.index(origin_dev.name),
+    )
+    _check_placeable(problem, groups, rejections)
+    ctx = Context(
+        groups=groups,
+        cluster=cluster,
+        cost_model=cost_model,
+        backends=backend_of,
+        scale=scale,
+        rejections=tuple(rejections),
+        notes=tuple(notes),
+    )
+    return problem, ctx
+
+
+def refine_for_support(
+    groups: GroupGraph,
+    cluster: ClusterSpec,
+    *,
+    backends: Mapping[str, str] | None = None,
+    exclude: Sequence[str] = (),
+    registry=None,
+    max_groups: int = 160,
+) -> GroupGraph:
+    """Split, one module level at a time, every group that a device runs only in part, so
+    that a few unsupported ops (a dropout's clone, an int64 index) do not keep a whole
+    block off that device. Stops at the deepest level or at `max_groups` groups."""
+    if registry is None:
+        from hetero.backends.registry import default_registry
+
+        registry = default_registry()
+    backend_of, _ = resolve_backends(cluster, backends, registry)
+    excluded = {cluster.device(x).name for x in exclude}
+    devices = [d for d in cluster.devices if d.name not in excluded]
+    og = groups.opgraph
+    cache: dict = {}
+    done: set[str] = set()
+    changed = True
+    while changed and len(groups) < max_groups:
+        changed = False
+        for g in groups:
+            if g.name in done:
+                continue
+            ops = [og[x] for x in g.nodes]
+            real = sum(op.op_class != "view" for op in ops)
+            mixed = any(
+                0 < len(_unsupported(ops, d, backend_of[d.name], registry, cache)) < real
+                for d in devices
+            )
+            done.add(g.name)
+            if mixed:
+                finer = groups.refine(g.name)
+                if finer is not groups:
+                    groups, changed = finer, True
+                    break
+    return groups
+
+
+def _act_bytes(og, group) -> int:
+    """Largest output of a group's ops, views left out: a view aliases its input (a
+    transposed weight is not a new activation)."""
+    return max(
+        (sum(m.nbytes for m in og[n].out_meta) for n in group.nodes if og[n].op_class != "view"),
+        default=0,
+    )
+
+
+def _pins(groups: GroupGraph, cluster: ClusterSpec, pins: Mapping[str, str]) -> dict[str, str]:
+    """group name -> device name, for groups inside a pinned module (or a pinned op)."""
+    out: dict[str, str] = {}
+    for key, dev in pins.items():
+        target = cluster.device(dev).name
+        hit = False
+        for g in groups:
+            if key in g.nodes or _inside(g.module, key) or _inside(g.name, key):
+                out[g.name] = target
+                hit = True
+        if not hit:
+            known = ", ".join(g.name for g in list(groups)[:12])
+            raise ConfigError(
+                f"pin {key!r} -> {dev!r} matches no module or op of the model; groups: {known} ..."
+            )
+    return out
+
+
+def _inside(module: str, key: str) -> bool:
+    return module == key or module.startswith(key + ".")
+
+
+def _unsupported(ops, device: DeviceSpec, backend_name: str, registry, cache):
+    backend = registry.get(backend_name)
+    bad = []
+    for op in ops:
+        if op.op_class == "view":
+            continue
+        key = (op.name, device.name)
+        if key not in cache:
+            reason = ""
+            if _is_float(op.dtype) and op.dtype not in device.dtypes:
+                reason = (
+                    f"dtype {op.dtype} is not one {device.name} runs ({', '.join(device.dtypes)})"
+                )
+            else:
+                try:
+                    ok = backend.supports(op, device)
+                except Exception as e:  # supports() must not raise; treat it as a "no"
+                    ok, reason = False, f"{backend_name}.supports raised {type(e).__name__}: {e}"
+                if not ok and not reason:
+                    reason = getattr(ok, "reason", "") or "unsupported"
+            if reason:
+                reason = f"{op.target} unsupported by {backend_name} on {device.kind}: {reason}"
+            cache[key] = reason
+        if cache[key]:
+            bad.append((op.name, cache[key]))
+    return bad
+
+
+def _is_float(dtype: str) -> bool:
+    # integer index math (arange, embedding ids) runs anywhere; the device's dtypes list
+    # the precisions it computes in
+    return dtype.startswith(("float", "bfloat"))
+
+
+def _check_placeable(problem: Problem, groups: GroupGraph, rejections: list[Rejection]) -> None:
+    """Every group needs a device that runs all of its ops and can hold it."""
+    allowed = problem.allowed()
+    stuck = [i for i in range(problem.n) if not allowed[i].any()]
+    lines = []
+    for i in stuck:
+        g = groups.groups[i]
+        why: dict[str, list[str]] = {}
+        members = set(g.nodes) | {g.name, "*"}
+        for r in rejections:
+            if r.node in members:
+                why.setdefault(r.device, []).append(r.reason)
+        lines.append(f"  group {g.name!r} ({len(g.nodes)} ops) can run on no device:")
+        for dev, reasons in why.items():
+            shown = "; ".join(dict.fromkeys(reasons[:3]))
+            lines.append(f"    {dev}: {shown}" + (" ..." if len(reasons) > 3 else ""))
+        op_lines = [
+            groups.opgraph[r.node].source_line
+            for r in rejections
+            if r.node in g.nodes and groups.opgraph[r.node].source_line
+        ]
+        if op_lines:
+            lines.append(f"    first offending source line: {op_lines[0]}")
+    if lines:
+        raise PlanInfeasible(
+            "no placement runs every op:\n"
+            + "\n".join(lines)
+            + "\nWhat to do: pick a backend that supports these ops (backends=...), remove "
+            "pins/exclusions that force them, or add a device that runs them."
+        )
+    for i in range(problem.n):
+        # a group with one possible device that cannot hold it even alone can never fit
+        options = np.flatnonzero(allowed[i])
+        devs = {int(problem.place_device[p]) for p in options}
+        if len(devs) != 1:
+            continue
+        d = devs.pop()
+        need = min(problem.segment_memory(i, i + 1, int(p)) for p in options)
+        if need > problem.capacity[d]:
+            raise PlanInfeasible(
+                f"group {problem.names[i]!r} can only run on {problem.devices[d]}, which lacks "
+                f"memory: it needs {gib(need)} (weights + activations), the device has "
+                f"{gib(problem.capacity[d])}. What to do: unpin it, stream its weights from host "
+                "memory (a GPU with a host CPU), or use a device with more memory."
+            )
+
+
+def gib(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB" if x >= 2**28 else f"{x / 2**20:.1f} MiB"

@@ -1,0 +1,266 @@
+"""Minimise one request's time: exact min-cut for two devices, list scheduling plus
+expansion moves for more, memory by Lagrangian penalties, then local refinement.
+
+Placements on one device differ only in where weights live, so the cut works on devices:
+each group's cost on a device is its cheapest placement there, with resident parameters
+charged `lam[d]` per byte while device d overflows. Without binding memory the two-device
+cut is optimal for the latency objective (unary + pairwise transfer costs). The quotient
+of any assignment is made acyclic later by cutting it into more partitions (see
+`assemble.form_partitions`), so no acyclicity constraint weakens the cut.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import networkx as nx
+import numpy as np
+
+from hetero.partitioner.algorithms.problem import INF, Problem, Solution
+
+_ROUNDS = 24  # Lagrangian updates before falling back to repair by local search
+_BLOCK = 4  # longest run of consecutive groups the local search moves at once
+_SWEEP = 16  # penalties sampled around the one that first fits
+_STARTS = 3  # candidates the local search starts from
+_SWAP_LIMIT = 24  # groups up to which the local search also tries two-group trades
+_SMALL = 12  # up to this many groups, trades are tried even when memory does not bind
+
+
+def _lagrangian(problem: Problem) -> list[np.ndarray]:
+    """Cuts under growing memory penalties until the devices fit, then a bisection back
+    toward the smallest penalty that still fits (the first one that fits overshoots)."""
+    candidates: list[np.ndarray] = []
+    scale = _penalty_scale(problem)
+
+    def solve(lam: np.ndarray) -> np.ndarray:
+        u, mode = _collapse(problem, lam)
+        assign = mode[np.arange(problem.n), _solve_devices(problem, u)]
+        candidates.append(assign)
+        return assign
+
+    lam = np.zeros(problem.num_devices)
+    low = lam.copy()
+    for _ in range(_ROUNDS):
+        over = problem.overflow(solve(lam))
+        if not over.any():
+            break
+        low = lam.copy()
+        lam = np.where(over > 0, np.maximum(lam * 2.0, scale), lam)
+    else:
+        return candidates
+    high = lam
+    for _ in range(6 if high.any() else 0):
+        mid = (low + high) / 2
+        if problem.overflow(solve(mid)).any():
+            low = mid
+        else:
+            high = mid
+    if high.any():  # the dual is not tight for a knapsack: sample penalties around it too
+        binding = high > 0
+        for f in np.logspace(-2, 2, _SWEEP):
+            solve(np.where(binding, high * f, 0.0))
+    return candidates
+
+
+def latency(problem: Problem, objective: str = "latency") -> Solution:
+    if problem.n == 0:
+        return Solution(np.zeros(0, dtype=int), 0.0, "latency")
+    allowed = problem.allowed()
+    candidates = _lagrangian(problem)
+    candidates.append(_greedy(problem))
+    unique = list({tuple(a): a for a in candidates}.values())
+    # the best that fit, and the fastest that overflow: repairing a fast assignment often
+    # beats polishing a feasible one that the penalties pushed too far
+    by_key = sorted(unique, key=lambda a: _key(problem, a))[:_STARTS]
+    by_time = sorted(unique, key=problem.latency)[:_STARTS]
+    candidates = list({tuple(a): a for a in by_key + by_time}.values())
+    # trading two groups' placements pays mostly when memory binds (a knapsack step)
+    tight = any(problem.overflow(a).any() for a in candidates) or problem.n <= _SMALL
+    best = None
+    for start in candidates:
+        refined = _local_search(problem, start, allowed, trades=tight)
+        if best is None or _key(problem, refined) < _key(problem, best):
+            best = refined
+    return Solution(best, problem.latency(best), "latency")
+
+
+def _key(problem: Problem, assign: np.ndarray) -> tuple[float, float]:
+    """Feasibility first (bytes over capacity), then time."""
+    return float(problem.overflow(assign).sum()), problem.latency(assign)
+
+
+def _penalty_scale(problem: Problem) -> float:
+    """Seconds per byte of resident parameters that makes memory matter next to time."""
+    finite = problem.unary[np.isfinite(problem.unary)]
+    spread = float(finite.max() - finite.min()) if finite.size else 1.0
+    return max(spread, 1e-9) / max(float(problem.param_bytes.max()), 1.0) * 0.25
+
+
+def _collapse(problem: Problem, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n, D] cheapest cost per device and [n, D] the placement that gives it."""
+    n, d = problem.n, problem.num_devices
+    u = np.full((n, d), INF)
+    mode = np.zeros((n, d), dtype=int)
+    for p, pl in enumerate(problem.placements):
+        cost = problem.unary[:, p].copy()
+        if not problem.place_streamed[p]:
+            cost = cost + lam[pl.device] * problem.param_bytes
+        better = cost < u[:, pl.device]
+        u[better, pl.device] = cost[better]
+        mode[better, pl.device] = p
+    return u, mode
+
+
+def _energy(problem: Problem, u: np.ndarray, labels: np.ndarray) -> float:
+    t = u[np.arange(problem.n), labels].sum()
+    if len(problem.edges):
+        e = np.arange(len(problem.edges))
+        t += problem.edge_cost[e, labels[problem.edges[:, 0]], labels[problem.edges[:, 1]]].sum()
+    return float(t)
+
+
+def _solve_devices(problem: Problem, u: np.ndarray) -> np.ndarray:
+    """Device per group minimising unary + transfers (exact for two devices)."""
+    d = problem.num_devices
+    usable = [k for k in range(d) if np.isfinite(u[:, k]).any()]
+    if len(usable) == 1:
+        return np.full(problem.n, usable[0], dtype=int)
+    starts = [_pair_cut(problem, u, a, b) for a, b in itertools.combinations(usable, 2)]
+    if len(usable) > 2:  # expansion moves from every pair's cut: they reach different optima
+        starts = [_expansion(problem, u, lab, usable) for lab in starts]
+    return min(starts, key=lambda lab: _energy(problem, u, lab))
+
+
+def _pair_cut(problem: Problem, u: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Best assignment of every group to device a or b (x=1 means b)."""
+    pairs = [
+        (int(s), int(t), 0.0, problem.edge_cost[e, a, b], problem.edge_cost[e, b, a], 0.0)
+        for e, (s, t) in enumerate(problem.edges)
+    ]
+    x = _binary_cut(u[:, a], u[:, b], pairs)
+    return np.where(x, b, a)
+
+
+def _expansion(problem: Problem, u: np.ndarray, labels: np.ndarray, usable) -> np.ndarray:
+    """Alpha-expansion moves (each an exact binary cut) until none improves."""
+    best = _energy(problem, u, labels)
+    improved = True
+    while improved:
+        improved = False
+        for alpha in usable:
+            pairs = []
+            for e, (s, t) in enumerate(problem.edges):
+                ls, lt = labels[s], labels[t]
+                c = problem.edge_cost[e]
+                pairs.append((int(s), int(t), c[ls, lt], c[ls, alpha], c[alpha, lt], 0.0))
+            x = _binary_cut(u[np.arange(problem.n), labels], u[:, alpha], pairs)
+            new = np.where(x, alpha, labels)
+            energy = _energy(problem, u, new)
+            if energy < best - 1e-15:
+                best, labels, improved = energy, new, True
+    return labels
+
+
+def _binary_cut(u0: np.ndarray, u1: np.ndarray, pairs) -> np.ndarray:
+    """Minimise sum_i u(x_i) + sum pair(x_s, x_t) over x in {0,1}^n by one s-t min cut.
+
+    pairs: (s, t, A, B, C, D) = cost of (x_s, x_t) at (0,0), (0,1), (1,0), (1,1). A pair
+    with B + C < A + D is not submodular; its coupling is dropped (callers re-check).
+    """
+    n = len(u0)
+    u0 = np.array(u0, dtype=float)
+    u1 = np.array(u1, dtype=float)
+    g = nx.DiGraph()
+    g.add_nodes_from(range(n))
+    coupling: dict[tuple[int, int], float] = {}
+    for s, t, a, b, c, d in pairs:
+        u1[s] += c - a
+        u1[t] += d - c
+        w = b + c - a - d
+        if w > 0:
+            coupling[(s, t)] = coupling.get((s, t), 0.0) + w
+    finite = np.concatenate([u0[np.isfinite(u0)], u1[np.isfinite(u1)]])
+    big = 1e3 * (float(np.abs(finite).sum()) + sum(coupling.values()) + 1.0)
+    u0 = np.where(np.isfinite(u0), u0, big)
+    u1 = np.where(np.isfinite(u1), u1, big)
+    low = np.minimum(u0, u1)
+    u0, u1 = u0 - low, u1 - low
+    for i in range(n):
+        if u1[i] > 0:
+            g.add_edge("s", i, capacity=float(u1[i]))
+        if u0[i] > 0:
+            g.add_edge(i, "t", capacity=float(u0[i]))
+    for (s, t), w in coupling.items():
+        g.add_edge(s, t, capacity=w)
+    g.add_nodes_from(("s", "t"))
+    _, (source_side, _) = nx.minimum_cut(g, "s", "t")
+    return np.array([i not in source_side for i in range(n)], dtype=bool)
+
+
+def _greedy(problem: Problem) -> np.ndarray:
+    """List scheduling in topological order: each group to the placement that finishes it
+    soonest given its placed predecessors, among those its device still has room for."""
+    n = problem.n
+    assign = np.full(n, -1, dtype=int)
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for e, (_, t) in enumerate(problem.edges):
+        preds[t].append(e)
+    allowed = problem.allowed()
+    for i in range(n):
+        best, best_key = -1, (INF, INF)
+        for p in np.flatnonzero(allowed[i]):
+            d = problem.place_device[p]
+            t = problem.unary[i, p] + sum(
+                problem.edge_cost[e, problem.place_device[assign[problem.edges[e, 0]]], d]
+                for e in preds[i]
+            )
+            trial = assign.copy()
+            trial[i] = p
+            over = float(problem.overflow(trial).sum())
+            if (over, t) < best_key:
+                best, best_key = int(p), (over, t)
+        assign[i] = best if best >= 0 else 0
+    return assign
+
+
+def _local_search(
+    problem: Problem, assign: np.ndarray, allowed: np.ndarray, *, trades: bool
+) -> np.ndarray:
+    """Move runs of up to _BLOCK consecutive groups to another placement, or trade the
+    placements of two groups (a knapsack step when memory binds), while it helps."""
+    assign = assign.copy()
+    best = _key(problem, assign)
+
+    def better(trial: np.ndarray) -> bool:
+        nonlocal assign, best
+        key = _key(problem, trial)
+        if key[0] < best[0] or (key[0] == best[0] and key[1] < best[1] - 1e-12):
+            assign, best = trial, key
+            return True
+        return False
+
+    improved = True
+    while improved:
+        improved = False
+        for length in range(1, _BLOCK + 1):
+            for start in range(problem.n - length + 1):
+                stop = start + length
+                for p in range(problem.num_placements):
+                    if (assign[start:stop] == p).all() or not allowed[start:stop, p].all():
+                        continue
+                    trial = assign.copy()
+                    trial[start:stop] = p
+                    improved |= better(trial)
+        if improved or not trades or problem.n > _SWAP_LIMIT:
+            continue
+        for i, j in itertools.combinations(range(problem.n), 2):
+            for p in np.flatnonzero(allowed[i]):
+                for q in np.flatnonzero(allowed[j]):
+                    if p == assign[i] or q == assign[j]:
+                        continue
+                    trial = assign.copy()
+                    trial[i], trial[j] = p, q
+                    if better(trial):
+                        improved = True
+                        break
+    return assign

@@ -1,0 +1,196 @@
+"""The partitioning problem as cost arrays (no torch, no graphs): what every algorithm solves.
+
+Groups 0..n-1 are in a topological order. A placement is (device, weight home): the device
+that computes and whether its weights stay resident there or stream in from the host's
+memory. An assignment maps each group to a placement.
+
+Latency objective (one request, partitions run one after another):
+    sum_i unary[i, a_i] + sum_(u,v) transfer(bytes_uv, dev(a_u), dev(a_v))
+where unary holds compute (max(compute, weight stream) for streamed placements) plus moving
+the group's user inputs from, and model outputs to, the caller's device.
+
+Throughput objective (a pipeline): stages are maximal runs of one placement along the
+order, each on its own device. A stage takes the values live across its first boundary
+from the previous stage (forwarded along the pipeline), computes, and the slowest stage
+sets the steady-state time per microbatch.
+
+Memory per device: resident parameters + 2 x the largest streamed group's parameters
+(double buffering) + the largest activation of its groups; must fit `capacity`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+RESIDENT, STREAMED = "resident", "streamed"
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: int  # index into Problem.devices
+    weights: str = RESIDENT  # resident | streamed
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    names: tuple[str, ...]  # groups, topological order
+    devices: tuple[str, ...]
+    placements: tuple[Placement, ...]
+    compute: np.ndarray  # [n, P] seconds to compute group i at placement p; inf: not allowed
+    edges: np.ndarray  # [E, 2] group indices (u < v)
+    edge_bytes: np.ndarray  # [E]
+    link_latency: np.ndarray  # [D, D] seconds per transfer (0 on the diagonal)
+    link_inv_bw: np.ndarray  # [D, D] seconds per byte (0 on the diagonal)
+    param_bytes: np.ndarray  # [n]
+    act_bytes: np.ndarray  # [n] largest activation inside the group
+    capacity: np.ndarray  # [D] bytes
+    in_bytes: np.ndarray = field(default=None)  # [n] user inputs read (from the origin)
+    out_bytes: np.ndarray = field(default=None)  # [n] model outputs written (to the origin)
+    origin: int = 0  # the device the caller's inputs come from and outputs go to
+
+    def __post_init__(self) -> None:
+        n = len(self.names)
+        for name in ("in_bytes", "out_bytes"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, np.zeros(n))
+        d = len(self.devices)
+        for name in ("link_latency", "link_inv_bw"):  # staying on a device costs nothing
+            m = np.array(getattr(self, name), dtype=float)
+            m[np.arange(d), np.arange(d)] = 0.0
+            object.__setattr__(self, name, m)
+        dev = np.array([p.device for p in self.placements], dtype=int)
+        object.__setattr__(self, "place_device", dev)
+        streamed = np.array([p.weights == STREAMED for p in self.placements], dtype=bool)
+        object.__setattr__(self, "place_streamed", streamed)
+        # [E, D, D]: the transfer cost of each edge between every pair of devices.
+        ec = self.link_latency[None, :, :] + self.edge_bytes[:, None, None] * self.link_inv_bw
+        ec[:, np.arange(d), np.arange(d)] = 0.0
+        object.__setattr__(self, "edge_cost", ec)
+        to_origin = self.link_latency[:, self.origin]
+        io = (
+            np.where(self.in_bytes[:, None] > 0, self.link_latency[self.origin][None, :], 0)
+            + self.in_bytes[:, None] * self.link_inv_bw[self.origin][None, :]
+            + np.where(self.out_bytes[:, None] > 0, to_origin[None, :], 0)
+            + self.out_bytes[:, None] * self.link_inv_bw[:, self.origin][None, :]
+        )  # [n, D]
+        object.__setattr__(self, "unary", self.compute + io[:, dev])
+
+    # ---- sizes -----------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    @property
+    def num_placements(self) -> int:
+        return len(self.placements)
+
+    def allowed(self) -> np.ndarray:
+        return np.isfinite(self.compute)
+
+    def transfer(self, nbytes: float, a: int, b: int) -> float:
+        if a == b or nbytes <= 0:
+            return 0.0
+        return float(self.link_latency[a, b] + nbytes * self.link_inv_bw[a, b])
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def memory(self, assign: np.ndarray) -> np.ndarray:
+        """[D] bytes each device needs under `assign` (placement per group; -1: unplaced)."""
+        mem = np.zeros(self.num_devices)
+        placed = assign >= 0
+        dev = np.where(placed, self.place_device[np.maximum(assign, 0)], -1)
+        streamed = self.place_streamed[np.maximum(assign, 0)] & placed
+        for d in range(self.num_devices):
+            on = dev == d
+            if not on.any():
+                continue
+            res = on & ~streamed
+            st = on & streamed
+            mem[d] = (
+                self.param_bytes[res].sum()
+                + (2 * self.param_bytes[st].max() if st.any() else 0)
+                + self.act_bytes[on].max()
+            )
+        return mem
+
+    def overflow(self, assign: np.ndarray) -> np.ndarray:
+        """[D] bytes over capacity (0 where it fits)."""
+        return np.maximum(self.memory(assign) - self.capacity, 0.0)
+
+    def feasible(self, assign: np.ndarray) -> bool:
+        allowed = np.isfinite(self.compute[np.arange(self.n), assign]).all()
+        return bool(allowed and not self.overflow(assign).any())
+
+    def latency(self, assign: np.ndarray) -> float:
+        """Seconds for one request under `assign` (inf where a group is not allowed)."""
+        t = self.unary[np.arange(self.n), assign].sum()
+        if len(self.edges):
+            dev = self.place_device[assign]
+            e = np.arange(len(self.edges))
+            t += self.edge_cost[e, dev[self.edges[:, 0]], dev[self.edges[:, 1]]].sum()
+        return float(t)
+
+    def live_bytes(self) -> np.ndarray:
+        """[n+1] bytes of values crossing boundary s (produced before group s, used at/after)."""
+        live = np.zeros(self.n + 1)
+        for (u, v), b in zip(self.edges, self.edge_bytes, strict=True):
+            live[u + 1 : v + 1] += b
+        return live
+
+    def stages(self, assign: np.ndarray) -> list[tuple[int, int, int]]:
+        """(start, stop, placement) runs of one placement along the order."""
+        out: list[tuple[int, int, int]] = []
+        for i, p in enumerate(assign):
+            if out and out[-1][2] == p:
+                out[-1] = (out[-1][0], i + 1, int(p))
+            else:
+                out.append((i, i + 1, int(p)))
+        return out
+
+    def stage_times(self, assign: np.ndarray, live: np.ndarray | None = None) -> list[float]:
+        """Per pipeline stage: incoming forwarded values + compute (+ caller I/O)."""
+        live = self.live_bytes() if live is None else live
+        times = []
+        prev = None
+        for start, stop, p in self.stages(assign):
+            t = float(self.unary[start:stop, p].sum())
+            if prev is not None:
+                t += self.transfer(live[start], self.place_device[prev], self.place_device[p])
+            times.append(t)
+            prev = p
+        return times
+
+    def pipeline_valid(self, assign: np.ndarray) -> bool:
+        """Each stage on its own device."""
+        devs = [self.place_device[p] for _, _, p in self.stages(assign)]
+        return len(devs) == len(set(devs))
+
+    def throughput(self, assign: np.ndarray) -> float:
+        """Steady-state seconds per microbatch (the slowest stage); inf if not a pipeline."""
+        if not self.pipeline_valid(assign):
+            return INF
+        return max(self.stage_times(assign))
+
+    def objective(self, assign: np.ndarray, objective: str) -> float:
+        if objective == "throughput":
+            return self.throughput(assign)
+        return self.latency(assign)
+
+    def segment_memory(self, start: int, stop: int, p: int) -> float:
+        params = self.param_bytes[start:stop]
+        w = 2 * params.max() if self.place_streamed[p] else params.sum()
+        return float(w + self.act_bytes[start:stop].max())
+
+
+@dataclass(frozen=True)
+class Solution:
+    assign: np.ndarray  # [n] placement index per group
+    objective: float  # seconds (latency) or seconds per microbatch (throughput)
+    algorithm: str
+    notes: tuple[str, ...] = ()

@@ -1,0 +1,375 @@
+"""CostModel: predicted seconds for op groups on devices and for transfers between devices.
+
+Roofline per op (or per fused group), scaled by measured efficiency:
+
+    t = max(FLOPs / (peak(dtype) * e_compute), bytes / (bandwidth * e_memory)) + launches * overhead
+
+An unfused backend (eager) pays this per op, reading and writing every intermediate; a
+fusing backend (tvm, triton, inductor) pays it once per group, counting only the bytes that
+cross the group's boundary (`Group.fused_bytes`) and one launch per anchor op (matmul,
+conv, attention, norm, reduction: elementwise ops fuse into them). View ops cost nothing
+on a fusing backend; in eager each still pays a Python dispatch (`view_overhead`).
+
+Transfers cost latency + bytes / bandwidth along the cluster's route
+(`ClusterSpec.transfer_time`), or along a measured link when the profile has one.
+
+Efficiency factors (e_compute, e_memory) come from a calibration profile written by
+`hetero calibrate` (JSON, see `CalibrationProfile`), looked up per device by name, then by
+model string, then by kind, and per op class as "class/dtype" then "class". Without a
+profile these defaults apply (fractions of the datasheet peaks in the cluster file):
+
+    kind  op class     compute  memory
+    cpu   matmul        0.50     0.60      conv 0.40/0.60, attention 0.30/0.60
+    cpu   norm          0.20     0.50      reduction 0.20/0.50, elementwise 0.20/0.60
+    cpu   transcendental 0.02    0.60      (tanh, exp, erf, gelu, ...: elementwise ops
+    cpu   data          0.10     0.40       whose one counted FLOP is tens of instructions)
+    gpu   matmul        0.60     0.70      conv 0.50/0.70, attention 0.40/0.70
+    gpu   norm          0.30     0.70      reduction 0.30/0.70, elementwise 0.30/0.70
+    gpu   transcendental 0.10    0.70
+    gpu   data          0.20     0.50
+    npu   matmul        0.40     0.50      conv 0.40/0.50, attention 0.20/0.50
+    npu   others        0.10     0.40
+
+and a view op's dispatch costs a quarter of a launch, calling one partition two launches
+(`call_overhead`; the plan adds it once per partition).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hetero.cluster.spec import ClusterSpec, DeviceSpec
+from hetero.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hetero.partitioner.coarsen import Group
+    from hetero.partitioner.graph import OpNode
+
+PROFILE_SCHEMA_VERSION = 1
+FUSING_BACKENDS = frozenset({"tvm", "triton", "inductor"})
+ANCHOR_CLASSES = frozenset({"matmul", "conv", "attention", "norm", "reduction"})
+
+_CPU = {
+    "matmul": (0.5, 0.6),
+    "conv": (0.4, 0.6),
+    "attention": (0.3, 0.6),
+    "norm": (0.2, 0.5),
+    "reduction": (0.2, 0.5),
+    "elementwise": (0.2, 0.6),
+    "transcendental": (0.02, 0.6),
+    "data": (0.1, 0.4),
+}
+_GPU = {
+    "matmul": (0.6, 0.7),
+    "conv": (0.5, 0.7),
+    "attention": (0.4, 0.7),
+    "norm": (0.3, 0.7),
+    "reduction": (0.3, 0.7),
+    "elementwise": (0.3, 0.7),
+    "transcendental": (0.1, 0.7),
+    "data": (0.2, 0.5),
+}
+_NPU = {
+    "matmul": (0.4, 0.5),
+    "conv": (0.4, 0.5),
+    "attention": (0.2, 0.5),
+    "norm": (0.1, 0.4),
+    "reduction": (0.1, 0.4),
+    "elementwise": (0.1, 0.4),
+    "transcendental": (0.02, 0.4),
+    "data": (0.1, 0.4),
+}
+DEFAULT_EFFICIENCY: Mapping[str, Mapping[str, tuple[float, float]]] = {
+    "cpu": _CPU,
+    "gpu": _GPU,
+    "npu": _NPU,
+}
+DEFAULT_VIEW_FRACTION = 0.25  # a view op's eager dispatch, as a fraction of a launch
+DEFAULT_CALL_FRACTION = 2.0  # calling one partition, as a multiple of a launch
+# Elementwise ops that evaluate a transcendental function: one FLOP per element in the
+# graph's count, tens of instructions in fact; priced by their own efficiency.
+TRANSCENDENTAL = frozenset(
+    {
+        "gelu", "tanh", "exp", "exp2", "expm1", "erf", "erfinv", "sigmoid", "silu", "log",
+        "log1p", "log2", "pow", "sqrt", "rsqrt", "sin", "cos", "tan", "atan", "softplus",
+        "elu", "mish", "hardswish", "logit",
+    }
+)  # fmt: skip
+
+
+def cost_class(op: OpNode) -> str:
+    """The op's class for pricing: its op class, with transcendental elementwise ops apart."""
+    if op.op_class == "elementwise":
+        parts = op.target.split(".")
+        base = parts[1] if len(parts) > 1 and parts[0] == "aten" else parts[0]
+        if base.rstrip("_") in TRANSCENDENTAL:
+            return "transcendental"
+    return op.op_class
+
+
+def cache_dir() -> Path:
+    """Where profiles live unless a path is given: $HETERO_CACHE_DIR or the user cache dir."""
+    env = os.environ.get("HETERO_CACHE_DIR")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("hetero"))
+
+
+def default_profile_path(cluster_name: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cluster_name)
+    return cache_dir() / "profiles" / f"{safe}.json"
+
+
+# ---- calibration profile -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    key: str  # "matmul" or "matmul/float32"
+    compute: float  # achieved / peak FLOP/s
+    memory: float  # achieved / peak bytes/s
+    error: float = 0.0  # mean |relative error| of the fit over its microbenchmarks
+    samples: int = 0
+    overhead: float | None = None  # seconds per op of this class (dispatch + launch), fitted
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    device: str  # name in the cluster it was measured for
+    kind: str
+    model: str = ""
+    peak_flops: float = 0.0  # the float32 peak the factors are relative to (for people)
+    mem_bandwidth: float = 0.0
+    launch_overhead: float | None = None  # seconds per op dispatch, measured
+    view_overhead: float | None = None  # seconds per view op in eager, measured
+    efficiency: tuple[Efficiency, ...] = ()
+    call_overhead: float | None = None  # seconds to call one partition (fx module), measured
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    a: str
+    b: str
+    bandwidth: float  # bytes/s, measured
+    latency: float  # seconds, measured
+
+
+@dataclass(frozen=True)
+class CalibrationProfile:
+    """Measured efficiency factors for the devices of one cluster (JSON on disk)."""
+
+    cluster: str
+    devices: tuple[DeviceProfile, ...] = ()
+    links: tuple[LinkProfile, ...] = ()
+    host: str = ""
+    torch_version: str = ""
+    created: float = field(default_factory=time.time)
+    schema_version: int = PROFILE_SCHEMA_VERSION
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(asdict(self), indent=2)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>") -> CalibrationProfile:
+        if d.get("schema_version") != PROFILE_SCHEMA_VERSION:
+            raise ConfigError(
+                f"{source}: calibration profile schema {d.get('schema_version')!r} is not "
+                f"{PROFILE_SCHEMA_VERSION}; re-run `hetero calibrate`"
+            )
+        try:
+            devices = tuple(
+                DeviceProfile(
+                    **{
+                        **dp,
+                        "efficiency": tuple(Efficiency(**e) for e in dp.get("efficiency", ())),
+                    }
+                )
+                for dp in d.get("devices", ())
+            )
+            links = tuple(LinkProfile(**lp) for lp in d.get("links", ()))
+            rest = {k: v for k, v in d.items() if k not in ("devices", "links")}
+            return cls(devices=devices, links=links, **rest)
+        except TypeError as e:
+            raise ConfigError(
+                f"{source}: not a calibration profile ({e}); re-run `hetero calibrate`"
+            ) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationProfile:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the calibration profile ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: calibration profile is not valid JSON: {e}") from None
+        return cls.from_dict(data, source=str(p))
+
+    def for_device(self, device: DeviceSpec) -> DeviceProfile | None:
+        """The profile measured for this device: same name, else same model, else same kind."""
+        for match in (
+            lambda dp: dp.device == device.name,
+            lambda dp: bool(device.model) and dp.model == device.model,
+            lambda dp: dp.kind == device.kind,
+        ):
+            for dp in self.devices:
+                if match(dp):
+                    return dp
+        return None
+
+    def link(self, a: str, b: str) -> LinkProfile | None:
+        for lp in self.links:
+            if {lp.a, lp.b} == {a, b}:
+                return lp
+        return None
+
+
+# ---- the cost model ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Predicts seconds. Pure: no torch, no measurements (those are `hetero calibrate`'s)."""
+
+    profile: CalibrationProfile | None = None
+    fusing_backends: frozenset[str] = FUSING_BACKENDS
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, cluster: ClusterSpec | None = None) -> CostModel:
+        """From a profile file, else the cached profile of `cluster`, else the defaults."""
+        if path is not None:
+            return cls(CalibrationProfile.load(path))
+        if cluster is not None:
+            cached = default_profile_path(cluster.name)
+            if cached.exists():
+                return cls(CalibrationProfile.load(cached))
+        return cls()
+
+    # ---- factors ---------------------------------------------------------------------------
+    def efficiency(self, device: DeviceSpec, op_class: str, dtype: str) -> tuple[float, float]:
+        """(compute, memory) efficiency of `op_class` in `dtype` on `device`."""
+        e = self._entry(device, op_class, dtype)
+        if e is not None:
+            return e.compute, e.memory
+        defaults = DEFAULT_EFFICIENCY.get(device.kind, _CPU)
+        return defaults.get(op_class, defaults["elementwise"])
+
+    def _entry(self, device: DeviceSpec, op_class: str, dtype: str) -> Efficiency | None:
+        dp = self.profile.for_device(device) if self.profile else None
+        if dp is None:
+            return None
+        table = {e.key: e for e in dp.efficiency}
+        for key in (f"{op_class}/{dtype}", op_class):
+            if key in table:
+                return table[key]
+        return None
+
+    def op_overhead(self, device: DeviceSpec, op_class: str, dtype: str = "float32") -> float:
+        """Seconds one op of `op_class` costs on top of its roofline time (eager)."""
+        e = self._entry(device, op_class, dtype)
+        if e is not None and e.overhead is not None:
+            return e.overhead
+        return self.launch_overhead(device)
+
+    def launch_overhead(self, device: DeviceSpec) -> float:
+        dp = self.profile.for_device(device) if self.profile else None
+        if dp is not None and dp.launch_overhead is not None:
+            return dp.launch_overhead
+        return device.launch_overhead
+
+    def view_overhead(self, device: DeviceSpec) -> float:
+        dp = self.profile.for_device(device) if self.profile else None
+        if dp is not None and dp.view_overhead is not None:
+            return dp.view_overhead
+        return DEFAULT_VIEW_FRACTION * self.launch_overhead(device)
+
+    def call_overhead(self, device: DeviceSpec) -> float:
+        """Seconds to call one partition's module, on top of its ops."""
+        dp = self.profile.for_device(device) if self.profile else None
+        if dp is not None and dp.call_overhead is not None:
+            return dp.call_overhead
+        return DEFAULT_CALL_FRACTION * self.launch_overhead(device)
+
+    def fuses(self, backend: str) -> bool:
+        return backend in self.fusing_backends
+
+    # ---- compute ---------------------------------------------------------------------------
+    def roofline(
+        self, device: DeviceSpec, op_class: str, dtype: str, flops: float, nbytes: float
+    ) -> float:
+        """Seconds of pure compute/memory time, launches excluded."""
+        ec, em = self.efficiency(device, op_class, dtype)
+        t_c = flops / (device.peak(dtype) * ec) if flops else 0.0
+        bw = device.mem_bandwidth or 1e10
+        t_m = nbytes / (bw * em) if nbytes else 0.0
+        return max(t_c, t_m)
+
+    def op_time(self, op: OpNode, device: DeviceSpec, scale: float = 1.0) -> float:
+        """One op run alone (unfused). `scale` shrinks activations (a microbatch of 1/scale)."""
+        if op.op_class == "view":
+            return self.view_overhead(device)
+        act = op.bytes_read - op.param_bytes + op.bytes_written
+        nbytes = act * scale + op.param_bytes
+        cls = cost_class(op)
+        t = self.roofline(device, cls, op.dtype, op.flops * scale, nbytes)
+        return t + op.launches * self.op_overhead(device, cls, op.dtype)
+
+    def group_time(
+        self,
+        group: Group,
+        ops: Sequence[OpNode],
+        device: DeviceSpec,
+        *,
+        backend: str = "eager",
+        scale: float = 1.0,
+    ) -> float:
+        """A group of ops on `device` through `backend` (fused when the backend fuses)."""
+        if not self.fuses(backend):
+            return sum(self.op_time(op, device, scale) for op in ops)
+        t_compute = 0.0
+        anchors = 0
+        by_class: dict[str, int] = {}
+        for op in ops:
+            if op.op_class == "view":
+                continue
+            ec, _ = self.efficiency(device, cost_class(op), op.dtype)
+            t_compute += op.flops * scale / (device.peak(op.dtype) * ec)
+            anchors += op.op_class in ANCHOR_CLASSES
+            by_class[op.op_class] = by_class.get(op.op_class, 0) + 1
+        if not by_class:
+            return 0.0
+        main = max(by_class, key=lambda c: (c in ANCHOR_CLASSES, by_class[c]))
+        _, em = self.efficiency(device, main, group.dtype)
+        act = group.fused_bytes - group.param_bytes
+        t_memory = (act * scale + group.param_bytes) / ((device.mem_bandwidth or 1e10) * em)
+        return max(t_compute, t_memory) + max(1, anchors) * self.launch_overhead(device)
+
+    # ---- transfers -------------------------------------------------------------------------
+    def transfer_time(self, cluster: ClusterSpec, src: str, dst: str, nbytes: float) -> float:
+        """Seconds to move `nbytes` from device `src` to device `dst`."""
+        if src == dst or nbytes <= 0:
+            return 0.0
+        if self.profile is not None:
+            lp = self.profile.link(src, dst)
+            if lp is not None:
+                return lp.latency + nbytes / lp.bandwidth
+        return cluster.transfer_time(src, dst, nbytes)
+
+    def stream_time(self, cluster: ClusterSpec, device: DeviceSpec, nbytes: float) -> float:
+        """Seconds to copy `nbytes` of weights from the host's memory to `device`."""
+        host = cluster.host_cpu(device.host)
+        if host is None or host.name == device.name:
+            return 0.0
+        return self.transfer_time(cluster, host.name, device.name, nbytes)

@@ -1,0 +1,132 @@
+"""Plan.explain(): the plan as tables a person reads at a glance (a dry-run report)."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from hetero.partitioner.plan import Plan
+
+_MAX_NAMES = 6  # op names shown per rejection row before "+N more"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def explain(plan: Plan, width: int = 120) -> str:
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=False, color_system=None)
+    measured = dict(plan.measured_ms)
+    title = (
+        f"{plan.model} on {plan.cluster}: {plan.objective} plan ({plan.algorithm}), "
+        f"predicted {plan.predicted_ms:.3f} ms"
+        + (" per microbatch" if plan.objective == "throughput" else "")
+    )
+    t = Table(title=title, title_justify="left")
+    for col, just in (
+        ("part", "right"),
+        ("device", "left"),
+        ("backend", "left"),
+        ("weights", "left"),
+        ("ops", "right"),
+        ("groups", "left"),
+        ("predicted ms", "right"),
+        ("measured ms", "right"),
+        ("memory", "right"),
+        ("receives", "left"),
+    ):
+        t.add_column(col, justify=just)
+    incoming: dict[int, list[str]] = defaultdict(list)
+    for tr in plan.transfers:
+        src = "input" if tr.src < 0 else f"p{tr.src}"
+        incoming[tr.dst].append(f"{src}: {_bytes(tr.bytes)} {tr.predicted_ms:.3f} ms")
+    for p in plan.partitions:
+        groups = ", ".join(p.groups[:3]) + (f" +{len(p.groups) - 3}" if len(p.groups) > 3 else "")
+        device = p.device + (" (emulated)" if p.emulated else "")
+        weights = p.weights
+        if p.weights == "streamed":
+            weights += f" ({p.weight_stream_ms:.3f} ms)"
+        t.add_row(
+            f"p{p.index}",
+            device,
+            p.backend,
+            weights,
+            str(len(p.nodes)),
+            groups,
+            f"{p.predicted_ms:.3f}",
+            f"{measured[p.index]:.3f}" if p.index in measured else "-",
+            _bytes(p.memory_bytes),
+            "; ".join(incoming.get(p.index, [])) or "-",
+        )
+    outs = [tr for tr in plan.transfers if tr.dst < 0]
+    for tr in outs:
+        t.add_row(
+            "out",
+            tr.dst_device,
+            "",
+            "",
+            "",
+            "",
+            f"{tr.predicted_ms:.3f}",
+            "",
+            "",
+            f"p{tr.src}: {_bytes(tr.bytes)}",
+        )
+    console.print(t)
+
+    if plan.transfers:
+        tt = Table(title="transfers", title_justify="left")
+        for col in ("from", "to", "values", "bytes", "link", "ms"):
+            tt.add_column(col)
+        for tr in plan.transfers:
+            vals = ", ".join(tr.values[:4]) + (
+                f" +{len(tr.values) - 4}" if len(tr.values) > 4 else ""
+            )
+            tt.add_row(
+                f"{'input' if tr.src < 0 else f'p{tr.src}'} ({tr.src_device})",
+                f"{'output' if tr.dst < 0 else f'p{tr.dst}'} ({tr.dst_device})",
+                vals,
+                _bytes(tr.bytes),
+                " > ".join(tr.links),
+                f"{tr.predicted_ms:.3f}",
+            )
+        console.print(tt)
+
+    if plan.memory:
+        console.print(
+            "memory: " + ", ".join(f"{dev} {_bytes(b)}" for dev, b in plan.memory), highlight=False
+        )
+
+    if plan.rejections:
+        rt = Table(title="kept off a device", title_justify="left")
+        for col in ("device", "reason", "ops / groups"):
+            rt.add_column(col)
+        grouped: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for r in plan.rejections:
+            grouped[(r.device, _reason_key(r.reason))].append(r.node)
+        for (device, reason), nodes in grouped.items():
+            shown = ", ".join(nodes[:_MAX_NAMES]) + (
+                f" +{len(nodes) - _MAX_NAMES} more" if len(nodes) > _MAX_NAMES else ""
+            )
+            rt.add_row(device, reason, shown)
+        console.print(rt)
+
+    for note in plan.notes:
+        console.print(f"note: {note}", highlight=False)
+    return buf.getvalue()
+
+
+def _reason_key(reason: str) -> str:
+    """Rows with the same cause merge: 'aten.x unsupported by tvm on npu: why' -> 'tvm on npu: why'."""
+    if " unsupported by " in reason:
+        return "unsupported by " + reason.split(" unsupported by ", 1)[1]
+    return reason

@@ -1,0 +1,138 @@
+"""Getting artifacts to workers: build (through the artifact cache when it is installed),
+check hashes, pack into bytes for nodes without the shared cache directory, and load.
+
+`build_artifact` is the one seam between the runtime and the compile cache, so the
+cache can change without touching the executors.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from hetero.backends.base import (
+    Artifact,
+    Backend,
+    CompileOptions,
+    CompileUnit,
+    Runner,
+    sha256_file,
+)
+from hetero.backends.registry import BackendRegistry
+from hetero.cluster.spec import DeviceSpec
+from hetero.errors import ArtifactCorrupt, CompileError
+
+
+def build_artifact(
+    backend: Backend,
+    unit: CompileUnit,
+    device: DeviceSpec,
+    options: CompileOptions,
+    root: Path,
+) -> Artifact:
+    """Compile `unit` for `device` under `root`, or reuse what is already there."""
+    try:
+        from hetero.backends.cache import ArtifactCache
+    except ImportError:
+        return _build_plain(backend, unit, device, options, Path(root))
+    return ArtifactCache(root).build(backend, unit, device, options)
+
+
+def _build_plain(
+    backend: Backend, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, root: Path
+) -> Artifact:
+    key = backend.artifact_key(unit, device, options)
+    out = root / key
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        art = Artifact(backend.name, key, out, json.loads(manifest_path.read_text()))
+        try:
+            verify_artifact(art)
+            return art
+        except ArtifactCorrupt:
+            pass  # rebuild below
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = backend.compile(unit, device, options, out)
+    except Exception as e:
+        raise CompileError(
+            f"backend {backend.name!r} failed to compile partition {unit.name} for "
+            f"{device.name}: {type(e).__name__}: {e}"
+        ) from e
+    manifest = replace(manifest, key=key)
+    manifest_path.write_text(manifest.to_json())
+    return Artifact(backend.name, key, out, json.loads(manifest.to_json()))
+
+
+def verify_artifact(artifact: Artifact) -> None:
+    """Raise ArtifactCorrupt unless every file the manifest lists has its recorded hash."""
+    for name, digest in artifact.files.items():
+        path = Path(artifact.path) / name
+        if not path.exists():
+            raise ArtifactCorrupt(
+                f"artifact {artifact.key}: file {path} is missing; rebuild it (`hetero compile`) "
+                "or ship artifacts to this node (ship_artifacts='always')"
+            )
+        actual = sha256_file(path)
+        if actual != digest:
+            raise ArtifactCorrupt(
+                f"artifact {artifact.key}: {path} has sha256 {actual[:12]}..., the manifest says "
+                f"{digest[:12]}...; delete {artifact.path} and compile again"
+            )
+
+
+def available_here(artifact: Artifact) -> bool:
+    """Whether this process sees the artifact's directory (a shared or local disk)."""
+    return (Path(artifact.path) / "manifest.json").exists() or all(
+        (Path(artifact.path) / n).exists() for n in artifact.files
+    )
+
+
+def pack(artifact: Artifact) -> bytes:
+    """The artifact's files as one tar (sent through Ray's object store)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in artifact.files:
+            tar.add(Path(artifact.path) / name, arcname=name)
+    return buf.getvalue()
+
+
+def unpack(artifact: Artifact, blob: bytes, root: Path | None = None) -> Artifact:
+    """Write a packed artifact under `root` (a temp dir by default) and check its hashes."""
+    base = Path(root) if root is not None else Path(tempfile.gettempdir()) / "hetero-shipped"
+    out = base / artifact.key
+    out.mkdir(parents=True, exist_ok=True)
+    allowed = set(artifact.files)
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
+        for member in tar.getmembers():
+            # Only the plain files the manifest names: no links, no paths outside `out`.
+            if member.name not in allowed or not member.isfile():
+                raise ArtifactCorrupt(
+                    f"artifact {artifact.key}: shipped archive holds unexpected entry "
+                    f"{member.name!r}"
+                )
+            src = tar.extractfile(member)
+            if src is None:
+                raise ArtifactCorrupt(f"artifact {artifact.key}: cannot read {member.name!r}")
+            (out / member.name).write_bytes(src.read())
+    local = replace(artifact, path=out)
+    verify_artifact(local)
+    return local
+
+
+def load_runner(artifact: Artifact, device: DeviceSpec, registry: BackendRegistry) -> Runner:
+    """Check the artifact's hashes, then load it with its backend."""
+    verify_artifact(artifact)
+    return registry.get(artifact.backend).load(artifact, device)
+
+
+def manifest_io(artifact: Artifact) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(inputs, outputs) the artifact's runner takes and returns, from its manifest."""
+    m: Mapping[str, Any] = artifact.manifest
+    return tuple(m.get("inputs", ())), tuple(m.get("outputs", ()))

@@ -1,0 +1,152 @@
+"""Where each device worker runs: ClusterSpec hosts -> Ray nodes, devices -> actor options.
+
+Hosts map to alive Ray nodes by, in this order:
+  1. an explicit `node_map` (host -> Ray node id, or a unique prefix of one);
+  2. the host's name: `node-<first 8 hex of the NodeID>` (what `ClusterSpec.from_ray` names);
+  3. a node label `hetero-host=<host>` (`ray start --labels='{"hetero-host": "a"}'`);
+  4. otherwise each remaining host takes the first unused node that has the resources its
+     devices need (GPU count, NPU count, a CPU); hosts with more accelerators choose
+     first, ties in the cluster's order. Nodes are tried driver's node first, so a
+     one-host YAML cluster lands where the caller runs.
+Each GPU worker asks for `num_gpus=1`, each CPU worker for `num_cpus=cores` (capped by
+the node's CPUs), each NPU worker for the custom resource `{"NPU": 1}`; all are pinned
+with a hard NodeAffinitySchedulingStrategy.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hetero.cluster.spec import DeviceSpec
+from hetero.errors import PlanInfeasible
+
+HOST_LABEL = "hetero-host"
+
+
+@dataclass(frozen=True)
+class RayNode:
+    node_id: str
+    resources: Mapping[str, float]
+    labels: Mapping[str, str]
+    address: str = ""
+
+    @property
+    def short(self) -> str:
+        return f"node-{self.node_id[:8]}"
+
+
+def alive_nodes() -> list[RayNode]:
+    """Alive Ray nodes, the driver's node first, then in NodeID order."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [
+        RayNode(
+            n["NodeID"],
+            dict(n.get("Resources", {})),
+            dict(n.get("Labels", {}) or {}),
+            n.get("NodeManagerAddress", ""),
+        )
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+    return sorted(nodes, key=lambda n: (n.node_id != here, n.node_id))
+
+
+def _needs(devices: Sequence[DeviceSpec]) -> Counter:
+    need: Counter = Counter()
+    for d in devices:
+        if d.kind == "gpu":
+            need["GPU"] += 1
+        elif d.kind == "npu":
+            need["NPU"] += 1
+        else:
+            need["CPU"] += 1
+    return need
+
+
+def _fits(node: RayNode, need: Counter) -> bool:
+    return all(node.resources.get(k, 0) >= (v if k != "CPU" else 1) for k, v in need.items())
+
+
+def map_hosts(
+    devices: Sequence[DeviceSpec],
+    nodes: Sequence[RayNode],
+    node_map: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """host -> Ray node id for every host that `devices` live on."""
+    hosts: dict[str, list[DeviceSpec]] = {}
+    for d in devices:
+        hosts.setdefault(d.host, []).append(d)
+    out: dict[str, str] = {}
+
+    def find(prefix: str) -> RayNode | None:
+        hits = [n for n in nodes if n.node_id.startswith(prefix)]
+        return hits[0] if len(hits) == 1 else None
+
+    for host in hosts:
+        node = None
+        if node_map and host in node_map:
+            node = find(node_map[host])
+            if node is None:
+                raise PlanInfeasible(
+                    f"node_map sends host {host!r} to Ray node {node_map[host]!r}, which is not "
+                    f"one alive node; alive: {', '.join(n.node_id[:8] for n in nodes)}"
+                )
+        elif host.startswith("node-"):
+            node = find(host.removeprefix("node-"))
+        if node is None:
+            node = next((n for n in nodes if n.labels.get(HOST_LABEL) == host), None)
+        if node is not None:
+            out[host] = node.node_id
+    used = set(out.values())
+    # Hosts with accelerators choose first, so a CPU-only host never takes the only NPU node.
+    rest = sorted(
+        (h for h in hosts if h not in out),
+        key=lambda h: -sum(v for k, v in _needs(hosts[h]).items() if k != "CPU"),
+    )
+    for host in rest:
+        devs = hosts[host]
+        need = _needs(devs)
+        node = next((n for n in nodes if n.node_id not in used and _fits(n, need)), None)
+        if node is None:
+            have = "; ".join(
+                f"{n.short}: "
+                + ", ".join(
+                    f"{k}={v:g}"
+                    for k, v in sorted(n.resources.items())
+                    if k in ("CPU", "GPU", "NPU")
+                )
+                for n in nodes
+            )
+            raise PlanInfeasible(
+                f"no free Ray node can hold host {host!r} (needs "
+                + ", ".join(f"{k}>={v}" for k, v in sorted(need.items()))
+                + f"); alive nodes: {have or 'none'}. Start a node with these resources, "
+                f"label one `{HOST_LABEL}={host}`, or pass node_map."
+            )
+        out[host] = node.node_id
+        used.add(node.node_id)
+    return out
+
+
+def actor_options(device: DeviceSpec, node: RayNode, *, max_restarts: int = 2) -> dict[str, Any]:
+    """Ray actor options for the worker that owns `device` on `node`."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    opts: dict[str, Any] = {
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+        "max_restarts": max_restarts,
+        "max_task_retries": 0,  # the executor retries a request itself, once, over a new graph
+        "num_cpus": 0,
+    }
+    if device.kind == "gpu":
+        opts["num_gpus"] = 1
+    elif device.kind == "npu":
+        opts["resources"] = {"NPU": 1}
+    else:
+        opts["num_cpus"] = max(1, min(device.cores or 1, int(node.resources.get("CPU", 1))))
+    return opts

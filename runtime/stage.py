@@ -1,0 +1,106 @@
+"""What the runtime runs: stages (one compiled partition bound to a device) and the
+executor contract every way of running them follows.
+
+A stage reads graph values by name (user inputs or other stages' outputs) and produces
+graph values by name; parameters live inside its artifact. The stage list of a plan is
+in a topological order, so running the stages in list order is always valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from hetero.backends.base import Artifact, CompileOptions
+from hetero.cluster.spec import DeviceSpec
+from hetero.errors import ConfigError
+
+CALLER = -1  # the "stage" that supplies user inputs and receives the results
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One compiled partition placed on one device."""
+
+    index: int  # the plan's partition index
+    device: DeviceSpec
+    backend: str  # registry name of the backend that compiled `artifact`
+    artifact: Artifact
+    inputs: tuple[str, ...]  # activations, in the order the artifact's runner takes them
+    outputs: tuple[str, ...]  # values the runner returns, in order
+    nodes: tuple[str, ...] = ()  # captured op names it computes (verify re-splits by them)
+    predicted_ms: float = 0.0  # the cost model's time for one run (0: unknown)
+    options: CompileOptions = field(default_factory=CompileOptions)  # what `artifact` got
+
+    @property
+    def name(self) -> str:
+        return f"p{self.index}"
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """How `hetero.compile` runs a plan: in this process or over Ray actors."""
+
+    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Graph inputs by placeholder name -> every value named in `needed_outputs`."""
+        ...
+
+    def run_many(
+        self, batch: Sequence[Mapping[str, torch.Tensor]]
+    ) -> list[dict[str, torch.Tensor]]:
+        """Several requests at once; pipelined across stages where the executor can."""
+        ...
+
+    def measured_ms(self) -> dict[int, float]:
+        """Mean measured compute time per stage index, over the runs so far."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+def producers(stages: Sequence[StageSpec]) -> dict[str, int]:
+    """value name -> index of the stage that computes it."""
+    out: dict[str, int] = {}
+    for s in stages:
+        for v in s.outputs:
+            out[v] = s.index
+    return out
+
+
+def sources(stage: StageSpec, made_by: Mapping[str, int]) -> tuple[int, ...]:
+    """Indices of the stages `stage` reads from (CALLER for user inputs), sorted."""
+    return tuple(sorted({made_by.get(v, CALLER) for v in stage.inputs}))
+
+
+def check_stages(
+    stages: Sequence[StageSpec], user_inputs: Sequence[str], needed_outputs: Sequence[str]
+) -> None:
+    """Raise ConfigError unless the stages can run in list order and produce what is needed."""
+    if not stages:
+        raise ConfigError("no stages to run: the plan has no partitions")
+    seen = {s.index for s in stages}
+    if len(seen) != len(stages):
+        dupes = sorted(i for i in seen if sum(s.index == i for s in stages) > 1)
+        raise ConfigError(f"stage indices must be unique; repeated: {dupes}")
+    available = set(user_inputs)
+    problems = []
+    for s in stages:
+        missing = [v for v in s.inputs if v not in available]
+        if missing:
+            problems.append(
+                f"stage {s.name} on {s.device.name} reads {missing}, which no earlier stage "
+                "computes and which are not user inputs"
+            )
+        available.update(s.outputs)
+    unmade = [v for v in needed_outputs if v not in available]
+    if unmade:
+        problems.append(f"needed outputs {unmade} are computed by no stage")
+    if problems:
+        raise ConfigError(
+            "the stages do not form a runnable pipeline:\n  "
+            + "\n  ".join(problems)
+            + "\n  Build the stages from one plan, in the plan's partition order."
+        )

@@ -1,0 +1,167 @@
+"""A device worker: owns one device, loads its stages' artifacts once, runs them on request.
+
+`DeviceWorker` is a plain class; `placement.actor_class` wraps it as a Ray actor with
+the device's resources. Its constructor does all loading, so when Ray restarts a dead
+actor (max_restarts) the new process reloads the artifacts from the same arguments.
+
+Between stages a `Packet` travels: the values a stage produced, who produced them,
+when, and the measurements of every stage upstream, so the caller learns per-stage
+times from the results alone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from hetero.backends.registry import default_registry
+from hetero.cluster.spec import DeviceSpec
+from hetero.errors import WorkerError
+from hetero.runtime.artifacts import load_runner, unpack
+from hetero.runtime.metrics import StageRecord, nbytes
+from hetero.runtime.stage import CALLER, StageSpec
+
+
+@dataclass(frozen=True)
+class Packet:
+    src: int  # the stage that produced `values` (CALLER for user inputs)
+    values: Mapping[str, Any]
+    records: Mapping[int, StageRecord]  # measurements of this and every upstream stage
+    t_end: float  # time.time() when `values` were ready
+
+
+def caller_packet(inputs: Mapping[str, Any]) -> Packet:
+    return Packet(CALLER, dict(inputs), {}, time.time())
+
+
+def local_device(device: DeviceSpec) -> DeviceSpec:
+    """The device as this process addresses it: Ray narrows CUDA_VISIBLE_DEVICES to the
+    GPU it granted, so inside a GPU actor that GPU is cuda:0."""
+    if device.kind != "gpu":
+        return device
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_gpu_ids():
+            return replace(device, index=0)
+    except ImportError:
+        pass
+    return device
+
+
+class StageRunner:
+    """Runs one stage from packets; shared by the Ray worker and the in-process executor."""
+
+    def __init__(self, stage: StageSpec, runner: Any, device: DeviceSpec) -> None:
+        self.stage = stage
+        self.runner = runner
+        self.device = device
+
+    def __call__(self, packets: Sequence[Packet], host_out: bool = True) -> Packet:
+        s = self.stage
+        start = time.time()
+        values: dict[str, Any] = {}
+        records: dict[int, StageRecord] = {}
+        in_bytes: list[tuple[int, int]] = []
+        waits: list[tuple[int, float]] = []
+        wanted = set(s.inputs)
+        for p in packets:
+            if isinstance(p, BaseException):  # an upstream failure forwarded by the graph
+                raise p
+            values.update(p.values)
+            records.update(p.records)
+            in_bytes.append((p.src, nbytes(v for k, v in p.values.items() if k in wanted)))
+            waits.append((p.src, max(0.0, (start - p.t_end) * 1e3)))
+        missing = [n for n in s.inputs if n not in values]
+        if missing:
+            raise WorkerError(
+                f"partition {s.name} on {s.device.name}: inputs {missing} did not arrive; "
+                "the stage graph is wired wrong (a bug in hetero's runtime: please report it)"
+            )
+        t0 = time.perf_counter()
+        try:
+            outs = self.runner(*[values[n] for n in s.inputs])
+        except Exception as e:
+            raise WorkerError(
+                f"partition {s.name} ({s.backend}) failed on {s.device.name} "
+                f"[pid {os.getpid()}]: {type(e).__name__}: {e}\n  What to do: run "
+                "`hetero verify` on this config to find the op; check the inputs' shapes "
+                "and dtypes against the ones the model was compiled for."
+            ) from e
+        ms = (time.perf_counter() - t0) * 1e3
+        if len(outs) != len(s.outputs):
+            raise WorkerError(
+                f"partition {s.name} on {s.device.name} returned {len(outs)} values, its "
+                f"artifact {s.artifact.key} declares {len(s.outputs)}: rebuild the artifact"
+            )
+        if host_out:
+            outs = tuple(
+                pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, o)
+                for o in outs
+            )
+        records[s.index] = StageRecord(s.index, ms, nbytes(outs), tuple(in_bytes), tuple(waits))
+        return Packet(s.index, dict(zip(s.outputs, outs, strict=True)), records, time.time())
+
+
+def _fetch(blob: Any) -> bytes | None:
+    if blob is None or isinstance(blob, bytes | bytearray):
+        return blob
+    import ray  # an ObjectRef: artifacts shipped through the object store
+
+    return ray.get(blob, timeout=300)
+
+
+class DeviceWorker:
+    """One per device of the plan. Ray actor options come from `placement.actor_options`."""
+
+    def __init__(
+        self,
+        device: DeviceSpec,
+        stages: Sequence[StageSpec],
+        blobs: Mapping[str, bytes] | None = None,
+        extra_backends: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.device = local_device(device)
+        registry = default_registry(extra_backends)
+        self.started = time.time()
+        self.stages: dict[int, StageRunner] = {}
+        self.loaded_from: dict[int, str] = {}
+        for s in stages:
+            blob = _fetch((blobs or {}).get(s.artifact.key))
+            try:
+                art = unpack(s.artifact, blob) if blob is not None else s.artifact
+                runner = load_runner(art, self.device, registry)
+                self.loaded_from[s.index] = str(art.path)
+            except Exception as e:
+                raise WorkerError(
+                    f"worker for {device.name} could not load partition {s.name} "
+                    f"({s.backend}, artifact {s.artifact.key} at {s.artifact.path}): "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            self.stages[s.index] = StageRunner(s, runner, self.device)
+
+    def ready(self) -> dict[str, Any]:
+        node = ""
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+        except Exception:
+            pass
+        return {
+            "device": self.device.name,
+            "node_id": node,
+            "pid": os.getpid(),
+            "stages": sorted(self.stages),
+            "loaded_from": dict(self.loaded_from),
+            "started": self.started,
+        }
+
+    def run(self, index: int, host_out: bool, *packets: Packet) -> Packet:
+        return self.stages[index](packets, host_out)

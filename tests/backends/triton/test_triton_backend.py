@@ -1,0 +1,114 @@
+"""The Triton backend's contract: artifact files, readable source, errors, a whole model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import json
+
+import pytest
+import torch
+from triton_models import GPU, LinearEpilogue, assert_close, build, gpt2, unit_of
+
+from hetero.backends.base import CompileOptions
+from hetero.backends.registry import default_registry
+from hetero.backends.triton import TritonBackend
+from hetero.backends.triton.backend import FILES
+from hetero.errors import CompileError, WorkerError
+
+
+def test_registry_builds_it():
+    b = default_registry().get("triton")
+    assert isinstance(b, TritonBackend) and b.device_kinds == ("gpu",)
+    assert b.available()
+
+
+def test_artifact_holds_readable_source_weights_and_plan(tmp_path):
+    model = LinearEpilogue("tanh")
+    _, man = build(TritonBackend(), model, (torch.randn(2, 32),), tmp_path)
+    out = tmp_path / "artifact"
+    assert set(man.files) == set(FILES)
+    src = (out / "program.py").read_text()
+    assert "@triton.jit" in src and "def forward(" in src and "tl.dot" in src
+    assert "addmm" in (out / "fusion.txt").read_text()
+    config = json.loads((out / "triton.json").read_text())
+    assert {k["kind"] for k in config["kernels"]} == {"matmul"}
+    assert man.target.endswith(":interpret")
+
+
+def test_identical_layers_share_one_kernel(tmp_path):
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = LinearEpilogue("tanh"), LinearEpilogue("tanh")
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    build(TritonBackend(), Twice(), (torch.randn(2, 32),), tmp_path)
+    config = json.loads((tmp_path / "artifact" / "triton.json").read_text())
+    assert len(config["kernels"]) == 2  # up+gelu and down+residual, each launched twice
+    assert all(k["uses"] == 2 for k in config["kernels"])
+
+
+def test_dynamic_shapes_are_refused_with_a_way_out(tmp_path):
+    unit = unit_of(LinearEpilogue(), torch.randn(2, 32))
+    with pytest.raises(CompileError, match="inductor"):
+        TritonBackend().compile(unit, GPU, CompileOptions(dynamic=True), tmp_path)
+
+
+def test_load_without_cuda_or_interpreter_says_what_to_do(monkeypatch):
+    from hetero.backends.triton.backend import run_device
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    with pytest.raises(WorkerError, match="TRITON_INTERPRET"):
+        run_device(GPU)
+
+
+def test_gpt2_matches_eager(tmp_path):
+    model = gpt2(layers=1, dim=32, heads=2, vocab=64, ctx=16)
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+    run, _ = build(TritonBackend(), model, (ids,), tmp_path)
+    (got,) = run(ids)
+    assert_close(got, want, torch.float32)
+    plan = (tmp_path / "artifact" / "fusion.txt").read_text()
+    assert "attention" in plan and "matmul" in plan and "rowwise" in plan
+
+
+def test_tune_cache_round_trips_per_gpu_model(tmp_path):
+    from hetero.backends.triton.autotune import TuneCache, cache_file
+
+    path = cache_file(tmp_path, "NVIDIA H100 80GB HBM3")
+    assert path.name == "nvidia-h100-80gb-hbm3.json"
+    cache = TuneCache(path)
+    assert cache.read() == {}
+    cache.write({"k1": {"BLOCK_M": 64}})
+    cache.write({"k2": {"BLOCK_M": 128}})
+    assert cache.read() == {"k1": {"BLOCK_M": 64}, "k2": {"BLOCK_M": 128}}
+
+
+def test_small_matmuls_try_only_tiles_that_fit():
+    from hetero.backends.triton.autotune import candidates
+    from hetero.backends.triton.codegen import Kernel
+
+    small = candidates(Kernel("mm", "matmul", "k", 1, space=(1, 64, 768)))
+    big = candidates(Kernel("mm", "matmul", "k", 1, space=(1, 4096, 3072)))
+    assert small and all(c["BLOCK_M"] <= 64 for c in small)
+    assert len(big) > len(small)
+
+
+def test_dtype_option_casts_weights_and_inputs(tmp_path):
+    model = LinearEpilogue("tanh")
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        want = model(x)
+    run, _ = build(TritonBackend(), model, (x,), tmp_path, CompileOptions(dtype="float16"))
+    (got,) = run(x.half())
+    assert got.dtype == torch.float16  # (the model's .to(float32) was a no-op at capture)
+    assert_close(got, want, torch.float16)

@@ -1,0 +1,164 @@
+"""CostModel: roofline arithmetic, profiles (JSON, lookup), calibration's fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hetero
+from hetero.cluster.spec import DeviceSpec
+from hetero.errors import ConfigError
+from hetero.partitioner.calibrate import Sample, fit, present
+from hetero.partitioner.cost import (
+    DEFAULT_EFFICIENCY,
+    CalibrationProfile,
+    CostModel,
+    DeviceProfile,
+    Efficiency,
+    LinkProfile,
+    default_profile_path,
+)
+
+CPU = DeviceSpec(
+    name="h/cpu",
+    kind="cpu",
+    host="h",
+    model="x",
+    peak_flops=(("float32", 100e9),),
+    mem_bandwidth=10e9,
+    memory=1e9,
+    launch_overhead=5e-6,
+)
+
+
+def test_roofline_takes_the_slower_bound():
+    cm = CostModel()
+    ec, em = DEFAULT_EFFICIENCY["cpu"]["matmul"]
+    assert cm.roofline(CPU, "matmul", "float32", 1e9, 0) == pytest.approx(1e9 / (100e9 * ec))
+    assert cm.roofline(CPU, "matmul", "float32", 0, 1e8) == pytest.approx(1e8 / (10e9 * em))
+
+
+def test_fused_group_counts_only_boundary_bytes(mlp):
+    model, inputs = mlp
+    graph = hetero.capture(model, inputs)
+    groups = graph.coarsen(depth=0)
+    g = groups.groups[0]
+    ops = [graph[n] for n in g.nodes]
+    cm = CostModel()
+    eager = cm.group_time(g, ops, CPU, backend="eager")
+    fused = cm.group_time(g, ops, CPU, backend="tvm")
+    assert eager == pytest.approx(sum(cm.op_time(op, CPU) for op in ops))
+    assert fused < eager  # fewer launches, no intermediate round trips
+
+
+def test_profile_round_trip_and_lookup(tmp_path):
+    prof = CalibrationProfile(
+        cluster="c",
+        devices=(
+            DeviceProfile(
+                device="other/cpu",
+                kind="cpu",
+                model="x",
+                launch_overhead=1e-6,
+                view_overhead=2e-7,
+                efficiency=(Efficiency("matmul", 0.1, 0.2, overhead=3e-6),),
+            ),
+        ),
+        links=(LinkProfile("a", "b", 1e9, 1e-5),),
+    )
+    path = tmp_path / "p.json"
+    prof.to_json(path)
+    back = CalibrationProfile.load(path)
+    assert back == prof
+    cm = CostModel.load(path)
+    assert cm.efficiency(CPU, "matmul", "float32") == (0.1, 0.2)  # matched by model string
+    assert cm.efficiency(CPU, "norm", "float32") == DEFAULT_EFFICIENCY["cpu"]["norm"]
+    assert cm.launch_overhead(CPU) == 1e-6
+    assert cm.op_overhead(CPU, "matmul") == 3e-6  # fitted per class
+    assert cm.op_overhead(CPU, "norm") == 1e-6
+    path.write_text('{"schema_version": 99}')
+    with pytest.raises(ConfigError, match="re-run `hetero calibrate`"):
+        CalibrationProfile.load(path)
+
+
+def test_cached_profile_is_found(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETERO_CACHE_DIR", str(tmp_path))
+    cluster = hetero.Cluster.from_yaml("configs/clusters/cpu-2core.yaml")
+    CalibrationProfile(
+        cluster.name, (DeviceProfile("box/cpu", "cpu", launch_overhead=3e-6),)
+    ).to_json(default_profile_path(cluster.name))
+    cm = CostModel.load(cluster=cluster)
+    assert cm.launch_overhead(cluster.device("box/cpu")) == 3e-6
+
+
+def test_transfer_uses_measured_link_else_the_route():
+    cluster = hetero.Cluster.from_yaml("configs/clusters/h100-sxm-node.yaml")
+    cm = CostModel()
+    t = cm.transfer_time(cluster, "node0/cpu", "node0/gpu", 54.6e9)
+    assert t == pytest.approx(1.0 + 10e-6)
+    measured = CostModel(
+        CalibrationProfile("x", links=(LinkProfile("node0/gpu", "node0/cpu", 20e9, 0.0),))
+    )
+    assert measured.transfer_time(cluster, "node0/cpu", "node0/gpu", 20e9) == pytest.approx(1.0)
+
+
+def test_fit_recovers_known_efficiencies():
+    peak, bw, ov = 100e9, 10e9, 5e-6
+    ec, em = 0.4, 0.6
+    samples = []
+    for f, b in [(1e6, 1e3), (1e8, 1e5), (1e9, 1e6), (1e3, 1e6), (1e3, 1e8), (1e7, 1e7)]:
+        t = max(f / (peak * ec), b / (bw * em)) + ov
+        samples.append(Sample("matmul", "x", f, b, t))
+    got_c, got_m, got_ov, err = fit(samples, peak, bw, ov)
+    assert 0.5 * ov <= got_ov <= 1.5 * ov
+    assert got_c == pytest.approx(ec, rel=0.1)
+    assert got_m == pytest.approx(em, rel=0.1)
+    assert err < 0.1
+
+
+def test_present_skips_emulated_devices():
+    cluster = hetero.Cluster.from_yaml("configs/clusters/dev-box-npu.yaml")
+    ok, skipped = present(cluster)
+    assert [d.name for d in ok] == ["local/cpu"]
+    assert skipped[0].device == "local/npu" and "emulated" in skipped[0].reason
+    assert np.isfinite(1.0)
+
+
+def test_transcendental_ops_are_priced_apart():
+    from hetero.partitioner.cost import cost_class
+
+    graph = hetero.capture(_Gelu(), (torch.randn(4, 8),))
+    classes = {graph[n].target: cost_class(graph[n]) for n in graph.nodes}
+    assert classes["aten.gelu.default"] == "transcendental"
+    assert classes["aten.add.Tensor"] == "elementwise"
+
+
+class _Gelu(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.gelu(x, approximate="tanh") + x
+
+
+def test_calibrate_command_writes_a_profile(tmp_path, monkeypatch):
+    """The CLI end to end, with two tiny microbenchmarks so that it runs in a second."""
+    from typer.testing import CliRunner
+
+    import hetero.partitioner.calibrate as cal
+    from hetero.cluster.cli import app
+
+    def tiny(torch, dev, dtype, quick):
+        a = torch.randn(32, 32)
+        yield "matmul", "mm", lambda: a @ a, 2 * 32**3, 3 * 32 * 32 * 4
+        yield "elementwise", "add", lambda: a + a, 32 * 32, 3 * 32 * 32 * 4
+
+    monkeypatch.setattr(cal, "_cases", tiny)
+    out = tmp_path / "profile.json"
+    result = CliRunner().invoke(
+        app, ["calibrate", "--cluster", "configs/clusters/dev-box-npu.yaml", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "skipped local/npu" in result.output and "matmul" in result.output
+    prof = CalibrationProfile.load(out)
+    (dev,) = prof.devices
+    assert dev.device == "local/cpu" and dev.launch_overhead > 0 and dev.call_overhead >= 0
+    assert {e.key for e in dev.efficiency} >= {"matmul", "elementwise", "matmul/float32"}

@@ -1,0 +1,61 @@
+"""Fixtures of the runtime tests: a tiny model split in stages (eager artifacts), a
+two-host cluster description, and ONE Ray cluster for the whole session (two nodes on
+this machine, one with an `NPU` resource) that every Ray test shares."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rt_helpers import CLUSTER, make_stages
+
+from hetero.cluster.models import mlp_block
+from hetero.cluster.spec import ClusterSpec
+from hetero.partitioner.graph import capture
+from hetero.runtime.build import needed_outputs
+
+
+@pytest.fixture(scope="session")
+def cluster() -> ClusterSpec:
+    return ClusterSpec.from_dict(CLUSTER)
+
+
+@pytest.fixture(scope="session")
+def mlp():
+    """(model, example inputs, OpGraph) of a small MLP block (batch 2, seq 4)."""
+    model, x = mlp_block(batch=2, seq=4)
+    return model, x, capture(model, x)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def staged(mlp, cluster, cache_dir):
+    """Three eager stages: head/cpu -> edge/npu -> edge/cpu, with the names they need."""
+    model, x, graph = mlp
+    stages = make_stages(graph, cluster, ["head/cpu", "edge/npu", "edge/cpu"], cache_dir)
+    with torch.no_grad():
+        expected = model(*x)
+    inputs = {name: t for name, t in zip(graph.inputs, x, strict=True)}
+    return stages, needed_outputs(graph), inputs, expected
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Head (4 CPUs) + a second node (2 CPUs, NPU: 1), shared by every Ray test."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    small = {"object_store_memory": 80 * 2**20}
+    c = Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args={"num_cpus": 4, "include_dashboard": False, **small},
+    )
+    c.add_node(num_cpus=2, resources={"NPU": 1}, **small)
+    c.wait_for_nodes(timeout=60)
+    yield c
+    ray.shutdown()
+    c.shutdown()
