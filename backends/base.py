@@ -175,6 +175,8 @@ class Manifest:
     # torch.utils._pytree.treespec_dumps of the outputs when an output is itself a tuple
     # (e.g. a partition ending in native_layer_norm); "" when they are plain tensors.
     out_spec: str = ""
+    # CompileOptions.dtype the artifact was built for: its runner casts floating inputs to it.
+    dtype: str = ""
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -47,6 +47,7 @@ class _Stage:
     count: int = 0
     total_ms: float = 0.0
     out_bytes: int = 0
+    first_ms: float = 0.0  # the cold first run (lazy init, page faults): kept apart from the mean
 
 
 @dataclass
@@ -69,8 +70,11 @@ class RunMetrics:
 
     def record(self, rec: StageRecord) -> None:
         s = self._stage.setdefault(rec.index, _Stage())
-        s.count += 1
-        s.total_ms += rec.ms
+        if s.count == 0 and not s.first_ms:
+            s.first_ms = rec.ms
+        else:
+            s.count += 1
+            s.total_ms += rec.ms
         s.out_bytes += rec.out_bytes
         waits = dict(rec.wait_ms)
         for src, b in rec.in_bytes:
@@ -90,7 +94,12 @@ class RunMetrics:
             self.exporter.request(ms)
 
     def measured_ms(self) -> dict[int, float]:
-        return {i: s.total_ms / s.count for i, s in sorted(self._stage.items()) if s.count}
+        """Mean ms per stage over warm runs (the first run only while it is the only one)."""
+        return {
+            i: s.total_ms / s.count if s.count else s.first_ms
+            for i, s in sorted(self._stage.items())
+            if s.count or s.first_ms
+        }
 
     def _device(self, index: int) -> str:
         for s in self.stages:
@@ -113,14 +122,15 @@ class RunMetrics:
             f"{'measured ms':>12} {'predicted ms':>13} {'out bytes/run':>14}"
         ]
         by_index = {s.index: s for s in self.stages}
+        means = self.measured_ms()
         for i, st in sorted(self._stage.items()):
             spec = by_index.get(i)
             pred = spec.predicted_ms if spec else 0.0
             lines.append(
                 f"p{i:<9} {(spec.device.name if spec else '?'):<22} "
                 f"{(spec.backend if spec else '?'):<8} {st.count:>6} "
-                f"{st.total_ms / st.count:>12.3f} {_fmt(pred):>13} "
-                f"{st.out_bytes // max(st.count, 1):>14}"
+                f"{means.get(i, 0.0):>12.3f} {_fmt(pred):>13} "
+                f"{st.out_bytes // max(st.count + 1, 1):>14}"
             )
         lines.append("")
         lines.append(
@@ -144,9 +154,9 @@ class RunMetrics:
     def as_dict(self) -> dict[str, Any]:
         return {
             "stages": {
-                i: {"runs": s.count, "mean_ms": s.total_ms / s.count, "out_bytes": s.out_bytes}
+                i: {"runs": s.count + 1, "mean_ms": self.measured_ms()[i], "out_bytes": s.out_bytes}
                 for i, s in self._stage.items()
-                if s.count
+                if s.count or s.first_ms
             },
             "transfers": {
                 f"{_end(a)}->{_end(b)}": {"runs": t.count, "bytes": t.bytes}

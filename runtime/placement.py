@@ -142,6 +142,11 @@ def actor_options(device: DeviceSpec, node: RayNode, *, max_restarts: int = 2) -
         "max_restarts": max_restarts,
         "max_task_retries": 0,  # the executor retries a request itself, once, over a new graph
         "num_cpus": 0,
+        # TVM's thread pool and torch's OpenMP pool (BLAS calls from TVM kernels) take
+        # turns on the same cores; spinning OpenMP threads starve TVM's (one partition ran
+        # 328 ms instead of 3.9). OpenMP reads this when torch loads, so it must be set
+        # before the worker starts.
+        "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
     }
     if device.kind == "gpu":
         opts["num_gpus"] = 1

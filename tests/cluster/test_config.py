@@ -35,7 +35,7 @@ def test_every_shipped_cluster_has_a_deploy_config_that_loads():
 def test_demo_config_keeps_its_keys():
     cfg = load_config(CONFIGS / "demo.yaml")
     assert cfg.model == "hetero.cluster.models:tiny_gpt"
-    assert Path(cfg.cluster).is_file() and cfg.objective == "latency"
+    assert Path(cfg.cluster).is_file() and cfg.objective == "throughput"
     assert cfg.serving.max_message_bytes == 4 * 2**20  # gRPC's default, stated not inherited
 
 

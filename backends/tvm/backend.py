@@ -1,0 +1,194 @@
+"""TVM backend: partition -> torch.export -> Relax -> tvm.compile -> export_library (.so).
+
+Targets: llvm for CPUs, the same llvm build for `npu` devices (no NPU is reachable: the
+artifact runs emulated on the host, with the NPU's op set and dtypes enforced by
+`supports`), and CUDA with dlight's default GPU schedules.
+
+Weights are folded into the compiled module as constants rather than shipped as a
+safetensors file beside it. Why: TVM then constant-folds everything that depends only on
+weights at compile time (weight transposes for the BLAS dispatch, casts to the compile
+dtype, position tables), so no per-call work or extra copy is spent on them; the artifact
+is one file whose sha256 the cache checks before the native code is ever mapped; and a
+loader needs nothing but the TVM runtime. The cost is a larger .so per partition, which
+matters only for partitions of several GB; the partitioner cuts those anyway.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+from pathlib import Path
+
+import torch
+from torch.utils import _pytree as pytree
+
+from hetero.backends.base import (
+    YES,
+    Artifact,
+    Backend,
+    CompileOptions,
+    CompileUnit,
+    Manifest,
+    Runner,
+    Support,
+    hash_files,
+)
+from hetero.backends.tvm import targets
+from hetero.cluster.spec import DeviceSpec
+from hetero.errors import CompileError
+from hetero.partitioner.graph import OpNode
+
+LIBRARY = "module.so"
+
+# What an NPU runs: dense tensor math. Data-dependent indexing (embedding lookups,
+# gathers, scatters) and host-side data ops stay on the CPU, as real NPU toolchains
+# (RKNN, Ethos-U, Hexagon NN) place them.
+NPU_OP_CLASSES = frozenset(
+    {"matmul", "conv", "attention", "norm", "reduction", "elementwise", "view"}
+)
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+class TVMBackend(Backend):
+    name = "tvm"
+    device_kinds = ("cpu", "npu", "gpu")
+
+    # ---- what it can do ------------------------------------------------------------------------
+    def available(self) -> Support:
+        try:
+            import tvm  # noqa: F401
+        except ImportError as e:
+            return Support(False, f"apache-tvm is not importable ({e}); pip install 'hetero[tvm]'")
+        return YES
+
+    def supports(self, node: OpNode, device: DeviceSpec) -> Support:
+        base = super().supports(node, device)
+        if not base:
+            return base
+        avail = self.available()
+        if not avail:
+            return avail
+        from hetero.backends.tvm.frontend import unsupported_reason
+
+        why = unsupported_reason(node.target)
+        if why:
+            return Support(False, why)
+        if device.kind == "npu":
+            if node.op_class not in NPU_OP_CLASSES:
+                return Support(False, f"the NPU does not run {node.op_class} ops ({node.target})")
+            for m in (*node.in_meta, *node.out_meta):
+                if m.is_tensor and m.dtype not in device.dtypes and m.dtype != "bool":
+                    return Support(
+                        False,
+                        f"the NPU {device.name} has no {m.dtype} ({node.target}); "
+                        f"it computes in {', '.join(device.dtypes)}",
+                    )
+        return YES
+
+    def target(self, device: DeviceSpec, options: CompileOptions) -> str:
+        return targets.target_string(device, options)
+
+    def versions(self) -> dict[str, str]:
+        return {
+            "torch": torch.__version__,
+            "apache-tvm": _version("apache-tvm"),
+            "apache-tvm-ffi": _version("apache-tvm-ffi"),
+            "hetero-tvm-lowering": "1",  # bump when the lowering below changes its output
+        }
+
+    # ---- compile -------------------------------------------------------------------------------
+    def compile(
+        self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
+    ) -> Manifest:
+        from hetero.backends.tvm.lower import build
+
+        where = f"partition {unit.name} on {device.name} ({self.target(device, options)})"
+        dtype = getattr(torch, options.dtype) if options.dtype else None
+        try:
+            ex, out_spec = build(unit, device, options, dtype)
+            ex.export_library(str(out_dir / LIBRARY))
+        except Exception as e:  # TVM raises many types; all mean "this partition did not build"
+            raise CompileError(f"TVM could not compile {where}: {type(e).__name__}: {e}") from e
+        return Manifest(
+            backend=self.name,
+            key="",
+            target=self.target(device, options),
+            device_kind=device.kind,
+            inputs=unit.inputs,
+            outputs=unit.outputs,
+            versions={**self.versions(), "host": platform.machine()},
+            files=hash_files(out_dir, [LIBRARY]),
+            emulated=device.kind == "npu" or device.emulated,
+            out_spec=_spec_string(out_spec, len(unit.outputs)),
+            dtype=options.dtype or "",
+            notes=(
+                "dense matmuls call torch's BLAS through the TVM FFI function "
+                "'hetero.torch.matmul'; register_kernels() before running"
+                if device.kind != "gpu"
+                else "cuda; dlight default schedules"
+            ),
+        )
+
+    # ---- load ------------------------------------------------------------------------------------
+    def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
+        """Map the verified .so and wrap its Relax VM. Only TVM's runtime is needed here (and
+        torch, for the BLAS kernels), never its compiler: with TVM_USE_RUNTIME_LIB=1 a worker
+        loads libtvm_runtime.so alone (checked: libtvm_compiler.so is never mapped)."""
+        import tvm
+        from tvm.runtime.vm import VirtualMachine  # not tvm.relax: that needs the compiler
+
+        from hetero.backends.tvm.dispatch import register_kernels
+
+        register_kernels()
+        if device.kind == "gpu":
+            dev = tvm.cuda(device.index)
+            tdev = torch.device("cuda", device.index)
+        else:
+            dev = tvm.cpu(0)
+            tdev = torch.device("cpu")
+            _set_threads(targets.threads_for(device))
+        lib = tvm.runtime.load_module(str(artifact.path / LIBRARY))
+        vm = VirtualMachine(lib, dev)
+        main = vm["main"]
+        spec = artifact.manifest.get("out_spec") or ""
+        tree = pytree.treespec_loads(spec) if spec else None
+        cast = (
+            getattr(torch, artifact.manifest["dtype"]) if artifact.manifest.get("dtype") else None
+        )
+
+        def run(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            # A tuple-valued input (a multi-output op cut from its getitems) arrives flattened.
+            flat_in = pytree.tree_leaves(acts)
+            if cast is not None:
+                flat_in = [a.to(cast) if a.is_floating_point() else a for a in flat_in]
+            args = [tvm.runtime.from_dlpack(a.to(tdev).contiguous()) for a in flat_in]
+            out = main(*args)
+            outs = tuple(out) if not isinstance(out, tvm.runtime.Tensor) else (out,)
+            flat = [torch.from_dlpack(o) for o in outs]
+            return tuple(pytree.tree_unflatten(flat, tree)) if tree is not None else tuple(flat)
+
+        return run
+
+
+def _spec_string(spec, n_outputs: int) -> str:
+    """The outputs' pytree spec, or "" when they are `n_outputs` plain tensors."""
+    if spec is None or spec.num_leaves == n_outputs:
+        return ""
+    return pytree.treespec_dumps(spec)
+
+
+@functools.cache
+def _set_threads(n: int) -> None:
+    """Size TVM's and torch's CPU thread pools once per process (a worker owns its process)."""
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(0, n)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

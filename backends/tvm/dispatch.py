@@ -1,0 +1,84 @@
+"""Send dense matmuls to torch's BLAS from inside a TVM-compiled CPU module.
+
+TVM's untuned CPU matmul is ~100x slower than MKL/OpenBLAS, and MetaSchedule needs
+thousands of trials to close the gap. TVM's own cblas/cublas dispatch replaces each
+matmul with `R.call_dps_packed` of a library function; we do the same with a function
+registered through TVM's FFI that runs `torch.matmul(..., out=...)` on DLPack views (no
+copies). The ops around each matmul (bias, GELU, residual, LayerNorm) stay in TVM and fuse.
+
+The function is looked up by name when the module runs, so the process that *loads* an
+artifact must register it too: `register_kernels()` is idempotent and the backend calls it
+in both compile() and load().
+"""
+
+from __future__ import annotations
+
+import functools
+
+MATMUL = "hetero.torch.matmul"
+KERNELS = (MATMUL,)
+
+
+@functools.cache
+def register_kernels() -> None:
+    """Register the torch-backed kernels with TVM's global function table (once per process)."""
+    import torch
+    import tvm
+
+    def matmul(a, b, out) -> None:
+        torch.matmul(torch.from_dlpack(a), torch.from_dlpack(b), out=torch.from_dlpack(out))
+
+    tvm.register_global_func(MATMUL, matmul, override=True)
+
+
+def dispatch_matmuls(mod, min_flops: int = 0):
+    """Rewrite every float `relax.matmul` of `mod`'s Relax functions into a BLAS call.
+
+    `min_flops` keeps tiny matmuls in TVM, where a call into Python would cost more than the
+    product. Call after FoldConstant so constant weight transposes are folded first.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    matmul_op = tvm.ir.Op.get("relax.matmul")
+
+    @mutator
+    class Rewriter(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not isinstance(call, relax.Call) or call.op != matmul_op:
+                return call
+            a, b = call.args
+            out_ty = call.ty
+            if not _eligible(a.ty, b.ty, out_ty, min_flops):
+                return call
+            return relax.op.call_dps_packed(relax.ExternFunc(MATMUL), [a, b], out_ty=out_ty)
+
+    rewriter = Rewriter()
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewriter.visit_expr(func)
+    return mod
+
+
+def _eligible(a_ty, b_ty, out_ty, min_flops: int) -> bool:
+    from tvm import relax
+
+    for t in (a_ty, b_ty, out_ty):
+        if not isinstance(t, relax.TensorType) or t.shape is None:
+            return False
+    dtypes = {str(a_ty.dtype), str(b_ty.dtype), str(out_ty.dtype)}
+    if len(dtypes) != 1 or dtypes.pop() not in ("float32", "float64", "float16", "bfloat16"):
+        return False
+    if len(a_ty.shape) < 2 or len(b_ty.shape) < 2:  # vector products: leave to TVM
+        return False
+    if min_flops:
+        dims = [*out_ty.shape, a_ty.shape[-1]]
+        if all(isinstance(d, int) or hasattr(d, "value") for d in dims):
+            flops = 2
+            for d in dims:
+                flops *= int(d)
+            if flops < min_flops:
+                return False
+    return True

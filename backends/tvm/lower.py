@@ -1,0 +1,89 @@
+"""The Relax pipeline from an imported partition to a VM executable, per target kind.
+
+CPU (llvm, also for emulated NPUs):
+  DecomposeOpsForInference -> FoldConstant (weight transposes/casts happen here, once)
+  -> dense matmuls to BLAS (dispatch.py) -> LegalizeOps -> FuseOps/FuseTIR
+  -> tuned schedules from the MetaSchedule database where it has them (tune.py)
+  -> default parallel/vectorized CPU schedules for the rest (schedule.py)
+  -> TVM's CPU lowering and finalisation passes.
+CUDA: TVM's default CUDA pipeline, whose legalisation applies dlight's GPU rules.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hetero.backends.base import CompileOptions, CompileUnit
+from hetero.cluster.spec import DeviceSpec
+
+# Products smaller than this stay in TVM: the FFI call into torch costs a few µs.
+MIN_BLAS_FLOPS = 1 << 16
+
+
+def build(
+    unit: CompileUnit, device: DeviceSpec, options: CompileOptions, dtype: torch.dtype | None
+):
+    """(VM executable, pytree spec of the unit's outputs)."""
+    import tvm
+
+    from hetero.backends.tvm import targets
+    from hetero.backends.tvm.frontend import to_relax
+
+    target = targets.make_target(device, options)
+    mod, out_spec = to_relax(unit, dtype)
+    if target.kind.name == "cuda":
+        return tvm.compile(mod, target, relax_pipeline="default"), out_spec
+    mod = optimize_cpu(mod, target, options)
+    return tvm.compile(mod, target, relax_pipeline=_cpu_lowering(target)), out_spec
+
+
+def optimize_cpu(mod, target, options: CompileOptions):
+    """Everything up to scheduled, fused TIR (the part tune.py also uses)."""
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from hetero.backends.tvm.dispatch import dispatch_matmuls, register_kernels
+    from hetero.backends.tvm.schedule import apply_cpu_schedules
+
+    register_kernels()
+    with target:
+        mod = relax.transform.DeadCodeElimination()(mod)
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        mod = tvm_seq(*cpu.library_dispatch_passes(target))(mod)  # sort/scan/sampling kernels
+        mod = relax.transform.FoldConstant()(mod)
+        if options.get("blas", True):
+            mod = dispatch_matmuls(mod, min_flops=MIN_BLAS_FLOPS)
+        mod = fuse(mod)
+        if options.tune_trials > 0:
+            from hetero.backends.tvm.tune import apply_tuning
+
+            mod = apply_tuning(mod, target, options)
+        mod = apply_cpu_schedules(mod, target)
+    return mod
+
+
+def fuse(mod):
+    from tvm import relax
+
+    return tvm_seq(
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        # No FoldConstant here: folding legalized kernels JIT-builds each one with LLVM
+        # (seconds per partition) to precompute masks that cost microseconds at run time.
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        # Before scheduling: a scheduled reshape kernel is no longer recognised as a view.
+        relax.transform.RewriteDataflowReshape(),
+    )(mod)
+
+
+def tvm_seq(*passes):
+    import tvm
+
+    return tvm.transform.Sequential(list(passes))
+
+
+def _cpu_lowering(target):
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    return tvm_seq(*cpu.dataflow_lower_passes(target), *cpu.finalize_passes(target))

@@ -1,0 +1,87 @@
+"""TVM on llvm: every partition of the demo model, GPT-2 and BERT matches eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hetero.backends.base import CompileOptions
+from hetero.backends.compile import CompileJob, compile_units
+from hetero.backends.registry import default_registry
+from hetero.backends.units import contiguous_cut, units_for
+from hetero.cluster.models import mlp_block, tiny_gpt
+from hetero.partitioner.graph import capture
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
+        use_cache=False, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(cfg).eval(), (torch.randint(0, 128, (2, 16)),)
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+        vocab_size=128, max_position_embeddings=64, use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0  # a padded row: the attention mask takes the boolean-mask path
+    return BertModel(cfg).eval(), (ids, mask)
+
+
+def _demo():
+    return tiny_gpt(batch=1, seq=32)
+
+
+MODELS = {"demo": (_demo, 3), "gpt2": (_gpt2, 2), "bert": (_bert, 2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_partitions_match_eager(model, dtype, artifact_cache, cpu_device, outputs_match):
+    factory, pieces = MODELS[model]
+    m, args = factory()
+    m = m.to(dtype)
+    graph = capture(m, args)
+    _, units, env = units_for(graph, contiguous_cut(graph, pieces), *args)
+    jobs = [CompileJob(u, cpu_device, "tvm") for u in units]
+    arts = compile_units(jobs, artifact_cache, workers=1, progress=False)
+    tvm = default_registry().get("tvm")
+    for unit, art in zip(units, arts, strict=True):
+        assert art.manifest["target"].startswith('{"kind": "llvm"')
+        run = tvm.load(art, cpu_device)
+        outputs_match(unit, run(*unit.example_inputs), env, TOL[dtype])
+
+
+def test_compile_dtype_option_casts_to_float16(artifact_cache, cpu_device):
+    """CompileOptions(dtype=...) compiles a float32 partition in float16 (eager agrees)."""
+    m, args = mlp_block(batch=2, seq=8)
+    graph = capture(m, args)
+    _, units, _ = units_for(graph, {n: 0 for n in graph.order}, *args)
+    opts = CompileOptions(dtype="float16")
+    reg = default_registry()
+    arts = compile_units(
+        [CompileJob(units[0], cpu_device, b, opts) for b in ("tvm", "eager")],
+        artifact_cache,
+        workers=1,
+        progress=False,
+    )
+    got = reg.get("tvm").load(arts[0], cpu_device)(*units[0].example_inputs)
+    want = reg.get("eager").load(arts[1], cpu_device)(*units[0].example_inputs)
+    assert got[0].dtype == want[0].dtype == torch.float16
+    err = float((got[0].double() - want[0].double()).norm() / want[0].double().norm())
+    assert err < TOL[torch.float16]
