@@ -1,10 +1,19 @@
-"""The reference backend: the partition as plain PyTorch, saved as a torch.export `.pt2`."""
+"""The reference backend: the partition as plain PyTorch, saved as a torch.export `.pt2`.
+
+Option `weights="streamed"` (CompileOptions.extra): the program takes its parameters as
+inputs after the activations and the weights go to `weights.safetensors`, so the runtime
+can keep them in host memory and stream them to the GPU before each call
+(runtime/streaming.py); `load_weights` reads them back.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.utils import _pytree as pytree
 
 from hetero.backends.base import (
@@ -18,6 +27,58 @@ from hetero.backends.base import (
 )
 from hetero.backends.export import export_unit
 from hetero.cluster.spec import DeviceSpec
+
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class _ParamsAsInputs(torch.nn.Module):
+    """The partition's GraphModule called with activations, then parameters, as inputs."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args: torch.Tensor):
+        return tuple(self.gm(*args))
+
+
+def export_streamed(
+    unit: CompileUnit, dtype: torch.dtype | None = None
+) -> tuple[torch.export.ExportedProgram, dict[str, torch.Tensor]]:
+    """The unit exported with its parameters as inputs, and those parameters by name
+    (contiguous host copies, in the order the program takes them)."""
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t
+
+    acts = tuple(
+        pytree.tree_map(lambda t: cast(t) if isinstance(t, torch.Tensor) else t, a)
+        for a in unit.example_inputs
+    )
+    weights = {
+        name: cast(unit.param_values[name].detach()).contiguous().cpu() for name in unit.params
+    }
+    device = next(
+        (t.device for t in pytree.tree_leaves(acts) if isinstance(t, torch.Tensor)),
+        torch.device("cpu"),
+    )
+    example_params = tuple(w.to(device) for w in weights.values())
+    with torch.no_grad():
+        ep = torch.export.export(
+            _ParamsAsInputs(unit.module).eval(), (*acts, *example_params), strict=False
+        )
+    return ep, weights
+
+
+def load_weights(artifact: Artifact) -> dict[str, torch.Tensor]:
+    """A streamed artifact's parameters (host tensors), in the order its runner takes them."""
+    path = str(Path(artifact.path) / WEIGHTS_FILE)
+    with safe_open(path, framework="pt") as f:
+        names = json.loads((f.metadata() or {}).get("params", "[]"))
+    weights = load_file(path)
+    return {n: weights[n] for n in names}
 
 
 def torch_device(device: DeviceSpec) -> torch.device:
@@ -34,7 +95,16 @@ class EagerBackend(Backend):
         self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
     ) -> Manifest:
         dtype = getattr(torch, options.dtype) if options.dtype else None
-        ep = export_unit(unit, dtype)
+        streamed = options.get("weights", "resident") == "streamed"
+        files = ["program.pt2"]
+        if streamed:
+            ep, weights = export_streamed(unit, dtype)
+            # safetensors orders tensors its own way: the metadata keeps the runner's order
+            order = json.dumps(list(weights))
+            save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"params": order})
+            files.append(WEIGHTS_FILE)
+        else:
+            ep = export_unit(unit, dtype)
         torch.export.save(ep, out_dir / "program.pt2")
         return Manifest(
             backend=self.name,
@@ -44,8 +114,12 @@ class EagerBackend(Backend):
             inputs=unit.inputs,
             outputs=unit.outputs,
             versions=self.versions(),
-            files=hash_files(out_dir, ["program.pt2"]),
+            files=hash_files(out_dir, files),
             emulated=device.kind == "npu",
+            dtype=options.dtype or "",
+            notes="weights streamed: parameters are inputs after the activations"
+            if streamed
+            else "",
         )
 
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
@@ -54,9 +128,18 @@ class EagerBackend(Backend):
         dev = torch_device(device)
         mod = ep.module().to(dev)
 
+        cast = (
+            getattr(torch, artifact.manifest["dtype"]) if artifact.manifest.get("dtype") else None
+        )
+
+        def move(a: torch.Tensor) -> torch.Tensor:
+            if cast is not None and a.is_floating_point():
+                a = a.to(cast)
+            return a.to(dev)
+
         def run(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
             with torch.no_grad():
                 # an activation may be a tuple (a multi-output op cut from its getitems)
-                return tuple(mod(*pytree.tree_map(lambda a: a.to(dev), acts)))
+                return tuple(mod(*pytree.tree_map(move, acts)))
 
         return run

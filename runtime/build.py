@@ -13,12 +13,18 @@ import torch
 from hetero.backends.base import CompileOptions, CompileUnit
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
-from hetero.errors import ConfigError
+from hetero.errors import CompileError, ConfigError
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.split import Partition, flatten_inputs, param_values, split
 from hetero.runtime.artifacts import build_artifact, manifest_io
 from hetero.runtime.stage import StageSpec
+from hetero.runtime.streaming import (
+    STREAM_BACKEND,
+    STREAMED,
+    piece_assignment,
+    streamed_options,
+)
 
 
 def example_env(
@@ -48,11 +54,14 @@ def compile_partitions(
     options: CompileOptions | Mapping[str, CompileOptions] | None = None,
     predicted_ms: Sequence[float] | None = None,
     indices: Sequence[int] | None = None,
+    streamed: Sequence[tuple[int, int] | None] | None = None,
 ) -> list[StageSpec]:
     """Compile `parts[i]` for `placements[i]` = (device, backend name); one stage each.
 
     `options` is one CompileOptions for all, or a mapping backend name -> options.
     `indices` renames the stages (the plan's partition indices); default: Partition.index.
+    `streamed[i]` = (plan partition, piece number) makes stage i a streamed piece: compiled
+    by the eager backend with its parameters as inputs (runtime/streaming.py); None: resident.
     """
     if len(placements) != len(parts):
         raise ConfigError(f"{len(parts)} partitions but {len(placements)} placements")
@@ -61,23 +70,39 @@ def compile_partitions(
     params = param_values(graph)
     stages = []
     for i, (part, (device, backend_name)) in enumerate(zip(parts, placements, strict=True)):
-        backend = registry.get(backend_name)
+        piece = streamed[i] if streamed else None
         opts = options.get(backend_name) if isinstance(options, Mapping) else options
         opts = opts or CompileOptions()
+        if piece is not None:
+            backend_name = STREAM_BACKEND
+            opts = streamed_options(opts)
+        backend = registry.get(backend_name)
         unit = CompileUnit.from_partition(part, env, params)
         art = build_artifact(backend, unit, device, opts, Path(cache_dir))
         ins, outs = manifest_io(art)
+        if (ins and len(ins) != len(unit.inputs)) or (outs and len(outs) != len(unit.outputs)):
+            raise CompileError(
+                f"artifact {art.key} at {art.path} takes {len(ins)} inputs and returns "
+                f"{len(outs)} values; partition {unit.name} has {len(unit.inputs)} and "
+                f"{len(unit.outputs)}: delete the artifact and compile again"
+            )
         stages.append(
             StageSpec(
                 index=part.index if indices is None else indices[i],
                 device=device,
                 backend=backend_name,
                 artifact=art,
-                inputs=ins or unit.inputs,
-                outputs=outs or unit.outputs,
+                # by this unit's names: the cache shares one artifact between identical
+                # partitions (two layers' attention math), whose manifest names the first's
+                inputs=unit.inputs,
+                outputs=unit.outputs,
                 nodes=part.nodes,
                 predicted_ms=predicted_ms[i] if predicted_ms else 0.0,
                 options=opts,
+                weights="streamed" if piece is not None else "resident",
+                params=unit.params if piece is not None else (),
+                partition=piece[0] if piece is not None else None,
+                piece=piece[1] if piece is not None else 0,
             )
         )
     return stages
@@ -93,24 +118,44 @@ def compile_plan(
     registry: BackendRegistry | None = None,
     options: CompileOptions | Mapping[str, CompileOptions] | None = None,
 ) -> list[StageSpec]:
-    """The stages of `plan`, in a topological order, named by the plan's partition indices."""
-    assignment = plan.assignment()
+    """The stages of `plan`, in a topological order, named by the plan's partition indices.
+
+    A streamed partition becomes one stage per group (runtime/streaming.py): its first
+    piece keeps the partition's index, the others get indices after the plan's.
+    """
+    assignment, pieces = piece_assignment(graph, plan)
     parts = split(graph, assignment)
-    planned = []
+    fresh = max((p.index for p in plan.partitions), default=-1) + 1
+    placements, predicted, indices, streamed = [], [], [], []
     for part in parts:
-        # split() renumbers partitions in topological order; its nodes name the plan's.
-        index = assignment[part.nodes[0]] if part.nodes else part.index
-        planned.append(plan.partition(index))
+        # split() renumbers partitions in topological order; its nodes name the pieces.
+        plan_index, number = pieces[assignment[part.nodes[0]]] if part.nodes else (part.index, 0)
+        p = plan.partition(plan_index)
+        placements.append((cluster.device(p.device), p.backend))
+        is_streamed = p.weights == STREAMED
+        streamed.append((plan_index, number) if is_streamed else None)
+        if number == 0:
+            indices.append(plan_index)
+        else:
+            indices.append(fresh)
+            fresh += 1
+        share = 1.0
+        if is_streamed:
+            own = sum(graph[n].param_bytes for n in part.nodes if n in graph.nodes)
+            total = sum(graph[n].param_bytes for n in p.nodes if n in graph.nodes)
+            share = own / total if total else 1.0 / max(1, len(p.groups))
+        predicted.append(p.predicted_ms * share)
     return compile_partitions(
         graph,
         parts,
-        [(cluster.device(p.device), p.backend) for p in planned],
+        placements,
         cache_dir,
         example_inputs=example_inputs,
         registry=registry,
         options=options,
-        predicted_ms=[p.predicted_ms for p in planned],
-        indices=[p.index for p in planned],
+        predicted_ms=predicted,
+        indices=indices,
+        streamed=streamed,
     )
 
 

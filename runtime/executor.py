@@ -1,5 +1,11 @@
 """The in-process executor: the same stages as the Ray deployment, run in list order in
-this process. For one local box, for debugging, and for tests that need no cluster."""
+this process. For one local box, for debugging, and for tests that need no cluster.
+
+Values stay on their device between stages of one device (a GPU's activations never
+round-trip through host memory, which would also stall the CPU and with it the weight
+prefetch of streamed stages); they go to the host where a stage on another device reads
+them. Results go where the caller's inputs came from: host inputs give host results (a
+GPU model's outputs copied back), CUDA inputs keep CUDA results on the GPU."""
 
 from __future__ import annotations
 
@@ -7,13 +13,14 @@ import time
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
 
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.errors import WorkerError
 from hetero.partitioner.plan import Plan
-from hetero.runtime.artifacts import load_runner
 from hetero.runtime.metrics import RunMetrics
 from hetero.runtime.stage import StageSpec, check_stages, producers, sources
+from hetero.runtime.streaming import load_runners
 from hetero.runtime.worker import Packet, StageRunner, caller_packet
 
 
@@ -27,7 +34,10 @@ class LocalExecutor:
         registry: BackendRegistry | None = None,
         *,
         plan: Plan | None = None,
+        stream_runner: str = "auto",
     ) -> None:
+        """`stream_runner`: how stages with streamed weights run: "auto" (torch.compile on
+        CUDA, eager elsewhere), "eager" or "inductor" (runtime/streaming.py)."""
         self.stages = tuple(stages)
         self.needed_outputs = tuple(needed_outputs)
         made_by = producers(self.stages)
@@ -35,9 +45,14 @@ class LocalExecutor:
         check_stages(self.stages, user_inputs, self.needed_outputs)
         self._sources = {s.index: sources(s, made_by) for s in self.stages}
         registry = registry or default_registry()
-        self._runners = {
-            s.index: StageRunner(s, load_runner(s.artifact, s.device, registry), s.device)
-            for s in self.stages
+        runners, self.streamers = load_runners(self.stages, registry, stream_runner=stream_runner)
+        self._runners = {s.index: StageRunner(s, runners[s.index], s.device) for s in self.stages}
+        readers: dict[int, set[str]] = {}
+        for s in self.stages:
+            for src in self._sources[s.index]:
+                readers.setdefault(src, set()).add(s.device.name)
+        self._host_out = {
+            s.index: bool(readers.get(s.index, set()) - {s.device.name}) for s in self.stages
         }
         self.metrics = RunMetrics(self.stages, plan)
         self._closed = False
@@ -50,8 +65,9 @@ class LocalExecutor:
         first = caller_packet(inputs)
         for s in self.stages:
             ins = [first if src < 0 else packets[src] for src in self._sources[s.index]]
-            packets[s.index] = self._runners[s.index](ins)
-        out = _collect(self.needed_outputs, first, packets.values())
+            packets[s.index] = self._runners[s.index](ins, self._host_out[s.index])
+        home = _home(inputs)
+        out = _collect(self.needed_outputs, first, packets.values(), home)
         for p in packets.values():
             self.metrics.record(p.records[p.src])
         self.metrics.record_request((time.perf_counter() - t0) * 1e3)
@@ -63,10 +79,17 @@ class LocalExecutor:
         return [self.run(x) for x in batch]
 
     def measured_ms(self) -> dict[int, float]:
-        return self.metrics.measured_ms()
+        """Mean measured ms per plan partition (a streamed partition's pieces summed)."""
+        out: dict[int, float] = {}
+        plan_index = {s.index: s.plan_index for s in self.stages}
+        for i, ms in self.metrics.measured_ms().items():
+            k = plan_index.get(i, i)
+            out[k] = out.get(k, 0.0) + ms
+        return out
 
     def shutdown(self) -> None:
         self._runners.clear()
+        self.streamers.clear()
         self._closed = True
 
     def __enter__(self) -> LocalExecutor:
@@ -76,8 +99,19 @@ class LocalExecutor:
         self.shutdown()
 
 
+def _home(inputs: Mapping[str, object]) -> torch.device:
+    """The device the caller's tensors are on (the host when they differ or there are none)."""
+    devices = {
+        t.device for t in pytree.tree_leaves(list(inputs.values())) if isinstance(t, torch.Tensor)
+    }
+    return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
+
 def _collect(
-    needed: Sequence[str], first: Packet, packets: Sequence[Packet] | object
+    needed: Sequence[str],
+    first: Packet,
+    packets: Sequence[Packet] | object,
+    home: torch.device = torch.device("cpu"),
 ) -> dict[str, torch.Tensor]:
     values: dict[str, torch.Tensor] = dict(first.values)
     for p in packets:  # type: ignore[union-attr]
@@ -85,4 +119,7 @@ def _collect(
     missing = [n for n in needed if n not in values]
     if missing:
         raise WorkerError(f"the stages did not produce {missing}; the plan is incomplete")
-    return {n: values[n] for n in needed}
+    return {
+        n: pytree.tree_map(lambda v: v.to(home) if isinstance(v, torch.Tensor) else v, values[n])
+        for n in needed
+    }

@@ -2,8 +2,10 @@
 executor contract every way of running them follows.
 
 A stage reads graph values by name (user inputs or other stages' outputs) and produces
-graph values by name; parameters live inside its artifact. The stage list of a plan is
-in a topological order, so running the stages in list order is always valid.
+graph values by name; parameters live inside its artifact, or, for a streamed stage, in
+its artifact's weights file, kept in host memory and copied to the GPU before each call
+(runtime/streaming.py). The stage list of a plan is in a topological order, so running
+the stages in list order is always valid.
 """
 
 from __future__ import annotations
@@ -34,9 +36,20 @@ class StageSpec:
     nodes: tuple[str, ...] = ()  # captured op names it computes (verify re-splits by them)
     predicted_ms: float = 0.0  # the cost model's time for one run (0: unknown)
     options: CompileOptions = field(default_factory=CompileOptions)  # what `artifact` got
+    weights: str = "resident"  # resident (inside the runner) | streamed (runner inputs)
+    params: tuple[str, ...] = ()  # streamed: the parameters the runner takes after `inputs`
+    partition: int | None = None  # the plan partition a streamed piece belongs to
+    piece: int = 0  # which piece of that partition (one per streamed group)
+
+    @property
+    def plan_index(self) -> int:
+        """The plan partition this stage computes (all or, when streamed, a piece of)."""
+        return self.index if self.partition is None else self.partition
 
     @property
     def name(self) -> str:
+        if self.weights == "streamed":
+            return f"p{self.plan_index}.{self.piece}"
         return f"p{self.index}"
 
 

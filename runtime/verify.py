@@ -103,7 +103,7 @@ def verify(
     chained: dict[str, Any] = dict(user)
     with torch.no_grad():
         for s in stages:
-            run = load_runner(s.artifact, s.device, registry)
+            run = _with_weights(load_runner(s.artifact, s.device, registry), s)
             got = run(*[env[n] for n in s.inputs])
             err, worst = _max_err(s.outputs, got, env, rtol, atol)
             ok = worst == ""
@@ -218,7 +218,9 @@ def _bisect(
             param_values=unit.param_values,
         )
         art = build_artifact(backend, prefix, stage.device, stage.options, root)
-        (got,) = load_runner(art, stage.device, registry)(*unit.example_inputs)
+        (got,) = _with_weights(load_runner(art, stage.device, registry), stage, art)(
+            *unit.example_inputs
+        )
         ok, _ = _close(got, ref[name], rtol, atol)
         return not ok
 
@@ -260,3 +262,17 @@ def _prefix(gm: torch.fx.GraphModule, last: str) -> torch.fx.GraphModule:
             graph.output((env[n],))
             break
     return torch.fx.GraphModule(gm, graph)
+
+
+def _with_weights(run, stage, artifact=None):
+    """A streamed stage's runner takes its weights after the activations (host copies here)."""
+    if getattr(stage, "weights", "resident") != "streamed":
+        return run
+    from hetero.backends.eager import load_weights
+
+    weights = list(load_weights(artifact or stage.artifact).values())
+
+    def call(*acts):
+        return run(*acts, *weights)
+
+    return call

@@ -1,12 +1,15 @@
-"""Stream a partition's weights from host memory to the GPU just before it runs.
+"""Stream weights from host memory to the GPU just before they are used.
 
-A placement is (compute device, weight home). For partitions whose weights live in host
+A placement is (compute device, weight home). For groups whose weights live in host
 memory, `WeightStreamer` keeps pinned host copies and `slots` GPU buffers (two: double
-buffering). While partition i computes on the current stream, partition i+1's weights
-copy on a side stream into the other slot; partition i+2 reuses slot i's buffer only
-after an event says partition i finished reading it. On a fast link the copies hide
-behind compute (prefill) or run at the link's rate (decode): the cost model prices a
-streamed partition as max(compute, weight bytes / link bandwidth).
+buffering, the planner's memory model). Items (one per streamed group, in execution
+order) take the slots in turn: while item i computes on the current stream, item i+1's
+weights copy on a side stream into another slot; a slot is overwritten only after an
+event says its previous tenant's kernels finished. After the last item the first one is
+prefetched again, so the next request starts with its first weights already in place.
+
+On a fast link the copies hide behind compute (prefill) or run at the link's rate
+(decode): the cost model prices a streamed group as max(compute, weight bytes / link).
 
 Without CUDA (tests, CPU-only machines) it hands out the host tensors unchanged, so the
 same code path runs everywhere.
@@ -25,8 +28,12 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 class WeightStreamer:
-    """Double-buffered host->device weight copies for a fixed sequence of partitions."""
+    """Double-buffered host->device weight copies for a fixed sequence of items."""
 
     def __init__(
         self,
@@ -35,26 +42,37 @@ class WeightStreamer:
         slots: int = 2,
     ) -> None:
         if slots < 1:
-            raise ValueError("slots must be >= 1")
+            raise ValueError(f"a WeightStreamer needs at least one slot, got slots={slots}")
         self.device = torch.device(device)
         self.slots = min(slots, max(1, len(weights)))
         self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self.names = [tuple(w) for w in weights]
+        # per item: (byte offset in a slot, dtype, shape) of each tensor, in insertion order
         self.layouts: list[list[tuple[int, torch.dtype, torch.Size]]] = []
         self.host: list[list[torch.Tensor]] = []
+        sizes = []
         for w in weights:
             offset, layout, host = 0, [], []
             for t in w.values():
                 t = t.detach().contiguous()
+                if t.device.type != "cpu":
+                    t = t.cpu()
                 layout.append((offset, t.dtype, t.shape))
-                offset += _aligned(t.numel() * t.element_size())
+                offset += _aligned(_nbytes(t))
                 host.append(t.pin_memory() if self.cuda else t)
             self.layouts.append(layout)
             self.host.append(host)
-        self.slot_bytes = max((_aligned(self._size(i)) for i in range(len(weights))), default=0)
+            sizes.append(offset)
+        self.item_bytes = [sum(_nbytes(t) for t in h) for h in self.host]
+        self.slot_bytes = max(sizes, default=0)
+        self.tenant: list[int | None] = [None] * self.slots  # item held by each slot
+        self.busy: set[int] = set()  # slots acquired and not yet released
+        self.pending: set[int] = set()  # slots copied (or copying) and not yet acquired
+        self._next = 0  # the slot the next copy goes to (round robin)
+        self.bytes_copied = 0
         if self.cuda:
             self.buffers = [
-                torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
+                torch.empty(max(self.slot_bytes, 1), dtype=torch.uint8, device=self.device)
                 for _ in range(self.slots)
             ]
             self.stream = torch.cuda.Stream(self.device)
@@ -62,61 +80,85 @@ class WeightStreamer:
             self.freed = [torch.cuda.Event() for _ in range(self.slots)]
             for e in self.freed:
                 e.record(torch.cuda.current_stream(self.device))
-        self.in_slot: list[int | None] = [None] * self.slots
-        self.bytes_copied = 0
 
-    def _size(self, i: int) -> int:
-        if not self.layouts[i]:
-            return 0
-        off, dtype, shape = self.layouts[i][-1]
-        return off + torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    def __len__(self) -> int:
+        return len(self.host)
 
     @property
     def device_bytes(self) -> int:
         """GPU memory the streamer holds (all slots)."""
         return self.slot_bytes * self.slots if self.cuda else 0
 
-    def prefetch(self, i: int) -> None:
-        """Start copying partition i's weights into its slot (no-op if already there)."""
-        if not 0 <= i < len(self.host):
+    def _slot_of(self, i: int) -> int | None:
+        for s, held in enumerate(self.tenant):
+            if held == i:
+                return s
+        return None
+
+    def prefetch(self, i: int, *, evict: bool = False) -> None:
+        """Start copying item i's weights into a free slot (no-op if one already holds it).
+
+        A slot is free when its tenant is released and was used since it was copied: a
+        prefetched item is never evicted before it ran, unless `evict` (acquire's last resort).
+        """
+        if not 0 <= i < len(self.host) or self._slot_of(i) is not None:
             return
-        slot = i % self.slots
-        if self.in_slot[slot] == i or not self.cuda:
-            self.in_slot[slot] = i
+        order = [(self._next + k) % self.slots for k in range(self.slots)]
+        idle = [s for s in order if s not in self.busy]
+        free = [s for s in idle if s not in self.pending]
+        if not free and not (evict and idle):
+            return  # every slot is in use: item i is copied when it is acquired
+        slot = (free or idle)[0]
+        self._next = (slot + 1) % self.slots
+        self.tenant[slot] = i
+        self.pending.add(slot)
+        if not self.cuda:
             return
         buf = self.buffers[slot]
         with torch.cuda.stream(self.stream):
-            self.stream.wait_event(self.freed[slot])  # the slot's previous tenant finished
+            self.stream.wait_event(self.freed[slot])  # the previous tenant's kernels finished
             for (off, _dtype, _shape), src in zip(self.layouts[i], self.host[i], strict=True):
-                n = src.numel() * src.element_size()
-                buf[off : off + n].copy_(src.view(-1).view(torch.uint8), non_blocking=True)
+                n = _nbytes(src)
+                if n:
+                    buf[off : off + n].copy_(src.view(-1).view(torch.uint8), non_blocking=True)
             self.copied[slot].record(self.stream)
-        self.in_slot[slot] = i
-        self.bytes_copied += self._size(i)
+        self.bytes_copied += self.item_bytes[i]
 
     def acquire(self, i: int) -> list[torch.Tensor]:
-        """Partition i's weights on the device (in insertion order); prefetches i+1."""
-        self.prefetch(i)
-        slot = i % self.slots
+        """Item i's weights on the device (insertion order); starts the copy of item i+1."""
+        if not 0 <= i < len(self.host):
+            raise IndexError(f"streamed item {i} does not exist; the streamer has {len(self)}")
+        self.prefetch(i, evict=True)
+        slot = self._slot_of(i)
+        if slot is None:
+            raise RuntimeError(
+                f"no free slot for streamed item {i}: release() the items already acquired "
+                f"(busy slots {sorted(self.busy)})"
+            )
+        self.busy.add(slot)
+        self.pending.discard(slot)
         if not self.cuda:
             out = list(self.host[i])
         else:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
             buf = self.buffers[slot]
             out = [
-                buf[
-                    off : off
-                    + torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-                ]
-                .view(dtype)
-                .view(shape)
-                for off, dtype, shape in self.layouts[i]
+                buf[off : off + t.numel() * t.element_size()].view(dtype).view(shape)
+                for (off, dtype, shape), t in zip(self.layouts[i], self.host[i], strict=True)
             ]
-        if self.slots > 1:
+        if len(self.host) > 1:
             self.prefetch((i + 1) % len(self.host))
         return out
 
     def release(self, i: int) -> None:
-        """Partition i's kernels are queued: its slot may be overwritten once they finish."""
+        """Item i's kernels are queued: its slot may be overwritten once they finish."""
+        slot = self._slot_of(i)
+        if slot is None:
+            return
+        self.busy.discard(slot)
         if self.cuda:
-            self.freed[i % self.slots].record(torch.cuda.current_stream(self.device))
+            self.freed[slot].record(torch.cuda.current_stream(self.device))
+        if len(self.host) > 1:
+            # the slot just freed takes the next item when it is not already on its way
+            self.prefetch((i + 1) % len(self.host))
+            self.prefetch((i + 2) % len(self.host))

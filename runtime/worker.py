@@ -23,9 +23,10 @@ from torch.utils import _pytree as pytree
 from hetero.backends.registry import default_registry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import WorkerError
-from hetero.runtime.artifacts import load_runner, unpack
+from hetero.runtime.artifacts import unpack
 from hetero.runtime.metrics import StageRecord, nbytes
 from hetero.runtime.stage import CALLER, StageSpec
+from hetero.runtime.streaming import load_runners
 
 
 @dataclass(frozen=True)
@@ -132,19 +133,31 @@ class DeviceWorker:
         self.started = time.time()
         self.stages: dict[int, StageRunner] = {}
         self.loaded_from: dict[int, str] = {}
+        local = []
         for s in stages:
             blob = _fetch((blobs or {}).get(s.artifact.key))
             try:
                 art = unpack(s.artifact, blob) if blob is not None else s.artifact
-                runner = load_runner(art, self.device, registry)
-                self.loaded_from[s.index] = str(art.path)
             except Exception as e:
                 raise WorkerError(
-                    f"worker for {device.name} could not load partition {s.name} "
-                    f"({s.backend}, artifact {s.artifact.key} at {s.artifact.path}): "
-                    f"{type(e).__name__}: {e}"
+                    f"worker for {device.name} could not unpack partition {s.name} "
+                    f"({s.backend}, artifact {s.artifact.key}): {type(e).__name__}: {e}"
                 ) from e
-            self.stages[s.index] = StageRunner(s, runner, self.device)
+            self.loaded_from[s.index] = str(art.path)
+            local.append(replace(s, artifact=art))
+        try:
+            # streamed stages of this device share one weight streamer, in stage order
+            runners, self.streamers = load_runners(
+                local, registry, {s.index: self.device for s in local}
+            )
+        except Exception as e:
+            raise WorkerError(
+                f"worker for {device.name} could not load partitions "
+                f"{[s.name for s in local]} from {sorted(set(self.loaded_from.values()))}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        for s in local:
+            self.stages[s.index] = StageRunner(s, runners[s.index], self.device)
 
     def ready(self) -> dict[str, Any]:
         node = ""

@@ -103,7 +103,12 @@ def test_bench_prints_json_with_predicted_and_measured(tmp_path):
 def test_a_ray_head_hetero_starts_is_private_with_token_auth(monkeypatch):
     import ray
 
+    import hetero.cluster.deploy as deploy_module
+
     seen = {}
+    # Re-reading Ray's config would leave token auth on in this process for the later Ray
+    # tests' clusters (their processes start without the token): only the env is checked.
+    monkeypatch.setattr(deploy_module, "_refresh_ray_config", lambda: None)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(
         ray, "init", lambda **kw: seen.update(kw, env=os.environ.get("RAY_AUTH_MODE"))
