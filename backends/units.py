@@ -9,23 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
 from hetero.backends.base import CompileUnit
 from hetero.partitioner.graph import OpGraph
-from hetero.partitioner.split import Partition, flatten_inputs, param_values, split
+from hetero.partitioner.split import Partition, eager_values, param_values, split
 
 
 def example_env(
     graph: OpGraph, parts: Sequence[Partition], *args: Any, **kwargs: Any
 ) -> dict[str, Any]:
     """Every value the partitions read or write (inputs, parameters, outputs), by name."""
-    env: dict[str, Any] = dict(param_values(graph))
-    env.update(flatten_inputs(graph, args, kwargs))
-    with torch.no_grad():
-        for p in parts:
-            env.update(zip(p.outputs, p(env), strict=True))
-    return env
+    return eager_values(graph, parts, *args, **kwargs)
 
 
 def contiguous_cut(graph: OpGraph, pieces: int) -> dict[str, int]:

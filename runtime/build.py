@@ -8,15 +8,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from hetero.backends.base import CompileOptions, CompileUnit
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.errors import CompileError, ConfigError
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Plan
-from hetero.partitioner.split import Partition, flatten_inputs, param_values, split
+from hetero.partitioner.split import Partition, eager_values, param_values, split
 from hetero.runtime.artifacts import build_artifact, manifest_io
 from hetero.runtime.stage import StageSpec
 from hetero.runtime.streaming import (
@@ -35,12 +33,7 @@ def example_env(
         args, kwargs = graph.program.example_inputs or ((), {})
     else:
         args, kwargs = tuple(example_inputs), {}
-    env: dict[str, Any] = dict(param_values(graph))
-    env.update(flatten_inputs(graph, args, kwargs))
-    with torch.no_grad():
-        for p in parts:
-            env.update(zip(p.outputs, p(env), strict=True))
-    return env
+    return eager_values(graph, parts, *args, **kwargs)
 
 
 def compile_partitions(
