@@ -13,7 +13,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 if [[ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]]; then
   echo "[hetero] installing hetero and its pinned dependencies (a few minutes the first time)" >&2
-  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
   # The machine's local wheel mirrors print one harmless warning per package: filter them.
   log="$(mktemp)"
   if ! "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[test,bench]" >"$log" 2>&1; then
