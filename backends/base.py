@@ -211,6 +211,28 @@ class Backend(abc.ABC):
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__}
 
+    def manifest(
+        self,
+        unit: CompileUnit,
+        device: DeviceSpec,
+        options: CompileOptions,
+        out_dir: Path,
+        files: Sequence[str],
+        **fields: Any,
+    ) -> Manifest:
+        """The manifest of files just written to `out_dir` (hashed here); `fields` override."""
+        base: dict[str, Any] = {
+            "backend": self.name,
+            "key": "",  # the cache fills in the artifact key
+            "target": self.target(device, options),
+            "device_kind": device.kind,
+            "inputs": unit.inputs,
+            "outputs": unit.outputs,
+            "versions": self.versions(),
+            "files": hash_files(out_dir, files),
+        }
+        return Manifest(**{**base, **fields})
+
     def artifact_key(self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions) -> str:
         h = hashlib.sha256()
         h.update(unit.graph_hash().encode())

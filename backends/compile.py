@@ -65,7 +65,7 @@ def compile_units(
         return [r for r in results if r is not None]
 
     n = workers if workers is not None else min(len(todo), os.cpu_count() or 1)
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(
             "compiling partitions", total=len(jobs), completed=len(jobs) - len(todo)
         )
@@ -123,7 +123,8 @@ def _as_compile_error(job: CompileJob, e: BaseException, more: str) -> CompileEr
     )
 
 
-def _progress(enabled: bool) -> Progress:
+def progress_bar(enabled: bool) -> Progress:
+    """The bar hetero shows for long compile and tuning work (hidden when disabled)."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),

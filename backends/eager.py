@@ -23,7 +23,6 @@ from hetero.backends.base import (
     CompileUnit,
     Manifest,
     Runner,
-    hash_files,
 )
 from hetero.backends.export import export_unit
 from hetero.cluster.spec import DeviceSpec
@@ -106,15 +105,12 @@ class EagerBackend(Backend):
         else:
             ep = export_unit(unit, dtype)
         torch.export.save(ep, out_dir / "program.pt2")
-        return Manifest(
-            backend=self.name,
-            key="",
-            target=self.target(device, options),
-            device_kind=device.kind,
-            inputs=unit.inputs,
-            outputs=unit.outputs,
-            versions=self.versions(),
-            files=hash_files(out_dir, files),
+        return self.manifest(
+            unit,
+            device,
+            options,
+            out_dir,
+            files,
             emulated=device.kind == "npu",
             dtype=options.dtype or "",
             notes="weights streamed: parameters are inputs after the activations"

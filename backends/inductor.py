@@ -22,7 +22,6 @@ from hetero.backends.base import (
     Manifest,
     Runner,
     Support,
-    hash_files,
 )
 from hetero.backends.eager import torch_device
 from hetero.backends.export import export_unit
@@ -72,16 +71,7 @@ class InductorBackend(Backend):
             "dynamic": bool(options.dynamic or unit.dynamic_dims),
         }
         (out_dir / "inductor.json").write_text(json.dumps(settings, indent=1))
-        return Manifest(
-            backend=self.name,
-            key="",
-            target=self.target(device, options),
-            device_kind=device.kind,
-            inputs=unit.inputs,
-            outputs=unit.outputs,
-            versions=self.versions(),
-            files=hash_files(out_dir, ["program.pt2", "inductor.json"]),
-        )
+        return self.manifest(unit, device, options, out_dir, ["program.pt2", "inductor.json"])
 
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
         settings = json.loads((artifact.path / "inductor.json").read_text())

@@ -121,37 +121,35 @@ def compile(
     options: Any = None,
     cost_model: Any = None,
     graph: OpGraph | None = None,
+    plan: Plan | None = None,
 ) -> CompiledModel:
     """Capture, plan, compile every partition (cached) and start an executor.
 
     executor: "local" runs the partitions in this process, "ray" as one Ray actor per
     device; "auto" picks local when the cluster is this one machine, Ray otherwise.
-    `graph` reuses a capture of the same model and inputs.
+    `graph` reuses a capture of the same model and inputs, `plan` a plan of that graph
+    for this cluster.
     """
-    from hetero.partitioner.algorithms import plan as make_plan
-    from hetero.runtime.build import compile_plan, needed_outputs
+    from hetero.runtime.build import needed_outputs
 
     if graph is None:
         graph = capture(model, example_inputs, dynamic_shapes)
     spec = resolve_cluster(cluster)
-    plan = make_plan(
+    build = _Builder(
         graph,
-        spec,
         objective,
-        backends=backends,
-        pins=pins,
-        exclude=exclude,
-        microbatches=microbatches,
-        cost_model=cost_model,
-    )
-    stages = compile_plan(
-        graph,
-        plan,
-        spec,
+        dict(
+            backends=backends,
+            pins=pins,
+            exclude=exclude,
+            microbatches=microbatches,
+            cost_model=cost_model,
+        ),
         Path(cache_dir) if cache_dir else default_cache_dir(),
-        example_inputs=example_inputs,
-        options=options,
+        example_inputs,
+        options,
     )
+    stages, plan = build(spec, plan)
     kind = executor
     if kind == "auto":
         kind = "local" if len(spec.hosts) == 1 else "ray"
@@ -175,33 +173,43 @@ def compile(
             needed_outputs(graph),
             cluster=spec,
             plan=plan,
-            replan=_replanner(graph, spec, objective, backends, cache_dir, example_inputs, options),
+            replan=build,  # devices gone for good: plan again over what is left
         )
     else:
         raise ConfigError(f"executor {executor!r} is not one of: auto, local, ray")
     return CompiledModel(graph, plan, spec, stages, runner)
 
 
-def _replanner(graph, cluster, objective, backends, cache_dir, example_inputs, options):
-    """The runtime's hook for devices that are gone for good: plan again over what is left
-    and compile what is missing (cache hits for the rest)."""
+class _Builder:
+    """Plan a graph for a cluster and compile what the plan needs (cache hits for the rest).
 
-    def replan(remaining: ClusterSpec):
+    `hetero.compile` calls it once; the Ray executor calls it again, with the devices that
+    are left, when some are gone for good.
+    """
+
+    def __init__(self, graph, objective, plan_kwargs, cache_dir, example_inputs, options) -> None:
+        self.graph = graph
+        self.objective = objective
+        self.plan_kwargs = plan_kwargs
+        self.cache_dir = cache_dir
+        self.example_inputs = example_inputs
+        self.options = options
+
+    def __call__(self, cluster: ClusterSpec, plan: Plan | None = None):
         from hetero.partitioner.algorithms import plan as make_plan
         from hetero.runtime.build import compile_plan
 
-        new_plan = make_plan(graph, remaining, objective, backends=backends)
+        if plan is None:
+            plan = make_plan(self.graph, cluster, self.objective, **self.plan_kwargs)
         stages = compile_plan(
-            graph,
-            new_plan,
-            remaining,
-            Path(cache_dir) if cache_dir else default_cache_dir(),
-            example_inputs=example_inputs,
-            options=options,
+            self.graph,
+            plan,
+            cluster,
+            self.cache_dir,
+            example_inputs=self.example_inputs,
+            options=self.options,
         )
-        return stages, new_plan
-
-    return replan
+        return stages, plan
 
 
 def deploy(target: CompiledModel | str | os.PathLike[str], **kwargs: Any) -> Any:

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hetero.cluster.spec import read_yaml
 from hetero.cluster.units import UnitError, parse_bytes, parse_seconds
 from hetero.errors import ConfigError
 
@@ -254,15 +254,7 @@ class LoadedModel:
 def load_config(path: str | os.PathLike[str]) -> DeployConfig:
     """Read and validate a deploy config; relative paths resolve against its folder."""
     p = Path(path).expanduser()
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read the deploy config ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return config_from_dict(data, source=p)
+    return config_from_dict(read_yaml(p, "the deploy config"), source=p)
 
 
 def config_from_dict(data: Any, source: str | os.PathLike[str] = "<dict>") -> DeployConfig:

@@ -186,15 +186,7 @@ class ClusterSpec:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> ClusterSpec:
         p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read the cluster file ({e.strerror})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        return cls.from_dict(data, source=str(p))
+        return cls.from_dict(read_yaml(p, "the cluster file"), source=str(p))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> ClusterSpec:
@@ -267,6 +259,18 @@ def _route(cluster: ClusterSpec, src: str, dst: str) -> tuple[LinkSpec, ...]:
             raise ConfigError(f"{cluster._where()}: no device {end!r} in the topology")
     path = nx.shortest_path(g, src, dst, weight="weight")
     return tuple(g.edges[u, v]["link"] for u, v in itertools.pairwise(path))
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML file; a missing file or bad YAML is a ConfigError naming the file."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what} ({e.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
 
 
 # ---- the YAML schema ---------------------------------------------------------------------

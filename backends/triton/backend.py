@@ -30,7 +30,6 @@ from hetero.backends.base import (
     Manifest,
     Runner,
     Support,
-    hash_files,
 )
 from hetero.backends.triton.autotune import TuneCache, cache_file, tune
 from hetero.backends.triton.codegen import generate
@@ -137,15 +136,12 @@ class TritonBackend(Backend):
             "clone_outputs": bool(options.get("clone_outputs", True)),
         }
         (out_dir / "triton.json").write_text(json.dumps(config, indent=1))
-        return Manifest(
-            backend=self.name,
-            key="",
-            target=self.target(device, options),
-            device_kind=device.kind,
-            inputs=unit.inputs,
-            outputs=unit.outputs,
-            versions=self.versions(),
-            files=hash_files(out_dir, list(FILES)),
+        return self.manifest(
+            unit,
+            device,
+            options,
+            out_dir,
+            list(FILES),
             notes=f"{len(program.kernels)} kernels, {plan.kernels()} fused launches, "
             f"{len(plan.steps) - plan.kernels()} ATen calls",
         )

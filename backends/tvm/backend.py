@@ -32,7 +32,6 @@ from hetero.backends.base import (
     Manifest,
     Runner,
     Support,
-    hash_files,
 )
 from hetero.backends.tvm import targets
 from hetero.cluster.spec import DeviceSpec
@@ -116,15 +115,13 @@ class TVMBackend(Backend):
             ex.export_library(str(out_dir / LIBRARY))
         except Exception as e:  # TVM raises many types; all mean "this partition did not build"
             raise CompileError(f"TVM could not compile {where}: {type(e).__name__}: {e}") from e
-        return Manifest(
-            backend=self.name,
-            key="",
-            target=self.target(device, options),
-            device_kind=device.kind,
-            inputs=unit.inputs,
-            outputs=unit.outputs,
+        return self.manifest(
+            unit,
+            device,
+            options,
+            out_dir,
+            [LIBRARY],
             versions={**self.versions(), "host": platform.machine()},
-            files=hash_files(out_dir, [LIBRARY]),
             emulated=device.kind == "npu" or device.emulated,
             out_spec=_spec_string(out_spec, len(unit.outputs)),
             dtype=options.dtype or "",

@@ -17,9 +17,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from hetero.backends.base import CompileOptions
+from hetero.backends.compile import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ def apply_tuning(mod, target, options: CompileOptions):
     if pending:
         trials = int(options.tune_trials)
         show = bool(options.get("progress", True))
-        with _progress(show) as bar, tempfile.TemporaryDirectory() as work:
+        with progress_bar(show) as bar, tempfile.TemporaryDirectory() as work:
             job = bar.add_task(
                 f"tuning {len(pending)} kernel(s), {trials} trials each", total=len(pending)
             )
@@ -91,14 +90,3 @@ def apply_tuning(mod, target, options: CompileOptions):
                 bar.advance(job)
     with target, db:
         return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=not enabled,
-        transient=True,
-    )

@@ -53,7 +53,9 @@ def demo(
 
     start = time.perf_counter()
     with console.status(f"compiling {len(plan.partitions)} partitions and starting the runtime"):
-        cm = hetero_compile(model, inputs, cluster=cluster, graph=graph, **cfg.compile_kwargs())
+        cm = hetero_compile(
+            model, inputs, cluster=cluster, graph=graph, plan=plan, **cfg.compile_kwargs()
+        )
     console.print(f"compiled and started in {time.perf_counter() - start:.1f} s "
                   f"({type(cm.executor).__name__})")  # fmt: skip
     try:
