@@ -50,8 +50,13 @@ def export_unit(
         dims: dict[str, torch.export.Dim] = {}
         spec: list[dict[int, torch.export.Dim] | None] = [None] * len(inputs)
         for idx, dim, sym in unit.dynamic_dims:
+            if dim < 0:
+                # A size computed upstream and handed over as an int (a SymInt crossing the
+                # cut): export relates it to the tensors' dims itself.
+                spec[idx] = torch.export.Dim.AUTO
+                continue
             d = dims.setdefault(sym, torch.export.Dim(f"d_{sym}", min=1))
             spec[idx] = {**(spec[idx] or {}), dim: d}
-        dynamic = tuple(spec)
+        dynamic = (tuple(spec),)  # forward(*acts): export sees one tuple-valued argument
     with torch.no_grad():
         return torch.export.export(mod, inputs, dynamic_shapes=dynamic, strict=False)

@@ -2,7 +2,9 @@
 
 Measured side by side in one process (interleaved rounds, median of per-round means):
   * the MLP block (Linear 256->1024, GELU, Linear, residual, LayerNorm on 8x128x256 fp32):
-    TVM, eager, ONNX Runtime CPU EP, torch.compile;
+    TVM (matmuls to torch's BLAS, the rest fused by TVM), TVM with the Linear layers and
+    their epilogues offloaded to oneDNN (CompileOptions onednn=True), eager, ONNX Runtime
+    CPU EP, torch.compile;
   * the demo model (cluster/models.py tiny_gpt) cut into 2 TVM partitions, chained;
   * GPT-2 small (124M, random weights, batch 1 x 128 tokens) cut into 2 TVM partitions.
 
@@ -106,9 +108,13 @@ def main() -> None:
         # ---- MLP block ---------------------------------------------------------------------
         m, (x,) = mlp_block()
         tvm_run, err = tvm_chain(m, (x,), 1, cache, device, opts)
+        onednn_run, onednn_err = tvm_chain(
+            m, (x,), 1, cache, device, CompileOptions(extra=(("onednn", True),))
+        )
         fns = {
             "eager": lambda: m(x),
             "tvm": tvm_run,
+            "tvm+onednn": onednn_run,
             "onnxruntime": ort_session(m, x, a.threads),
         }
         compiled = torch.compile(m)
@@ -116,8 +122,9 @@ def main() -> None:
         fns["torch.compile"] = lambda: compiled(x)
         t = timeit(fns, a.rounds, 20)
         for k, v in t.items():
+            e = {"tvm": err, "tvm+onednn": onednn_err}.get(k)
             rows.append({"model": "mlp_block 8x128x256", "engine": k, "ms": v,
-                         "x_eager": v / t["eager"], "rel_err": err if k == "tvm" else None})  # fmt: skip
+                         "x_eager": v / t["eager"], "rel_err": e})  # fmt: skip
 
         # ---- demo model ----------------------------------------------------------------------
         m, args = tiny_gpt()

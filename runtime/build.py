@@ -36,6 +36,25 @@ def example_env(
     return eager_values(graph, parts, *args, **kwargs)
 
 
+def dynamic_dims(graph: OpGraph, names: Sequence[str]) -> tuple[tuple[int, int, str], ...]:
+    """(input index, dim, symbol) of every symbolic dim among a partition's inputs; dim -1
+    marks a size handed over as an int. Empty for a graph captured with static shapes."""
+    if not graph.dynamic:
+        return ()
+    out = []
+    for i, name in enumerate(names):
+        meta = graph.inputs.get(name)
+        node = graph.nodes.get(name)
+        if meta is None and node is not None and len(node.out_meta) == 1:
+            meta = node.out_meta[0]
+        if meta is None:
+            continue
+        if meta.dtype == "symint":
+            out.append((i, -1, name))
+        out.extend((i, d, s) for d, s in enumerate(meta.shape) if isinstance(s, str))
+    return tuple(out)
+
+
 def compile_partitions(
     graph: OpGraph,
     parts: Sequence[Partition],
@@ -70,7 +89,7 @@ def compile_partitions(
             backend_name = STREAM_BACKEND
             opts = streamed_options(opts)
         backend = registry.get(backend_name)
-        unit = CompileUnit.from_partition(part, env, params)
+        unit = CompileUnit.from_partition(part, env, params, dynamic_dims(graph, part.inputs))
         art = build_artifact(backend, unit, device, opts, Path(cache_dir))
         ins, outs = manifest_io(art)
         if (ins and len(ins) != len(unit.inputs)) or (outs and len(outs) != len(unit.outputs)):

@@ -16,6 +16,7 @@ matters only for partitions of several GB; the partitioner cuts those anyway.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import platform
 from pathlib import Path
@@ -53,6 +54,18 @@ def _version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "absent"
+
+
+@functools.cache
+def _lowering_fingerprint() -> str:
+    """Hash of the sources that decide what an artifact contains, so a changed lowering or
+    schedule never loads a stale cached artifact (a hand-bumped number was forgotten once)."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in here.glob("*.py")):
+        h.update(name.encode())
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 class TVMBackend(Backend):
@@ -99,7 +112,7 @@ class TVMBackend(Backend):
             "torch": torch.__version__,
             "apache-tvm": _version("apache-tvm"),
             "apache-tvm-ffi": _version("apache-tvm-ffi"),
-            "hetero-tvm-lowering": "1",  # bump when the lowering below changes its output
+            "hetero-tvm-lowering": _lowering_fingerprint(),
         }
 
     # ---- compile -------------------------------------------------------------------------------
@@ -164,11 +177,20 @@ class TVMBackend(Backend):
             # A tuple-valued input (a multi-output op cut from its getitems) arrives flattened.
             flat_in = pytree.tree_leaves(acts)
             if cast is not None:
-                flat_in = [a.to(cast) if a.is_floating_point() else a for a in flat_in]
-            args = [tvm.runtime.from_dlpack(a.to(tdev).contiguous()) for a in flat_in]
+                flat_in = [
+                    a.to(cast) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                    for a in flat_in
+                ]
+            # A dynamic partition also exchanges its symbolic sizes (SymInts) as plain ints.
+            args = [
+                tvm.runtime.from_dlpack(a.to(tdev).contiguous())
+                if isinstance(a, torch.Tensor)
+                else a
+                for a in flat_in
+            ]
             out = main(*args)
             outs = tuple(out) if not isinstance(out, tvm.runtime.Tensor) else (out,)
-            flat = [torch.from_dlpack(o) for o in outs]
+            flat = [torch.from_dlpack(o) if isinstance(o, tvm.runtime.Tensor) else o for o in outs]
             return tuple(pytree.tree_unflatten(flat, tree)) if tree is not None else tuple(flat)
 
         return run

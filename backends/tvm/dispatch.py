@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 
 MATMUL = "hetero.torch.matmul"
-KERNELS = (MATMUL,)
+KERNELS = (MATMUL,)  # plus linear.kernel_names()
 
 
 @functools.cache
@@ -25,10 +25,13 @@ def register_kernels() -> None:
     import torch
     import tvm
 
+    from hetero.backends.tvm import linear
+
     def matmul(a, b, out) -> None:
         torch.matmul(torch.from_dlpack(a), torch.from_dlpack(b), out=torch.from_dlpack(out))
 
     tvm.register_global_func(MATMUL, matmul, override=True)
+    linear.register(lambda name, fn: tvm.register_global_func(name, fn, override=True))
 
 
 def dispatch_matmuls(mod, min_flops: int = 0):

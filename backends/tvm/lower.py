@@ -2,7 +2,9 @@
 
 CPU (llvm, also for emulated NPUs):
   DecomposeOpsForInference -> FoldConstant (weight transposes/casts happen here, once)
-  -> dense matmuls to BLAS (dispatch.py) -> LegalizeOps -> FuseOps/FuseTIR
+  -> Linear layers with their bias/activation/residual epilogues to oneDNN (linear.py),
+     the other dense matmuls to torch's BLAS (dispatch.py)
+  -> LegalizeOps, with vectorizable GELU/erf/tanh/exp/softmax (fastmath.py) -> FuseOps/FuseTIR
   -> tuned schedules from the MetaSchedule database where it has them (tune.py)
   -> default parallel/vectorized CPU schedules for the rest (schedule.py)
   -> TVM's CPU lowering and finalisation passes.
@@ -43,6 +45,7 @@ def optimize_cpu(mod, target, options: CompileOptions):
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from hetero.backends.tvm.dispatch import dispatch_matmuls, register_kernels
+    from hetero.backends.tvm.linear import offload_linears
     from hetero.backends.tvm.schedule import apply_cpu_schedules
 
     register_kernels()
@@ -52,8 +55,10 @@ def optimize_cpu(mod, target, options: CompileOptions):
         mod = tvm_seq(*cpu.library_dispatch_passes(target))(mod)  # sort/scan/sampling kernels
         mod = relax.transform.FoldConstant()(mod)
         if options.get("blas", True):
+            if options.get("onednn", False):
+                mod = offload_linears(mod, min_flops=MIN_BLAS_FLOPS)
             mod = dispatch_matmuls(mod, min_flops=MIN_BLAS_FLOPS)
-        mod = fuse(mod)
+        mod = fuse(mod, fast_math=options.get("fast_math", True))
         if options.tune_trials > 0:
             from hetero.backends.tvm.tune import apply_tuning
 
@@ -62,11 +67,13 @@ def optimize_cpu(mod, target, options: CompileOptions):
     return mod
 
 
-def fuse(mod):
+def fuse(mod, fast_math: bool = True):
     from tvm import relax
 
+    from hetero.backends.tvm.fastmath import legalize_map
+
     return tvm_seq(
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(legalize_map() if fast_math else None),
         relax.transform.AnnotateTIROpPattern(),
         # No FoldConstant here: folding legalized kernels JIT-builds each one with LLVM
         # (seconds per partition) to precompute masks that cost microseconds at run time.

@@ -73,6 +73,71 @@ def cpu_rules() -> list:
     def rows(func, target):
         return reduction.apply(func, target, False)
 
+    def vector_rows(func, target):
+        """Row-wise kernels (LayerNorm, softmax) with vectorized reductions.
+
+        dlight's CPU Reduction rule leaves each row's sum a serial chain of dependent adds
+        (one every ~4 cycles): a 1024x256 LayerNorm took 0.95 ms against torch's 0.24. Here
+        each reduction is first split into `lanes` partial sums (rfactor, done while every
+        block still has its own loop nest: rfactor needs that), which vectorize; then all
+        blocks move under the parallel row loop as in dlight's rule.
+        """
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or len(infos) < 2 or not infos[-1].is_injective():
+            return None
+        if all(i.is_injective() for i in infos):
+            return None
+        kinds = [i.dom_kind() for i in infos]
+        lead = min(len(k) - len(k.lstrip("S")) for k in kinds)
+        if lead == 0:
+            return None
+        vec = lanes(target, sch, infos[-1].block_rv)
+        order, partials = [], []
+        for info in infos:
+            kind = info.dom_kind()
+            if info.is_injective():
+                order.append(info.block_rv)
+                continue
+            loops = sch.get_loops(info.block_rv)
+            extent = get_extent(sch, loops[-1])
+            if kind.count("R") != 1 or not kind.endswith("R") or not isinstance(extent, int):
+                return None
+            if extent % vec or extent < 2 * vec:
+                order.append(info.block_rv)  # short or ragged rows: keep the serial sum
+                continue
+            _, inner = sch.split(loops[-1], factors=[None, vec])
+            ndim = len(sch.get(info.block_rv).writes[0].source.shape)
+            rf = sch.rfactor(inner, factor_axis=ndim)
+            order += [rf, info.block_rv]
+            partials.append(rf)
+        if not partials:
+            return None
+        last = order[-1]
+        loops = sch.get_loops(last)
+        spatial = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+        sch.parallel(spatial)
+        for block in reversed(order[:-1]):
+            sch.compute_at(block, spatial, preserve_unit_loops=True)
+        for block in order:
+            if any(block.same_as(p) for p in partials):
+                # compute_at lays loops out in block-var order, lanes first: put the
+                # reduction outside the lanes, then vectorize the lanes.
+                loops = sch.get_loops(block)
+                lane, red = loops[1], loops[-1]
+                sch.reorder(red, lane)
+                sch.vectorize(sch.get_loops(block)[-1])
+            elif sch.get(block).init is None and len(sch.get_loops(block)) > 1:
+                # injective, with a loop of its own under the row loop: vectorize it
+                inner = sch.get_loops(block)[-1]
+                extent = get_extent(sch, inner)
+                if isinstance(extent, int) and extent > vec and extent % vec == 0:
+                    _, v = sch.split(inner, factors=[None, vec])
+                    sch.vectorize(v)
+                elif isinstance(extent, int) and 2 <= extent <= vec:
+                    sch.vectorize(inner)
+        return sch
+
     def parallel_outer(func, target):
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
@@ -94,7 +159,7 @@ def cpu_rules() -> list:
             done = True
         return sch if done else None
 
-    return [Safe(injective), Safe(rows), Safe(parallel_outer)]
+    return [Safe(injective), Safe(vector_rows), Safe(rows), Safe(parallel_outer)]
 
 
 def apply_cpu_schedules(mod, target):

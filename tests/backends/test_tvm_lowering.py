@@ -1,0 +1,170 @@
+"""The TVM CPU lowering's rewrites: Linear chains to oneDNN, fast transcendental functions,
+dynamic dims — each checked for what it emits and against eager."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from hetero.backends.base import CompileOptions
+from hetero.backends.compile import CompileJob, compile_units
+from hetero.backends.registry import default_registry
+from hetero.backends.units import contiguous_cut, units_for
+from hetero.cluster.models import mlp_block, tiny_gpt
+from hetero.partitioner.graph import capture
+from hetero.runtime.build import dynamic_dims
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+
+def _relax(unit):
+    from tvm import relax
+
+    from hetero.backends.tvm.frontend import to_relax
+
+    mod, _ = to_relax(unit, None)
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    return relax.transform.FoldConstant()(mod)
+
+
+def _calls(mod) -> list[str]:
+    text = mod["main"].script()
+    return [line.split('R.call_pure_packed("')[1].split('"')[0] for line in text.splitlines()
+            if "R.call_pure_packed(" in line]  # fmt: skip
+
+
+class Epilogues(torch.nn.Module):
+    """One Linear per epilogue kind the offload recognises, plus one it must leave alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(32, 32) for _ in range(4))
+        self.e = torch.nn.Linear(32, 32, bias=False)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.a(x))  # bias + GELU
+        h = torch.nn.functional.gelu(self.b(h), approximate="tanh")  # bias + tanh-GELU
+        h = torch.relu(self.c(h)) + h  # bias + ReLU, whose output is also used by the add
+        h = self.d(h) + x  # bias + residual
+        return self.e(h) * 2.0, h  # no bias, not an epilogue: stays a plain BLAS matmul
+
+
+@pytest.fixture(scope="module")
+def epilogues():
+    torch.manual_seed(0)
+    return Epilogues().eval(), (torch.randn(2, 16, 32),)
+
+
+def test_linear_chains_become_one_onednn_call_each(epilogues):
+    from hetero.backends.tvm.linear import PREFIX, offload_linears
+
+    m, args = epilogues
+    graph = capture(m, args)
+    _, units, _ = units_for(graph, contiguous_cut(graph, 1), *args)
+    calls = _calls(offload_linears(_relax(units[0])))
+    assert calls == [f"{PREFIX}_gelu", f"{PREFIX}_gelu_tanh", f"{PREFIX}_relu", f"{PREFIX}_add"]
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
+def test_offloaded_linears_match_eager(onednn, epilogues, artifact_cache, cpu_device):
+    m, args = epilogues
+    graph = capture(m, args)
+    _, units, _ = units_for(graph, contiguous_cut(graph, 1), *args)
+    opts = CompileOptions(extra=(("onednn", onednn),))
+    (art,) = compile_units([CompileJob(units[0], cpu_device, "tvm", opts)], artifact_cache,
+                           workers=1, progress=False)  # fmt: skip
+    got = default_registry().get("tvm").load(art, cpu_device)(*units[0].example_inputs)
+    with torch.no_grad():
+        want = m(*args)
+    for g, w in zip(got, want, strict=True):
+        assert float((g - w).norm() / w.norm()) < 1e-5
+
+
+def test_kernels_fall_back_without_onednn(monkeypatch):
+    """A torch built without oneDNN still runs an offloaded artifact (F.linear + epilogue)."""
+    import tvm
+
+    from hetero.backends.tvm import linear
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    table = {}
+    linear.register(lambda name, fn: table.__setitem__(name, fn))
+    assert set(table) == set(linear.kernel_names())
+    x, w, b, r = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6), torch.randn(4, 6)
+    t = tvm.runtime.from_dlpack
+    got = torch.from_dlpack(table[f"{linear.PREFIX}_gelu"](t(x), t(w), t(b)))
+    torch.testing.assert_close(got, torch.nn.functional.gelu(x @ w.T + b))
+    got = torch.from_dlpack(table[f"{linear.PREFIX}_add"](t(x), t(w), t(b), t(r)))
+    torch.testing.assert_close(got, x @ w.T + b + r)
+
+
+def test_fast_math_legalizes_transcendentals_without_libm_calls():
+    """GELU/erf/tanh/exp become arithmetic TIR (vectorizable), not scalar libm calls."""
+    import tvm
+    from tvm import relax
+
+    from hetero.backends.tvm.fastmath import legalize_map
+
+    x = relax.Var("x", relax.TensorType([4, 64], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.gelu(x))
+            y = bb.emit(relax.op.tanh(y))
+            y = bb.emit_output(relax.op.nn.softmax(y))
+        bb.emit_func_output(y)
+    fast = relax.transform.LegalizeOps(legalize_map())(bb.get())
+    exact = relax.transform.LegalizeOps()(bb.get())
+    text = lambda mod: "\n".join(  # noqa: E731
+        f.script() for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)
+    )
+    assert "T.erf(" in text(exact) and "T.tanh(" in text(exact)
+    assert "T.erf(" not in text(fast) and "T.tanh(" not in text(fast)
+    assert "T.exp(" not in text(fast)
+
+
+@pytest.mark.parametrize("model", ["mlp", "demo"])
+def test_dynamic_dims_compile_once_and_run_at_other_sizes(model, artifact_cache, cpu_device):
+    """A partition captured with a symbolic dim compiles once and serves other sizes."""
+    if model == "mlp":
+        m, args = mlp_block(batch=2, seq=8)
+        shapes = {"x": {0: torch.export.Dim("batch", min=1, max=16)}}
+        other = (torch.randn(5, 8, args[0].shape[-1]),)
+    else:
+        m, args = tiny_gpt(batch=1, seq=16)
+        shapes = {"idx": {1: torch.export.Dim("seq", min=2, max=32)}}
+        other = (torch.randint(0, 100, (1, 24)),)
+    graph = capture(m, args, shapes)
+    parts, units, _ = units_for(graph, contiguous_cut(graph, 1), *args)
+    unit = dataclasses.replace(units[0], dynamic_dims=dynamic_dims(graph, parts[0].inputs))
+    assert unit.dynamic_dims
+    (art,) = compile_units([CompileJob(unit, cpu_device, "tvm")], artifact_cache, workers=1,
+                           progress=False)  # fmt: skip
+    run = default_registry().get("tvm").load(art, cpu_device)
+    with torch.no_grad():
+        for inputs in (args, other):
+            (got,) = run(*inputs)
+            want = m(*inputs)
+            assert got.shape == want.shape
+            assert float((got - want).norm() / want.norm()) < 1e-4
+
+
+def test_symbolic_sizes_crossing_a_cut_are_refused_clearly(cpu_device, tmp_path):
+    """TVM's importer takes tensors only: a size handed over as an int gets a clear error."""
+    from hetero.errors import CompileError
+
+    m, args = mlp_block(batch=2, seq=8)
+    graph = capture(m, args, {"x": {0: torch.export.Dim("batch", min=1, max=16)}})
+    parts, units, _ = units_for(graph, contiguous_cut(graph, 2), *args)
+    late = [
+        dataclasses.replace(u, dynamic_dims=dynamic_dims(graph, p.inputs))
+        for p, u in zip(parts, units, strict=True)
+        if any(d < 0 for _, d, _ in dynamic_dims(graph, p.inputs))
+    ]
+    if not late:
+        pytest.skip("this cut hands over no sizes")
+    with pytest.raises(CompileError, match="sizes computed by the partition before"):
+        default_registry().get("tvm").compile(late[0], cpu_device, CompileOptions(), tmp_path)
