@@ -15,9 +15,15 @@ from hetero.backends.base import CompileUnit
 class UnitModule(torch.nn.Module):
     """Calls the partition's GraphModule with its parameters held as buffers."""
 
-    def __init__(self, unit: CompileUnit, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        unit: CompileUnit,
+        dtype: torch.dtype | None = None,
+        sizes: frozenset[int] = frozenset(),
+    ) -> None:
         super().__init__()
         self.gm = unit.module
+        self._sizes = sizes  # inputs that arrive as size carriers (see size_carrier)
         self._names = []
         for i, name in enumerate(unit.params):
             t = unit.param_values[name].detach()
@@ -28,15 +34,27 @@ class UnitModule(torch.nn.Module):
             self._names.append(attr)
 
     def forward(self, *acts: torch.Tensor):
+        if self._sizes:
+            acts = tuple(a.shape[0] if i in self._sizes else a for i, a in enumerate(acts))
         out = self.gm(*acts, *[getattr(self, n) for n in self._names])
         return tuple(out)
 
 
+def size_carrier(n: int) -> torch.Tensor:
+    """An empty tensor of shape (n, 0): a size as a tensor dim, for importers (TVM's) that
+    take tensors only. It holds no data, so handing it over costs nothing."""
+    return torch.empty((n, 0))
+
+
 def export_unit(
-    unit: CompileUnit, dtype: torch.dtype | None = None
+    unit: CompileUnit, dtype: torch.dtype | None = None, carry_sizes: bool = False
 ) -> torch.export.ExportedProgram:
-    """torch.export of the unit (dynamic dims kept when the unit names them)."""
-    mod = UnitModule(unit, dtype).eval()
+    """torch.export of the unit (dynamic dims kept when the unit names them).
+
+    `carry_sizes`: inputs that are sizes computed upstream (SymInts crossing the cut) are
+    taken as `size_carrier` tensors whose dim 0 is the size, instead of as ints."""
+    sizes = frozenset(i for i, d, _ in unit.dynamic_dims if d < 0) if carry_sizes else frozenset()
+    mod = UnitModule(unit, dtype, sizes).eval()
     inputs = pytree.tree_map(
         lambda t: (
             t.to(dtype)
@@ -45,18 +63,40 @@ def export_unit(
         ),
         tuple(unit.example_inputs),
     )
+    inputs = tuple(size_carrier(int(t)) if i in sizes else t for i, t in enumerate(inputs))
     dynamic = None
     if unit.dynamic_dims:
         dims: dict[str, torch.export.Dim] = {}
-        spec: list[dict[int, torch.export.Dim] | None] = [None] * len(inputs)
-        for idx, dim, sym in unit.dynamic_dims:
+        spec: list = [None] * len(inputs)
+        # Tensor dims first: a size's expression refers to their symbols.
+        for idx, dim, sym in sorted(unit.dynamic_dims, key=lambda e: e[1] < 0):
             if dim < 0:
-                # A size computed upstream and handed over as an int (a SymInt crossing the
-                # cut): export relates it to the tensors' dims itself.
-                spec[idx] = torch.export.Dim.AUTO
+                # A size handed over from upstream: its expression over the tensors' dims.
+                d = _derived_dim(sym, dims)
+                spec[idx] = {0: d} if idx in sizes else d
                 continue
             d = dims.setdefault(sym, torch.export.Dim(f"d_{sym}", min=1))
             spec[idx] = {**(spec[idx] or {}), dim: d}
         dynamic = (tuple(spec),)  # forward(*acts): export sees one tuple-valued argument
     with torch.no_grad():
         return torch.export.export(mod, inputs, dynamic_shapes=dynamic, strict=False)
+
+
+def _derived_dim(expr: str, dims: dict[str, torch.export.Dim]):
+    """`a*s + b` over a tensor dim's symbol `s` as a derived export Dim; AUTO otherwise
+    (export then works the relation out itself, or says what it could not relate)."""
+    import sympy
+
+    try:
+        e = sympy.sympify(expr)
+    except (sympy.SympifyError, TypeError):
+        return torch.export.Dim.AUTO
+    if len(e.free_symbols) != 1:
+        return torch.export.Dim.AUTO
+    (s,) = e.free_symbols
+    root = dims.get(str(s))
+    poly = sympy.Poly(e, s)
+    if root is None or poly.degree() != 1:
+        return torch.export.Dim.AUTO
+    a, b = (int(c) for c in poly.all_coeffs())
+    return root if (a, b) == (1, 0) else a * root + b

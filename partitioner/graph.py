@@ -87,7 +87,9 @@ def tensor_meta(val: Any) -> TensorMeta:
         shape = tuple(int(s) if isinstance(s, int) else str(s) for s in val.shape)
         return TensorMeta(shape, tuple(_hint(s) for s in val.shape), dtype_name(val.dtype))
     if isinstance(val, torch.SymInt):
-        return TensorMeta((), (), "symint")
+        # Its expression ("128*s77") lets a partition that receives it relate it to its
+        # tensors' dims when compiled for dynamic shapes.
+        return TensorMeta((str(val),), (_hint(val),), "symint")
     if val is None:
         return TensorMeta((), (), "none")
     if isinstance(val, bool):

@@ -50,7 +50,8 @@ def dynamic_dims(graph: OpGraph, names: Sequence[str]) -> tuple[tuple[int, int, 
         if meta is None:
             continue
         if meta.dtype == "symint":
-            out.append((i, -1, name))
+            out.append((i, -1, str(meta.shape[0]) if meta.shape else ""))
+            continue
         out.extend((i, d, s) for d, s in enumerate(meta.shape) if isinstance(s, str))
     return tuple(out)
 

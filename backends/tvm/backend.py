@@ -34,6 +34,7 @@ from hetero.backends.base import (
     Runner,
     Support,
 )
+from hetero.backends.export import size_carrier
 from hetero.backends.tvm import targets
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError
@@ -181,11 +182,14 @@ class TVMBackend(Backend):
                     a.to(cast) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                     for a in flat_in
                 ]
-            # A dynamic partition also exchanges its symbolic sizes (SymInts) as plain ints.
+            # A dynamic partition also exchanges its symbolic sizes (SymInts) as plain ints;
+            # the artifact takes them as size carriers (export.size_carrier) and returns ints.
             args = [
-                tvm.runtime.from_dlpack(a.to(tdev).contiguous())
-                if isinstance(a, torch.Tensor)
-                else a
+                tvm.runtime.from_dlpack(
+                    (a if isinstance(a, torch.Tensor) else size_carrier(int(a)))
+                    .to(tdev)
+                    .contiguous()
+                )
                 for a in flat_in
             ]
             out = main(*args)

@@ -263,18 +263,9 @@ def to_relax(unit: CompileUnit, dtype: torch.dtype | None = None):
     Parameters are bound as constants (see backend.py for why). Raises ValueError listing
     every op the importer cannot convert, before converting anything.
     """
-    sizes = [
-        unit.inputs[i]
-        for i, t in enumerate(unit.example_inputs)
-        if isinstance(t, int | torch.SymInt) and not isinstance(t, bool)
-    ]
-    if sizes and unit.dynamic_dims:
-        raise ValueError(
-            f"inputs {sizes} are sizes computed by the partition before this one: TVM's "
-            "importer takes tensors only, so a dynamic partition must not be cut where a "
-            "symbolic size crosses (move the cut, or compile this partition with static shapes)"
-        )
-    ep = export_unit(unit, dtype)
+    # Sizes handed over from another partition become (n, 0) tensors: the importer takes
+    # tensors only, and a dim is where it expects a symbolic size.
+    ep = export_unit(unit, dtype, carry_sizes=True)
     # hetero's own decompositions: core ATen but SDPA kept whole (TVM's default would split it).
     ep = ep.run_decompositions(decomposition_table())
     bad = []

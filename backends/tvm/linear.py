@@ -1,21 +1,23 @@
-"""Offload Linear layers with their epilogues to oneDNN (TVM's BYOC-DNNL idea, via torch).
+"""Opt-in offload of Linear layers with their epilogues to oneDNN (TVM's BYOC-DNNL idea).
 
 A Linear in Relax, after FoldConstant, is `matmul(x, W^T const)` followed by a bias add,
 often reshapes, and then either an activation (GELU, tanh-GELU, ReLU) or a residual add.
-Sending the matmul alone to a BLAS leaves the epilogue as a separate pass over the whole
-output in memory (bias+GELU on a GPT-2 MLP: 1.8 ms next to 8 ms matmuls on 2 cores).
-oneDNN applies bias, activation or the residual add as post-ops while each output tile is
-still in cache, and its AVX2/AVX-512 JIT GEMMs are also the fastest we measured on AMD
-hosts (MKL picks a slower path there), where ONNX Runtime's MLAS would otherwise win.
+With `CompileOptions(extra=(("onednn", True),))` each such chain becomes one call of
+torch's oneDNN `mkldnn._linear_pointwise` (what inductor's CPU freezing path uses), bias
+and epilogue applied as post-ops while the output tile is in cache, through a TVM FFI
+function (registered by `dispatch.register_kernels`) that returns torch's output to the
+VM without a copy. Where torch was built without oneDNN the function falls back to
+`F.linear` plus the epilogue: slower, same result.
 
-torch ships oneDNN and exposes exactly this call (`mkldnn._linear_pointwise`, what
-inductor's CPU freezing path uses), so a TVM FFI function (registered by
-`dispatch.register_kernels`) runs it on DLPack views of TVM's buffers and returns torch's
-output to the VM without a copy. Where torch was built without oneDNN the same function
-falls back to `F.linear` plus the epilogue: slower, same result.
+Not the default, because on the 2-core AMD EPYC development host it does not pay:
+oneDNN's GEMMs ran at MKL's speed (large) or 25% slower (64-row), its GELU post-ops were
+slower than TVM's fused fast-math GELU (tanh-GELU: ~9 ns/element), and each call
+allocates its output (page faults on multi-MB activations) where TVM's planned buffers
+are reused. Only the residual-add post-op came out free. `benchmarks/tvm_cpu.py` keeps a
+"tvm+onednn" row so the choice can be re-checked on other CPUs (AVX-512 hosts, where
+oneDNN's JIT kernels are strongest).
 
-Only float32 is offloaded (oneDNN's fp16/bf16 CPU kernels need AVX-512 extensions); the
-rest goes through `dispatch.dispatch_matmuls`.
+Only float32 is offloaded; everything else goes through `dispatch.dispatch_matmuls`.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 CPU (llvm, also for emulated NPUs):
   DecomposeOpsForInference -> FoldConstant (weight transposes/casts happen here, once)
-  -> Linear layers with their bias/activation/residual epilogues to oneDNN (linear.py),
-     the other dense matmuls to torch's BLAS (dispatch.py)
+  -> dense matmuls to torch's BLAS (dispatch.py); with the `onednn` option, Linear
+     layers and their bias/activation/residual epilogues to oneDNN first (linear.py)
   -> LegalizeOps, with vectorizable GELU/erf/tanh/exp/softmax (fastmath.py) -> FuseOps/FuseTIR
   -> tuned schedules from the MetaSchedule database where it has them (tune.py)
   -> default parallel/vectorized CPU schedules for the rest (schedule.py)
