@@ -84,7 +84,10 @@ def _hint(s: Any) -> int:
 
 def tensor_meta(val: Any) -> TensorMeta:
     if isinstance(val, torch.Tensor):
-        shape = tuple(int(s) if isinstance(s, int) else str(s) for s in val.shape)
+        # A SymInt that export proved constant prints as a number: it is a static dim.
+        shape = tuple(
+            int(s) if isinstance(s, int) or str(s).isdigit() else str(s) for s in val.shape
+        )
         return TensorMeta(shape, tuple(_hint(s) for s in val.shape), dtype_name(val.dtype))
     if isinstance(val, torch.SymInt):
         # Its expression ("128*s77") lets a partition that receives it relate it to its
@@ -396,13 +399,15 @@ def _module_stack(node: torch.fx.Node) -> tuple[tuple[str, str], ...] | None:
 
 
 def _example(a: Any) -> Any:
+    """Concrete (meta-device) stand-ins for an op's values. Never let a FakeTensor with
+    symbolic sizes through: arithmetic on its sizes (int(), math.prod) adds a guard that
+    specializes the dynamic dim in the program's ShapeEnv for good."""
     if isinstance(a, torch.fx.Node):
-        v = a.meta.get("val")
-        if isinstance(v, torch.Tensor):
-            return torch.empty([_hint(s) for s in v.shape], dtype=v.dtype, device="meta")
-        if isinstance(v, torch.SymInt):
-            return _hint(v)
-        return v
+        return _example(a.meta.get("val"))
+    if isinstance(a, torch.Tensor):
+        return torch.empty([_hint(s) for s in a.shape], dtype=a.dtype, device="meta")
+    if isinstance(a, torch.SymInt):
+        return _hint(a)
     if isinstance(a, list | tuple):
         return type(a)(_example(x) for x in a)
     return a

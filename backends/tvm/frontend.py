@@ -242,7 +242,10 @@ def converter_names() -> frozenset[str]:
 
 
 def op_key(target: str) -> str:
-    """'aten.addmm.default' -> 'addmm.default' (the importer's key); 'getitem' stays."""
+    """'aten.addmm.default' -> 'addmm.default' (the importer's key); 'getitem' stays, and
+    '<built-in function mul>' (size arithmetic of a dynamic graph) is the importer's 'mul'."""
+    if target.startswith("<built-in function ") and target.endswith(">"):
+        return target.removeprefix("<built-in function ").removesuffix(">")
     return target.removeprefix("aten.")
 
 

@@ -134,6 +134,27 @@ def test_dynamic_batch_and_sequence(gpt2):
     assert out[0].shape == ref[0].shape
 
 
+def test_describing_ops_does_not_specialize_dynamic_dims():
+    """Counting FLOPs of a tuple-returning op (native_layer_norm) once did arithmetic on its
+    symbolic sizes, which pinned the dynamic length to the example's in the program's
+    ShapeEnv: every later export of a partition then refused other lengths."""
+    from hetero.cluster.models import tiny_gpt
+
+    model, (idx,) = tiny_gpt(batch=2, seq=64)
+    g = capture(model, (idx,), dynamic_shapes={"idx": {1: Dim("seq", min=2, max=128)}})
+    ln = next(n for n in g.nodes.values() if "native_layer_norm" in n.target)
+    assert any(isinstance(s, str) for s in ln.out_meta[0].shape)
+    specialised = [
+        n.name
+        for n in g.program.graph.nodes
+        if n.op == "call_function"
+        and isinstance(n.meta.get("val"), torch.Tensor)
+        and len(n.meta["val"].shape) == 3
+        and str(n.meta["val"].shape[1]) == "64"
+    ]
+    assert not specialised
+
+
 def test_uncapturable_model_gives_one_clear_error():
     class DataDependent(torch.nn.Module):
         def forward(self, x):
