@@ -12,11 +12,17 @@ cache, so its "decode" is a 4x1 forward with no past (the attention over the pro
 missing); the weights it streams per step are the same as a real decode step's, which is
 what bounds the time. Every way runs the same two shapes. Times are medians of
 per-request wall times (CUDA synchronised), outputs compared with the uncapped model.
+
+Also reported: hetero's GPU memory (held + peak, against the plan and the cap; and with the
+executor's packets dropped after their last reader), per-partition predicted vs measured
+(CUDA events per stage), the PCIe Gen3 (12 GB/s) plans with both plans run on a weight link
+slowed to 12 GB/s (`WeightStreamer.emulate_link`), and a calibrated cost model's plan.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -143,6 +149,83 @@ def hetero_model(model, ids, cluster, cache_dir: Path, exclude=()):
     return CompiledModel(graph, plan, cluster, stages, LocalExecutor(stages, needed_outputs(graph)))
 
 
+class Timed:
+    """A stage runner that records its span: CUDA events on the current stream for a GPU
+    stage (the GPU's time for the piece, waits for its weights included, without stopping
+    the CPU from running ahead), wall time for a CPU stage."""
+
+    def __init__(self, fn, partition: int, gpu: bool, spans: list) -> None:
+        self.fn, self.partition, self.gpu, self.spans = fn, partition, gpu, spans
+
+    def __call__(self, *args):
+        if not self.gpu:
+            t = time.perf_counter()
+            out = self.fn(*args)
+            self.spans.append((self.partition, (time.perf_counter() - t) * 1e3))
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self.fn(*args)
+        end.record()
+        self.spans.append((self.partition, (start, end)))
+        return out
+
+
+def partition_errors(cm, ids, iters: int, run=None) -> dict:
+    """Per plan partition: predicted ms vs measured ms (GPU stages by CUDA events, CPU
+    stages by wall time; a streamed partition's pieces summed), mean over `iters`."""
+    ex = cm.executor
+    spans: list = []
+    saved = {i: r.runner for i, r in ex._runners.items()}
+    for r in ex._runners.values():
+        gpu = r.stage.device.kind == "gpu" and torch.cuda.is_available()
+        r.runner = Timed(r.runner, r.stage.plan_index, gpu, spans)
+    flat = dict(zip(cm.input_names, (ids,), strict=True))
+    run = run or (lambda e, f: e.run(f))
+    totals: dict[int, float] = {}
+    try:
+        with torch.no_grad():
+            for k in range(iters + 1):
+                spans.clear()
+                run(ex, flat)
+                sync()
+                if k == 0:
+                    continue  # warm-up
+                for part, span in spans:
+                    ms = span if isinstance(span, float) else span[0].elapsed_time(span[1])
+                    totals[part] = totals.get(part, 0.0) + ms / iters
+    finally:
+        for i, r in ex._runners.items():
+            r.runner = saved[i]
+    return error_table(cm.plan, totals)
+
+
+def error_table(plan, measured: dict[int, float]) -> dict:
+    rows = []
+    for p in plan.partitions:
+        m = measured.get(p.index)
+        err = (p.predicted_ms - m) / m if m else None
+        rows.append(
+            {
+                "partition": p.index,
+                "device": p.device,
+                "weights": p.weights,
+                "groups": len(p.groups),
+                "predicted_ms": round(p.predicted_ms, 3),
+                "measured_ms": round(m, 3) if m is not None else None,
+                "error": round(err, 3) if err is not None else None,
+            }
+        )
+    errs = [abs(r["error"]) for r in rows if r["error"] is not None]
+    return {
+        "rows": rows,
+        "median_abs_error": statistics.median(errs) if errs else None,
+        "total_predicted_ms": round(sum(p.predicted_ms for p in plan.partitions), 3),
+        "total_measured_ms": round(sum(measured.values()), 3),
+        "measured": {str(k): v for k, v in measured.items()},
+    }
+
+
 def plan_summary(plan) -> dict:
     parts = [
         {
@@ -167,7 +250,16 @@ def main() -> None:
     ap.add_argument(
         "--fraction", type=float, default=None, help="GPU cap / weight bytes (0.25; --tiny 0.6)"
     )
-    ap.add_argument("--skip", default="", help="comma list of: accelerate,cpu,slowlink")
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma list of: accelerate,cpu,eager,slowlink,slowrun,calibrate",
+    )
+    ap.add_argument(
+        "--budget-s", type=float, default=300, help="start calibrating only before this many s"
+    )
+    ap.add_argument("--phases", default="prefill,decode", help="which shapes to run")
+    ap.add_argument("--slow-phases", default="prefill,decode", help="phases whose PCIe3 plan runs")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if args.fraction is None:  # a tiny model's activations and lm_head need a larger share
@@ -213,6 +305,7 @@ def main() -> None:
     results["gpu_cap_bytes"] = cap
     g = torch.Generator().manual_seed(1)
     shapes = {"prefill": (batch, prompt), "decode": (batch, 1)}
+    shapes = {k: v for k, v in shapes.items() if k in args.phases.split(",")}
     ids = {k: torch.randint(0, cfg.vocab_size, s, generator=g).to(dev) for k, s in shapes.items()}
     tokens = {k: s[0] * s[1] for k, s in shapes.items()}
 
@@ -227,6 +320,7 @@ def main() -> None:
     # ---- 2. hetero: plan under the cap, compile, run ----------------------------------------
     cluster = capped_cluster(weight_bytes, args.fraction)
     graphs = {}
+    fast_plans = {}
     with tempfile.TemporaryDirectory(prefix="hetero-llama-") as cache:
         for phase, x in ids.items():
             log(
@@ -248,6 +342,12 @@ def main() -> None:
             ms = timed(lambda x=x, cm=cm: cm(x), args.iters)
             log(f"first call (with torch.compile of the streamed pieces) done; {ms:.2f} ms/request")
             peak = (torch.cuda.max_memory_allocated() - base) if cuda else 0
+            planned = dict(cm.plan.memory).get("node0/gpu", 0)
+            log(
+                f"GPU memory: held {held / 1e6:.1f} MB + peak {peak / 1e6:.1f} MB = "
+                f"{(held + peak) / 1e6:.1f} MB; planned {planned / 1e6:.1f} MB; "
+                f"cap {cap / 1e6:.1f} MB"
+            )
             streamers = getattr(cm.executor, "streamers", {})
             streamed = sum(sum(s.item_bytes) for s in streamers.values())
             rate = results.get("pinned_h2d_GBps")
@@ -264,26 +364,33 @@ def main() -> None:
                 streaming_bound_ms=round(bound, 3),
                 stream_slot_bytes=sum(s.device_bytes for s in streamers.values()),
                 plan_predicted_ms=round(cm.plan.predicted_ms, 3),
+                gpu_bytes_total=held + peak,
+                gpu_bytes_planned=planned,
+                under_cap=bool(held + peak <= cap),
             )
-            # the same stages with op-by-op streamed pieces, for comparison
-            from hetero.runtime.build import needed_outputs
-            from hetero.runtime.executor import LocalExecutor
-
-            with LocalExecutor(
-                cm.stages, needed_outputs(cm.graph), stream_runner="eager"
-            ) as eager_ex:
-                flat = dict(zip(cm.input_names, (x,), strict=True))
-                out_e = next(iter(eager_ex.run(flat).values()))
-                diff_e = max_diff(out_e, ref[phase])
-                ms_e = timed(lambda flat=flat, ex=eager_ex: ex.run(flat), args.iters)
-            row(
-                "hetero, streamed pieces eager",
-                phase,
-                ms_e,
-                tokens[phase],
-                max_abs_diff_vs_uncapped=diff_e,
-            )
+            pe = partition_errors(cm, x, args.iters)
+            results.setdefault("partition_errors", {})[phase] = pe
+            log(f"per-partition predicted vs measured (CUDA events): {pe}")
+            save()
+            if "slowrun" not in skip and "slowlink" not in skip and cuda and rate:
+                # the same plan with its weight copies slowed to PCIe Gen3's 12 GB/s
+                for st in streamers.values():
+                    st.emulate_link(12e9, rate * 1e9)
+                ms_s = timed(lambda x=x, cm=cm: cm(x), 3, warmup=1)
+                for st in streamers.values():
+                    st.emulate_link(rate * 1e9, rate * 1e9)  # back to the real link
+                row(
+                    "12 GB/s emulated: fast-link plan",
+                    phase,
+                    ms_s,
+                    tokens[phase],
+                    plan_predicted_ms=round(cm.plan.predicted_ms, 3),
+                    planned_for=cluster.name,
+                )
+            if "eager" not in skip:
+                eager_row(cm, x, ref[phase], row, phase, tokens[phase], args.iters)
             results.setdefault("plans", {})[phase] = plan_summary(cm.plan)
+            fast_plans[phase] = cm.plan
             text = cm.plan.explain()
             results.setdefault("explain", {})[phase] = text
             print(text, flush=True)
@@ -292,18 +399,17 @@ def main() -> None:
             if cuda:
                 torch.cuda.empty_cache()
 
-    # ---- 3. the same plans on a PCIe Gen3 link (12 GB/s): explain tables only -------------
-    if "slowlink" not in skip:
-        from hetero.partitioner.algorithms import plan as make_plan
-
-        slow = slow_link(cluster, 12e9)
-        for phase, graph in graphs.items():
-            log(f"planning {phase} on {slow.name} (GPU<->CPU 12 GB/s)")
-            p = make_plan(graph, slow, backends=BACKENDS)
-            results.setdefault("plans_pcie3", {})[phase] = plan_summary(p)
-            text = p.explain()
-            results.setdefault("explain_pcie3", {})[phase] = text
-            print(text, flush=True)
+        # ---- 3. a PCIe Gen3 link (12 GB/s): its plans, and both plans run on it --------
+        if "slowlink" not in skip:
+            ctx = dict(model=model, ids=ids, ref=ref, tokens=tokens, graphs=graphs, cache=cache)
+            slow_link_section(args, skip, results, row, ctx, cluster, fast_plans)
+            save()
+        if "calibrate" not in skip and cuda and time.perf_counter() - T0 > args.budget_s:
+            log(f"calibration skipped: {time.perf_counter() - T0:.0f} s in, over --budget-s")
+            results["calibrate_error"] = "skipped: out of time in this run"
+        elif "calibrate" not in skip and cuda:
+            ctx = dict(graphs=graphs, fast_plans=fast_plans)
+            calibrated_section(args, results, row, ctx, cluster)
             save()
 
     # ---- 4. host CPU only, bf16 --------------------------------------------------------------
@@ -354,6 +460,124 @@ def main() -> None:
     ]
     save()
     print_table(results)
+
+
+def eager_row(cm, x, ref, row, phase, tokens, iters) -> None:
+    """The same stages with op-by-op streamed pieces, for comparison."""
+    from hetero.runtime.build import needed_outputs
+    from hetero.runtime.executor import LocalExecutor
+
+    with LocalExecutor(cm.stages, needed_outputs(cm.graph), stream_runner="eager") as eager_ex:
+        flat = dict(zip(cm.input_names, (x,), strict=True))
+        out_e = next(iter(eager_ex.run(flat).values()))
+        diff_e = max_diff(out_e, ref)
+        ms_e = timed(lambda flat=flat, ex=eager_ex: ex.run(flat), iters)
+    row("hetero, streamed pieces eager", phase, ms_e, tokens, max_abs_diff_vs_uncapped=diff_e)
+
+
+def slow_link_section(args, skip, results, row, ctx, cluster, fast_plans) -> None:
+    """Plan for a PCIe Gen3 link (12 GB/s), then run both that plan and the fast link's plan
+    with the weight streamer's copies slowed to 12 GB/s (WeightStreamer.emulate_link)."""
+    import hetero
+    from hetero.partitioner.algorithms import plan as make_plan
+
+    slow = slow_link(cluster, 12e9)
+    rate = results.get("pinned_h2d_GBps")
+    for phase, graph in ctx["graphs"].items():
+        log(f"planning {phase} on {slow.name} (GPU<->CPU 12 GB/s)")
+        p = make_plan(graph, slow, backends=BACKENDS)
+        results.setdefault("plans_pcie3", {})[phase] = plan_summary(p)
+        text = p.explain()
+        results.setdefault("explain_pcie3", {})[phase] = text
+        print(text, flush=True)
+        if "slowrun" in skip or not torch.cuda.is_available() or not rate:
+            continue
+        runs = [("PCIe3 plan", p, slow)] if phase in args.slow_phases.split(",") else []
+        for label, plan, spec in runs:
+            x = ctx["ids"][phase]
+            try:
+                model, g = ctx["model"], graph
+                if any(q.device.endswith("/cpu") for q in plan.partitions):
+                    # partitions for the CPU are built from a host copy of the model (a CUDA
+                    # model's CPU partition keeps CUDA constants: see the report)
+                    model = copy.deepcopy(ctx["model"]).cpu()
+                    x = x.cpu()
+                    g = hetero.capture(model, (x,))
+                    plan = make_plan(g, spec, backends=BACKENDS)
+                    results.setdefault("explain_pcie3_run", {})[phase] = plan.explain()
+                cm = hetero.compile(
+                    model,
+                    (x,),
+                    cluster=spec,
+                    plan=plan,
+                    graph=g,
+                    backends=BACKENDS,
+                    cache_dir=Path(ctx["cache"]) / f"{phase}-{spec.name}",
+                    executor="local",
+                )
+            except Exception as e:  # report, keep the rest of the run
+                log(f"{label} on 12 GB/s: compile failed: {type(e).__name__}: {e}")
+                results.setdefault("errors", []).append(f"{phase} {label}: {e}")
+                continue
+            try:
+                for st in cm.executor.streamers.values():
+                    st.emulate_link(12e9, rate * 1e9)
+                with torch.no_grad():
+                    diff = max_diff(logits(cm(x)), ctx["ref"][phase])
+                one = timed(lambda x=x, cm=cm: cm(x), 1, warmup=0)
+                iters = 3 if one > 300 else args.iters
+                ms = timed(lambda x=x, cm=cm: cm(x), iters, warmup=1)
+            except Exception as e:
+                log(f"{label} on 12 GB/s: run failed: {type(e).__name__}: {e}")
+                results.setdefault("errors", []).append(f"{phase} {label} run: {e}")
+                cm.shutdown()
+                continue
+            row(
+                f"12 GB/s emulated: {label}",
+                phase,
+                ms,
+                ctx["tokens"][phase],
+                max_abs_diff_vs_uncapped=diff,
+                # the PCIe3 plan's prediction is for 12 GB/s; the fast plan's for 54.6 GB/s
+                plan_predicted_ms=round(plan.predicted_ms, 3),
+                planned_for=spec.name,
+                devices=sorted({q.device for q in plan.partitions}),
+            )
+            cm.shutdown()
+            del cm
+            torch.cuda.empty_cache()
+
+
+def calibrated_section(args, results, row, ctx, cluster) -> None:
+    """`hetero calibrate` on this box (quick), then the plan under the calibrated cost model:
+    per-partition predicted vs measured, next to the default model's."""
+    from hetero.partitioner.calibrate import calibrate
+    from hetero.partitioner.cost import CostModel
+
+    t0 = time.perf_counter()
+    try:
+        profile, _, _ = calibrate(cluster, backends=BACKENDS, quick=True, log=log)
+    except Exception as e:
+        log(f"calibrate failed: {type(e).__name__}: {e}")
+        results["calibrate_error"] = f"{type(e).__name__}: {e}"
+        return
+    results["calibrate_s"] = round(time.perf_counter() - t0, 1)
+    log(f"calibrated in {results['calibrate_s']} s")
+    cmodel = CostModel(profile)
+    from hetero.partitioner.algorithms import plan as make_plan
+
+    for phase, graph in ctx["graphs"].items():
+        p = make_plan(graph, cluster, backends=BACKENDS, cost_model=cmodel)
+        fast = ctx["fast_plans"][phase]
+        same = [q.nodes for q in p.partitions] == [q.nodes for q in fast.partitions]
+        measured = results.get("partition_errors", {}).get(phase, {}).get("measured", {})
+        entry = {"same_partitions_as_default_plan": same, "predicted_ms": p.predicted_ms}
+        if same and measured:
+            entry.update(error_table(p, {int(k): v for k, v in measured.items()}))
+        results.setdefault("partition_errors_calibrated", {})[phase] = entry
+        results.setdefault("explain_calibrated", {})[phase] = p.explain()
+        log(f"calibrated plan ({phase}): {entry}")
+        print(p.explain(), flush=True)
 
 
 def print_table(results: dict) -> None:

@@ -32,7 +32,7 @@ class Group:
     launches: int
     op_classes: tuple[tuple[str, int], ...]  # (class, count), most common first
     dtype: str  # dtype of most of its outputs
-    act_bytes: int  # largest activation inside it (peak-memory estimate)
+    act_bytes: int  # peak bytes of activations live while one of its ops runs (live_bytes)
 
     @property
     def fused_bytes(self) -> int:
@@ -85,11 +85,13 @@ class GroupGraph:
         pieces = _runs(self.opgraph, target.nodes, target.depth + 1)
         if len(pieces) <= 1:
             return self
+        live = live_bytes(self.opgraph)
         new = []
         for g in self.groups:
             if g.name == name:
                 new.extend(
-                    _make_group(self.opgraph, key, nodes, target.depth + 1) for key, nodes in pieces
+                    _make_group(self.opgraph, key, nodes, target.depth + 1, live)
+                    for key, nodes in pieces
                 )
             else:
                 new.append(g)
@@ -111,7 +113,8 @@ def coarsen(opgraph: OpGraph, depth: int | None = None, max_groups: int = 64) ->
             else:
                 break
     pieces = _runs(opgraph, opgraph.order, depth)
-    groups = [_make_group(opgraph, key, nodes, depth) for key, nodes in pieces]
+    live = live_bytes(opgraph)
+    groups = [_make_group(opgraph, key, nodes, depth, live) for key, nodes in pieces]
     return GroupGraph(opgraph, _unique_names(groups))
 
 
@@ -138,7 +141,65 @@ def _unique_names(groups: list[Group]) -> tuple[Group, ...]:
     return tuple(out)
 
 
-def _make_group(opgraph: OpGraph, module: str, nodes: tuple[str, ...], depth: int) -> Group:
+def live_bytes(opgraph: OpGraph) -> dict[str, int]:
+    """Op name -> bytes of activations live while it runs, by a liveness walk over the
+    topological order (one request, ops run one at a time, nothing freed early).
+
+    A value is live from its producer to its last reader; model outputs stay live to the
+    end (the caller takes them), user inputs from the start. Views allocate nothing but
+    keep their base alive (so a view read late holds the whole base), and a view of a
+    parameter is weights, not an activation. A multi-output op's results count together
+    until the last of them is read. Parameters are counted elsewhere (resident or stream
+    slots). The walk is global: it also counts values produced by other groups (the
+    residual stream, rotary tables, masks) that are still needed later, which are what a
+    group's partition holds across its boundaries when its neighbours share the device.
+    A fused attention kernel (SDPA) materialises no score matrix, so it adds nothing
+    beyond its inputs and output; unfused attention appears as explicit ops and is counted.
+    """
+    order = opgraph.order
+    end = len(order)
+    root: dict[str, str | None] = {v: v for v in opgraph.inputs}
+    size: dict[str, int] = {v: m.nbytes for v, m in opgraph.inputs.items()}
+    born: dict[str, int] = dict.fromkeys(opgraph.inputs, 0)
+    last: dict[str, int] = dict.fromkeys(opgraph.inputs, -1)
+    for i, name in enumerate(order):
+        op = opgraph[name]
+        for v in op.inputs:
+            r = root.get(v)
+            if r is not None:
+                last[r] = max(last[r], i)
+        if op.op_class == "view":
+            # the base is the first value read (a weight's view reads none: not an activation)
+            root[name] = root.get(op.inputs[0]) if op.inputs else None
+        else:
+            root[name] = name
+            size[name] = sum(m.nbytes for m in op.out_meta if m.is_tensor)
+            born[name] = i
+            last[name] = i  # a result nobody reads is freed right after its op
+    for out in opgraph.outputs:
+        r = root.get(out)
+        if r is not None:
+            last[r] = end
+    # +size at birth, -size after the last read: a running sum is the live set per op
+    delta = [0] * (end + 2)
+    for r, b in size.items():
+        delta[born[r]] += b
+        delta[max(last[r], born[r]) + 1] -= b
+    out: dict[str, int] = {}
+    live = 0
+    for i, name in enumerate(order):
+        live += delta[i]
+        out[name] = live
+    return out
+
+
+def _make_group(
+    opgraph: OpGraph,
+    module: str,
+    nodes: tuple[str, ...],
+    depth: int,
+    live: dict[str, int] | None = None,
+) -> Group:
     inside = set(nodes)
     ops = [opgraph[n] for n in nodes]
     params = tuple(dict.fromkeys(p for op in ops for p in op.params))
@@ -155,10 +216,8 @@ def _make_group(opgraph: OpGraph, module: str, nodes: tuple[str, ...], depth: in
     bytes_out = sum(opgraph.value_bytes(n) for n in leaving)
     classes = Counter(op.op_class for op in ops if op.op_class != "view")
     dtypes = Counter(op.dtype for op in ops if op.op_class != "view")
-    # Views allocate nothing (a transposed weight is not an activation).
-    act = max(
-        (sum(m.nbytes for m in op.out_meta) for op in ops if op.op_class != "view"), default=0
-    )
+    live = live_bytes(opgraph) if live is None else live
+    act = max((live[n] for n in nodes), default=0)
     return Group(
         name=module,
         nodes=nodes,

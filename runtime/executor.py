@@ -55,6 +55,14 @@ class LocalExecutor:
             s.index: bool(readers.get(s.index, set()) - {s.device.name}) for s in self.stages
         }
         self.metrics = RunMetrics(self.stages, plan)
+        # A stage's values are dropped after their last reader ran (unless they hold a
+        # result): a streamed partition is one stage per layer, and keeping every layer's
+        # hidden states to the end of the request put prefill 97 MB over a GPU memory cap.
+        self._last_reader = {
+            src: s.index for s in self.stages for src in self._sources[s.index] if src >= 0
+        }
+        needed = set(self.needed_outputs)
+        self._keep = {s.index for s in self.stages if needed & set(s.outputs)}
         self._closed = False
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -62,14 +70,19 @@ class LocalExecutor:
             raise WorkerError("this executor was shut down; compile the model again")
         t0 = time.perf_counter()
         packets: dict[int, Packet] = {}
+        done = []  # records of the stages whose values were dropped
         first = caller_packet(inputs)
         for s in self.stages:
             ins = [first if src < 0 else packets[src] for src in self._sources[s.index]]
             packets[s.index] = self._runners[s.index](ins, self._host_out[s.index])
+            for src in self._sources[s.index]:
+                if self._last_reader.get(src) == s.index and src not in self._keep:
+                    p = packets.pop(src)
+                    done.append(p.records[p.src])
         home = _home(inputs)
         out = _collect(self.needed_outputs, first, packets.values(), home)
-        for p in packets.values():
-            self.metrics.record(p.records[p.src])
+        for record in [*done, *(p.records[p.src] for p in packets.values())]:
+            self.metrics.record(record)
         self.metrics.record_request((time.perf_counter() - t0) * 1e3)
         return out
 

@@ -70,6 +70,8 @@ class WeightStreamer:
         self.pending: set[int] = set()  # slots copied (or copying) and not yet acquired
         self._next = 0  # the slot the next copy goes to (round robin)
         self.bytes_copied = 0
+        self._pad_s_per_byte = 0.0  # emulate_link: idle time added per copied byte
+        self._cycles_per_s = 0.0
         if self.cuda:
             self.buffers = [
                 torch.empty(max(self.slot_bytes, 1), dtype=torch.uint8, device=self.device)
@@ -83,6 +85,18 @@ class WeightStreamer:
 
     def __len__(self) -> int:
         return len(self.host)
+
+    def emulate_link(self, rate: float, native_rate: float) -> None:
+        """For benchmarks: make each copy take its bytes / `rate` (a slower host link, say
+        PCIe Gen3's 12 GB/s on a Gen5 box) by idling the copy stream after it for the
+        difference to `native_rate`, the pinned copy rate measured on this machine. The
+        compute stream is untouched, so overlap behaves as on the slower link."""
+        if not self.cuda or rate >= native_rate:
+            self._pad_s_per_byte = 0.0
+            return
+        self._pad_s_per_byte = 1.0 / rate - 1.0 / native_rate
+        if not self._cycles_per_s:
+            self._cycles_per_s = _sleep_cycles_per_s(self.device)
 
     @property
     def device_bytes(self) -> int:
@@ -121,6 +135,9 @@ class WeightStreamer:
                 n = _nbytes(src)
                 if n:
                     buf[off : off + n].copy_(src.view(-1).view(torch.uint8), non_blocking=True)
+            if self._pad_s_per_byte:
+                pad = self.item_bytes[i] * self._pad_s_per_byte
+                torch.cuda._sleep(int(pad * self._cycles_per_s))
             self.copied[slot].record(self.stream)
         self.bytes_copied += self.item_bytes[i]
 
@@ -162,3 +179,16 @@ class WeightStreamer:
             # the slot just freed takes the next item when it is not already on its way
             self.prefetch((i + 1) % len(self.host))
             self.prefetch((i + 2) % len(self.host))
+
+
+def _sleep_cycles_per_s(device: torch.device) -> float:
+    """GPU clock cycles per second of `torch.cuda._sleep` (its argument is in cycles)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 20_000_000
+    with torch.cuda.device(device):
+        torch.cuda._sleep(cycles // 10)  # warm up
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+    return cycles / (start.elapsed_time(end) / 1e3)

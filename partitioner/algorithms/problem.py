@@ -15,7 +15,11 @@ from the previous stage (forwarded along the pipeline), computes, and the slowes
 sets the steady-state time per microbatch.
 
 Memory per device: resident parameters + 2 x the largest streamed group's parameters
-(double buffering) + the largest activation of its groups; must fit `capacity`.
+(double buffering: one slot computes while the next fills) + the peak of live activations
+over its groups; must fit `capacity`. `act_bytes[i]` is the liveness-walk peak while a
+group-i op runs (coarsen.live_bytes): everything produced and still needed, including the
+values crossing its boundaries and model outputs held for the caller, not only its
+largest single tensor.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class Problem:
     link_latency: np.ndarray  # [D, D] seconds per transfer (0 on the diagonal)
     link_inv_bw: np.ndarray  # [D, D] seconds per byte (0 on the diagonal)
     param_bytes: np.ndarray  # [n]
-    act_bytes: np.ndarray  # [n] largest activation inside the group
+    act_bytes: np.ndarray  # [n] peak live activation bytes while the group runs
     capacity: np.ndarray  # [D] bytes
     in_bytes: np.ndarray = field(default=None)  # [n] user inputs read (from the origin)
     out_bytes: np.ndarray = field(default=None)  # [n] model outputs written (to the origin)
