@@ -5,18 +5,23 @@ Roofline per op (or per fused group), scaled by measured efficiency:
     t = max(FLOPs / (peak(dtype) * e_compute), bytes / (bandwidth * e_memory)) + launches * overhead
 
 An unfused backend (eager) pays this per op, reading and writing every intermediate; a
-fusing backend (tvm, triton, inductor) pays it once per group, counting only the bytes that
-cross the group's boundary (`Group.fused_bytes`) and one launch per anchor op (matmul,
-conv, attention, norm, reduction: elementwise ops fuse into them). View ops cost nothing
-on a fusing backend; in eager each still pays a Python dispatch (`view_overhead`).
+fusing backend (tvm, triton, inductor) pays it once per group (`fused_terms`): compute adds
+up per op, memory counts only the bytes that cross the group's boundary (`Group.fused_bytes`),
+and each anchor op (matmul, conv, attention, norm, reduction; elementwise ops fuse into them)
+is one kernel paying its class's overhead. View ops cost nothing on a fusing backend; in
+eager each still pays a Python dispatch (`view_overhead`). Calling a partition costs
+`call_overhead` once (for a compiled one: argument conversion and entering its VM).
 
 Transfers cost latency + bytes / bandwidth along the cluster's route
 (`ClusterSpec.transfer_time`), or along a measured link when the profile has one.
 
-Efficiency factors (e_compute, e_memory) come from a calibration profile written by
-`hetero calibrate` (JSON, see `CalibrationProfile`), looked up per device by name, then by
-model string, then by kind, and per op class as "class/dtype" then "class". Without a
-profile these defaults apply (fractions of the datasheet peaks in the cluster file):
+Efficiency factors (e_compute, e_memory) and overheads come from a calibration profile
+written by `hetero calibrate` (JSON, see `CalibrationProfile`). Its entries are keyed by
+(device, backend), since the same op costs different times as eager torch, a TVM kernel or a
+Triton one: looked up per device by name, then by model string, then by kind, measured
+through the backend the planner runs there first (through another one only when there is no
+such entry), and per op class as "class/dtype" then "class". Without a profile these
+defaults apply (fractions of the datasheet peaks in the cluster file):
 
     kind  op class     compute  memory
     cpu   matmul        0.50     0.60      conv 0.40/0.60, attention 0.30/0.60
@@ -51,7 +56,9 @@ if TYPE_CHECKING:
     from hetero.partitioner.coarsen import Group
     from hetero.partitioner.graph import OpNode
 
-PROFILE_SCHEMA_VERSION = 1
+PROFILE_SCHEMA_VERSION = 2
+# Schema 1 had no backend field: its entries measured torch eager ops, and read as such.
+_READABLE_SCHEMAS = (1, 2)
 FUSING_BACKENDS = frozenset({"tvm", "triton", "inductor"})
 ANCHOR_CLASSES = frozenset({"matmul", "conv", "attention", "norm", "reduction"})
 
@@ -113,6 +120,44 @@ def cost_class(op: OpNode) -> str:
     return op.op_class
 
 
+@dataclass(frozen=True)
+class FusedTerms:
+    """What the cost of a group on a fusing backend depends on (calibration fits these)."""
+
+    flops: tuple[tuple[str, str, float], ...]  # (cost class, dtype, FLOPs) per non-view op
+    act_bytes: float  # activation bytes crossing the group's boundary
+    param_bytes: float
+    main: str  # the class whose memory efficiency prices the boundary bytes
+    dtype: str
+    kernels: tuple[tuple[str, int], ...]  # (cost class, count) of the kernels launched
+
+
+def fused_terms(group: Group, ops: Sequence[OpNode]) -> FusedTerms | None:
+    """The group as one fused unit: None when it holds only views (they fuse into nothing)."""
+    real = [op for op in ops if op.op_class != "view"]
+    if not real:
+        return None
+    by_class: dict[str, int] = {}
+    kernels: dict[str, int] = {}
+    for op in real:
+        by_class[op.op_class] = by_class.get(op.op_class, 0) + 1
+        if op.op_class in ANCHOR_CLASSES:
+            kernels[op.op_class] = kernels.get(op.op_class, 0) + op.launches
+    main = max(by_class, key=lambda c: (c in ANCHOR_CLASSES, by_class[c]))
+    if not kernels:
+        # elementwise ops alone: one fused kernel, priced as its costliest class
+        cls = "transcendental" if any(cost_class(op) == "transcendental" for op in real) else main
+        kernels[cls] = 1
+    return FusedTerms(
+        flops=tuple((cost_class(op), op.dtype, float(op.flops)) for op in real),
+        act_bytes=float(group.fused_bytes - group.param_bytes),
+        param_bytes=float(group.param_bytes),
+        main=main,
+        dtype=group.dtype,
+        kernels=tuple(kernels.items()),
+    )
+
+
 def cache_dir() -> Path:
     """Where profiles live unless a path is given: $HETERO_CACHE_DIR or the user cache dir."""
     env = os.environ.get("HETERO_CACHE_DIR")
@@ -143,6 +188,9 @@ class Efficiency:
 
 @dataclass(frozen=True)
 class DeviceProfile:
+    """What one device measured through one backend: (device, backend) is the entry's key,
+    because the same op costs different times as eager torch, a TVM kernel or a Triton one."""
+
     device: str  # name in the cluster it was measured for
     kind: str
     model: str = ""
@@ -152,6 +200,15 @@ class DeviceProfile:
     view_overhead: float | None = None  # seconds per view op in eager, measured
     efficiency: tuple[Efficiency, ...] = ()
     call_overhead: float | None = None  # seconds to call one partition (fx module), measured
+    backend: str = "eager"  # what compiled and ran the microbenchmarks
+    threads: int = 0  # CPU threads they ran with (0: not recorded)
+    # A fused group's time inside a partition over its time alone (a whole compiled block
+    # measured against the sum of its groups' predictions; kernels run back to back hand the
+    # cores between thread pools and share caches). 1.0: not measured.
+    sequence_factor: float = 1.0
+    # The backend's versions when measured ("name=version ..."): a new lowering changes what
+    # the factors describe, so re-calibrate when this differs from the backend's versions().
+    backend_versions: str = ""
 
 
 @dataclass(frozen=True)
@@ -183,10 +240,11 @@ class CalibrationProfile:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>") -> CalibrationProfile:
-        if d.get("schema_version") != PROFILE_SCHEMA_VERSION:
+        version = d.get("schema_version")
+        if version not in _READABLE_SCHEMAS:
             raise ConfigError(
-                f"{source}: calibration profile schema {d.get('schema_version')!r} is not "
-                f"{PROFILE_SCHEMA_VERSION}; re-run `hetero calibrate`"
+                f"{source}: calibration profile schema {version!r} is not one this hetero reads "
+                f"({', '.join(map(str, _READABLE_SCHEMAS))}); re-run `hetero calibrate`"
             )
         try:
             devices = tuple(
@@ -200,6 +258,7 @@ class CalibrationProfile:
             )
             links = tuple(LinkProfile(**lp) for lp in d.get("links", ()))
             rest = {k: v for k, v in d.items() if k not in ("devices", "links")}
+            rest["schema_version"] = PROFILE_SCHEMA_VERSION  # read as (upgraded to) the current
             return cls(devices=devices, links=links, **rest)
         except TypeError as e:
             raise ConfigError(
@@ -217,17 +276,34 @@ class CalibrationProfile:
             raise ConfigError(f"{p}: calibration profile is not valid JSON: {e}") from None
         return cls.from_dict(data, source=str(p))
 
-    def for_device(self, device: DeviceSpec) -> DeviceProfile | None:
-        """The profile measured for this device: same name, else same model, else same kind."""
-        for match in (
+    def for_device(self, device: DeviceSpec, backend: str | None = None) -> DeviceProfile | None:
+        """The entry measured for this device: same name, else same model, else same kind;
+        measured through `backend` first, and only when none was, through another backend
+        (better than datasheet defaults; `backends_of` tells which ones exist)."""
+        matches = (
             lambda dp: dp.device == device.name,
             lambda dp: bool(device.model) and dp.model == device.model,
             lambda dp: dp.kind == device.kind,
-        ):
-            for dp in self.devices:
-                if match(dp):
-                    return dp
+        )
+        passes = (True, False) if backend is not None else (False,)
+        for same_backend in passes:
+            for match in matches:
+                for dp in self.devices:
+                    if match(dp) and (not same_backend or dp.backend == backend):
+                        return dp
         return None
+
+    def backends_of(self, device: DeviceSpec) -> tuple[str, ...]:
+        """Backends this device was measured through (by name, model or kind)."""
+        return tuple(
+            dict.fromkeys(
+                dp.backend
+                for dp in self.devices
+                if dp.device == device.name
+                or (device.model and dp.model == device.model)
+                or dp.kind == device.kind
+            )
+        )
 
     def link(self, a: str, b: str) -> LinkProfile | None:
         for lp in self.links:
@@ -258,16 +334,25 @@ class CostModel:
         return cls()
 
     # ---- factors ---------------------------------------------------------------------------
-    def efficiency(self, device: DeviceSpec, op_class: str, dtype: str) -> tuple[float, float]:
-        """(compute, memory) efficiency of `op_class` in `dtype` on `device`."""
-        e = self._entry(device, op_class, dtype)
+    # Every lookup takes the backend the device runs (None: the first entry measured for the
+    # device, whichever backend that was); the planner passes the one it resolved per device.
+    def _device(self, device: DeviceSpec, backend: str | None) -> DeviceProfile | None:
+        return self.profile.for_device(device, backend) if self.profile else None
+
+    def efficiency(
+        self, device: DeviceSpec, op_class: str, dtype: str, backend: str | None = None
+    ) -> tuple[float, float]:
+        """(compute, memory) efficiency of `op_class` in `dtype` on `device` via `backend`."""
+        e = self._entry(device, op_class, dtype, backend)
         if e is not None:
             return e.compute, e.memory
         defaults = DEFAULT_EFFICIENCY.get(device.kind, _CPU)
         return defaults.get(op_class, defaults["elementwise"])
 
-    def _entry(self, device: DeviceSpec, op_class: str, dtype: str) -> Efficiency | None:
-        dp = self.profile.for_device(device) if self.profile else None
+    def _entry(
+        self, device: DeviceSpec, op_class: str, dtype: str, backend: str | None = None
+    ) -> Efficiency | None:
+        dp = self._device(device, backend)
         if dp is None:
             return None
         table = {e.key: e for e in dp.efficiency}
@@ -276,55 +361,71 @@ class CostModel:
                 return table[key]
         return None
 
-    def op_overhead(self, device: DeviceSpec, op_class: str, dtype: str = "float32") -> float:
-        """Seconds one op of `op_class` costs on top of its roofline time (eager)."""
-        e = self._entry(device, op_class, dtype)
+    def op_overhead(
+        self,
+        device: DeviceSpec,
+        op_class: str,
+        dtype: str = "float32",
+        backend: str | None = None,
+    ) -> float:
+        """Seconds one op (eager) or one kernel (fusing backend) of `op_class` costs on top of
+        its roofline time."""
+        e = self._entry(device, op_class, dtype, backend)
         if e is not None and e.overhead is not None:
             return e.overhead
-        return self.launch_overhead(device)
+        return self.launch_overhead(device, backend)
 
-    def launch_overhead(self, device: DeviceSpec) -> float:
-        dp = self.profile.for_device(device) if self.profile else None
+    def launch_overhead(self, device: DeviceSpec, backend: str | None = None) -> float:
+        dp = self._device(device, backend)
         if dp is not None and dp.launch_overhead is not None:
             return dp.launch_overhead
         return device.launch_overhead
 
-    def view_overhead(self, device: DeviceSpec) -> float:
-        dp = self.profile.for_device(device) if self.profile else None
+    def view_overhead(self, device: DeviceSpec, backend: str | None = None) -> float:
+        dp = self._device(device, backend)
         if dp is not None and dp.view_overhead is not None:
             return dp.view_overhead
-        return DEFAULT_VIEW_FRACTION * self.launch_overhead(device)
+        return DEFAULT_VIEW_FRACTION * self.launch_overhead(device, backend)
 
-    def call_overhead(self, device: DeviceSpec) -> float:
-        """Seconds to call one partition's module, on top of its ops."""
-        dp = self.profile.for_device(device) if self.profile else None
+    def call_overhead(self, device: DeviceSpec, backend: str | None = None) -> float:
+        """Seconds to call one partition (its module, or its compiled artifact's runner:
+        argument conversion, VM entry), on top of its ops."""
+        dp = self._device(device, backend)
         if dp is not None and dp.call_overhead is not None:
             return dp.call_overhead
-        return DEFAULT_CALL_FRACTION * self.launch_overhead(device)
+        return DEFAULT_CALL_FRACTION * self.launch_overhead(device, backend)
 
     def fuses(self, backend: str) -> bool:
         return backend in self.fusing_backends
 
     # ---- compute ---------------------------------------------------------------------------
     def roofline(
-        self, device: DeviceSpec, op_class: str, dtype: str, flops: float, nbytes: float
+        self,
+        device: DeviceSpec,
+        op_class: str,
+        dtype: str,
+        flops: float,
+        nbytes: float,
+        backend: str | None = None,
     ) -> float:
         """Seconds of pure compute/memory time, launches excluded."""
-        ec, em = self.efficiency(device, op_class, dtype)
+        ec, em = self.efficiency(device, op_class, dtype, backend)
         t_c = flops / (device.peak(dtype) * ec) if flops else 0.0
         bw = device.mem_bandwidth or 1e10
         t_m = nbytes / (bw * em) if nbytes else 0.0
         return max(t_c, t_m)
 
-    def op_time(self, op: OpNode, device: DeviceSpec, scale: float = 1.0) -> float:
+    def op_time(
+        self, op: OpNode, device: DeviceSpec, scale: float = 1.0, backend: str | None = None
+    ) -> float:
         """One op run alone (unfused). `scale` shrinks activations (a microbatch of 1/scale)."""
         if op.op_class == "view":
-            return self.view_overhead(device)
+            return self.view_overhead(device, backend)
         act = op.bytes_read - op.param_bytes + op.bytes_written
         nbytes = act * scale + op.param_bytes
         cls = cost_class(op)
-        t = self.roofline(device, cls, op.dtype, op.flops * scale, nbytes)
-        return t + op.launches * self.op_overhead(device, cls, op.dtype)
+        t = self.roofline(device, cls, op.dtype, op.flops * scale, nbytes, backend)
+        return t + op.launches * self.op_overhead(device, cls, op.dtype, backend)
 
     def group_time(
         self,
@@ -335,26 +436,41 @@ class CostModel:
         backend: str = "eager",
         scale: float = 1.0,
     ) -> float:
-        """A group of ops on `device` through `backend` (fused when the backend fuses)."""
+        """A group of ops on `device` through `backend` (fused when the backend fuses).
+
+        Fused: compute adds up per op (each at its class's efficiency), memory is the
+        group's boundary bytes at its main class's efficiency, and each anchor op is one
+        kernel paying its class's overhead (a group of elementwise ops only: one kernel).
+        This is the form `hetero calibrate` fits a fusing backend's factors in."""
         if not self.fuses(backend):
-            return sum(self.op_time(op, device, scale) for op in ops)
-        t_compute = 0.0
-        anchors = 0
-        by_class: dict[str, int] = {}
-        for op in ops:
-            if op.op_class == "view":
-                continue
-            ec, _ = self.efficiency(device, cost_class(op), op.dtype)
-            t_compute += op.flops * scale / (device.peak(op.dtype) * ec)
-            anchors += op.op_class in ANCHOR_CLASSES
-            by_class[op.op_class] = by_class.get(op.op_class, 0) + 1
-        if not by_class:
+            return sum(self.op_time(op, device, scale, backend) for op in ops)
+        terms = fused_terms(group, ops)
+        if terms is None:
             return 0.0
-        main = max(by_class, key=lambda c: (c in ANCHOR_CLASSES, by_class[c]))
-        _, em = self.efficiency(device, main, group.dtype)
-        act = group.fused_bytes - group.param_bytes
-        t_memory = (act * scale + group.param_bytes) / ((device.mem_bandwidth or 1e10) * em)
-        return max(t_compute, t_memory) + max(1, anchors) * self.launch_overhead(device)
+        return self.sequence_factor(device, backend) * self.fused_time(
+            device, terms, backend=backend, scale=scale
+        )
+
+    def sequence_factor(self, device: DeviceSpec, backend: str | None = None) -> float:
+        """How much slower a fused group runs inside a partition than alone (measured)."""
+        dp = self._device(device, backend)
+        return dp.sequence_factor if dp is not None else 1.0
+
+    def fused_time(
+        self, device: DeviceSpec, terms: FusedTerms, *, backend: str, scale: float = 1.0
+    ) -> float:
+        """Seconds of one fused group described by `terms` (see `fused_terms`)."""
+        t_compute = 0.0
+        for cls, dtype, flops in terms.flops:
+            ec, _ = self.efficiency(device, cls, dtype, backend)
+            t_compute += flops * scale / (device.peak(dtype) * ec)
+        _, em = self.efficiency(device, terms.main, terms.dtype, backend)
+        nbytes = terms.act_bytes * scale + terms.param_bytes
+        t_memory = nbytes / ((device.mem_bandwidth or 1e10) * em)
+        overhead = sum(
+            n * self.op_overhead(device, cls, terms.dtype, backend) for cls, n in terms.kernels
+        )
+        return max(t_compute, t_memory) + overhead
 
     # ---- transfers -------------------------------------------------------------------------
     def transfer_time(self, cluster: ClusterSpec, src: str, dst: str, nbytes: float) -> float:

@@ -20,6 +20,13 @@ def demo(
     ),
     out: Path = typer.Option(Path("out/demo"), help="where plan.json and plan.png go"),
     runs: int = typer.Option(5, help="timed runs after the first"),
+    calibrate: bool = typer.Option(
+        None,
+        "--calibrate/--no-calibrate",
+        help="measure this machine through the config's backends first (default: only when "
+        "no profile for this cluster is cached yet; the plan then uses it)",
+        show_default=False,
+    ),
 ) -> None:
     """Capture, plan, compile and run the demo model; compare with eager."""
     import torch
@@ -38,6 +45,8 @@ def demo(
     cluster = cfg.cluster_spec()
     console.rule(f"[bold]hetero demo[/]: {cfg.model} on {cluster.name}")
     console.print(cluster.summary(), highlight=False)
+
+    _calibrate_once(console, cfg, cluster, calibrate)
 
     with console.status("capturing with torch.export"):
         graph = capture(model, inputs, loaded.dynamic_shapes)
@@ -70,6 +79,52 @@ def demo(
         console.print(cm.plan.explain(), highlight=False)
     finally:
         cm.shutdown()
+
+
+def _calibrate_once(console: Console, cfg, cluster, wanted: bool | None) -> None:
+    """Fit the cost model to this machine as the demo's backends run it (about a minute,
+    once: the profile is cached where every later plan of this cluster finds it)."""
+    from hetero.partitioner.algorithms.adapter import DEFAULT_BACKENDS
+    from hetero.partitioner.calibrate import calibrate
+    from hetero.partitioner.cost import default_profile_path
+
+    path = default_profile_path(cluster.name)
+    current = path.exists() and not _stale(path)
+    if wanted is False or (wanted is None and current):
+        if path.exists():
+            console.print(f"cost model: calibrated profile {path}", highlight=False)
+        return
+    backends = {k: [v] for k, v in {**DEFAULT_BACKENDS, **dict(cfg.backends)}.items()}
+    start = time.perf_counter()
+    with console.status("calibrating the cost model on this machine (once)") as status:
+        profile, _, _ = calibrate(
+            cluster, backends=backends, quick=True, emulated=True, log=status.update
+        )
+    profile.to_json(path)
+    console.print(
+        f"cost model: calibrated in {time.perf_counter() - start:.0f} s, profile {path} "
+        "(hetero calibrate --config ... measures more)",
+        highlight=False,
+    )
+
+
+def _stale(path: Path) -> bool:
+    """A profile measured through other versions of its backends (a TVM lowering that has
+    changed since prices kernels that no longer exist)."""
+    from hetero.backends.registry import default_registry
+    from hetero.errors import HeteroError
+    from hetero.partitioner.calibrate import versions_string
+    from hetero.partitioner.cost import CalibrationProfile
+
+    try:
+        profile = CalibrationProfile.load(path)
+        registry = default_registry()
+        return any(
+            d.backend_versions and d.backend_versions != versions_string(registry.get(d.backend))
+            for d in profile.devices
+        )
+    except (HeteroError, KeyError):
+        return True
 
 
 def register(app: typer.Typer) -> None:

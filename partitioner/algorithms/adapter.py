@@ -138,7 +138,9 @@ def build_problem(
                 t2 = cost_model.transfer_time(cluster, names[a], names[b], 1e9 + 1.0)
                 inv[a, b] = (t2 - t1) / 1e9
                 # crossing to another device starts a partition there: one more call
-                lat[a, b] = t1 - inv[a, b] + cost_model.call_overhead(devices[b])
+                lat[a, b] = (
+                    t1 - inv[a, b] + cost_model.call_overhead(devices[b], backend_of[names[b]])
+                )
     origin_dev = next((d for d in devices if d.kind == "cpu"), devices[0])
     problem = Problem(
         names=tuple(g.name for g in groups),
@@ -213,12 +215,10 @@ def refine_for_support(
 
 
 def _act_bytes(og, group) -> int:
-    """Largest output of a group's ops, views left out: a view aliases its input (a
-    transposed weight is not a new activation)."""
-    return max(
-        (sum(m.nbytes for m in og[n].out_meta) for n in group.nodes if og[n].op_class != "view"),
-        default=0,
-    )
+    """Peak activation bytes live while one of the group's ops runs: the liveness walk of
+    `coarsen.live_bytes` (values from producer to last reader, views free, model outputs
+    held to the end), so values crossing the group's boundaries count too."""
+    return group.act_bytes
 
 
 def _pins(groups: GroupGraph, cluster: ClusterSpec, pins: Mapping[str, str]) -> dict[str, str]:

@@ -108,7 +108,8 @@ def assemble(
         for n in nodes:
             part_of_op[n] = k
         gs = [groups.groups[i] for i in run]
-        call = cm.call_overhead(device)  # each partition is one more call than its ops
+        # each partition is one more call than its ops, priced for the backend it runs
+        call = cm.call_overhead(device, ctx.backends.get(device.name))
         compute = float(problem.compute[run, resident].sum())
         stream = (
             sum(cm.stream_time(cluster, device, g.param_bytes) for g in gs)

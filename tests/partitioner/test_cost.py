@@ -162,3 +162,49 @@ def test_calibrate_command_writes_a_profile(tmp_path, monkeypatch):
     (dev,) = prof.devices
     assert dev.device == "local/cpu" and dev.launch_overhead > 0 and dev.call_overhead >= 0
     assert {e.key for e in dev.efficiency} >= {"matmul", "elementwise", "matmul/float32"}
+
+
+class _LinearGelu(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 32)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.fc(x), approximate="tanh")
+
+
+def test_fused_terms_count_one_kernel_per_anchor():
+    from hetero.partitioner.cost import fused_terms
+
+    graph = hetero.capture(_LinearGelu(), (torch.randn(4, 16),))
+    (g,) = graph.coarsen(depth=0).groups
+    ops = [graph[n] for n in g.nodes]
+    terms = fused_terms(g, ops)
+    assert dict(terms.kernels) == {"matmul": 1}  # the GELU fuses into the matmul's kernel
+    assert terms.act_bytes + terms.param_bytes == g.fused_bytes
+    assert {c for c, _, _ in terms.flops} == {"matmul", "transcendental"}
+
+    graph = hetero.capture(_Gelu(), (torch.randn(4, 8),))
+    (g,) = graph.coarsen(depth=0).groups
+    terms = fused_terms(g, [graph[n] for n in g.nodes])
+    assert dict(terms.kernels) == {"transcendental": 1}  # elementwise only: one kernel
+
+
+def test_fused_group_pays_its_classes_kernel_overhead():
+    graph = hetero.capture(_LinearGelu(), (torch.randn(4, 16),))
+    (g,) = graph.coarsen(depth=0).groups
+    ops = [graph[n] for n in g.nodes]
+    prof = CalibrationProfile(
+        "c",
+        (
+            DeviceProfile(
+                "h/cpu",
+                "cpu",
+                launch_overhead=1e-6,
+                efficiency=(Efficiency("matmul", 0.5, 0.5, overhead=40e-6),),
+                backend="tvm",
+            ),
+        ),
+    )
+    t = CostModel(prof).group_time(g, ops, CPU, backend="tvm")
+    assert 40e-6 < t < 45e-6  # one matmul kernel's overhead + a tiny roofline
