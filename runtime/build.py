@@ -56,6 +56,25 @@ def dynamic_dims(graph: OpGraph, names: Sequence[str]) -> tuple[tuple[int, int, 
     return tuple(out)
 
 
+def on_host(unit: CompileUnit) -> CompileUnit:
+    """The unit with its examples and weights in host memory. A model that lives on a GPU
+    hands over CUDA tensors (weights, constants such as rotary tables, the eager run's
+    activations), which a CPU or NPU partition can neither trace nor run with."""
+    import dataclasses
+
+    import torch
+    from torch.utils import _pytree as pytree
+
+    def host(t):
+        return t.cpu() if isinstance(t, torch.Tensor) and t.device.type != "cpu" else t
+
+    return dataclasses.replace(
+        unit,
+        example_inputs=tuple(pytree.tree_map(host, tuple(unit.example_inputs))),
+        param_values={k: host(v) for k, v in unit.param_values.items()},
+    )
+
+
 def compile_partitions(
     graph: OpGraph,
     parts: Sequence[Partition],
@@ -91,6 +110,8 @@ def compile_partitions(
             opts = streamed_options(opts)
         backend = registry.get(backend_name)
         unit = CompileUnit.from_partition(part, env, params, dynamic_dims(graph, part.inputs))
+        if device.kind != "gpu":
+            unit = on_host(unit)
         art = build_artifact(backend, unit, device, opts, Path(cache_dir))
         ins, outs = manifest_io(art)
         if (ins and len(ins) != len(unit.inputs)) or (outs and len(outs) != len(unit.outputs)):
