@@ -1,10 +1,12 @@
 """TVM-compiled CPU partitions vs torch eager, ONNX Runtime (CPU EP) and torch.compile.
 
-Measured side by side in one process (interleaved rounds, median of per-round means):
+Measured side by side in one run: every (model, engine) in its own process, a model's engines
+alternated --repeats times (in one process the engines' thread pools disturb each other);
+each cell is the median of per-round means, the table the median over repeats:
   * the MLP block (Linear 256->1024, GELU, Linear, residual, LayerNorm on 8x128x256 fp32):
-    TVM (matmuls to torch's BLAS, the rest fused by TVM), TVM with the Linear layers and
-    their epilogues offloaded to oneDNN (CompileOptions onednn=True), eager, ONNX Runtime
-    CPU EP, torch.compile;
+    TVM (the large Linear layers with their epilogues to oneDNN, the rest fused by TVM), TVM
+    with every matmul on torch's BLAS instead (CompileOptions onednn=False), eager, ONNX
+    Runtime CPU EP, torch.compile;
   * the demo model (cluster/models.py tiny_gpt) cut into 2 TVM partitions, chained;
   * GPT-2 small (124M, random weights, batch 1 x 128 tokens) cut into 2 TVM partitions.
 
@@ -89,6 +91,63 @@ def ort_session(model, x, threads):
     return lambda: sess.run(None, feed)
 
 
+# (model, engines, calls per round, partitions the TVM engine cuts the model into)
+CASES = {
+    "mlp_block 8x128x256": (
+        ("eager", "tvm", "tvm, blas only", "onnxruntime", "torch.compile"),
+        20,
+        1,
+    ),
+    "demo tiny_gpt 2x64": (("eager", "tvm"), 10, 2),
+    "gpt2-small 1x128": (("eager", "tvm"), 3, 2),
+}
+
+
+def _model(name: str):
+    if name.startswith("mlp_block"):
+        m, (x,) = mlp_block()
+        return m, (x,)
+    if name.startswith("demo"):
+        return tiny_gpt()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(use_cache=False)).eval(), (torch.randint(0, 50257, (1, 128)),)
+
+
+def run_cell(model: str, engine: str, a) -> dict:
+    """Time one engine on one model in this process (the child of `_child`)."""
+    torch.set_num_threads(a.threads)
+    m, args = _model(model)
+    _, calls, pieces = CASES[model]
+    err = None
+    with torch.no_grad():
+        if engine == "eager":
+            fn = lambda: m(*args)  # noqa: E731
+        elif engine == "onnxruntime":
+            fn = ort_session(m, args[0], a.threads)
+        elif engine == "torch.compile":
+            compiled = torch.compile(m)
+            fn = lambda: compiled(*args)  # noqa: E731
+        else:
+            device = DeviceSpec(name="local/cpu", kind="cpu", host="local", cores=a.threads)
+            extra = (("onednn", False),) if engine == "tvm, blas only" else ()
+            fn, err = tvm_chain(
+                m, args, pieces, ArtifactCache(a.cache), device, CompileOptions(extra=extra)
+            )
+        return {"ms": timeit({engine: fn}, a.rounds, calls)[engine], "rel_err": err}
+
+
+def _child(model: str, engine: str, a) -> dict:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--cell", model, engine, "--threads", str(a.threads),
+           "--rounds", str(a.rounds)] + (["--cache", a.cache] if a.cache else [])  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -96,56 +155,33 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="artifact cache (default: the user cache)")
     ap.add_argument("--skip-gpt2", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "tvm_cpu.json"))
+    ap.add_argument("--repeats", type=int, default=3, help="alternations of each model's engines")
+    ap.add_argument("--cell", nargs=2, default=None, help=argparse.SUPPRESS)  # child mode
     a = ap.parse_args()
+    if a.cell:
+        print(json.dumps(run_cell(*a.cell, a)))
+        return
 
-    torch.set_num_threads(a.threads)
-    cache = ArtifactCache(a.cache)
-    device = DeviceSpec(name="local/cpu", kind="cpu", host="local", cores=a.threads)
-    opts = CompileOptions()
+    # Each (model, engine) in its own process, a model's engines alternated --repeats
+    # times: in one process the engines' thread pools disturb each other (TVM's workers
+    # spin-wait after a run and took cores from whichever engine ran next: ONNX Runtime
+    # measured 1.94x eager interleaved in one process, about 0.9x alone).
     rows = []
-
-    with torch.no_grad():
-        # ---- MLP block ---------------------------------------------------------------------
-        m, (x,) = mlp_block()
-        tvm_run, err = tvm_chain(m, (x,), 1, cache, device, opts)
-        onednn_run, onednn_err = tvm_chain(
-            m, (x,), 1, cache, device, CompileOptions(extra=(("onednn", True),))
-        )
-        fns = {
-            "eager": lambda: m(x),
-            "tvm": tvm_run,
-            "tvm+onednn": onednn_run,
-            "onnxruntime": ort_session(m, x, a.threads),
-        }
-        compiled = torch.compile(m)
-        compiled(x)
-        fns["torch.compile"] = lambda: compiled(x)
-        t = timeit(fns, a.rounds, 20)
+    for model, (engines, _, _) in CASES.items():
+        if a.skip_gpt2 and model.startswith("gpt2"):
+            continue
+        samples: dict[str, list[float]] = {e: [] for e in engines}
+        errs: dict[str, float] = {}
+        for _ in range(a.repeats):
+            for engine in engines:
+                r = _child(model, engine, a)
+                samples[engine].append(r["ms"])
+                if r.get("rel_err") is not None:
+                    errs[engine] = r["rel_err"]
+        t = {e: statistics.median(v) for e, v in samples.items()}
         for k, v in t.items():
-            e = {"tvm": err, "tvm+onednn": onednn_err}.get(k)
-            rows.append({"model": "mlp_block 8x128x256", "engine": k, "ms": v,
-                         "x_eager": v / t["eager"], "rel_err": e})  # fmt: skip
-
-        # ---- demo model ----------------------------------------------------------------------
-        m, args = tiny_gpt()
-        tvm_run, err = tvm_chain(m, args, 2, cache, device, opts)
-        t = timeit({"eager": lambda: m(*args), "tvm": tvm_run}, a.rounds, 10)
-        for k, v in t.items():
-            rows.append({"model": "demo tiny_gpt 2x64", "engine": k, "ms": v,
-                         "x_eager": v / t["eager"], "rel_err": err if k == "tvm" else None})  # fmt: skip
-
-        # ---- GPT-2 small ---------------------------------------------------------------------
-        if not a.skip_gpt2:
-            from transformers import GPT2Config, GPT2LMHeadModel
-
-            torch.manual_seed(0)
-            m = GPT2LMHeadModel(GPT2Config(use_cache=False)).eval()
-            ids = torch.randint(0, 50257, (1, 128))
-            tvm_run, err = tvm_chain(m, (ids,), 2, cache, device, opts)
-            t = timeit({"eager": lambda: m(ids), "tvm": tvm_run}, a.rounds, 3)
-            for k, v in t.items():
-                rows.append({"model": "gpt2-small 1x128", "engine": k, "ms": v,
-                             "x_eager": v / t["eager"], "rel_err": err if k == "tvm" else None})  # fmt: skip
+            rows.append({"model": model, "engine": k, "ms": v, "x_eager": v / t["eager"],
+                         "rel_err": errs.get(k), "samples": samples[k]})  # fmt: skip
 
     print(f"\n{'model':<22} {'engine':<14} {'ms':>9} {'x eager':>8} {'rel err':>9}")
     for r in rows:

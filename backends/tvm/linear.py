@@ -1,23 +1,23 @@
-"""Opt-in offload of Linear layers with their epilogues to oneDNN (TVM's BYOC-DNNL idea).
+"""Offload large Linear layers with their epilogues to oneDNN (TVM's BYOC-DNNL idea).
 
 A Linear in Relax, after FoldConstant, is `matmul(x, W^T const)` followed by a bias add,
-often reshapes, and then either an activation (GELU, tanh-GELU, ReLU) or a residual add.
-With `CompileOptions(extra=(("onednn", True),))` each such chain becomes one call of
-torch's oneDNN `mkldnn._linear_pointwise` (what inductor's CPU freezing path uses), bias
-and epilogue applied as post-ops while the output tile is in cache, through a TVM FFI
-function (registered by `dispatch.register_kernels`) that returns torch's output to the
-VM without a copy. Where torch was built without oneDNN the function falls back to
-`F.linear` plus the epilogue: slower, same result.
+often reshapes, and then either an activation (GELU, ReLU) or a residual add. Each such
+chain becomes one call of torch's oneDNN `mkldnn._linear_pointwise` (what inductor's CPU
+freezing path uses), bias and epilogue applied as post-ops while the output tile is in
+cache, through a TVM FFI function (registered by `dispatch.register_kernels`) that returns
+torch's output to the VM without a copy. Where torch was built without oneDNN the function
+falls back to `F.linear` plus the epilogue: slower, same result.
 
-Not the default, because on the 2-core AMD EPYC development host it does not pay:
-oneDNN's GEMMs ran at MKL's speed (large) or 25% slower (64-row), its GELU post-ops were
-slower than TVM's fused fast-math GELU (tanh-GELU: ~9 ns/element), and each call
-allocates its output (page faults on multi-MB activations) where TVM's planned buffers
-are reused. Only the residual-add post-op came out free. `benchmarks/tvm_cpu.py` keeps a
-"tvm+onednn" row so the choice can be re-checked on other CPUs (AVX-512 hosts, where
-oneDNN's JIT kernels are strongest).
+Measured on the 2-core AMD EPYC development host (quiet, fastest of 25): for the MLP
+block's 1024x256x1024 and 1024x1024x256 products oneDNN took 7.7-7.9 ms against MKL's
+7.9-8.2, the residual-add post-op came free and the erf-GELU one cost what TVM's fused
+fast-math GELU costs (~1.8 ms per 1M elements); for 64-row products MKL was 25% faster, and
+oneDNN's tanh-GELU post-op cost ~4.7 ms per 1M elements. Hence: only products of at least
+`lower.ONEDNN_MIN_FLOPS` are offloaded, tanh-GELU stays a TVM kernel, everything smaller
+goes through `dispatch.dispatch_matmuls` (MKL). `CompileOptions(extra=(("onednn",
+False),))` turns the offload off.
 
-Only float32 is offloaded; everything else goes through `dispatch.dispatch_matmuls`.
+Only float32 is offloaded (oneDNN's fp16/bf16 CPU kernels need AVX-512 extensions).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 # Post-op name (also the suffix of the FFI function) -> the Relax op it absorbs.
-ACTIVATIONS = {"gelu": "relax.nn.gelu", "gelu_tanh": "relax.nn.gelu_tanh", "relu": "relax.nn.relu"}
+ACTIVATIONS = {"gelu": "relax.nn.gelu", "relu": "relax.nn.relu"}
 PREFIX = "hetero.onednn.linear"
 
 
@@ -41,12 +41,8 @@ def register(register_global_func) -> None:
 
     onednn = torch.backends.mkldnn.is_available()
     linear_pw = torch.ops.mkldnn._linear_pointwise if onednn else None
-    act_args = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
-    fallback = {
-        "gelu": torch.nn.functional.gelu,
-        "gelu_tanh": lambda y: torch.nn.functional.gelu(y, approximate="tanh"),
-        "relu": torch.relu,
-    }
+    act_args = {"gelu": ("gelu", "none"), "relu": ("relu", "")}
+    fallback = {"gelu": torch.nn.functional.gelu, "relu": torch.relu}
 
     def view(t):
         return torch.from_dlpack(t)

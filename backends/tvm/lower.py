@@ -2,8 +2,8 @@
 
 CPU (llvm, also for emulated NPUs):
   DecomposeOpsForInference -> FoldConstant (weight transposes/casts happen here, once)
-  -> dense matmuls to torch's BLAS (dispatch.py); with the `onednn` option, Linear
-     layers and their bias/activation/residual epilogues to oneDNN first (linear.py)
+  -> large Linear layers with their bias/GELU/residual epilogues to oneDNN (linear.py),
+     the other dense matmuls to torch's BLAS (dispatch.py)
   -> LegalizeOps, with vectorizable GELU/erf/tanh/exp/softmax (fastmath.py) -> FuseOps/FuseTIR
   -> tuned schedules from the MetaSchedule database where it has them (tune.py)
   -> default parallel/vectorized CPU schedules for the rest (schedule.py)
@@ -20,6 +20,8 @@ from hetero.cluster.spec import DeviceSpec
 
 # Products smaller than this stay in TVM: the FFI call into torch costs a few µs.
 MIN_BLAS_FLOPS = 1 << 16
+# Linear layers at least this big go to oneDNN with their epilogues (linear.py says why).
+ONEDNN_MIN_FLOPS = 1 << 27
 
 
 def build(
@@ -55,8 +57,9 @@ def optimize_cpu(mod, target, options: CompileOptions):
         mod = tvm_seq(*cpu.library_dispatch_passes(target))(mod)  # sort/scan/sampling kernels
         mod = relax.transform.FoldConstant()(mod)
         if options.get("blas", True):
-            if options.get("onednn", False):
-                mod = offload_linears(mod, min_flops=MIN_BLAS_FLOPS)
+            if options.get("onednn", True):
+                least = options.get("onednn_min_flops", ONEDNN_MIN_FLOPS)
+                mod = offload_linears(mod, min_flops=least)
             mod = dispatch_matmuls(mod, min_flops=MIN_BLAS_FLOPS)
         mod = fuse(mod, fast_math=options.get("fast_math", True))
         if options.tune_trials > 0:

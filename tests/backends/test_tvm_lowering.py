@@ -65,7 +65,8 @@ def test_linear_chains_become_one_onednn_call_each(epilogues):
     graph = capture(m, args)
     _, units, _ = units_for(graph, contiguous_cut(graph, 1), *args)
     calls = _calls(offload_linears(_relax(units[0])))
-    assert calls == [f"{PREFIX}_gelu", f"{PREFIX}_gelu_tanh", f"{PREFIX}_relu", f"{PREFIX}_add"]
+    # tanh-GELU stays a TVM kernel after a bias-only call (oneDNN's is slow: linear.py)
+    assert calls == [f"{PREFIX}_gelu", PREFIX, f"{PREFIX}_relu", f"{PREFIX}_add"]
 
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
@@ -73,7 +74,7 @@ def test_offloaded_linears_match_eager(onednn, epilogues, artifact_cache, cpu_de
     m, args = epilogues
     graph = capture(m, args)
     _, units, _ = units_for(graph, contiguous_cut(graph, 1), *args)
-    opts = CompileOptions(extra=(("onednn", onednn),))
+    opts = CompileOptions(extra=(("onednn", onednn), ("onednn_min_flops", 0)))
     (art,) = compile_units([CompileJob(units[0], cpu_device, "tvm", opts)], artifact_cache,
                            workers=1, progress=False)  # fmt: skip
     got = default_registry().get("tvm").load(art, cpu_device)(*units[0].example_inputs)
