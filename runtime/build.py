@@ -43,11 +43,9 @@ def dynamic_dims(graph: OpGraph, names: Sequence[str]) -> tuple[tuple[int, int, 
         return ()
     out = []
     for i, name in enumerate(names):
-        meta = graph.inputs.get(name)
-        node = graph.nodes.get(name)
-        if meta is None and node is not None and len(node.out_meta) == 1:
-            meta = node.out_meta[0]
-        if meta is None:
+        try:
+            meta = graph.value_meta(name)
+        except KeyError:
             continue
         if meta.dtype == "symint":
             out.append((i, -1, str(meta.shape[0]) if meta.shape else ""))

@@ -54,7 +54,7 @@ def dispatch_matmuls(mod, min_flops: int = 0):
                 return call
             a, b = call.args
             out_ty = call.ty
-            if not _eligible(a.ty, b.ty, out_ty, min_flops):
+            if not eligible(a.ty, b.ty, out_ty, min_flops):
                 return call
             return relax.op.call_dps_packed(relax.ExternFunc(MATMUL), [a, b], out_ty=out_ty)
 
@@ -65,7 +65,9 @@ def dispatch_matmuls(mod, min_flops: int = 0):
     return mod
 
 
-def _eligible(a_ty, b_ty, out_ty, min_flops: int) -> bool:
+def eligible(a_ty, b_ty, out_ty, min_flops: int) -> bool:
+    """Typed, same-dtype float matrix product of at least `min_flops` (when its size is
+    known): what a library kernel should run instead of TVM."""
     from tvm import relax
 
     for t in (a_ty, b_ty, out_ty):

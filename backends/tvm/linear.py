@@ -83,13 +83,11 @@ def register(register_global_func) -> None:
 class _Chain:
     """matmul(x, W^T) [+ bias] [reshape...] [activation | + residual], each link used once."""
 
-    matmul: object  # the matmul binding's var
     x: object
     weight_t: object  # tvm.ir.expr.Constant [K, N]
     bias: object | None  # tvm.ir.expr.Constant, N elements
     post: str  # "" | an ACTIVATIONS key | "add"
     residual: object | None
-    end: object  # the var whose value the fused call replaces
     absorbed: frozenset  # vars of the links the call makes dead
 
 
@@ -165,7 +163,8 @@ def _find_chains(func, min_flops: int) -> dict:
                 continue  # a bare matmul: dispatch_matmuls' BLAS call does as well
             end = cur
         absorbed = [v for v in absorbed if not v.same_as(end)]
-        chains[end] = _Chain(var, x, w, bias, post, residual, end, frozenset(absorbed))
+        # keyed by the var whose value the fused call replaces
+        chains[end] = _Chain(x, w, bias, post, residual, frozenset(absorbed))
     return chains
 
 
@@ -218,22 +217,12 @@ def _rewrite(func, chains: dict):
 
 
 def _f32_2d_weight(x, w, call, min_flops: int) -> bool:
-    from tvm import relax
+    """A float32 product with a 2-D weight that `dispatch` would send to a library too."""
+    from hetero.backends.tvm.dispatch import eligible
 
-    tys = (x.ty, w.ty, call.ty)
-    if not all(isinstance(t, relax.TensorType) and t.shape is not None for t in tys):
+    if not eligible(x.ty, w.ty, call.ty, min_flops):
         return False
-    if any(str(t.dtype) != "float32" for t in tys) or len(w.ty.shape) != 2:
-        return False
-    if len(x.ty.shape) < 2:
-        return False
-    dims = [*call.ty.shape, x.ty.shape[-1]]
-    if min_flops and all(isinstance(d, int) or hasattr(d, "value") for d in dims):
-        flops = 2
-        for d in dims:
-            flops *= int(d)
-        return flops >= min_flops
-    return True
+    return str(call.ty.dtype) == "float32" and len(w.ty.shape) == 2
 
 
 def _is_bias(expr, n: int) -> bool:

@@ -43,14 +43,14 @@ def calibrate(
     from hetero.partitioner.cost import default_profile_path
 
     console = Console()
-    backends: dict[str, list[str]] | None = None
+    backends: dict[str, str] | dict[str, list[str]] | None = None
     if config is not None:
         from hetero.cluster.config import load_config
-        from hetero.partitioner.algorithms.adapter import DEFAULT_BACKENDS
+        from hetero.partitioner.algorithms.adapter import backends_by_kind
 
         cfg = load_config(config)
         spec = cfg.cluster_spec() if cluster is None else _cluster(cluster)
-        backends = {k: [v] for k, v in {**DEFAULT_BACKENDS, **dict(cfg.backends)}.items()}
+        backends = backends_by_kind(cfg.backends)
     else:
         spec = _cluster(cluster or "local")
     if backend:

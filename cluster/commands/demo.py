@@ -84,7 +84,7 @@ def demo(
 def _calibrate_once(console: Console, cfg, cluster, wanted: bool | None) -> None:
     """Fit the cost model to this machine as the demo's backends run it (about a minute,
     once: the profile is cached where every later plan of this cluster finds it)."""
-    from hetero.partitioner.algorithms.adapter import DEFAULT_BACKENDS
+    from hetero.partitioner.algorithms.adapter import backends_by_kind
     from hetero.partitioner.calibrate import calibrate
     from hetero.partitioner.cost import default_profile_path
 
@@ -94,11 +94,14 @@ def _calibrate_once(console: Console, cfg, cluster, wanted: bool | None) -> None
         if path.exists():
             console.print(f"cost model: calibrated profile {path}", highlight=False)
         return
-    backends = {k: [v] for k, v in {**DEFAULT_BACKENDS, **dict(cfg.backends)}.items()}
     start = time.perf_counter()
     with console.status("calibrating the cost model on this machine (once)") as status:
         profile, _, _ = calibrate(
-            cluster, backends=backends, quick=True, emulated=True, log=status.update
+            cluster,
+            backends=backends_by_kind(cfg.backends),
+            quick=True,
+            emulated=True,
+            log=status.update,
         )
     profile.to_json(path)
     console.print(

@@ -32,12 +32,18 @@ class Context:
     notes: tuple[str, ...]
 
 
+def backends_by_kind(backends: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Device kind -> backend name the planner asks for: the defaults, overridden by
+    `backends` (a deploy config's `backends:`)."""
+    return {**DEFAULT_BACKENDS, **(backends or {})}
+
+
 def resolve_backends(
     cluster: ClusterSpec, backends: Mapping[str, str] | None, registry
 ) -> tuple[dict[str, str], list[str]]:
     """device name -> usable backend; falls back to eager (with a note) where the asked one
     is unknown, fails to import or is unavailable here."""
-    wanted = {**DEFAULT_BACKENDS, **(backends or {})}
+    wanted = backends_by_kind(backends)
     by_kind: dict[str, str] = {}
     notes: list[str] = []
     for kind in dict.fromkeys(d.kind for d in cluster.devices):
