@@ -54,6 +54,8 @@ class Sample:
     flops: float
     nbytes: float
     seconds: float
+    dtype: str = ""  # what it ran in ("": the profile's first dtype)
+    peak: float = 0.0  # the FLOP/s peak of that dtype its factors are relative to (0: entry's)
 
 
 @dataclass(frozen=True)
@@ -86,15 +88,41 @@ def time_call(
     return best
 
 
-def _twice(torch):
-    """A one-op module, traced with torch.fx the way partitions are: its call minus the op
-    is what calling a partition costs."""
+CHAIN_SHORT, CHAIN_LONG = 4, 68
 
-    class Twice(torch.nn.Module):
+
+def _chain(torch, ops: int, views: bool):
+    """`ops` dependent ops on one tensor (adds, or views that the export keeps as
+    aten.view): run as the eager backend runs a partition, their cost per op is the
+    backend's dispatch, and a short chain's remainder is the cost of calling a partition."""
+
+    class Chain(torch.nn.Module):
         def forward(self, x):
-            return (x + x,)
+            for i in range(ops):
+                x = x.view(1, 1) if views and i % 2 == 0 else x.view(1) if views else x + 1
+            return (x,)
 
-    return Twice()
+    return Chain()
+
+
+def runner_dispatch(torch, dev, dtype, sync) -> tuple[float, float, float]:
+    """(seconds per op, per view op, per partition call) as the eager backend runs a
+    partition: a torch.export program's module (what `EagerBackend.load` calls), timed at
+    two chain lengths. Dispatching through it costs more than a bare torch call (each op
+    is an OpOverload call from the program's Python code), and on a GPU it is what small
+    partitions are bound by."""
+    x = torch.ones(1, device=dev, dtype=dtype)
+    timed = {}
+    for views in (False, True):
+        for n in (CHAIN_SHORT, CHAIN_LONG):
+            ep = torch.export.export(_chain(torch, n, views).eval(), (x,), strict=False)
+            mod = ep.module().to(dev)
+            timed[views, n] = time_call(lambda mod=mod: mod(x), sync)
+    span = CHAIN_LONG - CHAIN_SHORT
+    per_op = max((timed[False, CHAIN_LONG] - timed[False, CHAIN_SHORT]) / span, 1e-8)
+    per_view = max((timed[True, CHAIN_LONG] - timed[True, CHAIN_SHORT]) / span, 0.0)
+    call = max(timed[False, CHAIN_SHORT] - CHAIN_SHORT * per_op, 0.0)
+    return per_op, per_view, call
 
 
 def _cases(torch, dev, dtype, quick: bool) -> Iterator[tuple[str, str, Callable, float, float]]:
@@ -118,6 +146,8 @@ def _cases(torch, dev, dtype, quick: bool) -> Iterator[tuple[str, str, Callable,
             (m * k + k * n + m * n) * size,
         )
     elems = [1 << 12, 1 << 16, 1 << 20] + ([] if quick else [1 << 22])
+    if dev.type != "cpu":  # below ~16 MB a GPU op is dispatch-bound: no bandwidth to fit
+        elems += [1 << 24, 1 << 26]
     for e in elems:
         x = torch.randn(e, device=dev, dtype=dtype)
         y = torch.randn(e, device=dev, dtype=dtype)
@@ -137,7 +167,10 @@ def _cases(torch, dev, dtype, quick: bool) -> Iterator[tuple[str, str, Callable,
             e,
             2 * e * size,
         )
-    for rows, cols in [(64, 256), (512, 768), (2048, 1024)]:
+    rows_cols = [(64, 256), (512, 768), (2048, 1024)]
+    if dev.type != "cpu":
+        rows_cols += [(8192, 2048), (16384, 4096)]
+    for rows, cols in rows_cols:
         x = torch.randn(rows, cols, device=dev, dtype=dtype)
         e = rows * cols
         yield "reduction", f"sum {rows}x{cols}", lambda x=x: x.sum(-1), e, (e + rows) * size
@@ -156,7 +189,10 @@ def _cases(torch, dev, dtype, quick: bool) -> Iterator[tuple[str, str, Callable,
             5 * e,
             2 * e * size,
         )
-    for b, h, t, d in [(1, 4, 64, 32), (2, 12, 128, 64)] + ([] if quick else [(1, 12, 512, 64)]):
+    sdpa = [(1, 4, 64, 32), (2, 12, 128, 64)] + ([] if quick else [(1, 12, 512, 64)])
+    if dev.type != "cpu":
+        sdpa += [(4, 32, 256, 64), (8, 16, 1024, 64)]
+    for b, h, t, d in sdpa:
         q = torch.randn(b, h, t, d, device=dev, dtype=dtype)
         yield (
             "attention",
@@ -224,23 +260,26 @@ def calibrate_device(
     *,
     backend: str = "eager",
     quick: bool = False,
-    dtype: str = "float32",
+    dtypes: Sequence[str] = ("float32",),
     cache=None,
     workers: int | None = None,
     log: Callable[[str], None] = lambda s: None,
     prepared: Sequence[Prepared] | None = None,
 ) -> tuple[DeviceProfile, list[Sample]]:
-    """Measure `device` through `backend` and fit its factors. A compiling backend's
-    microbenchmarks (`prepared`, else `prepare_units(quick, dtype)`) go through `cache` (an
-    ArtifactCache; None: the default one), compiled in `workers` processes (None: one per
-    core; 1: in this process)."""
+    """Measure `device` through `backend` and fit its factors, per op class and dtype (the
+    first dtype's also as the plain class: the fallback for others). A compiling backend's
+    microbenchmarks (`prepared`, else `prepare_units(quick, dtypes[0])`: it measures the
+    first dtype only) go through `cache` (an ArtifactCache; None: the default one), compiled
+    in `workers` processes (None: one per core; 1: in this process)."""
+    if isinstance(dtypes, str):
+        dtypes = (dtypes,)
     if backend == "eager":
-        return _calibrate_eager(device, quick=quick, dtype=dtype, log=log)
+        return _calibrate_eager(device, quick=quick, dtypes=tuple(dtypes), log=log)
     return _calibrate_compiled(
         device,
         backend,
         quick=quick,
-        dtype=dtype,
+        dtype=dtypes[0],
         cache=cache,
         workers=workers,
         log=log,
@@ -256,11 +295,11 @@ def _threads(device: DeviceSpec, available: int) -> int:
 
 
 def _calibrate_eager(
-    device: DeviceSpec, *, quick: bool, dtype: str, log: Callable[[str], None]
+    device: DeviceSpec, *, quick: bool, dtypes: Sequence[str], log: Callable[[str], None]
 ) -> tuple[DeviceProfile, list[Sample]]:
     import torch
 
-    tdtype = getattr(torch, dtype)
+    bw = device.mem_bandwidth or 1e10
     if device.kind == "gpu":
         dev = torch.device("cuda", device.index)
 
@@ -275,35 +314,101 @@ def _calibrate_eager(
     threads = torch.get_num_threads()
     used = _threads(device, threads)
     torch.set_num_threads(used)
+    samples: list[Sample] = []
+    effs: list[Efficiency] = []
     try:
         with torch.no_grad():
-            one = torch.ones(1, device=dev, dtype=tdtype)
-            overhead = time_call(lambda: one + one, sync)
-            view_overhead = time_call(lambda: one.view(1, 1), sync)
-            gm = torch.fx.symbolic_trace(_twice(torch))
-            call_overhead = max(time_call(lambda: tuple(gm(one)), sync) - overhead, 0.0)
-            samples = []
-            for cls, label, fn, flops, nbytes in _cases(torch, dev, tdtype, quick):
-                s = Sample(cls, label, float(flops), float(nbytes), time_call(fn, sync))
-                samples.append(s)
-                log(f"{device.name} (eager): {label}: {s.seconds * 1e6:.1f} us")
+            one = torch.ones(1, device=dev, dtype=torch.float32)
+            bare = time_call(lambda: one + one, sync)
+            per_op, per_view, call = runner_dispatch(torch, dev, torch.float32, sync)
+            log(
+                f"{device.name} (eager): dispatch {per_op * 1e6:.1f} us/op through the runner "
+                f"({bare * 1e6:.1f} us as a bare torch call), {per_view * 1e6:.1f} us/view, "
+                f"{call * 1e6:.1f} us/partition call"
+            )
+            for dtype in dtypes:
+                tdtype = getattr(torch, dtype)
+                mine = []
+                for cls, label, fn, flops, nbytes in _cases(torch, dev, tdtype, quick):
+                    t = time_call(fn, sync)
+                    peak = device.peak(dtype)
+                    mine.append(Sample(cls, label, float(flops), float(nbytes), t, dtype, peak))
+                    log(f"{device.name} (eager, {dtype}): {label}: {mine[-1].seconds * 1e6:.1f} us")
+                # The cases are bare torch calls; a partition's ops pay the runner's extra
+                # dispatch on top of each class's fitted overhead.
+                fitted = _fit_classes(mine, device.peak(dtype), bw, bare, dtype)
+                # the plain "class" keys (the fallback for dtypes not measured): the first's
+                effs += [e for e in fitted if "/" in e.key or dtype == dtypes[0]]
+                samples += mine
     finally:
         torch.set_num_threads(threads)
-    peak, bw = device.peak(dtype), device.mem_bandwidth or 1e10
     profile = DeviceProfile(
         device=device.name,
         kind=device.kind,
         model=device.model,
-        peak_flops=peak,
+        peak_flops=device.peak(dtypes[0]),
         mem_bandwidth=bw,
-        launch_overhead=overhead,
-        view_overhead=view_overhead,
-        call_overhead=call_overhead,
-        efficiency=_fit_classes(samples, peak, bw, overhead, dtype),
+        launch_overhead=bare,
+        # the cases are bare torch calls; a partition's ops pay the runner's extra dispatch
+        runner_overhead=max(per_op - bare, 0.0),
+        view_overhead=per_view,
+        call_overhead=call,
+        efficiency=tuple(effs),
         backend="eager",
         threads=used if device.kind != "gpu" else 0,
     )
-    return profile, samples
+    torch.set_num_threads(used)
+    try:
+        with torch.no_grad():
+            factor, block_samples = _eager_blocks(
+                torch, device, dev, dtypes[0], quick, sync, profile
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for s in block_samples:
+        log(f"{device.name} (eager): {s.label}: {s.seconds * 1e6:.1f} us")
+    log(f"{device.name} (eager): whole blocks x{factor:.2f} of their ops' dispatch")
+    return replace(profile, sequence_factor=factor), samples + block_samples
+
+
+def _eager_blocks(
+    torch, device: DeviceSpec, dev, dtype: str, quick: bool, sync, profile: DeviceProfile
+) -> tuple[float, list[Sample]]:
+    """Whole transformer blocks run through the eager runner (a torch.export program's
+    module), against the sum of their groups' predictions: the microbenchmarks repeat one
+    op on warm caches, a partition dispatches ~80 different ones (dtype casts, views,
+    small norms), which on a GPU made a decoder layer's dispatch 2-3x the per-op sum. The
+    factor scales eager dispatch (the host side, `CostModel.queued_time`) on a GPU and the
+    whole group on a CPU, as `sequence_factor` does for compiling backends."""
+    from hetero.partitioner.graph import capture
+
+    tdtype = getattr(torch, dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        blocks = [u for u in _units(torch, quick, tdtype) if u.op_class == BLOCK]
+    cm = CostModel(CalibrationProfile("", (profile,)))
+    ratios, samples = [], []
+    for u in blocks:
+        u = replace(u, module=u.module.to(tdtype))  # _units leaves parameters in float32
+        graph = capture(u.module, u.inputs)
+        og = graph
+        groups = graph.coarsen()
+        host_only = device.kind == "gpu"
+        pred = sum(
+            cm.group_time(g, [og[n] for n in g.nodes], device, backend="eager")
+            if not host_only
+            else cm.dispatch_time([og[n] for n in g.nodes], device, backend="eager")
+            for g in groups
+        )
+        inputs = tuple(a.to(dev) for a in u.inputs)
+        mod = torch.export.export(u.module.to(dev).eval(), inputs, strict=False).module()
+        t = time_call(lambda mod=mod, inputs=inputs: mod(*inputs), sync, budget=1.0)
+        t = max(t - (profile.call_overhead or 0.0), 1e-8)
+        ratios.append(t / max(pred, 1e-9))
+        samples.append(Sample(BLOCK, u.label, 0.0, 0.0, t, dtype))
+    if not ratios:
+        return 1.0, samples
+    return float(np.clip(np.exp(np.mean(np.log(ratios))), 0.5, 4.0)), samples
 
 
 def _fit_classes(
@@ -694,14 +799,17 @@ def calibrate(
     backends: Mapping[str, str | Sequence[str]] | None = None,
     quick: bool = False,
     emulated: bool = False,
+    dtypes: Sequence[str] = ("float32",),
     cache=None,
     workers: int | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> tuple[CalibrationProfile, list[Skipped], dict[tuple[str, str], list[Sample]]]:
     """Measure every device present through each backend `backends` maps its kind to (see
-    `backends_to_measure`); one profile entry per (device, backend). Samples are keyed the
-    same way. `cache`/`workers`: where and how compiling backends build their
-    microbenchmarks (see `calibrate_device`)."""
+    `backends_to_measure`); one profile entry per (device, backend), its factors per op
+    class and each of `dtypes` (measure the dtypes the models run in: a CPU's float16
+    matmul can be ten times slower than its float32 one). Samples are keyed the same way.
+    `cache`/`workers`: where and how compiling backends build their microbenchmarks (see
+    `calibrate_device`)."""
     import torch
 
     devices, skipped = present(cluster, emulated=emulated)
@@ -710,11 +818,12 @@ def calibrate(
     for d in devices:
         for name in backends_to_measure(d, backends):
             if name != "eager" and prepared is None:
-                prepared = prepare_units(quick=quick)
+                prepared = prepare_units(quick=quick, dtype=dtypes[0])
             prof, s = calibrate_device(
                 d,
                 backend=name,
                 quick=quick,
+                dtypes=dtypes,
                 cache=cache,
                 workers=workers,
                 log=log,
@@ -742,8 +851,9 @@ def sample_prediction(entry: DeviceProfile, sample: Sample) -> float:
     if sample.op_class == BLOCK:
         return sample.seconds  # checked as a whole: see `sequence_factor`
     by_key = {e.key: e for e in entry.efficiency}
-    e = by_key[sample.op_class]
-    t_c = sample.flops / (entry.peak_flops * e.compute) if sample.flops else 0.0
+    e = by_key.get(f"{sample.op_class}/{sample.dtype}") or by_key[sample.op_class]
+    peak = sample.peak or entry.peak_flops
+    t_c = sample.flops / (peak * e.compute) if sample.flops else 0.0
     t_m = sample.nbytes / (entry.mem_bandwidth * e.memory) if sample.nbytes else 0.0
     return max(t_c, t_m) + (e.overhead or 0.0)
 
@@ -751,11 +861,12 @@ def sample_prediction(entry: DeviceProfile, sample: Sample) -> float:
 def fit_errors(
     profile: CalibrationProfile,
 ) -> list[tuple[str, str, str, float, float, float, float, int]]:
-    """(device, backend, op class, e_compute, e_memory, overhead s, error, samples) per class."""
+    """(device, backend, "op class/dtype", e_compute, e_memory, overhead s, error, samples)
+    per class and dtype measured."""
     rows = []
     for dp in profile.devices:
         for e in dp.efficiency:
-            if "/" not in e.key:
+            if "/" in e.key:
                 rows.append(
                     (
                         dp.device,

@@ -4,7 +4,9 @@ Roofline per op (or per fused group), scaled by measured efficiency:
 
     t = max(FLOPs / (peak(dtype) * e_compute), bytes / (bandwidth * e_memory)) + launches * overhead
 
-An unfused backend (eager) pays this per op, reading and writing every intermediate; a
+An unfused backend (eager) pays this per op, reading and writing every intermediate (on a
+GPU the host's dispatch overlaps the kernels it queued: the slower side counts, see
+`queued_time`); a
 fusing backend (tvm, triton, inductor) pays it once per group (`fused_terms`): compute adds
 up per op, memory counts only the bytes that cross the group's boundary (`Group.fused_bytes`),
 and each anchor op (matmul, conv, attention, norm, reduction; elementwise ops fuse into them)
@@ -110,13 +112,28 @@ TRANSCENDENTAL = frozenset(
 )  # fmt: skip
 
 
+# Ops that read only the rows their indices pick: a 4-token lookup in a 131 MB embedding
+# table reads 16 KB of it, not the table.
+GATHERS = frozenset({"embedding", "index_select", "index", "gather", "take", "embedding_bag"})
+
+
+def _base(op: OpNode) -> str:
+    parts = op.target.split(".")
+    return (parts[1] if len(parts) > 1 and parts[0] == "aten" else parts[0]).rstrip("_")
+
+
+def weight_bytes_read(op: OpNode) -> int:
+    """Bytes of its weights an op reads when it runs (its `param_bytes` are what it owns,
+    which is what memory counts): a gather's rows, about its output's size."""
+    if op.param_bytes and _base(op) in GATHERS:
+        return min(op.param_bytes, op.bytes_written)
+    return op.param_bytes
+
+
 def cost_class(op: OpNode) -> str:
     """The op's class for pricing: its op class, with transcendental elementwise ops apart."""
-    if op.op_class == "elementwise":
-        parts = op.target.split(".")
-        base = parts[1] if len(parts) > 1 and parts[0] == "aten" else parts[0]
-        if base.rstrip("_") in TRANSCENDENTAL:
-            return "transcendental"
+    if op.op_class == "elementwise" and _base(op) in TRANSCENDENTAL:
+        return "transcendental"
     return op.op_class
 
 
@@ -148,10 +165,11 @@ def fused_terms(group: Group, ops: Sequence[OpNode]) -> FusedTerms | None:
         # elementwise ops alone: one fused kernel, priced as its costliest class
         cls = "transcendental" if any(cost_class(op) == "transcendental" for op in real) else main
         kernels[cls] = 1
+    unread = sum(op.param_bytes - weight_bytes_read(op) for op in real)
     return FusedTerms(
         flops=tuple((cost_class(op), op.dtype, float(op.flops)) for op in real),
         act_bytes=float(group.fused_bytes - group.param_bytes),
-        param_bytes=float(group.param_bytes),
+        param_bytes=float(group.param_bytes - unread),
         main=main,
         dtype=group.dtype,
         kernels=tuple(kernels.items()),
@@ -198,6 +216,9 @@ class DeviceProfile:
     mem_bandwidth: float = 0.0
     launch_overhead: float | None = None  # seconds per op dispatch, measured
     view_overhead: float | None = None  # seconds per view op in eager, measured
+    # What the backend's runner adds to each op over the bare torch call the per-class
+    # overheads were fitted on (eager: an OpOverload call from the program's Python code).
+    runner_overhead: float = 0.0
     efficiency: tuple[Efficiency, ...] = ()
     call_overhead: float | None = None  # seconds to call one partition (fx module), measured
     backend: str = "eager"  # what compiled and ran the microbenchmarks
@@ -371,9 +392,12 @@ class CostModel:
         """Seconds one op (eager) or one kernel (fusing backend) of `op_class` costs on top of
         its roofline time."""
         e = self._entry(device, op_class, dtype, backend)
+        dp = self._device(device, backend)
+        # another backend's entry (the fallback) measured another runner's dispatch
+        extra = dp.runner_overhead if dp is not None and backend in (None, dp.backend) else 0.0
         if e is not None and e.overhead is not None:
-            return e.overhead
-        return self.launch_overhead(device, backend)
+            return e.overhead + extra
+        return self.launch_overhead(device, backend) + extra
 
     def launch_overhead(self, device: DeviceSpec, backend: str | None = None) -> float:
         dp = self._device(device, backend)
@@ -422,7 +446,7 @@ class CostModel:
         if op.op_class == "view":
             return self.view_overhead(device, backend)
         act = op.bytes_read - op.param_bytes + op.bytes_written
-        nbytes = act * scale + op.param_bytes
+        nbytes = act * scale + weight_bytes_read(op)
         cls = cost_class(op)
         t = self.roofline(device, cls, op.dtype, op.flops * scale, nbytes, backend)
         return t + op.launches * self.op_overhead(device, cls, op.dtype, backend)
@@ -443,7 +467,10 @@ class CostModel:
         kernel paying its class's overhead (a group of elementwise ops only: one kernel).
         This is the form `hetero calibrate` fits a fusing backend's factors in."""
         if not self.fuses(backend):
-            return sum(self.op_time(op, device, scale, backend) for op in ops)
+            if device.kind == "gpu":
+                return self.queued_time(ops, device, scale=scale, backend=backend)
+            factor = self.sequence_factor(device, backend)
+            return factor * sum(self.op_time(op, device, scale, backend) for op in ops)
         terms = fused_terms(group, ops)
         if terms is None:
             return 0.0
@@ -451,8 +478,61 @@ class CostModel:
             device, terms, backend=backend, scale=scale
         )
 
+    def queued_time(
+        self,
+        ops: Sequence[OpNode],
+        device: DeviceSpec,
+        *,
+        scale: float = 1.0,
+        backend: str | None = None,
+    ) -> float:
+        """Unfused ops on an asynchronous device (a GPU): the host dispatches each op (the
+        backend's per-op cost, views included) and queues its kernels, which the device runs
+        while the host dispatches the next ones. The slower side sets the time: small ops
+        (decode) are dispatch-bound, large ones (prefill) kernel-bound, and a sum of the two
+        would count the overlap twice. Device side per kernel: its roofline plus the
+        cluster file's `launch_overhead` (the gap between kernels queued back to back)."""
+        host = self.sequence_factor(device, backend) * self.dispatch_time(ops, device, backend)
+        return max(host, self.kernel_time(ops, device, scale=scale, backend=backend))
+
+    def kernel_time(
+        self,
+        ops: Sequence[OpNode],
+        device: DeviceSpec,
+        *,
+        scale: float = 1.0,
+        backend: str | None = None,
+    ) -> float:
+        """The device's side of unfused ops queued back to back: each kernel's roofline plus
+        the cluster file's `launch_overhead` (the gap between queued kernels)."""
+        t = 0.0
+        for op in ops:
+            if op.op_class == "view":
+                continue
+            act = op.bytes_read - op.param_bytes + op.bytes_written
+            cls = cost_class(op)
+            nbytes = act * scale + weight_bytes_read(op)
+            roof = self.roofline(device, cls, op.dtype, op.flops * scale, nbytes, backend)
+            t += roof + op.launches * device.launch_overhead
+        return t
+
+    def dispatch_time(
+        self, ops: Sequence[OpNode], device: DeviceSpec, backend: str | None = None
+    ) -> float:
+        """The host's time to dispatch `ops` one by one (per-op overheads, views included),
+        before the whole-block factor calibration measures (`sequence_factor`)."""
+        host = 0.0
+        for op in ops:
+            if op.op_class == "view":
+                host += self.view_overhead(device, backend)
+            else:
+                cls = cost_class(op)
+                host += max(1, op.launches) * self.op_overhead(device, cls, op.dtype, backend)
+        return host
+
     def sequence_factor(self, device: DeviceSpec, backend: str | None = None) -> float:
-        """How much slower a fused group runs inside a partition than alone (measured)."""
+        """How much slower a group runs inside a partition than its parts alone (measured
+        on whole blocks; for eager on a GPU it scales the host's dispatch only)."""
         dp = self._device(device, backend)
         return dp.sequence_factor if dp is not None else 1.0
 
@@ -477,7 +557,9 @@ class CostModel:
         """Seconds to move `nbytes` from device `src` to device `dst`."""
         if src == dst or nbytes <= 0:
             return 0.0
-        if self.profile is not None:
+        # A measured link describes the cluster it was measured on; another cluster file
+        # (say the same box with a PCIe Gen3 link) prices its own links.
+        if self.profile is not None and self.profile.cluster in ("", cluster.name):
             lp = self.profile.link(src, dst)
             if lp is not None:
                 return lp.latency + nbytes / lp.bandwidth

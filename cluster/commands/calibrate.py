@@ -35,6 +35,12 @@ def calibrate(
         None, "--out", help="profile JSON (default: the cache dir, where plans find it)"
     ),
     quick: bool = typer.Option(False, "--quick", help="fewer, smaller microbenchmarks"),
+    dtype: list[str] = typer.Option(
+        [],
+        "--dtype",
+        help="measure op classes in this dtype (repeatable; default float32; give the dtypes "
+        "your models run in: eager backends measure each, compiling ones the first)",
+    ),
 ) -> None:
     """Microbenchmark the devices present through their backends, fit efficiency factors,
     write the profile (one entry per device and backend)."""
@@ -61,6 +67,7 @@ def calibrate(
             backends=backends,
             quick=quick,
             emulated=emulated,
+            dtypes=tuple(dtype) or ("float32",),
             log=lambda s: status.update(s),
         )
     for s in skipped:
@@ -93,7 +100,8 @@ def calibrate(
     for dp in profile.devices:
         console.print(
             f"{dp.device} ({dp.backend}, {dp.threads or '?'} threads): "
-            f"op overhead {1e6 * (dp.launch_overhead or 0):.1f} us, "
+            f"op overhead {1e6 * (dp.launch_overhead or 0):.1f} us "
+            f"(+{1e6 * dp.runner_overhead:.1f} us through the runner), "
             f"view {1e6 * (dp.view_overhead or 0):.1f} us, "
             f"partition call {1e6 * (dp.call_overhead or 0):.1f} us, "
             f"sequence factor {dp.sequence_factor:.2f}",

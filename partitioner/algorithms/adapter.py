@@ -65,6 +65,20 @@ def resolve_backends(
     return {d.name: by_kind[d.kind] for d in cluster.devices}, notes
 
 
+def _streamed_time(
+    cm: CostModel, cluster: ClusterSpec, group, ops, device, backend: str, scale
+) -> float:
+    """A group run as a streamed piece: a stage of its own (one more call) whose kernels
+    wait for its weights' copy. On a GPU the host queues the piece's kernels while the
+    copy runs, so the device's side (not the host's dispatch) overlaps the copy."""
+    if device.kind == "gpu" and not cm.fuses(backend):
+        t = cm.kernel_time(ops, device, scale=scale, backend=backend)
+    else:
+        t = cm.group_time(group, ops, device, backend=backend, scale=scale)
+    stream = cm.stream_time(cluster, device, group.param_bytes)
+    return max(t, stream) + cm.call_overhead(device, backend)
+
+
 def build_problem(
     groups: GroupGraph,
     cluster: ClusterSpec,
@@ -125,10 +139,18 @@ def build_problem(
                     )
                 continue
             t = cost_model.group_time(g, ops, d, backend=backend_of[d.name], scale=scale)
-            stream = cost_model.stream_time(cluster, d, g.param_bytes)
             for p, pl in enumerate(placements):
                 if pl.device == di:
-                    compute[gi, p] = max(t, stream) if pl.weights == STREAMED else t
+                    compute[gi, p] = t
+                    if pl.weights == STREAMED:
+                        # nothing to stream: such a group runs with a neighbour's piece
+                        compute[gi, p] = (
+                            _streamed_time(
+                                cost_model, cluster, g, ops, d, backend_of[d.name], scale
+                            )
+                            if g.param_bytes
+                            else INF
+                        )
 
     index = groups.index
     edges = [(index[u], index[v], b * scale) for u, v, b in groups.graph.edges(data="bytes")]

@@ -251,6 +251,16 @@ def _local_search(
                     trial = assign.copy()
                     trial[start:stop] = p
                     improved |= better(trial)
+        if problem.place_streamed.any():
+            # Moving a group off a device whose memory binds pays only once the bytes it
+            # frees let streamed groups there stay resident (an embedding table to the
+            # CPU, a decoder layer resident): move, then refill, as one step.
+            for i in range(problem.n):
+                for p in np.flatnonzero(allowed[i]):
+                    if p != assign[i]:
+                        trial = assign.copy()
+                        trial[i] = p
+                        improved |= better(_refill(problem, trial, allowed))
         if improved or not trades or problem.n > _SWAP_LIMIT:
             continue
         for i, j in itertools.combinations(range(problem.n), 2):
@@ -264,3 +274,35 @@ def _local_search(
                         improved = True
                         break
     return assign
+
+
+def _refill(problem: Problem, assign: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """`assign` with streamed groups made resident on their device: all of them when they
+    fit (their streaming slots are then freed too), else one by one while they fit, the
+    largest time saving first."""
+    resident_of = {}
+    for p, pl in enumerate(problem.placements):
+        if problem.place_streamed[p]:
+            resident_of[p] = next(
+                q
+                for q, other in enumerate(problem.placements)
+                if other.device == pl.device and not problem.place_streamed[q]
+            )
+    gains = []
+    for i in range(problem.n):
+        p = int(assign[i])
+        q = resident_of.get(p)
+        if q is not None and allowed[i, q] and problem.unary[i, p] > problem.unary[i, q]:
+            gains.append((problem.unary[i, p] - problem.unary[i, q], i, q))
+    out = assign.copy()
+    for _, i, q in gains:  # all of them: streaming's two slots go too
+        out[i] = q
+    if not problem.overflow(out).any():
+        return out
+    out = assign
+    for _, i, q in sorted(gains, reverse=True):
+        trial = out.copy()
+        trial[i] = q
+        if not problem.overflow(trial).any():
+            out = trial
+    return out

@@ -262,3 +262,42 @@ def test_streaming_beats_cpu_only_on_a_fast_link(link_gbs, tokens, expect):
         assert not streamed and any(p.device == "node0/cpu" for p in layers)
     assert dict(plan.memory).get("node0/gpu", 0) <= cap
     _runs_like_eager(graph, plan, model, inputs)
+
+
+def _memory_bound_problem() -> Problem:
+    """An embedding (150 B) and three layers (100 B each) under a 300 B GPU: streaming the
+    layers costs 5 s each, computing them resident 1 s; the embedding costs about the same
+    on either device. The GPU holds the three layers only with the embedding elsewhere."""
+    inf = float("inf")
+    gpu, gpu_streamed, cpu = Placement(0), Placement(0, "streamed"), Placement(1)
+    compute = np.array(
+        [[1.0, 1.0, 1.1]] + [[1.0, 5.0, 50.0]] * 3,
+    )
+    compute[0, 1] = inf  # keep the embedding resident where it runs
+    return Problem(
+        names=("embed", "l0", "l1", "l2"),
+        devices=("gpu", "cpu"),
+        placements=(gpu, gpu_streamed, cpu),
+        compute=compute,
+        edges=np.array([(0, 1), (1, 2), (2, 3)]),
+        edge_bytes=np.zeros(3),
+        link_latency=np.zeros((2, 2)),
+        link_inv_bw=np.zeros((2, 2)),
+        param_bytes=np.array([150.0, 100.0, 100.0, 100.0]),
+        act_bytes=np.zeros(4),
+        capacity=np.array([350.0, 1e9]),
+    )
+
+
+def test_local_search_moves_a_group_off_to_free_memory_for_residents():
+    from hetero.partitioner.algorithms.latency import _local_search, _refill
+
+    problem = _memory_bound_problem()
+    stuck = np.array([0, 1, 1, 1])  # embedding on the GPU, every layer streamed: 16 s
+    assert not problem.overflow(stuck).any()
+    # one move alone (the embedding to the CPU) is slower until the layers take its bytes
+    moved = np.array([2, 1, 1, 1])
+    assert problem.latency(moved) > problem.latency(stuck)
+    assert list(_refill(problem, moved, problem.allowed())) == [2, 0, 0, 0]
+    best = _local_search(problem, stuck, problem.allowed(), trades=False)
+    assert list(best) == [2, 0, 0, 0] and problem.latency(best) == pytest.approx(4.1)

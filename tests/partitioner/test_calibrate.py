@@ -66,6 +66,28 @@ def test_quick_eager_calibration_fits_every_class():
     assert all(s.seconds > 0 for s in samples)
 
 
+def test_eager_calibration_measures_each_dtype_and_the_runner():
+    prof, samples = cal.calibrate_device(
+        CPU, backend="eager", quick=True, dtypes=("float32", "bfloat16")
+    )
+    keys = {e.key for e in prof.efficiency}
+    assert {"matmul/float32", "matmul/bfloat16", "norm/bfloat16", "matmul"} <= keys
+    assert {s.dtype for s in samples} == {"float32", "bfloat16"}
+    # a partition's op goes through the exported program's Python code: never cheaper
+    assert prof.runner_overhead >= 0 and prof.view_overhead >= 0
+    for s in samples:
+        assert cal.sample_prediction(prof, s) > 0
+
+
+def test_runner_dispatch_counts_per_op_and_per_call():
+    import torch
+
+    per_op, per_view, call = cal.runner_dispatch(
+        torch, torch.device("cpu"), torch.float32, lambda: None
+    )
+    assert 0 < per_op < 1e-3 and 0 <= per_view < 1e-3 and 0 <= call < 1e-2
+
+
 def test_tvm_calibration_compiles_through_the_backend(tvm_cache, monkeypatch):
     monkeypatch.setattr(cal, "_units", _few_units)
     cache = tvm_cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +54,77 @@ def test_fused_group_counts_only_boundary_bytes(mlp):
     assert fused < eager  # fewer launches, no intermediate round trips
 
 
+GPU = DeviceSpec(
+    name="h/gpu",
+    kind="gpu",
+    host="h",
+    model="g",
+    peak_flops=(("float32", 50e12), ("float16", 800e12)),
+    mem_bandwidth=3e12,
+    memory=80e9,
+    launch_overhead=4e-6,
+)
+
+
+def _gpu_profile(dispatch: float) -> CostModel:
+    return CostModel(
+        CalibrationProfile(
+            "c",
+            devices=(
+                DeviceProfile("h/gpu", "gpu", launch_overhead=dispatch, view_overhead=dispatch / 4),
+            ),
+        )
+    )
+
+
+@pytest.mark.parametrize("scale", [1.0, 4096.0])
+def test_eager_on_a_gpu_takes_the_slower_of_dispatch_and_kernels(mlp, scale):
+    """The host queues kernels while the GPU runs earlier ones: a group's time is the
+    larger of the two sides, never their sum (a CPU still pays both, one after the other)."""
+    model, inputs = mlp
+    graph = hetero.capture(model, inputs)
+    g = graph.coarsen(depth=0).groups[0]
+    ops = [graph[n] for n in g.nodes]
+    real = [op for op in ops if op.op_class != "view"]
+    views = len(ops) - len(real)
+    for dispatch in (1e-6, 30e-6):
+        cm = _gpu_profile(dispatch)
+        t = cm.group_time(g, ops, GPU, backend="eager", scale=scale)
+        host = sum(max(1, op.launches) for op in real) * dispatch + views * dispatch / 4
+        kernels = sum(
+            cm.op_time(op, GPU, scale) - op.launches * dispatch + op.launches * 4e-6 for op in real
+        )
+        assert t == pytest.approx(max(host, kernels))
+    small, large = _gpu_profile(30e-6), _gpu_profile(1e-6)
+    # many tiny ops: dispatch-bound, so a faster host makes the group faster
+    if scale == 1.0:
+        assert small.group_time(g, ops, GPU) > large.group_time(g, ops, GPU)
+    cpu = CostModel().group_time(g, ops, CPU, backend="eager", scale=scale)
+    assert cpu == pytest.approx(sum(CostModel().op_time(op, CPU, scale) for op in ops))
+
+
+def test_runner_overhead_applies_to_its_own_backend_only():
+    prof = CalibrationProfile(
+        "c",
+        devices=(
+            DeviceProfile(
+                "h/gpu",
+                "gpu",
+                launch_overhead=5e-6,
+                runner_overhead=10e-6,
+                efficiency=(Efficiency("matmul", 0.5, 0.5, overhead=6e-6),),
+            ),
+        ),
+    )
+    cm = CostModel(prof)
+    assert cm.op_overhead(GPU, "matmul", backend="eager") == pytest.approx(16e-6)
+    assert cm.op_overhead(GPU, "norm", backend="eager") == pytest.approx(15e-6)
+    # Inductor priced through eager's entry (no entry of its own): not eager's runner
+    assert cm.op_overhead(GPU, "matmul", backend="inductor") == pytest.approx(6e-6)
+    again = CalibrationProfile.from_dict(json.loads(prof.to_json()))
+    assert again.devices[0].runner_overhead == 10e-6
+
+
 def test_profile_round_trip_and_lookup(tmp_path):
     prof = CalibrationProfile(
         cluster="c",
@@ -97,10 +170,15 @@ def test_transfer_uses_measured_link_else_the_route():
     cm = CostModel()
     t = cm.transfer_time(cluster, "node0/cpu", "node0/gpu", 54.6e9)
     assert t == pytest.approx(1.0 + 10e-6)
-    measured = CostModel(
-        CalibrationProfile("x", links=(LinkProfile("node0/gpu", "node0/cpu", 20e9, 0.0),))
-    )
+    link = (LinkProfile("node0/gpu", "node0/cpu", 20e9, 0.0),)
+    measured = CostModel(CalibrationProfile(cluster.name, links=link))
     assert measured.transfer_time(cluster, "node0/cpu", "node0/gpu", 20e9) == pytest.approx(1.0)
+    # the same box described with another link (PCIe Gen3): the file's link, not the one
+    # measured on the cluster the profile was taken for
+    other = CostModel(CalibrationProfile("another-cluster", links=link))
+    assert other.transfer_time(cluster, "node0/cpu", "node0/gpu", 54.6e9) == pytest.approx(
+        1.0 + 10e-6
+    )
 
 
 def test_fit_recovers_known_efficiencies():
