@@ -42,27 +42,36 @@ class _ParamsAsInputs(torch.nn.Module):
 
 
 def export_streamed(
-    unit: CompileUnit, dtype: torch.dtype | None = None
+    unit: CompileUnit, dtype: torch.dtype | None = None, device: torch.device | None = None
 ) -> tuple[torch.export.ExportedProgram, dict[str, torch.Tensor]]:
     """The unit exported with its parameters as inputs, and those parameters by name
-    (contiguous host copies, in the order the program takes them)."""
+    (contiguous host copies, in the order the program takes them). `device`: where the
+    piece runs (its examples and weights are traced there, next to the module's own
+    constants); None: where its first activation is."""
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return t
 
+    if device is None:
+        device = next(
+            (
+                t.device
+                for t in pytree.tree_leaves(unit.example_inputs)
+                if isinstance(t, torch.Tensor)
+            ),
+            torch.device("cpu"),
+        )
+    # An example can sit elsewhere than the piece runs (a value made by a CPU partition):
+    # traced there, it would meet the module's device constants in one op.
     acts = tuple(
-        pytree.tree_map(lambda t: cast(t) if isinstance(t, torch.Tensor) else t, a)
+        pytree.tree_map(lambda t: cast(t).to(device) if isinstance(t, torch.Tensor) else t, a)
         for a in unit.example_inputs
     )
     weights = {
         name: cast(unit.param_values[name].detach()).contiguous().cpu() for name in unit.params
     }
-    device = next(
-        (t.device for t in pytree.tree_leaves(acts) if isinstance(t, torch.Tensor)),
-        torch.device("cpu"),
-    )
     example_params = tuple(w.to(device) for w in weights.values())
     with torch.no_grad():
         ep = torch.export.export(
@@ -97,7 +106,8 @@ class EagerBackend(Backend):
         streamed = options.get("weights", "resident") == "streamed"
         files = ["program.pt2"]
         if streamed:
-            ep, weights = export_streamed(unit, dtype)
+            here = device.kind == "gpu" and torch.cuda.is_available()
+            ep, weights = export_streamed(unit, dtype, torch_device(device) if here else None)
             # safetensors orders tensors its own way: the metadata keeps the runner's order
             order = json.dumps(list(weights))
             save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"params": order})

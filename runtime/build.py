@@ -66,11 +66,32 @@ def on_host(unit: CompileUnit) -> CompileUnit:
     def host(t):
         return t.cpu() if isinstance(t, torch.Tensor) and t.device.type != "cpu" else t
 
+    _host_graph(unit.module)
     return dataclasses.replace(
         unit,
         example_inputs=tuple(pytree.tree_map(host, tuple(unit.example_inputs))),
         param_values={k: host(v) for k, v in unit.param_values.items()},
     )
+
+
+def _host_graph(gm) -> None:
+    """Point the partition's own tensors at host memory, in place (each partition has its
+    own GraphModule): a graph captured on a GPU creates tensors there (`arange(...,
+    device=cuda:0)` for positions, masks) and keeps CUDA constants as attributes."""
+    import torch
+
+    changed = False
+    for node in gm.graph.nodes:
+        dev = node.kwargs.get("device")
+        if dev is not None and torch.device(dev).type != "cpu":
+            node.kwargs = {**node.kwargs, "device": torch.device("cpu")}
+            changed = True
+        elif node.op == "get_attr":
+            t = getattr(gm, node.target, None)
+            if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+                setattr(gm, node.target, t.cpu())
+    if changed:
+        gm.recompile()
 
 
 def compile_partitions(

@@ -113,6 +113,13 @@ class RayExecutor:
         return dict(self._nodes)
 
     @property
+    def transports(self) -> dict[int, str]:
+        """stage index -> how its packet leaves it: "nccl" (GPU to GPU) or "shm" (Ray's
+        default channel); empty while no graph is compiled."""
+        pipe = self._pipe
+        return dict(pipe.transports) if pipe is not None else {}
+
+    @property
     def workers(self) -> dict[str, Any]:
         """device name -> actor handle (for tests and tools; do not call into a live graph)."""
         return dict(self._workers)

@@ -50,6 +50,10 @@ class WeightStreamer:
         # per item: (byte offset in a slot, dtype, shape) of each tensor, in insertion order
         self.layouts: list[list[tuple[int, torch.dtype, torch.Size]]] = []
         self.host: list[list[torch.Tensor]] = []
+        # Per item, its tensors packed in one pinned buffer laid out as in a slot: one copy
+        # per item. A decoder layer is ~9 tensors, two of them a few KB (norm weights), and
+        # every copy call costs the copy engine its latency.
+        self.packed: list[torch.Tensor] = []
         sizes = []
         for w in weights:
             offset, layout, host = 0, [], []
@@ -59,7 +63,19 @@ class WeightStreamer:
                     t = t.cpu()
                 layout.append((offset, t.dtype, t.shape))
                 offset += _aligned(_nbytes(t))
-                host.append(t.pin_memory() if self.cuda else t)
+                host.append(t)
+            if self.cuda:
+                packed = torch.empty(max(offset, 1), dtype=torch.uint8).pin_memory()
+                for (off, _dtype, _shape), t in zip(layout, host, strict=True):
+                    n = _nbytes(t)
+                    if n:
+                        packed[off : off + n].copy_(t.reshape(-1).view(torch.uint8))
+                # the host tensors become views of the pinned buffer: no second copy in RAM
+                host = [
+                    packed[off : off + _nbytes(t)].view(t.dtype).view(t.shape) if _nbytes(t) else t
+                    for (off, _dtype, _shape), t in zip(layout, host, strict=True)
+                ]
+                self.packed.append(packed)
             self.layouts.append(layout)
             self.host.append(host)
             sizes.append(offset)
@@ -131,10 +147,8 @@ class WeightStreamer:
         buf = self.buffers[slot]
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(self.freed[slot])  # the previous tenant's kernels finished
-            for (off, _dtype, _shape), src in zip(self.layouts[i], self.host[i], strict=True):
-                n = _nbytes(src)
-                if n:
-                    buf[off : off + n].copy_(src.view(-1).view(torch.uint8), non_blocking=True)
+            src = self.packed[i]
+            buf[: src.numel()].copy_(src, non_blocking=True)
             if self._pad_s_per_byte:
                 pad = self.item_bytes[i] * self._pad_s_per_byte
                 torch.cuda._sleep(int(pad * self._cycles_per_s))

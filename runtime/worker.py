@@ -101,11 +101,13 @@ class StageRunner:
                 f"partition {s.name} on {s.device.name} returned {len(outs)} values, its "
                 f"artifact {s.artifact.key} declares {len(s.outputs)}: rebuild the artifact"
             )
-        if host_out:
-            outs = tuple(
-                pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, o)
-                for o in outs
-            )
+        # Host copies for shared-memory channels. Tensors that stay on the GPU go over NCCL,
+        # which sends `numel` elements from `data_ptr`: a strided view would arrive scrambled.
+        move = torch.Tensor.cpu if host_out else torch.Tensor.contiguous
+        outs = tuple(
+            pytree.tree_map(lambda t: move(t) if isinstance(t, torch.Tensor) else t, o)
+            for o in outs
+        )
         records[s.index] = StageRecord(s.index, ms, nbytes(outs), tuple(in_bytes), tuple(waits))
         return Packet(s.index, dict(zip(s.outputs, outs, strict=True)), records, time.time())
 
