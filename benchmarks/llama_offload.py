@@ -121,7 +121,7 @@ def slow_link(cluster, bandwidth: float):
     return ClusterSpec(f"{cluster.name}-pcie3", cluster.devices, links)
 
 
-def hetero_model(model, ids, cluster, cache_dir: Path, exclude=()):
+def hetero_model(model, ids, cluster, cache_dir: Path, exclude=(), cost_model=None):
     """hetero.compile on a GPU box; without CUDA (--tiny smoke test) the same steps with the
     GPU's stages mapped to the CPU (the weight streamer then hands out host tensors)."""
     import hetero
@@ -135,6 +135,7 @@ def hetero_model(model, ids, cluster, cache_dir: Path, exclude=()):
             cache_dir=cache_dir,
             executor="local",
             exclude=exclude,
+            cost_model=cost_model,
         )
     from hetero.cluster.api import CompiledModel
     from hetero.partitioner.algorithms import plan as make_plan
@@ -142,7 +143,7 @@ def hetero_model(model, ids, cluster, cache_dir: Path, exclude=()):
     from hetero.runtime.executor import LocalExecutor
 
     graph = hetero.capture(model, (ids,))
-    plan = make_plan(graph, cluster, backends=BACKENDS, exclude=exclude)
+    plan = make_plan(graph, cluster, backends=BACKENDS, exclude=exclude, cost_model=cost_model)
     stages = compile_plan(graph, plan, cluster, cache_dir, example_inputs=(ids,))
     cpu = cluster.device("node0/cpu")
     stages = [replace(s, device=cpu) for s in stages]
@@ -158,16 +159,17 @@ class Timed:
         self.fn, self.partition, self.gpu, self.spans = fn, partition, gpu, spans
 
     def __call__(self, *args):
+        t = time.perf_counter()
         if not self.gpu:
-            t = time.perf_counter()
             out = self.fn(*args)
-            self.spans.append((self.partition, (time.perf_counter() - t) * 1e3))
+            self.spans.append((self.partition, (time.perf_counter() - t) * 1e3, None))
             return out
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         out = self.fn(*args)
         end.record()
-        self.spans.append((self.partition, (start, end)))
+        # the host's own time for the call too: a dispatch-bound stage shows it in both
+        self.spans.append((self.partition, (start, end), (time.perf_counter() - t) * 1e3))
         return out
 
 
@@ -183,6 +185,7 @@ def partition_errors(cm, ids, iters: int, run=None) -> dict:
     flat = dict(zip(cm.input_names, (ids,), strict=True))
     run = run or (lambda e, f: e.run(f))
     totals: dict[int, float] = {}
+    host: dict[int, float] = {}
     try:
         with torch.no_grad():
             for k in range(iters + 1):
@@ -191,13 +194,16 @@ def partition_errors(cm, ids, iters: int, run=None) -> dict:
                 sync()
                 if k == 0:
                     continue  # warm-up
-                for part, span in spans:
+                for part, span, host_ms in spans:
                     ms = span if isinstance(span, float) else span[0].elapsed_time(span[1])
                     totals[part] = totals.get(part, 0.0) + ms / iters
+                    host[part] = host.get(part, 0.0) + (host_ms or ms) / iters
     finally:
         for i, r in ex._runners.items():
             r.runner = saved[i]
-    return error_table(cm.plan, totals)
+    table = error_table(cm.plan, totals)
+    table["host_ms"] = {str(k): round(v, 3) for k, v in host.items()}
+    return table
 
 
 def error_table(plan, measured: dict[int, float]) -> dict:
@@ -253,12 +259,19 @@ def main() -> None:
     ap.add_argument(
         "--skip",
         default="",
-        help="comma list of: accelerate,cpu,eager,slowlink,slowrun,calibrate",
+        help="comma list of: accelerate,cpu,eager,slowlink,slowrun,calibrate (plan with the "
+        "default cost model)",
     )
     ap.add_argument(
-        "--budget-s", type=float, default=300, help="start calibrating only before this many s"
+        "--budget-s", type=float, default=300, help="start optional sections before this many s"
     )
     ap.add_argument("--phases", default="prefill,decode", help="which shapes to run")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="plan with this calibration profile instead of calibrating here first",
+    )
     ap.add_argument("--slow-phases", default="prefill,decode", help="phases whose PCIe3 plan runs")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -317,8 +330,9 @@ def main() -> None:
             ms = timed(lambda x=x: model(x), args.iters)
             row("all on the GPU (no cap)", phase, ms, tokens[phase])
 
-    # ---- 2. hetero: plan under the cap, compile, run ----------------------------------------
+    # ---- 2. hetero: calibrate, plan under the cap, compile, run -----------------------------
     cluster = capped_cluster(weight_bytes, args.fraction)
+    cmodel = cost_model(args, skip, results, cluster, cuda)
     graphs = {}
     fast_plans = {}
     with tempfile.TemporaryDirectory(prefix="hetero-llama-") as cache:
@@ -329,7 +343,7 @@ def main() -> None:
             before = torch.cuda.memory_allocated() if cuda else 0
             # --tiny: the CPU only hosts weights, so the smoke test exercises streaming
             exclude = ("node0/cpu",) if args.tiny else ()
-            cm = hetero_model(model, x, cluster, Path(cache) / phase, exclude)
+            cm = hetero_model(model, x, cluster, Path(cache) / phase, exclude, cmodel)
             held = (torch.cuda.memory_allocated() - before) if cuda else 0
             graphs[phase] = cm.graph
             log("compiled; stages: " + ", ".join(f"{s.name}:{s.weights[0]}" for s in cm.stages))
@@ -371,6 +385,11 @@ def main() -> None:
             pe = partition_errors(cm, x, args.iters)
             results.setdefault("partition_errors", {})[phase] = pe
             log(f"per-partition predicted vs measured (CUDA events): {pe}")
+            if cmodel is not None:  # what the datasheet defaults predict for the same plan
+                default = default_predictions(cm.graph, cm.plan, cluster)
+                pd = error_table(default, {int(k): v for k, v in pe["measured"].items()})
+                results.setdefault("partition_errors_default_model", {})[phase] = pd
+                log(f"same plan, default cost model: median |error| {pd['median_abs_error']}")
             save()
             if "slowrun" not in skip and "slowlink" not in skip and cuda and rate:
                 # the same plan with its weight copies slowed to PCIe Gen3's 12 GB/s
@@ -401,15 +420,16 @@ def main() -> None:
 
         # ---- 3. a PCIe Gen3 link (12 GB/s): its plans, and both plans run on it --------
         if "slowlink" not in skip:
-            ctx = dict(model=model, ids=ids, ref=ref, tokens=tokens, graphs=graphs, cache=cache)
+            ctx = dict(
+                model=model,
+                ids=ids,
+                ref=ref,
+                tokens=tokens,
+                graphs=graphs,
+                cache=cache,
+                cost_model=cmodel,
+            )
             slow_link_section(args, skip, results, row, ctx, cluster, fast_plans)
-            save()
-        if "calibrate" not in skip and cuda and time.perf_counter() - T0 > args.budget_s:
-            log(f"calibration skipped: {time.perf_counter() - T0:.0f} s in, over --budget-s")
-            results["calibrate_error"] = "skipped: out of time in this run"
-        elif "calibrate" not in skip and cuda:
-            ctx = dict(graphs=graphs, fast_plans=fast_plans)
-            calibrated_section(args, results, row, ctx, cluster)
             save()
 
     # ---- 4. host CPU only, bf16 --------------------------------------------------------------
@@ -485,7 +505,7 @@ def slow_link_section(args, skip, results, row, ctx, cluster, fast_plans) -> Non
     rate = results.get("pinned_h2d_GBps")
     for phase, graph in ctx["graphs"].items():
         log(f"planning {phase} on {slow.name} (GPU<->CPU 12 GB/s)")
-        p = make_plan(graph, slow, backends=BACKENDS)
+        p = make_plan(graph, slow, backends=BACKENDS, cost_model=ctx["cost_model"])
         results.setdefault("plans_pcie3", {})[phase] = plan_summary(p)
         text = p.explain()
         results.setdefault("explain_pcie3", {})[phase] = text
@@ -503,7 +523,7 @@ def slow_link_section(args, skip, results, row, ctx, cluster, fast_plans) -> Non
                     model = copy.deepcopy(ctx["model"]).cpu()
                     x = x.cpu()
                     g = hetero.capture(model, (x,))
-                    plan = make_plan(g, spec, backends=BACKENDS)
+                    plan = make_plan(g, spec, backends=BACKENDS, cost_model=ctx["cost_model"])
                     results.setdefault("explain_pcie3_run", {})[phase] = plan.explain()
                 cm = hetero.compile(
                     model,
@@ -548,36 +568,48 @@ def slow_link_section(args, skip, results, row, ctx, cluster, fast_plans) -> Non
             torch.cuda.empty_cache()
 
 
-def calibrated_section(args, results, row, ctx, cluster) -> None:
-    """`hetero calibrate` on this box (quick), then the plan under the calibrated cost model:
-    per-partition predicted vs measured, next to the default model's."""
-    from hetero.partitioner.calibrate import calibrate
-    from hetero.partitioner.cost import CostModel
+def cost_model(args, skip, results, cluster, cuda: bool):
+    """The cost model hetero plans with here: `hetero calibrate` on this box (its GPU and
+    CPU through the backends the plan runs, in the model's dtype: what the product does
+    before planning on a new machine), or a saved profile (--profile); None (datasheet
+    defaults) with --skip calibrate or without CUDA."""
+    from hetero.partitioner.calibrate import calibrate, fit_errors
+    from hetero.partitioner.cost import CalibrationProfile, CostModel
 
+    if args.profile is not None:
+        return CostModel(CalibrationProfile.load(args.profile))
+    if "calibrate" in skip or not cuda:
+        return None
     t0 = time.perf_counter()
     try:
-        profile, _, _ = calibrate(cluster, backends=BACKENDS, quick=True, log=log)
+        profile, _, _ = calibrate(cluster, backends=BACKENDS, dtypes=("float16",), log=log)
     except Exception as e:
-        log(f"calibrate failed: {type(e).__name__}: {e}")
+        log(f"calibrate failed, planning with the defaults: {type(e).__name__}: {e}")
         results["calibrate_error"] = f"{type(e).__name__}: {e}"
-        return
+        return None
     results["calibrate_s"] = round(time.perf_counter() - t0, 1)
+    results["profile"] = json.loads(profile.to_json(args.json.with_suffix(".profile.json")))
     log(f"calibrated in {results['calibrate_s']} s")
-    cmodel = CostModel(profile)
+    for row in fit_errors(profile):
+        log("fit: " + " ".join(str(round(x, 7) if isinstance(x, float) else x) for x in row))
+    for dp in profile.devices:
+        log(
+            f"{dp.device}: dispatch {1e6 * (dp.launch_overhead or 0):.1f} us "
+            f"+ runner {1e6 * dp.runner_overhead:.1f} us/op, view {1e6 * (dp.view_overhead or 0):.1f}"
+            f" us, partition call {1e6 * (dp.call_overhead or 0):.1f} us"
+        )
+    return CostModel(profile)
+
+
+def default_predictions(graph, plan, cluster):
+    """`plan`'s partitions priced by the default (uncalibrated) cost model."""
     from hetero.partitioner.algorithms import plan as make_plan
 
-    for phase, graph in ctx["graphs"].items():
-        p = make_plan(graph, cluster, backends=BACKENDS, cost_model=cmodel)
-        fast = ctx["fast_plans"][phase]
-        same = [q.nodes for q in p.partitions] == [q.nodes for q in fast.partitions]
-        measured = results.get("partition_errors", {}).get(phase, {}).get("measured", {})
-        entry = {"same_partitions_as_default_plan": same, "predicted_ms": p.predicted_ms}
-        if same and measured:
-            entry.update(error_table(p, {int(k): v for k, v in measured.items()}))
-        results.setdefault("partition_errors_calibrated", {})[phase] = entry
-        results.setdefault("explain_calibrated", {})[phase] = p.explain()
-        log(f"calibrated plan ({phase}): {entry}")
-        print(p.explain(), flush=True)
+    pins = {g: q.device for q in plan.partitions for g in q.groups}
+    again = make_plan(graph, cluster, backends=BACKENDS, pins=pins)
+    if [q.nodes for q in again.partitions] != [q.nodes for q in plan.partitions]:
+        return replace(plan, partitions=())  # not the same partitions: nothing to compare
+    return again
 
 
 def print_table(results: dict) -> None:
