@@ -89,6 +89,37 @@ def load_weights(artifact: Artifact) -> dict[str, torch.Tensor]:
     return {n: weights[n] for n in names}
 
 
+def traced_strides(ep: torch.export.ExportedProgram) -> list[tuple[int, ...] | None]:
+    """The strides each user input (flattened) was traced with; None where not a tensor or
+    not static. The captured graph's views assume them: a value may reach the partition
+    with others (another artifact's output where the whole model's eager run, which made
+    the example, returned a copy), and a view then fails or misreads."""
+    user = set(ep.graph_signature.user_inputs)
+    out = []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        val = node.meta.get("val")
+        stride = tuple(val.stride()) if isinstance(val, torch.Tensor) else None
+        out.append(stride if stride and all(isinstance(d, int) for d in stride) else None)
+    return out
+
+
+def restride(acts: tuple, strides: list[tuple[int, ...] | None]) -> tuple:
+    """`acts` with every tensor in the strides its program was traced with (a copy only
+    where they differ)."""
+    leaves, spec = pytree.tree_flatten(acts)
+    if len(leaves) != len(strides):
+        return acts
+    fixed = []
+    for a, want in zip(leaves, strides, strict=True):
+        if isinstance(a, torch.Tensor) and want is not None and a.stride() != want:
+            b = torch.empty_strided(a.shape, want, dtype=a.dtype, device=a.device)
+            a = b.copy_(a)
+        fixed.append(a)
+    return pytree.tree_unflatten(fixed, spec)
+
+
 def torch_device(device: DeviceSpec) -> torch.device:
     if device.kind == "gpu":
         return torch.device("cuda", device.index)
@@ -143,9 +174,11 @@ class EagerBackend(Backend):
                 a = a.to(cast)
             return a.to(dev)
 
+        strides = traced_strides(ep)
+
         def run(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
             with torch.no_grad():
                 # an activation may be a tuple (a multi-output op cut from its getitems)
-                return tuple(mod(*pytree.tree_map(move, acts)))
+                return tuple(mod(*restride(pytree.tree_map(move, acts), strides)))
 
         return run

@@ -101,8 +101,11 @@ class StageRunner:
                 f"partition {s.name} on {s.device.name} returned {len(outs)} values, its "
                 f"artifact {s.artifact.key} declares {len(s.outputs)}: rebuild the artifact"
             )
-        # Host copies for shared-memory channels. Tensors that stay on the GPU go over NCCL,
-        # which sends `numel` elements from `data_ptr`: a strided view would arrive scrambled.
+        # Host copies for shared-memory channels keep their strides: a reader was compiled
+        # for the strides of the eager run's values (the captured graph's views assume
+        # them). NCCL sends `numel` elements from `data_ptr`, so a strided value would arrive
+        # scrambled: it goes contiguous, and a reader whose views need the old strides then
+        # fails loudly instead of computing on garbage.
         move = torch.Tensor.cpu if host_out else torch.Tensor.contiguous
         outs = tuple(
             pytree.tree_map(lambda t: move(t) if isinstance(t, torch.Tensor) else t, o)

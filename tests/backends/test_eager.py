@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hetero.backends.base import CompileOptions
@@ -37,3 +38,23 @@ def test_partitions_chain_to_the_model_output(artifact_cache, cpu_device):
     with torch.no_grad():
         want = m(*args)
     torch.testing.assert_close(vals[graph.outputs[0]], want)
+
+
+def test_inputs_reach_the_program_in_the_strides_it_was_traced_with():
+    """A captured graph's views assume the example's strides; a value handed over
+    contiguous (another artifact's output, a serialised copy) is re-strided, not misread."""
+    from hetero.backends.eager import restride, traced_strides
+
+    class Flat(torch.nn.Module):
+        def forward(self, x):
+            return (x.permute(1, 0).reshape(-1),)
+
+    example = torch.arange(12.0).reshape(4, 3).t()  # (3, 4), strides (1, 3)
+    # core ATen, as hetero captures: the reshape becomes a view, valid for these strides only
+    ep = torch.export.export(Flat(), (example,), strict=False).run_decompositions()
+    assert traced_strides(ep) == [(1, 3)]
+    same_values = example.contiguous()  # strides (4, 1)
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        ep.module()(same_values)
+    (got,) = ep.module()(*restride((same_values,), traced_strides(ep)))
+    assert torch.equal(got, Flat()(example)[0])
