@@ -12,6 +12,7 @@ ORDER = [
     ("tvm.md", "CPU: TVM partitions vs eager, ONNX Runtime, torch.compile (issue 4)"),
     ("partitioner.md", "Planning time, cost-model accuracy, calibration (issue 3)"),
     ("runtime.md", "Ray runtime: per-hop overhead (issue 6)"),
+    ("pipeline_2gpu.md", "Two GPUs: GPT-2 XL pipeline over NCCL (issue 9)"),
 ]
 
 HEAD = """# Benchmarks
@@ -20,10 +21,45 @@ Every table below was produced by a script in `benchmarks/` (one script per ques
 each prints its table and writes JSON next to it in `benchmarks/results/`). Each section
 names its command, machine, card and date. CPU numbers come from the 2-core development
 machine, which was shared with other jobs while they ran (each section says how loaded);
-GPU numbers from one NVIDIA H100 80GB HBM3 lent through the device tool, with the eager
-and torch.compile baselines always measured in the same process and run.
+GPU numbers from NVIDIA H100 80GB HBM3 machines lent through the device tool (one GPU, or two
+for issue 9), with the eager and torch.compile baselines always measured in the same
+process and run.
 
 Regenerate this file from the sections: `python tools/benchmarks_md.py`.
+
+## The GPU machine: how each GPU benchmark runs there
+
+The device tool's machines have torch, triton and transformers but not ray, TVM or
+hetero's small dependencies, and no network. From the repository root here:
+
+```
+bash ../shared/device/pack.sh ray tvm-runtime        # .devdeps/: ray and TVM's runtime
+python3 -m pip download -d .whl --only-binary=:all: --python-version 3.12 --no-deps \
+    pydantic pydantic-core annotated-types typing-inspection typer click rich \
+    markdown-it-py mdurl pygments shellingham platformdirs
+```
+
+then one `run` call per line below, carrying `[".whl", ".devdeps"]` (the kind in brackets).
+Every command starts with the same prefix, which installs the wheels and makes the folders
+importable as the one package `hetero` (the package-dir mapping of pyproject.toml):
+
+```
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 && \
+source .devdeps/bootstrap.sh && \
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && R=$PWD && \
+mkdir -p /tmp/shim/hetero && cp -r hetero/* /tmp/shim/hetero/ && \
+for d in partitioner backends runtime cluster; do ln -sfn $R/$d /tmp/shim/hetero/$d; done && \
+export PYTHONPATH=/tmp/shim:/tmp/site && cd /tmp && ...
+```
+
+| question | `...` (from /tmp) | kind | wall |
+| --- | --- | --- | ---: |
+| GPT-2 small/medium through hetero.compile vs eager, torch.compile | `python3 $R/benchmarks/gpt2_e2e_gpu.py --json $OUT/gpt2_e2e.json` | nvidia-h100-x1 | - |
+| the Triton backend kernel by kernel | `python3 $R/benchmarks/gpt2_gpu.py --profile --json $OUT/gpt2.json` | nvidia-h100-x1 | - |
+| LLaMA 1.1B under a 0.55 GB cap (calibrates first) | `python3 $R/benchmarks/llama_offload.py --budget-s 300 --json $OUT/llama.json` | nvidia-h100-x1 | ~6 min (run 8: 5.4) |
+| GPU<->CPU hops vs pinned copies and the bare graph | `python3 $R/benchmarks/hop_overhead_gpu.py --json $OUT/hop_gpu.json` | nvidia-h100-x1 | - |
+| two GPUs: pipeline, split sweep, NCCL hops | `python3 $R/benchmarks/pipeline_2gpu.py --json $OUT/p2.json` | nvidia-h100-x2 | ~5 min |
+| the GPU tests | `python3 -m pytest -q $R/tests/gpu -p no:cacheprovider` | nvidia-h100-x1 | ~1 min |
 """
 
 
