@@ -39,11 +39,13 @@ class TensorMeta:
 
     shape: tuple[int | str, ...]
     hint: tuple[int, ...]
-    dtype: str  # "float32", ...; "symint" / "int" / "float" / "bool" / "none" for non-tensors
+    # "float32", "bool", ...; for non-tensors "symint" / "int" / "float" / "pybool" / "none"
+    # (a Python bool is not a bool tensor: a 2 MiB causal mask crossing a cut is 2 MiB)
+    dtype: str
 
     @property
     def is_tensor(self) -> bool:
-        return self.dtype not in ("symint", "int", "float", "bool", "none", "other")
+        return self.dtype not in ("symint", "int", "float", "pybool", "none", "other")
 
     @property
     def nbytes(self) -> int:
@@ -96,7 +98,7 @@ def tensor_meta(val: Any) -> TensorMeta:
     if val is None:
         return TensorMeta((), (), "none")
     if isinstance(val, bool):
-        return TensorMeta((), (), "bool")
+        return TensorMeta((), (), "pybool")
     if isinstance(val, int):
         return TensorMeta((), (), "int")
     if isinstance(val, float):

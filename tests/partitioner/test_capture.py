@@ -166,3 +166,12 @@ def test_uncapturable_model_gives_one_clear_error():
         capture(DataDependent(), (torch.randn(4),))
     msg = str(info.value)
     assert "DataDependent" in msg and "What to do" in msg
+
+
+def test_a_bool_tensor_counts_its_bytes_and_a_python_bool_does_not():
+    from hetero.partitioner.graph import tensor_meta
+
+    mask = tensor_meta(torch.ones(4, 256, 256, dtype=torch.bool))
+    assert mask.is_tensor and mask.nbytes == 4 * 256 * 256
+    flag = tensor_meta(True)
+    assert not flag.is_tensor and flag.nbytes == 8
