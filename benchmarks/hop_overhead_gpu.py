@@ -25,18 +25,17 @@ Bar (issue 6): hetero within 1.5x of its bare compiled graph.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from bounded import run_bounded
 
 CONFIGS = ("copy", "bare_id", "bare_move", "bare_cg", "hetero_cg", "bare_gc", "hetero_gc")
 PAIRS = (("bare_cg", "hetero_cg"), ("bare_gc", "hetero_gc"))
@@ -281,8 +280,6 @@ def run_child(config: str, sizes: list[int], iters: int, timeout: float) -> dict
     results: dict = {}
     pending = list(sizes)
     while pending:
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            path = f.name
         cmd = [
             sys.executable,
             os.path.abspath(__file__),
@@ -292,26 +289,10 @@ def run_child(config: str, sizes: list[int], iters: int, timeout: float) -> dict
             ",".join(map(str, pending)),
             "--iters",
             str(iters),
-            "--child-json",
-            path,
         ]
         t0 = time.perf_counter()
-        # own session: killing the group also ends the raylet / GCS it started
-        proc = subprocess.Popen(cmd, start_new_session=True)
-        why = ""
-        try:
-            rc = proc.wait(timeout=timeout)
-            if rc:
-                why = f"child exited with {rc}"
-        except subprocess.TimeoutExpired:
-            why = f"child killed after {timeout:.0f} s (hung)"
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        text = Path(path).read_text() if Path(path).exists() else ""
-        os.unlink(path)
-        got = {int(k): v for k, v in json.loads(text or "{}").items()}
+        got, why, _ = run_bounded(cmd, timeout)
+        got = {int(k): v for k, v in got.items()}
         results.update(got)
         wall = time.perf_counter() - t0
         done = [s for s in pending if s in got]

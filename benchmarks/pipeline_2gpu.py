@@ -82,7 +82,6 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -93,6 +92,8 @@ import traceback  # noqa: E402
 from collections import deque  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from bounded import run_bounded  # noqa: E402
 
 T0 = float(os.environ.get("PIPE2_T0") or time.time())  # the parent's start, for every log line
 REPO = Path(__file__).resolve().parents[1]
@@ -984,48 +985,10 @@ def child_main(a) -> None:
 # ---- parent ----------------------------------------------------------------------------------
 
 
-def session_members(sid: int) -> list[int]:
-    """Processes of session `sid` (Linux /proc): a child started with start_new_session
-    and everything it spawned, Ray workers included (they leave its process group)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            after = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(after[3]) == sid and int(entry) != os.getpid():  # state ppid pgrp session
-            out.append(int(entry))
-    return out
-
-
-def end_session(sid: int, wait_s: float = 10.0) -> int:
-    """SIGKILL what is left of the child's session; wait until it is gone (GPU memory)."""
-    left = session_members(sid) if os.path.isdir("/proc") else []
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.time() + wait_s
-    while left and time.time() < deadline:
-        time.sleep(0.2)
-        left = [p for p in session_members(sid) if not _zombie(p)]
-    return len(left)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 def run_child(name: str, s: Setup, args, timeout: float, extra: list[str]) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=f"-{name}.json", delete=False) as f:
-        path = f.name
     cmd = [
         sys.executable, os.path.abspath(__file__), "--child", name, "--setup",
-        json.dumps(asdict(s)), "--child-json", path, "--skip", ",".join(args.skip),
+        json.dumps(asdict(s)), "--skip", ",".join(args.skip),
         "--cache-root", args.cache_root, "--sweep-mb", str(args.sweep_mb),
         "--refine-mb", str(args.refine_mb), "--refine-rounds", str(args.refine_rounds),
         "--refine-top", str(args.refine_top), *extra,
@@ -1033,26 +996,9 @@ def run_child(name: str, s: Setup, args, timeout: float, extra: list[str]) -> di
     env = {**os.environ, **NCCL_ENV, "PIPE2_T0": str(T0)}
     log(f"== {name}: child started (timeout {timeout:.0f} s)")
     t0 = time.perf_counter()
-    # its own session: killing the group also ends the raylet and workers it started
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
-    why = ""
-    try:
-        rc = proc.wait(timeout=timeout)
-        if rc:
-            why = f"child exited with {rc}"
-    except subprocess.TimeoutExpired:
-        why = f"child killed after {timeout:.0f} s (hung or out of time)"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        left = end_session(proc.pid)  # Ray's workers run in process groups of their own
-        if left:
-            log(f"{left} process(es) of the {name} child still alive after SIGKILL")
-    text = Path(path).read_text() if Path(path).exists() else ""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    got = json.loads(text or "{}")
+    got, why, left = run_bounded(cmd, timeout, env)
+    if left:
+        log(f"{left} process(es) of the {name} child still alive after SIGKILL")
     got["wall_s"] = round(time.perf_counter() - t0, 1)
     if why:
         got["killed" if "killed" in why else "exit"] = why

@@ -391,15 +391,14 @@ def _eager_blocks(
     for u in blocks:
         u = replace(u, module=u.module.to(tdtype))  # _units leaves parameters in float32
         graph = capture(u.module, u.inputs)
-        og = graph
-        groups = graph.coarsen()
-        host_only = device.kind == "gpu"
-        pred = sum(
-            cm.group_time(g, [og[n] for n in g.nodes], device, backend="eager")
-            if not host_only
-            else cm.dispatch_time([og[n] for n in g.nodes], device, backend="eager")
-            for g in groups
-        )
+        pred = 0.0
+        for g in graph.coarsen():
+            ops = [graph[n] for n in g.nodes]
+            pred += (
+                cm.dispatch_time(ops, device, backend="eager")
+                if device.kind == "gpu"  # the factor scales a GPU's dispatch side only
+                else cm.group_time(g, ops, device, backend="eager")
+            )
         inputs = tuple(a.to(dev) for a in u.inputs)
         mod = torch.export.export(u.module.to(dev).eval(), inputs, strict=False).module()
         t = time_call(lambda mod=mod, inputs=inputs: mod(*inputs), sync, budget=1.0)

@@ -445,11 +445,16 @@ class CostModel:
         """One op run alone (unfused). `scale` shrinks activations (a microbatch of 1/scale)."""
         if op.op_class == "view":
             return self.view_overhead(device, backend)
+        t = self.op_roofline(op, device, scale, backend)
+        return t + op.launches * self.op_overhead(device, cost_class(op), op.dtype, backend)
+
+    def op_roofline(
+        self, op: OpNode, device: DeviceSpec, scale: float = 1.0, backend: str | None = None
+    ) -> float:
+        """One op's compute/memory time alone, launches excluded (its activations scaled)."""
         act = op.bytes_read - op.param_bytes + op.bytes_written
         nbytes = act * scale + weight_bytes_read(op)
-        cls = cost_class(op)
-        t = self.roofline(device, cls, op.dtype, op.flops * scale, nbytes, backend)
-        return t + op.launches * self.op_overhead(device, cls, op.dtype, backend)
+        return self.roofline(device, cost_class(op), op.dtype, op.flops * scale, nbytes, backend)
 
     def group_time(
         self,
@@ -505,16 +510,11 @@ class CostModel:
     ) -> float:
         """The device's side of unfused ops queued back to back: each kernel's roofline plus
         the cluster file's `launch_overhead` (the gap between queued kernels)."""
-        t = 0.0
-        for op in ops:
-            if op.op_class == "view":
-                continue
-            act = op.bytes_read - op.param_bytes + op.bytes_written
-            cls = cost_class(op)
-            nbytes = act * scale + weight_bytes_read(op)
-            roof = self.roofline(device, cls, op.dtype, op.flops * scale, nbytes, backend)
-            t += roof + op.launches * device.launch_overhead
-        return t
+        return sum(
+            self.op_roofline(op, device, scale, backend) + op.launches * device.launch_overhead
+            for op in ops
+            if op.op_class != "view"
+        )
 
     def dispatch_time(
         self, ops: Sequence[OpNode], device: DeviceSpec, backend: str | None = None

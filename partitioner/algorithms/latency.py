@@ -230,6 +230,7 @@ def _local_search(
     placements of two groups (a knapsack step when memory binds), while it helps."""
     assign = assign.copy()
     best = _key(problem, assign)
+    resident_of = _resident_of(problem)
 
     def better(trial: np.ndarray) -> bool:
         nonlocal assign, best
@@ -251,7 +252,7 @@ def _local_search(
                     trial = assign.copy()
                     trial[start:stop] = p
                     improved |= better(trial)
-        if problem.place_streamed.any():
+        if resident_of:
             # Moving a group off a device whose memory binds pays only once the bytes it
             # frees let streamed groups there stay resident (an embedding table to the
             # CPU, a decoder layer resident): move, then refill, as one step.
@@ -260,7 +261,7 @@ def _local_search(
                     if p != assign[i]:
                         trial = assign.copy()
                         trial[i] = p
-                        improved |= better(_refill(problem, trial, allowed))
+                        improved |= better(_refill(problem, trial, allowed, resident_of))
         if improved or not trades or problem.n > _SWAP_LIMIT:
             continue
         for i, j in itertools.combinations(range(problem.n), 2):
@@ -276,18 +277,30 @@ def _local_search(
     return assign
 
 
-def _refill(problem: Problem, assign: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+def _resident_of(problem: Problem) -> dict[int, int]:
+    """Each streamed placement -> the resident placement on the same device."""
+    return {
+        p: next(
+            q
+            for q, other in enumerate(problem.placements)
+            if other.device == pl.device and not problem.place_streamed[q]
+        )
+        for p, pl in enumerate(problem.placements)
+        if problem.place_streamed[p]
+    }
+
+
+def _refill(
+    problem: Problem,
+    assign: np.ndarray,
+    allowed: np.ndarray,
+    resident_of: dict[int, int] | None = None,
+) -> np.ndarray:
     """`assign` with streamed groups made resident on their device: all of them when they
     fit (their streaming slots are then freed too), else one by one while they fit, the
-    largest time saving first."""
-    resident_of = {}
-    for p, pl in enumerate(problem.placements):
-        if problem.place_streamed[p]:
-            resident_of[p] = next(
-                q
-                for q, other in enumerate(problem.placements)
-                if other.device == pl.device and not problem.place_streamed[q]
-            )
+    largest time saving first. `resident_of`: `_resident_of(problem)`, when the caller has it."""
+    if resident_of is None:
+        resident_of = _resident_of(problem)
     gains = []
     for i in range(problem.n):
         p = int(assign[i])
