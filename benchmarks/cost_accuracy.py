@@ -44,7 +44,7 @@ from hetero.backends.cache import ArtifactCache
 from hetero.backends.compile import CompileJob, compile_units
 from hetero.backends.registry import default_registry
 from hetero.backends.units import units_for
-from hetero.cluster.config import load_config
+from hetero.interfaces.config import load_config
 from hetero.partitioner.algorithms import plan as make_plan
 from hetero.partitioner.calibrate import calibrate, fit_errors, sample_prediction, time_call
 from hetero.partitioner.cost import CalibrationProfile, CostModel

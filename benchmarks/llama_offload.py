@@ -137,7 +137,7 @@ def hetero_model(model, ids, cluster, cache_dir: Path, exclude=(), cost_model=No
             exclude=exclude,
             cost_model=cost_model,
         )
-    from hetero.cluster.api import CompiledModel
+    from hetero.interfaces.api import CompiledModel
     from hetero.partitioner.algorithms import plan as make_plan
     from hetero.runtime.build import compile_plan, needed_outputs
     from hetero.runtime.executor import LocalExecutor

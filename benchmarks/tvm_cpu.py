@@ -35,8 +35,8 @@ from hetero.backends.cache import ArtifactCache
 from hetero.backends.compile import CompileJob, compile_units
 from hetero.backends.registry import default_registry
 from hetero.backends.units import contiguous_cut, units_for
-from hetero.cluster.models import mlp_block, tiny_gpt
 from hetero.cluster.spec import DeviceSpec
+from hetero.interfaces.models import mlp_block, tiny_gpt
 from hetero.partitioner.graph import capture
 
 HERE = Path(__file__).resolve().parent

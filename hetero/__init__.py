@@ -30,9 +30,9 @@ Cluster = ClusterSpec
 # Heavier entry points load on first use, so `import hetero` stays cheap.
 _LAZY = {
     "plan": "hetero.partitioner.algorithms:plan",
-    "compile": "hetero.cluster.api:compile",
-    "deploy": "hetero.cluster.api:deploy",
-    "CompiledModel": "hetero.cluster.api:CompiledModel",
+    "compile": "hetero.interfaces.api:compile",
+    "deploy": "hetero.interfaces.api:deploy",
+    "CompiledModel": "hetero.interfaces.api:CompiledModel",
 }
 
 __version__ = "0.1.0"

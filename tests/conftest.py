@@ -50,7 +50,7 @@ class TestMLP(torch.nn.Module):
 
 @pytest.fixture(scope="session")
 def tiny_gpt():
-    from hetero.cluster.models import TinyGPT
+    from hetero.interfaces.models import TinyGPT
 
     torch.manual_seed(0)
     model = TinyGPT(vocab=128, dim=64, heads=4, layers=2, ctx=64).eval()

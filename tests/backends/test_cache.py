@@ -13,8 +13,8 @@ from hetero.backends.cache import ENV_VAR, MANIFEST, ArtifactCache
 from hetero.backends.compile import CompileJob, compile_units
 from hetero.backends.eager import EagerBackend
 from hetero.backends.units import units_for
-from hetero.cluster.models import mlp_block
 from hetero.errors import ArtifactCorrupt, CompileError
+from hetero.interfaces.models import mlp_block
 from hetero.partitioner.graph import capture
 
 

@@ -8,7 +8,7 @@ import torch
 from hetero.backends.base import CompileOptions
 from hetero.backends.eager import EagerBackend
 from hetero.backends.units import contiguous_cut, units_for
-from hetero.cluster.models import tiny_gpt
+from hetero.interfaces.models import tiny_gpt
 from hetero.partitioner.graph import capture
 
 

@@ -9,7 +9,7 @@ from hetero.backends.base import CompileOptions
 from hetero.backends.compile import CompileJob, compile_units
 from hetero.backends.registry import default_registry
 from hetero.backends.units import contiguous_cut, units_for
-from hetero.cluster.models import mlp_block, tiny_gpt
+from hetero.interfaces.models import mlp_block, tiny_gpt
 from hetero.partitioner.graph import capture
 
 pytest.importorskip("tvm")

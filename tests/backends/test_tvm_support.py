@@ -46,7 +46,7 @@ def test_unconvertible_op_is_unsupported_with_a_reason(tvm_backend, cpu_device):
 
 
 def test_sdpa_is_supported(tvm_backend, cpu_device):
-    from hetero.cluster.models import tiny_gpt
+    from hetero.interfaces.models import tiny_gpt
 
     m, args = tiny_gpt(batch=1, seq=8)
     graph = capture(m, args)
@@ -54,7 +54,7 @@ def test_sdpa_is_supported(tvm_backend, cpu_device):
 
 
 def test_npu_op_set_and_dtypes(tvm_backend, npu_device):
-    from hetero.cluster.models import tiny_gpt
+    from hetero.interfaces.models import tiny_gpt
 
     m, args = tiny_gpt(batch=1, seq=8)
     half = capture(m.half(), args)
@@ -116,7 +116,7 @@ def test_cpu_artifact_loads_with_the_runtime_library_alone(
     import subprocess
     import sys
 
-    from hetero.cluster.models import mlp_block
+    from hetero.interfaces.models import mlp_block
 
     m, args = mlp_block(batch=1, seq=4)
     graph = capture(m, args)

@@ -234,7 +234,7 @@ def test_schema_1_profile_loads_as_eager(tmp_path):
 def test_calibrate_command_through_tvm(tvm_cache, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from hetero.cluster.cli import app
+    from hetero.interfaces.cli import app
 
     monkeypatch.setattr(cal, "_units", _few_units)
     monkeypatch.setenv("HETERO_CACHE_DIR", str(tvm_cache.root))  # compiled by the test above

@@ -138,7 +138,7 @@ def test_describing_ops_does_not_specialize_dynamic_dims():
     """Counting FLOPs of a tuple-returning op (native_layer_norm) once did arithmetic on its
     symbolic sizes, which pinned the dynamic length to the example's in the program's
     ShapeEnv: every later export of a partition then refused other lengths."""
-    from hetero.cluster.models import tiny_gpt
+    from hetero.interfaces.models import tiny_gpt
 
     model, (idx,) = tiny_gpt(batch=2, seq=64)
     g = capture(model, (idx,), dynamic_shapes={"idx": {1: Dim("seq", min=2, max=128)}})

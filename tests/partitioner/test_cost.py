@@ -222,7 +222,7 @@ def test_calibrate_command_writes_a_profile(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import hetero.partitioner.calibrate as cal
-    from hetero.cluster.cli import app
+    from hetero.interfaces.cli import app
 
     def tiny(torch, dev, dtype, quick):
         a = torch.randn(32, 32)

@@ -53,14 +53,14 @@ def test_draw_png_and_svg(npu_plan, tmp_path):
 
 
 def test_cli_plan_writes_json_and_picture(tmp_path):
-    from hetero.cluster.cli import app
+    from hetero.interfaces.cli import app
 
     out, pic = tmp_path / "plan.json", tmp_path / "plan.png"
     result = CliRunner().invoke(
         app,
         [
             "plan",
-            "hetero.cluster.models:mlp_block",
+            "hetero.interfaces.models:mlp_block",
             "--cluster",
             "configs/clusters/h100-sxm-node.yaml",
             "--out",
@@ -76,7 +76,7 @@ def test_cli_plan_writes_json_and_picture(tmp_path):
 
 
 def test_cli_plan_reads_a_deploy_config(tmp_path):
-    from hetero.cluster.cli import app
+    from hetero.interfaces.cli import app
 
     out = tmp_path / "plan.json"
     result = CliRunner().invoke(app, ["plan", "configs/demo.yaml", "--out", str(out)])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from rt_helpers import CLUSTER, make_stages
 
-from hetero.cluster.models import mlp_block
 from hetero.cluster.spec import ClusterSpec
+from hetero.interfaces.models import mlp_block
 from hetero.partitioner.graph import capture
 from hetero.runtime.build import needed_outputs
 

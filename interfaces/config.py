@@ -1,0 +1,390 @@
+"""The deploy config: one YAML file that names the model, the cluster and how to serve it.
+
+```yaml
+model: hetero.interfaces.models:tiny_gpt      # pkg.module:factory -> (module, example_inputs)
+model_args: {batch: 1, seq: 32}            #   keyword arguments for the factory
+# model: exported/gpt.pt2                  # or a file written by torch.export.save
+dtype: float32                             # cast weights and float inputs
+dynamic: {idx: {1: {name: seq, min: 1, max: 128}}}
+cluster: ../clusters/cpu-2core.yaml        # a file (relative to this one), local, auto, ray://host:10001
+objective: latency                         # or throughput
+constraints: {exclude: [box/npu], memory: {box/gpu0: 8 GiB}, pins: {blocks.0: box/cpu}}
+backends: {gpu: triton, cpu: tvm, npu: tvm}
+cache_dir: ~/.cache/hetero
+serving: {host: 127.0.0.1, port: 50051, max_message_bytes: 4 MiB, queue_limit: 64, deadline: 30 s}
+```
+
+`load_config(path)` validates it; every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hetero.cluster.spec import read_yaml
+from hetero.cluster.units import UnitError, parse_bytes, parse_seconds
+from hetero.errors import ConfigError
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_RAY_ADDRESS = re.compile(r"^(auto|ray://.+|[A-Za-z0-9_.-]+:\d+)$")  # auto, ray://h:p, gcs h:p
+DTYPES = ("float32", "float16", "bfloat16")
+# gRPC's own default receive limit is 4 MiB. hetero states it in the config instead of
+# inheriting it silently: a deployment with big tensors raises it on purpose.
+GRPC_DEFAULT_MESSAGE_BYTES = 4 * 2**20
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _bytes(v: Any) -> int:
+    try:
+        return int(parse_bytes(v))
+    except UnitError as e:
+        raise ValueError(str(e)) from None
+
+
+def _seconds(v: Any) -> float:
+    try:
+        return float(parse_seconds(v))
+    except UnitError as e:
+        raise ValueError(str(e)) from None
+
+
+class DimSpec(_Strict):
+    """A dynamic dim: its name (dims with one name share a size) and its range."""
+
+    name: str
+    min: int | None = Field(None, ge=0)
+    max: int | None = Field(None, ge=1)
+
+
+class ServingOptions(_Strict):
+    host: str = "127.0.0.1"  # loopback unless the config says otherwise
+    port: int = Field(50051, ge=0, le=65535)  # 0 picks a free port
+    # Largest request or answer, both directions. gRPC's default receive limit is 4 MiB;
+    # raise it here, on purpose, for big tensors (e.g. "64 MiB").
+    max_message_bytes: int = GRPC_DEFAULT_MESSAGE_BYTES
+    queue_limit: int = Field(64, ge=1)  # requests admitted at once; more get RESOURCE_EXHAUSTED
+    deadline: float = 30.0  # seconds; applies when a client sends no deadline
+    workers: int = Field(1, ge=1)  # model calls that run at the same time
+    grace: float = 10.0  # seconds in-flight requests get to finish on shutdown
+
+    @field_validator("max_message_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        n = _bytes(v)
+        if n < 1024:
+            raise ValueError(f"{n} bytes is too small for any request (use e.g. '4 MiB')")
+        return n
+
+    @field_validator("deadline", "grace", mode="before")
+    @classmethod
+    def _time(cls, v: Any) -> float:
+        t = _seconds(v)
+        if t <= 0:
+            raise ValueError("must be a positive time, e.g. '30 s'")
+        return t
+
+
+class RayOptions(_Strict):
+    namespace: str = "hetero"  # other drivers find a named deployment here (ray.get_actor)
+    num_cpus: float = Field(1.0, ge=0)  # reserved by the deployment actor
+    num_gpus: float = Field(0.0, ge=0)
+    python: str = "python"  # interpreter a submitted job runs on the cluster
+
+
+class Constraints(_Strict):
+    exclude: list[str] = Field(default_factory=list)  # devices the plan must not use
+    memory: dict[str, int] = Field(default_factory=dict)  # device -> bytes usable (a cap)
+    pins: dict[str, str] = Field(default_factory=dict)  # module path or op name -> device
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _caps(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: _bytes(x) for k, x in v.items()}
+        return v
+
+
+class DeployConfig(_Strict):
+    """A validated deploy config. Paths are absolute (resolved against the config's folder)."""
+
+    model: str
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dynamic: dict[str, dict[int, DimSpec]] = Field(default_factory=dict)
+    cluster: str = "local"
+    objective: Literal["latency", "throughput"] = "latency"
+    constraints: Constraints = Field(default_factory=Constraints)
+    backends: dict[Literal["gpu", "cpu", "npu"], str] = Field(default_factory=dict)
+    cache_dir: str | None = None
+    executor: Literal["auto", "local", "ray"] = "auto"
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    serving: ServingOptions = Field(default_factory=ServingOptions)
+    ray: RayOptions = Field(default_factory=RayOptions)
+    source: str = ""  # the file it was read from (set by load_config, used in messages)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if _IMPORT_PATH.match(v) or v.endswith(".pt2"):
+            return v
+        if re.search(r"\.(pt|pth|bin|pkl|pickle|ckpt)$", v):
+            raise ValueError(
+                f"{v!r} is a pickle-based file, which can run code when loaded; hetero loads "
+                "only .pt2 programs written by torch.export.save (weights stay data)"
+            )
+        raise ValueError(
+            f"expected an import path `pkg.module:factory` or a `.pt2` file; got {v!r}"
+        )
+
+    @field_validator("dynamic", mode="before")
+    @classmethod
+    def _dims(cls, v: Any) -> Any:
+        # `{1: seq}` is short for `{1: {name: seq}}`.
+        if isinstance(v, Mapping):
+            return {
+                k: ({d: ({"name": s} if isinstance(s, str) else s) for d, s in dims.items()})
+                if isinstance(dims, Mapping)
+                else dims
+                for k, dims in v.items()
+            }
+        return v
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, v: str) -> str:
+        if v in ("local",) or _RAY_ADDRESS.match(v) or v.endswith((".yaml", ".yml")):
+            return v
+        raise ValueError(
+            "expected a cluster file (.yaml), `local`, `auto` or a Ray address "
+            f"(`ray://host:10001`, `host:6379`); got {v!r}"
+        )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> DeployConfig:
+        for name, dim in ((n, d) for dims in self.dynamic.values() for n, d in dims.items()):
+            if dim.min is not None and dim.max is not None and dim.min > dim.max:
+                raise ValueError(f"dynamic dim {name} ({dim.name}): min {dim.min} > max {dim.max}")
+        return self
+
+    # ---- what the config points at -----------------------------------------------------------
+    @property
+    def is_ray(self) -> bool:
+        """The cluster is a running Ray cluster (an address), not a file or this machine."""
+        return bool(_RAY_ADDRESS.match(self.cluster))
+
+    @property
+    def is_exported_file(self) -> bool:
+        return self.model.endswith(".pt2")
+
+    @property
+    def deployment_name(self) -> str:
+        if self.name:
+            return self.name
+        stem = Path(self.source).stem if self.source else "model"
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", stem) or "model"
+
+    def where(self, key: str) -> str:
+        return f"{self.source or '<config>'}: {key}"
+
+    def cluster_spec(self):
+        """The ClusterSpec the config names, less excluded devices and with memory caps."""
+        from hetero.cluster.spec import ClusterSpec
+
+        if self.cluster == "local":
+            spec = ClusterSpec.local()
+        elif self.is_ray:
+            spec = ClusterSpec.from_ray(self.cluster)
+        else:
+            if not Path(self.cluster).is_file():
+                raise ConfigError(
+                    f"{self.where('cluster')}: no cluster file {self.cluster} "
+                    "(paths are relative to the config's folder)"
+                )
+            spec = ClusterSpec.from_yaml(self.cluster)
+        try:
+            if self.constraints.exclude:
+                spec = spec.without(self.constraints.exclude)
+            for device, cap in self.constraints.memory.items():
+                spec = spec.with_device(device, memory=float(cap))
+        except ConfigError as e:
+            raise ConfigError(f"{self.where('constraints')}: {e}") from None
+        return spec
+
+    def load_model(self) -> LoadedModel:
+        """Import the factory (or load the .pt2 file safely) and cast to `dtype`."""
+        if self.is_exported_file:
+            from hetero.interfaces.modelfile import load_exported
+
+            module, example = load_exported(self.model, where=self.where("model"))
+        else:
+            module, example = _call_factory(self)
+        if self.dtype is not None:
+            module, example = _cast(module, example, self.dtype)
+        return LoadedModel(module, example, _dynamic_shapes(self, module, example))
+
+    def compile_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for hetero.compile besides the model and its inputs."""
+        return {
+            "objective": self.objective,
+            "backends": dict(self.backends) or None,
+            "cache_dir": self.cache_dir,
+            "executor": self.executor,
+        }
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    module: Any  # torch.nn.Module
+    example_inputs: tuple[Any, ...]
+    dynamic_shapes: Any  # for torch.export, or None
+
+
+def load_config(path: str | os.PathLike[str]) -> DeployConfig:
+    """Read and validate a deploy config; relative paths resolve against its folder."""
+    p = Path(path).expanduser()
+    return config_from_dict(read_yaml(p, "the deploy config"), source=p)
+
+
+def config_from_dict(data: Any, source: str | os.PathLike[str] = "<dict>") -> DeployConfig:
+    src = Path(source)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{src}: a deploy config is a mapping with at least `model:`")
+    if "source" in data:
+        raise ConfigError(f"{src}: source: unknown key (check its spelling)")
+    try:
+        cfg = DeployConfig.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError(_format(str(src), e)) from None
+    base = src.parent if str(source) != "<dict>" else Path.cwd()
+    update: dict[str, Any] = {"source": str(src)}
+    if cfg.cluster.endswith((".yaml", ".yml")):
+        update["cluster"] = str(_resolve(base, cfg.cluster))
+        if not Path(update["cluster"]).is_file():
+            raise ConfigError(
+                f"{src}: cluster: no file {cfg.cluster} (looked for {update['cluster']}); "
+                "paths are relative to the config's folder"
+            )
+    if cfg.is_exported_file:
+        update["model"] = str(_resolve(base, cfg.model))
+        if not Path(update["model"]).is_file():
+            raise ConfigError(f"{src}: model: no file {cfg.model} (looked for {update['model']})")
+    if cfg.cache_dir is not None:
+        update["cache_dir"] = str(_resolve(base, cfg.cache_dir))
+    return cfg.model_copy(update=update)
+
+
+def _resolve(base: Path, path: str) -> Path:
+    p = Path(os.path.expandvars(path)).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _format(source: str, e: ValidationError) -> str:
+    lines = [f"{source}: the deploy config is not valid:"]
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+# ---- model loading ------------------------------------------------------------------------------
+
+
+def _call_factory(cfg: DeployConfig) -> tuple[Any, tuple[Any, ...]]:
+    import torch
+
+    module_name, attr = cfg.model.split(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as e:
+        raise ConfigError(
+            f"{cfg.where('model')}: cannot import {module_name} ({e}); is its package installed "
+            "where this runs (on a Ray cluster: in its workers' environment)?"
+        ) from None
+    except AttributeError:
+        raise ConfigError(f"{cfg.where('model')}: {module_name} has no {attr!r}") from None
+    try:
+        result = factory(**cfg.model_args)
+    except TypeError as e:
+        raise ConfigError(f"{cfg.where('model_args')}: {cfg.model} rejected them: {e}") from None
+    if not (
+        isinstance(result, tuple)
+        and len(result) == 2
+        and isinstance(result[0], torch.nn.Module)
+        and isinstance(result[1], tuple | list)
+    ):
+        raise ConfigError(
+            f"{cfg.where('model')}: {cfg.model} must return (torch.nn.Module, example_inputs "
+            f"tuple); it returned {type(result).__name__}"
+        )
+    return result[0], tuple(result[1])
+
+
+def _cast(module: Any, example: tuple[Any, ...], dtype: str) -> tuple[Any, tuple[Any, ...]]:
+    import torch
+
+    tdtype = getattr(torch, dtype)
+    module = module.to(tdtype)
+    example = tuple(
+        x.to(tdtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+        for x in example
+    )
+    return module, example
+
+
+def _dynamic_shapes(cfg: DeployConfig, module: Any, example: tuple[Any, ...]) -> Any:
+    """torch.export dynamic_shapes keyed by forward's parameter names; None when static."""
+    if not cfg.dynamic:
+        return None
+    import torch
+
+    forward = getattr(module, "forward", module)
+    try:
+        names = [
+            p.name
+            for p in inspect.signature(forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ][: len(example)]
+    except (TypeError, ValueError):
+        names = [f"arg{i}" for i in range(len(example))]
+    unknown = sorted(set(cfg.dynamic) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{cfg.where('dynamic')}: no input named {', '.join(unknown)}; the model's inputs "
+            f"are {', '.join(names)}"
+        )
+    dims: dict[str, Any] = {}
+    spec: dict[str, Any] = {}
+    for name, x in zip(names, example, strict=False):
+        entries = cfg.dynamic.get(name)
+        if not entries:
+            spec[name] = None
+            continue
+        rank = x.dim() if isinstance(x, torch.Tensor) else 0
+        out = {}
+        for d, dim in entries.items():
+            if not 0 <= d < rank:
+                raise ConfigError(
+                    f"{cfg.where(f'dynamic.{name}.{d}')}: {name} has {rank} dims; dim {d} does not exist"
+                )
+            if dim.name not in dims:
+                dims[dim.name] = torch.export.Dim(dim.name, min=dim.min, max=dim.max)
+            out[d] = dims[dim.name]
+        spec[name] = out
+    return spec

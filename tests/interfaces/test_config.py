@@ -1,0 +1,126 @@
+"""The deploy config schema: shipped configs load, and every error names the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hetero.errors import ConfigError
+from hetero.interfaces.config import GRPC_DEFAULT_MESSAGE_BYTES, config_from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
+
+
+def _write(tmp_path: Path, data: dict, name: str = "deploy.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_every_shipped_cluster_has_a_deploy_config_that_loads():
+    clusters = sorted(p.stem for p in (CONFIGS / "clusters").glob("*.yaml"))
+    deploys = sorted(p.stem for p in (CONFIGS / "deploy").glob("*.yaml"))
+    assert clusters == deploys
+    for name in deploys:
+        cfg = load_config(CONFIGS / "deploy" / f"{name}.yaml")
+        assert cfg.cluster_spec().name == name
+        assert cfg.serving.host == "127.0.0.1"
+        assert cfg.serving.max_message_bytes >= GRPC_DEFAULT_MESSAGE_BYTES
+
+
+def test_demo_config_keeps_its_keys():
+    cfg = load_config(CONFIGS / "demo.yaml")
+    assert cfg.model == "hetero.interfaces.models:tiny_gpt"
+    assert Path(cfg.cluster).is_file() and cfg.objective == "throughput"
+    assert cfg.serving.max_message_bytes == 4 * 2**20  # gRPC's default, stated not inherited
+
+
+def test_dynamic_dims_become_export_dims(tmp_path):
+    p = _write(
+        tmp_path,
+        {
+            "model": "hetero.interfaces.models:tiny_gpt",
+            "model_args": {"batch": 1, "seq": 16},
+            "dynamic": {"idx": {1: "seq"}},
+            "serving": {"max_message_bytes": "64 MiB", "deadline": "250 ms"},
+        },
+    )
+    cfg = load_config(p)
+    assert cfg.serving.max_message_bytes == 64 * 2**20 and cfg.serving.deadline == 0.25
+    loaded = cfg.load_model()
+    assert loaded.example_inputs[0].shape == (1, 16)
+    dim = loaded.dynamic_shapes["idx"][1]
+    assert dim.__name__ == "seq"
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"model": "x.y:f", "objectve": "latency"}, ["objectve", "unknown key"]),
+        ({"model": "x.y:f", "objective": "fast"}, ["objective", "latency"]),
+        ({"model_args": {}}, ["model", "required"]),
+        ({"model": "weights.pth"}, ["model", "pickle", ".pt2"]),
+        (
+            {"model": "x.y:f", "serving": {"max_message_bytes": "lots"}},
+            ["serving.max_message_bytes"],
+        ),
+        ({"model": "x.y:f", "serving": {"port": 70000}}, ["serving.port"]),
+        ({"model": "x.y:f", "cluster": "nowhere.yaml"}, ["cluster", "nowhere.yaml"]),
+        ({"model": "x.y:f", "cluster": "bigbox"}, ["cluster", "ray://"]),
+        ({"model": "x.y:f", "backends": {"tpu": "xla"}}, ["backends.tpu"]),
+        ({"model": "missing.pt2"}, ["model", "missing.pt2"]),
+    ],
+)
+def test_errors_name_the_file_and_the_key(tmp_path, data, words):
+    p = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    message = str(info.value)
+    assert str(p) in message
+    for w in words:
+        assert w in message, message
+
+
+def test_model_errors_name_the_key(tmp_path):
+    cfg = config_from_dict({"model": "hetero.interfaces.models:nope"}, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"c\.yaml: model: .*no 'nope'"):
+        cfg.load_model()
+    cfg = config_from_dict(
+        {"model": "hetero.interfaces.models:mlp_block", "model_args": {"width": 3}},
+        tmp_path / "c.yaml",
+    )
+    with pytest.raises(ConfigError, match="model_args"):
+        cfg.load_model()
+    cfg = config_from_dict(
+        {"model": "hetero.interfaces.models:mlp_block", "dynamic": {"y": {0: "b"}}},
+        tmp_path / "c.yaml",
+    )
+    with pytest.raises(ConfigError, match=r"dynamic: no input named y; .* x"):
+        cfg.load_model()
+
+
+def test_constraints_shape_the_cluster(tmp_path):
+    cfg = config_from_dict(
+        {
+            "model": "hetero.interfaces.models:mlp_block",
+            "cluster": str(CONFIGS / "clusters" / "dev-box-npu.yaml"),
+            "constraints": {"exclude": ["local/npu"], "memory": {"local/cpu": "1 GiB"}},
+        },
+        tmp_path / "c.yaml",
+    )
+    spec = cfg.cluster_spec()
+    assert [d.name for d in spec.devices] == ["local/cpu"]
+    assert spec.devices[0].memory == 2**30
+
+
+def test_dtype_casts_weights_and_float_inputs(tmp_path):
+    cfg = config_from_dict(
+        {"model": "hetero.interfaces.models:mlp_block", "dtype": "bfloat16"}, tmp_path / "c.yaml"
+    )
+    loaded = cfg.load_model()
+    assert loaded.example_inputs[0].dtype == torch.bfloat16
+    assert next(loaded.module.parameters()).dtype == torch.bfloat16
