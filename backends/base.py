@@ -193,6 +193,10 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     device_kinds: ClassVar[tuple[str, ...]]
+    # Whether its artifacts can take the partition's parameters and state as runner inputs
+    # (CompileOptions extra weights="streamed"): generation binds one copy of the weights
+    # and the KV cache to both phases' partitions, and the cache is updated in place.
+    holds_state: ClassVar[bool] = False
 
     def available(self) -> Support:
         """Whether this backend's libraries are importable here."""

@@ -24,7 +24,7 @@ from hetero.backends.base import (
     Manifest,
     Runner,
 )
-from hetero.backends.export import export_unit
+from hetero.backends.export import dynamic_spec, export_unit
 from hetero.cluster.spec import DeviceSpec
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -73,9 +73,13 @@ def export_streamed(
         name: cast(unit.param_values[name].detach()).contiguous().cpu() for name in unit.params
     }
     example_params = tuple(w.to(device) for w in weights.values())
+    args = (*acts, *example_params)
     with torch.no_grad():
         ep = torch.export.export(
-            _ParamsAsInputs(unit.module).eval(), (*acts, *example_params), strict=False
+            _ParamsAsInputs(unit.module).eval(),
+            args,
+            dynamic_shapes=dynamic_spec(unit, len(args)),
+            strict=False,
         )
     return ep, weights
 
@@ -129,6 +133,7 @@ def torch_device(device: DeviceSpec) -> torch.device:
 class EagerBackend(Backend):
     name = "eager"
     device_kinds = ("cpu", "gpu", "npu")
+    holds_state = True
 
     def compile(
         self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path

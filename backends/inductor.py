@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from hetero.backends.base import (
     YES,
@@ -23,7 +24,7 @@ from hetero.backends.base import (
     Runner,
     Support,
 )
-from hetero.backends.eager import torch_device
+from hetero.backends.eager import WEIGHTS_FILE, export_streamed, torch_device
 from hetero.backends.export import export_unit
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError
@@ -33,10 +34,12 @@ MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cu
 
 class InductorBackend(Backend):
     """Options (CompileOptions.extra): mode (a torch.compile mode, default None),
-    fullgraph (bool, default True)."""
+    fullgraph (bool, default True), weights ("streamed": the program takes its parameters
+    and state as inputs after the activations, as the eager backend's does)."""
 
     name = "inductor"
     device_kinds = ("gpu", "cpu")
+    holds_state = True
 
     def available(self) -> Support:
         if not hasattr(torch, "compile"):
@@ -56,14 +59,24 @@ class InductorBackend(Backend):
                 f"backend 'inductor'; use one of {', '.join(str(m) for m in MODES)}"
             )
         dtype = getattr(torch, options.dtype) if options.dtype else None
+        streamed = options.get("weights", "resident") == "streamed"
+        files = ["program.pt2", "inductor.json"]
+        out_dir.mkdir(parents=True, exist_ok=True)
         try:
-            ep = export_unit(unit, dtype)
+            if streamed:
+                here = device.kind == "gpu" and torch.cuda.is_available()
+                ep, weights = export_streamed(unit, dtype, torch_device(device) if here else None)
+            else:
+                ep = export_unit(unit, dtype)
         except Exception as e:
             raise CompileError(
                 f"partition {unit.name}: torch.export of the partition failed for inductor "
                 f"({type(e).__name__}: {e})"
             ) from e
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if streamed:
+            order = json.dumps(list(weights))
+            save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"params": order})
+            files.append(WEIGHTS_FILE)
         torch.export.save(ep, out_dir / "program.pt2")
         settings = {
             "mode": mode,
@@ -71,7 +84,7 @@ class InductorBackend(Backend):
             "dynamic": bool(options.dynamic or unit.dynamic_dims),
         }
         (out_dir / "inductor.json").write_text(json.dumps(settings, indent=1))
-        return self.manifest(unit, device, options, out_dir, ["program.pt2", "inductor.json"])
+        return self.manifest(unit, device, options, out_dir, files)
 
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
         settings = json.loads((artifact.path / "inductor.json").read_text())

@@ -12,7 +12,8 @@ from typing import Any
 from hetero.errors import ConfigError
 
 SCHEMA_VERSION = 1
-WEIGHT_HOMES = ("resident", "streamed")  # on the compute device / in host memory, streamed in
+# on the compute device / in host memory, streamed in / shared by rows with the host CPU
+WEIGHT_HOMES = ("resident", "streamed", "split")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class PlannedPartition:
         0  # on the compute device: resident params (or stream buffers) + activations
     )
     emulated: bool = False  # an NPU partition run through TVM on the host
+    # weights == "split": per group, the share of each weight matrix's rows the GPU computes
+    # (those rows streamed in); the host CPU computes the rest, in `cpu_dtype`
+    split: tuple[tuple[str, float], ...] = ()
+    cpu_dtype: str = ""
+    group_sizes: tuple[int, ...] = ()  # ops of each of `groups`, in order (`nodes` cut by group)
+    state_bytes: int = 0  # buffers it updates in place (a KV cache), held on its device
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,15 @@ class Plan:
             )
         d = dict(d)
         d["partitions"] = tuple(
-            PlannedPartition(**{**p, "nodes": tuple(p["nodes"]), "groups": tuple(p["groups"])})
+            PlannedPartition(
+                **{
+                    **p,
+                    "nodes": tuple(p["nodes"]),
+                    "groups": tuple(p["groups"]),
+                    "split": tuple((g, float(f)) for g, f in p.get("split", ())),
+                    "group_sizes": tuple(p.get("group_sizes", ())),
+                }
+            )
             for p in d["partitions"]
         )
         d["transfers"] = tuple(

@@ -10,9 +10,17 @@ import numpy as np
 
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.errors import ConfigError, PlanInfeasible
-from hetero.partitioner.algorithms.problem import INF, RESIDENT, STREAMED, Placement, Problem
+from hetero.partitioner.algorithms.problem import (
+    INF,
+    RESIDENT,
+    SPLIT,
+    STREAMED,
+    Placement,
+    Problem,
+)
 from hetero.partitioner.coarsen import GroupGraph
 from hetero.partitioner.cost import CostModel
+from hetero.partitioner.gpu_cpu_split import SplitCost, split_cost
 from hetero.partitioner.plan import Rejection
 
 DEFAULT_BACKENDS: Mapping[str, str] = {"gpu": "triton", "cpu": "tvm", "npu": "tvm"}
@@ -30,6 +38,7 @@ class Context:
     scale: float  # activation scale (1 / microbatches)
     rejections: tuple[Rejection, ...]
     notes: tuple[str, ...]
+    splits: Mapping[int, SplitCost] = None  # group index -> its GPU/CPU split, where priced
 
 
 def backends_by_kind(backends: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -89,7 +98,10 @@ def build_problem(
     exclude: Sequence[str] = (),
     microbatches: int = 1,
     registry=None,
+    split: bool = False,
 ) -> tuple[Problem, Context]:
+    """`split`: also offer GPUs the `split` weight home (partitioner/gpu_cpu_split.py), for
+    bandwidth-bound steps (LLM decode)."""
     if registry is None:
         from hetero.backends.registry import default_registry
 
@@ -113,9 +125,13 @@ def build_problem(
         host = cluster.host_cpu(d.host)
         if d.kind == "gpu" and host is not None and host.name != d.name:
             placements.append(Placement(i, STREAMED))
+            if split and host.name not in excluded:
+                placements.append(Placement(i, SPLIT))
 
     n, num_p = len(groups), len(placements)
     compute = np.full((n, num_p), INF)
+    split_bytes = np.zeros(n)
+    splits: dict[int, SplitCost] = {}
     support_cache: dict[tuple[str, str], object] = {}
     for gi, g in enumerate(groups):
         ops = [og[x] for x in g.nodes]
@@ -126,6 +142,10 @@ def build_problem(
                 rejections.append(Rejection(g.name, d.name, f"pinned to {pinned[g.name]}"))
                 continue
             bad = _unsupported(ops, d, backend_of[d.name], registry, support_cache)
+            if g.state_bytes and not getattr(
+                registry.get(backend_of[d.name]), "holds_state", False
+            ):
+                bad = [(g.name, f"{backend_of[d.name]} keeps no state (the KV cache it updates)")]
             if bad:
                 for op, reason in bad:
                     rejections.append(Rejection(op, d.name, reason))
@@ -151,6 +171,26 @@ def build_problem(
                             if g.param_bytes
                             else INF
                         )
+                    elif pl.weights == SPLIT:
+                        compute[gi, p] = INF
+                        host = cluster.host_cpu(d.host)
+                        cost = split_cost(
+                            og,
+                            ops,
+                            d,
+                            host,
+                            cluster,
+                            cost_model,
+                            gpu_backend=backend_of[d.name],
+                            cpu_backend=backend_of[host.name],
+                            scale=scale,
+                        )
+                        if cost is not None:
+                            splits[gi] = cost
+                            split_bytes[gi] = cost.gpu_bytes
+                            compute[gi, p] = cost.seconds + cost_model.call_overhead(
+                                d, backend_of[d.name]
+                            )
 
     index = groups.index
     edges = [(index[u], index[v], b * scale) for u, v, b in groups.graph.edges(data="bytes")]
@@ -185,6 +225,8 @@ def build_problem(
         in_bytes=np.array([groups.input_bytes(g.name) * scale for g in groups], dtype=float),
         out_bytes=np.array([groups.output_bytes(g.name) * scale for g in groups], dtype=float),
         origin=names.index(origin_dev.name),
+        state_bytes=np.array([g.state_bytes for g in groups], dtype=float),
+        split_bytes=split_bytes,
     )
     _check_placeable(problem, groups, rejections)
     ctx = Context(
@@ -195,6 +237,7 @@ def build_problem(
         scale=scale,
         rejections=tuple(rejections),
         notes=tuple(notes),
+        splits=splits,
     )
     return problem, ctx
 
