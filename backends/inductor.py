@@ -9,6 +9,7 @@ per partition by predicted or measured time.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from hetero.backends.base import (
     YES,
     Artifact,
     Backend,
+    BackendOptions,
     CompileOptions,
     CompileUnit,
     Manifest,
@@ -31,12 +33,17 @@ from hetero.errors import CompileError
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-class InductorBackend(Backend):
-    """Options (CompileOptions.extra): mode (a torch.compile mode, default None),
-    fullgraph (bool, default True)."""
+@dataclass(frozen=True)
+class InductorOptions(BackendOptions):
+    mode: str | None = None  # a torch.compile mode (MODES); None: torch.compile's default
+    fullgraph: bool = True  # one graph, no graph breaks (a partition is one ATen graph)
 
+
+class InductorBackend(Backend):
     name = "inductor"
     device_kinds = ("gpu", "cpu")
+    fuses = True
+    options_type = InductorOptions
 
     def available(self) -> Support:
         if not hasattr(torch, "compile"):
@@ -44,12 +51,14 @@ class InductorBackend(Backend):
         return YES
 
     def target(self, device: DeviceSpec, options: CompileOptions) -> str:
-        return f"inductor:{device.kind}:{device.model or 'any'}:{options.get('mode') or 'default'}"
+        mode = self.parse_options(options).mode
+        return f"inductor:{device.kind}:{device.model or 'any'}:{mode or 'default'}"
 
     def compile(
         self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
     ) -> Manifest:
-        mode = options.get("mode")
+        own = self.parse_options(options)
+        mode = own.mode
         if mode not in MODES:
             raise CompileError(
                 f"partition {unit.name}: unknown torch.compile mode {mode!r} in the options of "
@@ -67,7 +76,7 @@ class InductorBackend(Backend):
         torch.export.save(ep, out_dir / "program.pt2")
         settings = {
             "mode": mode,
-            "fullgraph": bool(options.get("fullgraph", True)),
+            "fullgraph": own.fullgraph,
             "dynamic": bool(options.dynamic or unit.dynamic_dims),
         }
         (out_dir / "inductor.json").write_text(json.dumps(settings, indent=1))

@@ -181,11 +181,6 @@ class Problem:
             return INF
         return max(self.stage_times(assign))
 
-    def objective(self, assign: np.ndarray, objective: str) -> float:
-        if objective == "throughput":
-            return self.throughput(assign)
-        return self.latency(assign)
-
     def segment_memory(self, start: int, stop: int, p: int) -> float:
         params = self.param_bytes[start:stop]
         w = 2 * params.max() if self.place_streamed[p] else params.sum()
@@ -195,6 +190,6 @@ class Problem:
 @dataclass(frozen=True)
 class Solution:
     assign: np.ndarray  # [n] placement index per group
-    objective: float  # seconds (latency) or seconds per microbatch (throughput)
+    seconds: float  # what the objective measures: one request, or one microbatch (pipeline)
     algorithm: str
     notes: tuple[str, ...] = ()
