@@ -1,6 +1,6 @@
 """The reference backend: the partition as plain PyTorch, saved as a torch.export `.pt2`.
 
-Option `weights="streamed"` (CompileOptions.extra): the program takes its parameters as
+Option `weights="streamed"` (`EagerOptions`): the program takes its parameters as
 inputs after the activations and the weights go to `weights.safetensors`, so the runtime
 can keep them in host memory and stream them to the GPU before each call
 (runtime/streaming.py); `load_weights` reads them back.
@@ -9,6 +9,7 @@ can keep them in host memory and stream them to the GPU before each call
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from torch.utils import _pytree as pytree
 from hetero.backends.base import (
     Artifact,
     Backend,
+    BackendOptions,
     CompileOptions,
     CompileUnit,
     Manifest,
@@ -26,8 +28,24 @@ from hetero.backends.base import (
 )
 from hetero.backends.export import dynamic_spec, export_unit
 from hetero.cluster.spec import DeviceSpec
+from hetero.errors import ConfigError
 
 WEIGHTS_FILE = "weights.safetensors"
+WEIGHT_HOMES = ("resident", "streamed")
+
+
+@dataclass(frozen=True)
+class EagerOptions(BackendOptions):
+    # resident: parameters inside the program; streamed: they are runner inputs after the
+    # activations, stored in `weights.safetensors` (the runtime streams them to the GPU)
+    weights: str = "resident"
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_HOMES:
+            raise ConfigError(
+                f"option 'weights' of backend 'eager': {self.weights!r} is not one of "
+                f"{', '.join(WEIGHT_HOMES)}"
+            )
 
 
 class _ParamsAsInputs(torch.nn.Module):
@@ -134,12 +152,13 @@ class EagerBackend(Backend):
     name = "eager"
     device_kinds = ("cpu", "gpu", "npu")
     holds_state = True
+    options_type = EagerOptions
 
     def compile(
         self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
     ) -> Manifest:
         dtype = getattr(torch, options.dtype) if options.dtype else None
-        streamed = options.get("weights", "resident") == "streamed"
+        streamed = self.parse_options(options).weights == "streamed"
         files = ["program.pt2"]
         if streamed:
             here = device.kind == "gpu" and torch.cuda.is_available()

@@ -9,6 +9,7 @@ per partition by predicted or measured time.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from hetero.backends.base import (
     YES,
     Artifact,
     Backend,
+    BackendOptions,
     CompileOptions,
     CompileUnit,
     Manifest,
@@ -32,14 +34,21 @@ from hetero.errors import CompileError
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-class InductorBackend(Backend):
-    """Options (CompileOptions.extra): mode (a torch.compile mode, default None),
-    fullgraph (bool, default True), weights ("streamed": the program takes its parameters
-    and state as inputs after the activations, as the eager backend's does)."""
+@dataclass(frozen=True)
+class InductorOptions(BackendOptions):
+    mode: str | None = None  # a torch.compile mode (MODES); None: torch.compile's default
+    fullgraph: bool = True  # one graph, no graph breaks (a partition is one ATen graph)
+    # streamed: the program takes its parameters and state as inputs after the activations,
+    # as the eager backend's does (generation binds them per device)
+    weights: str = "resident"
 
+
+class InductorBackend(Backend):
     name = "inductor"
     device_kinds = ("gpu", "cpu")
     holds_state = True
+    fuses = True
+    options_type = InductorOptions
 
     def available(self) -> Support:
         if not hasattr(torch, "compile"):
@@ -47,19 +56,21 @@ class InductorBackend(Backend):
         return YES
 
     def target(self, device: DeviceSpec, options: CompileOptions) -> str:
-        return f"inductor:{device.kind}:{device.model or 'any'}:{options.get('mode') or 'default'}"
+        mode = self.parse_options(options).mode
+        return f"inductor:{device.kind}:{device.model or 'any'}:{mode or 'default'}"
 
     def compile(
         self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
     ) -> Manifest:
-        mode = options.get("mode")
+        own = self.parse_options(options)
+        mode = own.mode
         if mode not in MODES:
             raise CompileError(
                 f"partition {unit.name}: unknown torch.compile mode {mode!r} in the options of "
                 f"backend 'inductor'; use one of {', '.join(str(m) for m in MODES)}"
             )
         dtype = getattr(torch, options.dtype) if options.dtype else None
-        streamed = options.get("weights", "resident") == "streamed"
+        streamed = own.weights == "streamed"
         files = ["program.pt2", "inductor.json"]
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -80,7 +91,7 @@ class InductorBackend(Backend):
         torch.export.save(ep, out_dir / "program.pt2")
         settings = {
             "mode": mode,
-            "fullgraph": bool(options.get("fullgraph", True)),
+            "fullgraph": own.fullgraph,
             "dynamic": bool(options.dynamic or unit.dynamic_dims),
         }
         (out_dir / "inductor.json").write_text(json.dumps(settings, indent=1))

@@ -211,7 +211,11 @@ def child_ray(config: str, sizes: list[int], iters: int, emit) -> None:
             ops = graph.order
             parts = split(graph, {o: int(i >= len(ops) // 2) for i, o in enumerate(ops)})
             stages = compile_partitions(
-                graph, parts, [(d, "eager") for d in devs], tempfile.mkdtemp(prefix="hopgpu-")
+                graph,
+                parts,
+                [(d, "eager") for d in devs],
+                tempfile.mkdtemp(prefix="hopgpu-"),
+                registry=default_registry(),
             )
             row["hops"] = HOPS
             if config.startswith("bare"):

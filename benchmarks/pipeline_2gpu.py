@@ -436,7 +436,7 @@ def split_of(plan, s: Setup) -> dict:
 def two_stage_plan(graph, cluster, s: Setup, pins=None):
     """The throughput plan over every device; again without the host CPU if it is not two
     stages on the two pipeline devices. Returns (plan, excluded device names, note)."""
-    from hetero.partitioner.algorithms import plan as make_plan
+    from hetero.interfaces.api import plan as make_plan
 
     first = make_plan(graph, cluster, "throughput", backends=BACKENDS, pins=pins)
     used = [p.device for p in sorted(first.partitions, key=lambda p: p.index)]
@@ -457,13 +457,28 @@ def predicted_curve(graph, cluster, s: Setup, exclude) -> dict:
     device and the rest on the second."""
     import numpy as np
 
-    from hetero.partitioner.algorithms.adapter import build_problem, refine_for_support
+    from hetero.backends.registry import default_registry
+    from hetero.partitioner.algorithms.adapter import (
+        build_problem,
+        refine_for_support,
+        resolve_backends,
+    )
     from hetero.partitioner.algorithms.problem import RESIDENT
     from hetero.partitioner.cost import CostModel
+    from hetero.partitioner.decisions import BackendAssignment
 
-    groups = refine_for_support(graph.coarsen(), cluster, backends=BACKENDS, exclude=exclude)
+    registry = default_registry()
+    backends, _ = resolve_backends(cluster, BackendAssignment.parse(BACKENDS), registry)
+    groups = refine_for_support(
+        graph.coarsen(), cluster, backends=backends, registry=registry, exclude=exclude
+    )
     problem, _ = build_problem(
-        groups, cluster, CostModel.load(cluster=cluster), backends=BACKENDS, exclude=exclude
+        groups,
+        cluster,
+        CostModel.load(cluster=cluster),
+        backends=backends,
+        registry=registry,
+        exclude=exclude,
     )
 
     def placement(name: str) -> int:
@@ -507,7 +522,7 @@ def child_hetero(s: Setup, a, emit) -> None:
     import torch
 
     import hetero
-    from hetero.partitioner.algorithms import plan as make_plan
+    from hetero.interfaces.api import plan as make_plan
 
     skip = set(a.skip)
     pinned = a.pin_k is not None

@@ -29,7 +29,7 @@ Cluster = ClusterSpec
 
 # Heavier entry points load on first use, so `import hetero` stays cheap.
 _LAZY = {
-    "plan": "hetero.partitioner.algorithms:plan",
+    "plan": "hetero.interfaces.api:plan",
     "compile": "hetero.interfaces.api:compile",
     "deploy": "hetero.interfaces.api:deploy",
     "CompiledModel": "hetero.interfaces.api:CompiledModel",

@@ -1,4 +1,7 @@
-"""The Python API: `hetero.compile` (capture -> plan -> compile -> executor) and `hetero.deploy`.
+"""The Python API: `hetero.plan`, `hetero.compile` (capture -> plan -> compile -> executor)
+and `hetero.deploy`. The edge: strings (objective, backend names) become typed decisions
+here, and one backend registry is made here and handed to the planner, the compiler and
+the runtime.
 
 cm = hetero.compile(model, example_inputs, cluster="configs/clusters/edge-cpu-npu.yaml")
 out = cm(*inputs)          # what model(*inputs) returns, within tolerance
@@ -14,8 +17,13 @@ from typing import Any
 
 import torch
 
+from hetero.backends.base import CompileOptions
+from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
+from hetero.partitioner.algorithms import plan as make_plan
+from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import BackendAssignment, Objective
 from hetero.partitioner.graph import OpGraph, capture
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.split import flatten_inputs, unflatten_outputs
@@ -40,6 +48,42 @@ def resolve_cluster(cluster: ClusterSpec | str | os.PathLike[str] | None) -> Clu
     if str(cluster) in ("ray", "auto") or str(cluster).startswith("ray://"):
         return ClusterSpec.from_ray(None if str(cluster) == "ray" else str(cluster))
     return ClusterSpec.from_yaml(cluster)
+
+
+def plan(
+    graph: OpGraph,
+    cluster: ClusterSpec | str | os.PathLike[str] | None,
+    objective: Objective | str = "latency",
+    *,
+    backends: BackendAssignment | Mapping[str, str] | None = None,
+    pins: Mapping[str, str] | None = None,
+    exclude: Sequence[str] = (),
+    microbatches: int = 1,
+    cost_model: CostModel | None = None,
+    algorithm: str | None = None,
+    registry: BackendRegistry | None = None,
+    groups: Any = None,
+) -> Plan:
+    """`hetero.plan`: partition `graph` over `cluster` for `objective` ("latency" or
+    "throughput"). backends: device kind -> backend name (default gpu: triton, cpu/npu:
+    tvm; a name the registry lacks, or a backend unavailable here, plans with eager and says
+    so in the plan's notes). registry: the backends to choose from
+    (default: the built-ins and the `hetero.backends` entry points). The rest as
+    `hetero.partitioner.algorithms.plan` takes them."""
+    registry = registry if registry is not None else default_registry()
+    return make_plan(
+        graph,
+        resolve_cluster(cluster),
+        Objective.parse(objective),
+        backends=BackendAssignment.parse(backends),
+        registry=registry,
+        pins=pins,
+        exclude=exclude,
+        microbatches=microbatches,
+        cost_model=cost_model,
+        algorithm=algorithm,
+        groups=groups,
+    )
 
 
 class CompiledModel:
@@ -109,37 +153,46 @@ def compile(
     model: torch.nn.Module,
     example_inputs: Sequence[Any],
     cluster: ClusterSpec | str | os.PathLike[str] | None = None,
-    objective: str = "latency",
+    objective: Objective | str = "latency",
     dynamic_shapes: Any = None,
-    backends: Mapping[str, str] | None = None,
+    backends: BackendAssignment | Mapping[str, str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     executor: str = "auto",
     *,
     pins: Mapping[str, str] | None = None,
     exclude: Sequence[str] = (),
     microbatches: int = 1,
-    options: Any = None,
-    cost_model: Any = None,
+    options: CompileOptions | Mapping[str, CompileOptions] | None = None,
+    cost_model: CostModel | None = None,
     graph: OpGraph | None = None,
     plan: Plan | None = None,
+    registry: BackendRegistry | None = None,
 ) -> CompiledModel:
     """Capture, plan, compile every partition (cached) and start an executor.
 
     executor: "local" runs the partitions in this process, "ray" as one Ray actor per
     device; "auto" picks local when the cluster is this one machine, Ray otherwise.
     `graph` reuses a capture of the same model and inputs, `plan` a plan of that graph
-    for this cluster.
+    for this cluster. options: one CompileOptions for every backend, or backend name ->
+    CompileOptions. registry: the backends to choose from (default: the built-ins and the
+    `hetero.backends` entry points); planning, compiling and the workers all use it.
     """
     from hetero.runtime.build import needed_outputs
 
+    registry = registry if registry is not None else default_registry()
+    goal = Objective.parse(objective)
+    assignment = BackendAssignment.parse(backends)
+    for opts in options.values() if isinstance(options, Mapping) else [options]:
+        if opts is not None:
+            registry.check_options(opts)
     if graph is None:
         graph = capture(model, example_inputs, dynamic_shapes)
     spec = resolve_cluster(cluster)
     build = _Builder(
         graph,
-        objective,
+        goal,
         dict(
-            backends=backends,
+            backends=assignment,
             pins=pins,
             exclude=exclude,
             microbatches=microbatches,
@@ -148,6 +201,7 @@ def compile(
         Path(cache_dir) if cache_dir else default_cache_dir(),
         example_inputs,
         options,
+        registry,
     )
     stages, plan = build(spec, plan)
     kind = executor
@@ -156,7 +210,7 @@ def compile(
     if kind == "local":
         from hetero.runtime.executor import LocalExecutor
 
-        runner = LocalExecutor(stages, needed_outputs(graph), plan=plan)
+        runner = LocalExecutor(stages, needed_outputs(graph), registry, plan=plan)
     elif kind == "ray":
         import ray
 
@@ -174,6 +228,7 @@ def compile(
             cluster=spec,
             plan=plan,
             replan=build,  # devices gone for good: plan again over what is left
+            registry=registry,
         )
     else:
         raise ConfigError(f"executor {executor!r} is not one of: auto, local, ray")
@@ -187,25 +242,30 @@ class _Builder:
     are left, when some are gone for good.
     """
 
-    def __init__(self, graph, objective, plan_kwargs, cache_dir, example_inputs, options) -> None:
+    def __init__(
+        self, graph, objective, plan_kwargs, cache_dir, example_inputs, options, registry
+    ) -> None:
         self.graph = graph
         self.objective = objective
         self.plan_kwargs = plan_kwargs
         self.cache_dir = cache_dir
         self.example_inputs = example_inputs
         self.options = options
+        self.registry = registry
 
     def __call__(self, cluster: ClusterSpec, plan: Plan | None = None):
-        from hetero.partitioner.algorithms import plan as make_plan
         from hetero.runtime.build import compile_plan
 
         if plan is None:
-            plan = make_plan(self.graph, cluster, self.objective, **self.plan_kwargs)
+            plan = make_plan(
+                self.graph, cluster, self.objective, registry=self.registry, **self.plan_kwargs
+            )
         stages = compile_plan(
             self.graph,
             plan,
             cluster,
             self.cache_dir,
+            registry=self.registry,
             example_inputs=self.example_inputs,
             options=self.options,
         )

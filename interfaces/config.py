@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hetero.cluster.spec import read_yaml
 from hetero.cluster.units import UnitError, parse_bytes, parse_seconds
 from hetero.errors import ConfigError
+from hetero.partitioner.decisions import BackendAssignment, Objective
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _RAY_ADDRESS = re.compile(r"^(auto|ray://.+|[A-Za-z0-9_.-]+:\d+)$")  # auto, ray://h:p, gcs h:p
@@ -124,7 +125,7 @@ class DeployConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     dynamic: dict[str, dict[int, DimSpec]] = Field(default_factory=dict)
     cluster: str = "local"
-    objective: Literal["latency", "throughput"] = "latency"
+    objective: Objective = Objective.LATENCY
     constraints: Constraints = Field(default_factory=Constraints)
     backends: dict[Literal["gpu", "cpu", "npu"], str] = Field(default_factory=dict)
     cache_dir: str | None = None
@@ -234,11 +235,17 @@ class DeployConfig(_Strict):
             module, example = _cast(module, example, self.dtype)
         return LoadedModel(module, example, _dynamic_shapes(self, module, example))
 
+    @property
+    def backend_assignment(self) -> BackendAssignment:
+        """The defaults overridden by `backends:` (names are checked against the registry
+        where the plan is made)."""
+        return BackendAssignment.parse(self.backends, where=self.where("backends"))
+
     def compile_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for hetero.compile besides the model and its inputs."""
         return {
             "objective": self.objective,
-            "backends": dict(self.backends) or None,
+            "backends": self.backend_assignment,
             "cache_dir": self.cache_dir,
             "executor": self.executor,
         }

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -43,6 +43,7 @@ from hetero.partitioner.cost import (
     LinkProfile,
     fused_terms,
 )
+from hetero.partitioner.decisions import BackendAssignment
 
 _GRID = np.geomspace(0.002, 1.5, 64)
 
@@ -708,7 +709,8 @@ def _calibrate_compiled(
         backend_versions=versions_string(backend),
     )
     ratios = []
-    cm = CostModel(CalibrationProfile("", (profile,)))
+    fusing = frozenset({backend_name}) if backend.fuses else frozenset()
+    cm = CostModel(CalibrationProfile("", (profile,)), fusing_backends=fusing)
     for (u, _, _, _, groups), t in zip(todo, times, strict=True):
         if u.op_class == BLOCK:
             og = groups.opgraph
@@ -776,14 +778,13 @@ def present(
 
 
 def backends_to_measure(
-    device: DeviceSpec, backends: Mapping[str, str | Sequence[str]] | None
+    device: DeviceSpec, backends: Sequence[BackendAssignment]
 ) -> tuple[str, ...]:
-    """Backend names to calibrate `device` through: `backends` maps a device kind to one
-    name or several (a deploy config's `backends:` has this form); eager when unmapped."""
+    """Backend names to calibrate `device` through: the one each assignment gives its kind
+    (each once); eager when there is none."""
     if not backends:
         return ("eager",)
-    names = backends.get(device.kind, "eager")
-    return (names,) if isinstance(names, str) else tuple(names)
+    return tuple(dict.fromkeys(a.for_device(device) for a in backends))
 
 
 def versions_string(backend) -> str:
@@ -795,7 +796,7 @@ def versions_string(backend) -> str:
 def calibrate(
     cluster: ClusterSpec,
     *,
-    backends: Mapping[str, str | Sequence[str]] | None = None,
+    backends: BackendAssignment | Sequence[BackendAssignment] = (),
     quick: bool = False,
     emulated: bool = False,
     dtypes: Sequence[str] = ("float32",),
@@ -803,14 +804,16 @@ def calibrate(
     workers: int | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> tuple[CalibrationProfile, list[Skipped], dict[tuple[str, str], list[Sample]]]:
-    """Measure every device present through each backend `backends` maps its kind to (see
-    `backends_to_measure`); one profile entry per (device, backend), its factors per op
+    """Measure every device present through the backend each of `backends` (one assignment
+    or several) gives its kind (see `backends_to_measure`); one profile entry per (device, backend), its factors per op
     class and each of `dtypes` (measure the dtypes the models run in: a CPU's float16
     matmul can be ten times slower than its float32 one). Samples are keyed the same way.
     `cache`/`workers`: where and how compiling backends build their microbenchmarks (see
     `calibrate_device`)."""
     import torch
 
+    if isinstance(backends, BackendAssignment):
+        backends = (backends,)
     devices, skipped = present(cluster, emulated=emulated)
     profiles, samples = [], {}
     prepared = None

@@ -61,7 +61,6 @@ if TYPE_CHECKING:
 PROFILE_SCHEMA_VERSION = 2
 # Schema 1 had no backend field: its entries measured torch eager ops, and read as such.
 _READABLE_SCHEMAS = (1, 2)
-FUSING_BACKENDS = frozenset({"tvm", "triton", "inductor"})
 ANCHOR_CLASSES = frozenset({"matmul", "conv", "attention", "norm", "reduction"})
 
 _CPU = {
@@ -341,7 +340,9 @@ class CostModel:
     """Predicts seconds. Pure: no torch, no measurements (those are `hetero calibrate`'s)."""
 
     profile: CalibrationProfile | None = None
-    fusing_backends: frozenset[str] = FUSING_BACKENDS
+    # Backends that fuse a group into few kernels: each backend declares it (`Backend.fuses`)
+    # and the planner fills this in from the registry it is given (`adapter.with_fusing`).
+    fusing_backends: frozenset[str] = frozenset()
 
     @classmethod
     def load(cls, path: str | Path | None = None, cluster: ClusterSpec | None = None) -> CostModel:

@@ -30,7 +30,7 @@ def explain(plan: Plan, width: int = 120) -> str:
     title = (
         f"{plan.model} on {plan.cluster}: {plan.objective} plan ({plan.algorithm}), "
         f"predicted {plan.predicted_ms:.3f} ms"
-        + (" per microbatch" if plan.objective == "throughput" else "")
+        + (" per microbatch" if plan.objective.pipelined else "")
     )
     t = Table(title=title, title_justify="left")
     for col, just in (

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hetero.errors import ConfigError
+from hetero.partitioner.decisions import Objective
 
 SCHEMA_VERSION = 1
 # on the compute device / in host memory, streamed in / shared by rows with the host CPU
@@ -66,7 +67,7 @@ class Rejection:
 class Plan:
     model: str
     cluster: str
-    objective: str  # latency | throughput
+    objective: Objective
     algorithm: str
     partitions: tuple[PlannedPartition, ...]
     transfers: tuple[Transfer, ...] = ()
@@ -77,6 +78,10 @@ class Plan:
     measured_ms: tuple[tuple[int, float], ...] = ()  # partition index -> measured, once run
     schema_version: int = SCHEMA_VERSION
     notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        # A Plan is built by people and read from JSON too: "latency" becomes the enum here.
+        object.__setattr__(self, "objective", Objective.parse(self.objective, "plan objective"))
 
     # ---- lookups ---------------------------------------------------------------------------
     def assignment(self) -> dict[str, int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hetero.backends.base import CompileOptions, CompileUnit
-from hetero.backends.registry import BackendRegistry, default_registry
+from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.errors import CompileError, ConfigError
 from hetero.partitioner.graph import OpGraph
@@ -100,8 +100,8 @@ def compile_partitions(
     placements: Sequence[tuple[DeviceSpec, str]],
     cache_dir: str | Path,
     *,
+    registry: BackendRegistry,
     example_inputs: Sequence[Any] | None = None,
-    registry: BackendRegistry | None = None,
     options: CompileOptions | Mapping[str, CompileOptions] | None = None,
     predicted_ms: Sequence[float] | None = None,
     indices: Sequence[int] | None = None,
@@ -109,6 +109,7 @@ def compile_partitions(
 ) -> list[StageSpec]:
     """Compile `parts[i]` for `placements[i]` = (device, backend name); one stage each.
 
+    `registry`: the backend registry the plan was made with (its names name these backends).
     `options` is one CompileOptions for all, or a mapping backend name -> options.
     `indices` renames the stages (the plan's partition indices); default: Partition.index.
     `streamed[i]` = (plan partition, piece number) makes stage i a streamed piece: compiled
@@ -116,7 +117,6 @@ def compile_partitions(
     """
     if len(placements) != len(parts):
         raise ConfigError(f"{len(parts)} partitions but {len(placements)} placements")
-    registry = registry or default_registry()
     env = example_env(graph, parts, example_inputs)
     params = param_values(graph)
     stages = []
@@ -167,8 +167,8 @@ def compile_plan(
     cluster: ClusterSpec,
     cache_dir: str | Path,
     *,
+    registry: BackendRegistry,
     example_inputs: Sequence[Any] | None = None,
-    registry: BackendRegistry | None = None,
     options: CompileOptions | Mapping[str, CompileOptions] | None = None,
 ) -> list[StageSpec]:
     """The stages of `plan`, in a topological order, named by the plan's partition indices.

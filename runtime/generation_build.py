@@ -33,12 +33,6 @@ from hetero.runtime.build import dynamic_dims, example_env, on_host
 from hetero.runtime.split_linear import shares, split_program
 from hetero.runtime.stage import StageSpec
 
-# Generation's default backend per device kind: its GPU and CPU partitions must take their
-# weights and KV cache as inputs (Backend.holds_state); NPUs run TVM partitions without
-# state (the planner keeps cache updates off them).
-GENERATION_BACKENDS: Mapping[str, str] = {"gpu": "inductor", "cpu": "eager", "npu": "tvm"}
-PARAMS_AS_INPUTS = CompileOptions(extra=(("weights", "streamed"),))
-
 
 def example_inputs(lm: LMGraphs, phase: Phase) -> tuple[torch.Tensor, torch.Tensor]:
     """The inputs a phase's partitions compile with: the capture's prompt length for prefill,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError, WorkerError
 from hetero.partitioner.plan import Plan
@@ -54,7 +55,7 @@ class RayExecutor:
         max_inflight: int = 4,
         ship_artifacts: str = "auto",
         node_map: Mapping[str, str] | None = None,
-        extra_backends: Sequence[tuple[str, Any]] = (),
+        registry: BackendRegistry | None = None,
         name: str = "hetero",
         export_metrics: bool = True,
     ) -> None:
@@ -64,7 +65,9 @@ class RayExecutor:
 
         ship_artifacts: "auto" sends artifact bytes through the object store to workers on
         other machines (a different node address) and lets local ones read the cache
-        directory; "always" / "never" force either way.
+        directory; "always" / "never" force either way. registry: the backend registry the
+        stages were compiled with (each worker gets a copy; default: the built-ins and entry
+        points).
         """
         import ray
 
@@ -87,7 +90,7 @@ class RayExecutor:
         self.max_inflight = max(1, max_inflight)
         self.ship_artifacts = ship_artifacts
         self.node_map = dict(node_map or {})
-        self.extra_backends = tuple(extra_backends)
+        self.registry = registry if registry is not None else default_registry()
         self.name = name
         self.replan_hook = replan
         self._exporter = make_exporter(name) if export_metrics else None
@@ -232,7 +235,7 @@ class RayExecutor:
             blobs = self._blobs_for(mine, node, here)
             opts = placement.actor_options(d, node, max_restarts=self.max_restarts)
             actor = _actor_class().options(**opts)
-            self._workers[d.name] = actor.remote(d, mine, blobs, self.extra_backends)
+            self._workers[d.name] = actor.remote(d, mine, blobs, self.registry)
             self._nodes[d.name] = node.node_id
         ready, lost = faults.wait_ready(self._workers, self.start_timeout_s)
         if lost:

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from hetero.backends.base import (
     YES,
     Artifact,
     Backend,
+    BackendOptions,
     CompileOptions,
     CompileUnit,
     Manifest,
@@ -59,13 +61,19 @@ def run_device(device: DeviceSpec) -> torch.device:
     )
 
 
-class TritonBackend(Backend):
-    """Options (CompileOptions.extra): cuda_graphs (bool, default True), clone_outputs (bool,
-    default True: copy outputs out of the CUDA graph's pool), tune (bool, default True on a
-    GPU), tune_cache (a directory; default: `triton-autotune` beside the artifact)."""
+@dataclass(frozen=True)
+class TritonOptions(BackendOptions):
+    cuda_graphs: bool = True  # replay the partition's kernels as one CUDA graph
+    clone_outputs: bool = True  # copy outputs out of the CUDA graph's memory pool
+    tune: bool = True  # autotune kernel configs on a GPU (cached in `tune_cache`)
+    tune_cache: str | None = None  # a directory; None: `triton-autotune` beside the artifact
 
+
+class TritonBackend(Backend):
     name = "triton"
     device_kinds = ("gpu",)
+    fuses = True
+    options_type = TritonOptions
 
     def available(self) -> Support:
         if importlib.util.find_spec("triton") is None:
@@ -106,11 +114,12 @@ class TritonBackend(Backend):
                 f"partition {unit.name}: the triton backend could not fuse its graph "
                 f"({type(e).__name__}: {e})"
             ) from e
+        own = self.parse_options(options)
         interpret = self.target(device, options).endswith("interpret")
         wnames = tuple(n for n, _ in folded.weights)
         cache = TuneCache(
             cache_file(
-                Path(options.get("tune_cache") or out_dir.parent / "triton-autotune"),
+                Path(own.tune_cache or out_dir.parent / "triton-autotune"),
                 torch.cuda.get_device_name(device.index) if not interpret else "interpreter",
             )
         )
@@ -118,7 +127,7 @@ class TritonBackend(Backend):
         program = generate(plan, wnames, interpret, known)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "program.py").write_text(program.source)
-        if not interpret and options.get("tune", True):
+        if not interpret and own.tune:
             found = self._tune(out_dir, program, acts, weights, device, known,
                                options.tune_trials)  # fmt: skip
             if found:
@@ -132,8 +141,8 @@ class TritonBackend(Backend):
             "weights": list(wnames),
             "kernels": [k.__dict__ for k in program.kernels],
             "steps": len(plan.steps),
-            "cuda_graphs": bool(options.get("cuda_graphs", True)),
-            "clone_outputs": bool(options.get("clone_outputs", True)),
+            "cuda_graphs": own.cuda_graphs,
+            "clone_outputs": own.clone_outputs,
         }
         (out_dir / "triton.json").write_text(json.dumps(config, indent=1))
         return self.manifest(

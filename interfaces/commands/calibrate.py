@@ -49,18 +49,24 @@ def calibrate(
     from hetero.partitioner.cost import default_profile_path
 
     console = Console()
-    backends: dict[str, str] | dict[str, list[str]] | None = None
+    from hetero.backends.registry import default_registry
+    from hetero.partitioner.decisions import BackendAssignment
+
+    known = default_registry().names()
+    backends: list[BackendAssignment] = []
     if config is not None:
         from hetero.interfaces.config import load_config
-        from hetero.partitioner.algorithms.adapter import backends_by_kind
 
         cfg = load_config(config)
         spec = cfg.cluster_spec() if cluster is None else _cluster(cluster)
-        backends = backends_by_kind(cfg.backends)
+        backends = [BackendAssignment.parse(cfg.backend_assignment, known=known)]
     else:
         spec = _cluster(cluster or "local")
     if backend:
-        backends = {d.kind: list(backend) for d in spec.devices}
+        backends = [
+            BackendAssignment.parse(BackendAssignment.everywhere(b), known=known, where="--backend")
+            for b in backend
+        ]
     with console.status("measuring") as status:
         profile, skipped, _ = run(
             spec,

@@ -7,14 +7,16 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from hetero.partitioner.decisions import Objective
+
 
 def plan(
     target: str = typer.Argument(..., help="deploy config (.yaml) or a model 'pkg.module:factory'"),
     cluster: str | None = typer.Option(
         None, "--cluster", help="cluster YAML or 'local' (default: the config's, else local)"
     ),
-    objective: str | None = typer.Option(
-        None, "--objective", help="latency | throughput (default: the config's, else latency)"
+    objective: Objective | None = typer.Option(
+        None, "--objective", help="what to minimise (default: the config's, else latency)"
     ),
     microbatches: int = typer.Option(1, "--microbatches", help="for throughput plans"),
     algorithm: str | None = typer.Option(
@@ -27,7 +29,7 @@ def plan(
     draw: Path | None = typer.Option(None, "--draw", help="write a picture (.png or .svg)"),
 ) -> None:
     """Partition a model over a cluster; print the explain table, write plan.json and a picture."""
-    from hetero.partitioner.algorithms import plan as make_plan
+    from hetero.interfaces.api import plan as make_plan
     from hetero.partitioner.cost import CostModel
     from hetero.partitioner.graph import capture
 
@@ -42,7 +44,7 @@ def plan(
         spec = cfg.cluster_spec() if cluster is None else _cluster(cluster)
         objective = objective or cfg.objective
         kwargs = {
-            "backends": dict(cfg.backends) or None,
+            "backends": cfg.backend_assignment,
             "pins": dict(cfg.constraints.pins) or None,
         }
     else:
@@ -51,7 +53,7 @@ def plan(
         model, inputs = load_factory(target, where="model")
         dynamic = None
         spec = _cluster(cluster or "local")
-    objective = objective or "latency"
+    objective = objective or Objective.LATENCY
     with console.status("capturing with torch.export"):
         graph = capture(model, inputs, dynamic_shapes=dynamic)
     cost_model = CostModel.load(profile, cluster=spec)

@@ -8,13 +8,14 @@ import numpy as np
 from hetero.errors import PlanInfeasible
 from hetero.partitioner.algorithms.adapter import Context, gib
 from hetero.partitioner.algorithms.problem import SPLIT, Problem, Solution
+from hetero.partitioner.decisions import Objective
 from hetero.partitioner.plan import Plan, PlannedPartition, Transfer
 
 
 def check_solution(problem: Problem, solution: Solution) -> None:
     """Raise PlanInfeasible, saying which device lacks what, unless the solution fits."""
     assign = solution.assign
-    if problem.n and not np.isfinite(solution.objective):
+    if problem.n and not np.isfinite(solution.seconds):
         raise PlanInfeasible(
             f"{solution.algorithm} found no placement where every group runs and fits; "
             + _memory_summary(problem)
@@ -85,7 +86,7 @@ def assemble(
     ctx: Context,
     solution: Solution,
     *,
-    objective: str,
+    objective: Objective,
     microbatches: int = 1,
 ) -> Plan:
     check_solution(problem, solution)
@@ -109,7 +110,8 @@ def assemble(
             part_of_op[n] = k
         gs = [groups.groups[i] for i in run]
         # each partition is one more call than its ops, priced for the backend it runs
-        call = cm.call_overhead(device, ctx.backends.get(device.name))
+        backend = ctx.backends.for_device(device)
+        call = cm.call_overhead(device, backend)
         compute = float(problem.compute[run, resident].sum())
         splits = ctx.splits or {}
         is_split = pl.weights == SPLIT
@@ -130,7 +132,7 @@ def assemble(
                 nodes=nodes,
                 groups=tuple(g.name for g in gs),
                 device=device.name,
-                backend=ctx.backends[device.name],
+                backend=backend,
                 weights=pl.weights,
                 predicted_ms=1e3 * (float(problem.compute[run, p].sum()) + call),
                 compute_ms=1e3 * compute,
@@ -150,7 +152,7 @@ def assemble(
     need = problem.memory(assign)
     memory = tuple((problem.devices[d], int(need[d])) for d in used)
     notes = list(ctx.notes) + list(solution.notes)
-    if objective == "throughput":
+    if objective.pipelined:
         incoming: dict[int, float] = {}
         for t in transfers:
             if t.dst >= 0:

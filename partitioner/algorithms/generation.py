@@ -21,6 +21,7 @@ import numpy as np
 
 from hetero.cluster.spec import ClusterSpec
 from hetero.partitioner.algorithms.adapter import (
+    BackendLookup,
     Context,
     build_problem,
     refine_for_support,
@@ -31,6 +32,7 @@ from hetero.partitioner.algorithms.latency import latency
 from hetero.partitioner.algorithms.problem import INF, SPLIT, Problem, Solution
 from hetero.partitioner.coarsen import GroupGraph
 from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import BackendAssignment, Objective
 from hetero.partitioner.generation_plan import GenerationPlan, GroupChoice, StateMove
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.phases import LMGraphs, Phase
@@ -50,13 +52,19 @@ def layer_depth(graph: OpGraph) -> int | None:
     return None
 
 
+# Generation's backend per device kind: GPU and CPU partitions take their weights and KV
+# cache as inputs (Backend.holds_state; a GPU's run through torch.compile), NPU partitions
+# are TVM's without state (the planner keeps cache updates off them).
+GENERATION_BACKENDS = BackendAssignment((("cpu", "eager"), ("gpu", "inductor"), ("npu", "tvm")))
+
+
 def lm_groups(
     graph: OpGraph,
     cluster: ClusterSpec,
     *,
-    backends: Mapping[str, str] | None,
+    backends: BackendAssignment,
     exclude: Sequence[str],
-    registry,
+    registry: BackendLookup,
 ) -> GroupGraph:
     """One group per decoder layer (and per piece around them), refined where a device runs
     only part of a layer: a layer whose cache no backend of some device can hold is split
@@ -66,12 +74,11 @@ def lm_groups(
     groups = refine_for_support(
         groups, cluster, backends=backends, exclude=exclude, registry=registry, max_groups=1 << 20
     )
-    backend_of, _ = resolve_backends(cluster, backends, registry)
     stateless = [
         d
         for d in cluster.devices
         if d.name not in set(exclude)
-        and not getattr(registry.get(backend_of[d.name]), "holds_state", False)
+        and not getattr(registry.get(backends.for_device(d)), "holds_state", False)
     ]
     if stateless:
         for g in list(groups.groups):
@@ -86,34 +93,33 @@ def plan_generation(
     lm: LMGraphs,
     cluster: ClusterSpec,
     *,
+    registry: BackendLookup,
     cost_model: CostModel | None = None,
-    backends: Mapping[str, str] | None = None,
+    backends: BackendAssignment = GENERATION_BACKENDS,
     pins: Mapping[str, str] | None = None,
     exclude: Sequence[str] = (),
-    registry=None,
     decode_placements: Mapping[str, str] | None = None,
 ) -> GenerationPlan:
     """Plans for both phases. `decode_placements` forces placements in decode (group or
     module prefix -> "resident" | "streamed" | "split" | a device name), for comparisons."""
-    if registry is None:
-        from hetero.backends.registry import default_registry
-
-        registry = default_registry()
     cm = cost_model if cost_model is not None else CostModel.load(cluster=cluster)
-    common = dict(backends=backends, exclude=exclude, registry=registry)
+    resolved, backend_notes = resolve_backends(cluster, backends, registry)
+    common = dict(backends=resolved, exclude=exclude, registry=registry)
 
     dgroups = lm_groups(lm.decode, cluster, **common)
-    dproblem, dctx = build_problem(dgroups, cluster, cm, pins=pins, split=True, **common)
+    dproblem, dctx = build_problem(
+        dgroups, cluster, cm, pins=pins, split=True, notes=backend_notes, **common
+    )
     if decode_placements:
         dproblem = _force(dproblem, dgroups, decode_placements)
     dsol = latency(dproblem)
-    decode = assemble(dproblem, dctx, dsol, objective="latency")
+    decode = assemble(dproblem, dctx, dsol, objective=Objective.LATENCY)
 
     pgroups = lm_groups(lm.prefill, cluster, **common)
-    pproblem, pctx = build_problem(pgroups, cluster, cm, pins=pins, **common)
+    pproblem, pctx = build_problem(pgroups, cluster, cm, pins=pins, notes=backend_notes, **common)
     pproblem = _bind_resident(pproblem, dproblem, dsol, dgroups, pgroups)
     psol = latency(pproblem)
-    prefill = assemble(pproblem, pctx, psol, objective="latency")
+    prefill = assemble(pproblem, pctx, psol, objective=Objective.LATENCY)
 
     moves = _moves(lm, prefill, decode, cluster, cm)
     notes = list(dict.fromkeys((*decode.notes, *prefill.notes)))

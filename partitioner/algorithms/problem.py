@@ -196,11 +196,6 @@ class Problem:
             return INF
         return max(self.stage_times(assign))
 
-    def objective(self, assign: np.ndarray, objective: str) -> float:
-        if objective == "throughput":
-            return self.throughput(assign)
-        return self.latency(assign)
-
     def segment_memory(self, start: int, stop: int, p: int) -> float:
         params = (
             self.split_bytes[start:stop] if self.place_split[p] else self.param_bytes[start:stop]
@@ -213,6 +208,6 @@ class Problem:
 @dataclass(frozen=True)
 class Solution:
     assign: np.ndarray  # [n] placement index per group
-    objective: float  # seconds (latency) or seconds per microbatch (throughput)
+    seconds: float  # what the objective measures: one request, or one microbatch (pipeline)
     algorithm: str
     notes: tuple[str, ...] = ()

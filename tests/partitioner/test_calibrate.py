@@ -18,6 +18,7 @@ from hetero.partitioner.cost import (
     DeviceProfile,
     Efficiency,
 )
+from hetero.partitioner.decisions import BackendAssignment
 
 CPU = DeviceSpec(
     name="local/cpu",
@@ -135,9 +136,11 @@ def test_calibrate_maps_backends_per_device_kind(monkeypatch):
 
     monkeypatch.setattr(cal, "calibrate_device", fake)
     monkeypatch.setattr(cal, "prepare_units", lambda **kw: [])
-    prof, skipped, samples = cal.calibrate(
-        DEMO, backends={"cpu": ["eager", "tvm"], "npu": "tvm"}, emulated=True
-    )
+    both = [
+        BackendAssignment.parse({"cpu": "eager", "npu": "tvm"}),
+        BackendAssignment.parse({"cpu": "tvm", "npu": "tvm"}),
+    ]
+    prof, skipped, samples = cal.calibrate(DEMO, backends=both, emulated=True)
     assert seen == [("local/cpu", "eager"), ("local/cpu", "tvm"), ("local/npu", "tvm")]
     assert not skipped and set(samples) == set(seen)
     assert [(d.device, d.backend) for d in prof.devices] == seen
@@ -183,7 +186,7 @@ def test_profile_round_trip_keeps_the_backend(tmp_path):
 
 
 def test_model_picks_the_backend_specific_entry():
-    cm = CostModel(_two_backend_profile())
+    cm = CostModel(_two_backend_profile(), fusing_backends=frozenset({"tvm"}))
     assert cm.efficiency(CPU, "matmul", "float32", "tvm") == (0.1, 0.2)
     assert cm.efficiency(CPU, "matmul", "float32", "eager") == (0.5, 0.5)
     assert cm.call_overhead(CPU, "tvm") == 50e-6
@@ -258,7 +261,8 @@ def test_sequence_factor_scales_fused_groups_only():
     graph = hetero.capture(torch.nn.Linear(64, 64), (torch.randn(8, 64),))
     (g,) = graph.coarsen(depth=0).groups
     ops = [graph[n] for n in g.nodes]
-    plain, scaled = CostModel(base), CostModel(prof)
+    fuses = frozenset({"tvm"})  # declared by the TVM backend; the planner passes it on
+    plain, scaled = CostModel(base, fusing_backends=fuses), CostModel(prof, fusing_backends=fuses)
     assert scaled.group_time(g, ops, CPU, backend="tvm") == pytest.approx(
         1.5 * plain.group_time(g, ops, CPU, backend="tvm")
     )
