@@ -21,9 +21,10 @@ from hetero.backends.base import CompileOptions
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
+from hetero.interfaces.generate import CompiledLM, compile_lm
 from hetero.partitioner.algorithms import plan as make_plan
 from hetero.partitioner.cost import CostModel
-from hetero.partitioner.decisions import BackendAssignment, Objective
+from hetero.partitioner.decisions import BackendAssignment, Objective, Task
 from hetero.partitioner.graph import OpGraph, capture
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.split import flatten_inputs, unflatten_outputs
@@ -151,7 +152,7 @@ class CompiledModel:
 
 def compile(
     model: torch.nn.Module,
-    example_inputs: Sequence[Any],
+    example_inputs: Sequence[Any] | None = None,
     cluster: ClusterSpec | str | os.PathLike[str] | None = None,
     objective: Objective | str = "latency",
     dynamic_shapes: Any = None,
@@ -167,7 +168,10 @@ def compile(
     graph: OpGraph | None = None,
     plan: Plan | None = None,
     registry: BackendRegistry | None = None,
-) -> CompiledModel:
+    task: Task | str = Task.FORWARD,
+    max_length: int = 256,
+    batch_size: int = 1,
+) -> CompiledModel | CompiledLM:
     """Capture, plan, compile every partition (cached) and start an executor.
 
     executor: "local" runs the partitions in this process, "ray" as one Ray actor per
@@ -176,10 +180,32 @@ def compile(
     for this cluster. options: one CompileOptions for every backend, or backend name ->
     CompileOptions. registry: the backends to choose from (default: the built-ins and the
     `hetero.backends` entry points); planning, compiling and the workers all use it.
+
+    task="generate": `model` is a causal LM (a transformers one, or a module with
+    forward(input_ids, start) and its KV cache as buffers); returns a CompiledLM with
+    `generate()`, planned per phase with a static cache of `max_length` positions for
+    `batch_size` sequences (interfaces/generate.py). example_inputs are not needed.
     """
     from hetero.runtime.build import needed_outputs
 
     registry = registry if registry is not None else default_registry()
+    if Task.parse(task) is Task.GENERATE:
+        return compile_lm(
+            model,
+            resolve_cluster(cluster),
+            max_length=max_length,
+            batch_size=batch_size,
+            backends=backends,
+            cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
+            executor=executor,
+            pins=pins,
+            exclude=exclude,
+            options=options if isinstance(options, Mapping) else None,
+            cost_model=cost_model,
+            registry=registry,
+        )
+    if example_inputs is None:
+        raise ConfigError("hetero.compile needs example_inputs (or task='generate' for an LM)")
     goal = Objective.parse(objective)
     assignment = BackendAssignment.parse(backends)
     for opts in options.values() if isinstance(options, Mapping) else [options]:

@@ -42,6 +42,26 @@ class Objective(str, enum.Enum):
             raise ConfigError(f"{where}: {value!r} is not an objective; known: {known}") from None
 
 
+class Task(str, enum.Enum):
+    """What a compiled model is for."""
+
+    FORWARD = "forward"  # one stateless forward per request (`cm(*inputs)`)
+    GENERATE = "generate"  # a causal LM with a KV cache: prefill, then decode per token
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: Task | str, where: str = "task") -> Task:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            known = ", ".join(t.value for t in cls)
+            raise ConfigError(f"{where}: {value!r} is not a task; known: {known}") from None
+
+
 # (kind, backend), sorted by kind. gpu: our own Triton fusion; cpu and npu: TVM (an NPU compiles for the host and is emulated)
 DEFAULT_BACKENDS: tuple[tuple[str, str], ...] = (("cpu", "tvm"), ("gpu", "triton"), ("npu", "tvm"))
 FALLBACK_BACKEND = "eager"  # runs every op on every device; used where the asked one cannot

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
+from hetero.partitioner.coarsen import Group
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.graph import OpGraph, OpNode
 
@@ -33,8 +34,6 @@ TRANSPOSES = ("aten.permute.default", "aten.t.default", "aten.transpose.int")
 # GPU shares tried, in 64ths of each matrix's rows (the extremes are the streamed and the CPU
 # placements)
 _STEPS = 64
-# below this the split is not worth a hand-off: such a group streams or stays on one device
-MIN_WEIGHT_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class SplitMatmul:
     node: str  # the mm / addmm op
     weight: str  # the weight's placeholder, [rows, cols]
     bias: str | None  # addmm's bias placeholder, split with the rows
-    x: str  # the activation it multiplies (matmuls of one x share a hand-off)
+    x: str  # the activation it multiplies, through views (matmuls of one x share a hand-off)
     rows: int
     cols: int
     nbytes: int  # the weight's (and bias's) bytes
@@ -70,10 +69,20 @@ def split_matmuls(graph: OpGraph, nodes: Sequence[str]) -> tuple[SplitMatmul, ..
         if len(meta.hint) != 2:
             continue
         rows, cols = meta.hint
-        x = next(v for v in acts if v != weight_views[0])
+        x = _root(graph, next(v for v in acts if v != weight_views[0]))
         nbytes = graph.params[w][1] + (graph.params[bias][1] if bias else 0)
         out.append(SplitMatmul(name, w, bias, x, int(rows), int(cols), int(nbytes)))
     return tuple(out)
+
+
+def _root(graph: OpGraph, value: str) -> str:
+    """The value a chain of views reads (each Linear of a block flattens the same input
+    through its own `view`): matmuls of one root share a hand-off."""
+    while (
+        value in graph.nodes and graph[value].op_class == "view" and len(graph[value].inputs) == 1
+    ):
+        value = graph[value].inputs[0]
+    return value
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,7 @@ class SplitCost:
     """A group at its best GPU share."""
 
     fraction: float  # of each matrix's rows computed on the GPU (its weights streamed)
-    seconds: float  # one run: max(link, hand-offs + max(CPU share, GPU share) + the rest)
+    seconds: float  # one run: max(link, the GPU's work + hand-offs + the CPU's rows beyond it)
     gpu_bytes: int  # streamed per run (the GPU shares + the group's other weights)
     cpu_bytes: int  # read by the CPU per run
     link_s: float
@@ -92,6 +101,7 @@ class SplitCost:
 
 def split_cost(
     graph: OpGraph,
+    group: Group,
     ops: Sequence[OpNode],
     gpu: DeviceSpec,
     cpu: DeviceSpec,
@@ -102,18 +112,19 @@ def split_cost(
     cpu_backend: str,
     scale: float = 1.0,
 ) -> SplitCost | None:
-    """The group's time split between `gpu` and its host `cpu`; None when it has nothing
-    worth splitting."""
+    """The group's time split between `gpu` and its host `cpu`; None when it has no weight
+    matmul (a small layer prices itself out: its hand-offs cost more than they save)."""
     mms = split_matmuls(graph, [op.name for op in ops])
     split_bytes = sum(m.nbytes for m in mms)
-    if split_bytes < MIN_WEIGHT_BYTES:
+    if not mms:
         return None
     by_name = {m.node: m for m in mms}
     mm_ops = [op for op in ops if op.name in by_name]
     rest = [op for op in ops if op.name not in by_name]
     other_bytes = sum(op.param_bytes for op in rest)
-    # the GPU's own work: the rest of the group, and the whole of each matmul
-    gpu_rest = cm.kernel_time(rest, gpu, scale=scale, backend=gpu_backend)
+    # The GPU's own work, bounded by the whole group run there with its weights at hand
+    # (as its backend runs it: fused or op by op); its matmul rows overlap the CPU's.
+    gpu_all = cm.group_time(group, ops, gpu, backend=gpu_backend, scale=scale)
     gpu_mm = cm.kernel_time(mm_ops, gpu, scale=scale, backend=gpu_backend)
     cpu_dtype, cpu_mm = _cpu_share(mm_ops, cpu, cm, cpu_backend, scale)
     own_size = _itemsize(_dtype(mm_ops))
@@ -132,7 +143,7 @@ def split_cost(
         f = k / _STEPS
         link = cm.stream_time(cluster, gpu, f * split_bytes + other_bytes)
         cpu_s = (1 - f) * cpu_mm
-        path = gpu_rest + handoff + max(cpu_s, f * gpu_mm)
+        path = gpu_all + handoff + max(0.0, cpu_s - f * gpu_mm)
         t = max(link, path)
         if best is None or t < best.seconds - 1e-12:
             best = SplitCost(

@@ -24,14 +24,13 @@ import abc
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hetero.backends.eager import load_weights, torch_device
-from hetero.backends.registry import BackendRegistry, default_registry
+from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
 from hetero.partitioner.generation_plan import GenerationPlan
@@ -105,12 +104,6 @@ class BoundRunner:
                 return tuple(self.fn(*acts, *params))
         finally:
             self.streamer.release(self.item)
-
-
-@dataclass
-class PhaseRuntime:
-    executor: LocalExecutor
-    streamers: dict[str, WeightStreamer] = field(default_factory=dict)
 
 
 class Generation(abc.ABC):
@@ -229,16 +222,15 @@ class Generation(abc.ABC):
         return torch.stack(tokens, dim=1)
 
 
-class LocalGeneration(Generation):
-    """Both phases' stages loaded in this process; `generate()` runs a request."""
+class StageBinder:
+    """Builds the runners of generation stages (any subset: all of them in this process, or
+    one device's in a Ray worker) over per-device stores, and hands each device's streaming
+    slots to the phase that runs."""
 
     def __init__(
         self,
-        lm: LMGraphs,
-        plan: GenerationPlan,
-        stages: Mapping[Phase, Sequence[StageSpec]],
+        registry: BackendRegistry,
         *,
-        registry: BackendRegistry | None = None,
         device_of: Callable[[DeviceSpec], torch.device] | None = None,
         compile_gpu: bool = True,
         cuda_graphs: bool = True,
@@ -246,24 +238,45 @@ class LocalGeneration(Generation):
         """`device_of`: where this process runs a plan device (default: the device itself;
         tests map a GPU to the CPU). `compile_gpu`: torch.compile GPU stages (Inductor).
         `cuda_graphs`: replay all-resident decode stages on a GPU as CUDA graphs."""
-        super().__init__(lm, plan)
-        self.registry = registry or default_registry()
-        self._device_of = device_of or torch_device
+        self.registry = registry
+        self.device_of = device_of or torch_device
         self.compile_gpu = compile_gpu
         self.cuda_graphs = cuda_graphs
         self.stores: dict[str, DeviceStore] = {}
-        prepared = {phase: self._prepare(phase, tuple(stages[phase])) for phase in Phase}
+        self.streamers: dict[Phase, dict[str, WeightStreamer]] = {}
+        self._active: Phase | None = None
+
+    def bind(self, stages: Mapping[Phase, Sequence[StageSpec]]) -> dict[Phase, dict[int, Any]]:
+        """Phase -> stage index -> runner (activations in, outputs out)."""
+        prepared = {phase: self._prepare(phase, tuple(stages.get(phase, ()))) for phase in Phase}
         shared = self._shared_slots(prepared)
-        self.phases = {
-            phase: self._finish(phase, tuple(stages[phase]), *prepared[phase], shared)
+        return {
+            phase: self._finish(phase, tuple(stages.get(phase, ())), *prepared[phase], shared)
             for phase in Phase
         }
-        self._active: Phase | None = None
+
+    def enter(self, phase: Phase) -> None:
+        """Make `phase` the one using the shared streaming slots."""
+        if self._active is not phase:
+            for st in self.streamers.get(phase, {}).values():
+                st.adopt()
+                st.prefetch(0)
+            self._active = phase
+
+    def read_state(self, device: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        store = self.stores.get(device)
+        return {n: store.state[n] for n in names if store is not None and n in store.state}
+
+    def write_state(self, device: str, values: Mapping[str, torch.Tensor]) -> None:
+        store = self.stores.get(device)
+        for n, v in values.items():
+            if store is not None and n in store.state:
+                store.state[n].copy_(v, non_blocking=True)
 
     # ---- loading -------------------------------------------------------------------------------
     def _store(self, device: DeviceSpec) -> DeviceStore:
         if device.name not in self.stores:
-            self.stores[device.name] = DeviceStore(self._device_of(device))
+            self.stores[device.name] = DeviceStore(self.device_of(device))
         return self.stores[device.name]
 
     def _prepare(self, phase: Phase, stages: tuple[StageSpec, ...]):
@@ -275,7 +288,8 @@ class LocalGeneration(Generation):
         for s in stages:
             store = self._store(s.device)
             dev = store.device
-            if not s.params:  # weights inside the artifact (TVM): the backend's own runner
+            if not getattr(self.registry.get(s.backend), "holds_state", False):
+                # weights inside the artifact (TVM): the backend's own runner
                 runners[s.index] = load_runner(s.artifact, s.device, self.registry)
                 continue
             host = load_weights(s.artifact)
@@ -313,8 +327,8 @@ class LocalGeneration(Generation):
             out[name] = (buffers, torch.cuda.Stream(dev))
         return out
 
-    def _finish(self, phase, stages, runners, streamed, shared) -> PhaseRuntime:
-        streamers = {}
+    def _finish(self, phase, stages, runners, streamed, shared) -> dict[int, Any]:
+        streamers: dict[str, WeightStreamer] = {}
         for name, items in streamed.items():
             dev = self.stores[name].device
             buffers, stream = shared.get(name, (None, None))
@@ -333,8 +347,8 @@ class LocalGeneration(Generation):
                 if phase is Phase.DECODE and d.type == "cuda" and self.cuda_graphs:
                     r = CudaGraphRunner(r, d)
                 runners[s.index] = r
-        needed = tuple(o for o in self.lm.graph(phase).outputs if o)
-        return PhaseRuntime(LocalExecutor(stages, needed, runners=runners), streamers)
+        self.streamers[phase] = streamers
+        return runners
 
     def _compiled(self, s: StageSpec, dev: torch.device, phase: Phase, cache: dict) -> Any:
         """The stage's program, compiled with Inductor on a GPU (stages with the same program
@@ -351,33 +365,44 @@ class LocalGeneration(Generation):
             cache[key] = torch.compile(mod, dynamic=phase is Phase.PREFILL, fullgraph=False)
         return cache[key]
 
-    # ---- running ---------------------------------------------------------------------------------
-    def _enter(self, phase: Phase) -> PhaseRuntime:
-        """Make `phase` the one using the shared streaming slots."""
-        rt = self.phases[phase]
-        if self._active is not phase:
-            for st in rt.streamers.values():
-                st.adopt()
-                st.prefetch(0)
-            self._active = phase
-        return rt
+
+class LocalGeneration(Generation):
+    """Both phases' stages loaded in this process; `generate()` runs a request."""
+
+    def __init__(
+        self,
+        lm: LMGraphs,
+        plan: GenerationPlan,
+        stages: Mapping[Phase, Sequence[StageSpec]],
+        binder: StageBinder,
+    ) -> None:
+        super().__init__(lm, plan)
+        self.binder = binder
+        runners = binder.bind(stages)
+        self.executors = {
+            phase: LocalExecutor(
+                tuple(stages[phase]),
+                tuple(o for o in lm.graph(phase).outputs if o),
+                runners=runners[phase],
+            )
+            for phase in Phase
+        }
+
+    @property
+    def stores(self) -> dict[str, DeviceStore]:
+        return self.binder.stores
 
     def step(self, phase: Phase, ids: torch.Tensor, start: int) -> torch.Tensor:
         """One program run: [batch, vocab] logits of the last position."""
-        rt = self._enter(phase)
-        out = rt.executor.run({PROMPT: ids, START: torch.tensor(start, dtype=torch.long)})
+        self.binder.enter(phase)
+        out = self.executors[phase].run({PROMPT: ids, START: torch.tensor(start, dtype=torch.long)})
         return next(iter(out.values()))
 
     def move_state(self) -> None:
         for move in self.plan.moves:
-            src, dst = self.stores.get(move.src), self.stores.get(move.dst)
-            if src is None or dst is None:
-                continue
-            for name in move.state:
-                if name in src.state and name in dst.state:
-                    dst.state[name].copy_(src.state[name], non_blocking=True)
+            self.binder.write_state(move.dst, self.binder.read_state(move.src, move.state))
 
     def shutdown(self) -> None:
         self._closed = True
-        self.phases.clear()
-        self.stores.clear()
+        self.executors.clear()
+        self.binder.stores.clear()

@@ -79,6 +79,23 @@ def _weight_of(node: Node, params: Mapping[Node, str]) -> str | None:
     return params.get(src)
 
 
+_VIEWS = (
+    torch.ops.aten.view.default,
+    torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.reshape.default,
+)
+
+
+def _same_value(x: Node) -> tuple:
+    """A key equal for `x` and any other view of the same tensor with the same shape (each
+    Linear of a block flattens the block's input through its own `view`)."""
+    root = x
+    while isinstance(root, Node) and root.target in _VIEWS:
+        root = root.args[0]
+    shape = tuple(x.args[1]) if isinstance(x, Node) and x.target in _VIEWS else None
+    return (root, shape)
+
+
 def split_program(
     gm: GraphModule,
     names: Sequence[str],
@@ -92,7 +109,8 @@ def split_program(
     graph = gm.graph
     phs = [n for n in graph.nodes if n.op == "placeholder"]
     params = dict(zip(phs, names, strict=True))
-    by_x: dict[Node, list[Node]] = {}
+    by_x: dict[tuple, list[Node]] = {}
+    first_x: dict[tuple, Node] = {}
     for n in graph.nodes:
         if n.op != "call_function" or n.target not in _MM:
             continue
@@ -100,10 +118,13 @@ def split_program(
         name = _weight_of(w, params)
         if name is None or name not in rows_of:
             continue
-        by_x.setdefault(x, []).append(n)
+        key = _same_value(x)
+        first_x.setdefault(key, x)
+        by_x.setdefault(key, []).append(n)
     groups = []
     split_weights: set[str] = set()
-    for k, (x, mms) in enumerate(by_x.items()):
+    for k, (key, mms) in enumerate(by_x.items()):
+        x = first_x[key]
         ws, rows, g_rows = [], [], []
         for mm in mms:
             wnode = mm.args[1] if mm.target is _MM[0] else mm.args[2]

@@ -185,6 +185,7 @@ def build_problem(
                         host = cluster.host_cpu(d.host)
                         cost = split_cost(
                             og,
+                            g,
                             ops,
                             d,
                             host,

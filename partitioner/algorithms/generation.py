@@ -171,13 +171,14 @@ def _choices(problem: Problem, ctx: Context, sol: Solution) -> tuple[GroupChoice
                 chosen=_label(problem, ctx, gi, p),
                 predicted_ms=1e3 * float(problem.unary[gi, p]),
                 alternatives=tuple(others),
-                reason=_reason(problem, ctx, gi, p, others),
+                reason=_reason(problem, ctx, sol, gi, others),
             )
         )
     return tuple(rows)
 
 
-def _reason(problem: Problem, ctx: Context, gi: int, p: int, others) -> str:
+def _reason(problem: Problem, ctx: Context, sol: Solution, gi: int, others) -> str:
+    p = int(sol.assign[gi])
     pl = problem.placements[p]
     if pl.weights == SPLIT:
         s = (ctx.splits or {}).get(gi)
@@ -186,9 +187,18 @@ def _reason(problem: Problem, ctx: Context, gi: int, p: int, others) -> str:
                 f"link {1e3 * s.link_s:.3f} ms for {s.gpu_bytes / 2**20:.0f} MiB while the CPU "
                 f"reads {s.cpu_bytes / 2**20:.0f} MiB in {1e3 * s.cpu_s:.3f} ms"
             )
-    if others and others[0][1] + 1e-9 < 1e3 * float(problem.unary[gi, p]):
-        return "memory: faster placements did not fit"
-    return ""
+    faster = [
+        q
+        for q in range(problem.num_placements)
+        if q != p and problem.unary[gi, q] + 1e-12 < problem.unary[gi, p]
+    ]
+    if not faster:
+        return ""
+    trial = sol.assign.copy()
+    trial[gi] = min(faster, key=lambda q: problem.unary[gi, q])
+    if problem.overflow(trial).any():
+        return "memory: a faster placement does not fit"
+    return "transfers: its neighbours run here"
 
 
 def _force(problem: Problem, groups: GroupGraph, forced: Mapping[str, str]) -> Problem:
