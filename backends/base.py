@@ -120,6 +120,11 @@ class CompileUnit:
     example_inputs: tuple[torch.Tensor, ...]  # one per name in `inputs`
     param_values: Mapping[str, torch.Tensor] = field(repr=False, default_factory=dict)
     dynamic_dims: tuple[tuple[int, int, str], ...] = ()  # (input index, dim, symbol)
+    # The runtime binds the parameters (a generation's weights and KV cache, one copy per
+    # device for both phases): the program takes them as inputs after the activations and
+    # the artifact holds no weights, so its key does not depend on their values or names
+    # (every decoder layer shares one artifact). Only backends that `holds_state` take it.
+    bound_params: bool = False
 
     @classmethod
     def from_partition(
@@ -155,11 +160,16 @@ class CompileUnit:
             else:
                 h.update(repr(t).encode())
         for name in self.params:
-            t = self.param_values[name].detach().contiguous().cpu()
+            t = self.param_values[name].detach()
+            if self.bound_params:  # bound at run time: only what the program sees of them
+                h.update(f"{tuple(t.shape)}{t.dtype}{t.stride()}".encode())
+                continue
+            t = t.contiguous().cpu()
             h.update(name.encode())
             h.update(f"{tuple(t.shape)}{t.dtype}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         h.update(repr(self.dynamic_dims).encode())
+        h.update(b"bound" if self.bound_params else b"")
         return h.hexdigest()
 
 

@@ -63,7 +63,8 @@ def export_streamed(
     unit: CompileUnit, dtype: torch.dtype | None = None, device: torch.device | None = None
 ) -> tuple[torch.export.ExportedProgram, dict[str, torch.Tensor]]:
     """The unit exported with its parameters as inputs, and those parameters by name
-    (contiguous host copies, in the order the program takes them). `device`: where the
+    (contiguous host copies, in the order the program takes them; none when the unit's
+    params are bound by the runtime). `device`: where the
     piece runs (its examples and weights are traced there, next to the module's own
     constants); None: where its first activation is."""
 
@@ -87,10 +88,17 @@ def export_streamed(
         pytree.tree_map(lambda t: cast(t).to(device) if isinstance(t, torch.Tensor) else t, a)
         for a in unit.example_inputs
     )
-    weights = {
-        name: cast(unit.param_values[name].detach()).contiguous().cpu() for name in unit.params
-    }
-    example_params = tuple(w.to(device) for w in weights.values())
+    if unit.bound_params:  # the runtime has the weights: trace with them where they are
+        weights = {}
+        example_params = tuple(
+            cast(unit.param_values[name].detach()).to(device) for name in unit.params
+        )
+    else:
+        weights = {
+            name: cast(unit.param_values[name].detach()).contiguous().cpu()
+            for name in unit.params
+        }
+        example_params = tuple(w.to(device) for w in weights.values())
     args = (*acts, *example_params)
     with torch.no_grad():
         ep = torch.export.export(
@@ -158,15 +166,17 @@ class EagerBackend(Backend):
         self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
     ) -> Manifest:
         dtype = getattr(torch, options.dtype) if options.dtype else None
-        streamed = self.parse_options(options).weights == "streamed"
+        # bound params: inputs like streamed ones, but the runtime has the weights
+        streamed = self.parse_options(options).weights == "streamed" or unit.bound_params
         files = ["program.pt2"]
         if streamed:
             here = device.kind == "gpu" and torch.cuda.is_available()
             ep, weights = export_streamed(unit, dtype, torch_device(device) if here else None)
-            # safetensors orders tensors its own way: the metadata keeps the runner's order
-            order = json.dumps(list(weights))
-            save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"params": order})
-            files.append(WEIGHTS_FILE)
+            if not unit.bound_params:
+                # safetensors orders tensors its own way: the metadata keeps the runner's order
+                order = json.dumps(list(weights))
+                save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"params": order})
+                files.append(WEIGHTS_FILE)
         else:
             ep = export_unit(unit, dtype)
         torch.export.save(ep, out_dir / "program.pt2")

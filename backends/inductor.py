@@ -70,7 +70,7 @@ class InductorBackend(Backend):
                 f"backend 'inductor'; use one of {', '.join(str(m) for m in MODES)}"
             )
         dtype = getattr(torch, options.dtype) if options.dtype else None
-        streamed = own.weights == "streamed"
+        streamed = own.weights == "streamed" or unit.bound_params
         files = ["program.pt2", "inductor.json"]
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -84,7 +84,7 @@ class InductorBackend(Backend):
                 f"partition {unit.name}: torch.export of the partition failed for inductor "
                 f"({type(e).__name__}: {e})"
             ) from e
-        if streamed:
+        if streamed and not unit.bound_params:
             order = json.dumps(list(weights))
             save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"params": order})
             files.append(WEIGHTS_FILE)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from hetero.backends.eager import load_weights, torch_device
+from hetero.backends.eager import torch_device
 from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
@@ -222,6 +222,10 @@ class Generation(abc.ABC):
         return torch.stack(tokens, dim=1)
 
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu() if t.device.type != "cpu" else t.detach()
+
+
 class StageBinder:
     """Builds the runners of generation stages (any subset: all of them in this process, or
     one device's in a Ray worker) over per-device stores, and hands each device's streaming
@@ -246,8 +250,13 @@ class StageBinder:
         self.streamers: dict[Phase, dict[str, WeightStreamer]] = {}
         self._active: Phase | None = None
 
-    def bind(self, stages: Mapping[Phase, Sequence[StageSpec]]) -> dict[Phase, dict[int, Any]]:
-        """Phase -> stage index -> runner (activations in, outputs out)."""
+    def bind(
+        self, stages: Mapping[Phase, Sequence[StageSpec]], weights: Mapping[str, torch.Tensor]
+    ) -> dict[Phase, dict[int, Any]]:
+        """Phase -> stage index -> runner (activations in, outputs out). `weights`: every
+        parameter and state buffer the stages take, by name (the captured program's values,
+        on whatever device the model is); each lands on its stage's device once."""
+        self.weights = weights
         prepared = {phase: self._prepare(phase, tuple(stages.get(phase, ()))) for phase in Phase}
         shared = self._shared_slots(prepared)
         return {
@@ -292,24 +301,35 @@ class StageBinder:
                 # weights inside the artifact (TVM): the backend's own runner
                 runners[s.index] = load_runner(s.artifact, s.device, self.registry)
                 continue
-            host = load_weights(s.artifact)
+            values = self._values(s)
             fn = self._compiled(s, dev, phase, compiled)
             fixed: list[torch.Tensor | None] = []
             moving: dict[str, torch.Tensor] = {}
             for name in s.params:
                 if name in s.state:
-                    fixed.append(store.buffer(name, host[name]))
+                    fixed.append(store.buffer(name, values[name]))
                 elif name in s.cpu_shares:
-                    fixed.append(host[name])  # the CPU's rows stay in host memory
+                    fixed.append(values[name])  # the CPU's rows stay in host memory
                 elif s.weights == "resident":
-                    fixed.append(store.weight(name, host[name]))
+                    fixed.append(store.weight(name, values[name]))
                 else:
                     fixed.append(None)
-                    moving[name] = host[name]
+                    moving[name] = _host(values[name])
             if moving:
                 streamed.setdefault(s.device.name, []).append((s, moving))
             runners[s.index] = (fn, dev, fixed, [k for k, t in enumerate(fixed) if t is None])
         return runners, streamed
+
+    def _values(self, s: StageSpec) -> dict[str, torch.Tensor]:
+        """The stage's params by name; a split stage's shares cut from the full weights."""
+        out = {n: self.weights[n] for n in s.params if n in self.weights}
+        cpu_dtype = getattr(torch, s.cpu_dtype) if s.cpu_dtype else None
+        for k, group in enumerate(s.shares):
+            full = [(_host(self.weights[w]), rows) for w, rows in group]
+            out[f"gpu{k}"] = torch.cat([w[:rows] for w, rows in full]).contiguous()
+            cpu = torch.cat([w[rows:] for w, rows in full])
+            out[f"cpu{k}"] = (cpu.to(cpu_dtype) if cpu_dtype is not None else cpu).contiguous()
+        return out
 
     def _shared_slots(self, prepared) -> dict[str, tuple[list[torch.Tensor], Any]]:
         """Per device that streams: two slots as large as either phase needs, and one copy
@@ -366,6 +386,14 @@ class StageBinder:
         return cache[key]
 
 
+def lm_weights(lm: LMGraphs) -> dict[str, torch.Tensor]:
+    """Every parameter and state buffer of both phases by placeholder name (the model's own
+    tensors: the two programs share them)."""
+    from hetero.partitioner.split import param_values
+
+    return {**param_values(lm.prefill), **param_values(lm.decode)}
+
+
 class LocalGeneration(Generation):
     """Both phases' stages loaded in this process; `generate()` runs a request."""
 
@@ -378,7 +406,7 @@ class LocalGeneration(Generation):
     ) -> None:
         super().__init__(lm, plan)
         self.binder = binder
-        runners = binder.bind(stages)
+        runners = binder.bind(stages, lm_weights(lm))
         self.executors = {
             phase: LocalExecutor(
                 tuple(stages[phase]),

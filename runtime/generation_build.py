@@ -30,7 +30,7 @@ from hetero.partitioner.plan import Plan, PlannedPartition
 from hetero.partitioner.split import param_values, split
 from hetero.runtime.artifacts import build_artifact
 from hetero.runtime.build import dynamic_dims, example_env, on_host
-from hetero.runtime.split_linear import shares, split_program
+from hetero.runtime.split_linear import split_program
 from hetero.runtime.stage import StageSpec
 
 
@@ -130,18 +130,14 @@ def _compile_phase(
         backend = registry.get(p.backend)
         unit = CompileUnit.from_partition(part, env, params, dynamic_dims(graph, part.inputs))
         holds = bool(getattr(backend, "holds_state", False))
-        cpu_shares: tuple[str, ...] = ()
+        shared: tuple = ()
         if p.weights == "split":
-            unit, cpu_shares = _split_unit(
-                graph, unit, part.nodes, _fraction(p, group), p.cpu_dtype
-            )
+            unit, shared = _split_unit(graph, unit, part.nodes, _fraction(p, group), p.cpu_dtype)
         if device.kind != "gpu":
             unit = on_host(unit)
         opts = options.get(p.backend) or CompileOptions()
         if holds:
-            opts = dataclasses.replace(
-                opts, extra=tuple(sorted({**dict(opts.extra), "weights": "streamed"}.items()))
-            )
+            unit = dataclasses.replace(unit, bound_params=True)
         elif any(x in graph.state for x in unit.params):
             raise CompileError(
                 f"partition p{plan_index} ({phase.value}) updates the KV cache but runs on "
@@ -168,8 +164,10 @@ def _compile_phase(
                 partition=plan_index if p.weights != "resident" else None,
                 piece=number,
                 state=tuple(x for x in unit.params if x in graph.state),
-                cpu_shares=cpu_shares,
+                cpu_shares=tuple(f"cpu{k}" for k in range(len(shared))),
                 phase=phase.value,
+                shares=tuple(tuple(zip(g.weights, g.gpu_rows, strict=True)) for g in shared),
+                cpu_dtype=p.cpu_dtype if p.weights == "split" else "",
             )
         )
     return tuple(stages)
@@ -177,18 +175,20 @@ def _compile_phase(
 
 def _split_unit(
     graph: OpGraph, unit: CompileUnit, nodes: Sequence[str], fraction: float, cpu_dtype: str
-) -> tuple[CompileUnit, tuple[str, ...]]:
-    """The unit with its weight matmuls through gpu_cpu_mm; (unit, its CPU-share inputs)."""
+) -> tuple[CompileUnit, tuple]:
+    """The unit with its weight matmuls through gpu_cpu_mm; (unit, its shared groups). The
+    shares it traces with are empty tensors of the right shapes: the worker cuts the real
+    ones from the weights it binds."""
     mms = split_matmuls(graph, nodes)
     rows = {m.weight: m.rows for m in mms}
     module, names, groups = split_program(unit.module, (*unit.inputs, *unit.params), fraction, rows)
-    n_acts = len(unit.inputs)
-    new_params = names[n_acts:]
-    gpu, cpu = shares(unit.param_values, groups, getattr(torch, cpu_dtype) if cpu_dtype else None)
+    new_params = names[len(unit.inputs) :]
     values: dict[str, Any] = {k: v for k, v in unit.param_values.items() if k in new_params}
-    values.update(gpu)
-    values.update(cpu)
-    return (
-        dataclasses.replace(unit, module=module, params=new_params, param_values=values),
-        tuple(cpu),
-    )
+    for k, g in enumerate(groups):
+        first = unit.param_values[g.weights[0]]
+        cols = first.shape[1]
+        gpu_rows, cpu_rows = sum(g.gpu_rows), sum(g.rows) - sum(g.gpu_rows)
+        dtype = getattr(torch, cpu_dtype) if cpu_dtype else first.dtype
+        values[f"gpu{k}"] = torch.empty((gpu_rows, cols), dtype=first.dtype, device=first.device)
+        values[f"cpu{k}"] = torch.empty((cpu_rows, cols), dtype=dtype, device=first.device)
+    return dataclasses.replace(unit, module=module, params=new_params, param_values=values), groups

@@ -26,9 +26,17 @@ from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.partitioner.phases import PROMPT, START, LMGraphs, Phase
 from hetero.runtime import faults, placement
 from hetero.runtime.artifacts import unpack
-from hetero.runtime.generation import Generation, StageBinder
+from hetero.runtime.generation import Generation, StageBinder, lm_weights
 from hetero.runtime.stage import CALLER, StageSpec, producers, sources
 from hetero.runtime.worker import Packet, StageRunner, caller_packet, local_device
+
+
+def _weights_for(stages: Sequence[StageSpec], weights: Mapping[str, torch.Tensor]) -> dict:
+    """Host copies of what `stages` bind: their params, and the full weights their split
+    shares are cut from."""
+    names = {n for s in stages for n in s.params}
+    names |= {w for s in stages for group in s.shares for w, _ in group}
+    return {n: weights[n].detach().cpu() for n in sorted(names) if n in weights}
 
 
 class GenerationWorker:
@@ -39,6 +47,7 @@ class GenerationWorker:
         device: DeviceSpec,
         stages: Mapping[str, Sequence[StageSpec]],
         registry: BackendRegistry,
+        weights: Mapping[str, torch.Tensor],
         blobs: Mapping[str, bytes] | None = None,
     ) -> None:
         self.device = local_device(device)
@@ -50,7 +59,7 @@ class GenerationWorker:
                 blob = (blobs or {}).get(s.artifact.key)
                 art = unpack(s.artifact, blob) if blob is not None else s.artifact
                 by_phase.setdefault(Phase(phase), []).append(replace(s, artifact=art))
-        runners = self.binder.bind(by_phase)
+        runners = self.binder.bind(by_phase, weights)
         self.stages = {
             (phase.value, s.index): StageRunner(s, runners[phase][s.index], self.device)
             for phase, mine in by_phase.items()
@@ -100,6 +109,7 @@ class RayGeneration(Generation):
         self.stages = {phase: tuple(stages[phase]) for phase in Phase}
         self.timeout_s = timeout_s
         devices = list(dict.fromkeys(s.device for ss in self.stages.values() for s in ss))
+        weights = lm_weights(lm)
         nodes = placement.alive_nodes()
         by_id = {n.node_id: n for n in nodes}
         host_node = placement.map_hosts(devices, nodes, {})
@@ -112,7 +122,8 @@ class RayGeneration(Generation):
                 for phase in Phase
             }
             opts = placement.actor_options(d, node, max_restarts=max_restarts)
-            self.workers[d.name] = actor.options(**opts).remote(d, mine, registry)
+            values = ray.put(_weights_for([s for ss in mine.values() for s in ss], weights))
+            self.workers[d.name] = actor.options(**opts).remote(d, mine, registry, values)
         ready, lost = faults.wait_ready(self.workers, start_timeout_s)
         if lost:
             self.shutdown()

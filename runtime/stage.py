@@ -47,6 +47,10 @@ class StageSpec:
     state: tuple[str, ...] = ()
     cpu_shares: tuple[str, ...] = ()
     phase: str = ""
+    # split: per shared group k (inputs gpu{k}, cpu{k}), its weights and the rows of each
+    # the GPU takes; the worker cuts the rows from the full weights, the CPU's in cpu_dtype
+    shares: tuple[tuple[tuple[str, int], ...], ...] = ()
+    cpu_dtype: str = ""
 
     @property
     def plan_index(self) -> int:
