@@ -33,9 +33,10 @@ from hetero.backends.base import (
 )
 from hetero.backends.triton.autotune import TuneCache, cache_file, tune
 from hetero.backends.triton.codegen import generate
-from hetero.backends.triton.fold import fold_weights
+from hetero.backends.triton.fold import Folded, fold_weights
 from hetero.backends.triton.fusion import fuse
 from hetero.backends.triton.graphs import GraphRunner
+from hetero.backends.triton.rewrite import rewrite
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError, WorkerError
 
@@ -62,7 +63,8 @@ def run_device(device: DeviceSpec) -> torch.device:
 class TritonBackend(Backend):
     """Options (CompileOptions.extra): cuda_graphs (bool, default True), clone_outputs (bool,
     default True: copy outputs out of the CUDA graph's pool), tune (bool, default True on a
-    GPU), tune_cache (a directory; default: `triton-autotune` beside the artifact)."""
+    GPU), tune_cache (a directory; default: `triton-autotune` beside the artifact),
+    channels_last (bool; default: for float16/bfloat16 convolution weights)."""
 
     name = "triton"
     device_kinds = ("gpu",)
@@ -97,9 +99,8 @@ class TritonBackend(Backend):
             for t in unit.example_inputs
         )
         try:
-            folded = fold_weights(unit.module, unit.inputs, unit.param_values, dtype)
+            folded = prepare(unit.module, unit.inputs, unit.param_values, acts, dtype)
             weights = tuple(t for _, t in folded.weights)
-            _propagate(folded.module, (*acts, *weights))
             plan = fuse(folded.module)
         except Exception as e:
             raise CompileError(
@@ -115,7 +116,8 @@ class TritonBackend(Backend):
             )
         )
         known = cache.read()
-        program = generate(plan, wnames, interpret, known)
+        layout = frozenset(channels_last_weights(folded.module, wnames, options))
+        program = generate(plan, wnames, interpret, known, layout)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "program.py").write_text(program.source)
         if not interpret and options.get("tune", True):
@@ -123,7 +125,7 @@ class TritonBackend(Backend):
                                options.tune_trials)  # fmt: skip
             if found:
                 cache.write(found)
-                program = generate(plan, wnames, interpret, {**known, **found})
+                program = generate(plan, wnames, interpret, {**known, **found}, layout)
                 (out_dir / "program.py").write_text(program.source)
         _save_weights(out_dir / "weights.safetensors", folded.weights)
         (out_dir / "fusion.txt").write_text(plan.table() + "\n")
@@ -132,6 +134,7 @@ class TritonBackend(Backend):
             "weights": list(wnames),
             "kernels": [k.__dict__ for k in program.kernels],
             "steps": len(plan.steps),
+            "channels_last": sorted(layout),
             "cuda_graphs": bool(options.get("cuda_graphs", True)),
             "clone_outputs": bool(options.get("clone_outputs", True)),
         }
@@ -161,7 +164,8 @@ class TritonBackend(Backend):
         config = json.loads((artifact.path / "triton.json").read_text())
         mod = _import(artifact.path / "program.py", f"hetero_triton_{artifact.key or id(config)}")
         table = load_file(str(artifact.path / "weights.safetensors"), device=str(dev))
-        weights = [table[n] for n in config["weights"]]
+        cl = set(config.get("channels_last", ()))
+        weights = [_channels_last(table[n]) if n in cl else table[n] for n in config["weights"]]
 
         def forward(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return tuple(mod.forward(*acts, *weights))
@@ -175,6 +179,41 @@ class TritonBackend(Backend):
                 return fn(*[a.to(dev) for a in acts])
 
         return run
+
+
+def prepare(gm, inputs, params, acts, dtype=None) -> Folded:
+    """Fold weights, rewrite (rewrite.py), and fold again what the rewrites made constant;
+    every node carries fresh meta['val'] for fusion."""
+    folded = fold_weights(gm, inputs, params, dtype)
+    _propagate(folded.module, (*acts, *(t for _, t in folded.weights)))
+    if rewrite(folded.module):
+        folded = fold_weights(folded.module, folded.inputs, dict(folded.weights))
+        _propagate(folded.module, (*acts, *(t for _, t in folded.weights)))
+    return folded
+
+
+def channels_last_weights(gm: torch.fx.GraphModule, wnames, options: CompileOptions) -> list[str]:
+    """Convolution weights (4-D, 5-D) to hold channels-last, so that cuDNN runs its NHWC
+    kernels (what tensor cores run) and the epilogues keep activations NHWC. Option
+    `channels_last`: True / False; unset: for float16 and bfloat16 weights."""
+    force = options.get("channels_last")
+    names = set(wnames)
+    found: dict[str, None] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.convolution.default:
+            continue
+        w = node.args[1]
+        v = w.meta.get("val") if isinstance(w, torch.fx.Node) else None
+        if not isinstance(v, torch.Tensor) or w.name not in names or v.dim() not in (4, 5):
+            continue
+        if force or (force is None and v.dtype in (torch.float16, torch.bfloat16)):
+            found[w.name] = None
+    return list(found)
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    return t.contiguous(memory_format=fmt)
 
 
 def _propagate(gm: torch.fx.GraphModule, args: tuple) -> None:

@@ -1,8 +1,9 @@
 """Fusion rules, tried in order; each returns a Match or None, and `Fallback` always matches.
 
 Rules look at one node and the groups still open (see fusion.py); they never mutate state.
-Order matters: attention before matmul before reductions before elementwise, so a node is
-taken by the most specific kernel that can run it.
+Order matters: attention (decode, then prefill) before rotary before matmuls (gated, then
+plain) before RMSNorm before reductions before elementwise, so a node is taken by the most
+specific kernel that can run it. The shapes the rules look for are in matchers.py.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from hetero.backends.triton.fusion import (
     shape,
     val,
 )
+from hetero.backends.triton.kernels.attention import Sdpa, sdpa
 from hetero.backends.triton.kernels.ops import CASTS, POINTWISE, RESHAPES, TL_DTYPE
+from hetero.backends.triton.matchers import gated_pair, rms_start, rope_of
 
 aten = torch.ops.aten
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+NO_EPILOGUE = ("attention", "decode", "rotary")  # kernels that take no consumers along
 
 
 def _arg(node: Node, i: int, name: str, default: object = None) -> object:
@@ -33,28 +37,103 @@ def _arg(node: Node, i: int, name: str, default: object = None) -> object:
     return node.kwargs.get(name, default)
 
 
+SDPA = aten.scaled_dot_product_attention.default
+
+
+def _attention(node: Node) -> Sdpa | None:
+    """The node as an SDPA the attention kernels run, or None."""
+    if node.target is not SDPA:
+        return None
+    q, k, v = node.args[:3]
+    if not all(is_tensor(t) and len(shape(t)) == 4 for t in (q, k, v)):
+        return None
+    if float(_arg(node, 4, "dropout_p", 0.0)) != 0.0:
+        return None
+    if dtype(q) not in FLOATS or not (dtype(q) == dtype(k) == dtype(v)):
+        return None
+    (b, h, _, d), (bk, hk, n, dk), (bv, hv, nv, dv) = shape(q), shape(k), shape(v)
+    if (b, hk) != (bk, hv) or bv != b or d != dk or d != dv or n != nv or d > 256:
+        return None
+    if h != hk and not (node.kwargs.get("enable_gqa") and hk and h % hk == 0):
+        return None
+    mask = _arg(node, 3, "attn_mask")
+    if mask is not None and not (is_tensor(mask) and len(shape(mask)) <= 4):
+        return None
+    return sdpa(node)
+
+
+class DecodeAttention:
+    """SDPA with a few queries against many keys (one-token decode over a KV cache): the
+    split-K kernel of kernels/decode.py, all query heads of a key/value head together."""
+
+    name = "decode"
+    MAX_ROWS = 64  # query rows per key/value head (queries x GQA group)
+
+    def match(self, node: Node, st: FusionState) -> Match | None:
+        a = _attention(node)
+        if a is None or a.m * a.rep > self.MAX_ROWS or a.n < 8 * a.m:
+            return None
+        return Match(self.name, "decode", space=(a.b, a.h, a.m, a.n), close_now=True)
+
+
 class Attention:
-    """scaled_dot_product_attention as one flash-style kernel (causal and mask supported)."""
+    """scaled_dot_product_attention as one flash-style kernel (causal, masks, grouped-query
+    heads read in place)."""
 
     name = "attention"
 
     def match(self, node: Node, st: FusionState) -> Match | None:
-        if node.target is not aten.scaled_dot_product_attention.default:
+        a = _attention(node)
+        if a is None:
             return None
-        q, k, v = node.args[:3]
-        if not all(is_tensor(t) and len(shape(t)) == 4 for t in (q, k, v)):
+        return Match(self.name, "attention", space=(a.b, a.h, a.m, a.n), close_now=True)
+
+
+class Rotary:
+    """Rotary embeddings (x * cos + rotate_half(x) * sin) as one kernel; the query's and the
+    key's, sharing cos and sin, share one launch."""
+
+    name = "rotary"
+
+    def match(self, node: Node, st: FusionState) -> Match | None:
+        rope = rope_of(node)
+        if rope is None:
             return None
-        if float(_arg(node, 4, "dropout_p", 0.0)) != 0.0 or node.kwargs.get("enable_gqa"):
+        for g in st.open:
+            if g.kind != "rotary":
+                continue
+            if any(n in g.nodes for n in rope.nodes):
+                return Match(self.name, "rotary", join=g, space=g.space)
+            first = rope_of(g.nodes[0])
+            if (
+                first is not None
+                and (first.cos, first.sin) == (rope.cos, rope.sin)
+                and node is rope.nodes[0]
+                and dtype(first.out) == dtype(rope.out)
+            ):
+                return Match(self.name, "rotary", join=g, space=g.space)
+        return Match(self.name, "rotary", space=(numel(rope.x),))
+
+
+class GatedMatmul:
+    """Two matmuls over the same A whose results one elementwise expression combines (the
+    gate and up projections of a SwiGLU MLP): one kernel, two accumulators, one store."""
+
+    name = "gated"
+
+    def match(self, node: Node, st: FusionState) -> Match | None:
+        if node.target is not aten.mm.default or dtype(node.args[0]) not in FLOATS:
             return None
-        if dtype(q) not in FLOATS or not (dtype(q) == dtype(k) == dtype(v)):
+        pair = gated_pair(node)
+        if pair is None:
             return None
-        (b, h, m, d), (bk, hk, n, dk), (_, _, nv, dv) = shape(q), shape(k), shape(v)
-        if (b, h) != (bk, hk) or d != dk or d != dv or n != nv or d > 256:
-            return None
-        mask = _arg(node, 3, "attn_mask")
-        if mask is not None and not (is_tensor(mask) and len(shape(mask)) <= 4):
-            return None
-        return Match(self.name, "attention", space=(b, h, m, n), close_now=True)
+        first = pair[0]
+        if node is first:
+            return Match(self.name, "gated", space=(1, *shape(node)))
+        g = st.member.get(first)
+        if g is not None and g in st.open and g.kind == "gated":
+            return Match(self.name, "gated", join=g, space=g.space)
+        return None
 
 
 class Matmul:
@@ -74,6 +153,53 @@ class Matmul:
         s = shape(node)
         space = (1, *s) if len(s) == 2 else s
         return Match(self.name, "matmul", space=space)
+
+
+class Conv:
+    """A convolution (torch's, cuDNN on a GPU) with its bias and elementwise consumers
+    (folded batch-norm, activation, residual add) as one Triton epilogue kernel."""
+
+    name = "conv"
+
+    def match(self, node: Node, st: FusionState) -> Match | None:
+        if node.target is not aten.convolution.default or dtype(node) not in FLOATS:
+            return None
+        if not 3 <= len(shape(node)) <= 5 or numel(node) == 0:
+            return None
+        return Match(self.name, "conv", space=(numel(node),))
+
+
+class RMSNorm:
+    """The start of an RMSNorm chain (the upcast, or the pow) opens a row kernel of its own,
+    or joins the elementwise/row kernel that produced its input (a residual add outside a
+    matmul epilogue). Without this rule the upcast and the square would ride in the previous
+    matmul's epilogue and go to memory in float32, to be read back by the reduction."""
+
+    name = "rmsnorm"
+
+    def match(self, node: Node, st: FusionState) -> Match | None:
+        chain = rms_start(node)
+        if chain is None:
+            return None
+        xs = shape(chain.x)
+        cols = xs[-1]
+        rows = numel(chain.x) // cols if cols else 0
+        if cols <= 1 or rows == 0 or cols > 32768:
+            return None
+        space = (rows, cols)
+        src = node.args[0]
+        g = st.member.get(src) if isinstance(src, Node) else None
+        joins = (
+            g is not None
+            and g in st.open
+            and (
+                (g.kind == "pointwise" and g.numel == rows * cols)
+                or (g.kind == "rowwise" and g.space == space)
+            )
+        )
+        if joins:
+            return Match(self.name, "rowwise", join=g, space=space)
+        return Match(self.name, "rowwise", space=space)
 
 
 class Reduction:
@@ -184,7 +310,7 @@ def _joinable(node: Node, g: OpenGroup, st: FusionState) -> bool:
     where = g.where(node)
     if where is None:
         return False
-    if g.kind == "attention":
+    if g.kind in NO_EPILOGUE:
         return False
     for a in node.all_input_nodes:
         if st.member.get(a) is not g:
@@ -211,6 +337,30 @@ class Fallback:
         return Match(self.name, "aten")
 
 
-RULES = (Attention(), Matmul(), Reduction(), Elementwise(), Fallback())
+RULES = (
+    DecodeAttention(),
+    Attention(),
+    Rotary(),
+    GatedMatmul(),
+    Matmul(),
+    Conv(),
+    RMSNorm(),
+    Reduction(),
+    Elementwise(),
+    Fallback(),
+)
 
-__all__ = ["RULES", "Attention", "Elementwise", "Fallback", "Matmul", "Reduction", "val"]
+__all__ = [
+    "RULES",
+    "Attention",
+    "Conv",
+    "DecodeAttention",
+    "Elementwise",
+    "Fallback",
+    "GatedMatmul",
+    "Matmul",
+    "RMSNorm",
+    "Reduction",
+    "Rotary",
+    "val",
+]
