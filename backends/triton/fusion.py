@@ -86,6 +86,8 @@ class OpenGroup:
             return "full"
         if self.kind == "rowwise" and n == self.space[0]:
             return "row"
+        if self.kind in ("matmul", "gated") and n == self.space[0] * self.space[1]:
+            return "row"  # one value per row of A (an RMSNorm prologue)
         return None
 
 

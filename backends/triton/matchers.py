@@ -4,7 +4,7 @@ The rules in patterns.py ask these whether a node belongs to one of the shapes b
 returns a description of the match or None, and never looks at fusion state.
 
   RMSNorm   [x = _to_copy(r, float32)]; pow(x, 2); mean(-1, keepdim); add(eps); rsqrt;
-            mul(x, rsqrt)  — then usually a cast back and a multiply by the weight
+            [mul(x, rsqrt)]  — then usually a cast back and a multiply by the weight
   rotary    add(mul(x, cos), mul(cat([neg(x[..., h:]), x[..., :h]], -1), sin))
             (transformers' apply_rotary_pos_emb with rotate_half, as LLaMA, Qwen2 and
             Mistral export it)
@@ -40,11 +40,17 @@ def _call(node: object, *targets: object) -> bool:
 
 @dataclass(frozen=True)
 class RmsChain:
-    """x -> x * rsqrt(mean(x^2, -1) + eps); `nodes` in graph order, x excluded."""
+    """x -> rsqrt(mean(x^2, -1) + eps) [-> x * rsqrt]; `nodes` in graph order, x excluded;
+    `mul` the normalising multiply (None where only the statistic is computed)."""
 
     x: Node
     nodes: tuple[Node, ...]
     eps: float
+    mul: Node | None
+
+    @property
+    def rsqrt(self) -> Node:
+        return self.nodes[3]
 
 
 def rms_chain(x: Node) -> RmsChain | None:
@@ -71,8 +77,24 @@ def rms_chain(x: Node) -> RmsChain | None:
             continue
         mul = _only_user(r)
         if not (_call(mul, aten.mul.Tensor) and set(mul.args) == {x, r}):
-            continue
-        return RmsChain(x, (p, mean, add, r, mul), float(eps))
+            return RmsChain(x, (p, mean, add, r), float(eps), None)
+        return RmsChain(x, (p, mean, add, r, mul), float(eps), mul)
+    return None
+
+
+def rms_stat_of(node: Node) -> RmsChain | None:
+    """The chain `node` is part of: the upcast, pow, mean, add or rsqrt (at most 4 uses
+    before the rsqrt)."""
+    x = node
+    for _ in range(5):
+        if not isinstance(x, Node):
+            return None
+        chain = rms_chain(x)
+        if chain is not None and (node is x or node in chain.nodes[:4]):
+            if node is x and not _call(x, aten._to_copy.default):
+                return None  # x itself is the chain's input, not part of it
+            return chain
+        x = x.args[0] if x.op == "call_function" and x.args else None
     return None
 
 
@@ -190,13 +212,13 @@ def _elementwise(node: object) -> bool:
     return _call(node, *POINTWISE, *CASTS, *RESHAPES)
 
 
-def _strip_views(node: object) -> object:
+def strip_views(node: object) -> object:
     while _call(node, *RESHAPES):
         node = node.args[0]
     return node
 
 
-def _back_to_mm(node: object, depth: int = 6) -> Node | None:
+def _back_to_mm(node: object, depth: int = 10) -> Node | None:
     """The one mm that the elementwise expression ending in `node` reads (silu(x) is
     x * sigmoid(x): two inputs, one source); other leaves (weights, constants) may be read."""
     found: set[Node] = set()
@@ -222,7 +244,7 @@ def gated_pair(mm: Node) -> tuple[Node, Node] | None:
     shape and dtype) whose results one elementwise expression combines."""
     if not _call(mm, aten.mm.default):
         return None
-    a_root, b = _strip_views(mm.args[0]), mm.args[1]
+    a_root, b = strip_views(mm.args[0]), mm.args[1]
     frontier, seen = [mm], set()
     for _ in range(8):
         nxt = []
@@ -237,7 +259,7 @@ def gated_pair(mm: Node) -> tuple[Node, Node] | None:
                 if (
                     o is not None
                     and o is not mm
-                    and _strip_views(o.args[0]) is a_root
+                    and strip_views(o.args[0]) is a_root
                     and shape(o.args[0]) == shape(mm.args[0])
                     and shape(o.args[1]) == shape(b)
                     and dtype(o.args[1]) == dtype(b)
@@ -251,4 +273,14 @@ def gated_pair(mm: Node) -> tuple[Node, Node] | None:
     return None
 
 
-__all__ = ["RmsChain", "Rope", "gated_pair", "rms_chain", "rms_start", "rope_at", "rope_of"]
+__all__ = [
+    "RmsChain",
+    "Rope",
+    "gated_pair",
+    "rms_chain",
+    "rms_start",
+    "rms_stat_of",
+    "rope_at",
+    "rope_of",
+    "strip_views",
+]

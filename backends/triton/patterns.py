@@ -24,7 +24,13 @@ from hetero.backends.triton.fusion import (
 )
 from hetero.backends.triton.kernels.attention import Sdpa, sdpa
 from hetero.backends.triton.kernels.ops import CASTS, POINTWISE, RESHAPES, TL_DTYPE
-from hetero.backends.triton.matchers import gated_pair, rms_start, rope_of
+from hetero.backends.triton.matchers import (
+    gated_pair,
+    rms_start,
+    rms_stat_of,
+    rope_of,
+    strip_views,
+)
 
 aten = torch.ops.aten
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -153,6 +159,34 @@ class Matmul:
         s = shape(node)
         space = (1, *s) if len(s) == 2 else s
         return Match(self.name, "matmul", space=space)
+
+
+class NormPrologue:
+    """The RMSNorm statistic of an open matmul's A (its upcast, square, mean, eps, rsqrt):
+    the matmul kernel accumulates the row's sum of squares from the A tiles it loads, so
+    the norm costs no kernel and no memory traffic of its own (rewrite.norm_into_matmul
+    puts a copy of the statistic after each matmul that reads a normalised row)."""
+
+    name = "prologue"
+
+    def match(self, node: Node, st: FusionState) -> Match | None:
+        chain = rms_stat_of(node)
+        if chain is None or chain.mul is not None:
+            return None
+        x = chain.x.args[0] if chain.x.target is aten._to_copy.default else chain.x
+        users = list(chain.rsqrt.users)
+        if len(shape(x)) != 2 or not all(u.target is aten.mul.Tensor for u in users):
+            return None
+        # the matmul whose rows it scales, already in an open group that reads the same A
+        scaled = {a for u in users for a in u.args[:2] if a is not chain.rsqrt}
+        for g in st.open:
+            mms = [n for n in g.nodes if n.target is aten.mm.default]
+            if g.kind not in ("matmul", "gated") or not mms or not scaled <= set(mms):
+                continue
+            a = g.nodes[0].args[0]
+            if strip_views(a) is strip_views(x) and shape(a) == shape(x):
+                return Match(self.name, g.kind, join=g, space=g.space)
+        return None
 
 
 class Conv:
@@ -286,6 +320,8 @@ class Elementwise:
             return None
         if node.target in RESHAPES and len(ins) != 1:
             return None
+        if node.target in RESHAPES and all(_reads_itself(u) for u in node.users):
+            return None  # its readers load it through strides: as a view it costs nothing
         read = st.groups_read_by(node)
         for g in read:
             if _joinable(node, g, st):
@@ -297,6 +333,15 @@ class Elementwise:
                 if g.kind == "pointwise" and g.numel == numel(node):
                     return Match(g.rule, g.kind, join=g, space=g.space)
         return Match(self.name, "pointwise", space=(numel(node),))
+
+
+def _reads_itself(node: Node) -> bool:
+    """A matmul (its A and B are read through strides) or an RMSNorm statistic that a
+    matmul computes from its A tiles (NormPrologue)."""
+    if node.target in Matmul.TARGETS:
+        return True
+    chain = rms_stat_of(node)
+    return chain is not None and chain.mul is None
 
 
 def _plain_copy(node: Node) -> bool:
@@ -343,6 +388,7 @@ RULES = (
     Rotary(),
     GatedMatmul(),
     Matmul(),
+    NormPrologue(),
     Conv(),
     RMSNorm(),
     Reduction(),
@@ -359,6 +405,7 @@ __all__ = [
     "Fallback",
     "GatedMatmul",
     "Matmul",
+    "NormPrologue",
     "RMSNorm",
     "Reduction",
     "Rotary",

@@ -9,6 +9,8 @@ exposes a cheaper form to the fusion rules:
   fold_batch_norm      inference batch-norm after a convolution folds into the convolution's
                        weight and bias; one elsewhere becomes a per-channel multiply-add that
                        fuses with its neighbours.
+  norm_into_matmul     an RMSNorm read only by matmuls becomes their prologue: its weight
+                       folds into theirs and its 1/rms scales their rows (see PROLOGUE_ROWS).
 
 They need meta['val'] (shapes); the backend runs them on the folded graph and folds again,
 so the new weight arithmetic (batch-norm scales) runs once at compile time.
@@ -22,10 +24,12 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule, Node
 
-from hetero.backends.triton.fusion import shape, val
+from hetero.backends.triton.fusion import dtype, numel, shape, val
+from hetero.backends.triton.matchers import RmsChain, rms_chain
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
+_MATMULS = (aten.mm.default, aten.addmm.default)
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
@@ -173,8 +177,114 @@ def _folds_into(x: object) -> bool:
     )
 
 
+# Up to this many rows (decode, small batches) each matmul after an RMSNorm computes the
+# norm's statistic itself from the A tiles it loads anyway, and the norm kernel disappears;
+# with more rows (prefill) the sum of squares would compete with the tensor cores, so one
+# row kernel computes the statistic for all of them and writes only that.
+PROLOGUE_ROWS = 64
+
+
+def norm_into_matmul(gm: GraphModule) -> bool:
+    """mm(w * cast(x * rsqrt(mean(x^2) + eps)), W) -> cast(mm(x, w[:, None] * W) * rsqrt(...)).
+
+    The normalised activations are never written: the norm's weight folds into each reading
+    matmul's weight (at compile time) and the per-row 1/rms scales the matmul's epilogue.
+    Only where every reader of the norm's output is a matmul's A operand (view included).
+    """
+    changed = False
+    g = gm.graph
+    for x in list(g.nodes):
+        chain = rms_chain(x) if x.op in ("call_function", "placeholder") else None
+        if chain is None or chain.mul is None:
+            continue
+        out = _norm_output(chain)
+        if out is None:
+            continue
+        y, w = out
+        readers = _matmul_readers(y)
+        src = x.args[0] if x.target is aten._to_copy.default else x
+        if not readers or dtype(src) != dtype(y):
+            continue
+        k = shape(y)[-1]
+        rows = numel(y) // k
+        in_loop = rows <= PROLOGUE_ROWS
+        shared = None
+        if not in_loop:
+            with g.inserting_after(chain.rsqrt):
+                shared = g.call_function(aten.view.default, (chain.rsqrt, [rows, 1]))
+        for mm in readers:
+            bias = mm.args[0] if mm.target is aten.addmm.default else None
+            with g.inserting_before(mm):
+                wt = mm.args[-1]
+                if w is not None:
+                    col = g.call_function(aten.unsqueeze.default, (w, 1))
+                    wt = g.call_function(aten.mul.Tensor, (col, wt))
+                a = g.call_function(aten.view.default, (src, [rows, k]))
+                prod = g.call_function(aten.mm.default, (a, wt))
+                r = shared
+                if in_loop:  # a private copy of the statistic, which the matmul computes
+                    c = a
+                    if x is not src:
+                        c = g.call_function(aten._to_copy.default, (a,), dict(x.kwargs))
+                    p = g.call_function(aten.pow.Tensor_Scalar, (c, 2))
+                    mean = g.call_function(aten.mean.dim, (p, [-1], True))
+                    r = g.call_function(
+                        aten.rsqrt.default, (g.call_function(aten.add.Tensor, (mean, chain.eps)),)
+                    )
+                scaled = g.call_function(aten.mul.Tensor, (prod, r))
+                if bias is not None:
+                    scaled = g.call_function(aten.add.Tensor, (scaled, bias))
+                if dtype(mm) != torch.float32:
+                    scaled = g.call_function(aten._to_copy.default, (scaled,), {"dtype": dtype(mm)})
+            mm.replace_all_uses_with(scaled)
+            g.erase_node(mm)
+        changed = True
+    return changed
+
+
+def _norm_output(chain: RmsChain) -> tuple[Node, Node | None] | None:
+    """(the norm's output, its weight or None): x * r, then a cast back, then * weight."""
+    y, w = chain.mul, None
+    u = _only_user(y)
+    if u is not None and u.target is aten._to_copy.default and set(u.kwargs) <= {"dtype"}:
+        y, u = u, _only_user(u)
+    if u is not None and u.target is aten.mul.Tensor:
+        other = u.args[0] if u.args[1] is y else u.args[1]
+        if isinstance(other, Node) and other.op == "placeholder" and shape(other) == shape(y)[-1:]:
+            y, w = u, other
+    return y, w
+
+
+def _matmul_readers(y: Node) -> list[Node] | None:
+    """The mm / addmm nodes reading `y` (through a 2-D view) as A, with a weight as B; None
+    if any reader is something else."""
+    k = shape(y)[-1]
+    found = []
+    for v in y.users:
+        if len(shape(y)) == 2 and v.target in _MATMULS:
+            mms = [v]
+        elif v.target in _VIEWS and len(shape(v)) == 2 and shape(v)[-1] == k:
+            mms = list(v.users)
+        else:
+            return None
+        for mm in mms:
+            if mm.target not in _MATMULS or mm.kwargs:
+                return None
+            a, b = mm.args[-2:]
+            if a is not v and a is not y:
+                return None
+            if not (isinstance(b, Node) and b.op == "placeholder" and len(shape(b)) == 2):
+                return None
+            found.append(mm)
+    return found
+
+
+def _only_user(node: Node) -> Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
 Rewrite = Callable[[GraphModule], bool]
-REWRITES: tuple[Rewrite, ...] = (gqa_without_copies, fold_batch_norm)
+REWRITES: tuple[Rewrite, ...] = (gqa_without_copies, fold_batch_norm, norm_into_matmul)
 
 
 def rewrite(gm: GraphModule) -> bool:
@@ -188,4 +298,12 @@ def rewrite(gm: GraphModule) -> bool:
     return changed
 
 
-__all__ = ["REWRITES", "fold_batch_norm", "gqa_without_copies", "repeated_kv", "rewrite"]
+__all__ = [
+    "PROLOGUE_ROWS",
+    "REWRITES",
+    "fold_batch_norm",
+    "gqa_without_copies",
+    "norm_into_matmul",
+    "repeated_kv",
+    "rewrite",
+]

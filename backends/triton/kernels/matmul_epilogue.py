@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from hetero.backends.triton.fusion import Group, dtype, shape
+from hetero.backends.triton.fusion import Group, dtype, numel, shape
 from hetero.backends.triton.kernels.body import (
     Body,
     Space,
@@ -102,10 +102,20 @@ def render(group: Group, name: str, cfg: dict) -> tuple[str, str, list]:
     body.var[mm] = "acc"
     if mm2 is not None:
         body.var[mm2] = "acc2"
+    # An RMSNorm prologue: its mean of squares is the sum `ss` over the A tiles / K; the
+    # upcast and square before it are done on each tile in the K loop.
+    means = [n for n in group.nodes if n.target is aten.mean.dim]
+    skip = {mm2}
+    for mean in means:
+        body.var[mean] = f"(ss[:, None] / {k}.0)"
+        skip |= {mean, mean.args[0], mean.args[0].args[0]}
     for node in group.nodes[1:]:
-        if node is not mm2:
+        if node not in skip:
             body.pointwise(node)
     outs = body.stores()
+    bad = [o.value.name for o in outs if numel(o.value) != batch * m * n]
+    if bad:  # a per-row value would be stored over the whole tile
+        raise ValueError(f"matmul group {mm.name}: outputs {bad} are not {batch}x{m}x{n}")
     ptrs, strides, flags = operand_sig(body.operands, outs)
     sig = ", ".join(x for x in (ptrs, strides, flags) if x)
     precision = ', input_precision="ieee"' if dtype(a) == torch.float32 else ""
@@ -124,6 +134,12 @@ def render(group: Group, name: str, cfg: dict) -> tuple[str, str, list]:
     b2_load_masked = (
         "\n            b2 = tl.load(b2_ptr, mask=offs_k[:, None] < K - kk * BLOCK_K, other=0.0)"
         if two
+        else ""
+    )
+    ss_init = "\n    ss = tl.full((BLOCK_M,), 0.0, tl.float32)" if means else ""
+    ss_step = (
+        "\n        af = a.to(tl.float32)\n        ss += tl.reduce(af * af, 1, _SUM)"
+        if means
         else ""
     )
     b2_step = (
@@ -161,7 +177,7 @@ def {name}(A, B, {b2_param}{sig},
         bn = tl.where(offs_n < N, offs_n, 0)
     a_ptr = A + bat * SA_B + am[:, None] * SA_M + offs_k[None, :] * SA_K
     b_ptr = B + bat * SB_B + offs_k[:, None] * SB_K + bn[None, :] * SB_N
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32){b2_init}
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32){b2_init}{ss_init}
     for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         if K % BLOCK_K == 0:
             a = tl.load(a_ptr)
@@ -171,7 +187,7 @@ def {name}(A, B, {b2_param}{sig},
             b = tl.load(b_ptr, mask=offs_k[:, None] < K - kk * BLOCK_K, other=0.0){b2_load_masked}
         acc = tl.dot(a{up}, b{up}, acc{precision})
         a_ptr += BLOCK_K * SA_K
-        b_ptr += BLOCK_K * SB_K{b2_step}
+        b_ptr += BLOCK_K * SB_K{b2_step}{ss_step}
     m2 = offs_m[:, None]
     n2 = offs_n[None, :]
     mask = (m2 < M) & (n2 < N)

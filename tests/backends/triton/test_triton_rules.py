@@ -31,8 +31,9 @@ from triton_models import (
 from hetero.backends.base import CompileOptions
 from hetero.backends.triton import TritonBackend
 from hetero.backends.triton.backend import prepare
-from hetero.backends.triton.fusion import fuse
+from hetero.backends.triton.fusion import fuse, numel
 from hetero.backends.triton.matchers import gated_pair, rms_chain, rope_at
+from hetero.backends.triton.rewrite import PROLOGUE_ROWS
 
 aten = torch.ops.aten
 FAMILIES = ["Llama", "Qwen2", "Mistral"]
@@ -55,13 +56,30 @@ def targets(gm) -> Counter:
 # ---- which rules match the captured graphs ---------------------------------------------------
 
 
+def prologues(plan) -> int:
+    """Matmul kernels that compute an RMSNorm's statistic from their A tiles."""
+    return sum(
+        1
+        for s in plan.steps
+        if s.kind in ("matmul", "gated") and any(n.target is aten.mean.dim for n in s.nodes)
+    )
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_decoder_layers_match_every_rule(family):
+@pytest.mark.parametrize("tokens", [8, 40])
+def test_decoder_layers_match_every_rule(family, tokens):
     layers = 2
     model = decoder(family, layers=layers, **({"sliding_window": 4} if family == "Mistral" else {}))
-    plan, gm = plan_of(model, torch.randint(0, 128, (2, 8)))
+    plan, gm = plan_of(model, torch.randint(0, 128, (2, tokens)))
     found = rules(plan)
-    assert found["rmsnorm"] == 2 * layers + 1  # two per layer and the final norm
+    if 2 * tokens <= PROLOGUE_ROWS:
+        # each layer's two norms ride in the matmuls that read them (q, k, v; gate+up)
+        assert found["rmsnorm"] == 1 and prologues(plan) == 4 * layers
+    else:
+        # one row kernel per norm writes only 1/rms; the matmuls scale their rows by it
+        assert found["rmsnorm"] == 2 * layers + 1 and prologues(plan) == 0
+        stats = [s for s in plan.steps if s.rule == "rmsnorm"][: 2 * layers]
+        assert all(numel(o) == 2 * tokens for s in stats for o in s.outputs)
     assert found["rotary"] == layers  # the query's and the key's in one launch
     assert found["gated"] == layers
     assert found["attention"] == layers
@@ -71,10 +89,12 @@ def test_decoder_layers_match_every_rule(family):
     sdpa = [n for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
     assert all(n.kwargs.get("enable_gqa") for n in sdpa)
     assert targets(gm)[aten.clone.default] == 0 and targets(gm)[aten.expand.default] == 0
-    # no RMSNorm square or upcast rides in a matmul epilogue (it would go to memory in fp32)
+    # no RMSNorm square or statistic leaves a matmul kernel (it would go to memory in fp32)
+    stat = {aten.pow.Tensor_Scalar, aten.mean.dim, aten.rsqrt.default}
     for s in plan.steps:
         if s.kind in ("matmul", "gated"):
-            assert not {n.target for n in s.nodes} & {aten.pow.Tensor_Scalar, aten.mean.dim}
+            assert not {o.target for o in s.outputs} & stat
+            assert all(numel(o) == numel(s.anchor) for o in s.outputs)
     # the gated kernel holds both projections; only their product leaves it
     (g,) = [s for s in plan.steps if s.rule == "gated"][:1]
     assert sum(n.target is aten.mm.default for n in g.nodes) == 2 and len(g.outputs) == 1
@@ -85,7 +105,8 @@ def test_decode_step_matches_split_k_attention_rotary_and_gated():
     plan, _ = plan_of(model, *model.inputs(2, 5))
     found = rules(plan)
     assert found["decode"] == 1 and found["attention"] == 0
-    assert found["rotary"] == 1 and found["gated"] == 1 and found["rmsnorm"] == 2
+    assert found["rotary"] == 1 and found["gated"] == 1
+    assert found["rmsnorm"] == 0 and prologues(plan) == 4  # both norms are matmul prologues
     (dec,) = [s for s in plan.steps if s.rule == "decode"]
     assert dec.space == (2, 4, 1, 64)  # B, H, one query, the whole cache
 
@@ -167,13 +188,15 @@ class LastHidden(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("family", "dtype"),
-    [("Llama", d) for d in DTYPES] + [("Qwen2", torch.bfloat16), ("Mistral", torch.float16)],
+    ("family", "dtype", "tokens"),
+    [("Llama", d, 8) for d in DTYPES]
+    + [("Llama", torch.bfloat16, 40), ("Qwen2", torch.bfloat16, 8), ("Mistral", torch.float16, 40)],
 )
-def test_decoder_prefill_matches_eager(family, dtype, tmp_path):
+def test_decoder_prefill_matches_eager(family, dtype, tokens, tmp_path):
+    # 2 x 8 tokens: norms as matmul prologues; 2 x 40: a shared 1/rms row kernel
     extra = {"sliding_window": 4} if family == "Mistral" else {}
     model = LastHidden(decoder(family, **extra))
-    _check(model, (torch.randint(0, 128, (2, 8)),), dtype, tmp_path)
+    _check(model, (torch.randint(0, 128, (2, tokens)),), dtype, tmp_path)
 
 
 @pytest.mark.parametrize(("dtype", "pos"), [(d, 37) for d in DTYPES] + [(torch.float16, 3)])
