@@ -8,7 +8,8 @@ Skipped where CUDA is absent. Run (repository root, TRITON_INTERPRET unset):
 `-s` shows the timing table. HETERO_RULES_JSON=path appends one JSON line per case;
 HETERO_RULES_MODES=default,reduce-overhead picks the torch.compile modes to compare
 (empty: none). Cases (float16 unless named): RMSNorm with its residual add, rotary on q and
-k, the SwiGLU MLP, grouped-query attention prefill, one-token decode attention over a 4096-long
+k, the SwiGLU MLP (alone, and after an RMSNorm that becomes its prologue), grouped-query
+attention prefill, one-token decode attention over a 4096-long
 cache (LLaMA-7B and LLaMA-3-8B head layouts), a whole decode step of a LLaMA layer, the
 1.1B LLaMA shape end to end, and ConvNeXt-T / MobileNetV3 blocks at batch 32.
 """
@@ -91,6 +92,21 @@ def swiglu(dim: int, inter: int) -> torch.nn.Module:
     return LlamaMLP(LlamaConfig(hidden_size=dim, intermediate_size=inter))
 
 
+class NormMLP(torch.nn.Module):
+    """post_attention_layernorm then the SwiGLU MLP: the norm becomes the gated matmul's
+    prologue (few rows) or a row kernel that writes only 1/rms (many rows)."""
+
+    def __init__(self, dim: int, inter: int) -> None:
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        self.norm = LlamaRMSNorm(dim)
+        self.mlp = swiglu(dim, inter)
+
+    def forward(self, x):
+        return self.mlp(self.norm(x))
+
+
 class GqaPrefill(torch.nn.Module):
     """transformers' sdpa_attention_forward, causal, over grouped key/value heads."""
 
@@ -155,6 +171,8 @@ def _cases():
         "rotary q32/k8 heads 4x256": lambda: (RotaryQK(32, 8, 128, 256), (rn(4, 256, 4096), rn(4, 256, 1024)), h),
         "swiglu 1024x4096x11008": lambda: (swiglu(4096, 11008), (rn(4, 256, 4096),), h),
         "swiglu decode 1x4096x11008": lambda: (swiglu(4096, 11008), (rn(1, 1, 4096),), h),
+        "rmsnorm+swiglu decode 1x4096x14336": lambda: (NormMLP(4096, 14336), (rn(1, 1, 4096),), h),
+        "rmsnorm+swiglu 1024x4096x14336": lambda: (NormMLP(4096, 14336), (rn(4, 256, 4096),), h),
         "swiglu bf16 1024x4096x11008": lambda: (swiglu(4096, 11008), (rn(4, 256, 4096, dtype=bf),), bf),
         "gqa prefill 4x32/8x1024x128 causal": lambda: (GqaPrefill(32, 8), (rn(4, 32, 1024, 128), rn(4, 8, 1024, 128), rn(4, 8, 1024, 128)), h),
         "decode attention llama7b 1x32/32 4096": lambda: cache(1, 32, 32),
