@@ -250,19 +250,23 @@ def test_rule_on_gpu_matches_eager_and_is_timed(name, tmp_path):
         torch._dynamo.reset()
         compiled = torch.compile(model, mode=mode)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            out = compiled(*args)
-        row[f"compile[{mode}]_s"] = round(time.perf_counter() - t0, 1)
-        row[f"compile[{mode}]_err"] = _error(out, want)
-        row[f"compile[{mode}]_ms"] = _bench(compiled, args)
+        try:
+            with torch.no_grad():
+                out = compiled(*args)
+            row[f"compile[{mode}]_s"] = round(time.perf_counter() - t0, 1)
+            row[f"compile[{mode}]_err"] = _error(out, want)
+            row[f"compile[{mode}]_ms"] = _bench(compiled, args)
+        except Exception as e:  # a baseline that fails is reported, not hetero's failure
+            row[f"compile[{mode}]_failed"] = f"{type(e).__name__}: {str(e)[:200]}"
     best = min((v for k, v in row.items() if k.startswith("compile[") and k.endswith("_ms")),
                default=None)  # fmt: skip
     ratio = f"  hetero/best-compile {row['hetero_ms'] / best:.2f}x" if best else ""
     timings = "  ".join(
         f"{k.removesuffix('_ms')} {v:.3f}" for k, v in row.items() if k.endswith("_ms")
     )
+    failed = {k: v for k, v in row.items() if k.endswith("_failed")}
     print(f"\n[{torch.cuda.get_device_name()}] {name} ({row['dtype']}): {timings} ms{ratio}  "
-          f"rules {rules}  err {row['hetero_err']:.1e}")  # fmt: skip
+          f"rules {rules}  err {row['hetero_err']:.1e}{'  ' + str(failed) if failed else ''}")  # fmt: skip
     out_path = os.environ.get("HETERO_RULES_JSON")
     if out_path:
         with open(out_path, "a") as f:
