@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -181,7 +182,8 @@ class TritonBackend(Backend):
         return run
 
 
-def prepare(gm, inputs, params, acts, dtype=None) -> Folded:
+def prepare(gm: torch.fx.GraphModule, inputs: tuple[str, ...], params: Mapping[str, torch.Tensor],
+            acts: tuple[torch.Tensor, ...], dtype: torch.dtype | None = None) -> Folded:  # fmt: skip
     """Fold weights, rewrite (rewrite.py), and fold again what the rewrites made constant;
     every node carries fresh meta['val'] for fusion."""
     folded = fold_weights(gm, inputs, params, dtype)
@@ -192,7 +194,8 @@ def prepare(gm, inputs, params, acts, dtype=None) -> Folded:
     return folded
 
 
-def channels_last_weights(gm: torch.fx.GraphModule, wnames, options: CompileOptions) -> list[str]:
+def channels_last_weights(gm: torch.fx.GraphModule, wnames: tuple[str, ...],
+                          options: CompileOptions) -> list[str]:  # fmt: skip
     """Convolution weights (4-D, 5-D) to hold channels-last, so that cuDNN runs its NHWC
     kernels (what tensor cores run) and the epilogues keep activations NHWC. Option
     `channels_last`: True / False; unset: for float16 and bfloat16 weights."""
