@@ -95,8 +95,7 @@ def export_streamed(
         )
     else:
         weights = {
-            name: cast(unit.param_values[name].detach()).contiguous().cpu()
-            for name in unit.params
+            name: cast(unit.param_values[name].detach()).contiguous().cpu() for name in unit.params
         }
         example_params = tuple(w.to(device) for w in weights.values())
     args = (*acts, *example_params)
