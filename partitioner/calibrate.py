@@ -33,16 +33,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency, LinkProfile
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.errors import ConfigError
-from hetero.partitioner.cost import (
-    CalibrationProfile,
-    CostModel,
-    DeviceProfile,
-    Efficiency,
-    LinkProfile,
-    fused_terms,
-)
+from hetero.partitioner.cost import CostModel, fused_terms
 from hetero.partitioner.decisions import BackendAssignment
 
 _GRID = np.geomspace(0.002, 1.5, 64)

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 import hetero
-from hetero.cluster.spec import DeviceSpec
-from hetero.errors import ConfigError
-from hetero.partitioner import calibrate as cal
-from hetero.partitioner.cost import (
+from hetero.cluster.profile import (
     PROFILE_SCHEMA_VERSION,
     CalibrationProfile,
-    CostModel,
     DeviceProfile,
     Efficiency,
 )
+from hetero.cluster.spec import DeviceSpec
+from hetero.errors import ConfigError
+from hetero.partitioner import calibrate as cal
+from hetero.partitioner.cost import CostModel
 from hetero.partitioner.decisions import BackendAssignment
 
 CPU = DeviceSpec(

@@ -9,18 +9,17 @@ import pytest
 import torch
 
 import hetero
-from hetero.cluster.spec import DeviceSpec
-from hetero.errors import ConfigError
-from hetero.partitioner.calibrate import Sample, fit, present
-from hetero.partitioner.cost import (
-    DEFAULT_EFFICIENCY,
+from hetero.cluster.profile import (
     CalibrationProfile,
-    CostModel,
     DeviceProfile,
     Efficiency,
     LinkProfile,
     default_profile_path,
 )
+from hetero.cluster.spec import DeviceSpec
+from hetero.errors import ConfigError
+from hetero.partitioner.calibrate import Sample, fit, present
+from hetero.partitioner.cost import DEFAULT_EFFICIENCY, CostModel
 
 # the TVM backend declares that it fuses (Backend.fuses); the planner tells the cost model
 TVM_FUSES = frozenset({"tvm"})
