@@ -44,9 +44,9 @@ def calibrate(
 ) -> None:
     """Microbenchmark the devices present through their backends, fit efficiency factors,
     write the profile (one entry per device and backend)."""
+    from hetero.calibration import calibrate as run
+    from hetero.calibration import fit_errors
     from hetero.cluster.profile import default_profile_path
-    from hetero.partitioner.calibrate import calibrate as run
-    from hetero.partitioner.calibrate import fit_errors
 
     console = Console()
     from hetero.backends.registry import default_registry
