@@ -12,6 +12,7 @@ import platform
 import socket
 from typing import NamedTuple
 
+from hetero.cluster.connect import init_ray
 from hetero.cluster.devices import DeviceSpec, LinkSpec
 
 
@@ -137,8 +138,7 @@ def ray_devices(address: str | None = None) -> Discovered:
     """One host per alive Ray node: `CPU` -> a cpu device, `GPU` -> gpus, `NPU` -> emulated npus."""
     import ray  # optional (hetero[ray]) and heavy: only discovery over Ray needs it
 
-    if not ray.is_initialized():
-        ray.init(address=address or "auto", ignore_reinit_error=True, log_to_driver=False)
+    init_ray(address or "auto")  # connects unless this process runs Ray already
     devices: list[DeviceSpec] = []
     links: list[LinkSpec] = []
     cpus: list[str] = []

@@ -19,17 +19,11 @@ from typing import Any, Literal
 
 import networkx as nx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hetero.cluster import discover
 from hetero.cluster.devices import DEVICE_KINDS, DeviceKind, DeviceSpec, LinkSpec
-from hetero.cluster.units import (
-    UnitError,
-    parse_bandwidth,
-    parse_bytes,
-    parse_flops,
-    parse_seconds,
-)
+from hetero.cluster.schema import Bandwidth, Bytes, Flops, Seconds, format_errors
 from hetero.errors import ConfigError
 
 __all__ = ["DEVICE_KINDS", "ClusterSpec", "DeviceKind", "DeviceSpec", "LinkSpec", "read_yaml"]
@@ -151,7 +145,7 @@ class ClusterSpec:
         try:
             doc = _ClusterDoc.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(_format_validation(source, e)) from None
+            raise ConfigError(format_errors(source, "cluster description", e)) from None
         return doc.build(source)
 
     @classmethod
@@ -232,66 +226,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
-def _unit(parser):
-    def check(v: Any) -> float:
-        try:
-            return parser(v)
-        except UnitError as e:
-            raise ValueError(str(e)) from None
-
-    return check
-
-
 class _DeviceDoc(_Strict):
     name: str
     kind: DeviceKind
     count: int = Field(1, ge=1)
     model: str = ""
-    peak_flops: dict[str, float | str] = Field(default_factory=dict)
-    bandwidth: float | str = Field(description="memory bandwidth, e.g. 3.35 TB/s")
-    memory: float | str = Field(description="usable memory, e.g. 80 GB")
-    launch_overhead: float | str = "5 us"
+    peak_flops: dict[str, Flops] = Field(default_factory=dict)
+    bandwidth: Bandwidth = Field(description="memory bandwidth, e.g. 3.35 TB/s")
+    memory: Bytes = Field(description="usable memory, e.g. 80 GB")
+    launch_overhead: Seconds = "5 us"
     dtypes: list[str] | None = None
     cores: int = 0
     emulated: bool | None = None
     mcpu: str = ""
 
-    @field_validator("peak_flops")
-    @classmethod
-    def _flops(cls, v: dict[str, Any]) -> dict[str, float]:
-        return {k: _unit(parse_flops)(x) for k, x in v.items()}
-
-    @field_validator("bandwidth")
-    @classmethod
-    def _bw(cls, v: Any) -> float:
-        return _unit(parse_bandwidth)(v)
-
-    @field_validator("memory")
-    @classmethod
-    def _mem(cls, v: Any) -> float:
-        return _unit(parse_bytes)(v)
-
-    @field_validator("launch_overhead")
-    @classmethod
-    def _lat(cls, v: Any) -> float:
-        return _unit(parse_seconds)(v)
-
 
 class _LinkDoc(_Strict):
     between: tuple[str, str]
-    bandwidth: float | str
-    latency: float | str = "5 us"
+    bandwidth: Bandwidth
+    latency: Seconds = "5 us"
     kind: Literal["pcie", "nvlink", "network", "memory", "chip"] = "pcie"
-
-    @field_validator("bandwidth")
-    @classmethod
-    def _bw(cls, v: Any) -> float:
-        return _unit(parse_bandwidth)(v)
-
-    @field_validator("latency")
-    @classmethod
-    def _lat(cls, v: Any) -> float:
-        return _unit(parse_seconds)(v)
 
 
 class _HostDoc(_Strict):
@@ -301,18 +255,8 @@ class _HostDoc(_Strict):
 
 
 class _NetworkDoc(_Strict):
-    bandwidth: float | str
-    latency: float | str = "10 us"
-
-    @field_validator("bandwidth")
-    @classmethod
-    def _bw(cls, v: Any) -> float:
-        return _unit(parse_bandwidth)(v)
-
-    @field_validator("latency")
-    @classmethod
-    def _lat(cls, v: Any) -> float:
-        return _unit(parse_seconds)(v)
+    bandwidth: Bandwidth
+    latency: Seconds = "10 us"
 
 
 class _ClusterDoc(_Strict):
@@ -404,19 +348,6 @@ class _ClusterDoc(_Strict):
         return ClusterSpec(
             name=self.name, devices=tuple(devices), links=tuple(links), source=source
         )
-
-
-def _format_validation(source: str, e: ValidationError) -> str:
-    lines = [f"{source}: the cluster description is not valid:"]
-    for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
 
 
 def host_platform() -> str:

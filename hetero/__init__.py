@@ -36,7 +36,7 @@ _LAZY = {
     "Plan": "hetero.partitioner.plan:Plan",
     "plan": "hetero.interfaces.api:plan",
     "compile": "hetero.interfaces.api:compile",
-    "deploy": "hetero.interfaces.api:deploy",
+    "deploy": "hetero.interfaces.deploy:deploy",
     "CompiledModel": "hetero.interfaces.api:CompiledModel",
 }
 

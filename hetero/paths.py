@@ -1,11 +1,13 @@
-"""Where hetero keeps what it caches: one root, one folder per kind of thing.
+"""Where hetero keeps what it caches: one root for everything.
 
-    <root>/artifacts/<key>/        compiled partitions (backends/cache.py)
-    <root>/artifacts/.tuning/      TVM MetaSchedule records (backends/tvm/tune.py)
-    <root>/profiles/<cluster>.json calibration profiles (cluster/profile.py)
+    <root>/<backend>-<hash>/        compiled partitions (backends/cache.py, by content key)
+    <root>/.tuning/<target hash>/   TVM MetaSchedule records (backends/tvm/tune.py)
+    <root>/triton-autotune/         Triton tile choices (backends/triton)
+    <root>/profiles/<cluster>.json  calibration profiles (cluster/profile.py)
 
 The root is $HETERO_CACHE_DIR, else the user's cache directory (~/.cache/hetero on Linux);
-`hetero.compile(cache_dir=...)` and a deploy config's `cache_dir:` name another root.
+`hetero.compile(cache_dir=...)`, a deploy config's `cache_dir:` and `ArtifactCache(root)`
+name another. A default `ArtifactCache()` and `hetero.compile` use the same folder.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ def cache_root(root: str | os.PathLike[str] | None = None) -> Path:
     return Path(platformdirs.user_cache_dir("hetero"))
 
 
-def artifacts_dir(root: str | os.PathLike[str] | None = None) -> Path:
-    """Compiled artifacts under the cache root `root` (see `cache_root`)."""
-    return cache_root(root) / "artifacts"
+def tuning_dir(root: str | os.PathLike[str] | None = None) -> Path:
+    """TVM's tuning records under the cache root."""
+    return cache_root(root) / ".tuning"
 
 
 def profile_path(cluster_name: str, root: str | os.PathLike[str] | None = None) -> Path:

@@ -308,7 +308,10 @@ def _capture_message(name: str, e: Exception) -> str:
 def from_exported(ep: ExportedProgram, model_name: str = "model") -> OpGraph:
     gm = ep.graph_module
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _DROPPED and not node.users:
+        # An unread getitem computes nothing: torch.export.load writes one for every unused
+        # output of a multi-output op, which a program captured here did not have.
+        dead = node.target in _DROPPED or node.target is operator.getitem
+        if node.op == "call_function" and dead and not node.users:
             gm.graph.erase_node(node)
     gm.recompile()
 
