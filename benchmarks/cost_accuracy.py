@@ -44,10 +44,11 @@ from hetero.backends.cache import ArtifactCache
 from hetero.backends.compile import CompileJob, compile_units
 from hetero.backends.registry import default_registry
 from hetero.backends.units import units_for
+from hetero.calibration import calibrate, fit_errors, sample_prediction, time_call
+from hetero.cluster.profile import CalibrationProfile
 from hetero.interfaces.api import plan as make_plan
 from hetero.interfaces.config import load_config
-from hetero.partitioner.calibrate import calibrate, fit_errors, sample_prediction, time_call
-from hetero.partitioner.cost import CalibrationProfile, CostModel
+from hetero.partitioner.cost import CostModel
 from hetero.partitioner.graph import capture
 
 ROOT = Path(__file__).resolve().parents[1]

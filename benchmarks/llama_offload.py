@@ -576,8 +576,9 @@ def cost_model(args, skip, results, cluster, cuda: bool):
     CPU through the backends the plan runs, in the model's dtype: what the product does
     before planning on a new machine), or a saved profile (--profile); None (datasheet
     defaults) with --skip calibrate or without CUDA."""
-    from hetero.partitioner.calibrate import calibrate, fit_errors
-    from hetero.partitioner.cost import CalibrationProfile, CostModel
+    from hetero.calibration import calibrate, fit_errors
+    from hetero.cluster.profile import CalibrationProfile
+    from hetero.partitioner.cost import CostModel
     from hetero.partitioner.decisions import BackendAssignment
 
     if args.profile is not None:

@@ -1,7 +1,7 @@
-"""The Python API: `hetero.plan`, `hetero.compile` (capture -> plan -> compile -> executor)
-and `hetero.deploy`. The edge: strings (objective, backend names) become typed decisions
-here, and one backend registry is made here and handed to the planner, the compiler and
-the runtime.
+"""The Python API: `hetero.plan` and `hetero.compile` (capture -> plan -> compile ->
+executor); `hetero.deploy` is interfaces/deploy.py's. The edge: strings (objective, backend
+names) become typed decisions here, and one backend registry is made here and handed to
+the planner, the compiler and the runtime.
 
 cm = hetero.compile(model, example_inputs, cluster="configs/clusters/edge-cpu-npu.yaml")
 out = cm(*inputs)          # what model(*inputs) returns, within tolerance
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch
 
 from hetero.backends.base import CompileOptions
 from hetero.backends.registry import BackendRegistry, default_registry
+from hetero.cluster.connect import init_ray
+from hetero.cluster.reference import resolve_cluster
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
 from hetero.interfaces.generate import CompiledLM, compile_lm
@@ -28,27 +31,10 @@ from hetero.partitioner.decisions import BackendAssignment, Objective, Task
 from hetero.partitioner.graph import OpGraph, capture
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.split import flatten_inputs, unflatten_outputs
-
-
-def default_cache_dir() -> Path:
-    """HETERO_CACHE_DIR, else the user's cache directory (~/.cache/hetero)."""
-    env = os.environ.get("HETERO_CACHE_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("hetero"))
-
-
-def resolve_cluster(cluster: ClusterSpec | str | os.PathLike[str] | None) -> ClusterSpec:
-    """A ClusterSpec from a spec, a YAML path, "local" or "ray"/"auto" (a running Ray cluster)."""
-    if cluster is None or cluster == "local":
-        return ClusterSpec.local()
-    if isinstance(cluster, ClusterSpec):
-        return cluster
-    if str(cluster) in ("ray", "auto") or str(cluster).startswith("ray://"):
-        return ClusterSpec.from_ray(None if str(cluster) == "ray" else str(cluster))
-    return ClusterSpec.from_yaml(cluster)
+from hetero.paths import cache_root
+from hetero.runtime.build import compile_plan, needed_outputs
+from hetero.runtime.executor import LocalExecutor
+from hetero.runtime.ray_executor import RayExecutor
 
 
 def plan(
@@ -90,11 +76,23 @@ def plan(
 class CompiledModel:
     """A model planned and compiled for a cluster; call it like the model."""
 
-    def __init__(self, graph: OpGraph, plan: Plan, cluster: ClusterSpec, stages, executor) -> None:
+    def __init__(
+        self,
+        graph: OpGraph,
+        plan: Plan,
+        cluster: ClusterSpec,
+        stages,
+        executor,
+        *,
+        settings: CompileSettings | None = None,
+        registry: BackendRegistry | None = None,
+    ) -> None:
         self.graph = graph
         self.cluster = cluster
         self.stages = tuple(stages)
         self.executor = executor
+        self.settings = settings  # what hetero.compile was asked (None: built by hand)
+        self.registry = registry
         self._plan = plan
 
     # ---- calling ----------------------------------------------------------------------------
@@ -186,8 +184,6 @@ def compile(
     `generate()`, planned per phase with a static cache of `max_length` positions for
     `batch_size` sequences (interfaces/generate.py). example_inputs are not needed.
     """
-    from hetero.runtime.build import needed_outputs
-
     registry = registry if registry is not None else default_registry()
     if Task.parse(task) is Task.GENERATE:
         return compile_lm(
@@ -196,7 +192,7 @@ def compile(
             max_length=max_length,
             batch_size=batch_size,
             backends=backends,
-            cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
+            cache_dir=cache_root(cache_dir),
             executor=executor,
             pins=pins,
             exclude=exclude,
@@ -206,48 +202,34 @@ def compile(
         )
     if example_inputs is None:
         raise ConfigError("hetero.compile needs example_inputs (or task='generate' for an LM)")
-    goal = Objective.parse(objective)
-    assignment = BackendAssignment.parse(backends)
+    settings = CompileSettings(
+        objective=Objective.parse(objective),
+        backends=BackendAssignment.parse(backends),
+        pins=dict(pins) if pins else None,
+        exclude=tuple(exclude),
+        microbatches=microbatches,
+        options=options,
+        cache_dir=cache_root(cache_dir),
+        cost_model=cost_model,
+    )
     for opts in options.values() if isinstance(options, Mapping) else [options]:
         if opts is not None:
             registry.check_options(opts)
     if graph is None:
         graph = capture(model, example_inputs, dynamic_shapes)
     spec = resolve_cluster(cluster)
-    build = _Builder(
-        graph,
-        goal,
-        dict(
-            backends=assignment,
-            pins=pins,
-            exclude=exclude,
-            microbatches=microbatches,
-            cost_model=cost_model,
-        ),
-        Path(cache_dir) if cache_dir else default_cache_dir(),
-        example_inputs,
-        options,
-        registry,
-    )
+    build = _Builder(graph, settings, example_inputs, registry)
     stages, plan = build(spec, plan)
     kind = executor
     if kind == "auto":
         kind = "local" if len(spec.hosts) == 1 else "ray"
     if kind == "local":
-        from hetero.runtime.executor import LocalExecutor
-
         runner = LocalExecutor(stages, needed_outputs(graph), registry, plan=plan)
     elif kind == "ray":
-        import ray
-
-        from hetero.interfaces.deploy import init_ray
-        from hetero.runtime.ray_executor import RayExecutor
-
-        if not ray.is_initialized():
-            # A private, token-authenticated head for this process; emulated NPUs of this
-            # host become the custom resource NPU workers ask for.
-            npus = sum(1 for d in spec.devices if d.kind == "npu")
-            init_ray(resources={"NPU": float(npus)} if npus else None)
+        # A private, token-authenticated head for this process unless Ray runs already;
+        # emulated NPUs of this host become the custom resource NPU workers ask for.
+        npus = sum(1 for d in spec.devices if d.kind == "npu")
+        init_ray(resources={"NPU": float(npus)} if npus else None)
         runner = RayExecutor(
             stages,
             needed_outputs(graph),
@@ -258,7 +240,32 @@ def compile(
         )
     else:
         raise ConfigError(f"executor {executor!r} is not one of: auto, local, ray")
-    return CompiledModel(graph, plan, spec, stages, runner)
+    return CompiledModel(graph, plan, spec, stages, runner, settings=settings, registry=registry)
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """The choices a CompiledModel was made with, typed: what a re-plan (devices gone) and a
+    rebuild in another process (interfaces/deploy.py's Recipe) use again."""
+
+    objective: Objective
+    backends: BackendAssignment
+    pins: Mapping[str, str] | None = None
+    exclude: tuple[str, ...] = ()
+    microbatches: int = 1
+    options: CompileOptions | Mapping[str, CompileOptions] | None = None
+    cache_dir: Path | None = None  # the cache root (hetero/paths.py)
+    cost_model: CostModel | None = None
+
+    def plan_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for partitioner.algorithms.plan besides graph and cluster."""
+        return {
+            "backends": self.backends,
+            "pins": self.pins,
+            "exclude": self.exclude,
+            "microbatches": self.microbatches,
+            "cost_model": self.cost_model,
+        }
 
 
 class _Builder:
@@ -269,37 +276,30 @@ class _Builder:
     """
 
     def __init__(
-        self, graph, objective, plan_kwargs, cache_dir, example_inputs, options, registry
+        self,
+        graph: OpGraph,
+        settings: CompileSettings,
+        example_inputs: Sequence[Any],
+        registry: BackendRegistry,
     ) -> None:
         self.graph = graph
-        self.objective = objective
-        self.plan_kwargs = plan_kwargs
-        self.cache_dir = cache_dir
+        self.settings = settings
         self.example_inputs = example_inputs
-        self.options = options
         self.registry = registry
 
     def __call__(self, cluster: ClusterSpec, plan: Plan | None = None):
-        from hetero.runtime.build import compile_plan
-
+        s = self.settings
         if plan is None:
             plan = make_plan(
-                self.graph, cluster, self.objective, registry=self.registry, **self.plan_kwargs
+                self.graph, cluster, s.objective, registry=self.registry, **s.plan_kwargs()
             )
         stages = compile_plan(
             self.graph,
             plan,
             cluster,
-            self.cache_dir,
+            cache_root(s.cache_dir),
             registry=self.registry,
             example_inputs=self.example_inputs,
-            options=self.options,
+            options=s.options,
         )
         return stages, plan
-
-
-def deploy(target: CompiledModel | str | os.PathLike[str], **kwargs: Any) -> Any:
-    """A Ray actor handle serving `target` (a CompiledModel or a deploy config path)."""
-    from hetero.interfaces.deploy import deploy as ray_deploy
-
-    return ray_deploy(target, **kwargs)

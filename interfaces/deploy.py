@@ -5,13 +5,14 @@
     # from any other driver on the cluster:
     h = ray.get_actor("gpt", namespace="hetero")
 
-Also the shared steps of the ways in: `build_compiled(cfg)` (config -> CompiledModel) and
-`init_ray(address)` (connect, or start a private head that is safe by default).
+Also the shared step of the ways in: `build_compiled(cfg)` (config -> CompiledModel). Ray
+start-up is `hetero.cluster.connect.init_ray` (connect, or start a private head that is safe
+by default).
 """
 
 from __future__ import annotations
 
-import inspect
+import io
 import logging
 import os
 import time
@@ -20,13 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetero.errors import ConfigError, HeteroError
-from hetero.interfaces.config import DeployConfig, load_config
+import torch
+
+from hetero.backends.registry import BackendRegistry
+from hetero.cluster.connect import NAMESPACE, init_ray
+from hetero.cluster.spec import ClusterSpec
+from hetero.errors import HeteroError
+from hetero.interfaces.api import CompiledModel, CompileSettings
+from hetero.interfaces.api import compile as hetero_compile
+from hetero.interfaces.config import DeployConfig, ServingOptions, load_config
+from hetero.interfaces.serving.servable import ModelServable
+from hetero.partitioner.graph import from_exported
+from hetero.partitioner.plan import Plan
 
 log = logging.getLogger(__name__)
-
-NAMESPACE = "hetero"
-_MIN_RAY_TOKEN_AUTH = (2, 52)
 
 
 def build_compiled(
@@ -35,10 +43,6 @@ def build_compiled(
     """Load the config's model (unless `loaded` is given), read its cluster, plan and
     compile: a CompiledModel."""
     say = progress or (lambda _msg: None)
-    try:
-        from hetero.interfaces.api import compile as hetero_compile
-    except ImportError as e:  # the compile pipeline is an optional part of an install
-        raise HeteroError(f"hetero's compile API is not available here: {e}") from None
     if loaded is None:
         say(f"loading the model {cfg.model}")
         loaded = cfg.load_model()
@@ -46,11 +50,6 @@ def build_compiled(
     cluster = cfg.cluster_spec()
     kwargs = cfg.compile_kwargs()
     if cfg.constraints.pins:
-        if "pins" not in inspect.signature(hetero_compile).parameters:
-            raise ConfigError(
-                f"{cfg.where('constraints.pins')}: this version of hetero.compile takes no pins; "
-                "remove them or use `constraints.exclude` / `constraints.memory`"
-            )
         kwargs["pins"] = dict(cfg.constraints.pins)
     say(f"planning for {cluster.name} ({cfg.objective}) and compiling the partitions")
     return hetero_compile(
@@ -62,130 +61,66 @@ def build_compiled(
     )
 
 
-# ---- Ray ------------------------------------------------------------------------------------------
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
-
-
-def safe_head_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a Ray head hetero starts: token authentication on (Ray >= 2.52).
-
-    An explicit RAY_AUTH_MODE in the environment is respected (and logged when it turns
-    authentication off).
-    """
-    env = dict(os.environ if env is None else env)
-    mode = env.get("RAY_AUTH_MODE")
-    if mode is None:
-        env["RAY_AUTH_MODE"] = "token"
-    elif mode.lower() != "token":
-        log.warning(
-            "RAY_AUTH_MODE=%s: the Ray head hetero starts runs WITHOUT token authentication; "
-            "anyone who reaches its ports can run code on it",
-            mode,
-        )
-    return env
-
-
-def init_ray(
-    address: str | None = None,
-    namespace: str = NAMESPACE,
-    resources: dict[str, float] | None = None,
-) -> None:
-    """Connect to the Ray cluster at `address` ("auto", "ray://host:10001", "host:6379").
-
-    Without an address, start a private head for this process (never joining a cluster
-    some other process started), with no dashboard (so no job API) and with Ray's token
-    authentication turned on: every RPC to it must carry the token. Ray itself replaces a
-    loopback node address with the machine's routable one (services.resolve_ip_for_localhost),
-    so its GCS and raylet ports are reachable from the network; the token is what guards them.
-    """
-    import sys
-
-    local = address in (None, "", "local")
-    if local and "ray" not in sys.modules:
-        os.environ.update(safe_head_env())  # read when Ray loads its config
-    import ray
-
-    if ray.is_initialized():
-        return
-    if local:
-        if _version(ray.__version__) < _MIN_RAY_TOKEN_AUTH:
-            log.warning(
-                "Ray %s has no token authentication (needs >= 2.52): anyone who reaches "
-                "this machine's Ray ports can run code on it",
-                ray.__version__,
-            )
-        os.environ.update(safe_head_env())
-        _refresh_ray_config()
-        ray.init(
-            address="local",  # a new head, never a cluster some other process started
-            namespace=namespace,
-            include_dashboard=False,
-            log_to_driver=False,
-            resources=resources or None,  # e.g. {"NPU": 1} for emulated NPUs on this host
-        )
-    else:
-        ray.init(address=address, namespace=namespace, log_to_driver=False)
-
-
-def _refresh_ray_config() -> None:
-    """Make an already imported Ray see RAY_AUTH_MODE (Ray reads it once, on import)."""
-    try:
-        from ray._raylet import Config
-
-        Config.initialize("")
-    except (ImportError, AttributeError, TypeError):  # other Ray versions: env read at init
-        pass
-
-
 @dataclass(frozen=True)
 class Recipe:
-    """What it takes to rebuild a CompiledModel in another process: the captured program
-    (torch.export.save bytes), example inputs, cluster and choices. A CompiledModel holds
-    loaded kernels that do not pickle; the actor rebuilds from this (artifacts come from
-    the content-hashed cache when it shares the machine)."""
+    """What it takes to rebuild a CompiledModel in another process without planning again:
+    the captured program (torch.export.save bytes; its node names are the ones the plan
+    names), example inputs, the cluster, the Plan itself and the settings and backend
+    registry it was made with (a re-plan after a device is lost uses them again). A
+    CompiledModel holds loaded kernels that do not pickle; the actor rebuilds from this
+    (artifacts come from the content-hashed cache when it shares the machine)."""
 
     program: bytes
+    model_name: str
     example_inputs: tuple[Any, ...]
-    cluster: Any  # ClusterSpec
-    objective: str
-    backends: dict[str, str]
+    cluster: ClusterSpec
+    plan: Plan
+    settings: CompileSettings
+    registry: BackendRegistry | None = None
 
     @classmethod
-    def from_compiled(cls, cm: Any) -> Recipe:
-        import io
-
-        import torch
-
+    def from_compiled(cls, cm: CompiledModel) -> Recipe:
+        if cm.settings is None:
+            raise HeteroError(
+                "this CompiledModel was assembled by hand, not by hetero.compile: it records "
+                "no settings to rebuild it with. Deploy a config, or a hetero.compile result."
+            )
         buf = io.BytesIO()
         torch.export.save(cm.graph.program, buf)
         example = tuple(
             torch.zeros(meta.hint, dtype=getattr(torch, meta.dtype))
             for meta in cm.graph.inputs.values()
         )
-        backends = {cm.cluster.device(p.device).kind: p.backend for p in cm.plan.partitions}
-        return cls(buf.getvalue(), example, cm.cluster, cm.plan.objective, backends)
+        return cls(
+            buf.getvalue(),
+            cm.graph.model_name,
+            example,
+            cm.cluster,
+            cm._plan,
+            cm.settings,
+            cm.registry,
+        )
 
-    def build(self) -> Any:
-        import io
-
-        import torch
-
-        from hetero.interfaces.api import compile as hetero_compile
-
+    def build(self) -> CompiledModel:
         # Bytes this process's own caller wrote with torch.export.save, never a user file.
         program = torch.export.load(io.BytesIO(self.program))
-        # A plain GraphModule: the one ExportedProgram.module() returns refuses .eval().
-        gm = program.module()
-        module = torch.fx.GraphModule(gm, gm.graph)
+        graph = from_exported(program, model_name=self.model_name)
+        s = self.settings
         return hetero_compile(
-            module,
+            graph.program.module(),  # not captured again: `graph` is the one planned
             self.example_inputs,
             cluster=self.cluster,
-            objective=self.objective,
-            backends=self.backends,
+            objective=s.objective,
+            backends=s.backends,
+            cache_dir=s.cache_dir,
+            pins=s.pins,
+            exclude=s.exclude,
+            microbatches=s.microbatches,
+            options=s.options,
+            cost_model=s.cost_model,
+            graph=graph,
+            plan=self.plan,
+            registry=self.registry,
         )
 
 
@@ -208,8 +143,6 @@ class Deployment:
     """
 
     def __init__(self, source: Any, name: str = "") -> None:
-        from hetero.interfaces.serving.servable import ModelServable
-
         self.name = name
         self.config = source if isinstance(source, DeployConfig) else None
         if self.config is not None:
@@ -223,8 +156,6 @@ class Deployment:
         self.started = time.time()
 
     def infer(self, *inputs: Any) -> Any:
-        import torch
-
         with torch.inference_mode():
             return self.cm(*inputs)
 
@@ -253,8 +184,8 @@ class Deployment:
 
     def serve(self, host: str | None = None, port: int | None = None) -> str:
         """Start the gRPC endpoint inside the actor (on its node); returns host:port."""
-        from hetero.interfaces.config import ServingOptions
-        from hetero.interfaces.serving import HeteroServer, ServerOptions
+        # gRPC is optional (hetero[serve]) and only this method needs it
+        from hetero.interfaces.serving.server import HeteroServer, ServerOptions
 
         if self.server is None:
             serving = self.config.serving if self.config is not None else ServingOptions()

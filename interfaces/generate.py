@@ -19,6 +19,7 @@ import torch
 
 from hetero.backends.base import CompileOptions
 from hetero.backends.registry import BackendRegistry, default_registry
+from hetero.cluster.connect import init_ray
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
 from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
@@ -173,8 +174,7 @@ def compile_lm(
     elif kind == "ray":
         import ray  # optional heavy dependency
 
-        from hetero.interfaces.deploy import init_ray
-        from hetero.runtime.ray_generation import RayGeneration
+        from hetero.runtime.ray_generation import RayGeneration  # imports ray
 
         if not ray.is_initialized():
             npus = sum(1 for d in cluster.devices if d.kind == "npu")

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from hetero.partitioner.phases import Phase
+
 if TYPE_CHECKING:
     from hetero.partitioner.generation_plan import GenerationPlan
     from hetero.partitioner.plan import Plan
@@ -136,8 +138,6 @@ def _reason_key(reason: str) -> str:
 def explain_generation(gplan: GenerationPlan, width: int = 140) -> str:
     """Both phases of a generation plan side by side: per group, where prefill and decode
     run it, the predicted time, and every other placement's time (why it sits there)."""
-    from hetero.partitioner.phases import Phase
-
     buf = io.StringIO()
     console = Console(file=buf, width=width, force_terminal=False, color_system=None)
     pre, dec = gplan.prefill, gplan.decode

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hetero.errors import ConfigError
+from hetero.partitioner.explain import explain_generation
 from hetero.partitioner.phases import Phase
 from hetero.partitioner.plan import Plan
 
@@ -121,6 +122,4 @@ class GenerationPlan:
 
     # ---- for people ----------------------------------------------------------------------------
     def explain(self, width: int = 140) -> str:
-        from hetero.partitioner.explain import explain_generation
-
         return explain_generation(self, width=width)

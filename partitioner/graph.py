@@ -316,7 +316,10 @@ def from_exported(
     they are no weights: ops that write them count them as `state_bytes`."""
     gm = ep.graph_module
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _DROPPED and not node.users:
+        # An unread getitem computes nothing: torch.export.load writes one for every unused
+        # output of a multi-output op, which a program captured here did not have.
+        dead = node.target in _DROPPED or node.target is operator.getitem
+        if node.op == "call_function" and dead and not node.users:
             gm.graph.erase_node(node)
     gm.recompile()
 

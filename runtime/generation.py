@@ -21,6 +21,7 @@ another device in decode are copied there once (GenerationPlan.moves).
 from __future__ import annotations
 
 import abc
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,12 +36,16 @@ from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
 from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.partitioner.phases import PROMPT, START, LMGraphs, Phase
+from hetero.partitioner.split import param_values
 from hetero.runtime.artifacts import load_runner, verify_artifact
 from hetero.runtime.cuda_graph import CudaGraphRunner
 from hetero.runtime.executor import LocalExecutor
 from hetero.runtime.sampling import Sampling, next_token
 from hetero.runtime.stage import StageSpec
+from hetero.runtime.streaming import program_key
 from hetero.runtime.weight_stream import WeightStreamer, slot_bytes
+
+log = logging.getLogger("hetero.runtime")
 
 
 class DeviceStore:
@@ -373,8 +378,6 @@ class StageBinder:
     def _compiled(self, s: StageSpec, dev: torch.device, phase: Phase, cache: dict) -> Any:
         """The stage's program, compiled with Inductor on a GPU (stages with the same program
         share one compiled module: every decoder layer)."""
-        from hetero.runtime.streaming import program_key
-
         program = torch.export.load(Path(s.artifact.path) / "program.pt2")
         verify_artifact(s.artifact)
         if dev.type != "cuda" or not self.compile_gpu:
@@ -382,15 +385,33 @@ class StageBinder:
         key = f"{program_key(program)}:{phase.value}"
         if key not in cache:
             mod = program.module().to(dev)
-            cache[key] = torch.compile(mod, dynamic=phase is Phase.PREFILL, fullgraph=False)
+            cache[key] = _Compiled(mod, dynamic=phase is Phase.PREFILL, name=s.name)
         return cache[key]
+
+
+class _Compiled:
+    """A program through torch.compile (Inductor); run as it is if compiling fails, with a
+    warning naming the stage (a missing kernel must not stop a generation)."""
+
+    def __init__(self, module: torch.nn.Module, *, dynamic: bool, name: str) -> None:
+        self.module = module
+        self.compiled = torch.compile(module, dynamic=dynamic, fullgraph=False)
+        self.name = name
+        self.failed: BaseException | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.failed is None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # Inductor cannot take it: the program still runs
+                self.failed = e
+                log.warning("torch.compile of %s failed (%s); running it op by op", self.name, e)
+        return self.module(*args)
 
 
 def lm_weights(lm: LMGraphs) -> dict[str, torch.Tensor]:
     """Every parameter and state buffer of both phases by placeholder name (the model's own
     tensors: the two programs share them)."""
-    from hetero.partitioner.split import param_values
-
     return {**param_values(lm.prefill), **param_values(lm.decode)}
 
 

@@ -29,7 +29,7 @@ from hetero.partitioner.plan import Plan
 from hetero.runtime import dag, faults, placement
 from hetero.runtime.artifacts import available_here, pack
 from hetero.runtime.metrics import RunMetrics, make_exporter
-from hetero.runtime.replan import Deployment, Replan, call_replan, log_switch
+from hetero.runtime.replan import Replan, StagedPlan, call_replan, log_switch
 from hetero.runtime.stage import StageSpec, check_stages, producers
 from hetero.runtime.worker import DeviceWorker, Packet, caller_packet
 
@@ -102,8 +102,8 @@ class RayExecutor:
         self._blobs: dict[str, Any] = {}  # artifact key -> ObjectRef of its packed bytes
         self._closed = False
         self.worker_info: dict[str, dict[str, Any]] = {}  # device -> its worker's ready()
-        self.history: list[Deployment] = []  # earlier deployments, oldest first
-        self._deploy(Deployment(tuple(stages), plan))
+        self.history: list[StagedPlan] = []  # earlier deployments, oldest first
+        self._deploy(StagedPlan(tuple(stages), plan))
 
     # ---- public ----------------------------------------------------------------------------
     @property
@@ -215,7 +215,7 @@ class RayExecutor:
         self.shutdown()
 
     # ---- deployment ----------------------------------------------------------------------------
-    def _deploy(self, deployment: Deployment) -> None:
+    def _deploy(self, deployment: StagedPlan) -> None:
         stages = deployment.stages
         made_by = producers(stages)
         user_inputs = sorted({v for s in stages for v in s.inputs if v not in made_by})

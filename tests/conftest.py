@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from llm_models import llama_lm
 
 # Keep the 2-core CI machine responsive when several torch ops run in tests.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -71,19 +72,6 @@ def gpt2():
 @pytest.fixture(scope="session")
 def bert():
     return bert_model(), (torch.randint(0, 128, (2, 16)),)
-
-
-def llama_lm(layers: int = 2, dim: int = 64, vocab: int = 512, seed: int = 0):
-    """A tiny LLaMA-architecture causal LM (RMSNorm, rotary, SwiGLU, grouped KV heads), fp32.
-    A wide init spreads its logits, so greedy tokens vary and near-ties are rare."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=dim, intermediate_size=176, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab, initializer_range=0.2, max_position_embeddings=128,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="session")

@@ -84,8 +84,8 @@ def demo(
 def _calibrate_once(console: Console, cfg, cluster, wanted: bool | None) -> None:
     """Fit the cost model to this machine as the demo's backends run it (about a minute,
     once: the profile is cached where every later plan of this cluster finds it)."""
-    from hetero.partitioner.calibrate import calibrate
-    from hetero.partitioner.cost import default_profile_path
+    from hetero.calibration import calibrate
+    from hetero.cluster.profile import default_profile_path
 
     path = default_profile_path(cluster.name)
     current = path.exists() and not _stale(path)
@@ -114,9 +114,9 @@ def _stale(path: Path) -> bool:
     """A profile measured through other versions of its backends (a TVM lowering that has
     changed since prices kernels that no longer exist)."""
     from hetero.backends.registry import default_registry
+    from hetero.calibration import versions_string
+    from hetero.cluster.profile import CalibrationProfile
     from hetero.errors import HeteroError
-    from hetero.partitioner.calibrate import versions_string
-    from hetero.partitioner.cost import CalibrationProfile
 
     try:
         profile = CalibrationProfile.load(path)

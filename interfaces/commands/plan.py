@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from hetero.cluster.reference import resolve_cluster
 from hetero.partitioner.decisions import Objective
 
 
@@ -41,7 +42,7 @@ def plan(
         cfg = load_config(target)
         loaded = cfg.load_model()
         model, inputs, dynamic = loaded.module, loaded.example_inputs, loaded.dynamic_shapes
-        spec = cfg.cluster_spec() if cluster is None else _cluster(cluster)
+        spec = cfg.cluster_spec() if cluster is None else resolve_cluster(cluster)
         objective = objective or cfg.objective
         kwargs = {
             "backends": cfg.backend_assignment,
@@ -52,7 +53,7 @@ def plan(
 
         model, inputs = load_factory(target, where="model")
         dynamic = None
-        spec = _cluster(cluster or "local")
+        spec = resolve_cluster(cluster or "local")
     objective = objective or Objective.LATENCY
     with console.status("capturing with torch.export"):
         graph = capture(model, inputs, dynamic_shapes=dynamic)
@@ -74,12 +75,6 @@ def plan(
     if draw is not None:
         result.draw(draw)
         console.print(f"wrote {draw}")
-
-
-def _cluster(ref: str):
-    from hetero.cluster.spec import ClusterSpec
-
-    return ClusterSpec.local() if ref == "local" else ClusterSpec.from_yaml(ref)
 
 
 def register(app: typer.Typer) -> None:

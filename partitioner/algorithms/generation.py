@@ -101,7 +101,8 @@ def plan_generation(
     decode_placements: Mapping[str, str] | None = None,
 ) -> GenerationPlan:
     """Plans for both phases. `decode_placements` forces placements in decode (group or
-    module prefix -> "resident" | "streamed" | "split" | a device name), for comparisons."""
+    module prefix -> "resident" | "streamed" | "split" | a device name, or several joined
+    by "|"), for comparisons."""
     cm = cost_model if cost_model is not None else CostModel.load(cluster=cluster)
     resolved, backend_notes = resolve_backends(cluster, backends, registry)
     common = dict(backends=resolved, exclude=exclude, registry=registry)
@@ -202,14 +203,17 @@ def _reason(problem: Problem, ctx: Context, sol: Solution, gi: int, others) -> s
 
 
 def _force(problem: Problem, groups: GroupGraph, forced: Mapping[str, str]) -> Problem:
+    """Only the placements named (weight homes or device names; "a|b" allows either) for
+    the groups whose name starts with each key."""
     compute = problem.compute.copy()
     for key, want in forced.items():
+        wants = set(want.split("|"))
         hit = [i for i, g in enumerate(groups.groups) if g.name == key or g.name.startswith(key)]
         for i in hit:
             keep = [
                 q
                 for q, pl in enumerate(problem.placements)
-                if pl.weights == want or problem.devices[pl.device] == want
+                if pl.weights in wants or problem.devices[pl.device] in wants
             ]
             mask = np.full(problem.num_placements, True)
             mask[keep] = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import llama_lm
+from llm_models import llama_lm
 
 from hetero.backends.registry import default_registry
 from hetero.cluster.spec import ClusterSpec
