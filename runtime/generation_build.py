@@ -29,7 +29,7 @@ from hetero.partitioner.phases import PROMPT, LMGraphs, Phase
 from hetero.partitioner.plan import Plan, PlannedPartition
 from hetero.partitioner.split import param_values, split
 from hetero.runtime.artifacts import build_artifact
-from hetero.runtime.build import dynamic_dims, example_env, on_host
+from hetero.runtime.build import dynamic_dims, example_env, on_device, trace_device
 from hetero.runtime.split_linear import split_program
 from hetero.runtime.stage import StageSpec
 
@@ -133,8 +133,7 @@ def _compile_phase(
         shared: tuple = ()
         if p.weights == "split":
             unit, shared = _split_unit(graph, unit, part.nodes, _fraction(p, group), p.cpu_dtype)
-        if device.kind != "gpu":
-            unit = on_host(unit)
+        unit = on_device(unit, trace_device(device))
         opts = options.get(p.backend) or CompileOptions()
         if holds:
             unit = dataclasses.replace(unit, bound_params=True)
