@@ -266,7 +266,19 @@ def case_capped(args, cfg, cache: Path) -> None:
 
     log("hetero, GPU capped")
     spec = cluster(args.cap_gib)
-    lm, secs = compile_lm(model, spec, args.max_len, 1, cache)
+    kw = {"prompt_length": args.prompt}
+    if gpu:
+        # what the split placement is priced with: the CPU's matrix-vector rate and the
+        # link's, each measured while the other runs (calibration/split.py)
+        from hetero.calibration.split import calibrate_split, split_profile
+        from hetero.partitioner.cost import CostModel
+
+        gpu_dev = spec.device("node0/gpu")
+        rates = calibrate_split(gpu_dev, dtype="float16")
+        out["split_rates"] = rates.__dict__
+        log(f"split rates {rates}")
+        kw["cost_model"] = CostModel(split_profile(spec, gpu_dev, rates))
+    lm, secs = compile_lm(model, spec, args.max_len, 1, cache, **kw)
     out["hetero_compile_s"] = secs
     log(f"  compiled in {secs:.1f} s\n{lm.explain(width=160)}")
     out["hetero_plan"] = {
@@ -274,6 +286,9 @@ def case_capped(args, cfg, cache: Path) -> None:
         "predicted_ms_per_token": lm.plan.predicted_decode_ms,
         "explain": lm.explain(width=200),
     }
+    if gpu:
+        out["hetero_compile_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     out["hetero"] = hetero_times(lm, host_ids, args.new_tokens, args.repeats)
     log(f"  {out['hetero']}")
     if gpu:
@@ -332,7 +347,7 @@ def case_uncapped(args, cfg, cache: Path) -> None:
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=dev)
     out["hf_eager"] = hf_times(model, ids, args.new_tokens, args.repeats)
     log(f"transformers eager {out['hf_eager']}")
-    lm, secs = compile_lm(model, cluster(None), args.max_len, 1, cache)
+    lm, secs = compile_lm(model, cluster(None), args.max_len, 1, cache, prompt_length=args.prompt)
     out["hetero_compile_s"] = secs
     log(f"hetero compiled in {secs:.1f} s\n{lm.explain(width=160)}")
     out["hetero"] = hetero_times(lm, ids.cpu(), args.new_tokens, args.repeats)
@@ -407,7 +422,9 @@ def case_batch16(args, cfg, cache: Path) -> None:
     torch.manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt))
     spec = cluster(args.cap_gib)
-    chosen, secs = compile_lm(model, spec, args.max_len, args.batch, cache)
+    chosen, secs = compile_lm(
+        model, spec, args.max_len, args.batch, cache, prompt_length=args.prompt
+    )
     log(f"batch {args.batch}, chosen plan (compiled in {secs:.1f} s)\n{chosen.explain(width=160)}")
     decode = {c.group: c.chosen for c in chosen.plan.choice(Phase.DECODE)}
     layers = [g for g in decode if ".layers." in g and g.rsplit(".", 1)[-1].isdigit()]

@@ -137,10 +137,13 @@ def compile_lm(
     decode_placements: Mapping[str, str] | None = None,
     lm: LMGraphs | None = None,
     binder: StageBinder | None = None,
+    prompt_length: int | None = None,
 ) -> CompiledLM:
     """Capture both phases, plan them (unless `plan`), compile every partition (cached) and
     load them. `backends` override generation's defaults per device kind (GPU: inductor,
-    CPU: eager, NPU: tvm). `decode_placements` force decode placements (benchmarks)."""
+    CPU: eager, NPU: tvm). `decode_placements` force decode placements (benchmarks).
+    `prompt_length`: the prompt length prefill is planned for (default: half the cache;
+    long prompts stream their weights, short ones may run where decode runs)."""
     registry = registry if registry is not None else default_registry()
     if backends is None:
         assignment = GENERATION_BACKENDS
@@ -151,7 +154,7 @@ def compile_lm(
             {**GENERATION_BACKENDS.to_dict(), **backends}, known=registry.names()
         )
     if lm is None:
-        lm = capture_lm(model, batch=batch_size, max_len=max_length)
+        lm = capture_lm(model, batch=batch_size, max_len=max_length, example_len=prompt_length)
     if plan is None:
         plan = plan_generation(
             lm,

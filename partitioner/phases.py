@@ -182,6 +182,8 @@ def capture_lm(
     example_len: int | None = None,
 ) -> LMGraphs:
     """The prefill and decode programs of `model` with a static cache of `max_len` positions.
+    `example_len`: the prompt length prefill is captured (and so planned) at (default half
+    the cache); any length from 2 to `max_len` runs.
 
     `model`: a transformers causal LM (wrapped in StaticCacheLM) or a module with
     forward(input_ids, start) -> logits of the last position, its cache as buffers.
@@ -193,7 +195,8 @@ def capture_lm(
     name = type(model).__name__
     device = next((p.device for p in lm.parameters()), torch.device("cpu"))
     vocab = _vocab(model)
-    length = example_len or max(2, min(8, max_len // 2))
+    # the prompt length prefill is planned for: its costs are this example's
+    length = min(max_len - 1, max(2, example_len or max_len // 2))
     prompt = torch.zeros(batch, length, dtype=torch.long, device=device)
     start = torch.zeros((), dtype=torch.long, device=device)
     dim = torch.export.Dim("prompt", min=2, max=max_len)

@@ -83,7 +83,7 @@ def on_device(unit: CompileUnit, device: torch.device) -> CompileUnit:
     def move(t):
         return t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t
 
-    _retarget(unit.module, device)
+    retarget(unit.module, device)
     return dataclasses.replace(
         unit,
         example_inputs=tuple(pytree.tree_map(move, tuple(unit.example_inputs))),
@@ -95,7 +95,7 @@ def on_device(unit: CompileUnit, device: torch.device) -> CompileUnit:
     )
 
 
-def _retarget(gm, device: torch.device) -> None:
+def retarget(gm, device: torch.device) -> None:
     """Point the partition's own tensors at `device`, in place (each partition has its own
     GraphModule)."""
     changed = False

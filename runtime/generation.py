@@ -38,6 +38,7 @@ from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.partitioner.phases import PROMPT, START, LMGraphs, Phase
 from hetero.partitioner.split import param_values
 from hetero.runtime.artifacts import load_runner, verify_artifact
+from hetero.runtime.build import retarget
 from hetero.runtime.cuda_graph import CudaGraphRunner
 from hetero.runtime.executor import LocalExecutor
 from hetero.runtime.sampling import Sampling, next_token
@@ -378,14 +379,20 @@ class StageBinder:
     def _compiled(self, s: StageSpec, dev: torch.device, phase: Phase, cache: dict) -> Any:
         """The stage's program, compiled with Inductor on a GPU (stages with the same program
         share one compiled module: every decoder layer)."""
-        program = torch.export.load(Path(s.artifact.path) / "program.pt2")
         verify_artifact(s.artifact)
-        if dev.type != "cuda" or not self.compile_gpu:
-            return program.module().to(dev)
-        key = f"{program_key(program)}:{phase.value}"
+        # torch.export.load reads a program; it never unpickles code.
+        program = torch.export.load(Path(s.artifact.path) / "program.pt2")
+        key = f"{program_key(program)}:{phase.value}:{dev}"
         if key not in cache:
-            mod = program.module().to(dev)
-            cache[key] = _Compiled(mod, dynamic=phase is Phase.PREFILL, name=s.name)
+            mod = program.module()
+            retarget(mod, dev)  # traced on the host: its own tensors follow it here
+            mod = mod.to(dev)
+            # Prefill runs op by op: a long prompt keeps the GPU busy while the host queues
+            # (and streamed layers wait on the link anyway); decode's tiny steps are what
+            # the host's dispatch would bound, so they compile.
+            if dev.type == "cuda" and self.compile_gpu and phase is Phase.DECODE:
+                mod = _Compiled(mod, dynamic=False, name=s.name)
+            cache[key] = mod
         return cache[key]
 
 

@@ -133,16 +133,20 @@ def _compile_phase(
         shared: tuple = ()
         if p.weights == "split":
             unit, shared = _split_unit(graph, unit, part.nodes, _fraction(p, group), p.cpu_dtype)
-        unit = on_device(unit, trace_device(device))
         opts = options.get(p.backend) or CompileOptions()
         if holds:
-            unit = dataclasses.replace(unit, bound_params=True)
+            # Traced on the host whatever it runs on: its weights are bound at load (no
+            # copy of them on the GPU while compiling), and the worker points the program's
+            # own tensors at its device then (runtime/generation.py).
+            unit = on_device(dataclasses.replace(unit, bound_params=True), torch.device("cpu"))
         elif any(x in graph.state for x in unit.params):
             raise CompileError(
                 f"partition p{plan_index} ({phase.value}) updates the KV cache but runs on "
                 f"{device.name} through {p.backend}, which keeps no state; plan again with "
                 "hetero.plan_generation"
             )
+        else:
+            unit = on_device(unit, trace_device(device))
         art = build_artifact(backend, unit, device, opts, cache_dir)
         index = plan_index if number == 0 else fresh
         if number:

@@ -1,0 +1,142 @@
+"""Measuring what prices the `split` placement: the host CPU's matrix-vector rate and the
+host->GPU copy rate *while both run at once*.
+
+A split layer reads part of its weights over the link and the rest with the CPU, and both
+draw on the host's memory; each one's rate alone over-promises. So: weights larger than the
+last-level cache (a decode step reads each weight once, from DRAM), copies queued on a side
+stream from the same thread (no spinning copy thread competing for a core), the CPU
+multiplying while the copies run, each rate over the same window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency, LinkProfile
+from hetero.cluster.spec import ClusterSpec, DeviceSpec
+
+ROWS, COLS = 11008, 4096  # a 7B decoder layer's MLP matrix: 86 MiB in 16 bits
+COPY_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class SplitRates:
+    """Bytes per second, each alone and each while the other runs."""
+
+    dtype: str
+    batch: int
+    cpu_alone: float
+    cpu_shared: float
+    link_alone: float
+    link_shared: float
+
+
+def _weights(dtype: torch.dtype, total: int) -> list[torch.Tensor]:
+    one = ROWS * COLS * torch.tensor([], dtype=dtype).element_size()
+    return [torch.randn(ROWS, COLS).to(dtype) for _ in range(max(2, total // one))]
+
+
+def _gemv_rate(weights, x, seconds: float, until=None) -> float:
+    """Weight bytes per second of x @ W.T over `weights` in turn, for `seconds` or until
+    `until()` is true."""
+    nbytes = weights[0].numel() * weights[0].element_size()
+    torch.mm(x, weights[0].t())  # warm the thread pool
+    n, t0 = 0, time.perf_counter()
+    while True:
+        torch.mm(x, weights[n % len(weights)].t())
+        n += 1
+        el = time.perf_counter() - t0
+        if (until is not None and until()) or (until is None and el >= seconds):
+            return n * nbytes / el
+
+
+def _copies(dev: torch.device, count: int):
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(COPY_BYTES, dtype=torch.uint8, device=dev)
+    stream = torch.cuda.Stream(dev)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        start.record(stream)
+        for _ in range(count):
+            dst.copy_(src, non_blocking=True)
+        end.record(stream)
+    return start, end, count * COPY_BYTES
+
+
+def calibrate_split(
+    gpu: DeviceSpec,
+    *,
+    dtype: str = "float16",
+    batch: int = 1,
+    seconds: float = 1.0,
+    l3_bytes: int = 512 << 20,
+) -> SplitRates:
+    """The rates on this machine (needs CUDA): GPU `gpu`, the CPU threads torch has."""
+    dev = torch.device("cuda", gpu.index)
+    t = getattr(torch, dtype)
+    weights = _weights(t, 2 * l3_bytes)
+    x = torch.randn(batch, COLS).to(t)
+    cpu_alone = _gemv_rate(weights, x, seconds)
+    start, end, nbytes = _copies(dev, 8)
+    end.synchronize()
+    link_alone = nbytes / (start.elapsed_time(end) / 1e3)
+    count = max(4, int(link_alone * seconds / COPY_BYTES))
+    start, end, nbytes = _copies(dev, count)
+    cpu_shared = _gemv_rate(weights, x, seconds, until=end.query)
+    end.synchronize()
+    link_shared = nbytes / (start.elapsed_time(end) / 1e3)
+    return SplitRates(dtype, batch, cpu_alone, cpu_shared, link_alone, link_shared)
+
+
+def split_profile(
+    cluster: ClusterSpec,
+    gpu: DeviceSpec,
+    rates: SplitRates,
+    *,
+    backend: str = "eager",
+    base: CalibrationProfile | None = None,
+) -> CalibrationProfile:
+    """`base` (or an empty profile of `cluster`) with the CPU's matmul memory efficiency in
+    `rates.dtype` and the host link's bandwidth as measured with both at work."""
+    cpu = cluster.host_cpu(gpu.host)
+    base = base or CalibrationProfile(cluster=cluster.name)
+    entry = Efficiency(
+        key=f"matmul/{rates.dtype}",
+        compute=0.5,
+        memory=rates.cpu_shared / (cpu.mem_bandwidth or rates.cpu_shared),
+        samples=1,
+    )
+    devices = []
+    found = False
+    for dp in base.devices:
+        if dp.device == cpu.name and dp.backend == backend:
+            keep = tuple(e for e in dp.efficiency if e.key != entry.key)
+            dp = dataclasses.replace(dp, efficiency=(*keep, entry))
+            found = True
+        devices.append(dp)
+    if not found:
+        devices.append(
+            DeviceProfile(
+                device=cpu.name,
+                kind="cpu",
+                model=cpu.model,
+                mem_bandwidth=cpu.mem_bandwidth or 0.0,
+                efficiency=(entry,),
+                backend=backend,
+                threads=torch.get_num_threads(),
+            )
+        )
+    links = tuple(lp for lp in base.links if {lp.a, lp.b} != {cpu.name, gpu.name})
+    latency = next((lp.latency for lp in base.links if {lp.a, lp.b} == {cpu.name, gpu.name}), 1e-5)
+    links = (*links, LinkProfile(cpu.name, gpu.name, rates.link_shared, latency))
+    return CalibrationProfile(
+        cluster=cluster.name,
+        devices=tuple(devices),
+        links=links,
+        host=base.host,
+        torch_version=torch.__version__,
+    )
