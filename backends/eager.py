@@ -169,7 +169,8 @@ class EagerBackend(Backend):
         streamed = self.parse_options(options).weights == "streamed" or unit.bound_params
         files = ["program.pt2"]
         if streamed:
-            here = device.kind == "gpu" and torch.cuda.is_available()
+            # bound params: traced on the host, pointed at the device at load
+            here = device.kind == "gpu" and torch.cuda.is_available() and not unit.bound_params
             ep, weights = export_streamed(unit, dtype, torch_device(device) if here else None)
             if not unit.bound_params:
                 # safetensors orders tensors its own way: the metadata keeps the runner's order

@@ -75,7 +75,8 @@ class InductorBackend(Backend):
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
             if streamed:
-                here = device.kind == "gpu" and torch.cuda.is_available()
+                # bound params: traced on the host, pointed at the device at load
+                here = device.kind == "gpu" and torch.cuda.is_available() and not unit.bound_params
                 ep, weights = export_streamed(unit, dtype, torch_device(device) if here else None)
             else:
                 ep = export_unit(unit, dtype)

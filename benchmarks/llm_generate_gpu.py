@@ -342,11 +342,15 @@ def case_uncapped(args, cfg, cache: Path) -> None:
     dev = "cuda" if gpu else "cpu"
     dtype = torch.float16 if gpu else torch.float32
     out = RESULTS.setdefault("uncapped", {})
+    if time.perf_counter() - T0 > args.budget_s:
+        out["skipped"] = "out of the call's time budget"
+        return
     model = build(cfg, dev, dtype)
     torch.manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=dev)
     out["hf_eager"] = hf_times(model, ids, args.new_tokens, args.repeats)
     log(f"transformers eager {out['hf_eager']}")
+    save(args.json)
     lm, secs = compile_lm(model, cluster(None), args.max_len, 1, cache, prompt_length=args.prompt)
     out["hetero_compile_s"] = secs
     log(f"hetero compiled in {secs:.1f} s\n{lm.explain(width=160)}")
@@ -416,6 +420,9 @@ def case_batch16(args, cfg, cache: Path) -> None:
     dev = "cuda" if gpu else "cpu"
     dtype = torch.float16 if gpu else torch.float32
     out = RESULTS.setdefault("batch16", {})
+    if time.perf_counter() - T0 > args.budget_s:
+        out["skipped"] = "out of the call's time budget"
+        return
     model = build(cfg, dev, dtype).to("cpu")
     if gpu:
         torch.cuda.empty_cache()
