@@ -4,9 +4,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
 
 from hetero.backends.base import CompileOptions, CompileUnit
 from hetero.backends.registry import BackendRegistry
@@ -58,10 +62,6 @@ def on_host(unit: CompileUnit) -> CompileUnit:
     """The unit with its examples and weights in host memory. A model that lives on a GPU
     hands over CUDA tensors (weights, constants such as rotary tables, the eager run's
     activations), which a CPU or NPU partition can neither trace nor run with."""
-    import dataclasses
-
-    import torch
-    from torch.utils import _pytree as pytree
 
     def host(t):
         return t.cpu() if isinstance(t, torch.Tensor) and t.device.type != "cpu" else t
@@ -78,7 +78,6 @@ def _host_graph(gm) -> None:
     """Point the partition's own tensors at host memory, in place (each partition has its
     own GraphModule): a graph captured on a GPU creates tensors there (`arange(...,
     device=cuda:0)` for positions, masks) and keeps CUDA constants as attributes."""
-    import torch
 
     changed = False
     for node in gm.graph.nodes:

@@ -1,0 +1,124 @@
+"""What the fusion pass works with: the groups it forms (open while it walks the graph,
+closed into a FusionPlan's steps), a rule's Match, and helpers that read a node's example
+value. Shared by fusion.py (the pass) and patterns.py (the rules it tries)."""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+
+KINDS = ("pointwise", "rowwise", "matmul", "attention", "aten")
+
+
+def val(node: Node) -> object:
+    return node.meta.get("val")
+
+
+def shape(node: Node) -> tuple[int, ...]:
+    v = val(node)
+    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else ()
+
+
+def numel(node: Node) -> int:
+    return math.prod(shape(node))
+
+
+def dtype(node: Node) -> torch.dtype | None:
+    v = val(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def is_tensor(node: object) -> bool:
+    return isinstance(node, Node) and isinstance(val(node), torch.Tensor)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One step: a fused kernel (or one ATen call) and the values it hands to later steps."""
+
+    kind: str
+    rule: str  # the rule that anchored it, for the plan table
+    nodes: tuple[Node, ...]
+    outputs: tuple[Node, ...]
+    space: tuple[int, ...]
+
+    @property
+    def anchor(self) -> Node:
+        return self.nodes[0]
+
+
+@dataclass
+class OpenGroup:
+    """A group still taking nodes (private to one run of the pass)."""
+
+    kind: str
+    rule: str
+    space: tuple[int, ...]
+    nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.space)
+
+    def where(self, node: Node) -> str | None:
+        """Which part of the space a value of `node`'s size spans: 'full', 'row' or None."""
+        n = numel(node)
+        if n == self.numel:
+            return "full"
+        if self.kind == "rowwise" and n == self.space[0]:
+            return "row"
+        return None
+
+
+class FusionState:
+    """What the rules see: open groups and which group holds each node."""
+
+    def __init__(self) -> None:
+        self.open: list[OpenGroup] = []
+        self.member: dict[Node, OpenGroup] = {}
+
+    def groups_read_by(self, node: Node) -> list[OpenGroup]:
+        out: list[OpenGroup] = []
+        for a in node.all_input_nodes:
+            g = self.member.get(a)
+            if g is not None and g in self.open and g not in out:
+                out.append(g)
+        return out
+
+
+@dataclass(frozen=True)
+class Match:
+    """A rule's answer: join an open group, start a new one of `kind`, or run as ATen."""
+
+    rule: str
+    kind: str
+    join: OpenGroup | None = None
+    space: tuple[int, ...] = ()
+    close_now: bool = False  # a group that takes no more nodes (attention)
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    module: GraphModule
+    steps: tuple[Group, ...]
+
+    def kernels(self) -> int:
+        return sum(1 for s in self.steps if s.kind != "aten")
+
+    def table(self) -> str:
+        """One line per step: kind, rule, nodes."""
+        rows = []
+        for i, s in enumerate(self.steps):
+            names = ", ".join(n.name for n in s.nodes)
+            rows.append(f"{i:4d}  {s.kind:9s} {s.rule:12s} {names}")
+        return "\n".join(rows)
+
+
+def getitem_of(node: Node) -> tuple[Node, int] | None:
+    if node.op == "call_function" and node.target is operator.getitem:
+        return node.args[0], node.args[1]
+    return None
