@@ -38,7 +38,7 @@ from hetero.backends.base import (
 from hetero.backends.triton.autotune import TuneCache, cache_file, tune
 from hetero.backends.triton.codegen import generate
 from hetero.backends.triton.fold import fold_weights
-from hetero.backends.triton.fusion import fuse
+from hetero.backends.triton.fuse import fuse
 from hetero.backends.triton.graphs import GraphRunner
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError, WorkerError

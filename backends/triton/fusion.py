@@ -15,77 +15,121 @@ nodes over one iteration space:
 
 from __future__ import annotations
 
-from torch.fx import GraphModule
+import math
+import operator
+from dataclasses import dataclass, field
 
-from hetero.backends.triton.groups import (
-    KINDS,
-    FusionPlan,
-    FusionState,
-    Group,
-    Match,
-    OpenGroup,
-    dtype,
-    getitem_of,
-    is_tensor,
-    numel,
-    shape,
-    val,
-)
-from hetero.backends.triton.patterns import RULES
+import torch
+from torch.fx import GraphModule, Node
 
-# the groups and node helpers live in groups.py (patterns.py reads them too); their names
-# stay importable from here
-__all__ = [
-    "KINDS",
-    "FusionPlan",
-    "FusionState",
-    "Group",
-    "Match",
-    "OpenGroup",
-    "dtype",
-    "fuse",
-    "getitem_of",
-    "is_tensor",
-    "numel",
-    "shape",
-    "val",
-]
+KINDS = ("pointwise", "rowwise", "matmul", "attention", "aten")
 
 
-def fuse(gm: GraphModule) -> FusionPlan:
-    """Cut `gm` (core ATen, meta['val'] on every node) into fused groups and ATen calls."""
+def val(node: Node) -> object:
+    return node.meta.get("val")
 
-    st = FusionState()
-    steps: list[Group] = []
 
-    def close(g: OpenGroup) -> None:
-        st.open.remove(g)
-        members = set(g.nodes)
-        outs = tuple(n for n in g.nodes if any(u not in members for u in n.users))
-        steps.append(Group(g.kind, g.rule, tuple(g.nodes), outs, g.space))
+def shape(node: Node) -> tuple[int, ...]:
+    v = val(node)
+    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else ()
 
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            continue
-        if node.op == "output":
-            break
-        m = next(m for rule in RULES if (m := rule.match(node, st)) is not None)
-        target = m.join
-        for g in st.groups_read_by(node):
-            if g is not target:
-                close(g)
-        if target is None and m.kind != "aten":
-            target = OpenGroup(m.kind, m.rule, m.space)
-            st.open.append(target)
-        if target is None:
-            steps.append(Group("aten", m.rule, (node,), (node,), shape(node)))
-            continue
-        if m.join is not None and m.kind != target.kind:  # a pointwise group becomes rowwise
-            target.kind, target.rule, target.space = m.kind, m.rule, m.space
-        target.nodes.append(node)
-        st.member[node] = target
-        if m.close_now:
-            close(target)
-    for g in list(st.open):
-        close(g)
-    return FusionPlan(gm, tuple(steps))
+
+def numel(node: Node) -> int:
+    return math.prod(shape(node))
+
+
+def dtype(node: Node) -> torch.dtype | None:
+    v = val(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def is_tensor(node: object) -> bool:
+    return isinstance(node, Node) and isinstance(val(node), torch.Tensor)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One step: a fused kernel (or one ATen call) and the values it hands to later steps."""
+
+    kind: str
+    rule: str  # the rule that anchored it, for the plan table
+    nodes: tuple[Node, ...]
+    outputs: tuple[Node, ...]
+    space: tuple[int, ...]
+
+    @property
+    def anchor(self) -> Node:
+        return self.nodes[0]
+
+
+@dataclass
+class OpenGroup:
+    """A group still taking nodes (private to one run of the pass)."""
+
+    kind: str
+    rule: str
+    space: tuple[int, ...]
+    nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.space)
+
+    def where(self, node: Node) -> str | None:
+        """Which part of the space a value of `node`'s size spans: 'full', 'row' or None."""
+        n = numel(node)
+        if n == self.numel:
+            return "full"
+        if self.kind == "rowwise" and n == self.space[0]:
+            return "row"
+        return None
+
+
+class FusionState:
+    """What the rules see: open groups and which group holds each node."""
+
+    def __init__(self) -> None:
+        self.open: list[OpenGroup] = []
+        self.member: dict[Node, OpenGroup] = {}
+
+    def groups_read_by(self, node: Node) -> list[OpenGroup]:
+        out: list[OpenGroup] = []
+        for a in node.all_input_nodes:
+            g = self.member.get(a)
+            if g is not None and g in self.open and g not in out:
+                out.append(g)
+        return out
+
+
+@dataclass(frozen=True)
+class Match:
+    """A rule's answer: join an open group, start a new one of `kind`, or run as ATen."""
+
+    rule: str
+    kind: str
+    join: OpenGroup | None = None
+    space: tuple[int, ...] = ()
+    close_now: bool = False  # a group that takes no more nodes (attention)
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    module: GraphModule
+    steps: tuple[Group, ...]
+
+    def kernels(self) -> int:
+        return sum(1 for s in self.steps if s.kind != "aten")
+
+    def table(self) -> str:
+        """One line per step: kind, rule, nodes."""
+        rows = []
+        for i, s in enumerate(self.steps):
+            names = ", ".join(n.name for n in s.nodes)
+            rows.append(f"{i:4d}  {s.kind:9s} {s.rule:12s} {names}")
+        return "\n".join(rows)
+
+
+def getitem_of(node: Node) -> tuple[Node, int] | None:
+    if node.op == "call_function" and node.target is operator.getitem:
+        return node.args[0], node.args[1]
+    return None

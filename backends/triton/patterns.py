@@ -1,6 +1,6 @@
 """Fusion rules, tried in order; each returns a Match or None, and `Fallback` always matches.
 
-Rules look at one node and the groups still open (see fusion.py, groups.py); they never mutate state.
+Rules look at one node and the groups still open (see fusion.py); they never mutate state.
 Order matters: attention before matmul before reductions before elementwise, so a node is
 taken by the most specific kernel that can run it.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from hetero.backends.triton.groups import (
+from hetero.backends.triton.fusion import (
     FusionState,
     Match,
     OpenGroup,
