@@ -6,6 +6,7 @@ Backends that consume torch.export programs (TVM's Relax frontend, the eager ref
 
 from __future__ import annotations
 
+import sympy
 import torch
 from torch.utils import _pytree as pytree
 
@@ -91,7 +92,6 @@ def dynamic_spec(unit: CompileUnit, n_args: int, sizes: frozenset[int] = frozens
 def _derived_dim(expr: str, dims: dict[str, torch.export.Dim]):
     """`a*s + b` over a tensor dim's symbol `s` as a derived export Dim; AUTO otherwise
     (export then works the relation out itself, or says what it could not relate)."""
-    import sympy
 
     try:
         e = sympy.sympify(expr)

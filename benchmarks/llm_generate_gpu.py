@@ -274,8 +274,8 @@ def case_capped(args, cfg, cache: Path) -> None:
         from hetero.partitioner.cost import CostModel
 
         gpu_dev = spec.device("node0/gpu")
-        rates = calibrate_split(gpu_dev, dtype="float16")
-        out["split_rates"] = rates.__dict__
+        rates = calibrate_split(gpu_dev)
+        out["split_rates"] = [r.__dict__ for r in rates]
         log(f"split rates {rates}")
         kw["cost_model"] = CostModel(split_profile(spec, gpu_dev, rates))
     lm, secs = compile_lm(model, spec, args.max_len, 1, cache, **kw)

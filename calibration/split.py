@@ -70,12 +70,21 @@ def _copies(dev: torch.device, count: int):
 def calibrate_split(
     gpu: DeviceSpec,
     *,
-    dtype: str = "float16",
+    dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32"),
     batch: int = 1,
     seconds: float = 1.0,
     l3_bytes: int = 512 << 20,
+) -> tuple[SplitRates, ...]:
+    """The rates on this machine (needs CUDA) for each dtype the CPU's rows may be kept in
+    (the planner picks among the measured ones): GPU `gpu`, the CPU threads torch has."""
+    return tuple(
+        _measure(gpu, dtype, batch=batch, seconds=seconds, l3_bytes=l3_bytes) for dtype in dtypes
+    )
+
+
+def _measure(
+    gpu: DeviceSpec, dtype: str, *, batch: int, seconds: float, l3_bytes: int
 ) -> SplitRates:
-    """The rates on this machine (needs CUDA): GPU `gpu`, the CPU threads torch has."""
     dev = torch.device("cuda", gpu.index)
     t = getattr(torch, dtype)
     weights = _weights(t, 2 * l3_bytes)
@@ -95,27 +104,32 @@ def calibrate_split(
 def split_profile(
     cluster: ClusterSpec,
     gpu: DeviceSpec,
-    rates: SplitRates,
+    rates: tuple[SplitRates, ...],
     *,
     backend: str = "eager",
     base: CalibrationProfile | None = None,
 ) -> CalibrationProfile:
     """`base` (or an empty profile of `cluster`) with the CPU's matmul memory efficiency in
-    `rates.dtype` and the host link's bandwidth as measured with both at work."""
+    each measured dtype and the host link's bandwidth (the slowest measured), all with the
+    CPU and the link at work together."""
     cpu = cluster.host_cpu(gpu.host)
     base = base or CalibrationProfile(cluster=cluster.name)
-    entry = Efficiency(
-        key=f"matmul/{rates.dtype}",
-        compute=0.5,
-        memory=rates.cpu_shared / (cpu.mem_bandwidth or rates.cpu_shared),
-        samples=1,
+    entries = tuple(
+        Efficiency(
+            key=f"matmul/{r.dtype}",
+            compute=0.5,
+            memory=r.cpu_shared / (cpu.mem_bandwidth or r.cpu_shared),
+            samples=1,
+        )
+        for r in rates
     )
+    keys = {e.key for e in entries}
     devices = []
     found = False
     for dp in base.devices:
         if dp.device == cpu.name and dp.backend == backend:
-            keep = tuple(e for e in dp.efficiency if e.key != entry.key)
-            dp = dataclasses.replace(dp, efficiency=(*keep, entry))
+            keep = tuple(e for e in dp.efficiency if e.key not in keys)
+            dp = dataclasses.replace(dp, efficiency=(*keep, *entries))
             found = True
         devices.append(dp)
     if not found:
@@ -125,14 +139,15 @@ def split_profile(
                 kind="cpu",
                 model=cpu.model,
                 mem_bandwidth=cpu.mem_bandwidth or 0.0,
-                efficiency=(entry,),
+                efficiency=entries,
                 backend=backend,
                 threads=torch.get_num_threads(),
             )
         )
     links = tuple(lp for lp in base.links if {lp.a, lp.b} != {cpu.name, gpu.name})
     latency = next((lp.latency for lp in base.links if {lp.a, lp.b} == {cpu.name, gpu.name}), 1e-5)
-    links = (*links, LinkProfile(cpu.name, gpu.name, rates.link_shared, latency))
+    link = min(r.link_shared for r in rates)
+    links = (*links, LinkProfile(cpu.name, gpu.name, link, latency))
     return CalibrationProfile(
         cluster=cluster.name,
         devices=tuple(devices),

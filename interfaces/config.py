@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hetero.cluster.reference import FILE, RAY, reference_kind, resolve_cluster
 from hetero.cluster.schema import ByteCount, Seconds, format_errors
 from hetero.cluster.spec import ClusterSpec, read_yaml
 from hetero.errors import ConfigError
+from hetero.interfaces.modelfile import load_exported
 from hetero.partitioner.decisions import BackendAssignment, Objective
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -192,8 +194,6 @@ class DeployConfig(_Strict):
     def load_model(self) -> LoadedModel:
         """Import the factory (or load the .pt2 file safely) and cast to `dtype`."""
         if self.is_exported_file:
-            from hetero.interfaces.modelfile import load_exported
-
             module, example = load_exported(self.model, where=self.where("model"))
         else:
             module, example = _call_factory(self)
@@ -267,8 +267,6 @@ def _resolve(base: Path, path: str) -> Path:
 
 
 def _call_factory(cfg: DeployConfig) -> tuple[Any, tuple[Any, ...]]:
-    import torch
-
     module_name, attr = cfg.model.split(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -297,8 +295,6 @@ def _call_factory(cfg: DeployConfig) -> tuple[Any, tuple[Any, ...]]:
 
 
 def _cast(module: Any, example: tuple[Any, ...], dtype: str) -> tuple[Any, tuple[Any, ...]]:
-    import torch
-
     tdtype = getattr(torch, dtype)
     module = module.to(tdtype)
     example = tuple(
@@ -312,7 +308,6 @@ def _dynamic_shapes(cfg: DeployConfig, module: Any, example: tuple[Any, ...]) ->
     """torch.export dynamic_shapes keyed by forward's parameter names; None when static."""
     if not cfg.dynamic:
         return None
-    import torch
 
     forward = getattr(module, "forward", module)
     try:

@@ -126,7 +126,7 @@ class Recipe:
 
 def _shippable(cm: Any) -> Any:
     """`cm` itself when it pickles, else a Recipe the actor rebuilds it from."""
-    from ray import cloudpickle
+    from ray import cloudpickle  # optional (hetero[ray]): loaded on first use
 
     try:
         cloudpickle.dumps(cm)
@@ -169,7 +169,7 @@ class Deployment:
         return self.servable.ready()
 
     def info(self) -> dict[str, Any]:
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         info = self.servable.info()
         info.update(
@@ -235,7 +235,7 @@ def deploy(
     with `ray.get_actor(name, namespace="hetero")`; `detached=True` keeps it alive after
     this driver exits (`hetero stop NAME` ends it).
     """
-    import ray
+    import ray  # optional (hetero[ray]): loaded on first use
 
     cfg: DeployConfig | None = None
     if isinstance(cm_or_config, str | os.PathLike):
@@ -277,7 +277,7 @@ def deploy(
 
 def find(name: str, namespace: str = NAMESPACE) -> Any:
     """The handle of a named deployment (from any driver connected to the cluster)."""
-    import ray
+    import ray  # optional (hetero[ray]): loaded on first use
 
     try:
         return ray.get_actor(name, namespace=namespace)
@@ -290,7 +290,7 @@ def find(name: str, namespace: str = NAMESPACE) -> Any:
 
 def stop(name: str, namespace: str = NAMESPACE, timeout: float = 30.0) -> None:
     """Shut a named deployment down (drains its gRPC endpoint) and end its actor."""
-    import ray
+    import ray  # optional (hetero[ray]): loaded on first use
 
     handle = find(name, namespace)
     try:
@@ -302,7 +302,7 @@ def stop(name: str, namespace: str = NAMESPACE, timeout: float = 30.0) -> None:
 
 def list_deployments(namespace: str = NAMESPACE, timeout: float = 5.0) -> list[dict[str, Any]]:
     """Named deployments in `namespace`, each with its readiness and info (best effort)."""
-    import ray
+    import ray  # optional (hetero[ray]): loaded on first use
 
     rows = []
     for entry in ray.util.list_named_actors(all_namespaces=True):

@@ -29,6 +29,7 @@ from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.partitioner.phases import LMGraphs, Phase, capture_lm
 from hetero.runtime.generation import Generation, LocalGeneration, StageBinder
 from hetero.runtime.generation_build import compile_generation
+from hetero.runtime.ray_generation import RayGeneration
 from hetero.runtime.sampling import Sampling
 
 
@@ -176,8 +177,6 @@ def compile_lm(
         generation: Generation = LocalGeneration(lm, plan, stages, binder or StageBinder(registry))
     elif kind == "ray":
         import ray  # optional heavy dependency
-
-        from hetero.runtime.ray_generation import RayGeneration  # imports ray
 
         if not ray.is_initialized():
             npus = sum(1 for d in cluster.devices if d.kind == "npu")

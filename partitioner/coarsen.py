@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import networkx as nx
 
-from hetero.partitioner.graph import OpGraph
+if TYPE_CHECKING:  # graph.py builds groups through this module (OpGraph.coarsen)
+    from hetero.partitioner.graph import OpGraph
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from hetero.errors import CaptureError
+from hetero.partitioner.coarsen import coarsen
 from hetero.partitioner.opinfo import count_flops, numel, op_class
 
 # Checks torch.export inserts; they compute nothing and would only pin partitions together.
@@ -225,8 +226,6 @@ class OpGraph:
         return sum(m.nbytes for m in self.nodes[name].out_meta)
 
     def coarsen(self, depth: int | None = None, max_groups: int = 64):
-        from hetero.partitioner.coarsen import coarsen
-
         return coarsen(self, depth=depth, max_groups=max_groups)
 
     def module_summary(self, depth: int = 1) -> list[dict[str, Any]]:

@@ -11,6 +11,8 @@ from typing import Any
 
 from hetero.errors import ConfigError
 from hetero.partitioner.decisions import Objective
+from hetero.partitioner.draw import draw
+from hetero.partitioner.explain import explain
 
 SCHEMA_VERSION = 1
 # on the compute device / in host memory, streamed in / shared by rows with the host CPU
@@ -149,11 +151,8 @@ class Plan:
     # ---- for people ----------------------------------------------------------------------------
     def explain(self, width: int = 120) -> str:
         """Tables: partitions, transfers, memory, ops kept off devices and why, notes."""
-        from hetero.partitioner.explain import explain
 
         return explain(self, width=width)
 
     def draw(self, path: str | Path) -> Path:
-        from hetero.partitioner.draw import draw
-
         return draw(self, path)

@@ -1,14 +1,13 @@
 """Getting artifacts to workers: build (through the artifact cache when it is installed),
 check hashes, pack into bytes for nodes without the shared cache directory, and load.
 
-`build_artifact` is the one seam between the runtime and the compile cache, so the
-cache can change without touching the executors.
+`build_artifact` is the one seam between the runtime and the compile cache (an
+ArtifactCache), so the cache can change without touching the executors.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 import tempfile
 from collections.abc import Mapping
@@ -24,9 +23,10 @@ from hetero.backends.base import (
     Runner,
     sha256_file,
 )
+from hetero.backends.cache import ArtifactCache
 from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import DeviceSpec
-from hetero.errors import ArtifactCorrupt, CompileError
+from hetero.errors import ArtifactCorrupt
 
 
 def build_artifact(
@@ -37,37 +37,7 @@ def build_artifact(
     root: Path,
 ) -> Artifact:
     """Compile `unit` for `device` under `root`, or reuse what is already there."""
-    try:
-        from hetero.backends.cache import ArtifactCache
-    except ImportError:
-        return _build_plain(backend, unit, device, options, Path(root))
     return ArtifactCache(root).build(backend, unit, device, options)
-
-
-def _build_plain(
-    backend: Backend, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, root: Path
-) -> Artifact:
-    key = backend.artifact_key(unit, device, options)
-    out = root / key
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        art = Artifact(backend.name, key, out, json.loads(manifest_path.read_text()))
-        try:
-            verify_artifact(art)
-            return art
-        except ArtifactCorrupt:
-            pass  # rebuild below
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        manifest = backend.compile(unit, device, options, out)
-    except Exception as e:
-        raise CompileError(
-            f"backend {backend.name!r} failed to compile partition {unit.name} for "
-            f"{device.name}: {type(e).__name__}: {e}"
-        ) from e
-    manifest = replace(manifest, key=key)
-    manifest_path.write_text(manifest.to_json())
-    return Artifact(backend.name, key, out, json.loads(manifest.to_json()))
 
 
 def verify_artifact(artifact: Artifact) -> None:

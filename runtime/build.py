@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from hetero.backends.base import CompileOptions, CompileUnit
 from hetero.backends.registry import BackendRegistry
@@ -76,9 +78,6 @@ def on_device(unit: CompileUnit, device: torch.device) -> CompileUnit:
     model captured on one device (a GPU, or the host when it does not fit the GPU) makes
     its positions and masks there (`arange(..., device=...)`) and keeps its constants
     there, which a partition placed elsewhere can neither trace nor run with."""
-    import dataclasses
-
-    from torch.utils import _pytree as pytree
 
     def move(t):
         return t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t

@@ -106,7 +106,7 @@ def build(
     submit_timeout_s: float = 10.0,
 ) -> CompiledPipeline:
     """Bind each stage to its device's worker (`workers[device name]`) and compile."""
-    from ray.dag import InputNode, MultiOutputNode
+    from ray.dag import InputNode, MultiOutputNode  # optional (hetero[ray]): loaded on first use
 
     made_by = producers(stages)
     wired = wiring(stages, needed_outputs)

@@ -69,7 +69,7 @@ class RayExecutor:
         stages were compiled with (each worker gets a copy; default: the built-ins and entry
         points).
         """
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         if not ray.is_initialized():
             raise ConfigError(
@@ -254,7 +254,7 @@ class RayExecutor:
     def _blobs_for(
         self, stages: Sequence[StageSpec], node: placement.RayNode, here: placement.RayNode | None
     ) -> dict[str, Any] | None:
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         ship = self.ship_artifacts == "always" or (
             self.ship_artifacts == "auto" and here is not None and node.address != here.address
@@ -305,7 +305,7 @@ class RayExecutor:
         results[i] = self._collect({}, self._get(ref), t0)
 
     def _get(self, ref: Any) -> list[Packet]:
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         out = ray.get(ref, timeout=self.timeout_s)
         return list(out) if isinstance(out, list | tuple) else [out]
@@ -379,7 +379,7 @@ class RayExecutor:
         return {n for n in self._nodes.values() if n not in alive}
 
     def _kill_workers(self) -> None:
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         for w in self._workers.values():
             with contextlib.suppress(Exception):  # already dead is fine
@@ -392,6 +392,6 @@ class RayExecutor:
 
 
 def _actor_class() -> Any:
-    import ray
+    import ray  # optional (hetero[ray]): loaded on first use
 
     return ray.remote(DeviceWorker)

@@ -47,7 +47,7 @@ def local_device(device: DeviceSpec) -> DeviceSpec:
     if device.kind != "gpu":
         return device
     try:
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         if ray.is_initialized() and ray.get_gpu_ids():
             return replace(device, index=0)
@@ -167,7 +167,7 @@ class DeviceWorker:
     def ready(self) -> dict[str, Any]:
         node = ""
         try:
-            import ray
+            import ray  # optional (hetero[ray]): loaded on first use
 
             node = ray.get_runtime_context().get_node_id()
         except Exception:

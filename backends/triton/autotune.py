@@ -79,7 +79,7 @@ def tune(
     Wraps each such launcher of the loaded program `module`, calls `run()` once (which runs
     `forward` on example inputs), and returns key -> fastest config.
     """
-    from triton.testing import do_bench
+    from triton.testing import do_bench  # optional (hetero[triton]): loaded on first use
 
     found: dict[str, dict] = {}
     originals: dict[str, Callable] = {}

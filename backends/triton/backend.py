@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from hetero.backends.base import (
@@ -37,7 +39,7 @@ from hetero.backends.base import (
 from hetero.backends.triton.autotune import TuneCache, cache_file, tune
 from hetero.backends.triton.codegen import generate
 from hetero.backends.triton.fold import Folded, fold_weights
-from hetero.backends.triton.fusion import fuse
+from hetero.backends.triton.fuse import fuse
 from hetero.backends.triton.graphs import GraphRunner
 from hetero.backends.triton.rewrite import rewrite
 from hetero.cluster.spec import DeviceSpec
@@ -89,7 +91,7 @@ class TritonBackend(Backend):
         return f"triton:gpu:{device.model or 'any'}:{mode}"
 
     def versions(self) -> dict[str, str]:
-        import triton
+        import triton  # optional (hetero[triton]): loaded on first use
 
         return {"torch": torch.__version__, "triton": triton.__version__}
 
@@ -169,8 +171,6 @@ class TritonBackend(Backend):
 
     # ---- load --------------------------------------------------------------------------------
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
-        from safetensors.torch import load_file
-
         dev = run_device(device)
         config = json.loads((artifact.path / "triton.json").read_text())
         mod = _import(artifact.path / "program.py", f"hetero_triton_{artifact.key or id(config)}")
@@ -230,15 +230,12 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 def _propagate(gm: torch.fx.GraphModule, args: tuple) -> None:
     """Fresh meta['val'] (shapes, dtypes, strides) after folding and casting."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(a) for a in args])
 
 
 def _save_weights(path: Path, weights: tuple[tuple[str, torch.Tensor], ...]) -> None:
-    from safetensors.torch import save_file
-
     # safetensors refuses tensors that share memory; every weight gets its own copy.
     save_file({n: t.detach().cpu().contiguous().clone() for n, t in weights}, str(path))
 

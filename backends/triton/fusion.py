@@ -135,46 +135,6 @@ class FusionPlan:
         return "\n".join(rows)
 
 
-def fuse(gm: GraphModule) -> FusionPlan:
-    """Cut `gm` (core ATen, meta['val'] on every node) into fused groups and ATen calls."""
-    from hetero.backends.triton.patterns import RULES
-
-    st = FusionState()
-    steps: list[Group] = []
-
-    def close(g: OpenGroup) -> None:
-        st.open.remove(g)
-        members = set(g.nodes)
-        outs = tuple(n for n in g.nodes if any(u not in members for u in n.users))
-        steps.append(Group(g.kind, g.rule, tuple(g.nodes), outs, g.space))
-
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            continue
-        if node.op == "output":
-            break
-        m = next(m for rule in RULES if (m := rule.match(node, st)) is not None)
-        target = m.join
-        for g in st.groups_read_by(node):
-            if g is not target:
-                close(g)
-        if target is None and m.kind != "aten":
-            target = OpenGroup(m.kind, m.rule, m.space)
-            st.open.append(target)
-        if target is None:
-            steps.append(Group("aten", m.rule, (node,), (node,), shape(node)))
-            continue
-        if m.join is not None and m.kind != target.kind:  # a pointwise group becomes rowwise
-            target.kind, target.rule, target.space = m.kind, m.rule, m.space
-        target.nodes.append(node)
-        st.member[node] = target
-        if m.close_now:
-            close(target)
-    for g in list(st.open):
-        close(g)
-    return FusionPlan(gm, tuple(steps))
-
-
 def getitem_of(node: Node) -> tuple[Node, int] | None:
     if node.op == "call_function" and node.target is operator.getitem:
         return node.args[0], node.args[1]

@@ -41,7 +41,9 @@ def _torch_dtype_name(val: Any) -> str | None:
 @functools.cache
 def _importer_class():
     """The amended importer class (built lazily: importing TVM costs a second)."""
-    from tvm import relax
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
+
+    # optional (hetero[tvm]): loaded on first use
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     class Importer(ExportedProgramImporter):

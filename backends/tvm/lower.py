@@ -16,7 +16,15 @@ from __future__ import annotations
 import torch
 
 from hetero.backends.base import CompileOptions, CompileUnit
+from hetero.backends.tvm import targets
+from hetero.backends.tvm.dispatch import dispatch_matmuls
+from hetero.backends.tvm.fastmath import legalize_map
+from hetero.backends.tvm.frontend import to_relax
+from hetero.backends.tvm.kernels import register_kernels
+from hetero.backends.tvm.linear import offload_linears
 from hetero.backends.tvm.options import ONEDNN_MIN_FLOPS, TVMOptions
+from hetero.backends.tvm.schedule import apply_cpu_schedules
+from hetero.backends.tvm.tune import apply_tuning
 from hetero.cluster.spec import DeviceSpec
 
 # Products smaller than this stay in TVM: the FFI call into torch costs a few µs.
@@ -28,10 +36,7 @@ def build(
     unit: CompileUnit, device: DeviceSpec, options: CompileOptions, dtype: torch.dtype | None
 ):
     """(VM executable, pytree spec of the unit's outputs)."""
-    import tvm
-
-    from hetero.backends.tvm import targets
-    from hetero.backends.tvm.frontend import to_relax
+    import tvm  # optional (hetero[tvm]): loaded on first use
 
     target = targets.make_target(device, options)
     mod, out_spec = to_relax(unit, dtype)
@@ -43,12 +48,10 @@ def build(
 
 def optimize_cpu(mod, target, options: CompileOptions):
     """Everything up to scheduled, fused TIR (the part tune.py also uses)."""
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
 
-    from hetero.backends.tvm.dispatch import dispatch_matmuls, register_kernels
-    from hetero.backends.tvm.linear import offload_linears
-    from hetero.backends.tvm.schedule import apply_cpu_schedules
+    # optional (hetero[tvm]): loaded on first use
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     own = TVMOptions.parse(options, "tvm")
     register_kernels()
@@ -63,17 +66,13 @@ def optimize_cpu(mod, target, options: CompileOptions):
             mod = dispatch_matmuls(mod, min_flops=MIN_BLAS_FLOPS)
         mod = fuse(mod, fast_math=own.fast_math)
         if options.tune_trials > 0:
-            from hetero.backends.tvm.tune import apply_tuning
-
             mod = apply_tuning(mod, target, options)
         mod = apply_cpu_schedules(mod, target)
     return mod
 
 
 def fuse(mod, fast_math: bool = True):
-    from tvm import relax
-
-    from hetero.backends.tvm.fastmath import legalize_map
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
 
     return tvm_seq(
         relax.transform.LegalizeOps(legalize_map() if fast_math else None),
@@ -88,12 +87,13 @@ def fuse(mod, fast_math: bool = True):
 
 
 def tvm_seq(*passes):
-    import tvm
+    import tvm  # optional (hetero[tvm]): loaded on first use
 
     return tvm.transform.Sequential(list(passes))
 
 
 def _cpu_lowering(target):
+    # optional (hetero[tvm]): loaded on first use
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     return tvm_seq(*cpu.dataflow_lower_passes(target), *cpu.finalize_passes(target))

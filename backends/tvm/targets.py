@@ -38,6 +38,7 @@ _SM_BY_MODEL = (
 
 @functools.cache
 def host_mcpu() -> str:
+    # optional (hetero[tvm]): loaded on first use
     from tvm.target.codegen import llvm_get_system_cpu
 
     return str(llvm_get_system_cpu())
@@ -68,7 +69,7 @@ def target_string(device: DeviceSpec, options: CompileOptions) -> str:
 
 
 def make_target(device: DeviceSpec, options: CompileOptions):
-    import tvm
+    import tvm  # optional (hetero[tvm]): loaded on first use
 
     cfg = target_config(device, options)
     if cfg["kind"] == "cuda":

@@ -34,7 +34,7 @@ def tuning_dir(target, options: CompileOptions) -> Path:
 
 
 def open_database(target, options: CompileOptions):
-    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir import meta_schedule as ms  # optional (hetero[tvm]): loaded on first use
 
     where = tuning_dir(target, options)
     where.mkdir(parents=True, exist_ok=True)
@@ -43,8 +43,8 @@ def open_database(target, options: CompileOptions):
 
 def apply_tuning(mod, target, options: CompileOptions):
     """Tune the kernels of `mod` (fused TIR) the database lacks, then apply its records."""
-    from tvm import relax
-    from tvm.s_tir import meta_schedule as ms
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
+    from tvm.s_tir import meta_schedule as ms  # optional (hetero[tvm]): loaded on first use
 
     db = open_database(target, options)
     tasks = ms.relax_integration.extract_tasks(mod, target)

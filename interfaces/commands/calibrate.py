@@ -8,7 +8,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hetero.backends.registry import default_registry
+from hetero.calibration import calibrate as run
+from hetero.calibration import fit_errors
+from hetero.cluster.profile import default_profile_path
 from hetero.cluster.reference import resolve_cluster
+from hetero.interfaces.config import load_config
+from hetero.partitioner.decisions import BackendAssignment
 
 
 def calibrate(
@@ -46,19 +52,12 @@ def calibrate(
 ) -> None:
     """Microbenchmark the devices present through their backends, fit efficiency factors,
     write the profile (one entry per device and backend)."""
-    from hetero.calibration import calibrate as run
-    from hetero.calibration import fit_errors
-    from hetero.cluster.profile import default_profile_path
 
     console = Console()
-    from hetero.backends.registry import default_registry
-    from hetero.partitioner.decisions import BackendAssignment
 
     known = default_registry().names()
     backends: list[BackendAssignment] = []
     if config is not None:
-        from hetero.interfaces.config import load_config
-
         cfg = load_config(config)
         spec = cfg.cluster_spec() if cluster is None else resolve_cluster(cluster)
         backends = [BackendAssignment.parse(cfg.backend_assignment, known=known)]

@@ -8,7 +8,12 @@ import typer
 from rich.console import Console
 
 from hetero.cluster.reference import resolve_cluster
+from hetero.interfaces.api import plan as make_plan
+from hetero.interfaces.config import load_config
+from hetero.interfaces.modelref import load_factory
+from hetero.partitioner.cost import CostModel
 from hetero.partitioner.decisions import Objective
+from hetero.partitioner.graph import capture
 
 
 def plan(
@@ -30,15 +35,10 @@ def plan(
     draw: Path | None = typer.Option(None, "--draw", help="write a picture (.png or .svg)"),
 ) -> None:
     """Partition a model over a cluster; print the explain table, write plan.json and a picture."""
-    from hetero.interfaces.api import plan as make_plan
-    from hetero.partitioner.cost import CostModel
-    from hetero.partitioner.graph import capture
 
     console = Console()
     kwargs: dict = {}
     if target.endswith((".yaml", ".yml")):
-        from hetero.interfaces.config import load_config
-
         cfg = load_config(target)
         loaded = cfg.load_model()
         model, inputs, dynamic = loaded.module, loaded.example_inputs, loaded.dynamic_shapes
@@ -49,8 +49,6 @@ def plan(
             "pins": dict(cfg.constraints.pins) or None,
         }
     else:
-        from hetero.interfaces.modelref import load_factory
-
         model, inputs = load_factory(target, where="model")
         dynamic = None
         spec = resolve_cluster(cluster or "local")

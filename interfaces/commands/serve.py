@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
+
+from hetero.interfaces.config import load_config
+from hetero.interfaces.deploy import build_compiled
+from hetero.interfaces.serving import LoadingServable, ModelServable, ServerOptions
+from hetero.interfaces.serving.foreground import serve_foreground
 
 HOST_HELP = "Address to listen on (default: the config's serving.host, 127.0.0.1)."
 PORT_HELP = "Port to listen on (default: the config's serving.port; 0 picks a free one)."
@@ -22,12 +28,6 @@ def register(app: typer.Typer) -> None:
         The endpoint is live at once; grpc.health.v1 says NOT_SERVING until every
         partition answers, then SERVING. SIGINT/SIGTERM drain in-flight requests and exit.
         """
-        from rich.console import Console
-
-        from hetero.interfaces.config import load_config
-        from hetero.interfaces.deploy import build_compiled
-        from hetero.interfaces.serving import LoadingServable, ModelServable, ServerOptions
-        from hetero.interfaces.serving.foreground import serve_foreground
 
         console = Console(stderr=True)
         cfg = load_config(config)

@@ -182,7 +182,7 @@ class ActorServable:
     """A hetero deployment actor (see hetero.interfaces.deploy) behind a local gRPC server."""
 
     def __init__(self, handle: Any, timeout: float = 10.0) -> None:
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         self._ray = ray
         self.handle = handle

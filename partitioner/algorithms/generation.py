@@ -111,6 +111,7 @@ def plan_generation(
     dproblem, dctx = build_problem(
         dgroups, cluster, cm, pins=pins, split=True, notes=backend_notes, **common
     )
+    dproblem = _reserve_prefill_slots(dproblem, cluster)
     if decode_placements:
         dproblem = _force(dproblem, dgroups, decode_placements)
     dsol = latency(dproblem)
@@ -222,10 +223,23 @@ def _force(problem: Problem, groups: GroupGraph, forced: Mapping[str, str]) -> P
     return dataclasses.replace(problem, compute=compute)
 
 
+def _reserve_prefill_slots(problem: Problem, cluster: ClusterSpec) -> Problem:
+    """Decode shares its GPU's two streaming slots with prefill, which streams whole
+    layers: while any layer is not resident there, the slots hold the largest one."""
+    floor = np.zeros(problem.num_devices)
+    largest = float(problem.param_bytes.max()) if problem.n else 0.0
+    for q in range(problem.num_placements):
+        if problem.place_streamed[q]:
+            floor[problem.placements[q].device] = 2 * largest
+    return dataclasses.replace(problem, slot_floor=floor)
+
+
 def _bind_resident(
     pproblem: Problem, dproblem: Problem, dsol: Solution, dgroups: GroupGraph, pgroups: GroupGraph
 ) -> Problem:
-    """Prefill keeps exactly decode's resident set on each GPU-like device with streaming."""
+    """Prefill keeps exactly decode's resident set on each GPU-like device with streaming:
+    those weights are there anyway (streaming them would spend the link for nothing), and
+    no other group may become resident (that copy would have to live through decode)."""
     resident_in_decode: dict[str, str] = {}
     for gi, g in enumerate(dgroups.groups):
         p = int(dsol.assign[gi])
@@ -239,11 +253,14 @@ def _bind_resident(
     compute = pproblem.compute.copy()
     for gi, g in enumerate(pgroups.groups):
         dev = resident_in_decode.get(g.name)
+        if not g.param_bytes:
+            continue
         for q, pl in enumerate(pproblem.placements):
-            if pl.device not in streams or pproblem.place_streamed[q]:
-                continue
             here = pproblem.devices[pl.device]
-            if g.param_bytes and dev != here:
+            keep = not pproblem.place_streamed[q] and here == dev
+            if dev in {pproblem.devices[i] for i in streams} and not keep:
+                compute[gi, q] = INF  # its resident copy on that GPU serves prefill too
+            elif pl.device in streams and not pproblem.place_streamed[q] and dev != here:
                 compute[gi, q] = INF  # would be a second resident copy
     return dataclasses.replace(pproblem, compute=compute)
 

@@ -63,12 +63,18 @@ class Problem:
     origin: int = 0  # the device the caller's inputs come from and outputs go to
     state_bytes: np.ndarray = field(default=None)  # [n] buffers updated in place (KV cache)
     split_bytes: np.ndarray = field(default=None)  # [n] a split group's GPU share per step
+    # [D] bytes a device's two streaming slots take at least while some group is not
+    # resident there: a generation's prefill streams whole layers through the slots its
+    # decode shares (0: no floor)
+    slot_floor: np.ndarray = field(default=None)
 
     def __post_init__(self) -> None:
         n = len(self.names)
         for name in ("in_bytes", "out_bytes", "state_bytes", "split_bytes"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, np.zeros(n))
+        if self.slot_floor is None:
+            object.__setattr__(self, "slot_floor", np.zeros(len(self.devices)))
         d = len(self.devices)
         for name in ("link_latency", "link_inv_bw"):  # staying on a device costs nothing
             m = np.array(getattr(self, name), dtype=float)
@@ -130,9 +136,13 @@ class Problem:
                 continue
             res = on & ~streamed
             st = on & streamed
+            slots = 2 * item[st].max() if st.any() else 0.0
+            weighted = self.param_bytes > 0
+            if self.slot_floor[d] and (weighted & ~res).any():
+                slots = max(slots, self.slot_floor[d])
             mem[d] = (
                 self.param_bytes[res].sum()
-                + (2 * item[st].max() if st.any() else 0)
+                + slots
                 + self.state_bytes[on].sum()
                 + self.act_bytes[on].max()
             )

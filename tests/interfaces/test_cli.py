@@ -122,3 +122,22 @@ def test_a_ray_head_hetero_starts_is_private_with_token_auth(monkeypatch):
     assert seen["env"] == "token"
     assert safe_head_env({})["RAY_AUTH_MODE"] == "token"
     assert safe_head_env({"RAY_AUTH_MODE": "disabled"})["RAY_AUTH_MODE"] == "disabled"  # explicit
+
+
+def test_help_lists_every_command_without_loading_them():
+    """`hetero --help` reads the command table; a command's module loads when it runs."""
+    from hetero.interfaces.cli import COMMANDS, load_command
+
+    for name, (_, summary) in COMMANDS.items():
+        first = " ".join((load_command(name).help or "").split("\n\n")[0].split())
+        assert summary == first, f"hetero {name}: the table says {summary!r}, the command {first!r}"
+    code = (
+        "import sys\n"
+        "from hetero.interfaces.cli import main\n"
+        "sys.argv = ['hetero', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('LOADED', sorted(m for m in ('torch', 'hetero.interfaces.commands.plan') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "LOADED []" in out.stdout and "calibrate" in out.stdout, out.stdout + out.stderr

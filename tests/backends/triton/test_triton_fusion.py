@@ -22,7 +22,7 @@ from triton_models import (
 
 from hetero.backends.triton.backend import _propagate
 from hetero.backends.triton.fold import fold_weights
-from hetero.backends.triton.fusion import fuse
+from hetero.backends.triton.fuse import fuse
 from hetero.backends.triton.patterns import RULES, Fallback
 
 aten = torch.ops.aten
