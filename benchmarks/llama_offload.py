@@ -7,9 +7,10 @@ host CPU alone.
 
 LlamaForCausalLM(LlamaConfig(hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV
 heads, vocab 32000, use_cache=False)), random weights, float16 (2.2 GB). Shapes: prefill
-4x256 tokens and a decode-shaped step, 4x1 tokens. hetero captures the model without a KV
-cache, so its "decode" is a 4x1 forward with no past (the attention over the prompt is
-missing); the weights it streams per step are the same as a real decode step's, which is
+4x256 tokens (and, with --phases prefill,decode, the old decode-shaped step: 4x1 tokens
+without a KV cache. Real generation with a KV cache is benchmarks/llm_generate_gpu.py
+--shape 1.1b --cap-gib 0.512). Its "decode" is a 4x1 forward with no past (the attention
+over the prompt is missing); the weights it streams per step are the same as a real decode step's, which is
 what bounds the time. Every way runs the same two shapes. Times are medians of
 per-request wall times (CUDA synchronised), outputs compared with the uncapped model.
 
@@ -268,7 +269,12 @@ def main() -> None:
     ap.add_argument(
         "--budget-s", type=float, default=300, help="start optional sections before this many s"
     )
-    ap.add_argument("--phases", default="prefill,decode", help="which shapes to run")
+    ap.add_argument(
+        "--phases",
+        default="prefill",
+        help="which shapes to run: prefill; decode is the old decode-shaped 4x1 forward "
+        "without a KV cache (real decode with a cache: llm_generate_gpu.py --shape 1.1b)",
+    )
     ap.add_argument(
         "--profile",
         type=Path,

@@ -53,9 +53,14 @@ def save(path: str | None) -> None:
         Path(path).write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
-def config(tiny: bool):
+def config(tiny: bool, shape: str = "7b"):
     from transformers import LlamaConfig
 
+    if shape == "1.1b":  # benchmarks/llama_offload.py's model, with its real decode
+        return LlamaConfig(
+            hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
+        )  # fmt: skip
     if tiny:
         return LlamaConfig(
             hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
@@ -471,6 +476,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case", choices=("capped", "uncapped", "batch16", "all"), default="capped")
     ap.add_argument("--tiny", action="store_true", help="a small model: a smoke test on a CPU")
+    ap.add_argument("--shape", choices=("7b", "1.1b"), default="7b",
+                    help="LLaMA-7B (12.55 GiB, cap 4 GiB) or the 1.1B of llama_offload.py "
+                    "(2.2 GB; give --cap-gib 0.512)")  # fmt: skip
     ap.add_argument("--json", help="write the results here (rewritten after each step)")
     ap.add_argument("--cap-gib", type=float, default=4.0, help="GPU memory cap (GiB)")
     ap.add_argument("--prompt", type=int, default=128)
@@ -494,7 +502,7 @@ def main() -> None:
         )
         args.batch, args.repeats, args.check_steps = min(args.batch, 2), 1, 4
         args.modes = args.modes[:1]
-    cfg = config(args.tiny)
+    cfg = config(args.tiny, args.shape)
     cache = Path(args.cache_dir or tempfile.mkdtemp(prefix="hetero-gen-"))
     RESULTS["machine"] = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

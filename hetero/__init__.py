@@ -38,6 +38,9 @@ _LAZY = {
     "compile": "hetero.interfaces.api:compile",
     "deploy": "hetero.interfaces.deploy:deploy",
     "CompiledModel": "hetero.interfaces.api:CompiledModel",
+    "CompiledLM": "hetero.interfaces.generate:CompiledLM",
+    "GenerationPlan": "hetero.partitioner.generation_plan:GenerationPlan",
+    "Task": "hetero.partitioner.decisions:Task",
 }
 
 __version__ = "0.1.0"
@@ -49,9 +52,11 @@ __all__ = [
     "Cluster",
     "ClusterSpec",
     "CompileError",
+    "CompiledLM",
     "CompiledModel",
     "ConfigError",
     "DeviceSpec",
+    "GenerationPlan",
     "HeteroError",
     "LinkSpec",
     "Objective",
@@ -59,6 +64,7 @@ __all__ = [
     "PartitionError",
     "Plan",
     "PlanInfeasible",
+    "Task",
     "UnsupportedOpError",
     "WorkerError",
     "capture",
