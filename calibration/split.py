@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mm
 from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency, LinkProfile
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
 
@@ -33,6 +34,7 @@ class SplitRates:
     cpu_shared: float
     link_alone: float
     link_shared: float
+    handoff_s: float = 0.0  # one hand-off: activation to the host, a tiny product, back
 
 
 def _weights(dtype: torch.dtype, total: int) -> list[torch.Tensor]:
@@ -98,7 +100,25 @@ def _measure(
     cpu_shared = _gemv_rate(weights, x, seconds, until=end.query)
     end.synchronize()
     link_shared = nbytes / (start.elapsed_time(end) / 1e3)
-    return SplitRates(dtype, batch, cpu_alone, cpu_shared, link_alone, link_shared)
+    return SplitRates(
+        dtype, batch, cpu_alone, cpu_shared, link_alone, link_shared, _handoff(dev, t, batch)
+    )
+
+
+def _handoff(dev: torch.device, dtype: torch.dtype, batch: int, calls: int = 200) -> float:
+    """Seconds of one `gpu_cpu_mm` with a token-sized product on each side: what a split
+    layer pays per hand-off on top of its shares (the copies' latency, the wait, the calls)."""
+    x = torch.randn(batch, COLS, device=dev).to(dtype)
+    w_gpu = torch.randn(64, COLS, device=dev).to(dtype)
+    w_cpu = torch.randn(64, COLS).to(dtype)
+    for _ in range(10):
+        gpu_cpu_mm(x, w_gpu, w_cpu)
+    torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        gpu_cpu_mm(x, w_gpu, w_cpu)
+    torch.cuda.synchronize(dev)
+    return (time.perf_counter() - t0) / calls
 
 
 def split_profile(
@@ -147,6 +167,9 @@ def split_profile(
     links = tuple(lp for lp in base.links if {lp.a, lp.b} != {cpu.name, gpu.name})
     latency = next((lp.latency for lp in base.links if {lp.a, lp.b} == {cpu.name, gpu.name}), 1e-5)
     link = min(r.link_shared for r in rates)
+    measured = [r.handoff_s for r in rates if r.handoff_s > 0]
+    if measured:  # a hand-off is two small copies: each pays half of it
+        latency = min(measured) / 2
     links = (*links, LinkProfile(cpu.name, gpu.name, link, latency))
     return CalibrationProfile(
         cluster=cluster.name,

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from hetero.backends.eager import torch_device
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mm
 from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
@@ -47,6 +48,8 @@ from hetero.runtime.streaming import program_key
 from hetero.runtime.weight_stream import WeightStreamer, slot_bytes
 
 log = logging.getLogger("hetero.runtime")
+# A split stage's program calls this op: it must be registered before any program loads.
+CUSTOM_OPS = (gpu_cpu_mm,)
 
 
 class DeviceStore:

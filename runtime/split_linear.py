@@ -22,34 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mm
+
 _MM = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 _TRANSPOSE = (torch.ops.aten.permute.default, torch.ops.aten.t.default)
-
-
-@torch.library.custom_op("hetero::gpu_cpu_mm", mutates_args=())
-def gpu_cpu_mm(x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor) -> list[torch.Tensor]:
-    """(x @ w_gpu.T on x's device, x @ w_cpu.T computed on the host, back on x's device)."""
-    if x.device.type != "cuda":
-        # no GPU (tests, CPU-only machines): both shares here, same arithmetic per row
-        y_cpu = x.to(w_cpu.dtype) @ w_cpu.t()
-        return [x @ w_gpu.t(), y_cpu.to(x.dtype)]
-    stream = torch.cuda.current_stream(x.device)
-    x_host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    x_host.copy_(x, non_blocking=True)
-    ready = torch.cuda.Event(blocking=True)  # a blocking event yields the core while it waits
-    ready.record(stream)
-    y_gpu = x @ w_gpu.t()  # queued behind the copy; runs while the CPU multiplies
-    ready.synchronize()
-    xc = x_host if x_host.dtype == w_cpu.dtype else x_host.to(w_cpu.dtype)
-    y_host = torch.empty((x.shape[0], w_cpu.shape[0]), dtype=w_cpu.dtype, pin_memory=True)
-    torch.mm(xc, w_cpu.t(), out=y_host)
-    y_cpu = y_host.to(x.device, non_blocking=True)
-    return [y_gpu, y_cpu if y_cpu.dtype == x.dtype else y_cpu.to(x.dtype)]
-
-
-@gpu_cpu_mm.register_fake
-def _(x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor) -> list[torch.Tensor]:
-    return [x.new_empty((x.shape[0], w_gpu.shape[0])), x.new_empty((x.shape[0], w_cpu.shape[0]))]
 
 
 @dataclass(frozen=True)
@@ -142,7 +118,7 @@ def split_program(
             wg = graph.placeholder(f"gpu{k}")
         phs.extend([wg, wc])
         with graph.inserting_before(mms[0]):
-            both = graph.call_function(torch.ops.hetero.gpu_cpu_mm.default, (x, wg, wc))
+            both = graph.call_function(gpu_cpu_mm._opoverload, (x, wg, wc))
             y_gpu = graph.call_function(operator.getitem, (both, 0))
             y_cpu = graph.call_function(operator.getitem, (both, 1))
         og = oc = 0
