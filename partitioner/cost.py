@@ -213,6 +213,13 @@ class CostModel:
         defaults = DEFAULT_EFFICIENCY.get(device.kind, _CPU)
         return defaults.get(op_class, defaults["elementwise"])
 
+    def measured(
+        self, device: DeviceSpec, op_class: str, dtype: str, backend: str | None = None
+    ) -> bool:
+        """Whether the profile has an entry for exactly this class and dtype."""
+        dp = self._device(device, backend)
+        return dp is not None and any(e.key == f"{op_class}/{dtype}" for e in dp.efficiency)
+
     def _entry(
         self, device: DeviceSpec, op_class: str, dtype: str, backend: str | None = None
     ) -> Efficiency | None:

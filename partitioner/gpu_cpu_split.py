@@ -182,6 +182,9 @@ def _cpu_share(
         for d in ("bfloat16", "float32")
         if d != own and d in cpu.dtypes and _itemsize(d) >= _itemsize(own)
     ]
+    # once some dtypes were measured, only those: an unmeasured one is priced by a guess
+    measured = [d for d in candidates if cm.measured(cpu, "matmul", d, backend)]
+    candidates = measured or candidates
     best = ("", float("inf"))
     for dtype in candidates:
         t = 0.0
