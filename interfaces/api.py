@@ -7,6 +7,7 @@ print(cm.plan.explain())   # predicted and measured ms per partition
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,9 +54,17 @@ class CompiledModel:
         self._plan = plan
 
     # ---- calling ----------------------------------------------------------------------------
+    @functools.cached_property
+    def contract(self) -> Any:
+        """What a call may hold (interfaces/validation.py); checked before anything runs."""
+        from hetero.interfaces.validation import Contract
+
+        return Contract.from_graph(self.graph)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        values = self.executor.run(flatten_inputs(self.graph, args, kwargs))
-        return unflatten_outputs(self.graph, values)
+        inputs = flatten_inputs(self.graph, args, kwargs)
+        self.contract.check(inputs)
+        return unflatten_outputs(self.graph, self.executor.run(inputs))
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -68,11 +77,7 @@ class CompiledModel:
 
     def run_flat(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Named tensors in (by `input_names`), named tensors out (by `output_names`)."""
-        missing = [n for n in self.input_names if n not in inputs]
-        if missing:
-            raise ConfigError(
-                f"missing input(s) {missing}; the model takes {list(self.input_names)}"
-            )
+        self.contract.check(inputs)
         values = self.executor.run({n: inputs[n] for n in self.input_names})
         out = {}
         for name, value_name in zip(self.output_names, self.graph.outputs, strict=True):
@@ -82,6 +87,8 @@ class CompiledModel:
     def run_many(self, batch: Sequence[Sequence[Any]]) -> list[Any]:
         """Several requests, pipelined across stages where the executor can."""
         flat = [flatten_inputs(self.graph, tuple(x), {}) for x in batch]
+        for inputs in flat:
+            self.contract.check(inputs)
         return [unflatten_outputs(self.graph, v) for v in self.executor.run_many(flat)]
 
     # ---- state --------------------------------------------------------------------------------
@@ -92,8 +99,19 @@ class CompiledModel:
         return self._plan.with_measured(measured) if measured else self._plan
 
     def ready(self) -> bool:
+        """Every partition answers (False while a worker restarts or the plan is rebuilt)."""
         probe = getattr(self.executor, "ready", None)
         return bool(probe()) if callable(probe) else True
+
+    def accepts(self) -> bool:
+        """A request may be queued now: ready, or recovering (the request waits for it)."""
+        probe = getattr(self.executor, "accepts", None)
+        return bool(probe()) if callable(probe) else self.ready()
+
+    def status(self) -> tuple[str, str]:
+        """(state, why): "ready", or "recovering" / "failed" with the fault behind it."""
+        probe = getattr(self.executor, "status", None)
+        return probe() if callable(probe) else ("ready", "")
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -26,6 +26,7 @@ from hetero.interfaces.config import DeployConfig, load_config
 log = logging.getLogger(__name__)
 
 NAMESPACE = "hetero"
+DEPLOYMENT_RESTARTS = 3
 _MIN_RAY_TOKEN_AUTH = (2, 52)
 
 
@@ -234,8 +235,15 @@ class Deployment:
     def metas(self) -> tuple[dict, dict]:
         return dict(self.servable.input_metas), dict(self.servable.output_metas)
 
+    def contract(self) -> Any:
+        """What a request may hold (interfaces/validation.py); infer and run_flat check it."""
+        return self.servable.contract
+
     def ready(self) -> bool:
         return self.servable.ready()
+
+    def accepts(self) -> bool:
+        return self.servable.accepts()
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -277,12 +285,16 @@ class _Borrowed:
         self.inner = inner
         self.input_metas = inner.input_metas
         self.output_metas = inner.output_metas
+        self.contract = inner.contract
 
     def run_flat(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return self.inner.run_flat(inputs)
 
     def ready(self) -> bool:
         return self.inner.ready()
+
+    def accepts(self) -> bool:
+        return self.inner.accepts()
 
     def info(self) -> dict[str, Any]:
         return self.inner.info()
@@ -328,6 +340,9 @@ def deploy(
         "num_gpus": num_gpus if num_gpus is not None else (ray_opts.num_gpus if ray_opts else 0.0),
         # ready()/info() answer while a long infer runs
         "max_concurrency": 4,
+        # A crash of the actor's process (which no input should cause: inputs are
+        # validated) restarts it instead of ending a detached deployment for good.
+        "max_restarts": DEPLOYMENT_RESTARTS,
     }
     if name:
         options["name"] = name
