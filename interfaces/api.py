@@ -153,20 +153,10 @@ def compile(
     if graph is None:
         graph = capture(model, example_inputs, dynamic_shapes)
     spec = resolve_cluster(cluster)
-    build = _Builder(
-        graph,
-        objective,
-        dict(
-            backends=backends,
-            pins=pins,
-            exclude=exclude,
-            microbatches=microbatches,
-            cost_model=cost_model,
-        ),
-        Path(cache_dir) if cache_dir else default_cache_dir(),
-        example_inputs,
-        options,
-    )
+    build = _Builder.of(
+        graph, objective, backends, pins, exclude, microbatches, cost_model, cache_dir,
+        example_inputs, options,
+    )  # fmt: skip
     stages, plan = build(spec, plan)
     kind = executor
     if kind == "auto":
@@ -176,16 +166,10 @@ def compile(
 
         runner = LocalExecutor(stages, needed_outputs(graph), plan=plan)
     elif kind == "ray":
-        import ray
-
-        from hetero.interfaces.deploy import init_ray
+        from hetero.interfaces.deploy import ensure_ray
         from hetero.runtime.ray_executor import RayExecutor
 
-        if not ray.is_initialized():
-            # A private, token-authenticated head for this process; emulated NPUs of this
-            # host become the custom resource NPU workers ask for.
-            npus = sum(1 for d in spec.devices if d.kind == "npu")
-            init_ray(resources={"NPU": float(npus)} if npus else None)
+        ensure_ray(spec)  # a private, token-authenticated head on loopback unless Ray runs
         runner = RayExecutor(
             stages,
             needed_outputs(graph),
@@ -198,12 +182,53 @@ def compile(
     return CompiledModel(graph, plan, spec, stages, runner)
 
 
+def prebuild(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    cluster: ClusterSpec | str | os.PathLike[str] | None = None,
+    objective: str = "latency",
+    dynamic_shapes: Any = None,
+    backends: Mapping[str, str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    pins: Mapping[str, str] | None = None,
+    exclude: Sequence[str] = (),
+    microbatches: int = 1,
+    options: Any = None,
+    cost_model: Any = None,
+) -> Plan:
+    """Capture, plan and compile every partition into the cache, loading none of them: the
+    plan, which `compile(..., plan=...)` then builds from cache hits. `hetero serve` runs
+    it in a child process, so compiling never competes with the server for the GIL."""
+    graph = capture(model, example_inputs, dynamic_shapes)
+    build = _Builder.of(
+        graph, objective, backends, pins, exclude, microbatches, cost_model, cache_dir,
+        example_inputs, options,
+    )  # fmt: skip
+    return build(resolve_cluster(cluster))[1]
+
+
 class _Builder:
     """Plan a graph for a cluster and compile what the plan needs (cache hits for the rest).
 
     `hetero.compile` calls it once; the Ray executor calls it again, with the devices that
     are left, when some are gone for good.
     """
+
+    @classmethod
+    def of(
+        cls, graph, objective, backends, pins, exclude, microbatches, cost_model, cache_dir,
+        example_inputs, options,
+    ) -> _Builder:  # fmt: skip
+        plan_kwargs = dict(
+            backends=backends,
+            pins=pins,
+            exclude=exclude,
+            microbatches=microbatches,
+            cost_model=cost_model,
+        )
+        root = Path(cache_dir) if cache_dir else default_cache_dir()
+        return cls(graph, objective, plan_kwargs, root, example_inputs, options)
 
     def __init__(self, graph, objective, plan_kwargs, cache_dir, example_inputs, options) -> None:
         self.graph = graph

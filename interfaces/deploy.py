@@ -20,21 +20,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetero.errors import ConfigError, HeteroError
+from hetero.errors import CompileError, ConfigError, HeteroError
 from hetero.interfaces.config import DeployConfig, load_config
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "hetero"
 DEPLOYMENT_RESTARTS = 3
+LOOPBACK = "127.0.0.1"
+_LOOPBACKS = ("127.0.0.1", "localhost")
+_RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's "node on loopback" switch
 _MIN_RAY_TOKEN_AUTH = (2, 52)
 
 
 def build_compiled(
-    cfg: DeployConfig, progress: Callable[[str], None] | None = None, loaded: Any = None
+    cfg: DeployConfig,
+    progress: Callable[[str], None] | None = None,
+    loaded: Any = None,
+    *,
+    cluster: Any = None,
+    plan: Any = None,
 ) -> Any:
-    """Load the config's model (unless `loaded` is given), read its cluster, plan and
-    compile: a CompiledModel."""
+    """Load the config's model (unless `loaded` is given), read its cluster (unless given),
+    plan (unless `plan` is given) and compile: a CompiledModel."""
     say = progress or (lambda _msg: None)
     try:
         from hetero.interfaces.api import compile as hetero_compile
@@ -43,24 +51,117 @@ def build_compiled(
     if loaded is None:
         say(f"loading the model {cfg.model}")
         loaded = cfg.load_model()
-    say(f"reading the cluster {cfg.cluster}")
-    cluster = cfg.cluster_spec()
-    kwargs = cfg.compile_kwargs()
-    if cfg.constraints.pins:
-        if "pins" not in inspect.signature(hetero_compile).parameters:
-            raise ConfigError(
-                f"{cfg.where('constraints.pins')}: this version of hetero.compile takes no pins; "
-                "remove them or use `constraints.exclude` / `constraints.memory`"
-            )
-        kwargs["pins"] = dict(cfg.constraints.pins)
+    if cluster is None:
+        say(f"reading the cluster {cfg.cluster}")
+        cluster = cfg.cluster_spec()
+    kwargs = _compile_kwargs(cfg, hetero_compile)
     say(f"planning for {cluster.name} ({cfg.objective}) and compiling the partitions")
     return hetero_compile(
         loaded.module,
         loaded.example_inputs,
         cluster=cluster,
         dynamic_shapes=loaded.dynamic_shapes,
+        plan=plan,
         **kwargs,
     )
+
+
+def _compile_kwargs(cfg: DeployConfig, fn: Callable[..., Any]) -> dict[str, Any]:
+    kwargs = cfg.compile_kwargs()
+    if cfg.constraints.pins:
+        if "pins" not in inspect.signature(fn).parameters:
+            raise ConfigError(
+                f"{cfg.where('constraints.pins')}: this version of hetero.compile takes no pins; "
+                "remove them or use `constraints.exclude` / `constraints.memory`"
+            )
+        kwargs["pins"] = dict(cfg.constraints.pins)
+    return kwargs
+
+
+def prebuild(cfg: DeployConfig, cluster: Any, timeout: float | None = None) -> Any:
+    """Plan and compile every partition in a child process; the plan.
+
+    Compiling is CPU-bound Python (torch.export, TVM's passes) and library loads that hold
+    the GIL for up to 1.6 s here; in the serving process it starved the health service (1 s
+    probes timed out). The child fills the artifact cache; the server then builds the same
+    plan from cache hits. Errors are the child's (CompileError names the partition).
+    """
+    import multiprocessing
+
+    from hetero.partitioner.plan import Plan
+
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that runs threads
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_prebuild_child, args=(cfg, cluster, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(timeout):
+            raise CompileError(f"compiling {cfg.model} took longer than {timeout:g} s")
+        ok, value = receive.recv()
+    except EOFError:
+        child.join(5)
+        raise CompileError(
+            f"the process compiling {cfg.model} died (exit code {child.exitcode}) before it "
+            "answered; run `hetero compile` on the config to see why"
+        ) from None
+    finally:
+        receive.close()
+        if child.is_alive():
+            child.join(10)
+        if child.is_alive():
+            child.kill()
+    if not ok:
+        raise value
+    return Plan.from_json(value)
+
+
+def _prebuild_child(cfg: DeployConfig, cluster: Any, send: Any) -> None:
+    from hetero.interfaces.api import prebuild as api_prebuild
+
+    try:
+        loaded = cfg.load_model()
+        kwargs = _compile_kwargs(cfg, api_prebuild)
+        kwargs.pop("executor", None)
+        plan = api_prebuild(
+            loaded.module,
+            loaded.example_inputs,
+            cluster=cluster,
+            dynamic_shapes=loaded.dynamic_shapes,
+            **kwargs,
+        )
+        send.send((True, plan.to_json()))
+    except Exception as e:  # reported in the parent, which raises it
+        error = e if isinstance(e, HeteroError) else CompileError(f"{type(e).__name__}: {e}")
+        send.send((False, error))
+    finally:
+        send.close()
+
+
+def preload_backends(cfg: DeployConfig) -> None:
+    """Import the runtimes of the backends the config may use, in the calling thread.
+
+    Importing TVM maps its libraries while holding the GIL (1.6 s here); done by the thread
+    that loads the model, it stalls every other thread of a live server.
+    """
+    from hetero.backends.registry import default_registry
+
+    registry = default_registry()
+    names = set(cfg.backends.values()) or {"tvm"}  # TVM is the default for CPUs and NPUs
+    for name in sorted(names):
+        try:
+            registry.get(name).available()
+        except Exception as e:  # a missing backend is reported when a partition needs it
+            log.debug("could not preload backend %s: %s", name, e)
+    if "tvm" in names:
+        try:
+            import tvm.runtime.vm  # noqa: F401
+
+            from hetero.backends.tvm.dispatch import register_kernels
+
+            register_kernels()
+        except ImportError:
+            pass
 
 
 # ---- Ray ------------------------------------------------------------------------------------------
@@ -93,20 +194,29 @@ def init_ray(
     address: str | None = None,
     namespace: str = NAMESPACE,
     resources: dict[str, float] | None = None,
+    host: str = LOOPBACK,
 ) -> None:
     """Connect to the Ray cluster at `address` ("auto", "ray://host:10001", "host:6379").
 
     Without an address, start a private head for this process (never joining a cluster
     some other process started), with no dashboard (so no job API) and with Ray's token
-    authentication turned on: every RPC to it must carry the token. Ray itself replaces a
-    loopback node address with the machine's routable one (services.resolve_ip_for_localhost),
-    so its GCS and raylet ports are reachable from the network; the token is what guards them.
+    authentication turned on: every RPC to it must carry the token. The head advertises
+    `host`, 127.0.0.1 unless told otherwise: its metrics exporters (which Ray binds to
+    0.0.0.0 without authentication for any other address) then listen on loopback alone,
+    and no other node can join it. Ray itself would replace a loopback address with the
+    machine's routable one (services.resolve_ip_for_localhost); `_pin_to_loopback` uses
+    the switch Ray has for that on macOS and Windows.
+
+    Call it from the main thread: Ray ties the head's processes to the thread that starts
+    them (they die when it ends).
     """
     import sys
 
     local = address in (None, "", "local")
     if local and "ray" not in sys.modules:
         os.environ.update(safe_head_env())  # read when Ray loads its config
+        if host in _LOOPBACKS:
+            _pin_to_loopback()
     import ray
 
     if ray.is_initialized():
@@ -120,15 +230,52 @@ def init_ray(
             )
         os.environ.update(safe_head_env())
         _refresh_ray_config()
+        where: dict[str, Any] = {}
+        if host in _LOOPBACKS:
+            _pin_to_loopback()
+        else:
+            log.warning(
+                "the Ray head listens on %s: its metrics endpoints have no authentication", host
+            )
+            where["_node_ip_address"] = host
         ray.init(
             address="local",  # a new head, never a cluster some other process started
             namespace=namespace,
             include_dashboard=False,
             log_to_driver=False,
             resources=resources or None,  # e.g. {"NPU": 1} for emulated NPUs on this host
+            **where,
         )
     else:
         ray.init(address=address, namespace=namespace, log_to_driver=False)
+
+
+def ensure_ray(cluster: Any, host: str = LOOPBACK) -> None:
+    """Start a private head for `cluster` unless Ray runs in this process already: emulated
+    NPUs of this host become the custom resource NPU workers ask for."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    npus = sum(1 for d in cluster.devices if d.kind == "npu")
+    init_ray(resources={"NPU": float(npus)} if npus else None, host=host)
+
+
+def needs_ray(cfg: DeployConfig) -> bool:
+    """Whether the config's model runs on Ray (so this process must start or join it)."""
+    if cfg.is_ray or cfg.executor == "ray":
+        return True
+    return cfg.executor == "auto" and len(cfg.cluster_spec().hosts) > 1
+
+
+def _pin_to_loopback() -> None:
+    os.environ[_RAY_CLUSTER_SWITCH] = "0"
+    try:  # a Ray imported already read the variable: set what it read
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except (ImportError, AttributeError):  # another Ray version: the variable is enough
+        pass
 
 
 def _refresh_ray_config() -> None:
