@@ -92,7 +92,12 @@ def _handlers(server: HeteroServer, health_servicer: Any) -> tuple[Any, ...]:
     """hetero.v1.Inference and grpc.health.v1.Health, both parsing their own requests."""
 
     def infer(request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferResponse:
-        code, message, response = server._infer(request, context)
+        if not server._enter():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        try:
+            code, message, response = server._infer(request, context)
+        finally:
+            server._leave()
         if code is not None:
             context.abort(code, message)
         return response
@@ -136,7 +141,8 @@ class HeteroServer:
         self.options = options or ServerOptions()
         o = self.options
         self._pool = ThreadPoolExecutor(max_workers=o.workers, thread_name_prefix="hetero-model")
-        self._admitted = 0
+        self._admitted = 0  # calls holding a place in the queue (running or waiting)
+        self._entered = 0  # Infer calls past the shutdown check
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._stopped = threading.Event()
@@ -224,16 +230,19 @@ class HeteroServer:
         if self._closing.is_set():
             self._stopped.wait()
             return
-        self._closing.set()
+        with self._lock:
+            self._closing.set()
         self._serving = False
         self._health.enter_graceful_shutdown()
         grace = self.options.grace if grace is None else grace
-        # Drain admitted Infer calls; then stop at once, so an open health Watch stream
-        # (which never ends by itself) does not hold the shutdown for the whole grace.
+        # Drain the Infer calls counted in (and work they left running); then stop with a
+        # short grace for calls that reached gRPC but no handler yet (they are refused with
+        # UNAVAILABLE, not cut off), so an open health Watch stream (which never ends by
+        # itself) does not hold the shutdown for the whole grace.
         end = time.monotonic() + grace
-        while self._admitted > 0 and time.monotonic() < end:
+        while (self._entered > 0 or self._admitted > 0) and time.monotonic() < end:
             time.sleep(0.02)
-        self._server.stop(0.2).wait()
+        self._server.stop(min(1.0, grace)).wait()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._rpc_pool.shutdown(wait=False)
         try:
@@ -254,10 +263,21 @@ class HeteroServer:
         self.shutdown()
 
     # ---- the calls ---------------------------------------------------------------------------
+    def _enter(self) -> bool:
+        """Count an Infer call in, unless shutting down (then the caller refuses it): the
+        drain waits for every call counted in, so none is cut off half-way."""
+        with self._lock:
+            if self._closing.is_set():
+                return False
+            self._entered += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._entered -= 1
+
     def _infer(self, request: pb.InferRequest, context: grpc.ServicerContext):
         """(status code, message, response): code None means success."""
-        if self._closing.is_set():
-            return grpc.StatusCode.UNAVAILABLE, "the server is shutting down", None
         remaining = context.time_remaining()
         # gRPC reports a call without a deadline as None or as a practically infinite time.
         no_deadline = remaining is None or remaining > 1e8

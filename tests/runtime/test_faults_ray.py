@@ -150,3 +150,43 @@ def test_killed_worker_then_spent_restarts_lose_nothing_and_health_follows(
     finally:
         client.close()
         server.shutdown(grace=1.0)
+
+
+def test_actor_inputs_are_validated_and_reported_as_the_callers(ray_cluster, tmp_path):
+    """The Ray actor way in checks values like gRPC does; a wrong input comes back as the
+    caller's InvalidInput (not a partition failure), directly and through its gRPC front,
+    and the deployment keeps answering."""
+    from hetero.errors import InvalidInput
+    from hetero.interfaces.models import TinyGPT
+    from hetero.interfaces.serving import ActorServable
+
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=64, dim=32, heads=2, layers=1, ctx=16).eval()
+    idx = torch.randint(0, 64, (1, 8))
+    cm = hetero.compile(model, (idx,), backends={"cpu": "eager"}, cache_dir=tmp_path)
+    handle = hetero.deploy(cm)
+    bad = idx.clone()
+    bad[0, 2] = 2**31
+    for call in (lambda: handle.infer.remote(bad), lambda: handle.run_flat.remote({"idx": bad})):
+        with pytest.raises(InvalidInput, match=r"'idx'.*element \[0, 2\].*\[0, 64\)"):
+            ray.get(call(), timeout=120)
+    with pytest.raises(InvalidInput, match="captured with 1 input"):
+        ray.get(handle.infer.remote(idx, idx), timeout=60)
+    server = HeteroServer(ActorServable(handle), ServerOptions(port=0, health_poll=0.05))
+    server.start()
+    client = InferenceClient(server.address)
+    try:
+        assert client.wait_serving(timeout=60)
+        with pytest.raises(grpc.RpcError) as info:
+            client.infer({"idx": bad}, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "element [0, 2]" in info.value.details()
+        with torch.no_grad():
+            want = model(idx)
+        torch.testing.assert_close(client.infer({"idx": idx}, timeout=60)["output0"], want)
+        torch.testing.assert_close(ray.get(handle.infer.remote(idx), timeout=60), want)
+    finally:
+        client.close()
+        server.shutdown(grace=1.0)
+        ray.kill(handle)
+        cm.shutdown()
