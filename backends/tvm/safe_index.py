@@ -7,14 +7,17 @@ The ways in validate values before a request runs (interfaces/validation.py), bu
 where the graph proves an index came from the caller; a kernel must be memory-safe
 whatever reaches it. So, after import:
 
-* `take` runs in mode "wrap": an index in [-n, n) means what it means in torch (negative
-  ones count from the end), anything else lands inside the table;
-* the index tensors of the other four become `floor_mod(index, n)` (the same wrap) when
-  the table's size n along that axis is static, else `clip(index, 0, n - 1)`.
+* every index tensor i of a table of n rows along the indexed axis becomes
+  clip(i < 0 ? i + n : i, 0, n - 1) when n is static, clip(i, 0, n - 1) when symbolic
+  (and for gather/scatter, which take no negative index in torch).
 
-Valid indices give torch's answers; invalid ones give some row of the table, never a read
-or write outside it. The cost is one integer op per index, not per element gathered
-(benchmarks/safe_gather.py measures it).
+Valid indices give torch's answers (a negative one counts from the end, as torch's
+advanced indexing does); invalid ones give the first or last row, never a read or write
+outside the table. Compare, add, select and clamp, no division: TVM fuses them into a
+take's loop (computed per element gathered, where a `floor_mod`, TVM's own mode "wrap",
+cost 18% on GPT-2's embeddings and the clamp costs nothing measurable); in front of
+`gather_elements`, which TVM does not fuse into, they are one pass over the index tensor
+(benchmarks/results/safe_gather.md has both).
 """
 
 from __future__ import annotations
@@ -40,15 +43,16 @@ def safe_indexing(mod: Any) -> Any:
                 return call
             name = ops[call.op]
             args = list(call.args)
-            if name == "take":
-                if str(call.attrs.mode) != "fast":
-                    return call
-                axis = call.attrs.axis
-                return relax.op.take(args[0], args[1], None if axis is None else int(axis), "wrap")
             data = args[0]
-            if name in ("gather_elements", "scatter_elements"):
+            if name == "take":
+                axis = call.attrs.axis
+                if axis is None or str(call.attrs.mode) != "fast":
+                    return call  # a flattened take, or one that already checks
+                args[1] = self._wrap(args[1], _dim(data, int(axis)))
+            elif name in ("gather_elements", "scatter_elements"):
+                # torch.gather / scatter take no negative index: clamp only
                 axis = int(call.attrs.axis)
-                args[1] = self._wrap(args[1], _dim(data, axis))
+                args[1] = self._wrap(args[1], _dim(data, axis), negative=False)
             else:  # index_tensor / index_put: one index tensor per leading dim
                 indices = _fields(self.builder_, args[1])
                 if indices is None:
@@ -58,7 +62,7 @@ def safe_indexing(mod: Any) -> Any:
                 )
             return relax.Call(call.op, args, call.attrs, call.ty_args)
 
-        def _wrap(self, index, size):
+        def _wrap(self, index, size, negative: bool = True):
             ty = index.ty
             if size is None or not isinstance(ty, relax.TensorType):
                 return index
@@ -69,10 +73,14 @@ def safe_indexing(mod: Any) -> Any:
             if isinstance(size, int):
                 if size <= 0:
                     return index
-                return bb.emit(relax.op.floor_mod(index, relax.const(size, dtype)))
-            low = relax.PrimValue(tvm.tir.IntImm(dtype, 0))
-            high = relax.PrimValue(tvm.tir.Cast(dtype, size - 1))
-            return bb.emit(relax.op.clip(index, low, high))
+                if negative:
+                    n = relax.const(size, dtype)
+                    below = bb.emit(relax.op.less(index, relax.const(0, dtype)))
+                    index = bb.emit(relax.op.where(below, bb.emit(relax.op.add(index, n)), index))
+                top = relax.prim_value(size - 1, dtype)
+            else:
+                top = relax.prim_value(tvm.tirx.Cast(dtype, size - 1))
+            return bb.emit(relax.op.clip(index, relax.prim_value(0, dtype), top))
 
     rewriter = Rewriter()
     for gv, func in list(mod.functions.items()):
