@@ -124,7 +124,7 @@ def main() -> None:
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
         "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/safe_gather.py "
-        f"--threads {args.threads}",
+        f"--threads {args.threads} --rounds {args.rounds}",
         "torch": torch.__version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
