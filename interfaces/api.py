@@ -237,13 +237,18 @@ class _Builder:
         self.cache_dir = cache_dir
         self.example_inputs = example_inputs
         self.options = options
+        self._planned = False
 
     def __call__(self, cluster: ClusterSpec, plan: Plan | None = None):
         from hetero.partitioner.algorithms import plan as make_plan
         from hetero.runtime.build import compile_plan
 
+        kwargs = self.plan_kwargs
+        if self._planned:  # a re-plan: pins and exclusions of devices now gone lapse
+            kwargs = {**kwargs, **_present(cluster, kwargs.get("pins"), kwargs.get("exclude"))}
+        self._planned = True
         if plan is None:
-            plan = make_plan(self.graph, cluster, self.objective, **self.plan_kwargs)
+            plan = make_plan(self.graph, cluster, self.objective, **kwargs)
         stages = compile_plan(
             self.graph,
             plan,
@@ -253,6 +258,20 @@ class _Builder:
             options=self.options,
         )
         return stages, plan
+
+
+def _present(cluster: ClusterSpec, pins: Any, exclude: Any) -> dict[str, Any]:
+    def here(name: str) -> bool:
+        try:
+            cluster.device(name)
+        except ConfigError:
+            return False
+        return True
+
+    return {
+        "pins": {k: d for k, d in (pins or {}).items() if here(d)} or None,
+        "exclude": [d for d in (exclude or ()) if here(d)],
+    }
 
 
 def deploy(target: CompiledModel | str | os.PathLike[str], **kwargs: Any) -> Any:
