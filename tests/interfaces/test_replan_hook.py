@@ -1,0 +1,40 @@
+"""The re-plan hook hetero.compile hands the Ray executor: constraints that name a device
+lost for good lapse (a pinned device gone used to leave the deployment failed for good)."""
+
+from __future__ import annotations
+
+from hetero.cluster.spec import ClusterSpec
+from hetero.interfaces.api import _Builder
+from hetero.interfaces.models import mlp_block
+from hetero.partitioner.graph import capture
+
+CPU = {"kind": "cpu", "cores": 1, "bandwidth": "20 GB/s", "memory": "4 GB"}
+SPEC = {
+    "name": "two",
+    "hosts": [
+        {"name": "a", "devices": [{"name": "cpu", **CPU}]},
+        {"name": "b", "devices": [{"name": "cpu", **CPU}]},
+    ],
+    "network": {"bandwidth": "1 GB/s", "latency": "100 us"},
+}
+
+
+def test_pins_and_exclusions_of_lost_devices_lapse_on_replan(tmp_path):
+    model, x = mlp_block(batch=2, seq=4)
+    graph = capture(model, x)
+    spec = ClusterSpec.from_dict(SPEC)
+    build = _Builder.of(
+        graph, "latency", {"cpu": "eager"}, {"fc2": "b/cpu"}, [], 1, None, tmp_path, x, None
+    )
+    _, plan = build(spec)
+    assert "b/cpu" in {p.device for p in plan.partitions}
+    stages, plan = build(spec.without(["b/cpu"]))  # b is gone for good
+    assert {p.device for p in plan.partitions} == {"a/cpu"} and stages
+
+    excluding = _Builder.of(
+        graph, "latency", {"cpu": "eager"}, None, ["b/cpu"], 1, None, tmp_path, x, None
+    )
+    _, plan = excluding(spec)
+    assert {p.device for p in plan.partitions} == {"a/cpu"}
+    _, plan = excluding(spec.without(["b/cpu"]))
+    assert {p.device for p in plan.partitions} == {"a/cpu"}
