@@ -102,9 +102,7 @@ class Probe:
         self.thread.join(timeout=5)
 
 
-def test_killed_worker_then_spent_restarts_lose_nothing_and_health_follows(
-    ray_cluster, tmp_path
-):
+def test_killed_worker_then_spent_restarts_lose_nothing_and_health_follows(ray_cluster, tmp_path):
     model, x = mlp_block(batch=2, seq=4)
     spec = ClusterSpec.from_dict(CLUSTER)
     cm = hetero.compile(
