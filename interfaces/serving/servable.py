@@ -199,7 +199,7 @@ class LoadingServable:
             return {"model": self.name, "state": self.state, "error": self._error}
         info = dict(getattr(self._inner, "info", dict)())
         info.setdefault("model", self.name)
-        if not self.ready():
+        if not self.ready() and info.get("state", "ready") == "ready":
             info["state"] = "not-ready"
         return info
 

@@ -188,3 +188,33 @@ def test_actor_inputs_are_validated_and_reported_as_the_callers(ray_cluster, tmp
         server.shutdown(grace=1.0)
         ray.kill(handle)
         cm.shutdown()
+
+
+def test_with_no_device_left_the_error_names_the_lost_one(ray_cluster, tmp_path):
+    model, x = mlp_block(batch=2, seq=4)
+    spec = ClusterSpec.from_dict({**CLUSTER, "hosts": CLUSTER["hosts"][:1]})  # head/cpu only
+    cm = hetero.compile(
+        model, x, cluster=spec, backends={"cpu": "eager"}, cache_dir=tmp_path, executor="ray"
+    )
+    cm.executor.watch_s = 0.2
+    server = HeteroServer(ModelServable(cm), ServerOptions(port=0, health_poll=0.05))
+    server.start()
+    client = InferenceClient(server.address)
+    try:
+        assert client.wait_serving(timeout=30)
+        ray.kill(cm.executor.workers["head/cpu"], no_restart=True)
+        end = time.monotonic() + 60
+        while cm.status()[0] != "failed" and time.monotonic() < end:
+            time.sleep(0.1)
+        state, why = cm.status()
+        assert state == "failed" and "no device is left" in why and "head/cpu" in why, why
+        assert client.health() == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as info:
+            client.infer({"x": x[0]}, timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "head/cpu" in info.value.details()
+        model_info = client.model_info()
+        assert model_info.state == "failed" and "head/cpu" in model_info.error
+    finally:
+        client.close()
+        server.shutdown(grace=1.0)
