@@ -24,8 +24,6 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import platformdirs
-
 from hetero.backends import signing
 from hetero.backends.base import (
     Artifact,
@@ -37,25 +35,19 @@ from hetero.backends.base import (
 )
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ArtifactCorrupt, CompileError, ConfigError
+from hetero.paths import ENV_VAR, cache_root
 
-ENV_VAR = "HETERO_CACHE_DIR"
 MANIFEST = "manifest.json"
+__all__ = ["ENV_VAR", "MANIFEST", "ArtifactCache"]
 
 log = logging.getLogger("hetero.cache")
 
 
-def default_root() -> Path:
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    return Path(platformdirs.user_cache_dir("hetero")) / "artifacts"
-
-
 class ArtifactCache:
-    """Artifacts by key under `root` (default: the user cache dir, or $HETERO_CACHE_DIR)."""
+    """Artifacts by key under `root` (default: hetero's cache root, see hetero/paths.py)."""
 
     def __init__(self, root: Path | str | None = None, secret: bytes | None = None) -> None:
-        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.root = cache_root(root)
         if not self.root.exists():
             self.root.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):

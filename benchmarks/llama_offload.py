@@ -137,17 +137,20 @@ def hetero_model(model, ids, cluster, cache_dir: Path, exclude=(), cost_model=No
             exclude=exclude,
             cost_model=cost_model,
         )
+    from hetero.backends.registry import default_registry
     from hetero.interfaces.api import CompiledModel
-    from hetero.partitioner.algorithms import plan as make_plan
+    from hetero.interfaces.api import plan as make_plan
     from hetero.runtime.build import compile_plan, needed_outputs
     from hetero.runtime.executor import LocalExecutor
 
     graph = hetero.capture(model, (ids,))
     plan = make_plan(graph, cluster, backends=BACKENDS, exclude=exclude, cost_model=cost_model)
-    stages = compile_plan(graph, plan, cluster, cache_dir, example_inputs=(ids,))
+    registry = default_registry()
+    stages = compile_plan(graph, plan, cluster, cache_dir, registry=registry, example_inputs=(ids,))
     cpu = cluster.device("node0/cpu")
     stages = [replace(s, device=cpu) for s in stages]
-    return CompiledModel(graph, plan, cluster, stages, LocalExecutor(stages, needed_outputs(graph)))
+    runner = LocalExecutor(stages, needed_outputs(graph), registry)
+    return CompiledModel(graph, plan, cluster, stages, runner)
 
 
 class Timed:
@@ -499,7 +502,7 @@ def slow_link_section(args, skip, results, row, ctx, cluster, fast_plans) -> Non
     """Plan for a PCIe Gen3 link (12 GB/s), then run both that plan and the fast link's plan
     with the weight streamer's copies slowed to 12 GB/s (WeightStreamer.emulate_link)."""
     import hetero
-    from hetero.partitioner.algorithms import plan as make_plan
+    from hetero.interfaces.api import plan as make_plan
 
     slow = slow_link(cluster, 12e9)
     rate = results.get("pinned_h2d_GBps")
@@ -573,8 +576,10 @@ def cost_model(args, skip, results, cluster, cuda: bool):
     CPU through the backends the plan runs, in the model's dtype: what the product does
     before planning on a new machine), or a saved profile (--profile); None (datasheet
     defaults) with --skip calibrate or without CUDA."""
-    from hetero.partitioner.calibrate import calibrate, fit_errors
-    from hetero.partitioner.cost import CalibrationProfile, CostModel
+    from hetero.calibration import calibrate, fit_errors
+    from hetero.cluster.profile import CalibrationProfile
+    from hetero.partitioner.cost import CostModel
+    from hetero.partitioner.decisions import BackendAssignment
 
     if args.profile is not None:
         return CostModel(CalibrationProfile.load(args.profile))
@@ -582,7 +587,8 @@ def cost_model(args, skip, results, cluster, cuda: bool):
         return None
     t0 = time.perf_counter()
     try:
-        profile, _, _ = calibrate(cluster, backends=BACKENDS, dtypes=("float16",), log=log)
+        assignment = BackendAssignment.parse(BACKENDS)
+        profile, _, _ = calibrate(cluster, backends=assignment, dtypes=("float16",), log=log)
     except Exception as e:
         log(f"calibrate failed, planning with the defaults: {type(e).__name__}: {e}")
         results["calibrate_error"] = f"{type(e).__name__}: {e}"
@@ -603,7 +609,7 @@ def cost_model(args, skip, results, cluster, cuda: bool):
 
 def default_predictions(graph, plan, cluster):
     """`plan`'s partitions priced by the default (uncalibrated) cost model."""
-    from hetero.partitioner.algorithms import plan as make_plan
+    from hetero.interfaces.api import plan as make_plan
 
     pins = {g: q.device for q in plan.partitions for g in q.groups}
     again = make_plan(graph, cluster, backends=BACKENDS, pins=pins)

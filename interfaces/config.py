@@ -31,12 +31,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hetero.cluster.spec import read_yaml
-from hetero.cluster.units import UnitError, parse_bytes, parse_seconds
+from hetero.cluster.reference import FILE, RAY, reference_kind, resolve_cluster
+from hetero.cluster.schema import ByteCount, Seconds, format_errors
+from hetero.cluster.spec import ClusterSpec, read_yaml
 from hetero.errors import ConfigError
+from hetero.partitioner.decisions import BackendAssignment, Objective
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-_RAY_ADDRESS = re.compile(r"^(auto|ray://.+|[A-Za-z0-9_.-]+:\d+)$")  # auto, ray://h:p, gcs h:p
 DTYPES = ("float32", "float16", "bfloat16")
 # gRPC's own default receive limit is 4 MiB. hetero states it in the config instead of
 # inheriting it silently: a deployment with big tensors raises it on purpose.
@@ -45,20 +46,6 @@ GRPC_DEFAULT_MESSAGE_BYTES = 4 * 2**20
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _bytes(v: Any) -> int:
-    try:
-        return int(parse_bytes(v))
-    except UnitError as e:
-        raise ValueError(str(e)) from None
-
-
-def _seconds(v: Any) -> float:
-    try:
-        return float(parse_seconds(v))
-    except UnitError as e:
-        raise ValueError(str(e)) from None
 
 
 class DimSpec(_Strict):
@@ -74,27 +61,25 @@ class ServingOptions(_Strict):
     port: int = Field(50051, ge=0, le=65535)  # 0 picks a free port
     # Largest request or answer, both directions. gRPC's default receive limit is 4 MiB;
     # raise it here, on purpose, for big tensors (e.g. "64 MiB").
-    max_message_bytes: int = GRPC_DEFAULT_MESSAGE_BYTES
+    max_message_bytes: ByteCount = GRPC_DEFAULT_MESSAGE_BYTES
     queue_limit: int = Field(64, ge=1)  # requests admitted at once; more get RESOURCE_EXHAUSTED
-    deadline: float = 30.0  # seconds; applies when a client sends no deadline
+    deadline: Seconds = 30.0  # seconds; applies when a client sends no deadline
     workers: int = Field(1, ge=1)  # model calls that run at the same time
-    grace: float = 10.0  # seconds in-flight requests get to finish on shutdown
+    grace: Seconds = 10.0  # seconds in-flight requests get to finish on shutdown
     # NaN and ±Inf in floating inputs are refused (INVALID_ARGUMENT) unless this is true,
     # for models that take them on purpose (additive -inf attention masks).
     allow_nonfinite: bool = False
 
-    @field_validator("max_message_bytes", mode="before")
+    @field_validator("max_message_bytes")
     @classmethod
-    def _size(cls, v: Any) -> int:
-        n = _bytes(v)
+    def _size(cls, n: int) -> int:
         if n < 1024:
             raise ValueError(f"{n} bytes is too small for any request (use e.g. '4 MiB')")
         return n
 
-    @field_validator("deadline", "grace", mode="before")
+    @field_validator("deadline", "grace")
     @classmethod
-    def _time(cls, v: Any) -> float:
-        t = _seconds(v)
+    def _time(cls, t: float) -> float:
         if t <= 0:
             raise ValueError("must be a positive time, e.g. '30 s'")
         return t
@@ -112,15 +97,8 @@ class RayOptions(_Strict):
 
 class Constraints(_Strict):
     exclude: list[str] = Field(default_factory=list)  # devices the plan must not use
-    memory: dict[str, int] = Field(default_factory=dict)  # device -> bytes usable (a cap)
+    memory: dict[str, ByteCount] = Field(default_factory=dict)  # device -> bytes usable (a cap)
     pins: dict[str, str] = Field(default_factory=dict)  # module path or op name -> device
-
-    @field_validator("memory", mode="before")
-    @classmethod
-    def _caps(cls, v: Any) -> Any:
-        if isinstance(v, Mapping):
-            return {k: _bytes(x) for k, x in v.items()}
-        return v
 
 
 class DeployConfig(_Strict):
@@ -131,7 +109,7 @@ class DeployConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     dynamic: dict[str, dict[int, DimSpec]] = Field(default_factory=dict)
     cluster: str = "local"
-    objective: Literal["latency", "throughput"] = "latency"
+    objective: Objective = Objective.LATENCY
     constraints: Constraints = Field(default_factory=Constraints)
     backends: dict[Literal["gpu", "cpu", "npu"], str] = Field(default_factory=dict)
     cache_dir: str | None = None
@@ -171,12 +149,8 @@ class DeployConfig(_Strict):
     @field_validator("cluster")
     @classmethod
     def _cluster(cls, v: str) -> str:
-        if v in ("local",) or _RAY_ADDRESS.match(v) or v.endswith((".yaml", ".yml")):
-            return v
-        raise ValueError(
-            "expected a cluster file (.yaml), `local`, `auto` or a Ray address "
-            f"(`ray://host:10001`, `host:6379`); got {v!r}"
-        )
+        reference_kind(v)  # a ValueError saying what a cluster reference looks like
+        return v
 
     @model_validator(mode="after")
     def _ranges(self) -> DeployConfig:
@@ -189,7 +163,7 @@ class DeployConfig(_Strict):
     @property
     def is_ray(self) -> bool:
         """The cluster is a running Ray cluster (an address), not a file or this machine."""
-        return bool(_RAY_ADDRESS.match(self.cluster))
+        return reference_kind(self.cluster) == RAY
 
     @property
     def is_exported_file(self) -> bool:
@@ -205,21 +179,14 @@ class DeployConfig(_Strict):
     def where(self, key: str) -> str:
         return f"{self.source or '<config>'}: {key}"
 
-    def cluster_spec(self):
+    def cluster_spec(self) -> ClusterSpec:
         """The ClusterSpec the config names, less excluded devices and with memory caps."""
-        from hetero.cluster.spec import ClusterSpec
-
-        if self.cluster == "local":
-            spec = ClusterSpec.local()
-        elif self.is_ray:
-            spec = ClusterSpec.from_ray(self.cluster)
-        else:
-            if not Path(self.cluster).is_file():
-                raise ConfigError(
-                    f"{self.where('cluster')}: no cluster file {self.cluster} "
-                    "(paths are relative to the config's folder)"
-                )
-            spec = ClusterSpec.from_yaml(self.cluster)
+        if reference_kind(self.cluster) == FILE and not Path(self.cluster).is_file():
+            raise ConfigError(
+                f"{self.where('cluster')}: no cluster file {self.cluster} "
+                "(paths are relative to the config's folder)"
+            )
+        spec = resolve_cluster(self.cluster, where=self.where("cluster"))
         try:
             if self.constraints.exclude:
                 spec = spec.without(self.constraints.exclude)
@@ -241,11 +208,17 @@ class DeployConfig(_Strict):
             module, example = _cast(module, example, self.dtype)
         return LoadedModel(module, example, _dynamic_shapes(self, module, example))
 
+    @property
+    def backend_assignment(self) -> BackendAssignment:
+        """The defaults overridden by `backends:` (names are checked against the registry
+        where the plan is made)."""
+        return BackendAssignment.parse(self.backends, where=self.where("backends"))
+
     def compile_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for hetero.compile besides the model and its inputs."""
         return {
             "objective": self.objective,
-            "backends": dict(self.backends) or None,
+            "backends": self.backend_assignment,
             "cache_dir": self.cache_dir,
             "executor": self.executor,
         }
@@ -273,7 +246,7 @@ def config_from_dict(data: Any, source: str | os.PathLike[str] = "<dict>") -> De
     try:
         cfg = DeployConfig.model_validate(dict(data))
     except ValidationError as e:
-        raise ConfigError(_format(str(src), e)) from None
+        raise ConfigError(format_errors(str(src), "deploy config", e)) from None
     base = src.parent if str(source) != "<dict>" else Path.cwd()
     update: dict[str, Any] = {"source": str(src)}
     if cfg.cluster.endswith((".yaml", ".yml")):
@@ -295,19 +268,6 @@ def config_from_dict(data: Any, source: str | os.PathLike[str] = "<dict>") -> De
 def _resolve(base: Path, path: str) -> Path:
     p = Path(os.path.expandvars(path)).expanduser()
     return p if p.is_absolute() else (base / p).resolve()
-
-
-def _format(source: str, e: ValidationError) -> str:
-    lines = [f"{source}: the deploy config is not valid:"]
-    for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
 
 
 # ---- model loading ------------------------------------------------------------------------------

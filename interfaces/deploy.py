@@ -5,13 +5,16 @@
     # from any other driver on the cluster:
     h = ray.get_actor("gpt", namespace="hetero")
 
-Also the shared steps of the ways in: `build_compiled(cfg)` (config -> CompiledModel) and
-`init_ray(address)` (connect, or start a private head that is safe by default).
+Also the shared steps of the ways in: `build_compiled(cfg)` (config -> CompiledModel),
+`prebuild(cfg, cluster)` (plan and fill the cache in a child process, for `hetero serve`),
+`preload_backends(cfg)`, and `ensure_ray(cluster)` / `needs_ray(cfg)`. Ray start-up itself
+is `hetero.cluster.connect.init_ray` (connect, or start a private head that is safe by
+default).
 """
 
 from __future__ import annotations
 
-import inspect
+import io
 import logging
 import os
 import time
@@ -20,17 +23,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetero.errors import CompileError, ConfigError, HeteroError
-from hetero.interfaces.config import DeployConfig, load_config
+import torch
+
+from hetero.backends.registry import BackendRegistry
+from hetero.cluster.connect import LOOPBACK, NAMESPACE, init_ray
+from hetero.cluster.spec import ClusterSpec
+from hetero.errors import CompileError, HeteroError
+from hetero.interfaces.api import CompiledModel, CompileSettings
+from hetero.interfaces.api import compile as hetero_compile
+from hetero.interfaces.api import prebuild as api_prebuild
+from hetero.interfaces.config import DeployConfig, ServingOptions, load_config
+from hetero.interfaces.serving.servable import ModelServable
+from hetero.partitioner.graph import from_exported
+from hetero.partitioner.plan import Plan
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "hetero"
 DEPLOYMENT_RESTARTS = 3
-LOOPBACK = "127.0.0.1"
-_LOOPBACKS = ("127.0.0.1", "localhost")
-_RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's "node on loopback" switch
-_MIN_RAY_TOKEN_AUTH = (2, 52)
 
 
 def build_compiled(
@@ -38,23 +47,19 @@ def build_compiled(
     progress: Callable[[str], None] | None = None,
     loaded: Any = None,
     *,
-    cluster: Any = None,
-    plan: Any = None,
-) -> Any:
+    cluster: ClusterSpec | None = None,
+    plan: Plan | None = None,
+) -> CompiledModel:
     """Load the config's model (unless `loaded` is given), read its cluster (unless given),
     plan (unless `plan` is given) and compile: a CompiledModel."""
     say = progress or (lambda _msg: None)
-    try:
-        from hetero.interfaces.api import compile as hetero_compile
-    except ImportError as e:  # the compile pipeline is an optional part of an install
-        raise HeteroError(f"hetero's compile API is not available here: {e}") from None
     if loaded is None:
         say(f"loading the model {cfg.model}")
         loaded = cfg.load_model()
     if cluster is None:
         say(f"reading the cluster {cfg.cluster}")
         cluster = cfg.cluster_spec()
-    kwargs = _compile_kwargs(cfg, hetero_compile)
+    kwargs = _compile_kwargs(cfg)
     say(f"planning for {cluster.name} ({cfg.objective}) and compiling the partitions")
     return hetero_compile(
         loaded.module,
@@ -66,19 +71,14 @@ def build_compiled(
     )
 
 
-def _compile_kwargs(cfg: DeployConfig, fn: Callable[..., Any]) -> dict[str, Any]:
+def _compile_kwargs(cfg: DeployConfig) -> dict[str, Any]:
     kwargs = cfg.compile_kwargs()
     if cfg.constraints.pins:
-        if "pins" not in inspect.signature(fn).parameters:
-            raise ConfigError(
-                f"{cfg.where('constraints.pins')}: this version of hetero.compile takes no pins; "
-                "remove them or use `constraints.exclude` / `constraints.memory`"
-            )
         kwargs["pins"] = dict(cfg.constraints.pins)
     return kwargs
 
 
-def prebuild(cfg: DeployConfig, cluster: Any, timeout: float | None = None) -> Any:
+def prebuild(cfg: DeployConfig, cluster: ClusterSpec, timeout: float | None = None) -> Plan:
     """Plan and compile every partition in a child process; the plan.
 
     Compiling is CPU-bound Python (torch.export, TVM's passes) and library loads that hold
@@ -87,8 +87,6 @@ def prebuild(cfg: DeployConfig, cluster: Any, timeout: float | None = None) -> A
     plan from cache hits. Errors are the child's (CompileError names the partition).
     """
     import multiprocessing
-
-    from hetero.partitioner.plan import Plan
 
     ctx = multiprocessing.get_context("spawn")  # never fork a process that runs threads
     receive, send = ctx.Pipe(duplex=False)
@@ -116,12 +114,10 @@ def prebuild(cfg: DeployConfig, cluster: Any, timeout: float | None = None) -> A
     return Plan.from_json(value)
 
 
-def _prebuild_child(cfg: DeployConfig, cluster: Any, send: Any) -> None:
-    from hetero.interfaces.api import prebuild as api_prebuild
-
+def _prebuild_child(cfg: DeployConfig, cluster: ClusterSpec, send: Any) -> None:
     try:
         loaded = cfg.load_model()
-        kwargs = _compile_kwargs(cfg, api_prebuild)
+        kwargs = _compile_kwargs(cfg)
         kwargs.pop("executor", None)
         plan = api_prebuild(
             loaded.module,
@@ -167,92 +163,10 @@ def preload_backends(cfg: DeployConfig) -> None:
 # ---- Ray ------------------------------------------------------------------------------------------
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
-
-
-def safe_head_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a Ray head hetero starts: token authentication on (Ray >= 2.52).
-
-    An explicit RAY_AUTH_MODE in the environment is respected (and logged when it turns
-    authentication off).
-    """
-    env = dict(os.environ if env is None else env)
-    mode = env.get("RAY_AUTH_MODE")
-    if mode is None:
-        env["RAY_AUTH_MODE"] = "token"
-    elif mode.lower() != "token":
-        log.warning(
-            "RAY_AUTH_MODE=%s: the Ray head hetero starts runs WITHOUT token authentication; "
-            "anyone who reaches its ports can run code on it",
-            mode,
-        )
-    return env
-
-
-def init_ray(
-    address: str | None = None,
-    namespace: str = NAMESPACE,
-    resources: dict[str, float] | None = None,
-    host: str = LOOPBACK,
-) -> None:
-    """Connect to the Ray cluster at `address` ("auto", "ray://host:10001", "host:6379").
-
-    Without an address, start a private head for this process (never joining a cluster
-    some other process started), with no dashboard (so no job API) and with Ray's token
-    authentication turned on: every RPC to it must carry the token. The head advertises
-    `host`, 127.0.0.1 unless told otherwise: its metrics exporters (which Ray binds to
-    0.0.0.0 without authentication for any other address) then listen on loopback alone,
-    and no other node can join it. Ray itself would replace a loopback address with the
-    machine's routable one (services.resolve_ip_for_localhost); `_pin_to_loopback` uses
-    the switch Ray has for that on macOS and Windows.
-
-    Call it from the main thread: Ray ties the head's processes to the thread that starts
-    them (they die when it ends).
-    """
-    import sys
-
-    local = address in (None, "", "local")
-    if local and "ray" not in sys.modules:
-        os.environ.update(safe_head_env())  # read when Ray loads its config
-        if host in _LOOPBACKS:
-            _pin_to_loopback()
-    import ray
-
-    if ray.is_initialized():
-        return
-    if local:
-        if _version(ray.__version__) < _MIN_RAY_TOKEN_AUTH:
-            log.warning(
-                "Ray %s has no token authentication (needs >= 2.52): anyone who reaches "
-                "this machine's Ray ports can run code on it",
-                ray.__version__,
-            )
-        os.environ.update(safe_head_env())
-        _refresh_ray_config()
-        where: dict[str, Any] = {}
-        if host in _LOOPBACKS:
-            _pin_to_loopback()
-        else:
-            log.warning(
-                "the Ray head listens on %s: its metrics endpoints have no authentication", host
-            )
-            where["_node_ip_address"] = host
-        ray.init(
-            address="local",  # a new head, never a cluster some other process started
-            namespace=namespace,
-            include_dashboard=False,
-            log_to_driver=False,
-            resources=resources or None,  # e.g. {"NPU": 1} for emulated NPUs on this host
-            **where,
-        )
-    else:
-        ray.init(address=address, namespace=namespace, log_to_driver=False)
-
-
-def ensure_ray(cluster: Any, host: str = LOOPBACK) -> None:
-    """Start a private head for `cluster` unless Ray runs in this process already: emulated
-    NPUs of this host become the custom resource NPU workers ask for."""
+def ensure_ray(cluster: ClusterSpec, host: str = LOOPBACK) -> None:
+    """Start a private head for `cluster` (cluster/connect.py's init_ray, advertising `host`)
+    unless Ray runs in this process already: emulated NPUs of this host become the custom
+    resource NPU workers ask for. Call it from the main thread (see init_ray)."""
     import ray
 
     if ray.is_initialized():
@@ -268,72 +182,66 @@ def needs_ray(cfg: DeployConfig) -> bool:
     return cfg.executor == "auto" and len(cfg.cluster_spec().hosts) > 1
 
 
-def _pin_to_loopback() -> None:
-    os.environ[_RAY_CLUSTER_SWITCH] = "0"
-    try:  # a Ray imported already read the variable: set what it read
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    except (ImportError, AttributeError):  # another Ray version: the variable is enough
-        pass
-
-
-def _refresh_ray_config() -> None:
-    """Make an already imported Ray see RAY_AUTH_MODE (Ray reads it once, on import)."""
-    try:
-        from ray._raylet import Config
-
-        Config.initialize("")
-    except (ImportError, AttributeError, TypeError):  # other Ray versions: env read at init
-        pass
-
-
 @dataclass(frozen=True)
 class Recipe:
-    """What it takes to rebuild a CompiledModel in another process: the captured program
-    (torch.export.save bytes), example inputs, cluster and choices. A CompiledModel holds
-    loaded kernels that do not pickle; the actor rebuilds from this (artifacts come from
-    the content-hashed cache when it shares the machine)."""
+    """What it takes to rebuild a CompiledModel in another process without planning again:
+    the captured program (torch.export.save bytes; its node names are the ones the plan
+    names), example inputs, the cluster, the Plan itself and the settings and backend
+    registry it was made with (a re-plan after a device is lost uses them again). A
+    CompiledModel holds loaded kernels that do not pickle; the actor rebuilds from this
+    (artifacts come from the content-hashed cache when it shares the machine)."""
 
     program: bytes
+    model_name: str
     example_inputs: tuple[Any, ...]
-    cluster: Any  # ClusterSpec
-    objective: str
-    backends: dict[str, str]
+    cluster: ClusterSpec
+    plan: Plan
+    settings: CompileSettings
+    registry: BackendRegistry | None = None
 
     @classmethod
-    def from_compiled(cls, cm: Any) -> Recipe:
-        import io
-
-        import torch
-
+    def from_compiled(cls, cm: CompiledModel) -> Recipe:
+        if cm.settings is None:
+            raise HeteroError(
+                "this CompiledModel was assembled by hand, not by hetero.compile: it records "
+                "no settings to rebuild it with. Deploy a config, or a hetero.compile result."
+            )
         buf = io.BytesIO()
         torch.export.save(cm.graph.program, buf)
         example = tuple(
             torch.zeros(meta.hint, dtype=getattr(torch, meta.dtype))
             for meta in cm.graph.inputs.values()
         )
-        backends = {cm.cluster.device(p.device).kind: p.backend for p in cm.plan.partitions}
-        return cls(buf.getvalue(), example, cm.cluster, cm.plan.objective, backends)
+        return cls(
+            buf.getvalue(),
+            cm.graph.model_name,
+            example,
+            cm.cluster,
+            cm._plan,
+            cm.settings,
+            cm.registry,
+        )
 
-    def build(self) -> Any:
-        import io
-
-        import torch
-
-        from hetero.interfaces.api import compile as hetero_compile
-
+    def build(self) -> CompiledModel:
         # Bytes this process's own caller wrote with torch.export.save, never a user file.
         program = torch.export.load(io.BytesIO(self.program))
-        # A plain GraphModule: the one ExportedProgram.module() returns refuses .eval().
-        gm = program.module()
-        module = torch.fx.GraphModule(gm, gm.graph)
+        graph = from_exported(program, model_name=self.model_name)
+        s = self.settings
         return hetero_compile(
-            module,
+            graph.program.module(),  # not captured again: `graph` is the one planned
             self.example_inputs,
             cluster=self.cluster,
-            objective=self.objective,
-            backends=self.backends,
+            objective=s.objective,
+            backends=s.backends,
+            cache_dir=s.cache_dir,
+            pins=s.pins,
+            exclude=s.exclude,
+            microbatches=s.microbatches,
+            options=s.options,
+            cost_model=s.cost_model,
+            graph=graph,
+            plan=self.plan,
+            registry=self.registry,
         )
 
 
@@ -356,8 +264,6 @@ class Deployment:
     """
 
     def __init__(self, source: Any, name: str = "") -> None:
-        from hetero.interfaces.serving.servable import ModelServable
-
         self.name = name
         self.config = source if isinstance(source, DeployConfig) else None
         if self.config is not None:
@@ -371,8 +277,6 @@ class Deployment:
         self.started = time.time()
 
     def infer(self, *inputs: Any) -> Any:
-        import torch
-
         with torch.inference_mode():
             return self.cm(*inputs)
 
@@ -408,8 +312,8 @@ class Deployment:
 
     def serve(self, host: str | None = None, port: int | None = None) -> str:
         """Start the gRPC endpoint inside the actor (on its node); returns host:port."""
-        from hetero.interfaces.config import ServingOptions
-        from hetero.interfaces.serving import HeteroServer, ServerOptions
+        # gRPC is optional (hetero[serve]) and only this method needs it
+        from hetero.interfaces.serving.server import HeteroServer, ServerOptions
 
         if self.server is None:
             serving = self.config.serving if self.config is not None else ServingOptions()

@@ -149,7 +149,8 @@ def stop_via_jobs(address: str, name: str, python: str = "python", timeout: floa
 def _run(config: str, name: str, serve: bool) -> int:
     import ray
 
-    from hetero.interfaces.deploy import NAMESPACE, deploy, init_ray
+    from hetero.cluster.connect import NAMESPACE, init_ray
+    from hetero.interfaces.deploy import deploy
 
     cfg = load_config(config)
     init_ray("auto", namespace=cfg.ray.namespace or NAMESPACE)
@@ -171,7 +172,8 @@ def _run(config: str, name: str, serve: bool) -> int:
 
 
 def _stop(name: str, namespace: str) -> int:
-    from hetero.interfaces.deploy import init_ray, stop
+    from hetero.cluster.connect import init_ray
+    from hetero.interfaces.deploy import stop
 
     init_ray("auto", namespace=namespace)
     stop(name, namespace)

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from hetero.errors import ConfigError
+from hetero.partitioner.decisions import Objective
 
 SCHEMA_VERSION = 1
-WEIGHT_HOMES = ("resident", "streamed")  # on the compute device / in host memory, streamed in
+# on the compute device / in host memory, streamed in / shared by rows with the host CPU
+WEIGHT_HOMES = ("resident", "streamed", "split")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,12 @@ class PlannedPartition:
         0  # on the compute device: resident params (or stream buffers) + activations
     )
     emulated: bool = False  # an NPU partition run through TVM on the host
+    # weights == "split": per group, the share of each weight matrix's rows the GPU computes
+    # (those rows streamed in); the host CPU computes the rest, in `cpu_dtype`
+    split: tuple[tuple[str, float], ...] = ()
+    cpu_dtype: str = ""
+    group_sizes: tuple[int, ...] = ()  # ops of each of `groups`, in order (`nodes` cut by group)
+    state_bytes: int = 0  # buffers it updates in place (a KV cache), held on its device
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ class Rejection:
 class Plan:
     model: str
     cluster: str
-    objective: str  # latency | throughput
+    objective: Objective
     algorithm: str
     partitions: tuple[PlannedPartition, ...]
     transfers: tuple[Transfer, ...] = ()
@@ -70,6 +78,10 @@ class Plan:
     measured_ms: tuple[tuple[int, float], ...] = ()  # partition index -> measured, once run
     schema_version: int = SCHEMA_VERSION
     notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        # A Plan is built by people and read from JSON too: "latency" becomes the enum here.
+        object.__setattr__(self, "objective", Objective.parse(self.objective, "plan objective"))
 
     # ---- lookups ---------------------------------------------------------------------------
     def assignment(self) -> dict[str, int]:
@@ -107,7 +119,15 @@ class Plan:
             )
         d = dict(d)
         d["partitions"] = tuple(
-            PlannedPartition(**{**p, "nodes": tuple(p["nodes"]), "groups": tuple(p["groups"])})
+            PlannedPartition(
+                **{
+                    **p,
+                    "nodes": tuple(p["nodes"]),
+                    "groups": tuple(p["groups"]),
+                    "split": tuple((g, float(f)) for g, f in p.get("split", ())),
+                    "group_sizes": tuple(p.get("group_sizes", ())),
+                }
+            )
             for p in d["partitions"]
         )
         d["transfers"] = tuple(

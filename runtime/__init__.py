@@ -27,7 +27,7 @@ _LAZY = {
     "verify": "hetero.runtime.verify",
     "VerifyReport": "hetero.runtime.verify",
     "measure_throughput": "hetero.runtime.pipeline",
-    "Deployment": "hetero.runtime.replan",
+    "StagedPlan": "hetero.runtime.replan",
 }
 
 __all__ = sorted(_LAZY)

@@ -29,13 +29,14 @@ from typing import Any
 
 import torch
 
+from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError, HeteroError, Unavailable, WorkerError
 from hetero.partitioner.plan import Plan
 from hetero.runtime import dag, faults, placement
 from hetero.runtime.artifacts import available_here, pack
 from hetero.runtime.metrics import RunMetrics, make_exporter
-from hetero.runtime.replan import Deployment, Replan, call_replan, log_switch
+from hetero.runtime.replan import Replan, StagedPlan, call_replan, log_switch
 from hetero.runtime.stage import StageSpec, check_stages, producers
 from hetero.runtime.worker import DeviceWorker, Packet, caller_packet
 
@@ -63,7 +64,7 @@ class RayExecutor:
         max_inflight: int = 4,
         ship_artifacts: str = "auto",
         node_map: Mapping[str, str] | None = None,
-        extra_backends: Sequence[tuple[str, Any]] = (),
+        registry: BackendRegistry | None = None,
         name: str = "hetero",
         export_metrics: bool = True,
         watch_s: float = 1.0,
@@ -75,7 +76,9 @@ class RayExecutor:
 
         ship_artifacts: "auto" sends artifact bytes through the object store to workers on
         other machines (a different node address) and lets local ones read the cache
-        directory; "always" / "never" force either way.
+        directory; "always" / "never" force either way. registry: the backend registry the
+        stages were compiled with (each worker gets a copy; default: the built-ins and entry
+        points).
 
         watch_s: seconds between health pings of the workers (0: no watcher; faults are
         then found by the next request). retry_s: how often a deployment that could not
@@ -102,7 +105,7 @@ class RayExecutor:
         self.max_inflight = max(1, max_inflight)
         self.ship_artifacts = ship_artifacts
         self.node_map = dict(node_map or {})
-        self.extra_backends = tuple(extra_backends)
+        self.registry = registry if registry is not None else default_registry()
         self.name = name
         self.replan_hook = replan
         self._exporter = make_exporter(name) if export_metrics else None
@@ -114,13 +117,13 @@ class RayExecutor:
         self._blobs: dict[str, Any] = {}  # artifact key -> ObjectRef of its packed bytes
         self._closed = False
         self.worker_info: dict[str, dict[str, Any]] = {}  # device -> its worker's ready()
-        self.history: list[Deployment] = []  # earlier deployments, oldest first
+        self.history: list[StagedPlan] = []  # earlier deployments, oldest first
         self.watch_s = watch_s
         self.retry_s = retry_s
         self._state, self._fault = RECOVERING, "starting"
         self._next_try = 0.0  # when a deployment that could not be repaired tries again
         self._stop = threading.Event()
-        self._deploy(Deployment(tuple(stages), plan))
+        self._deploy(StagedPlan(tuple(stages), plan))
         self._set(READY)
         self._watcher: threading.Thread | None = None
         if watch_s > 0:
@@ -265,7 +268,7 @@ class RayExecutor:
         self.shutdown()
 
     # ---- deployment ----------------------------------------------------------------------------
-    def _deploy(self, deployment: Deployment) -> None:
+    def _deploy(self, deployment: StagedPlan) -> None:
         stages = deployment.stages
         made_by = producers(stages)
         user_inputs = sorted({v for s in stages for v in s.inputs if v not in made_by})
@@ -285,7 +288,7 @@ class RayExecutor:
             blobs = self._blobs_for(mine, node, here)
             opts = placement.actor_options(d, node, max_restarts=self.max_restarts)
             actor = _actor_class().options(**opts)
-            self._workers[d.name] = actor.remote(d, mine, blobs, self.extra_backends)
+            self._workers[d.name] = actor.remote(d, mine, blobs, self.registry)
             self._nodes[d.name] = node.node_id
         ready, lost = faults.wait_ready(self._workers, self.start_timeout_s)
         if lost:

@@ -10,7 +10,11 @@ nodes over one iteration space:
   pointwise  (numel,)     elementwise ops (and reshapes/casts of them)
   rowwise    (rows, cols) reductions over the last dim with their producers and consumers
   matmul     (batch, M, N) mm/addmm/bmm with an elementwise epilogue
-  attention  one scaled_dot_product_attention node
+  gated      (1, M, N) two mm over one A (gate and up) with the epilogue combining them
+  attention  (B, H, M, N) one scaled_dot_product_attention node
+  decode     (B, H, M, N) one SDPA with few queries and many keys, split over the keys
+  rotary     (numel,) rotary-embedding patterns sharing cos and sin (query and key)
+  conv       (numel,) one convolution (ATen, cuDNN) with an elementwise epilogue
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
-KINDS = ("pointwise", "rowwise", "matmul", "attention", "aten")
+KINDS = ("pointwise", "rowwise", "matmul", "gated", "attention", "decode", "rotary", "conv", "aten")
 
 
 def val(node: Node) -> object:
@@ -82,6 +86,8 @@ class OpenGroup:
             return "full"
         if self.kind == "rowwise" and n == self.space[0]:
             return "row"
+        if self.kind in ("matmul", "gated") and n == self.space[0] * self.space[1]:
+            return "row"  # one value per row of A (an RMSNorm prologue)
         return None
 
 

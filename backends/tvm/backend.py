@@ -36,6 +36,7 @@ from hetero.backends.base import (
 )
 from hetero.backends.export import size_carrier
 from hetero.backends.tvm import targets
+from hetero.backends.tvm.options import TVMOptions
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError
 from hetero.partitioner.graph import OpNode
@@ -72,6 +73,8 @@ def _lowering_fingerprint() -> str:
 class TVMBackend(Backend):
     name = "tvm"
     device_kinds = ("cpu", "npu", "gpu")
+    fuses = True
+    options_type = TVMOptions
 
     # ---- what it can do ------------------------------------------------------------------------
     def available(self) -> Support:

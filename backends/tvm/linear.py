@@ -13,7 +13,7 @@ block's 1024x256x1024 and 1024x1024x256 products oneDNN took 7.7-7.9 ms against 
 7.9-8.2, the residual-add post-op came free and the erf-GELU one cost what TVM's fused
 fast-math GELU costs (~1.8 ms per 1M elements); for 64-row products MKL was 25% faster, and
 oneDNN's tanh-GELU post-op cost ~4.7 ms per 1M elements. Hence: only products of at least
-`lower.ONEDNN_MIN_FLOPS` are offloaded, tanh-GELU stays a TVM kernel, everything smaller
+`options.ONEDNN_MIN_FLOPS` are offloaded, tanh-GELU stays a TVM kernel, everything smaller
 goes through `dispatch.dispatch_matmuls` (MKL). `CompileOptions(extra=(("onednn",
 False),))` turns the offload off.
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 
 from hetero.backends.base import CompileOptions, CompileUnit
+from hetero.backends.tvm.options import ONEDNN_MIN_FLOPS, TVMOptions
 from hetero.cluster.spec import DeviceSpec
 
 # Products smaller than this stay in TVM: the FFI call into torch costs a few µs.
 MIN_BLAS_FLOPS = 1 << 16
-# Linear layers at least this big go to oneDNN with their epilogues (linear.py says why).
-ONEDNN_MIN_FLOPS = 1 << 27
+__all__ = ["MIN_BLAS_FLOPS", "ONEDNN_MIN_FLOPS", "build", "fuse", "optimize_cpu"]
 
 
 def build(
@@ -56,18 +56,18 @@ def optimize_cpu(mod, target, options: CompileOptions):
     from hetero.backends.tvm.linear import offload_linears
     from hetero.backends.tvm.schedule import apply_cpu_schedules
 
+    own = TVMOptions.parse(options, "tvm")
     register_kernels()
     with target:
         mod = relax.transform.DeadCodeElimination()(mod)
         mod = relax.transform.DecomposeOpsForInference()(mod)
         mod = tvm_seq(*cpu.library_dispatch_passes(target))(mod)  # sort/scan/sampling kernels
         mod = relax.transform.FoldConstant()(mod)
-        if options.get("blas", True):
-            if options.get("onednn", True):
-                least = options.get("onednn_min_flops", ONEDNN_MIN_FLOPS)
-                mod = offload_linears(mod, min_flops=least)
+        if own.blas:
+            if own.onednn:
+                mod = offload_linears(mod, min_flops=own.onednn_min_flops)
             mod = dispatch_matmuls(mod, min_flops=MIN_BLAS_FLOPS)
-        mod = fuse(mod, fast_math=options.get("fast_math", True))
+        mod = fuse(mod, fast_math=own.fast_math)
         if options.tune_trials > 0:
             from hetero.backends.tvm.tune import apply_tuning
 

@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
+        from hetero.cluster.connect import init_ray
         from hetero.interfaces import deploy as deploy_mod
         from hetero.interfaces.config import load_config
         from hetero.interfaces.serving import ActorServable, ModelServable, ServerOptions
@@ -38,7 +39,7 @@ def register(app: typer.Typer) -> None:
                 import ray
 
                 status.update(f"connecting to the Ray cluster at {cfg.cluster}")
-                deploy_mod.init_ray(cfg.cluster, namespace=cfg.ray.namespace)
+                init_ray(cfg.cluster, namespace=cfg.ray.namespace)
                 status.update(f"compiling {cfg.model} in the deployment actor {label!r}")
                 handle = deploy_mod.deploy(cfg, name=label)
                 ray.get(handle.ready.remote())

@@ -7,14 +7,17 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from hetero.cluster.reference import resolve_cluster
+from hetero.partitioner.decisions import Objective
+
 
 def plan(
     target: str = typer.Argument(..., help="deploy config (.yaml) or a model 'pkg.module:factory'"),
     cluster: str | None = typer.Option(
         None, "--cluster", help="cluster YAML or 'local' (default: the config's, else local)"
     ),
-    objective: str | None = typer.Option(
-        None, "--objective", help="latency | throughput (default: the config's, else latency)"
+    objective: Objective | None = typer.Option(
+        None, "--objective", help="what to minimise (default: the config's, else latency)"
     ),
     microbatches: int = typer.Option(1, "--microbatches", help="for throughput plans"),
     algorithm: str | None = typer.Option(
@@ -27,7 +30,7 @@ def plan(
     draw: Path | None = typer.Option(None, "--draw", help="write a picture (.png or .svg)"),
 ) -> None:
     """Partition a model over a cluster; print the explain table, write plan.json and a picture."""
-    from hetero.partitioner.algorithms import plan as make_plan
+    from hetero.interfaces.api import plan as make_plan
     from hetero.partitioner.cost import CostModel
     from hetero.partitioner.graph import capture
 
@@ -39,10 +42,10 @@ def plan(
         cfg = load_config(target)
         loaded = cfg.load_model()
         model, inputs, dynamic = loaded.module, loaded.example_inputs, loaded.dynamic_shapes
-        spec = cfg.cluster_spec() if cluster is None else _cluster(cluster)
+        spec = cfg.cluster_spec() if cluster is None else resolve_cluster(cluster)
         objective = objective or cfg.objective
         kwargs = {
-            "backends": dict(cfg.backends) or None,
+            "backends": cfg.backend_assignment,
             "pins": dict(cfg.constraints.pins) or None,
         }
     else:
@@ -50,8 +53,8 @@ def plan(
 
         model, inputs = load_factory(target, where="model")
         dynamic = None
-        spec = _cluster(cluster or "local")
-    objective = objective or "latency"
+        spec = resolve_cluster(cluster or "local")
+    objective = objective or Objective.LATENCY
     with console.status("capturing with torch.export"):
         graph = capture(model, inputs, dynamic_shapes=dynamic)
     cost_model = CostModel.load(profile, cluster=spec)
@@ -72,12 +75,6 @@ def plan(
     if draw is not None:
         result.draw(draw)
         console.print(f"wrote {draw}")
-
-
-def _cluster(ref: str):
-    from hetero.cluster.spec import ClusterSpec
-
-    return ClusterSpec.local() if ref == "local" else ClusterSpec.from_yaml(ref)
 
 
 def register(app: typer.Typer) -> None:

@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
+        from hetero.cluster.connect import init_ray
         from hetero.interfaces import deploy as deploy_mod
         from hetero.interfaces.config import load_config
         from hetero.interfaces.serving import LoadingServable, ModelServable, ServerOptions
@@ -35,7 +36,7 @@ def register(app: typer.Typer) -> None:
         name = cfg.deployment_name
         say = lambda m: console.print(f"[dim]{m}[/]", highlight=False)  # noqa: E731
         if cfg.is_ray:
-            deploy_mod.init_ray(cfg.cluster, namespace=cfg.ray.namespace)
+            init_ray(cfg.cluster, namespace=cfg.ray.namespace)
         cluster = cfg.cluster_spec()
         if deploy_mod.needs_ray(cfg):
             # Here, in the main thread: Ray's head processes die with the thread that

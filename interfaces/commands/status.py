@@ -39,7 +39,8 @@ def register(app: typer.Typer) -> None:
                 table.add_row(row["job"], row["deployment"], row["status"], row["message"][:60])
             console.print(table)
             return
-        from hetero.interfaces.deploy import init_ray, list_deployments
+        from hetero.cluster.connect import init_ray
+        from hetero.interfaces.deploy import list_deployments
 
         init_ray(addr, namespace=namespace)
         rows = [r for r in list_deployments(namespace) if name is None or r["name"] == name]
@@ -78,7 +79,7 @@ def register(app: typer.Typer) -> None:
             if result != "SUCCEEDED":
                 raise typer.Exit(1)
             return
-        from hetero.interfaces.deploy import init_ray
+        from hetero.cluster.connect import init_ray
         from hetero.interfaces.deploy import stop as stop_deployment
 
         init_ray(addr, namespace=namespace)

@@ -3,7 +3,9 @@
     latency     min-cut (2 devices, exact) / list scheduling + expansion moves (more), then
                 local refinement; memory through Lagrangian penalties
     throughput  contiguous pipeline stages by dynamic programming (exact for its model)
-    exhaustive  every assignment; ground truth for tests on small graphs
+    exhaustive  every assignment (or pipeline); ground truth for tests on small graphs
+
+An algorithm registers one solver per `Objective` it optimises.
 
 Each algorithm is a pure function over a `Problem` (cost arrays); `adapter.build_problem`
 turns (GroupGraph, ClusterSpec, CostModel) into one and `assemble.assemble` turns the
@@ -18,28 +20,42 @@ from dataclasses import dataclass
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
 from hetero.partitioner.algorithms.adapter import (
-    DEFAULT_BACKENDS,
+    BackendLookup,
     build_problem,
     refine_for_support,
+    resolve_backends,
 )
 from hetero.partitioner.algorithms.assemble import assemble
-from hetero.partitioner.algorithms.exhaustive import exhaustive
+from hetero.partitioner.algorithms.exhaustive import exhaustive, exhaustive_pipelines
 from hetero.partitioner.algorithms.latency import latency
 from hetero.partitioner.algorithms.problem import Placement, Problem, Solution
 from hetero.partitioner.algorithms.throughput import throughput
 from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import BackendAssignment, Objective
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Plan
-
-OBJECTIVES = ("latency", "throughput")
 
 
 @dataclass(frozen=True)
 class Algorithm:
+    """A partition algorithm: one solver per objective it optimises."""
+
     name: str
-    solve: Callable[[Problem, str], Solution]  # (problem, objective) -> solution
-    objectives: tuple[str, ...]  # objectives it optimises
+    solvers: Mapping[Objective, Callable[[Problem], Solution]]
     summary: str
+
+    @property
+    def objectives(self) -> tuple[Objective, ...]:
+        return tuple(self.solvers)
+
+    def solve(self, problem: Problem, objective: Objective) -> Solution:
+        solver = self.solvers.get(objective)
+        if solver is None:
+            raise ConfigError(
+                f"algorithm {self.name!r} optimises {', '.join(map(str, self.objectives))}, "
+                f"not {objective}"
+            )
+        return solver(problem)
 
 
 class AlgorithmRegistry:
@@ -66,12 +82,24 @@ class AlgorithmRegistry:
         return sorted(self._by_name)
 
 
+# The algorithm each objective gets unless one is named.
+DEFAULT_ALGORITHM: Mapping[Objective, str] = {
+    Objective.LATENCY: "latency",
+    Objective.THROUGHPUT: "throughput",
+}
+
+
 def default_algorithms() -> AlgorithmRegistry:
+    L, T = Objective.LATENCY, Objective.THROUGHPUT
     return AlgorithmRegistry(
         [
-            Algorithm("latency", latency, ("latency",), "min-cut / list scheduling + refinement"),
-            Algorithm("throughput", throughput, ("throughput",), "pipeline stages by DP"),
-            Algorithm("exhaustive", exhaustive, OBJECTIVES, "every assignment (small graphs)"),
+            Algorithm("latency", {L: latency}, "min-cut / list scheduling + refinement"),
+            Algorithm("throughput", {T: throughput}, "pipeline stages by DP"),
+            Algorithm(
+                "exhaustive",
+                {L: exhaustive, T: exhaustive_pipelines},
+                "every assignment (small graphs)",
+            ),
         ]
     )
 
@@ -79,53 +107,55 @@ def default_algorithms() -> AlgorithmRegistry:
 def plan(
     graph: OpGraph,
     cluster: ClusterSpec,
-    objective: str = "latency",
+    objective: Objective = Objective.LATENCY,
     *,
-    backends: Mapping[str, str] | None = None,
+    registry: BackendLookup,
+    backends: BackendAssignment = BackendAssignment(),
     pins: Mapping[str, str] | None = None,
     exclude: Sequence[str] = (),
     microbatches: int = 1,
     cost_model: CostModel | None = None,
     algorithm: str | None = None,
-    registry=None,
     groups=None,
 ) -> Plan:
-    """Partition `graph` over `cluster`.
+    """Partition `graph` over `cluster` (typed decisions: `hetero.plan` parses strings).
 
-    backends: device kind -> backend name (default gpu: triton, cpu/npu: tvm; eager where
-    one is missing). pins: module path (or op name) -> device. exclude: devices not to use.
-    microbatches: for "throughput", the batch is cut into this many microbatches. registry:
-    the backend registry asked which ops each backend supports. groups: a GroupGraph to
-    plan over instead of `graph.coarsen()` refined where a device runs a group only in part.
+    registry: the backend registry asked which ops each backend supports (the same object
+    the compile and the runtime use). backends: which backend each device kind asks for
+    (one that is unavailable here falls back to eager, with a note). pins: module path (or
+    op name) -> device. exclude: devices not to use. microbatches: for a pipelined
+    objective, the batch is cut into this many microbatches. groups: a GroupGraph to plan
+    over instead of `graph.coarsen()` refined where a device runs a group only in part.
     """
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
-    algo = default_algorithms().get(algorithm or objective)
+    algo = default_algorithms().get(algorithm or DEFAULT_ALGORITHM[objective])
     if objective not in algo.objectives:
         raise ConfigError(
-            f"algorithm {algo.name!r} optimises {', '.join(algo.objectives)}, not {objective!r}"
+            f"algorithm {algo.name!r} optimises {', '.join(map(str, algo.objectives))}, "
+            f"not {objective}"
         )
     cost_model = cost_model if cost_model is not None else CostModel.load(cluster=cluster)
+    resolved, notes = resolve_backends(cluster, backends, registry)
     if groups is None:
         groups = refine_for_support(
-            graph.coarsen(), cluster, backends=backends, exclude=exclude, registry=registry
+            graph.coarsen(), cluster, backends=resolved, exclude=exclude, registry=registry
         )
     problem, ctx = build_problem(
         groups,
         cluster,
         cost_model,
-        backends=backends,
+        backends=resolved,
         pins=pins,
         exclude=exclude,
-        microbatches=microbatches if objective == "throughput" else 1,
+        microbatches=microbatches if objective.pipelined else 1,
         registry=registry,
+        notes=notes,
     )
     solution = algo.solve(problem, objective)
     return assemble(problem, ctx, solution, objective=objective, microbatches=microbatches)
 
 
 __all__ = [
-    "DEFAULT_BACKENDS",
+    "DEFAULT_ALGORITHM",
     "Algorithm",
     "AlgorithmRegistry",
     "Placement",
@@ -133,6 +163,7 @@ __all__ = [
     "Solution",
     "default_algorithms",
     "exhaustive",
+    "exhaustive_pipelines",
     "latency",
     "plan",
     "refine_for_support",

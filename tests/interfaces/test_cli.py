@@ -18,10 +18,11 @@ from cluster_fakes import write_config
 from typer.testing import CliRunner
 
 from hetero.backends.eager import EagerBackend
+from hetero.cluster.connect import init_ray, safe_head_env
 from hetero.errors import CompileError
 from hetero.interfaces.cli import app
 from hetero.interfaces.config import load_config
-from hetero.interfaces.deploy import build_compiled, init_ray, safe_head_env
+from hetero.interfaces.deploy import build_compiled
 from hetero.interfaces.models import mlp_block
 from hetero.interfaces.serving import InferenceClient, LoadingServable, ModelServable
 
@@ -103,15 +104,15 @@ def test_bench_prints_json_with_predicted_and_measured(tmp_path):
 def test_a_ray_head_hetero_starts_is_private_with_token_auth(monkeypatch):
     import ray
 
-    import hetero.interfaces.deploy as deploy_module
+    import hetero.cluster.connect as connect_module
 
     seen = {}
     # Re-reading Ray's config would leave token auth on in this process for the later Ray
     # tests' clusters (their processes start without the token): only the env is checked.
-    monkeypatch.setattr(deploy_module, "_refresh_ray_config", lambda: None)
+    monkeypatch.setattr(connect_module, "_refresh_ray_config", lambda: None)
     # Likewise pinning Ray to loopback would stay on for the later tests' Ray clusters.
     pinned = []
-    monkeypatch.setattr(deploy_module, "_pin_to_loopback", lambda: pinned.append(True))
+    monkeypatch.setattr(connect_module, "_pin_to_loopback", lambda: pinned.append(True))
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(
         ray, "init", lambda **kw: seen.update(kw, env=os.environ.get("RAY_AUTH_MODE"))
