@@ -7,7 +7,9 @@
 
 The root is $HETERO_CACHE_DIR, else the user's cache directory (~/.cache/hetero on Linux);
 `hetero.compile(cache_dir=...)`, a deploy config's `cache_dir:` and `ArtifactCache(root)`
-name another. A default `ArtifactCache()` and `hetero.compile` use the same folder.
+name another. A default `ArtifactCache()` and `hetero.compile` use the same folder. The
+artifact cache creates the root 0700 and signs its manifests with a key kept outside it
+(backends/signing.py: `$HETERO_KEY_FILE`, refused when it lies inside the cache).
 """
 
 from __future__ import annotations

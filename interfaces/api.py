@@ -10,9 +10,10 @@ print(cm.plan.explain())   # predicted and measured ms per partition
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from hetero.cluster.reference import resolve_cluster
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
 from hetero.interfaces.generate import CompiledLM, compile_lm
+from hetero.interfaces.validation import Contract
 from hetero.partitioner.algorithms import plan as make_plan
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.decisions import BackendAssignment, Objective, Task
@@ -96,9 +98,15 @@ class CompiledModel:
         self._plan = plan
 
     # ---- calling ----------------------------------------------------------------------------
+    @functools.cached_property
+    def contract(self) -> Any:
+        """What a call may hold (interfaces/validation.py); checked before anything runs."""
+        return Contract.from_graph(self.graph)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        values = self.executor.run(flatten_inputs(self.graph, args, kwargs))
-        return unflatten_outputs(self.graph, values)
+        inputs = flatten_inputs(self.graph, args, kwargs)
+        self.contract.check(inputs)
+        return unflatten_outputs(self.graph, self.executor.run(inputs))
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -111,11 +119,7 @@ class CompiledModel:
 
     def run_flat(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Named tensors in (by `input_names`), named tensors out (by `output_names`)."""
-        missing = [n for n in self.input_names if n not in inputs]
-        if missing:
-            raise ConfigError(
-                f"missing input(s) {missing}; the model takes {list(self.input_names)}"
-            )
+        self.contract.check(inputs)
         values = self.executor.run({n: inputs[n] for n in self.input_names})
         out = {}
         for name, value_name in zip(self.output_names, self.graph.outputs, strict=True):
@@ -125,6 +129,8 @@ class CompiledModel:
     def run_many(self, batch: Sequence[Sequence[Any]]) -> list[Any]:
         """Several requests, pipelined across stages where the executor can."""
         flat = [flatten_inputs(self.graph, tuple(x), {}) for x in batch]
+        for inputs in flat:
+            self.contract.check(inputs)
         return [unflatten_outputs(self.graph, v) for v in self.executor.run_many(flat)]
 
     # ---- state --------------------------------------------------------------------------------
@@ -135,8 +141,19 @@ class CompiledModel:
         return self._plan.with_measured(measured) if measured else self._plan
 
     def ready(self) -> bool:
+        """Every partition answers (False while a worker restarts or the plan is rebuilt)."""
         probe = getattr(self.executor, "ready", None)
         return bool(probe()) if callable(probe) else True
+
+    def accepts(self) -> bool:
+        """A request may be queued now: ready, or recovering (the request waits for it)."""
+        probe = getattr(self.executor, "accepts", None)
+        return bool(probe()) if callable(probe) else self.ready()
+
+    def status(self) -> tuple[str, str]:
+        """(state, why): "ready", or "recovering" / "failed" with the fault behind it."""
+        probe = getattr(self.executor, "status", None)
+        return probe() if callable(probe) else ("ready", "")
 
     def shutdown(self) -> None:
         self.executor.shutdown()
@@ -202,19 +219,9 @@ def compile(
         )
     if example_inputs is None:
         raise ConfigError("hetero.compile needs example_inputs (or task='generate' for an LM)")
-    settings = CompileSettings(
-        objective=Objective.parse(objective),
-        backends=BackendAssignment.parse(backends),
-        pins=dict(pins) if pins else None,
-        exclude=tuple(exclude),
-        microbatches=microbatches,
-        options=options,
-        cache_dir=cache_root(cache_dir),
-        cost_model=cost_model,
+    settings = _settings(
+        registry, objective, backends, pins, exclude, microbatches, options, cache_dir, cost_model
     )
-    for opts in options.values() if isinstance(options, Mapping) else [options]:
-        if opts is not None:
-            registry.check_options(opts)
     if graph is None:
         graph = capture(model, example_inputs, dynamic_shapes)
     spec = resolve_cluster(cluster)
@@ -226,8 +233,8 @@ def compile(
     if kind == "local":
         runner = LocalExecutor(stages, needed_outputs(graph), registry, plan=plan)
     elif kind == "ray":
-        # A private, token-authenticated head for this process unless Ray runs already;
-        # emulated NPUs of this host become the custom resource NPU workers ask for.
+        # A private, token-authenticated head on loopback for this process unless Ray runs
+        # already; emulated NPUs of this host become the custom resource NPU workers ask for.
         npus = sum(1 for d in spec.devices if d.kind == "npu")
         init_ray(resources={"NPU": float(npus)} if npus else None)
         runner = RayExecutor(
@@ -268,11 +275,68 @@ class CompileSettings:
         }
 
 
+def _settings(
+    registry: BackendRegistry,
+    objective: Objective | str,
+    backends: BackendAssignment | Mapping[str, str] | None,
+    pins: Mapping[str, str] | None,
+    exclude: Sequence[str],
+    microbatches: int,
+    options: CompileOptions | Mapping[str, CompileOptions] | None,
+    cache_dir: str | os.PathLike[str] | None,
+    cost_model: CostModel | None,
+) -> CompileSettings:
+    """hetero.compile's arguments typed once; options checked against the registry."""
+    settings = CompileSettings(
+        objective=Objective.parse(objective),
+        backends=BackendAssignment.parse(backends),
+        pins=dict(pins) if pins else None,
+        exclude=tuple(exclude),
+        microbatches=microbatches,
+        options=options,
+        cache_dir=cache_root(cache_dir),
+        cost_model=cost_model,
+    )
+    for opts in options.values() if isinstance(options, Mapping) else [options]:
+        if opts is not None:
+            registry.check_options(opts)
+    return settings
+
+
+def prebuild(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    cluster: ClusterSpec | str | os.PathLike[str] | None = None,
+    objective: Objective | str = "latency",
+    dynamic_shapes: Any = None,
+    backends: BackendAssignment | Mapping[str, str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    pins: Mapping[str, str] | None = None,
+    exclude: Sequence[str] = (),
+    microbatches: int = 1,
+    options: CompileOptions | Mapping[str, CompileOptions] | None = None,
+    cost_model: CostModel | None = None,
+    registry: BackendRegistry | None = None,
+) -> Plan:
+    """Capture, plan and compile every partition into the cache, loading none of them: the
+    plan, which `compile(..., plan=...)` then builds from cache hits. `hetero serve` runs
+    it in a child process, so compiling never competes with the server for the GIL."""
+    registry = registry if registry is not None else default_registry()
+    settings = _settings(
+        registry, objective, backends, pins, exclude, microbatches, options, cache_dir, cost_model
+    )
+    graph = capture(model, example_inputs, dynamic_shapes)
+    build = _Builder(graph, settings, example_inputs, registry)
+    return build(resolve_cluster(cluster))[1]
+
+
 class _Builder:
     """Plan a graph for a cluster and compile what the plan needs (cache hits for the rest).
 
     `hetero.compile` calls it once; the Ray executor calls it again, with the devices that
-    are left, when some are gone for good.
+    are left, when some are gone for good: then pins and exclusions that name a device no
+    longer in the cluster lapse (a pinned device lost for good would fail every re-plan).
     """
 
     def __init__(
@@ -286,9 +350,13 @@ class _Builder:
         self.settings = settings
         self.example_inputs = example_inputs
         self.registry = registry
+        self._planned = False
 
     def __call__(self, cluster: ClusterSpec, plan: Plan | None = None):
         s = self.settings
+        if self._planned:  # a re-plan: pins and exclusions of devices now gone lapse
+            s = _present(cluster, s)
+        self._planned = True
         if plan is None:
             plan = make_plan(
                 self.graph, cluster, s.objective, registry=self.registry, **s.plan_kwargs()
@@ -303,3 +371,21 @@ class _Builder:
             options=s.options,
         )
         return stages, plan
+
+
+def _present(cluster: ClusterSpec, settings: CompileSettings) -> CompileSettings:
+    """`settings` less the pins and exclusions that name devices `cluster` no longer has."""
+
+    def here(name: str) -> bool:
+        try:
+            cluster.device(name)
+        except ConfigError:
+            return False
+        return True
+
+    pins = {k: d for k, d in (settings.pins or {}).items() if here(d)}
+    return replace(
+        settings,
+        pins=pins or None,
+        exclude=tuple(d for d in settings.exclude if here(d)),
+    )

@@ -12,6 +12,7 @@ constraints: {exclude: [box/npu], memory: {box/gpu0: 8 GiB}, pins: {blocks.0: bo
 backends: {gpu: triton, cpu: tvm, npu: tvm}
 cache_dir: ~/.cache/hetero
 serving: {host: 127.0.0.1, port: 50051, max_message_bytes: 4 MiB, queue_limit: 64, deadline: 30 s}
+ray: {namespace: hetero, head_host: 127.0.0.1}   # head_host: where a head hetero starts listens
 ```
 
 `load_config(path)` validates it; every error names the file and the key.
@@ -67,6 +68,9 @@ class ServingOptions(_Strict):
     deadline: Seconds = 30.0  # seconds; applies when a client sends no deadline
     workers: int = Field(1, ge=1)  # model calls that run at the same time
     grace: Seconds = 10.0  # seconds in-flight requests get to finish on shutdown
+    # NaN and ±Inf in floating inputs are refused (INVALID_ARGUMENT) unless this is true,
+    # for models that take them on purpose (additive -inf attention masks).
+    allow_nonfinite: bool = False
 
     @field_validator("max_message_bytes")
     @classmethod
@@ -88,6 +92,9 @@ class RayOptions(_Strict):
     num_cpus: float = Field(1.0, ge=0)  # reserved by the deployment actor
     num_gpus: float = Field(0.0, ge=0)
     python: str = "python"  # interpreter a submitted job runs on the cluster
+    # Address a Ray head that hetero starts itself advertises. Its metrics endpoints have no
+    # authentication and listen on this address: loopback unless you expose them on purpose.
+    head_host: str = "127.0.0.1"
 
 
 class Constraints(_Strict):

@@ -5,15 +5,18 @@
     # from any other driver on the cluster:
     h = ray.get_actor("gpt", namespace="hetero")
 
-Also the shared step of the ways in: `build_compiled(cfg)` (config -> CompiledModel). Ray
-start-up is `hetero.cluster.connect.init_ray` (connect, or start a private head that is safe
-by default).
+Also the shared steps of the ways in: `build_compiled(cfg)` (config -> CompiledModel),
+`prebuild(cfg, cluster)` (plan and fill the cache in a child process, for `hetero serve`),
+`preload_backends(cfg)`, and `ensure_ray(cluster)` / `needs_ray(cfg)`. Ray start-up itself
+is `hetero.cluster.connect.init_ray` (connect, or start a private head that is safe by
+default).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -23,12 +26,14 @@ from typing import Any
 
 import torch
 
-from hetero.backends.registry import BackendRegistry
-from hetero.cluster.connect import NAMESPACE, init_ray
+from hetero.backends.registry import BackendRegistry, default_registry
+from hetero.backends.tvm.kernels import register_kernels
+from hetero.cluster.connect import LOOPBACK, NAMESPACE, init_ray
 from hetero.cluster.spec import ClusterSpec
-from hetero.errors import HeteroError
+from hetero.errors import CompileError, HeteroError
 from hetero.interfaces.api import CompiledModel, CompileSettings
 from hetero.interfaces.api import compile as hetero_compile
+from hetero.interfaces.api import prebuild as api_prebuild
 from hetero.interfaces.config import DeployConfig, ServingOptions, load_config
 from hetero.interfaces.serving.servable import ModelServable
 from hetero.partitioner.graph import from_exported
@@ -36,29 +41,141 @@ from hetero.partitioner.plan import Plan
 
 log = logging.getLogger(__name__)
 
+DEPLOYMENT_RESTARTS = 3
+
 
 def build_compiled(
-    cfg: DeployConfig, progress: Callable[[str], None] | None = None, loaded: Any = None
-) -> Any:
-    """Load the config's model (unless `loaded` is given), read its cluster, plan and
-    compile: a CompiledModel."""
+    cfg: DeployConfig,
+    progress: Callable[[str], None] | None = None,
+    loaded: Any = None,
+    *,
+    cluster: ClusterSpec | None = None,
+    plan: Plan | None = None,
+) -> CompiledModel:
+    """Load the config's model (unless `loaded` is given), read its cluster (unless given),
+    plan (unless `plan` is given) and compile: a CompiledModel."""
     say = progress or (lambda _msg: None)
     if loaded is None:
         say(f"loading the model {cfg.model}")
         loaded = cfg.load_model()
-    say(f"reading the cluster {cfg.cluster}")
-    cluster = cfg.cluster_spec()
-    kwargs = cfg.compile_kwargs()
-    if cfg.constraints.pins:
-        kwargs["pins"] = dict(cfg.constraints.pins)
+    if cluster is None:
+        say(f"reading the cluster {cfg.cluster}")
+        cluster = cfg.cluster_spec()
+    kwargs = _compile_kwargs(cfg)
     say(f"planning for {cluster.name} ({cfg.objective}) and compiling the partitions")
     return hetero_compile(
         loaded.module,
         loaded.example_inputs,
         cluster=cluster,
         dynamic_shapes=loaded.dynamic_shapes,
+        plan=plan,
         **kwargs,
     )
+
+
+def _compile_kwargs(cfg: DeployConfig) -> dict[str, Any]:
+    kwargs = cfg.compile_kwargs()
+    if cfg.constraints.pins:
+        kwargs["pins"] = dict(cfg.constraints.pins)
+    return kwargs
+
+
+def prebuild(cfg: DeployConfig, cluster: ClusterSpec, timeout: float | None = None) -> Plan:
+    """Plan and compile every partition in a child process; the plan.
+
+    Compiling is CPU-bound Python (torch.export, TVM's passes) and library loads that hold
+    the GIL for up to 1.6 s here; in the serving process it starved the health service (1 s
+    probes timed out). The child fills the artifact cache; the server then builds the same
+    plan from cache hits. Errors are the child's (CompileError names the partition).
+    """
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that runs threads
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_prebuild_child, args=(cfg, cluster, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(timeout):
+            raise CompileError(f"compiling {cfg.model} took longer than {timeout:g} s")
+        ok, value = receive.recv()
+    except EOFError:
+        child.join(5)
+        raise CompileError(
+            f"the process compiling {cfg.model} died (exit code {child.exitcode}) before it "
+            "answered; run `hetero compile` on the config to see why"
+        ) from None
+    finally:
+        receive.close()
+        if child.is_alive():
+            child.join(10)
+        if child.is_alive():
+            child.kill()
+    if not ok:
+        raise value
+    return Plan.from_json(value)
+
+
+def _prebuild_child(cfg: DeployConfig, cluster: ClusterSpec, send: Any) -> None:
+    try:
+        loaded = cfg.load_model()
+        kwargs = _compile_kwargs(cfg)
+        kwargs.pop("executor", None)
+        plan = api_prebuild(
+            loaded.module,
+            loaded.example_inputs,
+            cluster=cluster,
+            dynamic_shapes=loaded.dynamic_shapes,
+            **kwargs,
+        )
+        send.send((True, plan.to_json()))
+    except Exception as e:  # reported in the parent, which raises it
+        error = e if isinstance(e, HeteroError) else CompileError(f"{type(e).__name__}: {e}")
+        send.send((False, error))
+    finally:
+        send.close()
+
+
+def preload_backends(cfg: DeployConfig) -> None:
+    """Import the runtimes of the backends the config may use, in the calling thread.
+
+    Importing TVM maps its libraries while holding the GIL (1.6 s here); done by the thread
+    that loads the model, it stalls every other thread of a live server.
+    """
+    registry = default_registry()
+    names = set(cfg.backends.values()) or {"tvm"}  # TVM is the default for CPUs and NPUs
+    for name in sorted(names):
+        try:
+            registry.get(name).available()
+        except Exception as e:  # a missing backend is reported when a partition needs it
+            log.debug("could not preload backend %s: %s", name, e)
+    if "tvm" in names:
+        try:
+            import tvm.runtime.vm  # noqa: F401  # optional (hetero[tvm]): its runtime now
+
+            register_kernels()
+        except ImportError:
+            pass
+
+
+# ---- Ray ------------------------------------------------------------------------------------------
+
+
+def ensure_ray(cluster: ClusterSpec, host: str = LOOPBACK) -> None:
+    """Start a private head for `cluster` (cluster/connect.py's init_ray, advertising `host`)
+    unless Ray runs in this process already: emulated NPUs of this host become the custom
+    resource NPU workers ask for. Call it from the main thread (see init_ray)."""
+    import ray  # optional (hetero[ray])
+
+    if ray.is_initialized():
+        return
+    npus = sum(1 for d in cluster.devices if d.kind == "npu")
+    init_ray(resources={"NPU": float(npus)} if npus else None, host=host)
+
+
+def needs_ray(cfg: DeployConfig) -> bool:
+    """Whether the config's model runs on Ray (so this process must start or join it)."""
+    if cfg.is_ray or cfg.executor == "ray":
+        return True
+    return cfg.executor == "auto" and len(cfg.cluster_spec().hosts) > 1
 
 
 @dataclass(frozen=True)
@@ -165,8 +282,15 @@ class Deployment:
     def metas(self) -> tuple[dict, dict]:
         return dict(self.servable.input_metas), dict(self.servable.output_metas)
 
+    def contract(self) -> Any:
+        """What a request may hold (interfaces/validation.py); infer and run_flat check it."""
+        return self.servable.contract
+
     def ready(self) -> bool:
         return self.servable.ready()
+
+    def accepts(self) -> bool:
+        return self.servable.accepts()
 
     def info(self) -> dict[str, Any]:
         import ray  # optional (hetero[ray]): loaded on first use
@@ -208,12 +332,16 @@ class _Borrowed:
         self.inner = inner
         self.input_metas = inner.input_metas
         self.output_metas = inner.output_metas
+        self.contract = inner.contract
 
     def run_flat(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return self.inner.run_flat(inputs)
 
     def ready(self) -> bool:
         return self.inner.ready()
+
+    def accepts(self) -> bool:
+        return self.inner.accepts()
 
     def info(self) -> dict[str, Any]:
         return self.inner.info()
@@ -259,6 +387,9 @@ def deploy(
         "num_gpus": num_gpus if num_gpus is not None else (ray_opts.num_gpus if ray_opts else 0.0),
         # ready()/info() answer while a long infer runs
         "max_concurrency": 4,
+        # A crash of the actor's process (which no input should cause: inputs are
+        # validated) restarts it instead of ending a detached deployment for good.
+        "max_restarts": DEPLOYMENT_RESTARTS,
     }
     if name:
         options["name"] = name

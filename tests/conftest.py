@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,12 @@ from llm_models import llama_lm
 
 # Keep the 2-core CI machine responsive when several torch ops run in tests.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The artifact cache signs manifests with a per-installation key (backends/signing.py):
+# tests use their own, never the user's. Child processes (hetero serve, Ray) inherit it.
+os.environ.setdefault(
+    "HETERO_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="hetero-test-key-"), "artifact.key")
+)
 
 
 def gpt2_model(layers: int = 2, dim: int = 64, heads: int = 4, vocab: int = 128, ctx: int = 64):

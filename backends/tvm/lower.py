@@ -33,13 +33,19 @@ __all__ = ["MIN_BLAS_FLOPS", "ONEDNN_MIN_FLOPS", "build", "fuse", "optimize_cpu"
 
 
 def build(
-    unit: CompileUnit, device: DeviceSpec, options: CompileOptions, dtype: torch.dtype | None
+    unit: CompileUnit,
+    device: DeviceSpec,
+    options: CompileOptions,
+    dtype: torch.dtype | None,
+    *,
+    safe_indexing: bool = True,
 ):
-    """(VM executable, pytree spec of the unit's outputs)."""
+    """(VM executable, pytree spec of the unit's outputs). `safe_indexing=False` is for
+    benchmarks/safe_gather.py alone (frontend.to_relax says why)."""
     import tvm  # optional (hetero[tvm]): loaded on first use
 
     target = targets.make_target(device, options)
-    mod, out_spec = to_relax(unit, dtype)
+    mod, out_spec = to_relax(unit, dtype, safe_indexing=safe_indexing)
     if target.kind.name == "cuda":
         return tvm.compile(mod, target, relax_pipeline="default"), out_spec
     mod = optimize_cpu(mod, target, options)

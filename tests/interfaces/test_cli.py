@@ -110,6 +110,9 @@ def test_a_ray_head_hetero_starts_is_private_with_token_auth(monkeypatch):
     # Re-reading Ray's config would leave token auth on in this process for the later Ray
     # tests' clusters (their processes start without the token): only the env is checked.
     monkeypatch.setattr(connect_module, "_refresh_ray_config", lambda: None)
+    # Likewise pinning Ray to loopback would stay on for the later tests' Ray clusters.
+    pinned = []
+    monkeypatch.setattr(connect_module, "_pin_to_loopback", lambda: pinned.append(True))
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(
         ray, "init", lambda **kw: seen.update(kw, env=os.environ.get("RAY_AUTH_MODE"))
@@ -120,6 +123,9 @@ def test_a_ray_head_hetero_starts_is_private_with_token_auth(monkeypatch):
     init_ray(None)
     assert seen["address"] == "local" and seen["include_dashboard"] is False
     assert seen["env"] == "token"
+    assert pinned and "_node_ip_address" not in seen  # the head advertises 127.0.0.1 ...
+    init_ray(None, host="10.0.0.7")
+    assert seen["_node_ip_address"] == "10.0.0.7"  # ... unless ray.head_host says otherwise
     assert safe_head_env({})["RAY_AUTH_MODE"] == "token"
     assert safe_head_env({"RAY_AUTH_MODE": "disabled"})["RAY_AUTH_MODE"] == "disabled"  # explicit
 
