@@ -85,18 +85,9 @@ class CompiledLM:
     ) -> torch.Tensor:
         """[batch, new tokens] ids: the prompt's continuation (not the prompt). Stops early
         once every sequence produced `eos_token_id` (finished ones repeat it)."""
-        return torch.stack(
-            list(
-                self.stream(
-                    input_ids,
-                    max_new_tokens,
-                    eos_token_id=eos_token_id,
-                    temperature=temperature,
-                    top_k=top_k,
-                    seed=seed,
-                )
-            ),
-            dim=1,
+        sampling = Sampling(temperature=temperature, top_k=top_k, seed=seed)
+        return self.generation.generate(
+            input_ids, max_new_tokens, eos_token_id=eos_token_id, sampling=sampling
         )
 
     @property

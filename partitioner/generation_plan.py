@@ -8,15 +8,13 @@ devices, the cache moves once per request, after prefill (`moves`, priced).
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from hetero.errors import ConfigError
 from hetero.partitioner.explain import explain_generation
 from hetero.partitioner.phases import Phase
-from hetero.partitioner.plan import Plan
+from hetero.partitioner.plan import JsonFile, Plan
 
 SCHEMA_VERSION = 1
 
@@ -45,7 +43,7 @@ class GroupChoice:
 
 
 @dataclass(frozen=True)
-class GenerationPlan:
+class GenerationPlan(JsonFile):
     prefill: Plan
     decode: Plan
     batch: int
@@ -75,15 +73,6 @@ class GenerationPlan:
         return dict(self.choices).get(phase.value, ())
 
     # ---- JSON --------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GenerationPlan:
         if d.get("schema_version") != SCHEMA_VERSION:
@@ -114,11 +103,6 @@ class GenerationPlan:
             ),
             notes=tuple(d.get("notes", ())),
         )
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> GenerationPlan:
-        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
-        return cls.from_dict(json.loads(p.read_text() if p else str(text_or_path)))
 
     # ---- for people ----------------------------------------------------------------------------
     def explain(self, width: int = 140) -> str:

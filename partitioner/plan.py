@@ -19,6 +19,29 @@ SCHEMA_VERSION = 1
 WEIGHT_HOMES = ("resident", "streamed", "split")
 
 
+class JsonFile:
+    """JSON out (`to_json`, to a file when given a path) and in (`from_json`, text or a path)
+    for a frozen dataclass with `to_dict` / `from_dict`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Any:
+        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        return cls.from_dict(json.loads(p.read_text() if p is not None else str(text_or_path)))
+
+
 @dataclass(frozen=True)
 class PlannedPartition:
     index: int
@@ -66,7 +89,7 @@ class Rejection:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(JsonFile):
     model: str
     cluster: str
     objective: Objective
@@ -103,15 +126,6 @@ class Plan:
         return replace(self, measured_ms=tuple(sorted(measured.items())))
 
     # ---- JSON --------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
         version = d.get("schema_version")
@@ -141,12 +155,6 @@ class Plan:
         d["measured_ms"] = tuple((int(k), float(v)) for k, v in d["measured_ms"])
         d["notes"] = tuple(d.get("notes", ()))
         return cls(**d)
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> Plan:
-        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
-        text = p.read_text() if p is not None else str(text_or_path)
-        return cls.from_dict(json.loads(text))
 
     # ---- for people ----------------------------------------------------------------------------
     def explain(self, width: int = 120) -> str:
