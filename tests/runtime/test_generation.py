@@ -148,3 +148,37 @@ def test_greedy_tokens_equal_transformers_over_ray(tiny_llama, captured, ray_clu
         assert lm.generate(prompt, 4).tolist() == expected[:, :4].tolist()  # again, same cache
     finally:
         lm.shutdown()
+
+
+ARCHITECTURES = {
+    # q/k/v with biases, grouped KV heads
+    "qwen2": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
+    # absolute position embeddings, Conv1D projections
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128),
+    # a learned position table offset by 2, a projection around the decoder
+    "opt": dict(hidden_size=64, ffn_dim=176, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=512, word_embed_proj_dim=64),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_other_architectures_generate_like_transformers(arch, tmp_path):
+    """Models the generation work was not written against give transformers' tokens too."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(arch, **ARCHITECTURES[arch])
+    cfg.initializer_range = 0.2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    prompt = torch.randint(1, 512, (1, 9))
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    lm = hetero.compile(
+        model, task="generate", cluster="configs/clusters/cpu-2core.yaml", max_length=32,
+        cache_dir=tmp_path,
+    )  # fmt: skip
+    try:
+        assert lm.generate(prompt, 12).tolist() == ref[:, 9:].tolist()
+    finally:
+        lm.shutdown()
