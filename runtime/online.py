@@ -15,7 +15,8 @@ Hysteresis, so that a deployment does not flap between plans:
 - the running plan is re-priced with the corrected costs too: a switch needs the new plan
   predicted faster than the running one by `margin`, both priced by the same model;
 - a round that keeps the plan updates its predictions (so the same deviation does not fire
-  again) and doubles the wait before the next round (`cooldown` requests, up to 32x).
+  again); every round doubles the wait before the next one (`cooldown` requests, up to
+  32x), so noisy measurements cannot make a deployment switch back and forth for long.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class ReplanPolicy:
     threshold: float = 0.25  # relative deviation |measured - predicted| / predicted
     min_ms: float = 0.25  # ... and at least this many ms, so that tiny stages' jitter is ignored
     margin: float = 0.10  # the new plan must be predicted this much faster (a fraction)
-    cooldown: int = 32  # requests between rounds; doubles after each round that keeps the plan
+    cooldown: int = 32  # requests between rounds; doubles after each round
     background: bool = True  # plan and compile in a thread; False: inside the request's call
 
     def __post_init__(self) -> None:
@@ -123,7 +124,7 @@ class OnlineReplanner:
         self._lock = threading.Lock()
         self._deployed_at = 0  # request count when the running deployment took over
         self._next_round = 0  # no round before this request count
-        self._quiet_rounds = 0  # rounds in a row that kept the plan
+        self._rounds = 0  # rounds so far: each doubles the wait before the next
         self._running: threading.Thread | None = None
         self._result: tuple[Observation, Proposal | BaseException, float] | None = None
         self._closed = False
@@ -207,9 +208,8 @@ class OnlineReplanner:
         )
         if faster:
             outcome, chosen = "switched", answer.candidate
-            self._quiet_rounds = 0
             self._deployed_at = served
-            self._next_round = served + p.warmup + p.cooldown
+            self._backoff(served + p.warmup)
         else:
             outcome = "kept" if answer.candidate_ms is not None else "repriced"
             chosen = answer.current
@@ -239,6 +239,6 @@ class OnlineReplanner:
         return chosen, event
 
     def _backoff(self, served: int) -> None:
-        self._quiet_rounds += 1
-        wait = self.policy.cooldown * 2 ** min(self._quiet_rounds - 1, 5)
+        self._rounds += 1
+        wait = self.policy.cooldown * 2 ** min(self._rounds - 1, 5)
         self._next_round = served + max(wait, 1)

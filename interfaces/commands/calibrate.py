@@ -75,9 +75,11 @@ def calibrate(
     ),
 ) -> None:
     """Microbenchmark the devices present through their backends, fit efficiency factors,
-    write the profile (one entry per device and backend). With --from-runs: correct the
-    profile by what running deployments measured (per device, backend, op class and shape
-    bucket; the executor's per-stage and per-hop costs)."""
+    write the profile (one entry per device and backend); or fold measured runs into it
+    (--from-runs).
+
+    --from-runs corrects the profile by what running deployments measured: per device,
+    backend, op class and shape bucket, and the executor's per-stage and per-hop costs."""
 
     console = Console()
     if from_runs:
