@@ -161,11 +161,15 @@ class RunMetrics:
         if self.exporter is not None:
             self.exporter.replan(event)
 
-    def snapshot(self, window: int = RECENT) -> MetricsSnapshot:
-        """Medians of the last `window` warm runs per stage and per hop."""
+    def snapshot(self, window: int = RECENT, quantile: float = 0.5) -> MetricsSnapshot:
+        """Medians (or another `quantile`) of the last `window` warm runs per stage and per
+        hop. A low quantile is the undisturbed time on a machine other work loads."""
 
         def median(values: deque) -> float:
-            return statistics.median(list(values)[-window:])
+            recent = sorted(list(values)[-window:])
+            if quantile == 0.5:
+                return statistics.median(recent)
+            return recent[min(len(recent) - 1, int(quantile * len(recent)))]
 
         stages = tuple(
             StageStats(i, s.count, median(s.recent_runner), median(s.recent_stage))
