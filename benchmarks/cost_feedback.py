@@ -17,12 +17,14 @@ and online re-planning from a deliberately wrong profile.
    again), and held out (the other cases of the same cluster and backends folded, this
    case's own runs not). Error = |predicted - measured| / measured, measured = the whole
    stage (the runner's call plus the executor's work around it).
-   Runs 1 and 2 come from two executors whose requests alternate, so both see the machine
-   in the same state.
+   Runs 1 and 2 come from two executors visited in turn (a few requests each visit), so
+   both see the machine in the same state; so do the plans of a sweep.
 2. Sweeps: the demo (tiny_gpt 1x64 on dev-box-npu through TVM) cut at every block and
    half-block boundary (CPU first, NPU after, plus all-CPU and all-NPU), each candidate
    compiled and measured in the same run; per objective the planner's choice before and
-   after feedback (the choice's own run folded) against the best measured candidate.
+   after feedback (the choice's own run folded; the corrected costs' plan taken when it is
+   predicted faster by the online policy's margin, as `feedback=True` would) against the
+   best measured candidate.
    Latency: the measured request time. Throughput: the slowest measured stage (the two
    "devices" share this machine's cores, so a real pipeline cannot overlap them here; the
    steady state is what measured stage times give when stages overlap).
@@ -238,29 +240,36 @@ class Run:
     measured: dict[int, Any] = field(default_factory=dict)  # plan partition -> Measured
 
 
-def measure(
-    stages, plan, graph, x, registry, runs: int, warmup: int, copies: int = 1, quantile=0.5
-):
-    """`copies` executors over the same stages, their requests interleaved (so that each
-    sees the machine in the same state: on a shared box the load drifts within seconds);
-    one Run per executor: its stage times' and request times' `quantile`."""
+BLOCK = 5  # requests per visit to an executor; the first warms the caches, the rest count
+
+
+def measure(deployments, graph, x, registry, runs: int, warmup: int, quantile=0.5) -> list[Run]:
+    """One executor per (stages, plan) of `deployments`, visited in turn, `BLOCK` requests a
+    visit: each sees the machine in the same state (on a shared box the load drifts within
+    seconds) and its own weights in the caches (the first request of a visit warms them and
+    is not counted in the request times; among the stage times it is one in `BLOCK`, above
+    the quantile taken). One Run per executor: its stage and request times' `quantile`."""
     executors = [
-        LocalExecutor(stages, needed_outputs(graph), registry, plan=plan) for _ in range(copies)
+        LocalExecutor(stages, needed_outputs(graph), registry, plan=plan)
+        for stages, plan in deployments
     ]
     inputs = flatten_inputs(graph, x, {})
     times: list[list[float]] = [[] for _ in executors]
+    visits = max(1, -(-runs // (BLOCK - 1)))
     with torch.no_grad():
-        for _ in range(warmup):
-            for ex in executors:
+        for ex in executors:
+            for _ in range(warmup):
                 ex.run(inputs)
-        for _ in range(runs):
+        for _ in range(visits):
             for ex, ts in zip(executors, times, strict=True):
-                t0 = time.perf_counter()
                 ex.run(inputs)
-                ts.append((time.perf_counter() - t0) * 1e3)
+                for _ in range(BLOCK - 1):
+                    t0 = time.perf_counter()
+                    ex.run(inputs)
+                    ts.append((time.perf_counter() - t0) * 1e3)
     out = []
-    for ex, ts in zip(executors, times, strict=True):
-        snap = ex.metrics.snapshot(window=runs, quantile=quantile)
+    for ex, ts, (stages, _) in zip(executors, times, deployments, strict=True):
+        snap = ex.metrics.snapshot(window=visits * BLOCK, quantile=quantile)
         ex.shutdown()
         ts = sorted(ts)
         at = statistics.median(ts) if quantile == 0.5 else ts[int(quantile * len(ts))]
@@ -297,11 +306,10 @@ class Bench:
     def compile(self, graph, plan, spec, x):
         return compile_plan(graph, plan, spec, self.cache, registry=self.registry, example_inputs=x)
 
-    def run(self, stages, plan, graph, x, copies: int = 1) -> list[Run]:
-        args = self.args
-        return measure(
-            stages, plan, graph, x, self.registry, args.runs, args.warmup, copies, args.quantile
-        )
+    def run(self, deployments, graph, x) -> list[Run]:
+        """Each (stages, plan) of `deployments` measured, their requests interleaved."""
+        a = self.args
+        return measure(deployments, graph, x, self.registry, a.runs, a.warmup, a.quantile)
 
     def priced(self, feedback: Feedback, plan, cm: CostModel):
         return reprice(plan, feedback.pricing(cm))
@@ -320,7 +328,7 @@ def accuracy(bench: Bench, cases: list[Case]) -> list[dict]:
             spec, graph, x, cm, fb = bench.prepare(c)
             plan = hetero.plan(graph, spec, c.objective, backends=dict(c.backends), cost_model=cm)
             stages = bench.compile(graph, plan, spec, x)
-            run1, run2 = bench.run(stages, plan, graph, x, copies=2)
+            run1, run2 = bench.run([(stages, plan)] * 2, graph, x)
         except Exception as e:  # one case failing must not lose the others' numbers
             print(f"  FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
             done.append({"case": asdict(c), "error": f"{type(e).__name__}: {str(e)[:500]}"})
@@ -443,34 +451,36 @@ def demo_candidates(priced) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def measure_plan(bench, label, plan, graph, spec, x, measured: dict, plans: dict) -> dict:
-    """Compile and run `plan` once (a plan that is a candidate's too is that candidate's
-    measurement); its latency (request time) and its slowest stage."""
-    if label in measured:
-        return measured[label]
-    same = [m for m in measured.values() if m["signature"] == _signature(plan)]
-    if same:
-        measured[label] = {**same[0], "label": label, "same_as": same[0]["label"]}
-        plans[label] = plans[same[0]["label"]]
-        return measured[label]
-    stages = bench.compile(graph, plan, spec, x)
-    [r] = bench.run(stages, plan, graph, x)
-    stage_ms = [m.stage_ms for m in r.measured.values()]
-    measured[label] = {
-        "label": label,
-        "signature": _signature(plan),
-        "partitions": [f"{p.device}:{len(p.groups)} groups" for p in plan.partitions],
-        "predicted_ms": plan.predicted_ms,
-        "latency_ms": r.request_ms,
-        "throughput_ms": max(stage_ms),
-        "stages_ms": stage_ms,
-    }
-    plans[label] = (plan, stages, r)
-    return measured[label]
-
-
 def _signature(plan) -> str:
     return ";".join(f"{p.device}:{','.join(p.groups)}" for p in plan.partitions)
+
+
+def measure_plans(bench: Bench, plans: dict[str, Any], graph, spec, x) -> dict[str, dict]:
+    """label -> measurement of each plan, all measured in one interleaved session (a plan
+    that another label has too is measured once: `same_as` names the first)."""
+    first: dict[str, str] = {}  # signature -> first label
+    for label, plan in plans.items():
+        first.setdefault(_signature(plan), label)
+    unique = list(first.values())
+    staged = {label: bench.compile(graph, plans[label], spec, x) for label in unique}
+    runs = bench.run([(staged[label], plans[label]) for label in unique], graph, x)
+    by_first = dict(zip(unique, runs, strict=True))
+    out = {}
+    for label, plan in plans.items():
+        twin = first[_signature(plan)]
+        r = by_first[twin]
+        stage_ms = [m.stage_ms for m in r.measured.values()]
+        out[label] = {
+            "label": label,
+            "same_as": twin if twin != label else "",
+            "partitions": [f"{p.device}:{len(p.groups)} groups" for p in plan.partitions],
+            "predicted_ms": plan.predicted_ms,
+            "latency_ms": r.request_ms,
+            "throughput_ms": max(stage_ms),
+            "stages_ms": stage_ms,
+            "_run": (staged[twin], r),
+        }
+    return out
 
 
 def sweep(bench: Bench) -> list[dict]:
@@ -481,33 +491,37 @@ def sweep(bench: Bench) -> list[dict]:
         obj = Objective.parse(objective)
         fb.objective = obj
         priced = fb.pricing(cm)
-        measured: dict[str, dict] = {}
         plans: dict[str, Any] = {}
-
         for label, assign in demo_candidates(priced):
-            seconds = (
-                priced.problem.throughput(assign)
-                if obj.pipelined
-                else priced.problem.latency(assign)
+            problem = priced.problem
+            seconds = problem.throughput(assign) if obj.pipelined else problem.latency(assign)
+            plans[label] = assemble(
+                problem, priced.context, Solution(assign, seconds, "sweep"), objective=obj
             )
-            plan = assemble(
-                priced.problem, priced.context, Solution(assign, seconds, "sweep"), objective=obj
-            )
-            print(f"  sweep {objective}: {label}", flush=True)
-            measure_plan(bench, label, plan, graph, spec, x, measured, plans)
         chosen = hetero.plan(graph, spec, obj, backends=dict(c.backends), cost_model=cm)
-        before = measure_plan(bench, "planner (profile)", chosen, graph, spec, x, measured, plans)
+        plans["planner (profile)"] = chosen
+        print(f"  sweep {objective}: {len(plans)} plans, session 1", flush=True)
+        first = measure_plans(bench, plans, graph, spec, x)
         # one feedback round: the chosen plan's own run folded, planned again
-        _, stages, r = plans["planner (profile)"]
+        stages, r = first["planner (profile)"]["_run"]
         log = fb.records(StagedPlan(tuple(stages), chosen), r.snapshot)
         cm_fb = replace(cm, profile=fold(cm.profile, log))
-        again = hetero.plan(graph, spec, obj, backends=dict(c.backends), cost_model=cm_fb)
-        after = measure_plan(
-            bench, "planner (after feedback)", again, graph, spec, x, measured, plans
-        )
+        # what a deployment with feedback=True does: the corrected costs' plan replaces the
+        # running one when predicted faster by the policy's margin, both priced by them
+        best = hetero.plan(graph, spec, obj, backends=dict(c.backends), cost_model=cm_fb)
+        running = bench.priced(fb, chosen, cm_fb)
+        margin = ReplanPolicy().margin
+        switch = best.predicted_ms <= running.predicted_ms * (1 - margin)
+        plans["planner (after feedback)"] = best if switch else chosen
+        # every plan measured again in one session: what the table compares
+        print(f"  sweep {objective}: session 2", flush=True)
+        measured = measure_plans(bench, plans, graph, spec, x)
+        for m in measured.values():
+            m.pop("_run")
         key = f"{objective}_ms"
-        cands = [m for m in measured.values() if not m["label"].startswith("planner")]
+        cands = [m for label, m in measured.items() if not label.startswith("planner")]
         best = min(cands, key=lambda m: m[key])
+        before, after = measured["planner (profile)"], measured["planner (after feedback)"]
         out.append(
             {
                 "sweep": f"demo CPU|NPU split, {objective}",
@@ -561,7 +575,9 @@ def online(bench: Bench, requests: int) -> dict:
     model, x = MODELS[c.model](c.batch, c.seq)
     profile = base_profile(c, spec, False, bench.args.quick)
     wrong = CostModel(halved_cpu(profile))
-    policy = ReplanPolicy(warmup=8, window=8, cooldown=16, background=False)
+    policy = ReplanPolicy(
+        warmup=8, window=8, cooldown=16, background=False, quantile=bench.args.quantile
+    )
     cm = hetero.compile(
         model,
         x,
@@ -591,7 +607,15 @@ def online(bench: Bench, requests: int) -> dict:
         cost_model=CostModel(profile, executor="local"),
     )
     final = cm.plan
+    graph = cm.graph
     cm.shutdown()
+    # the three plans measured side by side (interleaved), by the demo's objective
+    plans = {"wrong profile": first, "after online re-planning": final, "true profile": right}
+    side = measure_plans(bench, plans, graph, spec, x)
+    key = f"{c.objective}_ms"
+    compared = {
+        label: {k: m[k] for k in ("same_as", key, "stages_ms")} for label, m in side.items()
+    }
 
     def groups(plan):
         return [(p.device, len(p.groups)) for p in plan.partitions]
@@ -610,6 +634,8 @@ def online(bench: Bench, requests: int) -> dict:
         "request_ms_before_median": statistics.median(before) if before else None,
         "request_ms_after_median": statistics.median(after) if after and where[-1] else None,
         "answers": len(times),
+        "measured_side_by_side": compared,
+        "objective": c.objective,
     }
 
 
@@ -629,7 +655,7 @@ def gpu_backend_sweep(bench: Bench) -> list[dict]:
         backends = {"gpu": b, "cpu": "eager"}
         plan = hetero.plan(graph, spec, backends=backends, cost_model=CostModel(profile))
         stages = bench.compile(graph, plan, spec, x)
-        [r] = bench.run(stages, plan, graph, x)
+        [r] = bench.run([(stages, plan)], graph, x)
         rows.append({"backend": b, "predicted_ms": plan.predicted_ms, "measured_ms": r.request_ms})
     best = min(rows, key=lambda r: r["measured_ms"])
     chosen = min(rows, key=lambda r: r["predicted_ms"])
@@ -724,6 +750,15 @@ def markdown(result: dict) -> str:
             f"{on['plan_wrong_profile']}; after: {on['plan_final']}; with the true profile: "
             f"{on['plan_true_profile']}. Median request {on['request_ms_before_median']} ms "
             f"before the first switch, {on['request_ms_after_median']} ms after the last.",
+            "",
+            "Measured side by side afterwards (interleaved, the demo's objective: the slowest "
+            "stage): "
+            + "; ".join(
+                f"{label} {m[on['objective'] + '_ms']:.3f} ms"
+                + (f" (= {m['same_as']})" if m["same_as"] else "")
+                for label, m in on["measured_side_by_side"].items()
+            )
+            + ".",
             "",
             "| request | outcome | running plan ms (corrected) | new plan ms | why |",
             "| --- | --- | --- | --- | --- |",

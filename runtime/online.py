@@ -39,6 +39,9 @@ class ReplanPolicy:
 
     warmup: int = 8  # requests a deployment serves before its times are compared
     window: int = 8  # the last runs whose median is compared (and folded)
+    # ... or this quantile of them: below 0.5 on a machine that other work loads, whose
+    # spikes are not the deployment's cost
+    quantile: float = 0.5
     threshold: float = 0.25  # relative deviation |measured - predicted| / predicted
     min_ms: float = 0.25  # ... and at least this many ms, so that tiny stages' jitter is ignored
     margin: float = 0.10  # the new plan must be predicted this much faster (a fraction)
@@ -46,10 +49,16 @@ class ReplanPolicy:
     background: bool = True  # plan and compile in a thread; False: inside the request's call
 
     def __post_init__(self) -> None:
-        if self.warmup < 1 or self.window < 1 or self.cooldown < 0 or not 0 <= self.margin < 1:
+        if (
+            self.warmup < 1
+            or self.window < 1
+            or self.cooldown < 0
+            or not 0 <= self.margin < 1
+            or not 0 < self.quantile < 1
+        ):
             raise ValueError(
-                f"ReplanPolicy: warmup >= 1, window >= 1, cooldown >= 0 and 0 <= margin < 1 "
-                f"(got {self})"
+                "ReplanPolicy: warmup >= 1, window >= 1, cooldown >= 0, 0 <= margin < 1 and "
+                f"0 < quantile < 1 (got {self})"
             )
 
 
@@ -137,7 +146,7 @@ class OnlineReplanner:
             busy = self._running is not None or self._result is not None
             if self._closed or busy or served < max(self._next_round, self._deployed_at + p.warmup):
                 return
-        snap = metrics.snapshot(p.window)
+        snap = metrics.snapshot(p.window, p.quantile)
         off = deviations(deployment, snap, p)
         if not off:
             return
