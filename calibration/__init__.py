@@ -13,6 +13,7 @@ through the backend it runs there.
     fit.py       per op class, (e_compute, e_memory, overhead) by grid search; fit errors
     timing.py    the timing harness (short rounds, the fastest kept)
     links.py     host<->GPU copies: link bandwidth and latency
+    feedback.py  what running deployments measured (run records) folded into a profile
 """
 
 from hetero.calibration.compiled import versions_string

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,10 @@ from hetero.cluster.devices import DeviceSpec
 from hetero.errors import ConfigError
 from hetero.paths import profile_path
 
-PROFILE_SCHEMA_VERSION = 2
+PROFILE_SCHEMA_VERSION = 3
 # Schema 1 had no backend field: its entries measured torch eager ops, and read as such.
-_READABLE_SCHEMAS = (1, 2)
+# Schema 2 had no feedback (corrections, runtime): read as none folded in yet.
+_READABLE_SCHEMAS = (1, 2, 3)
 
 
 def default_profile_path(cluster_name: str) -> Path:
@@ -74,6 +75,36 @@ class LinkProfile:
     latency: float  # seconds, measured
 
 
+# Keys of a Correction besides "<op class>@<bucket>" and "<op class>":
+ALL_CLASSES = "*"  # every group of the device whose own class and bucket were not measured
+CALL = "call"  # the partition call (the profile's `call_overhead`, or its default)
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A factor on the cost model's time for the groups of one (device, backend) and key,
+    fitted to what running deployments measured (`hetero calibrate --from-runs`, or live
+    with `hetero.compile(feedback=True)`): measured / predicted, by shape bucket."""
+
+    device: str
+    backend: str
+    key: str  # "matmul@5" (op class @ shape bucket), "matmul", ALL_CLASSES or CALL
+    factor: float
+    samples: int = 0  # partition runs behind it
+    error: float = 0.0  # median |relative error| of the fitted partitions after the fit
+    model: str = ""  # the device's model string (another cluster's same device matches it)
+
+
+@dataclass(frozen=True)
+class RuntimeProfile:
+    """What an executor adds around the partitions, measured on running deployments."""
+
+    executor: str  # "local" (in-process) or "ray" (actors joined by a compiled graph)
+    stage_overhead: float  # s per stage run beyond the runner's call (inputs, copies, records)
+    hop_overhead: float  # s per hop between devices beyond the link's time (channel, pickling)
+    samples: int = 0
+
+
 @dataclass(frozen=True)
 class CalibrationProfile:
     """Measured efficiency factors for the devices of one cluster (JSON on disk)."""
@@ -81,6 +112,10 @@ class CalibrationProfile:
     cluster: str
     devices: tuple[DeviceProfile, ...] = ()
     links: tuple[LinkProfile, ...] = ()
+    # folded in from measured runs (calibration/feedback.py); the factors above stay as
+    # the microbenchmarks fitted them
+    corrections: tuple[Correction, ...] = ()
+    runtime: tuple[RuntimeProfile, ...] = ()
     host: str = ""
     torch_version: str = ""
     created: float = field(default_factory=time.time)
@@ -112,9 +147,14 @@ class CalibrationProfile:
                 for dp in d.get("devices", ())
             )
             links = tuple(LinkProfile(**lp) for lp in d.get("links", ()))
-            rest = {k: v for k, v in d.items() if k not in ("devices", "links")}
+            corrections = tuple(Correction(**c) for c in d.get("corrections", ()))
+            runtime = tuple(RuntimeProfile(**r) for r in d.get("runtime", ()))
+            nested = ("devices", "links", "corrections", "runtime")
+            rest = {k: v for k, v in d.items() if k not in nested}
             rest["schema_version"] = PROFILE_SCHEMA_VERSION  # read as (upgraded to) the current
-            return cls(devices=devices, links=links, **rest)
+            return cls(
+                devices=devices, links=links, corrections=corrections, runtime=runtime, **rest
+            )
         except TypeError as e:
             raise ConfigError(
                 f"{source}: not a calibration profile ({e}); re-run `hetero calibrate`"
@@ -165,3 +205,27 @@ class CalibrationProfile:
             if {lp.a, lp.b} == {a, b}:
                 return lp
         return None
+
+    # ---- feedback ------------------------------------------------------------------------------
+    def corrections_for(self, device: DeviceSpec, backend: str) -> dict[str, Correction]:
+        """key -> correction for `device` through `backend`: by device name, else by model."""
+        for match in (
+            lambda c: c.device == device.name,
+            lambda c: bool(device.model) and c.model == device.model,
+        ):
+            found = {c.key: c for c in self.corrections if c.backend == backend and match(c)}
+            if found:
+                return found
+        return {}
+
+    def runtime_for(self, executor: str) -> RuntimeProfile | None:
+        for r in self.runtime:
+            if r.executor == executor:
+                return r
+        return None
+
+    def without_feedback(self) -> CalibrationProfile:
+        """The microbenchmarks' profile alone: what feedback corrections are relative to."""
+        if not self.corrections and not self.runtime:
+            return self
+        return replace(self, corrections=(), runtime=())

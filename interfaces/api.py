@@ -23,8 +23,10 @@ from hetero.backends.base import CompileOptions
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.connect import init_ray
 from hetero.cluster.reference import resolve_cluster
+from hetero.cluster.runs import RunLog
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
+from hetero.interfaces.feedback import Feedback
 from hetero.interfaces.generate import CompiledLM, compile_lm
 from hetero.interfaces.validation import Contract
 from hetero.partitioner.algorithms import plan as make_plan
@@ -36,6 +38,7 @@ from hetero.partitioner.split import flatten_inputs, unflatten_outputs
 from hetero.paths import cache_root
 from hetero.runtime.build import compile_plan, needed_outputs
 from hetero.runtime.executor import LocalExecutor
+from hetero.runtime.online import OnlineReplanner, ReplanPolicy
 from hetero.runtime.ray_executor import RayExecutor
 
 
@@ -88,13 +91,15 @@ class CompiledModel:
         *,
         settings: CompileSettings | None = None,
         registry: BackendRegistry | None = None,
+        feedback: Feedback | None = None,
     ) -> None:
         self.graph = graph
         self.cluster = cluster
-        self.stages = tuple(stages)
+        self._stages = tuple(stages)
         self.executor = executor
         self.settings = settings  # what hetero.compile was asked (None: built by hand)
         self.registry = registry
+        self.feedback = feedback  # run records and online re-planning (hetero.compile's)
         self._plan = plan
 
     # ---- calling ----------------------------------------------------------------------------
@@ -135,10 +140,32 @@ class CompiledModel:
 
     # ---- state --------------------------------------------------------------------------------
     @property
+    def stages(self) -> tuple:
+        """The stages running now (another plan's after an online re-plan switched)."""
+        deployment = getattr(self.executor, "deployment", None)
+        return deployment.stages if deployment is not None else self._stages
+
+    @property
     def plan(self) -> Plan:
-        """The plan, with measured milliseconds per partition once the model has run."""
+        """The plan running now (re-planned online, with feedback), with measured
+        milliseconds per partition once the model has run."""
+        deployment = getattr(self.executor, "deployment", None)
+        plan = deployment.plan if deployment is not None and deployment.plan else self._plan
         measured = self.executor.measured_ms()
-        return self._plan.with_measured(measured) if measured else self._plan
+        return plan.with_measured(measured) if measured else plan
+
+    def run_log(self) -> RunLog:
+        """What the running deployment measured, as records `hetero calibrate --from-runs`
+        folds into the cluster's profile (with feedback=True: every deployment so far)."""
+        fb = self.feedback
+        if fb is None:
+            if self.settings is None:
+                raise ConfigError("run_log() needs a model made by hetero.compile")
+            fb = _feedback(self.graph, self.cluster, self.settings, self.registry, None)
+        deployment = getattr(self.executor, "deployment", None)
+        if deployment is None:
+            return RunLog(self.cluster.name)
+        return fb.remember(deployment, self.executor.metrics.snapshot())
 
     def ready(self) -> bool:
         """Every partition answers (False while a worker restarts or the plan is rebuilt)."""
@@ -186,6 +213,7 @@ def compile(
     task: Task | str = Task.FORWARD,
     max_length: int = 256,
     batch_size: int = 1,
+    feedback: bool | ReplanPolicy = False,
 ) -> CompiledModel | CompiledLM:
     """Capture, plan, compile every partition (cached) and start an executor.
 
@@ -200,9 +228,19 @@ def compile(
     forward(input_ids, start) and its KV cache as buffers); returns a CompiledLM with
     `generate()`, planned per phase with a static cache of `max_length` positions for
     `batch_size` sequences (interfaces/generate.py). example_inputs are not needed.
+
+    feedback=True (or a ReplanPolicy): the measured stage times correct the cost model while
+    the model serves, and when they leave the plan's predictions behind it is planned again
+    with the corrected costs and switched between requests if the new plan is predicted
+    faster by the policy's margin (interfaces/feedback.py, runtime/online.py); the rounds
+    show in `cm.executor.metrics` and in the plan's notes.
     """
     registry = registry if registry is not None else default_registry()
     if Task.parse(task) is Task.GENERATE:
+        if feedback:
+            raise ConfigError(
+                "feedback=True re-plans a forward model; task='generate' plans per phase"
+            )
         return compile_lm(
             model,
             resolve_cluster(cluster),
@@ -219,20 +257,32 @@ def compile(
         )
     if example_inputs is None:
         raise ConfigError("hetero.compile needs example_inputs (or task='generate' for an LM)")
-    settings = _settings(
-        registry, objective, backends, pins, exclude, microbatches, options, cache_dir, cost_model
-    )
-    if graph is None:
-        graph = capture(model, example_inputs, dynamic_shapes)
     spec = resolve_cluster(cluster)
-    build = _Builder(graph, settings, example_inputs, registry)
-    stages, plan = build(spec, plan)
     kind = executor
     if kind == "auto":
         kind = "local" if len(spec.hosts) == 1 else "ray"
+    if kind not in ("local", "ray"):
+        raise ConfigError(f"executor {executor!r} is not one of: auto, local, ray")
+    # priced for the runtime that will run it (its measured per-stage and per-hop costs)
+    cost_model = replace(cost_model or CostModel.load(cluster=spec), executor=kind)
+    settings = _settings(
+        registry, objective, backends, pins, exclude, microbatches, options, cache_dir, cost_model
+    )
+    if feedback:
+        settings = replace(
+            settings, feedback=feedback if isinstance(feedback, ReplanPolicy) else ReplanPolicy()
+        )
+    if graph is None:
+        graph = capture(model, example_inputs, dynamic_shapes)
+    build = _Builder(graph, settings, example_inputs, registry)
+    stages, plan = build(spec, plan)
+    fb = online = None
+    if settings.feedback is not None:
+        fb = _feedback(graph, spec, settings, registry, build)
+        online = OnlineReplanner(fb, settings.feedback)
     if kind == "local":
-        runner = LocalExecutor(stages, needed_outputs(graph), registry, plan=plan)
-    elif kind == "ray":
+        runner = LocalExecutor(stages, needed_outputs(graph), registry, plan=plan, online=online)
+    else:
         # A private, token-authenticated head on loopback for this process unless Ray runs
         # already; emulated NPUs of this host become the custom resource NPU workers ask for.
         npus = sum(1 for d in spec.devices if d.kind == "npu")
@@ -244,10 +294,25 @@ def compile(
             plan=plan,
             replan=build,  # devices gone for good: plan again over what is left
             registry=registry,
+            online=online,
         )
-    else:
-        raise ConfigError(f"executor {executor!r} is not one of: auto, local, ray")
-    return CompiledModel(graph, plan, spec, stages, runner, settings=settings, registry=registry)
+    return CompiledModel(
+        graph, plan, spec, stages, runner, settings=settings, registry=registry, feedback=fb
+    )
+
+
+def _feedback(graph, cluster, settings: CompileSettings, registry, build) -> Feedback:
+    return Feedback(
+        graph,
+        cluster,
+        settings.objective,
+        settings.plan_kwargs(),
+        registry=registry,
+        cost_model=settings.cost_model or CostModel.load(cluster=cluster),
+        executor=settings.cost_model.executor if settings.cost_model else "local",
+        compile_plan=build,
+        policy=settings.feedback,
+    )
 
 
 @dataclass(frozen=True)
@@ -263,6 +328,7 @@ class CompileSettings:
     options: CompileOptions | Mapping[str, CompileOptions] | None = None
     cache_dir: Path | None = None  # the cache root (hetero/paths.py)
     cost_model: CostModel | None = None
+    feedback: ReplanPolicy | None = None  # re-plan online from measurements (None: do not)
 
     def plan_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for partitioner.algorithms.plan besides graph and cluster."""

@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": (
         "calibrate",
         "Microbenchmark the devices present through their backends, fit efficiency factors, "
-        "write the profile (one entry per device and backend).",
+        "write the profile (one entry per device and backend); or fold measured runs into "
+        "it (--from-runs).",
     ),
     "compile": (
         "compile",

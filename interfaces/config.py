@@ -116,6 +116,8 @@ class DeployConfig(_Strict):
     backends: dict[Literal["gpu", "cpu", "npu"], str] = Field(default_factory=dict)
     cache_dir: str | None = None
     executor: Literal["auto", "local", "ray"] = "auto"
+    # measured times correct the cost model and re-plan online (hetero.compile(feedback=True))
+    feedback: bool = False
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     serving: ServingOptions = Field(default_factory=ServingOptions)
     ray: RayOptions = Field(default_factory=RayOptions)
@@ -221,6 +223,7 @@ class DeployConfig(_Strict):
             "backends": self.backend_assignment,
             "cache_dir": self.cache_dir,
             "executor": self.executor,
+            "feedback": self.feedback,
         }
 
 

@@ -238,6 +238,7 @@ class Recipe:
             graph=graph,
             plan=self.plan,
             registry=self.registry,
+            feedback=s.feedback or False,
         )
 
 
@@ -256,7 +257,9 @@ class Deployment:
     """The actor behind `hetero.deploy`: one compiled model, callable from any Ray driver.
 
     Methods: infer(*inputs) -> what the model returns; run_flat({name: tensor}) ->
-    {name: tensor}; metas(); ready(); info(); serve(host, port) -> gRPC address; shutdown().
+    {name: tensor}; metas(); ready(); info(); run_log() -> what it measured, as a dict
+    (`hetero calibrate --from-runs NAME` folds it); serve(host, port) -> gRPC address;
+    shutdown().
     """
 
     def __init__(self, source: Any, name: str = "") -> None:
@@ -291,6 +294,10 @@ class Deployment:
 
     def accepts(self) -> bool:
         return self.servable.accepts()
+
+    def run_log(self) -> dict[str, Any]:
+        """The run records of what this deployment measured (cluster/runs.py, as JSON data)."""
+        return self.cm.run_log().to_dict()
 
     def info(self) -> dict[str, Any]:
         import ray  # optional (hetero[ray]): loaded on first use

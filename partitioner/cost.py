@@ -39,19 +39,31 @@ defaults apply (fractions of the datasheet peaks in the cluster file):
 
 and a view op's dispatch costs a quarter of a launch, calling one partition two launches
 (`call_overhead`; the plan adds it once per partition).
+
+Feedback (calibration/feedback.py folds what running deployments measured into the
+profile): a group's time is multiplied by its correction, looked up per (device, backend)
+by the group's main op class and shape bucket (`group_key`: log4 of its roofline
+microseconds at the datasheet peaks), then by class, then over all classes; the partition
+call by its own correction. The executor the plan runs on (`CostModel.executor`) adds its
+measured per-stage work to each partition's call and its per-hop cost (a Ray channel's
+write and pickling) to each transfer between devices.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hetero.cluster.profile import (
+    ALL_CLASSES,
+    CALL,
     CalibrationProfile,
     DeviceProfile,
     Efficiency,
+    RuntimeProfile,
     default_profile_path,
 )
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
@@ -174,6 +186,29 @@ def fused_terms(group: Group, ops: Sequence[OpNode]) -> FusedTerms | None:
     )
 
 
+def main_class(group: Group) -> str:
+    """The op class a group is priced and corrected as: its commonest anchor class (matmul,
+    conv, attention, norm, reduction), else its commonest class ("view": views only)."""
+    classes = [c for c, _ in group.op_classes]
+    return next((c for c in classes if c in ANCHOR_CLASSES), classes[0] if classes else "view")
+
+
+def shape_bucket(group: Group, device: DeviceSpec, scale: float = 1.0) -> int:
+    """log4 of the group's roofline microseconds at the datasheet peaks of `device` (0 for
+    a microsecond or less): groups of one class a bucket apart differ 4x in work, and a
+    kernel's efficiency depends on its size (overhead-bound, cache-bound, compute-bound).
+    Independent of any profile, so a correction keeps its key when factors change."""
+    flops = group.flops * scale
+    nbytes = (group.fused_bytes - group.param_bytes) * scale + group.param_bytes
+    t = max(flops / device.peak(group.dtype), nbytes / (device.mem_bandwidth or 1e10))
+    return max(0, math.floor(math.log(max(t, 1e-12) / 1e-6, 4)))
+
+
+def group_key(group: Group, device: DeviceSpec, scale: float = 1.0) -> tuple[str, int]:
+    """(main op class, shape bucket): what a feedback correction of `group` is keyed by."""
+    return main_class(group), shape_bucket(group, device, scale)
+
+
 # ---- the cost model ------------------------------------------------------------------------
 
 
@@ -185,6 +220,64 @@ class CostModel:
     # Backends that fuse a group into few kernels: each backend declares it (`Backend.fuses`)
     # and the planner fills this in from the registry it is given (`adapter.with_fusing`).
     fusing_backends: frozenset[str] = frozenset()
+    # The runtime the plan runs on ("local": in-process, "ray": actors), whose measured
+    # per-stage and per-hop costs the profile's `runtime` entries hold.
+    executor: str = "local"
+    # (backend, "name:<device>" or "model:<model>") -> key -> factor, from profile.corrections
+    _corrections: Mapping[tuple[str, str], Mapping[str, float]] = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        index: dict[tuple[str, str], dict[str, float]] = {}
+        for c in self.profile.corrections if self.profile is not None else ():
+            index.setdefault((c.backend, f"name:{c.device}"), {})[c.key] = c.factor
+            if c.model:
+                index.setdefault((c.backend, f"model:{c.model}"), {}).setdefault(c.key, c.factor)
+        object.__setattr__(self, "_corrections", index)
+
+    def base(self) -> CostModel:
+        """This model without feedback: the microbenchmarks' factors alone (what measured
+        runs are compared with when corrections are fitted)."""
+        if self.profile is None or (not self.profile.corrections and not self.profile.runtime):
+            return self
+        return replace(self, profile=self.profile.without_feedback())
+
+    # ---- feedback --------------------------------------------------------------------------
+    def correction(self, device: DeviceSpec, backend: str | None, key: tuple[str, int]) -> float:
+        """The measured / predicted factor for groups of `key` (group_key) on `device`."""
+        table = self._correction_table(device, backend)
+        if not table:
+            return 1.0
+        cls, bucket = key
+        for k in (f"{cls}@{bucket}", cls, ALL_CLASSES):
+            if k in table:
+                return table[k]
+        return 1.0
+
+    def _correction_table(self, device: DeviceSpec, backend: str | None) -> Mapping[str, float]:
+        if not self._corrections:
+            return {}
+        if backend is None:
+            dp = self._device(device, None)
+            backend = dp.backend if dp is not None else "eager"
+        return self._corrections.get((backend, f"name:{device.name}")) or (
+            self._corrections.get((backend, f"model:{device.model}"), {}) if device.model else {}
+        )
+
+    def runtime(self) -> RuntimeProfile | None:
+        """What the executor adds around partitions, as measured (None: not yet)."""
+        return self.profile.runtime_for(self.executor) if self.profile is not None else None
+
+    def stage_overhead(self) -> float:
+        """Seconds the executor spends per stage around the partition's call."""
+        rt = self.runtime()
+        return rt.stage_overhead if rt is not None else 0.0
+
+    def hop_overhead(self) -> float:
+        """Seconds a hop between two devices' workers costs beyond the link's time."""
+        rt = self.runtime()
+        return rt.hop_overhead if rt is not None else 0.0
 
     @classmethod
     def load(cls, path: str | Path | None = None, cluster: ClusterSpec | None = None) -> CostModel:
@@ -262,12 +355,23 @@ class CostModel:
         return DEFAULT_VIEW_FRACTION * self.launch_overhead(device, backend)
 
     def call_overhead(self, device: DeviceSpec, backend: str | None = None) -> float:
-        """Seconds to call one partition (its module, or its compiled artifact's runner:
-        argument conversion, VM entry), on top of its ops."""
+        """Seconds to run one partition besides its ops: calling it (its module, or its
+        compiled artifact's runner: argument conversion, VM entry; corrected by feedback)
+        and the executor's work around the call (`stage_overhead`)."""
+        return (
+            self.runner_call(device, backend) * self._call_correction(device, backend)
+            + self.stage_overhead()
+        )
+
+    def runner_call(self, device: DeviceSpec, backend: str | None = None) -> float:
+        """Seconds to call one partition's runner, as calibrated (no feedback, no executor)."""
         dp = self._device(device, backend)
         if dp is not None and dp.call_overhead is not None:
             return dp.call_overhead
         return DEFAULT_CALL_FRACTION * self.launch_overhead(device, backend)
+
+    def _call_correction(self, device: DeviceSpec, backend: str | None) -> float:
+        return self._correction_table(device, backend).get(CALL, 1.0)
 
     def fuses(self, backend: str) -> bool:
         return backend in self.fusing_backends
@@ -320,7 +424,22 @@ class CostModel:
         Fused: compute adds up per op (each at its class's efficiency), memory is the
         group's boundary bytes at its main class's efficiency, and each anchor op is one
         kernel paying its class's overhead (a group of elementwise ops only: one kernel).
-        This is the form `hetero calibrate` fits a fusing backend's factors in."""
+        This is the form `hetero calibrate` fits a fusing backend's factors in; feedback
+        then corrects the whole (`correction`)."""
+        t = self._group_time(group, ops, device, backend=backend, scale=scale)
+        if t and self._corrections:
+            t *= self.correction(device, backend, group_key(group, device, scale))
+        return t
+
+    def _group_time(
+        self,
+        group: Group,
+        ops: Sequence[OpNode],
+        device: DeviceSpec,
+        *,
+        backend: str,
+        scale: float,
+    ) -> float:
         if not self.fuses(backend):
             if device.kind == "gpu":
                 return self.queued_time(ops, device, scale=scale, backend=backend)
@@ -407,6 +526,12 @@ class CostModel:
         """Seconds to move `nbytes` from device `src` to device `dst`."""
         if src == dst or nbytes <= 0:
             return 0.0
+        return self.link_time(cluster, src, dst, nbytes) + self.hop_overhead()
+
+    def link_time(self, cluster: ClusterSpec, src: str, dst: str, nbytes: float) -> float:
+        """The link's part of a transfer: latency + bytes / bandwidth (no executor hop)."""
+        if src == dst or nbytes <= 0:
+            return 0.0
         # A measured link describes the cluster it was measured on; another cluster file
         # (say the same box with a PCIe Gen3 link) prices its own links.
         if self.profile is not None and self.profile.cluster in ("", cluster.name):
@@ -420,4 +545,5 @@ class CostModel:
         host = cluster.host_cpu(device.host)
         if host is None or host.name == device.name:
             return 0.0
-        return self.transfer_time(cluster, host.name, device.name, nbytes)
+        # a copy engine's work, not a hop between workers: no executor overhead
+        return self.link_time(cluster, host.name, device.name, nbytes)

@@ -9,8 +9,10 @@ GPU model's outputs copied back), CUDA inputs keep CUDA results on the GPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,9 +22,31 @@ from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.errors import WorkerError
 from hetero.partitioner.plan import Plan
 from hetero.runtime.metrics import RunMetrics
+from hetero.runtime.online import OnlineReplanner
+from hetero.runtime.replan import StagedPlan, log_switch
 from hetero.runtime.stage import StageSpec, check_stages, producers, sources
 from hetero.runtime.streaming import load_runners
 from hetero.runtime.worker import Packet, StageRunner, caller_packet
+
+
+@dataclass
+class _Installed:
+    """One deployment's loaded stages and wiring. A request reads it once, so a switch to
+    another deployment (online re-planning) never changes the stages under a running one."""
+
+    deployment: StagedPlan
+    runners: dict[int, StageRunner]
+    streamers: dict[str, Any]
+    sources: dict[int, tuple[int, ...]]
+    host_out: dict[int, bool]
+    last_reader: dict[int, int]
+    keep: set[int]
+    metrics: RunMetrics
+    structure: tuple = field(default=())  # (index, device, artifact key) per stage
+
+
+def _structure(stages: Sequence[StageSpec]) -> tuple:
+    return tuple((s.index, s.device.name, s.artifact.key) for s in stages)
 
 
 class LocalExecutor:
@@ -37,62 +61,143 @@ class LocalExecutor:
         plan: Plan | None = None,
         stream_runner: str = "auto",
         runners: Mapping[int, Any] | None = None,
+        online: OnlineReplanner | None = None,
     ) -> None:
         """`stream_runner`: how stages with streamed weights run: "auto" (torch.compile on
         CUDA, eager elsewhere), "eager" or "inductor" (runtime/streaming.py). `runners`:
         stage index -> a runner built by the caller (a generation binds its own), instead of
-        loading each stage's artifact here."""
-        self.stages = tuple(stages)
+        loading each stage's artifact here. `online`: re-plans when measured stage times
+        leave the plan's predictions behind (runtime/online.py); the executor switches to
+        what it hands over between requests."""
         self.needed_outputs = tuple(needed_outputs)
-        made_by = producers(self.stages)
-        user_inputs = sorted({v for s in self.stages for v in s.inputs if v not in made_by})
-        check_stages(self.stages, user_inputs, self.needed_outputs)
-        self._sources = {s.index: sources(s, made_by) for s in self.stages}
-        if runners is None:
-            registry = registry or default_registry()
-            runners, self.streamers = load_runners(
-                self.stages, registry, stream_runner=stream_runner
-            )
-        else:
-            self.streamers = {}
-        self._runners = {s.index: StageRunner(s, runners[s.index], s.device) for s in self.stages}
-        readers: dict[int, set[str]] = {}
-        for s in self.stages:
-            for src in self._sources[s.index]:
-                readers.setdefault(src, set()).add(s.device.name)
-        self._host_out = {
-            s.index: bool(readers.get(s.index, set()) - {s.device.name}) for s in self.stages
-        }
-        self.metrics = RunMetrics(self.stages, plan)
-        # A stage's values are dropped after their last reader ran (unless they hold a
-        # result): a streamed partition is one stage per layer, and keeping every layer's
-        # hidden states to the end of the request put prefill 97 MB over a GPU memory cap.
-        self._last_reader = {
-            src: s.index for s in self.stages for src in self._sources[s.index] if src >= 0
-        }
-        needed = set(self.needed_outputs)
-        self._keep = {s.index for s in self.stages if needed & set(s.outputs)}
+        self.registry = registry
+        self.stream_runner = stream_runner
+        self.online = online
+        self.history: list[StagedPlan] = []  # earlier deployments, oldest first
+        self.served = 0  # requests answered, all deployments
         self._closed = False
+        self._state = self._install(StagedPlan(tuple(stages), plan), runners)
 
+    # ---- the running deployment -----------------------------------------------------------
+    @property
+    def deployment(self) -> StagedPlan:
+        return self._state.deployment
+
+    @property
+    def stages(self) -> tuple[StageSpec, ...]:
+        return self._state.deployment.stages
+
+    @property
+    def metrics(self) -> RunMetrics:
+        return self._state.metrics
+
+    @property
+    def streamers(self) -> dict[str, Any]:
+        return self._state.streamers
+
+    def _install(
+        self,
+        deployment: StagedPlan,
+        runners: Mapping[int, Any] | None = None,
+        previous: _Installed | None = None,
+    ) -> _Installed:
+        stages = deployment.stages
+        made_by = producers(stages)
+        user_inputs = sorted({v for s in stages for v in s.inputs if v not in made_by})
+        check_stages(stages, user_inputs, self.needed_outputs)
+        src_of = {s.index: sources(s, made_by) for s in stages}
+        replans = previous.metrics.replans if previous is not None else []
+        if previous is not None and previous.structure == _structure(stages):
+            # the same stages with other predictions: keep the loaded runners and the runs
+            previous.metrics.stages, previous.metrics.plan = stages, deployment.plan
+            return _Installed(
+                deployment,
+                {i: StageRunner(s, previous.runners[i].runner, s.device) for i, s in _by(stages)},
+                previous.streamers,
+                previous.sources,
+                previous.host_out,
+                previous.last_reader,
+                previous.keep,
+                previous.metrics,
+                previous.structure,
+            )
+        streamers: dict[str, Any] = {}
+        if runners is None:
+            registry = self.registry or default_registry()
+            runners, streamers = load_runners(stages, registry, stream_runner=self.stream_runner)
+        readers: dict[int, set[str]] = {}
+        for s in stages:
+            for src in src_of[s.index]:
+                readers.setdefault(src, set()).add(s.device.name)
+        needed = set(self.needed_outputs)
+        return _Installed(
+            deployment,
+            {s.index: StageRunner(s, runners[s.index], s.device) for s in stages},
+            streamers,
+            src_of,
+            {s.index: bool(readers.get(s.index, set()) - {s.device.name}) for s in stages},
+            # A stage's values are dropped after their last reader ran (unless they hold a
+            # result): a streamed partition is one stage per layer, and keeping every layer's
+            # hidden states to the end of the request put prefill 97 MB over a GPU memory cap.
+            {src: s.index for s in stages for src in src_of[s.index] if src >= 0},
+            {s.index for s in stages if needed & set(s.outputs)},
+            RunMetrics(stages, deployment.plan, replans=replans),
+            _structure(stages),
+        )
+
+    def switch(self, deployment: StagedPlan) -> None:
+        """Run `deployment` from the next request on (requests running now finish on the
+        stages they started with). The same stages with new predictions keep their runs."""
+        before = self._state
+        after = self._install(deployment, previous=before)
+        if after.structure != before.structure:
+            self.history.append(before.deployment)
+            log_switch(
+                {},
+                before.deployment,
+                deployment,
+                why="measured times left the plan's predictions behind",
+            )
+        self._state = after
+
+    def _take_online(self) -> None:
+        if self.online is None:
+            return
+        offer = self.online.take(self.served)
+        if offer is None:
+            return
+        deployment, event = offer
+        try:
+            self.switch(deployment)
+        except Exception as e:  # the running deployment keeps serving
+            event = dataclasses.replace(event, outcome=f"failed: {type(e).__name__}: {e}"[:300])
+        self.metrics.record_replan(event)
+
+    # ---- requests ---------------------------------------------------------------------------
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self._closed:
             raise WorkerError("this executor was shut down; compile the model again")
+        self._take_online()
+        state = self._state
         t0 = time.perf_counter()
         packets: dict[int, Packet] = {}
         done = []  # records of the stages whose values were dropped
         first = caller_packet(inputs)
-        for s in self.stages:
-            ins = [first if src < 0 else packets[src] for src in self._sources[s.index]]
-            packets[s.index] = self._runners[s.index](ins, self._host_out[s.index])
-            for src in self._sources[s.index]:
-                if self._last_reader.get(src) == s.index and src not in self._keep:
+        for s in state.deployment.stages:
+            ins = [first if src < 0 else packets[src] for src in state.sources[s.index]]
+            packets[s.index] = state.runners[s.index](ins, state.host_out[s.index])
+            for src in state.sources[s.index]:
+                if state.last_reader.get(src) == s.index and src not in state.keep:
                     p = packets.pop(src)
                     done.append(p.records[p.src])
         home = _home(inputs)
         out = _collect(self.needed_outputs, first, packets.values(), home)
         for record in [*done, *(p.records[p.src] for p in packets.values())]:
-            self.metrics.record(record)
-        self.metrics.record_request((time.perf_counter() - t0) * 1e3)
+            state.metrics.record(record)
+        state.metrics.record_request((time.perf_counter() - t0) * 1e3)
+        self.served += 1
+        if self.online is not None and state is self._state:
+            self.online.after_request(state.deployment, state.metrics, self.served)
         return out
 
     def run_many(
@@ -110,8 +215,10 @@ class LocalExecutor:
         return out
 
     def shutdown(self) -> None:
-        self._runners.clear()
-        self.streamers.clear()
+        if self.online is not None:
+            self.online.close()
+        self._state.runners.clear()
+        self._state.streamers.clear()
         self._closed = True
 
     def __enter__(self) -> LocalExecutor:
@@ -119,6 +226,10 @@ class LocalExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _by(stages: Sequence[StageSpec]) -> list[tuple[int, StageSpec]]:
+    return [(s.index, s) for s in stages]
 
 
 def _home(inputs: Mapping[str, object]) -> torch.device:

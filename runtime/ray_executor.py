@@ -9,7 +9,8 @@ the executor waits up to `restart_timeout_s` for the actors (Ray restarts them,
 request `retries` times. Devices that do not come back (node gone, restarts spent) are
 handed to the `replan` hook, and the executor switches to the stages it returns; when no
 device is left, or none of those left can run the model, requests get `Unavailable`
-naming the lost devices.
+naming the lost devices. With an `online` re-planner (runtime/online.py) it also
+switches, between requests, to the plans measured stage times call for.
 
 Health: a watcher thread pings every worker each `watch_s` seconds, so a worker that dies
 while no request runs is noticed (and repaired) too. `ready()` is true only while every
@@ -20,6 +21,7 @@ wait for it); `status()` says which, and why.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -36,6 +38,7 @@ from hetero.partitioner.plan import Plan
 from hetero.runtime import dag, faults, placement
 from hetero.runtime.artifacts import available_here, pack
 from hetero.runtime.metrics import RunMetrics, make_exporter
+from hetero.runtime.online import OnlineReplanner
 from hetero.runtime.replan import Replan, StagedPlan, call_replan, log_switch
 from hetero.runtime.stage import StageSpec, check_stages, producers
 from hetero.runtime.worker import DeviceWorker, Packet, caller_packet
@@ -69,6 +72,7 @@ class RayExecutor:
         export_metrics: bool = True,
         watch_s: float = 1.0,
         retry_s: float = 30.0,
+        online: OnlineReplanner | None = None,
     ) -> None:
         """Start the workers (waits at most `start_timeout_s` for them to load) and compile
         the graph. Every later wait is bounded: a request by `timeout_s`, a recovery by
@@ -82,7 +86,8 @@ class RayExecutor:
 
         watch_s: seconds between health pings of the workers (0: no watcher; faults are
         then found by the next request). retry_s: how often a deployment that could not
-        be repaired (no device left) tries again.
+        be repaired (no device left) tries again. online: re-plans when measured
+        times leave the plan's predictions behind.
         """
         import ray  # optional (hetero[ray]): loaded on first use
 
@@ -108,6 +113,9 @@ class RayExecutor:
         self.registry = registry if registry is not None else default_registry()
         self.name = name
         self.replan_hook = replan
+        self.online = online
+        self.served = 0  # requests answered, all deployments
+        self.metrics: RunMetrics | None = None
         self._exporter = make_exporter(name) if export_metrics else None
         self._lock = threading.RLock()
         self._pipe: dag.CompiledPipeline | None = None
@@ -181,12 +189,15 @@ class RayExecutor:
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with self._lock:
             self._check_open()
+            self._take_online()
             attempt = 0
             while True:
                 if self._pipe is None:
                     self._repair()
                 try:
-                    return self._run_once(inputs)
+                    out = self._run_once(inputs)
+                    self._after_requests()
+                    return out
                 except Exception as e:
                     cause = faults.user_error(e)
                     if cause is not None:
@@ -210,6 +221,7 @@ class RayExecutor:
         once. After a fault the unfinished ones are run again one by one (with retries)."""
         with self._lock:
             self._check_open()
+            self._take_online()
             if self._pipe is None:
                 self._repair()
             results: list[dict[str, torch.Tensor] | None] = [None] * len(batch)
@@ -237,6 +249,7 @@ class RayExecutor:
                 for i, x in enumerate(batch):
                     if results[i] is None:
                         results[i] = self.run(x)
+            self._after_requests()
             return [r for r in results if r is not None]
 
     def measured_ms(self) -> dict[int, float]:
@@ -257,6 +270,8 @@ class RayExecutor:
                 return
             self._closed = True
             self._set(CLOSED)
+            if self.online is not None:
+                self.online.close()
             self._teardown_pipe()
             self._kill_workers()
             self._blobs.clear()
@@ -274,7 +289,8 @@ class RayExecutor:
         user_inputs = sorted({v for s in stages for v in s.inputs if v not in made_by})
         check_stages(stages, user_inputs, self.needed_outputs)
         self.deployment = deployment
-        self.metrics = RunMetrics(stages, deployment.plan, self._exporter)
+        replans = self.metrics.replans if self.metrics is not None else []
+        self.metrics = RunMetrics(stages, deployment.plan, self._exporter, replans=replans)
         devices = list(dict.fromkeys(s.device for s in stages))
         nodes = placement.alive_nodes()
         by_id = {n.node_id: n for n in nodes}
@@ -374,10 +390,50 @@ class RayExecutor:
         for rec in records.values():
             self.metrics.record(rec)
         self.metrics.record_request((time.perf_counter() - t0) * 1e3)
+        self.served += 1
         missing = [n for n in self.needed_outputs if n not in values]
         if missing:
             raise WorkerError(f"the deployment did not return {missing}")
         return {n: values[n] for n in self.needed_outputs}
+
+    # ---- online re-planning ----------------------------------------------------------------------
+    def _after_requests(self) -> None:
+        if self.online is not None:
+            self.online.after_request(self.deployment, self.metrics, self.served)
+
+    def _take_online(self) -> None:
+        """Switch to what the online re-planner hands over, between requests (the lock is
+        held: requests wait for the new workers, none is lost). The running deployment keeps
+        serving when the new one does not start."""
+        offer = self.online.take(self.served) if self.online is not None else None
+        if offer is None:
+            return
+        after, event = offer
+        before = self.deployment
+        same = [(s.index, s.device.name, s.artifact.key) for s in after.stages] == [
+            (s.index, s.device.name, s.artifact.key) for s in before.stages
+        ]
+        if same:  # new predictions for the same stages: no new workers, keep the runs
+            self.deployment = after
+            self.metrics.stages, self.metrics.plan = after.stages, after.plan
+        else:
+            try:
+                self._switch({}, before, after, why="measured times left the predictions behind")
+            except Exception as e:
+                log.warning("could not switch to the re-planned deployment (%s); keeping it", e)
+                event = dataclasses.replace(event, outcome=f"failed: {type(e).__name__}: {e}"[:300])
+                self._kill_workers()
+                self._deploy(before)
+        self.metrics.record_replan(event)
+
+    def _switch(
+        self, lost: dict[str, str], before: StagedPlan, after: StagedPlan, why: str = ""
+    ) -> None:
+        log_switch(lost, before, after, why=why)
+        self._teardown_pipe()
+        self._kill_workers()
+        self.history.append(before)
+        self._deploy(after)
 
     # ---- faults --------------------------------------------------------------------------------
     def _break(self, e: BaseException) -> None:
@@ -494,11 +550,8 @@ class RayExecutor:
             raise Unavailable(
                 f"lost {gone}; no plan over the devices left ({left}) can run the model: {e}"
             ) from None
-        log_switch(lost, before, after)
-        self._kill_workers()
-        self.history.append(before)
         self.cluster = remaining
-        self._deploy(after)
+        self._switch(lost, before, after)
 
     def _dead_nodes(self) -> set[str]:
         alive = {n.node_id for n in placement.alive_nodes()}

@@ -1,6 +1,7 @@
 """Re-planning when devices are gone for good: the caller's hook builds new stages for
 the cluster that remains; the executor switches to them between requests and logs
-both plans.
+both plans. (Re-planning because measured times left the predictions behind is
+runtime/online.py's; it switches the same way.)
 
 The hook is `replan(cluster_without_lost_devices) -> stages` or `-> (stages, plan)`;
 `hetero.compile` wires it to the planner and the compiler (whose cache makes the
@@ -65,11 +66,11 @@ def call_replan(hook: Replan, cluster: ClusterSpec) -> StagedPlan:
     return StagedPlan(stages, plan)
 
 
-def log_switch(lost: dict[str, str], before: StagedPlan, after: StagedPlan) -> None:
+def log_switch(lost: dict[str, str], before: StagedPlan, after: StagedPlan, why: str = "") -> None:
+    cause = why or "devices gone for good: " + "; ".join(f"{d} ({w})" for d, w in lost.items())
     log.warning(
-        "devices gone for good: %s. Re-planned and switched between requests.\n"
-        "before:\n%s\nafter:\n%s",
-        "; ".join(f"{d} ({why})" for d, why in lost.items()),
+        "%s. Re-planned and switched between requests.\nbefore:\n%s\nafter:\n%s",
+        cause,
         before.explain(),
         after.explain(),
     )

@@ -67,6 +67,7 @@ class StageRunner:
     def __call__(self, packets: Sequence[Packet], host_out: bool = True) -> Packet:
         s = self.stage
         start = time.time()
+        began = time.perf_counter()
         values: dict[str, Any] = {}
         records: dict[int, StageRecord] = {}
         in_bytes: list[tuple[int, int]] = []
@@ -111,7 +112,10 @@ class StageRunner:
             pytree.tree_map(lambda t: move(t) if isinstance(t, torch.Tensor) else t, o)
             for o in outs
         )
-        records[s.index] = StageRecord(s.index, ms, nbytes(outs), tuple(in_bytes), tuple(waits))
+        stage_ms = (time.perf_counter() - began) * 1e3
+        records[s.index] = StageRecord(
+            s.index, ms, nbytes(outs), tuple(in_bytes), tuple(waits), stage_ms
+        )
         return Packet(s.index, dict(zip(s.outputs, outs, strict=True)), records, time.time())
 
 

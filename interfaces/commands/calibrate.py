@@ -1,7 +1,10 @@
-"""`hetero calibrate`: measure this machine's devices and write a cost-model profile."""
+"""`hetero calibrate`: measure this machine's devices and write a cost-model profile; or,
+with --from-runs, fold what a deployment measured into the profile."""
 
 from __future__ import annotations
 
+import os
+import statistics
 from pathlib import Path
 
 import typer
@@ -11,9 +14,13 @@ from rich.table import Table
 from hetero.backends.registry import default_registry
 from hetero.calibration import calibrate as run
 from hetero.calibration import fit_errors
-from hetero.cluster.profile import default_profile_path
+from hetero.calibration.feedback import error_table, fold
+from hetero.cluster.connect import init_ray
+from hetero.cluster.profile import CalibrationProfile, default_profile_path
 from hetero.cluster.reference import resolve_cluster
+from hetero.cluster.runs import RunLog
 from hetero.interfaces.config import load_config
+from hetero.interfaces.deploy import find
 from hetero.partitioner.decisions import BackendAssignment
 
 
@@ -49,11 +56,35 @@ def calibrate(
         help="measure op classes in this dtype (repeatable; default float32; give the dtypes "
         "your models run in: eager backends measure each, compiling ones the first)",
     ),
+    from_runs: list[str] = typer.Option(
+        [],
+        "--from-runs",
+        help="fold measured runs into the profile instead of microbenchmarking: a run log "
+        "(JSON from CompiledModel.run_log().to_json(path)) or the name of a running "
+        "deployment (hetero.deploy / hetero submit); repeatable",
+    ),
+    profile_in: Path | None = typer.Option(
+        None,
+        "--profile",
+        help="with --from-runs: the profile to fold into (default: the cluster's cached one)",
+    ),
+    address: str | None = typer.Option(
+        None,
+        "--address",
+        help="with --from-runs NAME: the Ray cluster (default: $RAY_ADDRESS or auto)",
+    ),
 ) -> None:
     """Microbenchmark the devices present through their backends, fit efficiency factors,
-    write the profile (one entry per device and backend)."""
+    write the profile (one entry per device and backend); or fold measured runs into it
+    (--from-runs).
+
+    --from-runs corrects the profile by what running deployments measured: per device,
+    backend, op class and shape bucket, and the executor's per-stage and per-hop costs."""
 
     console = Console()
+    if from_runs:
+        _from_runs(console, from_runs, profile_in, out, address)
+        return
 
     known = default_registry().names()
     backends: list[BackendAssignment] = []
@@ -122,6 +153,62 @@ def calibrate(
     path = out or default_profile_path(spec.name)
     profile.to_json(path)
     console.print(f"wrote {path}")
+
+
+def _read_log(source: str, address: str | None) -> RunLog:
+    if Path(source).exists():
+        return RunLog.load(source)
+    # not a file: the name of a running deployment, whose actor answers
+    init_ray(address or os.environ.get("RAY_ADDRESS") or "auto")
+    import ray  # optional (hetero[ray]): loaded on first use
+
+    return RunLog.from_dict(ray.get(find(source).run_log.remote(), timeout=60), source=source)
+
+
+def _from_runs(
+    console: Console, sources: list[str], profile_in: Path | None, out: Path | None, address
+) -> None:
+    logs = [_read_log(s, address) for s in sources]
+    log = RunLog.merge(logs[0].cluster, logs)
+    path = profile_in or default_profile_path(log.cluster)
+    base = CalibrationProfile.load(path) if Path(path).exists() else None
+    if base is None:
+        console.print(
+            f"no profile at {path}: folding into the cost model's defaults "
+            "(run `hetero calibrate` on the cluster first for better ones)",
+            highlight=False,
+        )
+    before = base or CalibrationProfile(cluster=log.cluster)
+    profile = fold(base, log)
+    t = Table(
+        title=f"feedback from {len(log.partitions)} partition record(s)", title_justify="left"
+    )
+    for col in ("device", "backend", "key", "factor", "runs", "fit error"):
+        t.add_column(col, justify="left" if col in ("device", "backend", "key") else "right")
+    for c in profile.corrections:
+        t.add_row(
+            c.device, c.backend, c.key, f"{c.factor:.3f}", str(c.samples), f"{100 * c.error:.1f}%"
+        )
+    console.print(t)
+    for r in profile.runtime:
+        console.print(
+            f"executor {r.executor}: {1e6 * r.stage_overhead:.1f} us per stage, "
+            f"{1e6 * r.hop_overhead:.1f} us per hop between devices ({r.samples} runs)",
+            highlight=False,
+        )
+    errors = {}
+    for name, prof in (("before", before), ("after", profile)):
+        errors[name] = [abs(p - m) / m for _, m, p in error_table(log, prof) if m > 0]
+    if errors["after"]:
+        console.print(
+            f"median per-partition error over these runs: "
+            f"{100 * statistics.median(errors['before']):.1f}% before, "
+            f"{100 * statistics.median(errors['after']):.1f}% after",
+            highlight=False,
+        )
+    dest = out or default_profile_path(log.cluster)
+    profile.to_json(dest)
+    console.print(f"wrote {dest}")
 
 
 def register(app: typer.Typer) -> None:

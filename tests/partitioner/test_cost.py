@@ -288,3 +288,74 @@ def test_fused_group_pays_its_classes_kernel_overhead():
     )
     t = CostModel(prof, fusing_backends=TVM_FUSES).group_time(g, ops, CPU, backend="tvm")
     assert 40e-6 < t < 45e-6  # one matmul kernel's overhead + a tiny roofline
+
+
+# ---- feedback: corrections and the executor's terms ----------------------------------------
+
+
+def _feedback_profile(**runtime):
+    from hetero.cluster.profile import Correction, RuntimeProfile
+
+    return CalibrationProfile(
+        cluster="c",
+        corrections=(
+            Correction("h/cpu", "eager", "matmul@9", 3.0),
+            Correction("h/cpu", "eager", "matmul", 2.0),
+            Correction("h/cpu", "eager", "*", 1.5),
+            Correction("h/cpu", "eager", "call", 4.0),
+            Correction("other", "eager", "*", 9.0, model="x"),
+        ),
+        runtime=(RuntimeProfile("ray", **runtime),) if runtime else (),
+    )
+
+
+def test_a_correction_is_looked_up_by_class_and_bucket_then_class_then_all(mlp):
+    from hetero.partitioner.cost import group_key
+
+    model, inputs = mlp
+    graph = hetero.capture(model, inputs)
+    g = graph.coarsen(depth=0).groups[0]
+    ops = [graph[n] for n in g.nodes]
+    plain = CostModel().group_time(g, ops, CPU, backend="eager")
+    cls, bucket = group_key(g, CPU)
+    cm = CostModel(_feedback_profile())
+    expected = {("matmul", 9): 3.0, ("matmul", 0): 2.0, ("norm", 9): 1.5}
+    for key, factor in expected.items():
+        assert cm.correction(CPU, "eager", key) == factor
+    assert cm.correction(CPU, "tvm", ("matmul", 9)) == 1.0  # another backend: none
+    want = {"matmul": 3.0 if bucket == 9 else 2.0}.get(cls, 1.5)
+    assert cm.group_time(g, ops, CPU, backend="eager") == pytest.approx(want * plain)
+    assert cm.base().group_time(g, ops, CPU, backend="eager") == pytest.approx(plain)
+    # a device of the same model in another cluster finds the corrections by model
+    twin = DeviceSpec(**{**CPU.__dict__, "name": "elsewhere/cpu"})
+    assert cm.correction(twin, "eager", ("norm", 1)) == 9.0
+
+
+def test_the_executor_adds_its_stage_and_hop_costs():
+    cluster = hetero.Cluster.from_yaml("configs/clusters/dev-box-npu.yaml")
+    prof = _feedback_profile(stage_overhead=30e-6, hop_overhead=800e-6, samples=5)
+    local = CostModel(prof)  # "local": no runtime entry measured for it
+    ray = CostModel(prof, executor="ray")
+    runner = CostModel().call_overhead(CPU, "eager")
+    assert local.call_overhead(CPU, "eager") == pytest.approx(4.0 * runner)
+    assert ray.call_overhead(CPU, "eager") == pytest.approx(4.0 * runner + 30e-6)
+    a, b = cluster.devices[0].name, cluster.devices[1].name
+    link = CostModel().transfer_time(cluster, a, b, 1e6)
+    assert ray.transfer_time(cluster, a, b, 1e6) == pytest.approx(link + 800e-6)
+    assert ray.transfer_time(cluster, a, a, 1e6) == 0.0
+    assert ray.link_time(cluster, a, b, 1e6) == pytest.approx(link)
+
+
+def test_a_profile_with_feedback_round_trips_and_an_older_one_reads(tmp_path):
+    prof = _feedback_profile(stage_overhead=3e-5, hop_overhead=1e-3, samples=2)
+    path = tmp_path / "p.json"
+    prof.to_json(path)
+    again = CalibrationProfile.load(path)
+    assert again.corrections == prof.corrections and again.runtime == prof.runtime
+    older = json.loads(path.read_text())
+    for key in ("corrections", "runtime"):
+        older.pop(key)
+    older["schema_version"] = 2
+    read = CalibrationProfile.from_dict(older)
+    assert read.corrections == () and read.runtime == ()
+    assert prof.without_feedback().corrections == ()
