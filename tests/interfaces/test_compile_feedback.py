@@ -119,9 +119,10 @@ def test_a_slowed_partition_is_replanned_away_under_load(tmp_path):
     assert result.exit_code == 0, result.output
     assert "median per-partition error" in result.output
     profile = CalibrationProfile.load(out)
-    # the slowed partitions are priced as measured (with their 25 ms of delay)
-    slow = [(m, p) for label, m, p in error_table(log, profile) if m > 0.02]
-    assert slow and all(abs(p - m) / m < 0.25 for m, p in slow)
+    # the slowed partitions (their records mix calls before and after the 25 ms delay starts;
+    # the others take < 1 ms) are priced as measured
+    slow = [(m, p) for label, m, p in error_table(log, profile) if m > 0.005]
+    assert slow and all(abs(p - m) / m < 0.25 for m, p in slow), error_table(log, profile)
     assert profile.runtime_for("local") is not None
     assert RunLog.load(path) == log
 
