@@ -238,6 +238,7 @@ class Recipe:
             graph=graph,
             plan=self.plan,
             registry=self.registry,
+            choose=s.choose,
         )
 
 

@@ -1,26 +1,39 @@
 """A backend that fails on purpose, for fault and verify tests (and chaos drills).
 
-`FaultyBackend` is the eager backend plus two switches:
+`FaultyBackend` is the eager backend plus three switches:
 - at run time, a stage raises `InjectedFault` when its first input's first element equals
   `POISON` (so one request fails and the next one, with other data, succeeds);
 - at compile time, `CompileOptions(extra=(("miscompile", "<op>"),))` (`FaultyOptions`) scales the output of
-  every node whose target's name contains `<op>` by 1.5, the way a buggy kernel would.
+  every node whose target's name contains `<op>` by 1.5, the way a buggy kernel would;
+- `delay_ms` / `delay_after` (`FaultyOptions`): every call of a loaded partition after its
+  first `delay_after` sleeps `delay_ms` more, the way a device slowed down under a running
+  deployment (thermal throttling, a noisy neighbour) would: online re-planning's test.
 It lives in the package (not in tests/) so Ray workers can import it by name.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hetero.backends.base import Artifact, CompileOptions, CompileUnit, Manifest, Runner
+from hetero.backends.base import (
+    Artifact,
+    CompileOptions,
+    CompileUnit,
+    Manifest,
+    Runner,
+    sha256_file,
+)
 from hetero.backends.eager import EagerBackend, EagerOptions
 from hetero.cluster.spec import DeviceSpec
 
 POISON = 1234.5
+DELAY_FILE = "faulty.json"  # the delay a compiled partition sleeps, beside its program
 
 
 class InjectedFault(RuntimeError):
@@ -30,6 +43,8 @@ class InjectedFault(RuntimeError):
 @dataclass(frozen=True)
 class FaultyOptions(EagerOptions):
     miscompile: str = ""  # scale the output of every node whose target contains this by 1.5
+    delay_ms: float = 0.0  # every call sleeps this long more ...
+    delay_after: int = 0  # ... after this many calls of the loaded partition
 
 
 class FaultyBackend(EagerBackend):
@@ -39,16 +54,27 @@ class FaultyBackend(EagerBackend):
     def compile(
         self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
     ) -> Manifest:
-        op = self.parse_options(options).miscompile
-        if op:
-            unit = _miscompiled(unit, str(op))
+        opts = self.parse_options(options)
+        if opts.miscompile:
+            unit = _miscompiled(unit, str(opts.miscompile))
         manifest = super().compile(unit, device, options, out_dir)
-        return Manifest(**{**manifest.__dict__, "backend": self.name})
+        files = dict(manifest.files)
+        if opts.delay_ms > 0:
+            delay = {"delay_ms": opts.delay_ms, "delay_after": opts.delay_after}
+            (out_dir / DELAY_FILE).write_text(json.dumps(delay))
+            files[DELAY_FILE] = sha256_file(out_dir / DELAY_FILE)
+        return Manifest(**{**manifest.__dict__, "backend": self.name, "files": files})
 
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
         run = super().load(artifact, device)
+        delay_file = artifact.path / DELAY_FILE
+        delay = json.loads(delay_file.read_text()) if delay_file.exists() else {}
+        calls = [0]  # this loaded partition's calls (each load counts its own)
 
         def faulty(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            calls[0] += 1
+            if delay and calls[0] > delay["delay_after"]:
+                time.sleep(delay["delay_ms"] / 1e3)
             first = acts[0] if acts else None
             if (
                 isinstance(first, torch.Tensor)
