@@ -164,19 +164,14 @@ class Chooser:
             if name == planned:
                 continue
             backend = self.registry.get(name)
+            if device.kind not in (backend.choice_kinds or backend.device_kinds):
+                continue
             if state and not backend.holds_state:
                 why[name] = "updates state in place; this backend holds none"
                 continue
-            bad = next(
-                (
-                    (op, ok)
-                    for op in ops
-                    if op.op_class != "view" and not (ok := backend.supports(op, device))
-                ),
-                None,
-            )
-            if bad is not None:
-                why[name] = f"unsupported {bad[0].target}: {getattr(bad[1], 'reason', '')}"
+            bad = _unsupported(backend, ops, device)
+            if bad:
+                why[name] = bad
                 continue
             names.append(name)
         return names, why
@@ -388,6 +383,20 @@ class Chooser:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+def _unsupported(backend: Any, ops: Sequence[OpNode], device: DeviceSpec) -> str:
+    """Why `backend` cannot run one of `ops` on `device` ("" when it can run them all)."""
+    for op in ops:
+        if op.op_class == "view":
+            continue
+        try:
+            ok = backend.supports(op, device)
+        except Exception as e:  # supports() must not raise; a raise is a "no"
+            return f"{op.target}: supports() raised {type(e).__name__}: {e}"
+        if not ok:
+            return f"{op.target} unsupported: {getattr(ok, 'reason', '') or 'no reason given'}"
+    return ""
+
+
 def _sync(device: DeviceSpec) -> Callable[[], None]:
     if device.kind == "gpu" and torch.cuda.is_available():
         index = device.index
