@@ -268,6 +268,9 @@ class Backend(abc.ABC):
     holds_state: ClassVar[bool] = False
     fuses: ClassVar[bool] = False
     options_type: ClassVar[type[BackendOptions]] = BackendOptions
+    # The device kinds where the measured backend choice (runtime/choice.py) tries it
+    # unasked; None: all of `device_kinds`. It still runs where it is planned or pinned.
+    choice_kinds: ClassVar[tuple[str, ...] | None] = None
 
     def parse_options(self, options: CompileOptions) -> BackendOptions:
         """This backend's own knobs from `options` (typed; a wrong type is a ConfigError)."""

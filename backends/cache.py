@@ -21,8 +21,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from hetero.backends import signing
 from hetero.backends.base import (
@@ -38,6 +40,7 @@ from hetero.errors import ArtifactCorrupt, CompileError, ConfigError
 from hetero.paths import ENV_VAR, cache_root
 
 MANIFEST = "manifest.json"
+RECORDS = "records"  # <root>/records/<kind>/<key>.json: small signed facts about artifacts
 __all__ = ["ENV_VAR", "MANIFEST", "ArtifactCache"]
 
 log = logging.getLogger("hetero.cache")
@@ -191,6 +194,39 @@ class ArtifactCache:
         with contextlib.suppress(OSError):
             os.replace(where, trash / key)
         shutil.rmtree(trash, ignore_errors=True)
+
+    # ---- records -------------------------------------------------------------------------------
+    def read_record(self, kind: str, key: str) -> dict[str, Any] | None:
+        """A small JSON record this installation wrote (e.g. a measured backend choice,
+        keyed by the artifacts it is about), or None: absent, unreadable or not signed by
+        this installation (logged; the caller measures again)."""
+        where = self._record_path(kind, key)
+        if not where.is_file():
+            return None
+        try:
+            record = json.loads(where.read_text())
+            if not isinstance(record, dict):
+                raise ArtifactCorrupt(f"{where}: not a JSON object")
+            signing.check(record, self._secret, where)
+        except (OSError, ValueError, ArtifactCorrupt) as e:
+            log.warning("ignoring record %s: %s", where, e)
+            return None
+        return {k: v for k, v in record.items() if k != signing.MAC_FIELD}
+
+    def write_record(self, kind: str, key: str, data: Mapping[str, Any]) -> None:
+        """Sign `data` and write it whole (temporary file, then rename)."""
+        where = self._record_path(kind, key)
+        where.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=where.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(signing.sign(dict(data), self._secret), f, indent=1, sort_keys=True)
+        os.replace(tmp, where)
+
+    def _record_path(self, kind: str, key: str) -> Path:
+        for part in (kind, key):
+            if not part or "/" in part or part.startswith("."):
+                raise ConfigError(f"invalid record name {kind!r}/{key!r}")
+        return self.root / RECORDS / kind / f"{key}.json"
 
     def keys(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())

@@ -26,6 +26,7 @@ BUILTIN: dict[str, str] = {
     "tvm": "hetero.backends.tvm:TVMBackend",
     "triton": "hetero.backends.triton:TritonBackend",
     "inductor": "hetero.backends.inductor:InductorBackend",
+    "cudagraphs": "hetero.backends.cudagraphs:CudaGraphsBackend",
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,19 @@ from hetero.interfaces.generate import CompiledLM, compile_lm
 from hetero.interfaces.validation import Contract
 from hetero.partitioner.algorithms import plan as make_plan
 from hetero.partitioner.cost import CostModel
-from hetero.partitioner.decisions import BackendAssignment, Objective, Task
+from hetero.partitioner.decisions import (
+    BackendAssignment,
+    BackendChoice,
+    Choose,
+    Objective,
+    Task,
+)
 from hetero.partitioner.graph import OpGraph, capture
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.split import flatten_inputs, unflatten_outputs
 from hetero.paths import cache_root
 from hetero.runtime.build import compile_plan, needed_outputs
+from hetero.runtime.choice import Chooser
 from hetero.runtime.executor import LocalExecutor
 from hetero.runtime.online import OnlineReplanner, ReplanPolicy
 from hetero.runtime.ray_executor import RayExecutor
@@ -214,6 +221,7 @@ def compile(
     max_length: int = 256,
     batch_size: int = 1,
     feedback: bool | ReplanPolicy = False,
+    choose: BackendChoice | Choose | str | None = None,
 ) -> CompiledModel | CompiledLM:
     """Capture, plan, compile every partition (cached) and start an executor.
 
@@ -223,6 +231,11 @@ def compile(
     for this cluster. options: one CompileOptions for every backend, or backend name ->
     CompileOptions. registry: the backends to choose from (default: the built-ins and the
     `hetero.backends` entry points); planning, compiling and the workers all use it.
+    choose: "measured" compiles each CPU and GPU partition with every backend its device
+    kind has (kinds not pinned in `backends`), times each on the device with the
+    partition's inputs and keeps the fastest (cached: a second compile does not measure
+    again; a `BackendChoice` sets the compile-time budget); "fixed" runs the assignment's
+    backend. Default: $HETERO_CHOOSE, else "measured".
 
     task="generate": `model` is a causal LM (a transformers one, or a module with
     forward(input_ids, start) and its KV cache as buffers); returns a CompiledLM with
@@ -266,7 +279,16 @@ def compile(
     # priced for the runtime that will run it (its measured per-stage and per-hop costs)
     cost_model = replace(cost_model or CostModel.load(cluster=spec), executor=kind)
     settings = _settings(
-        registry, objective, backends, pins, exclude, microbatches, options, cache_dir, cost_model
+        registry,
+        objective,
+        backends,
+        pins,
+        exclude,
+        microbatches,
+        options,
+        cache_dir,
+        cost_model,
+        choose,
     )
     if feedback:
         settings = replace(
@@ -329,6 +351,7 @@ class CompileSettings:
     cache_dir: Path | None = None  # the cache root (hetero/paths.py)
     cost_model: CostModel | None = None
     feedback: ReplanPolicy | None = None  # re-plan online from measurements (None: do not)
+    choose: BackendChoice = field(default_factory=BackendChoice)  # measured or fixed
 
     def plan_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for partitioner.algorithms.plan besides graph and cluster."""
@@ -351,6 +374,7 @@ def _settings(
     options: CompileOptions | Mapping[str, CompileOptions] | None,
     cache_dir: str | os.PathLike[str] | None,
     cost_model: CostModel | None,
+    choose: BackendChoice | Choose | str | None = None,
 ) -> CompileSettings:
     """hetero.compile's arguments typed once; options checked against the registry."""
     settings = CompileSettings(
@@ -362,6 +386,7 @@ def _settings(
         options=options,
         cache_dir=cache_root(cache_dir),
         cost_model=cost_model,
+        choose=BackendChoice.parse(choose),
     )
     for opts in options.values() if isinstance(options, Mapping) else [options]:
         if opts is not None:
@@ -384,13 +409,23 @@ def prebuild(
     options: CompileOptions | Mapping[str, CompileOptions] | None = None,
     cost_model: CostModel | None = None,
     registry: BackendRegistry | None = None,
+    choose: BackendChoice | Choose | str | None = None,
 ) -> Plan:
     """Capture, plan and compile every partition into the cache, loading none of them: the
     plan, which `compile(..., plan=...)` then builds from cache hits. `hetero serve` runs
     it in a child process, so compiling never competes with the server for the GIL."""
     registry = registry if registry is not None else default_registry()
     settings = _settings(
-        registry, objective, backends, pins, exclude, microbatches, options, cache_dir, cost_model
+        registry,
+        objective,
+        backends,
+        pins,
+        exclude,
+        microbatches,
+        options,
+        cache_dir,
+        cost_model,
+        choose,
     )
     graph = capture(model, example_inputs, dynamic_shapes)
     build = _Builder(graph, settings, example_inputs, registry)
@@ -427,6 +462,7 @@ class _Builder:
             plan = make_plan(
                 self.graph, cluster, s.objective, registry=self.registry, **s.plan_kwargs()
             )
+        chooser = Chooser(self.registry, s.backends, s.choose, cluster)
         stages = compile_plan(
             self.graph,
             plan,
@@ -435,8 +471,9 @@ class _Builder:
             registry=self.registry,
             example_inputs=self.example_inputs,
             options=s.options,
+            chooser=chooser,
         )
-        return stages, plan
+        return stages, chooser.apply(plan)
 
 
 def _present(cluster: ClusterSpec, settings: CompileSettings) -> CompileSettings:

@@ -9,7 +9,9 @@ dynamic: {idx: {1: {name: seq, min: 1, max: 128}}}
 cluster: ../clusters/cpu-2core.yaml        # a file (relative to this one), local, auto, ray://host:10001
 objective: latency                         # or throughput
 constraints: {exclude: [box/npu], memory: {box/gpu0: 8 GiB}, pins: {blocks.0: box/cpu}}
-backends: {gpu: triton, cpu: tvm, npu: tvm}
+backends: {gpu: triton, cpu: tvm, npu: tvm}   # named kinds are pinned: never measured
+choose: measured                           # or fixed; each partition's backend by measurement
+choose_budget: 600 s                       # extra compile + timing time the choice may spend
 cache_dir: ~/.cache/hetero
 serving: {host: 127.0.0.1, port: 50051, max_message_bytes: 4 MiB, queue_limit: 64, deadline: 30 s}
 ray: {namespace: hetero, head_host: 127.0.0.1}   # head_host: where a head hetero starts listens
@@ -37,7 +39,7 @@ from hetero.cluster.schema import ByteCount, Seconds, format_errors
 from hetero.cluster.spec import ClusterSpec, read_yaml
 from hetero.errors import ConfigError
 from hetero.interfaces.modelfile import load_exported
-from hetero.partitioner.decisions import BackendAssignment, Objective
+from hetero.partitioner.decisions import BackendAssignment, BackendChoice, Choose, Objective
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -114,6 +116,8 @@ class DeployConfig(_Strict):
     objective: Objective = Objective.LATENCY
     constraints: Constraints = Field(default_factory=Constraints)
     backends: dict[Literal["gpu", "cpu", "npu"], str] = Field(default_factory=dict)
+    choose: Choose | None = None  # None: $HETERO_CHOOSE, else measured
+    choose_budget: Seconds | None = None  # None: BackendChoice's default
     cache_dir: str | None = None
     executor: Literal["auto", "local", "ray"] = "auto"
     # measured times correct the cost model and re-plan online (hetero.compile(feedback=True))
@@ -216,11 +220,20 @@ class DeployConfig(_Strict):
         where the plan is made)."""
         return BackendAssignment.parse(self.backends, where=self.where("backends"))
 
+    @property
+    def backend_choice(self) -> BackendChoice:
+        """`choose:` and `choose_budget:` typed (unset: $HETERO_CHOOSE, the default budget)."""
+        base = BackendChoice.parse(self.choose, where=self.where("choose"))
+        if self.choose_budget is None:
+            return base
+        return BackendChoice(base.mode, float(self.choose_budget))
+
     def compile_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for hetero.compile besides the model and its inputs."""
         return {
             "objective": self.objective,
             "backends": self.backend_assignment,
+            "choose": self.backend_choice,
             "cache_dir": self.cache_dir,
             "executor": self.executor,
             "feedback": self.feedback,

@@ -239,6 +239,7 @@ class Recipe:
             plan=self.plan,
             registry=self.registry,
             feedback=s.feedback or False,
+            choose=s.choose,
         )
 
 

@@ -1,14 +1,16 @@
 """The decisions a person makes about a plan, typed once at the edge and passed down.
 
-`Objective` (what the plan minimises) and `BackendAssignment` (which backend compiles each
-device kind's partitions) are parsed where they enter hetero (`hetero.plan`,
-`hetero.compile`, the deploy config, the CLI); everything below takes these types and
-never reads a string again.
+`Objective` (what the plan minimises), `BackendAssignment` (which backend compiles each
+device kind's partitions, and which kinds the person pinned) and `BackendChoice` (whether
+the unpinned kinds' backends are chosen per partition by measurement) are parsed where
+they enter hetero (`hetero.plan`, `hetero.compile`, the deploy config, the CLI);
+everything below takes these types and never reads a string again.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -70,9 +72,11 @@ FALLBACK_BACKEND = "eager"  # runs every op on every device; used where the aske
 @dataclass(frozen=True)
 class BackendAssignment:
     """Which backend compiles the partitions of each device kind (`by_kind`, kind -> name,
-    sorted; a kind not listed runs `FALLBACK_BACKEND`)."""
+    sorted; a kind not listed runs `FALLBACK_BACKEND`). `pinned`: the kinds a person named
+    (sorted); the measured choice (`BackendChoice`) never replaces their backend."""
 
     by_kind: tuple[tuple[str, str], ...] = DEFAULT_BACKENDS
+    pinned: tuple[str, ...] = ()
 
     @classmethod
     def parse(
@@ -103,7 +107,9 @@ class BackendAssignment:
             for kind, name in given.items():
                 if not isinstance(name, str) or not name:
                     raise ConfigError(f"{where}.{kind}: expected a backend name; got {name!r}")
-            out = cls(tuple(sorted({**dict(DEFAULT_BACKENDS), **given}.items())))
+            out = cls(
+                tuple(sorted({**dict(DEFAULT_BACKENDS), **given}.items())), tuple(sorted(given))
+            )
         if known is not None:
             names = sorted(known)
             for kind, name in out.by_kind:
@@ -115,8 +121,9 @@ class BackendAssignment:
 
     @classmethod
     def everywhere(cls, name: str) -> BackendAssignment:
-        """Every device kind through one backend."""
-        return cls(tuple((kind, name) for kind in sorted(DEVICE_KINDS)))
+        """Every device kind through one backend (pinned)."""
+        kinds = tuple(sorted(DEVICE_KINDS))
+        return cls(tuple((kind, name) for kind in kinds), kinds)
 
     def for_kind(self, kind: str) -> str:
         return dict(self.by_kind).get(kind, FALLBACK_BACKEND)
@@ -129,10 +136,75 @@ class BackendAssignment:
         return tuple(dict.fromkeys(name for _, name in self.by_kind))
 
     def with_kind(self, kind: str, name: str) -> BackendAssignment:
-        return BackendAssignment(tuple(sorted({**dict(self.by_kind), kind: name}.items())))
+        return BackendAssignment(
+            tuple(sorted({**dict(self.by_kind), kind: name}.items())), self.pinned
+        )
+
+    def is_pinned(self, kind: str) -> bool:
+        return kind in self.pinned
 
     def to_dict(self) -> dict[str, str]:
         return dict(self.by_kind)
 
     def __str__(self) -> str:
         return ", ".join(f"{k}: {v}" for k, v in self.by_kind)
+
+
+class Choose(str, enum.Enum):
+    """How each partition's backend is chosen among those its device kind has."""
+
+    MEASURED = "measured"  # compile with each, time each on the device, keep the fastest
+    FIXED = "fixed"  # the assignment's backend for the kind (no extra compiles)
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: Choose | str, where: str = "choose") -> Choose:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            known = ", ".join(c.value for c in cls)
+            raise ConfigError(
+                f"{where}: {value!r} is not a way to choose; known: {known}"
+            ) from None
+
+
+CHOOSE_ENV = "HETERO_CHOOSE"  # the default `choose` where none is given (CI: fixed)
+DEFAULT_CHOICE_BUDGET_S = 600.0
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Whether backends are chosen per partition by measurement (`mode`) and how many
+    seconds of extra compiling and timing one compile may spend on it (`budget_s`: past it,
+    the remaining partitions keep the assignment's backend, and the plan says so). Only
+    kinds with more than one usable backend that the person did not pin are measured."""
+
+    mode: Choose = Choose.MEASURED
+    budget_s: float = DEFAULT_CHOICE_BUDGET_S
+
+    def __post_init__(self) -> None:
+        if not self.budget_s >= 0:
+            raise ConfigError(f"choose budget: {self.budget_s!r} s must be >= 0")
+
+    @property
+    def measured(self) -> bool:
+        return self.mode is Choose.MEASURED
+
+    @classmethod
+    def parse(
+        cls, value: BackendChoice | Choose | str | None, where: str = "choose"
+    ) -> BackendChoice:
+        """`value` typed; None: the `HETERO_CHOOSE` environment variable, else measured."""
+        if isinstance(value, cls):
+            return value
+        if value is None:
+            value = os.environ.get(CHOOSE_ENV) or Choose.MEASURED
+            where = CHOOSE_ENV if CHOOSE_ENV in os.environ else where
+        return cls(Choose.parse(value, where))
+
+    def __str__(self) -> str:
+        return f"{self.mode} (budget {self.budget_s:g} s)" if self.measured else str(self.mode)

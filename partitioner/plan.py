@@ -43,6 +43,17 @@ class JsonFile:
 
 
 @dataclass(frozen=True)
+class BackendTiming:
+    """One backend the measured choice tried on a partition: compiled, run on the partition's
+    device with its real example inputs, checked against the eager run, timed."""
+
+    backend: str
+    ms: float | None  # the fastest round's time per call; None: not measured (`note` says why)
+    note: str = ""  # why it was not measured or not eligible ("compile failed: ...")
+    planned: bool = False  # the backend the cost model priced the partition's predicted_ms for
+
+
+@dataclass(frozen=True)
 class PlannedPartition:
     index: int
     nodes: tuple[str, ...]  # op names of the captured graph
@@ -65,6 +76,16 @@ class PlannedPartition:
     cpu_dtype: str = ""
     group_sizes: tuple[int, ...] = ()  # ops of each of `groups`, in order (`nodes` cut by group)
     state_bytes: int = 0  # buffers it updates in place (a KV cache), held on its device
+    # The measured backend choice (runtime/choice.py): every backend tried, the chosen one
+    # (`backend`) first, then the others fastest first; empty when the backend was fixed
+    # (pinned, `choose: fixed`, or the only one for the device kind).
+    choice: tuple[BackendTiming, ...] = ()
+    choice_cached: bool = False  # the times come from an earlier compile's record
+
+    @property
+    def measured_choice_ms(self) -> float | None:
+        """The chosen backend's measured time (None when not chosen by measurement)."""
+        return self.choice[0].ms if self.choice else None
 
 
 @dataclass(frozen=True)
@@ -142,6 +163,7 @@ class Plan(JsonFile):
                     "groups": tuple(p["groups"]),
                     "split": tuple((g, float(f)) for g, f in p.get("split", ())),
                     "group_sizes": tuple(p.get("group_sizes", ())),
+                    "choice": tuple(BackendTiming(**c) for c in p.get("choice", ())),
                 }
             )
             for p in d["partitions"]

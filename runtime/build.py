@@ -20,6 +20,7 @@ from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.split import Partition, eager_values, param_values, split
 from hetero.runtime.artifacts import build_artifact, manifest_io
+from hetero.runtime.choice import Chooser
 from hetero.runtime.stage import StageSpec
 from hetero.runtime.streaming import (
     STREAM_BACKEND,
@@ -123,6 +124,7 @@ def compile_partitions(
     predicted_ms: Sequence[float] | None = None,
     indices: Sequence[int] | None = None,
     streamed: Sequence[tuple[int, int] | None] | None = None,
+    chooser: Chooser | None = None,
 ) -> list[StageSpec]:
     """Compile `parts[i]` for `placements[i]` = (device, backend name); one stage each.
 
@@ -131,23 +133,43 @@ def compile_partitions(
     `indices` renames the stages (the plan's partition indices); default: Partition.index.
     `streamed[i]` = (plan partition, piece number) makes stage i a streamed piece: compiled
     by the eager backend with its parameters as inputs (runtime/streaming.py); None: resident.
+    `chooser`: a resident partition's backend is chosen by measurement among those of its
+    device kind (runtime/choice.py); the stage runs the chosen one. None: the placement's.
     """
     if len(placements) != len(parts):
         raise ConfigError(f"{len(parts)} partitions but {len(placements)} placements")
     env = example_env(graph, parts, example_inputs)
     params = param_values(graph)
     stages = []
+
+    def options_for(name: str) -> CompileOptions:
+        opts = options.get(name) if isinstance(options, Mapping) else options
+        return opts or CompileOptions()
+
     for i, (part, (device, backend_name)) in enumerate(zip(parts, placements, strict=True)):
         piece = streamed[i] if streamed else None
-        opts = options.get(backend_name) if isinstance(options, Mapping) else options
-        opts = opts or CompileOptions()
+        opts = options_for(backend_name)
         if piece is not None:
             backend_name = STREAM_BACKEND
             opts = streamed_options(opts)
-        backend = registry.get(backend_name)
         unit = CompileUnit.from_partition(part, env, params, dynamic_dims(graph, part.inputs))
         unit = on_device(unit, trace_device(device))
-        art = build_artifact(backend, unit, device, opts, Path(cache_dir))
+        if chooser is not None and piece is None:
+            ops = [graph[n] for n in part.nodes if n in graph.nodes]
+            backend_name, art = chooser.build(
+                part.index if indices is None else indices[i],
+                unit,
+                device,
+                backend_name,
+                options_for,
+                ops,
+                reference=tuple(env[o] for o in unit.outputs),
+                root=Path(cache_dir),
+                state=any(op.state_bytes for op in ops),
+            )
+            opts = options_for(backend_name)
+        else:
+            art = build_artifact(registry.get(backend_name), unit, device, opts, Path(cache_dir))
         ins, outs = manifest_io(art)
         if (ins and len(ins) != len(unit.inputs)) or (outs and len(outs) != len(unit.outputs)):
             raise CompileError(
@@ -186,15 +208,20 @@ def compile_plan(
     registry: BackendRegistry,
     example_inputs: Sequence[Any] | None = None,
     options: CompileOptions | Mapping[str, CompileOptions] | None = None,
+    chooser: Chooser | None = None,
 ) -> list[StageSpec]:
     """The stages of `plan`, in a topological order, named by the plan's partition indices.
 
     A streamed partition becomes one stage per group (runtime/streaming.py): its first
     piece keeps the partition's index, the others get indices after the plan's.
+    `chooser`: measure the backend of each partition the plan did not measure already
+    (`PlannedPartition.choice`); `chooser.apply(plan)` then records what it chose.
     """
     assignment, pieces = piece_assignment(graph, plan)
     parts = split(graph, assignment)
     fresh = max((p.index for p in plan.partitions), default=-1) + 1
+    if chooser is not None:  # a plan measured before (prebuilt, deployed) keeps its choice
+        chooser.skip.update(p.index for p in plan.partitions if p.choice)
     placements, predicted, indices, streamed = [], [], [], []
     for part in parts:
         # split() renumbers partitions in topological order; its nodes name the pieces.
@@ -225,6 +252,7 @@ def compile_plan(
         predicted_ms=predicted,
         indices=indices,
         streamed=streamed,
+        chooser=chooser,
     )
 
 

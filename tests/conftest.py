@@ -17,6 +17,10 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault(
     "HETERO_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="hetero-test-key-"), "artifact.key")
 )
+# hetero.compile measures every backend of a device kind per partition by default: the
+# tests of everything else compile with the planned backend only (tests/runtime/
+# test_choice.py asks for the measured choice).
+os.environ.setdefault("HETERO_CHOOSE", "fixed")
 
 
 def gpt2_model(layers: int = 2, dim: int = 64, heads: int = 4, vocab: int = 128, ctx: int = 64):

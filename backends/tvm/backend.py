@@ -77,6 +77,7 @@ class TVMBackend(Backend):
     name = "tvm"
     device_kinds = ("cpu", "npu", "gpu")
     fuses = True
+    choice_kinds = ("cpu",)  # its GPU code is untuned: the GPU's choice is triton/inductor/...
     options_type = TVMOptions
 
     # ---- what it can do ------------------------------------------------------------------------

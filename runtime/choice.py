@@ -1,0 +1,484 @@
+"""Measured backend choice: a partition compiled with every backend its device kind has, run
+on the device with its real example inputs (the eager run's values `compile_partitions`
+already holds), checked against that run, timed, and the fastest kept.
+
+Which backends: those the registry has for the device's kind that import here, support
+every op of the partition on the device and, for a partition that updates state in place,
+hold state (`Backend.holds_state`). Only kinds the person did not pin
+(`BackendAssignment.pinned`) and only CPUs and GPUs: an NPU partition runs emulated on the
+host, where its time says nothing about the NPU. Streamed and split partitions keep their
+backend (their pieces run through the streaming backend).
+
+Timing: `calibration.timing.time_call` (the fastest of short rounds); the candidates take
+turns, `ROUNDS` times each, so that a burst of load on a shared machine falls on all of
+them rather than on whichever ran during it.
+
+Cached: one signed record per (candidates' artifact keys, device) in the artifact cache
+(`ArtifactCache.write_record`); a later compile of the same partitions with the same
+backends and options reads the choice and compiles only the chosen backend's artifact
+(a cache hit). Records from an incomplete measurement (the budget ran out) are not kept.
+
+Budget: `BackendChoice.budget_s` seconds of compiling and timing beyond the planned
+backend's own compile, for the whole compile; past it the remaining partitions keep the
+planned backend and the plan says which.
+
+For the cost model: the plan's `predicted_ms` stay the cost model's (for the planned
+backend, `BackendTiming.planned`); the measured times sit beside them in each
+`PlannedPartition.choice`, and `measurements(plan)` lists them for whoever folds
+measurements into calibration profiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from hetero.backends.base import Artifact, CompileOptions, CompileUnit, Runner
+from hetero.backends.cache import ArtifactCache
+from hetero.backends.registry import BackendRegistry
+from hetero.calibration.timing import time_call
+from hetero.cluster.spec import ClusterSpec, DeviceSpec
+from hetero.errors import CompileError
+from hetero.partitioner.decisions import BackendAssignment, BackendChoice
+from hetero.partitioner.graph import OpNode
+from hetero.partitioner.plan import BackendTiming, Plan
+from hetero.paths import cache_root
+
+log = logging.getLogger("hetero.choice")
+
+CHOICE_KINDS = frozenset({"cpu", "gpu"})
+RECORD_KIND = "choices"
+RECORD_VERSION = 1
+ROUNDS = 3  # turns each candidate is timed in
+ROUND_BUDGET_S = 0.05  # time_call's budget per turn
+# Above this many weight bytes over all candidates, they are loaded one at a time (each
+# timed in its turns alone) rather than all at once.
+ALTERNATE_MAX_BYTES = 2 << 30
+_NOTE_CHARS = 160
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Largest relative error (norm-wise, against the eager run) a candidate may show."""
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
+
+
+@dataclass(frozen=True)
+class ChoiceMeasurement:
+    """One measured (partition, backend) pair: what the cost model's feedback folds in."""
+
+    partition: int
+    device: str
+    backend: str
+    nodes: tuple[str, ...]
+    measured_ms: float
+    planned: bool  # the backend `predicted_ms` prices
+    predicted_ms: float  # the cost model's time for the partition through the planned backend
+    chosen: bool
+
+
+def measurements(plan: Plan) -> list[ChoiceMeasurement]:
+    """Every backend time the measured choice recorded in `plan`, per partition."""
+    out = []
+    for p in plan.partitions:
+        for i, t in enumerate(p.choice):
+            if t.ms is not None:
+                out.append(
+                    ChoiceMeasurement(
+                        p.index,
+                        p.device,
+                        t.backend,
+                        p.nodes,
+                        t.ms,
+                        t.planned,
+                        p.predicted_ms,
+                        i == 0,
+                    )
+                )
+    return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the chooser decided for one partition."""
+
+    backend: str
+    artifact: Artifact
+    timings: tuple[BackendTiming, ...]  # chosen first, then fastest first, then the failed
+    cached: bool
+
+
+class Chooser:
+    """Chooses, compiles and remembers one backend per partition for one compile.
+
+    `compile_partitions` calls `build` for each resident partition; `apply(plan)` then
+    returns the plan with the chosen backends and their times.
+    """
+
+    def __init__(
+        self,
+        registry: BackendRegistry,
+        assignment: BackendAssignment,
+        choice: BackendChoice,
+        cluster: ClusterSpec | None = None,
+    ) -> None:
+        self.registry = registry
+        self.assignment = assignment
+        self.choice = choice
+        self.cache: ArtifactCache | None = None  # the cache of the compile under way
+        # Timing needs the device in this process: a cluster of several hosts is compiled
+        # here and run elsewhere.
+        self.local = cluster is None or len(cluster.hosts) == 1
+        self.decisions: dict[int, Decision] = {}
+        self.skip: set[int] = set()
+        self.spent_s = 0.0
+        self.over_budget: list[int] = []
+        self.notes: list[str] = []
+
+    # ---- which backends ------------------------------------------------------------------------
+    def candidates(
+        self, device: DeviceSpec, planned: str, ops: Sequence[OpNode], state: bool = False
+    ) -> tuple[list[str], dict[str, str]]:
+        """The backends that may run the partition (the planned one first) and, for the
+        others of its kind, why not."""
+        if (
+            not self.choice.measured
+            or device.kind not in CHOICE_KINDS
+            or self.assignment.is_pinned(device.kind)
+        ):
+            return [planned], {}
+        names, why = [planned], {}
+        for name in self.registry.for_kind(device.kind):
+            if name == planned:
+                continue
+            backend = self.registry.get(name)
+            if device.kind not in (backend.choice_kinds or backend.device_kinds):
+                continue
+            if state and not backend.holds_state:
+                why[name] = "updates state in place; this backend holds none"
+                continue
+            bad = _unsupported(backend, ops, device)
+            if bad:
+                why[name] = bad
+                continue
+            names.append(name)
+        return names, why
+
+    # ---- one partition -------------------------------------------------------------------------
+    def build(
+        self,
+        index: int,
+        unit: CompileUnit,
+        device: DeviceSpec,
+        planned: str,
+        options_for: Callable[[str], CompileOptions],
+        ops: Sequence[OpNode],
+        reference: Sequence[Any],
+        root: Path,
+        state: bool = False,
+    ) -> tuple[str, Artifact]:
+        """The backend for partition `index` and its artifact (compiled, or from the
+        artifact cache at `root`); `reference`: the eager run's values of its outputs."""
+        if self.cache is None or self.cache.root != cache_root(root):
+            self.cache = ArtifactCache(root)
+        names = [planned] if index in self.skip else self.candidates(device, planned, ops, state)[0]
+        if len(names) > 1 and (why_not := self._cannot_time(device)):
+            self.notes.append(f"p{index}: {planned} kept without measuring ({why_not})")
+            names = [planned]
+        if len(names) == 1:
+            return planned, self._artifact(planned, unit, device, options_for)
+        keys = {n: self.registry.get(n).artifact_key(unit, device, options_for(n)) for n in names}
+        record_key = _record_key(keys, device)
+        decision = self._from_record(record_key, keys, planned, unit, device, options_for)
+        if decision is None:
+            if self.spent_s >= self.choice.budget_s:
+                self.over_budget.append(index)
+                return planned, self._artifact(planned, unit, device, options_for)
+            decision, complete = self._measure(names, planned, unit, device, options_for, reference)
+            if complete:
+                self._write_record(record_key, keys, decision, device)
+            else:
+                self.over_budget.append(index)
+        self.decisions[index] = decision
+        return decision.backend, decision.artifact
+
+    def _cannot_time(self, device: DeviceSpec) -> str:
+        if not self.local:
+            return "the cluster has several hosts; a partition is timed only where it runs"
+        if device.kind == "gpu" and not torch.cuda.is_available():
+            return "no CUDA device in this process to time on"
+        return ""
+
+    def _artifact(
+        self,
+        name: str,
+        unit: CompileUnit,
+        device: DeviceSpec,
+        options_for: Callable[[str], CompileOptions],
+    ) -> Artifact:
+        assert self.cache is not None  # set by build()
+        return self.cache.build(self.registry.get(name), unit, device, options_for(name))
+
+    def _measure(
+        self,
+        names: Sequence[str],
+        planned: str,
+        unit: CompileUnit,
+        device: DeviceSpec,
+        options_for: Callable[[str], CompileOptions],
+        reference: Sequence[Any],
+    ) -> tuple[Decision, bool]:
+        """Compile, check and time each of `names` (the planned one first); (the decision,
+        whether every candidate was tried within the budget)."""
+        start = time.perf_counter()
+        own = 0.0  # the planned backend's compile: paid with or without a choice
+        artifacts: dict[str, Artifact] = {}
+        runners: dict[str, Runner] = {}
+        best: dict[str, float] = {}
+        notes: dict[str, str] = {}
+        planned_error: CompileError | None = None
+        acts = tuple(unit.example_inputs)
+        weights = sum(t.numel() * t.element_size() for t in unit.param_values.values())
+        together = weights * len(names) <= ALTERNATE_MAX_BYTES
+        sync = _sync(device)
+        complete = True
+        for name in names:
+            if name != planned and (
+                self.spent_s + time.perf_counter() - start - own > self.choice.budget_s
+            ):
+                notes[name] = "not measured: the compile-time budget of the choice ran out"
+                complete = False
+                continue
+            t0 = time.perf_counter()
+            try:
+                artifacts[name] = self._artifact(name, unit, device, options_for)
+            except CompileError as e:
+                notes[name] = f"compile failed: {_short(e)}"
+                planned_error = e if name == planned else planned_error
+                continue
+            finally:
+                if name == planned:
+                    own = time.perf_counter() - t0
+            try:
+                run = self.registry.get(name).load(artifacts[name], device)
+                got = run(*acts)
+                sync()
+                err, tol = _error(got, reference, options_for(name).dtype)
+            except Exception as e:  # a backend that cannot run the partition here loses
+                notes[name] = f"run failed: {_short(e)}"
+                continue
+            if not err <= tol:
+                notes[name] = f"wrong values: relative error {err:.1e} > {tol:.0e}"
+                continue
+            if together:
+                runners[name] = run
+            else:
+                best[name] = _time(run, acts, sync, ROUNDS)
+                del run
+                _release(device)
+        if runners:
+            best = _alternate(runners, acts, sync)
+        runners.clear()
+        _release(device)
+        self.spent_s += max(0.0, time.perf_counter() - start - own)
+        if not best:
+            if planned in artifacts:  # every candidate failed its check: as `fixed` would
+                return Decision(
+                    planned, artifacts[planned], _timings({}, notes, planned, planned), False
+                ), complete
+            if planned_error is not None:
+                raise planned_error
+            raise CompileError(
+                f"partition {unit.name} on {device.name}: no backend could run it "
+                f"({'; '.join(f'{k}: {v}' for k, v in notes.items())})"
+            )
+        chosen = min(best, key=best.__getitem__)
+        timings = _timings(best, notes, chosen, planned)
+        return Decision(chosen, artifacts[chosen], timings, False), complete
+
+    # ---- the record ------------------------------------------------------------------------------
+    def _from_record(
+        self,
+        record_key: str,
+        keys: Mapping[str, str],
+        planned: str,
+        unit: CompileUnit,
+        device: DeviceSpec,
+        options_for: Callable[[str], CompileOptions],
+    ) -> Decision | None:
+        assert self.cache is not None
+        record = self.cache.read_record(RECORD_KIND, record_key)
+        if not record or record.get("version") != RECORD_VERSION:
+            return None
+        chosen = record.get("chosen")
+        if record.get("candidates") != dict(keys) or chosen not in keys:
+            return None
+        timings = tuple(
+            BackendTiming(t["backend"], t["ms"], t.get("note", ""), t["backend"] == planned)
+            for t in record.get("timings", ())
+        )
+        return Decision(chosen, self._artifact(chosen, unit, device, options_for), timings, True)
+
+    def _write_record(
+        self, record_key: str, keys: Mapping[str, str], decision: Decision, device: DeviceSpec
+    ) -> None:
+        assert self.cache is not None
+        self.cache.write_record(
+            RECORD_KIND,
+            record_key,
+            {
+                "version": RECORD_VERSION,
+                "device": _device_identity(device),
+                "candidates": dict(keys),
+                "chosen": decision.backend,
+                "timings": [
+                    {"backend": t.backend, "ms": t.ms, "note": t.note} for t in decision.timings
+                ],
+            },
+        )
+
+    # ---- the plan --------------------------------------------------------------------------------
+    def apply(self, plan: Plan) -> Plan:
+        """`plan` with each measured partition's chosen backend and times, and a note."""
+        parts = []
+        for p in plan.partitions:
+            d = self.decisions.get(p.index)
+            if d is not None:
+                p = dataclasses.replace(
+                    p, backend=d.backend, choice=d.timings, choice_cached=d.cached
+                )
+            parts.append(p)
+        notes = list(plan.notes) + self.notes
+        if self.decisions:
+            cached = sum(d.cached for d in self.decisions.values())
+            changed = sum(
+                d.backend != next((t.backend for t in d.timings if t.planned), d.backend)
+                for d in self.decisions.values()
+            )
+            notes.append(
+                f"backend choice measured for {len(self.decisions)} partition(s) "
+                f"({cached} from earlier records, {self.spent_s:.1f} s spent); "
+                f"{changed} run another backend than planned"
+            )
+        if self.over_budget:
+            shown = ", ".join(f"p{i}" for i in self.over_budget)
+            notes.append(
+                f"backend choice: its budget of {self.choice.budget_s:g} s ran out; {shown} "
+                "chose among the backends measured by then, or kept the planned one (raise "
+                "BackendChoice.budget_s, or compile again: what was measured is cached)"
+            )
+        return dataclasses.replace(plan, partitions=tuple(parts), notes=tuple(notes))
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _unsupported(backend: Any, ops: Sequence[OpNode], device: DeviceSpec) -> str:
+    """Why `backend` cannot run one of `ops` on `device` ("" when it can run them all)."""
+    for op in ops:
+        if op.op_class == "view":
+            continue
+        try:
+            ok = backend.supports(op, device)
+        except Exception as e:  # supports() must not raise; a raise is a "no"
+            return f"{op.target}: supports() raised {type(e).__name__}: {e}"
+        if not ok:
+            return f"{op.target} unsupported: {getattr(ok, 'reason', '') or 'no reason given'}"
+    return ""
+
+
+def _sync(device: DeviceSpec) -> Callable[[], None]:
+    if device.kind == "gpu" and torch.cuda.is_available():
+        index = device.index
+        return lambda: torch.cuda.synchronize(index)
+    return lambda: None
+
+
+def _release(device: DeviceSpec) -> None:
+    gc.collect()
+    if device.kind == "gpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _time(run: Runner, acts: tuple, sync: Callable[[], None], rounds: int) -> float:
+    """Milliseconds per call, the fastest of `rounds` turns."""
+    return 1e3 * min(time_call(lambda: run(*acts), sync, ROUND_BUDGET_S) for _ in range(rounds))
+
+
+def _alternate(runners: Mapping[str, Runner], acts: tuple, sync) -> dict[str, float]:
+    best = {name: math.inf for name in runners}
+    for _ in range(ROUNDS):
+        for name, run in runners.items():
+            best[name] = min(best[name], _time(run, acts, sync, 1))
+    return best
+
+
+def _error(got: Any, reference: Sequence[Any], dtype: str | None) -> tuple[float, float]:
+    """(worst relative error over the outputs, the tolerance it must meet)."""
+    got_leaves = pytree.tree_leaves(tuple(got))
+    ref_leaves = pytree.tree_leaves(tuple(reference))
+    if len(got_leaves) != len(ref_leaves):
+        return math.inf, 0.0
+    worst, tol = 0.0, tolerance(getattr(torch, dtype) if dtype else torch.float32)
+    for g, r in zip(got_leaves, ref_leaves, strict=True):
+        if not isinstance(r, torch.Tensor):
+            worst = max(worst, 0.0 if g == r else math.inf)
+            continue
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(r.shape):
+            return math.inf, tol
+        if not r.is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(g.cpu(), r.cpu()) else math.inf)
+            continue
+        tol = max(tol, tolerance(r.dtype))
+        a, b = g.detach().double().cpu(), r.detach().double().cpu()
+        denom = float(b.norm()) or 1.0
+        worst = max(worst, float((a - b).norm()) / denom)
+    return worst, tol
+
+
+def _timings(
+    best: Mapping[str, float], notes: Mapping[str, str], chosen: str, planned: str
+) -> tuple[BackendTiming, ...]:
+    order = sorted(best, key=lambda n: (n != chosen, best[n]))
+    out = [BackendTiming(n, best[n], "", n == planned) for n in order]
+    out += [
+        BackendTiming(n, None, notes[n], n == planned)
+        for n in sorted(notes, key=lambda n: n != chosen)
+    ]
+    return tuple(out)
+
+
+def _device_identity(device: DeviceSpec) -> dict[str, Any]:
+    """What a measurement is valid for: the device and the machine it was timed on."""
+    return {
+        "kind": device.kind,
+        "model": device.model,
+        "index": device.index,
+        "cores": device.cores,
+        "threads": torch.get_num_threads() if device.kind == "cpu" else 0,
+        "host": socket.gethostname(),
+    }
+
+
+def _record_key(keys: Mapping[str, str], device: DeviceSpec) -> str:
+    body = {
+        "v": RECORD_VERSION,
+        "candidates": sorted(keys.items()),
+        "device": _device_identity(device),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def _short(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return text if len(text) <= _NOTE_CHARS else text[: _NOTE_CHARS - 1] + "…"

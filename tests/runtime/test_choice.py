@@ -1,0 +1,159 @@
+"""Measured backend choice (runtime/choice.py): the faster of two backends wins when one is
+made slow on purpose, a second compile reads the cached choice, a pinned backend and
+`choose: fixed` measure nothing, a candidate with wrong values loses, explain shows the
+times, and the plan keeps them through JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import hetero
+from hetero.backends.base import CompileOptions
+from hetero.backends.registry import BackendRegistry, _Lazy
+from hetero.cluster.spec import ClusterSpec
+from hetero.errors import ConfigError
+from hetero.partitioner.decisions import BackendAssignment, BackendChoice, Choose
+from hetero.partitioner.plan import Plan
+from hetero.runtime import choice as choice_mod
+from hetero.runtime.choice import measurements
+from hetero.runtime.testing import FaultyBackend
+
+DELAY_MS = 30.0
+
+
+def registry() -> BackendRegistry:
+    reg = BackendRegistry()
+    reg.register("eager", _Lazy("hetero.backends.eager:EagerBackend"))
+    reg.register("faulty", FaultyBackend)
+    return reg
+
+
+def one_cpu() -> ClusterSpec:
+    return ClusterSpec.local(include_gpus=False)
+
+
+def delayed(ms: float = DELAY_MS) -> CompileOptions:
+    return CompileOptions(extra=(("delay_ms", ms),))
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """Counts the timing harness's calls made by the chooser."""
+    calls = []
+    real = choice_mod.time_call
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(choice_mod, "time_call", counting)
+    return calls
+
+
+def compile_mlp(mlp, tmp_path, planned: str, **kw):
+    model, x, graph = mlp
+    kw.setdefault("backends", BackendAssignment((("cpu", planned),)))  # planned, not pinned
+    kw.setdefault("choose", "measured")
+    return hetero.compile(
+        model,
+        x,
+        cluster=one_cpu(),
+        graph=graph,
+        cache_dir=tmp_path / "cache",
+        registry=registry(),
+        executor="local",
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("planned", ["faulty", "eager"])
+def test_the_faster_backend_is_chosen(mlp, tmp_path, timed, planned):
+    model, x, _ = mlp
+    cm = compile_mlp(mlp, tmp_path, planned, options={"faulty": delayed()})
+    (p,) = cm.plan.partitions
+    assert p.backend == "eager" and cm.stages[0].backend == "eager"
+    by = {t.backend: t for t in p.choice}
+    assert set(by) == {"eager", "faulty"} and timed
+    assert by["faulty"].ms >= DELAY_MS > by["eager"].ms
+    assert by[planned].planned and not by[({"eager", "faulty"} - {planned}).pop()].planned
+    assert not p.choice_cached
+    torch.testing.assert_close(cm(*x), model(*x))
+    text = cm.plan.explain()
+    assert f"eager {by['eager'].ms:.3f} ms, chosen over faulty {by['faulty'].ms:.2f} ms" in text
+    assert f"for {planned})" in text
+    rows = measurements(cm.plan)
+    assert {(m.backend, m.chosen) for m in rows} == {("eager", True), ("faulty", False)}
+    cm.shutdown()
+
+
+def test_a_second_compile_reads_the_choice(mlp, tmp_path, timed):
+    first = compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed()})
+    n = len(timed)
+    second = compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed()})
+    assert len(timed) == n  # nothing timed again
+    a, b = first.plan.partitions[0], second.plan.partitions[0]
+    assert b.backend == "eager" and b.choice_cached and "[cached]" in second.plan.explain()
+    assert [t.ms for t in a.choice] == [t.ms for t in b.choice]
+    # other options are other artifacts: measured again
+    compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed(DELAY_MS + 1)})
+    assert len(timed) > n
+    for cm in (first, second):
+        cm.shutdown()
+
+
+def test_pinned_or_fixed_backends_are_not_measured(mlp, tmp_path, timed):
+    pinned = compile_mlp(
+        mlp, tmp_path, "faulty", backends={"cpu": "faulty"}, options={"faulty": delayed()}
+    )
+    fixed = compile_mlp(mlp, tmp_path, "faulty", choose="fixed", options={"faulty": delayed()})
+    assert not timed
+    for cm in (pinned, fixed):
+        (p,) = cm.plan.partitions
+        assert p.backend == "faulty" and not p.choice
+        assert "backend choice" not in cm.plan.explain()
+        cm.shutdown()
+
+
+def test_a_backend_with_wrong_values_loses(mlp, tmp_path):
+    # faulty is the faster here, but scales every matmul's output by 1.5
+    wrong = CompileOptions(extra=(("miscompile", "addmm"),))
+    cm = compile_mlp(mlp, tmp_path, "eager", options={"faulty": wrong})
+    (p,) = cm.plan.partitions
+    assert p.backend == "eager"
+    bad = next(t for t in p.choice if t.backend == "faulty")
+    assert bad.ms is None and bad.note.startswith("wrong values")
+    assert "faulty: wrong values" in cm.plan.explain()
+    cm.shutdown()
+
+
+def test_the_choice_survives_json(mlp, tmp_path):
+    cm = compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed()})
+    back = Plan.from_json(cm.plan.to_json())
+    assert back.partitions[0].choice == cm.plan.partitions[0].choice
+    assert json.loads(cm.plan.to_json())["partitions"][0]["choice"][0]["backend"] == "eager"
+    cm.shutdown()
+
+
+def test_a_tampered_record_is_measured_again(mlp, tmp_path, timed):
+    compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed()}).shutdown()
+    (record,) = (tmp_path / "cache" / "records" / "choices").glob("*.json")
+    data = json.loads(record.read_text())
+    data["chosen"] = "faulty"
+    record.write_text(json.dumps(data))
+    n = len(timed)
+    cm = compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed()})
+    assert len(timed) > n and cm.plan.partitions[0].backend == "eager"
+    cm.shutdown()
+
+
+def test_choose_is_typed_at_the_edge(monkeypatch):
+    assert BackendChoice.parse("fixed").mode is Choose.FIXED
+    monkeypatch.setenv("HETERO_CHOOSE", "measured")
+    assert BackendChoice.parse(None).measured
+    with pytest.raises(ConfigError, match="known: measured, fixed"):
+        BackendChoice.parse("fastest")
+    assert BackendAssignment.parse({"gpu": "inductor"}).pinned == ("gpu",)
+    assert BackendAssignment.parse(None).pinned == ()
