@@ -96,7 +96,9 @@ def hammer(cm, x, expected, requests: int, threads: int = 2) -> list[bool]:
 
 @pytest.mark.timeout(120)
 def test_a_slowed_partition_is_replanned_away_under_load(tmp_path):
-    policy = ReplanPolicy(warmup=4, window=8, cooldown=4, background=True)
+    # min_ms: the injected 25 ms, not the emulated NPU's ordinary mispricing (its faulty
+    # backend is eager on this CPU, priced as a faster chip), is what must trigger the switch
+    policy = ReplanPolicy(warmup=4, window=8, cooldown=4, background=True, min_ms=5.0)
     cm, x, expected = slowed("local", policy, tmp_path / "cache")
     with cm:
         assert "box/npu" in {s.device.name for s in cm.stages}
@@ -119,8 +121,8 @@ def test_a_slowed_partition_is_replanned_away_under_load(tmp_path):
     assert result.exit_code == 0, result.output
     assert "median per-partition error" in result.output
     profile = CalibrationProfile.load(out)
-    # the slowed partitions (their records mix calls before and after the 25 ms delay starts;
-    # the others take < 1 ms) are priced as measured
+    # the slowed partition is priced as measured (its record may mix calls from before its
+    # 25 ms delay started; the others take < 3 ms)
     slow = [(m, p) for label, m, p in error_table(log, profile) if m > 0.005]
     assert slow and all(abs(p - m) / m < 0.25 for m, p in slow), error_table(log, profile)
     assert profile.runtime_for("local") is not None

@@ -66,7 +66,8 @@ def test_a_slowed_partition_under_a_ray_deployment_is_replanned_away(ray_cluster
         cache_dir=tmp_path,
         executor="ray",
         cost_model=CostModel(),  # datasheet factors: no profile cached on this machine
-        feedback=ReplanPolicy(warmup=4, window=4, cooldown=4, background=False),
+        # the injected delay, not the emulated NPU's ordinary mispricing, triggers it
+        feedback=ReplanPolicy(warmup=4, window=4, cooldown=4, background=False, min_ms=5.0),
     )
     with torch.no_grad():
         expected = model(*x)
