@@ -145,7 +145,9 @@ class ClusterSpec:
         try:
             doc = _ClusterDoc.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(format_errors(source, "cluster description", e)) from None
+            raise ConfigError(
+                format_errors(source, "cluster description", e, _ClusterDoc)
+            ) from None
         return doc.build(source)
 
     @classmethod

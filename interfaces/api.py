@@ -55,8 +55,9 @@ def plan(
 ) -> Plan:
     """`hetero.plan`: partition `graph` over `cluster` for `objective` ("latency" or
     "throughput"). backends: device kind -> backend name (default gpu: triton, cpu/npu:
-    tvm; a name the registry lacks, or a backend unavailable here, plans with eager and says
-    so in the plan's notes). registry: the backends to choose from
+    tvm; a name the registry lacks, or a backend that does not compile for that kind, is a
+    ConfigError; a backend unavailable here plans with eager and says so in the plan's
+    notes). registry: the backends to choose from
     (default: the built-ins and the `hetero.backends` entry points). The rest as
     `hetero.partitioner.algorithms.plan` takes them."""
     registry = registry if registry is not None else default_registry()
@@ -64,7 +65,7 @@ def plan(
         graph,
         resolve_cluster(cluster),
         Objective.parse(objective),
-        backends=BackendAssignment.parse(backends),
+        backends=_assignment(backends, registry),
         registry=registry,
         pins=pins,
         exclude=exclude,
@@ -289,7 +290,7 @@ def _settings(
     """hetero.compile's arguments typed once; options checked against the registry."""
     settings = CompileSettings(
         objective=Objective.parse(objective),
-        backends=BackendAssignment.parse(backends),
+        backends=_assignment(backends, registry),
         pins=dict(pins) if pins else None,
         exclude=tuple(exclude),
         microbatches=microbatches,
@@ -301,6 +302,16 @@ def _settings(
         if opts is not None:
             registry.check_options(opts)
     return settings
+
+
+def _assignment(
+    backends: BackendAssignment | Mapping[str, str] | None, registry: BackendRegistry
+) -> BackendAssignment:
+    """`backends` typed, its names known to `registry` and each able to compile its kind."""
+    assignment = BackendAssignment.parse(backends)
+    kinds = list(backends) if isinstance(backends, Mapping) else None
+    registry.check_assignment(assignment, kinds=kinds if backends is not None else ())
+    return assignment
 
 
 def prebuild(

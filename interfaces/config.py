@@ -20,7 +20,6 @@ ray: {namespace: hetero, head_host: 127.0.0.1}   # head_host: where a head heter
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import re
@@ -32,11 +31,13 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hetero.backends.registry import default_registry
 from hetero.cluster.reference import FILE, RAY, reference_kind, resolve_cluster
-from hetero.cluster.schema import ByteCount, Seconds, format_errors
+from hetero.cluster.schema import ByteCount, Duration, format_errors
 from hetero.cluster.spec import ClusterSpec, read_yaml
 from hetero.errors import ConfigError
 from hetero.interfaces.modelfile import load_exported
+from hetero.interfaces.modelref import load_factory
 from hetero.partitioner.decisions import BackendAssignment, Objective
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -65,9 +66,9 @@ class ServingOptions(_Strict):
     # raise it here, on purpose, for big tensors (e.g. "64 MiB").
     max_message_bytes: ByteCount = GRPC_DEFAULT_MESSAGE_BYTES
     queue_limit: int = Field(64, ge=1)  # requests admitted at once; more get RESOURCE_EXHAUSTED
-    deadline: Seconds = 30.0  # seconds; applies when a client sends no deadline
+    deadline: Duration = 30.0  # seconds; applies when a client sends no deadline
     workers: int = Field(1, ge=1)  # model calls that run at the same time
-    grace: Seconds = 10.0  # seconds in-flight requests get to finish on shutdown
+    grace: Duration = 10.0  # seconds in-flight requests get to finish on shutdown
     # NaN and ±Inf in floating inputs are refused (INVALID_ARGUMENT) unless this is true,
     # for models that take them on purpose (additive -inf attention masks).
     allow_nonfinite: bool = False
@@ -196,6 +197,13 @@ class DeployConfig(_Strict):
                 spec = spec.with_device(device, memory=float(cap))
         except ConfigError as e:
             raise ConfigError(f"{self.where('constraints')}: {e}") from None
+        for kind in self.backends:
+            if not spec.of_kind(kind):
+                have = ", ".join(dict.fromkeys(d.kind for d in spec.devices))
+                raise ConfigError(
+                    f"{self.where('backends')}.{kind}: cluster {spec.name} has no {kind} "
+                    f"devices (it has {have}); remove the key, or name a cluster that has one"
+                )
         return spec
 
     def load_model(self) -> LoadedModel:
@@ -203,7 +211,9 @@ class DeployConfig(_Strict):
         if self.is_exported_file:
             module, example = load_exported(self.model, where=self.where("model"))
         else:
-            module, example = _call_factory(self)
+            module, example = load_factory(
+                self.model, self.where("model"), self.where("model_args"), **self.model_args
+            )
         if self.dtype is not None:
             module, example = _cast(module, example, self.dtype)
         return LoadedModel(module, example, _dynamic_shapes(self, module, example))
@@ -246,7 +256,12 @@ def config_from_dict(data: Any, source: str | os.PathLike[str] = "<dict>") -> De
     try:
         cfg = DeployConfig.model_validate(dict(data))
     except ValidationError as e:
-        raise ConfigError(format_errors(str(src), "deploy config", e)) from None
+        raise ConfigError(format_errors(str(src), "deploy config", e, DeployConfig)) from None
+    # Names the registry lacks, and backends that do not compile for a kind (`cpu: triton`),
+    # are refused here, before anything is planned.
+    default_registry().check_assignment(
+        cfg.backend_assignment, kinds=cfg.backends, where=f"{src}: backends"
+    )
     base = src.parent if str(source) != "<dict>" else Path.cwd()
     update: dict[str, Any] = {"source": str(src)}
     if cfg.cluster.endswith((".yaml", ".yml")):
@@ -271,34 +286,6 @@ def _resolve(base: Path, path: str) -> Path:
 
 
 # ---- model loading ------------------------------------------------------------------------------
-
-
-def _call_factory(cfg: DeployConfig) -> tuple[Any, tuple[Any, ...]]:
-    module_name, attr = cfg.model.split(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except ImportError as e:
-        raise ConfigError(
-            f"{cfg.where('model')}: cannot import {module_name} ({e}); is its package installed "
-            "where this runs (on a Ray cluster: in its workers' environment)?"
-        ) from None
-    except AttributeError:
-        raise ConfigError(f"{cfg.where('model')}: {module_name} has no {attr!r}") from None
-    try:
-        result = factory(**cfg.model_args)
-    except TypeError as e:
-        raise ConfigError(f"{cfg.where('model_args')}: {cfg.model} rejected them: {e}") from None
-    if not (
-        isinstance(result, tuple)
-        and len(result) == 2
-        and isinstance(result[0], torch.nn.Module)
-        and isinstance(result[1], tuple | list)
-    ):
-        raise ConfigError(
-            f"{cfg.where('model')}: {cfg.model} must return (torch.nn.Module, example_inputs "
-            f"tuple); it returned {type(result).__name__}"
-        )
-    return result[0], tuple(result[1])
 
 
 def _cast(module: Any, example: tuple[Any, ...], dtype: str) -> tuple[Any, tuple[Any, ...]]:
