@@ -157,7 +157,7 @@ class ClusterSpec:
 
     @classmethod
     def from_ray(cls, address: str | None = None) -> ClusterSpec:
-        """The nodes of a running Ray cluster, with their CPUs, GPUs and `NPU` resources."""
+        """The nodes of a running Ray cluster, with their CPUs, GPUs and `hetero_npu` resources."""
         return cls(*discover.ray_devices(address))
 
     def to_dict(self) -> dict[str, Any]:

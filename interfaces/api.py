@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import torch
 from hetero.backends.base import CompileOptions
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.connect import init_ray
+from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.reference import resolve_cluster
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
@@ -187,6 +188,7 @@ def compile(
     task: Task | str = Task.FORWARD,
     max_length: int = 256,
     batch_size: int = 1,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> CompiledModel | CompiledLM:
     """Capture, plan, compile every partition (cached) and start an executor.
 
@@ -196,6 +198,7 @@ def compile(
     for this cluster. options: one CompileOptions for every backend, or backend name ->
     CompileOptions. registry: the backends to choose from (default: the built-ins and the
     `hetero.backends` entry points); planning, compiling and the workers all use it.
+    progress(what, done, total): hears of each partition compiled (a progress bar).
 
     task="generate": `model` is a causal LM (a transformers one, or a module with
     forward(input_ids, start) and its KV cache as buffers); returns a CompiledLM with
@@ -226,7 +229,7 @@ def compile(
     if graph is None:
         graph = capture(model, example_inputs, dynamic_shapes)
     spec = resolve_cluster(cluster)
-    build = _Builder(graph, settings, example_inputs, registry)
+    build = _Builder(graph, settings, example_inputs, registry, progress)
     stages, plan = build(spec, plan)
     kind = executor
     if kind == "auto":
@@ -237,7 +240,7 @@ def compile(
         # A private, token-authenticated head on loopback for this process unless Ray runs
         # already; emulated NPUs of this host become the custom resource NPU workers ask for.
         npus = sum(1 for d in spec.devices if d.kind == "npu")
-        init_ray(resources={"NPU": float(npus)} if npus else None)
+        init_ray(resources={NPU_RESOURCE: float(npus)} if npus else None)
         runner = RayExecutor(
             stages,
             needed_outputs(graph),
@@ -356,15 +359,18 @@ class _Builder:
         settings: CompileSettings,
         example_inputs: Sequence[Any],
         registry: BackendRegistry,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.graph = graph
         self.settings = settings
         self.example_inputs = example_inputs
         self.registry = registry
-        self._planned = False
+        self.progress = progress  # for the first build only: a re-plan has no display
+        self._planned = self._replanning = False
 
     def __call__(self, cluster: ClusterSpec, plan: Plan | None = None):
         s = self.settings
+        self._replanning = self._planned
         if self._planned:  # a re-plan: pins and exclusions of devices now gone lapse
             s = _present(cluster, s)
         self._planned = True
@@ -380,6 +386,7 @@ class _Builder:
             registry=self.registry,
             example_inputs=self.example_inputs,
             options=s.options,
+            progress=None if self._replanning else self.progress,
         )
         return stages, plan
 

@@ -13,7 +13,6 @@ import logging
 import operator
 import sys
 import threading
-import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
+from hetero.environment import filter_known_warnings
 from hetero.errors import CaptureError, where_raised
 from hetero.partitioner.coarsen import coarsen
 from hetero.partitioner.opinfo import count_flops, numel, op_class
@@ -300,18 +300,16 @@ def capture(
     return from_exported(ep, model_name=name)
 
 
-# torch's pytree shims warn on every export, in every process that unpickles a treespec
-LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
-
-
 @contextlib.contextmanager
 def _one_report():
     """A failed export is reported once, by the CaptureError: torch also logs it (a
     traceback at ERROR, the guard at WARNING) and prints the partial graph to stderr. Both
     are held back while torch.export runs (at DEBUG they are let through); what else was
-    written to stderr meanwhile is written after it, when the export succeeds. torch's own
-    pytree deprecation warning (nothing a user can act on) is not shown. In the main thread
-    only: stderr and the warning filters belong to the whole process."""
+    written to stderr meanwhile is written after it, when the export succeeds (in the main
+    thread only: stderr belongs to the whole process). torch's pytree deprecation warnings,
+    which every export raises and nobody but torch can act on, are filtered from here on
+    (hetero/environment.py: that one message, nothing else)."""
+    filter_known_warnings()
     torch_log = logging.getLogger("torch")
     main = threading.current_thread() is threading.main_thread()
     if not main or logging.getLogger("hetero").isEnabledFor(logging.DEBUG):
@@ -321,8 +319,7 @@ def _one_report():
     torch_log.setLevel(logging.CRITICAL)
     ok = False
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(held):
-            warnings.filterwarnings("ignore", LEAFSPEC_WARNING, FutureWarning)
+        with contextlib.redirect_stderr(held):
             yield
         ok = True
     finally:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,7 @@ def compile_partitions(
     predicted_ms: Sequence[float] | None = None,
     indices: Sequence[int] | None = None,
     streamed: Sequence[tuple[int, int] | None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[StageSpec]:
     """Compile `parts[i]` for `placements[i]` = (device, backend name); one stage each.
 
@@ -131,12 +132,15 @@ def compile_partitions(
     `indices` renames the stages (the plan's partition indices); default: Partition.index.
     `streamed[i]` = (plan partition, piece number) makes stage i a streamed piece: compiled
     by the eager backend with its parameters as inputs (runtime/streaming.py); None: resident.
+    `progress(what, done, total)` hears of each partition compiled (or found in the cache).
     """
     if len(placements) != len(parts):
         raise ConfigError(f"{len(parts)} partitions but {len(placements)} placements")
     env = example_env(graph, parts, example_inputs)
     params = param_values(graph)
     stages = []
+    report = progress or (lambda what, done, total: None)
+    report("compiling partitions", 0, len(parts))
     for i, (part, (device, backend_name)) in enumerate(zip(parts, placements, strict=True)):
         piece = streamed[i] if streamed else None
         opts = options.get(backend_name) if isinstance(options, Mapping) else options
@@ -174,6 +178,7 @@ def compile_partitions(
                 piece=piece[1] if piece is not None else 0,
             )
         )
+        report("compiling partitions", i + 1, len(parts))
     return stages
 
 
@@ -186,6 +191,7 @@ def compile_plan(
     registry: BackendRegistry,
     example_inputs: Sequence[Any] | None = None,
     options: CompileOptions | Mapping[str, CompileOptions] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[StageSpec]:
     """The stages of `plan`, in a topological order, named by the plan's partition indices.
 
@@ -225,6 +231,7 @@ def compile_plan(
         predicted_ms=predicted,
         indices=indices,
         streamed=streamed,
+        progress=progress,
     )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from hetero.backends.registry import default_registry
@@ -13,14 +12,13 @@ from hetero.calibration import calibrate as run
 from hetero.calibration import fit_errors
 from hetero.cluster.profile import default_profile_path
 from hetero.cluster.reference import resolve_cluster
-from hetero.interfaces.config import load_config
+from hetero.interfaces.commands.options import cluster_option, json_option, load, out_option
+from hetero.interfaces.terminal import Activity, make_console, print_json
 from hetero.partitioner.decisions import BackendAssignment
 
 
 def calibrate(
-    cluster: str = typer.Option(
-        None, "--cluster", help="cluster YAML or 'local' (default: the config's, else 'local')"
-    ),
+    cluster: str | None = cluster_option(),
     config: Path | None = typer.Option(
         None,
         "--config",
@@ -39,9 +37,7 @@ def calibrate(
         help="also measure emulated devices (they run on this host: their factors then price "
         "the emulation)",
     ),
-    out: Path | None = typer.Option(
-        None, "--out", help="profile JSON (default: the cache dir, where plans find it)"
-    ),
+    out: Path | None = out_option("the profile JSON (default: the cache dir, where plans find it)"),
     quick: bool = typer.Option(False, "--quick", help="fewer, smaller microbenchmarks"),
     dtype: list[str] = typer.Option(
         [],
@@ -49,34 +45,51 @@ def calibrate(
         help="measure op classes in this dtype (repeatable; default float32; give the dtypes "
         "your models run in: eager backends measure each, compiling ones the first)",
     ),
+    as_json: bool = json_option(),
 ) -> None:
     """Microbenchmark the devices present through their backends, fit efficiency factors,
     write the profile (one entry per device and backend)."""
 
-    console = Console()
+    console = make_console()
 
     known = default_registry().names()
     backends: list[BackendAssignment] = []
     if config is not None:
-        cfg = load_config(config)
-        spec = cfg.cluster_spec() if cluster is None else resolve_cluster(cluster)
+        cfg = load(config, cluster)
+        spec = cfg.cluster_spec()
         backends = [BackendAssignment.parse(cfg.backend_assignment, known=known)]
     else:
-        spec = resolve_cluster(cluster or "local")
+        spec = resolve_cluster(cluster or "local", where="--cluster")
     if backend:
         backends = [
             BackendAssignment.parse(BackendAssignment.everywhere(b), known=known, where="--backend")
             for b in backend
         ]
-    with console.status("measuring") as status:
+    with Activity() as activity, activity.step("measuring") as say:
         profile, skipped, _ = run(
             spec,
             backends=backends,
             quick=quick,
             emulated=emulated,
             dtypes=tuple(dtype) or ("float32",),
-            log=lambda s: status.update(s),
+            log=say,
+            progress=activity.counter(),
         )
+    path = out or default_profile_path(spec.name)
+    profile.to_json(path)
+    if as_json:
+        print_json(
+            {
+                "profile": str(path),
+                "skipped": [{"device": s.device, "reason": s.reason} for s in skipped],
+                "fit": [
+                    {"device": dev, "backend": bk, "op_class": cls, "e_compute": ec,
+                     "e_memory": em, "op_overhead_s": ov, "fit_error": err, "samples": n}
+                    for dev, bk, cls, ec, em, ov, err, n in fit_errors(profile)
+                ],
+            }
+        )  # fmt: skip
+        return
     for s in skipped:
         console.print(f"skipped {s.device}: {s.reason}", highlight=False)
     t = Table(title=f"calibration of {spec.name}", title_justify="left")
@@ -119,9 +132,7 @@ def calibrate(
             f"link {lp.a}<->{lp.b}: {lp.bandwidth / 1e9:.1f} GB/s, {1e6 * lp.latency:.1f} us",
             highlight=False,
         )
-    path = out or default_profile_path(spec.name)
-    profile.to_json(path)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

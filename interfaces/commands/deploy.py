@@ -9,16 +9,24 @@ from rich.console import Console
 
 from hetero.cluster.connect import init_ray
 from hetero.interfaces import deploy as deploy_mod
+from hetero.interfaces.commands.options import (
+    cluster_option,
+    config_argument,
+    load,
+    objective_option,
+)
 from hetero.interfaces.commands.serve import HOST_HELP, PORT_HELP
-from hetero.interfaces.config import load_config
 from hetero.interfaces.serving import ActorServable, ModelServable, ServerOptions
 from hetero.interfaces.serving.foreground import serve_foreground
+from hetero.partitioner.decisions import Objective
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def deploy(
-        config: Path = typer.Argument(..., help="A deploy config (see configs/deploy/)."),
+        config: Path = config_argument(),
+        cluster: str | None = cluster_option(),
+        objective: Objective | None = objective_option(),
         host: str | None = typer.Option(None, "--host", help=HOST_HELP),
         port: int | None = typer.Option(None, "--port", help=PORT_HELP),
         name: str | None = typer.Option(None, help="Ray actor name (Ray clusters only)."),
@@ -31,7 +39,7 @@ def register(app: typer.Typer) -> None:
         """
 
         console = Console(stderr=True)
-        cfg = load_config(config)
+        cfg = load(config, cluster, objective)
         label = name or cfg.deployment_name
         with console.status(f"deploying {label}") as status:
             if cfg.is_ray:
