@@ -4,6 +4,9 @@
 model: hetero.interfaces.models:tiny_gpt      # pkg.module:factory -> (module, example_inputs)
 model_args: {batch: 1, seq: 32}            #   keyword arguments for the factory
 # model: exported/gpt.pt2                  # or a file written by torch.export.save
+# model: hf:gpt2                           # or a model in the local Hugging Face cache
+#                                          #   (model_args: batch, seq, revision)
+# weights: checkpoints/tuned.safetensors   # load these weights into the model (strict)
 dtype: float32                             # cast weights and float inputs
 dynamic: {idx: {1: {name: seq, min: 1, max: 128}}}
 cluster: ../clusters/cpu-2core.yaml        # a file (relative to this one), local, auto, ray://host:10001
@@ -38,6 +41,8 @@ from hetero.cluster.spec import ClusterSpec, read_yaml
 from hetero.errors import ConfigError
 from hetero.interfaces.modelfile import load_exported
 from hetero.interfaces.modelref import load_factory
+from hetero.interfaces.pretrained import PREFIX as HF_PREFIX
+from hetero.interfaces.pretrained import load_hf, load_weights
 from hetero.partitioner.decisions import BackendAssignment, Objective
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -109,6 +114,7 @@ class DeployConfig(_Strict):
 
     model: str
     model_args: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None  # a .safetensors file loaded into the model
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     dynamic: dict[str, dict[int, DimSpec]] = Field(default_factory=dict)
     cluster: str = "local"
@@ -127,14 +133,27 @@ class DeployConfig(_Strict):
     def _model(cls, v: str) -> str:
         if _IMPORT_PATH.match(v) or v.endswith(".pt2"):
             return v
+        if v.startswith(HF_PREFIX) and len(v) > len(HF_PREFIX):
+            return v
         if re.search(r"\.(pt|pth|bin|pkl|pickle|ckpt)$", v):
             raise ValueError(
                 f"{v!r} is a pickle-based file, which can run code when loaded; hetero loads "
                 "only .pt2 programs written by torch.export.save (weights stay data)"
             )
         raise ValueError(
-            f"expected an import path `pkg.module:factory` or a `.pt2` file; got {v!r}"
+            "expected an import path `pkg.module:factory`, a `.pt2` file or `hf:<model id>`; "
+            f"got {v!r}"
         )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str | None) -> str | None:
+        if v is not None and not v.endswith(".safetensors"):
+            raise ValueError(
+                f"{v!r}: weights are read from .safetensors files only (a pickled checkpoint "
+                "can run code when loaded)"
+            )
+        return v
 
     @field_validator("dynamic", mode="before")
     @classmethod
@@ -210,10 +229,20 @@ class DeployConfig(_Strict):
         """Import the factory (or load the .pt2 file safely) and cast to `dtype`."""
         if self.is_exported_file:
             module, example = load_exported(self.model, where=self.where("model"))
+            if self.weights is not None:
+                raise ConfigError(
+                    f"{self.where('weights')}: a .pt2 program carries its own weights"
+                )
+        elif self.model.startswith(HF_PREFIX):
+            module, example = load_hf(
+                self.model, self.where("model"), self.where("model_args"), **self.model_args
+            )
         else:
             module, example = load_factory(
                 self.model, self.where("model"), self.where("model_args"), **self.model_args
             )
+        if self.weights is not None and not self.is_exported_file:
+            load_weights(module, self.weights, where=self.where("weights"))
         if self.dtype is not None:
             module, example = _cast(module, example, self.dtype)
         return LoadedModel(module, example, _dynamic_shapes(self, module, example))
@@ -275,6 +304,12 @@ def config_from_dict(data: Any, source: str | os.PathLike[str] = "<dict>") -> De
         update["model"] = str(_resolve(base, cfg.model))
         if not Path(update["model"]).is_file():
             raise ConfigError(f"{src}: model: no file {cfg.model} (looked for {update['model']})")
+    if cfg.weights is not None:
+        update["weights"] = str(_resolve(base, cfg.weights))
+        if not Path(update["weights"]).is_file():
+            raise ConfigError(
+                f"{src}: weights: no file {cfg.weights} (looked for {update['weights']})"
+            )
     if cfg.cache_dir is not None:
         update["cache_dir"] = str(_resolve(base, cfg.cache_dir))
     return cfg.model_copy(update=update)

@@ -18,6 +18,8 @@ from hetero.interfaces.commands.options import (
 )
 from hetero.interfaces.devicemap import device_map
 from hetero.interfaces.modelref import load_factory
+from hetero.interfaces.pretrained import PREFIX as HF_PREFIX
+from hetero.interfaces.pretrained import load_hf
 from hetero.interfaces.terminal import Activity, make_console, print_json
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.decisions import Objective
@@ -62,7 +64,10 @@ def plan(
             "pins": dict(cfg.constraints.pins) or None,
         }
     else:
-        model, inputs = load_factory(target, where="model")
+        if target.startswith(HF_PREFIX):
+            model, inputs = load_hf(target, where="model")
+        else:
+            model, inputs = load_factory(target, where="model")
         dynamic = None
         spec = resolve_cluster(cluster or "local", where="--cluster")
     objective = objective or Objective.LATENCY
