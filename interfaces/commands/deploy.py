@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from hetero.cluster.connect import init_ray
 from hetero.interfaces import deploy as deploy_mod
@@ -18,6 +17,7 @@ from hetero.interfaces.commands.options import (
 from hetero.interfaces.commands.serve import HOST_HELP, PORT_HELP
 from hetero.interfaces.serving import ActorServable, ModelServable, ServerOptions
 from hetero.interfaces.serving.foreground import serve_foreground
+from hetero.interfaces.terminal import make_console
 from hetero.partitioner.decisions import Objective
 
 
@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         Runs in the foreground; SIGINT/SIGTERM drain in-flight requests and exit.
         """
 
-        console = Console(stderr=True)
+        console = make_console(stderr=True)
         cfg = load(config, cluster, objective)
         label = name or cfg.deployment_name
         with console.status(f"deploying {label}") as status:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from hetero.cluster.connect import init_ray
 from hetero.interfaces import deploy as deploy_mod
@@ -17,6 +16,7 @@ from hetero.interfaces.commands.options import (
 )
 from hetero.interfaces.serving import LoadingServable, ModelServable, ServerOptions
 from hetero.interfaces.serving.foreground import serve_foreground
+from hetero.interfaces.terminal import make_console
 from hetero.partitioner.decisions import Objective
 
 HOST_HELP = "Address to listen on (default: the config's serving.host, 127.0.0.1)."
@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         partition answers, then SERVING (and NOT_SERVING again while a fault is being
         repaired). SIGINT/SIGTERM drain in-flight requests and exit.
         """
-        console = Console(stderr=True)
+        console = make_console(stderr=True)
         cfg = load(config, cluster, objective)
         name = cfg.deployment_name
         say = lambda m: console.print(f"[dim]{m}[/]", highlight=False)  # noqa: E731
