@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ from hetero.backends.base import Artifact, CompileOptions, CompileUnit
 from hetero.backends.cache import ArtifactCache
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import DeviceSpec
+from hetero.environment import filter_known_warnings
 from hetero.errors import ArtifactCorrupt, CompileError
 
 
@@ -42,10 +43,12 @@ def compile_units(
     workers: int | None = None,
     progress: bool = True,
     registry: BackendRegistry | None = None,
+    report: Callable[[int, int], None] | None = None,
 ) -> list[Artifact]:
     """Artifacts for `jobs`, in order. Raises CompileError naming the first failing partition,
     its backend, its device and the cause (after every other job has finished). `registry`:
-    where the jobs' backend names are looked up (default: the built-ins and entry points)."""
+    where the jobs' backend names are looked up (default: the built-ins and entry points).
+    `report(done, total)` hears of each job finished (cache hits count as done at once)."""
     registry = registry if registry is not None else default_registry()
     results: list[Artifact | None] = [None] * len(jobs)
     todo: list[int] = []
@@ -70,16 +73,30 @@ def compile_units(
         task = bar.add_task(
             "compiling partitions", total=len(jobs), completed=len(jobs) - len(todo)
         )
+        done = len(jobs) - len(todo)
+
+        def advance() -> None:
+            nonlocal done
+            done += 1
+            bar.advance(task)
+            if report is not None:
+                report(done, len(jobs))
+
+        if report is not None:
+            report(done, len(jobs))
         if n <= 1 or len(todo) <= 1:
             for i in todo:
                 try:
                     results[i] = _build(jobs[i], cache.root, registry)
                 except Exception as e:  # collected: report every failure's partition
                     errors.append((i, e))
-                bar.advance(task)
+                advance()
         else:
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+            pool = ProcessPoolExecutor(
+                max_workers=n, mp_context=ctx, initializer=filter_known_warnings
+            )
+            with pool:
                 futures = {pool.submit(_build, jobs[i], cache.root, registry): i for i in todo}
                 for fut in as_completed(futures):
                     i = futures[fut]
@@ -87,7 +104,7 @@ def compile_units(
                         results[i] = fut.result()
                     except Exception as e:
                         errors.append((i, e))
-                    bar.advance(task)
+                    advance()
     if errors:
         errors.sort(key=lambda x: x[0])
         i, e = errors[0]

@@ -16,7 +16,9 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from hetero.backends.base import Backend, CompileOptions
+from hetero.cluster.schema import did_you_mean
 from hetero.errors import ConfigError
+from hetero.partitioner.decisions import BackendAssignment
 
 ENTRY_POINT_GROUP = "hetero.backends"
 
@@ -45,7 +47,10 @@ class BackendRegistry:
 
     def get(self, name: str) -> Backend:
         if name not in self._factories:
-            raise ConfigError(f"no backend {name!r}; known: {', '.join(self.names())}")
+            raise ConfigError(
+                f"no backend {name!r}{did_you_mean(name, self.names())}; "
+                f"known: {', '.join(self.names())}"
+            )
         if name not in self._instances:
             self._instances[name] = self._factories[name]()
         return self._instances[name]
@@ -75,6 +80,44 @@ class BackendRegistry:
                 f"no backend takes the option(s) {', '.join(map(repr, unknown))}; "
                 f"known: {', '.join(sorted(known))}"
             )
+
+    def check_assignment(
+        self,
+        backends: BackendAssignment,
+        kinds: Iterable[str] | None = None,
+        where: str = "backends",
+    ) -> None:
+        """A ConfigError on `<where>.<kind>` for a backend name this registry lacks (with the
+        closest known name) and for a backend that does not compile for that kind of device
+        (`cpu: triton`), listing the ones that do. `kinds`: the kinds to check (default:
+        all the assignment names). A backend whose plug-in fails to import is left to the
+        planner, which plans its partitions with eager and says why."""
+        chosen = dict(backends.by_kind)
+        for kind in chosen if kinds is None else kinds:
+            name = chosen.get(kind)
+            if name is None:
+                continue
+            if name not in self:
+                raise ConfigError(
+                    f"{where}.{kind}: no backend {name!r}{did_you_mean(name, self.names())}; "
+                    f"known: {', '.join(self.names())}"
+                )
+            try:
+                targets = self.get(name).device_kinds
+            except Exception:  # a plug-in that fails to import: the planner says why
+                continue
+            if kind not in targets:
+                fits = [n for n in self.names() if kind in self._kinds(n)]
+                raise ConfigError(
+                    f"{where}.{kind}: {name} compiles for {' and '.join(targets)} devices only; "
+                    f"for {kind} use one of: {', '.join(fits)}"
+                )
+
+    def _kinds(self, name: str) -> tuple[str, ...]:
+        try:
+            return tuple(self.get(name).device_kinds)
+        except Exception:  # a plug-in that fails to import targets nothing here
+            return ()
 
     def for_kind(self, kind: str) -> list[str]:
         """Names of backends that target a device kind and whose libraries import here."""

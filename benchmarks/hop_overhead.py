@@ -25,6 +25,7 @@ import torch
 from ray.dag import InputNode
 
 from hetero.backends.registry import default_registry
+from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.spec import ClusterSpec
 from hetero.partitioner.graph import capture
 from hetero.partitioner.split import split
@@ -117,7 +118,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="256,65536,262144", help="float32 elements per activation")
     ap.add_argument("--json", default="benchmarks/results/hop_overhead.json")
     args = ap.parse_args()
-    ray.init(num_cpus=4, resources={"NPU": 1}, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, resources={NPU_RESOURCE: 1}, include_dashboard=False, log_to_driver=False)
     cluster = ClusterSpec.from_dict(CLUSTER)
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):

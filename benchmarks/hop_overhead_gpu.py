@@ -36,6 +36,7 @@ from pathlib import Path
 
 from bounded import run_bounded
 
+from hetero.cluster.devices import NPU_RESOURCE
 from hetero.runtime.faults import bounded
 
 CONFIGS = ("copy", "bare_id", "bare_move", "bare_cg", "hetero_cg", "bare_gc", "hetero_gc")
@@ -143,11 +144,11 @@ def child_ray(config: str, sizes: list[int], iters: int, emit) -> None:
     cluster = cluster_spec(gpu)
     # bare actors take a sliver of the GPU (Ray then exposes it to them); hetero's worker
     # asks for the whole GPU, which is why bare and hetero never share one Ray instance
-    gpu_opts = {"num_gpus": 0.1} if gpu else {"resources": {"NPU": 0.1}}
+    gpu_opts = {"num_gpus": 0.1} if gpu else {"resources": {NPU_RESOURCE: 0.1}}
     ray.init(
         num_cpus=4,
         num_gpus=1 if gpu else 0,
-        resources=None if gpu else {"NPU": 1},
+        resources=None if gpu else {NPU_RESOURCE: 1},
         include_dashboard=False,
         log_to_driver=False,
     )

@@ -27,7 +27,7 @@ from hetero.calibration.fit import (
     Sample,
     fit_classes,
 )
-from hetero.calibration.timing import time_call
+from hetero.calibration.timing import Progress, time_call
 from hetero.calibration.units import Prepared, prepare_units
 from hetero.cluster.profile import CalibrationProfile, DeviceProfile
 from hetero.cluster.spec import DeviceSpec
@@ -52,6 +52,7 @@ def calibrate_compiled(
     log: Callable[[str], None],
     prepared: Sequence[Prepared] | None,
     registry: BackendRegistry,
+    progress: Progress = lambda what, done, total: None,
 ) -> tuple[DeviceProfile, list[Sample]]:
     """Compile the microbenchmarks through `backend_name` (cached), load them as a worker
     would, time them and fit; two whole blocks give the entry's sequence factor."""
@@ -77,12 +78,14 @@ def calibrate_compiled(
         else:
             todo.append((p.unit, p.terms, p.compile_unit, p.env, p.groups))
     log(f"{device.name} ({backend_name}): compiling {len(todo)} microbenchmarks")
+    what, total = f"calibrating {device.name} ({backend_name})", 2 * len(todo)
     arts = compile_units(
         [CompileJob(cu, device, backend_name, CompileOptions()) for _, _, cu, _, _ in todo],
         cache,
         workers=workers,
         progress=False,
         registry=registry,
+        report=lambda done, _n: progress(what, done, total),
     )
 
     def sync() -> None:
@@ -102,6 +105,7 @@ def calibrate_compiled(
                 budget = 1.0 if u.op_class == BLOCK else 0.3
                 times.append(time_call(lambda run=run, args=args: run(*args), sync, budget=budget))
                 log(f"{device.name} ({backend_name}): {u.label}: {times[-1] * 1e6:.1f} us")
+                progress(what, len(todo) + len(times), total)
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(threads)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from hetero.calibration.fit import BLOCK, Sample, fit_classes
-from hetero.calibration.timing import time_call
+from hetero.calibration.timing import Progress, time_call
 from hetero.calibration.units import unit_modules
 from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency
 from hetero.cluster.spec import DeviceSpec
@@ -154,7 +154,12 @@ def cases(dev, dtype, quick: bool) -> Iterator[tuple[str, str, Callable, float, 
 
 
 def calibrate_eager(
-    device: DeviceSpec, *, quick: bool, dtypes: Sequence[str], log: Callable[[str], None]
+    device: DeviceSpec,
+    *,
+    quick: bool,
+    dtypes: Sequence[str],
+    log: Callable[[str], None],
+    progress: Progress = lambda what, done, total: None,
 ) -> tuple[DeviceProfile, list[Sample]]:
     bw = device.mem_bandwidth or 1e10
     if device.kind == "gpu":
@@ -183,14 +188,18 @@ def calibrate_eager(
                 f"({bare * 1e6:.1f} us as a bare torch call), {per_view * 1e6:.1f} us/view, "
                 f"{call * 1e6:.1f} us/partition call"
             )
+            what, done = f"calibrating {device.name} (eager)", 0
             for dtype in dtypes:
                 tdtype = getattr(torch, dtype)
                 mine = []
+                # a generator (each case allocates its tensors): the total is not known
                 for cls, label, fn, flops, nbytes in cases(dev, tdtype, quick):
                     t = time_call(fn, sync)
                     peak = device.peak(dtype)
                     mine.append(Sample(cls, label, float(flops), float(nbytes), t, dtype, peak))
                     log(f"{device.name} (eager, {dtype}): {label}: {mine[-1].seconds * 1e6:.1f} us")
+                    done += 1
+                    progress(what, done, 0)
                 # The cases are bare torch calls; a partition's ops pay the runner's extra
                 # dispatch on top of each class's fitted overhead.
                 fitted = fit_classes(mine, device.peak(dtype), bw, bare, dtype)

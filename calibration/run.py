@@ -14,6 +14,7 @@ from hetero.calibration.compiled import calibrate_compiled
 from hetero.calibration.eager import calibrate_eager
 from hetero.calibration.fit import Sample
 from hetero.calibration.links import calibrate_link
+from hetero.calibration.timing import Progress
 from hetero.calibration.units import Prepared, prepare_units
 from hetero.cluster.profile import CalibrationProfile, DeviceProfile
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
@@ -37,17 +38,20 @@ def calibrate_device(
     log: Callable[[str], None] = lambda s: None,
     prepared: Sequence[Prepared] | None = None,
     registry: BackendRegistry | None = None,
+    progress: Progress | None = None,
 ) -> tuple[DeviceProfile, list[Sample]]:
     """Measure `device` through `backend` and fit its factors, per op class and dtype (the
     first dtype's also as the plain class: the fallback for others). A compiling backend's
     microbenchmarks (`prepared`, else `prepare_units(quick, dtypes[0])`: it measures the
     first dtype only) go through `cache` (an ArtifactCache; None: the default one), compiled
     in `workers` processes (None: one per core; 1: in this process), the backend looked
-    up in `registry` (default: the built-ins and entry points)."""
+    up in `registry` (default: the built-ins and entry points). `progress(what, done,
+    total)` hears of each microbenchmark compiled and timed."""
     if isinstance(dtypes, str):
         dtypes = (dtypes,)
+    step = progress or (lambda what, done, total: None)
     if backend == "eager":
-        return calibrate_eager(device, quick=quick, dtypes=tuple(dtypes), log=log)
+        return calibrate_eager(device, quick=quick, dtypes=tuple(dtypes), log=log, progress=step)
     return calibrate_compiled(
         device,
         backend,
@@ -58,6 +62,7 @@ def calibrate_device(
         log=log,
         prepared=prepared,
         registry=registry if registry is not None else default_registry(),
+        progress=step,
     )
 
 
@@ -109,6 +114,7 @@ def calibrate(
     workers: int | None = None,
     log: Callable[[str], None] = lambda s: None,
     registry: BackendRegistry | None = None,
+    progress: Progress | None = None,
 ) -> tuple[CalibrationProfile, list[Skipped], dict[tuple[str, str], list[Sample]]]:
     """Measure every device present through the backend each of `backends` (one assignment
     or several) gives its kind (see `backends_to_measure`); one profile entry per (device, backend), its factors per op
@@ -116,7 +122,8 @@ def calibrate(
     matmul can be ten times slower than its float32 one). Samples are keyed the same way.
     `cache`/`workers`: where and how compiling backends build their microbenchmarks (see
     `calibrate_device`). registry: where backend names are looked up (default: the
-    built-ins and entry points)."""
+    built-ins and entry points). progress(what, done, total): per device and backend, the
+    microbenchmarks compiled and timed so far (a progress bar)."""
     registry = registry if registry is not None else default_registry()
     if isinstance(backends, BackendAssignment):
         backends = (backends,)
@@ -137,6 +144,7 @@ def calibrate(
                 log=log,
                 prepared=prepared,
                 registry=registry,
+                progress=progress,
             )
             profiles.append(prof)
             samples[d.name, name] = s

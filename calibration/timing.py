@@ -5,6 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+# (what, done, total): how calibration tells a caller how far it is (a progress bar;
+# total 0: not known)
+Progress = Callable[[str, int, int], None]
+
 
 def time_call(
     fn: Callable[[], object], sync: Callable[[], None] = lambda: None, budget: float = 0.15

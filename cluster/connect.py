@@ -93,15 +93,28 @@ def init_ray(
             **{
                 "include_dashboard": False,
                 "log_to_driver": False,
+                "logging_level": ray_log_level(),
                 **head,
                 **where,
                 "address": "local",  # a new head, never a cluster some other process started
                 "namespace": namespace,
-                "resources": resources or None,  # e.g. {"NPU": 1} for emulated NPUs here
+                "resources": resources or None,  # e.g. {NPU_RESOURCE: 1} for emulated NPUs
             }
         )
     else:
-        ray.init(address=address, namespace=namespace, log_to_driver=False)
+        ray.init(
+            address=address,
+            namespace=namespace,
+            log_to_driver=False,
+            logging_level=ray_log_level(),
+        )
+
+
+def ray_log_level() -> int:
+    """Ray's own logs follow hetero's: WARNING unless hetero's logger says more (`hetero -v`
+    shows Ray's INFO lines too, `-q` only its errors). Ray starts, tears down compiled
+    graphs and the like at INFO on every run: news to nobody who did not ask."""
+    return max(logging.getLogger("hetero").getEffectiveLevel(), logging.INFO)
 
 
 def _pin_to_loopback() -> None:

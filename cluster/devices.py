@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 DeviceKind = Literal["gpu", "cpu", "npu"]
+# The Ray custom resource an NPU worker asks for, one per NPU. Not "NPU": Ray reads a resource
+# of that name as its Ascend accelerator and probes for Ascend's `acl` library, logging a
+# traceback on every machine without one.
+NPU_RESOURCE = "hetero_npu"
 DEVICE_KINDS: tuple[str, ...] = ("gpu", "cpu", "npu")
 
 

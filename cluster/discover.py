@@ -13,7 +13,7 @@ import socket
 from typing import NamedTuple
 
 from hetero.cluster.connect import init_ray
-from hetero.cluster.devices import DeviceSpec, LinkSpec
+from hetero.cluster.devices import NPU_RESOURCE, DeviceSpec, LinkSpec
 
 
 class Discovered(NamedTuple):
@@ -135,7 +135,7 @@ def local_devices(include_gpus: bool = True, host: str | None = None) -> Discove
 
 
 def ray_devices(address: str | None = None) -> Discovered:
-    """One host per alive Ray node: `CPU` -> a cpu device, `GPU` -> gpus, `NPU` -> emulated npus."""
+    """One host per alive Ray node: `CPU` -> a cpu device, `GPU` -> gpus, `hetero_npu` -> emulated npus."""
     import ray  # optional (hetero[ray]) and heavy: only discovery over Ray needs it
 
     init_ray(address or "auto")  # connects unless this process runs Ray already
@@ -156,7 +156,7 @@ def ray_devices(address: str | None = None) -> Discovered:
             gpu = gpu_device(host, i, str(res.get("accelerator_type", "GPU")), 80e9)
             devices.append(gpu)
             links.append(LinkSpec(gpu.name, cpu.name, 25e9, 10e-6, "pcie"))
-        for i in range(int(res.get("NPU", 0))):
+        for i in range(int(res.get(NPU_RESOURCE, 0))):
             npu = DeviceSpec(
                 name=f"{host}/npu{i}",
                 kind="npu",

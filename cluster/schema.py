@@ -1,48 +1,100 @@
 """What the YAML schemas (the cluster file, the deploy config) share: quantities with units
-as pydantic field types, and the one way a validation error is told to a person."""
+as pydantic field types, and the one way a validation error is told to a person: one line
+per problem, naming its key, with the closest valid value where one is near (difflib)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+import re
+import types
+import typing
+from collections.abc import Iterable
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
-from hetero.cluster.units import (
-    UnitError,
-    parse_bandwidth,
-    parse_bytes,
-    parse_flops,
-    parse_seconds,
-)
+from hetero.cluster.units import BANDWIDTH, DURATION, LATENCY, RATE, SIZE, Kind, UnitError, parse
 
 
-def _read(parser: Callable[[Any], float], cast: type = float) -> BeforeValidator:
+def _read(kind: Kind, cast: type = float) -> BeforeValidator:
     def check(v: Any) -> Any:
         try:
-            return cast(parser(v))
+            return cast(parse(v, kind))
         except UnitError as e:  # pydantic reports a ValueError under the field's key
             raise ValueError(str(e)) from None
 
     return BeforeValidator(check)
 
 
-Bytes = Annotated[float, _read(parse_bytes)]  # "80 GB", "8 GiB" or a number of bytes
-ByteCount = Annotated[int, _read(parse_bytes, int)]  # the same, as a whole number
-Bandwidth = Annotated[float, _read(parse_bandwidth)]  # "3.35 TB/s" or bytes per second
-Flops = Annotated[float, _read(parse_flops)]  # "989 TFLOPS" or FLOP/s
-Seconds = Annotated[float, _read(parse_seconds)]  # "5 us", "30 s" or seconds
+Bytes = Annotated[float, _read(SIZE)]  # "80 GB", "8 GiB"
+ByteCount = Annotated[int, _read(SIZE, int)]  # the same, as a whole number
+Bandwidth = Annotated[float, _read(BANDWIDTH)]  # "3.35 TB/s", "100 Gb/s"
+Flops = Annotated[float, _read(RATE)]  # "989 TFLOPS"
+Seconds = Annotated[float, _read(LATENCY)]  # "5 us": launch overheads, link latencies
+Duration = Annotated[float, _read(DURATION)]  # "30 s": deadlines, grace periods
 
 
-def format_errors(source: str, what: str, e: ValidationError) -> str:
-    """One line per problem, each naming its key: `<source>: the <what> is not valid:`."""
+def did_you_mean(word: Any, choices: Iterable[Any]) -> str:
+    """' (did you mean 'x'?)' for the choice closest to `word`, '' when none is close."""
+    names = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def format_errors(
+    source: str, what: str, e: ValidationError, model: type[BaseModel] | None = None
+) -> str:
+    """One line per problem, each naming its key: `<source>: the <what> is not valid:`.
+    `model` (the schema validated) lets an unknown key suggest the closest known one."""
     lines = [f"{source}: the {what} is not valid:"]
     for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling)"
+            known = _keys_at(model, loc[:-1]) if model is not None else ()
+            msg = "unknown key" + (
+                did_you_mean(loc[-1], known) or f" (known: {', '.join(known)})"
+                if known
+                else " (check its spelling)"
+            )
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif err["type"] in ("literal_error", "enum"):
+            allowed = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+            msg += did_you_mean(err.get("input"), allowed)
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
+
+
+def _keys_at(model: type[BaseModel], path: tuple[Any, ...]) -> tuple[str, ...]:
+    """The field names of the sub-schema at `path` (keys and list indices) under `model`."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int) or not _is_model(current):
+            current = _inner(current)
+        if _is_model(current) and isinstance(part, str):
+            field = current.model_fields.get(part)
+            if field is None:
+                return ()
+            current = field.annotation
+    current = _inner(current)
+    return tuple(current.model_fields) if _is_model(current) else ()
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _inner(t: Any) -> Any:
+    """The schema inside Optional[...], list[...], dict[..., ...]: the first model found."""
+    if _is_model(t):
+        return t
+    origin = typing.get_origin(t)
+    if origin is None and not isinstance(t, types.UnionType):
+        return t
+    for arg in reversed(typing.get_args(t)):  # dict[k, v]: the value's schema
+        found = _inner(arg)
+        if _is_model(found):
+            return found
+    return t

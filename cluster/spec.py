@@ -145,7 +145,9 @@ class ClusterSpec:
         try:
             doc = _ClusterDoc.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(format_errors(source, "cluster description", e)) from None
+            raise ConfigError(
+                format_errors(source, "cluster description", e, _ClusterDoc)
+            ) from None
         return doc.build(source)
 
     @classmethod
@@ -155,7 +157,7 @@ class ClusterSpec:
 
     @classmethod
     def from_ray(cls, address: str | None = None) -> ClusterSpec:
-        """The nodes of a running Ray cluster, with their CPUs, GPUs and `NPU` resources."""
+        """The nodes of a running Ray cluster, with their CPUs, GPUs and `hetero_npu` resources."""
         return cls(*discover.ray_devices(address))
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sysconfig
+import traceback
+
 
 class HeteroError(Exception):
     """Base of every error hetero raises on purpose."""
@@ -48,3 +52,51 @@ class InvalidInput(HeteroError, ValueError):
 class Unavailable(HeteroError):
     """The model cannot run requests now: still loading, recovering from a fault, or with
     no device left that can run it (says which). Retry later (gRPC UNAVAILABLE)."""
+
+
+def user_frame(error: BaseException) -> traceback.FrameSummary | None:
+    """The deepest frame of `error`'s traceback in the user's own code: not the standard
+    library, not an installed package, not hetero. None when every frame is one of those."""
+    frames = traceback.extract_tb(error.__traceback__)
+    for frame in reversed(frames):
+        if not _library(frame.filename):
+            return frame
+    return None
+
+
+def where_raised(error: BaseException) -> str:
+    """` at <file>:<line> in <function>:\\n    <source>` for the user's frame, or ''."""
+    frame = user_frame(error)
+    if frame is None:
+        return ""
+    source = f"\n    {frame.line.strip()}" if frame.line else ""
+    return f" at {frame.filename}:{frame.lineno} in {frame.name}{source}"
+
+
+def _library(filename: str) -> bool:
+    if filename.startswith("<"):  # <string>, <frozen ...>: no file of the user's
+        return True
+    path = os.path.realpath(filename)
+    return path.startswith(_LIBRARY_DIRS) or "site-packages" in path or "dist-packages" in path
+
+
+# The standard library, and hetero's own folders (each top-level folder is a subpackage).
+_LIBRARY_DIRS: tuple[str, ...] = tuple(
+    os.path.realpath(p) + os.sep
+    for p in {
+        sysconfig.get_paths()["stdlib"],
+        sysconfig.get_paths()["platstdlib"],
+        *(
+            os.path.join(os.path.dirname(os.path.dirname(__file__)), d)
+            for d in (
+                "hetero",
+                "cluster",
+                "partitioner",
+                "backends",
+                "calibration",
+                "runtime",
+                "interfaces",
+            )
+        ),
+    }
+)

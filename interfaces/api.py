@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import torch
 from hetero.backends.base import CompileOptions
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.connect import init_ray
+from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.reference import resolve_cluster
 from hetero.cluster.runs import RunLog
 from hetero.cluster.spec import ClusterSpec
@@ -65,8 +66,9 @@ def plan(
 ) -> Plan:
     """`hetero.plan`: partition `graph` over `cluster` for `objective` ("latency" or
     "throughput"). backends: device kind -> backend name (default gpu: triton, cpu/npu:
-    tvm; a name the registry lacks, or a backend unavailable here, plans with eager and says
-    so in the plan's notes). registry: the backends to choose from
+    tvm; a name the registry lacks, or a backend that does not compile for that kind, is a
+    ConfigError; a backend unavailable here plans with eager and says so in the plan's
+    notes). registry: the backends to choose from
     (default: the built-ins and the `hetero.backends` entry points). The rest as
     `hetero.partitioner.algorithms.plan` takes them."""
     registry = registry if registry is not None else default_registry()
@@ -74,7 +76,7 @@ def plan(
         graph,
         resolve_cluster(cluster),
         Objective.parse(objective),
-        backends=BackendAssignment.parse(backends),
+        backends=_assignment(backends, registry),
         registry=registry,
         pins=pins,
         exclude=exclude,
@@ -222,6 +224,7 @@ def compile(
     batch_size: int = 1,
     feedback: bool | ReplanPolicy = False,
     choose: BackendChoice | Choose | str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> CompiledModel | CompiledLM:
     """Capture, plan, compile every partition (cached) and start an executor.
 
@@ -236,6 +239,7 @@ def compile(
     partition's inputs and keeps the fastest (cached: a second compile does not measure
     again; a `BackendChoice` sets the compile-time budget); "fixed" runs the assignment's
     backend. Default: $HETERO_CHOOSE, else "measured".
+    progress(what, done, total): hears of each partition compiled (a progress bar).
 
     task="generate": `model` is a causal LM (a transformers one, or a module with
     forward(input_ids, start) and its KV cache as buffers); returns a CompiledLM with
@@ -296,7 +300,7 @@ def compile(
         )
     if graph is None:
         graph = capture(model, example_inputs, dynamic_shapes)
-    build = _Builder(graph, settings, example_inputs, registry)
+    build = _Builder(graph, settings, example_inputs, registry, progress)
     stages, plan = build(spec, plan)
     fb = online = None
     if settings.feedback is not None:
@@ -308,7 +312,7 @@ def compile(
         # A private, token-authenticated head on loopback for this process unless Ray runs
         # already; emulated NPUs of this host become the custom resource NPU workers ask for.
         npus = sum(1 for d in spec.devices if d.kind == "npu")
-        init_ray(resources={"NPU": float(npus)} if npus else None)
+        init_ray(resources={NPU_RESOURCE: float(npus)} if npus else None)
         runner = RayExecutor(
             stages,
             needed_outputs(graph),
@@ -379,7 +383,7 @@ def _settings(
     """hetero.compile's arguments typed once; options checked against the registry."""
     settings = CompileSettings(
         objective=Objective.parse(objective),
-        backends=BackendAssignment.parse(backends),
+        backends=_assignment(backends, registry),
         pins=dict(pins) if pins else None,
         exclude=tuple(exclude),
         microbatches=microbatches,
@@ -392,6 +396,16 @@ def _settings(
         if opts is not None:
             registry.check_options(opts)
     return settings
+
+
+def _assignment(
+    backends: BackendAssignment | Mapping[str, str] | None, registry: BackendRegistry
+) -> BackendAssignment:
+    """`backends` typed, its names known to `registry` and each able to compile its kind."""
+    assignment = BackendAssignment.parse(backends)
+    kinds = list(backends) if isinstance(backends, Mapping) else None
+    registry.check_assignment(assignment, kinds=kinds if backends is not None else ())
+    return assignment
 
 
 def prebuild(
@@ -446,15 +460,18 @@ class _Builder:
         settings: CompileSettings,
         example_inputs: Sequence[Any],
         registry: BackendRegistry,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.graph = graph
         self.settings = settings
         self.example_inputs = example_inputs
         self.registry = registry
-        self._planned = False
+        self.progress = progress  # for the first build only: a re-plan has no display
+        self._planned = self._replanning = False
 
     def __call__(self, cluster: ClusterSpec, plan: Plan | None = None):
         s = self.settings
+        self._replanning = self._planned
         if self._planned:  # a re-plan: pins and exclusions of devices now gone lapse
             s = _present(cluster, s)
         self._planned = True
@@ -472,6 +489,7 @@ class _Builder:
             example_inputs=self.example_inputs,
             options=s.options,
             chooser=chooser,
+            progress=None if self._replanning else self.progress,
         )
         return stages, chooser.apply(plan)
 

@@ -1,19 +1,26 @@
 """The `hetero` console script. Each module in hetero.interfaces.commands adds its commands
 through `register(app)`, so every command lives beside the code it drives; a module is
-imported only when one of its commands runs, so `hetero --help` answers at once."""
+imported only when one of its commands runs, so `hetero --help` answers at once (and
+`--version` too: neither loads torch).
+
+Before any command runs, `main` sets the thread behaviour hetero is measured with
+(OMP_WAIT_POLICY=PASSIVE, unless set) and the filters for warnings nobody can act on,
+for this process and every one it starts (hetero/environment.py); `-v`/`-q` set how much
+hetero (and Ray) log."""
 
 from __future__ import annotations
 
 import importlib
 import sys
-import warnings
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import typer
-from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
 
+from hetero import environment
 from hetero.errors import HeteroError
+from hetero.interfaces.terminal import make_console, set_verbosity
 
 # command -> (its module in hetero.interfaces.commands, the line `hetero --help` shows:
 # the first line of the command's docstring; tests/interfaces/test_cli.py checks they agree)
@@ -101,18 +108,37 @@ app = typer.Typer(
 )
 
 
+def _version(show: bool) -> None:
+    if show:
+        try:
+            typer.echo(f"hetero {version('hetero')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("hetero (not installed)")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="Say what hetero does (-vv: debugging too)."
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Errors and results only: no warnings, no progress."
+    ),
+    _show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Compile one PyTorch model for a cluster of GPUs, CPUs and NPUs, and run it."""
+    set_verbosity(verbose, quiet)
 
 
 def main() -> None:
-    # torch.export's pytree shims warn on every capture; nothing a user can act on.
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    environment.apply()  # before torch (OpenMP reads its settings once, when it loads)
     try:
         app()
     except HeteroError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        make_console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)
 
 

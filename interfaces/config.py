@@ -4,6 +4,9 @@
 model: hetero.interfaces.models:tiny_gpt      # pkg.module:factory -> (module, example_inputs)
 model_args: {batch: 1, seq: 32}            #   keyword arguments for the factory
 # model: exported/gpt.pt2                  # or a file written by torch.export.save
+# model: hf:gpt2                           # or a model in the local Hugging Face cache
+#                                          #   (model_args: batch, seq, revision)
+# weights: checkpoints/tuned.safetensors   # load these weights into the model (strict)
 dtype: float32                             # cast weights and float inputs
 dynamic: {idx: {1: {name: seq, min: 1, max: 128}}}
 cluster: ../clusters/cpu-2core.yaml        # a file (relative to this one), local, auto, ray://host:10001
@@ -22,7 +25,6 @@ ray: {namespace: hetero, head_host: 127.0.0.1}   # head_host: where a head heter
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import re
@@ -34,11 +36,15 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hetero.backends.registry import default_registry
 from hetero.cluster.reference import FILE, RAY, reference_kind, resolve_cluster
-from hetero.cluster.schema import ByteCount, Seconds, format_errors
+from hetero.cluster.schema import ByteCount, Duration, format_errors
 from hetero.cluster.spec import ClusterSpec, read_yaml
 from hetero.errors import ConfigError
 from hetero.interfaces.modelfile import load_exported
+from hetero.interfaces.modelref import load_factory
+from hetero.interfaces.pretrained import PREFIX as HF_PREFIX
+from hetero.interfaces.pretrained import load_hf, load_weights
 from hetero.partitioner.decisions import BackendAssignment, BackendChoice, Choose, Objective
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -67,9 +73,9 @@ class ServingOptions(_Strict):
     # raise it here, on purpose, for big tensors (e.g. "64 MiB").
     max_message_bytes: ByteCount = GRPC_DEFAULT_MESSAGE_BYTES
     queue_limit: int = Field(64, ge=1)  # requests admitted at once; more get RESOURCE_EXHAUSTED
-    deadline: Seconds = 30.0  # seconds; applies when a client sends no deadline
+    deadline: Duration = 30.0  # seconds; applies when a client sends no deadline
     workers: int = Field(1, ge=1)  # model calls that run at the same time
-    grace: Seconds = 10.0  # seconds in-flight requests get to finish on shutdown
+    grace: Duration = 10.0  # seconds in-flight requests get to finish on shutdown
     # NaN and ±Inf in floating inputs are refused (INVALID_ARGUMENT) unless this is true,
     # for models that take them on purpose (additive -inf attention masks).
     allow_nonfinite: bool = False
@@ -110,6 +116,7 @@ class DeployConfig(_Strict):
 
     model: str
     model_args: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None  # a .safetensors file loaded into the model
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     dynamic: dict[str, dict[int, DimSpec]] = Field(default_factory=dict)
     cluster: str = "local"
@@ -117,7 +124,7 @@ class DeployConfig(_Strict):
     constraints: Constraints = Field(default_factory=Constraints)
     backends: dict[Literal["gpu", "cpu", "npu"], str] = Field(default_factory=dict)
     choose: Choose | None = None  # None: $HETERO_CHOOSE, else measured
-    choose_budget: Seconds | None = None  # None: BackendChoice's default
+    choose_budget: Duration | None = None  # None: BackendChoice's default
     cache_dir: str | None = None
     executor: Literal["auto", "local", "ray"] = "auto"
     # measured times correct the cost model and re-plan online (hetero.compile(feedback=True))
@@ -132,14 +139,27 @@ class DeployConfig(_Strict):
     def _model(cls, v: str) -> str:
         if _IMPORT_PATH.match(v) or v.endswith(".pt2"):
             return v
+        if v.startswith(HF_PREFIX) and len(v) > len(HF_PREFIX):
+            return v
         if re.search(r"\.(pt|pth|bin|pkl|pickle|ckpt)$", v):
             raise ValueError(
                 f"{v!r} is a pickle-based file, which can run code when loaded; hetero loads "
                 "only .pt2 programs written by torch.export.save (weights stay data)"
             )
         raise ValueError(
-            f"expected an import path `pkg.module:factory` or a `.pt2` file; got {v!r}"
+            "expected an import path `pkg.module:factory`, a `.pt2` file or `hf:<model id>`; "
+            f"got {v!r}"
         )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str | None) -> str | None:
+        if v is not None and not v.endswith(".safetensors"):
+            raise ValueError(
+                f"{v!r}: weights are read from .safetensors files only (a pickled checkpoint "
+                "can run code when loaded)"
+            )
+        return v
 
     @field_validator("dynamic", mode="before")
     @classmethod
@@ -202,14 +222,33 @@ class DeployConfig(_Strict):
                 spec = spec.with_device(device, memory=float(cap))
         except ConfigError as e:
             raise ConfigError(f"{self.where('constraints')}: {e}") from None
+        for kind in self.backends:
+            if not spec.of_kind(kind):
+                have = ", ".join(dict.fromkeys(d.kind for d in spec.devices))
+                raise ConfigError(
+                    f"{self.where('backends')}.{kind}: cluster {spec.name} has no {kind} "
+                    f"devices (it has {have}); remove the key, or name a cluster that has one"
+                )
         return spec
 
     def load_model(self) -> LoadedModel:
         """Import the factory (or load the .pt2 file safely) and cast to `dtype`."""
         if self.is_exported_file:
             module, example = load_exported(self.model, where=self.where("model"))
+            if self.weights is not None:
+                raise ConfigError(
+                    f"{self.where('weights')}: a .pt2 program carries its own weights"
+                )
+        elif self.model.startswith(HF_PREFIX):
+            module, example = load_hf(
+                self.model, self.where("model"), self.where("model_args"), **self.model_args
+            )
         else:
-            module, example = _call_factory(self)
+            module, example = load_factory(
+                self.model, self.where("model"), self.where("model_args"), **self.model_args
+            )
+        if self.weights is not None and not self.is_exported_file:
+            load_weights(module, self.weights, where=self.where("weights"))
         if self.dtype is not None:
             module, example = _cast(module, example, self.dtype)
         return LoadedModel(module, example, _dynamic_shapes(self, module, example))
@@ -262,7 +301,12 @@ def config_from_dict(data: Any, source: str | os.PathLike[str] = "<dict>") -> De
     try:
         cfg = DeployConfig.model_validate(dict(data))
     except ValidationError as e:
-        raise ConfigError(format_errors(str(src), "deploy config", e)) from None
+        raise ConfigError(format_errors(str(src), "deploy config", e, DeployConfig)) from None
+    # Names the registry lacks, and backends that do not compile for a kind (`cpu: triton`),
+    # are refused here, before anything is planned.
+    default_registry().check_assignment(
+        cfg.backend_assignment, kinds=cfg.backends, where=f"{src}: backends"
+    )
     base = src.parent if str(source) != "<dict>" else Path.cwd()
     update: dict[str, Any] = {"source": str(src)}
     if cfg.cluster.endswith((".yaml", ".yml")):
@@ -276,6 +320,12 @@ def config_from_dict(data: Any, source: str | os.PathLike[str] = "<dict>") -> De
         update["model"] = str(_resolve(base, cfg.model))
         if not Path(update["model"]).is_file():
             raise ConfigError(f"{src}: model: no file {cfg.model} (looked for {update['model']})")
+    if cfg.weights is not None:
+        update["weights"] = str(_resolve(base, cfg.weights))
+        if not Path(update["weights"]).is_file():
+            raise ConfigError(
+                f"{src}: weights: no file {cfg.weights} (looked for {update['weights']})"
+            )
     if cfg.cache_dir is not None:
         update["cache_dir"] = str(_resolve(base, cfg.cache_dir))
     return cfg.model_copy(update=update)
@@ -287,34 +337,6 @@ def _resolve(base: Path, path: str) -> Path:
 
 
 # ---- model loading ------------------------------------------------------------------------------
-
-
-def _call_factory(cfg: DeployConfig) -> tuple[Any, tuple[Any, ...]]:
-    module_name, attr = cfg.model.split(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except ImportError as e:
-        raise ConfigError(
-            f"{cfg.where('model')}: cannot import {module_name} ({e}); is its package installed "
-            "where this runs (on a Ray cluster: in its workers' environment)?"
-        ) from None
-    except AttributeError:
-        raise ConfigError(f"{cfg.where('model')}: {module_name} has no {attr!r}") from None
-    try:
-        result = factory(**cfg.model_args)
-    except TypeError as e:
-        raise ConfigError(f"{cfg.where('model_args')}: {cfg.model} rejected them: {e}") from None
-    if not (
-        isinstance(result, tuple)
-        and len(result) == 2
-        and isinstance(result[0], torch.nn.Module)
-        and isinstance(result[1], tuple | list)
-    ):
-        raise ConfigError(
-            f"{cfg.where('model')}: {cfg.model} must return (torch.nn.Module, example_inputs "
-            f"tuple); it returned {type(result).__name__}"
-        )
-    return result[0], tuple(result[1])
 
 
 def _cast(module: Any, example: tuple[Any, ...], dtype: str) -> tuple[Any, tuple[Any, ...]]:

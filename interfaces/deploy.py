@@ -29,6 +29,7 @@ import torch
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.backends.tvm.kernels import register_kernels
 from hetero.cluster.connect import LOOPBACK, NAMESPACE, init_ray
+from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import CompileError, HeteroError
 from hetero.interfaces.api import CompiledModel, CompileSettings
@@ -51,9 +52,11 @@ def build_compiled(
     *,
     cluster: ClusterSpec | None = None,
     plan: Plan | None = None,
+    report: Callable[[str, int, int], None] | None = None,
 ) -> CompiledModel:
     """Load the config's model (unless `loaded` is given), read its cluster (unless given),
-    plan (unless `plan` is given) and compile: a CompiledModel."""
+    plan (unless `plan` is given) and compile: a CompiledModel. `report(what, done, total)`
+    hears of each partition compiled."""
     say = progress or (lambda _msg: None)
     if loaded is None:
         say(f"loading the model {cfg.model}")
@@ -69,6 +72,7 @@ def build_compiled(
         cluster=cluster,
         dynamic_shapes=loaded.dynamic_shapes,
         plan=plan,
+        progress=report,
         **kwargs,
     )
 
@@ -168,7 +172,7 @@ def ensure_ray(cluster: ClusterSpec, host: str = LOOPBACK) -> None:
     if ray.is_initialized():
         return
     npus = sum(1 for d in cluster.devices if d.kind == "npu")
-    init_ray(resources={"NPU": float(npus)} if npus else None, host=host)
+    init_ray(resources={NPU_RESOURCE: float(npus)} if npus else None, host=host)
 
 
 def needs_ray(cfg: DeployConfig) -> bool:

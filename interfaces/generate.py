@@ -20,6 +20,7 @@ import torch
 from hetero.backends.base import CompileOptions
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.connect import init_ray
+from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
 from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
@@ -171,7 +172,7 @@ def compile_lm(
 
         if not ray.is_initialized():
             npus = sum(1 for d in cluster.devices if d.kind == "npu")
-            init_ray(resources={"NPU": float(npus)} if npus else None)
+            init_ray(resources={NPU_RESOURCE: float(npus)} if npus else None)
         generation = RayGeneration(lm, plan, stages, cluster=cluster, registry=registry)
     else:
         raise ConfigError(f"executor {executor!r} is not one of: auto, local, ray")

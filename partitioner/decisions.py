@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from hetero.cluster.schema import did_you_mean
 from hetero.cluster.spec import DEVICE_KINDS, DeviceSpec
 from hetero.errors import ConfigError
 
@@ -41,7 +42,10 @@ class Objective(str, enum.Enum):
             return cls(value)
         except ValueError:
             known = ", ".join(o.value for o in cls)
-            raise ConfigError(f"{where}: {value!r} is not an objective; known: {known}") from None
+            hint = did_you_mean(value, (o.value for o in cls))
+            raise ConfigError(
+                f"{where}: {value!r} is not an objective{hint}; known: {known}"
+            ) from None
 
 
 class Task(str, enum.Enum):
@@ -61,7 +65,8 @@ class Task(str, enum.Enum):
             return cls(value)
         except ValueError:
             known = ", ".join(t.value for t in cls)
-            raise ConfigError(f"{where}: {value!r} is not a task; known: {known}") from None
+            hint = did_you_mean(value, (t.value for t in cls))
+            raise ConfigError(f"{where}: {value!r} is not a task{hint}; known: {known}") from None
 
 
 # (kind, backend), sorted by kind. gpu: our own Triton fusion; cpu and npu: TVM (an NPU compiles for the host and is emulated)
@@ -101,8 +106,8 @@ class BackendAssignment:
             bad = sorted(k for k in given if k not in DEVICE_KINDS)
             if bad:
                 raise ConfigError(
-                    f"{where}: {', '.join(map(repr, bad))} is not a device kind; "
-                    f"known: {', '.join(DEVICE_KINDS)}"
+                    f"{where}: {', '.join(map(repr, bad))} is not a device kind"
+                    f"{did_you_mean(bad[0], DEVICE_KINDS)}; known: {', '.join(DEVICE_KINDS)}"
                 )
             for kind, name in given.items():
                 if not isinstance(name, str) or not name:
@@ -115,7 +120,8 @@ class BackendAssignment:
             for kind, name in out.by_kind:
                 if name not in names:
                     raise ConfigError(
-                        f"{where}.{kind}: no backend {name!r}; known: {', '.join(names)}"
+                        f"{where}.{kind}: no backend {name!r}{did_you_mean(name, names)}; "
+                        f"known: {', '.join(names)}"
                     )
         return out
 

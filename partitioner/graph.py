@@ -7,7 +7,12 @@ bytes and the parameters it reads; edges carry the bytes that flow between ops.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import operator
+import sys
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +23,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from hetero.errors import CaptureError
+from hetero.environment import filter_known_warnings
+from hetero.errors import CaptureError, where_raised
 from hetero.partitioner.coarsen import coarsen
 from hetero.partitioner.opinfo import count_flops, numel, op_class
 
@@ -280,7 +286,7 @@ def capture(
     name = type(model).__name__
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _one_report():
             ep = torch.export.export(
                 model,
                 tuple(example_inputs),
@@ -294,18 +300,68 @@ def capture(
     return from_exported(ep, model_name=name)
 
 
+@contextlib.contextmanager
+def _one_report():
+    """A failed export is reported once, by the CaptureError: torch also logs it (a
+    traceback at ERROR, the guard at WARNING) and prints the partial graph to stderr. Both
+    are held back while torch.export runs (at DEBUG they are let through); what else was
+    written to stderr meanwhile is written after it, when the export succeeds (in the main
+    thread only: stderr belongs to the whole process). torch's pytree deprecation warnings,
+    which every export raises and nobody but torch can act on, are filtered from here on
+    (hetero/environment.py: that one message, nothing else)."""
+    filter_known_warnings()
+    torch_log = logging.getLogger("torch")
+    main = threading.current_thread() is threading.main_thread()
+    if not main or logging.getLogger("hetero").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    level, held = torch_log.level, io.StringIO()
+    torch_log.setLevel(logging.CRITICAL)
+    ok = False
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+        ok = True
+    finally:
+        torch_log.setLevel(level)
+        if ok and held.getvalue():
+            sys.stderr.write(held.getvalue())
+
+
 def _capture_message(name: str, e: Exception) -> str:
+    """What failed, first the user's line that torch.export stopped at (so a long torch
+    message cannot push it out of view), then the head of torch's message and what to do."""
     text = str(e).strip()
-    lines = text.splitlines()
-    head = "\n    ".join(lines[:12]) + ("\n    ..." if len(lines) > 12 else "")
-    hint = (
-        "Data-dependent Python control flow must become torch.cond or be made static; "
-        "outputs must be tensors or pytree containers of tensors (for transformers models, "
-        "build the config with use_cache=False)."
-    )
-    if "Constraints violated" in text or "specializ" in text:
+    lines = [l for l in text.splitlines() if l.strip() and not l.startswith(_TORCH_ADVICE)]
+    head = "\n    ".join(lines[:8]) + ("\n    ..." if len(lines) > 8 else "")
+    hint = "Fix the model at that line, or give example inputs it accepts."
+    if "data-dependent" in text or "GuardOnDataDependent" in type(e).__name__:
+        hint = (
+            "Data-dependent Python control flow must become torch.cond or be made static; "
+            "outputs must be tensors or pytree containers of tensors (for transformers "
+            "models, build the config with use_cache=False)."
+        )
+    elif "Constraints violated" in text or "specializ" in text:
         hint = "A dim marked dynamic was specialised by the model: mark it static or fix the model's use of it."
-    return f"torch.export could not capture {name} ({type(e).__name__}):\n    {head}\n  What to do: {hint}"
+    return (
+        f"torch.export could not capture {name} ({type(e).__name__}){where_raised(e)}\n"
+        f"    {head}\n  What to do: {hint}"
+    )
+
+
+# torch's debugging advice that follows its messages (environment variables, links)
+_TORCH_ADVICE = (
+    "For more information",
+    "For extended logs",
+    "If you suspect",
+    "For more debugging help",
+    "For C++ stack trace",
+    "The following call raised",
+    "The error above occurred",
+    "Caused by:",
+    "  File ",
+    "    ",
+)
 
 
 def from_exported(

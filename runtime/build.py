@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,7 @@ def compile_partitions(
     indices: Sequence[int] | None = None,
     streamed: Sequence[tuple[int, int] | None] | None = None,
     chooser: Chooser | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[StageSpec]:
     """Compile `parts[i]` for `placements[i]` = (device, backend name); one stage each.
 
@@ -135,6 +136,7 @@ def compile_partitions(
     by the eager backend with its parameters as inputs (runtime/streaming.py); None: resident.
     `chooser`: a resident partition's backend is chosen by measurement among those of its
     device kind (runtime/choice.py); the stage runs the chosen one. None: the placement's.
+    `progress(what, done, total)` hears of each partition compiled (or found in the cache).
     """
     if len(placements) != len(parts):
         raise ConfigError(f"{len(parts)} partitions but {len(placements)} placements")
@@ -146,6 +148,8 @@ def compile_partitions(
         opts = options.get(name) if isinstance(options, Mapping) else options
         return opts or CompileOptions()
 
+    report = progress or (lambda what, done, total: None)
+    report("compiling partitions", 0, len(parts))
     for i, (part, (device, backend_name)) in enumerate(zip(parts, placements, strict=True)):
         piece = streamed[i] if streamed else None
         opts = options_for(backend_name)
@@ -196,6 +200,7 @@ def compile_partitions(
                 piece=piece[1] if piece is not None else 0,
             )
         )
+        report("compiling partitions", i + 1, len(parts))
     return stages
 
 
@@ -209,6 +214,7 @@ def compile_plan(
     example_inputs: Sequence[Any] | None = None,
     options: CompileOptions | Mapping[str, CompileOptions] | None = None,
     chooser: Chooser | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[StageSpec]:
     """The stages of `plan`, in a topological order, named by the plan's partition indices.
 
@@ -253,6 +259,7 @@ def compile_plan(
         indices=indices,
         streamed=streamed,
         chooser=chooser,
+        progress=progress,
     )
 
 

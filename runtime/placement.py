@@ -9,7 +9,7 @@ Hosts map to alive Ray nodes by, in this order:
      first, ties in the cluster's order. Nodes are tried driver's node first, so a
      one-host YAML cluster lands where the caller runs.
 Each GPU worker asks for `num_gpus=1`, each CPU worker for `num_cpus=cores` (capped by
-the node's CPUs), each NPU worker for the custom resource `{"NPU": 1}`; all are pinned
+the node's CPUs), each NPU worker for the custom resource `{"hetero_npu": 1}` (NPU_RESOURCE); all are pinned
 with a hard NodeAffinitySchedulingStrategy.
 """
 
@@ -20,7 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.spec import DeviceSpec
+from hetero.environment import child_env
 from hetero.errors import PlanInfeasible
 
 HOST_LABEL = "hetero-host"
@@ -62,7 +64,7 @@ def _needs(devices: Sequence[DeviceSpec]) -> Counter:
         if d.kind == "gpu":
             need["GPU"] += 1
         elif d.kind == "npu":
-            need["NPU"] += 1
+            need[NPU_RESOURCE] += 1
         else:
             need["CPU"] += 1
     return need
@@ -118,7 +120,7 @@ def map_hosts(
                 + ", ".join(
                     f"{k}={v:g}"
                     for k, v in sorted(n.resources.items())
-                    if k in ("CPU", "GPU", "NPU")
+                    if k in ("CPU", "GPU", NPU_RESOURCE)
                 )
                 for n in nodes
             )
@@ -143,16 +145,16 @@ def actor_options(device: DeviceSpec, node: RayNode, *, max_restarts: int = 2) -
         "max_restarts": max_restarts,
         "max_task_retries": 0,  # the executor retries a request itself, once, over a new graph
         "num_cpus": 0,
-        # TVM's thread pool and torch's OpenMP pool (BLAS calls from TVM kernels) take
-        # turns on the same cores; spinning OpenMP threads starve TVM's (one partition ran
-        # 328 ms instead of 3.9). OpenMP reads this when torch loads, so it must be set
-        # before the worker starts.
-        "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
+        # OMP_WAIT_POLICY=PASSIVE: TVM's thread pool and torch's OpenMP pool (BLAS calls
+        # from TVM kernels) take turns on the same cores; spinning OpenMP threads starve
+        # TVM's. OpenMP reads it when torch loads, so it is set before the worker starts,
+        # with the filters for warnings nobody can act on (hetero/environment.py).
+        "runtime_env": {"env_vars": child_env()},
     }
     if device.kind == "gpu":
         opts["num_gpus"] = 1
     elif device.kind == "npu":
-        opts["resources"] = {"NPU": 1}
+        opts["resources"] = {NPU_RESOURCE: 1}
     else:
         opts["num_cpus"] = max(1, min(device.cores or 1, int(node.resources.get("CPU", 1))))
     return opts

@@ -178,7 +178,7 @@ class RayExecutor:
     def _set(self, state: str, fault: str = "") -> None:
         if state != self._state:
             log.log(
-                logging.INFO if state == READY else logging.WARNING,
+                logging.INFO if state in (READY, CLOSED) else logging.WARNING,
                 "%s: %s%s",
                 self.name,
                 state,

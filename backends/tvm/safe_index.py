@@ -9,7 +9,8 @@ whatever reaches it. So, after import:
 
 * every index tensor i of a table of n rows along the indexed axis becomes
   clip(i < 0 ? i + n : i, 0, n - 1) when n is static, clip(i, 0, n - 1) when symbolic
-  (and for gather/scatter, which take no negative index in torch).
+  (and for gather/scatter, which take no negative index in torch); a take then runs in
+  mode "clip", which checks nothing more and logs no "Fast mode segfaults" warning.
 
 Valid indices give torch's answers (a negative one counts from the end, as torch's
 advanced indexing does); invalid ones give the first or last row, never a read or write
@@ -48,7 +49,10 @@ def safe_indexing(mod: Any) -> Any:
                 axis = call.attrs.axis
                 if axis is None or str(call.attrs.mode) != "fast":
                     return call  # a flattened take, or one that already checks
-                args[1] = self._wrap(args[1], _dim(data, int(axis)))
+                # Clamped above; mode "clip" (TOPI's min/max, which TVM folds into the same
+                # loop) instead of "fast", whose every lowering logs "Fast mode segfaults...".
+                index = self._wrap(args[1], _dim(data, int(axis)))
+                return relax.op.take(data, index, int(axis), mode="clip")
             elif name in ("gather_elements", "scatter_elements"):
                 # torch.gather / scatter take no negative index: clamp only
                 axis = int(call.attrs.axis)

@@ -1,32 +1,33 @@
-"""`hetero bench CONFIG`: eager vs compiled, and per partition predicted vs measured."""
+"""`hetero bench CONFIG`: eager vs compiled (p10/p50/p90 of the timed runs, and the threads
+they ran with), and per partition predicted vs measured."""
 
 from __future__ import annotations
 
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from hetero.interfaces.config import load_config
+from hetero.interfaces.commands.options import (
+    RUNS,
+    WARMUP,
+    cluster_option,
+    config_argument,
+    json_option,
+    load,
+    objective_option,
+    out_option,
+    runs_option,
+    warmup_option,
+)
+from hetero.interfaces.config import DeployConfig, load_config
 from hetero.interfaces.deploy import build_compiled
-
-
-def _median_ms(fn: Callable[[], Any], runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from hetero.interfaces.terminal import Activity, Report, make_console, print_json
+from hetero.interfaces.timing import spread, thread_settings, timed_ms
+from hetero.partitioner.decisions import Objective
 
 
 def _max_diff(a: Any, b: Any) -> float:
@@ -40,19 +41,27 @@ def _max_diff(a: Any, b: Any) -> float:
     return max(diffs, default=0.0)
 
 
-def bench_config(config: Path, runs: int = 20, warmup: int = 3) -> dict[str, Any]:
-    """Numbers for one config: eager and compiled medians, and each partition's times."""
+def bench_config(
+    config: Path | DeployConfig,
+    runs: int = RUNS,
+    warmup: int = WARMUP,
+    report: Report | None = None,
+) -> dict[str, Any]:
+    """Numbers for one config: eager and compiled times (p10/p50/p90 over `runs`; the
+    `*_ms` keys are the medians), the threads they ran with, each partition's times."""
 
-    cfg = load_config(config)
+    cfg = config if isinstance(config, DeployConfig) else load_config(config)
     loaded = cfg.load_model()
     model, example = loaded.module, loaded.example_inputs
-    cm = build_compiled(cfg, loaded=loaded)
+    cm = build_compiled(cfg, loaded=loaded, report=report)
     try:
         with torch.inference_mode():
             eager_out = model(*example)
             compiled_out = cm(*example)
-            eager_ms = _median_ms(lambda: model(*example), runs, warmup)
-            compiled_ms = _median_ms(lambda: cm(*example), runs, warmup)
+            # both timed in this process's pools: a partition that loads sizes them (TVM)
+            eager = spread(timed_ms(lambda: model(*example), runs, warmup))
+            compiled = spread(timed_ms(lambda: cm(*example), runs, warmup))
+            eager_ms, compiled_ms = eager["p50"], compiled["p50"]
         plan = cm.plan
         measured = dict(plan.measured_ms)
         partitions = [
@@ -68,13 +77,16 @@ def bench_config(config: Path, runs: int = 20, warmup: int = 3) -> dict[str, Any
             for p in plan.partitions
         ]
         return {
-            "config": str(config),
+            "config": cfg.source or str(config),
             "model": cfg.model,
             "cluster": plan.cluster,
             "objective": plan.objective,
             "runs": runs,
             "eager_ms": eager_ms,
             "compiled_ms": compiled_ms,
+            "eager": eager,
+            "compiled": compiled,
+            "threads": thread_settings(cm.cluster),
             "speedup": eager_ms / compiled_ms if compiled_ms else None,
             "predicted_ms": plan.predicted_ms,
             "max_abs_diff": _max_diff(eager_out, compiled_out),
@@ -88,13 +100,24 @@ def _table(result: dict[str, Any]):
     def ms(v: float | None) -> str:
         return "—" if v is None else f"{v:.3f}"
 
+    def p(key: str) -> str:
+        t = result[key]
+        return f"{t['p50']:.3f} ms (p10 {t['p10']:.3f}, p90 {t['p90']:.3f})"
+
+    threads = result["threads"]
+    devices = ", ".join(f"{d} {n}" for d, n in threads.get("devices", {}).items())
     t = Table(
         title=(
-            f"{result['model']} on {result['cluster']} ({result['objective']}): eager "
-            f"{result['eager_ms']:.3f} ms, hetero {result['compiled_ms']:.3f} ms "
-            f"(x{result['speedup']:.2f}, predicted {result['predicted_ms']:.3f} ms), "
-            f"max |diff| {result['max_abs_diff']:.2e}"
-        )
+            f"{result['model']} on {result['cluster']} ({result['objective']}), "
+            f"{result['runs']} runs: eager {p('eager')}, hetero {p('compiled')}, "
+            f"x{result['speedup']:.2f} (predicted {result['predicted_ms']:.3f} ms), "
+            f"max |diff| {result['max_abs_diff']:.2e}\n"
+            f"threads: torch {threads['torch']}"
+            + (f"; {devices}" if devices else "")
+            + ", "
+            + ", ".join(f"{k}={v}" for k, v in threads["env"].items() if v)
+        ),
+        title_justify="left",
     )
     for col, justify in (
         ("partition", "right"),
@@ -121,19 +144,23 @@ def _table(result: dict[str, Any]):
 def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
-        config: Path = typer.Argument(..., help="A deploy config (see configs/deploy/)."),
-        runs: int = typer.Option(20, min=1, help="Timed runs (the median is reported)."),
-        warmup: int = typer.Option(3, min=0, help="Untimed runs first."),
-        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-        output: Path | None = typer.Option(None, "--output", "-o", help="Also write JSON here."),
+        config: Path = config_argument(),
+        cluster: str | None = cluster_option(),
+        objective: Objective | None = objective_option(),
+        runs: int = runs_option(),
+        warmup: int = warmup_option(),
+        as_json: bool = json_option(),
+        out: Path | None = out_option("the JSON too"),
     ) -> None:
         """Time CONFIG's model eagerly and compiled by hetero; predicted vs measured per partition."""
 
-        result = bench_config(config, runs=runs, warmup=warmup)
-        text = json.dumps(result, indent=2)
-        if output is not None:
-            output.write_text(text)
+        with Activity() as activity, activity.step("loading, planning, compiling, timing"):
+            result = bench_config(
+                load(config, cluster, objective), runs, warmup, activity.counter()
+            )
+        if out is not None:
+            out.write_text(json.dumps(result, indent=2, default=str))
         if as_json:
-            typer.echo(text)
+            print_json(result)
         else:
-            Console().print(_table(result))
+            make_console().print(_table(result))

@@ -19,15 +19,14 @@ from hetero.cluster.connect import init_ray
 from hetero.cluster.profile import CalibrationProfile, default_profile_path
 from hetero.cluster.reference import resolve_cluster
 from hetero.cluster.runs import RunLog
-from hetero.interfaces.config import load_config
+from hetero.interfaces.commands.options import cluster_option, json_option, load, out_option
 from hetero.interfaces.deploy import find
+from hetero.interfaces.terminal import Activity, make_console, print_json
 from hetero.partitioner.decisions import BackendAssignment
 
 
 def calibrate(
-    cluster: str = typer.Option(
-        None, "--cluster", help="cluster YAML or 'local' (default: the config's, else 'local')"
-    ),
+    cluster: str | None = cluster_option(),
     config: Path | None = typer.Option(
         None,
         "--config",
@@ -46,9 +45,7 @@ def calibrate(
         help="also measure emulated devices (they run on this host: their factors then price "
         "the emulation)",
     ),
-    out: Path | None = typer.Option(
-        None, "--out", help="profile JSON (default: the cache dir, where plans find it)"
-    ),
+    out: Path | None = out_option("the profile JSON (default: the cache dir, where plans find it)"),
     quick: bool = typer.Option(False, "--quick", help="fewer, smaller microbenchmarks"),
     dtype: list[str] = typer.Option(
         [],
@@ -73,6 +70,7 @@ def calibrate(
         "--address",
         help="with --from-runs NAME: the Ray cluster (default: $RAY_ADDRESS or auto)",
     ),
+    as_json: bool = json_option(),
 ) -> None:
     """Microbenchmark the devices present through their backends, fit efficiency factors,
     write the profile (one entry per device and backend); or fold measured runs into it
@@ -81,7 +79,7 @@ def calibrate(
     --from-runs corrects the profile by what running deployments measured: per device,
     backend, op class and shape bucket, and the executor's per-stage and per-hop costs."""
 
-    console = Console()
+    console = make_console()
     if from_runs:
         _from_runs(console, from_runs, profile_in, out, address)
         return
@@ -89,25 +87,41 @@ def calibrate(
     known = default_registry().names()
     backends: list[BackendAssignment] = []
     if config is not None:
-        cfg = load_config(config)
-        spec = cfg.cluster_spec() if cluster is None else resolve_cluster(cluster)
+        cfg = load(config, cluster)
+        spec = cfg.cluster_spec()
         backends = [BackendAssignment.parse(cfg.backend_assignment, known=known)]
     else:
-        spec = resolve_cluster(cluster or "local")
+        spec = resolve_cluster(cluster or "local", where="--cluster")
     if backend:
         backends = [
             BackendAssignment.parse(BackendAssignment.everywhere(b), known=known, where="--backend")
             for b in backend
         ]
-    with console.status("measuring") as status:
+    with Activity() as activity, activity.step("measuring") as say:
         profile, skipped, _ = run(
             spec,
             backends=backends,
             quick=quick,
             emulated=emulated,
             dtypes=tuple(dtype) or ("float32",),
-            log=lambda s: status.update(s),
+            log=say,
+            progress=activity.counter(),
         )
+    path = out or default_profile_path(spec.name)
+    profile.to_json(path)
+    if as_json:
+        print_json(
+            {
+                "profile": str(path),
+                "skipped": [{"device": s.device, "reason": s.reason} for s in skipped],
+                "fit": [
+                    {"device": dev, "backend": bk, "op_class": cls, "e_compute": ec,
+                     "e_memory": em, "op_overhead_s": ov, "fit_error": err, "samples": n}
+                    for dev, bk, cls, ec, em, ov, err, n in fit_errors(profile)
+                ],
+            }
+        )  # fmt: skip
+        return
     for s in skipped:
         console.print(f"skipped {s.device}: {s.reason}", highlight=False)
     t = Table(title=f"calibration of {spec.name}", title_justify="left")
@@ -150,9 +164,7 @@ def calibrate(
             f"link {lp.a}<->{lp.b}: {lp.bandwidth / 1e9:.1f} GB/s, {1e6 * lp.latency:.1f} us",
             highlight=False,
         )
-    path = out or default_profile_path(spec.name)
-    profile.to_json(path)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", highlight=False)
 
 
 def _read_log(source: str, address: str | None) -> RunLog:

@@ -5,20 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from hetero.cluster.connect import init_ray
 from hetero.interfaces import deploy as deploy_mod
+from hetero.interfaces.commands.options import (
+    cluster_option,
+    config_argument,
+    load,
+    objective_option,
+)
 from hetero.interfaces.commands.serve import HOST_HELP, PORT_HELP
-from hetero.interfaces.config import load_config
 from hetero.interfaces.serving import ActorServable, ModelServable, ServerOptions
 from hetero.interfaces.serving.foreground import serve_foreground
+from hetero.interfaces.terminal import make_console
+from hetero.partitioner.decisions import Objective
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def deploy(
-        config: Path = typer.Argument(..., help="A deploy config (see configs/deploy/)."),
+        config: Path = config_argument(),
+        cluster: str | None = cluster_option(),
+        objective: Objective | None = objective_option(),
         host: str | None = typer.Option(None, "--host", help=HOST_HELP),
         port: int | None = typer.Option(None, "--port", help=PORT_HELP),
         name: str | None = typer.Option(None, help="Ray actor name (Ray clusters only)."),
@@ -30,8 +38,8 @@ def register(app: typer.Typer) -> None:
         Runs in the foreground; SIGINT/SIGTERM drain in-flight requests and exit.
         """
 
-        console = Console(stderr=True)
-        cfg = load_config(config)
+        console = make_console(stderr=True)
+        cfg = load(config, cluster, objective)
         label = name or cfg.deployment_name
         with console.status(f"deploying {label}") as status:
             if cfg.is_ray:

@@ -5,13 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from hetero.cluster.connect import init_ray
 from hetero.interfaces import deploy as deploy_mod
-from hetero.interfaces.config import load_config
+from hetero.interfaces.commands.options import (
+    cluster_option,
+    config_argument,
+    load,
+    objective_option,
+)
 from hetero.interfaces.serving import LoadingServable, ModelServable, ServerOptions
 from hetero.interfaces.serving.foreground import serve_foreground
+from hetero.interfaces.terminal import make_console
+from hetero.partitioner.decisions import Objective
 
 HOST_HELP = "Address to listen on (default: the config's serving.host, 127.0.0.1)."
 PORT_HELP = "Port to listen on (default: the config's serving.port; 0 picks a free one)."
@@ -20,7 +26,9 @@ PORT_HELP = "Port to listen on (default: the config's serving.port; 0 picks a fr
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        config: Path = typer.Argument(..., help="A deploy config (see configs/deploy/)."),
+        config: Path = config_argument(),
+        cluster: str | None = cluster_option(),
+        objective: Objective | None = objective_option(),
         host: str | None = typer.Option(None, "--host", help=HOST_HELP),
         port: int | None = typer.Option(None, "--port", help=PORT_HELP),
     ) -> None:
@@ -30,8 +38,8 @@ def register(app: typer.Typer) -> None:
         partition answers, then SERVING (and NOT_SERVING again while a fault is being
         repaired). SIGINT/SIGTERM drain in-flight requests and exit.
         """
-        console = Console(stderr=True)
-        cfg = load_config(config)
+        console = make_console(stderr=True)
+        cfg = load(config, cluster, objective)
         name = cfg.deployment_name
         say = lambda m: console.print(f"[dim]{m}[/]", highlight=False)  # noqa: E731
         if cfg.is_ray:

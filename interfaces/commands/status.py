@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from hetero.cluster.connect import init_ray
+from hetero.interfaces.commands.options import json_option
 from hetero.interfaces.deploy import list_deployments
 from hetero.interfaces.deploy import stop as stop_deployment
 from hetero.interfaces.jobs import list_jobs, stop_via_jobs
+from hetero.interfaces.terminal import make_console, print_json
 
 ADDRESS_HELP = (
     "http://HEAD:8265 (the job API: lists hetero's jobs) or a Ray address (auto, "
@@ -29,22 +30,32 @@ def register(app: typer.Typer) -> None:
         name: str | None = typer.Argument(None, help="One deployment (default: all)."),
         address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
         namespace: str = typer.Option("hetero", help="Ray namespace of the deployments."),
+        as_json: bool = json_option(),
     ) -> None:
         """Show hetero's deployments on a Ray cluster (or its submitted jobs)."""
 
-        console = Console()
+        console = make_console()
         addr = _address(address)
         if addr.startswith(("http://", "https://")):
+            jobs = list_jobs(addr, name)
+            if as_json:
+                print_json(jobs)
+                return
             table = Table(title=f"hetero jobs at {addr}")
             for col in ("job", "deployment", "status", "message"):
                 table.add_column(col)
-            for row in list_jobs(addr, name):
+            for row in jobs:
                 table.add_row(row["job"], row["deployment"], row["status"], row["message"][:60])
             console.print(table)
             return
 
         init_ray(addr, namespace=namespace)
         rows = [r for r in list_deployments(namespace) if name is None or r["name"] == name]
+        if as_json:
+            print_json(rows)
+            if name is not None and not rows:
+                raise typer.Exit(1)
+            return
         table = Table(title=f"hetero deployments (namespace {namespace})")
         for col in ("name", "ready", "model", "partitions", "gRPC", "note"):
             table.add_column(col)
@@ -69,7 +80,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Drain and end a deployment (and stop its job, when it was submitted)."""
 
-        console = Console(stderr=True)
+        console = make_console(stderr=True)
         addr = _address(address)
         if addr.startswith(("http://", "https://")):
             result = stop_via_jobs(addr, name)

@@ -107,14 +107,22 @@ def test_root_from_environment(tmp_path, monkeypatch):
     assert ArtifactCache().root == tmp_path / "c"
 
 
-def test_compile_units_in_processes_then_hits(tmp_path, unit, cpu_device):
-    """Two jobs in two spawned processes; the unit pickles, keys agree across processes."""
+def test_compile_units_in_processes_then_hits(tmp_path, unit, cpu_device, capfd, monkeypatch):
+    """Two jobs in two spawned processes; the unit pickles, keys agree across processes. The
+    workers unpickle treespecs quietly (torch's pytree deprecation warning is filtered in
+    them, whatever the parent's environment says) and report each job finished."""
+    monkeypatch.delenv("PYTHONWARNINGS", raising=False)
     cache = ArtifactCache(tmp_path)
     jobs = [
         CompileJob(unit[0], cpu_device, "eager"),
         CompileJob(unit[0], cpu_device, "eager", CompileOptions(dtype="float16")),
     ]
-    arts = compile_units(jobs, cache, workers=2, progress=False)
+    seen = []
+    arts = compile_units(
+        jobs, cache, workers=2, progress=False, report=lambda d, n: seen.append((d, n))
+    )
+    assert seen == [(0, 2), (1, 2), (2, 2)]
+    assert "LeafSpec" not in capfd.readouterr().err
     assert len({a.key for a in arts}) == 2
     again = compile_units(jobs, cache, workers=2, progress=False)  # all hits: no processes
     assert [a.key for a in again] == [a.key for a in arts]

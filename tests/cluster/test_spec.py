@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from hetero import Cluster
-from hetero.cluster.units import parse_bandwidth, parse_bytes, parse_flops, parse_seconds
+from hetero.cluster.units import (
+    UnitError,
+    parse_bandwidth,
+    parse_bytes,
+    parse_flops,
+    parse_seconds,
+)
 from hetero.errors import ConfigError
 
 CLUSTERS = sorted((Path(__file__).parents[2] / "configs" / "clusters").glob("*.yaml"))
@@ -62,34 +68,63 @@ hosts:
     assert c.transfer_time("a/gpu", "b/cpu", 1e9) == pytest.approx(60e-6 + 0.1)
 
 
+DEV = "{name: c, kind: cpu, bandwidth: 20 GB/s, memory: 8 GB"
+
+
 @pytest.mark.parametrize(
     ("text", "expect"),
     [
         (
-            "name: x\nhosts: [{name: h, devices: [{name: c, kind: tpu, bandwidth: 1, memory: 1}]}]",
+            "name: x\nhosts: [{name: h, devices: [{name: c, kind: tpu, bandwidth: 1 GB/s, memory: 1 GB}]}]",
             "hosts.0.devices.0.kind",
         ),
         (
-            "name: x\nhosts: [{name: h, devices: [{name: c, kind: cpu, bandwidth: fast, memory: 1}]}]",
+            "name: x\nhosts: [{name: h, devices: [{name: c, kind: cpuu, bandwidth: 1 GB/s, memory: 1 GB}]}]",
+            "did you mean 'cpu'?",
+        ),
+        (
+            "name: x\nhosts: [{name: h, devices: [{name: c, kind: cpu, bandwidth: fast, memory: 1 GB}]}]",
             "bandwidth",
         ),
         (
-            "name: x\nhosts: [{name: h, devices: [{name: c, kind: cpu, memory: 1}]}]",
+            "name: x\nhosts: [{name: h, devices: [{name: c, kind: cpu, memory: 1 GB}]}]",
             "required key is missing",
         ),
         (
-            "name: x\nhosts: [{name: h, devices: [{name: c, kind: cpu, bandwith: 1, memory: 1}]}]",
-            "unknown key",
+            "name: x\nhosts: [{name: h, devices: [{name: c, kind: cpu, bandwith: 1 GB/s, memory: 1 GB}]}]",
+            "hosts.0.devices.0.bandwith: unknown key (did you mean 'bandwidth'?)",
         ),
         (
-            "name: x\nhosts: [{name: h, devices: [{name: g, kind: gpu, bandwidth: 1, memory: 1}]}]",
+            "name: x\nhosts: [{name: h, devices: [{name: g, kind: gpu, bandwidth: 1 TB/s, memory: 1 GB}]}]",
             "has no cpu device",
         ),
         (
-            "name: x\nhosts:\n - {name: h, devices: [{name: c, kind: cpu, bandwidth: 1, memory: 1}], links: [{between: [c, gpu], bandwidth: 1}]}",
+            "name: x\nhosts:\n - {name: h, devices: [{name: c, kind: cpu, bandwidth: 1 GB/s, memory: 1 GB}], links: [{between: [c, gpu], bandwidth: 1 GB/s}]}",
             "no device 'gpu'",
         ),
         ("name: [unclosed", "not valid YAML"),
+        # numbers without units: refused, with the number and a plausible unit suggested
+        (
+            f"name: x\nhosts: [{{name: h, devices: [{DEV}, launch_overhead: 5}}]}}]",
+            "did you mean '5 us'?",
+        ),
+        (
+            "name: x\nhosts: [{name: h, devices: [{name: c, kind: cpu, bandwidth: 20 GB/s, memory: 24}]}]",
+            "hosts.0.devices.0.memory: 24 has no unit; a size needs one (GB, GiB, MB, MiB, ...): did you mean '24 GB'?",
+        ),
+        (
+            "name: x\nhosts: [{name: h, devices: [{name: c, kind: cpu, bandwidth: 20000, memory: 1 GB}]}]",
+            "hosts.0.devices.0.bandwidth: 20000 has no unit; a bandwidth needs one",
+        ),
+        # the wrong kind of quantity, and a misspelt unit
+        (
+            "name: x\nhosts: [{name: h, devices: [{name: c, kind: cpu, bandwidth: 20 GB, memory: 1 GB}]}]",
+            "'20 GB' is a size, not a bandwidth: did you mean '20 GB/s'?",
+        ),
+        (
+            "name: x\nhosts: [{name: h, devices: [{name: c, kind: cpu, bandwidth: 20 GBs, memory: 1 GB}]}]",
+            "did you mean '20 GB/s'?",
+        ),
     ],
 )
 def test_malformed_cluster_yaml_names_file_and_key(tmp_path, text, expect):
@@ -99,6 +134,26 @@ def test_malformed_cluster_yaml_names_file_and_key(tmp_path, text, expect):
         Cluster.from_yaml(f)
     msg = str(info.value)
     assert str(f) in msg and expect in msg, msg
+
+
+def test_units_read_with_pint_and_refuse_bare_numbers():
+    assert parse_bandwidth("100 Gb/s") == pytest.approx(12.5e9)  # bits
+    assert parse_seconds("5 µs") == parse_seconds("5 us") == pytest.approx(5e-6)
+    assert parse_flops("6 TOPS") == pytest.approx(6e12)
+    assert parse_bytes("8 KiB") == 8192 and parse_bytes(0) == 0
+    for bad, words in [
+        (24, "did you mean '24 GB'"),
+        ("1,5 GB", "decimal point"),
+        ("GB", "no number"),
+        ("-1 GB", "negative"),
+        ("80 GB/s", "a bandwidth, not a size"),
+    ]:
+        with pytest.raises(UnitError, match=words):
+            parse_bytes(bad)
+    with pytest.raises(UnitError, match="did you mean '20000 MB/s'"):
+        parse_bandwidth(20000)
+    with pytest.raises(UnitError, match="did you mean '1 TFLOPS'"):
+        parse_flops(1e12)
 
 
 def test_local_cluster_has_this_cpu():

@@ -147,3 +147,124 @@ def test_help_lists_every_command_without_loading_them():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "LOADED []" in out.stdout and "calibrate" in out.stdout, out.stdout + out.stderr
+
+
+def test_version_answers_at_once_and_help_stays_under_a_second():
+    code = (
+        "import sys\n"
+        "from hetero.interfaces.cli import main\n"
+        "sys.argv = ['hetero', '--version']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('LOADED', sorted(m for m in ('torch', 'pint', 'ray') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith("hetero 0.") and "LOADED []" in out.stdout, out.stdout + out.stderr
+    best = min(_seconds([HETERO, "--help"]) for _ in range(3))
+    assert best < 1.0, f"hetero --help took {best:.2f} s"
+
+
+def _seconds(argv: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, capture_output=True, check=True, timeout=60)
+    return time.perf_counter() - start
+
+
+def test_every_command_speaks_one_vocabulary():
+    """--cluster/--objective wherever a config is planned, --json wherever a table is
+    printed, --out/-o for every file written, one --runs default."""
+    from hetero.interfaces.cli import COMMANDS, load_command
+    from hetero.interfaces.commands.options import RUNS
+
+    def options(name: str) -> dict[str, object]:
+        return {
+            opt: p for p in load_command(name).params for opt in getattr(p, "opts", [])
+        }  # fmt: skip
+
+    for name in ("plan", "compile", "run", "verify", "bench", "demo", "deploy", "serve"):
+        assert {"--cluster", "--objective"} <= set(options(name)), name
+    for name in ("plan", "compile", "run", "verify", "bench", "calibrate", "demo", "status"):
+        assert "--json" in options(name), name
+    for name in ("plan", "bench", "calibrate", "demo"):
+        assert "-o" in options(name) and options(name)["-o"] is options(name)["--out"], name
+    assert all("--output" not in options(n) for n in COMMANDS)
+    assert {options(n)["--runs"].default for n in ("bench", "run", "demo")} == {RUNS}
+
+
+def test_tables_keep_their_cells_when_piped_and_json_replaces_them(tmp_path):
+    cfg = write_config(tmp_path)
+    runner = CliRunner()
+    piped = runner.invoke(app, ["plan", str(cfg)], env={"COLUMNS": ""})
+    assert piped.exit_code == 0, piped.output
+    header = next(line for line in piped.stdout.splitlines() if "part" in line and "device" in line)
+    for column in ("backend", "weights", "predicted ms", "measured ms", "memory", "receives"):
+        assert column in header, header  # at 80 columns rich wraps these headers
+    as_json = runner.invoke(app, ["plan", str(cfg), "--json", "-o", str(tmp_path / "p.json")])
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.stdout)
+    assert data["partitions"] and data["written"]["plan"] == str(tmp_path / "p.json")
+    verified = runner.invoke(app, ["verify", str(cfg), "--json"])
+    assert verified.exit_code == 0, verified.output
+    assert json.loads(verified.stdout)["ok"] is True
+    ran = runner.invoke(app, ["run", str(cfg), "--runs", "3", "--warmup", "0", "--json"])
+    assert ran.exit_code == 0, ran.output
+    ms = json.loads(ran.stdout)["ms"]
+    assert 0 < ms["p10"] <= ms["p50"] <= ms["p90"]
+
+
+def test_cluster_and_objective_override_the_config(tmp_path):
+    cfg = write_config(tmp_path)
+    runner = CliRunner()
+    other = str(Path(__file__).resolve().parents[2] / "configs/clusters/dev-box-npu.yaml")
+    result = runner.invoke(
+        app,
+        ["plan", str(cfg), "--cluster", other, "--objective", "throughput", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["cluster"] == "dev-box-npu" and data["objective"] == "throughput"
+    bad = runner.invoke(app, ["plan", str(cfg), "--cluster", "nowhere.yaml"])
+    assert bad.exit_code != 0 and "--cluster: no cluster file nowhere.yaml" in str(bad.exception)
+
+
+def test_bench_runs_under_the_cli_thread_settings_and_reports_its_spread(tmp_path):
+    cfg = write_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "PYTHONWARNINGS")}
+    out = subprocess.run(
+        [HETERO, "bench", str(cfg), "--runs", "5", "--json"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    for key in ("eager", "compiled"):
+        assert 0 < data[key]["p10"] <= data[key]["p50"] <= data[key]["p90"]
+    assert data["compiled_ms"] == data["compiled"]["p50"]
+    threads = data["threads"]
+    assert threads["env"]["OMP_WAIT_POLICY"] == "PASSIVE"  # set by the CLI itself
+    assert threads["torch"] >= 1 and threads["devices"] == {"box/cpu": 2}
+    assert out.stderr == "", out.stderr  # nothing but the result
+
+
+def test_verbosity_sets_hetero_and_ray_logging(capsys):
+    import logging
+
+    from hetero.cluster.connect import ray_log_level
+    from hetero.interfaces.terminal import set_verbosity
+
+    logger = logging.getLogger("hetero")
+    before = logger.level
+    try:
+        assert set_verbosity() == logging.WARNING and ray_log_level() == logging.WARNING
+        logging.getLogger("hetero.test").warning("a thing to know")
+        logging.getLogger("hetero.test").info("a thing done")
+        assert capsys.readouterr().err == "warning: a thing to know\n"
+        set_verbosity(verbose=1)
+        assert ray_log_level() == logging.INFO
+        logging.getLogger("hetero.test").info("a thing done")
+        assert capsys.readouterr().err == "info hetero.test: a thing done\n"
+        set_verbosity(quiet=True)
+        assert ray_log_level() == logging.ERROR
+        logging.getLogger("hetero.test").warning("a thing to know")
+        assert capsys.readouterr().err == ""
+        assert CliRunner().invoke(app, ["-q", "--version"]).exit_code == 0
+    finally:
+        logger.setLevel(before)

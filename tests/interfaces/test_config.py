@@ -72,6 +72,25 @@ def test_dynamic_dims_become_export_dims(tmp_path):
         ({"model": "x.y:f", "cluster": "nowhere.yaml"}, ["cluster", "nowhere.yaml"]),
         ({"model": "x.y:f", "cluster": "bigbox"}, ["cluster", "ray://"]),
         ({"model": "x.y:f", "backends": {"tpu": "xla"}}, ["backends.tpu"]),
+        ({"model": "x.y:f", "backends": {"gpuu": "triton"}}, ["backends", "'gpu'?"]),
+        (
+            {"model": "x.y:f", "backends": {"cpu": "tvmm"}},
+            ["backends.cpu: no backend 'tvmm' (did you mean 'tvm'?)"],
+        ),
+        (
+            {"model": "x.y:f", "backends": {"cpu": "triton"}},
+            ["backends.cpu: triton compiles for gpu devices only; for cpu use one of:"],
+        ),
+        ({"model": "x.y:f", "objectiv": "latency"}, ["objectiv: unknown key (did you mean"]),
+        ({"model": "x.y:f", "objective": "latncy"}, ["objective", "did you mean 'latency'"]),
+        (
+            {"model": "x.y:f", "serving": {"deadline": 30}},
+            ["serving.deadline: 30 has no unit", "did you mean '30 s'?"],
+        ),
+        (
+            {"model": "x.y:f", "constraints": {"memory": {"box/cpu": 24}}},
+            ["constraints.memory.box/cpu: 24 has no unit", "'24 GB'"],
+        ),
         ({"model": "missing.pt2"}, ["model", "missing.pt2"]),
     ],
 )
@@ -83,6 +102,33 @@ def test_errors_name_the_file_and_the_key(tmp_path, data, words):
     assert str(p) in message
     for w in words:
         assert w in message, message
+
+
+def test_a_backend_for_a_kind_the_cluster_lacks_is_refused(tmp_path):
+    cfg = config_from_dict(
+        {
+            "model": "hetero.interfaces.models:mlp_block",
+            "cluster": str(CONFIGS / "clusters" / "cpu-2core.yaml"),
+            "backends": {"gpu": "triton", "cpu": "tvm"},
+        },
+        tmp_path / "c.yaml",
+    )
+    with pytest.raises(ConfigError, match=r"c\.yaml: backends\.gpu: cluster cpu-2core has no gpu"):
+        cfg.cluster_spec()
+
+
+def test_a_factory_that_raises_names_the_users_file_and_line(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(
+        "def build():\n    weights = None\n    raise FileNotFoundError('no checkpoint here')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = config_from_dict({"model": "my_models:build"}, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError) as info:
+        cfg.load_model()
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'c.yaml'}: model: my_models:build raised FileNotFoundError")
+    assert f"at {tmp_path / 'my_models.py'}:3 in build" in msg
+    assert "raise FileNotFoundError('no checkpoint here')" in msg
 
 
 def test_model_errors_name_the_key(tmp_path):

@@ -219,11 +219,25 @@ def test_infeasible_says_which_device_lacks_what(gpt_graph):
         hetero.plan(graph, edge, exclude=["edge/cpu"])
 
 
-def test_unknown_backend_falls_back_to_eager_with_a_note(mlp):
+def test_a_wrong_backend_is_refused_at_the_edge_and_an_absent_one_falls_back_below(mlp):
+    from hetero.backends.registry import default_registry
+    from hetero.partitioner.algorithms import plan as make_plan
+    from hetero.partitioner.decisions import BackendAssignment
+
     model, inputs = mlp
     graph = hetero.capture(model, inputs)
     spec = hetero.Cluster.from_yaml(f"{CLUSTERS}/cpu-2core.yaml")
-    plan = hetero.plan(graph, spec, backends={"cpu": "nosuch"})
+    with pytest.raises(ConfigError, match=r"backends\.cpu: no backend 'tvmm' \(did you mean 'tvm'"):
+        hetero.plan(graph, spec, backends={"cpu": "tvmm"})
+    with pytest.raises(ConfigError, match=r"backends\.cpu: triton compiles for gpu devices only"):
+        hetero.plan(graph, spec, backends={"cpu": "triton"})
+    # Below the edge (a registry that lacks the plug-in it was given): eager, with a note.
+    plan = make_plan(
+        graph,
+        spec,
+        backends=BackendAssignment.parse({"cpu": "nosuch"}),
+        registry=default_registry(),
+    )
     assert {p.backend for p in plan.partitions} == {"eager"}
     assert any("nosuch" in n and "eager" in n for n in plan.notes)
 

@@ -165,7 +165,23 @@ def test_uncapturable_model_gives_one_clear_error():
     with pytest.raises(CaptureError) as info:
         capture(DataDependent(), (torch.randn(4),))
     msg = str(info.value)
-    assert "DataDependent" in msg and "What to do" in msg
+    assert "DataDependent" in msg and "What to do" in msg and "torch.cond" in msg
+    # the user's file, line and source line come first, before torch's long message
+    assert f"at {__file__}:" in msg.splitlines()[0]
+    assert msg.splitlines()[1].strip().startswith("if x.sum() > 0:")
+
+
+def test_a_capture_failure_is_reported_once(capfd):
+    """torch logs a failed export and prints its partial graph; the CaptureError says it."""
+
+    class Mismatch(torch.nn.Module):
+        def forward(self, x):
+            return x @ torch.ones(5, 3)
+
+    with pytest.raises(CaptureError, match=r"(?s)in forward\n\s+return x @ torch.ones\(5, 3\)"):
+        capture(Mismatch(), (torch.randn(4, 4),))
+    err = capfd.readouterr().err
+    assert "def forward" not in err and "Traceback" not in err, err
 
 
 def test_a_bool_tensor_counts_its_bytes_and_a_python_bool_does_not():

@@ -1,6 +1,6 @@
 """Fixtures of the runtime tests: a tiny model split in stages (eager artifacts), a
 two-host cluster description, and ONE Ray cluster for the whole session (two nodes on
-this machine, one with an `NPU` resource) that every Ray test shares."""
+this machine, one with an NPU resource) that every Ray test shares."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 from rt_helpers import CLUSTER, make_stages
 
+from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.spec import ClusterSpec
 from hetero.interfaces.models import mlp_block
 from hetero.partitioner.graph import capture
@@ -44,7 +45,7 @@ def staged(mlp, cluster, cache_dir):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """Head (4 CPUs) + a second node (2 CPUs, NPU: 1), shared by every Ray test."""
+    """Head (4 CPUs) + a second node (2 CPUs, hetero_npu: 1), shared by every Ray test."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
@@ -54,7 +55,7 @@ def ray_cluster():
         connect=True,
         head_node_args={"num_cpus": 4, "include_dashboard": False, **small},
     )
-    c.add_node(num_cpus=2, resources={"NPU": 1}, **small)
+    c.add_node(num_cpus=2, resources={NPU_RESOURCE: 1}, **small)
     c.wait_for_nodes(timeout=60)
     yield c
     ray.shutdown()

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import PlanInfeasible
 from hetero.runtime.placement import HOST_LABEL, RayNode, actor_options, map_hosts
@@ -13,7 +14,7 @@ from hetero.runtime.stage import StageSpec
 from hetero.runtime.transfer import edge_transport, host_out
 
 HEAD = RayNode("aaaaaaaa" + "0" * 48, {"CPU": 4}, {})
-NPU = RayNode("bbbbbbbb" + "1" * 48, {"CPU": 2, "NPU": 1}, {})
+NPU = RayNode("bbbbbbbb" + "1" * 48, {"CPU": 2, NPU_RESOURCE: 1}, {})
 GPU = RayNode("cccccccc" + "2" * 48, {"CPU": 8, "GPU": 2}, {HOST_LABEL: "gpubox"})
 
 
@@ -61,7 +62,7 @@ def test_actor_options_follow_the_device_kind(cluster):
     cpu = actor_options(cluster.device("head/cpu"), HEAD)
     npu = actor_options(cluster.device("edge/npu"), NPU, max_restarts=5)
     assert cpu["num_cpus"] == 1 and "num_gpus" not in cpu
-    assert npu["resources"] == {"NPU": 1} and npu["num_cpus"] == 0
+    assert npu["resources"] == {NPU_RESOURCE: 1} and npu["num_cpus"] == 0
     assert npu["max_restarts"] == 5 and npu["max_task_retries"] == 0
     assert npu["scheduling_strategy"].node_id == NPU.node_id
     assert not npu["scheduling_strategy"].soft

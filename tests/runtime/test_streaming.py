@@ -111,7 +111,7 @@ def _gpu_box(weight_bytes: int) -> ClusterSpec:
                             "kind": "gpu",
                             "peak_flops": {"float32": "60 TFLOPS"},
                             "bandwidth": "3 TB/s",
-                            "memory": int(weight_bytes * 0.6),
+                            "memory": f"{int(weight_bytes * 0.6)} B",
                         },
                         {
                             "name": "cpu",
