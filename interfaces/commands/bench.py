@@ -14,8 +14,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hetero.interfaces.commands.bench_generate import bench_generation, generation_table
 from hetero.interfaces.config import load_config
 from hetero.interfaces.deploy import build_compiled
+from hetero.partitioner.decisions import Task
 
 
 def _median_ms(fn: Callable[[], Any], runs: int, warmup: int) -> float:
@@ -127,13 +129,23 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
         output: Path | None = typer.Option(None, "--output", "-o", help="Also write JSON here."),
     ) -> None:
-        """Time CONFIG's model eagerly and compiled by hetero; predicted vs measured per partition."""
+        """Time CONFIG's model eagerly and compiled by hetero; predicted vs measured per partition.
 
-        result = bench_config(config, runs=runs, warmup=warmup)
+        A `task: generate` config: time to first token and ms per token (p10/p50/p90),
+        hetero against transformers' eager generate of the same model and prompt.
+        """
+
+        cfg = load_config(config)
+        if cfg.task is Task.GENERATE:  # time to first token and ms per token
+            result = bench_generation(cfg, runs=runs, warmup=warmup)
+            table = generation_table(result)
+        else:
+            result = bench_config(config, runs=runs, warmup=warmup)
+            table = _table(result)
         text = json.dumps(result, indent=2)
         if output is not None:
             output.write_text(text)
         if as_json:
             typer.echo(text)
         else:
-            Console().print(_table(result))
+            Console().print(table)

@@ -8,11 +8,14 @@ import typer
 from rich.console import Console
 
 from hetero.cluster.connect import init_ray
+from hetero.errors import ConfigError
 from hetero.interfaces import deploy as deploy_mod
-from hetero.interfaces.commands.serve import HOST_HELP, PORT_HELP
+from hetero.interfaces.commands.serve import HOST_HELP, HTTP_PORT_HELP, PORT_HELP
 from hetero.interfaces.config import load_config
-from hetero.interfaces.serving import ActorServable, ModelServable, ServerOptions
+from hetero.interfaces.serving import ActorServable, ServerOptions
 from hetero.interfaces.serving.foreground import serve_foreground
+from hetero.interfaces.serving.generation import servable_for
+from hetero.partitioner.decisions import Task
 
 
 def register(app: typer.Typer) -> None:
@@ -21,9 +24,10 @@ def register(app: typer.Typer) -> None:
         config: Path = typer.Argument(..., help="A deploy config (see configs/deploy/)."),
         host: str | None = typer.Option(None, "--host", help=HOST_HELP),
         port: int | None = typer.Option(None, "--port", help=PORT_HELP),
+        http_port: int | None = typer.Option(None, "--http-port", help=HTTP_PORT_HELP),
         name: str | None = typer.Option(None, help="Ray actor name (Ray clusters only)."),
     ) -> None:
-        """Plan and compile CONFIG's model (with progress), start it, and serve it over gRPC.
+        """Plan and compile CONFIG's model (with progress), start it, serve it over gRPC and HTTP.
 
         On a Ray cluster (cluster: auto or ray://...) the model runs in a deployment actor,
         reachable from other Ray programs by name, and this process serves its endpoint.
@@ -34,6 +38,12 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(config)
         label = name or cfg.deployment_name
         with console.status(f"deploying {label}") as status:
+            if cfg.is_ray and cfg.task is Task.GENERATE:
+                raise ConfigError(
+                    f"{cfg.where('task')}: a generator is not deployed as a named Ray actor yet; "
+                    "use `cluster:` a file or local (executor: ray still places its devices' "
+                    "workers on Ray)"
+                )
             if cfg.is_ray:
                 import ray  # optional (hetero[ray]): loaded on first use
 
@@ -47,7 +57,10 @@ def register(app: typer.Typer) -> None:
             else:
                 cm = deploy_mod.build_compiled(cfg, progress=status.update)
                 status.update("starting the runtime")
-                servable = ModelServable(cm, name=label)
+                servable = servable_for(cm, label)
                 summary = cm.plan.explain()
         console.print(summary, highlight=False)
-        serve_foreground(servable, ServerOptions.from_config(cfg.serving, host, port), console)
+        options = ServerOptions.from_config(
+            cfg.serving, host, port, http_port, cfg.generation.max_new_tokens
+        )
+        serve_foreground(servable, options, console)

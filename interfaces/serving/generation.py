@@ -15,7 +15,7 @@ import torch
 
 from hetero.errors import InvalidInput
 from hetero.interfaces.serving.outcome import GenerationSettings
-from hetero.interfaces.serving.servable import plan_info
+from hetero.interfaces.serving.servable import ModelServable, plan_info
 from hetero.interfaces.validation import Contract
 from hetero.partitioner.graph import TensorMeta
 
@@ -98,3 +98,11 @@ def prompt_inputs(values: Any, contract: Contract) -> dict[str, torch.Tensor]:
     except (OverflowError, RuntimeError) as e:
         raise InvalidInput(f"{rule.name}: {e}") from None
     return {rule.name: ids}
+
+
+def servable_for(compiled: Any, name: str) -> Any:
+    """What serves a compiled model: an LMServable for a CompiledLM (`task: generate`), a
+    ModelServable otherwise."""
+    return (
+        LMServable(compiled, name) if hasattr(compiled, "stream") else ModelServable(compiled, name)
+    )
