@@ -105,9 +105,9 @@ class HttpFront:
             app.router.add_post(prefix + "/infer", self._infer)
             app.router.add_post(prefix + "/generate", self._generate)
             app.router.add_post(prefix + "/generate_stream", self._generate_stream)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_port=False, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, host, port, reuse_port=False)
         try:
             await site.start()
         except BaseException:
