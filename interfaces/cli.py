@@ -48,7 +48,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "plan",
         "Partition a model over a cluster; print the explain table, write plan.json and a picture.",
     ),
-    "serve": ("serve", "Serve CONFIG's model over gRPC now; compile in the background."),
+    "serve": ("serve", "Serve CONFIG's model over gRPC now; compile in a child process meanwhile."),
     "status": ("status", "Show hetero's deployments on a Ray cluster (or its submitted jobs)."),
     "stop": ("status", "Drain and end a deployment (and stop its job, when it was submitted)."),
     "submit": (

@@ -121,7 +121,7 @@ class DeployConfig(_Strict):
     model: str
     model_args: dict[str, Any] = Field(default_factory=dict)
     task: Task = Task.FORWARD
-    generation: GenerationOptions = Field(default_factory=GenerationOptions)  # task: generate
+    generation: GenerationOptions | None = None  # task: generate (its defaults when absent)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     dynamic: dict[str, dict[int, DimSpec]] = Field(default_factory=dict)
     cluster: str = "local"
@@ -168,6 +168,14 @@ class DeployConfig(_Strict):
         reference_kind(v)  # a ValueError saying what a cluster reference looks like
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _generation_defaults(cls, data: Any) -> Any:
+        generating = isinstance(data, Mapping) and str(data.get("task", "")) == "generate"
+        if generating and data.get("generation") is None:
+            return {**data, "generation": {}}
+        return data
+
     @model_validator(mode="after")
     def _task(self) -> DeployConfig:
         if self.task is Task.GENERATE and self.dynamic:
@@ -175,7 +183,7 @@ class DeployConfig(_Strict):
                 "dynamic: a generator takes any prompt length up to generation.max_length "
                 "without it; remove `dynamic`"
             )
-        if self.task is not Task.GENERATE and "generation" in self.model_fields_set:
+        if self.task is not Task.GENERATE and self.generation is not None:
             raise ValueError("generation: applies to `task: generate` only; add it or remove this")
         return self
 
@@ -241,7 +249,7 @@ class DeployConfig(_Strict):
 
     def compile_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for hetero.compile besides the model and its inputs."""
-        if self.task is Task.GENERATE:
+        if self.task is Task.GENERATE and self.generation is not None:
             return {
                 "task": Task.GENERATE,
                 "max_length": self.generation.max_length,

@@ -27,11 +27,12 @@ def register(app: typer.Typer) -> None:
         http_port: int | None = typer.Option(None, "--http-port", help=HTTP_PORT_HELP),
         name: str | None = typer.Option(None, help="Ray actor name (Ray clusters only)."),
     ) -> None:
-        """Plan and compile CONFIG's model (with progress), start it, serve it over gRPC and HTTP.
+        """Plan and compile CONFIG's model (with progress), start it, and serve it over gRPC.
 
         On a Ray cluster (cluster: auto or ray://...) the model runs in a deployment actor,
         reachable from other Ray programs by name, and this process serves its endpoint.
-        Runs in the foreground; SIGINT/SIGTERM drain in-flight requests and exit.
+        gRPC carries hetero.v1 and the Open Inference Protocol; HTTP its REST twin and
+        /metrics. Runs in the foreground; SIGINT/SIGTERM drain in-flight requests and exit.
         """
 
         console = Console(stderr=True)
@@ -61,6 +62,6 @@ def register(app: typer.Typer) -> None:
                 summary = cm.plan.explain()
         console.print(summary, highlight=False)
         options = ServerOptions.from_config(
-            cfg.serving, host, port, http_port, cfg.generation.max_new_tokens
+            cfg.serving, host, port, http_port, cfg.generation and cfg.generation.max_new_tokens
         )
         serve_foreground(servable, options, console)

@@ -32,9 +32,10 @@ def register(app: typer.Typer) -> None:
         port: int | None = typer.Option(None, "--port", help=PORT_HELP),
         http_port: int | None = typer.Option(None, "--http-port", help=HTTP_PORT_HELP),
     ) -> None:
-        """Serve CONFIG's model over gRPC and HTTP now; compile in a child process meanwhile.
+        """Serve CONFIG's model over gRPC now; compile in a child process meanwhile.
 
-        The endpoint is live at once; grpc.health.v1 says NOT_SERVING until every
+        gRPC carries hetero.v1 and the Open Inference Protocol, HTTP its REST twin and
+        /metrics. The endpoint is live at once; grpc.health.v1 says NOT_SERVING until every
         partition answers, then SERVING (and NOT_SERVING again while a fault is being
         repaired). SIGINT/SIGTERM drain in-flight requests and exit.
         """
@@ -64,7 +65,7 @@ def register(app: typer.Typer) -> None:
 
         servable = LoadingServable(build, name=name, generative=generative)
         options = ServerOptions.from_config(
-            cfg.serving, host, port, http_port, cfg.generation.max_new_tokens
+            cfg.serving, host, port, http_port, cfg.generation and cfg.generation.max_new_tokens
         )
         serve_foreground(servable, options, console)
         if servable.error:

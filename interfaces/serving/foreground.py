@@ -30,7 +30,7 @@ def serve_foreground(
             previous[sig] = signal.signal(sig, lambda signum, _frame: stop.set())
     http = server.http_address
     console.print(
-        f"[bold]serving[/] gRPC on {server.address} ({SERVICE_NAME}, the Open Inference "
+        f"[bold]serving[/] on {server.address} (gRPC: {SERVICE_NAME}, the Open Inference "
         f"Protocol's {OIP_SERVICE}, grpc.health.v1, reflection)"
         + (f"; HTTP on {http} (/v2/..., /metrics)" if http else "")
         + f"; max message {options.max_message_bytes} bytes. Ctrl-C drains and exits.",

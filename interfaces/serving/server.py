@@ -38,10 +38,12 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hetero.errors import ConfigError, HeteroError, InvalidInput, Unavailable
+from hetero.interfaces import grpc_predict_v2_pb2, hetero_pb2
 from hetero.interfaces.serving import hetero_v1, oip_grpc
 from hetero.interfaces.serving.http import HttpFront
 from hetero.interfaces.serving.metrics import ServerMetrics
@@ -103,15 +105,8 @@ class _Expired(Exception):
 def reflection_pool() -> Any:
     """One descriptor pool holding every service this server speaks, for gRPC reflection
     (the OIP's messages live in a pool of their own: tools/gen_proto.sh says why)."""
-    from google.protobuf import descriptor_pool
-    from grpc_health.v1 import health_pb2 as h
-    from grpc_reflection.v1alpha import reflection_pb2 as r
-
-    from hetero.interfaces import grpc_predict_v2_pb2 as oip
-    from hetero.interfaces import hetero_pb2 as v1
-
     pool = descriptor_pool.DescriptorPool()
-    for module in (v1, oip, h, r):
+    for module in (hetero_pb2, grpc_predict_v2_pb2, health_pb2, reflection_pb2):
         pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
     return pool
 
