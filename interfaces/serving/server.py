@@ -134,6 +134,7 @@ class HeteroServer:
             "expired": 0,
             "failed": 0,
             "unavailable": 0,
+            "cancelled": 0,  # streams whose client went away
         }
         self.metrics = ServerMetrics(self)
         self._health = health.HealthServicer()
@@ -504,6 +505,7 @@ class HeteroServer:
             Code.DEADLINE_EXCEEDED: "expired",
             Code.INVALID_ARGUMENT: "invalid",
             Code.UNAVAILABLE: "unavailable",
+            Code.CANCELLED: "cancelled",
         }.get(outcome.code, "failed")
         self._count(key)
         self.metrics.generation(stream)

@@ -149,4 +149,5 @@ class TokenStream:
             self.last_ms = (time.perf_counter() - self._t0) * 1e3
             self.outcome = outcome
             self._stop.set()
+        self._queue.put(_DONE)  # wakes a reader still waiting for a token (a cancel)
         self._on_end(self)

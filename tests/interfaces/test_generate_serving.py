@@ -21,6 +21,7 @@ import tritonclient.grpc as tgrpc
 from tritonclient.utils import InferenceServerException
 
 from hetero.errors import ConfigError
+from hetero.interfaces import hetero_pb2 as pb
 from hetero.interfaces.commands.bench_generate import bench_generation, percentiles
 from hetero.interfaces.config import config_from_dict, load_config
 from hetero.interfaces.deploy import build_compiled
@@ -136,6 +137,24 @@ def test_a_deadline_mid_stream_stops_generating_and_the_next_request_is_served(l
     slow.delay = 0.0
     assert [t[0] for t in client.generate(prompt, NEW, timeout=30)] == expected
     assert server.stats["expired"] == 1 and server.admitted == 0
+
+
+def test_a_client_that_cancels_stops_the_generation(lm_server, compiled):
+    _, _, prompt, expected = compiled
+    server, client, slow = lm_server()
+    slow.delay = 0.1
+    request = pb.GenerateRequest(input_ids=prompt.reshape(-1).tolist(), max_new_tokens=40)
+    call = client.stub.Generate(request, timeout=30)
+    assert list(next(call).token_ids) == expected[:1]
+    call.cancel()
+    deadline = time.monotonic() + 5
+    while (server.admitted or not server.stats["cancelled"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    made = slow.made
+    time.sleep(0.5)
+    assert server.admitted == 0 and slow.made == made < 10  # stopped, not run to 40
+    slow.delay = 0.0
+    assert [t[0] for t in client.generate(prompt, 4, timeout=30)] == expected[:4]
 
 
 def test_streams_hold_their_place_in_the_queue(lm_server, compiled):

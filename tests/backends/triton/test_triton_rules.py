@@ -31,7 +31,8 @@ from triton_models import (
 from hetero.backends.base import CompileOptions
 from hetero.backends.triton import TritonBackend
 from hetero.backends.triton.backend import prepare
-from hetero.backends.triton.fusion import fuse, numel
+from hetero.backends.triton.fuse import fuse
+from hetero.backends.triton.fusion import numel
 from hetero.backends.triton.matchers import gated_pair, rms_chain, rope_at
 from hetero.backends.triton.rewrite import PROLOGUE_ROWS
 
