@@ -16,7 +16,9 @@ backends: {gpu: triton, cpu: tvm, npu: tvm}   # named kinds are pinned: never me
 choose: measured                           # or fixed; each partition's backend by measurement
 choose_budget: 600 s                       # extra compile + timing time the choice may spend
 cache_dir: ~/.cache/hetero
-serving: {host: 127.0.0.1, port: 50051, max_message_bytes: 4 MiB, queue_limit: 64, deadline: 30 s}
+serving: {host: 127.0.0.1, port: 50051, http_port: 8000, max_message_bytes: 4 MiB, queue_limit: 64, deadline: 30 s}
+# task: generate                           # a causal LM: prefill + decode with a KV cache, tokens streamed
+# generation: {max_length: 256, batch_size: 1, max_new_tokens: 32}
 ray: {namespace: hetero, head_host: 127.0.0.1}   # head_host: where a head hetero starts listens
 ```
 
@@ -45,7 +47,7 @@ from hetero.interfaces.modelfile import load_exported
 from hetero.interfaces.modelref import load_factory
 from hetero.interfaces.pretrained import PREFIX as HF_PREFIX
 from hetero.interfaces.pretrained import load_hf, load_weights
-from hetero.partitioner.decisions import BackendAssignment, BackendChoice, Choose, Objective
+from hetero.partitioner.decisions import BackendAssignment, BackendChoice, Choose, Objective, Task
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -67,8 +69,10 @@ class DimSpec(_Strict):
 
 
 class ServingOptions(_Strict):
-    host: str = "127.0.0.1"  # loopback unless the config says otherwise
-    port: int = Field(50051, ge=0, le=65535)  # 0 picks a free port
+    host: str = "127.0.0.1"  # loopback unless the config says otherwise (both ports)
+    port: int = Field(50051, ge=0, le=65535)  # gRPC; 0 picks a free port
+    # The Open Inference Protocol's HTTP/REST twin and /metrics; 0 picks a free port, null: none
+    http_port: int | None = Field(8000, ge=0, le=65535)
     # Largest request or answer, both directions. gRPC's default receive limit is 4 MiB;
     # raise it here, on purpose, for big tensors (e.g. "64 MiB").
     max_message_bytes: ByteCount = GRPC_DEFAULT_MESSAGE_BYTES
@@ -105,6 +109,14 @@ class RayOptions(_Strict):
     head_host: str = "127.0.0.1"
 
 
+class GenerationOptions(_Strict):
+    """`task: generate`: the static KV cache and the default request size."""
+
+    max_length: int = Field(256, ge=2)  # cache positions: prompt + new tokens
+    batch_size: int = Field(1, ge=1)  # sequences per request
+    max_new_tokens: int = Field(32, ge=1)  # for a request that names no number
+
+
 class Constraints(_Strict):
     exclude: list[str] = Field(default_factory=list)  # devices the plan must not use
     memory: dict[str, ByteCount] = Field(default_factory=dict)  # device -> bytes usable (a cap)
@@ -117,6 +129,8 @@ class DeployConfig(_Strict):
     model: str
     model_args: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None  # a .safetensors file loaded into the model
+    task: Task = Task.FORWARD
+    generation: GenerationOptions | None = None  # task: generate (its defaults when absent)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     dynamic: dict[str, dict[int, DimSpec]] = Field(default_factory=dict)
     cluster: str = "local"
@@ -179,6 +193,25 @@ class DeployConfig(_Strict):
     def _cluster(cls, v: str) -> str:
         reference_kind(v)  # a ValueError saying what a cluster reference looks like
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _generation_defaults(cls, data: Any) -> Any:
+        generating = isinstance(data, Mapping) and str(data.get("task", "")) == "generate"
+        if generating and data.get("generation") is None:
+            return {**data, "generation": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _task(self) -> DeployConfig:
+        if self.task is Task.GENERATE and self.dynamic:
+            raise ValueError(
+                "dynamic: a generator takes any prompt length up to generation.max_length "
+                "without it; remove `dynamic`"
+            )
+        if self.task is not Task.GENERATE and self.generation is not None:
+            raise ValueError("generation: applies to `task: generate` only; add it or remove this")
+        return self
 
     @model_validator(mode="after")
     def _ranges(self) -> DeployConfig:
@@ -269,6 +302,16 @@ class DeployConfig(_Strict):
 
     def compile_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for hetero.compile besides the model and its inputs."""
+        if self.task is Task.GENERATE and self.generation is not None:
+            return {
+                "task": Task.GENERATE,
+                "max_length": self.generation.max_length,
+                "batch_size": self.generation.batch_size,
+                # overrides of generation's own defaults per device kind, as written
+                "backends": dict(self.backends) or None,
+                "cache_dir": self.cache_dir,
+                "executor": self.executor,
+            }
         return {
             "objective": self.objective,
             "backends": self.backend_assignment,

@@ -318,14 +318,17 @@ class Deployment:
         )
         return info
 
-    def serve(self, host: str | None = None, port: int | None = None) -> str:
-        """Start the gRPC endpoint inside the actor (on its node); returns host:port."""
+    def serve(
+        self, host: str | None = None, port: int | None = None, http_port: int | None = None
+    ) -> str:
+        """Start the endpoints inside the actor (on its node): gRPC, and HTTP unless the
+        config's serving.http_port is null; returns the gRPC host:port."""
         # gRPC is optional (hetero[serve]) and only this method needs it
         from hetero.interfaces.serving.server import HeteroServer, ServerOptions
 
         if self.server is None:
             serving = self.config.serving if self.config is not None else ServingOptions()
-            options = ServerOptions.from_config(serving, host=host, port=port)
+            options = ServerOptions.from_config(serving, host=host, port=port, http_port=http_port)
             self.server = HeteroServer(_Borrowed(self.servable), options)
             self.server.start()
         return self.server.address

@@ -44,6 +44,11 @@ class InferenceStub:
                 request_serializer=hetero_dot_interfaces_dot_hetero__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=hetero_dot_interfaces_dot_hetero__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/hetero.v1.Inference/Generate',
+                request_serializer=hetero_dot_interfaces_dot_hetero__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=hetero_dot_interfaces_dot_hetero__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -61,6 +66,13 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Tokens as they come; a deadline or a cancel stops the generation on the server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +85,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=hetero_dot_interfaces_dot_hetero__pb2.ModelInfoRequest.FromString,
                     response_serializer=hetero_dot_interfaces_dot_hetero__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=hetero_dot_interfaces_dot_hetero__pb2.GenerateRequest.FromString,
+                    response_serializer=hetero_dot_interfaces_dot_hetero__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +146,33 @@ class Inference:
             '/hetero.v1.Inference/ModelInfo',
             hetero_dot_interfaces_dot_hetero__pb2.ModelInfoRequest.SerializeToString,
             hetero_dot_interfaces_dot_hetero__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hetero.v1.Inference/Generate',
+            hetero_dot_interfaces_dot_hetero__pb2.GenerateRequest.SerializeToString,
+            hetero_dot_interfaces_dot_hetero__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -104,3 +104,20 @@ def mlp_block(
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     torch.manual_seed(seed)
     return MLPBlock().eval(), (torch.randn(batch, seq, 256),)
+
+
+def tiny_llama(
+    layers: int = 2, dim: int = 64, vocab: int = 512, prompt: int = 11, seed: int = 0
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """A tiny LLaMA-architecture causal LM (transformers' LlamaForCausalLM: RMSNorm, rotary,
+    SwiGLU, grouped KV heads; 2 layers, 64 wide, fp32, random weights) and a prompt of
+    `prompt` tokens: the generation deploy config's model (`task: generate`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # optional heavy dependency
+
+    cfg = LlamaConfig(
+        hidden_size=dim, intermediate_size=176, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, initializer_range=0.2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    return model, (torch.randint(0, vocab, (1, prompt)),)

@@ -11,6 +11,7 @@ import torch
 import typer
 from rich.table import Table
 
+from hetero.interfaces.commands.bench_generate import bench_generation, generation_table
 from hetero.interfaces.commands.options import (
     RUNS,
     WARMUP,
@@ -27,7 +28,7 @@ from hetero.interfaces.config import DeployConfig, load_config
 from hetero.interfaces.deploy import build_compiled
 from hetero.interfaces.terminal import Activity, Report, make_console, print_json
 from hetero.interfaces.timing import spread, thread_settings, timed_ms
-from hetero.partitioner.decisions import Objective
+from hetero.partitioner.decisions import Objective, Task
 
 
 def _max_diff(a: Any, b: Any) -> float:
@@ -152,15 +153,23 @@ def register(app: typer.Typer) -> None:
         as_json: bool = json_option(),
         out: Path | None = out_option("the JSON too"),
     ) -> None:
-        """Time CONFIG's model eagerly and compiled by hetero; predicted vs measured per partition."""
+        """Time CONFIG's model eagerly and compiled by hetero; predicted vs measured per partition.
 
+        A `task: generate` config: time to first token and ms per token (p10/p50/p90),
+        hetero against transformers' eager generate of the same model and prompt.
+        """
+
+        cfg = load(config, cluster, objective)
         with Activity() as activity, activity.step("loading, planning, compiling, timing"):
-            result = bench_config(
-                load(config, cluster, objective), runs, warmup, activity.counter()
-            )
+            if cfg.task is Task.GENERATE:  # time to first token and ms per token
+                result = bench_generation(cfg, runs=runs, warmup=warmup)
+                table = generation_table(result)
+            else:
+                result = bench_config(cfg, runs, warmup, activity.counter())
+                table = _table(result)
         if out is not None:
             out.write_text(json.dumps(result, indent=2, default=str))
         if as_json:
             print_json(result)
         else:
-            make_console().print(_table(result))
+            make_console().print(table)

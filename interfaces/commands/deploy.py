@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from hetero.cluster.connect import init_ray
+from hetero.errors import ConfigError
 from hetero.interfaces import deploy as deploy_mod
 from hetero.interfaces.commands.options import (
     cluster_option,
@@ -14,11 +15,12 @@ from hetero.interfaces.commands.options import (
     load,
     objective_option,
 )
-from hetero.interfaces.commands.serve import HOST_HELP, PORT_HELP
-from hetero.interfaces.serving import ActorServable, ModelServable, ServerOptions
+from hetero.interfaces.commands.serve import HOST_HELP, HTTP_PORT_HELP, PORT_HELP
+from hetero.interfaces.serving import ActorServable, ServerOptions
 from hetero.interfaces.serving.foreground import serve_foreground
+from hetero.interfaces.serving.generation import servable_for
 from hetero.interfaces.terminal import make_console
-from hetero.partitioner.decisions import Objective
+from hetero.partitioner.decisions import Objective, Task
 
 
 def register(app: typer.Typer) -> None:
@@ -29,19 +31,27 @@ def register(app: typer.Typer) -> None:
         objective: Objective | None = objective_option(),
         host: str | None = typer.Option(None, "--host", help=HOST_HELP),
         port: int | None = typer.Option(None, "--port", help=PORT_HELP),
+        http_port: int | None = typer.Option(None, "--http-port", help=HTTP_PORT_HELP),
         name: str | None = typer.Option(None, help="Ray actor name (Ray clusters only)."),
     ) -> None:
         """Plan and compile CONFIG's model (with progress), start it, and serve it over gRPC.
 
         On a Ray cluster (cluster: auto or ray://...) the model runs in a deployment actor,
         reachable from other Ray programs by name, and this process serves its endpoint.
-        Runs in the foreground; SIGINT/SIGTERM drain in-flight requests and exit.
+        gRPC carries hetero.v1 and the Open Inference Protocol; HTTP its REST twin and
+        /metrics. Runs in the foreground; SIGINT/SIGTERM drain in-flight requests and exit.
         """
 
         console = make_console(stderr=True)
         cfg = load(config, cluster, objective)
         label = name or cfg.deployment_name
         with console.status(f"deploying {label}") as status:
+            if cfg.is_ray and cfg.task is Task.GENERATE:
+                raise ConfigError(
+                    f"{cfg.where('task')}: a generator is not deployed as a named Ray actor yet; "
+                    "use `cluster:` a file or local (executor: ray still places its devices' "
+                    "workers on Ray)"
+                )
             if cfg.is_ray:
                 import ray  # optional (hetero[ray]): loaded on first use
 
@@ -55,7 +65,10 @@ def register(app: typer.Typer) -> None:
             else:
                 cm = deploy_mod.build_compiled(cfg, progress=status.update)
                 status.update("starting the runtime")
-                servable = ModelServable(cm, name=label)
+                servable = servable_for(cm, label)
                 summary = cm.plan.explain()
         console.print(summary, highlight=False)
-        serve_foreground(servable, ServerOptions.from_config(cfg.serving, host, port), console)
+        options = ServerOptions.from_config(
+            cfg.serving, host, port, http_port, cfg.generation and cfg.generation.max_new_tokens
+        )
+        serve_foreground(servable, options, console)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -14,13 +15,18 @@ from hetero.interfaces.commands.options import (
     load,
     objective_option,
 )
-from hetero.interfaces.serving import LoadingServable, ModelServable, ServerOptions
+from hetero.interfaces.serving import LoadingServable, ServerOptions
 from hetero.interfaces.serving.foreground import serve_foreground
+from hetero.interfaces.serving.generation import servable_for
 from hetero.interfaces.terminal import make_console
-from hetero.partitioner.decisions import Objective
+from hetero.partitioner.decisions import Objective, Task
 
 HOST_HELP = "Address to listen on (default: the config's serving.host, 127.0.0.1)."
-PORT_HELP = "Port to listen on (default: the config's serving.port; 0 picks a free one)."
+PORT_HELP = "gRPC port (default: the config's serving.port; 0 picks a free one)."
+HTTP_PORT_HELP = (
+    "HTTP port: the Open Inference Protocol's REST twin and /metrics (default: the config's "
+    "serving.http_port; 0 picks a free one)."
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -31,10 +37,12 @@ def register(app: typer.Typer) -> None:
         objective: Objective | None = objective_option(),
         host: str | None = typer.Option(None, "--host", help=HOST_HELP),
         port: int | None = typer.Option(None, "--port", help=PORT_HELP),
+        http_port: int | None = typer.Option(None, "--http-port", help=HTTP_PORT_HELP),
     ) -> None:
         """Serve CONFIG's model over gRPC now; compile in a child process meanwhile.
 
-        The endpoint is live at once; grpc.health.v1 says NOT_SERVING until every
+        gRPC carries hetero.v1 and the Open Inference Protocol, HTTP its REST twin and
+        /metrics. The endpoint is live at once; grpc.health.v1 says NOT_SERVING until every
         partition answers, then SERVING (and NOT_SERVING again while a fault is being
         repaired). SIGINT/SIGTERM drain in-flight requests and exit.
         """
@@ -51,15 +59,22 @@ def register(app: typer.Typer) -> None:
             deploy_mod.ensure_ray(cluster, host=cfg.ray.head_host)
         deploy_mod.preload_backends(cfg)
 
-        def build() -> ModelServable:
-            say(f"compiling {cfg.model} for {cluster.name} in a child process")
-            plan = deploy_mod.prebuild(cfg, cluster)
+        generative = cfg.task is Task.GENERATE
+
+        def build() -> Any:
+            plan = None
+            if not generative:  # a generator's two phases are planned where they compile
+                say(f"compiling {cfg.model} for {cluster.name} in a child process")
+                plan = deploy_mod.prebuild(cfg, cluster)
             cm = deploy_mod.build_compiled(cfg, progress=say, cluster=cluster, plan=plan)
             console.print(f"[green]{name} is ready[/]\n{cm.plan.explain()}", highlight=False)
-            return ModelServable(cm, name=name)
+            return servable_for(cm, name)
 
-        servable = LoadingServable(build, name=name)
-        serve_foreground(servable, ServerOptions.from_config(cfg.serving, host, port), console)
+        servable = LoadingServable(build, name=name, generative=generative)
+        options = ServerOptions.from_config(
+            cfg.serving, host, port, http_port, cfg.generation and cfg.generation.max_new_tokens
+        )
+        serve_foreground(servable, options, console)
         if servable.error:
             console.print(f"[red]{name} never became ready:[/] {servable.error}", highlight=False)
             raise typer.Exit(1)

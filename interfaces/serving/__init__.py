@@ -1,11 +1,13 @@
-"""The gRPC endpoint: Infer and ModelInfo over named tensors, plus grpc.health.v1.
+"""The serving endpoints: hetero.v1 and the Open Inference Protocol (KServe v2) over gRPC,
+the OIP's HTTP/REST twin with Prometheus /metrics, plus grpc.health.v1 and reflection.
 
 The server wraps a *servable* (see `servable.Servable`): anything with input/output
 metas, `run_flat`, `ready` and `info`, so tests drive it with a fake and `hetero deploy`
-with a compiled model or a Ray actor.
+with a compiled model, a compiled LM (serving/generation.py) or a Ray actor.
 """
 
 from hetero.interfaces.serving.client import InferenceClient
+from hetero.interfaces.serving.generation import LMServable
 from hetero.interfaces.serving.servable import (
     ActorServable,
     LoadingServable,
@@ -19,6 +21,7 @@ __all__ = [
     "ActorServable",
     "HeteroServer",
     "InferenceClient",
+    "LMServable",
     "LoadingServable",
     "ModelServable",
     "Servable",

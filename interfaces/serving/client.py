@@ -1,9 +1,10 @@
-"""A small client for hetero's gRPC endpoint (tests, `hetero bench`, the README)."""
+"""A small client for hetero.v1 on the gRPC endpoint (tests, the README); any Open Inference
+Protocol client (tritonclient, the KServe client) speaks to the same server."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -46,6 +47,35 @@ class InferenceClient:
             self._input_names = [i.name for i in self.model_info().inputs]
         out = list(self.infer(dict(zip(self._input_names, tensors, strict=True)), timeout).values())
         return out[0] if len(out) == 1 else tuple(out)
+
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 0,
+        *,
+        timeout: float | None = None,
+        eos_token_id: int | Sequence[int] = (),
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        request_id: str = "",
+    ) -> Iterator[list[int]]:
+        """Token ids as they come (one per sequence of the batch), from hetero.v1 Generate.
+        `input_ids`: the prompt, [batch, length] or one prompt's ids; max_new_tokens 0: the
+        server's default. Raises grpc.RpcError (INVALID_ARGUMENT, DEADLINE_EXCEEDED, ...)."""
+        ids = torch.as_tensor(input_ids).reshape(-1).tolist()
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        request = pb.GenerateRequest(
+            input_ids=ids,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+            request_id=request_id,
+        )
+        for answer in self.stub.Generate(request, timeout=timeout):
+            yield list(answer.token_ids)
 
     def model_info(self, timeout: float | None = 10.0) -> pb.ModelInfoResponse:
         return self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout)

@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
+from hetero.interfaces.serving.oip_grpc import SERVICE_NAME as OIP_SERVICE
 from hetero.interfaces.serving.server import SERVICE_NAME, HeteroServer, ServerOptions
 
 
@@ -27,9 +28,12 @@ def serve_foreground(
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda signum, _frame: stop.set())
+    http = server.http_address
     console.print(
-        f"[bold]serving[/] on {server.address} (gRPC service {SERVICE_NAME}, health "
-        f"grpc.health.v1; max message {options.max_message_bytes} bytes). Ctrl-C drains and exits.",
+        f"[bold]serving[/] on {server.address} (gRPC: {SERVICE_NAME}, the Open Inference "
+        f"Protocol's {OIP_SERVICE}, grpc.health.v1, reflection)"
+        + (f"; HTTP on {http} (/v2/..., /metrics)" if http else "")
+        + f"; max message {options.max_message_bytes} bytes. Ctrl-C drains and exits.",
         highlight=False,
     )
     if options.host not in ("127.0.0.1", "localhost", "::1"):

@@ -109,6 +109,10 @@ class ModelServable:
         probe = getattr(self.cm, "accepts", None)
         return bool(probe()) if callable(probe) else self.ready()
 
+    def run_metrics(self) -> Any:
+        """The executor's RunMetrics (per partition and transfer), for /metrics."""
+        return getattr(getattr(self.cm, "executor", None), "metrics", None)
+
     def info(self) -> dict[str, Any]:
         state, why = self.cm.status() if hasattr(self.cm, "status") else ("ready", "")
         info = {"model": self.name, "state": state, **plan_info(self.cm.plan)}
@@ -127,8 +131,11 @@ class LoadingServable:
     leaves it live but never ready, with the error in `info()` and in Infer's answer.
     """
 
-    def __init__(self, build: Callable[[], Any], name: str = "model") -> None:
+    def __init__(
+        self, build: Callable[[], Any], name: str = "model", generative: bool = False
+    ) -> None:
         self.name = name
+        self.generative = generative  # known before the build: a `task: generate` config
         self._build = build
         self._inner: Any = None
         self._error = ""
@@ -185,14 +192,27 @@ class LoadingServable:
         return bool(probe()) if callable(probe) else False
 
     def run_flat(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self._built().run_flat(inputs)
+
+    def ready(self) -> bool:
+        return self._inner is not None and bool(self._inner.ready())
+
+    def check(self, inputs: Any, settings: Any) -> Any:
+        return self._built().check(inputs, settings)
+
+    def stream(self, ids: Any, settings: Any) -> Any:
+        return self._built().stream(ids, settings)
+
+    def run_metrics(self) -> Any:
+        probe = getattr(self._inner, "run_metrics", None)
+        return probe() if callable(probe) else None
+
+    def _built(self) -> Any:
         if self._inner is None:
             if self._error:
                 raise NotReady(f"{self.name} failed to load and serves nothing: {self._error}")
             raise NotReady(f"{self.name} is still loading; retry when health says SERVING")
-        return self._inner.run_flat(inputs)
-
-    def ready(self) -> bool:
-        return self._inner is not None and bool(self._inner.ready())
+        return self._inner
 
     def info(self) -> dict[str, Any]:
         if self._inner is None:

@@ -47,7 +47,7 @@ def _wait_for_address(proc: subprocess.Popen, timeout: float = 120) -> str:
 def test_hetero_serve_answers_correctly_and_drains_on_sigterm(tmp_path):
     cfg = write_config(tmp_path)
     proc = subprocess.Popen(
-        [HETERO, "serve", str(cfg), "--port", "0"],
+        [HETERO, "serve", str(cfg), "--port", "0", "--http-port", "0"],
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
