@@ -122,7 +122,9 @@ def _prebuild_child(cfg: DeployConfig, cluster: ClusterSpec, send: Any) -> None:
     try:
         loaded = cfg.load_model()
         kwargs = _compile_kwargs(cfg)
+        # how the model runs, not what compiles: the server's own build applies them
         kwargs.pop("executor", None)
+        kwargs.pop("feedback", None)
         plan = api_prebuild(
             loaded.module,
             loaded.example_inputs,
