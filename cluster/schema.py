@@ -11,7 +11,7 @@ import typing
 from collections.abc import Iterable
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ValidationError
+from pydantic import BaseModel, BeforeValidator, PlainSerializer, ValidationError
 
 from hetero.cluster.units import BANDWIDTH, DURATION, LATENCY, RATE, SIZE, Kind, UnitError, parse
 
@@ -26,12 +26,18 @@ def _read(kind: Kind, cast: type = float) -> BeforeValidator:
     return BeforeValidator(check)
 
 
-Bytes = Annotated[float, _read(SIZE)]  # "80 GB", "8 GiB"
-ByteCount = Annotated[int, _read(SIZE, int)]  # the same, as a whole number
-Bandwidth = Annotated[float, _read(BANDWIDTH)]  # "3.35 TB/s", "100 Gb/s"
-Flops = Annotated[float, _read(RATE)]  # "989 TFLOPS"
-Seconds = Annotated[float, _read(LATENCY)]  # "5 us": launch overheads, link latencies
-Duration = Annotated[float, _read(DURATION)]  # "30 s": deadlines, grace periods
+def _write(unit: str) -> PlainSerializer:
+    """A quantity written back (JSON/YAML dumps: a job bundle's config) with its base unit,
+    so that it reads again: a bare number is refused."""
+    return PlainSerializer(lambda v: f"{v} {unit}", return_type=str, when_used="json")
+
+
+Bytes = Annotated[float, _read(SIZE), _write("B")]  # "80 GB", "8 GiB"
+ByteCount = Annotated[int, _read(SIZE, int), _write("B")]  # the same, as a whole number
+Bandwidth = Annotated[float, _read(BANDWIDTH), _write("B/s")]  # "3.35 TB/s", "100 Gb/s"
+Flops = Annotated[float, _read(RATE), _write("FLOPS")]  # "989 TFLOPS"
+Seconds = Annotated[float, _read(LATENCY), _write("s")]  # "5 us": launch overheads, latencies
+Duration = Annotated[float, _read(DURATION), _write("s")]  # "30 s": deadlines, grace periods
 
 
 def did_you_mean(word: Any, choices: Iterable[Any]) -> str:

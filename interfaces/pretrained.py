@@ -51,7 +51,9 @@ def load_hf(
     model_id = ref.removeprefix(PREFIX)
     # optional (the test/bench extras) and heavy: imported when an hf: model is asked for
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (  # optional, as above
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    )
     from transformers.utils import logging as hf_logging  # optional, as above
 
     cache = hub_cache()

@@ -60,7 +60,7 @@ class Served:
                     "dynamic": {n: {1: {"name": "seq", "min": 2}} for n in ("idx", "keep", "bias")},
                     "cache_dir": str(tmp / "cache"),
                     "executor": "ray",
-                    "serving": {"port": 0, "http_port": 0, "max_message_bytes": MAX_MESSAGE},
+                    "serving": {"port": 0, "http_port": 0, "max_message_bytes": f"{MAX_MESSAGE} B"},
                 }
             )
         )

@@ -52,7 +52,7 @@ def test_hosts_map_by_name_label_and_explicit_map(cluster):
 
 
 def test_unplaceable_host_says_what_is_missing(cluster):
-    with pytest.raises(PlanInfeasible, match=r"host 'edge' \(needs CPU>=1, NPU>=1\)"):
+    with pytest.raises(PlanInfeasible, match=r"host 'edge' \(needs CPU>=1, hetero_npu>=1\)"):
         map_hosts(cluster.devices, [HEAD])
     with pytest.raises(PlanInfeasible, match="not one alive node"):
         map_hosts(cluster.devices, [HEAD, NPU], {"edge": "zzzz"})
