@@ -70,6 +70,8 @@ class Plan:
     measured_ms: tuple[tuple[int, float], ...] = ()  # partition index -> measured, once run
     schema_version: int = SCHEMA_VERSION
     notes: tuple[str, ...] = field(default=())
+    method: str = ""  # how the planner found it, e.g. "stage DP over device classes"
+    optimal: bool = False  # proven optimal for the planner's model (not only the best found)
 
     # ---- lookups ---------------------------------------------------------------------------
     def assignment(self) -> dict[str, int]:

@@ -1,5 +1,8 @@
 """Partition algorithms: one registry by name, and `plan()`, the entry point.
 
+    auto        the default: device classes and host types, stages by a DP over counts,
+                the algorithms below on small clusters, exact search within a time budget
+                (auto.py; it plans from the graph, so it is not in the registry)
     latency     min-cut (2 devices, exact) / list scheduling + expansion moves (more), then
                 local refinement; memory through Lagrangian penalties
     throughput  contiguous pipeline stages by dynamic programming (exact for its model)
@@ -13,7 +16,7 @@ solution into a Plan.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
@@ -23,6 +26,7 @@ from hetero.partitioner.algorithms.adapter import (
     refine_for_support,
 )
 from hetero.partitioner.algorithms.assemble import assemble
+from hetero.partitioner.algorithms.auto import Progress, plan_auto
 from hetero.partitioner.algorithms.exhaustive import exhaustive
 from hetero.partitioner.algorithms.latency import latency
 from hetero.partitioner.algorithms.problem import Placement, Problem, Solution
@@ -30,8 +34,10 @@ from hetero.partitioner.algorithms.throughput import throughput
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Plan
+from hetero.partitioner.progress import progress_bar
 
 OBJECTIVES = ("latency", "throughput")
+AUTO = "auto"  # the default planner; not in the registry (it plans from the graph, not a Problem)
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,8 @@ def plan(
     algorithm: str | None = None,
     registry=None,
     groups=None,
+    time_budget_s: float | None = None,
+    progress: bool | Progress | None = None,
 ) -> Plan:
     """Partition `graph` over `cluster`.
 
@@ -97,10 +105,32 @@ def plan(
     microbatches: for "throughput", the batch is cut into this many microbatches. registry:
     the backend registry asked which ops each backend supports. groups: a GroupGraph to
     plan over instead of `graph.coarsen()` refined where a device runs a group only in part.
+    algorithm: None or "auto" (the default: see `auto.py`), or one of the registry's.
+    time_budget_s: seconds "auto" may spend (its exact search stops there; it returns the
+    best plan found and `Plan.optimal` says whether it is proven). progress: True for a
+    progress bar on the terminal, or a callable (phase, seconds spent, budget).
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
-    algo = default_algorithms().get(algorithm or objective)
+    if time_budget_s is not None and time_budget_s <= 0:
+        raise ConfigError(f"time_budget_s must be positive, got {time_budget_s}")
+    if algorithm in (None, AUTO):
+        with progress_bar(progress) as report:
+            return plan_auto(
+                graph,
+                cluster,
+                objective,
+                backends=backends,
+                pins=pins,
+                exclude=exclude,
+                microbatches=microbatches,
+                cost_model=cost_model,
+                registry=registry,
+                groups=groups,
+                time_budget_s=time_budget_s,
+                progress=report,
+            )
+    algo = default_algorithms().get(algorithm)
     if objective not in algo.objectives:
         raise ConfigError(
             f"algorithm {algo.name!r} optimises {', '.join(algo.objectives)}, not {objective!r}"
@@ -121,10 +151,14 @@ def plan(
         registry=registry,
     )
     solution = algo.solve(problem, objective)
-    return assemble(problem, ctx, solution, objective=objective, microbatches=microbatches)
+    result = assemble(problem, ctx, solution, objective=objective, microbatches=microbatches)
+    # exhaustive search and the pipeline DP are exact for the planner's model
+    exact = algo.name == "exhaustive" or (algo.name == "throughput" and objective == "throughput")
+    return replace(result, method=algo.summary, optimal=exact)
 
 
 __all__ = [
+    "AUTO",
     "DEFAULT_BACKENDS",
     "Algorithm",
     "AlgorithmRegistry",
@@ -135,6 +169,7 @@ __all__ = [
     "exhaustive",
     "latency",
     "plan",
+    "plan_auto",
     "refine_for_support",
     "throughput",
 ]

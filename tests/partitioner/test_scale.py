@@ -1,0 +1,215 @@
+"""The planner at scale: device classes and host types, stages by a DP over counts, exact
+search; against brute force on small random problems (no torch), and on real models and
+every shipped cluster against today's planners."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from symmetric_cases import flat_layout, layout, symmetric_problem
+from test_algorithms import random_problem
+
+from hetero.partitioner.algorithms import exhaustive, latency, throughput
+from hetero.partitioner.algorithms.auto import solve
+from hetero.partitioner.algorithms.branch import branch_and_bound, interchangeable
+from hetero.partitioner.algorithms.stages import bottleneck_bound, pipeline, to_assignment
+from hetero.partitioner.algorithms.tiers import expand, from_problem, placement_index
+
+_FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_REL = 1e-9
+
+
+def _staged(problem, slots, counts, hosts, objective):
+    tiers = from_problem(problem, slots, counts, hosts)
+    plan = pipeline(tiers, objective)
+    if plan is None:
+        return tiers, None, None
+    device_of = {s: i for i, s in enumerate(slots)}
+    return tiers, plan, to_assignment(plan, tiers, device_of, placement_index(problem))
+
+
+def _host_contiguous_optimum(problem, slots) -> float:
+    """Brute force over pipelines whose stages visit each host once (in any order)."""
+    allowed = problem.allowed()
+    live = problem.live_bytes()
+    host = [(s.host_type, s.host) for s in slots]
+    best = np.inf
+    assign = np.zeros(problem.n, dtype=int)
+
+    def rec(start: int, used: frozenset, hosts: tuple) -> None:
+        nonlocal best
+        if start == problem.n:
+            if problem.feasible(assign):
+                best = min(best, max(problem.stage_times(assign, live)))
+            return
+        for stop in range(start + 1, problem.n + 1):
+            for p in range(problem.num_placements):
+                d = int(problem.place_device[p])
+                h = host[d]
+                if d in used or not allowed[start:stop, p].all():
+                    continue
+                if h in hosts and hosts[-1] != h:
+                    continue  # back to a host already left
+                assign[start:stop] = p
+                rec(stop, used | {d}, hosts if hosts and hosts[-1] == h else (*hosts, h))
+
+    rec(0, frozenset(), ())
+    return best
+
+
+# ---- the stage DP --------------------------------------------------------------------------
+
+
+@_FAST
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 7),
+    gpus=st.integers(1, 3),
+    chain=st.booleans(),
+    memory=st.booleans(),
+)
+def test_stage_dp_on_one_host_equals_exhaustive(seed, n, gpus, chain, memory):
+    p, slots, counts, hosts = symmetric_problem(seed, n, gpus=gpus, chain=chain, memory=memory)
+    _, plan, assign = _staged(p, slots, counts, hosts, "throughput")
+    ex = exhaustive(p, "throughput")
+    if plan is None:
+        assert not np.isfinite(ex.objective)
+        return
+    assert p.feasible(assign) and p.pipeline_valid(assign)
+    # the DP's own numbers are the Problem's, on the names it chose
+    assert p.throughput(assign) == pytest.approx(plan.bottleneck, rel=_REL)
+    assert plan.bottleneck == pytest.approx(ex.objective, rel=_REL)
+
+
+@_FAST
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 5),
+    hosts=st.integers(1, 2),
+    chain=st.booleans(),
+    memory=st.booleans(),
+)
+def test_stage_dp_across_hosts_is_exact_for_contiguous_node_groups(seed, n, hosts, chain, memory):
+    p, slots, counts, host_n = symmetric_problem(
+        seed, n, gpus=1, hosts=hosts, chain=chain, memory=memory
+    )
+    tiers, plan, assign = _staged(p, slots, counts, host_n, "throughput")
+    contiguous = _host_contiguous_optimum(p, slots)
+    ex = exhaustive(p, "throughput")
+    if plan is None:
+        assert not np.isfinite(contiguous)
+        return
+    assert p.throughput(assign) == pytest.approx(plan.bottleneck, rel=_REL)
+    assert plan.bottleneck == pytest.approx(contiguous, rel=_REL)
+    assert plan.bottleneck >= ex.objective * (1 - _REL)
+    assert bottleneck_bound(tiers) <= ex.objective * (1 + _REL)
+
+
+@_FAST
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 8), hosts=st.integers(0, 2))
+def test_expand_rebuilds_the_problem_from_representatives(seed, n, hosts):
+    p, slots, _, _ = symmetric_problem(seed, n, gpus=3, hosts=hosts, other_gpus=2)
+    reps = [i for i, s in enumerate(slots) if s.host < 2 and s.instance < 2]
+    small = expand(p, slots, [(p.devices[i], slots[i]) for i in reps], p.devices[p.origin])
+    again = expand(
+        small, [slots[i] for i in reps], list(zip(p.devices, slots, strict=True)), small.devices[0]
+    )
+    for name in ("compute", "unary", "link_latency", "link_inv_bw", "capacity"):
+        np.testing.assert_allclose(getattr(again, name), getattr(p, name))
+    assert again.placements == p.placements
+
+
+def test_latency_stage_dp_sums_the_stages():
+    p, slots, counts, hosts = symmetric_problem(3, 6, gpus=2, hosts=1)
+    _, plan, assign = _staged(p, slots, counts, hosts, "latency")
+    assert plan.total == pytest.approx(sum(p.stage_times(assign)), rel=_REL)
+
+
+# ---- exact latency -------------------------------------------------------------------------
+
+
+@_FAST
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 7),
+    symmetric=st.booleans(),
+    chain=st.booleans(),
+    memory=st.booleans(),
+)
+def test_branch_and_bound_equals_exhaustive(seed, n, symmetric, chain, memory):
+    if symmetric:
+        p, *_ = symmetric_problem(
+            seed, n, gpus=2, hosts=1 if n <= 5 else 0, chain=chain, memory=memory
+        )
+    else:
+        p = random_problem(seed, n, 3, chain=chain, memory=memory)
+    ex = exhaustive(p)
+    result = branch_and_bound(p)
+    assert result.proven
+    if not np.isfinite(ex.objective):
+        assert result.assign is None
+        return
+    assert p.feasible(result.assign)
+    assert result.value == pytest.approx(ex.objective, rel=_REL)
+    assert p.latency(result.assign) == pytest.approx(result.value, rel=_REL)
+
+
+def test_identical_devices_are_found_interchangeable():
+    p, slots, *_ = symmetric_problem(0, 5, gpus=3, hosts=2, other_gpus=2)
+    classes = {tuple(c) for c in interchangeable(p)}
+    by_place = {}
+    for d, s in enumerate(slots):
+        by_place.setdefault((s.cls, s.host_type, s.host), []).append(d)
+    for members in by_place.values():  # the GPUs of one host are interchangeable
+        assert any(set(members) <= set(c) for c in classes)
+    assert (p.origin,) in classes
+
+
+def test_branch_and_bound_stops_at_the_deadline():
+    p = random_problem(1, 40, 3, chain=False, memory=True)
+    result = branch_and_bound(p, deadline=0.0)
+    assert not result.proven
+
+
+# ---- the default planner on small random problems --------------------------------------------
+
+
+@_FAST
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 6),
+    objective=st.sampled_from(["latency", "throughput"]),
+    symmetric=st.booleans(),
+    memory=st.booleans(),
+)
+def test_auto_finds_the_exhaustive_optimum_and_says_so(seed, n, objective, symmetric, memory):
+    if symmetric:
+        p, slots, counts, hosts = symmetric_problem(
+            seed, n, gpus=2, hosts=1 if n <= 4 else 0, chain=seed % 2 == 0, memory=memory
+        )
+    else:
+        p = random_problem(seed, n, 3, chain=seed % 2 == 0, memory=memory)
+        slots, counts, hosts = flat_layout(p)
+    found, optimal, _ = solve(p, slots, layout(p, slots, counts, hosts), objective, flat=True)
+    ex = exhaustive(p, objective)
+    if not np.isfinite(ex.objective):
+        assert found.over > 0 or not np.isfinite(found.value)
+        return
+    assert found.over == 0
+    assert found.value == pytest.approx(ex.objective, rel=_REL)
+    assert optimal
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+def test_auto_is_never_worse_than_todays_algorithms_on_random_problems(objective):
+    for seed in range(30):
+        p = random_problem(seed, 10, 3, chain=seed % 2 == 0, memory=seed % 3 == 0)
+        slots, counts, hosts = flat_layout(p)
+        found, _, _ = solve(p, slots, layout(p, slots, counts, hosts), objective, flat=True)
+        today = (latency if objective == "latency" else throughput)(p)
+        if not p.feasible(today.assign):
+            continue
+        assert found.over == 0
+        assert found.value <= p.objective(today.assign, objective) * (1 + _REL)
