@@ -4,6 +4,9 @@
 model: hetero.interfaces.models:tiny_gpt      # pkg.module:factory -> (module, example_inputs)
 model_args: {batch: 1, seq: 32}            #   keyword arguments for the factory
 # model: exported/gpt.pt2                  # or a file written by torch.export.save
+# model: {transformers: LlamaConfig, config: {num_hidden_layers: 80, ...}, device: meta,
+#         inputs: {batch: 1, seq: 128}}    # or a transformers config; on `meta` no weights
+#                                          # exist: `hetero plan` plans it, nothing compiles it
 dtype: float32                             # cast weights and float inputs
 dynamic: {idx: {1: {name: seq, min: 1, max: 128}}}
 cluster: ../clusters/cpu-2core.yaml        # a file (relative to this one), local, auto, ray://host:10001
@@ -116,10 +119,27 @@ class Constraints(_Strict):
         return v
 
 
+class TransformersModel(_Strict):
+    """A transformers model built from its config class, on `device` ("meta": shapes only,
+    weight bytes from shapes; a 70B model is planned on a laptop), with token ids of
+    `inputs` shape as the example."""
+
+    transformers: str = Field(pattern=r"^[A-Za-z_]\w*Config$")  # e.g. LlamaConfig
+    config: dict[str, Any] = Field(default_factory=dict)  # the config's keyword arguments
+    class_name: str | None = Field(None, alias="class")  # default: AutoModelForCausalLM
+    device: Literal["meta", "cpu"] = "meta"
+    inputs: dict[Literal["batch", "seq"], int] = Field(
+        default_factory=lambda: {"batch": 1, "seq": 128}
+    )
+
+    def __str__(self) -> str:
+        return f"transformers {self.class_name or self.transformers} ({self.device})"
+
+
 class DeployConfig(_Strict):
     """A validated deploy config. Paths are absolute (resolved against the config's folder)."""
 
-    model: str
+    model: str | TransformersModel
     model_args: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     dynamic: dict[str, dict[int, DimSpec]] = Field(default_factory=dict)
@@ -136,8 +156,8 @@ class DeployConfig(_Strict):
 
     @field_validator("model")
     @classmethod
-    def _model(cls, v: str) -> str:
-        if _IMPORT_PATH.match(v) or v.endswith(".pt2"):
+    def _model(cls, v: str | TransformersModel) -> str | TransformersModel:
+        if not isinstance(v, str) or _IMPORT_PATH.match(v) or v.endswith(".pt2"):
             return v
         if re.search(r"\.(pt|pth|bin|pkl|pickle|ckpt)$", v):
             raise ValueError(
@@ -186,7 +206,7 @@ class DeployConfig(_Strict):
 
     @property
     def is_exported_file(self) -> bool:
-        return self.model.endswith(".pt2")
+        return isinstance(self.model, str) and self.model.endswith(".pt2")
 
     @property
     def deployment_name(self) -> str:
@@ -222,16 +242,26 @@ class DeployConfig(_Strict):
             raise ConfigError(f"{self.where('constraints')}: {e}") from None
         return spec
 
-    def load_model(self) -> LoadedModel:
-        """Import the factory (or load the .pt2 file safely) and cast to `dtype`."""
+    def load_model(self, *, weights: bool = True) -> LoadedModel:
+        """Import the factory (or load the .pt2 file safely, or build the transformers
+        model) and cast to `dtype`. weights=False accepts a model without weights (on the
+        meta device), which only planning can use."""
         if self.is_exported_file:
             from hetero.interfaces.modelfile import load_exported
 
             module, example = load_exported(self.model, where=self.where("model"))
+        elif isinstance(self.model, TransformersModel):
+            module, example = _build_transformers(self)
         else:
             module, example = _call_factory(self)
         if self.dtype is not None:
             module, example = _cast(module, example, self.dtype)
+        if weights and _on_meta(module):
+            raise ConfigError(
+                f"{self.where('model')}: {self.model} has no weights (it is built on the meta "
+                "device). What to do: `hetero plan` plans it as it is; to compile or serve it, "
+                "build it on a real device (device: cpu) or load its weights."
+            )
         return LoadedModel(module, example, _dynamic_shapes(self, module, example))
 
     def compile_kwargs(self) -> dict[str, Any]:
@@ -334,6 +364,51 @@ def _call_factory(cfg: DeployConfig) -> tuple[Any, tuple[Any, ...]]:
             f"tuple); it returned {type(result).__name__}"
         )
     return result[0], tuple(result[1])
+
+
+def _build_transformers(cfg: DeployConfig) -> tuple[Any, tuple[Any, ...]]:
+    import torch
+
+    spec = cfg.model
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(
+            f"{cfg.where('model.transformers')}: transformers is not installed here "
+            "(pip install transformers)"
+        ) from None
+    config_cls = getattr(transformers, spec.transformers, None)
+    if config_cls is None:
+        raise ConfigError(
+            f"{cfg.where('model.transformers')}: transformers has no {spec.transformers}"
+        )
+    try:
+        config = config_cls(**spec.config)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"{cfg.where('model.config')}: {spec.transformers} rejected it: {e}"
+        ) from None
+    if hasattr(config, "use_cache"):
+        config.use_cache = False  # a cache is state torch.export cannot return
+    model_cls = getattr(transformers, spec.class_name or "AutoModelForCausalLM", None)
+    if model_cls is None:
+        raise ConfigError(f"{cfg.where('model.class')}: transformers has no {spec.class_name}")
+    try:
+        with torch.device(spec.device):
+            model = (model_cls(config) if spec.class_name else model_cls.from_config(config)).eval()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cfg.where('model')}: cannot build {spec}: {e}") from None
+    shape = (spec.inputs.get("batch", 1), spec.inputs.get("seq", 128))
+    ids = torch.zeros(shape, dtype=torch.long, device=spec.device)
+    return model, (ids,)
+
+
+def _on_meta(module: Any) -> bool:
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        return False
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
 
 
 def _cast(module: Any, example: tuple[Any, ...], dtype: str) -> tuple[Any, tuple[Any, ...]]:

@@ -18,7 +18,13 @@ def plan(
     ),
     microbatches: int = typer.Option(1, "--microbatches", help="for throughput plans"),
     algorithm: str | None = typer.Option(
-        None, "--algorithm", help="latency | throughput | exhaustive"
+        None, "--algorithm", help="auto (default) | latency | throughput | exhaustive"
+    ),
+    time_budget: float | None = typer.Option(
+        None,
+        "--time-budget",
+        help="seconds the planner may spend; it returns the best plan found and says "
+        "whether it is proven optimal",
     ),
     profile: Path | None = typer.Option(
         None, "--profile", help="calibration profile (default: the cached one for the cluster)"
@@ -26,7 +32,10 @@ def plan(
     out: Path | None = typer.Option(None, "--out", help="write the plan as JSON here"),
     draw: Path | None = typer.Option(None, "--draw", help="write a picture (.png or .svg)"),
 ) -> None:
-    """Partition a model over a cluster; print the explain table, write plan.json and a picture."""
+    """Partition a model over a cluster; print the explain table, write plan.json and a picture.
+
+    The model may have no weights (a transformers config built on the meta device, or a
+    factory called with device="meta"): planning needs only shapes."""
     from hetero.partitioner.algorithms import plan as make_plan
     from hetero.partitioner.cost import CostModel
     from hetero.partitioner.graph import capture
@@ -37,7 +46,7 @@ def plan(
         from hetero.interfaces.config import load_config
 
         cfg = load_config(target)
-        loaded = cfg.load_model()
+        loaded = cfg.load_model(weights=False)
         model, inputs, dynamic = loaded.module, loaded.example_inputs, loaded.dynamic_shapes
         spec = cfg.cluster_spec() if cluster is None else _cluster(cluster)
         objective = objective or cfg.objective
@@ -55,16 +64,17 @@ def plan(
     with console.status("capturing with torch.export"):
         graph = capture(model, inputs, dynamic_shapes=dynamic)
     cost_model = CostModel.load(profile, cluster=spec)
-    with console.status("planning"):
-        result = make_plan(
-            graph,
-            spec,
-            objective,
-            microbatches=microbatches,
-            cost_model=cost_model,
-            algorithm=algorithm,
-            **kwargs,
-        )
+    result = make_plan(
+        graph,
+        spec,
+        objective,
+        microbatches=microbatches,
+        cost_model=cost_model,
+        algorithm=algorithm,
+        time_budget_s=time_budget,
+        progress=True,
+        **kwargs,
+    )
     console.print(result.explain(width=console.width), end="", highlight=False, markup=False)
     if out is not None:
         result.to_json(out)

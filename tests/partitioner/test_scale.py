@@ -4,18 +4,26 @@ every shipped cluster against today's planners."""
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from symmetric_cases import flat_layout, layout, symmetric_problem
 from test_algorithms import random_problem
 
+import hetero
+from hetero.errors import ConfigError
 from hetero.partitioner.algorithms import exhaustive, latency, throughput
-from hetero.partitioner.algorithms.auto import solve
+from hetero.partitioner.algorithms.auto import coarsen_for_scale, solve
 from hetero.partitioner.algorithms.branch import branch_and_bound, interchangeable
 from hetero.partitioner.algorithms.stages import bottleneck_bound, pipeline, to_assignment
 from hetero.partitioner.algorithms.tiers import expand, from_problem, placement_index
+from hetero.partitioner.split import run_partitions, split
 
 _FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _REL = 1e-9
@@ -213,3 +221,180 @@ def test_auto_is_never_worse_than_todays_algorithms_on_random_problems(objective
             continue
         assert found.over == 0
         assert found.value <= p.objective(today.assign, objective) * (1 + _REL)
+
+
+# ---- real models ---------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((ROOT / "configs" / "clusters").glob("*.yaml"))
+
+
+def nodes_cluster(nodes: int, gpus: int) -> hetero.Cluster:
+    """`nodes` hosts of `gpus` GPUs (NVLink) and a CPU (PCIe), a network between hosts."""
+    gpu = {
+        "name": "gpu", "kind": "gpu", "count": gpus, "memory": "80 GB", "bandwidth": "3.35 TB/s",
+        "peak_flops": {"float32": "67 TFLOPS", "float16": "989 TFLOPS"},
+    }  # fmt: skip
+    cpu = {"name": "cpu", "kind": "cpu", "memory": "256 GiB", "bandwidth": "150 GB/s",
+           "peak_flops": {"float32": "4 TFLOPS"}}  # fmt: skip
+    links = [{"between": ["gpu", "cpu"], "bandwidth": "54 GB/s"}]
+    if gpus > 1:
+        links.append({"between": ["gpu", "gpu"], "bandwidth": "450 GB/s", "kind": "nvlink"})
+    hosts = [{"name": f"n{i}", "devices": [gpu, cpu], "links": links} for i in range(nodes)]
+    doc = {"name": f"{nodes}x{gpus}", "hosts": hosts, "network": {"bandwidth": "50 GB/s"}}
+    return hetero.Cluster.from_dict(doc)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from hetero.interfaces.models import mlp_block, tiny_gpt
+
+    graphs = {}
+    for name, factory in (("tiny_gpt", tiny_gpt), ("mlp_block", mlp_block)):
+        model, inputs = factory()
+        graphs[name] = hetero.capture(model, inputs)
+    return graphs
+
+
+@pytest.fixture(scope="module")
+def registry():
+    from hetero.backends.registry import default_registry
+
+    return default_registry()
+
+
+@pytest.mark.parametrize("cluster", SHIPPED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+def test_auto_is_never_worse_than_todays_planner_on_shipped_clusters(
+    bundled, registry, cluster, objective
+):
+    spec = hetero.Cluster.from_yaml(cluster)
+    for graph in bundled.values():
+        auto = hetero.plan(graph, spec, objective, registry=registry)
+        today = hetero.plan(graph, spec, objective, registry=registry, algorithm=objective)
+        assert auto.method and auto.algorithm == "auto"
+        assert auto.predicted_ms <= today.predicted_ms * (1 + _REL)
+
+
+def test_auto_plans_across_hosts_run_like_eager(tiny_gpt, registry):
+    model, inputs = tiny_gpt
+    graph = hetero.capture(model, inputs)
+    spec = nodes_cluster(3, 2)
+    plan = hetero.plan(graph, spec, "throughput", registry=registry)
+    names = {d.name for d in spec.devices}
+    assert set(plan.devices()) <= names
+    assert any("device classes" in n for n in plan.notes)
+    parts = split(graph, plan.assignment())
+    out = run_partitions(graph, parts, *inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(*inputs))
+
+
+def test_auto_matches_todays_exact_pipeline_on_two_hosts(tiny_gpt, registry):
+    model, inputs = tiny_gpt
+    graph = hetero.capture(model, inputs)
+    spec = nodes_cluster(2, 2)
+    auto = hetero.plan(graph, spec, "throughput", registry=registry)
+    today = hetero.plan(graph, spec, "throughput", registry=registry, algorithm="throughput")
+    assert auto.optimal
+    assert auto.predicted_ms <= today.predicted_ms * 1.02
+
+
+def _llama(layers: int, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).eval()
+    return model, (torch.zeros((1, 16), dtype=torch.long, device=device),)
+
+
+def test_capture_on_the_meta_device_sees_what_real_weights_show():
+    meta = hetero.capture(*_llama(2, "meta"))
+    real = hetero.capture(*_llama(2, "cpu"))
+    assert meta.param_bytes == real.param_bytes > 0
+    assert meta.total_flops == real.total_flops
+    ops_meta, ops_real = Counter(n.target for n in meta), Counter(n.target for n in real)
+    # the rotary embedding copies its tables on a device without autocast: two clones
+    assert not ops_real - ops_meta and set(ops_meta - ops_real) <= {"aten.clone.default"}
+
+
+def test_many_identical_layers_become_groups_and_are_priced_once(registry):
+    graph = hetero.capture(*_llama(12, "meta"))
+    groups = coarsen_for_scale(graph, max_groups=8)
+    layers = [g for g in groups if g.name.startswith("model.layers.")]
+    assert len(layers) == 12  # not one group holding every layer
+    spec = nodes_cluster(16, 8)
+    for objective in ("latency", "throughput"):
+        plan = hetero.plan(graph, spec, objective, registry=registry, time_budget_s=5)
+        assert set(plan.devices()) <= {d.name for d in spec.devices}
+        note = next(n for n in plan.notes if n.startswith("planned over"))
+        assert "144" not in note.split(":")[0]  # classes, not devices
+        assert "repeats reused" in note
+    assert len(plan.devices()) > 9  # the pipeline spans hosts
+
+
+def test_time_budget_and_progress_are_reported(tiny_gpt, registry):
+    model, inputs = tiny_gpt
+    graph = hetero.capture(model, inputs)
+    seen = []
+    plan = hetero.plan(
+        graph,
+        nodes_cluster(1, 2),
+        "latency",
+        registry=registry,
+        time_budget_s=2.0,
+        progress=lambda phase, spent, budget: seen.append((phase, budget)),
+    )
+    assert seen and all(b == 2.0 for _, b in seen)
+    assert "method:" in plan.explain()
+    again = hetero.Plan.from_json(plan.to_json())
+    assert (again.method, again.optimal) == (plan.method, plan.optimal)
+    with pytest.raises(ConfigError, match="time_budget_s"):
+        hetero.plan(graph, nodes_cluster(1, 2), time_budget_s=0)
+
+
+def test_plan_command_plans_a_transformers_config_on_the_meta_device(tmp_path):
+    from typer.testing import CliRunner
+
+    from hetero.interfaces.cli import app
+    from hetero.interfaces.config import load_config
+
+    cfg = {
+        "model": {
+            "transformers": "LlamaConfig",
+            "config": {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 256,
+            },
+            "device": "meta",
+            "inputs": {"batch": 1, "seq": 16},
+        },
+        "dtype": "float16",
+        "cluster": str(ROOT / "configs/clusters/h100x2.yaml"),
+    }
+    path = tmp_path / "meta.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(app, ["plan", str(path), "--out", str(out), "--time-budget", "5"])
+    assert result.exit_code == 0, result.output
+    assert "method:" in result.output
+    assert hetero.Plan.from_json(out).model == "LlamaForCausalLM"
+    with pytest.raises(ConfigError, match="meta device"):
+        load_config(path).load_model()  # compile, deploy and serve need weights
+
+
+def test_shipped_meta_config_names_a_transformers_model():
+    from hetero.interfaces.config import load_config
+
+    cfg = load_config(ROOT / "configs/llama-70b-meta.yaml")
+    assert cfg.model.transformers == "LlamaConfig" and cfg.model.device == "meta"
+    assert cfg.model.config["num_hidden_layers"] == 80
