@@ -26,7 +26,7 @@ from hetero.partitioner.algorithms.adapter import (
     refine_for_support,
 )
 from hetero.partitioner.algorithms.assemble import assemble
-from hetero.partitioner.algorithms.auto import Progress, plan_auto
+from hetero.partitioner.algorithms.auto import plan_auto
 from hetero.partitioner.algorithms.exhaustive import exhaustive
 from hetero.partitioner.algorithms.latency import latency
 from hetero.partitioner.algorithms.problem import Placement, Problem, Solution
@@ -34,6 +34,7 @@ from hetero.partitioner.algorithms.throughput import throughput
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Plan
+from hetero.partitioner.progress import Report as Progress
 from hetero.partitioner.progress import progress_bar
 
 OBJECTIVES = ("latency", "throughput")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -60,16 +60,17 @@ from hetero.partitioner.coarsen import GroupGraph
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Plan
+from hetero.partitioner.progress import Report as Progress
 
 FLAT_DEVICES = 4  # up to this many devices the earlier algorithms run too
 EXACT_DEFAULT_S = 1.0  # exact search time when no budget is given
 EXACT_MAX_GROUPS = 40  # branch and bound beyond this many groups would only burn the budget
 EXACT_MAX_DEVICES = 16  # ... or this many devices
-FLAT_DP_STATES = 2_000_000  # the flat pipeline DP's states (groups x placements x 2^devices)
+# the flat pipeline DP's work, about (groups x placements)^2 x 2^devices: ~1 s in Python
+FLAT_DP_WORK = 2_000_000
 SPLIT_SHARE = 1 / 8  # a group holding more of the weights than this is split when it can be
 MAX_SCALE_GROUPS = 1024
-
-Progress = Callable[[str, float, float], None]  # (phase, seconds spent, budget in seconds)
+MAX_HOST_STATES = 4096  # combinations of hosts used per type the stage DP may track
 
 
 @dataclass(frozen=True)
@@ -237,8 +238,24 @@ def solve(
     whole cluster when `flat`), whether it is proven optimal, and notes."""
     clock = clock if clock is not None else _Clock(None, None)
     caps = _host_caps(sym, problem_r, objective)
+    dropped = 0
+    while math.prod(c + 1 for c in caps) > MAX_HOST_STATES:
+        # hosts that are all different (no uniform network) multiply the DP's states: plan
+        # over the first ones (the origin's first)
+        t = max(t for t, c in enumerate(caps) if c and t != sym.slots[sym.origin].host_type)
+        dropped += caps[t]
+        caps[t] = 0
     tiers = from_problem(problem_r, slots_r, sym.counts, caps)
-    return _Search(sym, problem_r, list(slots_r), tiers, objective, clock, flat=flat).run()
+    best, optimal, notes = _Search(
+        sym, problem_r, list(slots_r), tiers, objective, clock, flat=flat
+    ).run()
+    if dropped:
+        notes.append(f"{dropped} host(s) left out: hosts that differ are tracked one by one")
+    return best, optimal, notes
+
+
+def _flat_dp_work(problem: Problem) -> float:
+    return float(problem.n * problem.num_placements) ** 2 * 2.0**problem.num_devices
 
 
 def _host_caps(sym: Symmetry, problem: Problem, objective: str) -> list[int]:
@@ -315,7 +332,8 @@ class _Search:
     def run(self) -> tuple[Found, bool, list[str]]:
         found: list[Found] = []
         optimal = False
-        if self.flat and len(self.sym.slots) <= FLAT_DEVICES:
+        flat_ran = self.flat and len(self.sym.slots) <= FLAT_DEVICES
+        if flat_ran:
             self.clock.enter("min-cut / pipeline DP (flat)")
             found.append(self._flat())
             if self.objective == "throughput":
@@ -324,6 +342,13 @@ class _Search:
         staged = self._stages()
         if staged is not None:
             found.append(staged)
+        if not flat_ran and not any(f.over == 0 and np.isfinite(f.value) for f in found):
+            # no stage plan fits (a device runs only part of the model and a pipeline cannot
+            # come back to it): the earlier search on the representatives, which can
+            self.clock.enter("min-cut / pipeline DP on representatives")
+            fallback = self._flat(small=True)
+            if fallback is not None:
+                found.append(fallback)
         if not found:  # nothing fits: assemble() says which device lacks what
             none = Found.of(
                 self.problem_r, np.zeros(self.problem_r.n, dtype=int), "none", "latency"
@@ -347,9 +372,13 @@ class _Search:
                 best = f
         return best
 
-    def _flat(self) -> Found:
+    def _flat(self, *, small: bool = False) -> Found | None:
+        """Today's algorithm on the Problem over the representatives (all devices when
+        flat); `small`: only when it is cheap there (the pipeline DP is exponential)."""
         p = self.problem_r
         if self.objective == "throughput":
+            if small and _flat_dp_work(p) > FLAT_DP_WORK:
+                return None
             sol = flat_pipeline(p)
             return Found.of(p, sol.assign, "pipeline DP over devices", "throughput")
         sol = cut_latency(p)
@@ -397,17 +426,16 @@ class _Search:
         complete = self._complete()
         if complete is not None:
             problem, _ = self.over(complete)
-            states = problem.n * problem.num_placements * 2**problem.num_devices
-            if states <= FLAT_DP_STATES:
+            if _flat_dp_work(problem) <= FLAT_DP_WORK:
                 self.clock.enter("exact search (pipeline DP over devices)")
                 sol = flat_pipeline(problem)
                 exact = Found.of(problem, sol.assign, "pipeline DP over devices", "throughput")
                 return self._pick([best, exact]), True
         if np.isfinite(bound) and best.value > 0:
             self.notes.append(
-                f"a lower bound on the slowest stage is {1e3 * bound:.3f} ms (instances "
-                "unlimited, every move at its cheapest link): "
-                f"{100 * (best.value / bound - 1):.1f}% below this plan's"
+                f"this plan's slowest stage is {100 * (best.value / bound - 1):.1f}% above a "
+                f"lower bound, {1e3 * bound:.3f} ms (instances unlimited, every move at its "
+                "cheapest link)"
             )
         return best, False
 

@@ -58,6 +58,8 @@ class PricedOnce:
     def __init__(self, cost_model: CostModel) -> None:
         self.cost_model = cost_model
         self._memo: dict[tuple, float] = {}
+        self._blocks: dict[str, tuple] = {}
+        self._devices: dict[tuple[str, str | None], tuple] = {}
         self.hits = 0
         self.misses = 0
 
@@ -74,8 +76,23 @@ class PricedOnce:
         self._memo[key] = value
         return value
 
+    def _block(self, group, ops) -> tuple:
+        """block_key, once per group (a group's name is unique in its GroupGraph)."""
+        key = self._blocks.get(group.name)
+        if key is None:
+            key = self._blocks[group.name] = block_key(group, ops)
+        return key
+
+    def _device(self, device: DeviceSpec, backend: str | None) -> tuple:
+        key = self._devices.get((device.name, backend))
+        if key is None:
+            key = self._devices[(device.name, backend)] = device_key(
+                self.cost_model, device, backend
+            )
+        return key
+
     def group_time(self, group, ops, device, *, backend: str = "eager", scale: float = 1.0):
-        key = ("group", block_key(group, ops), device_key(self.cost_model, device, backend), scale)
+        key = ("group", self._block(group, ops), self._device(device, backend), scale)
         return self._remember(
             key,
             lambda: self.cost_model.group_time(group, ops, device, backend=backend, scale=scale),
@@ -85,7 +102,7 @@ class PricedOnce:
         key = (
             "kernels",
             tuple(op_key(op) for op in ops),
-            device_key(self.cost_model, device, backend),
+            self._device(device, backend),
             scale,
         )
         return self._remember(

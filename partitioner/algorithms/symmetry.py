@@ -23,6 +23,7 @@ network joins every pair of hosts through the same class of device on each side 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 
@@ -197,7 +198,7 @@ def _host_types(
     def signature(host: str) -> tuple:
         devices = [d.name for d in cluster.devices if d.host == host]
         on_host = set(devices)
-        counts = tuple(sorted(_count(class_of[d] for d in devices).items()))
+        counts = tuple(sorted(Counter(class_of[d] for d in devices).items()))
         links = sorted(
             (*sorted((class_of[l.a], class_of[l.b])), *_link_desc(l))
             for l in cluster.links
@@ -216,13 +217,6 @@ def _host_types(
         types[ids[s]].append(h)
         type_of[h] = ids[s]
     return tuple(tuple(t) for t in types), type_of
-
-
-def _count(items) -> dict:
-    out: dict = {}
-    for x in items:
-        out[x] = out.get(x, 0) + 1
-    return out
 
 
 def _network_uniform(
