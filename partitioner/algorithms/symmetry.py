@@ -67,10 +67,12 @@ class Symmetry:
         return len(self.host_types)
 
     def describe(self) -> str:
-        """One line for people: '2 device classes (8x gpu, 1x cpu) on 16 hosts of 2 types'."""
+        """One line for people: '3 device classes (128x gpu, 1x cpu (the caller's), 15x cpu)
+        on 16 host(s) of 2 type(s)'."""
         parts = []
         for c, members in enumerate(self.classes):
-            parts.append(f"{len(members)}x {self.class_kind[c]}")
+            mark = " (the caller's)" if members == (self.origin,) else ""
+            parts.append(f"{len(members)}x {self.class_kind[c]}{mark}")
         hosts = sum(len(h) for h in self.host_types)
         return (
             f"{len(self.classes)} device classes ({', '.join(parts)}) on {hosts} host(s) "
