@@ -140,7 +140,7 @@ def child(graph_file: str, nodes: int, objective: str) -> None:
 
 
 def compare(
-    graph, nodes_list, objectives, registry, limit, budget, console, base_nodes
+    graph, nodes_list, objectives, registry, limit, budget, console, base_nodes, reuse
 ) -> list[dict]:
     """The default planner on every node count; today's planners where `base_nodes` says,
     in increasing node counts, until one runs out of time (more nodes take longer)."""
@@ -157,7 +157,12 @@ def compare(
                 row = {"nodes": nodes, "devices": 9 * nodes, "objective": objective}
                 row["auto"] = run_auto(graph, nodes, objective, registry, budget)
                 console.print(f"  {nodes} node(s) {objective}: auto {row['auto']['seconds']:.2f} s")
-                if limit > 0 and nodes in base_nodes:
+                known = reuse.get((len(graph), nodes, objective))
+                if known is not None:
+                    row["today"] = {**known, "reused": True}
+                    if not known.get("finished"):
+                        gave_up.add(objective)
+                elif limit > 0 and nodes in base_nodes:
                     if objective in gave_up:
                         row["today"] = {"finished": False, "skipped": True}
                     else:
@@ -171,6 +176,19 @@ def compare(
     return rows
 
 
+def _reused(path: str | None) -> dict[tuple[int, int, str], dict]:
+    """(ops, nodes, objective) -> today's row, from an earlier run's JSON."""
+    if not path:
+        return {}
+    old = json.loads(Path(path).read_text())
+    out = {}
+    for key, ops in (("scale", old["ops"]), ("small", old.get("small_ops"))):
+        for row in old.get(key, []):
+            if "today" in row and not row["today"].get("skipped"):
+                out[(ops, row["nodes"], row["objective"])] = row["today"]
+    return out
+
+
 def _fmt_today(row: dict, limit: float) -> tuple[str, str, str]:
     today = row.get("today")
     if today is None:
@@ -180,7 +198,8 @@ def _fmt_today(row: dict, limit: float) -> tuple[str, str, str]:
     if not today.get("finished"):
         return f"> {limit:.0f}", "-", "-"
     delta = 100 * (row["auto"]["predicted_ms"] / today["predicted_ms"] - 1)
-    return f"{today['seconds']:.2f}", f"{today['predicted_ms']:.3f}", f"{delta:+.2f}%"
+    mark = "*" if today.get("reused") else ""
+    return f"{today['seconds']:.2f}{mark}", f"{today['predicted_ms']:.3f}", f"{delta:+.2f}%"
 
 
 def markdown(result: dict) -> str:
@@ -225,7 +244,12 @@ def markdown(result: dict) -> str:
         f"Clusters: N nodes of 8 H100-class GPUs + the node's CPU (configs/clusters/"
         f"h100-sxm-node.yaml's devices, NVLink between a node's GPUs, PCIe to its CPU), "
         f"50 GB/s between nodes. Today's planners (algorithm latency / throughput) run in a "
-        f"child process on the same graph and groups, stopped after {limit:.0f} s.",
+        f"child process on the same graph and groups, stopped after {limit:.0f} s"
+        + (
+            " (rows marked * reused from an earlier run: --reuse-today)."
+            if any(r.get("today", {}).get("reused") for r in result["scale"] + result["small"])
+            else "."
+        ),
         "",
         table(result["scale"]),
     ]
@@ -250,6 +274,12 @@ def main() -> None:
     ap.add_argument("--baseline-limit", type=float, default=1500.0, help="seconds; 0: skip")
     ap.add_argument("--compare-layers", type=int, default=8, help="0: no small-shape table")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/plan_scale"))
+    ap.add_argument(
+        "--reuse-today",
+        default=None,
+        help="a JSON this script wrote: take today's planners' rows from it (same ops, nodes, "
+        "objective) instead of running them again (they take up to an hour)",
+    )
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -278,10 +308,14 @@ def main() -> None:
     )
 
     limit = args.baseline_limit
-    scale = compare(graph, nodes, objectives, registry, limit, args.budget, console, base_nodes)
-    small = []
+    reuse = _reused(args.reuse_today)
+    scale = compare(
+        graph, nodes, objectives, registry, limit, args.budget, console, base_nodes, reuse
+    )
+    small, small_ops = [], 0
     if args.compare_layers:
         g_small = llama_graph(args.compare_layers, args.seq)
+        small_ops = len(g_small)
         small = compare(
             g_small,
             sorted(base_nodes),
@@ -291,6 +325,7 @@ def main() -> None:
             args.budget,
             console,
             base_nodes,
+            reuse,
         )
     result = {
         "command": "python benchmarks/plan_scale.py " + " ".join(sys.argv[1:]),
@@ -307,6 +342,7 @@ def main() -> None:
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "baseline_limit_s": args.baseline_limit,
         "compare_layers": args.compare_layers,
+        "small_ops": small_ops,
         "scale": scale,
         "small": small,
     }
