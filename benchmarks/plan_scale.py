@@ -202,6 +202,36 @@ def _fmt_today(row: dict, limit: float) -> tuple[str, str, str]:
     return f"{today['seconds']:.2f}{mark}", f"{today['predicted_ms']:.3f}", f"{delta:+.2f}%"
 
 
+def summary(result: dict) -> str:
+    """The goals of issue 20 read off the rows (< 10 s per plan at the most nodes, growth
+    no faster than linear, within 2% of today's planners, < 2 GiB)."""
+    rows = result["scale"]
+    lines = []
+    for objective in dict.fromkeys(r["objective"] for r in rows):
+        mine = sorted((r for r in rows if r["objective"] == objective), key=lambda r: r["nodes"])
+        first, last = mine[0], mine[-1]
+        growth = last["auto"]["seconds"] / max(first["auto"]["seconds"], 1e-9)
+        lines.append(
+            f"- {objective}: {last['auto']['seconds']:.2f} s at {last['nodes']} nodes "
+            f"({last['devices']} devices); {growth:.1f}x the time of {first['nodes']} node(s) "
+            f"for {last['nodes'] / first['nodes']:.0f}x the nodes"
+        )
+    both = rows + result.get("small", [])
+    deltas = [
+        abs(r["auto"]["predicted_ms"] / r["today"]["predicted_ms"] - 1)
+        for r in both
+        if r.get("today", {}).get("finished")
+    ]
+    if deltas:
+        lines.append(
+            f"- predicted time vs today's planners where they finish ({len(deltas)} plans): "
+            f"largest difference {100 * max(deltas):.2f}%"
+        )
+    peak = max(r["auto"]["peak_python_mib"] for r in both)
+    lines.append(f"- peak Python memory of one plan: {peak:.0f} MiB")
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     limit = result["baseline_limit_s"]
     head = (
@@ -252,6 +282,8 @@ def markdown(result: dict) -> str:
         ),
         "",
         table(result["scale"]),
+        summary(result),
+        "",
     ]
     if result.get("small"):
         out += [
@@ -280,10 +312,17 @@ def main() -> None:
         help="a JSON this script wrote: take today's planners' rows from it (same ops, nodes, "
         "objective) instead of running them again (they take up to an hour)",
     )
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), args.child[2])
+        return
+    if args.markdown_only:
+        out = Path(args.out)
+        out.with_suffix(".md").write_text(
+            markdown(json.loads(out.with_suffix(".json").read_text()))
+        )
         return
 
     from rich.console import Console
