@@ -69,7 +69,7 @@ EXACT_MAX_DEVICES = 16  # ... or this many devices
 # the flat pipeline DP's work, about (groups x placements)^2 x 2^devices: ~1 s in Python
 FLAT_DP_WORK = 2_000_000
 SPLIT_SHARE = 1 / 8  # a group holding more of the weights than this is split when it can be
-MAX_SCALE_GROUPS = 1024
+MAX_SCALE_GROUPS = 1024  # coarsen_for_scale goes no deeper than this many groups
 MAX_HOST_STATES = 4096  # combinations of hosts used per type the stage DP may track
 
 
