@@ -254,6 +254,13 @@ def solve(
     return best, optimal, notes
 
 
+def _gap(value: float, bound: float, how: str) -> str:
+    return (
+        f"planner's objective (what `optimal` is about) {1e3 * value:.3f} ms, "
+        f"{100 * (value / bound - 1):.2f}% above a lower bound of {1e3 * bound:.3f} ms ({how})"
+    )
+
+
 def _flat_dp_work(problem: Problem) -> float:
     return float(problem.n * problem.num_placements) ** 2 * 2.0**problem.num_devices
 
@@ -433,15 +440,22 @@ class _Search:
                 return self._pick([best, exact]), True
         if np.isfinite(bound) and best.value > 0:
             self.notes.append(
-                f"this plan's slowest stage is {100 * (best.value / bound - 1):.1f}% above a "
-                f"lower bound, {1e3 * bound:.3f} ms (instances unlimited, every move at its "
-                "cheapest link)"
+                _gap(best.value, bound, "instances unlimited, every move at its cheapest link")
             )
         return best, False
+
+    def _latency_bound(self, best: Found) -> None:
+        """Note how far `best` is from a lower bound: every group at its cheapest placement,
+        nothing transferred, memory ignored."""
+        p = best.problem
+        bound = float(np.where(p.allowed(), p.unary, INF).min(axis=1).sum())
+        if best.over == 0 and np.isfinite(best.value) and bound > 0:
+            self.notes.append(_gap(best.value, bound, "each group at its cheapest placement"))
 
     def _exact_latency(self, best: Found) -> tuple[Found, bool]:
         complete = self._complete()
         if complete is None or self.tiers.n > EXACT_MAX_GROUPS:
+            self._latency_bound(best)
             return best, False
         problem, _ = self.over(complete)
         start = self._relabel(best, problem)
@@ -454,6 +468,7 @@ class _Search:
             best = replace(best, method=f"{best.method}, proven by branch and bound")
         if not result.proven:
             self.notes.append(f"exact search stopped at the time budget after {result.nodes} nodes")
+            self._latency_bound(best)
         return best, result.proven
 
     def _relabel(self, found: Found, problem: Problem) -> np.ndarray | None:
