@@ -14,13 +14,15 @@ and the value per state is an array over where the last stage stops. States are 
 in increasing (hosts used, instances used on the current host), which every transition
 increases, so each state is final when it is expanded.
 
-Objectives: "throughput" minimises the slowest stage (pass 1), then the sum of stage times
-among plans within that bottleneck (pass 2; exact, unlike a lexicographic key per state);
-"latency" minimises the sum (one request through the stages).
+Objectives: "throughput" minimises the slowest stage (pass 1); among plans within it, the
+slowest stage leaving out the copy of the model's outputs to the caller (pass 2: when that
+copy alone sets the bottleneck, the other stages still balance); among those, the sum of
+stage times (pass 3). Each pass is exact, unlike one lexicographic key kept per state.
+"latency" minimises the sum (one request through the stages, values forwarded).
 
 Exactness: for the pipeline model of `problem.py`, pass 1 is exact over plans that visit
-each host once; with one host (or one host of each type in use) that is every pipeline.
-`bottleneck_bound` relaxes counts and host relations for a lower bound over every pipeline.
+each host once; with one host that is every pipeline. `bottleneck_bound` relaxes counts and
+host relations for a lower bound over every pipeline.
 """
 
 from __future__ import annotations
