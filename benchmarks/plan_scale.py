@@ -108,22 +108,35 @@ def run_auto(graph, nodes: int, objective: str, registry, budget: float | None) 
     return row
 
 
-def run_baseline(graph_file: str, nodes: int, objective: str, limit: float) -> dict:
-    """Today's planner for `objective` in a child process, at most `limit` seconds."""
+def run_baseline(
+    graph_file: str, nodes: int, objective: str, limit: float, memory_gib: float
+) -> dict:
+    """Today's planner for `objective` in a child process, at most `limit` seconds and
+    `memory_gib` of heap (its pipeline DP's table grows as 2^devices: on a shared machine it
+    must fail alone, not take the machine's memory)."""
     cmd = [sys.executable, __file__, "--child", graph_file, str(nodes), objective]
+    cmd += ["--child-memory-gib", str(memory_gib)]
     t0 = time.perf_counter()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, check=False)
     except subprocess.TimeoutExpired:
         return {"finished": False, "seconds": time.perf_counter() - t0}
     if out.returncode:
-        return {"finished": False, "error": out.stderr.strip().splitlines()[-1:]}
+        last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+        oom = "MemoryError" in out.stderr or out.returncode == -9
+        return {
+            "finished": False,
+            "seconds": time.perf_counter() - t0,
+            "error": f"out of memory (> {memory_gib:g} GiB)" if oom else last,
+        }
     row = json.loads(out.stdout.strip().splitlines()[-1])
     row["finished"] = True
     return row
 
 
-def child(graph_file: str, nodes: int, objective: str) -> None:
+def child(graph_file: str, nodes: int, objective: str, memory_gib: float) -> None:
+    limit = int(memory_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     from hetero.backends.registry import default_registry
     from hetero.partitioner.algorithms import plan, refine_for_support
     from hetero.partitioner.algorithms.auto import coarsen_for_scale
@@ -140,7 +153,7 @@ def child(graph_file: str, nodes: int, objective: str) -> None:
 
 
 def compare(
-    graph, nodes_list, objectives, registry, limit, budget, console, base_nodes, reuse
+    graph, nodes_list, objectives, registry, limit, budget, console, base_nodes, reuse, memory_gib
 ) -> list[dict]:
     """The default planner on every node count; today's planners where `base_nodes` says,
     in increasing node counts, until one runs out of time (more nodes take longer)."""
@@ -166,7 +179,7 @@ def compare(
                     if objective in gave_up:
                         row["today"] = {"finished": False, "skipped": True}
                     else:
-                        row["today"] = run_baseline(graph_file, nodes, objective, limit)
+                        row["today"] = run_baseline(graph_file, nodes, objective, limit, memory_gib)
                         if not row["today"].get("finished"):
                             gave_up.add(objective)
                     console.print(f"  {nodes} node(s) {objective}: today's {row['today']}")
@@ -184,8 +197,9 @@ def _reused(path: str | None) -> dict[tuple[int, int, str], dict]:
     out = {}
     for key, ops in (("scale", old["ops"]), ("small", old.get("small_ops"))):
         for row in old.get(key, []):
-            if "today" in row and not row["today"].get("skipped"):
-                out[(ops, row["nodes"], row["objective"])] = row["today"]
+            today = row.get("today", {})
+            if today and not today.get("skipped") and not today.get("error"):
+                out[(ops, row["nodes"], row["objective"])] = today
     return out
 
 
@@ -194,7 +208,9 @@ def _fmt_today(row: dict, limit: float) -> tuple[str, str, str]:
     if today is None:
         return "-", "-", "-"
     if today.get("skipped"):
-        return "not run (fewer nodes ran out of time)", "-", "-"
+        return "not run (fewer nodes ran out)", "-", "-"
+    if today.get("error"):
+        return f"failed: {today['error']}", "-", "-"
     if not today.get("finished"):
         return f"> {limit:.0f}", "-", "-"
     delta = 100 * (row["auto"]["predicted_ms"] / today["predicted_ms"] - 1)
@@ -274,7 +290,8 @@ def markdown(result: dict) -> str:
         f"Clusters: N nodes of 8 H100-class GPUs + the node's CPU (configs/clusters/"
         f"h100-sxm-node.yaml's devices, NVLink between a node's GPUs, PCIe to its CPU), "
         f"50 GB/s between nodes. Today's planners (algorithm latency / throughput) run in a "
-        f"child process on the same graph and groups, stopped after {limit:.0f} s"
+        f"child process on the same graph and groups, stopped after {limit:.0f} s or "
+        f"{result.get('baseline_memory_gib', 6):g} GiB of heap"
         + (
             " (rows marked * reused from an earlier run: --reuse-today)."
             if any(r.get("today", {}).get("reused") for r in result["scale"] + result["small"])
@@ -313,10 +330,14 @@ def main() -> None:
         "objective) instead of running them again (they take up to an hour)",
     )
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json")
+    ap.add_argument(
+        "--baseline-memory-gib", type=float, default=6.0, help="heap limit of today's planners"
+    )
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--child-memory-gib", type=float, default=6.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), args.child[2])
+        child(args.child[0], int(args.child[1]), args.child[2], args.child_memory_gib)
         return
     if args.markdown_only:
         out = Path(args.out)
@@ -349,7 +370,16 @@ def main() -> None:
     limit = args.baseline_limit
     reuse = _reused(args.reuse_today)
     scale = compare(
-        graph, nodes, objectives, registry, limit, args.budget, console, base_nodes, reuse
+        graph,
+        nodes,
+        objectives,
+        registry,
+        limit,
+        args.budget,
+        console,
+        base_nodes,
+        reuse,
+        args.baseline_memory_gib,
     )
     small, small_ops = [], 0
     if args.compare_layers:
@@ -365,6 +395,7 @@ def main() -> None:
             console,
             base_nodes,
             reuse,
+            args.baseline_memory_gib,
         )
     result = {
         "command": "python benchmarks/plan_scale.py " + " ".join(sys.argv[1:]),
@@ -380,6 +411,7 @@ def main() -> None:
         "first_plan_s": first_plan_s,
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "baseline_limit_s": args.baseline_limit,
+        "baseline_memory_gib": args.baseline_memory_gib,
         "compare_layers": args.compare_layers,
         "small_ops": small_ops,
         "scale": scale,
