@@ -198,7 +198,8 @@ def _reused(path: str | None) -> dict[tuple[int, int, str], dict]:
     for key, ops in (("scale", old["ops"]), ("small", old.get("small_ops"))):
         for row in old.get(key, []):
             today = row.get("today", {})
-            if today and not today.get("skipped") and not today.get("error"):
+            # finished, or ran out of time (it says how long); not: skipped, failed, killed
+            if today.get("finished") or ("seconds" in today and not today.get("error")):
                 out[(ops, row["nodes"], row["objective"])] = today
     return out
 
