@@ -294,7 +294,10 @@ def markdown(result: dict) -> str:
         f"child process on the same graph and groups, stopped after {limit:.0f} s or "
         f"{result.get('baseline_memory_gib', 6):g} GiB of heap"
         + (
-            " (rows marked * reused from an earlier run: --reuse-today)."
+            " (rows marked * were measured by an earlier run of this script and reused with"
+            " --reuse-today; `python benchmarks/plan_scale.py` alone measures everything, about"
+            " an hour, and `--reuse-today benchmarks/results/plan_scale.json` re-measures only"
+            " the default planner)."
             if any(r.get("today", {}).get("reused") for r in result["scale"] + result["small"])
             else "."
         ),
