@@ -3,23 +3,30 @@
 A backend never schedules: it gets one partition (an fx GraphModule whose inputs are
 activations followed by parameters) and a device description, writes files, and later
 turns those files into a callable bound to a device. Options are frozen so the
-artifact key is a hash of (partition graph, options, versions).
+artifact key is a hash of (partition graph, options, versions): the options every backend
+reads (`CompileOptions`) and the backend's own knobs, which it parses into its own frozen
+`BackendOptions` subclass (`Backend.options_type`), the way Triton's backends parse theirs
+into `CUDAOptions`.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import json
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch.utils import _pytree as pytree
 
 from hetero.cluster.spec import DeviceSpec
+from hetero.errors import ConfigError
 from hetero.partitioner.graph import OpNode
 from hetero.partitioner.split import Partition
 
@@ -45,10 +52,60 @@ class CompileOptions:
     dtype: str | None = None  # cast the partition to this dtype (None: keep the captured one)
     tune_trials: int = 0  # autotuning budget (MetaSchedule trials, Triton configs); 0 = defaults
     dynamic: bool = False  # compile for the captured dynamic dims instead of the example's sizes
-    extra: tuple[tuple[str, Any], ...] = ()  # backend-specific knobs, sorted (key, value)
+    # Backend-specific knobs as a person writes them, (key, value) pairs. Nothing reads them
+    # as pairs: each backend parses the keys it declares into its own frozen options
+    # (`Backend.parse_options`); one CompileOptions may serve several backends, so a key
+    # another backend declares is not an error there (`BackendRegistry.check_options`
+    # rejects keys that no backend declares).
+    extra: tuple[tuple[str, Any], ...] = ()
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return dict(self.extra).get(key, default)
+    def with_extra(self, **knobs: Any) -> CompileOptions:
+        """A copy with `knobs` set among the backend-specific ones (sorted, one per key)."""
+        merged = {**dict(self.extra), **knobs}
+        return dataclasses.replace(self, extra=tuple(sorted(merged.items())))
+
+
+_Options = TypeVar("_Options", bound="BackendOptions")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """A backend's own knobs, typed and frozen; a backend subclasses it with its fields
+    (each with a default and a comment) and names the subclass in `Backend.options_type`."""
+
+    @classmethod
+    def parse(cls: type[_Options], options: CompileOptions, backend: str = "") -> _Options:
+        """The fields this class declares, read from `options.extra` and type-checked."""
+        hints = typing.get_type_hints(cls)
+        given = dict(options.extra)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in given:
+                continue
+            value = given[f.name]
+            allowed = _types_of(hints[f.name])
+            if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+                raise ConfigError(
+                    f"option {f.name!r} of backend {backend or cls.__name__!r}: expected "
+                    f"{names}, got {value!r}"
+                )
+            values[f.name] = value
+        return cls(**values)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _types_of(hint: Any) -> tuple[type, ...]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(t for a in typing.get_args(hint) for t in _types_of(a))
+    if typing.get_origin(hint) is typing.Literal:
+        return tuple({type(a) for a in typing.get_args(hint)})
+    return (hint,)
 
 
 @dataclass(frozen=True)
@@ -63,6 +120,11 @@ class CompileUnit:
     example_inputs: tuple[torch.Tensor, ...]  # one per name in `inputs`
     param_values: Mapping[str, torch.Tensor] = field(repr=False, default_factory=dict)
     dynamic_dims: tuple[tuple[int, int, str], ...] = ()  # (input index, dim, symbol)
+    # The runtime binds the parameters (a generation's weights and KV cache, one copy per
+    # device for both phases): the program takes them as inputs after the activations and
+    # the artifact holds no weights, so its key does not depend on their values or names
+    # (every decoder layer shares one artifact). Only backends that `holds_state` take it.
+    bound_params: bool = False
 
     @classmethod
     def from_partition(
@@ -98,11 +160,16 @@ class CompileUnit:
             else:
                 h.update(repr(t).encode())
         for name in self.params:
-            t = self.param_values[name].detach().contiguous().cpu()
+            t = self.param_values[name].detach()
+            if self.bound_params:  # bound at run time: only what the program sees of them
+                h.update(f"{tuple(t.shape)}{t.dtype}{t.stride()}".encode())
+                continue
+            t = t.contiguous().cpu()
             h.update(name.encode())
             h.update(f"{tuple(t.shape)}{t.dtype}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         h.update(repr(self.dynamic_dims).encode())
+        h.update(b"bound" if self.bound_params else b"")
         return h.hexdigest()
 
 
@@ -189,10 +256,22 @@ Runner = Callable[..., tuple[torch.Tensor, ...]]
 
 
 class Backend(abc.ABC):
-    """Contract every backend implements. Subclasses set `name` and `device_kinds`."""
+    """Contract every backend implements. Subclasses set `name` and `device_kinds`, and
+    declare what the planner asks about them: `fuses` (a group of ops becomes a few fused
+    kernels, so the cost model prices it as one unit) and `options_type` (its own knobs)."""
 
     name: ClassVar[str]
     device_kinds: ClassVar[tuple[str, ...]]
+    # Whether its artifacts can take the partition's parameters and state as runner inputs
+    # (CompileOptions extra weights="streamed"): generation binds one copy of the weights
+    # and the KV cache to both phases' partitions, and the cache is updated in place.
+    holds_state: ClassVar[bool] = False
+    fuses: ClassVar[bool] = False
+    options_type: ClassVar[type[BackendOptions]] = BackendOptions
+
+    def parse_options(self, options: CompileOptions) -> BackendOptions:
+        """This backend's own knobs from `options` (typed; a wrong type is a ConfigError)."""
+        return self.options_type.parse(options, self.name)
 
     def available(self) -> Support:
         """Whether this backend's libraries are importable here."""
@@ -236,7 +315,10 @@ class Backend(abc.ABC):
     def artifact_key(self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions) -> str:
         h = hashlib.sha256()
         h.update(unit.graph_hash().encode())
-        h.update(repr(options).encode())
+        # the options every backend reads, then this backend's own (parsed: the knobs of
+        # other backends in the same CompileOptions do not change this artifact)
+        h.update(repr(dataclasses.replace(options, extra=())).encode())
+        h.update(repr(self.parse_options(options)).encode())
         h.update(self.target(device, options).encode())
         h.update(json.dumps(self.versions(), sort_keys=True).encode())
         return f"{self.name}-{h.hexdigest()[:32]}"

@@ -2,23 +2,29 @@
 
 Layout: `<root>/<key>/manifest.json` plus the files it names with their sha256. An entry is
 written into a temporary sibling directory and renamed into place in one step, so a reader
-sees a whole entry or none. `get` hashes every file against the manifest before returning,
-so a truncated or altered file (a TVM .so is native code) is never handed to a loader;
-`build` treats such an entry as missing and rebuilds it.
+sees a whole entry or none. Every manifest carries an HMAC under this installation's key
+(signing.py). `get` checks the MAC, then hashes every file against the manifest, before
+returning, so an altered file (a TVM .so is native code) is never handed to a loader, even
+when its hash in the manifest was altered too; `build` treats such an entry as missing,
+logs why, and rebuilds it.
+
+The cache directory is created 0700. An entry in a directory that other users can write
+(a shared HETERO_CACHE_DIR) is copied into a private directory before it is checked, so
+nobody can swap a file between the check and the load.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import platformdirs
-
+from hetero.backends import signing
 from hetero.backends.base import (
     Artifact,
     Backend,
@@ -28,25 +34,34 @@ from hetero.backends.base import (
     sha256_file,
 )
 from hetero.cluster.spec import DeviceSpec
-from hetero.errors import ArtifactCorrupt, CompileError
+from hetero.errors import ArtifactCorrupt, CompileError, ConfigError
+from hetero.paths import ENV_VAR, cache_root
 
-ENV_VAR = "HETERO_CACHE_DIR"
 MANIFEST = "manifest.json"
+__all__ = ["ENV_VAR", "MANIFEST", "ArtifactCache"]
 
-
-def default_root() -> Path:
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    return Path(platformdirs.user_cache_dir("hetero")) / "artifacts"
+log = logging.getLogger("hetero.cache")
 
 
 class ArtifactCache:
-    """Artifacts by key under `root` (default: the user cache dir, or $HETERO_CACHE_DIR)."""
+    """Artifacts by key under `root` (default: hetero's cache root, see hetero/paths.py)."""
 
-    def __init__(self, root: Path | str | None = None) -> None:
-        self.root = Path(root).expanduser() if root is not None else default_root()
-        self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: Path | str | None = None, secret: bytes | None = None) -> None:
+        self.root = cache_root(root)
+        if not self.root.exists():
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                self.root.mkdir(mode=0o700)
+        if secret is None:
+            where = signing.key_path().resolve()
+            if where.is_relative_to(self.root.resolve()):
+                raise ConfigError(
+                    f"the artifact key {where} is inside the cache {self.root}: whoever can "
+                    f"write the cache could replace it. Point {signing.KEY_ENV} elsewhere."
+                )
+            secret = signing.installation_key(where)
+        self._secret = secret
+        self._private: Path | None = None  # copies of entries from a directory others can write
 
     def __repr__(self) -> str:
         return f"ArtifactCache({str(self.root)!r})"
@@ -61,8 +76,14 @@ class ArtifactCache:
 
     # ---- reading -------------------------------------------------------------------------------
     def get(self, key: str) -> Artifact:
-        """The verified artifact for `key`; ArtifactCorrupt (naming the file) if any check fails."""
+        """The verified artifact for `key`; ArtifactCorrupt (naming the file) if any check fails.
+
+        Checks, in order: the manifest parses, is for `key`, carries this installation's
+        MAC; then every file it lists has its hash. Nothing is read past a failed check.
+        """
         where = self.path(key)
+        if _writable_by_others(self.root) or _writable_by_others(where):
+            where = self._private_copy(key, where)
         mpath = where / MANIFEST
         if not mpath.is_file():
             raise ArtifactCorrupt(f"no artifact {key!r} in {self.root} (missing {mpath})")
@@ -70,11 +91,30 @@ class ArtifactCache:
             manifest = json.loads(mpath.read_text())
         except (OSError, ValueError) as e:
             raise ArtifactCorrupt(f"{mpath}: unreadable manifest ({e}); delete {where}") from e
-        if manifest.get("key") != key:
-            raise ArtifactCorrupt(f"{mpath}: manifest is for {manifest.get('key')!r}, not {key!r}")
+        if not isinstance(manifest, dict) or manifest.get("key") != key:
+            got = manifest.get("key") if isinstance(manifest, dict) else manifest
+            raise ArtifactCorrupt(f"{mpath}: manifest is for {got!r}, not {key!r}")
+        signing.check(manifest, self._secret, mpath)
         art = Artifact(backend=manifest.get("backend", ""), key=key, path=where, manifest=manifest)
         self.verify(art)
         return art
+
+    def _private_copy(self, key: str, where: Path) -> Path:
+        """A copy of an entry in a directory only this user can write (checked there)."""
+        if self._private is None:
+            self._private = Path(tempfile.mkdtemp(prefix="hetero-artifacts-"))
+            log.warning(
+                "artifact cache %s can be written by other users: entries are copied to %s "
+                "before they are checked and loaded",
+                self.root,
+                self._private,
+            )
+        copy = self._private / key
+        if copy.exists():
+            shutil.rmtree(copy)
+        if where.is_dir():
+            shutil.copytree(where, copy, symlinks=True)
+        return copy
 
     def verify(self, artifact: Artifact) -> None:
         """Check every file's sha256 against the manifest; raise ArtifactCorrupt naming the first
@@ -112,13 +152,15 @@ class ArtifactCache:
         if key in self:
             try:
                 return self.get(key)
-            except ArtifactCorrupt:
+            except ArtifactCorrupt as e:
+                log.warning("rebuilding artifact %s (%s): %s", key, unit.name, e)
                 self.evict(key)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
         try:
             manifest: Manifest = backend.compile(unit, device, options, tmp)
             manifest = replace(manifest, key=key)
-            (tmp / MANIFEST).write_text(manifest.to_json())
+            signed = signing.sign(json.loads(manifest.to_json()), self._secret)
+            (tmp / MANIFEST).write_text(json.dumps(signed, indent=2, sort_keys=True))
             _fsync_dir(tmp)
             final = self.path(key)
             try:
@@ -152,6 +194,16 @@ class ArtifactCache:
 
     def keys(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())
+
+
+def _writable_by_others(path: Path) -> bool:
+    """Whether a user other than this one may change what `path` holds."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    mine = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+    return not mine or bool(st.st_mode & 0o022)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,7 +1,7 @@
 """Compile many partitions at once: cache hits first, the rest in parallel processes.
 
 Each job runs in a fresh `spawn` process (TVM and LLVM are not fork-safe once a thread pool
-exists), looks its backend up by name and writes through the same ArtifactCache, whose
+exists), looks its backend up by name in the registry it was given (pickled along) and writes through the same ArtifactCache, whose
 atomic rename makes concurrent writers safe. A rich progress bar counts finished partitions.
 """
 
@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hetero.backends.base import Artifact, CompileOptions, CompileUnit
 from hetero.backends.cache import ArtifactCache
+from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ArtifactCorrupt, CompileError
 
@@ -40,12 +41,12 @@ def compile_units(
     cache: ArtifactCache,
     workers: int | None = None,
     progress: bool = True,
+    registry: BackendRegistry | None = None,
 ) -> list[Artifact]:
     """Artifacts for `jobs`, in order. Raises CompileError naming the first failing partition,
-    its backend, its device and the cause (after every other job has finished)."""
-    from hetero.backends.registry import default_registry
-
-    registry = default_registry()
+    its backend, its device and the cause (after every other job has finished). `registry`:
+    where the jobs' backend names are looked up (default: the built-ins and entry points)."""
+    registry = registry if registry is not None else default_registry()
     results: list[Artifact | None] = [None] * len(jobs)
     todo: list[int] = []
     errors: list[tuple[int, BaseException]] = []
@@ -72,14 +73,14 @@ def compile_units(
         if n <= 1 or len(todo) <= 1:
             for i in todo:
                 try:
-                    results[i] = _build(jobs[i], cache.root)
+                    results[i] = _build(jobs[i], cache.root, registry)
                 except Exception as e:  # collected: report every failure's partition
                     errors.append((i, e))
                 bar.advance(task)
         else:
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
-                futures = {pool.submit(_build, jobs[i], cache.root): i for i in todo}
+                futures = {pool.submit(_build, jobs[i], cache.root, registry): i for i in todo}
                 for fut in as_completed(futures):
                     i = futures[fut]
                     try:
@@ -101,12 +102,10 @@ def compile_units(
     return [r for r in results if r is not None]
 
 
-def _build(job: CompileJob, root: Path) -> Artifact:
+def _build(job: CompileJob, root: Path, registry: BackendRegistry) -> Artifact:
     """Runs in a worker process: compile one job through the cache."""
-    from hetero.backends.registry import default_registry
-
     try:
-        backend = default_registry().get(job.backend)
+        backend = registry.get(job.backend)
         return ArtifactCache(root).build(backend, job.unit, job.device, job.options)
     except CompileError:
         raise

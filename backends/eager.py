@@ -1,6 +1,6 @@
 """The reference backend: the partition as plain PyTorch, saved as a torch.export `.pt2`.
 
-Option `weights="streamed"` (CompileOptions.extra): the program takes its parameters as
+Option `weights="streamed"` (`EagerOptions`): the program takes its parameters as
 inputs after the activations and the weights go to `weights.safetensors`, so the runtime
 can keep them in host memory and stream them to the GPU before each call
 (runtime/streaming.py); `load_weights` reads them back.
@@ -9,6 +9,7 @@ can keep them in host memory and stream them to the GPU before each call
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,15 +20,32 @@ from torch.utils import _pytree as pytree
 from hetero.backends.base import (
     Artifact,
     Backend,
+    BackendOptions,
     CompileOptions,
     CompileUnit,
     Manifest,
     Runner,
 )
-from hetero.backends.export import export_unit
+from hetero.backends.export import dynamic_spec, export_unit
 from hetero.cluster.spec import DeviceSpec
+from hetero.errors import ConfigError
 
 WEIGHTS_FILE = "weights.safetensors"
+WEIGHT_HOMES = ("resident", "streamed")
+
+
+@dataclass(frozen=True)
+class EagerOptions(BackendOptions):
+    # resident: parameters inside the program; streamed: they are runner inputs after the
+    # activations, stored in `weights.safetensors` (the runtime streams them to the GPU)
+    weights: str = "resident"
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_HOMES:
+            raise ConfigError(
+                f"option 'weights' of backend 'eager': {self.weights!r} is not one of "
+                f"{', '.join(WEIGHT_HOMES)}"
+            )
 
 
 class _ParamsAsInputs(torch.nn.Module):
@@ -45,7 +63,8 @@ def export_streamed(
     unit: CompileUnit, dtype: torch.dtype | None = None, device: torch.device | None = None
 ) -> tuple[torch.export.ExportedProgram, dict[str, torch.Tensor]]:
     """The unit exported with its parameters as inputs, and those parameters by name
-    (contiguous host copies, in the order the program takes them). `device`: where the
+    (contiguous host copies, in the order the program takes them; none when the unit's
+    params are bound by the runtime). `device`: where the
     piece runs (its examples and weights are traced there, next to the module's own
     constants); None: where its first activation is."""
 
@@ -69,13 +88,23 @@ def export_streamed(
         pytree.tree_map(lambda t: cast(t).to(device) if isinstance(t, torch.Tensor) else t, a)
         for a in unit.example_inputs
     )
-    weights = {
-        name: cast(unit.param_values[name].detach()).contiguous().cpu() for name in unit.params
-    }
-    example_params = tuple(w.to(device) for w in weights.values())
+    if unit.bound_params:  # the runtime has the weights: trace with them where they are
+        weights = {}
+        example_params = tuple(
+            cast(unit.param_values[name].detach()).to(device) for name in unit.params
+        )
+    else:
+        weights = {
+            name: cast(unit.param_values[name].detach()).contiguous().cpu() for name in unit.params
+        }
+        example_params = tuple(w.to(device) for w in weights.values())
+    args = (*acts, *example_params)
     with torch.no_grad():
         ep = torch.export.export(
-            _ParamsAsInputs(unit.module).eval(), (*acts, *example_params), strict=False
+            _ParamsAsInputs(unit.module).eval(),
+            args,
+            dynamic_shapes=dynamic_spec(unit, len(args)),
+            strict=False,
         )
     return ep, weights
 
@@ -129,20 +158,25 @@ def torch_device(device: DeviceSpec) -> torch.device:
 class EagerBackend(Backend):
     name = "eager"
     device_kinds = ("cpu", "gpu", "npu")
+    holds_state = True
+    options_type = EagerOptions
 
     def compile(
         self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
     ) -> Manifest:
         dtype = getattr(torch, options.dtype) if options.dtype else None
-        streamed = options.get("weights", "resident") == "streamed"
+        # bound params: inputs like streamed ones, but the runtime has the weights
+        streamed = self.parse_options(options).weights == "streamed" or unit.bound_params
         files = ["program.pt2"]
         if streamed:
-            here = device.kind == "gpu" and torch.cuda.is_available()
+            # bound params: traced on the host, pointed at the device at load
+            here = device.kind == "gpu" and torch.cuda.is_available() and not unit.bound_params
             ep, weights = export_streamed(unit, dtype, torch_device(device) if here else None)
-            # safetensors orders tensors its own way: the metadata keeps the runner's order
-            order = json.dumps(list(weights))
-            save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"params": order})
-            files.append(WEIGHTS_FILE)
+            if not unit.bound_params:
+                # safetensors orders tensors its own way: the metadata keeps the runner's order
+                order = json.dumps(list(weights))
+                save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"params": order})
+                files.append(WEIGHTS_FILE)
         else:
             ep = export_unit(unit, dtype)
         torch.export.save(ep, out_dir / "program.pt2")

@@ -6,6 +6,7 @@ Backends that consume torch.export programs (TVM's Relax frontend, the eager ref
 
 from __future__ import annotations
 
+import sympy
 import torch
 from torch.utils import _pytree as pytree
 
@@ -64,28 +65,33 @@ def export_unit(
         tuple(unit.example_inputs),
     )
     inputs = tuple(size_carrier(int(t)) if i in sizes else t for i, t in enumerate(inputs))
-    dynamic = None
-    if unit.dynamic_dims:
-        dims: dict[str, torch.export.Dim] = {}
-        spec: list = [None] * len(inputs)
-        # Tensor dims first: a size's expression refers to their symbols.
-        for idx, dim, sym in sorted(unit.dynamic_dims, key=lambda e: e[1] < 0):
-            if dim < 0:
-                # A size handed over from upstream: its expression over the tensors' dims.
-                d = _derived_dim(sym, dims)
-                spec[idx] = {0: d} if idx in sizes else d
-                continue
-            d = dims.setdefault(sym, torch.export.Dim(f"d_{sym}", min=1))
-            spec[idx] = {**(spec[idx] or {}), dim: d}
-        dynamic = (tuple(spec),)  # forward(*acts): export sees one tuple-valued argument
+    dynamic = dynamic_spec(unit, len(inputs), sizes)
     with torch.no_grad():
         return torch.export.export(mod, inputs, dynamic_shapes=dynamic, strict=False)
+
+
+def dynamic_spec(unit: CompileUnit, n_args: int, sizes: frozenset[int] = frozenset()):
+    """export's dynamic_shapes for a module whose forward(*args) takes the unit's inputs
+    first (then `n_args - len(inputs)` more, static): None when nothing is dynamic."""
+    if not unit.dynamic_dims:
+        return None
+    dims: dict[str, torch.export.Dim] = {}
+    spec: list = [None] * n_args
+    # Tensor dims first: a size's expression refers to their symbols.
+    for idx, dim, sym in sorted(unit.dynamic_dims, key=lambda e: e[1] < 0):
+        if dim < 0:
+            # A size handed over from upstream: as a size carrier, its expression over the
+            # tensors' dims; as a plain int, export relates it itself.
+            spec[idx] = {0: _derived_dim(sym, dims)} if idx in sizes else torch.export.Dim.DYNAMIC
+            continue
+        d = dims.setdefault(sym, torch.export.Dim(f"d_{sym}", min=1))
+        spec[idx] = {**(spec[idx] or {}), dim: d}
+    return (tuple(spec),)  # forward(*args): export sees one tuple-valued argument
 
 
 def _derived_dim(expr: str, dims: dict[str, torch.export.Dim]):
     """`a*s + b` over a tensor dim's symbol `s` as a derived export Dim; AUTO otherwise
     (export then works the relation out itself, or says what it could not relate)."""
-    import sympy
 
     try:
         e = sympy.sympify(expr)

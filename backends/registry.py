@@ -1,16 +1,21 @@
 """One registry of backends by name: the built-ins plus the `hetero.backends` entry points.
 
 Registration is explicit; a duplicate name is an error and an unknown name lists the
-known ones, the way TVM's registries answer.
+known ones, the way TVM's registries answer. One registry object travels from the edge
+(`hetero.plan`, `hetero.compile`) through planning and compiling to the runtime's workers,
+so a backend registered on it is found everywhere; it pickles (its factories name their
+classes; loaded backends stay behind).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Any
 
-from hetero.backends.base import Backend
+from hetero.backends.base import Backend, CompileOptions
 from hetero.errors import ConfigError
 
 ENTRY_POINT_GROUP = "hetero.backends"
@@ -47,6 +52,29 @@ class BackendRegistry:
     def __contains__(self, name: str) -> bool:
         return name in self._factories
 
+    def __getstate__(self) -> dict[str, Any]:
+        # loaded backends hold native state (TVM modules, CUDA contexts): a worker loads its own
+        return {"_factories": self._factories, "_instances": {}}
+
+    def check_options(self, options: CompileOptions) -> None:
+        """Raise ConfigError, listing the known ones, for a backend-specific option no
+        backend here declares (a typo would otherwise be ignored by every backend), and
+        for a known one of the wrong type."""
+        known: set[str] = set()
+        for name in self.names():
+            try:
+                backend = self.get(name)
+            except Exception:  # a plug-in that fails to import declares nothing
+                continue
+            known.update(backend.options_type.names())
+            backend.parse_options(options)  # type-checks the knobs it declares
+        unknown = sorted(k for k, _ in options.extra if k not in known)
+        if unknown:
+            raise ConfigError(
+                f"no backend takes the option(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+
     def for_kind(self, kind: str) -> list[str]:
         """Names of backends that target a device kind and whose libraries import here."""
         out = []
@@ -60,22 +88,25 @@ class BackendRegistry:
         return out
 
 
-def _lazy(path: str) -> Callable[[], Backend]:
-    def make() -> Backend:
-        module, cls = path.split(":")
-        return getattr(importlib.import_module(module), cls)()
+@dataclass(frozen=True)
+class _Lazy:
+    """A factory that imports "module:Class" on first use (and pickles as that string)."""
 
-    return make
+    path: str
+
+    def __call__(self) -> Backend:
+        module, cls = self.path.split(":")
+        return getattr(importlib.import_module(module), cls)()
 
 
 def default_registry(extra: Iterable[tuple[str, Callable[[], Backend]]] = ()) -> BackendRegistry:
     """A fresh registry: built-ins, then entry points, then `extra`."""
     reg = BackendRegistry()
     for name, path in BUILTIN.items():
-        reg.register(name, _lazy(path))
+        reg.register(name, _Lazy(path))
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in reg:
-            reg.register(ep.name, ep.load)
+            reg.register(ep.name, _Lazy(f"{ep.module}:{ep.attr}"))
     for name, factory in extra:
         reg.register(name, factory)
     return reg

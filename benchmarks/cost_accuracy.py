@@ -44,10 +44,11 @@ from hetero.backends.cache import ArtifactCache
 from hetero.backends.compile import CompileJob, compile_units
 from hetero.backends.registry import default_registry
 from hetero.backends.units import units_for
+from hetero.calibration import calibrate, fit_errors, sample_prediction, time_call
+from hetero.cluster.profile import CalibrationProfile
+from hetero.interfaces.api import plan as make_plan
 from hetero.interfaces.config import load_config
-from hetero.partitioner.algorithms import plan as make_plan
-from hetero.partitioner.calibrate import calibrate, fit_errors, sample_prediction, time_call
-from hetero.partitioner.cost import CalibrationProfile, CostModel
+from hetero.partitioner.cost import CostModel
 from hetero.partitioner.graph import capture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,8 @@ def main() -> None:
     cache = ArtifactCache(args.cache)
     cfg = load_config(CONFIG)
     cluster = cfg.cluster_spec()
-    backends = dict(cfg.backends)
+    backends = cfg.backend_assignment
+    registry = default_registry()
 
     samples: dict = {}
     t0 = time.time()
@@ -128,7 +130,9 @@ def main() -> None:
                     "fitted_us": 1e6 * sample_prediction(dp, s),
                 }
             )
-    cm = CostModel(profile)
+    # the backends that fuse say so themselves (Backend.fuses)
+    fusing = frozenset(n for n in backends.names() if registry.get(n).fuses)
+    cm = CostModel(profile, fusing_backends=fusing)
     fits = Table(title="calibration (per device, backend, op class)")
     for col in ("device", "backend", "class", "e_c", "e_m", "overhead us", "fit err", "n"):
         fits.add_column(col)
@@ -145,7 +149,7 @@ def main() -> None:
         cluster,
         cfg.objective,
         cost_model=cm,
-        backends=backends or None,
+        backends=backends,
         pins=dict(cfg.constraints.pins) or None,
     )
     devices = [cluster.device(p.device) for p in plan.partitions]
@@ -175,7 +179,7 @@ def main() -> None:
 
     if not args.no_groups:
         cpu = next(d for d in cluster.devices if d.kind == "cpu")
-        bk = backends.get("cpu", "tvm")
+        bk = backends.for_kind("cpu")
         groups = graph.coarsen()
         assignment = {n: i for i, g in enumerate(groups) for n in g.nodes}
         # compile and time only the groups shown (the others still form their own units)

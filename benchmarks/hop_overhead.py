@@ -127,7 +127,11 @@ def main() -> None:
         parts = split(graph, {name: int(i >= len(order) // 2) for i, name in enumerate(order)})
         devs = [cluster.device("local/cpu"), cluster.device("local/npu")]
         stages = compile_partitions(
-            graph, parts, [(d, "eager") for d in devs], tempfile.mkdtemp(prefix="hop-")
+            graph,
+            parts,
+            [(d, "eager") for d in devs],
+            tempfile.mkdtemp(prefix="hop-"),
+            registry=default_registry(),
         )
         inputs = dict(zip(graph.inputs, (x,), strict=True))
         row = {"elements": n, "bytes": n * 4, "hops": 3}

@@ -31,11 +31,12 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from bounded import run_bounded
+
+from hetero.runtime.faults import bounded
 
 CONFIGS = ("copy", "bare_id", "bare_move", "bare_cg", "hetero_cg", "bare_gc", "hetero_gc")
 PAIRS = (("bare_cg", "hetero_cg"), ("bare_gc", "hetero_gc"))
@@ -67,20 +68,6 @@ def timed(fn, iters: int, sync=None) -> dict:
             sync()
         samples.append((time.perf_counter() - t0) * 1e6)
     return summary(samples)
-
-
-def bounded(fn, seconds: float) -> bool:
-    """Run fn in a daemon thread; False if it did not finish in time (the thread is left)."""
-    done = threading.Event()
-
-    def body() -> None:
-        try:
-            fn()
-        finally:
-            done.set()
-
-    threading.Thread(target=body, daemon=True).start()
-    return done.wait(seconds)
 
 
 def cluster_spec(gpu: bool):
@@ -211,7 +198,11 @@ def child_ray(config: str, sizes: list[int], iters: int, emit) -> None:
             ops = graph.order
             parts = split(graph, {o: int(i >= len(ops) // 2) for i, o in enumerate(ops)})
             stages = compile_partitions(
-                graph, parts, [(d, "eager") for d in devs], tempfile.mkdtemp(prefix="hopgpu-")
+                graph,
+                parts,
+                [(d, "eager") for d in devs],
+                tempfile.mkdtemp(prefix="hopgpu-"),
+                registry=default_registry(),
             )
             row["hops"] = HOPS
             if config.startswith("bare"):
@@ -246,7 +237,7 @@ def child_ray(config: str, sizes: list[int], iters: int, emit) -> None:
                 row["worker_pids"] = {d: i["pid"] for d, i in ex.worker_info.items()}
                 teardown = ex.shutdown
         emit(n, row)
-        if teardown is not None and not bounded(teardown, 15):
+        if teardown is not None and not bounded(teardown, 15, "executor teardown"):
             emit(n, {**row, "teardown": "did not finish in 15 s; child stops here"})
             return
 
@@ -266,7 +257,7 @@ def child_main(args) -> None:
         child_ray(args.child, sizes, args.iters, emit)
         import ray
 
-        bounded(ray.shutdown, 5)
+        bounded(ray.shutdown, 5, "ray.shutdown")
     sys.stdout.flush()
     os._exit(0)  # a Ray thread blocked in a channel read must not keep the child alive
 

@@ -7,9 +7,10 @@ host CPU alone.
 
 LlamaForCausalLM(LlamaConfig(hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV
 heads, vocab 32000, use_cache=False)), random weights, float16 (2.2 GB). Shapes: prefill
-4x256 tokens and a decode-shaped step, 4x1 tokens. hetero captures the model without a KV
-cache, so its "decode" is a 4x1 forward with no past (the attention over the prompt is
-missing); the weights it streams per step are the same as a real decode step's, which is
+4x256 tokens (and, with --phases prefill,decode, the old decode-shaped step: 4x1 tokens
+without a KV cache. Real generation with a KV cache is benchmarks/llm_generate_gpu.py
+--shape 1.1b --cap-gib 0.512). Its "decode" is a 4x1 forward with no past (the attention
+over the prompt is missing); the weights it streams per step are the same as a real decode step's, which is
 what bounds the time. Every way runs the same two shapes. Times are medians of
 per-request wall times (CUDA synchronised), outputs compared with the uncapped model.
 
@@ -137,17 +138,20 @@ def hetero_model(model, ids, cluster, cache_dir: Path, exclude=(), cost_model=No
             exclude=exclude,
             cost_model=cost_model,
         )
+    from hetero.backends.registry import default_registry
     from hetero.interfaces.api import CompiledModel
-    from hetero.partitioner.algorithms import plan as make_plan
+    from hetero.interfaces.api import plan as make_plan
     from hetero.runtime.build import compile_plan, needed_outputs
     from hetero.runtime.executor import LocalExecutor
 
     graph = hetero.capture(model, (ids,))
     plan = make_plan(graph, cluster, backends=BACKENDS, exclude=exclude, cost_model=cost_model)
-    stages = compile_plan(graph, plan, cluster, cache_dir, example_inputs=(ids,))
+    registry = default_registry()
+    stages = compile_plan(graph, plan, cluster, cache_dir, registry=registry, example_inputs=(ids,))
     cpu = cluster.device("node0/cpu")
     stages = [replace(s, device=cpu) for s in stages]
-    return CompiledModel(graph, plan, cluster, stages, LocalExecutor(stages, needed_outputs(graph)))
+    runner = LocalExecutor(stages, needed_outputs(graph), registry)
+    return CompiledModel(graph, plan, cluster, stages, runner)
 
 
 class Timed:
@@ -265,7 +269,12 @@ def main() -> None:
     ap.add_argument(
         "--budget-s", type=float, default=300, help="start optional sections before this many s"
     )
-    ap.add_argument("--phases", default="prefill,decode", help="which shapes to run")
+    ap.add_argument(
+        "--phases",
+        default="prefill",
+        help="which shapes to run: prefill; decode is the old decode-shaped 4x1 forward "
+        "without a KV cache (real decode with a cache: llm_generate_gpu.py --shape 1.1b)",
+    )
     ap.add_argument(
         "--profile",
         type=Path,
@@ -499,7 +508,7 @@ def slow_link_section(args, skip, results, row, ctx, cluster, fast_plans) -> Non
     """Plan for a PCIe Gen3 link (12 GB/s), then run both that plan and the fast link's plan
     with the weight streamer's copies slowed to 12 GB/s (WeightStreamer.emulate_link)."""
     import hetero
-    from hetero.partitioner.algorithms import plan as make_plan
+    from hetero.interfaces.api import plan as make_plan
 
     slow = slow_link(cluster, 12e9)
     rate = results.get("pinned_h2d_GBps")
@@ -573,8 +582,10 @@ def cost_model(args, skip, results, cluster, cuda: bool):
     CPU through the backends the plan runs, in the model's dtype: what the product does
     before planning on a new machine), or a saved profile (--profile); None (datasheet
     defaults) with --skip calibrate or without CUDA."""
-    from hetero.partitioner.calibrate import calibrate, fit_errors
-    from hetero.partitioner.cost import CalibrationProfile, CostModel
+    from hetero.calibration import calibrate, fit_errors
+    from hetero.cluster.profile import CalibrationProfile
+    from hetero.partitioner.cost import CostModel
+    from hetero.partitioner.decisions import BackendAssignment
 
     if args.profile is not None:
         return CostModel(CalibrationProfile.load(args.profile))
@@ -582,7 +593,8 @@ def cost_model(args, skip, results, cluster, cuda: bool):
         return None
     t0 = time.perf_counter()
     try:
-        profile, _, _ = calibrate(cluster, backends=BACKENDS, dtypes=("float16",), log=log)
+        assignment = BackendAssignment.parse(BACKENDS)
+        profile, _, _ = calibrate(cluster, backends=assignment, dtypes=("float16",), log=log)
     except Exception as e:
         log(f"calibrate failed, planning with the defaults: {type(e).__name__}: {e}")
         results["calibrate_error"] = f"{type(e).__name__}: {e}"
@@ -603,7 +615,7 @@ def cost_model(args, skip, results, cluster, cuda: bool):
 
 def default_predictions(graph, plan, cluster):
     """`plan`'s partitions priced by the default (uncalibrated) cost model."""
-    from hetero.partitioner.algorithms import plan as make_plan
+    from hetero.interfaces.api import plan as make_plan
 
     pins = {g: q.device for q in plan.partitions for g in q.groups}
     again = make_plan(graph, cluster, backends=BACKENDS, pins=pins)

@@ -86,14 +86,16 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from collections import deque  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from bounded import run_bounded  # noqa: E402
+
+from hetero.cluster import connect  # noqa: E402
+from hetero.runtime import dag as hetero_dag  # noqa: E402
+from hetero.runtime.faults import bounded  # noqa: E402
 
 T0 = float(os.environ.get("PIPE2_T0") or time.time())  # the parent's start, for every log line
 REPO = Path(__file__).resolve().parents[1]
@@ -289,35 +291,19 @@ def rate(tokens: int, seconds: list[float]) -> dict:
     return {"tokens_per_s": tokens / med, "median_s": med, "runs_s": [round(x, 4) for x in seconds]}
 
 
-def bounded(fn, seconds: float) -> bool:
-    """Run fn in a daemon thread; False if it did not finish in time (the thread is left)."""
-    done = threading.Event()
-
-    def body() -> None:
-        try:
-            fn()
-        except Exception as e:  # reported, never raised: this is clean-up
-            log(f"{getattr(fn, '__name__', 'call')} failed: {type(e).__name__}: {e}")
-        finally:
-            done.set()
-
-    threading.Thread(target=body, daemon=True).start()
-    return done.wait(seconds)
-
-
 def init_ray(s: Setup, num_gpus: int) -> None:
-    """A private Ray head with the NCCL environment in every worker's runtime_env; the
-    object store sized to fit /dev/shm (Ray falls back to slow disk when it does not)."""
+    """hetero's private Ray head (cluster/connect.py) with the NCCL environment in every
+    worker's runtime_env; the object store sized to fit /dev/shm (Ray falls back to slow
+    disk when it does not)."""
     import ray
 
     free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
     want = 8e9 if s.gpu else 3e8
     store = int(min(want, 0.5 * free)) if free > 4e8 else None
-    ray.init(
-        address="local",
+    connect.init_ray(
+        None,
         num_cpus=8 if s.gpu else 3,
         num_gpus=num_gpus,
-        include_dashboard=False,
         log_to_driver=True,
         object_store_memory=store,
         runtime_env={"env_vars": {**NCCL_ENV, "NCCL_DEBUG": os.environ["NCCL_DEBUG"]}},
@@ -436,7 +422,7 @@ def split_of(plan, s: Setup) -> dict:
 def two_stage_plan(graph, cluster, s: Setup, pins=None):
     """The throughput plan over every device; again without the host CPU if it is not two
     stages on the two pipeline devices. Returns (plan, excluded device names, note)."""
-    from hetero.partitioner.algorithms import plan as make_plan
+    from hetero.interfaces.api import plan as make_plan
 
     first = make_plan(graph, cluster, "throughput", backends=BACKENDS, pins=pins)
     used = [p.device for p in sorted(first.partitions, key=lambda p: p.index)]
@@ -457,13 +443,28 @@ def predicted_curve(graph, cluster, s: Setup, exclude) -> dict:
     device and the rest on the second."""
     import numpy as np
 
-    from hetero.partitioner.algorithms.adapter import build_problem, refine_for_support
+    from hetero.backends.registry import default_registry
+    from hetero.partitioner.algorithms.adapter import (
+        build_problem,
+        refine_for_support,
+        resolve_backends,
+    )
     from hetero.partitioner.algorithms.problem import RESIDENT
     from hetero.partitioner.cost import CostModel
+    from hetero.partitioner.decisions import BackendAssignment
 
-    groups = refine_for_support(graph.coarsen(), cluster, backends=BACKENDS, exclude=exclude)
+    registry = default_registry()
+    backends, _ = resolve_backends(cluster, BackendAssignment.parse(BACKENDS), registry)
+    groups = refine_for_support(
+        graph.coarsen(), cluster, backends=backends, registry=registry, exclude=exclude
+    )
     problem, _ = build_problem(
-        groups, cluster, CostModel.load(cluster=cluster), backends=BACKENDS, exclude=exclude
+        groups,
+        cluster,
+        CostModel.load(cluster=cluster),
+        backends=backends,
+        registry=registry,
+        exclude=exclude,
     )
 
     def placement(name: str) -> int:
@@ -507,7 +508,7 @@ def child_hetero(s: Setup, a, emit) -> None:
     import torch
 
     import hetero
-    from hetero.partitioner.algorithms import plan as make_plan
+    from hetero.interfaces.api import plan as make_plan
 
     skip = set(a.skip)
     pinned = a.pin_k is not None
@@ -650,7 +651,7 @@ def child_hetero(s: Setup, a, emit) -> None:
         table = ex.metrics.table()
         emit("metrics", table)
         print(table, flush=True)
-    if not bounded(cm.shutdown, 5):  # the parent ends what is left with the process group
+    if not bounded(cm.shutdown, 5, "executor shutdown"):  # the parent ends what is left
         log("executor shutdown did not finish in 5 s; the child exits anyway")
     shutil.rmtree(cache, ignore_errors=True)
 
@@ -796,19 +797,14 @@ class HalfModel:
 
 
 def completions(graph, msgs, timeout: float) -> tuple[float, list[float]]:
-    """Submit `msgs` with up to INFLIGHT in the graph; the time of each completion."""
+    """Submit `msgs` with up to INFLIGHT in the graph (hetero's runtime keeps the window);
+    the time of each completion."""
     import ray
 
-    queue: deque = deque()
     done: list[float] = []
     t0 = time.perf_counter()
-    for m in msgs:
-        if len(queue) >= INFLIGHT:
-            ray.get(queue.popleft(), timeout=timeout)
-            done.append(time.perf_counter())
-        queue.append(graph.execute(m))
-    while queue:
-        ray.get(queue.popleft(), timeout=timeout)
+    for _, ref in hetero_dag.pipelined(graph.execute, msgs, INFLIGHT):
+        ray.get(ref, timeout=timeout)
         done.append(time.perf_counter())
     return t0, done
 
@@ -839,13 +835,13 @@ def child_sweep(s: Setup, a, emit) -> None:
         f"device B {statistics.median(prof[1]['block_ms']):.3f}; whole model "
         f"{prof[0]['total_ms']:.2f} / {prof[1]['total_ms']:.2f} ms per microbatch"
     )
+    # A -> B over NCCL between GPUs (Ray's shared memory on the CPU), compiled the way
+    # hetero's runtime compiles its plans (runtime/dag.py)
     with InputNode() as inp:
-        node = first.first.bind(inp)
-        if s.gpu:
-            node = node.with_tensor_transport(transport="nccl")
-        dag = second.second.bind(node)
+        transport = hetero_dag.NCCL if s.gpu else hetero_dag.SHM
+        dag = second.second.bind(hetero_dag.send(first.first.bind(inp), transport))
     t = time.perf_counter()
-    graph = dag.experimental_compile(_max_inflight_executions=INFLIGHT, _submit_timeout=120)
+    graph = hetero_dag.compile_dag(dag, max_inflight=INFLIGHT, submit_timeout_s=120)
     emit("graph_compile_s", time.perf_counter() - t)
     emit("nccl_groups_in_driver", nccl_groups())
     log(f"compiled graph A -> {'NCCL' if s.gpu else 'shm'} -> B in {time.perf_counter() - t:.1f} s")

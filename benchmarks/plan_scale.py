@@ -33,6 +33,18 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import torch
+import yaml
+from rich.console import Console
+
+from hetero.backends.registry import default_registry
+from hetero.cluster.spec import ClusterSpec
+from hetero.partitioner.algorithms import plan, refine_for_support
+from hetero.partitioner.algorithms.adapter import resolve_backends
+from hetero.partitioner.algorithms.auto import coarsen_for_scale
+from hetero.partitioner.decisions import BackendAssignment, Objective
+from hetero.partitioner.graph import capture
+
 ROOT = Path(__file__).resolve().parents[1]
 NODE_FILE = ROOT / "configs/clusters/h100-sxm-node.yaml"
 NVLINK = {"bandwidth": "450 GB/s", "latency": "3 us", "kind": "nvlink"}
@@ -50,10 +62,6 @@ LLAMA_70B = dict(
 
 def h100_nodes(nodes: int, gpus: int = 8):
     """`nodes` hosts shaped like configs/clusters/h100-sxm-node.yaml with `gpus` GPUs each."""
-    import yaml
-
-    from hetero.cluster.spec import ClusterSpec
-
     doc = yaml.safe_load(NODE_FILE.read_text())
     (host,) = doc["hosts"]
     devices = []
@@ -70,16 +78,13 @@ def h100_nodes(nodes: int, gpus: int = 8):
 
 def llama_graph(layers: int, seq: int):
     """Capture a LLaMA-70B-shaped model with `layers` layers on the meta device."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import hetero
+    from transformers import LlamaConfig, LlamaForCausalLM  # optional (hetero[bench])
 
     cfg = LlamaConfig(**{**LLAMA_70B, "num_hidden_layers": layers}, use_cache=False)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(torch.float16)
     ids = torch.zeros((1, seq), dtype=torch.long, device="meta")
-    return hetero.capture(model, (ids,))
+    return capture(model, (ids,))
 
 
 def _plan_row(plan, seconds: float) -> dict:
@@ -93,9 +98,7 @@ def _plan_row(plan, seconds: float) -> dict:
     }
 
 
-def run_auto(graph, nodes: int, objective: str, registry, budget: float | None) -> dict:
-    from hetero.partitioner.algorithms import plan
-
+def run_auto(graph, nodes: int, objective: Objective, registry, budget: float | None) -> dict:
     cluster = h100_nodes(nodes)
     t0 = time.perf_counter()
     result = plan(graph, cluster, objective, registry=registry, time_budget_s=budget)
@@ -109,12 +112,12 @@ def run_auto(graph, nodes: int, objective: str, registry, budget: float | None) 
 
 
 def run_baseline(
-    graph_file: str, nodes: int, objective: str, limit: float, memory_gib: float
+    graph_file: str, nodes: int, objective: Objective, limit: float, memory_gib: float
 ) -> dict:
     """Today's planner for `objective` in a child process, at most `limit` seconds and
     `memory_gib` of heap (its pipeline DP's table grows as 2^devices: on a shared machine it
     must fail alone, not take the machine's memory)."""
-    cmd = [sys.executable, __file__, "--child", graph_file, str(nodes), objective]
+    cmd = [sys.executable, __file__, "--child", graph_file, str(nodes), objective.value]
     cmd += ["--child-memory-gib", str(memory_gib)]
     t0 = time.perf_counter()
     try:
@@ -134,21 +137,22 @@ def run_baseline(
     return row
 
 
-def child(graph_file: str, nodes: int, objective: str, memory_gib: float) -> None:
+def child(graph_file: str, nodes: int, objective: Objective, memory_gib: float) -> None:
     limit = int(memory_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    from hetero.backends.registry import default_registry
-    from hetero.partitioner.algorithms import plan, refine_for_support
-    from hetero.partitioner.algorithms.auto import coarsen_for_scale
-
     with open(graph_file, "rb") as f:
         graph = pickle.load(f)
     registry = default_registry()
     cluster = h100_nodes(nodes)
     # the groups "auto" plans over (refining them is not counted in today's time)
-    groups = refine_for_support(coarsen_for_scale(graph), cluster, registry=registry)
+    backends, _ = resolve_backends(cluster, BackendAssignment(), registry)
+    groups = refine_for_support(
+        coarsen_for_scale(graph), cluster, backends=backends, registry=registry
+    )
     t0 = time.perf_counter()
-    result = plan(graph, cluster, objective, registry=registry, algorithm=objective, groups=groups)
+    result = plan(
+        graph, cluster, objective, registry=registry, algorithm=objective.value, groups=groups
+    )
     print(json.dumps(_plan_row(result, time.perf_counter() - t0)))
 
 
@@ -163,14 +167,16 @@ def compare(
         pickle.dump(light, f)
         graph_file = f.name
     rows = []
-    gave_up: set[str] = set()  # objectives today's planner ran out of time on (more nodes: slower)
+    gave_up: set[Objective] = (
+        set()
+    )  # objectives today's planner ran out of time on (more nodes: slower)
     try:
         for nodes in nodes_list:
             for objective in objectives:
-                row = {"nodes": nodes, "devices": 9 * nodes, "objective": objective}
+                row = {"nodes": nodes, "devices": 9 * nodes, "objective": objective.value}
                 row["auto"] = run_auto(graph, nodes, objective, registry, budget)
                 console.print(f"  {nodes} node(s) {objective}: auto {row['auto']['seconds']:.2f} s")
-                known = reuse.get((len(graph), nodes, objective))
+                known = reuse.get((len(graph), nodes, objective.value))
                 if known is not None:
                     row["today"] = {**known, "reused": True}
                     if not known.get("finished"):
@@ -341,7 +347,8 @@ def main() -> None:
     ap.add_argument("--child-memory-gib", type=float, default=6.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), args.child[2], args.child_memory_gib)
+        objective = Objective.parse(args.child[2])
+        child(args.child[0], int(args.child[1]), objective, args.child_memory_gib)
         return
     if args.markdown_only:
         out = Path(args.out)
@@ -350,14 +357,9 @@ def main() -> None:
         )
         return
 
-    from rich.console import Console
-
-    from hetero.backends.registry import default_registry
-    from hetero.partitioner.algorithms import plan
-
     console = Console()
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    objectives = args.objectives.split(",")
+    objectives = [Objective.parse(x, "--objectives") for x in args.objectives.split(",")]
     nodes = [int(x) for x in args.nodes.split(",")]
     base_nodes = {int(x) for x in args.baseline_nodes.split(",") if x}
     t0 = time.perf_counter()
@@ -365,7 +367,7 @@ def main() -> None:
     capture_s = time.perf_counter() - t0
     registry = default_registry()
     t0 = time.perf_counter()
-    plan(graph, h100_nodes(1), "latency", registry=registry)
+    plan(graph, h100_nodes(1), Objective.LATENCY, registry=registry)
     first_plan_s = time.perf_counter() - t0
     console.print(
         f"captured {len(graph)} ops in {capture_s:.1f} s; first plan {first_plan_s:.1f} s"

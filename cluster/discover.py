@@ -1,4 +1,4 @@
-"""Discover devices: this machine (`local_cluster`) or a running Ray cluster (`ray_cluster`).
+"""Discover devices: this machine (`local_devices`) or a running Ray cluster (`ray_devices`).
 
 Peak rates of GPUs come from a table of datasheet numbers keyed by the name CUDA
 reports; CPU peaks are estimated from the core count and SIMD width. `hetero
@@ -10,8 +10,19 @@ from __future__ import annotations
 import os
 import platform
 import socket
+from typing import NamedTuple
 
-from hetero.cluster.spec import ClusterSpec, DeviceSpec, LinkSpec
+from hetero.cluster.connect import init_ray
+from hetero.cluster.devices import DeviceSpec, LinkSpec
+
+
+class Discovered(NamedTuple):
+    """What discovery found: `ClusterSpec(*found)` builds the cluster."""
+
+    name: str
+    devices: tuple[DeviceSpec, ...]
+    links: tuple[LinkSpec, ...]
+
 
 # Dense peaks from NVIDIA datasheets (no sparsity); bandwidth of HBM; per-direction host link.
 # H100 SXM5: https://www.nvidia.com/en-us/data-center/h100/ (67 TF fp32, 989 TF fp16/bf16, 3.35 TB/s)
@@ -99,13 +110,16 @@ def gpu_device(host: str, index: int, name: str, memory: float) -> DeviceSpec:
     )
 
 
-def local_cluster(include_gpus: bool = True, host: str | None = None) -> ClusterSpec:
+def local_devices(include_gpus: bool = True, host: str | None = None) -> Discovered:
+    """This machine's CPU and, when torch sees CUDA, its GPUs."""
     host = host or "local"
     cpu = cpu_device(host)
     devices = [cpu]
     links: list[LinkSpec] = []
     if include_gpus:
         try:
+            # torch is heavy and only this probe needs it: imported here, on first use, so
+            # that the cluster description imports without it
             import torch
 
             if torch.cuda.is_available():
@@ -117,17 +131,14 @@ def local_cluster(include_gpus: bool = True, host: str | None = None) -> Cluster
                     links.append(LinkSpec(gpu.name, cpu.name, row["pcie"], 10e-6, "pcie"))
         except ImportError:
             pass
-    return ClusterSpec(
-        name=f"local ({socket.gethostname()})", devices=tuple(devices), links=tuple(links)
-    )
+    return Discovered(f"local ({socket.gethostname()})", tuple(devices), tuple(links))
 
 
-def ray_cluster(address: str | None = None) -> ClusterSpec:
+def ray_devices(address: str | None = None) -> Discovered:
     """One host per alive Ray node: `CPU` -> a cpu device, `GPU` -> gpus, `NPU` -> emulated npus."""
-    import ray
+    import ray  # optional (hetero[ray]) and heavy: only discovery over Ray needs it
 
-    if not ray.is_initialized():
-        ray.init(address=address or "auto", ignore_reinit_error=True, log_to_driver=False)
+    init_ray(address or "auto")  # connects unless this process runs Ray already
     devices: list[DeviceSpec] = []
     links: list[LinkSpec] = []
     cpus: list[str] = []
@@ -163,4 +174,4 @@ def ray_cluster(address: str | None = None) -> ClusterSpec:
     for i, a in enumerate(cpus):
         for b in cpus[i + 1 :]:
             links.append(LinkSpec(a, b, 1.25e9, 100e-6, "network"))
-    return ClusterSpec(name="ray", devices=tuple(devices), links=tuple(links))
+    return Discovered("ray", tuple(devices), tuple(links))

@@ -1,6 +1,7 @@
 """ClusterSpec: the devices of a cluster and the links between them.
 
-Stands alone (no torch, no Ray at import time) so planning runs anywhere. Read from
+The bottom layer (no torch, no Ray at import time, nothing above `cluster/`), so planning
+runs anywhere. Read from
 YAML (`ClusterSpec.from_yaml`), discovered on this machine (`ClusterSpec.local`) or
 from a running Ray cluster (`ClusterSpec.from_ray`).
 """
@@ -18,65 +19,14 @@ from typing import Any, Literal
 
 import networkx as nx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hetero.cluster.units import (
-    UnitError,
-    parse_bandwidth,
-    parse_bytes,
-    parse_flops,
-    parse_seconds,
-)
+from hetero.cluster import discover
+from hetero.cluster.devices import DEVICE_KINDS, DeviceKind, DeviceSpec, LinkSpec
+from hetero.cluster.schema import Bandwidth, Bytes, Flops, Seconds, format_errors
 from hetero.errors import ConfigError
 
-DeviceKind = Literal["gpu", "cpu", "npu"]
-DEVICE_KINDS: tuple[str, ...] = ("gpu", "cpu", "npu")
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    """One device that computes. Rates are peaks from the datasheet; calibration scales them."""
-
-    name: str  # unique in the cluster: "<host>/<device>", e.g. "node0/gpu1"
-    kind: str  # gpu | cpu | npu
-    host: str  # the node (Ray node) that holds the device
-    model: str = ""  # e.g. "NVIDIA H100 SXM5 80GB"
-    peak_flops: tuple[tuple[str, float], ...] = ()  # (dtype, FLOP/s), dense
-    mem_bandwidth: float = 0.0  # bytes/s of the device's own memory
-    memory: float = 0.0  # bytes usable for weights and activations
-    launch_overhead: float = 5e-6  # seconds per kernel launch / op dispatch
-    dtypes: tuple[str, ...] = ("float32",)
-    cores: int = 0  # CPU cores (threads the backend may use); 0 for accelerators
-    index: int = 0  # the device's ordinal on its host (cuda:<index> for GPUs)
-    emulated: bool = False  # runs on the host through TVM because no such device is present
-    mcpu: str = ""  # LLVM -mcpu for CPU/NPU targets; "" lets TVM pick the host's
-
-    def peak(self, dtype: str) -> float:
-        """Peak FLOP/s for `dtype`; else float32's, then float16's, then the slowest listed rate
-        (never an integer rate for floating-point work: that would flatter the device)."""
-        table = dict(self.peak_flops)
-        for key in (dtype, "float32", "float16"):
-            if key in table:
-                return table[key]
-        return min(table.values(), default=1e9)
-
-    def supports_dtype(self, dtype: str) -> bool:
-        return dtype in self.dtypes
-
-    @property
-    def short(self) -> str:
-        return self.name.split("/", 1)[-1]
-
-
-@dataclass(frozen=True)
-class LinkSpec:
-    """A bidirectional link between two devices (or two hosts' CPUs, for the network)."""
-
-    a: str
-    b: str
-    bandwidth: float  # bytes/s, each direction
-    latency: float  # seconds per transfer
-    kind: str = "pcie"  # pcie | nvlink | network | memory
+__all__ = ["DEVICE_KINDS", "ClusterSpec", "DeviceKind", "DeviceSpec", "LinkSpec", "read_yaml"]
 
 
 @dataclass(frozen=True)
@@ -195,22 +145,18 @@ class ClusterSpec:
         try:
             doc = _ClusterDoc.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(_format_validation(source, e)) from None
+            raise ConfigError(format_errors(source, "cluster description", e)) from None
         return doc.build(source)
 
     @classmethod
     def local(cls, include_gpus: bool = True) -> ClusterSpec:
         """This machine: its CPU (cores, memory) and, when torch sees CUDA, its GPUs."""
-        from hetero.cluster.discover import local_cluster
-
-        return local_cluster(include_gpus=include_gpus)
+        return cls(*discover.local_devices(include_gpus=include_gpus))
 
     @classmethod
     def from_ray(cls, address: str | None = None) -> ClusterSpec:
         """The nodes of a running Ray cluster, with their CPUs, GPUs and `NPU` resources."""
-        from hetero.cluster.discover import ray_cluster
-
-        return ray_cluster(address)
+        return cls(*discover.ray_devices(address))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -280,66 +226,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
-def _unit(parser):
-    def check(v: Any) -> float:
-        try:
-            return parser(v)
-        except UnitError as e:
-            raise ValueError(str(e)) from None
-
-    return check
-
-
 class _DeviceDoc(_Strict):
     name: str
     kind: DeviceKind
     count: int = Field(1, ge=1)
     model: str = ""
-    peak_flops: dict[str, float | str] = Field(default_factory=dict)
-    bandwidth: float | str = Field(description="memory bandwidth, e.g. 3.35 TB/s")
-    memory: float | str = Field(description="usable memory, e.g. 80 GB")
-    launch_overhead: float | str = "5 us"
+    peak_flops: dict[str, Flops] = Field(default_factory=dict)
+    bandwidth: Bandwidth = Field(description="memory bandwidth, e.g. 3.35 TB/s")
+    memory: Bytes = Field(description="usable memory, e.g. 80 GB")
+    launch_overhead: Seconds = "5 us"
     dtypes: list[str] | None = None
     cores: int = 0
     emulated: bool | None = None
     mcpu: str = ""
 
-    @field_validator("peak_flops")
-    @classmethod
-    def _flops(cls, v: dict[str, Any]) -> dict[str, float]:
-        return {k: _unit(parse_flops)(x) for k, x in v.items()}
-
-    @field_validator("bandwidth")
-    @classmethod
-    def _bw(cls, v: Any) -> float:
-        return _unit(parse_bandwidth)(v)
-
-    @field_validator("memory")
-    @classmethod
-    def _mem(cls, v: Any) -> float:
-        return _unit(parse_bytes)(v)
-
-    @field_validator("launch_overhead")
-    @classmethod
-    def _lat(cls, v: Any) -> float:
-        return _unit(parse_seconds)(v)
-
 
 class _LinkDoc(_Strict):
     between: tuple[str, str]
-    bandwidth: float | str
-    latency: float | str = "5 us"
+    bandwidth: Bandwidth
+    latency: Seconds = "5 us"
     kind: Literal["pcie", "nvlink", "network", "memory", "chip"] = "pcie"
-
-    @field_validator("bandwidth")
-    @classmethod
-    def _bw(cls, v: Any) -> float:
-        return _unit(parse_bandwidth)(v)
-
-    @field_validator("latency")
-    @classmethod
-    def _lat(cls, v: Any) -> float:
-        return _unit(parse_seconds)(v)
 
 
 class _HostDoc(_Strict):
@@ -349,18 +255,8 @@ class _HostDoc(_Strict):
 
 
 class _NetworkDoc(_Strict):
-    bandwidth: float | str
-    latency: float | str = "10 us"
-
-    @field_validator("bandwidth")
-    @classmethod
-    def _bw(cls, v: Any) -> float:
-        return _unit(parse_bandwidth)(v)
-
-    @field_validator("latency")
-    @classmethod
-    def _lat(cls, v: Any) -> float:
-        return _unit(parse_seconds)(v)
+    bandwidth: Bandwidth
+    latency: Seconds = "10 us"
 
 
 class _ClusterDoc(_Strict):
@@ -452,19 +348,6 @@ class _ClusterDoc(_Strict):
         return ClusterSpec(
             name=self.name, devices=tuple(devices), links=tuple(links), source=source
         )
-
-
-def _format_validation(source: str, e: ValidationError) -> str:
-    lines = [f"{source}: the cluster description is not valid:"]
-    for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
 
 
 def host_platform() -> str:

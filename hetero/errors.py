@@ -37,3 +37,14 @@ class ArtifactCorrupt(HeteroError):
 
 class WorkerError(HeteroError):
     """A device worker failed while running a partition (names the partition and device)."""
+
+
+class InvalidInput(HeteroError, ValueError):
+    """A caller's input is wrong: its name, dtype, shape or a value (an index out of its
+    table's range, a bool byte other than 0/1, ...). Names the input, the position and the
+    bound. Nothing was run; the deployment is unaffected (gRPC INVALID_ARGUMENT)."""
+
+
+class Unavailable(HeteroError):
+    """The model cannot run requests now: still loading, recovering from a fault, or with
+    no device left that can run it (says which). Retry later (gRPC UNAVAILABLE)."""

@@ -1,4 +1,7 @@
-"""The Python API: `hetero.compile` (capture -> plan -> compile -> executor) and `hetero.deploy`.
+"""The Python API: `hetero.plan` and `hetero.compile` (capture -> plan -> compile ->
+executor); `hetero.deploy` is interfaces/deploy.py's. The edge: strings (objective, backend
+names) become typed decisions here, and one backend registry is made here and handed to
+the planner, the compiler and the runtime.
 
 cm = hetero.compile(model, example_inputs, cluster="configs/clusters/edge-cpu-npu.yaml")
 out = cm(*inputs)          # what model(*inputs) returns, within tolerance
@@ -7,55 +10,109 @@ print(cm.plan.explain())   # predicted and measured ms per partition
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hetero.backends.base import CompileOptions
+from hetero.backends.registry import BackendRegistry, default_registry
+from hetero.cluster.connect import init_ray
+from hetero.cluster.reference import resolve_cluster
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
+from hetero.interfaces.generate import CompiledLM, compile_lm
+from hetero.interfaces.validation import Contract
+from hetero.partitioner.algorithms import plan as make_plan
+from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import BackendAssignment, Objective, Task
 from hetero.partitioner.graph import OpGraph, capture
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.split import flatten_inputs, unflatten_outputs
+from hetero.paths import cache_root
+from hetero.runtime.build import compile_plan, needed_outputs
+from hetero.runtime.executor import LocalExecutor
+from hetero.runtime.ray_executor import RayExecutor
 
 
-def default_cache_dir() -> Path:
-    """HETERO_CACHE_DIR, else the user's cache directory (~/.cache/hetero)."""
-    env = os.environ.get("HETERO_CACHE_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("hetero"))
-
-
-def resolve_cluster(cluster: ClusterSpec | str | os.PathLike[str] | None) -> ClusterSpec:
-    """A ClusterSpec from a spec, a YAML path, "local" or "ray"/"auto" (a running Ray cluster)."""
-    if cluster is None or cluster == "local":
-        return ClusterSpec.local()
-    if isinstance(cluster, ClusterSpec):
-        return cluster
-    if str(cluster) in ("ray", "auto") or str(cluster).startswith("ray://"):
-        return ClusterSpec.from_ray(None if str(cluster) == "ray" else str(cluster))
-    return ClusterSpec.from_yaml(cluster)
+def plan(
+    graph: OpGraph,
+    cluster: ClusterSpec | str | os.PathLike[str] | None,
+    objective: Objective | str = "latency",
+    *,
+    backends: BackendAssignment | Mapping[str, str] | None = None,
+    pins: Mapping[str, str] | None = None,
+    exclude: Sequence[str] = (),
+    microbatches: int = 1,
+    cost_model: CostModel | None = None,
+    algorithm: str | None = None,
+    registry: BackendRegistry | None = None,
+    groups: Any = None,
+    time_budget_s: float | None = None,
+    progress: Any = None,
+) -> Plan:
+    """`hetero.plan`: partition `graph` over `cluster` for `objective` ("latency" or
+    "throughput"). backends: device kind -> backend name (default gpu: triton, cpu/npu:
+    tvm; a name the registry lacks, or a backend unavailable here, plans with eager and says
+    so in the plan's notes). registry: the backends to choose from
+    (default: the built-ins and the `hetero.backends` entry points). time_budget_s: seconds
+    the default planner ("auto") may spend; progress: True for a progress bar, or a
+    callable (phase, seconds spent, budget). The rest as `hetero.partitioner.algorithms.plan`
+    takes them."""
+    registry = registry if registry is not None else default_registry()
+    return make_plan(
+        graph,
+        resolve_cluster(cluster),
+        Objective.parse(objective),
+        backends=BackendAssignment.parse(backends),
+        registry=registry,
+        pins=pins,
+        exclude=exclude,
+        microbatches=microbatches,
+        cost_model=cost_model,
+        algorithm=algorithm,
+        groups=groups,
+        time_budget_s=time_budget_s,
+        progress=progress,
+    )
 
 
 class CompiledModel:
     """A model planned and compiled for a cluster; call it like the model."""
 
-    def __init__(self, graph: OpGraph, plan: Plan, cluster: ClusterSpec, stages, executor) -> None:
+    def __init__(
+        self,
+        graph: OpGraph,
+        plan: Plan,
+        cluster: ClusterSpec,
+        stages,
+        executor,
+        *,
+        settings: CompileSettings | None = None,
+        registry: BackendRegistry | None = None,
+    ) -> None:
         self.graph = graph
         self.cluster = cluster
         self.stages = tuple(stages)
         self.executor = executor
+        self.settings = settings  # what hetero.compile was asked (None: built by hand)
+        self.registry = registry
         self._plan = plan
 
     # ---- calling ----------------------------------------------------------------------------
+    @functools.cached_property
+    def contract(self) -> Any:
+        """What a call may hold (interfaces/validation.py); checked before anything runs."""
+        return Contract.from_graph(self.graph)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        values = self.executor.run(flatten_inputs(self.graph, args, kwargs))
-        return unflatten_outputs(self.graph, values)
+        inputs = flatten_inputs(self.graph, args, kwargs)
+        self.contract.check(inputs)
+        return unflatten_outputs(self.graph, self.executor.run(inputs))
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -68,11 +125,7 @@ class CompiledModel:
 
     def run_flat(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Named tensors in (by `input_names`), named tensors out (by `output_names`)."""
-        missing = [n for n in self.input_names if n not in inputs]
-        if missing:
-            raise ConfigError(
-                f"missing input(s) {missing}; the model takes {list(self.input_names)}"
-            )
+        self.contract.check(inputs)
         values = self.executor.run({n: inputs[n] for n in self.input_names})
         out = {}
         for name, value_name in zip(self.output_names, self.graph.outputs, strict=True):
@@ -82,6 +135,8 @@ class CompiledModel:
     def run_many(self, batch: Sequence[Sequence[Any]]) -> list[Any]:
         """Several requests, pipelined across stages where the executor can."""
         flat = [flatten_inputs(self.graph, tuple(x), {}) for x in batch]
+        for inputs in flat:
+            self.contract.check(inputs)
         return [unflatten_outputs(self.graph, v) for v in self.executor.run_many(flat)]
 
     # ---- state --------------------------------------------------------------------------------
@@ -92,8 +147,19 @@ class CompiledModel:
         return self._plan.with_measured(measured) if measured else self._plan
 
     def ready(self) -> bool:
+        """Every partition answers (False while a worker restarts or the plan is rebuilt)."""
         probe = getattr(self.executor, "ready", None)
         return bool(probe()) if callable(probe) else True
+
+    def accepts(self) -> bool:
+        """A request may be queued now: ready, or recovering (the request waits for it)."""
+        probe = getattr(self.executor, "accepts", None)
+        return bool(probe()) if callable(probe) else self.ready()
+
+    def status(self) -> tuple[str, str]:
+        """(state, why): "ready", or "recovering" / "failed" with the fault behind it."""
+        probe = getattr(self.executor, "status", None)
+        return probe() if callable(probe) else ("ready", "")
 
     def shutdown(self) -> None:
         self.executor.shutdown()
@@ -107,113 +173,225 @@ class CompiledModel:
 
 def compile(
     model: torch.nn.Module,
-    example_inputs: Sequence[Any],
+    example_inputs: Sequence[Any] | None = None,
     cluster: ClusterSpec | str | os.PathLike[str] | None = None,
-    objective: str = "latency",
+    objective: Objective | str = "latency",
     dynamic_shapes: Any = None,
-    backends: Mapping[str, str] | None = None,
+    backends: BackendAssignment | Mapping[str, str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     executor: str = "auto",
     *,
     pins: Mapping[str, str] | None = None,
     exclude: Sequence[str] = (),
     microbatches: int = 1,
-    options: Any = None,
-    cost_model: Any = None,
+    options: CompileOptions | Mapping[str, CompileOptions] | None = None,
+    cost_model: CostModel | None = None,
     graph: OpGraph | None = None,
     plan: Plan | None = None,
-) -> CompiledModel:
+    registry: BackendRegistry | None = None,
+    task: Task | str = Task.FORWARD,
+    max_length: int = 256,
+    batch_size: int = 1,
+) -> CompiledModel | CompiledLM:
     """Capture, plan, compile every partition (cached) and start an executor.
 
     executor: "local" runs the partitions in this process, "ray" as one Ray actor per
     device; "auto" picks local when the cluster is this one machine, Ray otherwise.
     `graph` reuses a capture of the same model and inputs, `plan` a plan of that graph
-    for this cluster.
-    """
-    from hetero.runtime.build import needed_outputs
+    for this cluster. options: one CompileOptions for every backend, or backend name ->
+    CompileOptions. registry: the backends to choose from (default: the built-ins and the
+    `hetero.backends` entry points); planning, compiling and the workers all use it.
 
+    task="generate": `model` is a causal LM (a transformers one, or a module with
+    forward(input_ids, start) and its KV cache as buffers); returns a CompiledLM with
+    `generate()`, planned per phase with a static cache of `max_length` positions for
+    `batch_size` sequences (interfaces/generate.py). example_inputs are not needed.
+    """
+    registry = registry if registry is not None else default_registry()
+    if Task.parse(task) is Task.GENERATE:
+        return compile_lm(
+            model,
+            resolve_cluster(cluster),
+            max_length=max_length,
+            batch_size=batch_size,
+            backends=backends,
+            cache_dir=cache_root(cache_dir),
+            executor=executor,
+            pins=pins,
+            exclude=exclude,
+            options=options if isinstance(options, Mapping) else None,
+            cost_model=cost_model,
+            registry=registry,
+        )
+    if example_inputs is None:
+        raise ConfigError("hetero.compile needs example_inputs (or task='generate' for an LM)")
+    settings = _settings(
+        registry, objective, backends, pins, exclude, microbatches, options, cache_dir, cost_model
+    )
     if graph is None:
         graph = capture(model, example_inputs, dynamic_shapes)
     spec = resolve_cluster(cluster)
-    build = _Builder(
-        graph,
-        objective,
-        dict(
-            backends=backends,
-            pins=pins,
-            exclude=exclude,
-            microbatches=microbatches,
-            cost_model=cost_model,
-        ),
-        Path(cache_dir) if cache_dir else default_cache_dir(),
-        example_inputs,
-        options,
-    )
+    build = _Builder(graph, settings, example_inputs, registry)
     stages, plan = build(spec, plan)
     kind = executor
     if kind == "auto":
         kind = "local" if len(spec.hosts) == 1 else "ray"
     if kind == "local":
-        from hetero.runtime.executor import LocalExecutor
-
-        runner = LocalExecutor(stages, needed_outputs(graph), plan=plan)
+        runner = LocalExecutor(stages, needed_outputs(graph), registry, plan=plan)
     elif kind == "ray":
-        import ray
-
-        from hetero.interfaces.deploy import init_ray
-        from hetero.runtime.ray_executor import RayExecutor
-
-        if not ray.is_initialized():
-            # A private, token-authenticated head for this process; emulated NPUs of this
-            # host become the custom resource NPU workers ask for.
-            npus = sum(1 for d in spec.devices if d.kind == "npu")
-            init_ray(resources={"NPU": float(npus)} if npus else None)
+        # A private, token-authenticated head on loopback for this process unless Ray runs
+        # already; emulated NPUs of this host become the custom resource NPU workers ask for.
+        npus = sum(1 for d in spec.devices if d.kind == "npu")
+        init_ray(resources={"NPU": float(npus)} if npus else None)
         runner = RayExecutor(
             stages,
             needed_outputs(graph),
             cluster=spec,
             plan=plan,
             replan=build,  # devices gone for good: plan again over what is left
+            registry=registry,
         )
     else:
         raise ConfigError(f"executor {executor!r} is not one of: auto, local, ray")
-    return CompiledModel(graph, plan, spec, stages, runner)
+    return CompiledModel(graph, plan, spec, stages, runner, settings=settings, registry=registry)
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """The choices a CompiledModel was made with, typed: what a re-plan (devices gone) and a
+    rebuild in another process (interfaces/deploy.py's Recipe) use again."""
+
+    objective: Objective
+    backends: BackendAssignment
+    pins: Mapping[str, str] | None = None
+    exclude: tuple[str, ...] = ()
+    microbatches: int = 1
+    options: CompileOptions | Mapping[str, CompileOptions] | None = None
+    cache_dir: Path | None = None  # the cache root (hetero/paths.py)
+    cost_model: CostModel | None = None
+
+    def plan_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for partitioner.algorithms.plan besides graph and cluster."""
+        return {
+            "backends": self.backends,
+            "pins": self.pins,
+            "exclude": self.exclude,
+            "microbatches": self.microbatches,
+            "cost_model": self.cost_model,
+        }
+
+
+def _settings(
+    registry: BackendRegistry,
+    objective: Objective | str,
+    backends: BackendAssignment | Mapping[str, str] | None,
+    pins: Mapping[str, str] | None,
+    exclude: Sequence[str],
+    microbatches: int,
+    options: CompileOptions | Mapping[str, CompileOptions] | None,
+    cache_dir: str | os.PathLike[str] | None,
+    cost_model: CostModel | None,
+) -> CompileSettings:
+    """hetero.compile's arguments typed once; options checked against the registry."""
+    settings = CompileSettings(
+        objective=Objective.parse(objective),
+        backends=BackendAssignment.parse(backends),
+        pins=dict(pins) if pins else None,
+        exclude=tuple(exclude),
+        microbatches=microbatches,
+        options=options,
+        cache_dir=cache_root(cache_dir),
+        cost_model=cost_model,
+    )
+    for opts in options.values() if isinstance(options, Mapping) else [options]:
+        if opts is not None:
+            registry.check_options(opts)
+    return settings
+
+
+def prebuild(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    cluster: ClusterSpec | str | os.PathLike[str] | None = None,
+    objective: Objective | str = "latency",
+    dynamic_shapes: Any = None,
+    backends: BackendAssignment | Mapping[str, str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    pins: Mapping[str, str] | None = None,
+    exclude: Sequence[str] = (),
+    microbatches: int = 1,
+    options: CompileOptions | Mapping[str, CompileOptions] | None = None,
+    cost_model: CostModel | None = None,
+    registry: BackendRegistry | None = None,
+) -> Plan:
+    """Capture, plan and compile every partition into the cache, loading none of them: the
+    plan, which `compile(..., plan=...)` then builds from cache hits. `hetero serve` runs
+    it in a child process, so compiling never competes with the server for the GIL."""
+    registry = registry if registry is not None else default_registry()
+    settings = _settings(
+        registry, objective, backends, pins, exclude, microbatches, options, cache_dir, cost_model
+    )
+    graph = capture(model, example_inputs, dynamic_shapes)
+    build = _Builder(graph, settings, example_inputs, registry)
+    return build(resolve_cluster(cluster))[1]
 
 
 class _Builder:
     """Plan a graph for a cluster and compile what the plan needs (cache hits for the rest).
 
     `hetero.compile` calls it once; the Ray executor calls it again, with the devices that
-    are left, when some are gone for good.
+    are left, when some are gone for good: then pins and exclusions that name a device no
+    longer in the cluster lapse (a pinned device lost for good would fail every re-plan).
     """
 
-    def __init__(self, graph, objective, plan_kwargs, cache_dir, example_inputs, options) -> None:
+    def __init__(
+        self,
+        graph: OpGraph,
+        settings: CompileSettings,
+        example_inputs: Sequence[Any],
+        registry: BackendRegistry,
+    ) -> None:
         self.graph = graph
-        self.objective = objective
-        self.plan_kwargs = plan_kwargs
-        self.cache_dir = cache_dir
+        self.settings = settings
         self.example_inputs = example_inputs
-        self.options = options
+        self.registry = registry
+        self._planned = False
 
     def __call__(self, cluster: ClusterSpec, plan: Plan | None = None):
-        from hetero.partitioner.algorithms import plan as make_plan
-        from hetero.runtime.build import compile_plan
-
+        s = self.settings
+        if self._planned:  # a re-plan: pins and exclusions of devices now gone lapse
+            s = _present(cluster, s)
+        self._planned = True
         if plan is None:
-            plan = make_plan(self.graph, cluster, self.objective, **self.plan_kwargs)
+            plan = make_plan(
+                self.graph, cluster, s.objective, registry=self.registry, **s.plan_kwargs()
+            )
         stages = compile_plan(
             self.graph,
             plan,
             cluster,
-            self.cache_dir,
+            cache_root(s.cache_dir),
+            registry=self.registry,
             example_inputs=self.example_inputs,
-            options=self.options,
+            options=s.options,
         )
         return stages, plan
 
 
-def deploy(target: CompiledModel | str | os.PathLike[str], **kwargs: Any) -> Any:
-    """A Ray actor handle serving `target` (a CompiledModel or a deploy config path)."""
-    from hetero.interfaces.deploy import deploy as ray_deploy
+def _present(cluster: ClusterSpec, settings: CompileSettings) -> CompileSettings:
+    """`settings` less the pins and exclusions that name devices `cluster` no longer has."""
 
-    return ray_deploy(target, **kwargs)
+    def here(name: str) -> bool:
+        try:
+            cluster.device(name)
+        except ConfigError:
+            return False
+        return True
+
+    pins = {k: d for k, d in (settings.pins or {}).items() if here(d)}
+    return replace(
+        settings,
+        pins=pins or None,
+        exclude=tuple(d for d in settings.exclude if here(d)),
+    )

@@ -1,20 +1,98 @@
 """The `hetero` console script. Each module in hetero.interfaces.commands adds its commands
-through `register(app)`, so every command lives beside the code it drives."""
+through `register(app)`, so every command lives beside the code it drives; a module is
+imported only when one of its commands runs, so `hetero --help` answers at once."""
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 import sys
 import warnings
+from typing import Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
 from hetero.errors import HeteroError
 
+# command -> (its module in hetero.interfaces.commands, the line `hetero --help` shows:
+# the first line of the command's docstring; tests/interfaces/test_cli.py checks they agree)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": (
+        "bench",
+        "Time CONFIG's model eagerly and compiled by hetero; predicted vs measured per partition.",
+    ),
+    "calibrate": (
+        "calibrate",
+        "Microbenchmark the devices present through their backends, fit efficiency factors, "
+        "write the profile (one entry per device and backend).",
+    ),
+    "compile": (
+        "compile",
+        "Plan and compile every partition into the artifact cache; print the plan.",
+    ),
+    "run": (
+        "compile",
+        "Compile, run the config's example inputs, compare with eager, show measured vs predicted.",
+    ),
+    "verify": (
+        "compile",
+        "Run the plan and eager side by side; on a mismatch, find the first partition and op.",
+    ),
+    "demo": ("demo", "Capture, plan, compile and run the demo model; compare with eager."),
+    "deploy": (
+        "deploy",
+        "Plan and compile CONFIG's model (with progress), start it, and serve it over gRPC.",
+    ),
+    "plan": (
+        "plan",
+        "Partition a model over a cluster; print the explain table, write plan.json and a picture.",
+    ),
+    "serve": ("serve", "Serve CONFIG's model over gRPC now; compile in a child process meanwhile."),
+    "status": ("status", "Show hetero's deployments on a Ray cluster (or its submitted jobs)."),
+    "stop": ("status", "Drain and end a deployment (and stop its job, when it was submitted)."),
+    "submit": (
+        "submit",
+        "Submit CONFIG as a Ray job: compile on the cluster, start a named deployment.",
+    ),
+}
+
+
+def load_command(name: str) -> Any:
+    """The (typer's click) command `name`, from its module's `register(app)`."""
+    module, _ = COMMANDS[name]
+    sub = typer.Typer()
+    importlib.import_module(f"hetero.interfaces.commands.{module}").register(sub)
+    built = typer.main.get_command(sub)  # one command, or a group of the module's commands
+    cmd = built.commands.get(name) if isinstance(built, TyperGroup) else built
+    if cmd is None:
+        raise KeyError(f"hetero.interfaces.commands.{module} registers no command {name!r}")
+    return cmd
+
+
+class _Lazy(TyperCommand):
+    """A command that loads its module when it runs (or when its own help is asked for)."""
+
+    def __init__(self, name: str, summary: str) -> None:
+        super().__init__(name, short_help=summary, help=summary)
+
+    def make_context(self, info_name: Any, args: list[str], parent: Any = None, **extra: Any):
+        return load_command(self.name).make_context(info_name, args, parent=parent, **extra)
+
+
+class _Commands(TyperGroup):
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any:
+        if cmd_name not in COMMANDS:
+            return None
+        return _Lazy(cmd_name, COMMANDS[cmd_name][1])
+
+
 app = typer.Typer(
     name="hetero",
+    cls=_Commands,
     help="Compile one PyTorch model for a cluster of GPUs, CPUs and NPUs, and run it.",
     no_args_is_help=True,
     add_completion=False,
@@ -25,17 +103,6 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """Compile one PyTorch model for a cluster of GPUs, CPUs and NPUs, and run it."""
-
-
-def _register_commands() -> None:
-    import hetero.interfaces.commands as pkg
-
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        module.register(app)
-
-
-_register_commands()
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ constraints: {exclude: [box/npu], memory: {box/gpu0: 8 GiB}, pins: {blocks.0: bo
 backends: {gpu: triton, cpu: tvm, npu: tvm}
 cache_dir: ~/.cache/hetero
 serving: {host: 127.0.0.1, port: 50051, max_message_bytes: 4 MiB, queue_limit: 64, deadline: 30 s}
+ray: {namespace: hetero, head_host: 127.0.0.1}   # head_host: where a head hetero starts listens
 ```
 
 `load_config(path)` validates it; every error names the file and the key.
@@ -31,14 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hetero.cluster.spec import read_yaml
-from hetero.cluster.units import UnitError, parse_bytes, parse_seconds
+from hetero.cluster.reference import FILE, RAY, reference_kind, resolve_cluster
+from hetero.cluster.schema import ByteCount, Seconds, format_errors
+from hetero.cluster.spec import ClusterSpec, read_yaml
 from hetero.errors import ConfigError
+from hetero.interfaces.modelfile import load_exported
+from hetero.partitioner.decisions import BackendAssignment, Objective
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-_RAY_ADDRESS = re.compile(r"^(auto|ray://.+|[A-Za-z0-9_.-]+:\d+)$")  # auto, ray://h:p, gcs h:p
 DTYPES = ("float32", "float16", "bfloat16")
 # gRPC's own default receive limit is 4 MiB. hetero states it in the config instead of
 # inheriting it silently: a deployment with big tensors raises it on purpose.
@@ -47,20 +51,6 @@ GRPC_DEFAULT_MESSAGE_BYTES = 4 * 2**20
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _bytes(v: Any) -> int:
-    try:
-        return int(parse_bytes(v))
-    except UnitError as e:
-        raise ValueError(str(e)) from None
-
-
-def _seconds(v: Any) -> float:
-    try:
-        return float(parse_seconds(v))
-    except UnitError as e:
-        raise ValueError(str(e)) from None
 
 
 class DimSpec(_Strict):
@@ -76,24 +66,25 @@ class ServingOptions(_Strict):
     port: int = Field(50051, ge=0, le=65535)  # 0 picks a free port
     # Largest request or answer, both directions. gRPC's default receive limit is 4 MiB;
     # raise it here, on purpose, for big tensors (e.g. "64 MiB").
-    max_message_bytes: int = GRPC_DEFAULT_MESSAGE_BYTES
+    max_message_bytes: ByteCount = GRPC_DEFAULT_MESSAGE_BYTES
     queue_limit: int = Field(64, ge=1)  # requests admitted at once; more get RESOURCE_EXHAUSTED
-    deadline: float = 30.0  # seconds; applies when a client sends no deadline
+    deadline: Seconds = 30.0  # seconds; applies when a client sends no deadline
     workers: int = Field(1, ge=1)  # model calls that run at the same time
-    grace: float = 10.0  # seconds in-flight requests get to finish on shutdown
+    grace: Seconds = 10.0  # seconds in-flight requests get to finish on shutdown
+    # NaN and ±Inf in floating inputs are refused (INVALID_ARGUMENT) unless this is true,
+    # for models that take them on purpose (additive -inf attention masks).
+    allow_nonfinite: bool = False
 
-    @field_validator("max_message_bytes", mode="before")
+    @field_validator("max_message_bytes")
     @classmethod
-    def _size(cls, v: Any) -> int:
-        n = _bytes(v)
+    def _size(cls, n: int) -> int:
         if n < 1024:
             raise ValueError(f"{n} bytes is too small for any request (use e.g. '4 MiB')")
         return n
 
-    @field_validator("deadline", "grace", mode="before")
+    @field_validator("deadline", "grace")
     @classmethod
-    def _time(cls, v: Any) -> float:
-        t = _seconds(v)
+    def _time(cls, t: float) -> float:
         if t <= 0:
             raise ValueError("must be a positive time, e.g. '30 s'")
         return t
@@ -104,19 +95,15 @@ class RayOptions(_Strict):
     num_cpus: float = Field(1.0, ge=0)  # reserved by the deployment actor
     num_gpus: float = Field(0.0, ge=0)
     python: str = "python"  # interpreter a submitted job runs on the cluster
+    # Address a Ray head that hetero starts itself advertises. Its metrics endpoints have no
+    # authentication and listen on this address: loopback unless you expose them on purpose.
+    head_host: str = "127.0.0.1"
 
 
 class Constraints(_Strict):
     exclude: list[str] = Field(default_factory=list)  # devices the plan must not use
-    memory: dict[str, int] = Field(default_factory=dict)  # device -> bytes usable (a cap)
+    memory: dict[str, ByteCount] = Field(default_factory=dict)  # device -> bytes usable (a cap)
     pins: dict[str, str] = Field(default_factory=dict)  # module path or op name -> device
-
-    @field_validator("memory", mode="before")
-    @classmethod
-    def _caps(cls, v: Any) -> Any:
-        if isinstance(v, Mapping):
-            return {k: _bytes(x) for k, x in v.items()}
-        return v
 
 
 class TransformersModel(_Strict):
@@ -144,7 +131,7 @@ class DeployConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     dynamic: dict[str, dict[int, DimSpec]] = Field(default_factory=dict)
     cluster: str = "local"
-    objective: Literal["latency", "throughput"] = "latency"
+    objective: Objective = Objective.LATENCY
     constraints: Constraints = Field(default_factory=Constraints)
     backends: dict[Literal["gpu", "cpu", "npu"], str] = Field(default_factory=dict)
     cache_dir: str | None = None
@@ -184,12 +171,8 @@ class DeployConfig(_Strict):
     @field_validator("cluster")
     @classmethod
     def _cluster(cls, v: str) -> str:
-        if v in ("local",) or _RAY_ADDRESS.match(v) or v.endswith((".yaml", ".yml")):
-            return v
-        raise ValueError(
-            "expected a cluster file (.yaml), `local`, `auto` or a Ray address "
-            f"(`ray://host:10001`, `host:6379`); got {v!r}"
-        )
+        reference_kind(v)  # a ValueError saying what a cluster reference looks like
+        return v
 
     @model_validator(mode="after")
     def _ranges(self) -> DeployConfig:
@@ -202,7 +185,7 @@ class DeployConfig(_Strict):
     @property
     def is_ray(self) -> bool:
         """The cluster is a running Ray cluster (an address), not a file or this machine."""
-        return bool(_RAY_ADDRESS.match(self.cluster))
+        return reference_kind(self.cluster) == RAY
 
     @property
     def is_exported_file(self) -> bool:
@@ -218,21 +201,14 @@ class DeployConfig(_Strict):
     def where(self, key: str) -> str:
         return f"{self.source or '<config>'}: {key}"
 
-    def cluster_spec(self):
+    def cluster_spec(self) -> ClusterSpec:
         """The ClusterSpec the config names, less excluded devices and with memory caps."""
-        from hetero.cluster.spec import ClusterSpec
-
-        if self.cluster == "local":
-            spec = ClusterSpec.local()
-        elif self.is_ray:
-            spec = ClusterSpec.from_ray(self.cluster)
-        else:
-            if not Path(self.cluster).is_file():
-                raise ConfigError(
-                    f"{self.where('cluster')}: no cluster file {self.cluster} "
-                    "(paths are relative to the config's folder)"
-                )
-            spec = ClusterSpec.from_yaml(self.cluster)
+        if reference_kind(self.cluster) == FILE and not Path(self.cluster).is_file():
+            raise ConfigError(
+                f"{self.where('cluster')}: no cluster file {self.cluster} "
+                "(paths are relative to the config's folder)"
+            )
+        spec = resolve_cluster(self.cluster, where=self.where("cluster"))
         try:
             if self.constraints.exclude:
                 spec = spec.without(self.constraints.exclude)
@@ -247,8 +223,6 @@ class DeployConfig(_Strict):
         model) and cast to `dtype`. weights=False accepts a model without weights (on the
         meta device), which only planning can use."""
         if self.is_exported_file:
-            from hetero.interfaces.modelfile import load_exported
-
             module, example = load_exported(self.model, where=self.where("model"))
         elif isinstance(self.model, TransformersModel):
             module, example = _build_transformers(self)
@@ -264,11 +238,17 @@ class DeployConfig(_Strict):
             )
         return LoadedModel(module, example, _dynamic_shapes(self, module, example))
 
+    @property
+    def backend_assignment(self) -> BackendAssignment:
+        """The defaults overridden by `backends:` (names are checked against the registry
+        where the plan is made)."""
+        return BackendAssignment.parse(self.backends, where=self.where("backends"))
+
     def compile_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for hetero.compile besides the model and its inputs."""
         return {
             "objective": self.objective,
-            "backends": dict(self.backends) or None,
+            "backends": self.backend_assignment,
             "cache_dir": self.cache_dir,
             "executor": self.executor,
         }
@@ -296,7 +276,7 @@ def config_from_dict(data: Any, source: str | os.PathLike[str] = "<dict>") -> De
     try:
         cfg = DeployConfig.model_validate(dict(data))
     except ValidationError as e:
-        raise ConfigError(_format(str(src), e)) from None
+        raise ConfigError(format_errors(str(src), "deploy config", e)) from None
     base = src.parent if str(source) != "<dict>" else Path.cwd()
     update: dict[str, Any] = {"source": str(src)}
     if cfg.cluster.endswith((".yaml", ".yml")):
@@ -320,25 +300,10 @@ def _resolve(base: Path, path: str) -> Path:
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def _format(source: str, e: ValidationError) -> str:
-    lines = [f"{source}: the deploy config is not valid:"]
-    for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
-
-
 # ---- model loading ------------------------------------------------------------------------------
 
 
 def _call_factory(cfg: DeployConfig) -> tuple[Any, tuple[Any, ...]]:
-    import torch
-
     module_name, attr = cfg.model.split(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -367,11 +332,9 @@ def _call_factory(cfg: DeployConfig) -> tuple[Any, tuple[Any, ...]]:
 
 
 def _build_transformers(cfg: DeployConfig) -> tuple[Any, tuple[Any, ...]]:
-    import torch
-
     spec = cfg.model
     try:
-        import transformers
+        import transformers  # optional (hetero[test]/[bench]); only this kind of model needs it
     except ImportError:
         raise ConfigError(
             f"{cfg.where('model.transformers')}: transformers is not installed here "
@@ -404,16 +367,12 @@ def _build_transformers(cfg: DeployConfig) -> tuple[Any, tuple[Any, ...]]:
 
 
 def _on_meta(module: Any) -> bool:
-    import torch
-
     if not isinstance(module, torch.nn.Module):
         return False
     return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
 
 
 def _cast(module: Any, example: tuple[Any, ...], dtype: str) -> tuple[Any, tuple[Any, ...]]:
-    import torch
-
     tdtype = getattr(torch, dtype)
     module = module.to(tdtype)
     example = tuple(
@@ -427,7 +386,6 @@ def _dynamic_shapes(cfg: DeployConfig, module: Any, example: tuple[Any, ...]) ->
     """torch.export dynamic_shapes keyed by forward's parameter names; None when static."""
     if not cfg.dynamic:
         return None
-    import torch
 
     forward = getattr(module, "forward", module)
     try:

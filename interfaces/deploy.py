@@ -5,14 +5,18 @@
     # from any other driver on the cluster:
     h = ray.get_actor("gpt", namespace="hetero")
 
-Also the shared steps of the ways in: `build_compiled(cfg)` (config -> CompiledModel) and
-`init_ray(address)` (connect, or start a private head that is safe by default).
+Also the shared steps of the ways in: `build_compiled(cfg)` (config -> CompiledModel),
+`prebuild(cfg, cluster)` (plan and fill the cache in a child process, for `hetero serve`),
+`preload_backends(cfg)`, and `ensure_ray(cluster)` / `needs_ray(cfg)`. Ray start-up itself
+is `hetero.cluster.connect.init_ray` (connect, or start a private head that is safe by
+default).
 """
 
 from __future__ import annotations
 
-import inspect
+import io
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -20,178 +24,226 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetero.errors import ConfigError, HeteroError
-from hetero.interfaces.config import DeployConfig, load_config
+import torch
+
+from hetero.backends.registry import BackendRegistry, default_registry
+from hetero.backends.tvm.kernels import register_kernels
+from hetero.cluster.connect import LOOPBACK, NAMESPACE, init_ray
+from hetero.cluster.spec import ClusterSpec
+from hetero.errors import CompileError, HeteroError
+from hetero.interfaces.api import CompiledModel, CompileSettings
+from hetero.interfaces.api import compile as hetero_compile
+from hetero.interfaces.api import prebuild as api_prebuild
+from hetero.interfaces.config import DeployConfig, ServingOptions, load_config
+from hetero.interfaces.serving.servable import ModelServable
+from hetero.partitioner.graph import from_exported
+from hetero.partitioner.plan import Plan
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "hetero"
-_MIN_RAY_TOKEN_AUTH = (2, 52)
+DEPLOYMENT_RESTARTS = 3
 
 
 def build_compiled(
-    cfg: DeployConfig, progress: Callable[[str], None] | None = None, loaded: Any = None
-) -> Any:
-    """Load the config's model (unless `loaded` is given), read its cluster, plan and
-    compile: a CompiledModel."""
+    cfg: DeployConfig,
+    progress: Callable[[str], None] | None = None,
+    loaded: Any = None,
+    *,
+    cluster: ClusterSpec | None = None,
+    plan: Plan | None = None,
+) -> CompiledModel:
+    """Load the config's model (unless `loaded` is given), read its cluster (unless given),
+    plan (unless `plan` is given) and compile: a CompiledModel."""
     say = progress or (lambda _msg: None)
-    try:
-        from hetero.interfaces.api import compile as hetero_compile
-    except ImportError as e:  # the compile pipeline is an optional part of an install
-        raise HeteroError(f"hetero's compile API is not available here: {e}") from None
     if loaded is None:
         say(f"loading the model {cfg.model}")
         loaded = cfg.load_model()
-    say(f"reading the cluster {cfg.cluster}")
-    cluster = cfg.cluster_spec()
-    kwargs = cfg.compile_kwargs()
-    if cfg.constraints.pins:
-        if "pins" not in inspect.signature(hetero_compile).parameters:
-            raise ConfigError(
-                f"{cfg.where('constraints.pins')}: this version of hetero.compile takes no pins; "
-                "remove them or use `constraints.exclude` / `constraints.memory`"
-            )
-        kwargs["pins"] = dict(cfg.constraints.pins)
+    if cluster is None:
+        say(f"reading the cluster {cfg.cluster}")
+        cluster = cfg.cluster_spec()
+    kwargs = _compile_kwargs(cfg)
     say(f"planning for {cluster.name} ({cfg.objective}) and compiling the partitions")
     return hetero_compile(
         loaded.module,
         loaded.example_inputs,
         cluster=cluster,
         dynamic_shapes=loaded.dynamic_shapes,
+        plan=plan,
         **kwargs,
     )
+
+
+def _compile_kwargs(cfg: DeployConfig) -> dict[str, Any]:
+    kwargs = cfg.compile_kwargs()
+    if cfg.constraints.pins:
+        kwargs["pins"] = dict(cfg.constraints.pins)
+    return kwargs
+
+
+def prebuild(cfg: DeployConfig, cluster: ClusterSpec, timeout: float | None = None) -> Plan:
+    """Plan and compile every partition in a child process; the plan.
+
+    Compiling is CPU-bound Python (torch.export, TVM's passes) and library loads that hold
+    the GIL for up to 1.6 s here; in the serving process it starved the health service (1 s
+    probes timed out). The child fills the artifact cache; the server then builds the same
+    plan from cache hits. Errors are the child's (CompileError names the partition).
+    """
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that runs threads
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_prebuild_child, args=(cfg, cluster, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(timeout):
+            raise CompileError(f"compiling {cfg.model} took longer than {timeout:g} s")
+        ok, value = receive.recv()
+    except EOFError:
+        child.join(5)
+        raise CompileError(
+            f"the process compiling {cfg.model} died (exit code {child.exitcode}) before it "
+            "answered; run `hetero compile` on the config to see why"
+        ) from None
+    finally:
+        receive.close()
+        if child.is_alive():
+            child.join(10)
+        if child.is_alive():
+            child.kill()
+    if not ok:
+        raise value
+    return Plan.from_json(value)
+
+
+def _prebuild_child(cfg: DeployConfig, cluster: ClusterSpec, send: Any) -> None:
+    try:
+        loaded = cfg.load_model()
+        kwargs = _compile_kwargs(cfg)
+        kwargs.pop("executor", None)
+        plan = api_prebuild(
+            loaded.module,
+            loaded.example_inputs,
+            cluster=cluster,
+            dynamic_shapes=loaded.dynamic_shapes,
+            **kwargs,
+        )
+        send.send((True, plan.to_json()))
+    except Exception as e:  # reported in the parent, which raises it
+        error = e if isinstance(e, HeteroError) else CompileError(f"{type(e).__name__}: {e}")
+        send.send((False, error))
+    finally:
+        send.close()
+
+
+def preload_backends(cfg: DeployConfig) -> None:
+    """Import the runtimes of the backends the config may use, in the calling thread.
+
+    Importing TVM maps its libraries while holding the GIL (1.6 s here); done by the thread
+    that loads the model, it stalls every other thread of a live server.
+    """
+    registry = default_registry()
+    names = set(cfg.backends.values()) or {"tvm"}  # TVM is the default for CPUs and NPUs
+    for name in sorted(names):
+        try:
+            registry.get(name).available()
+        except Exception as e:  # a missing backend is reported when a partition needs it
+            log.debug("could not preload backend %s: %s", name, e)
+    if "tvm" in names:
+        try:
+            import tvm.runtime.vm  # noqa: F401  # optional (hetero[tvm]): its runtime now
+
+            register_kernels()
+        except ImportError:
+            pass
 
 
 # ---- Ray ------------------------------------------------------------------------------------------
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
-
-
-def safe_head_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a Ray head hetero starts: token authentication on (Ray >= 2.52).
-
-    An explicit RAY_AUTH_MODE in the environment is respected (and logged when it turns
-    authentication off).
-    """
-    env = dict(os.environ if env is None else env)
-    mode = env.get("RAY_AUTH_MODE")
-    if mode is None:
-        env["RAY_AUTH_MODE"] = "token"
-    elif mode.lower() != "token":
-        log.warning(
-            "RAY_AUTH_MODE=%s: the Ray head hetero starts runs WITHOUT token authentication; "
-            "anyone who reaches its ports can run code on it",
-            mode,
-        )
-    return env
-
-
-def init_ray(
-    address: str | None = None,
-    namespace: str = NAMESPACE,
-    resources: dict[str, float] | None = None,
-) -> None:
-    """Connect to the Ray cluster at `address` ("auto", "ray://host:10001", "host:6379").
-
-    Without an address, start a private head for this process (never joining a cluster
-    some other process started), with no dashboard (so no job API) and with Ray's token
-    authentication turned on: every RPC to it must carry the token. Ray itself replaces a
-    loopback node address with the machine's routable one (services.resolve_ip_for_localhost),
-    so its GCS and raylet ports are reachable from the network; the token is what guards them.
-    """
-    import sys
-
-    local = address in (None, "", "local")
-    if local and "ray" not in sys.modules:
-        os.environ.update(safe_head_env())  # read when Ray loads its config
-    import ray
+def ensure_ray(cluster: ClusterSpec, host: str = LOOPBACK) -> None:
+    """Start a private head for `cluster` (cluster/connect.py's init_ray, advertising `host`)
+    unless Ray runs in this process already: emulated NPUs of this host become the custom
+    resource NPU workers ask for. Call it from the main thread (see init_ray)."""
+    import ray  # optional (hetero[ray])
 
     if ray.is_initialized():
         return
-    if local:
-        if _version(ray.__version__) < _MIN_RAY_TOKEN_AUTH:
-            log.warning(
-                "Ray %s has no token authentication (needs >= 2.52): anyone who reaches "
-                "this machine's Ray ports can run code on it",
-                ray.__version__,
-            )
-        os.environ.update(safe_head_env())
-        _refresh_ray_config()
-        ray.init(
-            address="local",  # a new head, never a cluster some other process started
-            namespace=namespace,
-            include_dashboard=False,
-            log_to_driver=False,
-            resources=resources or None,  # e.g. {"NPU": 1} for emulated NPUs on this host
-        )
-    else:
-        ray.init(address=address, namespace=namespace, log_to_driver=False)
+    npus = sum(1 for d in cluster.devices if d.kind == "npu")
+    init_ray(resources={"NPU": float(npus)} if npus else None, host=host)
 
 
-def _refresh_ray_config() -> None:
-    """Make an already imported Ray see RAY_AUTH_MODE (Ray reads it once, on import)."""
-    try:
-        from ray._raylet import Config
-
-        Config.initialize("")
-    except (ImportError, AttributeError, TypeError):  # other Ray versions: env read at init
-        pass
+def needs_ray(cfg: DeployConfig) -> bool:
+    """Whether the config's model runs on Ray (so this process must start or join it)."""
+    if cfg.is_ray or cfg.executor == "ray":
+        return True
+    return cfg.executor == "auto" and len(cfg.cluster_spec().hosts) > 1
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """What it takes to rebuild a CompiledModel in another process: the captured program
-    (torch.export.save bytes), example inputs, cluster and choices. A CompiledModel holds
-    loaded kernels that do not pickle; the actor rebuilds from this (artifacts come from
-    the content-hashed cache when it shares the machine)."""
+    """What it takes to rebuild a CompiledModel in another process without planning again:
+    the captured program (torch.export.save bytes; its node names are the ones the plan
+    names), example inputs, the cluster, the Plan itself and the settings and backend
+    registry it was made with (a re-plan after a device is lost uses them again). A
+    CompiledModel holds loaded kernels that do not pickle; the actor rebuilds from this
+    (artifacts come from the content-hashed cache when it shares the machine)."""
 
     program: bytes
+    model_name: str
     example_inputs: tuple[Any, ...]
-    cluster: Any  # ClusterSpec
-    objective: str
-    backends: dict[str, str]
+    cluster: ClusterSpec
+    plan: Plan
+    settings: CompileSettings
+    registry: BackendRegistry | None = None
 
     @classmethod
-    def from_compiled(cls, cm: Any) -> Recipe:
-        import io
-
-        import torch
-
+    def from_compiled(cls, cm: CompiledModel) -> Recipe:
+        if cm.settings is None:
+            raise HeteroError(
+                "this CompiledModel was assembled by hand, not by hetero.compile: it records "
+                "no settings to rebuild it with. Deploy a config, or a hetero.compile result."
+            )
         buf = io.BytesIO()
         torch.export.save(cm.graph.program, buf)
         example = tuple(
             torch.zeros(meta.hint, dtype=getattr(torch, meta.dtype))
             for meta in cm.graph.inputs.values()
         )
-        backends = {cm.cluster.device(p.device).kind: p.backend for p in cm.plan.partitions}
-        return cls(buf.getvalue(), example, cm.cluster, cm.plan.objective, backends)
+        return cls(
+            buf.getvalue(),
+            cm.graph.model_name,
+            example,
+            cm.cluster,
+            cm._plan,
+            cm.settings,
+            cm.registry,
+        )
 
-    def build(self) -> Any:
-        import io
-
-        import torch
-
-        from hetero.interfaces.api import compile as hetero_compile
-
+    def build(self) -> CompiledModel:
         # Bytes this process's own caller wrote with torch.export.save, never a user file.
         program = torch.export.load(io.BytesIO(self.program))
-        # A plain GraphModule: the one ExportedProgram.module() returns refuses .eval().
-        gm = program.module()
-        module = torch.fx.GraphModule(gm, gm.graph)
+        graph = from_exported(program, model_name=self.model_name)
+        s = self.settings
         return hetero_compile(
-            module,
+            graph.program.module(),  # not captured again: `graph` is the one planned
             self.example_inputs,
             cluster=self.cluster,
-            objective=self.objective,
-            backends=self.backends,
+            objective=s.objective,
+            backends=s.backends,
+            cache_dir=s.cache_dir,
+            pins=s.pins,
+            exclude=s.exclude,
+            microbatches=s.microbatches,
+            options=s.options,
+            cost_model=s.cost_model,
+            graph=graph,
+            plan=self.plan,
+            registry=self.registry,
         )
 
 
 def _shippable(cm: Any) -> Any:
     """`cm` itself when it pickles, else a Recipe the actor rebuilds it from."""
-    from ray import cloudpickle
+    from ray import cloudpickle  # optional (hetero[ray]): loaded on first use
 
     try:
         cloudpickle.dumps(cm)
@@ -208,8 +260,6 @@ class Deployment:
     """
 
     def __init__(self, source: Any, name: str = "") -> None:
-        from hetero.interfaces.serving.servable import ModelServable
-
         self.name = name
         self.config = source if isinstance(source, DeployConfig) else None
         if self.config is not None:
@@ -223,8 +273,6 @@ class Deployment:
         self.started = time.time()
 
     def infer(self, *inputs: Any) -> Any:
-        import torch
-
         with torch.inference_mode():
             return self.cm(*inputs)
 
@@ -234,11 +282,18 @@ class Deployment:
     def metas(self) -> tuple[dict, dict]:
         return dict(self.servable.input_metas), dict(self.servable.output_metas)
 
+    def contract(self) -> Any:
+        """What a request may hold (interfaces/validation.py); infer and run_flat check it."""
+        return self.servable.contract
+
     def ready(self) -> bool:
         return self.servable.ready()
 
+    def accepts(self) -> bool:
+        return self.servable.accepts()
+
     def info(self) -> dict[str, Any]:
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         info = self.servable.info()
         info.update(
@@ -253,8 +308,8 @@ class Deployment:
 
     def serve(self, host: str | None = None, port: int | None = None) -> str:
         """Start the gRPC endpoint inside the actor (on its node); returns host:port."""
-        from hetero.interfaces.config import ServingOptions
-        from hetero.interfaces.serving import HeteroServer, ServerOptions
+        # gRPC is optional (hetero[serve]) and only this method needs it
+        from hetero.interfaces.serving.server import HeteroServer, ServerOptions
 
         if self.server is None:
             serving = self.config.serving if self.config is not None else ServingOptions()
@@ -277,12 +332,16 @@ class _Borrowed:
         self.inner = inner
         self.input_metas = inner.input_metas
         self.output_metas = inner.output_metas
+        self.contract = inner.contract
 
     def run_flat(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return self.inner.run_flat(inputs)
 
     def ready(self) -> bool:
         return self.inner.ready()
+
+    def accepts(self) -> bool:
+        return self.inner.accepts()
 
     def info(self) -> dict[str, Any]:
         return self.inner.info()
@@ -304,7 +363,7 @@ def deploy(
     with `ray.get_actor(name, namespace="hetero")`; `detached=True` keeps it alive after
     this driver exits (`hetero stop NAME` ends it).
     """
-    import ray
+    import ray  # optional (hetero[ray]): loaded on first use
 
     cfg: DeployConfig | None = None
     if isinstance(cm_or_config, str | os.PathLike):
@@ -328,6 +387,9 @@ def deploy(
         "num_gpus": num_gpus if num_gpus is not None else (ray_opts.num_gpus if ray_opts else 0.0),
         # ready()/info() answer while a long infer runs
         "max_concurrency": 4,
+        # A crash of the actor's process (which no input should cause: inputs are
+        # validated) restarts it instead of ending a detached deployment for good.
+        "max_restarts": DEPLOYMENT_RESTARTS,
     }
     if name:
         options["name"] = name
@@ -346,7 +408,7 @@ def deploy(
 
 def find(name: str, namespace: str = NAMESPACE) -> Any:
     """The handle of a named deployment (from any driver connected to the cluster)."""
-    import ray
+    import ray  # optional (hetero[ray]): loaded on first use
 
     try:
         return ray.get_actor(name, namespace=namespace)
@@ -359,7 +421,7 @@ def find(name: str, namespace: str = NAMESPACE) -> Any:
 
 def stop(name: str, namespace: str = NAMESPACE, timeout: float = 30.0) -> None:
     """Shut a named deployment down (drains its gRPC endpoint) and end its actor."""
-    import ray
+    import ray  # optional (hetero[ray]): loaded on first use
 
     handle = find(name, namespace)
     try:
@@ -371,7 +433,7 @@ def stop(name: str, namespace: str = NAMESPACE, timeout: float = 30.0) -> None:
 
 def list_deployments(namespace: str = NAMESPACE, timeout: float = 5.0) -> list[dict[str, Any]]:
     """Named deployments in `namespace`, each with its readiness and info (best effort)."""
-    import ray
+    import ray  # optional (hetero[ray]): loaded on first use
 
     rows = []
     for entry in ray.util.list_named_actors(all_namespaces=True):

@@ -14,13 +14,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+
+from hetero.cluster.spec import ClusterSpec
+from hetero.interfaces.api import compile as hetero_compile
 
 log = logging.getLogger(__name__)
 
 
 def _real(x: Any) -> Any:
     """Dynamo may hand fake tensors; planning needs values it can run."""
-    from torch._subclasses.fake_tensor import is_fake
 
     if isinstance(x, torch.Tensor) and is_fake(x):
         return torch.zeros(x.shape, dtype=x.dtype, device="cpu")
@@ -38,13 +42,6 @@ def hetero_backend(
     if not all(isinstance(x, torch.Tensor) for x in example_inputs):
         log.info("hetero: graph takes symbolic sizes as inputs; running it as captured")
         return gm.forward
-    try:
-        from hetero.interfaces.api import compile as hetero_compile
-    except ImportError:
-        log.warning("hetero: hetero.interfaces.api is not available; running the graph as captured")
-        return gm.forward
-    from hetero.cluster.spec import ClusterSpec
-
     options = dict(options.get("options", options))
     cluster = options.pop("cluster", None) or ClusterSpec.local()
     inputs = tuple(_real(x) for x in example_inputs)
@@ -53,12 +50,8 @@ def hetero_backend(
     threads = torch.get_num_threads()
     try:
         # Capture must see plain tensors, not the fake mode dynamo may still have active.
-        from torch._guards import detect_fake_mode
-
         fake_mode = detect_fake_mode(example_inputs)
         if fake_mode is not None:
-            from torch._subclasses.fake_tensor import unset_fake_temporarily
-
             with unset_fake_temporarily():
                 cm = hetero_compile(gm, inputs, cluster=cluster, **options)
         else:

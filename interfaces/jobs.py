@@ -23,8 +23,10 @@ from typing import Any
 
 import yaml
 
+from hetero.cluster.connect import NAMESPACE, init_ray
 from hetero.errors import HeteroError
 from hetero.interfaces.config import DeployConfig, load_config
+from hetero.interfaces.deploy import deploy, stop
 
 BUNDLE_CONFIG = "deploy.yaml"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -49,6 +51,7 @@ def bundle(cfg: DeployConfig, dest: Path) -> Path:
 
 def _client(address: str):
     try:
+        # optional (hetero[ray]): loaded on first use
         from ray.job_submission import JobSubmissionClient
     except ImportError as e:
         raise HeteroError(f"job submission needs ray[default] ({e})") from None
@@ -147,9 +150,7 @@ def stop_via_jobs(address: str, name: str, python: str = "python", timeout: floa
 
 
 def _run(config: str, name: str, serve: bool) -> int:
-    import ray
-
-    from hetero.interfaces.deploy import NAMESPACE, deploy, init_ray
+    import ray  # optional (hetero[ray]): loaded on first use
 
     cfg = load_config(config)
     init_ray("auto", namespace=cfg.ray.namespace or NAMESPACE)
@@ -171,8 +172,6 @@ def _run(config: str, name: str, serve: bool) -> int:
 
 
 def _stop(name: str, namespace: str) -> int:
-    from hetero.interfaces.deploy import init_ray, stop
-
     init_ray("auto", namespace=namespace)
     stop(name, namespace)
     print(f"[hetero] stopped deployment {name!r}", flush=True)

@@ -16,6 +16,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import _weights_only_unpickler
+
 from hetero.errors import ConfigError
 
 _MAX_DEPTH = 4  # archives inside archives (torch.save blobs inside the .pt2)
@@ -23,14 +26,10 @@ _OBJECT_MEMBERS = ("custom_obj_", "opaque_obj_")  # pickled Python objects, neve
 
 
 def _allowed_globals() -> set[str]:
-    import torch
-
     allowed: set[str] = set()
     try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        allowed |= set(_get_allowed_globals())
-    except (ImportError, AttributeError):  # a torch without it: allow tensor rebuilding only
+        allowed |= set(_weights_only_unpickler._get_allowed_globals())
+    except AttributeError:  # a torch without it: allow tensor rebuilding only
         allowed |= {
             "collections.OrderedDict",
             "torch._utils._rebuild_tensor_v2",
@@ -103,7 +102,6 @@ def scan_archive(data: bytes, where: str, depth: int = 0) -> None:
 
 def load_exported(path: str | Path, where: str = "") -> tuple[Any, tuple[Any, ...]]:
     """A .pt2 file's program as a module and its saved example inputs, after the safety scan."""
-    import torch
 
     p = Path(path)
     where = where or str(p)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import networkx as nx
 
-from hetero.partitioner.graph import OpGraph
+if TYPE_CHECKING:  # graph.py builds groups through this module (OpGraph.coarsen)
+    from hetero.partitioner.graph import OpGraph
 
 
 @dataclass(frozen=True)
@@ -27,12 +29,14 @@ class Group:
     flops: int
     bytes_in: int  # bytes read from outside the group (activations, user inputs, parameters)
     bytes_out: int  # bytes written that leave the group
-    param_bytes: int
-    params: tuple[str, ...]
+    param_bytes: int  # weights (state excluded)
+    params: tuple[str, ...]  # weight placeholders it reads (state excluded)
     launches: int
     op_classes: tuple[tuple[str, int], ...]  # (class, count), most common first
     dtype: str  # dtype of most of its outputs
     act_bytes: int  # peak bytes of activations live while one of its ops runs (live_bytes)
+    state: tuple[str, ...] = ()  # buffers it updates in place (a layer's KV cache)
+    state_bytes: int = 0  # held on the device that runs the group, whatever its weights do
 
     @property
     def fused_bytes(self) -> int:
@@ -202,7 +206,9 @@ def _make_group(
 ) -> Group:
     inside = set(nodes)
     ops = [opgraph[n] for n in nodes]
-    params = tuple(dict.fromkeys(p for op in ops for p in op.params))
+    read = tuple(dict.fromkeys(p for op in ops for p in op.params))
+    params = tuple(p for p in read if p not in opgraph.state)
+    state = tuple(p for p in read if p in opgraph.state)
     reads_outside = {v for op in ops for v in op.inputs if v not in inside}
     bytes_in = sum(opgraph.value_bytes(v) for v in reads_outside) + sum(
         opgraph.params[p][1] for p in params
@@ -232,4 +238,6 @@ def _make_group(
         op_classes=tuple(classes.most_common()),
         dtype=dtypes.most_common(1)[0][0] if dtypes else "float32",
         act_bytes=act,
+        state=state,
+        state_bytes=sum(opgraph.params[p][1] for p in state),
     )

@@ -43,25 +43,23 @@ and a view op's dispatch costs a quarter of a launch, calling one partition two 
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from hetero.cluster.profile import (
+    CalibrationProfile,
+    DeviceProfile,
+    Efficiency,
+    default_profile_path,
+)
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
-from hetero.errors import ConfigError
 
 if TYPE_CHECKING:
     from hetero.partitioner.coarsen import Group
     from hetero.partitioner.graph import OpNode
 
-PROFILE_SCHEMA_VERSION = 2
-# Schema 1 had no backend field: its entries measured torch eager ops, and read as such.
-_READABLE_SCHEMAS = (1, 2)
-FUSING_BACKENDS = frozenset({"tvm", "triton", "inductor"})
 ANCHOR_CLASSES = frozenset({"matmul", "conv", "attention", "norm", "reduction"})
 
 _CPU = {
@@ -176,163 +174,6 @@ def fused_terms(group: Group, ops: Sequence[OpNode]) -> FusedTerms | None:
     )
 
 
-def cache_dir() -> Path:
-    """Where profiles live unless a path is given: $HETERO_CACHE_DIR or the user cache dir."""
-    env = os.environ.get("HETERO_CACHE_DIR")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("hetero"))
-
-
-def default_profile_path(cluster_name: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cluster_name)
-    return cache_dir() / "profiles" / f"{safe}.json"
-
-
-# ---- calibration profile -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Efficiency:
-    key: str  # "matmul" or "matmul/float32"
-    compute: float  # achieved / peak FLOP/s
-    memory: float  # achieved / peak bytes/s
-    error: float = 0.0  # mean |relative error| of the fit over its microbenchmarks
-    samples: int = 0
-    overhead: float | None = None  # seconds per op of this class (dispatch + launch), fitted
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """What one device measured through one backend: (device, backend) is the entry's key,
-    because the same op costs different times as eager torch, a TVM kernel or a Triton one."""
-
-    device: str  # name in the cluster it was measured for
-    kind: str
-    model: str = ""
-    peak_flops: float = 0.0  # the float32 peak the factors are relative to (for people)
-    mem_bandwidth: float = 0.0
-    launch_overhead: float | None = None  # seconds per op dispatch, measured
-    view_overhead: float | None = None  # seconds per view op in eager, measured
-    # What the backend's runner adds to each op over the bare torch call the per-class
-    # overheads were fitted on (eager: an OpOverload call from the program's Python code).
-    runner_overhead: float = 0.0
-    efficiency: tuple[Efficiency, ...] = ()
-    call_overhead: float | None = None  # seconds to call one partition (fx module), measured
-    backend: str = "eager"  # what compiled and ran the microbenchmarks
-    threads: int = 0  # CPU threads they ran with (0: not recorded)
-    # A fused group's time inside a partition over its time alone (a whole compiled block
-    # measured against the sum of its groups' predictions; kernels run back to back hand the
-    # cores between thread pools and share caches). 1.0: not measured.
-    sequence_factor: float = 1.0
-    # The backend's versions when measured ("name=version ..."): a new lowering changes what
-    # the factors describe, so re-calibrate when this differs from the backend's versions().
-    backend_versions: str = ""
-
-
-@dataclass(frozen=True)
-class LinkProfile:
-    a: str
-    b: str
-    bandwidth: float  # bytes/s, measured
-    latency: float  # seconds, measured
-
-
-@dataclass(frozen=True)
-class CalibrationProfile:
-    """Measured efficiency factors for the devices of one cluster (JSON on disk)."""
-
-    cluster: str
-    devices: tuple[DeviceProfile, ...] = ()
-    links: tuple[LinkProfile, ...] = ()
-    host: str = ""
-    torch_version: str = ""
-    created: float = field(default_factory=time.time)
-    schema_version: int = PROFILE_SCHEMA_VERSION
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(asdict(self), indent=2)
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>") -> CalibrationProfile:
-        version = d.get("schema_version")
-        if version not in _READABLE_SCHEMAS:
-            raise ConfigError(
-                f"{source}: calibration profile schema {version!r} is not one this hetero reads "
-                f"({', '.join(map(str, _READABLE_SCHEMAS))}); re-run `hetero calibrate`"
-            )
-        try:
-            devices = tuple(
-                DeviceProfile(
-                    **{
-                        **dp,
-                        "efficiency": tuple(Efficiency(**e) for e in dp.get("efficiency", ())),
-                    }
-                )
-                for dp in d.get("devices", ())
-            )
-            links = tuple(LinkProfile(**lp) for lp in d.get("links", ()))
-            rest = {k: v for k, v in d.items() if k not in ("devices", "links")}
-            rest["schema_version"] = PROFILE_SCHEMA_VERSION  # read as (upgraded to) the current
-            return cls(devices=devices, links=links, **rest)
-        except TypeError as e:
-            raise ConfigError(
-                f"{source}: not a calibration profile ({e}); re-run `hetero calibrate`"
-            ) from None
-
-    @classmethod
-    def load(cls, path: str | Path) -> CalibrationProfile:
-        p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read the calibration profile ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: calibration profile is not valid JSON: {e}") from None
-        return cls.from_dict(data, source=str(p))
-
-    def for_device(self, device: DeviceSpec, backend: str | None = None) -> DeviceProfile | None:
-        """The entry measured for this device: same name, else same model, else same kind;
-        measured through `backend` first, and only when none was, through another backend
-        (better than datasheet defaults; `backends_of` tells which ones exist)."""
-        matches = (
-            lambda dp: dp.device == device.name,
-            lambda dp: bool(device.model) and dp.model == device.model,
-            lambda dp: dp.kind == device.kind,
-        )
-        passes = (True, False) if backend is not None else (False,)
-        for same_backend in passes:
-            for match in matches:
-                for dp in self.devices:
-                    if match(dp) and (not same_backend or dp.backend == backend):
-                        return dp
-        return None
-
-    def backends_of(self, device: DeviceSpec) -> tuple[str, ...]:
-        """Backends this device was measured through (by name, model or kind)."""
-        return tuple(
-            dict.fromkeys(
-                dp.backend
-                for dp in self.devices
-                if dp.device == device.name
-                or (device.model and dp.model == device.model)
-                or dp.kind == device.kind
-            )
-        )
-
-    def link(self, a: str, b: str) -> LinkProfile | None:
-        for lp in self.links:
-            if {lp.a, lp.b} == {a, b}:
-                return lp
-        return None
-
-
 # ---- the cost model ------------------------------------------------------------------------
 
 
@@ -341,7 +182,9 @@ class CostModel:
     """Predicts seconds. Pure: no torch, no measurements (those are `hetero calibrate`'s)."""
 
     profile: CalibrationProfile | None = None
-    fusing_backends: frozenset[str] = FUSING_BACKENDS
+    # Backends that fuse a group into few kernels: each backend declares it (`Backend.fuses`)
+    # and the planner fills this in from the registry it is given (`adapter.with_fusing`).
+    fusing_backends: frozenset[str] = frozenset()
 
     @classmethod
     def load(cls, path: str | Path | None = None, cluster: ClusterSpec | None = None) -> CostModel:
@@ -369,6 +212,13 @@ class CostModel:
             return e.compute, e.memory
         defaults = DEFAULT_EFFICIENCY.get(device.kind, _CPU)
         return defaults.get(op_class, defaults["elementwise"])
+
+    def measured(
+        self, device: DeviceSpec, op_class: str, dtype: str, backend: str | None = None
+    ) -> bool:
+        """Whether the profile has an entry for exactly this class and dtype."""
+        dp = self._device(device, backend)
+        return dp is not None and any(e.key == f"{op_class}/{dtype}" for e in dp.efficiency)
 
     def _entry(
         self, device: DeviceSpec, op_class: str, dtype: str, backend: str | None = None

@@ -41,10 +41,10 @@ def draw(plan: Plan, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg"):
         raise ConfigError(f"{path}: draw() writes .png or .svg, not {path.suffix or 'no suffix'}")
-    import matplotlib
+    import matplotlib  # optional (hetero[draw]): only drawing needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional (hetero[draw]): only drawing needs it
 
     g = plan_graph(plan)
     devices = list(dict.fromkeys(p.device for p in plan.partitions))

@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from hetero.partitioner.phases import Phase
+
 if TYPE_CHECKING:
+    from hetero.partitioner.generation_plan import GenerationPlan
     from hetero.partitioner.plan import Plan
 
 _MAX_NAMES = 6  # op names shown per rejection row before "+N more"
@@ -29,7 +32,7 @@ def explain(plan: Plan, width: int = 120) -> str:
     title = (
         f"{plan.model} on {plan.cluster}: {plan.objective} plan ({plan.algorithm}), "
         f"predicted {plan.predicted_ms:.3f} ms"
-        + (" per microbatch" if plan.objective == "throughput" else "")
+        + (" per microbatch" if plan.objective.pipelined else "")
     )
     if plan.method:
         title += f"\nmethod: {plan.method}; " + (
@@ -134,3 +137,55 @@ def _reason_key(reason: str) -> str:
     if " unsupported by " in reason:
         return "unsupported by " + reason.split(" unsupported by ", 1)[1]
     return reason
+
+
+def explain_generation(gplan: GenerationPlan, width: int = 140) -> str:
+    """Both phases of a generation plan side by side: per group, where prefill and decode
+    run it, the predicted time, and every other placement's time (why it sits there)."""
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=False, color_system=None)
+    pre, dec = gplan.prefill, gplan.decode
+    title = (
+        f"{dec.model} on {dec.cluster}, generation (batch {gplan.batch}, cache "
+        f"{gplan.max_len}): time to first token {gplan.predicted_ttft_ms:.2f} ms "
+        f"predicted, {gplan.predicted_decode_ms:.2f} ms per token"
+    )
+    t = Table(title=title, title_justify="left")
+    for col, just in (
+        ("group", "left"),
+        ("prefill", "left"),
+        ("ms", "right"),
+        ("decode", "left"),
+        ("ms", "right"),
+        ("why (decode: other placements, ms)", "left"),
+    ):
+        t.add_column(col, justify=just)
+    prefill = {c.group: c for c in gplan.choice(Phase.PREFILL)}
+    for c in gplan.choice(Phase.DECODE):
+        p = prefill.get(c.group)
+        others = ", ".join(f"{a} {ms:.3f}" for a, ms in c.alternatives[:4])
+        t.add_row(
+            c.group,
+            p.chosen if p else "-",
+            f"{p.predicted_ms:.3f}" if p else "",
+            c.chosen,
+            f"{c.predicted_ms:.3f}",
+            (c.reason + ("; " if c.reason and others else "") + others) or "-",
+        )
+    console.print(t)
+    for move in gplan.moves:
+        console.print(
+            f"cache move after prefill: {len(move.state)} buffer(s), {_bytes(move.bytes)} "
+            f"{move.src} -> {move.dst}, {move.predicted_ms:.3f} ms",
+            highlight=False,
+        )
+    mem = dict(dec.memory)
+    for dev, b in pre.memory:
+        mem[dev] = max(mem.get(dev, 0), b)
+    console.print(
+        "memory (the larger phase): " + ", ".join(f"{d} {_bytes(b)}" for d, b in mem.items()),
+        highlight=False,
+    )
+    for note in gplan.notes:
+        console.print(f"note: {note}", highlight=False)
+    return buf.getvalue()

@@ -19,6 +19,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from hetero.errors import CaptureError
+from hetero.partitioner.coarsen import coarsen
 from hetero.partitioner.opinfo import count_flops, numel, op_class
 
 # Checks torch.export inserts; they compute nothing and would only pin partitions together.
@@ -124,6 +125,7 @@ class OpNode:
     launches: int  # kernels it costs when run alone (0 for views)
     module_stack: tuple[tuple[str, str], ...]  # (path, type) from the outermost submodule in
     stack_trace: str = ""
+    state_bytes: int = 0  # buffers it updates in place (a KV cache): never streamed nor moved
 
     @property
     def module(self) -> str:
@@ -168,6 +170,9 @@ class OpGraph:
         self.outputs = outputs  # value names of the flattened user outputs
         self.params = params  # placeholder name -> (fqn, nbytes)
         self.model_name = model_name
+        # buffers the program updates in place (a KV cache): they live on the device that
+        # runs their writer and never travel (partitioner/phases.py)
+        self.state: frozenset[str] = frozenset()
         g = nx.DiGraph()
         for n in nodes.values():
             g.add_node(n.name, op=n)
@@ -221,8 +226,6 @@ class OpGraph:
         return sum(m.nbytes for m in self.nodes[name].out_meta)
 
     def coarsen(self, depth: int | None = None, max_groups: int = 64):
-        from hetero.partitioner.coarsen import coarsen
-
         return coarsen(self, depth=depth, max_groups=max_groups)
 
     def module_summary(self, depth: int = 1) -> list[dict[str, Any]]:
@@ -309,10 +312,17 @@ def _capture_message(name: str, e: Exception) -> str:
     return f"torch.export could not capture {name} ({type(e).__name__}):\n    {head}\n  What to do: {hint}"
 
 
-def from_exported(ep: ExportedProgram, model_name: str = "model") -> OpGraph:
+def from_exported(
+    ep: ExportedProgram, model_name: str = "model", mutable: frozenset[str] = frozenset()
+) -> OpGraph:
+    """`mutable`: placeholders of buffers the graph updates in place (partitioner/phases.py);
+    they are no weights: ops that write them count them as `state_bytes`."""
     gm = ep.graph_module
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _DROPPED and not node.users:
+        # An unread getitem computes nothing: torch.export.load writes one for every unused
+        # output of a multi-output op, which a program captured here did not have.
+        dead = node.target in _DROPPED or node.target is operator.getitem
+        if node.op == "call_function" and dead and not node.users:
             gm.graph.erase_node(node)
     gm.recompile()
 
@@ -341,7 +351,8 @@ def from_exported(ep: ExportedProgram, model_name: str = "model") -> OpGraph:
         for a in node.all_input_nodes:
             if a.name in params:
                 ps.append(a.name)
-                owned.append(a.name)
+                if a.name not in mutable:
+                    owned.append(a.name)
             else:
                 ins.append(a.name)
                 owned.extend(param_alias.get(a.name, ()))
@@ -378,11 +389,14 @@ def from_exported(ep: ExportedProgram, model_name: str = "model") -> OpGraph:
             launches=1 if moves else 0,
             module_stack=stack,
             stack_trace=node.meta.get("stack_trace", "") or "",
+            state_bytes=sum(params[p][1] for p in dict.fromkeys(ps) if p in mutable),
         )
 
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     outputs = tuple(a.name if isinstance(a, torch.fx.Node) else "" for a in out_node.args[0])
-    return OpGraph(ep, nodes, user_inputs, outputs, params, model_name=model_name)
+    g = OpGraph(ep, nodes, user_inputs, outputs, params, model_name=model_name)
+    g.state = frozenset(mutable)
+    return g
 
 
 def _target_name(target) -> str:

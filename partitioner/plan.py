@@ -10,9 +10,36 @@ from pathlib import Path
 from typing import Any
 
 from hetero.errors import ConfigError
+from hetero.partitioner.decisions import Objective
+from hetero.partitioner.draw import draw
+from hetero.partitioner.explain import explain
 
 SCHEMA_VERSION = 1
-WEIGHT_HOMES = ("resident", "streamed")  # on the compute device / in host memory, streamed in
+# on the compute device / in host memory, streamed in / shared by rows with the host CPU
+WEIGHT_HOMES = ("resident", "streamed", "split")
+
+
+class JsonFile:
+    """JSON out (`to_json`, to a file when given a path) and in (`from_json`, text or a path)
+    for a frozen dataclass with `to_dict` / `from_dict`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Any:
+        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        return cls.from_dict(json.loads(p.read_text() if p is not None else str(text_or_path)))
 
 
 @dataclass(frozen=True)
@@ -32,6 +59,12 @@ class PlannedPartition:
         0  # on the compute device: resident params (or stream buffers) + activations
     )
     emulated: bool = False  # an NPU partition run through TVM on the host
+    # weights == "split": per group, the share of each weight matrix's rows the GPU computes
+    # (those rows streamed in); the host CPU computes the rest, in `cpu_dtype`
+    split: tuple[tuple[str, float], ...] = ()
+    cpu_dtype: str = ""
+    group_sizes: tuple[int, ...] = ()  # ops of each of `groups`, in order (`nodes` cut by group)
+    state_bytes: int = 0  # buffers it updates in place (a KV cache), held on its device
 
 
 @dataclass(frozen=True)
@@ -56,10 +89,10 @@ class Rejection:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(JsonFile):
     model: str
     cluster: str
-    objective: str  # latency | throughput
+    objective: Objective
     algorithm: str
     partitions: tuple[PlannedPartition, ...]
     transfers: tuple[Transfer, ...] = ()
@@ -72,6 +105,10 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     method: str = ""  # how the planner found it, e.g. "stage DP over device classes"
     optimal: bool = False  # proven optimal for the planner's model (not only the best found)
+
+    def __post_init__(self) -> None:
+        # A Plan is built by people and read from JSON too: "latency" becomes the enum here.
+        object.__setattr__(self, "objective", Objective.parse(self.objective, "plan objective"))
 
     # ---- lookups ---------------------------------------------------------------------------
     def assignment(self) -> dict[str, int]:
@@ -91,15 +128,6 @@ class Plan:
         return replace(self, measured_ms=tuple(sorted(measured.items())))
 
     # ---- JSON --------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
         version = d.get("schema_version")
@@ -109,7 +137,15 @@ class Plan:
             )
         d = dict(d)
         d["partitions"] = tuple(
-            PlannedPartition(**{**p, "nodes": tuple(p["nodes"]), "groups": tuple(p["groups"])})
+            PlannedPartition(
+                **{
+                    **p,
+                    "nodes": tuple(p["nodes"]),
+                    "groups": tuple(p["groups"]),
+                    "split": tuple((g, float(f)) for g, f in p.get("split", ())),
+                    "group_sizes": tuple(p.get("group_sizes", ())),
+                }
+            )
             for p in d["partitions"]
         )
         d["transfers"] = tuple(
@@ -122,20 +158,11 @@ class Plan:
         d["notes"] = tuple(d.get("notes", ()))
         return cls(**d)
 
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> Plan:
-        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
-        text = p.read_text() if p is not None else str(text_or_path)
-        return cls.from_dict(json.loads(text))
-
     # ---- for people ----------------------------------------------------------------------------
     def explain(self, width: int = 120) -> str:
         """Tables: partitions, transfers, memory, ops kept off devices and why, notes."""
-        from hetero.partitioner.explain import explain
 
         return explain(self, width=width)
 
     def draw(self, path: str | Path) -> Path:
-        from hetero.partitioner.draw import draw
-
         return draw(self, path)

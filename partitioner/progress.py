@@ -6,6 +6,9 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
 Report = Callable[[str, float, float], None]  # (phase, seconds spent, budget in seconds)
 
 
@@ -19,9 +22,6 @@ def progress_bar(progress: bool | Report | None) -> Iterator[Report | None]:
     if callable(progress):
         yield progress
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     console = Console(file=sys.stderr)
     with Progress(
         TextColumn("planning: {task.description}"),

@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.split_module import split_module
 from torch.utils import _pytree as pytree
 
-from hetero.errors import PartitionError
+from hetero.errors import InvalidInput, PartitionError
 from hetero.partitioner.graph import OpGraph
 
 
@@ -174,7 +174,7 @@ def flatten_inputs(
     names = list(graph.inputs)
     tensors = [x for x in flat if x is not None]
     if len(tensors) != len(names):
-        raise PartitionError(
+        raise InvalidInput(
             f"{graph.model_name} was captured with {len(names)} input tensor(s) ({', '.join(names)}); "
             f"got {len(tensors)}"
         )

@@ -1,9 +1,10 @@
 """Running a plan: stages on device workers (Ray actors) joined by a compiled Ray graph,
 or all in this process.
 
-    stages = compile_plan(graph, plan, cluster, cache_dir)          # hetero.runtime.build
-    ex = LocalExecutor(stages, needed_outputs(graph))               # one process
-    ex = RayExecutor(stages, needed_outputs(graph), cluster=cluster, plan=plan, replan=hook)
+    stages = compile_plan(graph, plan, cluster, cache_dir, registry=registry)  # runtime/build
+    ex = LocalExecutor(stages, needed_outputs(graph), registry)     # one process
+    ex = RayExecutor(stages, needed_outputs(graph), cluster=cluster, plan=plan, replan=hook,
+                     registry=registry)
     out = ex.run({"x": x})         # graph value name -> tensor
     ex.run_many([...])             # microbatches, pipelined on Ray
     ex.measured_ms(); print(ex.metrics.table()); ex.shutdown()
@@ -27,7 +28,7 @@ _LAZY = {
     "verify": "hetero.runtime.verify",
     "VerifyReport": "hetero.runtime.verify",
     "measure_throughput": "hetero.runtime.pipeline",
-    "Deployment": "hetero.runtime.replan",
+    "StagedPlan": "hetero.runtime.replan",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,14 +1,16 @@
-"""Getting artifacts to workers: build (through the artifact cache when it is installed),
-check hashes, pack into bytes for nodes without the shared cache directory, and load.
+"""Getting artifacts to workers: build (through the artifact cache), check hashes, pack into
+bytes for nodes without the shared cache directory, and load.
 
-`build_artifact` is the one seam between the runtime and the compile cache, so the
-cache can change without touching the executors.
+`build_artifact` is the one seam between the runtime and the compile cache (an
+ArtifactCache), so the cache can change without touching the executors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-import json
+import os
+import stat
 import tarfile
 import tempfile
 from collections.abc import Mapping
@@ -24,9 +26,10 @@ from hetero.backends.base import (
     Runner,
     sha256_file,
 )
+from hetero.backends.cache import ArtifactCache
 from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import DeviceSpec
-from hetero.errors import ArtifactCorrupt, CompileError
+from hetero.errors import ArtifactCorrupt
 
 
 def build_artifact(
@@ -36,38 +39,9 @@ def build_artifact(
     options: CompileOptions,
     root: Path,
 ) -> Artifact:
-    """Compile `unit` for `device` under `root`, or reuse what is already there."""
-    try:
-        from hetero.backends.cache import ArtifactCache
-    except ImportError:
-        return _build_plain(backend, unit, device, options, Path(root))
+    """Compile `unit` for `device` under `root`, or reuse what is already there (verified:
+    this installation's signature on the manifest, every file's hash)."""
     return ArtifactCache(root).build(backend, unit, device, options)
-
-
-def _build_plain(
-    backend: Backend, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, root: Path
-) -> Artifact:
-    key = backend.artifact_key(unit, device, options)
-    out = root / key
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        art = Artifact(backend.name, key, out, json.loads(manifest_path.read_text()))
-        try:
-            verify_artifact(art)
-            return art
-        except ArtifactCorrupt:
-            pass  # rebuild below
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        manifest = backend.compile(unit, device, options, out)
-    except Exception as e:
-        raise CompileError(
-            f"backend {backend.name!r} failed to compile partition {unit.name} for "
-            f"{device.name}: {type(e).__name__}: {e}"
-        ) from e
-    manifest = replace(manifest, key=key)
-    manifest_path.write_text(manifest.to_json())
-    return Artifact(backend.name, key, out, json.loads(manifest.to_json()))
 
 
 def verify_artifact(artifact: Artifact) -> None:
@@ -104,10 +78,17 @@ def pack(artifact: Artifact) -> bytes:
 
 
 def unpack(artifact: Artifact, blob: bytes, root: Path | None = None) -> Artifact:
-    """Write a packed artifact under `root` (a temp dir by default) and check its hashes."""
-    base = Path(root) if root is not None else Path(tempfile.gettempdir()) / "hetero-shipped"
+    """Write a packed artifact under `root` and check its hashes against the manifest (which
+    came from the driver through Ray, not from the archive).
+
+    The default root is a directory of this user's in the temp dir, 0700 and checked to be
+    ours: a shared /tmp/<name> that another user created first would let them swap files
+    between the check and the load. Files are written whole (temp name, then rename), so
+    two workers unpacking one artifact never see each other's half-written file.
+    """
+    base = Path(root) if root is not None else _private_dir()
     out = base / artifact.key
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
     allowed = set(artifact.files)
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
         for member in tar.getmembers():
@@ -120,10 +101,25 @@ def unpack(artifact: Artifact, blob: bytes, root: Path | None = None) -> Artifac
             src = tar.extractfile(member)
             if src is None:
                 raise ArtifactCorrupt(f"artifact {artifact.key}: cannot read {member.name!r}")
-            (out / member.name).write_bytes(src.read())
+            fd, tmp = tempfile.mkstemp(prefix=f".{member.name}.", dir=out)
+            with os.fdopen(fd, "wb") as f:
+                f.write(src.read())
+            os.replace(tmp, out / member.name)
     local = replace(artifact, path=out)
     verify_artifact(local)
     return local
+
+
+def _private_dir() -> Path:
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    path = Path(tempfile.gettempdir()) / f"hetero-shipped-{uid}"
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        # Someone else's, or open to others: use a fresh private directory instead.
+        return Path(tempfile.mkdtemp(prefix="hetero-shipped-"))
+    return path
 
 
 def load_runner(artifact: Artifact, device: DeviceSpec, registry: BackendRegistry) -> Runner:

@@ -4,12 +4,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils import _pytree as pytree
+
 from hetero.backends.base import CompileOptions, CompileUnit
-from hetero.backends.registry import BackendRegistry, default_registry
+from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.errors import CompileError, ConfigError
 from hetero.partitioner.graph import OpGraph
@@ -58,38 +62,51 @@ def on_host(unit: CompileUnit) -> CompileUnit:
     """The unit with its examples and weights in host memory. A model that lives on a GPU
     hands over CUDA tensors (weights, constants such as rotary tables, the eager run's
     activations), which a CPU or NPU partition can neither trace nor run with."""
-    import dataclasses
+    return on_device(unit, torch.device("cpu"))
 
-    import torch
-    from torch.utils import _pytree as pytree
 
-    def host(t):
-        return t.cpu() if isinstance(t, torch.Tensor) and t.device.type != "cpu" else t
+def trace_device(device: DeviceSpec) -> torch.device:
+    """Where a partition for `device` is traced: the GPU itself when this process has one
+    (a GPU partition runs its factory ops there), else the host."""
+    if device.kind == "gpu" and torch.cuda.is_available():
+        return torch.device("cuda", device.index)
+    return torch.device("cpu")
 
-    _host_graph(unit.module)
+
+def on_device(unit: CompileUnit, device: torch.device) -> CompileUnit:
+    """The unit with its examples, weights and the tensors its graph makes on `device`: a
+    model captured on one device (a GPU, or the host when it does not fit the GPU) makes
+    its positions and masks there (`arange(..., device=...)`) and keeps its constants
+    there, which a partition placed elsewhere can neither trace nor run with."""
+
+    def move(t):
+        return t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t
+
+    retarget(unit.module, device)
     return dataclasses.replace(
         unit,
-        example_inputs=tuple(pytree.tree_map(host, tuple(unit.example_inputs))),
-        param_values={k: host(v) for k, v in unit.param_values.items()},
+        example_inputs=tuple(pytree.tree_map(move, tuple(unit.example_inputs))),
+        param_values=(
+            dict(unit.param_values)
+            if unit.bound_params  # bound at run time: traced where they are, moved there
+            else {k: move(v) for k, v in unit.param_values.items()}
+        ),
     )
 
 
-def _host_graph(gm) -> None:
-    """Point the partition's own tensors at host memory, in place (each partition has its
-    own GraphModule): a graph captured on a GPU creates tensors there (`arange(...,
-    device=cuda:0)` for positions, masks) and keeps CUDA constants as attributes."""
-    import torch
-
+def retarget(gm, device: torch.device) -> None:
+    """Point the partition's own tensors at `device`, in place (each partition has its own
+    GraphModule)."""
     changed = False
     for node in gm.graph.nodes:
         dev = node.kwargs.get("device")
-        if dev is not None and torch.device(dev).type != "cpu":
-            node.kwargs = {**node.kwargs, "device": torch.device("cpu")}
+        if dev is not None and torch.device(dev) != device:
+            node.kwargs = {**node.kwargs, "device": device}
             changed = True
         elif node.op == "get_attr":
             t = getattr(gm, node.target, None)
-            if isinstance(t, torch.Tensor) and t.device.type != "cpu":
-                setattr(gm, node.target, t.cpu())
+            if isinstance(t, torch.Tensor) and t.device != device:
+                setattr(gm, node.target, t.to(device))
     if changed:
         gm.recompile()
 
@@ -100,8 +117,8 @@ def compile_partitions(
     placements: Sequence[tuple[DeviceSpec, str]],
     cache_dir: str | Path,
     *,
+    registry: BackendRegistry,
     example_inputs: Sequence[Any] | None = None,
-    registry: BackendRegistry | None = None,
     options: CompileOptions | Mapping[str, CompileOptions] | None = None,
     predicted_ms: Sequence[float] | None = None,
     indices: Sequence[int] | None = None,
@@ -109,6 +126,7 @@ def compile_partitions(
 ) -> list[StageSpec]:
     """Compile `parts[i]` for `placements[i]` = (device, backend name); one stage each.
 
+    `registry`: the backend registry the plan was made with (its names name these backends).
     `options` is one CompileOptions for all, or a mapping backend name -> options.
     `indices` renames the stages (the plan's partition indices); default: Partition.index.
     `streamed[i]` = (plan partition, piece number) makes stage i a streamed piece: compiled
@@ -116,7 +134,6 @@ def compile_partitions(
     """
     if len(placements) != len(parts):
         raise ConfigError(f"{len(parts)} partitions but {len(placements)} placements")
-    registry = registry or default_registry()
     env = example_env(graph, parts, example_inputs)
     params = param_values(graph)
     stages = []
@@ -129,8 +146,7 @@ def compile_partitions(
             opts = streamed_options(opts)
         backend = registry.get(backend_name)
         unit = CompileUnit.from_partition(part, env, params, dynamic_dims(graph, part.inputs))
-        if device.kind != "gpu":
-            unit = on_host(unit)
+        unit = on_device(unit, trace_device(device))
         art = build_artifact(backend, unit, device, opts, Path(cache_dir))
         ins, outs = manifest_io(art)
         if (ins and len(ins) != len(unit.inputs)) or (outs and len(outs) != len(unit.outputs)):
@@ -167,8 +183,8 @@ def compile_plan(
     cluster: ClusterSpec,
     cache_dir: str | Path,
     *,
+    registry: BackendRegistry,
     example_inputs: Sequence[Any] | None = None,
-    registry: BackendRegistry | None = None,
     options: CompileOptions | Mapping[str, CompileOptions] | None = None,
 ) -> list[StageSpec]:
     """The stages of `plan`, in a topological order, named by the plan's partition indices.

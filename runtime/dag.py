@@ -14,7 +14,8 @@ partition) take the packet inside the process, so such an edge keeps Ray's defau
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,35 @@ class CompiledPipeline:
         return self.graph.execute(packet)
 
 
+def send(node: Any, transport: str) -> Any:
+    """`node` (a bound Ray DAG node) with its result sent over `transport`: NCCL (GPU to
+    GPU) or SHM (Ray's default channel)."""
+    return node.with_tensor_transport(transport=NCCL) if transport == NCCL else node
+
+
+def compile_dag(dag: Any, *, max_inflight: int = 1, submit_timeout_s: float = 10.0) -> Any:
+    """A bound Ray DAG compiled the way hetero runs its plans: at most `max_inflight`
+    executions in it at once, a submission waiting at most `submit_timeout_s`."""
+    return dag.experimental_compile(
+        _submit_timeout=submit_timeout_s, _max_inflight_executions=max(1, max_inflight)
+    )
+
+
+def pipelined(
+    execute: Callable[[Any], Any], items: Iterable[Any], max_inflight: int
+) -> Iterator[tuple[int, Any]]:
+    """Submit `items` to a compiled graph (`execute`) keeping at most `max_inflight` in it;
+    yields (index, reference), oldest first, whenever the caller must take a result (the
+    caller gets it before asking for the next, which frees the slot)."""
+    inflight: deque[tuple[int, Any]] = deque()
+    for i, item in enumerate(items):
+        if len(inflight) >= max(1, max_inflight):
+            yield inflight.popleft()
+        inflight.append((i, execute(item)))
+    while inflight:
+        yield inflight.popleft()
+
+
 def build(
     stages: Sequence[StageSpec],
     workers: Mapping[str, Any],
@@ -76,7 +106,7 @@ def build(
     submit_timeout_s: float = 10.0,
 ) -> CompiledPipeline:
     """Bind each stage to its device's worker (`workers[device name]`) and compile."""
-    from ray.dag import InputNode, MultiOutputNode
+    from ray.dag import InputNode, MultiOutputNode  # optional (hetero[ray]): loaded on first use
 
     made_by = producers(stages)
     wired = wiring(stages, needed_outputs)
@@ -86,11 +116,7 @@ def build(
             srcs = sources(s, made_by) or (CALLER,)
             args = [inp if src == CALLER else nodes[src] for src in srcs]
             node = workers[s.device.name].run.bind(s.index, wired.host_out[s.index], *args)
-            if wired.transports[s.index] == NCCL:
-                node = node.with_tensor_transport(transport=NCCL)
-            nodes[s.index] = node
+            nodes[s.index] = send(node, wired.transports[s.index])
         dag = MultiOutputNode([nodes[i] for i in wired.leaves])
-    compiled = dag.experimental_compile(
-        _submit_timeout=submit_timeout_s, _max_inflight_executions=max(1, max_inflight)
-    )
+    compiled = compile_dag(dag, max_inflight=max_inflight, submit_timeout_s=submit_timeout_s)
     return CompiledPipeline(compiled, wired.leaves, max(1, max_inflight), wired.transports)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -35,17 +36,25 @@ class LocalExecutor:
         *,
         plan: Plan | None = None,
         stream_runner: str = "auto",
+        runners: Mapping[int, Any] | None = None,
     ) -> None:
         """`stream_runner`: how stages with streamed weights run: "auto" (torch.compile on
-        CUDA, eager elsewhere), "eager" or "inductor" (runtime/streaming.py)."""
+        CUDA, eager elsewhere), "eager" or "inductor" (runtime/streaming.py). `runners`:
+        stage index -> a runner built by the caller (a generation binds its own), instead of
+        loading each stage's artifact here."""
         self.stages = tuple(stages)
         self.needed_outputs = tuple(needed_outputs)
         made_by = producers(self.stages)
         user_inputs = sorted({v for s in self.stages for v in s.inputs if v not in made_by})
         check_stages(self.stages, user_inputs, self.needed_outputs)
         self._sources = {s.index: sources(s, made_by) for s in self.stages}
-        registry = registry or default_registry()
-        runners, self.streamers = load_runners(self.stages, registry, stream_runner=stream_runner)
+        if runners is None:
+            registry = registry or default_registry()
+            runners, self.streamers = load_runners(
+                self.stages, registry, stream_runner=stream_runner
+            )
+        else:
+            self.streamers = {}
         self._runners = {s.index: StageRunner(s, runners[s.index], s.device) for s in self.stages}
         readers: dict[int, set[str]] = {}
         for s in self.stages:

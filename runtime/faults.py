@@ -23,7 +23,7 @@ log = logging.getLogger("hetero.runtime")
 
 def user_error(e: BaseException) -> BaseException | None:
     """The stage's own exception if `e` is one (graph still usable), else None."""
-    from ray.exceptions import RayError, RayTaskError
+    from ray.exceptions import RayError, RayTaskError  # optional (hetero[ray]): loaded on first use
 
     if isinstance(e, RayTaskError):
         cause = getattr(e, "cause", None)
@@ -36,7 +36,7 @@ def user_error(e: BaseException) -> BaseException | None:
 
 def is_fault(e: BaseException) -> bool:
     """A failure of the machinery (actor, node, channel, deadline), not of a stage's code."""
-    from ray.exceptions import RayError
+    from ray.exceptions import RayError  # optional (hetero[ray]): loaded on first use
 
     return user_error(e) is None and isinstance(e, RayError | TimeoutError)
 
@@ -78,7 +78,9 @@ def wait_ready(
     A restarting actor (ActorUnavailableError) is asked again until the deadline; a dead
     one (ActorDiedError: restarts spent, node gone) is reported at once.
     """
-    import ray
+    import ray  # optional (hetero[ray]): loaded on first use
+
+    # optional (hetero[ray]): loaded on first use
     from ray.exceptions import ActorUnavailableError, RayError
 
     deadline = time.monotonic() + timeout_s

@@ -180,7 +180,7 @@ class RayExporter:
     hetero_request_ms, tagged by partition, device, source and destination."""
 
     def __init__(self, deployment: str) -> None:
-        from ray.util import metrics
+        from ray.util import metrics  # optional (hetero[ray]): loaded on first use
 
         tags = ("deployment", "partition", "device")
         self._tags = {"deployment": deployment}

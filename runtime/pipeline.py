@@ -37,7 +37,7 @@ def predicted_rate(plan: Plan | None) -> float | None:
     """Microbatches per second the plan predicts at steady state (slowest stage paces it)."""
     if plan is None:
         return None
-    if plan.objective == "throughput" and plan.predicted_ms > 0:
+    if plan.objective.pipelined and plan.predicted_ms > 0:
         return 1e3 / plan.predicted_ms
     slowest = max((p.predicted_ms for p in plan.partitions), default=0.0)
     return 1e3 / slowest if slowest > 0 else None

@@ -40,7 +40,7 @@ class RayNode:
 
 def alive_nodes() -> list[RayNode]:
     """Alive Ray nodes, the driver's node first, then in NodeID order."""
-    import ray
+    import ray  # optional (hetero[ray]): loaded on first use
 
     here = ray.get_runtime_context().get_node_id()
     nodes = [
@@ -135,6 +135,7 @@ def map_hosts(
 
 def actor_options(device: DeviceSpec, node: RayNode, *, max_restarts: int = 2) -> dict[str, Any]:
     """Ray actor options for the worker that owns `device` on `node`."""
+    # optional (hetero[ray]): loaded on first use
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     opts: dict[str, Any] = {

@@ -6,8 +6,15 @@ most `timeout_s`. A stage's own exception reaches the caller as a WorkerError an
 graph keeps serving. A dead actor, a broken channel or a deadline tears the graph down;
 the executor waits up to `restart_timeout_s` for the actors (Ray restarts them,
 `max_restarts`, and they reload their artifacts), compiles a new graph and retries the
-request `retries` times. Devices that do not come back are handed to the `replan`
-hook, and the executor switches to the stages it returns.
+request `retries` times. Devices that do not come back (node gone, restarts spent) are
+handed to the `replan` hook, and the executor switches to the stages it returns; when no
+device is left, or none of those left can run the model, requests get `Unavailable`
+naming the lost devices.
+
+Health: a watcher thread pings every worker each `watch_s` seconds, so a worker that dies
+while no request runs is noticed (and repaired) too. `ready()` is true only while every
+worker answers and the graph is compiled; `accepts()` also while a repair runs (requests
+wait for it); `status()` says which, and why.
 """
 
 from __future__ import annotations
@@ -22,19 +29,22 @@ from typing import Any
 
 import torch
 
+from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import ClusterSpec
-from hetero.errors import ConfigError, WorkerError
+from hetero.errors import ConfigError, HeteroError, Unavailable, WorkerError
 from hetero.partitioner.plan import Plan
 from hetero.runtime import dag, faults, placement
 from hetero.runtime.artifacts import available_here, pack
 from hetero.runtime.metrics import RunMetrics, make_exporter
-from hetero.runtime.replan import Deployment, Replan, call_replan, log_switch
+from hetero.runtime.replan import Replan, StagedPlan, call_replan, log_switch
 from hetero.runtime.stage import StageSpec, check_stages, producers
 from hetero.runtime.worker import DeviceWorker, Packet, caller_packet
 
 log = logging.getLogger("hetero.runtime")
 
 CROSS_NODE_INFLIGHT = 2
+
+READY, RECOVERING, FAILED, CLOSED = "ready", "recovering", "failed", "closed"
 
 
 class RayExecutor:
@@ -54,9 +64,11 @@ class RayExecutor:
         max_inflight: int = 4,
         ship_artifacts: str = "auto",
         node_map: Mapping[str, str] | None = None,
-        extra_backends: Sequence[tuple[str, Any]] = (),
+        registry: BackendRegistry | None = None,
         name: str = "hetero",
         export_metrics: bool = True,
+        watch_s: float = 1.0,
+        retry_s: float = 30.0,
     ) -> None:
         """Start the workers (waits at most `start_timeout_s` for them to load) and compile
         the graph. Every later wait is bounded: a request by `timeout_s`, a recovery by
@@ -64,9 +76,15 @@ class RayExecutor:
 
         ship_artifacts: "auto" sends artifact bytes through the object store to workers on
         other machines (a different node address) and lets local ones read the cache
-        directory; "always" / "never" force either way.
+        directory; "always" / "never" force either way. registry: the backend registry the
+        stages were compiled with (each worker gets a copy; default: the built-ins and entry
+        points).
+
+        watch_s: seconds between health pings of the workers (0: no watcher; faults are
+        then found by the next request). retry_s: how often a deployment that could not
+        be repaired (no device left) tries again.
         """
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         if not ray.is_initialized():
             raise ConfigError(
@@ -87,7 +105,7 @@ class RayExecutor:
         self.max_inflight = max(1, max_inflight)
         self.ship_artifacts = ship_artifacts
         self.node_map = dict(node_map or {})
-        self.extra_backends = tuple(extra_backends)
+        self.registry = registry if registry is not None else default_registry()
         self.name = name
         self.replan_hook = replan
         self._exporter = make_exporter(name) if export_metrics else None
@@ -99,8 +117,20 @@ class RayExecutor:
         self._blobs: dict[str, Any] = {}  # artifact key -> ObjectRef of its packed bytes
         self._closed = False
         self.worker_info: dict[str, dict[str, Any]] = {}  # device -> its worker's ready()
-        self.history: list[Deployment] = []  # earlier deployments, oldest first
-        self._deploy(Deployment(tuple(stages), plan))
+        self.history: list[StagedPlan] = []  # earlier deployments, oldest first
+        self.watch_s = watch_s
+        self.retry_s = retry_s
+        self._state, self._fault = RECOVERING, "starting"
+        self._next_try = 0.0  # when a deployment that could not be repaired tries again
+        self._stop = threading.Event()
+        self._deploy(StagedPlan(tuple(stages), plan))
+        self._set(READY)
+        self._watcher: threading.Thread | None = None
+        if watch_s > 0:
+            self._watcher = threading.Thread(
+                target=self._watch, name=f"hetero-watch-{name}", daemon=True
+            )
+            self._watcher.start()
 
     # ---- public ----------------------------------------------------------------------------
     @property
@@ -124,13 +154,37 @@ class RayExecutor:
         """device name -> actor handle (for tests and tools; do not call into a live graph)."""
         return dict(self._workers)
 
+    # ---- health ------------------------------------------------------------------------------
+    def ready(self) -> bool:
+        """Every worker answered its last ping and the graph is compiled."""
+        return self._state == READY
+
+    def accepts(self) -> bool:
+        """A request may be queued: ready, or being repaired (it waits for the repair)."""
+        return self._state in (READY, RECOVERING)
+
+    def status(self) -> tuple[str, str]:
+        """(state, why): ready, recovering (what broke), failed (why it cannot serve), closed."""
+        return self._state, self._fault
+
+    def _set(self, state: str, fault: str = "") -> None:
+        if state != self._state:
+            log.log(
+                logging.INFO if state == READY else logging.WARNING,
+                "%s: %s%s",
+                self.name,
+                state,
+                f" ({fault})" if fault else "",
+            )
+        self._state, self._fault = state, fault
+
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with self._lock:
             self._check_open()
             attempt = 0
             while True:
                 if self._pipe is None:
-                    self._recover()
+                    self._repair()
                 try:
                     return self._run_once(inputs)
                 except Exception as e:
@@ -157,7 +211,7 @@ class RayExecutor:
         with self._lock:
             self._check_open()
             if self._pipe is None:
-                self._recover()
+                self._repair()
             results: list[dict[str, torch.Tensor] | None] = [None] * len(batch)
             inflight: deque[tuple[int, Any, float]] = deque()
             failure: BaseException | None = None
@@ -197,10 +251,12 @@ class RayExecutor:
 
     def shutdown(self) -> None:
         """Tear down the compiled graph and kill the workers. Safe to call twice."""
+        self._stop.set()
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            self._set(CLOSED)
             self._teardown_pipe()
             self._kill_workers()
             self._blobs.clear()
@@ -212,7 +268,7 @@ class RayExecutor:
         self.shutdown()
 
     # ---- deployment ----------------------------------------------------------------------------
-    def _deploy(self, deployment: Deployment) -> None:
+    def _deploy(self, deployment: StagedPlan) -> None:
         stages = deployment.stages
         made_by = producers(stages)
         user_inputs = sorted({v for s in stages for v in s.inputs if v not in made_by})
@@ -232,7 +288,7 @@ class RayExecutor:
             blobs = self._blobs_for(mine, node, here)
             opts = placement.actor_options(d, node, max_restarts=self.max_restarts)
             actor = _actor_class().options(**opts)
-            self._workers[d.name] = actor.remote(d, mine, blobs, self.extra_backends)
+            self._workers[d.name] = actor.remote(d, mine, blobs, self.registry)
             self._nodes[d.name] = node.node_id
         ready, lost = faults.wait_ready(self._workers, self.start_timeout_s)
         if lost:
@@ -251,7 +307,7 @@ class RayExecutor:
     def _blobs_for(
         self, stages: Sequence[StageSpec], node: placement.RayNode, here: placement.RayNode | None
     ) -> dict[str, Any] | None:
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         ship = self.ship_artifacts == "always" or (
             self.ship_artifacts == "auto" and here is not None and node.address != here.address
@@ -302,7 +358,7 @@ class RayExecutor:
         results[i] = self._collect({}, self._get(ref), t0)
 
     def _get(self, ref: Any) -> list[Packet]:
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         out = ray.get(ref, timeout=self.timeout_s)
         return list(out) if isinstance(out, list | tuple) else [out]
@@ -325,13 +381,74 @@ class RayExecutor:
 
     # ---- faults --------------------------------------------------------------------------------
     def _break(self, e: BaseException) -> None:
-        log.warning(
-            "compiled graph of %s broke (%s: %s); tearing it down",
-            self.name,
-            type(e).__name__,
-            str(e).splitlines()[0][:200] if str(e) else "",
-        )
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        log.warning("compiled graph of %s broke (%s); tearing it down", self.name, why)
+        self._set(RECOVERING, f"the compiled graph broke ({why})")
         self._teardown_pipe()
+
+    def _repair(self) -> None:
+        """Recover (under the lock); a deployment that cannot be repaired says why, fast."""
+        if self._state == FAILED and time.monotonic() < self._next_try:
+            raise Unavailable(self._fault)
+        if self._state != RECOVERING:
+            self._set(RECOVERING, self._fault or "repairing")
+        try:
+            self._recover()
+        except Exception as e:  # whatever stops the repair, the deployment says so
+            why = str(e) if isinstance(e, HeteroError) else f"{type(e).__name__}: {e}"
+            self._next_try = time.monotonic() + self.retry_s
+            self._set(FAILED, why)
+            raise Unavailable(why) from None
+        self._set(READY)
+
+    # ---- the watcher -----------------------------------------------------------------------------
+    def _watch(self) -> None:
+        silent: dict[str, int] = {}  # device -> pings in a row without an answer
+        while not self._stop.wait(self.watch_s):
+            try:
+                if self._state == READY:
+                    lost = self._probe(silent)
+                    if lost:
+                        self._set(RECOVERING, "; ".join(f"{d}: {w}" for d, w in lost.items()))
+                        self._heal()
+                elif self._state == FAILED and time.monotonic() >= self._next_try:
+                    self._heal()
+            except Exception as e:  # the watcher must outlive any one failure
+                log.warning("health watcher of %s: %s: %s", self.name, type(e).__name__, e)
+
+    def _probe(self, silent: dict[str, int]) -> dict[str, str]:
+        """Workers that died, are restarting, or missed two pings in a row."""
+        import ray  # optional (hetero[ray]): this executor runs only where Ray does
+        from ray.exceptions import GetTimeoutError  # optional (hetero[ray])
+
+        workers = dict(self._workers)
+        refs = {}
+        lost: dict[str, str] = {}
+        for d, w in workers.items():
+            try:
+                refs[d] = w.ready.remote()
+            except Exception as e:  # a handle whose actor is gone
+                lost[d] = f"{type(e).__name__}: {e}"
+        timeout = max(2.0, 2 * self.watch_s)
+        for d, ref in refs.items():
+            try:
+                ray.get(ref, timeout=timeout)
+                silent.pop(d, None)
+            except GetTimeoutError:
+                silent[d] = silent.get(d, 0) + 1
+                if silent[d] >= 2:
+                    lost[d] = f"no answer to two pings of {timeout:g} s"
+            except Exception as e:  # died, or restarting
+                lost[d] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return lost
+
+    def _heal(self) -> None:
+        with self._lock:
+            if self._closed or self._state == READY:
+                return  # a request repaired it meanwhile
+            self._teardown_pipe()
+            with contextlib.suppress(Unavailable):  # reported through status()
+                self._repair()
 
     def _teardown_pipe(self) -> None:
         pipe, self._pipe = self._pipe, None
@@ -363,8 +480,20 @@ class RayExecutor:
             for d in self.cluster.devices
             if d.name in lost or self._hosts.get(d.host) in dead_nodes
         )
+        gone = "; ".join(f"{d} ({why})" for d, why in lost.items())
+        if not remaining.devices:
+            raise Unavailable(
+                f"no device is left to run the model: lost {gone}. Bring the devices back "
+                "(restart the node or its workers) and redeploy."
+            )
         before = self.deployment
-        after = call_replan(self.replan_hook, remaining)
+        try:
+            after = call_replan(self.replan_hook, remaining)
+        except Exception as e:  # PlanInfeasible, a backend that cannot compile there, ...
+            left = ", ".join(d.name for d in remaining.devices)
+            raise Unavailable(
+                f"lost {gone}; no plan over the devices left ({left}) can run the model: {e}"
+            ) from None
         log_switch(lost, before, after)
         self._kill_workers()
         self.history.append(before)
@@ -376,7 +505,7 @@ class RayExecutor:
         return {n for n in self._nodes.values() if n not in alive}
 
     def _kill_workers(self) -> None:
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         for w in self._workers.values():
             with contextlib.suppress(Exception):  # already dead is fine
@@ -389,6 +518,6 @@ class RayExecutor:
 
 
 def _actor_class() -> Any:
-    import ray
+    import ray  # optional (hetero[ray]): loaded on first use
 
     return ray.remote(DeviceWorker)

@@ -24,7 +24,7 @@ Replan = Callable[[ClusterSpec], "Sequence[StageSpec] | tuple[Sequence[StageSpec
 
 
 @dataclass(frozen=True)
-class Deployment:
+class StagedPlan:
     """What an executor runs: stages, and the plan they came from when known."""
 
     stages: tuple[StageSpec, ...]
@@ -49,7 +49,7 @@ def stage_table(stages: Sequence[StageSpec]) -> str:
     return "\n".join(lines)
 
 
-def call_replan(hook: Replan, cluster: ClusterSpec) -> Deployment:
+def call_replan(hook: Replan, cluster: ClusterSpec) -> StagedPlan:
     result = hook(cluster)
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Plan | None):
         stages, plan = result
@@ -62,10 +62,10 @@ def call_replan(hook: Replan, cluster: ClusterSpec) -> Deployment:
             "the replan hook placed partitions on devices that are gone: "
             + ", ".join(f"{s.name} on {s.device.name}" for s in gone)
         )
-    return Deployment(stages, plan)
+    return StagedPlan(stages, plan)
 
 
-def log_switch(lost: dict[str, str], before: Deployment, after: Deployment) -> None:
+def log_switch(lost: dict[str, str], before: StagedPlan, after: StagedPlan) -> None:
     log.warning(
         "devices gone for good: %s. Re-planned and switched between requests.\n"
         "before:\n%s\nafter:\n%s",

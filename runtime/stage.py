@@ -40,6 +40,17 @@ class StageSpec:
     params: tuple[str, ...] = ()  # streamed: the parameters the runner takes after `inputs`
     partition: int | None = None  # the plan partition a streamed piece belongs to
     piece: int = 0  # which piece of that partition (one per streamed group)
+    # Generation (runtime/generation.py): every param the runner takes is bound by the
+    # worker: `state` ones (a KV cache, updated in place) from the device's state, the rest
+    # from its resident weights, its weight streamer (weights "streamed"), or, weights
+    # "split", the streamer for the GPU's rows and host memory for the CPU's (`cpu_shares`).
+    state: tuple[str, ...] = ()
+    cpu_shares: tuple[str, ...] = ()
+    phase: str = ""
+    # split: per shared group k (inputs gpu{k}, cpu{k}), its weights and the rows of each
+    # the GPU takes; the worker cuts the rows from the full weights, the CPU's in cpu_dtype
+    shares: tuple[tuple[tuple[str, int], ...], ...] = ()
+    cpu_dtype: str = ""
 
     @property
     def plan_index(self) -> int:
@@ -48,9 +59,10 @@ class StageSpec:
 
     @property
     def name(self) -> str:
-        if self.weights == "streamed":
-            return f"p{self.plan_index}.{self.piece}"
-        return f"p{self.index}"
+        prefix = f"{self.phase}:" if self.phase else ""
+        if self.weights in ("streamed", "split"):
+            return f"{prefix}p{self.plan_index}.{self.piece}"
+        return f"{prefix}p{self.index}"
 
 
 @runtime_checkable

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +53,7 @@ log = logging.getLogger("hetero.runtime")
 
 def streamed_options(options: CompileOptions | None) -> CompileOptions:
     """`options` with weights="streamed" (parameters become runner inputs)."""
-    options = options or CompileOptions()
-    extra = {**dict(options.extra), "weights": STREAMED}
-    return replace(options, extra=tuple(sorted(extra.items())))
+    return (options or CompileOptions()).with_extra(weights=STREAMED)
 
 
 def piece_assignment(

@@ -3,7 +3,7 @@
 `FaultyBackend` is the eager backend plus two switches:
 - at run time, a stage raises `InjectedFault` when its first input's first element equals
   `POISON` (so one request fails and the next one, with other data, succeeds);
-- at compile time, `CompileOptions(extra=(("miscompile", "<op>"),))` scales the output of
+- at compile time, `CompileOptions(extra=(("miscompile", "<op>"),))` (`FaultyOptions`) scales the output of
   every node whose target's name contains `<op>` by 1.5, the way a buggy kernel would.
 It lives in the package (not in tests/) so Ray workers can import it by name.
 """
@@ -11,12 +11,13 @@ It lives in the package (not in tests/) so Ray workers can import it by name.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from hetero.backends.base import Artifact, CompileOptions, CompileUnit, Manifest, Runner
-from hetero.backends.eager import EagerBackend
+from hetero.backends.eager import EagerBackend, EagerOptions
 from hetero.cluster.spec import DeviceSpec
 
 POISON = 1234.5
@@ -26,13 +27,19 @@ class InjectedFault(RuntimeError):
     """Raised by a FaultyBackend stage on a poisoned input."""
 
 
+@dataclass(frozen=True)
+class FaultyOptions(EagerOptions):
+    miscompile: str = ""  # scale the output of every node whose target contains this by 1.5
+
+
 class FaultyBackend(EagerBackend):
     name = "faulty"
+    options_type = FaultyOptions
 
     def compile(
         self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
     ) -> Manifest:
-        op = options.get("miscompile")
+        op = self.parse_options(options).miscompile
         if op:
             unit = _miscompiled(unit, str(op))
         manifest = super().compile(unit, device, options, out_dir)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from hetero.backends.base import CompileUnit
+from hetero.backends.eager import load_weights
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.errors import ConfigError
 from hetero.partitioner.graph import OpGraph
@@ -268,7 +269,6 @@ def _with_weights(run, stage, artifact=None):
     """A streamed stage's runner takes its weights after the activations (host copies here)."""
     if getattr(stage, "weights", "resident") != "streamed":
         return run
-    from hetero.backends.eager import load_weights
 
     weights = list(load_weights(artifact or stage.artifact).values())
 

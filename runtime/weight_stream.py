@@ -32,6 +32,11 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def slot_bytes(weights: Sequence[Mapping[str, torch.Tensor]]) -> int:
+    """Bytes one slot needs to hold the largest of these items (as WeightStreamer packs them)."""
+    return max((sum(_aligned(_nbytes(t)) for t in w.values()) for w in weights), default=0)
+
+
 class WeightStreamer:
     """Double-buffered host->device weight copies for a fixed sequence of items."""
 
@@ -40,7 +45,13 @@ class WeightStreamer:
         weights: Sequence[Mapping[str, torch.Tensor]],
         device: torch.device | str = "cuda",
         slots: int = 2,
+        *,
+        buffers: Sequence[torch.Tensor] | None = None,
+        stream: torch.cuda.Stream | None = None,
     ) -> None:
+        """`buffers` / `stream`: slots and copy stream shared with another streamer of the
+        same device that never runs at the same time (a generation's two phases): one copy
+        stream keeps their copies in order; `adopt()` hands the slots over."""
         if slots < 1:
             raise ValueError(f"a WeightStreamer needs at least one slot, got slots={slots}")
         self.device = torch.device(device)
@@ -89,11 +100,19 @@ class WeightStreamer:
         self._pad_s_per_byte = 0.0  # emulate_link: idle time added per copied byte
         self._cycles_per_s = 0.0
         if self.cuda:
-            self.buffers = [
-                torch.empty(max(self.slot_bytes, 1), dtype=torch.uint8, device=self.device)
-                for _ in range(self.slots)
-            ]
-            self.stream = torch.cuda.Stream(self.device)
+            if buffers is not None:
+                if len(buffers) < self.slots or any(b.numel() < self.slot_bytes for b in buffers):
+                    raise ValueError(
+                        f"shared slots hold {[b.numel() for b in buffers]} bytes; this "
+                        f"streamer needs {self.slots} of {self.slot_bytes}"
+                    )
+                self.buffers = list(buffers[: self.slots])
+            else:
+                self.buffers = [
+                    torch.empty(max(self.slot_bytes, 1), dtype=torch.uint8, device=self.device)
+                    for _ in range(self.slots)
+                ]
+            self.stream = stream if stream is not None else torch.cuda.Stream(self.device)
             self.copied = [torch.cuda.Event() for _ in range(self.slots)]
             self.freed = [torch.cuda.Event() for _ in range(self.slots)]
             for e in self.freed:
@@ -101,6 +120,17 @@ class WeightStreamer:
 
     def __len__(self) -> int:
         return len(self.host)
+
+    def adopt(self) -> None:
+        """Take the slots over from whatever used them: nothing is held, and a slot is free
+        once the work queued so far on the compute stream is done."""
+        self.tenant = [None] * self.slots
+        self.busy.clear()
+        self.pending.clear()
+        self._next = 0
+        if self.cuda:
+            for e in self.freed:
+                e.record(torch.cuda.current_stream(self.device))
 
     def emulate_link(self, rate: float, native_rate: float) -> None:
         """For benchmarks: make each copy take its bytes / `rate` (a slower host link, say

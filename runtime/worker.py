@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from hetero.backends.registry import default_registry
+from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import WorkerError
 from hetero.runtime.artifacts import unpack
@@ -47,7 +47,7 @@ def local_device(device: DeviceSpec) -> DeviceSpec:
     if device.kind != "gpu":
         return device
     try:
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         if ray.is_initialized() and ray.get_gpu_ids():
             return replace(device, index=0)
@@ -131,10 +131,10 @@ class DeviceWorker:
         device: DeviceSpec,
         stages: Sequence[StageSpec],
         blobs: Mapping[str, bytes] | None = None,
-        extra_backends: Sequence[tuple[str, Any]] = (),
+        registry: BackendRegistry | None = None,
     ) -> None:
         self.device = local_device(device)
-        registry = default_registry(extra_backends)
+        registry = registry if registry is not None else default_registry()
         self.started = time.time()
         self.stages: dict[int, StageRunner] = {}
         self.loaded_from: dict[int, str] = {}
@@ -167,7 +167,7 @@ class DeviceWorker:
     def ready(self) -> dict[str, Any]:
         node = ""
         try:
-            import ray
+            import ray  # optional (hetero[ray]): loaded on first use
 
             node = ray.get_runtime_context().get_node_id()
         except Exception:

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
+from llm_models import llama_lm
 
 # Keep the 2-core CI machine responsive when several torch ops run in tests.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The artifact cache signs manifests with a per-installation key (backends/signing.py):
+# tests use their own, never the user's. Child processes (hetero serve, Ray) inherit it.
+os.environ.setdefault(
+    "HETERO_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="hetero-test-key-"), "artifact.key")
+)
 
 
 def gpt2_model(layers: int = 2, dim: int = 64, heads: int = 4, vocab: int = 128, ctx: int = 64):
@@ -71,3 +79,14 @@ def gpt2():
 @pytest.fixture(scope="session")
 def bert():
     return bert_model(), (torch.randint(0, 128, (2, 16)),)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """(model, prompt [1, 11], transformers' greedy 32 new tokens for it)."""
+    model = llama_lm()
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 512, (1, 11))
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    return model, prompt, out[:, prompt.shape[1] :]

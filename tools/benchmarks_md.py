@@ -6,14 +6,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = [
+    ("llm_generate.md", "GPU: LLaMA-7B generation with a KV cache on a capped H200 (issue 14)"),
     ("gpt2_e2e.md", "GPU: GPT-2 through hetero.compile (issue 8, single GPU)"),
     ("triton.md", "GPU: the Triton backend, kernel by kernel (issue 5)"),
+    ("triton_rules.md", "Triton rules for modern models, interpreter-tested (issue 15 item 2)"),
     ("llama_offload.md", "GPU: memory-capped LLaMA 1.1B, weight streaming (issue 8)"),
     ("tvm.md", "CPU: TVM partitions vs eager, ONNX Runtime, torch.compile (issue 4)"),
     ("partitioner.md", "Planning time, cost-model accuracy, calibration (issue 3)"),
     ("plan_scale.md", "Planning at cluster scale: LLaMA-70B over 1-16 nodes (issue 20)"),
     ("runtime.md", "Ray runtime: per-hop overhead (issue 6)"),
     ("pipeline_2gpu.md", "Two GPUs: GPT-2 XL pipeline over NCCL (issue 9)"),
+    ("reliability.md", "Reliability: soak with a worker killed and a device removed (issue 18)"),
+    ("health_during_compile.md", "Health probes while `hetero serve` compiles (issue 18)"),
+    ("safe_gather.md", "The cost of TVM's memory-safe gathers (issue 18)"),
+    ("plan_scale.md", "Planning at cluster scale: LLaMA-70B over up to 16 nodes (issue 20)"),
+    ("cost_feedback.md", "The cost model after feedback: accuracy and plan choice (issue 16)"),
+    ("serving.md", "Serving: the Open Inference Protocol and Generate (issue 19)"),
 ]
 
 HEAD = """# Benchmarks
@@ -22,9 +30,9 @@ Every table below was produced by a script in `benchmarks/` (one script per ques
 each prints its table and writes JSON next to it in `benchmarks/results/`). Each section
 names its command, machine, card and date. CPU numbers come from the 2-core development
 machine, which was shared with other jobs while they ran (each section says how loaded);
-GPU numbers from NVIDIA H100 80GB HBM3 machines lent through the device tool (one GPU, or two
-for issue 9), with the eager and torch.compile baselines always measured in the same
-process and run.
+GPU numbers from NVIDIA H100 80GB HBM3 machines (issues 5-9) and an NVIDIA H200 (issue 14)
+lent through the device tool (one GPU, or two for issue 9), with the eager and torch.compile
+baselines always measured in the same process and run.
 
 Regenerate this file from the sections: `python tools/benchmarks_md.py`.
 
@@ -36,8 +44,8 @@ hetero's small dependencies, and no network. From the repository root here:
 ```
 bash ../shared/device/pack.sh ray tvm-runtime        # .devdeps/: ray and TVM's runtime
 python3 -m pip download -d .whl --only-binary=:all: --python-version 3.12 --no-deps \
-    pydantic pydantic-core annotated-types typing-inspection typer click rich \
-    markdown-it-py mdurl pygments shellingham platformdirs
+    --platform manylinux_2_17_x86_64 --implementation cp pydantic==2.14.4 \
+    pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions platformdirs
 ```
 
 then one `run` call per line below, carrying `[".whl", ".devdeps"]` (the kind in brackets).
@@ -49,7 +57,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 source .devdeps/bootstrap.sh && \
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && R=$PWD && \
 mkdir -p /tmp/shim/hetero && cp -r hetero/* /tmp/shim/hetero/ && \
-for d in partitioner backends runtime cluster; do ln -sfn $R/$d /tmp/shim/hetero/$d; done && \
+for d in partitioner backends runtime cluster interfaces calibration; do ln -sfn $R/$d /tmp/shim/hetero/$d; done && \
 export PYTHONPATH=/tmp/shim:/tmp/site && cd /tmp && ...
 ```
 
@@ -61,6 +69,10 @@ export PYTHONPATH=/tmp/shim:/tmp/site && cd /tmp && ...
 | GPU<->CPU hops vs pinned copies and the bare graph | `python3 $R/benchmarks/hop_overhead_gpu.py --json $OUT/hop_gpu.json` | nvidia-h100-x1 | - |
 | two GPUs: pipeline, split sweep, NCCL hops | `python3 $R/benchmarks/pipeline_2gpu.py --json $OUT/p2.json` | nvidia-h100-x2 | ~5 min |
 | the GPU tests | `python3 -m pytest -q $R/tests/gpu -p no:cacheprovider` | nvidia-h100-x1 | ~1 min |
+| LLaMA-7B generation, GPU capped at 4 GiB (issue 14; no `.devdeps` needed) | `python3 $R/benchmarks/llm_generate_gpu.py --case capped --json $OUT/capped.json` | nvidia-h200 | ~6 min |
+| the same model uncapped: hetero vs eager and every torch.compile mode | `python3 $R/benchmarks/llm_generate_gpu.py --case uncapped --json $OUT/uncapped.json` | nvidia-h200 | not run yet |
+| batch 16 under the cap: chosen plan vs forced streaming / CPU | `python3 $R/benchmarks/llm_generate_gpu.py --case batch16 --json $OUT/b16.json` | nvidia-h200 | not run yet |
+| Triton rules for modern models (3 runs: see triton_rules.md) | `python3 -m pytest -s -q $R/tests/gpu/test_triton_rules_gpu.py -k "<K>" -p no:cacheprovider` | nvidia-h200 | not run yet |
 """
 
 

@@ -15,18 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetero.backends.triton.kernels import attention, matmul_epilogue
+from hetero.backends.triton.kernels import attention, decode, matmul_epilogue
 
+_MATMUL = tuple(matmul_epilogue.as_cfg(c) for c in matmul_epilogue.CANDIDATES)
 CANDIDATES: dict[str, tuple[dict, ...]] = {
-    "matmul": tuple(matmul_epilogue.as_cfg(c) for c in matmul_epilogue.CANDIDATES),
+    "matmul": _MATMUL,
+    # two fp32 accumulators: tiles up to 128 x 128 keep them in registers
+    "gated": tuple(c for c in _MATMUL if c["BLOCK_M"] * c["BLOCK_N"] <= 128 * 128),
     "attention": tuple(attention.as_cfg(c) for c in attention.CANDIDATES),
+    "decode": tuple(decode.as_cfg(c) for c in decode.CANDIDATES),
 }
 
 
 def candidates(kernel: Any) -> tuple[dict, ...]:
     """Configs worth trying for a kernel: tiles no larger than its (padded) output."""
     cands = CANDIDATES[kernel.kind]
-    if kernel.kind != "matmul" or len(kernel.space) != 3:
+    if kernel.kind not in ("matmul", "gated") or len(kernel.space) != 3:
         return cands
     _, m, n = kernel.space
     fit = tuple(
@@ -75,7 +79,7 @@ def tune(
     Wraps each such launcher of the loaded program `module`, calls `run()` once (which runs
     `forward` on example inputs), and returns key -> fastest config.
     """
-    from triton.testing import do_bench
+    from triton.testing import do_bench  # optional (hetero[triton]): loaded on first use
 
     found: dict[str, dict] = {}
     originals: dict[str, Callable] = {}

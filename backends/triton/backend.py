@@ -16,15 +16,20 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from hetero.backends.base import (
     YES,
     Artifact,
     Backend,
+    BackendOptions,
     CompileOptions,
     CompileUnit,
     Manifest,
@@ -33,9 +38,10 @@ from hetero.backends.base import (
 )
 from hetero.backends.triton.autotune import TuneCache, cache_file, tune
 from hetero.backends.triton.codegen import generate
-from hetero.backends.triton.fold import fold_weights
-from hetero.backends.triton.fusion import fuse
+from hetero.backends.triton.fold import Folded, fold_weights
+from hetero.backends.triton.fuse import fuse
 from hetero.backends.triton.graphs import GraphRunner
+from hetero.backends.triton.rewrite import rewrite
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError, WorkerError
 
@@ -59,13 +65,21 @@ def run_device(device: DeviceSpec) -> torch.device:
     )
 
 
-class TritonBackend(Backend):
-    """Options (CompileOptions.extra): cuda_graphs (bool, default True), clone_outputs (bool,
-    default True: copy outputs out of the CUDA graph's pool), tune (bool, default True on a
-    GPU), tune_cache (a directory; default: `triton-autotune` beside the artifact)."""
+@dataclass(frozen=True)
+class TritonOptions(BackendOptions):
+    cuda_graphs: bool = True  # replay the partition's kernels as one CUDA graph
+    clone_outputs: bool = True  # copy outputs out of the CUDA graph's memory pool
+    tune: bool = True  # autotune kernel configs on a GPU (cached in `tune_cache`)
+    tune_cache: str | None = None  # a directory; None: `triton-autotune` beside the artifact
+    # NHWC activations between convolutions; None: for float16/bfloat16 convolution weights
+    channels_last: bool | None = None
 
+
+class TritonBackend(Backend):
     name = "triton"
     device_kinds = ("gpu",)
+    fuses = True
+    options_type = TritonOptions
 
     def available(self) -> Support:
         if importlib.util.find_spec("triton") is None:
@@ -77,7 +91,7 @@ class TritonBackend(Backend):
         return f"triton:gpu:{device.model or 'any'}:{mode}"
 
     def versions(self) -> dict[str, str]:
-        import triton
+        import triton  # optional (hetero[triton]): loaded on first use
 
         return {"torch": torch.__version__, "triton": triton.__version__}
 
@@ -97,33 +111,34 @@ class TritonBackend(Backend):
             for t in unit.example_inputs
         )
         try:
-            folded = fold_weights(unit.module, unit.inputs, unit.param_values, dtype)
+            folded = prepare(unit.module, unit.inputs, unit.param_values, acts, dtype)
             weights = tuple(t for _, t in folded.weights)
-            _propagate(folded.module, (*acts, *weights))
             plan = fuse(folded.module)
         except Exception as e:
             raise CompileError(
                 f"partition {unit.name}: the triton backend could not fuse its graph "
                 f"({type(e).__name__}: {e})"
             ) from e
+        own = self.parse_options(options)
         interpret = self.target(device, options).endswith("interpret")
         wnames = tuple(n for n, _ in folded.weights)
         cache = TuneCache(
             cache_file(
-                Path(options.get("tune_cache") or out_dir.parent / "triton-autotune"),
+                Path(own.tune_cache or out_dir.parent / "triton-autotune"),
                 torch.cuda.get_device_name(device.index) if not interpret else "interpreter",
             )
         )
         known = cache.read()
-        program = generate(plan, wnames, interpret, known)
+        layout = frozenset(channels_last_weights(folded.module, wnames, own.channels_last))
+        program = generate(plan, wnames, interpret, known, layout)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "program.py").write_text(program.source)
-        if not interpret and options.get("tune", True):
+        if not interpret and own.tune:
             found = self._tune(out_dir, program, acts, weights, device, known,
                                options.tune_trials)  # fmt: skip
             if found:
                 cache.write(found)
-                program = generate(plan, wnames, interpret, {**known, **found})
+                program = generate(plan, wnames, interpret, {**known, **found}, layout)
                 (out_dir / "program.py").write_text(program.source)
         _save_weights(out_dir / "weights.safetensors", folded.weights)
         (out_dir / "fusion.txt").write_text(plan.table() + "\n")
@@ -132,8 +147,9 @@ class TritonBackend(Backend):
             "weights": list(wnames),
             "kernels": [k.__dict__ for k in program.kernels],
             "steps": len(plan.steps),
-            "cuda_graphs": bool(options.get("cuda_graphs", True)),
-            "clone_outputs": bool(options.get("clone_outputs", True)),
+            "channels_last": sorted(layout),
+            "cuda_graphs": own.cuda_graphs,
+            "clone_outputs": own.clone_outputs,
         }
         (out_dir / "triton.json").write_text(json.dumps(config, indent=1))
         return self.manifest(
@@ -155,13 +171,12 @@ class TritonBackend(Backend):
 
     # ---- load --------------------------------------------------------------------------------
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
-        from safetensors.torch import load_file
-
         dev = run_device(device)
         config = json.loads((artifact.path / "triton.json").read_text())
         mod = _import(artifact.path / "program.py", f"hetero_triton_{artifact.key or id(config)}")
         table = load_file(str(artifact.path / "weights.safetensors"), device=str(dev))
-        weights = [table[n] for n in config["weights"]]
+        cl = set(config.get("channels_last", ()))
+        weights = [_channels_last(table[n]) if n in cl else table[n] for n in config["weights"]]
 
         def forward(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return tuple(mod.forward(*acts, *weights))
@@ -177,17 +192,50 @@ class TritonBackend(Backend):
         return run
 
 
+def prepare(gm: torch.fx.GraphModule, inputs: tuple[str, ...], params: Mapping[str, torch.Tensor],
+            acts: tuple[torch.Tensor, ...], dtype: torch.dtype | None = None) -> Folded:  # fmt: skip
+    """Fold weights, rewrite (rewrite.py), and fold again what the rewrites made constant;
+    every node carries fresh meta['val'] for fusion."""
+    folded = fold_weights(gm, inputs, params, dtype)
+    _propagate(folded.module, (*acts, *(t for _, t in folded.weights)))
+    if rewrite(folded.module):
+        folded = fold_weights(folded.module, folded.inputs, dict(folded.weights))
+        _propagate(folded.module, (*acts, *(t for _, t in folded.weights)))
+    return folded
+
+
+def channels_last_weights(gm: torch.fx.GraphModule, wnames: tuple[str, ...],
+                          force: bool | None) -> list[str]:  # fmt: skip
+    """Convolution weights (4-D, 5-D) to hold channels-last, so that cuDNN runs its NHWC
+    kernels (what tensor cores run) and the epilogues keep activations NHWC. Option
+    `channels_last`: True / False; None: for float16 and bfloat16 weights."""
+    names = set(wnames)
+    found: dict[str, None] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.convolution.default:
+            continue
+        w = node.args[1]
+        v = w.meta.get("val") if isinstance(w, torch.fx.Node) else None
+        if not isinstance(v, torch.Tensor) or w.name not in names or v.dim() not in (4, 5):
+            continue
+        if force or (force is None and v.dtype in (torch.float16, torch.bfloat16)):
+            found[w.name] = None
+    return list(found)
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    return t.contiguous(memory_format=fmt)
+
+
 def _propagate(gm: torch.fx.GraphModule, args: tuple) -> None:
     """Fresh meta['val'] (shapes, dtypes, strides) after folding and casting."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(a) for a in args])
 
 
 def _save_weights(path: Path, weights: tuple[tuple[str, torch.Tensor], ...]) -> None:
-    from safetensors.torch import save_file
-
     # safetensors refuses tensors that share memory; every weight gets its own copy.
     save_file({n: t.detach().cpu().contiguous().clone() for n, t in weights}, str(path))
 

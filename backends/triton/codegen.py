@@ -18,7 +18,15 @@ import torch
 from torch.fx import Node
 
 from hetero.backends.triton.fusion import FusionPlan, Group, numel, shape, val
-from hetero.backends.triton.kernels import attention, elementwise, matmul_epilogue, norm
+from hetero.backends.triton.kernels import (
+    attention,
+    conv,
+    decode,
+    elementwise,
+    matmul_epilogue,
+    norm,
+    rotary,
+)
 from hetero.backends.triton.kernels.templates import PRELUDE
 
 Template = Callable[[Group, str, dict], tuple[str, str, list]]
@@ -26,7 +34,11 @@ TEMPLATES: dict[str, Template] = {
     "pointwise": elementwise.render,
     "rowwise": norm.render,
     "matmul": matmul_epilogue.render,
+    "gated": matmul_epilogue.render,
     "attention": attention.render,
+    "decode": decode.render,
+    "rotary": rotary.render,
+    "conv": conv.render,
 }
 
 
@@ -51,10 +63,19 @@ class Program:
     weights: tuple[str, ...]
 
 
-def default_cfg(group: Group, interpret: bool) -> dict:
-    if group.kind == "matmul":
+def default_cfg(group: Group, interpret: bool, channels_last: frozenset[str] = frozenset()) -> dict:
+    if group.kind in ("matmul", "gated"):
         _, m, n = group.space
         return matmul_epilogue.default_cfg(m, n, 0, interpret)
+    if group.kind == "decode":
+        b, _, _, n = group.space
+        a = attention.sdpa(group.anchor)
+        return decode.default_cfg(b * a.hk, n, interpret)
+    if group.kind == "rotary":
+        return rotary.default_cfg(interpret)
+    if group.kind == "conv":
+        w = group.anchor.args[1]
+        return conv.default_cfg(interpret, isinstance(w, Node) and w.name in channels_last)
     if group.kind == "rowwise":
         return norm.default_cfg(group.space[1], interpret)
     if group.kind == "attention":
@@ -97,8 +118,11 @@ def _aten_call(node: Node) -> str:
 
 
 def generate(plan: FusionPlan, weights: tuple[str, ...], interpret: bool,
-             tuned: Mapping[str, dict] | None = None) -> Program:  # fmt: skip
-    """The program's source. `tuned`: kernel key -> config chosen by the autotuner."""
+             tuned: Mapping[str, dict] | None = None,
+             channels_last: frozenset[str] = frozenset()) -> Program:  # fmt: skip
+    """The program's source. `tuned`: kernel key -> config chosen by the autotuner;
+    `channels_last`: the weights `load` lays out channels-last (their convolutions then
+    take channels-last inputs)."""
     tuned = tuned or {}
     gm = plan.module
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -129,7 +153,7 @@ def generate(plan: FusionPlan, weights: tuple[str, ...], interpret: bool,
             if text not in bodies:
                 kname = f"{step.kind}_{len(bodies)}"
                 bodies[text] = kname
-                cfg = tuned.get(key) or default_cfg(step, interpret)
+                cfg = tuned.get(key) or default_cfg(step, interpret, channels_last)
                 kern, launch, _ = TEMPLATES[step.kind](step, kname, cfg)
                 chunks.append(kern + "\n\n" + launch)
                 _, _, values = TEMPLATES[step.kind](step, kname, {})
@@ -167,10 +191,11 @@ def generate(plan: FusionPlan, weights: tuple[str, ...], interpret: bool,
 
 
 def step_flops(step: Group) -> int:
-    if step.kind == "matmul":
+    if step.kind in ("matmul", "gated"):
         a = step.anchor.args[1] if len(step.anchor.args) == 3 else step.anchor.args[0]
-        return 2 * math.prod(step.space) * shape(a)[-1]
-    if step.kind == "attention":
+        two = step.kind == "gated" and matmul_epilogue.partner(step) is not None
+        return (2 if two else 1) * 2 * math.prod(step.space) * shape(a)[-1]
+    if step.kind in ("attention", "decode"):
         node = step.anchor
         b, h, m, d = shape(node.args[0])
         n = shape(node.args[1])[2]

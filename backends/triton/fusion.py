@@ -10,7 +10,11 @@ nodes over one iteration space:
   pointwise  (numel,)     elementwise ops (and reshapes/casts of them)
   rowwise    (rows, cols) reductions over the last dim with their producers and consumers
   matmul     (batch, M, N) mm/addmm/bmm with an elementwise epilogue
-  attention  one scaled_dot_product_attention node
+  gated      (1, M, N) two mm over one A (gate and up) with the epilogue combining them
+  attention  (B, H, M, N) one scaled_dot_product_attention node
+  decode     (B, H, M, N) one SDPA with few queries and many keys, split over the keys
+  rotary     (numel,) rotary-embedding patterns sharing cos and sin (query and key)
+  conv       (numel,) one convolution (ATen, cuDNN) with an elementwise epilogue
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
-KINDS = ("pointwise", "rowwise", "matmul", "attention", "aten")
+KINDS = ("pointwise", "rowwise", "matmul", "gated", "attention", "decode", "rotary", "conv", "aten")
 
 
 def val(node: Node) -> object:
@@ -82,6 +86,8 @@ class OpenGroup:
             return "full"
         if self.kind == "rowwise" and n == self.space[0]:
             return "row"
+        if self.kind in ("matmul", "gated") and n == self.space[0] * self.space[1]:
+            return "row"  # one value per row of A (an RMSNorm prologue)
         return None
 
 
@@ -127,46 +133,6 @@ class FusionPlan:
             names = ", ".join(n.name for n in s.nodes)
             rows.append(f"{i:4d}  {s.kind:9s} {s.rule:12s} {names}")
         return "\n".join(rows)
-
-
-def fuse(gm: GraphModule) -> FusionPlan:
-    """Cut `gm` (core ATen, meta['val'] on every node) into fused groups and ATen calls."""
-    from hetero.backends.triton.patterns import RULES
-
-    st = FusionState()
-    steps: list[Group] = []
-
-    def close(g: OpenGroup) -> None:
-        st.open.remove(g)
-        members = set(g.nodes)
-        outs = tuple(n for n in g.nodes if any(u not in members for u in n.users))
-        steps.append(Group(g.kind, g.rule, tuple(g.nodes), outs, g.space))
-
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            continue
-        if node.op == "output":
-            break
-        m = next(m for rule in RULES if (m := rule.match(node, st)) is not None)
-        target = m.join
-        for g in st.groups_read_by(node):
-            if g is not target:
-                close(g)
-        if target is None and m.kind != "aten":
-            target = OpenGroup(m.kind, m.rule, m.space)
-            st.open.append(target)
-        if target is None:
-            steps.append(Group("aten", m.rule, (node,), (node,), shape(node)))
-            continue
-        if m.join is not None and m.kind != target.kind:  # a pointwise group becomes rowwise
-            target.kind, target.rule, target.space = m.kind, m.rule, m.space
-        target.nodes.append(node)
-        st.member[node] = target
-        if m.close_now:
-            close(target)
-    for g in list(st.open):
-        close(g)
-    return FusionPlan(gm, tuple(steps))
 
 
 def getitem_of(node: Node) -> tuple[Node, int] | None:

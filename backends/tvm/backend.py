@@ -36,6 +36,10 @@ from hetero.backends.base import (
 )
 from hetero.backends.export import size_carrier
 from hetero.backends.tvm import targets
+from hetero.backends.tvm.frontend import unsupported_reason
+from hetero.backends.tvm.kernels import register_kernels
+from hetero.backends.tvm.lower import build
+from hetero.backends.tvm.options import TVMOptions
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError
 from hetero.partitioner.graph import OpNode
@@ -72,6 +76,8 @@ def _lowering_fingerprint() -> str:
 class TVMBackend(Backend):
     name = "tvm"
     device_kinds = ("cpu", "npu", "gpu")
+    fuses = True
+    options_type = TVMOptions
 
     # ---- what it can do ------------------------------------------------------------------------
     def available(self) -> Support:
@@ -88,7 +94,6 @@ class TVMBackend(Backend):
         avail = self.available()
         if not avail:
             return avail
-        from hetero.backends.tvm.frontend import unsupported_reason
 
         why = unsupported_reason(node.target)
         if why:
@@ -120,8 +125,6 @@ class TVMBackend(Backend):
     def compile(
         self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
     ) -> Manifest:
-        from hetero.backends.tvm.lower import build
-
         where = f"partition {unit.name} on {device.name} ({self.target(device, options)})"
         dtype = getattr(torch, options.dtype) if options.dtype else None
         try:
@@ -152,10 +155,8 @@ class TVMBackend(Backend):
         """Map the verified .so and wrap its Relax VM. Only TVM's runtime is needed here (and
         torch, for the BLAS kernels), never its compiler: with TVM_USE_RUNTIME_LIB=1 a worker
         loads libtvm_runtime.so alone (checked: libtvm_compiler.so is never mapped)."""
-        import tvm
+        import tvm  # optional (hetero[tvm]): loaded on first use
         from tvm.runtime.vm import VirtualMachine  # not tvm.relax: that needs the compiler
-
-        from hetero.backends.tvm.dispatch import register_kernels
 
         register_kernels()
         if device.kind == "gpu":
@@ -210,7 +211,7 @@ def _spec_string(spec, n_outputs: int) -> str:
 @functools.cache
 def _set_threads(n: int) -> None:
     """Size TVM's and torch's CPU thread pools once per process (a worker owns its process)."""
-    import tvm
+    import tvm  # optional (hetero[tvm]): loaded on first use
 
     tvm.get_global_func("runtime.config_threadpool")(0, n)
     if torch.get_num_threads() != n:

@@ -7,31 +7,21 @@ registered through TVM's FFI that runs `torch.matmul(..., out=...)` on DLPack vi
 copies). The ops around each matmul (bias, GELU, residual, LayerNorm) stay in TVM and fuse.
 
 The function is looked up by name when the module runs, so the process that *loads* an
-artifact must register it too: `register_kernels()` is idempotent and the backend calls it
-in both compile() and load().
+artifact must register it too: `kernels.register_kernels()` is idempotent and the backend
+calls it in both compile() and load().
 """
 
 from __future__ import annotations
 
-import functools
+import torch
 
 MATMUL = "hetero.torch.matmul"
 KERNELS = (MATMUL,)  # plus linear.kernel_names()
 
 
-@functools.cache
-def register_kernels() -> None:
-    """Register the torch-backed kernels with TVM's global function table (once per process)."""
-    import torch
-    import tvm
-
-    from hetero.backends.tvm import linear
-
-    def matmul(a, b, out) -> None:
-        torch.matmul(torch.from_dlpack(a), torch.from_dlpack(b), out=torch.from_dlpack(out))
-
-    tvm.register_global_func(MATMUL, matmul, override=True)
-    linear.register(lambda name, fn: tvm.register_global_func(name, fn, override=True))
+def matmul(a, b, out) -> None:
+    """The kernel behind MATMUL: torch's BLAS on DLPack views of TVM's arrays."""
+    torch.matmul(torch.from_dlpack(a), torch.from_dlpack(b), out=torch.from_dlpack(out))
 
 
 def dispatch_matmuls(mod, min_flops: int = 0):
@@ -40,8 +30,10 @@ def dispatch_matmuls(mod, min_flops: int = 0):
     `min_flops` keeps tiny matmuls in TVM, where a call into Python would cost more than the
     product. Call after FoldConstant so constant weight transposes are folded first.
     """
-    import tvm
-    from tvm import relax
+    import tvm  # optional (hetero[tvm]): loaded on first use
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
+
+    # optional (hetero[tvm]): loaded on first use
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     matmul_op = tvm.ir.Op.get("relax.matmul")
@@ -68,7 +60,7 @@ def dispatch_matmuls(mod, min_flops: int = 0):
 def eligible(a_ty, b_ty, out_ty, min_flops: int) -> bool:
     """Typed, same-dtype float matrix product of at least `min_flops` (when its size is
     known): what a library kernel should run instead of TVM."""
-    from tvm import relax
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
 
     for t in (a_ty, b_ty, out_ty):
         if not isinstance(t, relax.TensorType) or t.shape is None:

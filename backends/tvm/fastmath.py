@@ -19,7 +19,7 @@ import math
 
 def legalize_map() -> dict:
     """{Relax op name: legalization} for the fast transcendental versions."""
-    from tvm import te, tirx, topi
+    from tvm import te, tirx, topi  # optional (hetero[tvm]): loaded on first use
 
     def gelu(bb, call):
         def f(x: te.Tensor):

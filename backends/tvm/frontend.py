@@ -29,6 +29,7 @@ from torch import fx
 
 from hetero.backends.base import CompileUnit
 from hetero.backends.export import export_unit
+from hetero.backends.tvm.safe_index import safe_indexing as make_safe
 from hetero.partitioner.graph import decomposition_table
 
 
@@ -41,7 +42,9 @@ def _torch_dtype_name(val: Any) -> str | None:
 @functools.cache
 def _importer_class():
     """The amended importer class (built lazily: importing TVM costs a second)."""
-    from tvm import relax
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
+
+    # optional (hetero[tvm]): loaded on first use
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     class Importer(ExportedProgramImporter):
@@ -260,11 +263,13 @@ def unsupported_reason(target: str, node: fx.Node | None = None) -> str:
     return ""
 
 
-def to_relax(unit: CompileUnit, dtype: torch.dtype | None = None):
+def to_relax(unit: CompileUnit, dtype: torch.dtype | None = None, *, safe_indexing: bool = True):
     """(IRModule with `main(*activations)` returning a flat tuple, the outputs' pytree spec).
 
     Parameters are bound as constants (see backend.py for why). Raises ValueError listing
-    every op the importer cannot convert, before converting anything.
+    every op the importer cannot convert, before converting anything. Every gather, take,
+    index and scatter is made memory-safe (safe_index.py); `safe_indexing=False` exists
+    only for the benchmark that measures what that costs.
     """
     # Sizes handed over from another partition become (n, 0) tensors: the importer takes
     # tensors only, and a dim is where it expects a symbolic size.
@@ -282,4 +287,6 @@ def to_relax(unit: CompileUnit, dtype: torch.dtype | None = None):
     if bad:
         raise ValueError("cannot convert to Relax:\n  " + "\n  ".join(bad))
     mod = _importer_class()().from_exported_program(ep, False, False, False, None)
+    if safe_indexing:
+        mod = make_safe(mod)
     return mod, ep.call_spec.out_spec

@@ -4,7 +4,7 @@ A Linear in Relax, after FoldConstant, is `matmul(x, W^T const)` followed by a b
 often reshapes, and then either an activation (GELU, ReLU) or a residual add. Each such
 chain becomes one call of torch's oneDNN `mkldnn._linear_pointwise` (what inductor's CPU
 freezing path uses), bias and epilogue applied as post-ops while the output tile is in
-cache, through a TVM FFI function (registered by `dispatch.register_kernels`) that returns
+cache, through a TVM FFI function (registered by `kernels.register_kernels`) that returns
 torch's output to the VM without a copy. Where torch was built without oneDNN the function
 falls back to `F.linear` plus the epilogue: slower, same result.
 
@@ -13,7 +13,7 @@ block's 1024x256x1024 and 1024x1024x256 products oneDNN took 7.7-7.9 ms against 
 7.9-8.2, the residual-add post-op came free and the erf-GELU one cost what TVM's fused
 fast-math GELU costs (~1.8 ms per 1M elements); for 64-row products MKL was 25% faster, and
 oneDNN's tanh-GELU post-op cost ~4.7 ms per 1M elements. Hence: only products of at least
-`lower.ONEDNN_MIN_FLOPS` are offloaded, tanh-GELU stays a TVM kernel, everything smaller
+`options.ONEDNN_MIN_FLOPS` are offloaded, tanh-GELU stays a TVM kernel, everything smaller
 goes through `dispatch.dispatch_matmuls` (MKL). `CompileOptions(extra=(("onednn",
 False),))` turns the offload off.
 
@@ -24,6 +24,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hetero.backends.tvm.dispatch import eligible
 
 # Post-op name (also the suffix of the FFI function) -> the Relax op it absorbs.
 ACTIVATIONS = {"gelu": "relax.nn.gelu", "relu": "relax.nn.relu"}
@@ -36,8 +41,7 @@ def kernel_names() -> tuple[str, ...]:
 
 def register(register_global_func) -> None:
     """Register the oneDNN linear kernels through `register_global_func(name, fn)`."""
-    import torch
-    import tvm
+    import tvm  # optional (hetero[tvm]): loaded on first use
 
     onednn = torch.backends.mkldnn.is_available()
     linear_pw = torch.ops.mkldnn._linear_pointwise if onednn else None
@@ -93,7 +97,7 @@ class _Chain:
 
 def offload_linears(mod, min_flops: int = 0):
     """Rewrite every float32 Linear chain of `mod`'s Relax functions into one oneDNN call."""
-    from tvm import relax
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
 
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
@@ -104,8 +108,8 @@ def offload_linears(mod, min_flops: int = 0):
 
 
 def _find_chains(func, min_flops: int) -> dict:
-    import tvm
-    from tvm import relax
+    import tvm  # optional (hetero[tvm]): loaded on first use
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
 
     # Every use counts (match_cast bindings of dynamic shapes included): a link used
     # anywhere outside its chain must survive, so that chain is left alone.
@@ -169,8 +173,9 @@ def _find_chains(func, min_flops: int) -> dict:
 
 
 def _rewrite(func, chains: dict):
-    import numpy as np
-    from tvm import relax
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
+
+    # optional (hetero[tvm]): loaded on first use
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     dead = frozenset().union(*(c.absorbed for c in chains.values()))
@@ -218,7 +223,6 @@ def _rewrite(func, chains: dict):
 
 def _f32_2d_weight(x, w, call, min_flops: int) -> bool:
     """A float32 product with a 2-D weight that `dispatch` would send to a library too."""
-    from hetero.backends.tvm.dispatch import eligible
 
     if not eligible(x.ty, w.ty, call.ty, min_flops):
         return False
@@ -226,7 +230,7 @@ def _f32_2d_weight(x, w, call, min_flops: int) -> bool:
 
 
 def _is_bias(expr, n: int) -> bool:
-    import tvm
+    import tvm  # optional (hetero[tvm]): loaded on first use
 
     if not isinstance(expr, tvm.ir.expr.Constant) or str(expr.ty.dtype) != "float32":
         return False
@@ -235,7 +239,7 @@ def _is_bias(expr, n: int) -> bool:
 
 
 def _same_shape(a, b) -> bool:
-    from tvm import relax
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
 
     ta, tb = a.ty, b.ty
     if not (isinstance(ta, relax.TensorType) and isinstance(tb, relax.TensorType)):
@@ -246,7 +250,7 @@ def _same_shape(a, b) -> bool:
 
 
 def _dims_equal(a: list, b: list) -> bool:
-    import tvm
+    import tvm  # optional (hetero[tvm]): loaded on first use
 
     ana = tvm.sym.Analyzer()
     return len(a) == len(b) and all(ana.can_prove_equal(x, y) for x, y in zip(a, b, strict=True))

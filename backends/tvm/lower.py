@@ -16,25 +16,36 @@ from __future__ import annotations
 import torch
 
 from hetero.backends.base import CompileOptions, CompileUnit
+from hetero.backends.tvm import targets
+from hetero.backends.tvm.dispatch import dispatch_matmuls
+from hetero.backends.tvm.fastmath import legalize_map
+from hetero.backends.tvm.frontend import to_relax
+from hetero.backends.tvm.kernels import register_kernels
+from hetero.backends.tvm.linear import offload_linears
+from hetero.backends.tvm.options import ONEDNN_MIN_FLOPS, TVMOptions
+from hetero.backends.tvm.schedule import apply_cpu_schedules
+from hetero.backends.tvm.tune import apply_tuning
 from hetero.cluster.spec import DeviceSpec
 
 # Products smaller than this stay in TVM: the FFI call into torch costs a few µs.
 MIN_BLAS_FLOPS = 1 << 16
-# Linear layers at least this big go to oneDNN with their epilogues (linear.py says why).
-ONEDNN_MIN_FLOPS = 1 << 27
+__all__ = ["MIN_BLAS_FLOPS", "ONEDNN_MIN_FLOPS", "build", "fuse", "optimize_cpu"]
 
 
 def build(
-    unit: CompileUnit, device: DeviceSpec, options: CompileOptions, dtype: torch.dtype | None
+    unit: CompileUnit,
+    device: DeviceSpec,
+    options: CompileOptions,
+    dtype: torch.dtype | None,
+    *,
+    safe_indexing: bool = True,
 ):
-    """(VM executable, pytree spec of the unit's outputs)."""
-    import tvm
-
-    from hetero.backends.tvm import targets
-    from hetero.backends.tvm.frontend import to_relax
+    """(VM executable, pytree spec of the unit's outputs). `safe_indexing=False` is for
+    benchmarks/safe_gather.py alone (frontend.to_relax says why)."""
+    import tvm  # optional (hetero[tvm]): loaded on first use
 
     target = targets.make_target(device, options)
-    mod, out_spec = to_relax(unit, dtype)
+    mod, out_spec = to_relax(unit, dtype, safe_indexing=safe_indexing)
     if target.kind.name == "cuda":
         return tvm.compile(mod, target, relax_pipeline="default"), out_spec
     mod = optimize_cpu(mod, target, options)
@@ -43,37 +54,31 @@ def build(
 
 def optimize_cpu(mod, target, options: CompileOptions):
     """Everything up to scheduled, fused TIR (the part tune.py also uses)."""
-    from tvm import relax
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
+
+    # optional (hetero[tvm]): loaded on first use
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from hetero.backends.tvm.dispatch import dispatch_matmuls, register_kernels
-    from hetero.backends.tvm.linear import offload_linears
-    from hetero.backends.tvm.schedule import apply_cpu_schedules
-
+    own = TVMOptions.parse(options, "tvm")
     register_kernels()
     with target:
         mod = relax.transform.DeadCodeElimination()(mod)
         mod = relax.transform.DecomposeOpsForInference()(mod)
         mod = tvm_seq(*cpu.library_dispatch_passes(target))(mod)  # sort/scan/sampling kernels
         mod = relax.transform.FoldConstant()(mod)
-        if options.get("blas", True):
-            if options.get("onednn", True):
-                least = options.get("onednn_min_flops", ONEDNN_MIN_FLOPS)
-                mod = offload_linears(mod, min_flops=least)
+        if own.blas:
+            if own.onednn:
+                mod = offload_linears(mod, min_flops=own.onednn_min_flops)
             mod = dispatch_matmuls(mod, min_flops=MIN_BLAS_FLOPS)
-        mod = fuse(mod, fast_math=options.get("fast_math", True))
+        mod = fuse(mod, fast_math=own.fast_math)
         if options.tune_trials > 0:
-            from hetero.backends.tvm.tune import apply_tuning
-
             mod = apply_tuning(mod, target, options)
         mod = apply_cpu_schedules(mod, target)
     return mod
 
 
 def fuse(mod, fast_math: bool = True):
-    from tvm import relax
-
-    from hetero.backends.tvm.fastmath import legalize_map
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
 
     return tvm_seq(
         relax.transform.LegalizeOps(legalize_map() if fast_math else None),
@@ -88,12 +93,13 @@ def fuse(mod, fast_math: bool = True):
 
 
 def tvm_seq(*passes):
-    import tvm
+    import tvm  # optional (hetero[tvm]): loaded on first use
 
     return tvm.transform.Sequential(list(passes))
 
 
 def _cpu_lowering(target):
+    # optional (hetero[tvm]): loaded on first use
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     return tvm_seq(*cpu.dataflow_lower_passes(target), *cpu.finalize_passes(target))

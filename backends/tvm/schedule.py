@@ -19,10 +19,16 @@ from __future__ import annotations
 
 
 def cpu_rules() -> list:
-    from tvm import s_tir, tirx
-    from tvm.s_tir import dlight as dl
+    from tvm import s_tir, tirx  # optional (hetero[tvm]): loaded on first use
+    from tvm.s_tir import dlight as dl  # optional (hetero[tvm]): loaded on first use
+
+    # optional (hetero[tvm]): loaded on first use
     from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    # optional (hetero[tvm]): loaded on first use
     from tvm.s_tir.dlight.base import ScheduleRule, get_extent, try_inline
+
+    # optional (hetero[tvm]): loaded on first use
     from tvm.target.codegen import llvm_get_vector_width
 
     def lanes(target, sch, block) -> int:
@@ -164,7 +170,7 @@ def cpu_rules() -> list:
 
 def apply_cpu_schedules(mod, target):
     """Schedule every not-yet-scheduled PrimFunc of `mod` for an llvm `target`."""
-    from tvm.s_tir import dlight as dl
+    from tvm.s_tir import dlight as dl  # optional (hetero[tvm]): loaded on first use
 
     with target:
         return dl.ApplyDefaultSchedule(*cpu_rules())(mod)

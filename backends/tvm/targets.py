@@ -2,7 +2,7 @@
 
 CPUs and (emulated) NPUs compile for LLVM: `-mcpu` from `DeviceSpec.mcpu` or this host's CPU,
 `num-cores` from `DeviceSpec.cores` (the thread pool size the worker uses at load). GPUs
-compile for CUDA with the SM architecture from the options (`extra=(("arch", "sm_90"),)`)
+compile for CUDA with the SM architecture from the options (`TVMOptions.arch`, e.g. sm_90)
 or guessed from the device's model name.
 """
 
@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from hetero.backends.base import CompileOptions
+from hetero.backends.tvm.options import TVMOptions
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
 
@@ -37,6 +38,7 @@ _SM_BY_MODEL = (
 
 @functools.cache
 def host_mcpu() -> str:
+    # optional (hetero[tvm]): loaded on first use
     from tvm.target.codegen import llvm_get_system_cpu
 
     return str(llvm_get_system_cpu())
@@ -49,14 +51,15 @@ def threads_for(device: DeviceSpec) -> int:
 
 def target_config(device: DeviceSpec, options: CompileOptions) -> dict[str, Any]:
     """The JSON-dict form TVM 0.27 takes (its CLI string form is gone)."""
+    own = TVMOptions.parse(options, "tvm")
     if device.kind in ("cpu", "npu"):
         return {
             "kind": "llvm",
-            "mcpu": options.get("mcpu") or device.mcpu or host_mcpu(),
+            "mcpu": own.mcpu or device.mcpu or host_mcpu(),
             "num-cores": threads_for(device),
         }
     if device.kind == "gpu":
-        arch = options.get("arch") or _sm_for(device)
+        arch = own.arch or _sm_for(device)
         return {"kind": "cuda", "arch": arch}
     raise ConfigError(f"TVM cannot target device {device.name!r} of kind {device.kind!r}")
 
@@ -66,7 +69,7 @@ def target_string(device: DeviceSpec, options: CompileOptions) -> str:
 
 
 def make_target(device: DeviceSpec, options: CompileOptions):
-    import tvm
+    import tvm  # optional (hetero[tvm]): loaded on first use
 
     cfg = target_config(device, options)
     if cfg["kind"] == "cuda":

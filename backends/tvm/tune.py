@@ -3,7 +3,7 @@
 `CompileOptions.tune_trials = N` (what `hetero compile --tune N` sets) tunes every fused
 kernel of a partition that the database has no record for, with up to N measured trials
 each, then applies the best records. The database lives under the artifact cache
-(`<cache root>/.tuning/<target hash>/`, or `CompileOptions.extra["tuning_dir"]`) and is keyed
+(`<cache root>/.tuning/<target hash>/`, hetero/paths.py, or `TVMOptions.tuning_dir`) and is keyed
 by workload (the kernel's structural hash), so a LayerNorm of the same shape tuned for one
 model is reused by every other model and run. Kernels without records keep the default
 schedules from schedule.py. Matmuls never reach MetaSchedule on CPU: they go to BLAS.
@@ -19,22 +19,22 @@ from pathlib import Path
 
 from hetero.backends.base import CompileOptions
 from hetero.backends.compile import progress_bar
+from hetero.backends.tvm.options import TVMOptions
+from hetero.paths import tuning_dir as tuning_root
 
 log = logging.getLogger(__name__)
 
 
 def tuning_dir(target, options: CompileOptions) -> Path:
-    explicit = options.get("tuning_dir")
+    explicit = TVMOptions.parse(options, "tvm").tuning_dir
     if explicit:
         return Path(explicit)
-    from hetero.backends.cache import default_root
-
     tag = hashlib.sha256(json.dumps(str(target)).encode()).hexdigest()[:16]
-    return default_root() / ".tuning" / tag
+    return tuning_root() / tag
 
 
 def open_database(target, options: CompileOptions):
-    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir import meta_schedule as ms  # optional (hetero[tvm]): loaded on first use
 
     where = tuning_dir(target, options)
     where.mkdir(parents=True, exist_ok=True)
@@ -43,8 +43,8 @@ def open_database(target, options: CompileOptions):
 
 def apply_tuning(mod, target, options: CompileOptions):
     """Tune the kernels of `mod` (fused TIR) the database lacks, then apply its records."""
-    from tvm import relax
-    from tvm.s_tir import meta_schedule as ms
+    from tvm import relax  # optional (hetero[tvm]): loaded on first use
+    from tvm.s_tir import meta_schedule as ms  # optional (hetero[tvm]): loaded on first use
 
     db = open_database(target, options)
     tasks = ms.relax_integration.extract_tasks(mod, target)
@@ -53,7 +53,7 @@ def apply_tuning(mod, target, options: CompileOptions):
     pending = [t for t in tasks if not db.has_workload(t.dispatched[0])]
     if pending:
         trials = int(options.tune_trials)
-        show = bool(options.get("progress", True))
+        show = TVMOptions.parse(options, "tvm").progress
         with progress_bar(show) as bar, tempfile.TemporaryDirectory() as work:
             job = bar.add_task(
                 f"tuning {len(pending)} kernel(s), {trials} trials each", total=len(pending)

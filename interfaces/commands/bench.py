@@ -9,7 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from hetero.interfaces.config import load_config
+from hetero.interfaces.deploy import build_compiled
 
 
 def _median_ms(fn: Callable[[], Any], runs: int, warmup: int) -> float:
@@ -24,8 +30,6 @@ def _median_ms(fn: Callable[[], Any], runs: int, warmup: int) -> float:
 
 
 def _max_diff(a: Any, b: Any) -> float:
-    import torch
-
     xs = a if isinstance(a, tuple | list) else (a,)
     ys = b if isinstance(b, tuple | list) else (b,)
     diffs = [
@@ -38,10 +42,6 @@ def _max_diff(a: Any, b: Any) -> float:
 
 def bench_config(config: Path, runs: int = 20, warmup: int = 3) -> dict[str, Any]:
     """Numbers for one config: eager and compiled medians, and each partition's times."""
-    import torch
-
-    from hetero.interfaces.config import load_config
-    from hetero.interfaces.deploy import build_compiled
 
     cfg = load_config(config)
     loaded = cfg.load_model()
@@ -85,8 +85,6 @@ def bench_config(config: Path, runs: int = 20, warmup: int = 3) -> dict[str, Any
 
 
 def _table(result: dict[str, Any]):
-    from rich.table import Table
-
     def ms(v: float | None) -> str:
         return "—" if v is None else f"{v:.3f}"
 
@@ -130,7 +128,6 @@ def register(app: typer.Typer) -> None:
         output: Path | None = typer.Option(None, "--output", "-o", help="Also write JSON here."),
     ) -> None:
         """Time CONFIG's model eagerly and compiled by hetero; predicted vs measured per partition."""
-        from rich.console import Console
 
         result = bench_config(config, runs=runs, warmup=warmup)
         text = json.dumps(result, indent=2)

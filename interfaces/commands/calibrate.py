@@ -8,6 +8,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hetero.backends.registry import default_registry
+from hetero.calibration import calibrate as run
+from hetero.calibration import fit_errors
+from hetero.cluster.profile import default_profile_path
+from hetero.cluster.reference import resolve_cluster
+from hetero.interfaces.config import load_config
+from hetero.partitioner.decisions import BackendAssignment
+
 
 def calibrate(
     cluster: str = typer.Option(
@@ -44,23 +52,22 @@ def calibrate(
 ) -> None:
     """Microbenchmark the devices present through their backends, fit efficiency factors,
     write the profile (one entry per device and backend)."""
-    from hetero.partitioner.calibrate import calibrate as run
-    from hetero.partitioner.calibrate import fit_errors
-    from hetero.partitioner.cost import default_profile_path
 
     console = Console()
-    backends: dict[str, str] | dict[str, list[str]] | None = None
-    if config is not None:
-        from hetero.interfaces.config import load_config
-        from hetero.partitioner.algorithms.adapter import backends_by_kind
 
+    known = default_registry().names()
+    backends: list[BackendAssignment] = []
+    if config is not None:
         cfg = load_config(config)
-        spec = cfg.cluster_spec() if cluster is None else _cluster(cluster)
-        backends = backends_by_kind(cfg.backends)
+        spec = cfg.cluster_spec() if cluster is None else resolve_cluster(cluster)
+        backends = [BackendAssignment.parse(cfg.backend_assignment, known=known)]
     else:
-        spec = _cluster(cluster or "local")
+        spec = resolve_cluster(cluster or "local")
     if backend:
-        backends = {d.kind: list(backend) for d in spec.devices}
+        backends = [
+            BackendAssignment.parse(BackendAssignment.everywhere(b), known=known, where="--backend")
+            for b in backend
+        ]
     with console.status("measuring") as status:
         profile, skipped, _ = run(
             spec,
@@ -115,12 +122,6 @@ def calibrate(
     path = out or default_profile_path(spec.name)
     profile.to_json(path)
     console.print(f"wrote {path}")
-
-
-def _cluster(ref: str):
-    from hetero.cluster.spec import ClusterSpec
-
-    return ClusterSpec.local() if ref == "local" else ClusterSpec.from_yaml(ref)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,15 +6,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 import typer
 from rich.console import Console
+from torch.utils import _pytree as pytree
+
+from hetero.backends.base import CompileOptions
+from hetero.interfaces.api import compile as hetero_compile
+from hetero.interfaces.config import load_config
+from hetero.runtime.verify import verify
 
 
 def _compiled(config: Path, tune: int = 0, executor: str | None = None):
-    from hetero.backends.base import CompileOptions
-    from hetero.interfaces.api import compile as hetero_compile
-    from hetero.interfaces.config import load_config
-
     cfg = load_config(config)
     loaded = cfg.load_model()
     kwargs = cfg.compile_kwargs()
@@ -56,7 +59,6 @@ def run_cmd(
     runs: int = typer.Option(10, help="timed runs"),
 ) -> None:
     """Compile, run the config's example inputs, compare with eager, show measured vs predicted."""
-    import torch
 
     console = Console()
     with console.status("planning, compiling, starting the runtime"):
@@ -69,8 +71,6 @@ def run_cmd(
             for _ in range(runs):
                 cm(*loaded.example_inputs)
             ms = (time.perf_counter() - start) * 1e3 / max(1, runs)
-        from torch.utils import _pytree as pytree
-
         diffs = [
             float((a.float() - b.float()).abs().max())
             for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(ref), strict=True)
@@ -90,7 +90,6 @@ def verify_cmd(
     atol: float = typer.Option(1e-4, help="absolute tolerance"),
 ) -> None:
     """Run the plan and eager side by side; on a mismatch, find the first partition and op."""
-    from hetero.runtime.verify import verify
 
     console = Console()
     with console.status("planning and compiling"):

@@ -8,8 +8,19 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import typer
 from rich.console import Console
+
+from hetero.backends.registry import default_registry
+from hetero.calibration import calibrate, versions_string
+from hetero.cluster.profile import CalibrationProfile, default_profile_path
+from hetero.errors import HeteroError
+from hetero.interfaces.api import compile as hetero_compile
+from hetero.interfaces.api import plan as make_plan
+from hetero.interfaces.config import load_config
+from hetero.interfaces.report import graph_table
+from hetero.partitioner import capture
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -29,13 +40,6 @@ def demo(
     ),
 ) -> None:
     """Capture, plan, compile and run the demo model; compare with eager."""
-    import torch
-
-    from hetero.interfaces.api import compile as hetero_compile
-    from hetero.interfaces.config import load_config
-    from hetero.interfaces.report import graph_table
-    from hetero.partitioner import capture
-    from hetero.partitioner.algorithms import plan as make_plan
 
     # Plan tables are wide: keep them whole when the output is a file or a CI log.
     console = Console(width=None if sys.stdout.isatty() else 150)
@@ -53,7 +57,7 @@ def demo(
     console.print(graph_table(graph, depth=1))
 
     with console.status("planning"):
-        plan = make_plan(graph, cluster, cfg.objective, backends=dict(cfg.backends) or None)
+        plan = make_plan(graph, cluster, cfg.objective, backends=cfg.backend_assignment)
     out.mkdir(parents=True, exist_ok=True)
     plan.to_json(out / "plan.json")
     picture = plan.draw(out / "plan.png")
@@ -84,9 +88,6 @@ def demo(
 def _calibrate_once(console: Console, cfg, cluster, wanted: bool | None) -> None:
     """Fit the cost model to this machine as the demo's backends run it (about a minute,
     once: the profile is cached where every later plan of this cluster finds it)."""
-    from hetero.partitioner.algorithms.adapter import backends_by_kind
-    from hetero.partitioner.calibrate import calibrate
-    from hetero.partitioner.cost import default_profile_path
 
     path = default_profile_path(cluster.name)
     current = path.exists() and not _stale(path)
@@ -98,7 +99,7 @@ def _calibrate_once(console: Console, cfg, cluster, wanted: bool | None) -> None
     with console.status("calibrating the cost model on this machine (once)") as status:
         profile, _, _ = calibrate(
             cluster,
-            backends=backends_by_kind(cfg.backends),
+            backends=cfg.backend_assignment,
             quick=True,
             emulated=True,
             log=status.update,
@@ -114,10 +115,6 @@ def _calibrate_once(console: Console, cfg, cluster, wanted: bool | None) -> None
 def _stale(path: Path) -> bool:
     """A profile measured through other versions of its backends (a TVM lowering that has
     changed since prices kernels that no longer exist)."""
-    from hetero.backends.registry import default_registry
-    from hetero.errors import HeteroError
-    from hetero.partitioner.calibrate import versions_string
-    from hetero.partitioner.cost import CalibrationProfile
 
     try:
         profile = CalibrationProfile.load(path)

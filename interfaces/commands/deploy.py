@@ -5,8 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
+from hetero.cluster.connect import init_ray
+from hetero.interfaces import deploy as deploy_mod
 from hetero.interfaces.commands.serve import HOST_HELP, PORT_HELP
+from hetero.interfaces.config import load_config
+from hetero.interfaces.serving import ActorServable, ModelServable, ServerOptions
+from hetero.interfaces.serving.foreground import serve_foreground
 
 
 def register(app: typer.Typer) -> None:
@@ -23,22 +29,16 @@ def register(app: typer.Typer) -> None:
         reachable from other Ray programs by name, and this process serves its endpoint.
         Runs in the foreground; SIGINT/SIGTERM drain in-flight requests and exit.
         """
-        from rich.console import Console
-
-        from hetero.interfaces import deploy as deploy_mod
-        from hetero.interfaces.config import load_config
-        from hetero.interfaces.serving import ActorServable, ModelServable, ServerOptions
-        from hetero.interfaces.serving.foreground import serve_foreground
 
         console = Console(stderr=True)
         cfg = load_config(config)
         label = name or cfg.deployment_name
         with console.status(f"deploying {label}") as status:
             if cfg.is_ray:
-                import ray
+                import ray  # optional (hetero[ray]): loaded on first use
 
                 status.update(f"connecting to the Ray cluster at {cfg.cluster}")
-                deploy_mod.init_ray(cfg.cluster, namespace=cfg.ray.namespace)
+                init_ray(cfg.cluster, namespace=cfg.ray.namespace)
                 status.update(f"compiling {cfg.model} in the deployment actor {label!r}")
                 handle = deploy_mod.deploy(cfg, name=label)
                 ray.get(handle.ready.remote())

@@ -7,14 +7,22 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from hetero.cluster.reference import resolve_cluster
+from hetero.interfaces.api import plan as make_plan
+from hetero.interfaces.config import load_config
+from hetero.interfaces.modelref import load_factory
+from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import Objective
+from hetero.partitioner.graph import capture
+
 
 def plan(
     target: str = typer.Argument(..., help="deploy config (.yaml) or a model 'pkg.module:factory'"),
     cluster: str | None = typer.Option(
         None, "--cluster", help="cluster YAML or 'local' (default: the config's, else local)"
     ),
-    objective: str | None = typer.Option(
-        None, "--objective", help="latency | throughput (default: the config's, else latency)"
+    objective: Objective | None = typer.Option(
+        None, "--objective", help="what to minimise (default: the config's, else latency)"
     ),
     microbatches: int = typer.Option(1, "--microbatches", help="for throughput plans"),
     algorithm: str | None = typer.Option(
@@ -36,31 +44,24 @@ def plan(
 
     The model may have no weights (a transformers config built on the meta device, or a
     factory called with device="meta"): planning needs only shapes."""
-    from hetero.partitioner.algorithms import plan as make_plan
-    from hetero.partitioner.cost import CostModel
-    from hetero.partitioner.graph import capture
 
     console = Console()
     kwargs: dict = {}
     if target.endswith((".yaml", ".yml")):
-        from hetero.interfaces.config import load_config
-
         cfg = load_config(target)
         loaded = cfg.load_model(weights=False)
         model, inputs, dynamic = loaded.module, loaded.example_inputs, loaded.dynamic_shapes
-        spec = cfg.cluster_spec() if cluster is None else _cluster(cluster)
+        spec = cfg.cluster_spec() if cluster is None else resolve_cluster(cluster)
         objective = objective or cfg.objective
         kwargs = {
-            "backends": dict(cfg.backends) or None,
+            "backends": cfg.backend_assignment,
             "pins": dict(cfg.constraints.pins) or None,
         }
     else:
-        from hetero.interfaces.modelref import load_factory
-
         model, inputs = load_factory(target, where="model")
         dynamic = None
-        spec = _cluster(cluster or "local")
-    objective = objective or "latency"
+        spec = resolve_cluster(cluster or "local")
+    objective = objective or Objective.LATENCY
     with console.status("capturing with torch.export"):
         graph = capture(model, inputs, dynamic_shapes=dynamic)
     cost_model = CostModel.load(profile, cluster=spec)
@@ -82,12 +83,6 @@ def plan(
     if draw is not None:
         result.draw(draw)
         console.print(f"wrote {draw}")
-
-
-def _cluster(ref: str):
-    from hetero.cluster.spec import ClusterSpec
-
-    return ClusterSpec.local() if ref == "local" else ClusterSpec.from_yaml(ref)
 
 
 def register(app: typer.Typer) -> None:

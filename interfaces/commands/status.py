@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from hetero.cluster.connect import init_ray
+from hetero.interfaces.deploy import list_deployments
+from hetero.interfaces.deploy import stop as stop_deployment
+from hetero.interfaces.jobs import list_jobs, stop_via_jobs
 
 ADDRESS_HELP = (
     "http://HEAD:8265 (the job API: lists hetero's jobs) or a Ray address (auto, "
@@ -24,14 +31,10 @@ def register(app: typer.Typer) -> None:
         namespace: str = typer.Option("hetero", help="Ray namespace of the deployments."),
     ) -> None:
         """Show hetero's deployments on a Ray cluster (or its submitted jobs)."""
-        from rich.console import Console
-        from rich.table import Table
 
         console = Console()
         addr = _address(address)
         if addr.startswith(("http://", "https://")):
-            from hetero.interfaces.jobs import list_jobs
-
             table = Table(title=f"hetero jobs at {addr}")
             for col in ("job", "deployment", "status", "message"):
                 table.add_column(col)
@@ -39,7 +42,6 @@ def register(app: typer.Typer) -> None:
                 table.add_row(row["job"], row["deployment"], row["status"], row["message"][:60])
             console.print(table)
             return
-        from hetero.interfaces.deploy import init_ray, list_deployments
 
         init_ray(addr, namespace=namespace)
         rows = [r for r in list_deployments(namespace) if name is None or r["name"] == name]
@@ -66,20 +68,15 @@ def register(app: typer.Typer) -> None:
         namespace: str = typer.Option("hetero", help="Ray namespace of the deployment."),
     ) -> None:
         """Drain and end a deployment (and stop its job, when it was submitted)."""
-        from rich.console import Console
 
         console = Console(stderr=True)
         addr = _address(address)
         if addr.startswith(("http://", "https://")):
-            from hetero.interfaces.jobs import stop_via_jobs
-
             result = stop_via_jobs(addr, name)
             console.print(f"stop {name}: {result}", highlight=False)
             if result != "SUCCEEDED":
                 raise typer.Exit(1)
             return
-        from hetero.interfaces.deploy import init_ray
-        from hetero.interfaces.deploy import stop as stop_deployment
 
         init_ray(addr, namespace=namespace)
         stop_deployment(name, namespace)

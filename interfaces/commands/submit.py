@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
+
+from hetero.interfaces.jobs import submit as submit_job
 
 ADDRESS_HELP = (
     "The Ray job API (dashboard) address, e.g. http://HEAD:8265. It has no authentication "
@@ -28,9 +31,6 @@ def register(app: typer.Typer) -> None:
         Follows the job's logs and exits with its status (0 when it SUCCEEDED). The
         deployment outlives the job; `hetero status` shows it, `hetero stop NAME` ends it.
         """
-        from rich.console import Console
-
-        from hetero.interfaces.jobs import submit as submit_job
 
         console = Console(stderr=True)
         job_id, status = submit_job(config, address, name=name, follow=follow, timeout=timeout)

@@ -2,8 +2,10 @@
 
 A servable has `input_metas` / `output_metas` (name -> TensorMeta), `run_flat(named
 tensors) -> named tensors`, `ready()` (every partition answers), `info()` (model name,
-plan summary, partitions, state) and `shutdown()`. Only the first three are required;
-the server reads the rest with defaults, so a test's fake can be a few lines.
+plan summary, partitions, state), `contract` (what a request may hold:
+interfaces/validation.py), `accepts()` (whether a request may wait while it is not ready:
+it is recovering, not loading) and `shutdown()`. Only the first three are required; the
+server reads the rest with defaults, so a test's fake can be a few lines.
 """
 
 from __future__ import annotations
@@ -15,14 +17,23 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from hetero.errors import HeteroError
+from hetero.errors import HeteroError, InvalidInput, Unavailable
+from hetero.interfaces.validation import Contract
 from hetero.partitioner.graph import TensorMeta
 
 _UNKNOWN = TensorMeta((), (), "other")
 
 
-class NotReady(HeteroError):
+class NotReady(Unavailable):
     """The model is still loading, or failed to load (the message says which and why)."""
+
+
+def servable_contract(servable: Any) -> Contract:
+    """The servable's contract, or one made of its input metas (names, dtypes, shapes)."""
+    contract = getattr(servable, "contract", None)
+    if isinstance(contract, Contract):
+        return contract
+    return Contract.from_metas(servable.input_metas)
 
 
 @runtime_checkable
@@ -82,6 +93,10 @@ class ModelServable:
         self.cm = cm
         self.name = name or getattr(getattr(cm, "graph", None), "model_name", "model")
         self.input_metas, self.output_metas = graph_metas(cm)
+        contract = getattr(cm, "contract", None)
+        self.contract = (
+            contract if isinstance(contract, Contract) else Contract.from_graph(cm.graph)
+        )
 
     def run_flat(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
@@ -90,8 +105,16 @@ class ModelServable:
     def ready(self) -> bool:
         return bool(self.cm.ready())
 
+    def accepts(self) -> bool:
+        probe = getattr(self.cm, "accepts", None)
+        return bool(probe()) if callable(probe) else self.ready()
+
     def info(self) -> dict[str, Any]:
-        return {"model": self.name, "state": "ready", **plan_info(self.cm.plan)}
+        state, why = self.cm.status() if hasattr(self.cm, "status") else ("ready", "")
+        info = {"model": self.name, "state": state, **plan_info(self.cm.plan)}
+        if why:
+            info["error"] = why
+        return info
 
     def shutdown(self) -> None:
         self.cm.shutdown()
@@ -153,6 +176,14 @@ class LoadingServable:
     def output_metas(self) -> Mapping[str, TensorMeta]:
         return self._inner.output_metas if self._inner is not None else {}
 
+    @property
+    def contract(self) -> Contract:
+        return servable_contract(self._inner) if self._inner is not None else Contract(())
+
+    def accepts(self) -> bool:
+        probe = getattr(self._inner, "accepts", None)
+        return bool(probe()) if callable(probe) else False
+
     def run_flat(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self._inner is None:
             if self._error:
@@ -168,7 +199,7 @@ class LoadingServable:
             return {"model": self.name, "state": self.state, "error": self._error}
         info = dict(getattr(self._inner, "info", dict)())
         info.setdefault("model", self.name)
-        if not self.ready():
+        if not self.ready() and info.get("state", "ready") == "ready":
             info["state"] = "not-ready"
         return info
 
@@ -182,19 +213,36 @@ class ActorServable:
     """A hetero deployment actor (see hetero.interfaces.deploy) behind a local gRPC server."""
 
     def __init__(self, handle: Any, timeout: float = 10.0) -> None:
-        import ray
+        import ray  # optional (hetero[ray]): loaded on first use
 
         self._ray = ray
         self.handle = handle
         self.timeout = timeout
         self.input_metas, self.output_metas = ray.get(handle.metas.remote(), timeout=600)
+        self.contract = ray.get(handle.contract.remote(), timeout=600)
 
     def run_flat(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self._ray.get(self.handle.run_flat.remote(inputs))
+        from ray.exceptions import RayTaskError  # optional (hetero[ray]): actor deployments only
+
+        try:
+            return self._ray.get(self.handle.run_flat.remote(inputs))
+        except RayTaskError as e:
+            # The caller's own mistake, or a deployment that cannot serve now, is reported
+            # as such, not as a failure of the actor.
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, InvalidInput | Unavailable):
+                raise cause from None
+            raise
 
     def ready(self) -> bool:
+        return self._ask("ready")
+
+    def accepts(self) -> bool:
+        return self._ask("accepts")
+
+    def _ask(self, method: str) -> bool:
         try:
-            return bool(self._ray.get(self.handle.ready.remote(), timeout=self.timeout))
+            return bool(self._ray.get(getattr(self.handle, method).remote(), timeout=self.timeout))
         except Exception:  # an actor that died or hangs is simply not ready
             return False
 

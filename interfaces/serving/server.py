@@ -7,7 +7,14 @@ default); work whose deadline passed while it waited is skipped, not run.
 
 Health: NOT_SERVING until the servable is ready (every partition answers), back to
 NOT_SERVING whenever it stops being ready (a fault, a reload), and NOT_SERVING from the
-first moment of a graceful shutdown, before in-flight requests drain.
+first moment of a graceful shutdown, before in-flight requests drain. A servable that is
+recovering (a worker restarting, a re-plan around a lost device) still takes requests:
+they wait for the recovery within their deadline instead of failing, while health tells
+load balancers to send new traffic elsewhere.
+
+Every request is validated before it is admitted (interfaces/validation.py: names,
+dtypes, shapes, dim ranges, index bounds, bool bytes, NaN/Inf unless allowed). Requests
+are parsed here, not by grpcio, so bytes that are no protobuf get INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -20,13 +27,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
-from hetero.errors import HeteroError
+from hetero.errors import HeteroError, InvalidInput, Unavailable
 from hetero.interfaces import hetero_pb2 as pb
-from hetero.interfaces import hetero_pb2_grpc as pb_grpc
-from hetero.interfaces.serving.servable import NotReady
-from hetero.interfaces.serving.tensors import InvalidInput, decode_inputs, meta_info, to_proto
+from hetero.interfaces.serving.servable import servable_contract
+from hetero.interfaces.serving.tensors import decode_inputs, meta_info, to_proto
+from hetero.interfaces.validation import Contract
 
 SERVICE_NAME = "hetero.v1.Inference"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -43,6 +50,7 @@ class ServerOptions:
     workers: int = 1  # model calls run at the same time
     grace: float = 10.0  # seconds in-flight calls get on shutdown
     health_poll: float = 0.5  # seconds between readiness checks of the servable
+    allow_nonfinite: bool = False  # let NaN/±Inf through in floating inputs
 
     @classmethod
     def from_config(cls, serving: Any, host: str | None = None, port: int | None = None):
@@ -55,6 +63,7 @@ class ServerOptions:
             deadline=serving.deadline,
             workers=serving.workers,
             grace=serving.grace,
+            allow_nonfinite=getattr(serving, "allow_nonfinite", False),
         )
 
 
@@ -62,18 +71,66 @@ class _Expired(Exception):
     pass
 
 
-class _Servicer(pb_grpc.InferenceServicer):
-    def __init__(self, server: HeteroServer) -> None:
-        self.s = server
+def _parsed(message_type: Any, handler: Any) -> Any:
+    """`handler(request, context)` fed from raw bytes: bytes that do not parse as
+    `message_type` get INVALID_ARGUMENT (grpcio's own parsing answers INTERNAL)."""
 
-    def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferResponse:
-        code, message, response = self.s._infer(request, context)
+    def run(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            request = message_type.FromString(raw)
+        except Exception as e:  # DecodeError, or a string field that is not UTF-8
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid {message_type.DESCRIPTOR.full_name}: {e}",
+            )
+        return handler(request, context)
+
+    return run
+
+
+def _handlers(server: HeteroServer, health_servicer: Any) -> tuple[Any, ...]:
+    """hetero.v1.Inference and grpc.health.v1.Health, both parsing their own requests."""
+
+    def infer(request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferResponse:
+        if not server._enter():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        try:
+            code, message, response = server._infer(request, context)
+        finally:
+            server._leave()
         if code is not None:
             context.abort(code, message)
         return response
 
-    def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext):
-        return self.s._model_info()
+    def model_info(request: pb.ModelInfoRequest, context: grpc.ServicerContext):
+        return server._model_info()
+
+    unary = grpc.unary_unary_rpc_method_handler
+    inference = grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Infer": unary(
+                _parsed(pb.InferRequest, infer),
+                response_serializer=pb.InferResponse.SerializeToString,
+            ),
+            "ModelInfo": unary(
+                _parsed(pb.ModelInfoRequest, model_info),
+                response_serializer=pb.ModelInfoResponse.SerializeToString,
+            ),
+        },
+    )
+    check = health_pb2.HealthCheckRequest
+    respond = health_pb2.HealthCheckResponse.SerializeToString
+    healthz = grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health",
+        {
+            "Check": unary(_parsed(check, health_servicer.Check), response_serializer=respond),
+            "Watch": grpc.unary_stream_rpc_method_handler(
+                _parsed(check, health_servicer.Watch), response_serializer=respond
+            ),
+        },
+    )
+    return inference, healthz
 
 
 class HeteroServer:
@@ -84,12 +141,20 @@ class HeteroServer:
         self.options = options or ServerOptions()
         o = self.options
         self._pool = ThreadPoolExecutor(max_workers=o.workers, thread_name_prefix="hetero-model")
-        self._admitted = 0
+        self._admitted = 0  # calls holding a place in the queue (running or waiting)
+        self._entered = 0  # Infer calls past the shutdown check
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._stopped = threading.Event()
         self._serving = False
-        self.stats = {"served": 0, "rejected": 0, "invalid": 0, "expired": 0, "failed": 0}
+        self.stats = {
+            "served": 0,
+            "rejected": 0,
+            "invalid": 0,
+            "expired": 0,
+            "failed": 0,
+            "unavailable": 0,
+        }
         self._health = health.HealthServicer()
         for service in ("", SERVICE_NAME):
             self._health.set(service, _NOT_SERVING)
@@ -103,8 +168,8 @@ class HeteroServer:
             max_workers=o.queue_limit + 8, thread_name_prefix="hetero-rpc"
         )
         self._server = grpc.server(self._rpc_pool, options=msg_options)
-        pb_grpc.add_InferenceServicer_to_server(_Servicer(self), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._server.add_generic_rpc_handlers(_handlers(self, self._health))
+        self._contract: tuple[Any, Contract] | None = None  # (its source, the contract)
         self.port = 0
         self._monitor = threading.Thread(target=self._watch, name="hetero-health", daemon=True)
 
@@ -165,16 +230,19 @@ class HeteroServer:
         if self._closing.is_set():
             self._stopped.wait()
             return
-        self._closing.set()
+        with self._lock:
+            self._closing.set()
         self._serving = False
         self._health.enter_graceful_shutdown()
         grace = self.options.grace if grace is None else grace
-        # Drain admitted Infer calls; then stop at once, so an open health Watch stream
-        # (which never ends by itself) does not hold the shutdown for the whole grace.
+        # Drain the Infer calls counted in (and work they left running); then stop with a
+        # short grace for calls that reached gRPC but no handler yet (they are refused with
+        # UNAVAILABLE, not cut off), so an open health Watch stream (which never ends by
+        # itself) does not hold the shutdown for the whole grace.
         end = time.monotonic() + grace
-        while self._admitted > 0 and time.monotonic() < end:
+        while (self._entered > 0 or self._admitted > 0) and time.monotonic() < end:
             time.sleep(0.02)
-        self._server.stop(0.2).wait()
+        self._server.stop(min(1.0, grace)).wait()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._rpc_pool.shutdown(wait=False)
         try:
@@ -195,10 +263,21 @@ class HeteroServer:
         self.shutdown()
 
     # ---- the calls ---------------------------------------------------------------------------
+    def _enter(self) -> bool:
+        """Count an Infer call in, unless shutting down (then the caller refuses it): the
+        drain waits for every call counted in, so none is cut off half-way."""
+        with self._lock:
+            if self._closing.is_set():
+                return False
+            self._entered += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._entered -= 1
+
     def _infer(self, request: pb.InferRequest, context: grpc.ServicerContext):
         """(status code, message, response): code None means success."""
-        if self._closing.is_set():
-            return grpc.StatusCode.UNAVAILABLE, "the server is shutting down", None
         remaining = context.time_remaining()
         # gRPC reports a call without a deadline as None or as a practically infinite time.
         no_deadline = remaining is None or remaining > 1e8
@@ -210,7 +289,7 @@ class HeteroServer:
                 "the deadline passed before the call began",
                 None,
             )
-        if not self._serving:
+        if not self._serving and not self._accepts():
             info = self._info()
             why = info.get("error") or f"state {info.get('state', 'not-ready')}"
             return (
@@ -220,7 +299,7 @@ class HeteroServer:
                 None,
             )
         try:
-            inputs = decode_inputs(request.inputs, self.servable.input_metas)
+            inputs = decode_inputs(request.inputs, self.contract())
         except InvalidInput as e:
             self._count("invalid")
             return grpc.StatusCode.INVALID_ARGUMENT, str(e), None
@@ -252,7 +331,8 @@ class HeteroServer:
                 "is slower than that",
                 None,
             )
-        except NotReady as e:
+        except Unavailable as e:
+            self._count("unavailable")
             return grpc.StatusCode.UNAVAILABLE, str(e), None
         except InvalidInput as e:
             self._count("invalid")
@@ -284,6 +364,23 @@ class HeteroServer:
         start = time.perf_counter()
         out = self.servable.run_flat(inputs)
         return out, (time.perf_counter() - start) * 1e3
+
+    def contract(self) -> Contract:
+        """What a request must hold: the servable's contract, NaN/Inf refused unless allowed."""
+        source = servable_contract(self.servable)
+        cached = self._contract
+        if cached is None or cached[0] is not source:
+            contract = source.with_finite(not self.options.allow_nonfinite)
+            self._contract = cached = (source, contract)
+        return cached[1]
+
+    def _accepts(self) -> bool:
+        """Whether a request may wait for the servable (it is recovering, not loading)."""
+        probe = getattr(self.servable, "accepts", None)
+        try:
+            return bool(probe()) if callable(probe) else False
+        except Exception:  # a probe that fails means no
+            return False
 
     def _count(self, key: str) -> None:
         with self._lock:

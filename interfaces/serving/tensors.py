@@ -1,14 +1,20 @@
-"""Named tensors on the wire: torch <-> hetero.v1.Tensor, and checks against the model's inputs."""
+"""Named tensors on the wire: torch <-> hetero.v1.Tensor. What a request may hold is checked
+by interfaces/validation.py, shared with every other way in."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 
+from hetero.errors import InvalidInput
 from hetero.interfaces import hetero_pb2 as pb
+from hetero.interfaces.validation import Contract
 from hetero.partitioner.graph import TensorMeta
+
+__all__ = ["WIRE_DTYPES", "InvalidInput", "decode_inputs", "from_proto", "meta_info", "to_proto"]
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -22,10 +28,6 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
-
-
-class InvalidInput(ValueError):
-    """A request's tensors do not match the model's inputs (the message names the input)."""
 
 
 def to_proto(name: str, t: torch.Tensor) -> pb.Tensor:
@@ -49,77 +51,42 @@ def from_proto(msg: pb.Tensor) -> torch.Tensor:
     return out
 
 
-def _expected(meta: TensorMeta) -> str:
-    return f"{meta.dtype}[{', '.join(str(s) for s in meta.shape)}]"
+def decode_tensor(msg: pb.Tensor) -> torch.Tensor:
+    """One wire tensor as a torch tensor, after checking its dtype, shape and byte count."""
+    name = msg.name
+    if msg.dtype not in WIRE_DTYPES:
+        raise InvalidInput(
+            f"input {name!r}: dtype {msg.dtype or '(empty)'!r} has no wire form; one of "
+            f"{', '.join(WIRE_DTYPES)}"
+        )
+    shape = tuple(int(s) for s in msg.shape)
+    if any(s < 0 for s in shape):
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} has a negative dim")
+    itemsize = WIRE_DTYPES[msg.dtype].itemsize
+    want_bytes = itemsize * math.prod(shape)
+    if len(msg.data) != want_bytes:
+        raise InvalidInput(
+            f"input {name!r}: {len(msg.data)} bytes of data; {msg.dtype}{list(shape)} needs "
+            f"{want_bytes} ({math.prod(shape)} x {itemsize} bytes, row-major)"
+        )
+    return from_proto(msg)
 
 
 def decode_inputs(
-    tensors: Iterable[pb.Tensor], expected: Mapping[str, TensorMeta]
+    tensors: Iterable[pb.Tensor], expected: Contract | Mapping[str, TensorMeta]
 ) -> dict[str, torch.Tensor]:
-    """Check every input against the model's metas (name, dtype, rank, sizes, byte count)."""
+    """The request's tensors, checked on the wire (dtype, shape, bytes) and then against the
+    model's contract (names, dtypes, shapes, dim ranges, values: interfaces/validation.py)."""
+    contract = expected if isinstance(expected, Contract) else Contract.from_metas(expected)
     given: dict[str, pb.Tensor] = {}
     for t in tensors:
         if t.name in given:
             raise InvalidInput(f"input {t.name!r} is given twice")
         given[t.name] = t
-    summary = ", ".join(f"{n} ({_expected(m)})" for n, m in expected.items())
-    missing = [n for n in expected if n not in given]
-    if missing:
-        raise InvalidInput(f"missing input {', '.join(map(repr, missing))}; expected: {summary}")
-    extra = [n for n in given if n not in expected]
-    if extra:
-        raise InvalidInput(f"unknown input {', '.join(map(repr, extra))}; expected: {summary}")
-    bound: dict[str, tuple[int, str]] = {}  # dynamic dim symbol -> (size, input that set it)
-    out: dict[str, torch.Tensor] = {}
-    for name, meta in expected.items():
-        t = given[name]
-        if meta.dtype not in WIRE_DTYPES:
-            raise InvalidInput(
-                f"input {name!r}: the model takes {meta.dtype}, which has no wire form"
-            )
-        if t.dtype != meta.dtype:
-            raise InvalidInput(
-                f"input {name!r}: dtype {t.dtype or '(empty)'} but the model expects {meta.dtype} "
-                f"({_expected(meta)})"
-            )
-        shape = tuple(int(s) for s in t.shape)
-        if len(shape) != len(meta.shape):
-            raise InvalidInput(
-                f"input {name!r}: shape {list(shape)} has {len(shape)} dims; expected "
-                f"{_expected(meta)}"
-            )
-        for axis, (got, want) in enumerate(zip(shape, meta.shape, strict=True)):
-            if isinstance(want, int):
-                if got != want:
-                    raise InvalidInput(
-                        f"input {name!r}: dim {axis} is {got}; expected {want} "
-                        f"(shape {list(shape)} vs {_expected(meta)})"
-                    )
-            elif got < 0:
-                raise InvalidInput(f"input {name!r}: dim {axis} is negative ({got})")
-            elif want in bound and bound[want][0] != got:
-                size, other = bound[want]
-                raise InvalidInput(
-                    f"input {name!r}: dim {axis} ({want}) is {got} but {other!r} set {want}={size}"
-                )
-            else:
-                bound.setdefault(want, (got, name))
-        itemsize = WIRE_DTYPES[meta.dtype].itemsize
-        want_bytes = itemsize * _numel(shape)
-        if len(t.data) != want_bytes:
-            raise InvalidInput(
-                f"input {name!r}: {len(t.data)} bytes of data; {meta.dtype}{list(shape)} needs "
-                f"{want_bytes} ({_numel(shape)} x {itemsize} bytes, row-major)"
-            )
-        out[name] = from_proto(t)
+    contract.check_names(given)
+    out = {name: decode_tensor(t) for name, t in given.items()}
+    contract.check(out)
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def meta_info(name: str, meta: TensorMeta) -> pb.TensorInfo:

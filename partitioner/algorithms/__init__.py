@@ -6,7 +6,9 @@
     latency     min-cut (2 devices, exact) / list scheduling + expansion moves (more), then
                 local refinement; memory through Lagrangian penalties
     throughput  contiguous pipeline stages by dynamic programming (exact for its model)
-    exhaustive  every assignment; ground truth for tests on small graphs
+    exhaustive  every assignment (or pipeline); ground truth for tests on small graphs
+
+An algorithm registers one solver per `Objective` it optimises.
 
 Each algorithm is a pure function over a `Problem` (cost arrays); `adapter.build_problem`
 turns (GroupGraph, ClusterSpec, CostModel) into one and `assemble.assemble` turns the
@@ -21,32 +23,50 @@ from dataclasses import dataclass, replace
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
 from hetero.partitioner.algorithms.adapter import (
-    DEFAULT_BACKENDS,
+    BackendLookup,
     build_problem,
     refine_for_support,
+    resolve_backends,
 )
 from hetero.partitioner.algorithms.assemble import assemble
 from hetero.partitioner.algorithms.auto import plan_auto
-from hetero.partitioner.algorithms.exhaustive import exhaustive
+from hetero.partitioner.algorithms.exhaustive import exhaustive, exhaustive_pipelines
 from hetero.partitioner.algorithms.latency import latency
 from hetero.partitioner.algorithms.problem import Placement, Problem, Solution
 from hetero.partitioner.algorithms.throughput import throughput
 from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import BackendAssignment, Objective
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.progress import Report as Progress
 from hetero.partitioner.progress import progress_bar
 
-OBJECTIVES = ("latency", "throughput")
-AUTO = "auto"  # the default planner; not in the registry (it plans from the graph, not a Problem)
+# The default planner, for every objective; not in the registry (it plans from the graph,
+# not from one Problem)
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class Algorithm:
+    """A partition algorithm: one solver per objective it optimises."""
+
     name: str
-    solve: Callable[[Problem, str], Solution]  # (problem, objective) -> solution
-    objectives: tuple[str, ...]  # objectives it optimises
+    solvers: Mapping[Objective, Callable[[Problem], Solution]]
     summary: str
+    exact: bool = False  # its solution is optimal for the planner's model (Plan.optimal)
+
+    @property
+    def objectives(self) -> tuple[Objective, ...]:
+        return tuple(self.solvers)
+
+    def solve(self, problem: Problem, objective: Objective) -> Solution:
+        solver = self.solvers.get(objective)
+        if solver is None:
+            raise ConfigError(
+                f"algorithm {self.name!r} optimises {', '.join(map(str, self.objectives))}, "
+                f"not {objective}"
+            )
+        return solver(problem)
 
 
 class AlgorithmRegistry:
@@ -74,11 +94,17 @@ class AlgorithmRegistry:
 
 
 def default_algorithms() -> AlgorithmRegistry:
+    L, T = Objective.LATENCY, Objective.THROUGHPUT
     return AlgorithmRegistry(
         [
-            Algorithm("latency", latency, ("latency",), "min-cut / list scheduling + refinement"),
-            Algorithm("throughput", throughput, ("throughput",), "pipeline stages by DP"),
-            Algorithm("exhaustive", exhaustive, OBJECTIVES, "every assignment (small graphs)"),
+            Algorithm("latency", {L: latency}, "min-cut / list scheduling + refinement"),
+            Algorithm("throughput", {T: throughput}, "pipeline stages by DP", exact=True),
+            Algorithm(
+                "exhaustive",
+                {L: exhaustive, T: exhaustive_pipelines},
+                "every assignment (small graphs)",
+                exact=True,
+            ),
         ]
     )
 
@@ -86,33 +112,32 @@ def default_algorithms() -> AlgorithmRegistry:
 def plan(
     graph: OpGraph,
     cluster: ClusterSpec,
-    objective: str = "latency",
+    objective: Objective = Objective.LATENCY,
     *,
-    backends: Mapping[str, str] | None = None,
+    registry: BackendLookup,
+    backends: BackendAssignment = BackendAssignment(),
     pins: Mapping[str, str] | None = None,
     exclude: Sequence[str] = (),
     microbatches: int = 1,
     cost_model: CostModel | None = None,
     algorithm: str | None = None,
-    registry=None,
     groups=None,
     time_budget_s: float | None = None,
     progress: bool | Progress | None = None,
 ) -> Plan:
-    """Partition `graph` over `cluster`.
+    """Partition `graph` over `cluster` (typed decisions: `hetero.plan` parses strings).
 
-    backends: device kind -> backend name (default gpu: triton, cpu/npu: tvm; eager where
-    one is missing). pins: module path (or op name) -> device. exclude: devices not to use.
-    microbatches: for "throughput", the batch is cut into this many microbatches. registry:
-    the backend registry asked which ops each backend supports. groups: a GroupGraph to
-    plan over instead of `graph.coarsen()` refined where a device runs a group only in part.
+    registry: the backend registry asked which ops each backend supports (the same object
+    the compile and the runtime use). backends: which backend each device kind asks for
+    (one that is unavailable here falls back to eager, with a note). pins: module path (or
+    op name) -> device. exclude: devices not to use. microbatches: for a pipelined
+    objective, the batch is cut into this many microbatches. groups: a GroupGraph to plan
+    over instead of `graph.coarsen()` refined where a device runs a group only in part.
     algorithm: None or "auto" (the default: see `auto.py`), or one of the registry's.
     time_budget_s: seconds "auto" may spend (its exact search stops there; it returns the
     best plan found and `Plan.optimal` says whether it is proven). progress: True for a
     progress bar on the terminal, or a callable (phase, seconds spent, budget).
     """
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if time_budget_s is not None and time_budget_s <= 0:
         raise ConfigError(f"time_budget_s must be positive, got {time_budget_s}")
     if algorithm in (None, AUTO):
@@ -121,12 +146,12 @@ def plan(
                 graph,
                 cluster,
                 objective,
+                registry=registry,
                 backends=backends,
                 pins=pins,
                 exclude=exclude,
                 microbatches=microbatches,
                 cost_model=cost_model,
-                registry=registry,
                 groups=groups,
                 time_budget_s=time_budget_s,
                 progress=report,
@@ -134,33 +159,33 @@ def plan(
     algo = default_algorithms().get(algorithm)
     if objective not in algo.objectives:
         raise ConfigError(
-            f"algorithm {algo.name!r} optimises {', '.join(algo.objectives)}, not {objective!r}"
+            f"algorithm {algo.name!r} optimises {', '.join(map(str, algo.objectives))}, "
+            f"not {objective}"
         )
     cost_model = cost_model if cost_model is not None else CostModel.load(cluster=cluster)
+    resolved, notes = resolve_backends(cluster, backends, registry)
     if groups is None:
         groups = refine_for_support(
-            graph.coarsen(), cluster, backends=backends, exclude=exclude, registry=registry
+            graph.coarsen(), cluster, backends=resolved, exclude=exclude, registry=registry
         )
     problem, ctx = build_problem(
         groups,
         cluster,
         cost_model,
-        backends=backends,
+        backends=resolved,
         pins=pins,
         exclude=exclude,
-        microbatches=microbatches if objective == "throughput" else 1,
+        microbatches=microbatches if objective.pipelined else 1,
         registry=registry,
+        notes=notes,
     )
     solution = algo.solve(problem, objective)
     result = assemble(problem, ctx, solution, objective=objective, microbatches=microbatches)
-    # exhaustive search and the pipeline DP are exact for the planner's model
-    exact = algo.name == "exhaustive" or (algo.name == "throughput" and objective == "throughput")
-    return replace(result, method=algo.summary, optimal=exact)
+    return replace(result, method=algo.summary, optimal=algo.exact)
 
 
 __all__ = [
     "AUTO",
-    "DEFAULT_BACKENDS",
     "Algorithm",
     "AlgorithmRegistry",
     "Placement",
@@ -168,6 +193,7 @@ __all__ = [
     "Solution",
     "default_algorithms",
     "exhaustive",
+    "exhaustive_pipelines",
     "latency",
     "plan",
     "plan_auto",

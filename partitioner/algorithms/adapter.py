@@ -4,19 +4,37 @@ why each group or op is kept off a device."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import numpy as np
 
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.errors import ConfigError, PlanInfeasible
-from hetero.partitioner.algorithms.problem import INF, RESIDENT, STREAMED, Placement, Problem
+from hetero.partitioner.algorithms.problem import (
+    INF,
+    RESIDENT,
+    SPLIT,
+    STREAMED,
+    Placement,
+    Problem,
+)
 from hetero.partitioner.coarsen import GroupGraph
 from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import FALLBACK_BACKEND, BackendAssignment
+from hetero.partitioner.gpu_cpu_split import SplitCost, split_cost
 from hetero.partitioner.plan import Rejection
 
-DEFAULT_BACKENDS: Mapping[str, str] = {"gpu": "triton", "cpu": "tvm", "npu": "tvm"}
-FALLBACK_BACKEND = "eager"
+
+class BackendLookup(Protocol):
+    """What the planner asks of the backend registry it is given (hetero.backends.registry):
+    names, and per backend `available()`, `supports(op, device)` and `fuses`."""
+
+    def names(self) -> list[str]: ...
+
+    def get(self, name: str) -> Any: ...
+
+    def __contains__(self, name: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -26,28 +44,22 @@ class Context:
     groups: GroupGraph
     cluster: ClusterSpec
     cost_model: CostModel
-    backends: Mapping[str, str]  # device name -> backend used there
+    backends: BackendAssignment  # resolved: the backend each device kind runs
     scale: float  # activation scale (1 / microbatches)
     rejections: tuple[Rejection, ...]
     notes: tuple[str, ...]
-
-
-def backends_by_kind(backends: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Device kind -> backend name the planner asks for: the defaults, overridden by
-    `backends` (a deploy config's `backends:`)."""
-    return {**DEFAULT_BACKENDS, **(backends or {})}
+    splits: Mapping[int, SplitCost] = None  # group index -> its GPU/CPU split, where priced
 
 
 def resolve_backends(
-    cluster: ClusterSpec, backends: Mapping[str, str] | None, registry
-) -> tuple[dict[str, str], list[str]]:
-    """device name -> usable backend; falls back to eager (with a note) where the asked one
-    is unknown, fails to import or is unavailable here."""
-    wanted = backends_by_kind(backends)
-    by_kind: dict[str, str] = {}
+    cluster: ClusterSpec, backends: BackendAssignment, registry: BackendLookup
+) -> tuple[BackendAssignment, tuple[str, ...]]:
+    """The assignment with every kind the cluster has mapped to a usable backend: eager
+    (with a note) where the asked one is unknown, fails to import or is unavailable here."""
+    resolved = backends
     notes: list[str] = []
     for kind in dict.fromkeys(d.kind for d in cluster.devices):
-        name = wanted.get(kind, FALLBACK_BACKEND)
+        name = backends.for_kind(kind)
         why = ""
         if name not in registry:
             why = f"no backend named {name!r} (known: {', '.join(registry.names())})"
@@ -60,9 +72,16 @@ def resolve_backends(
                 why = f"{name} failed to load ({type(e).__name__}: {e})"
         if why:
             notes.append(f"{kind}: {why}; planning with {FALLBACK_BACKEND} instead")
-            name = FALLBACK_BACKEND
-        by_kind[kind] = name
-    return {d.name: by_kind[d.kind] for d in cluster.devices}, notes
+            resolved = resolved.with_kind(kind, FALLBACK_BACKEND)
+    return resolved, tuple(notes)
+
+
+def with_fusing(cost_model: CostModel, names: Sequence[str], registry: BackendLookup) -> CostModel:
+    """The cost model told which of the backends `names` fuse (each declares `fuses`)."""
+    fusing = frozenset(n for n in names if registry.get(n).fuses)
+    if fusing <= cost_model.fusing_backends:
+        return cost_model
+    return replace(cost_model, fusing_backends=cost_model.fusing_backends | fusing)
 
 
 def _streamed_time(
@@ -84,22 +103,24 @@ def build_problem(
     cluster: ClusterSpec,
     cost_model: CostModel,
     *,
-    backends: Mapping[str, str] | None = None,
+    backends: BackendAssignment,
+    registry: BackendLookup,
     pins: Mapping[str, str] | None = None,
     exclude: Sequence[str] = (),
     microbatches: int = 1,
-    registry=None,
+    notes: Sequence[str] = (),
+    split: bool = False,
 ) -> tuple[Problem, Context]:
-    if registry is None:
-        from hetero.backends.registry import default_registry
-
-        registry = default_registry()
+    """`backends` as `resolve_backends` left it (every kind usable); `notes`: its notes.
+    `split`: also offer GPUs the `split` weight home (partitioner/gpu_cpu_split.py), for
+    bandwidth-bound steps (LLM decode)."""
     if microbatches < 1:
         raise ConfigError(f"microbatches must be at least 1, got {microbatches}")
     og = groups.opgraph
     devices = cluster.devices
     names = [d.name for d in devices]
-    backend_of, notes = resolve_backends(cluster, backends, registry)
+    backend_of = {d.name: backends.for_device(d) for d in devices}
+    cost_model = with_fusing(cost_model, sorted(set(backend_of.values())), registry)
     excluded = {cluster.device(x).name for x in exclude}
     pinned = _pins(groups, cluster, pins or {})
     scale = 1.0 / microbatches
@@ -113,9 +134,13 @@ def build_problem(
         host = cluster.host_cpu(d.host)
         if d.kind == "gpu" and host is not None and host.name != d.name:
             placements.append(Placement(i, STREAMED))
+            if split and host.name not in excluded:
+                placements.append(Placement(i, SPLIT))
 
     n, num_p = len(groups), len(placements)
     compute = np.full((n, num_p), INF)
+    split_bytes = np.zeros(n)
+    splits: dict[int, SplitCost] = {}
     support_cache: dict[tuple[str, str], object] = {}
     for gi, g in enumerate(groups):
         ops = [og[x] for x in g.nodes]
@@ -126,6 +151,10 @@ def build_problem(
                 rejections.append(Rejection(g.name, d.name, f"pinned to {pinned[g.name]}"))
                 continue
             bad = _unsupported(ops, d, backend_of[d.name], registry, support_cache)
+            if g.state_bytes and not getattr(
+                registry.get(backend_of[d.name]), "holds_state", False
+            ):
+                bad = [(g.name, f"{backend_of[d.name]} keeps no state (the KV cache it updates)")]
             if bad:
                 for op, reason in bad:
                     rejections.append(Rejection(op, d.name, reason))
@@ -151,6 +180,27 @@ def build_problem(
                             if g.param_bytes
                             else INF
                         )
+                    elif pl.weights == SPLIT:
+                        compute[gi, p] = INF
+                        host = cluster.host_cpu(d.host)
+                        cost = split_cost(
+                            og,
+                            g,
+                            ops,
+                            d,
+                            host,
+                            cluster,
+                            cost_model,
+                            gpu_backend=backend_of[d.name],
+                            cpu_backend=backend_of[host.name],
+                            scale=scale,
+                        )
+                        if cost is not None:
+                            splits[gi] = cost
+                            split_bytes[gi] = cost.gpu_bytes
+                            compute[gi, p] = cost.seconds + cost_model.call_overhead(
+                                d, backend_of[d.name]
+                            )
 
     index = groups.index
     edges = [(index[u], index[v], b * scale) for u, v, b in groups.graph.edges(data="bytes")]
@@ -185,16 +235,19 @@ def build_problem(
         in_bytes=np.array([groups.input_bytes(g.name) * scale for g in groups], dtype=float),
         out_bytes=np.array([groups.output_bytes(g.name) * scale for g in groups], dtype=float),
         origin=names.index(origin_dev.name),
+        state_bytes=np.array([g.state_bytes for g in groups], dtype=float),
+        split_bytes=split_bytes,
     )
     _check_placeable(problem, groups, rejections)
     ctx = Context(
         groups=groups,
         cluster=cluster,
         cost_model=cost_model,
-        backends=backend_of,
+        backends=backends,
         scale=scale,
         rejections=tuple(rejections),
         notes=tuple(notes),
+        splits=splits,
     )
     return problem, ctx
 
@@ -203,19 +256,16 @@ def refine_for_support(
     groups: GroupGraph,
     cluster: ClusterSpec,
     *,
-    backends: Mapping[str, str] | None = None,
+    backends: BackendAssignment,
+    registry: BackendLookup,
     exclude: Sequence[str] = (),
-    registry=None,
     max_groups: int = 160,
 ) -> GroupGraph:
     """Split, one module level at a time, every group that a device runs only in part, so
     that a few unsupported ops (a dropout's clone, an int64 index) do not keep a whole
-    block off that device. Stops at the deepest level or at `max_groups` groups."""
-    if registry is None:
-        from hetero.backends.registry import default_registry
-
-        registry = default_registry()
-    backend_of, _ = resolve_backends(cluster, backends, registry)
+    block off that device. Stops at the deepest level or at `max_groups` groups.
+    `backends`: resolved (see `resolve_backends`)."""
+    backend_of = {d.name: backends.for_device(d) for d in cluster.devices}
     excluded = {cluster.device(x).name for x in exclude}
     devices = [d for d in cluster.devices if d.name not in excluded]
     og = groups.opgraph

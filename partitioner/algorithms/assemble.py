@@ -7,14 +7,15 @@ import numpy as np
 
 from hetero.errors import PlanInfeasible
 from hetero.partitioner.algorithms.adapter import Context, gib
-from hetero.partitioner.algorithms.problem import STREAMED, Problem, Solution
+from hetero.partitioner.algorithms.problem import SPLIT, Problem, Solution
+from hetero.partitioner.decisions import Objective
 from hetero.partitioner.plan import Plan, PlannedPartition, Transfer
 
 
 def check_solution(problem: Problem, solution: Solution) -> None:
     """Raise PlanInfeasible, saying which device lacks what, unless the solution fits."""
     assign = solution.assign
-    if problem.n and not np.isfinite(solution.objective):
+    if problem.n and not np.isfinite(solution.seconds):
         raise PlanInfeasible(
             f"{solution.algorithm} found no placement where every group runs and fits; "
             + _memory_summary(problem)
@@ -85,7 +86,7 @@ def assemble(
     ctx: Context,
     solution: Solution,
     *,
-    objective: str,
+    objective: Objective,
     microbatches: int = 1,
 ) -> Plan:
     check_solution(problem, solution)
@@ -102,27 +103,36 @@ def assemble(
         resident = next(
             q
             for q, other in enumerate(problem.placements)
-            if other.device == pl.device and other.weights != STREAMED
+            if other.device == pl.device and not problem.place_streamed[q]
         )
         nodes = tuple(n for i in run for n in groups.groups[i].nodes)
         for n in nodes:
             part_of_op[n] = k
         gs = [groups.groups[i] for i in run]
         # each partition is one more call than its ops, priced for the backend it runs
-        call = cm.call_overhead(device, ctx.backends.get(device.name))
+        backend = ctx.backends.for_device(device)
+        call = cm.call_overhead(device, backend)
         compute = float(problem.compute[run, resident].sum())
-        stream = (
-            sum(cm.stream_time(cluster, device, g.param_bytes) for g in gs)
-            if pl.weights == STREAMED
-            else 0.0
+        splits = ctx.splits or {}
+        is_split = pl.weights == SPLIT
+        split = (
+            tuple((g.name, splits[i].fraction) for i, g in zip(run, gs, strict=True))
+            if is_split
+            else ()
         )
+        if is_split:
+            stream = sum(splits[i].link_s for i in run)
+        elif problem.place_streamed[p]:
+            stream = sum(cm.stream_time(cluster, device, g.param_bytes) for g in gs)
+        else:
+            stream = 0.0
         partitions.append(
             PlannedPartition(
                 index=k,
                 nodes=nodes,
                 groups=tuple(g.name for g in gs),
                 device=device.name,
-                backend=ctx.backends[device.name],
+                backend=backend,
                 weights=pl.weights,
                 predicted_ms=1e3 * (float(problem.compute[run, p].sum()) + call),
                 compute_ms=1e3 * compute,
@@ -131,6 +141,10 @@ def assemble(
                 param_bytes=int(sum(g.param_bytes for g in gs)),
                 memory_bytes=int(_run_memory(problem, run, p)),
                 emulated=device.emulated,
+                split=split,
+                cpu_dtype=splits[run[0]].cpu_dtype if is_split else "",
+                state_bytes=int(sum(g.state_bytes for g in gs)),
+                group_sizes=tuple(len(g.nodes) for g in gs),
             )
         )
     transfers = _transfers(problem, ctx, partitions, part_of_op)
@@ -138,7 +152,7 @@ def assemble(
     need = problem.memory(assign)
     memory = tuple((problem.devices[d], int(need[d])) for d in used)
     notes = list(ctx.notes) + list(solution.notes)
-    if objective == "throughput":
+    if objective.pipelined:
         incoming: dict[int, float] = {}
         for t in transfers:
             if t.dst >= 0:
@@ -170,9 +184,9 @@ def assemble(
 
 
 def _run_memory(problem: Problem, run: list[int], p: int) -> float:
-    params = problem.param_bytes[run]
+    params = problem.split_bytes[run] if problem.place_split[p] else problem.param_bytes[run]
     w = 2 * params.max() if problem.place_streamed[p] else params.sum()
-    return float(w + problem.act_bytes[run].max())
+    return float(w + problem.state_bytes[run].sum() + problem.act_bytes[run].max())
 
 
 def _transfers(problem, ctx: Context, partitions, part_of_op) -> list[Transfer]:

@@ -30,10 +30,12 @@ import numpy as np
 
 from hetero.cluster.spec import ClusterSpec
 from hetero.partitioner.algorithms.adapter import (
+    BackendLookup,
     Context,
     build_problem,
     refine_for_support,
     resolve_backends,
+    with_fusing,
 )
 from hetero.partitioner.algorithms.assemble import assemble
 from hetero.partitioner.algorithms.branch import branch_and_bound
@@ -58,6 +60,7 @@ from hetero.partitioner.algorithms.tiers import (
 )
 from hetero.partitioner.coarsen import GroupGraph
 from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import BackendAssignment, Objective
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.progress import Report as Progress
@@ -84,9 +87,9 @@ class Found:
     over: float  # bytes over capacity, summed over devices
 
     @classmethod
-    def of(cls, problem: Problem, assign: np.ndarray, method: str, objective: str) -> Found:
+    def of(cls, problem: Problem, assign: np.ndarray, method: str, objective: Objective) -> Found:
         allowed = np.isfinite(problem.compute[np.arange(problem.n), assign]).all()
-        value = problem.objective(assign, objective) if allowed else INF
+        value = seconds(problem, assign, objective) if allowed else INF
         return cls(assign, problem, method, value, float(problem.overflow(assign).sum()))
 
     def key(self) -> tuple[float, float]:
@@ -147,6 +150,11 @@ def coarsen_for_scale(graph: OpGraph, max_groups: int = 64) -> GroupGraph:
     return groups
 
 
+def seconds(problem: Problem, assign: np.ndarray, objective: Objective) -> float:
+    """What `objective` measures of `assign`: one request, or one microbatch of a pipeline."""
+    return problem.throughput(assign) if objective.pipelined else problem.latency(assign)
+
+
 def origin_of(cluster: ClusterSpec) -> str:
     """The caller's device, as `adapter.build_problem` picks it: the first CPU."""
     return next((d for d in cluster.devices if d.kind == "cpu"), cluster.devices[0]).name
@@ -155,51 +163,51 @@ def origin_of(cluster: ClusterSpec) -> str:
 def plan_auto(
     graph: OpGraph,
     cluster: ClusterSpec,
-    objective: str,
+    objective: Objective,
     *,
-    backends: Mapping[str, str] | None = None,
+    registry: BackendLookup,
+    backends: BackendAssignment = BackendAssignment(),
     pins: Mapping[str, str] | None = None,
     exclude: Sequence[str] = (),
     microbatches: int = 1,
     cost_model: CostModel | None = None,
-    registry=None,
     groups: GroupGraph | None = None,
     time_budget_s: float | None = None,
     progress: Progress | None = None,
 ) -> Plan:
+    """The plan `plan()` returns by default (see the module docstring); arguments as there."""
     clock = _Clock(time_budget_s, progress)
     clock.enter("device classes")
-    if registry is None:
-        from hetero.backends.registry import default_registry
-
-        registry = default_registry()
     cost_model = cost_model if cost_model is not None else CostModel.load(cluster=cluster)
-    backend_of, _ = resolve_backends(cluster, backends, registry)
+    resolved, backend_notes = resolve_backends(cluster, backends, registry)
+    # told once which backends fuse, so that build_problem leaves the memoising wrapper as is
+    used = sorted({resolved.for_device(d) for d in cluster.devices})
+    cost_model = with_fusing(cost_model, used, registry)
     origin = origin_of(cluster)
     excluded = [cluster.device(x).name for x in exclude]
     apart = set(excluded) | {cluster.device(d).name for d in (pins or {}).values()}
     if cost_model.profile is not None:  # a measured link belongs to two named devices
         apart |= {end for lp in cost_model.profile.links for end in (lp.a, lp.b)}
-    sym = analyse(cluster, backend_of, origin=origin, distinct=apart)
+    sym = analyse(cluster, resolved, origin=origin, distinct=apart)
     small, rslots = sym.reduced()
     flat = len(small.devices) == len(cluster.devices)
 
     clock.enter("pricing")
     if groups is None:
         groups = refine_for_support(
-            coarsen_for_scale(graph), small, backends=backends, exclude=excluded, registry=registry
+            coarsen_for_scale(graph), small, backends=resolved, exclude=excluded, registry=registry
         )
     priced = PricedOnce(cost_model)
-    scale_mb = microbatches if objective == "throughput" else 1
     problem_r, ctx_r = build_problem(
         groups,
         small,
         priced,
-        backends=backends,
+        backends=resolved,
         pins=pins,
         exclude=excluded,
-        microbatches=scale_mb,
+        microbatches=microbatches if objective.pipelined else 1,
         registry=registry,
+        notes=backend_notes,
     )
     slots_r = [rslots[name] for name in problem_r.devices]
     best, optimal, notes = solve(problem_r, slots_r, sym, objective, flat=flat, clock=clock)
@@ -208,7 +216,7 @@ def plan_auto(
         groups=groups,
         cluster=cluster,
         cost_model=cost_model,
-        backends=backend_of,
+        backends=resolved,
         scale=ctx_r.scale,
         rejections=ctx_r.rejections,
         notes=ctx_r.notes,
@@ -229,7 +237,7 @@ def solve(
     problem_r: Problem,
     slots_r: Sequence[Slot],
     sym: Symmetry,
-    objective: str,
+    objective: Objective,
     *,
     flat: bool,
     clock: _Clock | None = None,
@@ -265,12 +273,12 @@ def _flat_dp_work(problem: Problem) -> float:
     return float(problem.n * problem.num_placements) ** 2 * 2.0**problem.num_devices
 
 
-def _host_caps(sym: Symmetry, problem: Problem, objective: str) -> list[int]:
+def _host_caps(sym: Symmetry, problem: Problem, objective: Objective) -> list[int]:
     """Hosts per type worth considering: a pipeline never uses more hosts than groups; one
     request (latency) gains from more hosts only their memory, so enough to hold all the
     weights resident, and one more."""
     caps = [min(len(hosts), max(problem.n, 1)) for hosts in sym.host_types]
-    if objective != "latency":
+    if objective.pipelined:
         return caps
     per_host = []
     for t in range(sym.num_types):
@@ -297,7 +305,7 @@ class _Search:
         problem_r: Problem,
         slots_r: list[Slot],
         tiers: Tiers,
-        objective: str,
+        objective: Objective,
         clock: _Clock,
         *,
         flat: bool,
@@ -343,7 +351,7 @@ class _Search:
         if flat_ran:
             self.clock.enter("min-cut / pipeline DP (flat)")
             found.append(self._flat())
-            if self.objective == "throughput":
+            if self.objective.pipelined:
                 optimal = True  # the flat pipeline DP is exact for its model
         self.clock.enter("stages over device classes and hosts")
         staged = self._stages()
@@ -358,11 +366,11 @@ class _Search:
                 found.append(fallback)
         if not found:  # nothing fits: assemble() says which device lacks what
             none = Found.of(
-                self.problem_r, np.zeros(self.problem_r.n, dtype=int), "none", "latency"
+                self.problem_r, np.zeros(self.problem_r.n, dtype=int), "none", self.objective
             )
             return replace(none, value=INF), False, self.notes
         best = self._pick(found)
-        if self.objective == "throughput":
+        if self.objective.pipelined:
             if not optimal:
                 best, optimal = self._exact_pipeline(best)
         else:
@@ -383,13 +391,13 @@ class _Search:
         """Today's algorithm on the Problem over the representatives (all devices when
         flat); `small`: only when it is cheap there (the pipeline DP is exponential)."""
         p = self.problem_r
-        if self.objective == "throughput":
+        if self.objective.pipelined:
             if small and _flat_dp_work(p) > FLAT_DP_WORK:
                 return None
             sol = flat_pipeline(p)
-            return Found.of(p, sol.assign, "pipeline DP over devices", "throughput")
+            return Found.of(p, sol.assign, "pipeline DP over devices", self.objective)
         sol = cut_latency(p)
-        return Found.of(p, sol.assign, "min-cut / list scheduling + local search", "latency")
+        return Found.of(p, sol.assign, "min-cut / list scheduling + local search", self.objective)
 
     def _stages(self) -> Found | None:
         tiers = self.tiers
@@ -403,15 +411,15 @@ class _Search:
         self.notes.append(
             f"stage DP over {where}: {len(plan.stages)} stage(s), {plan.states} states"
         )
-        if self.objective == "throughput":
+        if self.objective.pipelined:
             problem, device_of = self.over(used)
             assign = to_assignment(plan, tiers, device_of, placement_index(problem))
-            return Found.of(problem, assign, f"stage DP over {where}", "throughput")
+            return Found.of(problem, assign, f"stage DP over {where}", self.objective)
         problem, device_of = self.over(used | self.spares(used))
         assign = to_assignment(plan, tiers, device_of, placement_index(problem))
         self.clock.enter("local search")
         polished = _local_search(problem, assign, problem.allowed(), trades=False)
-        return Found.of(problem, polished, f"stage DP over {where} + local search", "latency")
+        return Found.of(problem, polished, f"stage DP over {where} + local search", self.objective)
 
     # ---- optimality ---------------------------------------------------------------------------
     def _complete(self) -> set[str] | None:
@@ -436,7 +444,7 @@ class _Search:
             if _flat_dp_work(problem) <= FLAT_DP_WORK:
                 self.clock.enter("exact search (pipeline DP over devices)")
                 sol = flat_pipeline(problem)
-                exact = Found.of(problem, sol.assign, "pipeline DP over devices", "throughput")
+                exact = Found.of(problem, sol.assign, "pipeline DP over devices", self.objective)
                 return self._pick([best, exact]), True
         if np.isfinite(bound) and best.value > 0:
             self.notes.append(
@@ -461,7 +469,7 @@ class _Search:
         start = self._relabel(best, problem)
         result = branch_and_bound(problem, incumbent=start, deadline=self.clock.exact_deadline())
         if result.assign is not None:
-            exact = Found.of(problem, result.assign, "branch and bound", "latency")
+            exact = Found.of(problem, result.assign, "branch and bound", self.objective)
             if exact.key() < best.key() and exact.value < best.value * (1 - 1e-9) - 1e-15:
                 best = exact
         if result.proven and best.method != "branch and bound":

@@ -44,8 +44,10 @@ def interchangeable(problem: Problem) -> list[list[int]]:
         pa, pb = by_dev[a], by_dev[b]
         if len(pa) != len(pb) or problem.capacity[a] != problem.capacity[b]:
             return False
+        if problem.slot_floor[a] != problem.slot_floor[b]:
+            return False
         for x, y in zip(pa, pb, strict=True):
-            if problem.place_streamed[x] != problem.place_streamed[y]:
+            if problem.placements[x].weights != problem.placements[y].weights:
                 return False
             if not np.array_equal(problem.compute[:, x], problem.compute[:, y]):
                 return False
@@ -109,11 +111,16 @@ def branch_and_bound(
     eps = 1e-12
 
     def fits(d: int, i: int, p: int) -> tuple[float, float, float] | None:
+        # Problem.memory, built up one group at a time (a KV cache stays where it runs)
         res, st, act = resident[d], stream_max[d], act_max[d]
         if streamed[p]:
-            st = max(st, problem.param_bytes[i])
+            item = problem.split_bytes[i] if problem.place_split[p] else problem.param_bytes[i]
+            st = max(st, item)
+            if problem.param_bytes[i] > 0:
+                st = max(st, problem.slot_floor[d] / 2)
         else:
             res = res + problem.param_bytes[i]
+        res = res + problem.state_bytes[i]
         act = max(act, problem.act_bytes[i])
         return (res, st, act) if res + 2 * st + act <= problem.capacity[d] else None
 

@@ -11,13 +11,8 @@ MAX_ASSIGNMENTS = 4_000_000
 _CHUNK = 200_000
 
 
-def exhaustive(problem: Problem, objective: str = "latency") -> Solution:
-    if objective == "throughput":
-        return _pipelines(problem)
-    return _latency(problem)
-
-
-def _latency(problem: Problem) -> Solution:
+def exhaustive(problem: Problem) -> Solution:
+    """The fastest assignment for one request (the latency objective)."""
     choices = [np.flatnonzero(row) for row in problem.allowed()]
     sizes = np.array([len(c) for c in choices])
     if (sizes == 0).any():
@@ -63,8 +58,8 @@ def _fits(problem: Problem, assign: np.ndarray, dev: np.ndarray) -> np.ndarray:
     return ok
 
 
-def _pipelines(problem: Problem) -> Solution:
-    """Every split of the order into stages, each on its own device, every placement."""
+def exhaustive_pipelines(problem: Problem) -> Solution:
+    """The pipeline with the fastest slowest stage (the throughput objective): every split of the order into stages, each on its own device, every placement."""
     allowed = problem.allowed()
     live = problem.live_bytes()
     best: tuple[float, float] = (INF, INF)

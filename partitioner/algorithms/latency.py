@@ -62,7 +62,7 @@ def _lagrangian(problem: Problem) -> list[np.ndarray]:
     return candidates
 
 
-def latency(problem: Problem, objective: str = "latency") -> Solution:
+def latency(problem: Problem) -> Solution:
     if problem.n == 0:
         return Solution(np.zeros(0, dtype=int), 0.0, "latency")
     allowed = problem.allowed()

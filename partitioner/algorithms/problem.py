@@ -14,9 +14,16 @@ order, each on its own device. A stage takes the values live across its first bo
 from the previous stage (forwarded along the pipeline), computes, and the slowest stage
 sets the steady-state time per microbatch.
 
-Memory per device: resident parameters + 2 x the largest streamed group's parameters
-(double buffering: one slot computes while the next fills) + the peak of live activations
-over its groups; must fit `capacity`. `act_bytes[i]` is the liveness-walk peak while a
+A third weight home, `split` (GPU devices with a host CPU, for generation), runs a group's
+weight matmuls partly on the GPU, with that share of the weights streamed in, and partly on
+the host CPU from host memory, at the same time: the link and the CPU each carry part of
+the bytes (partitioner/gpu_cpu_split.py prices it and picks the share).
+
+Memory per device: resident parameters + 2 x the largest streamed item (a streamed group's
+parameters, or a split group's GPU share: double buffering, one slot computes while the
+next fills) + the state of every group it runs (a KV cache stays where its layer runs,
+whatever the weights do) + the peak of live activations over its groups; must fit
+`capacity`. `act_bytes[i]` is the liveness-walk peak while a
 group-i op runs (coarsen.live_bytes): everything produced and still needed, including the
 values crossing its boundaries and model outputs held for the caller, not only its
 largest single tensor.
@@ -28,14 +35,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-RESIDENT, STREAMED = "resident", "streamed"
+RESIDENT, STREAMED, SPLIT = "resident", "streamed", "split"
 INF = float("inf")
 
 
 @dataclass(frozen=True)
 class Placement:
     device: int  # index into Problem.devices
-    weights: str = RESIDENT  # resident | streamed
+    weights: str = RESIDENT  # resident | streamed | split
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,12 +61,20 @@ class Problem:
     in_bytes: np.ndarray = field(default=None)  # [n] user inputs read (from the origin)
     out_bytes: np.ndarray = field(default=None)  # [n] model outputs written (to the origin)
     origin: int = 0  # the device the caller's inputs come from and outputs go to
+    state_bytes: np.ndarray = field(default=None)  # [n] buffers updated in place (KV cache)
+    split_bytes: np.ndarray = field(default=None)  # [n] a split group's GPU share per step
+    # [D] bytes a device's two streaming slots take at least while some group is not
+    # resident there: a generation's prefill streams whole layers through the slots its
+    # decode shares (0: no floor)
+    slot_floor: np.ndarray = field(default=None)
 
     def __post_init__(self) -> None:
         n = len(self.names)
-        for name in ("in_bytes", "out_bytes"):
+        for name in ("in_bytes", "out_bytes", "state_bytes", "split_bytes"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, np.zeros(n))
+        if self.slot_floor is None:
+            object.__setattr__(self, "slot_floor", np.zeros(len(self.devices)))
         d = len(self.devices)
         for name in ("link_latency", "link_inv_bw"):  # staying on a device costs nothing
             m = np.array(getattr(self, name), dtype=float)
@@ -67,8 +82,11 @@ class Problem:
             object.__setattr__(self, name, m)
         dev = np.array([p.device for p in self.placements], dtype=int)
         object.__setattr__(self, "place_device", dev)
-        streamed = np.array([p.weights == STREAMED for p in self.placements], dtype=bool)
+        # split groups keep their weights in host memory too: no resident bytes on the GPU
+        streamed = np.array([p.weights in (STREAMED, SPLIT) for p in self.placements], bool)
         object.__setattr__(self, "place_streamed", streamed)
+        split = np.array([p.weights == SPLIT for p in self.placements], dtype=bool)
+        object.__setattr__(self, "place_split", split)
         # [E, D, D]: the transfer cost of each edge between every pair of devices.
         ec = self.link_latency[None, :, :] + self.edge_bytes[:, None, None] * self.link_inv_bw
         ec[:, np.arange(d), np.arange(d)] = 0.0
@@ -110,15 +128,22 @@ class Problem:
         placed = assign >= 0
         dev = np.where(placed, self.place_device[np.maximum(assign, 0)], -1)
         streamed = self.place_streamed[np.maximum(assign, 0)] & placed
+        split = self.place_split[np.maximum(assign, 0)] & placed
+        item = np.where(split, self.split_bytes, self.param_bytes)  # what one slot holds
         for d in range(self.num_devices):
             on = dev == d
             if not on.any():
                 continue
             res = on & ~streamed
             st = on & streamed
+            slots = 2 * item[st].max() if st.any() else 0.0
+            weighted = self.param_bytes > 0
+            if self.slot_floor[d] and (weighted & ~res).any():
+                slots = max(slots, self.slot_floor[d])
             mem[d] = (
                 self.param_bytes[res].sum()
-                + (2 * self.param_bytes[st].max() if st.any() else 0)
+                + slots
+                + self.state_bytes[on].sum()
                 + self.act_bytes[on].max()
             )
         return mem
@@ -181,20 +206,18 @@ class Problem:
             return INF
         return max(self.stage_times(assign))
 
-    def objective(self, assign: np.ndarray, objective: str) -> float:
-        if objective == "throughput":
-            return self.throughput(assign)
-        return self.latency(assign)
-
     def segment_memory(self, start: int, stop: int, p: int) -> float:
-        params = self.param_bytes[start:stop]
+        params = (
+            self.split_bytes[start:stop] if self.place_split[p] else self.param_bytes[start:stop]
+        )
         w = 2 * params.max() if self.place_streamed[p] else params.sum()
-        return float(w + self.act_bytes[start:stop].max())
+        state = self.state_bytes[start:stop].sum()
+        return float(w + state + self.act_bytes[start:stop].max())
 
 
 @dataclass(frozen=True)
 class Solution:
     assign: np.ndarray  # [n] placement index per group
-    objective: float  # seconds (latency) or seconds per microbatch (throughput)
+    seconds: float  # what the objective measures: one request, or one microbatch (pipeline)
     algorithm: str
     notes: tuple[str, ...] = ()

@@ -14,11 +14,11 @@ and the value per state is an array over where the last stage stops. States are 
 in increasing (hosts used, instances used on the current host), which every transition
 increases, so each state is final when it is expanded.
 
-Objectives: "throughput" minimises the slowest stage (pass 1); among plans within it, the
+Objectives: a pipelined one (THROUGHPUT) minimises the slowest stage (pass 1); among plans within it, the
 slowest stage leaving out the copy of the model's outputs to the caller (pass 2: when that
 copy alone sets the bottleneck, the other stages still balance); among those, the sum of
 stage times (pass 3). Each pass is exact, unlike one lexicographic key kept per state.
-"latency" minimises the sum (one request through the stages, values forwarded).
+LATENCY minimises the sum (one request through the stages, values forwarded).
 
 Exactness: for the pipeline model of `problem.py`, pass 1 is exact over plans that visit
 each host once; with one host that is every pipeline. `bottleneck_bound` relaxes counts and
@@ -36,6 +36,7 @@ import numpy as np
 from hetero.partitioner.algorithms.problem import INF, Placement
 from hetero.partitioner.algorithms.symmetry import Slot
 from hetero.partitioner.algorithms.tiers import Tiers
+from hetero.partitioner.decisions import Objective
 
 _TOL = 1e-9  # relative slack when pass 2 keeps stages within pass 1's bottleneck
 
@@ -62,7 +63,8 @@ class StagePlan:
 def segment_costs(tiers: Tiers, t: int, *, outputs: bool = True) -> np.ndarray:
     """[n+1, n+1, K]: compute (+ caller I/O) of groups start..stop-1 at each placement class
     on a host of type t; inf where a group is not allowed there or the stage does not fit
-    one instance's memory (resident: all parameters; streamed: two slots of the largest).
+    one instance's memory (resident: all parameters; streamed: two slots of the largest; the
+    state of every group and the peak of activations either way).
     outputs=False leaves out returning the model's outputs to the caller."""
     n, k_n = tiers.n, tiers.num_placements
     u = tiers.unary[t]
@@ -80,8 +82,11 @@ def segment_costs(tiers: Tiers, t: int, *, outputs: bool = True) -> np.ndarray:
     for start in range(n):
         pmax[start, start + 1 :] = np.maximum.accumulate(p[start:])
         amax[start, start + 1 :] = np.maximum.accumulate(tiers.act_bytes[start:])
-    resident = psum[None, :] - psum[:, None] + amax
-    streamed = 2 * pmax + amax
+    state = np.zeros(n) if tiers.state_bytes is None else tiers.state_bytes
+    state = np.r_[0.0, np.cumsum(state)]
+    held = state[None, :] - state[:, None] + amax  # a KV cache stays where its layer runs
+    resident = psum[None, :] - psum[:, None] + held
+    streamed = 2 * pmax + held
     need = np.where(tiers.streamed[None, None, :], streamed[:, :, None], resident[:, :, None])
     cap = tiers.capacity[tiers.place_class][None, None, :]
     order = np.arange(n + 1)
@@ -91,13 +96,13 @@ def segment_costs(tiers: Tiers, t: int, *, outputs: bool = True) -> np.ndarray:
 
 def pipeline(
     tiers: Tiers,
-    objective: str,
+    objective: Objective,
     *,
     progress: Callable[[int], None] | None = None,
 ) -> StagePlan | None:
-    """The best stage plan for `objective` ("throughput" or "latency"); None if none fits."""
-    search = _Search(tiers, progress, core=objective == "throughput")
-    if objective == "throughput":
+    """The best stage plan for `objective`; None if none fits."""
+    search = _Search(tiers, progress, core=objective.pipelined)
+    if objective.pipelined:
         slowest = search.run("max")
         if not np.isfinite(slowest):
             return None

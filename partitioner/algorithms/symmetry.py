@@ -28,6 +28,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
+from hetero.partitioner.decisions import BackendAssignment
 
 REPRESENTATIVES = 2  # instances per class and hosts per type that the reduced cluster keeps
 
@@ -96,19 +97,19 @@ class Symmetry:
 
 def analyse(
     cluster: ClusterSpec,
-    backend_of: Mapping[str, str],
+    backends: BackendAssignment,
     *,
     origin: str,
     distinct: Collection[str] = (),
 ) -> Symmetry:
-    """Classes and host types of `cluster`. `backend_of`: device -> backend it runs;
-    `distinct`: devices to keep apart (pinned targets, devices a calibration profile
-    names); the origin is always apart."""
+    """Classes and host types of `cluster`. `backends`: the backend each device kind runs
+    (resolved); `distinct`: devices to keep apart (pinned targets, devices a calibration
+    profile names); the origin is always apart."""
     apart = set(distinct) | {origin}
 
     def key(d: DeviceSpec, irregular: frozenset[str]) -> tuple:
         own = d.name if d.name in apart or d.host in irregular else ""
-        return (replace(d, name="", host="", index=0), backend_of.get(d.name, ""), own)
+        return (replace(d, name="", host="", index=0), backends.for_device(d), own)
 
     irregular: frozenset[str] = frozenset()
     why = ""

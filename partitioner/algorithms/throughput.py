@@ -14,7 +14,7 @@ import numpy as np
 from hetero.partitioner.algorithms.problem import INF, Problem, Solution
 
 
-def throughput(problem: Problem, objective: str = "throughput") -> Solution:
+def throughput(problem: Problem) -> Solution:
     n, num_p = problem.n, problem.num_placements
     if n == 0:
         return Solution(np.zeros(0, dtype=int), 0.0, "throughput")

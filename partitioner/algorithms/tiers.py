@@ -37,6 +37,7 @@ class Tiers:
     act_bytes: np.ndarray  # [n]
     live: np.ndarray  # [n+1] bytes live across boundary s (forwarded along a pipeline)
     out_io: np.ndarray | None = None  # [T, n, K] the part of unary that returns outputs
+    state_bytes: np.ndarray | None = None  # [n] buffers updated in place (stay where they run)
 
     @property
     def n(self) -> int:
@@ -144,6 +145,7 @@ def from_problem(
         act_bytes=problem.act_bytes,
         live=problem.live_bytes(),
         out_io=out_io,
+        state_bytes=problem.state_bytes,
     )
 
 
@@ -183,7 +185,8 @@ def expand(
                 dst = at[Slot(b.cls, b.host_type, 1 if b.host_type == a.host_type else 0, 0)]
             lat[i, j] = problem.link_latency[src, dst]
             inv[i, j] = problem.link_inv_bw[src, dst]
-    capacity = np.array([problem.capacity[at[Slot(s.cls, s.host_type, 0, 0)]] for _, s in targets])
+    reps = [at[Slot(s.cls, s.host_type, 0, 0)] for _, s in targets]
+    capacity = problem.capacity[reps]
     return Problem(
         names=problem.names,
         devices=tuple(names),
@@ -199,6 +202,9 @@ def expand(
         in_bytes=problem.in_bytes,
         out_bytes=problem.out_bytes,
         origin=names.index(origin),
+        state_bytes=problem.state_bytes,
+        split_bytes=problem.split_bytes,
+        slot_floor=problem.slot_floor[reps],
     )
 
 

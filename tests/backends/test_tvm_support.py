@@ -90,7 +90,7 @@ def test_npu_artifact_is_emulated(tvm_backend, npu_device, artifact_cache, outpu
 
 def test_plan_places_unconvertible_op_elsewhere(tvm_backend, cpu_device):
     """CPU runs eager, the NPU runs TVM: lgamma must land on the CPU, the rest may go anywhere."""
-    from hetero.partitioner.algorithms import plan
+    from hetero import plan
 
     npu = DeviceSpec(
         name="local/npu", kind="npu", host="local", dtypes=("float32", "float16"),

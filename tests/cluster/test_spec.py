@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,17 @@ def test_local_cluster_has_this_cpu():
     c = Cluster.local()
     cpu = c.of_kind("cpu")[0]
     assert cpu.cores >= 1 and cpu.memory > 0
+
+
+def test_the_cluster_description_imports_without_torch():
+    """The bottom layer: the spec, its discovery and calibration profiles load no torch (a
+    fresh interpreter: this one has torch loaded already)."""
+    code = (
+        "import sys, hetero.cluster.spec, hetero.cluster.discover, hetero.cluster.profile\n"
+        "heavy = sorted(m for m in ('torch', 'ray', 'tvm', 'triton') if m in sys.modules)\n"
+        "above = sorted(m for m in sys.modules if m.startswith('hetero.')\n"
+        "               and not m.startswith(('hetero.cluster', 'hetero.errors', 'hetero.paths')))\n"
+        "print(heavy, above)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] []", out.stdout + out.stderr

@@ -18,10 +18,11 @@ from cluster_fakes import write_config
 from typer.testing import CliRunner
 
 from hetero.backends.eager import EagerBackend
+from hetero.cluster.connect import init_ray, safe_head_env
 from hetero.errors import CompileError
 from hetero.interfaces.cli import app
 from hetero.interfaces.config import load_config
-from hetero.interfaces.deploy import build_compiled, init_ray, safe_head_env
+from hetero.interfaces.deploy import build_compiled
 from hetero.interfaces.models import mlp_block
 from hetero.interfaces.serving import InferenceClient, LoadingServable, ModelServable
 
@@ -103,12 +104,15 @@ def test_bench_prints_json_with_predicted_and_measured(tmp_path):
 def test_a_ray_head_hetero_starts_is_private_with_token_auth(monkeypatch):
     import ray
 
-    import hetero.interfaces.deploy as deploy_module
+    import hetero.cluster.connect as connect_module
 
     seen = {}
     # Re-reading Ray's config would leave token auth on in this process for the later Ray
     # tests' clusters (their processes start without the token): only the env is checked.
-    monkeypatch.setattr(deploy_module, "_refresh_ray_config", lambda: None)
+    monkeypatch.setattr(connect_module, "_refresh_ray_config", lambda: None)
+    # Likewise pinning Ray to loopback would stay on for the later tests' Ray clusters.
+    pinned = []
+    monkeypatch.setattr(connect_module, "_pin_to_loopback", lambda: pinned.append(True))
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(
         ray, "init", lambda **kw: seen.update(kw, env=os.environ.get("RAY_AUTH_MODE"))
@@ -119,5 +123,27 @@ def test_a_ray_head_hetero_starts_is_private_with_token_auth(monkeypatch):
     init_ray(None)
     assert seen["address"] == "local" and seen["include_dashboard"] is False
     assert seen["env"] == "token"
+    assert pinned and "_node_ip_address" not in seen  # the head advertises 127.0.0.1 ...
+    init_ray(None, host="10.0.0.7")
+    assert seen["_node_ip_address"] == "10.0.0.7"  # ... unless ray.head_host says otherwise
     assert safe_head_env({})["RAY_AUTH_MODE"] == "token"
     assert safe_head_env({"RAY_AUTH_MODE": "disabled"})["RAY_AUTH_MODE"] == "disabled"  # explicit
+
+
+def test_help_lists_every_command_without_loading_them():
+    """`hetero --help` reads the command table; a command's module loads when it runs."""
+    from hetero.interfaces.cli import COMMANDS, load_command
+
+    for name, (_, summary) in COMMANDS.items():
+        first = " ".join((load_command(name).help or "").split("\n\n")[0].split())
+        assert summary == first, f"hetero {name}: the table says {summary!r}, the command {first!r}"
+    code = (
+        "import sys\n"
+        "from hetero.interfaces.cli import main\n"
+        "sys.argv = ['hetero', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('LOADED', sorted(m for m in ('torch', 'hetero.interfaces.commands.plan') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "LOADED []" in out.stdout and "calibrate" in out.stdout, out.stdout + out.stderr

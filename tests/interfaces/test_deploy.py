@@ -44,3 +44,27 @@ def test_a_job_bundle_carries_the_config_and_its_files(tmp_path):
     cfg = load_config(write_config(tmp_path))
     moved = load_config(bundle(cfg, tmp_path / "bundle2"))
     assert moved.cluster == str((tmp_path / "bundle2" / "cluster.yaml").resolve())
+
+
+def test_a_recipe_ships_the_plan_and_its_pins(mlp, tmp_path):
+    """The actor runs the plan the driver made (pins included), not a fresh one."""
+    model, x = mlp
+    cm = hetero.compile(
+        model,
+        x,
+        cluster="configs/clusters/dev-box-npu.yaml",
+        backends={"cpu": "eager", "npu": "eager"},
+        pins={"l2": "local/npu"},
+        cache_dir=tmp_path,
+        executor="local",
+    )
+    rebuilt = pickle.loads(pickle.dumps(Recipe.from_compiled(cm))).build()
+    try:
+        where = [(p.nodes, p.device) for p in cm.plan.partitions]
+        assert [(p.nodes, p.device) for p in rebuilt.plan.partitions] == where
+        assert any(d == "local/npu" for _, d in where)
+        assert rebuilt.settings == cm.settings
+        torch.testing.assert_close(rebuilt(*x), model(*x))
+    finally:
+        cm.shutdown()
+        rebuilt.shutdown()

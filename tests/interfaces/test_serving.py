@@ -245,3 +245,24 @@ def test_tensors_round_trip_into_aligned_memory(t):
     back = from_proto(to_proto("t", t))
     assert back.dtype == t.dtype and torch.equal(back, t)
     assert back.numel() == 0 or back.data_ptr() % 64 == 0  # compiled kernels need alignment
+
+
+def test_bytes_that_are_no_protobuf_get_invalid_argument_on_every_method(serve):
+    """grpcio answers a request it cannot parse with INTERNAL; the server parses its own."""
+    _, client = serve(FakeServable())
+    not_utf8 = b"\x0a\x06\x0a\x04\xff\xfe\xfd\xfc"  # a string field that is not UTF-8
+    broken = b"\xff\xff\xff"  # no valid tag at all
+    for method, raws in (
+        ("/hetero.v1.Inference/Infer", (not_utf8, broken)),
+        ("/hetero.v1.Inference/ModelInfo", (broken,)),  # an empty message: field 1 is unknown
+        ("/grpc.health.v1.Health/Check", (not_utf8, broken)),
+    ):
+        call = client.channel.unary_unary(method)
+        for raw in raws:
+            code, details = _code(lambda call=call, raw=raw: call(raw, timeout=5))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+            assert "not a valid" in details
+    watch = client.channel.unary_stream("/grpc.health.v1.Health/Watch")
+    code, _ = _code(lambda: list(watch(b"\xff\xff\xff", timeout=5)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.infer(_inputs())["y"].shape == (2, 8) and client.health() == "SERVING"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from hetero.partitioner.algorithms.problem import Placement, Problem
-from hetero.partitioner.algorithms.symmetry import Slot
+from hetero.partitioner.algorithms.symmetry import Slot, Symmetry
 
 ORIGIN, GPU, CPU = 0, 1, 2  # classes: the caller's CPU, accelerators, other hosts' CPUs
 
@@ -102,8 +102,6 @@ def symmetric_problem(
 
 def layout(problem: Problem, slots, counts, hosts):
     """The Symmetry the planner would find for a problem built by `symmetric_problem`."""
-    from hetero.partitioner.algorithms.symmetry import Symmetry
-
     names = problem.devices
     num_c = len(counts[0])
     classes = tuple(

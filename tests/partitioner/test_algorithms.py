@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 import hetero
 from hetero.errors import ConfigError, PlanInfeasible
-from hetero.partitioner.algorithms import default_algorithms, exhaustive, latency, throughput
+from hetero.partitioner.algorithms import (
+    default_algorithms,
+    exhaustive,
+    exhaustive_pipelines,
+    latency,
+    throughput,
+)
 from hetero.partitioner.algorithms.problem import Placement, Problem
 from hetero.partitioner.split import run_partitions, split
 
@@ -73,7 +79,7 @@ def test_two_device_min_cut_equals_exhaustive(seed, n, chain):
     p = random_problem(seed, n, 2, chain=chain, memory=False)
     ex, la = exhaustive(p), latency(p)
     assert p.feasible(la.assign)
-    assert la.objective == pytest.approx(ex.objective, rel=1e-9, abs=1e-12)
+    assert la.seconds == pytest.approx(ex.seconds, rel=1e-9, abs=1e-12)
 
 
 @_FAST
@@ -82,7 +88,7 @@ def test_three_devices_within_5_percent(seed, n, chain):
     p = random_problem(seed, n, 3, chain=chain, memory=False)
     ex, la = exhaustive(p), latency(p)
     assert p.feasible(la.assign)
-    assert la.objective <= ex.objective * 1.05 + 1e-12
+    assert la.seconds <= ex.seconds * 1.05 + 1e-12
 
 
 @_FAST
@@ -95,11 +101,11 @@ def test_three_devices_within_5_percent(seed, n, chain):
 def test_memory_limits_hold_and_stay_near_optimal(seed, d, n, chain):
     p = random_problem(seed, n, d, chain=chain, memory=True)
     ex, la = exhaustive(p), latency(p)
-    if not np.isfinite(ex.objective):
+    if not np.isfinite(ex.seconds):
         return
     assert p.feasible(la.assign)  # memory and op support
     # a knapsack under the cut, so not exact; in a 400-problem sweep the worst ratio was 1.017
-    assert la.objective <= ex.objective * 1.05 + 1e-12
+    assert la.seconds <= ex.seconds * 1.05 + 1e-12
 
 
 @_FAST
@@ -112,12 +118,12 @@ def test_memory_limits_hold_and_stay_near_optimal(seed, d, n, chain):
 )
 def test_throughput_dp_matches_exhaustive(seed, d, n, chain, memory):
     p = random_problem(seed, n, d, chain=chain, memory=memory)
-    ex, dp = exhaustive(p, "throughput"), throughput(p)
-    if not np.isfinite(ex.objective):
-        assert not np.isfinite(dp.objective)
+    ex, dp = exhaustive_pipelines(p), throughput(p)
+    if not np.isfinite(ex.seconds):
+        assert not np.isfinite(dp.seconds)
         return
     assert p.feasible(dp.assign) and p.pipeline_valid(dp.assign)
-    assert dp.objective == pytest.approx(ex.objective, rel=1e-9)
+    assert dp.seconds == pytest.approx(ex.seconds, rel=1e-9)
 
 
 def test_registry_lists_known_algorithms():

@@ -64,9 +64,11 @@ def test_group_act_bytes_is_the_peak_not_the_largest_tensor():
 
 
 def test_problem_memory_counts_the_peak():
+    from hetero.backends.registry import default_registry
     from hetero.cluster.spec import ClusterSpec
     from hetero.partitioner.algorithms.adapter import build_problem
     from hetero.partitioner.cost import CostModel
+    from hetero.partitioner.decisions import BackendAssignment
 
     cluster = ClusterSpec.from_dict(
         {
@@ -83,7 +85,13 @@ def test_problem_memory_counts_the_peak():
     )
     g = graph()
     groups = g.coarsen()
-    problem, _ = build_problem(groups, cluster, CostModel(), backends={"cpu": "eager"})
+    problem, _ = build_problem(
+        groups,
+        cluster,
+        CostModel(),
+        backends=BackendAssignment.parse({"cpu": "eager"}),
+        registry=default_registry(),
+    )
     assert list(problem.act_bytes) == [grp.act_bytes for grp in groups]
     need = problem.memory(problem.allowed().argmax(axis=1))
     weights = 8 * 8 * 4 + 8 * 4

@@ -17,19 +17,30 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from symmetric_cases import flat_layout, layout, symmetric_problem
 from test_algorithms import random_problem
+from typer.testing import CliRunner
 
 import hetero
+from hetero.backends.registry import default_registry
 from hetero.errors import ConfigError
-from hetero.partitioner.algorithms import exhaustive, latency, throughput
-from hetero.partitioner.algorithms.auto import coarsen_for_scale, solve
+from hetero.interfaces import models
+from hetero.interfaces.cli import app
+from hetero.interfaces.config import load_config
+from hetero.partitioner.algorithms import exhaustive, exhaustive_pipelines, latency, throughput
+from hetero.partitioner.algorithms.auto import coarsen_for_scale, seconds, solve
 from hetero.partitioner.algorithms.branch import branch_and_bound, interchangeable
 from hetero.partitioner.algorithms.stages import bottleneck_bound, pipeline, to_assignment
 from hetero.partitioner.algorithms.symmetry import analyse
 from hetero.partitioner.algorithms.tiers import expand, from_problem, placement_index
+from hetero.partitioner.decisions import BackendAssignment, Objective
 from hetero.partitioner.split import run_partitions, split
 
 _FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _REL = 1e-9
+L, T = Objective.LATENCY, Objective.THROUGHPUT
+
+
+def _exhaustive(problem, objective):
+    return (exhaustive_pipelines if objective.pipelined else exhaustive)(problem)
 
 
 def _staged(problem, slots, counts, hosts, objective):
@@ -83,15 +94,15 @@ def _host_contiguous_optimum(problem, slots) -> float:
 )
 def test_stage_dp_on_one_host_equals_exhaustive(seed, n, gpus, chain, memory):
     p, slots, counts, hosts = symmetric_problem(seed, n, gpus=gpus, chain=chain, memory=memory)
-    _, plan, assign = _staged(p, slots, counts, hosts, "throughput")
-    ex = exhaustive(p, "throughput")
+    _, plan, assign = _staged(p, slots, counts, hosts, T)
+    ex = exhaustive_pipelines(p)
     if plan is None:
-        assert not np.isfinite(ex.objective)
+        assert not np.isfinite(ex.seconds)
         return
     assert p.feasible(assign) and p.pipeline_valid(assign)
     # the DP's own numbers are the Problem's, on the names it chose
     assert p.throughput(assign) == pytest.approx(plan.bottleneck, rel=_REL)
-    assert plan.bottleneck == pytest.approx(ex.objective, rel=_REL)
+    assert plan.bottleneck == pytest.approx(ex.seconds, rel=_REL)
 
 
 @_FAST
@@ -106,16 +117,16 @@ def test_stage_dp_across_hosts_is_exact_for_contiguous_node_groups(seed, n, host
     p, slots, counts, host_n = symmetric_problem(
         seed, n, gpus=1, hosts=hosts, chain=chain, memory=memory
     )
-    tiers, plan, assign = _staged(p, slots, counts, host_n, "throughput")
+    tiers, plan, assign = _staged(p, slots, counts, host_n, T)
     contiguous = _host_contiguous_optimum(p, slots)
-    ex = exhaustive(p, "throughput")
+    ex = exhaustive_pipelines(p)
     if plan is None:
         assert not np.isfinite(contiguous)
         return
     assert p.throughput(assign) == pytest.approx(plan.bottleneck, rel=_REL)
     assert plan.bottleneck == pytest.approx(contiguous, rel=_REL)
-    assert plan.bottleneck >= ex.objective * (1 - _REL)
-    assert bottleneck_bound(tiers) <= ex.objective * (1 + _REL)
+    assert plan.bottleneck >= ex.seconds * (1 - _REL)
+    assert bottleneck_bound(tiers) <= ex.seconds * (1 + _REL)
 
 
 @_FAST
@@ -134,7 +145,7 @@ def test_expand_rebuilds_the_problem_from_representatives(seed, n, hosts):
 
 def test_latency_stage_dp_sums_the_stages():
     p, slots, counts, hosts = symmetric_problem(3, 6, gpus=2, hosts=1)
-    _, plan, assign = _staged(p, slots, counts, hosts, "latency")
+    _, plan, assign = _staged(p, slots, counts, hosts, L)
     assert plan.total == pytest.approx(sum(p.stage_times(assign)), rel=_REL)
 
 
@@ -159,11 +170,11 @@ def test_branch_and_bound_equals_exhaustive(seed, n, symmetric, chain, memory):
     ex = exhaustive(p)
     result = branch_and_bound(p)
     assert result.proven
-    if not np.isfinite(ex.objective):
+    if not np.isfinite(ex.seconds):
         assert result.assign is None
         return
     assert p.feasible(result.assign)
-    assert result.value == pytest.approx(ex.objective, rel=_REL)
+    assert result.value == pytest.approx(ex.seconds, rel=_REL)
     assert p.latency(result.assign) == pytest.approx(result.value, rel=_REL)
 
 
@@ -191,7 +202,7 @@ def test_branch_and_bound_stops_at_the_deadline():
 @given(
     seed=st.integers(0, 2**31),
     n=st.integers(1, 6),
-    objective=st.sampled_from(["latency", "throughput"]),
+    objective=st.sampled_from(list(Objective)),
     symmetric=st.booleans(),
     memory=st.booleans(),
 )
@@ -204,26 +215,26 @@ def test_auto_finds_the_exhaustive_optimum_and_says_so(seed, n, objective, symme
         p = random_problem(seed, n, 3, chain=seed % 2 == 0, memory=memory)
         slots, counts, hosts = flat_layout(p)
     found, optimal, _ = solve(p, slots, layout(p, slots, counts, hosts), objective, flat=True)
-    ex = exhaustive(p, objective)
-    if not np.isfinite(ex.objective):
+    ex = _exhaustive(p, objective)
+    if not np.isfinite(ex.seconds):
         assert found.over > 0 or not np.isfinite(found.value)
         return
     assert found.over == 0
-    assert found.value == pytest.approx(ex.objective, rel=_REL)
+    assert found.value == pytest.approx(ex.seconds, rel=_REL)
     assert optimal
 
 
-@pytest.mark.parametrize("objective", ["latency", "throughput"])
+@pytest.mark.parametrize("objective", list(Objective))
 def test_auto_is_never_worse_than_todays_algorithms_on_random_problems(objective):
     for seed in range(15):
         p = random_problem(seed, 10, 3, chain=seed % 2 == 0, memory=seed % 3 == 0)
         slots, counts, hosts = flat_layout(p)
         found, _, _ = solve(p, slots, layout(p, slots, counts, hosts), objective, flat=True)
-        today = (latency if objective == "latency" else throughput)(p)
+        today = (throughput if objective.pipelined else latency)(p)
         if not p.feasible(today.assign):
             continue
         assert found.over == 0
-        assert found.value <= p.objective(today.assign, objective) * (1 + _REL)
+        assert found.value <= seconds(p, today.assign, objective) * (1 + _REL)
 
 
 # ---- real models ---------------------------------------------------------------------------
@@ -250,10 +261,8 @@ def nodes_cluster(nodes: int, gpus: int) -> hetero.Cluster:
 
 @pytest.fixture(scope="module")
 def bundled():
-    from hetero.interfaces.models import mlp_block, tiny_gpt
-
     graphs = {}
-    for name, factory in (("tiny_gpt", tiny_gpt), ("mlp_block", mlp_block)):
+    for name, factory in (("tiny_gpt", models.tiny_gpt), ("mlp_block", models.mlp_block)):
         model, inputs = factory()
         graphs[name] = hetero.capture(model, inputs)
     return graphs
@@ -261,20 +270,18 @@ def bundled():
 
 @pytest.fixture(scope="module")
 def registry():
-    from hetero.backends.registry import default_registry
-
     return default_registry()
 
 
 @pytest.mark.parametrize("cluster", SHIPPED, ids=lambda p: p.stem)
-@pytest.mark.parametrize("objective", ["latency", "throughput"])
+@pytest.mark.parametrize("objective", list(Objective))
 def test_auto_is_never_worse_than_todays_planner_on_shipped_clusters(
     bundled, registry, cluster, objective
 ):
     spec = hetero.Cluster.from_yaml(cluster)
     for graph in bundled.values():
         auto = hetero.plan(graph, spec, objective, registry=registry)
-        today = hetero.plan(graph, spec, objective, registry=registry, algorithm=objective)
+        today = hetero.plan(graph, spec, objective, registry=registry, algorithm=objective.value)
         assert auto.method and auto.algorithm == "auto"
         assert auto.predicted_ms <= today.predicted_ms * (1 + _REL)
 
@@ -331,7 +338,7 @@ def test_many_identical_layers_become_groups_and_are_priced_once(registry):
     layers = [g for g in groups if g.name.startswith("model.layers.")]
     assert len(layers) == 12  # not one group holding every layer
     spec = nodes_cluster(16, 8)
-    for objective in ("latency", "throughput"):
+    for objective in Objective:
         plan = hetero.plan(graph, spec, objective, registry=registry, time_budget_s=5)
         assert set(plan.devices()) <= {d.name for d in spec.devices}
         note = next(n for n in plan.notes if n.startswith("planned over"))
@@ -361,11 +368,6 @@ def test_time_budget_and_progress_are_reported(tiny_gpt, registry):
 
 
 def test_plan_command_plans_a_transformers_config_on_the_meta_device(tmp_path):
-    from typer.testing import CliRunner
-
-    from hetero.interfaces.cli import app
-    from hetero.interfaces.config import load_config
-
     cfg = {
         "model": {
             "transformers": "LlamaConfig",
@@ -395,8 +397,6 @@ def test_plan_command_plans_a_transformers_config_on_the_meta_device(tmp_path):
 
 
 def test_shipped_meta_config_names_a_transformers_model():
-    from hetero.interfaces.config import load_config
-
     cfg = load_config(ROOT / "configs/llama-70b-meta.yaml")
     assert cfg.model.transformers == "LlamaConfig" and cfg.model.device == "meta"
     assert cfg.model.config["num_hidden_layers"] == 80
@@ -407,8 +407,7 @@ def test_shipped_meta_config_names_a_transformers_model():
 
 def test_identical_nodes_become_classes_and_types():
     spec = nodes_cluster(3, 8)
-    backend_of = {d.name: d.kind for d in spec.devices}
-    sym = analyse(spec, backend_of, origin="n0/cpu")
+    sym = analyse(spec, BackendAssignment(), origin="n0/cpu")
     assert sym.regular
     sizes = sorted(len(c) for c in sym.classes)
     assert sizes == [1, 2, 24]  # the origin CPU, the other CPUs, the GPUs
@@ -424,13 +423,12 @@ def test_identical_nodes_become_classes_and_types():
 
 def test_devices_kept_apart_and_irregular_hosts_are_classes_of_their_own():
     spec = nodes_cluster(2, 4)
-    backend_of = {d.name: d.kind for d in spec.devices}
-    sym = analyse(spec, backend_of, origin="n0/cpu", distinct={"n1/gpu2"})
+    sym = analyse(spec, BackendAssignment(), origin="n0/cpu", distinct={"n1/gpu2"})
     assert ("n1/gpu2",) in sym.classes and len(sym.host_types) == 2
     # NVLink between two of a host's four GPUs only: they are not interchangeable
     links = [l for l in spec.links if not (l.kind == "nvlink" and "n1/gpu3" in (l.a, l.b))]
     uneven = hetero.Cluster(spec.name, spec.devices, tuple(links))
-    sym = analyse(uneven, backend_of, origin="n0/cpu")
+    sym = analyse(uneven, BackendAssignment(), origin="n0/cpu")
     assert not sym.regular and "n1" in sym.why
     assert all(len(c) == 1 for c in sym.classes if sym.cluster.device(c[0]).host == "n1")
 
@@ -443,7 +441,7 @@ def test_a_network_that_is_not_uniform_gives_every_host_its_own_type():
     )
     sym = analyse(
         hetero.Cluster(spec.name, spec.devices, links),
-        {d.name: d.kind for d in spec.devices},
+        BackendAssignment(),
         origin="n0/cpu",
     )
     assert len(sym.host_types) == 3 and not sym.regular

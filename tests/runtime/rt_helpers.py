@@ -3,6 +3,7 @@ when several test folders have one)."""
 
 from __future__ import annotations
 
+from hetero.backends.registry import default_registry
 from hetero.partitioner.split import split
 from hetero.runtime.build import compile_partitions
 
@@ -44,4 +45,5 @@ def make_stages(graph, cluster, devices, cache_dir, backend="eager", registry=No
     """Stages of `graph` cut in thirds, partition i on `devices[i]` (device names)."""
     parts = split(graph, thirds(graph))
     placements = [(cluster.device(d), backend) for d in devices]
+    registry = registry if registry is not None else default_registry()
     return compile_partitions(graph, parts, placements, cache_dir, registry=registry)

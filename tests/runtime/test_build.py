@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hetero.runtime.build import _host_graph
+from hetero.runtime.build import retarget
 
 
 def test_host_graph_moves_factory_devices_and_constants_to_the_host():
@@ -19,7 +19,7 @@ def test_host_graph_moves_factory_devices_and_constants_to_the_host():
     root = torch.nn.Module()
     root.table = torch.ones(4)
     gm = torch.fx.GraphModule(root, g)
-    _host_graph(gm)
+    retarget(gm, torch.device("cpu"))
     devices = [n.kwargs.get("device") for n in gm.graph.nodes if "device" in n.kwargs]
     assert devices == [torch.device("cpu")]
     (out,) = gm(torch.zeros(4))

@@ -73,11 +73,12 @@ def _plan(graph, devices, objective="latency"):
 
 
 def test_compile_plan_names_stages_by_plan_index(mlp, cluster, cache_dir):
+    from hetero.backends.registry import default_registry
     from hetero.runtime.build import compile_plan, needed_outputs
 
     model, x, graph = mlp
     plan = _plan(graph, ["head/cpu", "edge/npu", "edge/cpu"])
-    stages = compile_plan(graph, plan, cluster, cache_dir)
+    stages = compile_plan(graph, plan, cluster, cache_dir, registry=default_registry())
     assert [s.index for s in stages] == [10, 11, 12]
     assert [s.predicted_ms for s in stages] == [0.5, 1.0, 1.5]
     assert stages[1].device.name == "edge/npu"

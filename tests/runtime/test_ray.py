@@ -39,7 +39,7 @@ def deployed(ray_cluster, mlp, cluster, cache_dir):
         cluster=cluster,
         timeout_s=TIMEOUT_S,
         restart_timeout_s=30.0,
-        extra_backends=EXTRA_BACKENDS,
+        registry=_registry(),
         max_inflight=4,
     )
     with torch.no_grad():

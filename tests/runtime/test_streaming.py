@@ -10,8 +10,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from hetero import plan as make_plan
+from hetero.backends.registry import default_registry
 from hetero.cluster.spec import ClusterSpec
-from hetero.partitioner.algorithms import plan as make_plan
 from hetero.partitioner.graph import capture
 from hetero.runtime.build import compile_plan, needed_outputs
 from hetero.runtime.executor import LocalExecutor
@@ -135,7 +136,9 @@ def streamed_llama(tmp_path_factory):
     cluster = _gpu_box(weight_bytes)
     # the CPU only hosts the weights: every group computes on the GPU, resident or streamed
     plan = make_plan(graph, cluster, backends={"gpu": "eager"}, exclude=["node0/cpu"])
-    stages = compile_plan(graph, plan, cluster, tmp_path_factory.mktemp("streamed"))
+    stages = compile_plan(
+        graph, plan, cluster, tmp_path_factory.mktemp("streamed"), registry=default_registry()
+    )
     with torch.no_grad():
         expected = model(*x).logits
     return graph, plan, stages, x, expected

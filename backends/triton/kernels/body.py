@@ -31,10 +31,16 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class Space:
-    """Where a value lives inside the kernel: its flat-index expression and mask."""
+    """Where a value lives inside the kernel: its flat-index expression and mask.
+
+    `fast`: the address of an operand whose IN{i}_C flag says it is laid out in the order the
+    kernel walks (default: `idx`, row-major). A kernel walking a channels-last tensor in
+    memory order sets it to that order's index while `idx` stays the logical one.
+    """
 
     idx: str
     mask: str | None
+    fast: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ class Body:
             self.emit(f"{v} = tl.load(in{i}).to({ct})")
         else:
             self.emit(f"if IN{i}_C:")
-            self.emit(f"    o{i} = {sp.idx}")
+            self.emit(f"    o{i} = {sp.fast or sp.idx}")
             self.emit("else:")
             self.emit(f"    o{i} = {off}")
             mask = f", mask={sp.mask}, other=0" if sp.mask else ""
@@ -185,14 +191,17 @@ class Body:
         self.var[node] = out
 
     # ---- writing ---------------------------------------------------------------------------
-    def stores(self) -> list[Output]:
+    def stores(self, walk_order: Callable[[Node], bool] | None = None) -> list[Output]:
+        """Store every output at its logical index, or where `walk_order(node)` says so, at
+        the walking order's index (`fast`: the output is allocated in that layout)."""
         outs = []
         for j, node in enumerate(self.group.outputs):
             arg = f"out{j}"
             sp = self.spaces[self.space_of(node)]
             v = self.var[node]
             mask = f", mask={sp.mask}" if sp.mask else ""
-            self.emit(f"tl.store({arg} + {sp.idx}, ({v}).to({TL_DTYPE[dtype(node)]}){mask})")
+            at = sp.fast if walk_order is not None and sp.fast and walk_order(node) else sp.idx
+            self.emit(f"tl.store({arg} + {at}, ({v}).to({TL_DTYPE[dtype(node)]}){mask})")
             outs.append(Output(node, arg))
         return outs
 
@@ -220,13 +229,15 @@ def launch_prelude(ops: Sequence[Operand], outs: Sequence[Output]) -> list[str]:
     return lines
 
 
-def launch_args(ops: Sequence[Operand], outs: Sequence[Output], names: Sequence[str]) -> tuple[str, str, str]:  # fmt: skip
+def launch_args(ops: Sequence[Operand], outs: Sequence[Output], names: Sequence[str],
+                contig: str = "_contig") -> tuple[str, str, str]:  # fmt: skip
     """(pointer args, stride args, flag kwargs) as launcher source; `names` are the operands'
-    launcher parameter names."""
+    launcher parameter names; `contig(t, shape)` is the launcher expression that says an
+    operand is laid out in the kernel's walking order."""
     ptrs = ", ".join(list(names) + [o.arg for o in outs])
     strides = ", ".join(f"*_bstrides({n}, {o.shape})" for n, o in zip(names, ops, strict=True))
     flags = ", ".join(
-        f"IN{i}_C=_contig({n}, {o.shape})" for i, (n, o) in enumerate(zip(names, ops, strict=True))
+        f"IN{i}_C={contig}({n}, {o.shape})" for i, (n, o) in enumerate(zip(names, ops, strict=True))
     )
     return ptrs, strides, flags
 

@@ -8,6 +8,7 @@ of floating type are held in float32 inside a kernel and rounded once at the sto
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,6 +35,15 @@ def compute_type(dtype: torch.dtype) -> str:
     if dtype.is_floating_point:
         return "tl.float64" if dtype == torch.float64 else "tl.float32"
     return TL_DTYPE[dtype]
+
+
+def dot_upcast(dtype: torch.dtype | None) -> str:
+    """A suffix for tl.dot operands. Triton's interpreter (3.9) multiplies bfloat16 tiles as
+    raw bits; there they are upcast to float32 first, which gives what the GPU computes
+    (exact bfloat16 products accumulated in float32). On the GPU: nothing."""
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return ".to(tl.float32)"
+    return ""
 
 
 def const(v: object) -> str:
@@ -144,6 +154,12 @@ POINTWISE: dict[object, Render] = {
     aten.maximum.default: _unary("tl.maximum({0}, {1})"),
     aten.minimum.default: _unary("tl.minimum({0}, {1})"),
     aten.clamp.default: _clamp,
+    aten.hardtanh.default: lambda a, kw: _clamp([a[0], *(a[1:] or ["-1.0", "1.0"])], kw),
+    aten.hardsigmoid.default: _unary("tl.minimum(tl.maximum({0} / 6.0 + 0.5, 0.0), 1.0)"),
+    aten.hardswish.default: _unary("({0} * tl.minimum(tl.maximum({0} + 3.0, 0.0), 6.0) / 6.0)"),
+    aten.leaky_relu.default: lambda a, kw: (
+        f"tl.where({a[0]} > 0, {a[0]}, {a[0]} * {a[1] if len(a) > 1 else '0.01'})"
+    ),
     aten.where.self: _unary("tl.where({0}, {1}, {2})"),
     aten.eq.Tensor: _unary("({0} == {1})"),
     aten.eq.Scalar: _unary("({0} == {1})"),

@@ -31,4 +31,25 @@ def _bstrides(t, shape):
 def _contig(t, shape):
     return tuple(t.shape) == shape and t.is_contiguous()
 
+
+def _cl(t, shape):
+    """t is (N, C, *S) with C innermost in memory (channels-last) and not also row-major."""
+    return (tuple(t.shape) == shape and len(shape) >= 3 and not t.is_contiguous()
+            and t.permute(0, *range(2, len(shape)), 1).is_contiguous())
+
+
+def _cl_input(x, cfg):
+    """A convolution's input in the layout its weight was given (cfg['channels_last'])."""
+    if not cfg.get("channels_last") or x.dim() not in (4, 5):
+        return x
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return x.contiguous(memory_format=fmt)
+
+
+def _cl_empty(shape, dtype, dev):
+    """A channels-last tensor of logical shape (N, C, *S)."""
+    n = len(shape)
+    return torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype, device=dev).permute(
+        0, n - 1, *range(1, n - 1))
+
 '''

@@ -168,3 +168,136 @@ class WithFallback(torch.nn.Module):
     def forward(self, x):
         y = torch.cumsum(self.lin(x), dim=-1)
         return torch.flip(y, dims=[1]) * math.pi + 1.0
+
+
+# ---- modern models: transformers decoders built from config objects, conv blocks ---------------
+
+
+def decoder(family: str, layers: int = 1, dim: int = 64, heads: int = 4, kv_heads: int = 2,
+            inter: int = 128, vocab: int = 128, ctx: int = 64, **extra) -> torch.nn.Module:  # fmt: skip
+    """A transformers decoder (`family`: Llama, Qwen2, Mistral) from its config object:
+    RMSNorm, rotary embeddings, SwiGLU MLP and grouped-query attention, random weights."""
+    import transformers
+
+    cfg = getattr(transformers, f"{family}Config")(
+        hidden_size=dim, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+        max_position_embeddings=ctx, use_cache=False, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return getattr(transformers, f"{family}Model")(cfg).eval()
+
+
+class _TensorCache:
+    """The part of transformers' Cache that an attention layer calls (`update`), over KV
+    tensors passed in and returned, as a static cache of a captured decode step holds them."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
+        self.keys, self.values, self.pos = keys, values, pos
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        self.keys = self.keys.index_copy(2, self.pos, k)
+        self.values = self.values.index_copy(2, self.pos, v)
+        return self.keys, self.values
+
+
+class LlamaDecodeStep(torch.nn.Module):
+    """One-token decode through a transformers LlamaDecoderLayer against a static KV cache of
+    `max_len` positions, `pos + 1` of them valid (the mask says which)."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, kv_heads: int = 2, inter: int = 128,
+                 max_len: int = 64) -> None:  # fmt: skip
+        super().__init__()
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import (
+            LlamaDecoderLayer,
+            LlamaRotaryEmbedding,
+        )
+
+        cfg = LlamaConfig(
+            hidden_size=dim, intermediate_size=inter, num_attention_heads=heads,
+            num_key_value_heads=kv_heads, max_position_embeddings=max_len, num_hidden_layers=1,
+        )  # fmt: skip
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        self.layer = LlamaDecoderLayer(cfg, 0)
+        self.rotary = LlamaRotaryEmbedding(cfg)
+        self.max_len = max_len
+
+    def forward(self, x, pos, keys, values):
+        b = x.shape[0]
+        cache = _TensorCache(keys, values, pos)
+        position_ids = pos[None, :].expand(b, 1)
+        emb = self.rotary(x, position_ids)
+        valid = torch.arange(self.max_len, device=x.device) <= pos
+        mask = valid[None, None, None, :].expand(b, 1, 1, self.max_len)
+        h = self.layer(x, attention_mask=mask, position_ids=position_ids,
+                       past_key_values=cache, position_embeddings=emb)  # fmt: skip
+        return h, cache.keys, cache.values
+
+    def inputs(self, batch: int, pos: int, dtype=torch.float32) -> tuple[torch.Tensor, ...]:
+        attn = self.layer.self_attn
+        hk = attn.config.num_key_value_heads
+        g = torch.Generator().manual_seed(pos)
+        x = torch.randn(batch, 1, attn.config.hidden_size, generator=g).to(dtype)
+        kv = [torch.randn(batch, hk, self.max_len, attn.head_dim, generator=g).to(dtype)
+              for _ in range(2)]  # fmt: skip
+        return x, torch.tensor([pos]), *kv
+
+
+class MobileBlock(torch.nn.Module):
+    """A MobileNetV3-style inverted residual: 1x1 expand + BN + hardswish, 3x3 depthwise + BN
+    + ReLU6, 1x1 project + BN, residual add (what torchvision's mobilenet_v3 blocks export to)."""
+
+    def __init__(self, c: int = 8, e: int = 16) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.expand, self.bn1 = nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e)
+        self.dw, self.bn2 = nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False), nn.BatchNorm2d(e)
+        self.project, self.bn3 = nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c)
+        g = torch.Generator().manual_seed(0)
+        for bn in (self.bn1, self.bn2, self.bn3):  # non-trivial inference statistics
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.weight.data.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.data.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+
+    def forward(self, x):
+        y = F.hardswish(self.bn1(self.expand(x)))
+        y = F.relu6(self.bn2(self.dw(y)))
+        return x + self.bn3(self.project(y))
+
+
+class ConvNeXtBlock(torch.nn.Module):
+    """A ConvNeXt block: 7x7 depthwise conv, channels-last LayerNorm, pointwise MLP with GELU,
+    layer scale, residual (torchvision's CNBlock without stochastic depth)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.dw = torch.nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = torch.nn.LayerNorm(c, eps=1e-6)
+        self.up, self.down = torch.nn.Linear(c, 4 * c), torch.nn.Linear(4 * c, c)
+        self.scale = torch.nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.down(F.gelu(self.up(self.norm(y)))) * self.scale
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvStem(torch.nn.Module):
+    """conv + bias + BN + ReLU, then conv + BN + GELU + residual: the epilogues in a row."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.c1, self.b1 = nn.Conv2d(3, c, 3, stride=2, padding=1), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        g = torch.Generator().manual_seed(1)
+        for bn in (self.b1, self.b2):
+            bn.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        return y + F.gelu(self.b2(self.c2(y)))

@@ -8,16 +8,19 @@ import pytest
 import torch
 
 import hetero
-from hetero.cluster.spec import DeviceSpec
-from hetero.errors import ConfigError
-from hetero.partitioner import calibrate as cal
-from hetero.partitioner.cost import (
+import hetero.calibration as cal
+from hetero.calibration import run as cal_run
+from hetero.calibration import units as cal_units
+from hetero.cluster.profile import (
     PROFILE_SCHEMA_VERSION,
     CalibrationProfile,
-    CostModel,
     DeviceProfile,
     Efficiency,
 )
+from hetero.cluster.spec import DeviceSpec
+from hetero.errors import ConfigError
+from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import BackendAssignment
 
 CPU = DeviceSpec(
     name="local/cpu",
@@ -32,12 +35,12 @@ CPU = DeviceSpec(
 )
 
 
-_ALL_UNITS = cal._units  # before any test monkeypatches it
+_ALL_UNITS = cal_units.unit_modules  # before any test monkeypatches it
 
 
-def _few_units(torch, quick, dtype):
+def _few_units(quick, dtype):
     """Two microbenchmarks of different classes: enough to exercise compile, load, fit."""
-    units = _ALL_UNITS(torch, True, dtype)
+    units = _ALL_UNITS(True, dtype)
     first = {}
     for u in units:
         first.setdefault(u.op_class, u)
@@ -82,14 +85,12 @@ def test_eager_calibration_measures_each_dtype_and_the_runner():
 def test_runner_dispatch_counts_per_op_and_per_call():
     import torch
 
-    per_op, per_view, call = cal.runner_dispatch(
-        torch, torch.device("cpu"), torch.float32, lambda: None
-    )
+    per_op, per_view, call = cal.runner_dispatch(torch.device("cpu"), torch.float32, lambda: None)
     assert 0 < per_op < 1e-3 and 0 <= per_view < 1e-3 and 0 <= call < 1e-2
 
 
 def test_tvm_calibration_compiles_through_the_backend(tvm_cache, monkeypatch):
-    monkeypatch.setattr(cal, "_units", _few_units)
+    monkeypatch.setattr(cal_units, "unit_modules", _few_units)
     cache = tvm_cache
     cpu = DEMO.device("local/cpu")
     prof, samples = cal.calibrate_device(cpu, backend="tvm", cache=cache, workers=1)
@@ -112,10 +113,10 @@ def test_tvm_calibration_compiles_through_the_backend(tvm_cache, monkeypatch):
 def test_tvm_units_skip_what_the_npu_cannot_run(tvm_cache, monkeypatch):
     """The emulated NPU runs no data ops: its embedding microbenchmark is skipped."""
 
-    def units(torch, quick, dtype):
-        return [u for u in _ALL_UNITS(torch, True, dtype) if u.op_class in ("data", "norm")][:3]
+    def units(quick, dtype):
+        return [u for u in _ALL_UNITS(True, dtype) if u.op_class in ("data", "norm")][:3]
 
-    monkeypatch.setattr(cal, "_units", units)
+    monkeypatch.setattr(cal_units, "unit_modules", units)
     npu = DEMO.device("local/npu")
     logs: list[str] = []
     prof, samples = cal.calibrate_device(
@@ -133,11 +134,13 @@ def test_calibrate_maps_backends_per_device_kind(monkeypatch):
         seen.append((device.name, backend))
         return DeviceProfile(device.name, device.kind, backend=backend), []
 
-    monkeypatch.setattr(cal, "calibrate_device", fake)
-    monkeypatch.setattr(cal, "prepare_units", lambda **kw: [])
-    prof, skipped, samples = cal.calibrate(
-        DEMO, backends={"cpu": ["eager", "tvm"], "npu": "tvm"}, emulated=True
-    )
+    monkeypatch.setattr(cal_run, "calibrate_device", fake)
+    monkeypatch.setattr(cal_run, "prepare_units", lambda **kw: [])
+    both = [
+        BackendAssignment.parse({"cpu": "eager", "npu": "tvm"}),
+        BackendAssignment.parse({"cpu": "tvm", "npu": "tvm"}),
+    ]
+    prof, skipped, samples = cal.calibrate(DEMO, backends=both, emulated=True)
     assert seen == [("local/cpu", "eager"), ("local/cpu", "tvm"), ("local/npu", "tvm")]
     assert not skipped and set(samples) == set(seen)
     assert [(d.device, d.backend) for d in prof.devices] == seen
@@ -183,7 +186,7 @@ def test_profile_round_trip_keeps_the_backend(tmp_path):
 
 
 def test_model_picks_the_backend_specific_entry():
-    cm = CostModel(_two_backend_profile())
+    cm = CostModel(_two_backend_profile(), fusing_backends=frozenset({"tvm"}))
     assert cm.efficiency(CPU, "matmul", "float32", "tvm") == (0.1, 0.2)
     assert cm.efficiency(CPU, "matmul", "float32", "eager") == (0.5, 0.5)
     assert cm.call_overhead(CPU, "tvm") == 50e-6
@@ -236,7 +239,7 @@ def test_calibrate_command_through_tvm(tvm_cache, tmp_path, monkeypatch):
 
     from hetero.interfaces.cli import app
 
-    monkeypatch.setattr(cal, "_units", _few_units)
+    monkeypatch.setattr(cal_units, "unit_modules", _few_units)
     monkeypatch.setenv("HETERO_CACHE_DIR", str(tvm_cache.root))  # compiled by the test above
     out = tmp_path / "profile.json"
     result = CliRunner().invoke(
@@ -258,7 +261,8 @@ def test_sequence_factor_scales_fused_groups_only():
     graph = hetero.capture(torch.nn.Linear(64, 64), (torch.randn(8, 64),))
     (g,) = graph.coarsen(depth=0).groups
     ops = [graph[n] for n in g.nodes]
-    plain, scaled = CostModel(base), CostModel(prof)
+    fuses = frozenset({"tvm"})  # declared by the TVM backend; the planner passes it on
+    plain, scaled = CostModel(base, fusing_backends=fuses), CostModel(prof, fusing_backends=fuses)
     assert scaled.group_time(g, ops, CPU, backend="tvm") == pytest.approx(
         1.5 * plain.group_time(g, ops, CPU, backend="tvm")
     )

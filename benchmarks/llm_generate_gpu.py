@@ -1,0 +1,529 @@
+"""Generation with a KV cache on one GPU: a LLaMA-7B-shaped model (hidden 4096, intermediate
+11008, 32 layers, 32 heads, vocab 32000; random weights, float16, 12.55 GiB), batch 1,
+prompt 128, greedy.
+
+    python benchmarks/llm_generate_gpu.py --case capped   --json $OUT/capped.json
+    python benchmarks/llm_generate_gpu.py --case uncapped --json $OUT/uncapped.json
+    python benchmarks/llm_generate_gpu.py --case batch16  --json $OUT/batch16.json
+    python benchmarks/llm_generate_gpu.py --tiny --case all   # a smoke test on a CPU
+
+capped: the GPU capped at --cap-gib (4 GiB). hetero (hetero.compile(task="generate")) against
+accelerate's `dispatch_model` under the same cap and the host CPU alone (bfloat16, every
+core), all in this process, each its time to first token and ms per decoded token (medians
+of --repeats runs); hetero's peak GPU memory (`torch.cuda.max_memory_allocated`) against the
+cap; its per-step logits against the uncapped model's, teacher-forced on the same tokens;
+its plan and per-partition predicted/measured times; the bounds from the bytes each way
+must move.
+uncapped: the same model all on the GPU: hetero against transformers' `generate` eager and
+every torch.compile mode on a static cache (compile time recorded; a mode that fails is
+recorded as failed).
+batch16: batch 16 under the cap: hetero's chosen plan against the same plan with every
+non-resident layer forced to stream, and forced onto the CPU.
+
+The weights are made on the GPU (initialising 6.7 B random values on the host takes
+minutes there) and copied to host memory when a case needs them there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+T0 = time.perf_counter()
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "configs" / "clusters" / "h200-sxm-node.yaml"
+RESULTS: dict = {}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def save(path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def config(tiny: bool, shape: str = "7b"):
+    from transformers import LlamaConfig
+
+    if shape == "1.1b":  # benchmarks/llama_offload.py's model, with its real decode
+        return LlamaConfig(
+            hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
+        )  # fmt: skip
+    if tiny:
+        return LlamaConfig(
+            hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=512, max_position_embeddings=512,
+        )  # fmt: skip
+    return LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+    )  # fmt: skip
+
+
+def build(cfg, device: str, dtype: torch.dtype):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def hf_times(model, ids, new: int, repeats: int, **kw) -> dict:
+    """(time to first token, ms per further token) of transformers' generate: medians of
+    generate(1) and (generate(new) - generate(1)) / (new - 1)."""
+
+    def run(n: int) -> float:
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
+        sync()
+        return (time.perf_counter() - t) * 1e3
+
+    run(2)  # warm-up
+    first = statistics.median(run(1) for _ in range(repeats))
+    total = statistics.median(run(new) for _ in range(repeats))
+    return {"ttft_ms": first, "ms_per_token": (total - first) / (new - 1), "new_tokens": new}
+
+
+def hetero_times(lm, ids, new: int, repeats: int) -> dict:
+    lm.generate(ids, min(4, new))  # warm-up (CUDA graphs, Inductor's first calls)
+    ttft, per = [], []
+    for _ in range(repeats):
+        lm.generate(ids, new)
+        ttft.append(lm.last_request["ttft_ms"])
+        per.append(lm.last_request["decode_ms_per_token"])
+    return {
+        "ttft_ms": statistics.median(ttft),
+        "ms_per_token": statistics.median(per),
+        "ms_per_token_runs": per,
+        "new_tokens": new,
+    }
+
+
+def cluster(cap_gib: float | None):
+    from hetero.cluster.spec import ClusterSpec
+
+    spec = ClusterSpec.from_yaml(CLUSTER)
+    return spec if cap_gib is None else spec.with_device("node0/gpu", memory=int(cap_gib * 2**30))
+
+
+def compile_lm(model, spec, max_len: int, batch: int, cache: Path, **kw):
+    """hetero.compile(task="generate") as a user calls it; without CUDA (--tiny on a CPU)
+    the same steps with the GPU's stages run on the CPU."""
+    from hetero.backends.registry import default_registry
+    from hetero.interfaces.generate import compile_lm as build_lm
+    from hetero.runtime.generation import StageBinder
+
+    registry = default_registry()
+    if not torch.cuda.is_available():
+        kw["binder"] = StageBinder(registry, device_of=lambda d: torch.device("cpu"))
+    t = time.perf_counter()
+    lm = build_lm(
+        model, spec, max_length=max_len, batch_size=batch, cache_dir=cache,
+        registry=registry, executor="local", **kw,
+    )  # fmt: skip
+    return lm, time.perf_counter() - t
+
+
+def plan_rows(lm) -> dict:
+    out = {}
+    for phase in ("prefill", "decode"):
+        plan = getattr(lm.plan, phase)
+        ex = lm.generation.executors
+        measured = next(ex[p] for p in ex if p.value == phase).measured_ms()
+        out[phase] = [
+            {
+                "partition": p.index,
+                "device": p.device,
+                "weights": p.weights,
+                "groups": len(p.groups),
+                "split": p.split[:1],
+                "cpu_dtype": p.cpu_dtype,
+                "predicted_ms": p.predicted_ms,
+                "measured_ms": measured.get(p.index),
+                "memory_bytes": p.memory_bytes,
+            }
+            for p in plan.partitions
+        ]
+    return out
+
+
+def teacher_forced(lm, ids, tokens: torch.Tensor, ref: torch.Tensor) -> dict:
+    """hetero's logits on the reference tokens, step by step, against the reference's."""
+    from hetero.partitioner.phases import Phase
+
+    g = lm.generation
+    length = ids.shape[1]
+    with torch.no_grad():
+        got = [g.step(Phase.PREFILL, ids, 0)]
+        g.move_state()
+        for k in range(tokens.shape[1] - 1):
+            got.append(g.step(Phase.DECODE, tokens[:, k : k + 1], length + k))
+    got_t = torch.stack([x.float().cpu() for x in got])  # [steps, batch, vocab]
+    rel = (got_t - ref).norm(dim=-1) / ref.norm(dim=-1)
+    agree = (got_t.argmax(-1) == ref.argmax(-1)).float().mean()
+    return {"max_rel_err": float(rel.max()), "mean_rel_err": float(rel.mean()),
+            "argmax_agreement": float(agree), "steps": int(ref.shape[0])}  # fmt: skip
+
+
+def reference(model, ids, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    tokens = out.sequences[:, ids.shape[1] :].cpu()
+    logits = torch.stack([x.float().cpu() for x in out.logits])
+    return tokens, logits
+
+
+def bounds(weight_bytes: int, cap: int, probe: dict) -> dict:
+    stream = weight_bytes - cap
+    h2d = probe.get("h2d_GBps", 55.0) * 1e9
+    read = probe.get("cpu_read_GBps", 117.0) * 1e9
+    return {
+        "non_resident_bytes": stream,
+        "stream_ms": 1e3 * stream / h2d,
+        "cpu_read_ms": 1e3 * stream / read,
+        "both_ms": 1e3 * stream / (h2d + read),
+    }
+
+
+def quick_probe(seconds: float = 0.5, size: int = 1 << 30) -> dict:
+    """Pinned host->GPU copy rate and a 16-thread host read rate, for the bounds."""
+    out = {}
+    t = torch.ones(size // 2, dtype=torch.float16)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        t.sum()
+        n += 1
+    out["cpu_read_GBps"] = 2 * t.numel() * n / (time.perf_counter() - t0) / 1e9
+    if torch.cuda.is_available():
+        src = torch.empty(256 << 20, dtype=torch.uint8).pin_memory()
+        dst = torch.empty_like(src, device="cuda")
+        sync()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            dst.copy_(src, non_blocking=True)
+            n += 1
+        sync()
+        out["h2d_GBps"] = src.numel() * n / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ---- cases ---------------------------------------------------------------------------------
+
+
+def case_capped(args, cfg, cache: Path) -> None:
+    gpu = torch.cuda.is_available()
+    dev = "cuda" if gpu else "cpu"
+    dtype = torch.float16 if gpu else torch.float32
+    out = RESULTS.setdefault("capped", {})
+    model = build(cfg, dev, dtype)
+    wbytes = weight_bytes(model)
+    cap = int(args.cap_gib * 2**30)
+    out["weights_GiB"] = wbytes / 2**30
+    torch.manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=dev)
+    log("reference: uncapped transformers on the GPU (eager), teacher-forcing logits")
+    tokens, ref = reference(model, ids, args.check_steps)
+    out["uncapped_hf_eager"] = hf_times(model, ids, args.new_tokens, args.repeats)
+    log(f"  {out['uncapped_hf_eager']}")
+    model = model.to("cpu")  # the capped runs start from a model in host memory
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    host_ids = ids.cpu()
+    probe = quick_probe(size=(1 << 30) if gpu else (64 << 20))
+    out["probe"] = probe
+    out["bounds"] = bounds(wbytes, cap, probe)
+    log(f"bounds {out['bounds']}")
+
+    log("hetero, GPU capped")
+    spec = cluster(args.cap_gib)
+    kw = {"prompt_length": args.prompt}
+    if gpu:
+        # what the split placement is priced with: the CPU's matrix-vector rate and the
+        # link's, each measured while the other runs (calibration/split.py)
+        from hetero.calibration.split import calibrate_split, split_profile
+        from hetero.partitioner.cost import CostModel
+
+        gpu_dev = spec.device("node0/gpu")
+        rates = calibrate_split(gpu_dev)
+        out["split_rates"] = [r.__dict__ for r in rates]
+        log(f"split rates {rates}")
+        kw["cost_model"] = CostModel(split_profile(spec, gpu_dev, rates))
+    lm, secs = compile_lm(model, spec, args.max_len, 1, cache, **kw)
+    out["hetero_compile_s"] = secs
+    log(f"  compiled in {secs:.1f} s\n{lm.explain(width=160)}")
+    out["hetero_plan"] = {
+        "predicted_ttft_ms": lm.plan.predicted_ttft_ms,
+        "predicted_ms_per_token": lm.plan.predicted_decode_ms,
+        "explain": lm.explain(width=200),
+    }
+    if gpu:
+        out["hetero_compile_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    out["hetero"] = hetero_times(lm, host_ids, args.new_tokens, args.repeats)
+    log(f"  {out['hetero']}")
+    if gpu:
+        out["hetero_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        out["cap_bytes"] = cap
+        log(
+            f"  peak GPU memory {out['hetero_peak_gpu_bytes'] / 2**30:.2f} GiB (cap {args.cap_gib})"
+        )
+    out["hetero_partitions"] = plan_rows(lm)
+    out["logits_vs_uncapped"] = teacher_forced(lm, host_ids, tokens, ref)
+    log(f"  logits {out['logits_vs_uncapped']}")
+    lm.shutdown()
+    del lm
+    gc.collect()
+    save(args.json)
+
+    if gpu and time.perf_counter() - T0 < args.budget_s:
+        log("accelerate dispatch_model, same cap")
+        try:
+            from accelerate import dispatch_model, infer_auto_device_map
+            from accelerate.hooks import remove_hook_from_submodules
+
+            dmap = infer_auto_device_map(
+                model, max_memory={0: cap, "cpu": 200 * 2**30},
+                no_split_module_classes=["LlamaDecoderLayer"],
+            )  # fmt: skip
+            acc = dispatch_model(model, device_map=dmap)
+            n = max(3, min(8, args.new_tokens))
+            out["accelerate"] = hf_times(acc, ids, n, 1)
+            log(f"  {out['accelerate']}")
+            remove_hook_from_submodules(model)
+            model = model.to("cpu")
+            torch.cuda.empty_cache()
+        except Exception as e:
+            out["accelerate"] = {"error": f"{type(e).__name__}: {e}"}
+            log(traceback.format_exc())
+        save(args.json)
+
+    if time.perf_counter() - T0 < args.budget_s:
+        log(f"host CPU only, bfloat16, {torch.get_num_threads()} threads")
+        cpu_model = model.to(torch.bfloat16)
+        n = max(3, min(8, args.new_tokens))
+        out["cpu_only_bf16"] = hf_times(cpu_model, host_ids, n, 1)
+        out["cpu_only_bf16"]["threads"] = torch.get_num_threads()
+        log(f"  {out['cpu_only_bf16']}")
+    save(args.json)
+
+
+def case_uncapped(args, cfg, cache: Path) -> None:
+    gpu = torch.cuda.is_available()
+    dev = "cuda" if gpu else "cpu"
+    dtype = torch.float16 if gpu else torch.float32
+    out = RESULTS.setdefault("uncapped", {})
+    if time.perf_counter() - T0 > args.budget_s:
+        out["skipped"] = "out of the call's time budget"
+        return
+    model = build(cfg, dev, dtype)
+    torch.manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=dev)
+    out["hf_eager"] = hf_times(model, ids, args.new_tokens, args.repeats)
+    log(f"transformers eager {out['hf_eager']}")
+    save(args.json)
+    lm, secs = compile_lm(model, cluster(None), args.max_len, 1, cache, prompt_length=args.prompt)
+    out["hetero_compile_s"] = secs
+    log(f"hetero compiled in {secs:.1f} s\n{lm.explain(width=160)}")
+    out["hetero"] = hetero_times(lm, ids.cpu(), args.new_tokens, args.repeats)
+    out["hetero_partitions"] = plan_rows(lm)
+    log(f"hetero {out['hetero']}")
+    lm.shutdown()
+    del lm
+    gc.collect()
+    save(args.json)
+    for mode in args.modes:
+        if time.perf_counter() - T0 > args.budget_s:
+            out[f"torch.compile {mode}"] = {"skipped": "out of the call's time budget"}
+            continue
+        log(f"torch.compile mode={mode}, static cache")
+        try:
+            r = compiled_times(model, ids, args, mode)
+            out[f"torch.compile {mode}"] = r
+            log(f"  {r}")
+        except Exception as e:
+            out[f"torch.compile {mode}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            log(f"  failed: {type(e).__name__}: {str(e)[:300]}")
+        save(args.json)
+
+
+def compiled_times(model, ids, args, mode: str) -> dict:
+    """transformers' model on a static cache (the module hetero captures: the cache as
+    buffers), through torch.compile in `mode`: a greedy loop, prefill then one token per
+    step; compile time is the first (warm-up) generation's."""
+    from hetero.partitioner.causal_lm import StaticCacheLM
+
+    torch._dynamo.reset()
+    wrapper = StaticCacheLM(model, ids.shape[0], args.max_len)
+    fwd = torch.compile(wrapper, mode=None if mode == "default" else mode, dynamic=False)
+    length = ids.shape[1]
+
+    def generate(n: int) -> tuple[float, float]:
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            tok = fwd(ids, torch.tensor(0, device=ids.device)).argmax(-1)
+            sync()
+            first = time.perf_counter()
+            for k in range(n - 1):
+                pos = torch.tensor(length + k, device=ids.device)
+                tok = fwd(tok.view(-1, 1), pos).argmax(-1)
+        sync()
+        end = time.perf_counter()
+        return (first - t) * 1e3, (end - first) * 1e3 / max(1, n - 1)
+
+    t = time.perf_counter()
+    generate(3)
+    compile_s = time.perf_counter() - t
+    runs = [generate(args.new_tokens) for _ in range(args.repeats)]
+    return {
+        "ttft_ms": statistics.median(r[0] for r in runs),
+        "ms_per_token": statistics.median(r[1] for r in runs),
+        "compile_s": compile_s,
+        "new_tokens": args.new_tokens,
+    }
+
+
+def case_batch16(args, cfg, cache: Path) -> None:
+    from hetero.partitioner.phases import Phase
+
+    gpu = torch.cuda.is_available()
+    dev = "cuda" if gpu else "cpu"
+    dtype = torch.float16 if gpu else torch.float32
+    out = RESULTS.setdefault("batch16", {})
+    if time.perf_counter() - T0 > args.budget_s:
+        out["skipped"] = "out of the call's time budget"
+        return
+    model = build(cfg, dev, dtype).to("cpu")
+    if gpu:
+        torch.cuda.empty_cache()
+    torch.manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt))
+    spec = cluster(args.cap_gib)
+    chosen, secs = compile_lm(
+        model, spec, args.max_len, args.batch, cache, prompt_length=args.prompt
+    )
+    log(f"batch {args.batch}, chosen plan (compiled in {secs:.1f} s)\n{chosen.explain(width=160)}")
+    decode = {c.group: c.chosen for c in chosen.plan.choice(Phase.DECODE)}
+    layers = [g for g in decode if ".layers." in g and g.rsplit(".", 1)[-1].isdigit()]
+    out["chosen"] = hetero_times(chosen, ids, args.new_tokens, args.repeats)
+    out["chosen"]["decode"] = {g: decode[g] for g in layers}
+    out["chosen"]["predicted_ms_per_token"] = chosen.plan.predicted_decode_ms
+    lm_graphs = chosen.lm
+    chosen.shutdown()
+    log(f"  chosen {out['chosen']['ms_per_token']:.2f} ms/token")
+    save(args.json)
+    for name, where in (("all_streamed", "streamed"), ("cpu_for_the_rest", "node0/cpu")):
+        if time.perf_counter() - T0 > args.budget_s:
+            out[name] = {"skipped": "out of the call's time budget"}
+            continue
+        # what fits stays resident; every other layer streams / runs on the CPU
+        forced = {g: f"resident|{where}" for g in layers}
+        try:
+            lm, _ = compile_lm(
+                model, spec, args.max_len, args.batch, cache, decode_placements=forced, lm=lm_graphs
+            )
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            continue
+        out[name] = hetero_times(lm, ids, args.new_tokens, args.repeats)
+        out[name]["predicted_ms_per_token"] = lm.plan.predicted_decode_ms
+        log(f"  {name} {out[name]['ms_per_token']:.2f} ms/token")
+        lm.shutdown()
+        save(args.json)
+    got = {
+        k: v["ms_per_token"] for k, v in out.items() if isinstance(v, dict) and "ms_per_token" in v
+    }
+    if got:
+        out["chosen_vs_best"] = out["chosen"]["ms_per_token"] / min(got.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", choices=("capped", "uncapped", "batch16", "all"), default="capped")
+    ap.add_argument("--tiny", action="store_true", help="a small model: a smoke test on a CPU")
+    ap.add_argument("--shape", choices=("7b", "1.1b"), default="7b",
+                    help="LLaMA-7B (12.55 GiB, cap 4 GiB) or the 1.1B of llama_offload.py "
+                    "(2.2 GB; give --cap-gib 0.512)")  # fmt: skip
+    ap.add_argument("--json", help="write the results here (rewritten after each step)")
+    ap.add_argument("--cap-gib", type=float, default=4.0, help="GPU memory cap (GiB)")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--max-len", type=int, default=256, help="the static cache's positions")
+    ap.add_argument("--batch", type=int, default=16, help="batch of the batch16 case")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--check-steps", type=int, default=16, help="teacher-forced steps")
+    ap.add_argument("--modes", nargs="*", default=["default", "reduce-overhead",
+                                                  "max-autotune-no-cudagraphs"])  # fmt: skip
+    ap.add_argument("--budget-s", type=float, default=520.0,
+                    help="start no optional measurement after this many seconds")  # fmt: skip
+    ap.add_argument("--cache-dir", help="artifact cache (default: a fresh temporary folder)")
+    args = ap.parse_args()
+    if args.tiny:
+        args.cap_gib = args.cap_gib if args.cap_gib != 4.0 else 0.002
+        args.prompt, args.new_tokens, args.max_len = (
+            min(args.prompt, 16),
+            min(args.new_tokens, 8),
+            64,
+        )
+        args.batch, args.repeats, args.check_steps = min(args.batch, 2), 1, 4
+        args.modes = args.modes[:1]
+    cfg = config(args.tiny, args.shape)
+    cache = Path(args.cache_dir or tempfile.mkdtemp(prefix="hetero-gen-"))
+    RESULTS["machine"] = {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "args": vars(args),
+    }  # fmt: skip
+    try:
+        import transformers
+
+        RESULTS["machine"]["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    cases = ("capped", "uncapped", "batch16") if args.case == "all" else (args.case,)
+    for case in cases:
+        {"capped": case_capped, "uncapped": case_uncapped, "batch16": case_batch16}[case](
+            args, cfg, cache
+        )
+        save(args.json)
+    log("done")
+    print(json.dumps(RESULTS, indent=1, default=str)[:6000])
+
+
+if __name__ == "__main__":
+    main()

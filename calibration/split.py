@@ -1,0 +1,180 @@
+"""Measuring what prices the `split` placement: the host CPU's matrix-vector rate and the
+host->GPU copy rate *while both run at once*.
+
+A split layer reads part of its weights over the link and the rest with the CPU, and both
+draw on the host's memory; each one's rate alone over-promises. So: weights larger than the
+last-level cache (a decode step reads each weight once, from DRAM), copies queued on a side
+stream from the same thread (no spinning copy thread competing for a core), the CPU
+multiplying while the copies run, each rate over the same window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mm
+from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency, LinkProfile
+from hetero.cluster.spec import ClusterSpec, DeviceSpec
+
+ROWS, COLS = 11008, 4096  # a 7B decoder layer's MLP matrix: 86 MiB in 16 bits
+COPY_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class SplitRates:
+    """Bytes per second, each alone and each while the other runs."""
+
+    dtype: str
+    batch: int
+    cpu_alone: float
+    cpu_shared: float
+    link_alone: float
+    link_shared: float
+    handoff_s: float = 0.0  # one hand-off: activation to the host, a tiny product, back
+
+
+def _weights(dtype: torch.dtype, total: int) -> list[torch.Tensor]:
+    one = ROWS * COLS * torch.tensor([], dtype=dtype).element_size()
+    return [torch.randn(ROWS, COLS).to(dtype) for _ in range(max(2, total // one))]
+
+
+def _gemv_rate(weights, x, seconds: float, until=None) -> float:
+    """Weight bytes per second of x @ W.T over `weights` in turn, for `seconds` or until
+    `until()` is true."""
+    nbytes = weights[0].numel() * weights[0].element_size()
+    torch.mm(x, weights[0].t())  # warm the thread pool
+    n, t0 = 0, time.perf_counter()
+    while True:
+        torch.mm(x, weights[n % len(weights)].t())
+        n += 1
+        el = time.perf_counter() - t0
+        if (until is not None and until()) or (until is None and el >= seconds):
+            return n * nbytes / el
+
+
+def _copies(dev: torch.device, count: int):
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(COPY_BYTES, dtype=torch.uint8, device=dev)
+    stream = torch.cuda.Stream(dev)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        start.record(stream)
+        for _ in range(count):
+            dst.copy_(src, non_blocking=True)
+        end.record(stream)
+    return start, end, count * COPY_BYTES
+
+
+def calibrate_split(
+    gpu: DeviceSpec,
+    *,
+    dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32"),
+    batch: int = 1,
+    seconds: float = 1.0,
+    l3_bytes: int = 512 << 20,
+) -> tuple[SplitRates, ...]:
+    """The rates on this machine (needs CUDA) for each dtype the CPU's rows may be kept in
+    (the planner picks among the measured ones): GPU `gpu`, the CPU threads torch has."""
+    return tuple(
+        _measure(gpu, dtype, batch=batch, seconds=seconds, l3_bytes=l3_bytes) for dtype in dtypes
+    )
+
+
+def _measure(
+    gpu: DeviceSpec, dtype: str, *, batch: int, seconds: float, l3_bytes: int
+) -> SplitRates:
+    dev = torch.device("cuda", gpu.index)
+    t = getattr(torch, dtype)
+    weights = _weights(t, 2 * l3_bytes)
+    x = torch.randn(batch, COLS).to(t)
+    cpu_alone = _gemv_rate(weights, x, seconds)
+    start, end, nbytes = _copies(dev, 8)
+    end.synchronize()
+    link_alone = nbytes / (start.elapsed_time(end) / 1e3)
+    count = max(4, int(link_alone * seconds / COPY_BYTES))
+    start, end, nbytes = _copies(dev, count)
+    cpu_shared = _gemv_rate(weights, x, seconds, until=end.query)
+    end.synchronize()
+    link_shared = nbytes / (start.elapsed_time(end) / 1e3)
+    return SplitRates(
+        dtype, batch, cpu_alone, cpu_shared, link_alone, link_shared, _handoff(dev, t, batch)
+    )
+
+
+def _handoff(dev: torch.device, dtype: torch.dtype, batch: int, calls: int = 200) -> float:
+    """Seconds of one `gpu_cpu_mm` with a token-sized product on each side: what a split
+    layer pays per hand-off on top of its shares (the copies' latency, the wait, the calls)."""
+    x = torch.randn(batch, COLS, device=dev).to(dtype)
+    w_gpu = torch.randn(64, COLS, device=dev).to(dtype)
+    w_cpu = torch.randn(64, COLS).to(dtype)
+    for _ in range(10):
+        gpu_cpu_mm(x, w_gpu, w_cpu)
+    torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        gpu_cpu_mm(x, w_gpu, w_cpu)
+    torch.cuda.synchronize(dev)
+    return (time.perf_counter() - t0) / calls
+
+
+def split_profile(
+    cluster: ClusterSpec,
+    gpu: DeviceSpec,
+    rates: tuple[SplitRates, ...],
+    *,
+    backend: str = "eager",
+    base: CalibrationProfile | None = None,
+) -> CalibrationProfile:
+    """`base` (or an empty profile of `cluster`) with the CPU's matmul memory efficiency in
+    each measured dtype and the host link's bandwidth (the slowest measured), all with the
+    CPU and the link at work together."""
+    cpu = cluster.host_cpu(gpu.host)
+    base = base or CalibrationProfile(cluster=cluster.name)
+    entries = tuple(
+        Efficiency(
+            key=f"matmul/{r.dtype}",
+            compute=0.5,
+            memory=r.cpu_shared / (cpu.mem_bandwidth or r.cpu_shared),
+            samples=1,
+        )
+        for r in rates
+    )
+    keys = {e.key for e in entries}
+    devices = []
+    found = False
+    for dp in base.devices:
+        if dp.device == cpu.name and dp.backend == backend:
+            keep = tuple(e for e in dp.efficiency if e.key not in keys)
+            dp = dataclasses.replace(dp, efficiency=(*keep, *entries))
+            found = True
+        devices.append(dp)
+    if not found:
+        devices.append(
+            DeviceProfile(
+                device=cpu.name,
+                kind="cpu",
+                model=cpu.model,
+                mem_bandwidth=cpu.mem_bandwidth or 0.0,
+                efficiency=entries,
+                backend=backend,
+                threads=torch.get_num_threads(),
+            )
+        )
+    links = tuple(lp for lp in base.links if {lp.a, lp.b} != {cpu.name, gpu.name})
+    latency = next((lp.latency for lp in base.links if {lp.a, lp.b} == {cpu.name, gpu.name}), 1e-5)
+    link = min(r.link_shared for r in rates)
+    measured = [r.handoff_s for r in rates if r.handoff_s > 0]
+    if measured:  # a hand-off is two small copies: each pays half of it
+        latency = min(measured) / 2
+    links = (*links, LinkProfile(cpu.name, gpu.name, link, latency))
+    return CalibrationProfile(
+        cluster=cluster.name,
+        devices=tuple(devices),
+        links=links,
+        host=base.host,
+        torch_version=torch.__version__,
+    )

@@ -1,0 +1,181 @@
+"""`hetero.compile(model, task="generate")`: a causal LM planned, compiled and loaded for
+generation with a KV cache, and `CompiledLM.generate()`.
+
+    lm = hetero.compile(model, task="generate", cluster="configs/clusters/h200-sxm-node.yaml",
+                        max_length=512)
+    tokens = lm.generate(input_ids, max_new_tokens=64)        # greedy
+    for t in lm.stream(input_ids, 64, temperature=0.8, top_k=40, seed=0): ...
+    print(lm.explain())          # both phases, side by side, and why each layer sits there
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hetero.backends.base import CompileOptions
+from hetero.backends.registry import BackendRegistry, default_registry
+from hetero.cluster.connect import init_ray
+from hetero.cluster.spec import ClusterSpec
+from hetero.errors import ConfigError
+from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
+from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import BackendAssignment
+from hetero.partitioner.generation_plan import GenerationPlan
+from hetero.partitioner.phases import LMGraphs, Phase, capture_lm
+from hetero.runtime.generation import Generation, LocalGeneration, StageBinder
+from hetero.runtime.generation_build import compile_generation
+from hetero.runtime.ray_generation import RayGeneration
+from hetero.runtime.sampling import Sampling
+
+
+class CompiledLM:
+    """A causal LM compiled for a cluster: prefill and decode plans sharing weights and the
+    KV cache; `generate()` like transformers' (greedy by default)."""
+
+    def __init__(
+        self, lm: LMGraphs, plan: GenerationPlan, cluster: ClusterSpec, generation: Generation
+    ) -> None:
+        self.lm = lm
+        self.plan = plan
+        self.cluster = cluster
+        self.generation = generation
+
+    @property
+    def max_length(self) -> int:
+        return self.lm.max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.lm.batch
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.vocab
+
+    def stream(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        *,
+        eos_token_id: int | Sequence[int] | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """[batch] token ids, one step at a time, as they are generated."""
+        sampling = Sampling(temperature=temperature, top_k=top_k, seed=seed)
+        return self.generation.generate_iter(
+            input_ids, max_new_tokens, eos_token_id=eos_token_id, sampling=sampling
+        )
+
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        *,
+        eos_token_id: int | Sequence[int] | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """[batch, new tokens] ids: the prompt's continuation (not the prompt). Stops early
+        once every sequence produced `eos_token_id` (finished ones repeat it)."""
+        sampling = Sampling(temperature=temperature, top_k=top_k, seed=seed)
+        return self.generation.generate(
+            input_ids, max_new_tokens, eos_token_id=eos_token_id, sampling=sampling
+        )
+
+    @property
+    def last_request(self) -> dict[str, float]:
+        """Time to first token (ms), tokens and ms per decoded token of the last request."""
+        return dict(self.generation.last)
+
+    def explain(self, width: int = 140) -> str:
+        return self.plan.explain(width=width)
+
+    def ready(self) -> bool:
+        return not self.generation._closed
+
+    def shutdown(self) -> None:
+        self.generation.shutdown()
+
+    def __enter__(self) -> CompiledLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def compile_lm(
+    model: torch.nn.Module,
+    cluster: ClusterSpec,
+    *,
+    max_length: int = 256,
+    batch_size: int = 1,
+    backends: BackendAssignment | Mapping[str, str] | None = None,
+    cache_dir: str | os.PathLike[str],
+    executor: str = "auto",
+    pins: Mapping[str, str] | None = None,
+    exclude: Sequence[str] = (),
+    options: Mapping[str, CompileOptions] | None = None,
+    cost_model: CostModel | None = None,
+    plan: GenerationPlan | None = None,
+    registry: BackendRegistry | None = None,
+    decode_placements: Mapping[str, str] | None = None,
+    lm: LMGraphs | None = None,
+    binder: StageBinder | None = None,
+    prompt_length: int | None = None,
+) -> CompiledLM:
+    """Capture both phases, plan them (unless `plan`), compile every partition (cached) and
+    load them. `backends` override generation's defaults per device kind (GPU: inductor,
+    CPU: eager, NPU: tvm). `decode_placements` force decode placements (benchmarks).
+    `prompt_length`: the prompt length prefill is planned for (default: half the cache;
+    long prompts stream their weights, short ones may run where decode runs)."""
+    registry = registry if registry is not None else default_registry()
+    if backends is None:
+        assignment = GENERATION_BACKENDS
+    elif isinstance(backends, BackendAssignment):
+        assignment = backends
+    else:  # overrides of generation's defaults, per device kind
+        assignment = BackendAssignment.parse(
+            {**GENERATION_BACKENDS.to_dict(), **backends}, known=registry.names()
+        )
+    if lm is None:
+        lm = capture_lm(model, batch=batch_size, max_len=max_length, example_len=prompt_length)
+    if plan is None:
+        plan = plan_generation(
+            lm,
+            cluster,
+            registry=registry,
+            cost_model=cost_model,
+            backends=assignment,
+            pins=pins,
+            exclude=exclude,
+            decode_placements=decode_placements,
+        )
+    stages = compile_generation(
+        lm, plan, cluster, Path(cache_dir), registry=registry, options=options
+    )
+    kind = executor
+    if kind == "auto":
+        kind = "local" if len(cluster.hosts) == 1 else "ray"
+    if kind == "local":
+        generation: Generation = LocalGeneration(lm, plan, stages, binder or StageBinder(registry))
+    elif kind == "ray":
+        import ray  # optional heavy dependency
+
+        if not ray.is_initialized():
+            npus = sum(1 for d in cluster.devices if d.kind == "npu")
+            init_ray(resources={"NPU": float(npus)} if npus else None)
+        generation = RayGeneration(lm, plan, stages, cluster=cluster, registry=registry)
+    else:
+        raise ConfigError(f"executor {executor!r} is not one of: auto, local, ray")
+    return CompiledLM(lm, plan, cluster, generation)
+
+
+__all__ = ["CompiledLM", "Phase", "compile_lm"]

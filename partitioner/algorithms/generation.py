@@ -1,0 +1,297 @@
+"""Plan a generation: decode first, then prefill around the weights decode keeps resident.
+
+Decode runs once per token, so its plan matters most: it is solved first, over the
+placements resident / streamed / split (GPU with its host CPU) / any other device, by the
+latency algorithm. Its resident groups then bind prefill: their weights are on the GPU
+anyway (one copy per device serves both phases), and no other group may become resident
+in prefill (that copy would have to live through decode too). Prefill then picks, for the
+rest, streaming or another device; at a long prompt it streams, since the GPU's compute
+hides the copies.
+
+A layer's KV cache lives on the device that runs it in each phase; where the two differ,
+the cache moves once per request after prefill (StateMove, priced by the cost model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from hetero.cluster.spec import ClusterSpec
+from hetero.partitioner.algorithms.adapter import (
+    BackendLookup,
+    Context,
+    build_problem,
+    refine_for_support,
+    resolve_backends,
+)
+from hetero.partitioner.algorithms.assemble import assemble
+from hetero.partitioner.algorithms.latency import latency
+from hetero.partitioner.algorithms.problem import INF, SPLIT, Problem, Solution
+from hetero.partitioner.coarsen import GroupGraph
+from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import BackendAssignment, Objective
+from hetero.partitioner.generation_plan import GenerationPlan, GroupChoice, StateMove
+from hetero.partitioner.graph import OpGraph
+from hetero.partitioner.phases import LMGraphs, Phase
+from hetero.partitioner.plan import Plan
+
+
+def layer_depth(graph: OpGraph) -> int | None:
+    """The module depth of the model's repeated blocks: the first level of the module stack
+    of a state-writing op whose path ends in an index (`model.layers.3`)."""
+    for op in graph:
+        if not op.state_bytes:
+            continue
+        for depth, (path, _type) in enumerate(op.module_stack, start=1):
+            if path.rsplit(".", 1)[-1].isdigit():
+                return depth
+        return len(op.module_stack) or None
+    return None
+
+
+# Generation's backend per device kind: GPU and CPU partitions take their weights and KV
+# cache as inputs (Backend.holds_state; a GPU's run through torch.compile), NPU partitions
+# are TVM's without state (the planner keeps cache updates off them).
+GENERATION_BACKENDS = BackendAssignment((("cpu", "eager"), ("gpu", "inductor"), ("npu", "tvm")))
+
+
+def lm_groups(
+    graph: OpGraph,
+    cluster: ClusterSpec,
+    *,
+    backends: BackendAssignment,
+    exclude: Sequence[str],
+    registry: BackendLookup,
+) -> GroupGraph:
+    """One group per decoder layer (and per piece around them), refined where a device runs
+    only part of a layer: a layer whose cache no backend of some device can hold is split
+    one level down, so its stateless parts (the MLP) may still go there."""
+    depth = layer_depth(graph)
+    groups = graph.coarsen(depth=depth, max_groups=1 << 20) if depth else graph.coarsen()
+    groups = refine_for_support(
+        groups, cluster, backends=backends, exclude=exclude, registry=registry, max_groups=1 << 20
+    )
+    stateless = [
+        d
+        for d in cluster.devices
+        if d.name not in set(exclude)
+        and not getattr(registry.get(backends.for_device(d)), "holds_state", False)
+    ]
+    if stateless:
+        for g in list(groups.groups):
+            if g.state_bytes and len(g.nodes) > 1:
+                finer = groups.refine(g.name)
+                if finer is not groups:
+                    groups = finer
+    return groups
+
+
+def plan_generation(
+    lm: LMGraphs,
+    cluster: ClusterSpec,
+    *,
+    registry: BackendLookup,
+    cost_model: CostModel | None = None,
+    backends: BackendAssignment = GENERATION_BACKENDS,
+    pins: Mapping[str, str] | None = None,
+    exclude: Sequence[str] = (),
+    decode_placements: Mapping[str, str] | None = None,
+) -> GenerationPlan:
+    """Plans for both phases. `decode_placements` forces placements in decode (group or
+    module prefix -> "resident" | "streamed" | "split" | a device name, or several joined
+    by "|"), for comparisons."""
+    cm = cost_model if cost_model is not None else CostModel.load(cluster=cluster)
+    resolved, backend_notes = resolve_backends(cluster, backends, registry)
+    common = dict(backends=resolved, exclude=exclude, registry=registry)
+
+    dgroups = lm_groups(lm.decode, cluster, **common)
+    dproblem, dctx = build_problem(
+        dgroups, cluster, cm, pins=pins, split=True, notes=backend_notes, **common
+    )
+    dproblem = _reserve_prefill_slots(dproblem, cluster)
+    if decode_placements:
+        dproblem = _force(dproblem, dgroups, decode_placements)
+    dsol = latency(dproblem)
+    decode = assemble(dproblem, dctx, dsol, objective=Objective.LATENCY)
+
+    pgroups = lm_groups(lm.prefill, cluster, **common)
+    pproblem, pctx = build_problem(pgroups, cluster, cm, pins=pins, notes=backend_notes, **common)
+    pproblem = _bind_resident(pproblem, dproblem, dsol, dgroups, pgroups)
+    psol = latency(pproblem)
+    prefill = assemble(pproblem, pctx, psol, objective=Objective.LATENCY)
+
+    moves = _moves(lm, prefill, decode, cluster, cm)
+    notes = list(dict.fromkeys((*decode.notes, *prefill.notes)))
+    if any(p.weights == SPLIT for p in decode.partitions):
+        notes.append(
+            "split: the GPU computes its share of each weight matrix's rows (streamed in) "
+            "while the host CPU computes the rest from host memory; outputs meet on the GPU"
+        )
+    return GenerationPlan(
+        prefill=prefill,
+        decode=decode,
+        batch=lm.batch,
+        max_len=lm.max_len,
+        moves=moves,
+        choices=(
+            (Phase.PREFILL.value, _choices(pproblem, pctx, psol)),
+            (Phase.DECODE.value, _choices(dproblem, dctx, dsol)),
+        ),
+        notes=tuple(notes),
+    )
+
+
+def _label(problem: Problem, ctx: Context, gi: int, p: int) -> str:
+    pl = problem.placements[p]
+    dev = problem.devices[pl.device]
+    if pl.weights == SPLIT:
+        s = (ctx.splits or {}).get(gi)
+        share = f" {s.fraction:.0%}/{1 - s.fraction:.0%} {s.cpu_dtype}" if s else ""
+        return f"{dev} split{share}"
+    kind = ctx.cluster.device(dev).kind
+    return dev if kind != "gpu" else f"{dev} {pl.weights}"
+
+
+def _choices(problem: Problem, ctx: Context, sol: Solution) -> tuple[GroupChoice, ...]:
+    rows = []
+    for gi, name in enumerate(problem.names):
+        p = int(sol.assign[gi])
+        others = sorted(
+            (
+                (_label(problem, ctx, gi, q), 1e3 * float(problem.unary[gi, q]))
+                for q in range(problem.num_placements)
+                if q != p and np.isfinite(problem.compute[gi, q])
+            ),
+            key=lambda x: x[1],
+        )
+        rows.append(
+            GroupChoice(
+                group=name,
+                chosen=_label(problem, ctx, gi, p),
+                predicted_ms=1e3 * float(problem.unary[gi, p]),
+                alternatives=tuple(others),
+                reason=_reason(problem, ctx, sol, gi, others),
+            )
+        )
+    return tuple(rows)
+
+
+def _reason(problem: Problem, ctx: Context, sol: Solution, gi: int, others) -> str:
+    p = int(sol.assign[gi])
+    pl = problem.placements[p]
+    if pl.weights == SPLIT:
+        s = (ctx.splits or {}).get(gi)
+        if s is not None:
+            return (
+                f"link {1e3 * s.link_s:.3f} ms for {s.gpu_bytes / 2**20:.0f} MiB while the CPU "
+                f"reads {s.cpu_bytes / 2**20:.0f} MiB in {1e3 * s.cpu_s:.3f} ms"
+            )
+    faster = [
+        q
+        for q in range(problem.num_placements)
+        if q != p and problem.unary[gi, q] + 1e-12 < problem.unary[gi, p]
+    ]
+    if not faster:
+        return ""
+    trial = sol.assign.copy()
+    trial[gi] = min(faster, key=lambda q: problem.unary[gi, q])
+    if problem.overflow(trial).any():
+        return "memory: a faster placement does not fit"
+    return "transfers: its neighbours run here"
+
+
+def _force(problem: Problem, groups: GroupGraph, forced: Mapping[str, str]) -> Problem:
+    """Only the placements named (weight homes or device names; "a|b" allows either) for
+    the groups whose name starts with each key."""
+    compute = problem.compute.copy()
+    for key, want in forced.items():
+        wants = set(want.split("|"))
+        hit = [i for i, g in enumerate(groups.groups) if g.name == key or g.name.startswith(key)]
+        for i in hit:
+            keep = [
+                q
+                for q, pl in enumerate(problem.placements)
+                if pl.weights in wants or problem.devices[pl.device] in wants
+            ]
+            mask = np.full(problem.num_placements, True)
+            mask[keep] = False
+            if np.isfinite(compute[i, keep]).any():
+                compute[i, mask] = INF
+    return dataclasses.replace(problem, compute=compute)
+
+
+def _reserve_prefill_slots(problem: Problem, cluster: ClusterSpec) -> Problem:
+    """Decode shares its GPU's two streaming slots with prefill, which streams whole
+    layers: while any layer is not resident there, the slots hold the largest one."""
+    floor = np.zeros(problem.num_devices)
+    largest = float(problem.param_bytes.max()) if problem.n else 0.0
+    for q in range(problem.num_placements):
+        if problem.place_streamed[q]:
+            floor[problem.placements[q].device] = 2 * largest
+    return dataclasses.replace(problem, slot_floor=floor)
+
+
+def _bind_resident(
+    pproblem: Problem, dproblem: Problem, dsol: Solution, dgroups: GroupGraph, pgroups: GroupGraph
+) -> Problem:
+    """Prefill keeps exactly decode's resident set on each GPU-like device with streaming:
+    those weights are there anyway (streaming them would spend the link for nothing), and
+    no other group may become resident (that copy would have to live through decode)."""
+    resident_in_decode: dict[str, str] = {}
+    for gi, g in enumerate(dgroups.groups):
+        p = int(dsol.assign[gi])
+        if not dproblem.place_streamed[p]:
+            resident_in_decode[g.name] = dproblem.devices[dproblem.placements[p].device]
+    streams = {
+        pproblem.placements[q].device
+        for q in range(pproblem.num_placements)
+        if pproblem.place_streamed[q]
+    }
+    compute = pproblem.compute.copy()
+    for gi, g in enumerate(pgroups.groups):
+        dev = resident_in_decode.get(g.name)
+        if not g.param_bytes:
+            continue
+        for q, pl in enumerate(pproblem.placements):
+            here = pproblem.devices[pl.device]
+            keep = not pproblem.place_streamed[q] and here == dev
+            if dev in {pproblem.devices[i] for i in streams} and not keep:
+                compute[gi, q] = INF  # its resident copy on that GPU serves prefill too
+            elif pl.device in streams and not pproblem.place_streamed[q] and dev != here:
+                compute[gi, q] = INF  # would be a second resident copy
+    return dataclasses.replace(pproblem, compute=compute)
+
+
+def _moves(
+    lm: LMGraphs, prefill: Plan, decode: Plan, cluster: ClusterSpec, cm: CostModel
+) -> tuple[StateMove, ...]:
+    def homes(plan: Plan, graph: OpGraph) -> dict[str, str]:
+        where = {n: p.device for p in plan.partitions for n in p.nodes}
+        out = {}
+        for op in graph:
+            if op.state_bytes:
+                for s in op.params:
+                    if s in graph.state:
+                        out[s] = where[op.name]
+        return out
+
+    pre, dec = homes(prefill, lm.prefill), homes(decode, lm.decode)
+    size = {s.name: s.nbytes for s in lm.state}
+    by_pair: dict[tuple[str, str], list[str]] = {}
+    for s, dst in dec.items():
+        src = pre.get(s, dst)
+        if src != dst:
+            by_pair.setdefault((src, dst), []).append(s)
+    return tuple(
+        StateMove(
+            state=tuple(names),
+            src=src,
+            dst=dst,
+            bytes=sum(size[n] for n in names),
+            predicted_ms=1e3 * cm.transfer_time(cluster, src, dst, sum(size[n] for n in names)),
+        )
+        for (src, dst), names in sorted(by_pair.items())
+    )

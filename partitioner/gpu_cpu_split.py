@@ -1,0 +1,201 @@
+"""A group's weight matmuls shared between a GPU and its host CPU, both at once.
+
+A batch-1 decode step of a model that does not fit its GPU is bound by bytes: every weight
+that is not resident is read once per token, either copied over the link to the GPU or read
+from host memory by the CPU. The copy engine and the CPU's cores are separate resources, so
+the fastest way to read a layer is both at once: the GPU computes the first rows of each
+weight matrix with those rows streamed in (prefetched while the previous layer runs), the
+CPU computes the other rows from host memory, and the two halves of each output meet on
+the GPU. Everything else of the layer (norms, rotary embeddings, attention over its KV
+cache, which stays on the GPU) runs on the GPU.
+
+Splitting whole layers between the devices cannot do this at batch 1: layer k+1 needs layer
+k's output, so a CPU layer and a streamed layer never run at the same time, and streaming
+ahead needs GPU memory the resident layers want (the two trade one for one). Splitting
+every matmul by rows keeps both resources busy on every layer.
+
+`split_matmuls` finds the matmuls a group can split (a weight read through a transpose
+view: nn.Linear in core ATen); `split_cost` prices the group at its best GPU share.
+Matmuls that read the same activation (q/k/v, gate/up) share one hand-off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hetero.cluster.spec import ClusterSpec, DeviceSpec
+from hetero.partitioner.coarsen import Group
+from hetero.partitioner.cost import CostModel
+from hetero.partitioner.graph import OpGraph, OpNode
+
+MATMULS = ("aten.mm.default", "aten.addmm.default")
+TRANSPOSES = ("aten.permute.default", "aten.t.default", "aten.transpose.int")
+# GPU shares tried, in 64ths of each matrix's rows (the extremes are the streamed and the CPU
+# placements)
+_STEPS = 64
+
+
+@dataclass(frozen=True)
+class SplitMatmul:
+    """One matmul whose weight rows can be shared: out = x @ W.T (+ bias)."""
+
+    node: str  # the mm / addmm op
+    weight: str  # the weight's placeholder, [rows, cols]
+    bias: str | None  # addmm's bias placeholder, split with the rows
+    x: str  # the activation it multiplies, through views (matmuls of one x share a hand-off)
+    rows: int
+    cols: int
+    nbytes: int  # the weight's (and bias's) bytes
+
+
+def split_matmuls(graph: OpGraph, nodes: Sequence[str]) -> tuple[SplitMatmul, ...]:
+    """The weight matmuls among `nodes` that can be split by rows."""
+    out = []
+    for name in nodes:
+        op = graph[name]
+        if op.target not in MATMULS:
+            continue
+        bias = op.params[0] if op.target == "aten.addmm.default" and op.params else None
+        acts = [v for v in op.inputs if v in graph.nodes or v in graph.inputs]
+        views = [v for v in acts if v in graph.nodes and graph[v].target in TRANSPOSES]
+        weight_views = [v for v in views if len(graph[v].params) == 1 and not graph[v].inputs]
+        if len(weight_views) != 1 or len(acts) != 2:
+            continue
+        w = graph[weight_views[0]].params[0]
+        if w in graph.state:
+            continue
+        meta = graph[weight_views[0]].in_meta[0]
+        if len(meta.hint) != 2:
+            continue
+        rows, cols = meta.hint
+        x = _root(graph, next(v for v in acts if v != weight_views[0]))
+        nbytes = graph.params[w][1] + (graph.params[bias][1] if bias else 0)
+        out.append(SplitMatmul(name, w, bias, x, int(rows), int(cols), int(nbytes)))
+    return tuple(out)
+
+
+def _root(graph: OpGraph, value: str) -> str:
+    """The value a chain of views reads (each Linear of a block flattens the same input
+    through its own `view`): matmuls of one root share a hand-off."""
+    while (
+        value in graph.nodes and graph[value].op_class == "view" and len(graph[value].inputs) == 1
+    ):
+        value = graph[value].inputs[0]
+    return value
+
+
+@dataclass(frozen=True)
+class SplitCost:
+    """A group at its best GPU share."""
+
+    fraction: float  # of each matrix's rows computed on the GPU (its weights streamed)
+    seconds: float  # one run: max(link, the GPU's work + hand-offs + the CPU's rows beyond it)
+    gpu_bytes: int  # streamed per run (the GPU shares + the group's other weights)
+    cpu_bytes: int  # read by the CPU per run
+    link_s: float
+    cpu_s: float
+    handoffs: int
+    cpu_dtype: str
+
+
+def split_cost(
+    graph: OpGraph,
+    group: Group,
+    ops: Sequence[OpNode],
+    gpu: DeviceSpec,
+    cpu: DeviceSpec,
+    cluster: ClusterSpec,
+    cm: CostModel,
+    *,
+    gpu_backend: str,
+    cpu_backend: str,
+    scale: float = 1.0,
+) -> SplitCost | None:
+    """The group's time split between `gpu` and its host `cpu`; None when it has no weight
+    matmul (a small layer prices itself out: its hand-offs cost more than they save)."""
+    mms = split_matmuls(graph, [op.name for op in ops])
+    split_bytes = sum(m.nbytes for m in mms)
+    if not mms:
+        return None
+    by_name = {m.node: m for m in mms}
+    mm_ops = [op for op in ops if op.name in by_name]
+    rest = [op for op in ops if op.name not in by_name]
+    other_bytes = sum(op.param_bytes for op in rest)
+    # The GPU's own work, bounded by the whole group run there with its weights at hand
+    # (as its backend runs it: fused or op by op); its matmul rows overlap the CPU's.
+    gpu_all = cm.group_time(group, ops, gpu, backend=gpu_backend, scale=scale)
+    gpu_mm = cm.kernel_time(mm_ops, gpu, scale=scale, backend=gpu_backend)
+    cpu_dtype, cpu_mm = _cpu_share(mm_ops, cpu, cm, cpu_backend, scale)
+    own_size = _itemsize(_dtype(mm_ops))
+    inputs = {m.x for m in mms}
+    handoff = 0.0
+    for x in inputs:
+        x_bytes = graph.value_bytes(x) * scale
+        y_bytes = sum(graph.value_bytes(m.node) for m in mms if m.x == x) * scale
+        handoff += (
+            cm.transfer_time(cluster, gpu.name, cpu.name, x_bytes)
+            + cm.transfer_time(cluster, cpu.name, gpu.name, y_bytes)
+            + cm.op_overhead(cpu, "matmul", cpu_dtype, cpu_backend)
+        )
+    best: SplitCost | None = None
+    for k in range(1, _STEPS):
+        f = k / _STEPS
+        link = cm.stream_time(cluster, gpu, f * split_bytes + other_bytes)
+        cpu_s = (1 - f) * cpu_mm
+        path = gpu_all + handoff + max(0.0, cpu_s - f * gpu_mm)
+        t = max(link, path)
+        if best is None or t < best.seconds - 1e-12:
+            best = SplitCost(
+                fraction=f,
+                seconds=t,
+                gpu_bytes=int(f * split_bytes + other_bytes),
+                cpu_bytes=int((1 - f) * split_bytes * _itemsize(cpu_dtype) / own_size),
+                link_s=link,
+                cpu_s=cpu_s,
+                handoffs=len(inputs),
+                cpu_dtype=cpu_dtype,
+            )
+    return best
+
+
+def _dtype(ops: Sequence[OpNode]) -> str:
+    return ops[0].dtype if ops else "float32"
+
+
+def _itemsize(dtype: str) -> int:
+    return 4 if dtype == "float32" else 8 if dtype == "float64" else 2
+
+
+def _cpu_share(
+    mm_ops: Sequence[OpNode], cpu: DeviceSpec, cm: CostModel, backend: str, scale: float
+) -> tuple[str, float]:
+    """(dtype, seconds) of the matmuls run whole on the CPU in the dtype the cost model
+    finds fastest for them: the model's own (no conversion, the same numbers as the GPU),
+    or, for a 16-bit model, bfloat16 copies (AMX; float16's range, 3 bits less mantissa:
+    each product's rounding error ~4e-3 relative instead of ~5e-4) or float32 copies
+    (twice the bytes, exact products of the float16 weights)."""
+    own = _dtype(mm_ops)
+    # never below the model's own precision: a float32 model's rows stay float32
+    candidates = [own] + [
+        d
+        for d in ("bfloat16", "float32")
+        if d != own and d in cpu.dtypes and _itemsize(d) >= _itemsize(own)
+    ]
+    # once some dtypes were measured, only those: an unmeasured one is priced by a guess
+    measured = [d for d in candidates if cm.measured(cpu, "matmul", d, backend)]
+    candidates = measured or candidates
+    best = ("", float("inf"))
+    for dtype in candidates:
+        t = 0.0
+        for op in mm_ops:
+            ratio = _itemsize(dtype) / _itemsize(op.dtype)
+            ec, em = cm.efficiency(cpu, "matmul", dtype, backend)
+            flops = op.flops * scale / (cpu.peak(dtype) * ec)
+            acts = op.bytes_read - op.param_bytes + op.bytes_written
+            nbytes = op.param_bytes * ratio + acts * scale
+            t += max(flops, nbytes / ((cpu.mem_bandwidth or 1e10) * em))
+            t += op.launches * cm.op_overhead(cpu, "matmul", dtype, backend)
+        if t < best[1] - 1e-12:
+            best = (dtype, t)
+    return best

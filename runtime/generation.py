@@ -1,0 +1,467 @@
+"""Generation in this process: prefill once, then one decode step per token, the KV cache
+kept in place on the devices that run its layers.
+
+Each device has one `DeviceStore`: the weights resident there (one copy, bound to both
+phases' stages) and the state (each layer's cache, allocated once, updated in place by the
+stages). A phase is a list of stages run by a `LocalExecutor` with runners bound here:
+
+- resident stage: its program (torch.compile'd on a GPU) called with its activations, then
+  its weights and state from the store; a decode stage on a GPU whose weights are all
+  resident is captured as a CUDA graph (runtime/cuda_graph.py) and replayed per token;
+- streamed stage: the same with its weights from the device's `WeightStreamer` (one item per
+  stage, double-buffered, prefetched while the stage before runs);
+- split stage: its GPU rows from the streamer, its CPU rows from host memory
+  (runtime/split_linear.py).
+
+The two phases' streamers on a device share their two GPU slots (the phases never run at
+once); switching phase hands the slots over. After prefill, caches whose layer runs on
+another device in decode are copied there once (GenerationPlan.moves).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hetero.backends.eager import torch_device
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mm
+from hetero.backends.registry import BackendRegistry
+from hetero.cluster.spec import DeviceSpec
+from hetero.errors import ConfigError
+from hetero.partitioner.generation_plan import GenerationPlan
+from hetero.partitioner.phases import PROMPT, START, LMGraphs, Phase
+from hetero.partitioner.split import param_values
+from hetero.runtime.artifacts import load_runner, verify_artifact
+from hetero.runtime.build import retarget
+from hetero.runtime.cuda_graph import CudaGraphRunner
+from hetero.runtime.executor import LocalExecutor
+from hetero.runtime.sampling import Sampling, next_token
+from hetero.runtime.stage import StageSpec
+from hetero.runtime.streaming import program_key
+from hetero.runtime.weight_stream import WeightStreamer, slot_bytes
+
+log = logging.getLogger("hetero.runtime")
+# A split stage's program calls this op: it must be registered before any program loads.
+CUSTOM_OPS = (gpu_cpu_mm,)
+
+
+class DeviceStore:
+    """One device's resident weights and state, shared by every stage placed there."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.weights: dict[str, torch.Tensor] = {}
+        self.state: dict[str, torch.Tensor] = {}
+
+    def weight(self, name: str, host: torch.Tensor) -> torch.Tensor:
+        if name not in self.weights:
+            self.weights[name] = host.to(self.device)
+        return self.weights[name]
+
+    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The state tensor `name` (zeros the first time, shaped and typed like `like`)."""
+        if name not in self.state:
+            self.state[name] = torch.zeros(like.shape, dtype=like.dtype, device=self.device)
+        return self.state[name]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for t in (*self.weights.values(), *self.state.values())
+        )
+
+
+class BoundRunner:
+    """A stage's program called with its activations, then its params bound per call."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        device: torch.device,
+        fixed: Sequence[torch.Tensor | None],
+        streamer: WeightStreamer | None = None,
+        item: int = 0,
+        streamed_at: Sequence[int] = (),
+    ) -> None:
+        self.fn = fn
+        self.device = device
+        self.fixed = list(fixed)  # per param: its tensor, or None where the streamer gives it
+        self.streamer = streamer
+        self.item = item
+        self.streamed_at = tuple(streamed_at)
+
+    def __call__(self, *acts: Any) -> tuple:
+        acts = tuple(
+            a.to(self.device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in acts
+        )
+        if self.streamer is None:
+            with torch.no_grad():
+                return tuple(self.fn(*acts, *self.fixed))
+        weights = self.streamer.acquire(self.item)
+        try:
+            params = list(self.fixed)
+            for k, w in zip(self.streamed_at, weights, strict=True):
+                params[k] = w
+            with torch.no_grad():
+                return tuple(self.fn(*acts, *params))
+        finally:
+            self.streamer.release(self.item)
+
+
+class Generation(abc.ABC):
+    """The generation loop, whatever runs the steps: prefill (or a first decode step for a
+    1-token prompt), the cache moves, then one decode step per token, sampling on the
+    logits' device, stopping at EOS."""
+
+    lm: LMGraphs
+    plan: GenerationPlan
+
+    def __init__(self, lm: LMGraphs, plan: GenerationPlan) -> None:
+        self.lm = lm
+        self.plan = plan
+        self._lock = threading.Lock()
+        self._closed = False
+        self.last: dict[str, float] = {}
+
+    @abc.abstractmethod
+    def step(self, phase: Phase, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """One program run: [batch, vocab] logits of the last position."""
+
+    @abc.abstractmethod
+    def move_state(self) -> None:
+        """Copy the caches whose layer decodes elsewhere than it prefilled (plan.moves)."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None: ...
+
+    def check(self, input_ids: Any, max_new_tokens: int) -> torch.Tensor:
+        """The request as a [batch, length] int64 tensor, or ConfigError saying what is wrong."""
+        if self._closed:
+            raise ConfigError("this generator was shut down; compile the model again")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens!r}: ask for at least 1 token")
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise ConfigError(f"input_ids must be integer token ids; got {ids.dtype}")
+        ids = ids.to(torch.long)
+        self.lm.check_prompt(ids, max_new_tokens)
+        vocab = self.lm.vocab
+        bad = (ids < 0) | (ids >= vocab)
+        if bad.any():
+            i = int(bad.flatten().nonzero()[0])
+            raise ConfigError(
+                f"input_ids[{i // ids.shape[1]}, {i % ids.shape[1]}] = {int(ids.flatten()[i])} "
+                f"is not a token id of this model (0 <= id < {vocab})"
+            )
+        return ids
+
+    def generate_iter(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        eos_token_id: int | Sequence[int] | None = None,
+        sampling: Sampling = Sampling(),
+    ) -> Iterator[torch.Tensor]:
+        """Yields [batch] token ids as they come; sequences that met an EOS repeat it."""
+        ids = self.check(input_ids, max_new_tokens)
+        eos = (
+            set()
+            if eos_token_id is None
+            else {int(eos_token_id)}
+            if isinstance(eos_token_id, int)
+            else {int(e) for e in eos_token_id}
+        )
+        with self._lock:
+            t0 = time.perf_counter()
+            length = ids.shape[1]
+            phase = Phase.PREFILL if length >= 2 else Phase.DECODE
+            logits = self.step(phase, ids, 0)
+            if phase is Phase.PREFILL:
+                self.move_state()
+            gen = sampling.generator(logits.device)
+            token = next_token(logits, sampling, gen)
+            done = torch.zeros(token.shape, dtype=torch.bool, device=token.device)
+            first = time.perf_counter()
+            self.last = {"ttft_ms": (first - t0) * 1e3, "tokens": 1}
+            for k in range(max_new_tokens):
+                out = token.cpu()
+                yield out
+                if eos:
+                    hit = torch.tensor([int(t) in eos for t in out], device=done.device)
+                    done = done | hit
+                    if bool(done.all()):
+                        break
+                if k == max_new_tokens - 1:
+                    break
+                logits = self.step(Phase.DECODE, token.view(-1, 1).to(torch.long), length + k)
+                nxt = next_token(logits, sampling, gen)
+                if eos:
+                    fill = torch.full_like(nxt, min(eos))
+                    nxt = torch.where(done, fill, nxt)
+                token = nxt
+                self.last["tokens"] = k + 2
+            end = time.perf_counter()
+            n = self.last["tokens"]
+            self.last["decode_ms_per_token"] = (end - first) * 1e3 / max(1, n - 1)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        eos_token_id: int | Sequence[int] | None = None,
+        sampling: Sampling = Sampling(),
+    ) -> torch.Tensor:
+        """[batch, new tokens] ids (fewer than max_new_tokens when every sequence met EOS)."""
+        tokens = list(
+            self.generate_iter(
+                input_ids, max_new_tokens, eos_token_id=eos_token_id, sampling=sampling
+            )
+        )
+        return torch.stack(tokens, dim=1)
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu() if t.device.type != "cpu" else t.detach()
+
+
+class StageBinder:
+    """Builds the runners of generation stages (any subset: all of them in this process, or
+    one device's in a Ray worker) over per-device stores, and hands each device's streaming
+    slots to the phase that runs."""
+
+    def __init__(
+        self,
+        registry: BackendRegistry,
+        *,
+        device_of: Callable[[DeviceSpec], torch.device] | None = None,
+        compile_gpu: bool = True,
+        cuda_graphs: bool = True,
+    ) -> None:
+        """`device_of`: where this process runs a plan device (default: the device itself;
+        tests map a GPU to the CPU). `compile_gpu`: torch.compile GPU stages (Inductor).
+        `cuda_graphs`: replay all-resident decode stages on a GPU as CUDA graphs."""
+        self.registry = registry
+        self.device_of = device_of or torch_device
+        self.compile_gpu = compile_gpu
+        self.cuda_graphs = cuda_graphs
+        self.stores: dict[str, DeviceStore] = {}
+        self.streamers: dict[Phase, dict[str, WeightStreamer]] = {}
+        self._active: Phase | None = None
+
+    def bind(
+        self, stages: Mapping[Phase, Sequence[StageSpec]], weights: Mapping[str, torch.Tensor]
+    ) -> dict[Phase, dict[int, Any]]:
+        """Phase -> stage index -> runner (activations in, outputs out). `weights`: every
+        parameter and state buffer the stages take, by name (the captured program's values,
+        on whatever device the model is); each lands on its stage's device once."""
+        self.weights = weights
+        prepared = {phase: self._prepare(phase, tuple(stages.get(phase, ()))) for phase in Phase}
+        shared = self._shared_slots(prepared)
+        return {
+            phase: self._finish(phase, tuple(stages.get(phase, ())), *prepared[phase], shared)
+            for phase in Phase
+        }
+
+    def enter(self, phase: Phase) -> None:
+        """Make `phase` the one using the shared streaming slots."""
+        if self._active is not phase:
+            for st in self.streamers.get(phase, {}).values():
+                st.adopt()
+                st.prefetch(0)
+            self._active = phase
+
+    def read_state(self, device: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        store = self.stores.get(device)
+        return {n: store.state[n] for n in names if store is not None and n in store.state}
+
+    def write_state(self, device: str, values: Mapping[str, torch.Tensor]) -> None:
+        store = self.stores.get(device)
+        for n, v in values.items():
+            if store is not None and n in store.state:
+                store.state[n].copy_(v, non_blocking=True)
+
+    # ---- loading -------------------------------------------------------------------------------
+    def _store(self, device: DeviceSpec) -> DeviceStore:
+        if device.name not in self.stores:
+            self.stores[device.name] = DeviceStore(self.device_of(device))
+        return self.stores[device.name]
+
+    def _prepare(self, phase: Phase, stages: tuple[StageSpec, ...]):
+        """Per stage: its runner, or (program, device, bound params, where streamed ones go);
+        and per device, the streamed items in stage order."""
+        streamed: dict[str, list[tuple[StageSpec, dict[str, torch.Tensor]]]] = {}
+        runners: dict[int, Any] = {}
+        compiled: dict[str, Any] = {}
+        for s in stages:
+            store = self._store(s.device)
+            dev = store.device
+            if not getattr(self.registry.get(s.backend), "holds_state", False):
+                # weights inside the artifact (TVM): the backend's own runner
+                runners[s.index] = load_runner(s.artifact, s.device, self.registry)
+                continue
+            values = self._values(s)
+            fn = self._compiled(s, dev, phase, compiled)
+            fixed: list[torch.Tensor | None] = []
+            moving: dict[str, torch.Tensor] = {}
+            for name in s.params:
+                if name in s.state:
+                    fixed.append(store.buffer(name, values[name]))
+                elif name in s.cpu_shares:
+                    fixed.append(values[name])  # the CPU's rows stay in host memory
+                elif s.weights == "resident":
+                    fixed.append(store.weight(name, values[name]))
+                else:
+                    fixed.append(None)
+                    moving[name] = _host(values[name])
+            if moving:
+                streamed.setdefault(s.device.name, []).append((s, moving))
+            runners[s.index] = (fn, dev, fixed, [k for k, t in enumerate(fixed) if t is None])
+        return runners, streamed
+
+    def _values(self, s: StageSpec) -> dict[str, torch.Tensor]:
+        """The stage's params by name; a split stage's shares cut from the full weights."""
+        out = {n: self.weights[n] for n in s.params if n in self.weights}
+        cpu_dtype = getattr(torch, s.cpu_dtype) if s.cpu_dtype else None
+        for k, group in enumerate(s.shares):
+            full = [(_host(self.weights[w]), rows) for w, rows in group]
+            out[f"gpu{k}"] = torch.cat([w[:rows] for w, rows in full]).contiguous()
+            cpu = torch.cat([w[rows:] for w, rows in full])
+            out[f"cpu{k}"] = (cpu.to(cpu_dtype) if cpu_dtype is not None else cpu).contiguous()
+        return out
+
+    def _shared_slots(self, prepared) -> dict[str, tuple[list[torch.Tensor], Any]]:
+        """Per device that streams: two slots as large as either phase needs, and one copy
+        stream, for both phases' streamers (the phases never run at once)."""
+        need: dict[str, int] = {}
+        for _, streamed in prepared.values():
+            for name, items in streamed.items():
+                need[name] = max(need.get(name, 0), slot_bytes([w for _, w in items]))
+        out = {}
+        for name, size in need.items():
+            dev = self.stores[name].device
+            if dev.type != "cuda":
+                continue
+            buffers = [torch.empty(max(size, 1), dtype=torch.uint8, device=dev) for _ in range(2)]
+            out[name] = (buffers, torch.cuda.Stream(dev))
+        return out
+
+    def _finish(self, phase, stages, runners, streamed, shared) -> dict[int, Any]:
+        streamers: dict[str, WeightStreamer] = {}
+        for name, items in streamed.items():
+            dev = self.stores[name].device
+            buffers, stream = shared.get(name, (None, None))
+            streamer = WeightStreamer(
+                [w for _, w in items], dev, slots=2, buffers=buffers, stream=stream
+            )
+            streamers[name] = streamer
+            for k, (s, _) in enumerate(items):
+                fn, d, fixed, at = runners[s.index]
+                runners[s.index] = BoundRunner(fn, d, fixed, streamer, k, at)
+        for s in stages:
+            r = runners[s.index]
+            if isinstance(r, tuple):
+                fn, d, fixed, _ = r
+                r = BoundRunner(fn, d, fixed)
+                if phase is Phase.DECODE and d.type == "cuda" and self.cuda_graphs:
+                    r = CudaGraphRunner(r, d)
+                runners[s.index] = r
+        self.streamers[phase] = streamers
+        return runners
+
+    def _compiled(self, s: StageSpec, dev: torch.device, phase: Phase, cache: dict) -> Any:
+        """The stage's program, compiled with Inductor on a GPU (stages with the same program
+        share one compiled module: every decoder layer)."""
+        verify_artifact(s.artifact)
+        # torch.export.load reads a program; it never unpickles code.
+        program = torch.export.load(Path(s.artifact.path) / "program.pt2")
+        key = f"{program_key(program)}:{phase.value}:{dev}"
+        if key not in cache:
+            mod = program.module()
+            retarget(mod, dev)  # traced on the host: its own tensors follow it here
+            mod = mod.to(dev)
+            # Prefill runs op by op: a long prompt keeps the GPU busy while the host queues
+            # (and streamed layers wait on the link anyway); decode's tiny steps are what
+            # the host's dispatch would bound, so they compile.
+            if dev.type == "cuda" and self.compile_gpu and phase is Phase.DECODE:
+                mod = _Compiled(mod, dynamic=False, name=s.name)
+            cache[key] = mod
+        return cache[key]
+
+
+class _Compiled:
+    """A program through torch.compile (Inductor); run as it is if compiling fails, with a
+    warning naming the stage (a missing kernel must not stop a generation)."""
+
+    def __init__(self, module: torch.nn.Module, *, dynamic: bool, name: str) -> None:
+        self.module = module
+        self.compiled = torch.compile(module, dynamic=dynamic, fullgraph=False)
+        self.name = name
+        self.failed: BaseException | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.failed is None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # Inductor cannot take it: the program still runs
+                self.failed = e
+                log.warning("torch.compile of %s failed (%s); running it op by op", self.name, e)
+        return self.module(*args)
+
+
+def lm_weights(lm: LMGraphs) -> dict[str, torch.Tensor]:
+    """Every parameter and state buffer of both phases by placeholder name (the model's own
+    tensors: the two programs share them)."""
+    return {**param_values(lm.prefill), **param_values(lm.decode)}
+
+
+class LocalGeneration(Generation):
+    """Both phases' stages loaded in this process; `generate()` runs a request."""
+
+    def __init__(
+        self,
+        lm: LMGraphs,
+        plan: GenerationPlan,
+        stages: Mapping[Phase, Sequence[StageSpec]],
+        binder: StageBinder,
+    ) -> None:
+        super().__init__(lm, plan)
+        self.binder = binder
+        runners = binder.bind(stages, lm_weights(lm))
+        self.executors = {
+            phase: LocalExecutor(
+                tuple(stages[phase]),
+                tuple(o for o in lm.graph(phase).outputs if o),
+                runners=runners[phase],
+            )
+            for phase in Phase
+        }
+
+    @property
+    def stores(self) -> dict[str, DeviceStore]:
+        return self.binder.stores
+
+    def step(self, phase: Phase, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """One program run: [batch, vocab] logits of the last position."""
+        self.binder.enter(phase)
+        out = self.executors[phase].run({PROMPT: ids, START: torch.tensor(start, dtype=torch.long)})
+        return next(iter(out.values()))
+
+    def move_state(self) -> None:
+        for move in self.plan.moves:
+            self.binder.write_state(move.dst, self.binder.read_state(move.src, move.state))
+
+    def shutdown(self) -> None:
+        self._closed = True
+        self.executors.clear()
+        self.binder.stores.clear()

@@ -1,0 +1,175 @@
+"""Generation over Ray: one `GenerationWorker` actor per device holds that device's stages
+of both phases, its resident weights and its layers' KV cache; each step is a chain of
+actor calls, the activations passing through Ray's object store.
+
+A worker's cache lives as long as the actor. A worker that dies mid-request loses it, and
+the request fails with a WorkerError naming the device; the next request starts from its
+prompt again (a generation is a fresh prefill each time, so nothing else depends on it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from hetero.backends.eager import torch_device
+from hetero.backends.registry import BackendRegistry
+from hetero.cluster.spec import ClusterSpec, DeviceSpec
+from hetero.errors import ConfigError, WorkerError
+from hetero.partitioner.generation_plan import GenerationPlan
+from hetero.partitioner.phases import PROMPT, START, LMGraphs, Phase
+from hetero.runtime import faults, placement
+from hetero.runtime.artifacts import unpack
+from hetero.runtime.generation import Generation, StageBinder, lm_weights
+from hetero.runtime.stage import CALLER, StageSpec, producers, sources
+from hetero.runtime.worker import Packet, StageRunner, caller_packet, local_device
+
+
+def _weights_for(stages: Sequence[StageSpec], weights: Mapping[str, torch.Tensor]) -> dict:
+    """Host copies of what `stages` bind: their params, and the full weights their split
+    shares are cut from."""
+    names = {n for s in stages for n in s.params}
+    names |= {w for s in stages for group in s.shares for w, _ in group}
+    return {n: weights[n].detach().cpu() for n in sorted(names) if n in weights}
+
+
+class GenerationWorker:
+    """One device's generation stages (both phases), weights and state."""
+
+    def __init__(
+        self,
+        device: DeviceSpec,
+        stages: Mapping[str, Sequence[StageSpec]],
+        registry: BackendRegistry,
+        weights: Mapping[str, torch.Tensor],
+        blobs: Mapping[str, bytes] | None = None,
+    ) -> None:
+        self.device = local_device(device)
+        here = torch_device(self.device)
+        self.binder = StageBinder(registry, device_of=lambda d: here)
+        by_phase: dict[Phase, list[StageSpec]] = {}
+        for phase, mine in stages.items():
+            for s in mine:
+                blob = (blobs or {}).get(s.artifact.key)
+                art = unpack(s.artifact, blob) if blob is not None else s.artifact
+                by_phase.setdefault(Phase(phase), []).append(replace(s, artifact=art))
+        runners = self.binder.bind(by_phase, weights)
+        self.stages = {
+            (phase.value, s.index): StageRunner(s, runners[phase][s.index], self.device)
+            for phase, mine in by_phase.items()
+            for s in mine
+        }
+        self.started = time.time()
+
+    def ready(self) -> dict[str, Any]:
+        return {"device": self.device.name, "pid": os.getpid(), "started": self.started}
+
+    def enter(self, phase: str) -> None:
+        self.binder.enter(Phase(phase))
+
+    def run(self, phase: str, index: int, *packets: Packet) -> Packet:
+        return self.stages[(phase, index)](packets, True)
+
+    def read_state(self, device: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {n: t.cpu() for n, t in self.binder.read_state(device, names).items()}
+
+    def write_state(self, device: str, values: Mapping[str, torch.Tensor]) -> None:
+        self.binder.write_state(device, values)
+
+
+class RayGeneration(Generation):
+    """Workers placed on the nodes that hold their devices; steps as chains of calls."""
+
+    def __init__(
+        self,
+        lm: LMGraphs,
+        plan: GenerationPlan,
+        stages: Mapping[Phase, Sequence[StageSpec]],
+        *,
+        cluster: ClusterSpec,
+        registry: BackendRegistry,
+        timeout_s: float = 300.0,
+        start_timeout_s: float = 300.0,
+        max_restarts: int = 1,
+    ) -> None:
+        import ray  # optional heavy dependency
+
+        if not ray.is_initialized():
+            raise ConfigError(
+                "Ray is not running in this process: call ray.init(address=...) first, or "
+                "generate in this process (executor='local')"
+            )
+        super().__init__(lm, plan)
+        self.stages = {phase: tuple(stages[phase]) for phase in Phase}
+        self.timeout_s = timeout_s
+        devices = list(dict.fromkeys(s.device for ss in self.stages.values() for s in ss))
+        weights = lm_weights(lm)
+        nodes = placement.alive_nodes()
+        by_id = {n.node_id: n for n in nodes}
+        host_node = placement.map_hosts(devices, nodes, {})
+        actor = ray.remote(GenerationWorker)
+        self.workers: dict[str, Any] = {}
+        for d in devices:
+            node = by_id[host_node[d.host]]
+            mine = {
+                phase.value: [s for s in self.stages[phase] if s.device.name == d.name]
+                for phase in Phase
+            }
+            opts = placement.actor_options(d, node, max_restarts=max_restarts)
+            values = ray.put(_weights_for([s for ss in mine.values() for s in ss], weights))
+            self.workers[d.name] = actor.options(**opts).remote(d, mine, registry, values)
+        ready, lost = faults.wait_ready(self.workers, start_timeout_s)
+        if lost:
+            self.shutdown()
+            raise WorkerError(
+                "generation workers did not start: "
+                + "; ".join(f"{d}: {why}" for d, why in lost.items())
+            )
+        self.worker_info = ready
+        self._sources = {
+            phase: {s.index: sources(s, producers(ss)) for s in ss}
+            for phase, ss in self.stages.items()
+        }
+        self._final = {
+            phase: next(s.index for s in ss if set(s.outputs) & set(lm.graph(phase).outputs))
+            for phase, ss in self.stages.items()
+        }
+
+    def step(self, phase: Phase, ids: torch.Tensor, start: int) -> torch.Tensor:
+        import ray  # optional heavy dependency
+
+        for w in self.workers.values():
+            w.enter.remote(phase.value)  # a caller's calls to one actor run in order
+        first = caller_packet({PROMPT: ids, START: torch.tensor(start, dtype=torch.long)})
+        refs: dict[int, Any] = {}
+        for s in self.stages[phase]:
+            ins = [first if src == CALLER else refs[src] for src in self._sources[phase][s.index]]
+            refs[s.index] = self.workers[s.device.name].run.remote(phase.value, s.index, *ins)
+        try:
+            packet = ray.get(refs[self._final[phase]], timeout=self.timeout_s)
+        except Exception as e:
+            raise faults.clean(faults.user_error(e) or e) from None
+        out = [o for o in self.lm.graph(phase).outputs if o]
+        return packet.values[out[0]]
+
+    def move_state(self) -> None:
+        import ray  # optional heavy dependency
+
+        for move in self.plan.moves:
+            values = self.workers[move.src].read_state.remote(move.src, move.state)
+            ray.get(self.workers[move.dst].write_state.remote(move.dst, values), timeout=60)
+
+    def shutdown(self) -> None:
+        import ray  # optional heavy dependency
+
+        self._closed = True
+        for w in self.workers.values():
+            with contextlib.suppress(Exception):  # already dead is fine
+                ray.kill(w, no_restart=True)
+        self.workers = {}

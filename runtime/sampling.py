@@ -1,0 +1,50 @@
+"""Choosing the next token from a step's logits: greedy, or sampled with a temperature and
+top-k. Runs where the logits are, so a GPU step never waits on the host to pick a token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hetero.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 (the default) is greedy: the most likely token, deterministic."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature}: give 0 (greedy) or more")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k}: give 0 (no limit) or more")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.greedy or self.seed is None:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed)
+        return g
+
+
+def next_token(
+    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """[batch, vocab] logits -> [batch] token ids (int64, on the logits' device)."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k and sampling.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

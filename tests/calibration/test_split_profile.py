@@ -1,0 +1,28 @@
+"""The split placement's calibration as the planner reads it: measured CPU rates per dtype
+and the link's rate with both at work become profile entries the cost model prices with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hetero.calibration.split import SplitRates, split_profile
+from hetero.cluster.spec import ClusterSpec
+from hetero.partitioner.cost import CostModel
+
+H200 = Path(__file__).resolve().parents[2] / "configs" / "clusters" / "h200-sxm-node.yaml"
+
+
+def test_profile_prices_the_cpu_and_the_link_as_measured():
+    cluster = ClusterSpec.from_yaml(H200)
+    gpu, cpu = cluster.device("node0/gpu"), cluster.device("node0/cpu")
+    rates = (
+        SplitRates("float16", 1, 66e9, 53e9, 55e9, 53.4e9, handoff_s=60e-6),
+        SplitRates("bfloat16", 1, 50e9, 30e9, 55e9, 54e9, handoff_s=70e-6),
+    )
+    cm = CostModel(split_profile(cluster, gpu, rates))
+    _, mem16 = cm.efficiency(cpu, "matmul", "float16", "eager")
+    _, mem_bf = cm.efficiency(cpu, "matmul", "bfloat16", "eager")
+    assert mem16 * cpu.mem_bandwidth == 53e9 and mem_bf * cpu.mem_bandwidth == 30e9
+    # the link under load, its latency half the fastest hand-off
+    t = cm.transfer_time(cluster, "node0/cpu", "node0/gpu", 1e9)
+    assert abs(t - (30e-6 + 1e9 / 53.4e9)) < 1e-9

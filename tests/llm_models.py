@@ -1,0 +1,18 @@
+"""Small causal LMs for the generation tests, built from configs (nothing downloaded)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def llama_lm(layers: int = 2, dim: int = 64, vocab: int = 512, seed: int = 0):
+    """A tiny LLaMA-architecture causal LM (RMSNorm, rotary, SwiGLU, grouped KV heads), fp32.
+    A wide init spreads its logits, so greedy tokens vary and near-ties are rare."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=dim, intermediate_size=176, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, initializer_range=0.2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()

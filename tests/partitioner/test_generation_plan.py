@@ -1,0 +1,125 @@
+"""Planning a generation: decode first (resident / streamed / split / CPU per layer), prefill
+bound to decode's resident set, caches that move once per request."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from llm_models import llama_lm
+
+from hetero.backends.registry import default_registry
+from hetero.cluster.spec import ClusterSpec
+from hetero.partitioner.algorithms.generation import plan_generation
+from hetero.partitioner.generation_plan import GenerationPlan
+from hetero.partitioner.gpu_cpu_split import split_cost, split_matmuls
+from hetero.partitioner.phases import Phase, capture_lm
+
+H200 = "configs/clusters/h200-sxm-node.yaml"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """Layers of ~4 MiB of weights: large enough to be worth splitting."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return capture_lm(LlamaForCausalLM(cfg).eval(), batch=1, max_len=64)
+
+
+def capped(fraction: float, lm) -> ClusterSpec:
+    weights = lm.decode.param_bytes
+    return ClusterSpec.from_yaml(H200).with_device("node0/gpu", memory=int(weights * fraction))
+
+
+def test_split_matmuls_are_the_linear_layers(lm):
+    layer = [op.name for op in lm.decode if op.module.startswith("model.model.layers.0")]
+    mms = split_matmuls(lm.decode, layer)
+    assert len(mms) == 7  # q, k, v, o, gate, up, down
+    assert len({m.x for m in mms}) == 4  # q/k/v share an input, gate/up too: 4 hand-offs
+    assert {(m.rows, m.cols) for m in mms} >= {(256, 256), (1024, 256), (256, 1024)}
+
+
+@pytest.fixture(scope="module")
+def big():
+    """Layers of 50 MB (fp16, built on the meta device: no weights in memory), where a
+    decode step is bound by the bytes it reads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=1024, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=512,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(torch.float16).eval()
+    return capture_lm(model, batch=1, max_len=64)
+
+
+def test_split_balances_the_link_against_the_cpu(big):
+    from hetero.partitioner.cost import CostModel
+
+    cluster = ClusterSpec.from_yaml(H200)
+    groups = big.decode.coarsen(depth=3)
+    group = next(g for g in groups.groups if g.name == "model.model.layers.1")
+    ops = [big.decode[n] for n in group.nodes]
+    cost = split_cost(
+        big.decode, group, ops, cluster.device("node0/gpu"), cluster.device("node0/cpu"),
+        cluster, CostModel(), gpu_backend="inductor", cpu_backend="eager",
+    )  # fmt: skip
+    assert cost is not None and 0 < cost.fraction < 1
+    # neither side alone is faster than the split
+    whole = sum(m.nbytes for m in split_matmuls(big.decode, [o.name for o in ops]))
+    link_only = cluster.transfer_time("node0/cpu", "node0/gpu", whole)
+    assert cost.seconds < link_only
+    assert cost.gpu_bytes + cost.cpu_bytes == pytest.approx(whole, rel=0.02)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.7])
+def test_capped_gpu_plans_both_phases_within_memory(lm, fraction):
+    cluster = capped(fraction, lm)
+    gp = plan_generation(lm, cluster, registry=default_registry())
+    cap = cluster.device("node0/gpu").memory
+    for plan in (gp.prefill, gp.decode):
+        assert dict(plan.memory).get("node0/gpu", 0) <= cap
+    decode = {c.group: c.chosen for c in gp.choice(Phase.DECODE)}
+    prefill = {c.group: c.chosen for c in gp.choice(Phase.PREFILL)}
+    layers = [g for g in decode if g.startswith("model.model.layers.")]
+    assert any("resident" in decode[g] for g in layers)  # what fits stays
+    assert any("resident" not in decode[g] for g in layers)  # the rest cannot
+    for g in layers:  # one resident copy: prefill keeps exactly decode's resident layers
+        assert ("resident" in prefill[g]) == ("resident" in decode[g])
+    # a layer whose cache prefill writes on another device than decode reads it moves once
+    moved = sum(len(m.state) for m in gp.moves)
+    elsewhere = [g for g in layers if decode[g].split()[0] != prefill[g].split()[0]]
+    assert moved == 2 * len(elsewhere)  # its keys and its values
+    text = gp.explain()
+    assert "prefill" in text and "decode" in text and "per token" in text
+
+
+def test_plan_round_trips_through_json(lm):
+    gp = plan_generation(lm, capped(0.5, lm), registry=default_registry())
+    again = GenerationPlan.from_json(gp.to_json())
+    assert again == gp
+
+
+def test_cpu_only_cluster_plans_everything_on_the_cpu():
+    lm = capture_lm(llama_lm(), max_len=32)
+    gp = plan_generation(lm, ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml"),
+                         registry=default_registry())  # fmt: skip
+    assert {p.device for p in gp.decode.partitions} == {"box/cpu"}
+    assert not gp.moves and gp.predicted_decode_ms > 0
+
+
+def test_forced_decode_placements_are_honoured(lm):
+    gp = plan_generation(
+        lm, capped(0.6, lm), registry=default_registry(),
+        decode_placements={"model.model.layers.2": "split", "model.model.layers.3": "node0/cpu"},
+    )  # fmt: skip
+    decode = {c.group: c.chosen for c in gp.choice(Phase.DECODE)}
+    assert "split" in decode["model.model.layers.2"]
+    assert decode["model.model.layers.3"] == "node0/cpu"
+    split = next(p for p in gp.decode.partitions if p.weights == "split")
+    assert split.split and 0 < split.split[0][1] < 1 and split.cpu_dtype

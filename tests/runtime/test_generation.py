@@ -1,0 +1,184 @@
+"""Generation end to end on this CPU: hetero's greedy tokens are transformers' tokens, on
+every placement of the layers (a GPU's stages run on the CPU here, through the same code:
+binding, streaming, the GPU/CPU split)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hetero
+from hetero.backends.registry import default_registry
+from hetero.cluster.spec import ClusterSpec
+from hetero.errors import ConfigError
+from hetero.interfaces.generate import compile_lm
+from hetero.partitioner.phases import capture_lm
+from hetero.runtime.generation import StageBinder
+
+H100 = "configs/clusters/h100-sxm-node.yaml"
+PLACEMENTS = ("resident", "streamed", "split", "node0/cpu")
+
+
+@pytest.fixture(scope="module")
+def captured(tiny_llama):
+    model, _, _ = tiny_llama
+    return capture_lm(model, batch=1, max_len=64)
+
+
+@pytest.fixture(scope="module")
+def cpu_lm(tiny_llama, tmp_path_factory):
+    model, _, _ = tiny_llama
+    lm = hetero.compile(
+        model, task="generate", cluster="configs/clusters/cpu-2core.yaml", max_length=64,
+        cache_dir=tmp_path_factory.mktemp("gen"),
+    )  # fmt: skip
+    yield lm
+    lm.shutdown()
+
+
+def test_greedy_tokens_equal_transformers_on_the_cpu(tiny_llama, cpu_lm):
+    _, prompt, expected = tiny_llama
+    out = cpu_lm.generate(prompt, max_new_tokens=32)
+    assert out.tolist() == expected.tolist()
+    assert cpu_lm.last_request["tokens"] == 32 and cpu_lm.last_request["ttft_ms"] > 0
+
+
+def test_stream_yields_tokens_as_they_come(tiny_llama, cpu_lm):
+    _, prompt, expected = tiny_llama
+    tokens = [int(t[0]) for t in cpu_lm.stream(prompt, 5)]
+    assert tokens == expected[0, :5].tolist()
+
+
+def test_stops_at_eos_and_keeps_a_one_token_prompt(tiny_llama, cpu_lm):
+    _, prompt, expected = tiny_llama
+    first = int(expected[0, 0])
+    assert cpu_lm.generate(prompt, 16, eos_token_id=first).tolist() == [[first]]
+    one = cpu_lm.generate(prompt[:, :1], 3)  # a 1-token prompt runs through decode alone
+    model = tiny_llama[0]
+    with torch.no_grad():
+        ref = model.generate(prompt[:, :1], max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert one.tolist() == ref[:, 1:].tolist()
+
+
+def test_sampling_is_reproducible_and_top1_is_greedy(tiny_llama, cpu_lm):
+    _, prompt, expected = tiny_llama
+    a = cpu_lm.generate(prompt, 8, temperature=0.9, top_k=20, seed=3)
+    b = cpu_lm.generate(prompt, 8, temperature=0.9, top_k=20, seed=3)
+    assert a.tolist() == b.tolist()
+    assert cpu_lm.generate(prompt, 8, temperature=1.0, top_k=1, seed=0).tolist() == (
+        expected[:, :8].tolist()
+    )
+
+
+def test_bad_requests_say_what_is_wrong(cpu_lm):
+    with pytest.raises(ConfigError, match="max_length=64"):
+        cpu_lm.generate(torch.zeros(1, 60, dtype=torch.long), 8)
+    with pytest.raises(ConfigError, match="is not a token id"):
+        cpu_lm.generate(torch.tensor([[1, 2, 512]]), 2)
+    with pytest.raises(ConfigError, match="integer token ids"):
+        cpu_lm.generate(torch.zeros(1, 4), 2)
+    with pytest.raises(ConfigError, match="at least 1 token"):
+        cpu_lm.generate(torch.zeros(1, 4, dtype=torch.long), 0)
+
+
+@pytest.mark.tvm
+def test_greedy_tokens_equal_transformers_on_cpu_and_npu(tiny_llama, tmp_path):
+    """An MLP on the emulated NPU through TVM (it holds no cache), the rest on the CPU."""
+    model, prompt, expected = tiny_llama
+    lm = hetero.compile(
+        model, task="generate", cluster="configs/clusters/dev-box-npu.yaml", max_length=64,
+        cache_dir=tmp_path, pins={"model.model.layers.1.mlp": "npu"},
+    )  # fmt: skip
+    try:
+        devices = {p.device for p in lm.plan.decode.partitions}
+        assert "local/npu" in devices
+        assert lm.generate(prompt, 32).tolist() == expected.tolist()
+    finally:
+        lm.shutdown()
+
+
+@settings(
+    max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(layers=st.lists(st.sampled_from(PLACEMENTS), min_size=2, max_size=2))
+def test_any_placement_of_the_layers_generates_the_same_tokens(
+    tiny_llama, captured, tmp_path_factory, layers
+):
+    """Decode's layers forced anywhere (GPU resident, streamed, split with the CPU, or the
+    CPU; prefill follows decode's resident set), the GPU's stages run on this CPU."""
+    model, prompt, expected = tiny_llama
+    forced = {f"model.model.layers.{i}": where for i, where in enumerate(layers)}
+    registry = default_registry()
+    lm = compile_lm(
+        model, ClusterSpec.from_yaml(H100), max_length=64, lm=captured, registry=registry,
+        cache_dir=tmp_path_factory.getbasetemp() / "placements", decode_placements=forced,
+        binder=StageBinder(registry, device_of=lambda d: torch.device("cpu")),
+    )  # fmt: skip
+    try:
+        chosen = {c.group: c.chosen for c in lm.plan.choice(hetero_phase_decode())}
+        for group, where in forced.items():
+            assert where in chosen[group]
+        assert lm.generate(prompt, 12).tolist() == expected[:, :12].tolist()
+    finally:
+        lm.shutdown()
+
+
+def hetero_phase_decode():
+    from hetero.partitioner.phases import Phase
+
+    return Phase.DECODE
+
+
+@pytest.mark.ray
+def test_greedy_tokens_equal_transformers_over_ray(tiny_llama, captured, ray_cluster, tmp_path):
+    """The same generation with the layers' stages in Ray actors (one per device: the CPU
+    and the emulated NPU), the cache kept inside them."""
+    model, prompt, expected = tiny_llama
+    registry = default_registry()
+    lm = compile_lm(
+        model, ClusterSpec.from_yaml("configs/clusters/dev-box-npu.yaml"), max_length=64,
+        lm=captured, registry=registry, cache_dir=tmp_path, executor="ray",
+        backends={"npu": "eager"}, pins={"model.model.layers.1": "npu"},
+    )  # fmt: skip
+    try:
+        assert set(lm.generation.workers) == {"local/cpu", "local/npu"}
+        assert lm.generate(prompt, 32).tolist() == expected.tolist()
+        assert lm.generate(prompt, 4).tolist() == expected[:, :4].tolist()  # again, same cache
+    finally:
+        lm.shutdown()
+
+
+ARCHITECTURES = {
+    # q/k/v with biases, grouped KV heads
+    "qwen2": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
+    # absolute position embeddings, Conv1D projections
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128),
+    # a learned position table offset by 2, a projection around the decoder
+    "opt": dict(hidden_size=64, ffn_dim=176, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=512, word_embed_proj_dim=64),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_other_architectures_generate_like_transformers(arch, tmp_path):
+    """Models the generation work was not written against give transformers' tokens too."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(arch, **ARCHITECTURES[arch])
+    cfg.initializer_range = 0.2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    prompt = torch.randint(1, 512, (1, 9))
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    lm = hetero.compile(
+        model, task="generate", cluster="configs/clusters/cpu-2core.yaml", max_length=32,
+        cache_dir=tmp_path,
+    )  # fmt: skip
+    try:
+        assert lm.generate(prompt, 12).tolist() == ref[:, 9:].tolist()
+    finally:
+        lm.shutdown()
