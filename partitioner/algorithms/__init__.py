@@ -156,7 +156,11 @@ def plan(
                 time_budget_s=time_budget_s,
                 progress=report,
             )
-    algo = default_algorithms().get(algorithm)
+    registered = default_algorithms()
+    if algorithm not in registered.names():
+        known = ", ".join([AUTO, *registered.names()])
+        raise ConfigError(f"no partition algorithm {algorithm!r}; known: {known}")
+    algo = registered.get(algorithm)
     if objective not in algo.objectives:
         raise ConfigError(
             f"algorithm {algo.name!r} optimises {', '.join(map(str, algo.objectives))}, "
