@@ -63,14 +63,18 @@ def plan(
     algorithm: str | None = None,
     registry: BackendRegistry | None = None,
     groups: Any = None,
+    time_budget_s: float | None = None,
+    progress: Any = None,
 ) -> Plan:
     """`hetero.plan`: partition `graph` over `cluster` for `objective` ("latency" or
     "throughput"). backends: device kind -> backend name (default gpu: triton, cpu/npu:
     tvm; a name the registry lacks, or a backend that does not compile for that kind, is a
     ConfigError; a backend unavailable here plans with eager and says so in the plan's
     notes). registry: the backends to choose from
-    (default: the built-ins and the `hetero.backends` entry points). The rest as
-    `hetero.partitioner.algorithms.plan` takes them."""
+    (default: the built-ins and the `hetero.backends` entry points). time_budget_s: seconds the
+    default planner ("auto") may spend; progress: True for a progress bar, or a callable
+    (phase, seconds spent, budget). The rest as `hetero.partitioner.algorithms.plan` takes
+    them."""
     registry = registry if registry is not None else default_registry()
     return make_plan(
         graph,
@@ -84,6 +88,8 @@ def plan(
         cost_model=cost_model,
         algorithm=algorithm,
         groups=groups,
+        time_budget_s=time_budget_s,
+        progress=progress,
     )
 
 

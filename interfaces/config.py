@@ -7,6 +7,9 @@ model_args: {batch: 1, seq: 32}            #   keyword arguments for the factory
 # model: hf:gpt2                           # or a model in the local Hugging Face cache
 #                                          #   (model_args: batch, seq, revision)
 # weights: checkpoints/tuned.safetensors   # load these weights into the model (strict)
+# model: {transformers: LlamaConfig, config: {num_hidden_layers: 80, ...}, device: meta,
+#         inputs: {batch: 1, seq: 128}}    # or a transformers config; on `meta` no weights
+#                                          # exist: `hetero plan` plans it, nothing compiles it
 dtype: float32                             # cast weights and float inputs
 dynamic: {idx: {1: {name: seq, min: 1, max: 128}}}
 cluster: ../clusters/cpu-2core.yaml        # a file (relative to this one), local, auto, ray://host:10001
@@ -123,10 +126,27 @@ class Constraints(_Strict):
     pins: dict[str, str] = Field(default_factory=dict)  # module path or op name -> device
 
 
+class TransformersModel(_Strict):
+    """A transformers model built from its config class, on `device` ("meta": shapes only,
+    weight bytes from shapes; a 70B model is planned on a laptop), with token ids of
+    `inputs` shape as the example."""
+
+    transformers: str = Field(pattern=r"^[A-Za-z_]\w*Config$")  # e.g. LlamaConfig
+    config: dict[str, Any] = Field(default_factory=dict)  # the config's keyword arguments
+    class_name: str | None = Field(None, alias="class")  # default: AutoModelForCausalLM
+    device: Literal["meta", "cpu"] = "meta"
+    inputs: dict[Literal["batch", "seq"], int] = Field(
+        default_factory=lambda: {"batch": 1, "seq": 128}
+    )
+
+    def __str__(self) -> str:
+        return f"transformers {self.class_name or self.transformers} ({self.device})"
+
+
 class DeployConfig(_Strict):
     """A validated deploy config. Paths are absolute (resolved against the config's folder)."""
 
-    model: str
+    model: str | TransformersModel
     model_args: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None  # a .safetensors file loaded into the model
     task: Task = Task.FORWARD
@@ -150,8 +170,8 @@ class DeployConfig(_Strict):
 
     @field_validator("model")
     @classmethod
-    def _model(cls, v: str) -> str:
-        if _IMPORT_PATH.match(v) or v.endswith(".pt2"):
+    def _model(cls, v: str | TransformersModel) -> str | TransformersModel:
+        if not isinstance(v, str) or _IMPORT_PATH.match(v) or v.endswith(".pt2"):
             return v
         if v.startswith(HF_PREFIX) and len(v) > len(HF_PREFIX):
             return v
@@ -228,7 +248,7 @@ class DeployConfig(_Strict):
 
     @property
     def is_exported_file(self) -> bool:
-        return self.model.endswith(".pt2")
+        return isinstance(self.model, str) and self.model.endswith(".pt2")
 
     @property
     def deployment_name(self) -> str:
@@ -264,14 +284,18 @@ class DeployConfig(_Strict):
                 )
         return spec
 
-    def load_model(self) -> LoadedModel:
-        """Import the factory (or load the .pt2 file safely) and cast to `dtype`."""
+    def load_model(self, *, weights: bool = True) -> LoadedModel:
+        """Import the factory (or load the .pt2 file safely, or build the transformers
+        model) and cast to `dtype`. weights=False accepts a model without weights (on the
+        meta device), which only planning can use."""
         if self.is_exported_file:
             module, example = load_exported(self.model, where=self.where("model"))
             if self.weights is not None:
                 raise ConfigError(
                     f"{self.where('weights')}: a .pt2 program carries its own weights"
                 )
+        elif isinstance(self.model, TransformersModel):
+            module, example = _build_transformers(self)
         elif self.model.startswith(HF_PREFIX):
             module, example = load_hf(
                 self.model, self.where("model"), self.where("model_args"), **self.model_args
@@ -284,6 +308,12 @@ class DeployConfig(_Strict):
             load_weights(module, self.weights, where=self.where("weights"))
         if self.dtype is not None:
             module, example = _cast(module, example, self.dtype)
+        if weights and _on_meta(module):
+            raise ConfigError(
+                f"{self.where('model')}: {self.model} has no weights (it is built on the meta "
+                "device). What to do: `hetero plan` plans it as it is; to compile or serve it, "
+                "build it on a real device (device: cpu) or load its weights."
+            )
         return LoadedModel(module, example, _dynamic_shapes(self, module, example))
 
     @property
@@ -380,6 +410,47 @@ def _resolve(base: Path, path: str) -> Path:
 
 
 # ---- model loading ------------------------------------------------------------------------------
+
+
+def _build_transformers(cfg: DeployConfig) -> tuple[Any, tuple[Any, ...]]:
+    spec = cfg.model
+    try:
+        import transformers  # optional (hetero[test]/[bench]); only this kind of model needs it
+    except ImportError:
+        raise ConfigError(
+            f"{cfg.where('model.transformers')}: transformers is not installed here "
+            "(pip install transformers)"
+        ) from None
+    config_cls = getattr(transformers, spec.transformers, None)
+    if config_cls is None:
+        raise ConfigError(
+            f"{cfg.where('model.transformers')}: transformers has no {spec.transformers}"
+        )
+    try:
+        config = config_cls(**spec.config)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"{cfg.where('model.config')}: {spec.transformers} rejected it: {e}"
+        ) from None
+    if hasattr(config, "use_cache"):
+        config.use_cache = False  # a cache is state torch.export cannot return
+    model_cls = getattr(transformers, spec.class_name or "AutoModelForCausalLM", None)
+    if model_cls is None:
+        raise ConfigError(f"{cfg.where('model.class')}: transformers has no {spec.class_name}")
+    try:
+        with torch.device(spec.device):
+            model = (model_cls(config) if spec.class_name else model_cls.from_config(config)).eval()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cfg.where('model')}: cannot build {spec}: {e}") from None
+    shape = (spec.inputs.get("batch", 1), spec.inputs.get("seq", 128))
+    ids = torch.zeros(shape, dtype=torch.long, device=spec.device)
+    return model, (ids,)
+
+
+def _on_meta(module: Any) -> bool:
+    if not isinstance(module, torch.nn.Module):
+        return False
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
 
 
 def _cast(module: Any, example: tuple[Any, ...], dtype: str) -> tuple[Any, tuple[Any, ...]]:

@@ -34,6 +34,10 @@ def explain(plan: Plan, width: int = 120) -> str:
         f"predicted {plan.predicted_ms:.3f} ms"
         + (" per microbatch" if plan.objective.pipelined else "")
     )
+    if plan.method:
+        title += f"\nmethod: {plan.method}; " + (
+            "proven optimal" if plan.optimal else "best found, not proven optimal"
+        )
     t = Table(title=title, title_justify="left")
     for col, just in (
         ("part", "right"),

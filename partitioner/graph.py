@@ -280,7 +280,11 @@ def capture(
     *,
     kwargs: Mapping[str, Any] | None = None,
 ) -> OpGraph:
-    """Export `model` with torch.export (non-strict), decompose to core ATen, describe each op."""
+    """Export `model` with torch.export (non-strict), decompose to core ATen, describe each op.
+
+    A model built on the meta device (with meta example inputs) captures the same ops, FLOPs
+    and weight bytes (from shapes) without any weight in memory: enough to plan, not to run.
+    """
     if not isinstance(example_inputs, tuple | list):
         example_inputs = (example_inputs,)
     name = type(model).__name__

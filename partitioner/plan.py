@@ -124,6 +124,8 @@ class Plan(JsonFile):
     measured_ms: tuple[tuple[int, float], ...] = ()  # partition index -> measured, once run
     schema_version: int = SCHEMA_VERSION
     notes: tuple[str, ...] = field(default=())
+    method: str = ""  # how the planner found it, e.g. "stage DP over device classes"
+    optimal: bool = False  # proven optimal for the planner's model (not only the best found)
 
     def __post_init__(self) -> None:
         # A Plan is built by people and read from JSON too: "latency" becomes the enum here.

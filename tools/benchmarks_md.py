@@ -13,6 +13,7 @@ ORDER = [
     ("llama_offload.md", "GPU: memory-capped LLaMA 1.1B, weight streaming (issue 8)"),
     ("tvm.md", "CPU: TVM partitions vs eager, ONNX Runtime, torch.compile (issue 4)"),
     ("partitioner.md", "Planning time, cost-model accuracy, calibration (issue 3)"),
+    ("plan_scale.md", "Planning at cluster scale: LLaMA-70B over 1-16 nodes (issue 20)"),
     ("runtime.md", "Ray runtime: per-hop overhead (issue 6)"),
     ("pipeline_2gpu.md", "Two GPUs: GPT-2 XL pipeline over NCCL (issue 9)"),
     ("reliability.md", "Reliability: soak with a worker killed and a device removed (issue 18)"),

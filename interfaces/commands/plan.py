@@ -34,7 +34,13 @@ def plan(
     objective: Objective | None = objective_option(),
     microbatches: int = typer.Option(1, "--microbatches", help="For throughput plans."),
     algorithm: str | None = typer.Option(
-        None, "--algorithm", help="latency | throughput | exhaustive"
+        None, "--algorithm", help="auto (default) | latency | throughput | exhaustive"
+    ),
+    time_budget: float | None = typer.Option(
+        None,
+        "--time-budget",
+        help="seconds the planner may spend; it returns the best plan found and says "
+        "whether it is proven optimal",
     ),
     profile: Path | None = typer.Option(
         None, "--profile", help="Calibration profile (default: the cached one for the cluster)."
@@ -49,13 +55,16 @@ def plan(
     ),
     as_json: bool = json_option(),
 ) -> None:
-    """Partition a model over a cluster; print the explain table, write plan.json and a picture."""
+    """Partition a model over a cluster; print the explain table, write plan.json and a picture.
+
+    The model may have no weights (a transformers config built on the meta device, or a
+    factory called with device="meta"): planning needs only shapes."""
 
     console = make_console()
     kwargs: dict = {}
     if target.endswith((".yaml", ".yml")):
         cfg = load(Path(target), cluster, objective)
-        loaded = cfg.load_model()
+        loaded = cfg.load_model(weights=False)
         model, inputs, dynamic = loaded.module, loaded.example_inputs, loaded.dynamic_shapes
         spec = cfg.cluster_spec()
         objective = cfg.objective
@@ -75,7 +84,7 @@ def plan(
         with activity.step("capturing with torch.export"):
             graph = capture(model, inputs, dynamic_shapes=dynamic)
         cost_model = CostModel.load(profile, cluster=spec)
-        with activity.step("planning"):
+        with activity.step("planning") as say:
             result = make_plan(
                 graph,
                 spec,
@@ -83,6 +92,10 @@ def plan(
                 microbatches=microbatches,
                 cost_model=cost_model,
                 algorithm=algorithm,
+                time_budget_s=time_budget,
+                progress=lambda phase, spent, budget: say(
+                    f"planning: {phase}" + (f" ({spent:.1f} of {budget:g} s)" if budget else "")
+                ),
                 **kwargs,
             )
     written = []

@@ -1,5 +1,8 @@
 """Partition algorithms: one registry by name, and `plan()`, the entry point.
 
+    auto        the default: device classes and host types, stages by a DP over counts,
+                the algorithms below on small clusters, exact search within a time budget
+                (auto.py; it plans from the graph, so it is not in the registry)
     latency     min-cut (2 devices, exact) / list scheduling + expansion moves (more), then
                 local refinement; memory through Lagrangian penalties
     throughput  contiguous pipeline stages by dynamic programming (exact for its model)
@@ -15,7 +18,7 @@ solution into a Plan.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
@@ -26,6 +29,7 @@ from hetero.partitioner.algorithms.adapter import (
     resolve_backends,
 )
 from hetero.partitioner.algorithms.assemble import assemble
+from hetero.partitioner.algorithms.auto import plan_auto
 from hetero.partitioner.algorithms.exhaustive import exhaustive, exhaustive_pipelines
 from hetero.partitioner.algorithms.latency import latency
 from hetero.partitioner.algorithms.problem import Placement, Problem, Solution
@@ -34,6 +38,12 @@ from hetero.partitioner.cost import CostModel
 from hetero.partitioner.decisions import BackendAssignment, Objective
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Plan
+from hetero.partitioner.progress import Report as Progress
+from hetero.partitioner.progress import progress_bar
+
+# The default planner, for every objective; not in the registry (it plans from the graph,
+# not from one Problem)
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,7 @@ class Algorithm:
     name: str
     solvers: Mapping[Objective, Callable[[Problem], Solution]]
     summary: str
+    exact: bool = False  # its solution is optimal for the planner's model (Plan.optimal)
 
     @property
     def objectives(self) -> tuple[Objective, ...]:
@@ -82,23 +93,17 @@ class AlgorithmRegistry:
         return sorted(self._by_name)
 
 
-# The algorithm each objective gets unless one is named.
-DEFAULT_ALGORITHM: Mapping[Objective, str] = {
-    Objective.LATENCY: "latency",
-    Objective.THROUGHPUT: "throughput",
-}
-
-
 def default_algorithms() -> AlgorithmRegistry:
     L, T = Objective.LATENCY, Objective.THROUGHPUT
     return AlgorithmRegistry(
         [
             Algorithm("latency", {L: latency}, "min-cut / list scheduling + refinement"),
-            Algorithm("throughput", {T: throughput}, "pipeline stages by DP"),
+            Algorithm("throughput", {T: throughput}, "pipeline stages by DP", exact=True),
             Algorithm(
                 "exhaustive",
                 {L: exhaustive, T: exhaustive_pipelines},
                 "every assignment (small graphs)",
+                exact=True,
             ),
         ]
     )
@@ -117,6 +122,8 @@ def plan(
     cost_model: CostModel | None = None,
     algorithm: str | None = None,
     groups=None,
+    time_budget_s: float | None = None,
+    progress: bool | Progress | None = None,
 ) -> Plan:
     """Partition `graph` over `cluster` (typed decisions: `hetero.plan` parses strings).
 
@@ -126,8 +133,34 @@ def plan(
     op name) -> device. exclude: devices not to use. microbatches: for a pipelined
     objective, the batch is cut into this many microbatches. groups: a GroupGraph to plan
     over instead of `graph.coarsen()` refined where a device runs a group only in part.
+    algorithm: None or "auto" (the default: see `auto.py`), or one of the registry's.
+    time_budget_s: seconds "auto" may spend (its exact search stops there; it returns the
+    best plan found and `Plan.optimal` says whether it is proven). progress: True for a
+    progress bar on the terminal, or a callable (phase, seconds spent, budget).
     """
-    algo = default_algorithms().get(algorithm or DEFAULT_ALGORITHM[objective])
+    if time_budget_s is not None and time_budget_s <= 0:
+        raise ConfigError(f"time_budget_s must be positive, got {time_budget_s}")
+    if algorithm in (None, AUTO):
+        with progress_bar(progress) as report:
+            return plan_auto(
+                graph,
+                cluster,
+                objective,
+                registry=registry,
+                backends=backends,
+                pins=pins,
+                exclude=exclude,
+                microbatches=microbatches,
+                cost_model=cost_model,
+                groups=groups,
+                time_budget_s=time_budget_s,
+                progress=report,
+            )
+    registered = default_algorithms()
+    if algorithm not in registered.names():
+        known = ", ".join([AUTO, *registered.names()])
+        raise ConfigError(f"no partition algorithm {algorithm!r}; known: {known}")
+    algo = registered.get(algorithm)
     if objective not in algo.objectives:
         raise ConfigError(
             f"algorithm {algo.name!r} optimises {', '.join(map(str, algo.objectives))}, "
@@ -151,11 +184,12 @@ def plan(
         notes=notes,
     )
     solution = algo.solve(problem, objective)
-    return assemble(problem, ctx, solution, objective=objective, microbatches=microbatches)
+    result = assemble(problem, ctx, solution, objective=objective, microbatches=microbatches)
+    return replace(result, method=algo.summary, optimal=algo.exact)
 
 
 __all__ = [
-    "DEFAULT_ALGORITHM",
+    "AUTO",
     "Algorithm",
     "AlgorithmRegistry",
     "Placement",
@@ -166,6 +200,7 @@ __all__ = [
     "exhaustive_pipelines",
     "latency",
     "plan",
+    "plan_auto",
     "refine_for_support",
     "throughput",
 ]

@@ -327,7 +327,13 @@ def _unsupported(ops, device: DeviceSpec, backend_name: str, registry, cache):
     for op in ops:
         if op.op_class == "view":
             continue
-        key = (op.name, device.name)
+        # what a backend's supports() reads of an op is not its name: the 80 layers of a
+        # LLaMA ask once per distinct op (signatures numbered once per op name)
+        sig = cache.get(op.name)
+        if sig is None:
+            sig = cache.setdefault((op.target, op.op_class, op.in_meta, op.out_meta), len(cache))
+            cache[op.name] = sig
+        key = (sig, device.name)
         if key not in cache:
             reason = ""
             if _is_float(op.dtype) and op.dtype not in device.dtypes:
