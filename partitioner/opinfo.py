@@ -100,8 +100,12 @@ def count_flops(
         except Exception:  # a formula that rejects this overload's args: estimate below
             pass
     if cls == "attention":
+        # q @ k^T and the weights @ v per query head; with grouped-query attention a query
+        # head reads its group's key/value head (torch's sdpa formula wants equal heads and
+        # raises on torch 2.11)
         q, k, v = args[0], args[1], args[2]
-        return int(flop_counter.sdpa_flop_count(q.shape, k.shape, v.shape))
+        *lead, sq, d = q.shape
+        return 2 * numel(lead) * sq * k.shape[-2] * (d + v.shape[-1])
     if cls == "matmul" and base == "matmul":
         a = args[0]
         return 2 * numel(out.shape) * a.shape[-1]
