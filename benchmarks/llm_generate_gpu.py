@@ -236,6 +236,13 @@ def quick_probe(seconds: float = 0.5, size: int = 1 << 30) -> dict:
     return out
 
 
+def started(out: dict, key: str, path: str | None) -> None:
+    """Record that `key` started, so a call killed at its time limit leaves a trace."""
+    out[key] = {"unfinished": f"started at {time.perf_counter() - T0:.0f} s; the process "
+                "ended before it finished"}  # fmt: skip
+    save(path)
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -270,6 +277,7 @@ def case_capped(args, cfg, cache: Path) -> None:
     log(f"bounds {out['bounds']}")
 
     log("hetero, GPU capped")
+    started(out, "hetero", args.json)
     spec = cluster(args.cap_gib)
     kw = {"prompt_length": args.prompt}
     if gpu:
@@ -355,22 +363,32 @@ def case_uncapped(args, cfg, cache: Path) -> None:
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=dev)
     out["hf_eager"] = hf_times(model, ids, args.new_tokens, args.repeats)
     log(f"transformers eager {out['hf_eager']}")
-    save(args.json)
-    lm, secs = compile_lm(model, cluster(None), args.max_len, 1, cache, prompt_length=args.prompt)
-    out["hetero_compile_s"] = secs
-    log(f"hetero compiled in {secs:.1f} s\n{lm.explain(width=160)}")
-    out["hetero"] = hetero_times(lm, ids.cpu(), args.new_tokens, args.repeats)
-    out["hetero_partitions"] = plan_rows(lm)
-    log(f"hetero {out['hetero']}")
-    lm.shutdown()
-    del lm
+    started(out, "hetero", args.json)
+    try:
+        lm, secs = compile_lm(
+            model, cluster(None), args.max_len, 1, cache, prompt_length=args.prompt
+        )
+        out["hetero_compile_s"] = secs
+        log(f"hetero compiled in {secs:.1f} s\n{lm.explain(width=160)}")
+        out["hetero"] = hetero_times(lm, ids.cpu(), args.new_tokens, args.repeats)
+        out["hetero_partitions"] = plan_rows(lm)
+        log(f"hetero {out['hetero']}")
+        lm.shutdown()
+        del lm
+    except Exception as e:  # recorded; the torch.compile modes still run
+        out["hetero"] = {"error": f"{type(e).__name__}: {str(e)[:300]}",
+                         "traceback": traceback.format_exc()[-4000:]}  # fmt: skip
+        log(traceback.format_exc())
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     save(args.json)
     for mode in args.modes:
         if time.perf_counter() - T0 > args.budget_s:
             out[f"torch.compile {mode}"] = {"skipped": "out of the call's time budget"}
             continue
         log(f"torch.compile mode={mode}, static cache")
+        started(out, f"torch.compile {mode}", args.json)
         try:
             r = compiled_times(model, ids, args, mode)
             out[f"torch.compile {mode}"] = r
@@ -434,6 +452,7 @@ def case_batch16(args, cfg, cache: Path) -> None:
     torch.manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt))
     spec = cluster(args.cap_gib)
+    started(out, "chosen", args.json)
     chosen, secs = compile_lm(
         model, spec, args.max_len, args.batch, cache, prompt_length=args.prompt
     )
@@ -453,17 +472,19 @@ def case_batch16(args, cfg, cache: Path) -> None:
             continue
         # what fits stays resident; every other layer streams / runs on the CPU
         forced = {g: f"resident|{where}" for g in layers}
+        started(out, name, args.json)
         try:
             lm, _ = compile_lm(
                 model, spec, args.max_len, args.batch, cache, decode_placements=forced, lm=lm_graphs
             )
+            out[name] = hetero_times(lm, ids, args.new_tokens, args.repeats)
+            out[name]["predicted_ms_per_token"] = lm.plan.predicted_decode_ms
+            log(f"  {name} {out[name]['ms_per_token']:.2f} ms/token")
+            lm.shutdown()
         except Exception as e:
-            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            continue
-        out[name] = hetero_times(lm, ids, args.new_tokens, args.repeats)
-        out[name]["predicted_ms_per_token"] = lm.plan.predicted_decode_ms
-        log(f"  {name} {out[name]['ms_per_token']:.2f} ms/token")
-        lm.shutdown()
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}",
+                         "traceback": traceback.format_exc()[-4000:]}  # fmt: skip
+            log(traceback.format_exc())
         save(args.json)
     got = {
         k: v["ms_per_token"] for k, v in out.items() if isinstance(v, dict) and "ms_per_token" in v
