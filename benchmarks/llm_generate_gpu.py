@@ -250,6 +250,20 @@ def weight_bytes(model) -> int:
 # ---- cases ---------------------------------------------------------------------------------
 
 
+def split_cost_model(spec, batch: int, out: dict):
+    """What the split placement is priced with: the CPU's matrix rate at `batch` rows and the
+    link's, each measured while the other runs (calibration/split.py), in every dtype the
+    CPU's rows may take."""
+    from hetero.calibration.split import calibrate_split, split_profile
+    from hetero.partitioner.cost import CostModel
+
+    gpu_dev = spec.device("node0/gpu")
+    rates = calibrate_split(gpu_dev, batch=batch)
+    out["split_rates"] = [r.__dict__ for r in rates]
+    log(f"split rates at batch {batch}: {rates}")
+    return CostModel(split_profile(spec, gpu_dev, rates))
+
+
 def case_capped(args, cfg, cache: Path) -> None:
     gpu = torch.cuda.is_available()
     dev = "cuda" if gpu else "cpu"
@@ -281,16 +295,7 @@ def case_capped(args, cfg, cache: Path) -> None:
     spec = cluster(args.cap_gib)
     kw = {"prompt_length": args.prompt}
     if gpu:
-        # what the split placement is priced with: the CPU's matrix-vector rate and the
-        # link's, each measured while the other runs (calibration/split.py)
-        from hetero.calibration.split import calibrate_split, split_profile
-        from hetero.partitioner.cost import CostModel
-
-        gpu_dev = spec.device("node0/gpu")
-        rates = calibrate_split(gpu_dev)
-        out["split_rates"] = [r.__dict__ for r in rates]
-        log(f"split rates {rates}")
-        kw["cost_model"] = CostModel(split_profile(spec, gpu_dev, rates))
+        kw["cost_model"] = split_cost_model(spec, 1, out)
     lm, secs = compile_lm(model, spec, args.max_len, 1, cache, **kw)
     out["hetero_compile_s"] = secs
     log(f"  compiled in {secs:.1f} s\n{lm.explain(width=160)}")
@@ -307,6 +312,15 @@ def case_capped(args, cfg, cache: Path) -> None:
     if gpu:
         out["hetero_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         out["cap_bytes"] = cap
+        # each phase's own peak: the first token comes out of prefill, the rest of decode
+        torch.cuda.reset_peak_memory_stats()
+        tokens_out = lm.stream(host_ids, 8)
+        next(tokens_out)
+        out["hetero_peak_prefill_bytes"] = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in tokens_out:
+            pass
+        out["hetero_peak_decode_bytes"] = torch.cuda.max_memory_allocated()
         log(
             f"  peak GPU memory {out['hetero_peak_gpu_bytes'] / 2**30:.2f} GiB (cap {args.cap_gib})"
         )
@@ -452,9 +466,11 @@ def case_batch16(args, cfg, cache: Path) -> None:
     torch.manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt))
     spec = cluster(args.cap_gib)
+    # priced from rates measured at this batch (a 16-row product on the CPU is no GEMV)
+    kw = {"cost_model": split_cost_model(spec, args.batch, out)} if gpu else {}
     started(out, "chosen", args.json)
     chosen, secs = compile_lm(
-        model, spec, args.max_len, args.batch, cache, prompt_length=args.prompt
+        model, spec, args.max_len, args.batch, cache, prompt_length=args.prompt, **kw
     )
     log(f"batch {args.batch}, chosen plan (compiled in {secs:.1f} s)\n{chosen.explain(width=160)}")
     decode = {c.group: c.chosen for c in chosen.plan.choice(Phase.DECODE)}
@@ -475,7 +491,14 @@ def case_batch16(args, cfg, cache: Path) -> None:
         started(out, name, args.json)
         try:
             lm, _ = compile_lm(
-                model, spec, args.max_len, args.batch, cache, decode_placements=forced, lm=lm_graphs
+                model,
+                spec,
+                args.max_len,
+                args.batch,
+                cache,
+                decode_placements=forced,
+                lm=lm_graphs,
+                **kw,
             )
             out[name] = hetero_times(lm, ids, args.new_tokens, args.repeats)
             out[name]["predicted_ms_per_token"] = lm.plan.predicted_decode_ms
