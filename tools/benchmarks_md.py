@@ -12,6 +12,7 @@ ORDER = [
     ("triton_rules.md", "Triton rules for modern models, interpreter-tested (issue 15 item 2)"),
     ("llama_offload.md", "GPU: memory-capped LLaMA 1.1B, weight streaming (issue 8)"),
     ("tvm.md", "CPU: TVM partitions vs eager, ONNX Runtime, torch.compile (issue 4)"),
+    ("cpu_choice.md", "CPU: the backend chosen by measurement; a 7B decode layer (issue 15)"),
     ("partitioner.md", "Planning time, cost-model accuracy, calibration (issue 3)"),
     ("plan_scale.md", "Planning at cluster scale: LLaMA-70B over 1-16 nodes (issue 20)"),
     ("runtime.md", "Ray runtime: per-hop overhead (issue 6)"),
@@ -19,7 +20,6 @@ ORDER = [
     ("reliability.md", "Reliability: soak with a worker killed and a device removed (issue 18)"),
     ("health_during_compile.md", "Health probes while `hetero serve` compiles (issue 18)"),
     ("safe_gather.md", "The cost of TVM's memory-safe gathers (issue 18)"),
-    ("plan_scale.md", "Planning at cluster scale: LLaMA-70B over up to 16 nodes (issue 20)"),
     ("cost_feedback.md", "The cost model after feedback: accuracy and plan choice (issue 16)"),
     ("serving.md", "Serving: the Open Inference Protocol and Generate (issue 19)"),
 ]
@@ -45,7 +45,8 @@ hetero's small dependencies, and no network. From the repository root here:
 bash ../shared/device/pack.sh ray tvm-runtime        # .devdeps/: ray and TVM's runtime
 python3 -m pip download -d .whl --only-binary=:all: --python-version 3.12 --no-deps \
     --platform manylinux_2_17_x86_64 --implementation cp pydantic==2.14.4 \
-    pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions platformdirs
+    pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions platformdirs \
+    pint==0.25.3 flexcache flexparser
 ```
 
 then one `run` call per line below, carrying `[".whl", ".devdeps"]` (the kind in brackets).

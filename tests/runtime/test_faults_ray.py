@@ -208,6 +208,10 @@ def test_with_no_device_left_the_error_names_the_lost_one(ray_cluster, tmp_path)
             time.sleep(0.1)
         state, why = cm.status()
         assert state == "failed" and "no device is left" in why and "head/cpu" in why, why
+        # health follows the state at the server's next poll (every 0.05 s here)
+        end = time.monotonic() + 5
+        while client.health() != "NOT_SERVING" and time.monotonic() < end:
+            time.sleep(0.05)
         assert client.health() == "NOT_SERVING"
         with pytest.raises(grpc.RpcError) as info:
             client.infer({"x": x[0]}, timeout=30)
