@@ -9,9 +9,9 @@ measured read bandwidth.
 
 Engines, each in its own process, alternated --repeats times (like tvm_cpu.py):
 eager (torch's BLAS), tvm, inductor (hetero's backends, one partition), hetero (hetero.compile
-on this CPU, the backend chosen by measurement). The bandwidth: the fastest of several
-full reads of a 1 GiB buffer (`torch.sum`, the same threads), measured in its own process
-in every alternation. Each cell: ms per token (median of rounds), the achieved bandwidth
+on this CPU, the backend chosen by measurement). The bandwidth: the fastest full read of a
+1 GiB buffer by any of three read-only kernels (an fp32 sum, a dot product, a matrix-vector
+product; the same threads), measured in its own process in every alternation. Each cell: ms per token (median of rounds), the achieved bandwidth
 (bytes the layer must read / time) and that as a share of the measured read bandwidth.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/decode_cpu.py --threads 2 --repeats 5
@@ -104,17 +104,32 @@ def make(a) -> tuple[nn.Module, tuple[torch.Tensor, ...], int]:
     return layer, (x, kc, vc), weights + acts
 
 
-def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 15) -> float:
-    """Bytes/s of the fastest full read of a `gib` GiB fp32 buffer (torch.sum)."""
+def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 15) -> dict[str, float]:
+    """Bytes/s of the fastest full read of a `gib` GiB buffer by each of three kernels that
+    only read it (an fp32 sum, a dot product of two halves, a matrix-vector product): the
+    host's read bandwidth at these threads is the best of them (a sum alone stays under
+    what a GEMV reaches here)."""
     torch.set_num_threads(threads)
-    buf = torch.ones(int(gib * 2**30 / 4))
-    buf.sum()
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t0)
-    return buf.numel() * 4 / best
+    n = int(gib * 2**30 / 4)
+    buf = torch.ones(n)
+    half = n // 2
+    mat = buf[: (n // 4096) * 4096].view(-1, 4096)
+    vec = torch.ones(4096)
+    kernels = {
+        "sum": lambda: buf.sum(),
+        "dot": lambda: torch.dot(buf[:half], buf[half : 2 * half]),
+        "mv": lambda: torch.mv(mat, vec),
+    }
+    rates = {}
+    for name, fn in kernels.items():
+        fn()
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        rates[name] = n * 4 / best
+    return rates
 
 
 def one_backend(model, args, name: str, a):
@@ -137,7 +152,8 @@ def _err(got: torch.Tensor, want: torch.Tensor) -> float:
 def run_cell(engine: str, a) -> dict:
     torch.set_num_threads(a.threads)
     if engine == "bandwidth":
-        return {"bytes_per_s": read_bandwidth(a.threads)}
+        rates = read_bandwidth(a.threads)
+        return {"bytes_per_s": max(rates.values()), "kernels": rates}
     model, args, nbytes = make(a)
     extra: dict = {}
     with torch.no_grad():
@@ -228,6 +244,7 @@ def main() -> None:
         "torch": torch.__version__, "load_avg": os.getloadavg(),
         "read_bytes_per_s": bw,
         "read_samples": [s["bytes_per_s"] for s in samples["bandwidth"]],
+        "read_kernels": [s["kernels"] for s in samples["bandwidth"]],
         "env": {k: os.environ.get(k, "") for k in ("OMP_WAIT_POLICY",)},
     }  # fmt: skip
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

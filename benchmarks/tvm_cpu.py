@@ -167,9 +167,9 @@ def run_cell(model: str, engine: str, a) -> dict:
             fn = lambda: compiled(*args)  # noqa: E731
         else:
             device = DeviceSpec(name="local/cpu", kind="cpu", host="local", cores=a.threads)
-            extra = (("onednn", False),) if engine == "tvm, blas only" else ()
+            blas = (("onednn", False),) if engine == "tvm, blas only" else ()
             fn, err = tvm_chain(
-                m, args, pieces, ArtifactCache(a.cache), device, CompileOptions(extra=extra)
+                m, args, pieces, ArtifactCache(a.cache), device, CompileOptions(extra=blas)
             )
         return {"ms": timeit({engine: fn}, a.rounds, calls)[engine], "rel_err": err, **extra}
 
