@@ -15,13 +15,7 @@ import numpy as np
 
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import PartitionError
-from hetero.partitioner.algorithms.adapter import (
-    BackendLookup,
-    Context,
-    build_problem,
-    refine_for_support,
-    resolve_backends,
-)
+from hetero.partitioner.algorithms.adapter import BackendLookup, Context, problem_for
 from hetero.partitioner.algorithms.assemble import assemble
 from hetero.partitioner.algorithms.problem import Problem, Solution
 from hetero.partitioner.coarsen import GroupGraph
@@ -64,21 +58,17 @@ def pricing(
 ) -> Pricing:
     """The problem `algorithms.plan` solves for these arguments (the same groups: refined
     for support the same way), priced with `cost_model`."""
-    resolved, notes = resolve_backends(cluster, backends, registry)
-    if groups is None:
-        groups = refine_for_support(
-            graph.coarsen(), cluster, backends=resolved, exclude=exclude, registry=registry
-        )
-    problem, ctx = build_problem(
-        groups,
+    problem, ctx = problem_for(
+        graph,
         cluster,
-        cost_model,
-        backends=resolved,
+        objective,
+        registry=registry,
+        cost_model=cost_model,
+        backends=backends,
         pins=pins,
         exclude=exclude,
-        microbatches=microbatches if objective.pipelined else 1,
-        registry=registry,
-        notes=notes,
+        microbatches=microbatches,
+        groups=groups,
     )
     return Pricing(problem, ctx, objective, microbatches)
 

@@ -24,9 +24,8 @@ from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
 from hetero.partitioner.algorithms.adapter import (
     BackendLookup,
-    build_problem,
+    problem_for,
     refine_for_support,
-    resolve_backends,
 )
 from hetero.partitioner.algorithms.assemble import assemble
 from hetero.partitioner.algorithms.auto import plan_auto
@@ -167,21 +166,17 @@ def plan(
             f"not {objective}"
         )
     cost_model = cost_model if cost_model is not None else CostModel.load(cluster=cluster)
-    resolved, notes = resolve_backends(cluster, backends, registry)
-    if groups is None:
-        groups = refine_for_support(
-            graph.coarsen(), cluster, backends=resolved, exclude=exclude, registry=registry
-        )
-    problem, ctx = build_problem(
-        groups,
+    problem, ctx = problem_for(
+        graph,
         cluster,
-        cost_model,
-        backends=resolved,
+        objective,
+        registry=registry,
+        cost_model=cost_model,
+        backends=backends,
         pins=pins,
         exclude=exclude,
-        microbatches=microbatches if objective.pipelined else 1,
-        registry=registry,
-        notes=notes,
+        microbatches=microbatches,
+        groups=groups,
     )
     solution = algo.solve(problem, objective)
     result = assemble(problem, ctx, solution, objective=objective, microbatches=microbatches)

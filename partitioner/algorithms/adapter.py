@@ -21,8 +21,9 @@ from hetero.partitioner.algorithms.problem import (
 )
 from hetero.partitioner.coarsen import GroupGraph
 from hetero.partitioner.cost import CostModel
-from hetero.partitioner.decisions import FALLBACK_BACKEND, BackendAssignment
+from hetero.partitioner.decisions import FALLBACK_BACKEND, BackendAssignment, Objective
 from hetero.partitioner.gpu_cpu_split import SplitCost, split_cost
+from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Rejection
 
 
@@ -250,6 +251,39 @@ def build_problem(
         splits=splits,
     )
     return problem, ctx
+
+
+def problem_for(
+    graph: OpGraph,
+    cluster: ClusterSpec,
+    objective: Objective,
+    *,
+    registry: BackendLookup,
+    cost_model: CostModel,
+    backends: BackendAssignment,
+    pins: Mapping[str, str] | None = None,
+    exclude: Sequence[str] = (),
+    microbatches: int = 1,
+    groups: GroupGraph | None = None,
+) -> tuple[Problem, Context]:
+    """The problem a planner solves for these arguments: backends resolved once, the graph's
+    groups refined where a device runs a group only in part (unless `groups` is given)."""
+    resolved, notes = resolve_backends(cluster, backends, registry)
+    if groups is None:
+        groups = refine_for_support(
+            graph.coarsen(), cluster, backends=resolved, exclude=exclude, registry=registry
+        )
+    return build_problem(
+        groups,
+        cluster,
+        cost_model,
+        backends=resolved,
+        pins=pins,
+        exclude=exclude,
+        microbatches=microbatches if objective.pipelined else 1,
+        registry=registry,
+        notes=notes,
+    )
 
 
 def refine_for_support(
