@@ -2,7 +2,7 @@
 after one feedback round, the planner's choice against every candidate of a measured sweep,
 and online re-planning from a deliberately wrong profile.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/cost_feedback.py         # CPU cases, here
+    .venv/bin/python benchmarks/cost_feedback.py                                 # CPU cases, here
     .venv/bin/python benchmarks/cost_feedback.py --gpu                           # GPU machine
         [--quick] [--only NAME ...] [--no-sweep] [--no-online] [--recalibrate]
         [--json benchmarks/results/cost_feedback.json] [--md benchmarks/results/cost_feedback.md]
@@ -40,12 +40,9 @@ the JSON records the load average before and after.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/TVM start their pools
-
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -821,7 +818,7 @@ def main() -> None:
         result["online"] = None if args.no_online else online(bench, args.online_requests)
     result["meta"] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/cost_feedback.py"
+        "command": ".venv/bin/python benchmarks/cost_feedback.py"
         + (" --gpu" if args.gpu else "")
         + (" --quick" if args.quick else ""),
         "machine": platform.processor() or platform.machine(),

@@ -14,7 +14,7 @@ on this CPU, the backend chosen by measurement). The bandwidth: the fastest full
 product; the same threads), measured in its own process in every alternation. Each cell: ms per token (median of rounds), the achieved bandwidth
 (bytes the layer must read / time) and that as a share of the measured read bandwidth.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/decode_cpu.py --threads 2 --repeats 5
+    .venv/bin/python benchmarks/decode_cpu.py --threads 2 --repeats 5
 
 Writes benchmarks/results/decode_cpu.json. Artifacts go to the artifact cache (--cache).
 """
@@ -245,7 +245,7 @@ def main() -> None:
         "read_bytes_per_s": bw,
         "read_samples": [s["bytes_per_s"] for s in samples["bandwidth"]],
         "read_kernels": [s["kernels"] for s in samples["bandwidth"]],
-        "env": {k: os.environ.get(k, "") for k in ("OMP_WAIT_POLICY",)},
+        "env": {k: os.environ.get(k, "") for k in ("OMP_WAIT_POLICY", "TVM_BIND_THREADS")},
     }  # fmt: skip
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -14,7 +14,7 @@ each cell is the median of per-round means, the table the median over repeats:
   * GPT-2 small (124M, random weights, batch 1 x 128 tokens): hetero, TVM cut into 2
     partitions, eager.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/tvm_cpu.py --threads 2 --repeats 5
+    .venv/bin/python benchmarks/tvm_cpu.py --threads 2 --repeats 5
 
 The hetero row's first alternation compiles and measures (its compile time, with the
 choice, is in the JSON's `compile_s`); later ones read the choice from the cache.
@@ -233,7 +233,10 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
-        "env": {k: os.environ.get(k, "") for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+        "env": {
+            k: os.environ.get(k, "")
+            for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TVM_BIND_THREADS")
+        },
         "load_avg": os.getloadavg(),
         "command": " ".join(["benchmarks/tvm_cpu.py", *sys.argv[1:]]),
     }

@@ -43,7 +43,10 @@ def thread_settings(cluster: ClusterSpec | None = None) -> dict[str, Any]:
         "torch": torch.get_num_threads(),
         "torch_interop": torch.get_num_interop_threads(),
         "cpu_count": os.cpu_count(),
-        "env": {k: os.environ.get(k) for k in (*THREAD_ENV, "OMP_NUM_THREADS", "TVM_NUM_THREADS")},
+        "env": {
+            k: os.environ.get(k)
+            for k in (*THREAD_ENV, "OMP_WAIT_POLICY", "OMP_NUM_THREADS", "TVM_NUM_THREADS")
+        },
     }
     if cluster is not None:
         out["devices"] = {

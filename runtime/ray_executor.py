@@ -302,7 +302,8 @@ class RayExecutor:
             node = by_id[host_node[d.host]]
             mine = [s for s in stages if s.device.name == d.name]
             blobs = self._blobs_for(mine, node, here)
-            opts = placement.actor_options(d, node, max_restarts=self.max_restarts)
+            wait = placement.thread_wait(d, devices, host_node)
+            opts = placement.actor_options(d, node, max_restarts=self.max_restarts, wait=wait)
             actor = _actor_class().options(**opts)
             self._workers[d.name] = actor.remote(d, mine, blobs, self.registry)
             self._nodes[d.name] = node.node_id

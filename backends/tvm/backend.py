@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import os
 import platform
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from hetero.errors import CompileError
 from hetero.partitioner.graph import OpNode
 
 LIBRARY = "module.so"
+BIND_THREADS = "TVM_BIND_THREADS"  # TVM's switch for pinning its pool's threads to cores
 
 # What an NPU runs: dense tensor math. Data-dependent indexing (embedding lookups,
 # gathers, scatters) and host-side data ops stay on the CPU, as real NPU toolchains
@@ -211,9 +213,18 @@ def _spec_string(spec, n_outputs: int) -> str:
 
 @functools.cache
 def _set_threads(n: int) -> None:
-    """Size TVM's and torch's CPU thread pools once per process (a worker owns its process)."""
+    """Size TVM's and torch's CPU thread pools once per process (a worker owns its process),
+    leaving every thread free to run on any of the process's cores."""
     import tvm  # optional (hetero[tvm]): loaded on first use
 
+    # Pinned, the calling thread would hand its one-core mask to every OpenMP worker torch
+    # creates after it (hetero/environment.py says what that cost). The variable is read
+    # when the pool is sized; a person who set it keeps their value, and the caller's own
+    # mask is put back either way.
+    os.environ.setdefault(BIND_THREADS, "0")
+    mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     tvm.get_global_func("runtime.config_threadpool")(0, n)
+    if mask is not None and os.sched_getaffinity(0) != mask:
+        os.sched_setaffinity(0, mask)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -85,3 +89,54 @@ def test_compile_dtype_option_casts_to_float16(artifact_cache, cpu_device):
     assert got[0].dtype == want[0].dtype == torch.float16
     err = float((got[0].double() - want[0].double()).norm() / want[0].double().norm())
     assert err < TOL[torch.float16]
+
+
+# Run in a fresh process: the thread pools are sized once per process, and this one's tests
+# may already have done it.
+_AFFINITY_SCRIPT = """
+import os, sys, torch
+from hetero.backends.base import CompileOptions
+from hetero.backends.cache import ArtifactCache
+from hetero.backends.compile import CompileJob, compile_units
+from hetero.backends.registry import default_registry
+from hetero.backends.units import units_for
+from hetero.cluster.spec import DeviceSpec
+from hetero.interfaces.models import mlp_block
+from hetero.partitioner.graph import capture
+
+m, args = mlp_block(batch=1, seq=4)
+graph = capture(m, args)
+_, units, _ = units_for(graph, {n: 0 for n in graph.order}, *args)
+dev = DeviceSpec(name="t/cpu", kind="cpu", host="t", cores=2)
+job = CompileJob(units[0], dev, "tvm", CompileOptions())
+art = compile_units([job], ArtifactCache(sys.argv[1]), workers=1, progress=False)[0]
+before = os.sched_getaffinity(0)
+default_registry().get("tvm").load(art, dev)(*args)
+torch.mm(torch.randn(256, 256), torch.randn(256, 256))  # OpenMP starts its workers now
+masks = {int(t): os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")}
+print(len(before), sum(m == before for m in masks.values()), len(masks),
+      int(os.sched_getaffinity(0) == before))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs a process allowed on two or more cores",
+)
+@pytest.mark.parametrize("bind", [None, "1"], ids=["default", "user-pins-tvm"])
+def test_loading_an_artifact_leaves_torch_threads_on_every_core(bind, tmp_path):
+    """TVM pins the thread that sizes its pool; OpenMP workers torch starts later inherit
+    that mask (eager ran on one core of two). The loader keeps every thread free, and where
+    a person asks TVM to pin its own workers, the caller's thread is still given back."""
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    if bind is not None:
+        env["TVM_BIND_THREADS"] = bind
+    out = subprocess.run(
+        [sys.executable, "-c", _AFFINITY_SCRIPT, str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    cores, free, threads, caller_free = map(int, out.stdout.split()[-4:])
+    assert cores >= 2 and caller_free == 1
+    if bind is None:
+        assert free == threads, f"{threads - free} of {threads} threads pinned"
