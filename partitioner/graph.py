@@ -188,6 +188,9 @@ class OpGraph:
                     nbytes = sum(m.nbytes for m in nodes[src].out_meta)
                     g.add_edge(src, n.name, bytes=nbytes)
         self.graph = g
+        # What the model returns, as a pytree spec: torch builds a NamedTuple class each time
+        # `call_spec` is read (~0.15 ms a call on the 2-core box), so it is read once.
+        self.out_spec = program.call_spec.out_spec
 
     # ---- views -----------------------------------------------------------------------------
     def __len__(self) -> int:

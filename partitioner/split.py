@@ -182,7 +182,7 @@ def flatten_inputs(
 
 
 def unflatten_outputs(graph: OpGraph, env: Mapping[str, Any]) -> Any:
-    spec = graph.program.call_spec.out_spec
+    spec = graph.out_spec
     flat = [env[o] if o else None for o in graph.outputs]
     return pytree.tree_unflatten(flat, spec) if spec is not None else tuple(flat)
 
