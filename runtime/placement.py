@@ -22,7 +22,7 @@ from typing import Any
 
 from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.spec import DeviceSpec
-from hetero.environment import ThreadWait, child_env
+from hetero.environment import child_env
 from hetero.errors import PlanInfeasible
 
 HOST_LABEL = "hetero-host"
@@ -135,27 +135,8 @@ def map_hosts(
     return out
 
 
-def thread_wait(
-    device: DeviceSpec, devices: Sequence[DeviceSpec], host_node: Mapping[str, str]
-) -> ThreadWait:
-    """How the OpenMP threads of `device`'s worker wait between ops: spinning while it is the
-    only one of `devices`' workers on its Ray node, sleeping when workers share the node's
-    cores (spinning threads of one worker then take the cores the other needs;
-    hetero/environment.py has the numbers)."""
-    node = host_node[device.host]
-    peers = sum(1 for d in devices if host_node[d.host] == node)
-    return ThreadWait.PASSIVE if peers > 1 else ThreadWait.SPIN
-
-
-def actor_options(
-    device: DeviceSpec,
-    node: RayNode,
-    *,
-    max_restarts: int = 2,
-    wait: ThreadWait = ThreadWait.PASSIVE,
-) -> dict[str, Any]:
-    """Ray actor options for the worker that owns `device` on `node`; `wait`: how its idle
-    OpenMP threads wait (`thread_wait`)."""
+def actor_options(device: DeviceSpec, node: RayNode, *, max_restarts: int = 2) -> dict[str, Any]:
+    """Ray actor options for the worker that owns `device` on `node`."""
     # optional (hetero[ray]): loaded on first use
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -164,10 +145,11 @@ def actor_options(
         "max_restarts": max_restarts,
         "max_task_retries": 0,  # the executor retries a request itself, once, over a new graph
         "num_cpus": 0,
-        # TVM_BIND_THREADS=0 and the wait policy (hetero/environment.py): OpenMP reads them
-        # when torch loads, so they are set before the worker starts, with the filters for
-        # warnings nobody can act on.
-        "runtime_env": {"env_vars": child_env(wait=wait)},
+        # OMP_WAIT_POLICY=PASSIVE: TVM's thread pool and torch's OpenMP pool (BLAS calls
+        # from TVM kernels) take turns on the same cores; spinning OpenMP threads starve
+        # TVM's. OpenMP reads it when torch loads, so it is set before the worker starts,
+        # with the filters for warnings nobody can act on (hetero/environment.py).
+        "runtime_env": {"env_vars": child_env()},
     }
     if device.kind == "gpu":
         opts["num_gpus"] = 1

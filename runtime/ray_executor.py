@@ -302,8 +302,7 @@ class RayExecutor:
             node = by_id[host_node[d.host]]
             mine = [s for s in stages if s.device.name == d.name]
             blobs = self._blobs_for(mine, node, here)
-            wait = placement.thread_wait(d, devices, host_node)
-            opts = placement.actor_options(d, node, max_restarts=self.max_restarts, wait=wait)
+            opts = placement.actor_options(d, node, max_restarts=self.max_restarts)
             actor = _actor_class().options(**opts)
             self._workers[d.name] = actor.remote(d, mine, blobs, self.registry)
             self._nodes[d.name] = node.node_id

@@ -121,8 +121,7 @@ class RayGeneration(Generation):
                 phase.value: [s for s in self.stages[phase] if s.device.name == d.name]
                 for phase in Phase
             }
-            wait = placement.thread_wait(d, devices, host_node)
-            opts = placement.actor_options(d, node, max_restarts=max_restarts, wait=wait)
+            opts = placement.actor_options(d, node, max_restarts=max_restarts)
             values = ray.put(_weights_for([s for ss in mine.values() for s in ss], weights))
             self.workers[d.name] = actor.options(**opts).remote(d, mine, registry, values)
         ready, lost = faults.wait_ready(self.workers, start_timeout_s)

@@ -8,15 +8,8 @@ import pytest
 
 from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.spec import ClusterSpec
-from hetero.environment import ThreadWait
 from hetero.errors import PlanInfeasible
-from hetero.runtime.placement import (
-    HOST_LABEL,
-    RayNode,
-    actor_options,
-    map_hosts,
-    thread_wait,
-)
+from hetero.runtime.placement import HOST_LABEL, RayNode, actor_options, map_hosts
 from hetero.runtime.stage import StageSpec
 from hetero.runtime.transfer import edge_transport, host_out
 
@@ -75,27 +68,6 @@ def test_actor_options_follow_the_device_kind(cluster):
     assert not npu["scheduling_strategy"].soft
     big = dataclasses.replace(cluster.device("head/cpu"), cores=64)
     assert actor_options(big, HEAD)["num_cpus"] == 4  # capped by the node
-
-
-def test_workers_alone_on_a_node_spin_and_workers_sharing_one_sleep(cluster, monkeypatch):
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    cpu, npu = cluster.device("head/cpu"), cluster.device("edge/npu")
-    apart = map_hosts(cluster.devices, [HEAD, NPU])
-    together = {"head": HEAD.node_id, "edge": HEAD.node_id}
-    assert thread_wait(cpu, [cpu, npu], apart) is ThreadWait.SPIN
-    assert thread_wait(cpu, [cpu, npu], together) is ThreadWait.PASSIVE
-    assert thread_wait(cpu, [cpu], together) is ThreadWait.SPIN
-    env = {w: actor_options(cpu, HEAD, wait=w)["runtime_env"]["env_vars"] for w in ThreadWait}
-    assert env[ThreadWait.PASSIVE]["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert "OMP_WAIT_POLICY" not in env[ThreadWait.SPIN]
-    assert all(e["TVM_BIND_THREADS"] == "0" for e in env.values())
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a person's own setting wins
-    assert (
-        actor_options(cpu, HEAD, wait=ThreadWait.PASSIVE)["runtime_env"]["env_vars"][
-            "OMP_WAIT_POLICY"
-        ]
-        == "ACTIVE"
-    )
 
 
 def test_nccl_only_between_gpus(staged):
