@@ -104,6 +104,18 @@ def test_a_second_compile_reads_the_choice(mlp, tmp_path, timed):
         cm.shutdown()
 
 
+def test_a_choice_made_under_other_thread_settings_is_measured_again(
+    mlp, tmp_path, timed, monkeypatch
+):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed()}).shutdown()
+    n = len(timed)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # what a process started so would read
+    again = compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed()})
+    assert len(timed) > n and not again.plan.partitions[0].choice_cached
+    again.shutdown()
+
+
 def test_pinned_or_fixed_backends_are_not_measured(mlp, tmp_path, timed):
     pinned = compile_mlp(
         mlp, tmp_path, "faulty", backends={"cpu": "faulty"}, options={"faulty": delayed()}
