@@ -124,7 +124,7 @@ print(len(before), sum(m == before for m in masks.values()), len(masks),
     reason="needs a process allowed on two or more cores",
 )
 @pytest.mark.parametrize("bind", [None, "1"], ids=["default", "user-pins-tvm"])
-def test_loading_an_artifact_leaves_torch_threads_on_every_core(bind, tmp_path):
+def test_loading_an_artifact_leaves_torch_threads_on_every_core(bind, tmp_path_factory):
     """TVM pins the thread that sizes its pool; OpenMP workers torch starts later inherit
     that mask (eager ran on one core of two). The loader keeps every thread free, and where
     a person asks TVM to pin its own workers, the caller's thread is still given back."""
@@ -132,7 +132,8 @@ def test_loading_an_artifact_leaves_torch_threads_on_every_core(bind, tmp_path):
     if bind is not None:
         env["TVM_BIND_THREADS"] = bind
     out = subprocess.run(
-        [sys.executable, "-c", _AFFINITY_SCRIPT, str(tmp_path)],
+        # one cache for both cases: the second process loads what the first compiled
+        [sys.executable, "-c", _AFFINITY_SCRIPT, str(tmp_path_factory.getbasetemp() / "affinity")],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
