@@ -11,8 +11,9 @@ Engines, each in its own process, alternated --repeats times (like tvm_cpu.py):
 eager (torch's BLAS), tvm, inductor (hetero's backends, one partition), hetero (hetero.compile
 on this CPU, the backend chosen by measurement). The bandwidth: the fastest full read of a
 1 GiB buffer by any of three read-only kernels (an fp32 sum, a dot product, a matrix-vector
-product; the same threads), measured in its own process in every alternation. Each cell: ms per token (median of rounds), the achieved bandwidth
-(bytes the layer must read / time) and that as a share of the measured read bandwidth.
+product; the same threads), measured in its own process in every alternation. Each cell:
+ms per token (median of rounds), the achieved bandwidth (bytes the layer must read / time)
+and that as a share of the measured read bandwidth.
 
     .venv/bin/python benchmarks/decode_cpu.py --threads 2 --repeats 5
 

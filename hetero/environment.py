@@ -22,7 +22,11 @@ import warnings
 # one core; torch's OpenMP workers, created later by that thread, inherit the one-core mask
 # and share it (with spinning OpenMP one TVM partition took 200-336 ms instead of 2-3; the
 # backend also puts the caller's mask back, backends/tvm/backend.py). OMP_WAIT_POLICY: above.
-THREAD_ENV: dict[str, str] = {"TVM_BIND_THREADS": "0", "OMP_WAIT_POLICY": "PASSIVE"}
+BIND_THREADS = "TVM_BIND_THREADS"
+THREAD_ENV: dict[str, str] = {BIND_THREADS: "0", "OMP_WAIT_POLICY": "PASSIVE"}
+# Every variable that changes how fast CPU work runs (OpenMP and TVM read them once): what a
+# run reports beside its times and what a measured choice is valid for.
+THREAD_VARIABLES = (*THREAD_ENV, "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "TVM_NUM_THREADS")
 
 # (message prefix, category): torch's pytree shim warns whenever a treespec is built or
 # unpickled (every capture, every process that receives a compiled partition). Prefixes

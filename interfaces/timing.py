@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from hetero.cluster.spec import ClusterSpec
-from hetero.environment import THREAD_ENV
+from hetero.environment import THREAD_VARIABLES
 
 
 def timed_ms(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
@@ -43,10 +43,7 @@ def thread_settings(cluster: ClusterSpec | None = None) -> dict[str, Any]:
         "torch": torch.get_num_threads(),
         "torch_interop": torch.get_num_interop_threads(),
         "cpu_count": os.cpu_count(),
-        "env": {
-            k: os.environ.get(k)
-            for k in (*THREAD_ENV, "OMP_WAIT_POLICY", "OMP_NUM_THREADS", "TVM_NUM_THREADS")
-        },
+        "env": {k: os.environ.get(k) for k in THREAD_VARIABLES},
     }
     if cluster is not None:
         out["devices"] = {

@@ -52,6 +52,7 @@ from hetero.backends.cache import ArtifactCache
 from hetero.backends.registry import BackendRegistry
 from hetero.calibration.timing import time_call
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
+from hetero.environment import THREAD_VARIABLES
 from hetero.errors import CompileError
 from hetero.partitioner.decisions import BackendAssignment, BackendChoice
 from hetero.partitioner.graph import OpNode
@@ -69,8 +70,6 @@ ROUND_BUDGET_S = 0.05  # time_call's budget per turn
 # timed in its turns alone) rather than all at once.
 ALTERNATE_MAX_BYTES = 2 << 30
 _NOTE_CHARS = 160
-# Environment variables that change how fast a CPU candidate runs (OpenMP reads them once).
-THREAD_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "TVM_BIND_THREADS")
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -42,11 +42,11 @@ from hetero.backends.tvm.kernels import register_kernels
 from hetero.backends.tvm.lower import build
 from hetero.backends.tvm.options import TVMOptions
 from hetero.cluster.spec import DeviceSpec
+from hetero.environment import BIND_THREADS, THREAD_ENV
 from hetero.errors import CompileError
 from hetero.partitioner.graph import OpNode
 
 LIBRARY = "module.so"
-BIND_THREADS = "TVM_BIND_THREADS"  # TVM's switch for pinning its pool's threads to cores
 
 # What an NPU runs: dense tensor math. Data-dependent indexing (embedding lookups,
 # gathers, scatters) and host-side data ops stay on the CPU, as real NPU toolchains
@@ -221,7 +221,7 @@ def _set_threads(n: int) -> None:
     # creates after it (hetero/environment.py says what that cost). The variable is read
     # when the pool is sized; a person who set it keeps their value, and the caller's own
     # mask is put back either way.
-    os.environ.setdefault(BIND_THREADS, "0")
+    os.environ.setdefault(BIND_THREADS, THREAD_ENV[BIND_THREADS])
     mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     tvm.get_global_func("runtime.config_threadpool")(0, n)
     if mask is not None and os.sched_getaffinity(0) != mask:
