@@ -71,6 +71,7 @@ export PYTHONPATH=/tmp/shim:/tmp/site && cd /tmp && ...
 | two GPUs: pipeline, split sweep, NCCL hops | `python3 $R/benchmarks/pipeline_2gpu.py --json $OUT/p2.json` | nvidia-h100-x2 | ~5 min |
 | the GPU tests | `python3 -m pytest -q $R/tests/gpu -p no:cacheprovider` | nvidia-h100-x1 | ~1 min |
 | LLaMA-7B generation, GPU capped at 4 GiB (issue 14; no `.devdeps` needed) | `python3 $R/benchmarks/llm_generate_gpu.py --case capped --json $OUT/capped.json` | nvidia-h200 | ~6 min |
+| a split layer's time, piece by piece (copies, CPU products, profiled decode) | `python3 $R/benchmarks/split_layer_gpu.py --json $OUT/split.json --trace $OUT/split_trace.json` | nvidia-h200 | ~2.5 min |
 | the same model uncapped: hetero vs eager and every torch.compile mode | `python3 $R/benchmarks/llm_generate_gpu.py --case uncapped --json $OUT/uncapped.json` | nvidia-h200 | not run yet |
 | batch 16 under the cap: chosen plan vs forced streaming / CPU | `python3 $R/benchmarks/llm_generate_gpu.py --case batch16 --json $OUT/b16.json` | nvidia-h200 | not run yet |
 | Triton rules for modern models (3 runs: see triton_rules.md) | `python3 -m pytest -s -q $R/tests/gpu/test_triton_rules_gpu.py -k "<K>" -p no:cacheprovider` | nvidia-h200 | not run yet |

@@ -1,0 +1,45 @@
+"""`hetero::gpu_cpu_mm` on a real GPU: the CPU's rows come back right, call after call on the
+same staging buffers, while a layer's weights stream on another stream (the copy engine is
+busy, the op must not wait for it or read a buffer being rewritten)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mm
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cpu_dtype"),
+    [
+        (torch.float16, torch.float16),
+        (torch.float16, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float32),
+    ],
+)
+def test_each_call_returns_its_own_product_while_weights_stream(dtype, cpu_dtype):
+    g = torch.Generator().manual_seed(0)
+    w_gpu = torch.randn(192, 256, generator=g).to(dtype).cuda()
+    w_cpu = torch.randn(320, 256, generator=g).to(cpu_dtype)
+    src = torch.empty(64 << 20, dtype=torch.uint8).pin_memory()
+    dst = torch.empty_like(src, device="cuda")
+    side = torch.cuda.Stream()
+    xs = [torch.randn(2, 256, generator=g).to(dtype).cuda() for _ in range(6)]
+    with torch.cuda.stream(side):
+        for _ in range(4):
+            dst.copy_(src, non_blocking=True)
+    outs = [gpu_cpu_mm(x, w_gpu, w_cpu) for x in xs]  # results kept: none may be overwritten
+    torch.cuda.synchronize()
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype != torch.float32 else {"rtol": 1e-4, "atol": 1e-4}
+    for x, (y_gpu, y_cpu) in zip(xs, outs, strict=True):
+        assert y_cpu.device == x.device and y_cpu.dtype == dtype
+        want = (x.cpu().to(cpu_dtype) @ w_cpu.t()).to(dtype)
+        torch.testing.assert_close(y_cpu.cpu(), want, rtol=0, atol=0)
+        torch.testing.assert_close(y_gpu.float(), (x @ w_gpu.t()).float(), **tol)
