@@ -353,3 +353,28 @@ def test_pipeline_stages_price_each_partition_call_once(tiny_gpt):
     assert 1e3 * times[0] == pytest.approx(first.predicted_ms + incoming.get(0, 0.0), rel=1e-6)
     want = last.predicted_ms + incoming[1] + back
     assert 1e3 * times[1] == pytest.approx(want, rel=1e-6)
+
+
+def test_priced_once_keeps_devices_with_their_own_corrections_apart(mlp):
+    # two CPUs of one spec price alike, until feedback corrects one of them by name
+    from hetero.cluster.profile import CalibrationProfile, Correction
+    from hetero.cluster.spec import DeviceSpec
+    from hetero.partitioner.algorithms.pricing import PricedOnce
+    from hetero.partitioner.cost import CostModel
+
+    a = DeviceSpec(
+        name="h/a", kind="cpu", host="h", peak_flops=(("float32", 1e11),), mem_bandwidth=1e10
+    )
+    b = DeviceSpec(**{**a.__dict__, "name": "h/b"})
+    model, inputs = mlp
+    graph = hetero.capture(model, inputs)
+    g = graph.coarsen(depth=0).groups[0]
+    ops = [graph[n] for n in g.nodes]
+    slow = CalibrationProfile("c", corrections=(Correction("h/a", "eager", "*", 3.0),))
+    cm = CostModel(slow)
+    priced = PricedOnce(cm)
+    ta = priced.group_time(g, ops, a, backend="eager")
+    tb = priced.group_time(g, ops, b, backend="eager")
+    assert ta == pytest.approx(cm.group_time(g, ops, a, backend="eager"))
+    assert tb == pytest.approx(cm.group_time(g, ops, b, backend="eager"))
+    assert ta == pytest.approx(3 * tb)
