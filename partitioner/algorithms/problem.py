@@ -7,7 +7,10 @@ memory. An assignment maps each group to a placement.
 Latency objective (one request, partitions run one after another):
     sum_i unary[i, a_i] + sum_(u,v) transfer(bytes_uv, dev(a_u), dev(a_v))
 where unary holds compute (max(compute, weight stream) for streamed placements) plus moving
-the group's user inputs from, and model outputs to, the caller's device.
+the group's user inputs from, and model outputs to, the caller's device. A transfer into a
+device starts a partition there and pays its call (`call`); so does reading the caller's
+inputs, on the caller's own device too, while handing outputs back starts nothing: each
+stage of a pipeline pays one call, as the assembled plan's partitions do.
 
 Throughput objective (a pipeline): stages are maximal runs of one placement along the
 order, each on its own device. A stage takes the values live across its first boundary
