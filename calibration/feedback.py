@@ -17,10 +17,11 @@ Two steps, both pure (no torch, no runtime):
    the finer it is. What the records cannot tell apart lands on the coarsest level that
    explains it: one partition measured 30% slower than predicted prices every group of its
    device 30% slower, also in candidate plans that give the device other groups (and so the
-   split point moves), while records of different mixes separate classes and buckets. The
-   levels above a key are the fallback for groups of a bucket or class no run measured. The
-   executor's own terms are medians: per stage, the whole stage minus the runner's call; per hop between devices, the measured
-   time minus the link's.
+   split point moves), while records of different mixes separate classes and buckets. Per
+   class (over its buckets) and over all classes, the time-weighted mean of the fitted log
+   factors is the fallback for groups of a bucket or class no run measured. The executor's
+   own terms are medians: per stage, the whole stage minus the runner's call; per hop
+   between devices, the measured time minus the link's.
 
 The profile's microbenchmark factors stay as they were; corrections and runtime terms sit
 beside them (`CalibrationProfile.corrections`, `.runtime`), and `CostModel` applies them.
@@ -47,7 +48,7 @@ from hetero.partitioner.plan import Plan
 from hetero.partitioner.reprice import Pricing
 
 PRIOR = 1e-6  # weight of the pull toward the factor in force, per log-factor squared: the device
-PRIOR_CLASS = 1e-4  # an op class (or the partition call) apart from its device
+PRIOR_CLASS = 3e-4  # an op class (or the partition call) apart from its device
 PRIOR_KEY = 1e-3  # a shape bucket apart from its class
 _LOG_MIN, _LOG_MAX = math.log(1e-3), math.log(1e4)
 
@@ -209,21 +210,32 @@ def _fit_pair(
         for k in keys
         if runs[k]
     ]
-    # fallbacks for groups of a bucket or class no run measured: the same levels without
-    # the levels below (a class: the device's and the class's deviation; all classes: the
-    # device's alone), each centred on the factor in force for it
-    device_log = float(psi[levels.device])
-    for cls, j in sorted(levels.classes.items()):
+    # fallbacks for groups of a bucket or class no run measured: the time-weighted mean of
+    # the fitted log factors, per class over its buckets and over all classes. Where the
+    # records could not tell classes apart that is the device's factor; where they could, a
+    # class nobody ran takes what the device's measured time says on average (the device
+    # level alone can sit far from every class when classes pull apart: measured records of
+    # similar mixes fitted with one class up and another down)
+    weight = a.sum(axis=0)
+    for cls in sorted(levels.classes):
         if cls == CALL:
             continue
-        samples = sum(runs[k] for k in keys if k.split("@", 1)[0] == cls)
-        factor = _factor(_center(prior, cls) + device_log + float(psi[j]))
+        cols = [col[k] for k in keys if k.split("@", 1)[0] == cls]
+        samples = sum(runs[keys[j]] for j in cols)
+        factor = _mean_factor(theta, weight, cols)
         out.append(Correction(device, backend, cls, factor, samples, error, model))
-    if len(keys) > 1:
-        factor = _factor(_center(prior, ALL_CLASSES) + device_log)
+    compute = [col[k] for k in keys if k != CALL]
+    if compute:
+        factor = _mean_factor(theta, weight, compute)
         samples = sum(r.runs for r in records)
         out.append(Correction(device, backend, ALL_CLASSES, factor, samples, error, model))
     return out
+
+
+def _mean_factor(theta: np.ndarray, weight: np.ndarray, cols: list[int]) -> float:
+    """The time-weighted mean of the fitted log factors of `cols`, as a factor."""
+    w = weight[cols]
+    return _factor(float(np.average(theta[cols], weights=w if w.sum() > 0 else None)))
 
 
 def _factor(log_factor: float) -> float:
@@ -240,8 +252,7 @@ class _Levels:
     from the device's factor only as far as records of different mixes ask."""
 
     matrix: np.ndarray  # [keys, params]: 1 where a parameter adds to a key's log factor
-    weights: np.ndarray  # [params]: each parameter's pull toward 0
-    device: int  # the device's parameter
+    weights: np.ndarray  # [params]: each parameter's pull toward 0 (the device's first)
     classes: dict[str, int]  # class -> its parameter
 
     @classmethod
@@ -256,7 +267,7 @@ class _Levels:
             if k in own:
                 m[i, own[k]] = 1.0
         weights = np.array([PRIOR] + [PRIOR_CLASS] * len(classes) + [PRIOR_KEY] * len(own))
-        return cls(m, weights, 0, classes)
+        return cls(m, weights, classes)
 
 
 def _solve(

@@ -233,3 +233,23 @@ def test_a_cpu_measured_slower_than_its_profile_moves_the_replanned_split_off_it
         plan, pricing(graph, SPEC, obj, registry=registry, cost_model=corrected, backends=EAGER)
     )
     assert again.predicted_ms < running.predicted_ms
+
+
+def test_a_class_no_run_measured_takes_the_measured_time_weighted_mean():
+    # records of similar mixes whose small classes ran slow and whose matmuls ran fast: the
+    # fit pulls classes apart; an unmeasured class (attention here) is priced by what the
+    # device's measured time says on average, between the measured classes' factors
+    recs = tuple(
+        run("box/cpu", [("matmul", 2, mm), ("elementwise", 1, ew), ("norm", 0, nm)], y)
+        for mm, ew, nm, y in (
+            (4e-4, 2e-5, 1e-5, 0.50e-3),
+            (4e-4, 1e-5, 1e-5, 0.45e-3),
+            (1e-4, 2e-5, 2e-5, 0.21e-3),
+        )
+    )
+    got = factors(fold(None, RunLog("fb", recs)))
+    measured = [got[k] for k in ("matmul@2", "elementwise@1", "norm@0")]
+    assert min(measured) <= got[ALL_CLASSES] <= max(measured)
+    weight = {"matmul@2": 9e-4, "elementwise@1": 5e-5, "norm@0": 4e-5}
+    mean = sum(w * math.log(got[k]) for k, w in weight.items()) / sum(weight.values())
+    assert got[ALL_CLASSES] == pytest.approx(math.exp(mean), rel=1e-6)
