@@ -11,13 +11,17 @@ Two steps, both pure (no torch, no runtime):
 
        measured_r  ~  sum_k  f_k * base_rk  +  f_call * call_r
 
-   in relative (log) error, with a weak pull of every log f toward the factor already in
-   force (1 for a fresh profile), so that keys no record tells apart move together in
-   proportion to their share of the time. Per class (over its buckets) and over all
-   classes, the time-weighted mean of the fitted log factors becomes the fallback for
-   groups of a bucket or class no run measured. The executor's own terms are medians: per
-   stage, the whole stage minus the runner's call; per hop between devices, the measured
-   time minus the link's.
+   in relative (log) error. A key's log factor is a sum of levels: the device's deviation,
+   its op class's (the call is a class of its own) and its shape bucket's, each centred on
+   the factor already in force (1 for a fresh profile) and each pulled toward 0 the harder
+   the finer it is. What the records cannot tell apart lands on the coarsest level that
+   explains it: one partition measured 30% slower than predicted prices every group of its
+   device 30% slower, also in candidate plans that give the device other groups (and so the
+   split point moves), while records of different mixes separate classes and buckets. Per
+   class (over its buckets) and over all classes, the time-weighted mean of the fitted log
+   factors is the fallback for groups of a bucket or class no run measured. The executor's
+   own terms are medians: per stage, the whole stage minus the runner's call; per hop
+   between devices, the measured time minus the link's.
 
 The profile's microbenchmark factors stay as they were; corrections and runtime terms sit
 beside them (`CalibrationProfile.corrections`, `.runtime`), and `CostModel` applies them.
@@ -43,7 +47,9 @@ from hetero.partitioner.cost import group_key
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.reprice import Pricing
 
-PRIOR = 1e-4  # weight of the pull toward the factor in force, per log-factor squared
+PRIOR = 1e-6  # weight of the pull toward the factor in force, per log-factor squared: the device
+PRIOR_CLASS = 3e-4  # an op class (or the partition call) apart from its device
+PRIOR_KEY = 1e-3  # a shape bucket apart from its class
 _LOG_MIN, _LOG_MAX = math.log(1e-3), math.log(1e4)
 
 
@@ -188,10 +194,11 @@ def _fit_pair(
         a[i, col[CALL]] += r.call_s
     y = np.array([r.measured_s for r in records])
     theta0 = np.array([_center(prior, k) for k in keys])
-    theta = _solve(a, y, theta0)
+    levels = _Levels.of(keys)
+    psi = _solve(a, y, theta0, levels.matrix, levels.weights)
+    theta = theta0 + levels.matrix @ psi
     pred = a @ np.exp(theta)
-    errors = np.abs(pred - y) / y
-    error = float(np.median(errors))
+    error = float(np.median(np.abs(pred - y) / y))
     model = records[0].model
     runs = {k: 0 for k in keys}
     for i, r in enumerate(records):
@@ -199,73 +206,104 @@ def _fit_pair(
             if a[i, col[k]] > 0:
                 runs[k] += r.runs
     out = [
-        Correction(device, backend, k, float(math.exp(theta[col[k]])), runs[k], error, model)
+        Correction(device, backend, k, _factor(theta[col[k]]), runs[k], error, model)
         for k in keys
         if runs[k]
     ]
-    # fallbacks: per class over its buckets, and over every class, weighted by base time
+    # fallbacks for groups of a bucket or class no run measured: the time-weighted mean of
+    # the fitted log factors, per class over its buckets and over all classes. Where the
+    # records could not tell classes apart that is the device's factor; where they could, a
+    # class nobody ran takes what the device's measured time says on average (the device
+    # level alone can sit far from every class when classes pull apart: measured records of
+    # similar mixes fitted with one class up and another down)
     weight = a.sum(axis=0)
-    classes: dict[str, list[int]] = {}
-    for k in keys[:-1]:
-        classes.setdefault(k.split("@", 1)[0], []).append(col[k])
-    for cls, cols in sorted(classes.items()):
-        out.append(
-            Correction(
-                device,
-                backend,
-                cls,
-                _mean_factor(theta, weight, cols),
-                sum(runs[keys[j]] for j in cols),
-                error,
-                model,
-            )
-        )
-    compute_cols = [col[k] for k in keys[:-1]]
-    if compute_cols:
-        out.append(
-            Correction(
-                device,
-                backend,
-                ALL_CLASSES,
-                _mean_factor(theta, weight, compute_cols),
-                sum(r.runs for r in records),
-                error,
-                model,
-            )
-        )
+    for cls in sorted(levels.classes):
+        if cls == CALL:
+            continue
+        cols = [col[k] for k in keys if k.split("@", 1)[0] == cls]
+        samples = sum(runs[keys[j]] for j in cols)
+        factor = _mean_factor(theta, weight, cols)
+        out.append(Correction(device, backend, cls, factor, samples, error, model))
+    compute = [col[k] for k in keys if k != CALL]
+    if compute:
+        factor = _mean_factor(theta, weight, compute)
+        samples = sum(r.runs for r in records)
+        out.append(Correction(device, backend, ALL_CLASSES, factor, samples, error, model))
     return out
 
 
 def _mean_factor(theta: np.ndarray, weight: np.ndarray, cols: list[int]) -> float:
+    """The time-weighted mean of the fitted log factors of `cols`, as a factor."""
     w = weight[cols]
-    return float(math.exp(float(np.average(theta[cols], weights=w if w.sum() > 0 else None))))
+    return _factor(float(np.average(theta[cols], weights=w if w.sum() > 0 else None)))
 
 
-def _solve(a: np.ndarray, y: np.ndarray, theta0: np.ndarray, iters: int = 200) -> np.ndarray:
-    """argmin over theta of sum_r (log(a_r . exp(theta)) - log y_r)^2 + PRIOR |theta - theta0|^2
-    (Levenberg-Marquardt; theta bounded to factors of 1e-3 .. 1e4)."""
-    theta = theta0.copy()
+def _factor(log_factor: float) -> float:
+    return float(math.exp(min(max(log_factor, _LOG_MIN), _LOG_MAX)))
+
+
+@dataclass(frozen=True)
+class _Levels:
+    """The fit's parameters: log factor of a key = its centre + the device's deviation + its
+    class's + its own (the partition call: a class of its own). Each level is pulled toward 0
+    the harder the finer it is, so that what the records cannot tell apart is put on the
+    coarsest level that explains it: one partition measured 30% slow makes every term of its
+    device 30% slower (groups it ran little of included), and a class or a bucket departs
+    from the device's factor only as far as records of different mixes ask."""
+
+    matrix: np.ndarray  # [keys, params]: 1 where a parameter adds to a key's log factor
+    weights: np.ndarray  # [params]: each parameter's pull toward 0 (the device's first)
+    classes: dict[str, int]  # class -> its parameter
+
+    @classmethod
+    def of(cls, keys: list[str]) -> _Levels:
+        names = [k.split("@", 1)[0] for k in keys]
+        classes = {c: 1 + i for i, c in enumerate(dict.fromkeys(names))}
+        bucketed = [k for k in keys if "@" in k]
+        own = {k: 1 + len(classes) + i for i, k in enumerate(bucketed)}
+        m = np.zeros((len(keys), 1 + len(classes) + len(bucketed)))
+        for i, (k, c) in enumerate(zip(keys, names, strict=True)):
+            m[i, 0] = m[i, classes[c]] = 1.0
+            if k in own:
+                m[i, own[k]] = 1.0
+        weights = np.array([PRIOR] + [PRIOR_CLASS] * len(classes) + [PRIOR_KEY] * len(own))
+        return cls(m, weights, classes)
+
+
+def _solve(
+    a: np.ndarray,
+    y: np.ndarray,
+    theta0: np.ndarray,
+    m: np.ndarray,
+    weights: np.ndarray,
+    iters: int = 200,
+) -> np.ndarray:
+    """argmin over psi of sum_r (log(a_r . exp(theta0 + m psi)) - log y_r)^2
+    + sum_j weights_j psi_j^2 (Levenberg-Marquardt; psi bounded so that no factor leaves
+    1e-3 .. 1e4 by much)."""
+    psi = np.zeros(m.shape[1])
     logy = np.log(y)
+    bound = _LOG_MAX - _LOG_MIN
 
-    def cost(th: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-        f = np.exp(th)
+    def cost(p: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        f = np.exp(np.clip(theta0 + m @ p, _LOG_MIN, _LOG_MAX))
         pred = np.maximum(a @ f, 1e-15)
         res = np.log(pred) - logy
-        jac = a * f[None, :] / pred[:, None]
-        return float(res @ res + PRIOR * ((th - theta0) ** 2).sum()), res, jac
+        jac = (a * f[None, :] / pred[:, None]) @ m
+        return float(res @ res + (weights * p * p).sum()), res, jac
 
-    value, res, jac = cost(theta)
+    value, res, jac = cost(psi)
     mu = 1e-2
-    eye = np.eye(len(theta))
+    prior = np.diag(weights)
     for _ in range(iters):
-        grad = jac.T @ res + PRIOR * (theta - theta0)
-        hess = jac.T @ jac + PRIOR * eye
+        grad = jac.T @ res + weights * psi
+        hess = jac.T @ jac + prior
         step = np.linalg.solve(hess + mu * np.diag(np.diag(hess) + 1e-12), -grad)
-        trial = np.clip(theta + step, _LOG_MIN, _LOG_MAX)
+        trial = np.clip(psi + step, -bound, bound)
         new_value, new_res, new_jac = cost(trial)
         if new_value < value:
             converged = value - new_value < 1e-12
-            theta, value, res, jac = trial, new_value, new_res, new_jac
+            psi, value, res, jac = trial, new_value, new_res, new_jac
             mu = max(mu / 3, 1e-9)
             if converged:
                 break
@@ -273,7 +311,7 @@ def _solve(a: np.ndarray, y: np.ndarray, theta0: np.ndarray, iters: int = 200) -
             mu *= 4
             if mu > 1e8:
                 break
-    return theta
+    return psi
 
 
 def _weighted_median(values: Iterable[tuple[float, int]]) -> float | None:

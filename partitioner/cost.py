@@ -255,6 +255,11 @@ class CostModel:
                 return table[k]
         return 1.0
 
+    def correction_table(self, device: DeviceSpec, backend: str | None) -> Mapping[str, float]:
+        """key -> factor of the feedback corrections that price `device` through `backend`
+        (by the device's name, else its model; empty without feedback)."""
+        return self._correction_table(device, backend)
+
     def _correction_table(self, device: DeviceSpec, backend: str | None) -> Mapping[str, float]:
         if not self._corrections:
             return {}

@@ -220,6 +220,7 @@ def build_problem(
                 lat[a, b] = (
                     t1 - inv[a, b] + cost_model.call_overhead(devices[b], backend_of[names[b]])
                 )
+    call = np.array([cost_model.call_overhead(d, backend_of[d.name]) for d in devices])
     origin_dev = next((d for d in devices if d.kind == "cpu"), devices[0])
     problem = Problem(
         names=tuple(g.name for g in groups),
@@ -238,6 +239,7 @@ def build_problem(
         origin=names.index(origin_dev.name),
         state_bytes=np.array([g.state_bytes for g in groups], dtype=float),
         split_bytes=split_bytes,
+        call=call,
     )
     _check_placeable(problem, groups, rejections)
     ctx = Context(

@@ -44,12 +44,14 @@ def block_key(group, ops: Sequence) -> tuple:
 
 
 def device_key(cost_model: CostModel, device: DeviceSpec, backend: str | None) -> tuple:
-    """Equal for two devices that every cost-model formula prices alike."""
+    """Equal for two devices that every cost-model formula prices alike: feedback corrects
+    a device by its name, so two of one spec with different corrections differ."""
     entry = None
     if cost_model.profile is not None:
         dp = cost_model.profile.for_device(device, backend)
         entry = None if dp is None else cost_model.profile.devices.index(dp)
-    return (replace(device, name="", host="", index=0), backend, entry)
+    corrections = tuple(sorted(cost_model.correction_table(device, backend).items()))
+    return (replace(device, name="", host="", index=0), backend, entry, corrections)
 
 
 class PricedOnce:

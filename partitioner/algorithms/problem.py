@@ -7,7 +7,10 @@ memory. An assignment maps each group to a placement.
 Latency objective (one request, partitions run one after another):
     sum_i unary[i, a_i] + sum_(u,v) transfer(bytes_uv, dev(a_u), dev(a_v))
 where unary holds compute (max(compute, weight stream) for streamed placements) plus moving
-the group's user inputs from, and model outputs to, the caller's device.
+the group's user inputs from, and model outputs to, the caller's device. A transfer into a
+device starts a partition there and pays its call (`call`); so does reading the caller's
+inputs, on the caller's own device too, while handing outputs back starts nothing: each
+stage of a pipeline pays one call, as the assembled plan's partitions do.
 
 Throughput objective (a pipeline): stages are maximal runs of one placement along the
 order, each on its own device. A stage takes the values live across its first boundary
@@ -67,6 +70,12 @@ class Problem:
     # resident there: a generation's prefill streams whole layers through the slots its
     # decode shares (0: no floor)
     slot_floor: np.ndarray = field(default=None)
+    # [D] seconds to start a partition on each device (its call and the executor's work
+    # around it): `link_latency` into a device includes it, since a hop starts a partition
+    # there. Priced apart where no hop does: the stage that reads the caller's inputs on
+    # the origin device pays its own call, and handing outputs back to the caller starts
+    # nothing (0: not priced)
+    call: np.ndarray = field(default=None)
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -75,6 +84,8 @@ class Problem:
                 object.__setattr__(self, name, np.zeros(n))
         if self.slot_floor is None:
             object.__setattr__(self, "slot_floor", np.zeros(len(self.devices)))
+        if self.call is None:
+            object.__setattr__(self, "call", np.zeros(len(self.devices)))
         d = len(self.devices)
         for name in ("link_latency", "link_inv_bw"):  # staying on a device costs nothing
             m = np.array(getattr(self, name), dtype=float)
@@ -91,9 +102,15 @@ class Problem:
         ec = self.link_latency[None, :, :] + self.edge_bytes[:, None, None] * self.link_inv_bw
         ec[:, np.arange(d), np.arange(d)] = 0.0
         object.__setattr__(self, "edge_cost", ec)
-        to_origin = self.link_latency[:, self.origin]
+        # the caller's inputs start a partition wherever they go (on the origin too); the
+        # outputs' way back is the link's alone
+        from_origin = self.link_latency[self.origin].copy()
+        from_origin[self.origin] = self.call[self.origin]
+        to_origin = np.maximum(self.link_latency[:, self.origin] - self.call[self.origin], 0.0)
+        to_origin[self.origin] = 0.0
+        object.__setattr__(self, "out_latency", to_origin)
         io = (
-            np.where(self.in_bytes[:, None] > 0, self.link_latency[self.origin][None, :], 0)
+            np.where(self.in_bytes[:, None] > 0, from_origin[None, :], 0)
             + self.in_bytes[:, None] * self.link_inv_bw[self.origin][None, :]
             + np.where(self.out_bytes[:, None] > 0, to_origin[None, :], 0)
             + self.out_bytes[:, None] * self.link_inv_bw[:, self.origin][None, :]

@@ -89,7 +89,7 @@ def from_problem(
     k_n = len(keys)
     unary = np.full((num_t, problem.n, k_n), INF)
     out_io = np.zeros((num_t, problem.n, k_n))
-    to_origin = problem.link_latency[:, problem.origin]
+    to_origin = problem.out_latency  # what Problem's unary prices the outputs' way back at
     out = problem.out_bytes
     place_class = np.zeros(k_n, dtype=int)
     place_keys: list[Placement] = [Placement(-1)] * k_n
@@ -205,6 +205,7 @@ def expand(
         state_bytes=problem.state_bytes,
         split_bytes=problem.split_bytes,
         slot_floor=problem.slot_floor[reps],
+        call=problem.call[reps],
     )
 
 

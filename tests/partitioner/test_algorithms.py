@@ -321,3 +321,60 @@ def test_local_search_moves_a_group_off_to_free_memory_for_residents():
     assert list(_refill(problem, moved, problem.allowed())) == [2, 0, 0, 0]
     best = _local_search(problem, stuck, problem.allowed(), trades=False)
     assert list(best) == [2, 0, 0, 0] and problem.latency(best) == pytest.approx(4.1)
+
+
+def test_pipeline_stages_price_each_partition_call_once(tiny_gpt):
+    # what the planner balances is what the plan predicts per stage: the first stage pays
+    # its own partition call (and the executor's work around it), and handing the outputs
+    # back to the caller starts no partition there
+    from hetero.backends.registry import default_registry
+    from hetero.cluster.profile import CalibrationProfile, RuntimeProfile
+    from hetero.partitioner.cost import CostModel
+    from hetero.partitioner.decisions import BackendAssignment, Objective
+    from hetero.partitioner.reprice import assignment_of, pricing
+
+    spec = hetero.Cluster.from_yaml("configs/clusters/dev-box-npu.yaml")
+    model, x = tiny_gpt
+    graph = hetero.capture(model, x)
+    stage = RuntimeProfile("local", stage_overhead=1e-3, hop_overhead=0.0)
+    cm = CostModel(CalibrationProfile(spec.name, runtime=(stage,)), executor="local")
+    backends = BackendAssignment.everywhere("eager")
+    obj = Objective.THROUGHPUT
+    priced = pricing(
+        graph, spec, obj, registry=default_registry(), cost_model=cm, backends=backends
+    )
+    plan = hetero.plan(graph, spec, obj, backends=backends, cost_model=cm, pins={"head": "npu"})
+    assert len(plan.partitions) == 2
+    problem = priced.problem
+    times = problem.stage_times(assignment_of(plan, priced))
+    incoming = {t.dst: t.predicted_ms for t in plan.transfers if t.dst >= 0}
+    back = sum(t.predicted_ms for t in plan.transfers if t.dst < 0)
+    first, last = plan.partitions
+    assert 1e3 * times[0] == pytest.approx(first.predicted_ms + incoming.get(0, 0.0), rel=1e-6)
+    want = last.predicted_ms + incoming[1] + back
+    assert 1e3 * times[1] == pytest.approx(want, rel=1e-6)
+
+
+def test_priced_once_keeps_devices_with_their_own_corrections_apart(mlp):
+    # two CPUs of one spec price alike, until feedback corrects one of them by name
+    from hetero.cluster.profile import CalibrationProfile, Correction
+    from hetero.cluster.spec import DeviceSpec
+    from hetero.partitioner.algorithms.pricing import PricedOnce
+    from hetero.partitioner.cost import CostModel
+
+    a = DeviceSpec(
+        name="h/a", kind="cpu", host="h", peak_flops=(("float32", 1e11),), mem_bandwidth=1e10
+    )
+    b = DeviceSpec(**{**a.__dict__, "name": "h/b"})
+    model, inputs = mlp
+    graph = hetero.capture(model, inputs)
+    g = graph.coarsen(depth=0).groups[0]
+    ops = [graph[n] for n in g.nodes]
+    slow = CalibrationProfile("c", corrections=(Correction("h/a", "eager", "*", 3.0),))
+    cm = CostModel(slow)
+    priced = PricedOnce(cm)
+    ta = priced.group_time(g, ops, a, backend="eager")
+    tb = priced.group_time(g, ops, b, backend="eager")
+    assert ta == pytest.approx(cm.group_time(g, ops, a, backend="eager"))
+    assert tb == pytest.approx(cm.group_time(g, ops, b, backend="eager"))
+    assert ta == pytest.approx(3 * tb)
