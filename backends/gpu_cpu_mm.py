@@ -23,19 +23,18 @@ import torch
 
 
 class _Staging(threading.local):
-    """Pinned host buffers reused by every call of one thread, one per (device, role, size),
-    each with the same bytes seen as a CUDA tensor: pinning per call costs more than the
-    hand-off's copies, a buffer the GPU reads directly must outlive the read (a freed
-    caching-allocator block does not), and making the CUDA view per call cost ~60 us.
+    """One pinned host buffer per (device, role) for every call of one thread, with the same
+    bytes seen as a CUDA tensor: pinning per call costs more than the hand-off's copies, a
+    buffer the GPU reads directly must outlive the read (a freed caching-allocator block
+    does not), and making the CUDA view per call cost ~60 us. A buffer grows (doubling) to
+    the largest product asked of it, so varying prompt lengths do not pin memory per length.
 
     Reuse is safe because each call waits for its device's stream to reach the call's own
-    copy before it writes either buffer, and every earlier read of them sits before that on
-    the same stream."""
+    copy before it writes either buffer (or drops a smaller one), and every earlier read of
+    them sits before that on the same stream."""
 
     def __init__(self) -> None:
-        self.buffers: dict[
-            tuple[torch.device, str, int], tuple[torch.Tensor, torch.Tensor | None]
-        ] = {}
+        self.buffers: dict[tuple[torch.device, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def get(
         self, device: torch.device, role: str, shape: tuple[int, ...], dtype: torch.dtype
@@ -43,12 +42,12 @@ class _Staging(threading.local):
         """(the pinned buffer as `shape`/`dtype`, the same bytes on `device` or None where
         the GPU cannot read host memory)."""
         nbytes = math.prod(shape) * dtype.itemsize
-        key = (device, role, nbytes)
-        got = self.buffers.get(key)
-        if got is None:
-            host = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+        got = self.buffers.get((device, role))
+        if got is None or got[0].numel() < nbytes:
+            size = max(nbytes, 2 * got[0].numel() if got is not None else 1)
+            host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             got = (host, _device_view(host, device))
-            self.buffers[key] = got
+            self.buffers[(device, role)] = got
         host, dev = got
         mine = host[:nbytes].view(dtype).view(shape)
         return mine, None if dev is None else dev[:nbytes].view(dtype).view(shape)

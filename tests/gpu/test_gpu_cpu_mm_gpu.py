@@ -31,7 +31,8 @@ def test_each_call_returns_its_own_product_while_weights_stream(dtype, cpu_dtype
     src = torch.empty(64 << 20, dtype=torch.uint8).pin_memory()
     dst = torch.empty_like(src, device="cuda")
     side = torch.cuda.Stream()
-    xs = [torch.randn(2, 256, generator=g).to(dtype).cuda() for _ in range(6)]
+    # batches that grow the staging buffers and shrink again between calls
+    xs = [torch.randn(b, 256, generator=g).to(dtype).cuda() for b in (2, 2, 5, 1, 9, 2)]
     with torch.cuda.stream(side):
         for _ in range(4):
             dst.copy_(src, non_blocking=True)
