@@ -5,17 +5,18 @@ The CLI applies both to itself before torch loads (`apply`); the processes heter
 (compile workers, Ray device workers) get them through `child_env()` or
 `filter_known_warnings()`. A variable the user has set is never overridden.
 
-Idle OpenMP threads spin a little, then sleep (OMP_WAIT_POLICY=PASSIVE with
-GOMP_SPINCOUNT=10000): libgomp spins GOMP_SPINCOUNT times, when set, whatever the policy,
-but a process whose OpenMP threads outnumber its cores spins the policy's "throttled"
-count instead, which PASSIVE makes 0. Measured on the 2-core box with the demo model, ms
-per forward (benchmarks/thread_wait.py, results/thread_wait.json), sleeping at once /
-this bounded spin / OpenMP's default spinning: one process alone 4.1 / 2.4 / 2.2 (ONNX
-Runtime 2.35); one process whose 4 threads take turns calling the model (a server) 3.4 /
-3.4 / 4.4; but two processes at once on the same cores 3.2 / 11.3 / 6.4 each (every spin
-count measured from 1000 up lost there). So hetero's processes that share their cores
-with another of its compute processes (Ray device workers of one node) sleep at once
-(SHARED_CORES_ENV); the others spin boundedly.
+Idle OpenMP threads sleep at once (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0) unless the
+person says the machine's cores are theirs (HETERO_OWN_CORES=1): then a process alone on
+them spins 10000 times first (libgomp honours GOMP_SPINCOUNT under PASSIVE, and itself
+drops to no spin once a process's OpenMP threads outnumber its cores). Measured on the
+2-core box with the demo model, ms per forward (benchmarks/thread_wait.py, 3 alternations,
+benchmarks/results/cpu_choice.md), sleeping at once / that bounded spin / OpenMP's default
+spin: a process alone 4.1 / 2.4 / 2.5 (ONNX Runtime 2.35-2.49); beside a program keeping
+one core busy 3.3 / 23.2 / 6.4; two processes at once 3.2 / 23.8 / 6.6 each; one process
+whose 4 threads take turns calling the model (a server) 3.6 / 4.4 / 3.6. Every spin count
+measured (1000 up) loses 2-7x wherever another thread wants the cores, so the spin is the
+person's to grant, and Ray device workers that compute on one node's CPUs together
+(runtime/placement.py `sharing_cores`) sleep at once even then.
 """
 
 from __future__ import annotations
