@@ -7,16 +7,17 @@ The CLI applies both to itself before torch loads (`apply`); the processes heter
 
 Idle OpenMP threads sleep at once (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0) unless the
 person says the machine's cores are theirs (HETERO_OWN_CORES=1): then a process alone on
-them spins 10000 times first (libgomp honours GOMP_SPINCOUNT under PASSIVE, and itself
-drops to no spin once a process's OpenMP threads outnumber its cores). Measured on the
-2-core box with the demo model, ms per forward (benchmarks/thread_wait.py, 3 alternations,
-benchmarks/results/cpu_choice.md), sleeping at once / that bounded spin / OpenMP's default
-spin: a process alone 4.1 / 2.4 / 2.5 (ONNX Runtime 2.35-2.49); beside a program keeping
-one core busy 3.3 / 23.2 / 6.4; two processes at once 3.2 / 23.8 / 6.6 each; one process
-whose 4 threads take turns calling the model (a server) 3.6 / 4.4 / 3.6. Every spin count
-measured (1000 up) loses 2-7x wherever another thread wants the cores, so the spin is the
-person's to grant, and Ray device workers that compute on one node's CPUs together
-(runtime/placement.py `sharing_cores`) sleep at once even then.
+them spins 300000 times first, OpenMP's own default count (libgomp honours GOMP_SPINCOUNT
+under PASSIVE, and itself drops to no spin once a process's OpenMP threads outnumber its
+cores). Measured on the 2-core box with the demo model, ms per forward
+(benchmarks/thread_wait.py, 3 alternations, benchmarks/results/cpu_choice.md), sleeping
+at once / that spin / a 10000 spin: a process alone 4.1 / 2.35 / 2.4 (ONNX Runtime
+2.35-2.60); beside a program keeping one core busy 3.3 / 6.5 / 23.2; two processes at once
+3.2 / 6.6 / 23.8 each; one process whose 4 threads take turns calling the model (a server)
+3.6 / 3.9 / 4.4. Every spin measured loses 2-7x wherever another thread wants the cores,
+so the spin is the person's to grant, and Ray device workers that compute on one node's
+CPUs together (runtime/placement.py `sharing_cores`) sleep at once even then. (OpenMP's
+default policy spins as long, and once took 198 ms per forward in a pair.)
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ BIND_THREADS = "TVM_BIND_THREADS"
 SPIN_COUNT = "GOMP_SPINCOUNT"
 THREAD_ENV: dict[str, str] = {BIND_THREADS: "0", "OMP_WAIT_POLICY": "PASSIVE", SPIN_COUNT: "0"}
 # OWN_CORES=1: the person says no other program computes on this machine's cores. Then a
-# process of hetero's that is alone on them spins boundedly first (OWN_CORES_ENV); one that
+# process of hetero's that is alone on them spins first (OWN_CORES_ENV); one that
 # shares them with another of hetero's compute processes (the Ray device workers of one
 # node, runtime/placement.py `sharing_cores`) still sleeps at once.
 OWN_CORES = "HETERO_OWN_CORES"
-OWN_CORES_ENV: dict[str, str] = {SPIN_COUNT: "10000"}
+OWN_CORES_ENV: dict[str, str] = {SPIN_COUNT: "300000"}
 # The THREAD_ENV variables hetero filled in itself, so that a child can tell them from a
 # person's own (which always win): set with them by `child_env`.
 FILLED = "HETERO_THREAD_DEFAULTS"

@@ -4,7 +4,7 @@ imported only when one of its commands runs, so `hetero --help` answers at once 
 `--version` too: neither loads torch).
 
 Before any command runs, `main` sets the thread behaviour hetero is measured with
-(TVM_BIND_THREADS=0, OMP_WAIT_POLICY=PASSIVE and GOMP_SPINCOUNT=0, or 10000 with
+(TVM_BIND_THREADS=0, OMP_WAIT_POLICY=PASSIVE and GOMP_SPINCOUNT=0, or 300000 with
 HETERO_OWN_CORES=1; unless set) and the filters for warnings nobody can act on, for this
 process and every one it starts (hetero/environment.py);
 `-v`/`-q` set how much hetero (and Ray) log."""

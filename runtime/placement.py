@@ -144,8 +144,8 @@ _ON_HOST_CPUS = frozenset({"cpu", "npu"})
 def sharing_cores(devices: Sequence[DeviceSpec], host_node: Mapping[str, str]) -> frozenset[str]:
     """Names of the devices whose worker computes on a node's CPUs together with another
     device's worker (hosts mapped to nodes by `map_hosts`): the demo's CPU and emulated
-    NPU on one machine. Two such processes on two cores ran the demo model 23.8 ms per
-    forward each with a bounded spin, 3.2 sleeping at once (results/thread_wait.json)."""
+    NPU on one machine. Two such processes on two cores ran the demo model 6.6 ms per
+    forward each spinning first, 3.2 sleeping at once (results/thread_wait*.json)."""
     on_cpus = [d for d in devices if d.kind in _ON_HOST_CPUS]
     per_node = Counter(host_node[d.host] for d in on_cpus)
     return frozenset(d.name for d in on_cpus if per_node[host_node[d.host]] > 1)

@@ -27,18 +27,18 @@ def test_idle_threads_sleep_at_once_unless_the_person_owns_the_cores():
         assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env[SPIN_COUNT] == "0"
     # owned cores, and no other compute process of hetero's on them: a bounded spin
     alone = child_env(OWNED)
-    assert alone["OMP_WAIT_POLICY"] == "PASSIVE" and alone[SPIN_COUNT] == "10000"
+    assert alone["OMP_WAIT_POLICY"] == "PASSIVE" and alone[SPIN_COUNT] == "300000"
 
 
 def test_a_persons_own_setting_wins_but_not_one_hetero_filled_in():
     mine = child_env({**OWNED, SPIN_COUNT: "5", "OMP_WAIT_POLICY": "ACTIVE"}, shares_cores=True)
     assert mine[SPIN_COUNT] == "5" and mine["OMP_WAIT_POLICY"] == "ACTIVE"
     # the CLI applied hetero's settings to itself; a worker it starts beside another still
-    # sleeps at once: the parent's 10000 was hetero's, not the person's
+    # sleeps at once: the parent's 300000 was hetero's, not the person's
     parent = {**OWNED, **child_env(OWNED)}
-    assert parent[SPIN_COUNT] == "10000"
+    assert parent[SPIN_COUNT] == "300000"
     assert child_env(parent, shares_cores=True)[SPIN_COUNT] == "0"
-    assert child_env(parent)[SPIN_COUNT] == "10000"
+    assert child_env(parent)[SPIN_COUNT] == "300000"
 
 
 def test_a_wrong_own_cores_value_says_what_to_set():
@@ -59,4 +59,4 @@ def test_torchs_openmp_reads_the_wait_settings(owned):
                          capture_output=True, check=True)  # fmt: skip
     shown = run.stdout + run.stderr
     assert "OMP_WAIT_POLICY = 'PASSIVE'" in shown
-    assert f"GOMP_SPINCOUNT = '{10000 if owned else 0}'" in shown
+    assert f"GOMP_SPINCOUNT = '{300000 if owned else 0}'" in shown
