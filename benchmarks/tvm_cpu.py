@@ -45,6 +45,7 @@ from hetero.backends.compile import CompileJob, compile_units
 from hetero.backends.registry import default_registry
 from hetero.backends.units import contiguous_cut, units_for
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
+from hetero.environment import THREAD_VARIABLES
 from hetero.interfaces.api import compile as hetero_compile
 from hetero.interfaces.models import mlp_block, tiny_gpt
 from hetero.partitioner.graph import capture
@@ -233,10 +234,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
-        "env": {
-            k: os.environ.get(k, "")
-            for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TVM_BIND_THREADS")
-        },
+        "env": {k: os.environ.get(k, "") for k in THREAD_VARIABLES},
         "load_avg": os.getloadavg(),
         "command": " ".join(["benchmarks/tvm_cpu.py", *sys.argv[1:]]),
     }

@@ -4,8 +4,9 @@ imported only when one of its commands runs, so `hetero --help` answers at once 
 `--version` too: neither loads torch).
 
 Before any command runs, `main` sets the thread behaviour hetero is measured with
-(TVM_BIND_THREADS=0 and OMP_WAIT_POLICY=PASSIVE, unless set) and the filters for warnings
-nobody can act on, for this process and every one it starts (hetero/environment.py);
+(TVM_BIND_THREADS=0, OMP_WAIT_POLICY=PASSIVE and GOMP_SPINCOUNT=0, or 300000 with
+HETERO_OWN_CORES=1; unless set) and the filters for warnings nobody can act on, for this
+process and every one it starts (hetero/environment.py);
 `-v`/`-q` set how much hetero (and Ray) log."""
 
 from __future__ import annotations

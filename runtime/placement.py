@@ -10,7 +10,9 @@ Hosts map to alive Ray nodes by, in this order:
      one-host YAML cluster lands where the caller runs.
 Each GPU worker asks for `num_gpus=1`, each CPU worker for `num_cpus=cores` (capped by
 the node's CPUs), each NPU worker for the custom resource `{"hetero_npu": 1}` (NPU_RESOURCE); all are pinned
-with a hard NodeAffinitySchedulingStrategy.
+with a hard NodeAffinitySchedulingStrategy. Workers that compute on the CPUs of a node
+another such worker also computes on (`sharing_cores`) are told so: their idle OpenMP
+threads sleep at once instead of spinning first (hetero/environment.py).
 """
 
 from __future__ import annotations
@@ -135,8 +137,25 @@ def map_hosts(
     return out
 
 
-def actor_options(device: DeviceSpec, node: RayNode, *, max_restarts: int = 2) -> dict[str, Any]:
-    """Ray actor options for the worker that owns `device` on `node`."""
+# Device kinds whose worker computes on its node's CPUs (NPUs here are emulated on them).
+_ON_HOST_CPUS = frozenset({"cpu", "npu"})
+
+
+def sharing_cores(devices: Sequence[DeviceSpec], host_node: Mapping[str, str]) -> frozenset[str]:
+    """Names of the devices whose worker computes on a node's CPUs together with another
+    device's worker (hosts mapped to nodes by `map_hosts`): the demo's CPU and emulated
+    NPU on one machine. Two such processes on two cores ran the demo model 6.6 ms per
+    forward each spinning first, 3.2 sleeping at once (results/thread_wait*.json)."""
+    on_cpus = [d for d in devices if d.kind in _ON_HOST_CPUS]
+    per_node = Counter(host_node[d.host] for d in on_cpus)
+    return frozenset(d.name for d in on_cpus if per_node[host_node[d.host]] > 1)
+
+
+def actor_options(
+    device: DeviceSpec, node: RayNode, *, max_restarts: int = 2, shares_cores: bool = False
+) -> dict[str, Any]:
+    """Ray actor options for the worker that owns `device` on `node`; `shares_cores`: it
+    computes on the node's CPUs beside another worker (`sharing_cores`)."""
     # optional (hetero[ray]): loaded on first use
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -145,11 +164,10 @@ def actor_options(device: DeviceSpec, node: RayNode, *, max_restarts: int = 2) -
         "max_restarts": max_restarts,
         "max_task_retries": 0,  # the executor retries a request itself, once, over a new graph
         "num_cpus": 0,
-        # OMP_WAIT_POLICY=PASSIVE: TVM's thread pool and torch's OpenMP pool (BLAS calls
-        # from TVM kernels) take turns on the same cores; spinning OpenMP threads starve
-        # TVM's. OpenMP reads it when torch loads, so it is set before the worker starts,
-        # with the filters for warnings nobody can act on (hetero/environment.py).
-        "runtime_env": {"env_vars": child_env()},
+        # How idle OpenMP threads wait (a bounded spin, none beside another worker): OpenMP
+        # reads it when torch loads, so it is set before the worker starts, with the
+        # filters for warnings nobody can act on (hetero/environment.py).
+        "runtime_env": {"env_vars": child_env(shares_cores=shares_cores)},
     }
     if device.kind == "gpu":
         opts["num_gpus"] = 1

@@ -297,12 +297,15 @@ class RayExecutor:
         host_node = placement.map_hosts(devices, nodes, self.node_map)
         self._hosts = dict(host_node)
         here = by_id.get(nodes[0].node_id) if nodes else None
+        shared = placement.sharing_cores(devices, host_node)
         self._workers, self._nodes = {}, {}
         for d in devices:
             node = by_id[host_node[d.host]]
             mine = [s for s in stages if s.device.name == d.name]
             blobs = self._blobs_for(mine, node, here)
-            opts = placement.actor_options(d, node, max_restarts=self.max_restarts)
+            opts = placement.actor_options(
+                d, node, max_restarts=self.max_restarts, shares_cores=d.name in shared
+            )
             actor = _actor_class().options(**opts)
             self._workers[d.name] = actor.remote(d, mine, blobs, self.registry)
             self._nodes[d.name] = node.node_id

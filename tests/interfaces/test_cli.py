@@ -229,7 +229,9 @@ def test_cluster_and_objective_override_the_config(tmp_path):
 
 def test_bench_runs_under_the_cli_thread_settings_and_reports_its_spread(tmp_path):
     cfg = write_config(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("TVM_BIND_THREADS", "PYTHONWARNINGS")}
+    unset = ("TVM_BIND_THREADS", "GOMP_SPINCOUNT", "HETERO_THREAD_DEFAULTS", "HETERO_OWN_CORES",
+             "PYTHONWARNINGS")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     out = subprocess.run(
         [HETERO, "bench", str(cfg), "--runs", "5", "--json"],
         capture_output=True, text=True, env=env, timeout=300,
@@ -241,6 +243,7 @@ def test_bench_runs_under_the_cli_thread_settings_and_reports_its_spread(tmp_pat
     assert data["compiled_ms"] == data["compiled"]["p50"]
     threads = data["threads"]
     assert threads["env"]["TVM_BIND_THREADS"] == "0"  # set by the CLI itself
+    assert threads["env"]["GOMP_SPINCOUNT"] == "0"  # no spin: the cores may not be its own
     assert threads["torch"] >= 1 and threads["devices"] == {"box/cpu": 2}
     assert out.stderr == "", out.stderr  # nothing but the result
 

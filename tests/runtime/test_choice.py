@@ -104,13 +104,21 @@ def test_a_second_compile_reads_the_choice(mlp, tmp_path, timed):
         cm.shutdown()
 
 
+@pytest.mark.parametrize(
+    ("var", "before", "after"),
+    [
+        ("OMP_WAIT_POLICY", "PASSIVE", "ACTIVE"),
+        ("GOMP_SPINCOUNT", "10000", "0"),  # hetero's bounded spin, and a shared worker's
+        ("TVM_THREAD_POOL_SPIN_COUNT", "300000", "0"),
+    ],
+)
 def test_a_choice_made_under_other_thread_settings_is_measured_again(
-    mlp, tmp_path, timed, monkeypatch
+    mlp, tmp_path, timed, monkeypatch, var, before, after
 ):
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv(var, before)
     compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed()}).shutdown()
     n = len(timed)
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # what a process started so would read
+    monkeypatch.setenv(var, after)  # what a process started so would read
     again = compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed()})
     assert len(timed) > n and not again.plan.partitions[0].choice_cached
     again.shutdown()

@@ -8,8 +8,15 @@ import pytest
 
 from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.spec import ClusterSpec
+from hetero.environment import FILLED, OWN_CORES, SPIN_COUNT
 from hetero.errors import PlanInfeasible
-from hetero.runtime.placement import HOST_LABEL, RayNode, actor_options, map_hosts
+from hetero.runtime.placement import (
+    HOST_LABEL,
+    RayNode,
+    actor_options,
+    map_hosts,
+    sharing_cores,
+)
 from hetero.runtime.stage import StageSpec
 from hetero.runtime.transfer import edge_transport, host_out
 
@@ -68,6 +75,25 @@ def test_actor_options_follow_the_device_kind(cluster):
     assert not npu["scheduling_strategy"].soft
     big = dataclasses.replace(cluster.device("head/cpu"), cores=64)
     assert actor_options(big, HEAD)["num_cpus"] == 4  # capped by the node
+
+
+def test_workers_computing_on_one_nodes_cpus_are_told_they_share_them(cluster, monkeypatch):
+    for var in (SPIN_COUNT, FILLED):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(OWN_CORES, "1")  # the person owns the cores: lone workers may spin
+    apart = {"head": HEAD.node_id, "edge": NPU.node_id}
+    # edge's CPU and its (emulated) NPU compute on one node's CPUs; head's CPU is alone
+    assert sharing_cores(cluster.devices, apart) == {"edge/cpu", "edge/npu"}
+    together = {"head": HEAD.node_id, "edge": HEAD.node_id}
+    assert sharing_cores(cluster.devices, together) == {"head/cpu", "edge/cpu", "edge/npu"}
+    gpu = dataclasses.replace(cluster.device("edge/cpu"), kind="gpu")
+    assert sharing_cores([cluster.device("head/cpu"), gpu], together) == set()
+
+    def spin(shares: bool) -> str:
+        opts = actor_options(cluster.device("edge/cpu"), NPU, shares_cores=shares)
+        return opts["runtime_env"]["env_vars"][SPIN_COUNT]
+
+    assert (spin(False), spin(True)) == ("300000", "0")
 
 
 def test_nccl_only_between_gpus(staged):
