@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import os
 import platform
+import threading
 from pathlib import Path
 
 import torch
@@ -177,6 +178,10 @@ class TVMBackend(Backend):
         cast = (
             getattr(torch, artifact.manifest["dtype"]) if artifact.manifest.get("dtype") else None
         )
+        # The VM keeps one call's frames and registers at a time: two threads calling it
+        # at once (a server's request threads) crashed the process in AllocTensor. Calls
+        # take turns; they would share the same cores anyway.
+        turn = threading.Lock()
 
         def run(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
             # A tuple-valued input (a multi-output op cut from its getitems) arrives flattened.
@@ -196,7 +201,8 @@ class TVMBackend(Backend):
                 )
                 for a in flat_in
             ]
-            out = main(*args)
+            with turn:
+                out = main(*args)
             outs = tuple(out) if not isinstance(out, tvm.runtime.Tensor) else (out,)
             flat = [torch.from_dlpack(o) if isinstance(o, tvm.runtime.Tensor) else o for o in outs]
             return tuple(pytree.tree_unflatten(flat, tree)) if tree is not None else tuple(flat)

@@ -141,3 +141,56 @@ def test_loading_an_artifact_leaves_torch_threads_on_every_core(bind, tmp_path_f
     assert cores >= 2 and caller_free == 1
     if bind is None:
         assert free == threads, f"{threads - free} of {threads} threads pinned"
+
+
+# A fresh process: on failure TVM's VM crashes the process (a segfault in AllocTensor), which
+# must not take the test session with it.
+_THREADS_SCRIPT = """
+import sys, threading, torch
+from hetero.backends.base import CompileOptions
+from hetero.backends.cache import ArtifactCache
+from hetero.backends.compile import CompileJob, compile_units
+from hetero.backends.registry import default_registry
+from hetero.backends.units import units_for
+from hetero.cluster.spec import DeviceSpec
+from hetero.interfaces.models import mlp_block
+from hetero.partitioner.graph import capture
+
+m, args = mlp_block(batch=2, seq=8)
+graph = capture(m, args)
+_, units, _ = units_for(graph, {n: 0 for n in graph.order}, *args)
+dev = DeviceSpec(name="t/cpu", kind="cpu", host="t", cores=2)
+job = CompileJob(units[0], dev, "tvm", CompileOptions())
+art = compile_units([job], ArtifactCache(sys.argv[1]), workers=1, progress=False)[0]
+run = default_registry().get("tvm").load(art, dev)
+inputs = [tuple(a + k for a in args) for k in range(4)]
+want = [m(*x) for x in inputs]
+bad = []
+
+def serve(k):
+    for _ in range(200):
+        got = run(*inputs[k])[0]
+        if not torch.allclose(got, want[k], atol=1e-4, rtol=1e-4):
+            bad.append(k)
+
+threads = [threading.Thread(target=serve, args=(k,)) for k in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("wrong answers:", len(bad))
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_one_loaded_partition_serves_several_threads_at_once(tmp_path_factory):
+    """A server's request threads call one loaded partition together: each gets its own
+    answer and the process survives (TVM's VM keeps one call's frames at a time)."""
+    cache = tmp_path_factory.mktemp("tvm-threads")
+    proc = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT, str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
