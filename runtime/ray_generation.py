@@ -113,6 +113,7 @@ class RayGeneration(Generation):
         nodes = placement.alive_nodes()
         by_id = {n.node_id: n for n in nodes}
         host_node = placement.map_hosts(devices, nodes, {})
+        shared = placement.sharing_cores(devices, host_node)
         actor = ray.remote(GenerationWorker)
         self.workers: dict[str, Any] = {}
         for d in devices:
@@ -121,7 +122,9 @@ class RayGeneration(Generation):
                 phase.value: [s for s in self.stages[phase] if s.device.name == d.name]
                 for phase in Phase
             }
-            opts = placement.actor_options(d, node, max_restarts=max_restarts)
+            opts = placement.actor_options(
+                d, node, max_restarts=max_restarts, shares_cores=d.name in shared
+            )
             values = ray.put(_weights_for([s for ss in mine.values() for s in ss], weights))
             self.workers[d.name] = actor.options(**opts).remote(d, mine, registry, values)
         ready, lost = faults.wait_ready(self.workers, start_timeout_s)
