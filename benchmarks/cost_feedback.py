@@ -22,10 +22,13 @@ and online re-planning from a deliberately wrong profile.
 2. Sweeps: the demo (tiny_gpt 1x64 on dev-box-npu through TVM) cut at every block and
    half-block boundary (CPU first, NPU after, plus all-CPU and all-NPU), each candidate
    compiled and measured in the same run; per objective the planner's choice before and
-   after feedback (the choice's own run folded, planned again: what `hetero calibrate
+   after feedback (the choice's own runs folded, planned again: what `hetero calibrate
    --from-runs` and a new plan give) against the best measured candidate, and what a running
    deployment keeps online (the new plan taken only when predicted faster by the online
    policy's margin, as `feedback=True` does).
+   Every plan of a sweep is measured in `--sessions` interleaved sessions (5) and each time
+   is their median: one session's disturbance moved one stage of one plan by 12%
+   (benchmarks/crossing_values.py).
    Latency: the measured request time. Throughput: the slowest measured stage (the two
    "devices" share this machine's cores, so a real pipeline cannot overlap them here; the
    steady state is what measured stage times give when stages overlap).
@@ -466,29 +469,39 @@ def _signature(plan) -> str:
 
 
 def measure_plans(bench: Bench, plans: dict[str, Any], graph, spec, x) -> dict[str, dict]:
-    """label -> measurement of each plan, all measured in one interleaved session (a plan
-    that another label has too is measured once: `same_as` names the first)."""
+    """label -> measurement of each plan, all measured in `--sessions` interleaved sessions (a
+    plan that another label has too is measured once: `same_as` names the first). Each time
+    is the median over the sessions: on the shared box a disturbance that outlasts a quarter
+    of one session moves one stage of one plan by 10% or more (crossing_values.md, session
+    4: the cut a sweep's gap was then blamed on), and the best candidate and the gap come
+    from those times. `_run`: the stages and every session's run (their records feed the
+    feedback: one session's disturbance would be folded in as the device's speed)."""
     first: dict[str, str] = {}  # signature -> first label
     for label, plan in plans.items():
         first.setdefault(_signature(plan), label)
     unique = list(first.values())
     staged = {label: bench.compile(graph, plans[label], spec, x) for label in unique}
-    runs = bench.run([(staged[label], plans[label]) for label in unique], graph, x)
-    by_first = dict(zip(unique, runs, strict=True))
+    deployments = [(staged[label], plans[label]) for label in unique]
+    sessions = [bench.run(deployments, graph, x) for _ in range(bench.args.sessions)]
+    by_first = {label: [runs[i] for runs in sessions] for i, label in enumerate(unique)}
     out = {}
     for label, plan in plans.items():
         twin = first[_signature(plan)]
-        r = by_first[twin]
-        stage_ms = [m.stage_ms for m in r.measured.values()]
+        rs = by_first[twin]
+        stage_ms = [statistics.median(r.measured[k].stage_ms for r in rs) for k in rs[0].measured]
         out[label] = {
             "label": label,
             "same_as": twin if twin != label else "",
             "partitions": [f"{p.device}:{len(p.groups)} groups" for p in plan.partitions],
             "predicted_ms": plan.predicted_ms,
-            "latency_ms": r.request_ms,
-            "throughput_ms": max(stage_ms),
+            "latency_ms": statistics.median(r.request_ms for r in rs),
+            # the slowest stage of each session, then the median: what a pipeline's rate is
+            "throughput_ms": statistics.median(
+                max(m.stage_ms for m in r.measured.values()) for r in rs
+            ),
             "stages_ms": stage_ms,
-            "_run": (staged[twin], r),
+            "sessions": len(rs),
+            "_run": (staged[twin], rs),
         }
     return out
 
@@ -512,9 +525,10 @@ def sweep(bench: Bench) -> list[dict]:
         plans["planner (profile)"] = chosen
         print(f"  sweep {objective}: {len(plans)} plans, session 1", flush=True)
         first = measure_plans(bench, plans, graph, spec, x)
-        # one feedback round: the chosen plan's own run folded, planned again
-        stages, r = first["planner (profile)"]["_run"]
-        log = fb.records(StagedPlan(tuple(stages), chosen), r.snapshot)
+        # one feedback round: the chosen plan's own runs (every session's) folded, planned again
+        stages, runs = first["planner (profile)"]["_run"]
+        deployed = StagedPlan(tuple(stages), chosen)
+        log = RunLog.merge(spec.name, [fb.records(deployed, r.snapshot) for r in runs])
         cm_fb = replace(cm, profile=fold(cm.profile, log))
         # what a deployment with feedback=True does: the corrected costs' plan replaces the
         # running one when predicted faster by the policy's margin, both priced by them
@@ -710,7 +724,9 @@ def markdown(result: dict) -> str:
         "**the shared 2-core development box, loaded by other work; timings are noisy**. "
         f"{m['seconds']:.0f} s in all. Warm runs per measurement: {m['runs']} (after {m['warmup']}); "
         f"a measurement is their {m['quantile']:g} quantile (stage and request times), the "
-        "undisturbed time on a loaded box; the runtime's own feedback uses the median.",
+        "undisturbed time on a loaded box; the runtime's own feedback uses the median. "
+        f"A sweep's plans are measured in {m.get('sessions', 1)} interleaved session(s), each "
+        "time the median over them.",
         "",
         "## Per-partition error, before and after one feedback round",
         "",
@@ -836,6 +852,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--online-requests", type=int, default=80)
     ap.add_argument(
+        "--sessions",
+        type=int,
+        default=5,
+        help="interleaved sessions a sweep's plans are measured in (their median is taken)",
+    )
+    ap.add_argument(
         "--quantile",
         type=float,
         default=0.25,
@@ -847,6 +869,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.runs, args.warmup = min(args.runs, 12), min(args.warmup, 3)
+        args.sessions = min(args.sessions, 2)
     t_start, load_before = time.time(), os.getloadavg()
     bench = Bench(args)
     cases = GPU_CASES if args.gpu else CPU_CASES
@@ -873,6 +896,7 @@ def main() -> None:
         "runs": args.runs,
         "warmup": args.warmup,
         "quantile": args.quantile,
+        "sessions": args.sessions,
         "goals": GOALS,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ ORDER = [
     ("health_during_compile.md", "Health probes while `hetero serve` compiles (issue 18)"),
     ("safe_gather.md", "The cost of TVM's memory-safe gathers (issue 18)"),
     ("cost_feedback.md", "The cost model after feedback: accuracy and plan choice (issue 16)"),
+    ("crossing_values.md", "What a value crossing between partitions costs (issue 16)"),
     ("serving.md", "Serving: the Open Inference Protocol and Generate (issue 19)"),
 ]
 
