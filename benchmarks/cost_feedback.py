@@ -886,7 +886,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/cost_feedback.py"
         + (" --gpu" if args.gpu else "")
-        + (" --quick" if args.quick else ""),
+        + (" --quick" if args.quick else "")
+        + (" --recalibrate" if args.recalibrate else ""),
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
