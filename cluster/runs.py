@@ -49,6 +49,11 @@ class PartitionRun:
     call_s: float  # the base model's cost of calling the partition (no stage overhead)
     label: str = ""  # "tiny_gpt/p0", for people
 
+    @property
+    def base_s(self) -> float:
+        """What the base cost model predicts (its terms and the call, no corrections)."""
+        return sum(t.seconds for t in self.terms) + self.call_s
+
 
 @dataclass(frozen=True)
 class HopRun:

@@ -130,11 +130,7 @@ class Feedback:
         # priced every group of its device ~15x and kept the re-plan on a device slowed
         # 25x. The run log keeps it (`hetero calibrate --from-runs` sees every partition).
         floor = self.policy.min_ms / 1e3
-        kept = tuple(
-            r
-            for r in log.partitions
-            if max(r.measured_s, sum(t.seconds for t in r.terms) + r.call_s) >= floor
-        )
+        kept = tuple(r for r in log.partitions if max(r.measured_s, r.base_s) >= floor)
         profile = fold(self.base.profile, replace(log, partitions=kept))
         return replace(self.base, profile=profile)
 

@@ -91,9 +91,10 @@ def test_compile_dtype_option_casts_to_float16(artifact_cache, cpu_device):
     assert err < TOL[torch.float16]
 
 
-# Run in a fresh process: the thread pools are sized once per process, and this one's tests
-# may already have done it.
-_AFFINITY_SCRIPT = """
+# A fresh process's preamble: the MLP block compiled for TVM on the CPU (`art`, `dev`, `m`,
+# `args`), the artifact cache at argv[1]. The affinity test runs in a fresh process because
+# the thread pools are sized once per process, and this one's tests may already have done it.
+_COMPILE_MLP = """
 import os, sys, torch
 from hetero.backends.base import CompileOptions
 from hetero.backends.cache import ArtifactCache
@@ -104,19 +105,23 @@ from hetero.cluster.spec import DeviceSpec
 from hetero.interfaces.models import mlp_block
 from hetero.partitioner.graph import capture
 
-m, args = mlp_block(batch=1, seq=4)
+m, args = mlp_block(batch={batch}, seq={seq})
 graph = capture(m, args)
-_, units, _ = units_for(graph, {n: 0 for n in graph.order}, *args)
+_, units, _ = units_for(graph, {{n: 0 for n in graph.order}}, *args)
 dev = DeviceSpec(name="t/cpu", kind="cpu", host="t", cores=2)
 job = CompileJob(units[0], dev, "tvm", CompileOptions())
 art = compile_units([job], ArtifactCache(sys.argv[1]), workers=1, progress=False)[0]
-before = os.sched_getaffinity(0)
+"""
+_AFFINITY_SCRIPT = (
+    _COMPILE_MLP.format(batch=1, seq=4)
+    + """before = os.sched_getaffinity(0)
 default_registry().get("tvm").load(art, dev)(*args)
 torch.mm(torch.randn(256, 256), torch.randn(256, 256))  # OpenMP starts its workers now
 masks = {int(t): os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")}
 print(len(before), sum(m == before for m in masks.values()), len(masks),
       int(os.sched_getaffinity(0) == before))
 """
+)
 
 
 @pytest.mark.skipif(
@@ -145,23 +150,10 @@ def test_loading_an_artifact_leaves_torch_threads_on_every_core(bind, tmp_path_f
 
 # A fresh process: on failure TVM's VM crashes the process (a segfault in AllocTensor), which
 # must not take the test session with it.
-_THREADS_SCRIPT = """
-import sys, threading, torch
-from hetero.backends.base import CompileOptions
-from hetero.backends.cache import ArtifactCache
-from hetero.backends.compile import CompileJob, compile_units
-from hetero.backends.registry import default_registry
-from hetero.backends.units import units_for
-from hetero.cluster.spec import DeviceSpec
-from hetero.interfaces.models import mlp_block
-from hetero.partitioner.graph import capture
-
-m, args = mlp_block(batch=2, seq=8)
-graph = capture(m, args)
-_, units, _ = units_for(graph, {n: 0 for n in graph.order}, *args)
-dev = DeviceSpec(name="t/cpu", kind="cpu", host="t", cores=2)
-job = CompileJob(units[0], dev, "tvm", CompileOptions())
-art = compile_units([job], ArtifactCache(sys.argv[1]), workers=1, progress=False)[0]
+_THREADS_SCRIPT = (
+    _COMPILE_MLP.format(batch=2, seq=8)
+    + """
+import threading
 run = default_registry().get("tvm").load(art, dev)
 inputs = [tuple(a + k for a in args) for k in range(4)]
 want = [m(*x) for x in inputs]
@@ -181,6 +173,7 @@ for t in threads:
 print("wrong answers:", len(bad))
 sys.exit(1 if bad else 0)
 """
+)
 
 
 def test_one_loaded_partition_serves_several_threads_at_once(tmp_path_factory):
