@@ -103,6 +103,9 @@ class RuntimeProfile:
     stage_overhead: float  # s per stage run beyond the runner's call (inputs, copies, records)
     hop_overhead: float  # s per hop between devices beyond the link's time (channel, pickling)
     samples: int = 0
+    # s per hand-off of a `split` layer beyond its copies and the op's call: the compiled
+    # program's host work between hand-offs, measured from running generations
+    split_handoff: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ generation with a KV cache, and `CompiledLM.generate()`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 
 from hetero.backends.base import CompileOptions
 from hetero.backends.registry import BackendRegistry, default_registry
+from hetero.calibration.generation import split_feedback
 from hetero.cluster.connect import init_ray
 from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.spec import ClusterSpec
@@ -45,6 +47,8 @@ class CompiledLM:
         self.plan = plan
         self.cluster = cluster
         self.generation = generation
+        # compile_lm(feedback=True): what the measured round found and did (None: no round)
+        self.feedback: dict[str, Any] | None = None
 
     @property
     def max_length(self) -> int:
@@ -131,12 +135,17 @@ def compile_lm(
     lm: LMGraphs | None = None,
     binder: StageBinder | None = None,
     prompt_length: int | None = None,
+    feedback: bool = False,
 ) -> CompiledLM:
     """Capture both phases, plan them (unless `plan`), compile every partition (cached) and
     load them. `backends` override generation's defaults per device kind (GPU: inductor,
     CPU: eager, NPU: tvm). `decode_placements` force decode placements (benchmarks).
     `prompt_length`: the prompt length prefill is planned for (default: half the cache;
-    long prompts stream their weights, short ones may run where decode runs)."""
+    long prompts stream their weights, short ones may run where decode runs).
+    `feedback`: after building, run one request, compare the decode partitions' measured
+    times with their prices, and where split layers ran long plan again with the measured
+    cost and rebuild if that is predicted faster (`CompiledLM.feedback` says what happened;
+    the in-process executor only)."""
     registry = registry if registry is not None else default_registry()
     if backends is None:
         assignment = GENERATION_BACKENDS
@@ -159,6 +168,24 @@ def compile_lm(
             exclude=exclude,
             decode_placements=decode_placements,
         )
+    compiled = _build(lm, plan, cluster, cache_dir, registry, options, executor, binder)
+    if feedback:
+        compiled = _feedback_round(
+            compiled,
+            cost_model if cost_model is not None else CostModel.load(cluster=cluster),
+            lambda p: _build(lm, p, cluster, cache_dir, registry, options, executor, binder),
+            dict(
+                registry=registry,
+                backends=assignment,
+                pins=pins,
+                exclude=exclude,
+                decode_placements=decode_placements,
+            ),
+        )
+    return compiled
+
+
+def _build(lm, plan, cluster, cache_dir, registry, options, executor, binder) -> CompiledLM:
     stages = compile_generation(
         lm, plan, cluster, Path(cache_dir), registry=registry, options=options
     )
@@ -177,6 +204,80 @@ def compile_lm(
     else:
         raise ConfigError(f"executor {executor!r} is not one of: auto, local, ray")
     return CompiledLM(lm, plan, cluster, generation)
+
+
+_FEEDBACK_TOKENS = 16  # decode steps measured by the feedback round
+_FEEDBACK_MARGIN = 0.05  # a re-plan is built when predicted this much faster than measured
+
+
+def _feedback_round(
+    compiled: CompiledLM,
+    cost_model: CostModel,
+    rebuild: Callable[[GenerationPlan], CompiledLM],
+    plan_kw: Mapping[str, Any],
+) -> CompiledLM:
+    """One measured request, its decode partitions compared with their prices; where split
+    layers ran long, planned again with the measured hand-off cost and rebuilt when that
+    plan is predicted faster than the measured one by the margin (only changed partitions
+    compile again: the artifact cache keeps the others)."""
+    lm, plan = compiled.lm, compiled.plan
+    executors = getattr(compiled.generation, "executors", None)
+    if not executors:  # the Ray runtime reports no per-partition times here
+        return compiled
+    length = max(2, min(lm.max_len // 2, lm.max_len - _FEEDBACK_TOKENS - 1))
+    new = max(1, min(_FEEDBACK_TOKENS, lm.max_len - length - 1))
+    ids = torch.randint(0, lm.vocab, (lm.batch, length), generator=torch.Generator().manual_seed(0))
+    compiled.generate(ids, min(4, new))  # warm-up: first calls compile and capture
+    compiled.generate(ids, new)
+    token_ms = compiled.last_request["decode_ms_per_token"]
+    measured = executors[Phase.DECODE].measured_ms()
+    report: dict[str, Any] = {
+        "measured_ms_per_token": token_ms,
+        "predicted_ms_per_token": plan.predicted_decode_ms,
+        "partitions_ms": {int(k): float(v) for k, v in measured.items()},
+        "first_plan": [
+            {
+                "device": p.device,
+                "weights": p.weights,
+                "groups": len(p.groups),
+                "predicted_ms": p.predicted_ms,
+                "host_ms": p.host_ms,
+                "handoffs": p.handoffs,
+            }
+            for p in plan.decode.partitions
+        ],  # fmt: skip
+    }
+    fb = split_feedback(plan.decode, measured, cost_model, compiled.cluster.name)
+    if fb is None:
+        ran = any(p.weights == "split" for p in plan.decode.partitions)
+        why = "split layers ran as priced" if ran else "no split layer to measure"
+        compiled.feedback = {**report, "replanned": False, "why": why}
+        return compiled
+    again = plan_generation(lm, compiled.cluster, cost_model=fb.cost_model, **plan_kw)
+    report.update(extra_handoff_ms=1e3 * fb.extra_s, replan_predicted_ms=again.predicted_decode_ms)
+    faster = again.predicted_decode_ms < token_ms * (1 - _FEEDBACK_MARGIN)
+    if not faster or _placements(again) == _placements(plan):
+        why = (
+            f"{fb.note()}; the re-plan ({again.predicted_decode_ms:.1f} ms per token predicted) "
+            f"is not {_FEEDBACK_MARGIN:.0%} faster than the {token_ms:.1f} ms measured: kept"
+        )
+        compiled.plan = dataclasses.replace(plan, notes=(*plan.notes, why))
+        compiled.feedback = {**report, "replanned": False, "why": why}
+        return compiled
+    why = (
+        f"{fb.note()}; re-planned: {again.predicted_decode_ms:.1f} ms per token predicted "
+        f"against {token_ms:.1f} ms measured for the first plan"
+    )
+    compiled.shutdown()
+    rebuilt = rebuild(dataclasses.replace(again, notes=(*again.notes, why)))
+    rebuilt.feedback = {**report, "replanned": True, "why": why}
+    return rebuilt
+
+
+def _placements(plan: GenerationPlan) -> tuple:
+    return tuple(
+        (p.groups, p.device, p.weights, p.split, p.cpu_dtype) for p in plan.decode.partitions
+    )
 
 
 __all__ = ["CompiledLM", "Phase", "compile_lm"]

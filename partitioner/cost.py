@@ -279,6 +279,11 @@ class CostModel:
         rt = self.runtime()
         return rt.stage_overhead if rt is not None else 0.0
 
+    def split_handoff(self) -> float:
+        """Seconds a split layer's hand-off costs beyond its priced copies and op call."""
+        rt = self.runtime()
+        return rt.split_handoff if rt is not None else 0.0
+
     def hop_overhead(self) -> float:
         """Seconds a hop between two devices' workers costs beyond the link's time."""
         rt = self.runtime()

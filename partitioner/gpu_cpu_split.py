@@ -97,6 +97,7 @@ class SplitCost:
     cpu_s: float
     handoffs: int
     cpu_dtype: str
+    path_s: float = 0.0  # the host's side: the GPU's work, the hand-offs, the CPU's rows beyond
 
 
 def split_cost(
@@ -137,6 +138,7 @@ def split_cost(
             cm.transfer_time(cluster, gpu.name, cpu.name, x_bytes)
             + cm.transfer_time(cluster, cpu.name, gpu.name, y_bytes)
             + cm.op_overhead(cpu, "matmul", cpu_dtype, cpu_backend)
+            + cm.split_handoff()
         )
     best: SplitCost | None = None
     for k in range(1, _STEPS):
@@ -155,6 +157,7 @@ def split_cost(
                 cpu_s=cpu_s,
                 handoffs=len(inputs),
                 cpu_dtype=cpu_dtype,
+                path_s=path,
             )
     return best
 

@@ -81,6 +81,11 @@ class PlannedPartition:
     # (pinned, `choose: fixed`, or the only one for the device kind).
     choice: tuple[BackendTiming, ...] = ()
     choice_cached: bool = False  # the times come from an earlier compile's record
+    # weights == "split": the host's side of one run with the weights at hand (the GPU's
+    # work, the hand-offs, the CPU's rows beyond it) and its hand-offs: what a measured run
+    # is compared with (calibration/generation.py)
+    host_ms: float = 0.0
+    handoffs: int = 0
 
     @property
     def measured_choice_ms(self) -> float | None:

@@ -87,16 +87,16 @@ def with_fusing(cost_model: CostModel, names: Sequence[str], registry: BackendLo
 
 def _streamed_time(
     cm: CostModel, cluster: ClusterSpec, group, ops, device, backend: str, scale
-) -> float:
-    """A group run as a streamed piece: a stage of its own (one more call) whose kernels
-    wait for its weights' copy. On a GPU the host queues the piece's kernels while the
-    copy runs, so the device's side (not the host's dispatch) overlaps the copy."""
+) -> tuple[float, float, float]:
+    """A group run as a streamed piece: (its time with the weights at hand, its weights'
+    copy, its call). A stage of its own (one more call) whose kernels wait for the copy; on a GPU the
+    host queues the piece's kernels while the copy runs, so the device's side (not the
+    host's dispatch) overlaps the copy."""
     if device.kind == "gpu" and not cm.fuses(backend):
         t = cm.kernel_time(ops, device, scale=scale, backend=backend)
     else:
         t = cm.group_time(group, ops, device, backend=backend, scale=scale)
-    stream = cm.stream_time(cluster, device, group.param_bytes)
-    return max(t, stream) + cm.call_overhead(device, backend)
+    return t, cm.stream_time(cluster, device, group.param_bytes), cm.call_overhead(device, backend)
 
 
 def build_problem(
@@ -111,10 +111,12 @@ def build_problem(
     microbatches: int = 1,
     notes: Sequence[str] = (),
     split: bool = False,
+    overlap: bool = False,
 ) -> tuple[Problem, Context]:
     """`backends` as `resolve_backends` left it (every kind usable); `notes`: its notes.
     `split`: also offer GPUs the `split` weight home (partitioner/gpu_cpu_split.py), for
-    bandwidth-bound steps (LLM decode)."""
+    bandwidth-bound steps (LLM decode). `overlap`: price weight copies as overlapping other
+    groups' work (partitioner/algorithms/overlap.py), as a generation's streamer runs them."""
     if microbatches < 1:
         raise ConfigError(f"microbatches must be at least 1, got {microbatches}")
     og = groups.opgraph
@@ -140,6 +142,7 @@ def build_problem(
 
     n, num_p = len(groups), len(placements)
     compute = np.full((n, num_p), INF)
+    own_s, copy_s = np.full((n, num_p), INF), np.zeros((n, num_p))
     split_bytes = np.zeros(n)
     splits: dict[int, SplitCost] = {}
     support_cache: dict[tuple[str, str], object] = {}
@@ -172,15 +175,17 @@ def build_problem(
             for p, pl in enumerate(placements):
                 if pl.device == di:
                     compute[gi, p] = t
+                    own_s[gi, p] = t
                     if pl.weights == STREAMED:
                         # nothing to stream: such a group runs with a neighbour's piece
-                        compute[gi, p] = (
-                            _streamed_time(
+                        if g.param_bytes:
+                            own, copy, call = _streamed_time(
                                 cost_model, cluster, g, ops, d, backend_of[d.name], scale
                             )
-                            if g.param_bytes
-                            else INF
-                        )
+                            compute[gi, p] = max(own, copy) + call
+                            own_s[gi, p], copy_s[gi, p] = own + call, copy
+                        else:
+                            compute[gi, p] = INF
                     elif pl.weights == SPLIT:
                         compute[gi, p] = INF
                         host = cluster.host_cpu(d.host)
@@ -199,9 +204,9 @@ def build_problem(
                         if cost is not None:
                             splits[gi] = cost
                             split_bytes[gi] = cost.gpu_bytes
-                            compute[gi, p] = cost.seconds + cost_model.call_overhead(
-                                d, backend_of[d.name]
-                            )
+                            call = cost_model.call_overhead(d, backend_of[d.name])
+                            compute[gi, p] = cost.seconds + call
+                            own_s[gi, p], copy_s[gi, p] = cost.path_s + call, cost.link_s
 
     index = groups.index
     edges = [(index[u], index[v], b * scale) for u, v, b in groups.graph.edges(data="bytes")]
@@ -240,6 +245,8 @@ def build_problem(
         state_bytes=np.array([g.state_bytes for g in groups], dtype=float),
         split_bytes=split_bytes,
         call=call,
+        copy_s=copy_s if overlap else None,
+        own_s=own_s if overlap else None,
     )
     _check_placeable(problem, groups, rejections)
     ctx = Context(

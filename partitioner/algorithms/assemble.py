@@ -7,6 +7,7 @@ import numpy as np
 
 from hetero.errors import PlanInfeasible
 from hetero.partitioner.algorithms.adapter import Context, gib
+from hetero.partitioner.algorithms.overlap import schedule
 from hetero.partitioner.algorithms.problem import SPLIT, Problem, Solution
 from hetero.partitioner.decisions import Objective
 from hetero.partitioner.plan import Plan, PlannedPartition, Transfer
@@ -96,6 +97,14 @@ def assemble(
     runs = form_partitions(problem, assign, groups.graph)
     part_of_op: dict[str, int] = {}
     partitions: list[PlannedPartition] = []
+    # per group, what it adds to the step: its compute, or where weight copies overlap
+    # other groups' work, its time in the replayed step (the wait for its weights included)
+    if problem.overlapped:
+        idx = np.arange(problem.n)
+        io = problem.unary[idx, assign] - problem.compute[idx, assign]
+        step_s = schedule(problem, assign).durations() - io
+    else:
+        step_s = problem.compute[np.arange(problem.n), assign]
     for k, run in enumerate(runs):
         p = int(assign[run[0]])
         pl = problem.placements[p]
@@ -134,7 +143,7 @@ def assemble(
                 device=device.name,
                 backend=backend,
                 weights=pl.weights,
-                predicted_ms=1e3 * (float(problem.compute[run, p].sum()) + call),
+                predicted_ms=1e3 * (float(step_s[run].sum()) + call),
                 compute_ms=1e3 * compute,
                 weight_stream_ms=1e3 * stream,
                 flops=int(sum(g.flops for g in gs) * ctx.scale),
@@ -145,6 +154,8 @@ def assemble(
                 cpu_dtype=splits[run[0]].cpu_dtype if is_split else "",
                 state_bytes=int(sum(g.state_bytes for g in gs)),
                 group_sizes=tuple(len(g.nodes) for g in gs),
+                host_ms=1e3 * sum(splits[i].path_s for i in run) if is_split else 0.0,
+                handoffs=sum(splits[i].handoffs for i in run) if is_split else 0,
             )
         )
     transfers = _transfers(problem, ctx, partitions, part_of_op)

@@ -109,9 +109,9 @@ def plan_generation(
 
     dgroups = lm_groups(lm.decode, cluster, **common)
     dproblem, dctx = build_problem(
-        dgroups, cluster, cm, pins=pins, split=True, notes=backend_notes, **common
+        dgroups, cluster, cm, pins=pins, split=True, overlap=True, notes=backend_notes, **common
     )
-    dproblem = _reserve_prefill_slots(dproblem, cluster)
+    dproblem = _keep_for_runtime(_reserve_prefill_slots(dproblem, cluster), cluster)
     if decode_placements:
         dproblem = _force(dproblem, dgroups, decode_placements)
     dsol = latency(dproblem)
@@ -119,7 +119,9 @@ def plan_generation(
 
     pgroups = lm_groups(lm.prefill, cluster, **common)
     pproblem, pctx = build_problem(pgroups, cluster, cm, pins=pins, notes=backend_notes, **common)
-    pproblem = _bind_resident(pproblem, dproblem, dsol, dgroups, pgroups)
+    pproblem = _keep_for_runtime(
+        _bind_resident(pproblem, dproblem, dsol, dgroups, pgroups), cluster
+    )
     psol = latency(pproblem)
     prefill = assemble(pproblem, pctx, psol, objective=Objective.LATENCY)
 
@@ -200,6 +202,12 @@ def _reason(problem: Problem, ctx: Context, sol: Solution, gi: int, others) -> s
     trial[gi] = min(faster, key=lambda q: problem.unary[gi, q])
     if problem.overflow(trial).any():
         return "memory: a faster placement does not fit"
+    if problem.overlapped:
+        slower = 1e3 * (problem.latency(trial) - problem.latency(sol.assign))
+        return (
+            f"overlap: {_label(problem, ctx, gi, int(trial[gi]))} alone is faster, but the step "
+            f"takes {slower:+.2f} ms (the link streams other layers' weights while this one runs)"
+        )
     return "transfers: its neighbours run here"
 
 
@@ -232,6 +240,23 @@ def _reserve_prefill_slots(problem: Problem, cluster: ClusterSpec) -> Problem:
         if problem.place_streamed[q]:
             floor[problem.placements[q].device] = 2 * largest
     return dataclasses.replace(problem, slot_floor=floor)
+
+
+# GPU memory a generation's runtime allocates beside the plan's tensors: cuBLAS/cuBLASLt
+# workspaces (32 MiB per stream that multiplies on Hopper: the compute stream, a CUDA graph's
+# capture stream) and the graph's pool. Measured on an H200: peaks 0.12-0.18 GiB above the
+# plan's memory (llm_generate.md, runs 7 and 10). A tiny cap (tests, emulated GPUs) keeps
+# most of itself.
+RUNTIME_RESERVE = 192 << 20
+_RESERVE_SHARE = 0.05
+
+
+def _keep_for_runtime(problem: Problem, cluster: ClusterSpec) -> Problem:
+    capacity = problem.capacity.copy()
+    for d, name in enumerate(problem.devices):
+        if cluster.device(name).kind == "gpu" and np.isfinite(capacity[d]):
+            capacity[d] -= min(RUNTIME_RESERVE, _RESERVE_SHARE * capacity[d])
+    return dataclasses.replace(problem, capacity=capacity)
 
 
 def _bind_resident(

@@ -16,6 +16,7 @@ import itertools
 import networkx as nx
 import numpy as np
 
+from hetero.partitioner.algorithms.overlap import pattern_seeds
 from hetero.partitioner.algorithms.problem import INF, Problem, Solution
 
 _ROUNDS = 24  # Lagrangian updates before falling back to repair by local search
@@ -68,6 +69,10 @@ def latency(problem: Problem) -> Solution:
     allowed = problem.allowed()
     candidates = _lagrangian(problem)
     candidates.append(_greedy(problem))
+    if problem.overlapped:
+        # the cuts and the greedy price additively; interleavings only pay when replayed
+        fastest = min(candidates, key=lambda a: _key(problem, a))
+        candidates.extend(pattern_seeds(problem, fastest))
     unique = list({tuple(a): a for a in candidates}.values())
     # the best that fit, and the fastest that overflow: repairing a fast assignment often
     # beats polishing a feasible one that the penalties pushed too far

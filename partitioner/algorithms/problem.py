@@ -22,6 +22,10 @@ weight matmuls partly on the GPU, with that share of the weights streamed in, an
 the host CPU from host memory, at the same time: the link and the CPU each carry part of
 the bytes (partitioner/gpu_cpu_split.py prices it and picks the share).
 
+Where weight copies overlap other groups' work (a decode step: the link streams the next
+layer's weights while the CPU runs a layer), `copy_s`/`own_s` are set and latency replays the
+step instead of summing (overlap.py).
+
 Memory per device: resident parameters + 2 x the largest streamed item (a streamed group's
 parameters, or a split group's GPU share: double buffering, one slot computes while the
 next fills) + the state of every group it runs (a KV cache stays where its layer runs,
@@ -37,6 +41,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from hetero.partitioner.algorithms.overlap import overlapped_latency
 
 RESIDENT, STREAMED, SPLIT = "resident", "streamed", "split"
 INF = float("inf")
@@ -76,6 +82,12 @@ class Problem:
     # the origin device pays its own call, and handing outputs back to the caller starts
     # nothing (0: not priced)
     call: np.ndarray = field(default=None)
+    # [n, P] where weight copies overlap other groups' work (a generation's decode step):
+    # seconds the link spends bringing a streamed or split placement's weights in per run
+    # (0 for the others), and each placement's time with its weights at hand. Set: latency
+    # replays the step (overlap.schedule) instead of summing; None: additive.
+    copy_s: np.ndarray | None = None
+    own_s: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -173,8 +185,14 @@ class Problem:
         allowed = np.isfinite(self.compute[np.arange(self.n), assign]).all()
         return bool(allowed and not self.overflow(assign).any())
 
+    @property
+    def overlapped(self) -> bool:
+        return self.copy_s is not None
+
     def latency(self, assign: np.ndarray) -> float:
         """Seconds for one request under `assign` (inf where a group is not allowed)."""
+        if self.copy_s is not None:
+            return overlapped_latency(self, assign)
         t = self.unary[np.arange(self.n), assign].sum()
         if len(self.edges):
             dev = self.place_device[assign]

@@ -182,3 +182,26 @@ def test_other_architectures_generate_like_transformers(arch, tmp_path):
         assert lm.generate(prompt, 12).tolist() == ref[:, 9:].tolist()
     finally:
         lm.shutdown()
+
+
+def test_a_feedback_round_measures_the_split_layers_and_still_generates(
+    tiny_llama, captured, tmp_path
+):
+    """compile_lm(feedback=True) runs one request, compares the split layers' measured
+    times with their prices and re-plans where they ran long; whichever plan it keeps
+    gives transformers' tokens."""
+    model, prompt, expected = tiny_llama
+    registry = default_registry()
+    lm = compile_lm(
+        model, ClusterSpec.from_yaml(H100), max_length=64, lm=captured, registry=registry,
+        cache_dir=tmp_path, decode_placements={"model.model.layers": "split"}, feedback=True,
+        binder=StageBinder(registry, device_of=lambda d: torch.device("cpu")),
+    )  # fmt: skip
+    try:
+        fb = lm.feedback
+        assert fb is not None and fb["measured_ms_per_token"] > 0
+        split = [p.index for p in lm.plan.decode.partitions if p.weights == "split"]
+        assert split and all(fb["partitions_ms"].get(i, 0) > 0 for i in split) or fb["replanned"]
+        assert lm.generate(prompt, 12).tolist() == expected[:, :12].tolist()
+    finally:
+        lm.shutdown()

@@ -1,0 +1,124 @@
+"""One step's time when the link streams weights while other groups compute.
+
+The additive latency prices a streamed group as max(compute, its weights over the link), as
+if nothing else ran while its copy did. A weight streamer does better: its copies depend on
+no activation, so while a layer runs on the host CPU the link is already bringing in the
+next streamed layer's weights (`runtime/weight_stream.py`: two slots, item k copied as soon
+as the link is free and item k-2 has left its slot). A decode step that alternates streamed
+layers with CPU layers keeps both resources busy, which the additive sum cannot see.
+
+`schedule` replays one step as the runtime runs it: groups one after another in order (the
+executor's order), each streamed or split group starting once its weights have arrived, each
+copy starting once the link and a slot are free. Steady state: the copies of the next step's
+first items overlap the end of this one (the streamer prefetches across steps), so the step
+is replayed three times and the last one is measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from hetero.partitioner.algorithms.problem import Problem
+
+_STEPS = 3  # replays: the first fills the pipeline, the last is the steady state
+_SLOTS = 2  # the streamer's double buffer (problem.memory prices the same two)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The last replayed step: its length, and per group when it started (after its inputs
+    arrived) and ended (seconds from the step's start)."""
+
+    seconds: float
+    start: np.ndarray
+    end: np.ndarray
+
+    def durations(self) -> np.ndarray:
+        """[n] each group's own time, the wait for its weights included."""
+        return self.end - self.start
+
+
+def schedule(problem: Problem, assign: np.ndarray) -> Schedule:
+    """Replay `assign` (a placement per group); needs `problem.copy_s` and `own_s`."""
+    n = problem.n
+    idx = np.arange(n)
+    dev = problem.place_device[assign]
+    own = problem.own_s[idx, assign] + (problem.unary[idx, assign] - problem.compute[idx, assign])
+    copy = problem.copy_s[idx, assign]
+    streamed = problem.place_streamed[assign] & (copy > 0)
+    incoming = np.zeros(n)
+    if len(problem.edges):
+        e = np.arange(len(problem.edges))
+        cost = problem.edge_cost[e, dev[problem.edges[:, 0]], dev[problem.edges[:, 1]]]
+        np.add.at(incoming, problem.edges[:, 1], cost)
+    # per device: its streamed groups in order, and the ends of the items before them
+    order: dict[int, list[int]] = {}
+    for i in np.flatnonzero(streamed):
+        order.setdefault(int(dev[i]), []).append(int(i))
+    slot_of = {i: (d, k) for d, items in order.items() for k, i in enumerate(items)}
+    link_free = dict.fromkeys(order, 0.0)
+    ends: dict[int, list[float]] = {d: [] for d in order}  # item ends, all replays in order
+    start, end = np.zeros(n), np.zeros(n)
+    t = step_start = 0.0
+    own_l, copy_l, inc_l = own.tolist(), copy.tolist(), incoming.tolist()
+    for _ in range(_STEPS):
+        step_start = t
+        for i in range(n):
+            s = t + inc_l[i]
+            if i in slot_of:
+                d, _k = slot_of[i]
+                done = ends[d]
+                items = len(order[d])
+                if items == 1:  # nothing to prefetch: copied when acquired
+                    ready = s
+                else:
+                    # the copy waits for the item two before it to leave its slot
+                    ready = done[-_SLOTS] if len(done) >= _SLOTS else 0.0
+                copied = max(link_free[d], ready) + copy_l[i]
+                link_free[d] = copied
+                e_i = max(s, copied) + own_l[i]
+                done.append(e_i)
+            else:
+                e_i = s + own_l[i]
+            start[i], end[i] = s, e_i
+            t = e_i
+    return Schedule(t - step_start, start - step_start, end - step_start)
+
+
+def overlapped_latency(problem: Problem, assign: np.ndarray) -> float:
+    if not np.isfinite(problem.compute[np.arange(problem.n), assign]).all():
+        return float("inf")
+    return schedule(problem, assign).seconds
+
+
+def pattern_seeds(problem: Problem, assign: np.ndarray) -> list[np.ndarray]:
+    """Assignments that interleave two placements along the weighted groups that could
+    stream (those `assign` does not keep resident on a GPU, then all of them): one every
+    k-th, for a few ratios. A local search from the additive optimum moves one group at a
+    time and rarely finds an interleaving, whose gain appears only once many groups take
+    part."""
+    allowed = problem.allowed()
+    can_stream = allowed[:, problem.place_streamed].any(axis=1) & (problem.param_bytes > 0)
+    on_gpu = ~problem.place_streamed[assign] & np.isin(
+        problem.place_device[assign], problem.place_device[problem.place_streamed]
+    )
+    seeds = []
+    for movable in (np.flatnonzero(can_stream & ~on_gpu), np.flatnonzero(can_stream)):
+        if len(movable) < 2:
+            continue
+        choices = [p for p in range(problem.num_placements) if allowed[movable, p].all()]
+        for a in choices:
+            for b in choices:
+                if a == b:
+                    continue
+                for share in (0.25, 1 / 3, 0.5, 2 / 3, 0.75):
+                    trial = assign.copy()
+                    # Bresenham: b takes `share` of the groups, spread evenly along the order
+                    for k, i in enumerate(movable):
+                        trial[i] = b if int((k + 1) * share) - int(k * share) else a
+                    seeds.append(trial)
+    return seeds
