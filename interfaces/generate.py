@@ -245,7 +245,7 @@ def _feedback_round(
                 "handoffs": p.handoffs,
             }
             for p in plan.decode.partitions
-        ],  # fmt: skip
+        ],
     }
     fb = split_feedback(plan.decode, measured, cost_model, compiled.cluster.name)
     if fb is None:
