@@ -212,6 +212,7 @@ class Env:
     modes: tuple[str, ...]
     budget_s: float
     choice_budget_s: float | None  # hetero's measured backend choice (None: its default)
+    hetero: bool  # False: only eager and torch.compile (a call for the slow modes alone)
     json_path: str | None
     results: dict
 
@@ -332,7 +333,7 @@ def forward_row(env: Env, case: Case, row: dict) -> None:
         ref = hidden(model(*inputs)).clone()
         row["eager_ms"] = env.time_ms(model, inputs)
     env.save()
-    ways = [("hetero", lambda: run_hetero(env, model, inputs, ref))]
+    ways = [("hetero", lambda: run_hetero(env, model, inputs, ref))] if env.hetero else []
     ways += [(m, lambda m=m: run_compile(env, model, inputs, ref, m)) for m in env.modes]
     measure_ways(env, row, ways)
 
@@ -379,7 +380,8 @@ def decode_row(env: Env, row: dict) -> None:
         # the static-cache loop's logits are not compared here; the prefill row compares them
         return {"compile_s": r["compile_s"], "ms": r["ms_per_token"], "err": None}
 
-    ways = [("hetero", hetero_decode)] + [(m, lambda m=m: compiled(m)) for m in env.modes]
+    ways = [("hetero", hetero_decode)] if env.hetero else []
+    ways += [(m, lambda m=m: compiled(m)) for m in env.modes]
     measure_ways(env, row, ways)
 
 
@@ -549,6 +551,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--choice-budget-s", type=float, default=None,
                     help="seconds hetero's measured backend choice may spend per compile "
                     "(default: hetero's)")  # fmt: skip
+    ap.add_argument("--skip-hetero", action="store_true",
+                    help="eager and torch.compile only (e.g. max-autotune in a call of its own)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.modes is None:  # a smoke test needs one mode; max-autotune's search is the slowest
         args.modes = ["default"] if args.tiny else list(MODES)
@@ -573,7 +577,7 @@ def main(argv=None) -> dict:
     env = Env(
         device="cuda" if cuda else "cpu", dtype=torch.float16 if cuda else torch.float32,
         tiny=args.tiny, modes=modes, budget_s=args.budget_s, choice_budget_s=args.choice_budget_s,
-        json_path=args.json,
+        hetero=not args.skip_hetero, json_path=args.json,
         results={"machine": machine(), "args": vars(args), "modes": list(modes), "rows": []},
     )  # fmt: skip
     skipped = sorted(set(args.modes) - set(modes))
