@@ -71,7 +71,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # The sibling scripts by their own names (as split_layer_gpu.py imports them): the repository
 # root on sys.path would put its bare `hetero/` folder ahead of the installed package.
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import llama_offload  # noqa: E402
 import llm_generate_gpu  # noqa: E402
 from gpt2_gpu import hidden, rel_err  # noqa: E402
 from gpt2_gpu import timed as cuda_timed  # noqa: E402
@@ -228,11 +227,14 @@ class Env:
             Path(self.json_path).write_text(json.dumps(self.results, indent=1, default=str))
 
     def time_ms(self, fn, args: tuple) -> float:
-        """Median ms per call: CUDA-event-timed loops on a GPU (gpt2_gpu.timed), each call
-        timed alone on a CPU (llama_offload.timed)."""
+        """ms per call: on a GPU the median of CUDA-event-timed loops (gpt2_gpu.timed); on a
+        CPU the fastest of short rounds (calibration.timing.time_call, as hetero's backend
+        choice times), since the 2-core box's other jobs make a median mostly their time."""
         if self.cuda:
             return cuda_timed(fn, args)
-        return llama_offload.timed(lambda: fn(*args), iters=5, warmup=1)
+        from hetero.calibration.timing import time_call
+
+        return 1e3 * time_call(lambda: fn(*args), budget=0.2)
 
 
 def failure(e: BaseException) -> dict:
