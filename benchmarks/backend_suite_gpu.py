@@ -41,6 +41,12 @@ Goals (issue 15, same run, same card): hetero <= 1.0x the best torch.compile mod
 model and geometric mean <= 0.9x; error no worse than torch.compile's; compile time <= 2x
 torch.compile's.
 
+On the GPU machine (600 s a call) the suite takes several calls; estimates, not yet run:
+gpt2,bert with default and reduce-overhead ~6 min; llama-prefill ~6; llama-decode ~6 (the
+7B's hetero generation compile took 255 s); mixtral,mobilenet-v3-l ~6; convnext-t ~3; and
+max-autotune-no-cudagraphs a model or two a call with --skip-hetero (the 7B's was still
+autotuning after 178 s). --choice-budget-s bounds hetero's measured choice.
+
 --tiny shrinks every model so that the whole suite runs on a CPU in a minute or two (float32,
 without the CUDA-only modes); torchvision rows are "not run" where torchvision does not
 import. --json is rewritten after every measurement, so a call killed at its time limit
