@@ -442,10 +442,22 @@ def _error(got: Any, reference: Sequence[Any], dtype: str | None) -> tuple[float
             worst = max(worst, 0.0 if torch.equal(g.cpu(), r.cpu()) else math.inf)
             continue
         tol = max(tol, tolerance(r.dtype))
-        a, b = g.detach().double().cpu(), r.detach().double().cpu()
-        denom = float(b.norm()) or 1.0
-        worst = max(worst, float((a - b).norm()) / denom)
+        worst = max(worst, _relative_error(g.detach().double().cpu(), r.detach().double().cpu()))
     return worst, tol
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| over the finite values of the reference `b`; inf where `a` is not
+    finite where `b` is, or differs from `b`'s non-finite values (NaN compares false with
+    every bound, so a NaN error would have passed any tolerance)."""
+    finite = torch.isfinite(b)
+    if not torch.equal(torch.isfinite(a), finite):
+        return math.inf
+    odd = ~finite
+    if odd.any() and not torch.equal(a[odd].nan_to_num(0.0), b[odd].nan_to_num(0.0)):
+        return math.inf  # an inf of the other sign, or a NaN where the reference is inf
+    a, b = a[finite], b[finite]
+    return float((a - b).norm()) / (float(b.norm()) or 1.0)
 
 
 def _timings(

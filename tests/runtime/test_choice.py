@@ -177,3 +177,21 @@ def test_choose_is_typed_at_the_edge(monkeypatch):
         BackendChoice.parse("fastest")
     assert BackendAssignment.parse({"gpu": "inductor"}).pinned == ("gpu",)
     assert BackendAssignment.parse(None).pinned == ()
+
+
+def test_a_candidate_with_nan_or_inf_where_eager_is_finite_is_wrong():
+    """NaN compares false with any tolerance: the check must say so, not let it through."""
+    import math
+
+    from hetero.runtime.choice import _error
+
+    ref = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16)
+    assert _error((ref.clone(),), (ref,), "float16")[0] == 0.0
+    for bad in (float("nan"), float("inf")):
+        got = ref.clone()
+        got[1] = bad
+        assert math.isinf(_error((got,), (ref,), "float16")[0])
+    # the reference's own overflow is matched, not blamed: the finite values decide
+    ref_inf = torch.tensor([1.0, float("inf"), 3.0])
+    assert _error((ref_inf.clone(),), (ref_inf,), None)[0] == 0.0
+    assert math.isinf(_error((-ref_inf,), (ref_inf,), None)[0])
