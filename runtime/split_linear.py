@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from hetero.backends.gpu_cpu_mm import gpu_cpu_mm
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm
 
 _MM = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 _TRANSPOSE = (torch.ops.aten.permute.default, torch.ops.aten.t.default)
@@ -30,12 +30,34 @@ _TRANSPOSE = (torch.ops.aten.permute.default, torch.ops.aten.t.default)
 
 @dataclass(frozen=True)
 class SharedMatmuls:
-    """Matmuls of one activation, split together: their weights' GPU rows stacked in one
-    matrix, the CPU rows in another."""
+    """Matmuls split together, one hand-off: either matmuls of one activation, their weights'
+    GPU rows stacked in one matrix and the CPU rows in another (`gpu_cpu_mm`); or, `act`
+    set, an MLP block whose GPU and CPU each take some of its intermediate features
+    (`gpu_cpu_mlp`): the rows of gate and up and the same columns of down."""
 
-    weights: tuple[str, ...]  # param names, in stacking order
-    gpu_rows: tuple[int, ...]  # rows of each computed on the GPU
-    rows: tuple[int, ...]  # each weight's rows
+    weights: tuple[str, ...]  # param names, in stacking order; an MLP's: (gate,) up, down
+    gpu_rows: tuple[int, ...]  # rows of each computed on the GPU (an MLP: features, each)
+    rows: tuple[int, ...]  # each weight's rows (an MLP: its intermediate features, each)
+    act: str = ""  # an MLP's activation (backends.gpu_cpu_mm.ACTIVATIONS); "": not an MLP
+    gated: bool = False  # an MLP with a gate: down(act(gate(x)) * up(x))
+
+    def cut(
+        self, weights: Mapping[str, torch.Tensor], cpu_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the GPU's share, the CPU's share in `cpu_dtype`) of the full host `weights`."""
+        full = [weights[w] for w in self.weights]
+        if self.act:
+            # down's columns transposed to rows: both sides then hold [features, hidden]
+            # blocks that stack, so each side's share is one tensor (one input, one stream)
+            r = self.gpu_rows[0]
+            *inner, down = full
+            gpu = torch.cat([*(w[:r] for w in inner), down[:, :r].t()])
+            cpu = torch.cat([*(w[r:] for w in inner), down[:, r:].t()])
+        else:
+            gpu = torch.cat([w[:n] for w, n in zip(full, self.gpu_rows, strict=True)])
+            cpu = torch.cat([w[n:] for w, n in zip(full, self.gpu_rows, strict=True)])
+        cpu = cpu.to(cpu_dtype) if cpu_dtype is not None else cpu
+        return gpu.contiguous(), cpu.contiguous()
 
 
 def gpu_rows(rows: int, fraction: float) -> int:
@@ -72,6 +94,185 @@ def _same_value(x: Node) -> tuple:
     return (root, shape)
 
 
+_MUL = torch.ops.aten.mul.Tensor
+_SIGMOID = torch.ops.aten.sigmoid.default
+# activations that are one node; SiLU also appears decomposed, as x * sigmoid(x)
+_ACT_NODES = {
+    torch.ops.aten.silu.default: "silu",
+    torch.ops.aten.relu.default: "relu",
+    torch.ops.aten.gelu.default: "gelu",
+}
+
+
+@dataclass(frozen=True)
+class _Mlp:
+    """A matched MLP block: down(act(gate(x)) * up(x)), or down(act(up(x))) without gate."""
+
+    x: Node  # the activation gate/up read (2-D)
+    gate: Node | None  # the mm nodes
+    up: Node
+    down: Node
+    act: str
+
+
+def _unview(n: object) -> object:
+    while isinstance(n, Node) and n.target in _VIEWS:
+        n = n.args[0]
+    return n
+
+
+def _activation(n: object) -> tuple[str, object] | None:
+    """(the activation's name, its input) when `n` is one of the MLP activations."""
+    if not isinstance(n, Node) or n.op != "call_function":
+        return None
+    if n.target in _ACT_NODES:
+        name = _ACT_NODES[n.target]
+        if name == "gelu" and n.kwargs.get("approximate", "none") == "tanh":
+            name = "gelu_tanh"
+        return name, n.args[0]
+    if n.target is _MUL and len(n.args) == 2:
+        a, b = n.args
+        for v, s in ((a, b), (b, a)):
+            if isinstance(s, Node) and s.target is _SIGMOID and s.args[0] is v:
+                return "silu", v
+    return None
+
+
+def _mlp_at(down: Node, weight_mm: Mapping[Node, str]) -> _Mlp | None:
+    """The MLP block that `down` (a split weight mm) ends, or None. Its matmuls must be
+    split weights' mms without bias, gate and up of one activation, and nothing else may
+    read the block's inner values (they are not computed any more)."""
+    if down.target is not _MM[0]:
+        return None
+    h = _unview(down.args[0])
+    m = _gated(h, down, weight_mm) or _not_gated(h, down, weight_mm)
+    return m if m is not None and _closed(m) else None
+
+
+def _gated(h: object, down: Node, weight_mm: Mapping[Node, str]) -> _Mlp | None:
+    """h = act(gate(x)) * up(x), either order."""
+    if not (isinstance(h, Node) and h.target is _MUL and len(h.args) == 2):
+        return None
+    for a, b in (h.args, h.args[::-1]):
+        act = _activation(_unview(a))
+        if act is None:
+            continue
+        gate, up = _unview(act[1]), _unview(b)
+        if (
+            _is_plain(gate, weight_mm)
+            and _is_plain(up, weight_mm)
+            and _same_value(gate.args[0]) == _same_value(up.args[0])
+        ):
+            return _Mlp(gate.args[0], gate, up, down, act[0])
+    return None
+
+
+def _not_gated(h: object, down: Node, weight_mm: Mapping[Node, str]) -> _Mlp | None:
+    """h = act(up(x))."""
+    act = _activation(h)
+    up = _unview(act[1]) if act is not None else None
+    if act is None or not _is_plain(up, weight_mm):
+        return None
+    return _Mlp(up.args[0], None, up, down, act[0])
+
+
+def _is_plain(n: object, weight_mm: Mapping[Node, str]) -> bool:
+    """A split weight's mm without bias (a bias would need splitting too: not fused)."""
+    return isinstance(n, Node) and n.target is _MM[0] and n in weight_mm
+
+
+def _closed(m: _Mlp) -> bool:
+    """Nothing outside the block reads a value between its first matmuls and `down`."""
+    inner: set[Node] = set()
+    todo = [m.down.args[0]]
+    starts = {m.up} | ({m.gate} if m.gate is not None else set())
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, Node) or n in inner:
+            continue
+        inner.add(n)
+        if n not in starts:
+            todo.extend(a for a in n.args if isinstance(a, Node))
+    if not starts <= inner:
+        return False
+    return all(set(n.users) <= inner | {m.down} for n in inner)
+
+
+def _mlps(weight_mm: Mapping[Node, str]) -> list[_Mlp]:
+    """The MLP blocks, in graph order; a matmul in two (mm -> act -> mm -> act -> mm) stays
+    with the first."""
+    taken: set[Node] = set()
+    out = []
+    for down in weight_mm:
+        m = _mlp_at(down, weight_mm)
+        mms = {m.gate, m.up, m.down} - {None} if m is not None else set()
+        if m is not None and not mms & taken:
+            taken |= mms
+            out.append(m)
+    return out
+
+
+def _weight_mms(graph, params: Mapping[Node, str], rows_of: Mapping[str, int]) -> dict:
+    """{mm node: its split weight's name} for the matmuls with a weight in `rows_of`."""
+    out = {}
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target not in _MM:
+            continue
+        w = n.args[1] if n.target is _MM[0] else n.args[2]
+        name = _weight_of(w, params)
+        if name is not None and name in rows_of:
+            out[n] = name
+    return out
+
+
+def _add_inputs(graph, phs: list[Node], k: int) -> tuple[Node, Node]:
+    """New placeholders gpu{k}, cpu{k} after the last one."""
+    last_ph = phs[-1]
+    with graph.inserting_after(last_ph):
+        wc = graph.placeholder(f"cpu{k}")
+    with graph.inserting_after(last_ph):
+        wg = graph.placeholder(f"gpu{k}")
+    phs.extend([wg, wc])
+    return wg, wc
+
+
+def _rewrite_rows(graph, mms: list[Node], x: Node, weight_mm, rows_of, fraction, phs, k):
+    """The matmuls `mms` of one activation `x` as one gpu_cpu_mm; their group."""
+    ws = [weight_mm[mm] for mm in mms]
+    rows = [int(rows_of[w]) for w in ws]
+    g_rows = [gpu_rows(r, fraction) for r in rows]
+    wg, wc = _add_inputs(graph, phs, k)
+    with graph.inserting_before(mms[0]):
+        both = graph.call_function(gpu_cpu_mm, (x, wg, wc))
+        y_gpu = graph.call_function(operator.getitem, (both, 0))
+        y_cpu = graph.call_function(operator.getitem, (both, 1))
+    og = oc = 0
+    for mm, r, g in zip(mms, rows, g_rows, strict=True):
+        with graph.inserting_before(mm):
+            a = graph.call_function(torch.ops.aten.slice.Tensor, (y_gpu, 1, og, og + g))
+            b = graph.call_function(torch.ops.aten.slice.Tensor, (y_cpu, 1, oc, oc + r - g))
+            out = graph.call_function(torch.ops.aten.cat.default, ([a, b], 1))
+            if mm.target is _MM[1]:  # addmm: the bias after the halves meet
+                out = graph.call_function(torch.ops.aten.add.Tensor, (out, mm.args[0]))
+        mm.replace_all_uses_with(out)
+        og, oc = og + g, oc + r - g
+    return SharedMatmuls(tuple(ws), tuple(g_rows), tuple(rows))
+
+
+def _rewrite_mlp(graph, m: _Mlp, weight_mm, rows_of, fraction, phs, k) -> SharedMatmuls:
+    """The block `m` as one gpu_cpu_mlp (its inner values die with `down`); its group."""
+    mms = [mm for mm in (m.gate, m.up, m.down) if mm is not None]
+    ws = tuple(weight_mm[mm] for mm in mms)
+    features = int(rows_of[weight_mm[m.up]])
+    r = gpu_rows(features, fraction)
+    wg, wc = _add_inputs(graph, phs, k)
+    with graph.inserting_before(m.down):
+        out = graph.call_function(gpu_cpu_mlp, (m.x, wg, wc, m.act, m.gate is not None))
+    m.down.replace_all_uses_with(out)
+    n = len(ws)
+    return SharedMatmuls(ws, (r,) * n, (features,) * n, m.act, m.gate is not None)
+
+
 def split_program(
     gm: GraphModule,
     names: Sequence[str],
@@ -79,61 +280,33 @@ def split_program(
     rows_of: Mapping[str, int],
 ) -> tuple[GraphModule, tuple[str, ...], tuple[SharedMatmuls, ...]]:
     """Rewrite `gm` (placeholders named by `names`, in order) so the matmuls with a weight
-    in `rows_of` (name -> rows) run through `gpu_cpu_mm`. Returns the new module, the names
-    of its inputs (the old ones without the split weights, then `gpu{k}`, `cpu{k}` for each
-    shared group k) and the groups."""
+    in `rows_of` (name -> rows) run through `gpu_cpu_mlp` (whole MLP blocks) or
+    `gpu_cpu_mm` (the others, by activation). Returns the new module, the names of its
+    inputs (the old ones without the split weights, then `gpu{k}`, `cpu{k}` for each shared
+    group k) and the groups."""
     graph = gm.graph
     phs = [n for n in graph.nodes if n.op == "placeholder"]
     params = dict(zip(phs, names, strict=True))
+    weight_mm = _weight_mms(graph, params, rows_of)
+    mlps = _mlps(weight_mm)
+    fused = {mm for m in mlps for mm in (m.gate, m.up, m.down)}
     by_x: dict[tuple, list[Node]] = {}
     first_x: dict[tuple, Node] = {}
-    for n in graph.nodes:
-        if n.op != "call_function" or n.target not in _MM:
-            continue
-        x, w = (n.args[0], n.args[1]) if n.target is _MM[0] else (n.args[1], n.args[2])
-        name = _weight_of(w, params)
-        if name is None or name not in rows_of:
-            continue
-        key = _same_value(x)
-        first_x.setdefault(key, x)
-        by_x.setdefault(key, []).append(n)
-    groups = []
-    split_weights: set[str] = set()
-    for k, (key, mms) in enumerate(by_x.items()):
-        x = first_x[key]
-        ws, rows, g_rows = [], [], []
-        for mm in mms:
-            wnode = mm.args[1] if mm.target is _MM[0] else mm.args[2]
-            w_name = params[wnode.args[0]]
-            r = int(rows_of[w_name])
-            ws.append(w_name)
-            rows.append(r)
-            g_rows.append(gpu_rows(r, fraction))
-        groups.append(SharedMatmuls(tuple(ws), tuple(g_rows), tuple(rows)))
-        split_weights.update(ws)
-        last_ph = phs[-1]
-        with graph.inserting_after(last_ph):
-            wc = graph.placeholder(f"cpu{k}")
-        with graph.inserting_after(last_ph):
-            wg = graph.placeholder(f"gpu{k}")
-        phs.extend([wg, wc])
-        with graph.inserting_before(mms[0]):
-            both = graph.call_function(gpu_cpu_mm._opoverload, (x, wg, wc))
-            y_gpu = graph.call_function(operator.getitem, (both, 0))
-            y_cpu = graph.call_function(operator.getitem, (both, 1))
-        og = oc = 0
-        for mm, r, g in zip(mms, rows, g_rows, strict=True):
-            with graph.inserting_before(mm):
-                a = graph.call_function(torch.ops.aten.slice.Tensor, (y_gpu, 1, og, og + g))
-                b = graph.call_function(torch.ops.aten.slice.Tensor, (y_cpu, 1, oc, oc + r - g))
-                out = graph.call_function(torch.ops.aten.cat.default, ([a, b], 1))
-                if mm.target is _MM[1]:  # addmm: the bias after the halves meet
-                    out = graph.call_function(torch.ops.aten.add.Tensor, (out, mm.args[0]))
-            mm.replace_all_uses_with(out)
-            og, oc = og + g, oc + r - g
-    for mm in [m for ms in by_x.values() for m in ms]:
+    for n in weight_mm:
+        if n not in fused:
+            x = n.args[0] if n.target is _MM[0] else n.args[1]
+            first_x.setdefault(_same_value(x), x)
+            by_x.setdefault(_same_value(x), []).append(n)
+    groups = [
+        _rewrite_rows(graph, mms, first_x[key], weight_mm, rows_of, fraction, phs, k)
+        for k, (key, mms) in enumerate(by_x.items())
+    ]
+    for m in mlps:
+        groups.append(_rewrite_mlp(graph, m, weight_mm, rows_of, fraction, phs, len(groups)))
+    for mm in [m for ms in by_x.values() for m in ms] + [m.down for m in mlps]:
         graph.erase_node(mm)
     graph.eliminate_dead_code()
+    split_weights = {w for g in groups for w in g.weights}
     kept = []
     for ph in [n for n in graph.nodes if n.op == "placeholder"]:
         name = params.get(ph, ph.name)
@@ -150,13 +323,9 @@ def shares(
     groups: Sequence[SharedMatmuls],
     cpu_dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """({gpu{k}: stacked GPU rows}, {cpu{k}: stacked CPU rows, in `cpu_dtype`}) from the
+    """({gpu{k}: group k's GPU share}, {cpu{k}: its CPU share, in `cpu_dtype`}) from the
     full host weights."""
     gpu, cpu = {}, {}
     for k, g in enumerate(groups):
-        top = [weights[w][:n] for w, n in zip(g.weights, g.gpu_rows, strict=True)]
-        rest = [weights[w][n:] for w, n in zip(g.weights, g.gpu_rows, strict=True)]
-        gpu[f"gpu{k}"] = torch.cat(top).contiguous()
-        c = torch.cat(rest).contiguous()
-        cpu[f"cpu{k}"] = c.to(cpu_dtype) if cpu_dtype is not None else c
+        gpu[f"gpu{k}"], cpu[f"cpu{k}"] = g.cut(weights, cpu_dtype)
     return gpu, cpu
