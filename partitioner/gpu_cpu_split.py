@@ -131,7 +131,7 @@ def _mlp_blocks(
     for down in by_node.values():
         block = _gated(graph, down, by_node) or _not_gated(graph, down, by_node)
         names = {m.node for m in block or ()}
-        if block and not names & taken and _closed(graph, block):
+        if block and not names & taken and _stacks(block) and _closed(graph, block):
             taken |= names
             out.append(block)
     return out
@@ -170,6 +170,13 @@ def _not_gated(graph: OpGraph, down: SplitMatmul, by_node: dict) -> tuple | None
     inner = _activation(graph, down.x)
     up = by_node.get(_root(graph, inner)) if inner is not None else None
     return (up, down) if up is not None and up is not down else None
+
+
+def _stacks(block: tuple[SplitMatmul, ...]) -> bool:
+    """Each side's share is one [features, hidden] stack: gate and up of one shape, down's
+    output as wide as their input."""
+    *first, down = block
+    return len({(m.rows, m.cols) for m in first}) == 1 and first[0].cols == down.rows
 
 
 def _closed(graph: OpGraph, block: tuple[SplitMatmul, ...]) -> bool:

@@ -184,8 +184,9 @@ def _split_unit(
     shared groups). The shares it traces with are empty tensors of the right shapes: the
     worker cuts the real ones from the weights it binds."""
     mms = split_matmuls(graph, nodes)
-    rows = {m.weight: m.rows for m in mms}
-    module, names, groups = split_program(unit.module, (*unit.inputs, *unit.params), fraction, rows)
+    shapes = {m.weight: (m.rows, m.cols) for m in mms}
+    names = (*unit.inputs, *unit.params)
+    module, names, groups = split_program(unit.module, names, fraction, shapes)
     new_params = names[len(unit.inputs) :]
     values: dict[str, Any] = {k: v for k, v in unit.param_values.items() if k in new_params}
     for k, g in enumerate(groups):

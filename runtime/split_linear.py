@@ -16,7 +16,7 @@ output shapes and fuses the rest of the layer around it.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -138,18 +138,38 @@ def _activation(n: object) -> tuple[str, object] | None:
     return None
 
 
-def _mlp_at(down: Node, weight_mm: Mapping[Node, str]) -> _Mlp | None:
-    """The MLP block that `down` (a split weight mm) ends, or None. Its matmuls must be
-    split weights' mms without bias, gate and up of one activation, and nothing else may
-    read the block's inner values (they are not computed any more)."""
-    if down.target is not _MM[0]:
+@dataclass(frozen=True)
+class _Weights:
+    """The matmuls of split weights: mm node -> its weight's name, and each weight's shape."""
+
+    of: Mapping[Node, str]
+    shapes: Mapping[str, tuple[int, int]]  # (rows, cols)
+
+    def plain(self, n: object) -> bool:
+        """A split weight's mm without bias (a bias would need splitting too: not fused)."""
+        return isinstance(n, Node) and n.target is _MM[0] and n in self.of
+
+    def shape(self, mm: Node) -> tuple[int, int]:
+        return tuple(self.shapes[self.of[mm]])
+
+
+def _mlp_at(down: Node, weights: _Weights) -> _Mlp | None:
+    """The MLP block that `down` (a split weight's mm) ends, or None. Its matmuls must be
+    split weights' mms without bias, gate and up of one activation and of one shape, down's
+    output as wide as their input (each side's share is one [features, hidden] stack), and
+    nothing else may read the block's inner values (they are not computed any more)."""
+    if not weights.plain(down):
         return None
     h = _unview(down.args[0])
-    m = _gated(h, down, weight_mm) or _not_gated(h, down, weight_mm)
-    return m if m is not None and _closed(m) else None
+    m = _gated(h, down, weights) or _not_gated(h, down, weights)
+    if m is None or weights.shape(m.up)[1] != weights.shape(down)[0]:
+        return None
+    if m.gate is not None and weights.shape(m.gate) != weights.shape(m.up):
+        return None
+    return m if _closed(m) else None
 
 
-def _gated(h: object, down: Node, weight_mm: Mapping[Node, str]) -> _Mlp | None:
+def _gated(h: object, down: Node, weights: _Weights) -> _Mlp | None:
     """h = act(gate(x)) * up(x), either order."""
     if not (isinstance(h, Node) and h.target is _MUL and len(h.args) == 2):
         return None
@@ -159,26 +179,21 @@ def _gated(h: object, down: Node, weight_mm: Mapping[Node, str]) -> _Mlp | None:
             continue
         gate, up = _unview(act[1]), _unview(b)
         if (
-            _is_plain(gate, weight_mm)
-            and _is_plain(up, weight_mm)
+            weights.plain(gate)
+            and weights.plain(up)
             and _same_value(gate.args[0]) == _same_value(up.args[0])
         ):
             return _Mlp(gate.args[0], gate, up, down, act[0])
     return None
 
 
-def _not_gated(h: object, down: Node, weight_mm: Mapping[Node, str]) -> _Mlp | None:
+def _not_gated(h: object, down: Node, weights: _Weights) -> _Mlp | None:
     """h = act(up(x))."""
     act = _activation(h)
     up = _unview(act[1]) if act is not None else None
-    if act is None or not _is_plain(up, weight_mm):
+    if act is None or not weights.plain(up):
         return None
     return _Mlp(up.args[0], None, up, down, act[0])
-
-
-def _is_plain(n: object, weight_mm: Mapping[Node, str]) -> bool:
-    """A split weight's mm without bias (a bias would need splitting too: not fused)."""
-    return isinstance(n, Node) and n.target is _MM[0] and n in weight_mm
 
 
 def _closed(m: _Mlp) -> bool:
@@ -198,13 +213,13 @@ def _closed(m: _Mlp) -> bool:
     return all(set(n.users) <= inner | {m.down} for n in inner)
 
 
-def _mlps(weight_mm: Mapping[Node, str]) -> list[_Mlp]:
+def _mlps(weights: _Weights) -> list[_Mlp]:
     """The MLP blocks, in graph order; a matmul in two (mm -> act -> mm -> act -> mm) stays
     with the first."""
     taken: set[Node] = set()
     out = []
-    for down in weight_mm:
-        m = _mlp_at(down, weight_mm)
+    for down in weights.of:
+        m = _mlp_at(down, weights)
         mms = {m.gate, m.up, m.down} - {None} if m is not None else set()
         if m is not None and not mms & taken:
             taken |= mms
@@ -212,15 +227,16 @@ def _mlps(weight_mm: Mapping[Node, str]) -> list[_Mlp]:
     return out
 
 
-def _weight_mms(graph, params: Mapping[Node, str], rows_of: Mapping[str, int]) -> dict:
-    """{mm node: its split weight's name} for the matmuls with a weight in `rows_of`."""
+def _weight_mms(graph, params: Mapping[Node, str], names: Iterable[str]) -> dict[Node, str]:
+    """{mm node: its weight's name} for the matmuls with a weight in `names`."""
+    names = set(names)
     out = {}
     for n in graph.nodes:
         if n.op != "call_function" or n.target not in _MM:
             continue
         w = n.args[1] if n.target is _MM[0] else n.args[2]
         name = _weight_of(w, params)
-        if name is not None and name in rows_of:
+        if name is not None and name in names:
             out[n] = name
     return out
 
@@ -236,10 +252,10 @@ def _add_inputs(graph, phs: list[Node], k: int) -> tuple[Node, Node]:
     return wg, wc
 
 
-def _rewrite_rows(graph, mms: list[Node], x: Node, weight_mm, rows_of, fraction, phs, k):
+def _rewrite_rows(graph, mms: list[Node], x: Node, weights: _Weights, fraction, phs, k):
     """The matmuls `mms` of one activation `x` as one gpu_cpu_mm; their group."""
-    ws = [weight_mm[mm] for mm in mms]
-    rows = [int(rows_of[w]) for w in ws]
+    ws = [weights.of[mm] for mm in mms]
+    rows = [int(weights.shapes[w][0]) for w in ws]
     g_rows = [gpu_rows(r, fraction) for r in rows]
     wg, wc = _add_inputs(graph, phs, k)
     with graph.inserting_before(mms[0]):
@@ -259,11 +275,11 @@ def _rewrite_rows(graph, mms: list[Node], x: Node, weight_mm, rows_of, fraction,
     return SharedMatmuls(tuple(ws), tuple(g_rows), tuple(rows))
 
 
-def _rewrite_mlp(graph, m: _Mlp, weight_mm, rows_of, fraction, phs, k) -> SharedMatmuls:
+def _rewrite_mlp(graph, m: _Mlp, weights: _Weights, fraction, phs, k) -> SharedMatmuls:
     """The block `m` as one gpu_cpu_mlp (its inner values die with `down`); its group."""
     mms = [mm for mm in (m.gate, m.up, m.down) if mm is not None]
-    ws = tuple(weight_mm[mm] for mm in mms)
-    features = int(rows_of[weight_mm[m.up]])
+    ws = tuple(weights.of[mm] for mm in mms)
+    features = int(weights.shape(m.up)[0])
     r = gpu_rows(features, fraction)
     wg, wc = _add_inputs(graph, phs, k)
     with graph.inserting_before(m.down):
@@ -277,32 +293,32 @@ def split_program(
     gm: GraphModule,
     names: Sequence[str],
     fraction: float,
-    rows_of: Mapping[str, int],
+    shapes: Mapping[str, tuple[int, int]],
 ) -> tuple[GraphModule, tuple[str, ...], tuple[SharedMatmuls, ...]]:
     """Rewrite `gm` (placeholders named by `names`, in order) so the matmuls with a weight
-    in `rows_of` (name -> rows) run through `gpu_cpu_mlp` (whole MLP blocks) or
+    in `shapes` (name -> (rows, cols)) run through `gpu_cpu_mlp` (whole MLP blocks) or
     `gpu_cpu_mm` (the others, by activation). Returns the new module, the names of its
     inputs (the old ones without the split weights, then `gpu{k}`, `cpu{k}` for each shared
     group k) and the groups."""
     graph = gm.graph
     phs = [n for n in graph.nodes if n.op == "placeholder"]
     params = dict(zip(phs, names, strict=True))
-    weight_mm = _weight_mms(graph, params, rows_of)
-    mlps = _mlps(weight_mm)
+    weights = _Weights(_weight_mms(graph, params, shapes), shapes)
+    mlps = _mlps(weights)
     fused = {mm for m in mlps for mm in (m.gate, m.up, m.down)}
     by_x: dict[tuple, list[Node]] = {}
     first_x: dict[tuple, Node] = {}
-    for n in weight_mm:
+    for n in weights.of:
         if n not in fused:
             x = n.args[0] if n.target is _MM[0] else n.args[1]
             first_x.setdefault(_same_value(x), x)
             by_x.setdefault(_same_value(x), []).append(n)
     groups = [
-        _rewrite_rows(graph, mms, first_x[key], weight_mm, rows_of, fraction, phs, k)
+        _rewrite_rows(graph, mms, first_x[key], weights, fraction, phs, k)
         for k, (key, mms) in enumerate(by_x.items())
     ]
     for m in mlps:
-        groups.append(_rewrite_mlp(graph, m, weight_mm, rows_of, fraction, phs, len(groups)))
+        groups.append(_rewrite_mlp(graph, m, weights, fraction, phs, len(groups)))
     for mm in [m for ms in by_x.values() for m in ms] + [m.down for m in mlps]:
         graph.erase_node(mm)
     graph.eliminate_dead_code()
