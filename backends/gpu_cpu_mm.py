@@ -8,10 +8,10 @@ shapes and fuses the rest of the program around it; torch.export records it as o
 Importing this module registers the ops.
 
 They are registered through `torch.library.Library` (a kernel per dispatch key) rather than
-`torch.library.custom_op`: custom_op's Python autograd and dispatch layers cost ~17 us per
-call on a CPU-only run here (27.8 against 14.6 us for a tiny call, 10.8 us for the bare
-function; `benchmarks/custom_op_dispatch.py`), paid by every hand-off of every split layer
-per token, and these ops are never differentiated.
+`torch.library.custom_op`: custom_op's Python autograd and dispatch layers cost ~9 us more
+per call on the 2-core CPU box (a tiny gpu_cpu_mm: 19.4-20.1 us through custom_op, 10.2-10.7
+us now, 8.6-9.1 us for the bare function; `benchmarks/custom_op_dispatch.py`), paid by every
+hand-off of every split layer per token, and these ops are never differentiated.
 
 The CPU's rows come back to the GPU without the copy engine: a split layer streams its GPU
 rows over the link on a side stream, and the copy engine serves copies in the order they were

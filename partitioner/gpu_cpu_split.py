@@ -95,6 +95,7 @@ def _root(graph: OpGraph, value: str) -> str:
 # appears decomposed, as x * sigmoid(x)
 _ACTIVATIONS = ("aten.silu.default", "aten.gelu.default", "aten.relu.default")
 _MUL = "aten.mul.Tensor"
+_SIGMOID = "aten.sigmoid.default"
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,7 @@ def handoffs(graph: OpGraph, mms: Sequence[SplitMatmul]) -> tuple[Handoff, ...]:
     return tuple(out)
 
 
-def _mlp_blocks(
-    graph: OpGraph, mms: Sequence[SplitMatmul]
-) -> list[tuple[SplitMatmul, ...]]:
+def _mlp_blocks(graph: OpGraph, mms: Sequence[SplitMatmul]) -> list[tuple[SplitMatmul, ...]]:
     """The MLP blocks among `mms` as ((gate,) up, down), in order; a matmul in two (mm ->
     act -> mm -> act -> mm) stays with the first, as the runtime does."""
     by_node = {m.node: m for m in mms if m.bias is None}
@@ -147,9 +146,9 @@ def _activation(graph: OpGraph, value: str) -> str | None:
     if op.target == _MUL and len(op.inputs) == 2:
         a, b = op.inputs
         for v, s in ((a, b), (b, a)):
-            if s in graph.nodes and graph[s].target == "aten.sigmoid.default":
-                if graph[s].inputs == (v,):
-                    return v
+            sigmoid = graph.nodes.get(s)
+            if sigmoid is not None and sigmoid.target == _SIGMOID and sigmoid.inputs == (v,):
+                return v
     return None
 
 

@@ -1,16 +1,23 @@
 """Running a `split` stage: each weight matmul computed partly on the GPU, partly on the host
 CPU, at the same time (partitioner/gpu_cpu_split.py says why and prices it).
 
-The stage's program (weights as inputs) is rewritten before it is compiled: the matmuls
-that read one activation (q/k/v, gate/up) become one call of the custom op
-`hetero::gpu_cpu_mm(x, w_gpu, w_cpu)`, where `w_gpu` stacks the first rows of each of their
-weights (streamed to the GPU) and `w_cpu` the other rows (in host memory, in the plan's
-CPU dtype). The op queues the GPU's product, copies `x` to the host, multiplies there
-while the GPU works, and copies the CPU's rows back; the graph then puts each output's two
-halves side by side. Everything else of the program compiles as usual around the op.
+The stage's program (weights as inputs) is rewritten before it is compiled. An MLP block,
+down(act(gate(x)) * up(x)) or down(act(up(x))), becomes one call of
+`hetero::gpu_cpu_mlp(x, w_gpu, w_cpu, act, gated)`, split Megatron-style: the GPU takes the
+first intermediate features (those rows of gate and up, the same columns of down), the CPU
+the rest, each side computes the whole block over its features, and the two [tokens, hidden]
+partial sums add on the GPU: one hand-off, and only x and the sums cross. The other matmuls
+that read one activation (q/k/v) become one call of `hetero::gpu_cpu_mm(x, w_gpu, w_cpu)`,
+where `w_gpu` stacks the first rows of each of their weights and `w_cpu` the other rows; the
+graph then puts each output's two halves side by side. The GPU's shares stream to it; the
+CPU's stay in host memory, in the plan's CPU dtype. Each op queues the GPU's work, copies
+`x` to the host, computes there while the GPU works, and returns the CPU's part.
+Everything else of the program compiles as usual around the ops.
 
-A custom op rather than Python in the graph: the compiler sees one opaque call with known
-output shapes and fuses the rest of the layer around it.
+Custom ops rather than Python in the graph: the compiler sees one opaque call with known
+output shapes and fuses the rest of the layer around it. A block that does not match
+(biases in it, a value inside it read elsewhere, an output narrower or wider than its
+input) splits matmul by matmul.
 """
 
 from __future__ import annotations
