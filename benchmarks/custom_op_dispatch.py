@@ -7,6 +7,9 @@ call (a [1, 8] activation, [4, 8] weights, both shares on the CPU), for
   hetero        hetero::gpu_cpu_mm / hetero::gpu_cpu_mlp as registered now
                 (torch.library.Library, one kernel per dispatch key)
 
+With `--device cuda` the activation and the GPU's share are on the GPU: a real hand-off
+(copy, wait, result kernel), so the columns differ by the dispatch alone.
+
 Each is the best of `--rounds` rounds of `--calls` calls (the three interleaved), under
 no_grad (as generation runs) and with grad enabled. One thread: the products are not what
 is measured.
@@ -59,15 +62,21 @@ def _per_call_us(fns: dict[str, Callable], args: tuple, calls: int, rounds: int)
     return {name: round(t * 1e6, 2) for name, t in best.items()}
 
 
-def measure(calls: int, rounds: int) -> dict[str, dict[str, float]]:
+def measure(calls: int, rounds: int, device: str = "cpu") -> dict[str, dict[str, float]]:
     torch.set_num_threads(1)
-    x = torch.randn(1, 8)
+    x = torch.randn(1, 8, device=device)
     w = torch.randn(4, 8)
     w_mlp = torch.randn(6, 8)  # gated, 2 features a side
+    w_dev, w_mlp_dev = w.to(device), w_mlp.to(device)
     twins = _custom_op_twins()
     cases = {
-        "mm": ((x, w, w), ops._gpu_cpu_mm, twins["mm"], ops.gpu_cpu_mm),
-        "mlp": ((x, w_mlp, w_mlp, "silu", True), ops._gpu_cpu_mlp, twins["mlp"], ops.gpu_cpu_mlp),
+        "mm": ((x, w_dev, w), ops._gpu_cpu_mm, twins["mm"], ops.gpu_cpu_mm),
+        "mlp": (
+            (x, w_mlp_dev, w_mlp, "silu", True),
+            ops._gpu_cpu_mlp,
+            twins["mlp"],
+            ops.gpu_cpu_mlp,
+        ),
     }
     out: dict[str, dict[str, float]] = {}
     for grad in (False, True):
@@ -84,9 +93,14 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=2000, help="calls per round")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--device", default="cpu", help="cuda: x and the GPU share there (the real hand-off)"
+    )
     args = ap.parse_args()
-    rows = measure(args.calls, args.rounds)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    rows = measure(args.calls, args.rounds, args.device)
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, x on {args.device}"
+    )
     print(f"{'op':22s} {'bare':>8s} {'custom_op':>10s} {'hetero':>8s}   us per call")
     for op, r in rows.items():
         print(f"{op:22s} {r['bare']:8.2f} {r['custom_op']:10.2f} {r['hetero']:8.2f}")

@@ -77,3 +77,43 @@ def test_each_mlp_call_adds_its_own_cpu_share_between_gpu_cpu_mm_calls(dtype, cp
         want = mlp_share(x, w_gpu, act, True).add_(cpu_share.cuda())  # the op's own arithmetic
         torch.testing.assert_close(y, want, rtol=1e-3, atol=1e-3)
         assert torch.equal(y_mm.cpu(), (x.cpu().to(dtype) @ w_mm.t()).to(dtype))
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(256, 640, bias=False)
+        self.up = torch.nn.Linear(256, 640, bias=False)
+        self.down = torch.nn.Linear(640, 256, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def test_a_split_mlp_exports_and_compiles_with_inductor_on_the_gpu():
+    """The rewritten program, its GPU share on the GPU and its CPU share in host memory,
+    through torch.export and Inductor (the op one opaque call in the compiled code)."""
+    from hetero.partitioner.graph import capture
+    from hetero.runtime.split_linear import shares, split_program
+
+    torch.manual_seed(0)
+    mlp = _Mlp().eval()
+    x = torch.randn(1, 3, 256)
+    graph = capture(mlp, (x,))
+    gm = graph.program.graph_module
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    params = {name: graph.program.state_dict[fqn] for name, (fqn, _) in graph.params.items()}
+    split, inputs, groups = split_program(
+        gm, names, 0.4, {n: tuple(params[n].shape) for n in params}
+    )
+    gpu, cpu = shares(params, groups)
+    values = {**{k: v.cuda() for k, v in gpu.items()}, **cpu, names[-1]: x.cuda()}
+    args = tuple(values[n] for n in inputs)
+    ep = torch.export.export(split, args)
+    assert sum(n.target is gpu_cpu_mlp for n in ep.graph.nodes) == 1
+    compiled = torch.compile(ep.module(), backend="inductor", fullgraph=True)
+    for _ in range(3):
+        (out,) = compiled(*args)
+    with torch.no_grad():
+        want = mlp.cuda()(x.cuda())
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
