@@ -212,7 +212,7 @@ class SplitCost:
     cpu_bytes: int  # read by the CPU per run
     link_s: float
     cpu_s: float
-    handoffs: int
+    handoffs: int  # trips to the CPU and back per run (`handoffs()`: an MLP block is one)
     cpu_dtype: str
 
 
