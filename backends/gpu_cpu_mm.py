@@ -1,9 +1,17 @@
 """`hetero::gpu_cpu_mm`: one matmul computed by a GPU and its host CPU at once, each on its
-share of the weight's rows (the `split` placement, partitioner/gpu_cpu_split.py).
+share of the weight's rows (the `split` placement, partitioner/gpu_cpu_split.py); and
+`hetero::gpu_cpu_mlp`: a whole MLP block split the same way by its intermediate features,
+one hand-off where the matmuls one at a time took two.
 
-A custom op rather than Python in a graph: a compiler sees one opaque call with known output
+Custom ops rather than Python in a graph: a compiler sees one opaque call with known output
 shapes and fuses the rest of the program around it; torch.export records it as one node.
-Importing this module registers the op.
+Importing this module registers the ops.
+
+They are registered through `torch.library.Library` (a kernel per dispatch key) rather than
+`torch.library.custom_op`: custom_op's Python autograd and dispatch layers cost ~9 us more
+per call on the 2-core CPU box (a tiny gpu_cpu_mm: 19.4-20.1 us through custom_op, 10.2-10.7
+us now, 8.6-9.1 us for the bare function; `benchmarks/custom_op_dispatch.py`), paid by every
+hand-off of every split layer per token, and these ops are never differentiated.
 
 The CPU's rows come back to the GPU without the copy engine: a split layer streams its GPU
 rows over the link on a side stream, and the copy engine serves copies in the order they were
@@ -15,11 +23,14 @@ does not order).
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 class _Staging(threading.local):
@@ -103,21 +114,27 @@ def from_host(
     return y_dev.to(dtype) if y_dev.dtype != dtype else y_dev.mul(1)
 
 
-@torch.library.custom_op("hetero::gpu_cpu_mm", mutates_args=())
-def gpu_cpu_mm(x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor) -> list[torch.Tensor]:
+_LIB = torch.library.Library("hetero", "FRAGMENT")
+
+
+def _register(schema: str, kernel: Callable, fake: Callable) -> torch._ops.OpOverload:
+    """Defines `hetero::<schema>` with `kernel` for CPU and CUDA inputs (it tells them apart
+    itself) and `fake` for tracing; returns the op a graph calls."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    for key in ("CPU", "CUDA"):
+        _LIB.impl(name, kernel, key)
+    torch.library.register_fake(f"hetero::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.hetero, name).default
+
+
+def _gpu_cpu_mm(x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor) -> list[torch.Tensor]:
     """(x @ w_gpu.T on x's device, x @ w_cpu.T computed on the host, back on x's device)."""
     if x.device.type != "cuda":
         # no GPU (tests, CPU-only machines): both shares here, same arithmetic per row
         y_cpu = x.to(w_cpu.dtype) @ w_cpu.t()
         return [x @ w_gpu.t(), y_cpu.to(x.dtype)]
-    stream = torch.cuda.current_stream(x.device)
-    x_host, _ = _STAGING.get(x.device, "x", tuple(x.shape), x.dtype)
-    x_host.copy_(x, non_blocking=True)
-    # A spinning wait: the thread that waits is the one that multiplies next, so it has
-    # nothing better to do, and a blocking wait sleeps in the kernel for tens of
-    # microseconds past the copy, four times per layer.
-    ready = torch.cuda.Event()
-    ready.record(stream)
+    x_host, ready = _to_host(x, "x")
     y_gpu = x @ w_gpu.t()  # queued behind the copy; runs while the CPU multiplies
     ready.synchronize()
     xc = x_host if x_host.dtype == w_cpu.dtype else x_host.to(w_cpu.dtype)
@@ -126,6 +143,84 @@ def gpu_cpu_mm(x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor) -> lis
     return [y_gpu, from_host(y_host, y_dev, x.device, x.dtype)]
 
 
-@gpu_cpu_mm.register_fake
-def _(x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor) -> list[torch.Tensor]:
+def _to_host(x: torch.Tensor, role: str) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Queues x's copy into the pinned buffer `role`; (the buffer, an event past the copy).
+    The caller queues its GPU work next (behind the copy, so it does not delay it), then
+    waits on the event: a spinning wait, since the thread that waits is the one that
+    multiplies next, and a blocking wait sleeps in the kernel for tens of microseconds past
+    the copy, on every hand-off."""
+    x_host, _ = _STAGING.get(x.device, role, tuple(x.shape), x.dtype)
+    x_host.copy_(x, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(x.device))
+    return x_host, ready
+
+
+def _mm_fake(x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor) -> list[torch.Tensor]:
     return [x.new_empty((x.shape[0], w_gpu.shape[0])), x.new_empty((x.shape[0], w_cpu.shape[0]))]
+
+
+gpu_cpu_mm = _register(
+    "gpu_cpu_mm(Tensor x, Tensor w_gpu, Tensor w_cpu) -> Tensor[]", _gpu_cpu_mm, _mm_fake
+)
+
+# The MLP's activation by the name the op takes (a string: the schema has no callables)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def mlp_features(w: torch.Tensor, gated: bool) -> int:
+    """Intermediate features in one side's MLP share `w`: [gate rows; up rows; down's
+    columns, transposed] (no gate rows when not gated), all [features, hidden]."""
+    return w.shape[0] // (3 if gated else 2)
+
+
+def mlp_share(
+    x: torch.Tensor, w: torch.Tensor, act: str, gated: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) (or down(act(up(x)))) over the features `w` holds: a
+    [tokens, hidden] partial sum of the MLP's output."""
+    r = mlp_features(w, gated)
+    inner = 2 * r if gated else r
+    h = x @ w[:inner].t()  # gate and up in one product
+    h = ACTIVATIONS[act](h[:, :r]) * h[:, r:] if gated else ACTIVATIONS[act](h)
+    return torch.mm(h, w[inner:], out=out)
+
+
+def _gpu_cpu_mlp(
+    x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor, act: str, gated: bool
+) -> torch.Tensor:
+    """The MLP of x: the GPU's features' partial sum plus the CPU's (computed on the host in
+    w_cpu's dtype), added on x's device."""
+    if x.device.type != "cuda":
+        y = mlp_share(x, w_gpu, act, gated)
+        return y.add_(mlp_share(x.to(w_cpu.dtype), w_cpu, act, gated))
+    # Roles of their own: a layer calls both ops, and each buffer's reuse rests only on the
+    # ordering of its own role's calls (_Staging).
+    x_host, ready = _to_host(x, "mlp_x")
+    y = mlp_share(x, w_gpu, act, gated)  # queued behind the copy; runs while the CPU works
+    ready.synchronize()
+    xc = x_host if x_host.dtype == w_cpu.dtype else x_host.to(w_cpu.dtype)
+    y_host, y_dev = _STAGING.get(x.device, "mlp_y", (x.shape[0], w_cpu.shape[1]), w_cpu.dtype)
+    mlp_share(xc, w_cpu, act, gated, out=y_host)
+    if y_dev is None:
+        return y.add_(y_host.to(x.device, non_blocking=True))
+    # the sum's kernel reads the CPU's rows from pinned memory: no copy engine queue
+    return y.add_(y_dev)
+
+
+def _mlp_fake(
+    x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor, act: str, gated: bool
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w_gpu.shape[1]))
+
+
+gpu_cpu_mlp = _register(
+    "gpu_cpu_mlp(Tensor x, Tensor w_gpu, Tensor w_cpu, str act, bool gated) -> Tensor",
+    _gpu_cpu_mlp,
+    _mlp_fake,
+)

@@ -16,7 +16,11 @@ every matmul by rows keeps both resources busy on every layer.
 
 `split_matmuls` finds the matmuls a group can split (a weight read through a transpose
 view: nn.Linear in core ATen); `split_cost` prices the group at its best GPU share.
-Matmuls that read the same activation (q/k/v, gate/up) share one hand-off.
+Matmuls that read the same activation (q/k/v) share one hand-off, and a whole MLP block
+(down(act(gate(x)) * up(x)), or down(act(up(x)))) is one: each side computes all three
+matmuls over its share of the intermediate features and only x and the [tokens, hidden]
+partial sums cross, where the matmuls one activation at a time also sent the intermediate
+activation across (runtime/split_linear.py matches the same blocks in the program).
 """
 
 from __future__ import annotations
@@ -77,12 +81,125 @@ def split_matmuls(graph: OpGraph, nodes: Sequence[str]) -> tuple[SplitMatmul, ..
 
 def _root(graph: OpGraph, value: str) -> str:
     """The value a chain of views reads (each Linear of a block flattens the same input
-    through its own `view`): matmuls of one root share a hand-off."""
-    while (
-        value in graph.nodes and graph[value].op_class == "view" and len(graph[value].inputs) == 1
-    ):
-        value = graph[value].inputs[0]
+    through its own `view`): matmuls of one root share a hand-off. A view's symbolic sizes
+    (a prompt of any length) are inputs too, not what it views."""
+    while value in graph.nodes and graph[value].op_class == "view":
+        tensors = [v for v in graph[value].inputs if _is_tensor(graph, v)]
+        if len(tensors) != 1:
+            break
+        value = tensors[0]
     return value
+
+
+# the MLP activations the runtime fuses (backends/gpu_cpu_mm.py ACTIVATIONS); SiLU also
+# appears decomposed, as x * sigmoid(x)
+_ACTIVATIONS = ("aten.silu.default", "aten.gelu.default", "aten.relu.default")
+_MUL = "aten.mul.Tensor"
+_SIGMOID = "aten.sigmoid.default"
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """One trip to the CPU and back: x goes to the host, the CPU's share of `outputs` returns."""
+
+    x: str
+    outputs: tuple[str, ...]  # an MLP block: its down's output; else the matmuls of x
+    mlp: bool = False
+
+
+def handoffs(graph: OpGraph, mms: Sequence[SplitMatmul]) -> tuple[Handoff, ...]:
+    """The hand-offs the split runtime makes for `mms`: one per MLP block, one per
+    activation that the other matmuls read."""
+    blocks = _mlp_blocks(graph, mms)
+    fused = {m.node for block in blocks for m in block}
+    out = [Handoff(block[0].x, (block[-1].node,), mlp=True) for block in blocks]
+    by_x: dict[str, list[str]] = {}
+    for m in mms:
+        if m.node not in fused:
+            by_x.setdefault(m.x, []).append(m.node)
+    out += [Handoff(x, tuple(nodes)) for x, nodes in by_x.items()]
+    return tuple(out)
+
+
+def _mlp_blocks(graph: OpGraph, mms: Sequence[SplitMatmul]) -> list[tuple[SplitMatmul, ...]]:
+    """The MLP blocks among `mms` as ((gate,) up, down), in order; a matmul in two (mm ->
+    act -> mm -> act -> mm) stays with the first, as the runtime does."""
+    by_node = {m.node: m for m in mms if m.bias is None}
+    taken: set[str] = set()
+    out = []
+    for down in by_node.values():
+        block = _gated(graph, down, by_node) or _not_gated(graph, down, by_node)
+        names = {m.node for m in block or ()}
+        if block and not names & taken and _stacks(block) and _closed(graph, block):
+            taken |= names
+            out.append(block)
+    return out
+
+
+def _activation(graph: OpGraph, value: str) -> str | None:
+    """The input of `value` when it is one of the fused activations, else None."""
+    op = graph.nodes.get(value)
+    if op is None:
+        return None
+    if op.target in _ACTIVATIONS and op.inputs:
+        return op.inputs[0]
+    if op.target == _MUL and len(op.inputs) == 2:
+        a, b = op.inputs
+        for v, s in ((a, b), (b, a)):
+            sigmoid = graph.nodes.get(s)
+            if sigmoid is not None and sigmoid.target == _SIGMOID and sigmoid.inputs == (v,):
+                return v
+    return None
+
+
+def _gated(graph: OpGraph, down: SplitMatmul, by_node: dict) -> tuple | None:
+    op = graph.nodes.get(down.x)
+    if op is None or op.target != _MUL or len(op.inputs) != 2:
+        return None
+    for a, b in (op.inputs, op.inputs[::-1]):
+        inner = _activation(graph, _root(graph, a))
+        gate = by_node.get(_root(graph, inner)) if inner is not None else None
+        up = by_node.get(_root(graph, b))
+        if gate is not None and up is not None and gate.x == up.x and gate is not up:
+            return (gate, up, down)
+    return None
+
+
+def _not_gated(graph: OpGraph, down: SplitMatmul, by_node: dict) -> tuple | None:
+    inner = _activation(graph, down.x)
+    up = by_node.get(_root(graph, inner)) if inner is not None else None
+    return (up, down) if up is not None and up is not down else None
+
+
+def _stacks(block: tuple[SplitMatmul, ...]) -> bool:
+    """Each side's share is one [features, hidden] stack: gate and up of one shape, down's
+    output as wide as their input."""
+    *first, down = block
+    return len({(m.rows, m.cols) for m in first}) == 1 and first[0].cols == down.rows
+
+
+def _closed(graph: OpGraph, block: tuple[SplitMatmul, ...]) -> bool:
+    """Nothing outside the block reads a value between its first matmuls and its down."""
+    *first, down = block
+    starts = {m.node for m in first}
+    inner: set[str] = set()
+    todo = [v for v in graph[down.node].inputs if v in graph.nodes]
+    while todo:
+        v = todo.pop()
+        if v in inner or v not in graph.nodes:
+            continue
+        inner.add(v)
+        if v not in starts:  # tensors only: a view's symbolic sizes lead out of the block
+            todo.extend(u for u in graph[v].inputs if _is_tensor(graph, u))
+    inner -= {v for v in inner if not graph[v].inputs and graph[v].params}  # weight views
+    if not starts <= inner or inner & set(graph.outputs):
+        return False
+    allowed = inner | {down.node}
+    return all(set(graph.graph.successors(v)) <= allowed for v in inner)
+
+
+def _is_tensor(graph: OpGraph, value: str) -> bool:
+    return (value in graph.nodes or value in graph.inputs) and graph.value_meta(value).is_tensor
 
 
 @dataclass(frozen=True)
@@ -95,7 +212,7 @@ class SplitCost:
     cpu_bytes: int  # read by the CPU per run
     link_s: float
     cpu_s: float
-    handoffs: int
+    handoffs: int  # trips to the CPU and back per run (`handoffs()`: an MLP block is one)
     cpu_dtype: str
     path_s: float = 0.0  # the host's side: the GPU's work, the hand-offs, the CPU's rows beyond
 
@@ -129,11 +246,11 @@ def split_cost(
     gpu_mm = cm.kernel_time(mm_ops, gpu, scale=scale, backend=gpu_backend)
     cpu_dtype, cpu_mm = _cpu_share(mm_ops, cpu, cm, cpu_backend, scale)
     own_size = _itemsize(_dtype(mm_ops))
-    inputs = {m.x for m in mms}
+    trips = handoffs(graph, mms)
     handoff = 0.0
-    for x in inputs:
-        x_bytes = graph.value_bytes(x) * scale
-        y_bytes = sum(graph.value_bytes(m.node) for m in mms if m.x == x) * scale
+    for trip in trips:
+        x_bytes = graph.value_bytes(trip.x) * scale
+        y_bytes = sum(graph.value_bytes(v) for v in trip.outputs) * scale
         handoff += (
             cm.transfer_time(cluster, gpu.name, cpu.name, x_bytes)
             + cm.transfer_time(cluster, cpu.name, gpu.name, y_bytes)
@@ -155,7 +272,7 @@ def split_cost(
                 cpu_bytes=int((1 - f) * split_bytes * _itemsize(cpu_dtype) / own_size),
                 link_s=link,
                 cpu_s=cpu_s,
-                handoffs=len(inputs),
+                handoffs=len(trips),
                 cpu_dtype=cpu_dtype,
                 path_s=path,
             )

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from hetero.backends.eager import torch_device
-from hetero.backends.gpu_cpu_mm import gpu_cpu_mm
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm
 from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
@@ -48,8 +48,8 @@ from hetero.runtime.streaming import program_key
 from hetero.runtime.weight_stream import WeightStreamer, slot_bytes
 
 log = logging.getLogger("hetero.runtime")
-# A split stage's program calls this op: it must be registered before any program loads.
-CUSTOM_OPS = (gpu_cpu_mm,)
+# A split stage's program calls these ops: they must be registered before any program loads.
+CUSTOM_OPS = (gpu_cpu_mm, gpu_cpu_mlp)
 
 
 class DeviceStore:
@@ -334,10 +334,8 @@ class StageBinder:
         out = {n: self.weights[n] for n in s.params if n in self.weights}
         cpu_dtype = getattr(torch, s.cpu_dtype) if s.cpu_dtype else None
         for k, group in enumerate(s.shares):
-            full = [(_host(self.weights[w]), rows) for w, rows in group]
-            out[f"gpu{k}"] = torch.cat([w[:rows] for w, rows in full]).contiguous()
-            cpu = torch.cat([w[rows:] for w, rows in full])
-            out[f"cpu{k}"] = (cpu.to(cpu_dtype) if cpu_dtype is not None else cpu).contiguous()
+            full = {w: _host(self.weights[w]) for w in group.weights}
+            out[f"gpu{k}"], out[f"cpu{k}"] = group.cut(full, cpu_dtype)
         return out
 
     def _shared_slots(self, prepared) -> dict[str, tuple[list[torch.Tensor], Any]]:

@@ -5,7 +5,8 @@ cache) serves prefill and decode.
 A streamed or split partition becomes one stage per group that holds weights (one weight
 streamer item per layer: the planner's memory model holds two of them on the GPU). A split
 stage's program is rewritten before compiling (runtime/split_linear.py): its weight
-matmuls call `hetero::gpu_cpu_mm` with the GPU's rows and the CPU's rows as two inputs;
+matmuls call `hetero::gpu_cpu_mm` (a whole MLP block, `hetero::gpu_cpu_mlp`) with the GPU's
+share and the CPU's share as two inputs;
 the CPU's rows are stored in the plan's CPU dtype.
 """
 
@@ -169,7 +170,7 @@ def _compile_phase(
                 state=tuple(x for x in unit.params if x in graph.state),
                 cpu_shares=tuple(f"cpu{k}" for k in range(len(shared))),
                 phase=phase.value,
-                shares=tuple(tuple(zip(g.weights, g.gpu_rows, strict=True)) for g in shared),
+                shares=shared,
                 cpu_dtype=p.cpu_dtype if p.weights == "split" else "",
             )
         )
@@ -179,19 +180,20 @@ def _compile_phase(
 def _split_unit(
     graph: OpGraph, unit: CompileUnit, nodes: Sequence[str], fraction: float, cpu_dtype: str
 ) -> tuple[CompileUnit, tuple]:
-    """The unit with its weight matmuls through gpu_cpu_mm; (unit, its shared groups). The
-    shares it traces with are empty tensors of the right shapes: the worker cuts the real
-    ones from the weights it binds."""
+    """The unit with its weight matmuls through gpu_cpu_mm and gpu_cpu_mlp; (unit, its
+    shared groups). The shares it traces with are empty tensors of the right shapes: the
+    worker cuts the real ones from the weights it binds."""
     mms = split_matmuls(graph, nodes)
-    rows = {m.weight: m.rows for m in mms}
-    module, names, groups = split_program(unit.module, (*unit.inputs, *unit.params), fraction, rows)
+    shapes = {m.weight: (m.rows, m.cols) for m in mms}
+    names = (*unit.inputs, *unit.params)
+    module, names, groups = split_program(unit.module, names, fraction, shapes)
     new_params = names[len(unit.inputs) :]
     values: dict[str, Any] = {k: v for k, v in unit.param_values.items() if k in new_params}
     for k, g in enumerate(groups):
         first = unit.param_values[g.weights[0]]
-        cols = first.shape[1]
-        gpu_rows, cpu_rows = sum(g.gpu_rows), sum(g.rows) - sum(g.gpu_rows)
         dtype = getattr(torch, cpu_dtype) if cpu_dtype else first.dtype
-        values[f"gpu{k}"] = torch.empty((gpu_rows, cols), dtype=first.dtype, device=first.device)
-        values[f"cpu{k}"] = torch.empty((cpu_rows, cols), dtype=dtype, device=first.device)
+        # cut on the meta device: the shapes without copying any weight
+        gpu, cpu = g.cut({w: unit.param_values[w].to("meta") for w in g.weights}, dtype)
+        values[f"gpu{k}"] = torch.empty(gpu.shape, dtype=first.dtype, device=first.device)
+        values[f"cpu{k}"] = torch.empty(cpu.shape, dtype=dtype, device=first.device)
     return dataclasses.replace(unit, module=module, params=new_params, param_values=values), groups

@@ -35,7 +35,7 @@ def _weights_for(stages: Sequence[StageSpec], weights: Mapping[str, torch.Tensor
     """Host copies of what `stages` bind: their params, and the full weights their split
     shares are cut from."""
     names = {n for s in stages for n in s.params}
-    names |= {w for s in stages for group in s.shares for w, _ in group}
+    names |= {w for s in stages for group in s.shares for w in group.weights}
     return {n: weights[n].detach().cpu() for n in sorted(names) if n in weights}
 
 

@@ -1,28 +1,35 @@
 """Running a `split` stage: each weight matmul computed partly on the GPU, partly on the host
 CPU, at the same time (partitioner/gpu_cpu_split.py says why and prices it).
 
-The stage's program (weights as inputs) is rewritten before it is compiled: the matmuls
-that read one activation (q/k/v, gate/up) become one call of the custom op
-`hetero::gpu_cpu_mm(x, w_gpu, w_cpu)`, where `w_gpu` stacks the first rows of each of their
-weights (streamed to the GPU) and `w_cpu` the other rows (in host memory, in the plan's
-CPU dtype). The op queues the GPU's product, copies `x` to the host, multiplies there
-while the GPU works, and copies the CPU's rows back; the graph then puts each output's two
-halves side by side. Everything else of the program compiles as usual around the op.
+The stage's program (weights as inputs) is rewritten before it is compiled. An MLP block,
+down(act(gate(x)) * up(x)) or down(act(up(x))), becomes one call of
+`hetero::gpu_cpu_mlp(x, w_gpu, w_cpu, act, gated)`, split Megatron-style: the GPU takes the
+first intermediate features (those rows of gate and up, the same columns of down), the CPU
+the rest, each side computes the whole block over its features, and the two [tokens, hidden]
+partial sums add on the GPU: one hand-off, and only x and the sums cross. The other matmuls
+that read one activation (q/k/v) become one call of `hetero::gpu_cpu_mm(x, w_gpu, w_cpu)`,
+where `w_gpu` stacks the first rows of each of their weights and `w_cpu` the other rows; the
+graph then puts each output's two halves side by side. The GPU's shares stream to it; the
+CPU's stay in host memory, in the plan's CPU dtype. Each op queues the GPU's work, copies
+`x` to the host, computes there while the GPU works, and returns the CPU's part.
+Everything else of the program compiles as usual around the ops.
 
-A custom op rather than Python in the graph: the compiler sees one opaque call with known
-output shapes and fuses the rest of the layer around it.
+Custom ops rather than Python in the graph: the compiler sees one opaque call with known
+output shapes and fuses the rest of the layer around it. A block that does not match
+(biases in it, a value inside it read elsewhere, an output narrower or wider than its
+input) splits matmul by matmul.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
 
-from hetero.backends.gpu_cpu_mm import gpu_cpu_mm
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm
 
 _MM = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 _TRANSPOSE = (torch.ops.aten.permute.default, torch.ops.aten.t.default)
@@ -30,12 +37,34 @@ _TRANSPOSE = (torch.ops.aten.permute.default, torch.ops.aten.t.default)
 
 @dataclass(frozen=True)
 class SharedMatmuls:
-    """Matmuls of one activation, split together: their weights' GPU rows stacked in one
-    matrix, the CPU rows in another."""
+    """Matmuls split together, one hand-off: either matmuls of one activation, their weights'
+    GPU rows stacked in one matrix and the CPU rows in another (`gpu_cpu_mm`); or, `act`
+    set, an MLP block whose GPU and CPU each take some of its intermediate features
+    (`gpu_cpu_mlp`): the rows of gate and up and the same columns of down."""
 
-    weights: tuple[str, ...]  # param names, in stacking order
-    gpu_rows: tuple[int, ...]  # rows of each computed on the GPU
-    rows: tuple[int, ...]  # each weight's rows
+    weights: tuple[str, ...]  # param names, in stacking order; an MLP's: (gate,) up, down
+    gpu_rows: tuple[int, ...]  # rows of each computed on the GPU (an MLP: features, each)
+    rows: tuple[int, ...]  # each weight's rows (an MLP: its intermediate features, each)
+    act: str = ""  # an MLP's activation (backends.gpu_cpu_mm.ACTIVATIONS); "": not an MLP
+    gated: bool = False  # an MLP with a gate: down(act(gate(x)) * up(x))
+
+    def cut(
+        self, weights: Mapping[str, torch.Tensor], cpu_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the GPU's share, the CPU's share in `cpu_dtype`) of the full host `weights`."""
+        full = [weights[w] for w in self.weights]
+        if self.act:
+            # down's columns transposed to rows: both sides then hold [features, hidden]
+            # blocks that stack, so each side's share is one tensor (one input, one stream)
+            r = self.gpu_rows[0]
+            *inner, down = full
+            gpu = torch.cat([*(w[:r] for w in inner), down[:, :r].t()])
+            cpu = torch.cat([*(w[r:] for w in inner), down[:, r:].t()])
+        else:
+            gpu = torch.cat([w[:n] for w, n in zip(full, self.gpu_rows, strict=True)])
+            cpu = torch.cat([w[n:] for w, n in zip(full, self.gpu_rows, strict=True)])
+        cpu = cpu.to(cpu_dtype) if cpu_dtype is not None else cpu
+        return gpu.contiguous(), cpu.contiguous()
 
 
 def gpu_rows(rows: int, fraction: float) -> int:
@@ -72,68 +101,235 @@ def _same_value(x: Node) -> tuple:
     return (root, shape)
 
 
+_MUL = torch.ops.aten.mul.Tensor
+_SIGMOID = torch.ops.aten.sigmoid.default
+# activations that are one node; SiLU also appears decomposed, as x * sigmoid(x)
+_ACT_NODES = {
+    torch.ops.aten.silu.default: "silu",
+    torch.ops.aten.relu.default: "relu",
+    torch.ops.aten.gelu.default: "gelu",
+}
+
+
+@dataclass(frozen=True)
+class _Mlp:
+    """A matched MLP block: down(act(gate(x)) * up(x)), or down(act(up(x))) without gate."""
+
+    x: Node  # the activation gate/up read (2-D)
+    gate: Node | None  # the mm nodes
+    up: Node
+    down: Node
+    act: str
+
+
+def _unview(n: object) -> object:
+    while isinstance(n, Node) and n.target in _VIEWS:
+        n = n.args[0]
+    return n
+
+
+def _activation(n: object) -> tuple[str, object] | None:
+    """(the activation's name, its input) when `n` is one of the MLP activations."""
+    if not isinstance(n, Node) or n.op != "call_function":
+        return None
+    if n.target in _ACT_NODES:
+        name = _ACT_NODES[n.target]
+        if name == "gelu" and n.kwargs.get("approximate", "none") == "tanh":
+            name = "gelu_tanh"
+        return name, n.args[0]
+    if n.target is _MUL and len(n.args) == 2:
+        a, b = n.args
+        for v, s in ((a, b), (b, a)):
+            if isinstance(s, Node) and s.target is _SIGMOID and s.args[0] is v:
+                return "silu", v
+    return None
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """The matmuls of split weights: mm node -> its weight's name, and each weight's shape."""
+
+    of: Mapping[Node, str]
+    shapes: Mapping[str, tuple[int, int]]  # (rows, cols)
+
+    def plain(self, n: object) -> bool:
+        """A split weight's mm without bias (a bias would need splitting too: not fused)."""
+        return isinstance(n, Node) and n.target is _MM[0] and n in self.of
+
+    def shape(self, mm: Node) -> tuple[int, int]:
+        return tuple(self.shapes[self.of[mm]])
+
+
+def _mlp_at(down: Node, weights: _Weights) -> _Mlp | None:
+    """The MLP block that `down` (a split weight's mm) ends, or None. Its matmuls must be
+    split weights' mms without bias, gate and up of one activation and of one shape, down's
+    output as wide as their input (each side's share is one [features, hidden] stack), and
+    nothing else may read the block's inner values (they are not computed any more)."""
+    if not weights.plain(down):
+        return None
+    h = _unview(down.args[0])
+    m = _gated(h, down, weights) or _not_gated(h, down, weights)
+    if m is None or weights.shape(m.up)[1] != weights.shape(down)[0]:
+        return None
+    if m.gate is not None and weights.shape(m.gate) != weights.shape(m.up):
+        return None
+    return m if _closed(m) else None
+
+
+def _gated(h: object, down: Node, weights: _Weights) -> _Mlp | None:
+    """h = act(gate(x)) * up(x), either order."""
+    if not (isinstance(h, Node) and h.target is _MUL and len(h.args) == 2):
+        return None
+    for a, b in (h.args, h.args[::-1]):
+        act = _activation(_unview(a))
+        if act is None:
+            continue
+        gate, up = _unview(act[1]), _unview(b)
+        if (
+            weights.plain(gate)
+            and weights.plain(up)
+            and _same_value(gate.args[0]) == _same_value(up.args[0])
+        ):
+            return _Mlp(gate.args[0], gate, up, down, act[0])
+    return None
+
+
+def _not_gated(h: object, down: Node, weights: _Weights) -> _Mlp | None:
+    """h = act(up(x))."""
+    act = _activation(h)
+    up = _unview(act[1]) if act is not None else None
+    if act is None or not weights.plain(up):
+        return None
+    return _Mlp(up.args[0], None, up, down, act[0])
+
+
+def _closed(m: _Mlp) -> bool:
+    """Nothing outside the block reads a value between its first matmuls and `down`."""
+    inner: set[Node] = set()
+    todo = [m.down.args[0]]
+    starts = {m.up} | ({m.gate} if m.gate is not None else set())
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, Node) or n in inner:
+            continue
+        inner.add(n)
+        if n not in starts:
+            todo.extend(a for a in n.args if isinstance(a, Node))
+    if not starts <= inner:
+        return False
+    return all(set(n.users) <= inner | {m.down} for n in inner)
+
+
+def _mlps(weights: _Weights) -> list[_Mlp]:
+    """The MLP blocks, in graph order; a matmul in two (mm -> act -> mm -> act -> mm) stays
+    with the first."""
+    taken: set[Node] = set()
+    out = []
+    for down in weights.of:
+        m = _mlp_at(down, weights)
+        mms = {m.gate, m.up, m.down} - {None} if m is not None else set()
+        if m is not None and not mms & taken:
+            taken |= mms
+            out.append(m)
+    return out
+
+
+def _weight_mms(graph, params: Mapping[Node, str], names: Iterable[str]) -> dict[Node, str]:
+    """{mm node: its weight's name} for the matmuls with a weight in `names`."""
+    names = set(names)
+    out = {}
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target not in _MM:
+            continue
+        w = n.args[1] if n.target is _MM[0] else n.args[2]
+        name = _weight_of(w, params)
+        if name is not None and name in names:
+            out[n] = name
+    return out
+
+
+def _add_inputs(graph, phs: list[Node], k: int) -> tuple[Node, Node]:
+    """New placeholders gpu{k}, cpu{k} after the last one."""
+    last_ph = phs[-1]
+    with graph.inserting_after(last_ph):
+        wc = graph.placeholder(f"cpu{k}")
+    with graph.inserting_after(last_ph):
+        wg = graph.placeholder(f"gpu{k}")
+    phs.extend([wg, wc])
+    return wg, wc
+
+
+def _rewrite_rows(graph, mms: list[Node], x: Node, weights: _Weights, fraction, phs, k):
+    """The matmuls `mms` of one activation `x` as one gpu_cpu_mm; their group."""
+    ws = [weights.of[mm] for mm in mms]
+    rows = [int(weights.shapes[w][0]) for w in ws]
+    g_rows = [gpu_rows(r, fraction) for r in rows]
+    wg, wc = _add_inputs(graph, phs, k)
+    with graph.inserting_before(mms[0]):
+        both = graph.call_function(gpu_cpu_mm, (x, wg, wc))
+        y_gpu = graph.call_function(operator.getitem, (both, 0))
+        y_cpu = graph.call_function(operator.getitem, (both, 1))
+    og = oc = 0
+    for mm, r, g in zip(mms, rows, g_rows, strict=True):
+        with graph.inserting_before(mm):
+            a = graph.call_function(torch.ops.aten.slice.Tensor, (y_gpu, 1, og, og + g))
+            b = graph.call_function(torch.ops.aten.slice.Tensor, (y_cpu, 1, oc, oc + r - g))
+            out = graph.call_function(torch.ops.aten.cat.default, ([a, b], 1))
+            if mm.target is _MM[1]:  # addmm: the bias after the halves meet
+                out = graph.call_function(torch.ops.aten.add.Tensor, (out, mm.args[0]))
+        mm.replace_all_uses_with(out)
+        og, oc = og + g, oc + r - g
+    return SharedMatmuls(tuple(ws), tuple(g_rows), tuple(rows))
+
+
+def _rewrite_mlp(graph, m: _Mlp, weights: _Weights, fraction, phs, k) -> SharedMatmuls:
+    """The block `m` as one gpu_cpu_mlp (its inner values die with `down`); its group."""
+    mms = [mm for mm in (m.gate, m.up, m.down) if mm is not None]
+    ws = tuple(weights.of[mm] for mm in mms)
+    features = int(weights.shape(m.up)[0])
+    r = gpu_rows(features, fraction)
+    wg, wc = _add_inputs(graph, phs, k)
+    with graph.inserting_before(m.down):
+        out = graph.call_function(gpu_cpu_mlp, (m.x, wg, wc, m.act, m.gate is not None))
+    m.down.replace_all_uses_with(out)
+    n = len(ws)
+    return SharedMatmuls(ws, (r,) * n, (features,) * n, m.act, m.gate is not None)
+
+
 def split_program(
     gm: GraphModule,
     names: Sequence[str],
     fraction: float,
-    rows_of: Mapping[str, int],
+    shapes: Mapping[str, tuple[int, int]],
 ) -> tuple[GraphModule, tuple[str, ...], tuple[SharedMatmuls, ...]]:
     """Rewrite `gm` (placeholders named by `names`, in order) so the matmuls with a weight
-    in `rows_of` (name -> rows) run through `gpu_cpu_mm`. Returns the new module, the names
-    of its inputs (the old ones without the split weights, then `gpu{k}`, `cpu{k}` for each
-    shared group k) and the groups."""
+    in `shapes` (name -> (rows, cols)) run through `gpu_cpu_mlp` (whole MLP blocks) or
+    `gpu_cpu_mm` (the others, by activation). Returns the new module, the names of its
+    inputs (the old ones without the split weights, then `gpu{k}`, `cpu{k}` for each shared
+    group k) and the groups."""
     graph = gm.graph
     phs = [n for n in graph.nodes if n.op == "placeholder"]
     params = dict(zip(phs, names, strict=True))
+    weights = _Weights(_weight_mms(graph, params, shapes), shapes)
+    mlps = _mlps(weights)
+    fused = {mm for m in mlps for mm in (m.gate, m.up, m.down)}
     by_x: dict[tuple, list[Node]] = {}
     first_x: dict[tuple, Node] = {}
-    for n in graph.nodes:
-        if n.op != "call_function" or n.target not in _MM:
-            continue
-        x, w = (n.args[0], n.args[1]) if n.target is _MM[0] else (n.args[1], n.args[2])
-        name = _weight_of(w, params)
-        if name is None or name not in rows_of:
-            continue
-        key = _same_value(x)
-        first_x.setdefault(key, x)
-        by_x.setdefault(key, []).append(n)
-    groups = []
-    split_weights: set[str] = set()
-    for k, (key, mms) in enumerate(by_x.items()):
-        x = first_x[key]
-        ws, rows, g_rows = [], [], []
-        for mm in mms:
-            wnode = mm.args[1] if mm.target is _MM[0] else mm.args[2]
-            w_name = params[wnode.args[0]]
-            r = int(rows_of[w_name])
-            ws.append(w_name)
-            rows.append(r)
-            g_rows.append(gpu_rows(r, fraction))
-        groups.append(SharedMatmuls(tuple(ws), tuple(g_rows), tuple(rows)))
-        split_weights.update(ws)
-        last_ph = phs[-1]
-        with graph.inserting_after(last_ph):
-            wc = graph.placeholder(f"cpu{k}")
-        with graph.inserting_after(last_ph):
-            wg = graph.placeholder(f"gpu{k}")
-        phs.extend([wg, wc])
-        with graph.inserting_before(mms[0]):
-            both = graph.call_function(gpu_cpu_mm._opoverload, (x, wg, wc))
-            y_gpu = graph.call_function(operator.getitem, (both, 0))
-            y_cpu = graph.call_function(operator.getitem, (both, 1))
-        og = oc = 0
-        for mm, r, g in zip(mms, rows, g_rows, strict=True):
-            with graph.inserting_before(mm):
-                a = graph.call_function(torch.ops.aten.slice.Tensor, (y_gpu, 1, og, og + g))
-                b = graph.call_function(torch.ops.aten.slice.Tensor, (y_cpu, 1, oc, oc + r - g))
-                out = graph.call_function(torch.ops.aten.cat.default, ([a, b], 1))
-                if mm.target is _MM[1]:  # addmm: the bias after the halves meet
-                    out = graph.call_function(torch.ops.aten.add.Tensor, (out, mm.args[0]))
-            mm.replace_all_uses_with(out)
-            og, oc = og + g, oc + r - g
-    for mm in [m for ms in by_x.values() for m in ms]:
+    for n in weights.of:
+        if n not in fused:
+            x = n.args[0] if n.target is _MM[0] else n.args[1]
+            first_x.setdefault(_same_value(x), x)
+            by_x.setdefault(_same_value(x), []).append(n)
+    groups = [
+        _rewrite_rows(graph, mms, first_x[key], weights, fraction, phs, k)
+        for k, (key, mms) in enumerate(by_x.items())
+    ]
+    for m in mlps:
+        groups.append(_rewrite_mlp(graph, m, weights, fraction, phs, len(groups)))
+    for mm in [m for ms in by_x.values() for m in ms] + [m.down for m in mlps]:
         graph.erase_node(mm)
     graph.eliminate_dead_code()
+    split_weights = {w for g in groups for w in g.weights}
     kept = []
     for ph in [n for n in graph.nodes if n.op == "placeholder"]:
         name = params.get(ph, ph.name)
@@ -150,13 +346,9 @@ def shares(
     groups: Sequence[SharedMatmuls],
     cpu_dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """({gpu{k}: stacked GPU rows}, {cpu{k}: stacked CPU rows, in `cpu_dtype`}) from the
+    """({gpu{k}: group k's GPU share}, {cpu{k}: its CPU share, in `cpu_dtype`}) from the
     full host weights."""
     gpu, cpu = {}, {}
     for k, g in enumerate(groups):
-        top = [weights[w][:n] for w, n in zip(g.weights, g.gpu_rows, strict=True)]
-        rest = [weights[w][n:] for w, n in zip(g.weights, g.gpu_rows, strict=True)]
-        gpu[f"gpu{k}"] = torch.cat(top).contiguous()
-        c = torch.cat(rest).contiguous()
-        cpu[f"cpu{k}"] = c.to(cpu_dtype) if cpu_dtype is not None else c
+        gpu[f"gpu{k}"], cpu[f"cpu{k}"] = g.cut(weights, cpu_dtype)
     return gpu, cpu

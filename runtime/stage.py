@@ -19,6 +19,7 @@ import torch
 from hetero.backends.base import Artifact, CompileOptions
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
+from hetero.runtime.split_linear import SharedMatmuls
 
 CALLER = -1  # the "stage" that supplies user inputs and receives the results
 
@@ -47,9 +48,9 @@ class StageSpec:
     state: tuple[str, ...] = ()
     cpu_shares: tuple[str, ...] = ()
     phase: str = ""
-    # split: per shared group k (inputs gpu{k}, cpu{k}), its weights and the rows of each
-    # the GPU takes; the worker cuts the rows from the full weights, the CPU's in cpu_dtype
-    shares: tuple[tuple[tuple[str, int], ...], ...] = ()
+    # split: per shared group k (inputs gpu{k}, cpu{k}), its weights and what of each the
+    # GPU takes; the worker cuts both shares from the full weights, the CPU's in cpu_dtype
+    shares: tuple[SharedMatmuls, ...] = ()
     cpu_dtype: str = ""
 
     @property

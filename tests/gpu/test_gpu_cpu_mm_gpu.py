@@ -1,5 +1,5 @@
-"""`hetero::gpu_cpu_mm` on a real GPU: the CPU's rows come back right, call after call on the
-same staging buffers, while a layer's weights stream on another stream (the copy engine is
+"""`hetero::gpu_cpu_mm` and `hetero::gpu_cpu_mlp` on a real GPU: the CPU's rows come back
+right, call after call on the same staging buffers, while a layer's weights stream on another stream (the copy engine is
 busy, the op must not wait for it or read a buffer being rewritten)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hetero.backends.gpu_cpu_mm import gpu_cpu_mm
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm, mlp_share
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,3 +44,76 @@ def test_each_call_returns_its_own_product_while_weights_stream(dtype, cpu_dtype
         want = (x.cpu().to(cpu_dtype) @ w_cpu.t()).to(dtype)
         torch.testing.assert_close(y_cpu.cpu(), want, rtol=0, atol=0)
         torch.testing.assert_close(y_gpu.float(), (x @ w_gpu.t()).float(), **tol)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cpu_dtype"),
+    [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float32,) * 2],
+)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_each_mlp_call_adds_its_own_cpu_share_between_gpu_cpu_mm_calls(dtype, cpu_dtype, act):
+    """gpu_cpu_mlp's staging buffers are its own: a layer calls gpu_cpu_mm (q/k/v, o) and
+    gpu_cpu_mlp in turn, batches grow and shrink, weights stream meanwhile, and each result
+    is the GPU's share plus that call's CPU share."""
+    g = torch.Generator().manual_seed(0)
+    w_gpu = (torch.randn(3 * 96, 256, generator=g) / 16).to(dtype).cuda()
+    w_cpu = (torch.randn(3 * 160, 256, generator=g) / 16).to(cpu_dtype)
+    w_mm = torch.randn(64, 256, generator=g).to(dtype)
+    src = torch.empty(64 << 20, dtype=torch.uint8).pin_memory()
+    dst = torch.empty_like(src, device="cuda")
+    side = torch.cuda.Stream()
+    xs = [torch.randn(b, 256, generator=g).to(dtype).cuda() for b in (2, 2, 5, 1, 9, 2)]
+    with torch.cuda.stream(side):
+        for _ in range(4):
+            dst.copy_(src, non_blocking=True)
+    outs, mms = [], []
+    for x in xs:
+        mms.append(gpu_cpu_mm(x, w_mm.cuda(), w_mm))
+        outs.append(gpu_cpu_mlp(x, w_gpu, w_cpu, act, True))
+    torch.cuda.synchronize()
+    for x, y, (_, y_mm) in zip(xs, outs, mms, strict=True):
+        assert y.device == x.device and y.dtype == dtype and y.shape == x.shape
+        cpu_share = mlp_share(x.cpu().to(cpu_dtype), w_cpu, act, True)
+        want = mlp_share(x, w_gpu, act, True).add_(cpu_share.cuda())  # the op's own arithmetic
+        torch.testing.assert_close(y, want, rtol=1e-3, atol=1e-3)
+        assert torch.equal(y_mm.cpu(), (x.cpu().to(dtype) @ w_mm.t()).to(dtype))
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(256, 640, bias=False)
+        self.up = torch.nn.Linear(256, 640, bias=False)
+        self.down = torch.nn.Linear(640, 256, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def test_a_split_mlp_exports_and_compiles_with_inductor_on_the_gpu():
+    """The rewritten program, its GPU share on the GPU and its CPU share in host memory,
+    through torch.export and Inductor (the op one opaque call in the compiled code)."""
+    from hetero.partitioner.graph import capture
+    from hetero.runtime.split_linear import shares, split_program
+
+    torch.manual_seed(0)
+    mlp = _Mlp().eval()
+    x = torch.randn(1, 3, 256)
+    graph = capture(mlp, (x,))
+    gm = graph.program.graph_module
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    params = {name: graph.program.state_dict[fqn] for name, (fqn, _) in graph.params.items()}
+    split, inputs, groups = split_program(
+        gm, names, 0.4, {n: tuple(params[n].shape) for n in params}
+    )
+    gpu, cpu = shares(params, groups)
+    values = {**{k: v.cuda() for k, v in gpu.items()}, **cpu, names[-1]: x.cuda()}
+    args = tuple(values[n] for n in inputs)
+    ep = torch.export.export(split, args)
+    assert sum(n.target is gpu_cpu_mlp for n in ep.graph.nodes) == 1
+    compiled = torch.compile(ep.module(), backend="inductor", fullgraph=True)
+    for _ in range(3):
+        (out,) = compiled(*args)
+    with torch.no_grad():
+        want = mlp.cuda()(x.cuda())
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)

@@ -3,16 +3,20 @@ bound to decode's resident set, caches that move once per request."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from llm_models import llama_lm
 
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm
 from hetero.backends.registry import default_registry
 from hetero.cluster.spec import ClusterSpec
 from hetero.partitioner.algorithms.generation import plan_generation
 from hetero.partitioner.generation_plan import GenerationPlan
-from hetero.partitioner.gpu_cpu_split import split_cost, split_matmuls
+from hetero.partitioner.gpu_cpu_split import handoffs, split_cost, split_matmuls
 from hetero.partitioner.phases import Phase, capture_lm
+from hetero.runtime.split_linear import split_program
 
 H200 = "configs/clusters/h200-sxm-node.yaml"
 
@@ -39,8 +43,29 @@ def test_split_matmuls_are_the_linear_layers(lm):
     layer = [op.name for op in lm.decode if op.module.startswith("model.model.layers.0")]
     mms = split_matmuls(lm.decode, layer)
     assert len(mms) == 7  # q, k, v, o, gate, up, down
-    assert len({m.x for m in mms}) == 4  # q/k/v share an input, gate/up too: 4 hand-offs
+    assert len({m.x for m in mms}) == 4  # q/k/v share an input, gate/up too
     assert {(m.rows, m.cols) for m in mms} >= {(256, 256), (1024, 256), (256, 1024)}
+
+
+@pytest.mark.parametrize("phase", [Phase.DECODE, Phase.PREFILL])
+def test_split_layers_hand_off_as_the_runtime_does(lm, phase):
+    """q/k/v, o and the whole MLP: 3 hand-offs a layer, the MLP's returning [tokens, hidden]
+    (not its intermediate features); the program the runtime rewrites makes exactly the op
+    calls the pricing counts, in both phases (prefill's views take symbolic sizes)."""
+    graph = lm.graph(phase)
+    layer = [op.name for op in graph if op.module.startswith("model.model.layers.0")]
+    trips = handoffs(graph, split_matmuls(graph, layer))
+    assert len(trips) == 3 and sum(t.mlp for t in trips) == 1
+    (mlp,) = [t for t in trips if t.mlp]
+    assert graph.value_meta(mlp.outputs[0]).hint[-1] == 256  # hidden, not 1024 features
+    mms = split_matmuls(graph, list(graph.nodes))
+    gm = copy.deepcopy(graph.program.graph_module)
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    split, _, groups = split_program(gm, names, 0.5, {m.weight: (m.rows, m.cols) for m in mms})
+    calls = [n.target for n in split.graph.nodes if n.target in (gpu_cpu_mm, gpu_cpu_mlp)]
+    trips = handoffs(graph, mms)
+    assert len(calls) == len(groups) == len(trips)
+    assert calls.count(gpu_cpu_mlp) == sum(t.mlp for t in trips) == 8  # one per layer
 
 
 @pytest.fixture(scope="module")

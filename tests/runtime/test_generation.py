@@ -125,6 +125,28 @@ def test_any_placement_of_the_layers_generates_the_same_tokens(
         lm.shutdown()
 
 
+def test_split_layers_generate_the_same_tokens_with_one_hand_off_per_mlp(
+    tiny_llama, captured, tmp_path
+):
+    """Both decode layers split: each layer's MLP runs as one `gpu_cpu_mlp` (here both of
+    its shares on this CPU), the rest through `gpu_cpu_mm`."""
+    model, prompt, expected = tiny_llama
+    registry = default_registry()
+    lm = compile_lm(
+        model, ClusterSpec.from_yaml(H100), max_length=64, lm=captured, registry=registry,
+        cache_dir=tmp_path, decode_placements={f"model.model.layers.{i}": "split" for i in (0, 1)},
+        binder=StageBinder(registry, device_of=lambda d: torch.device("cpu")),
+    )  # fmt: skip
+    try:
+        stages = lm.generation.executors[hetero_phase_decode()].stages
+        groups = [g for s in stages if s.weights == "split" for g in s.shares]
+        assert [g.act for g in groups if g.act] == ["silu", "silu"]
+        assert all(g.gated and len(g.weights) == 3 for g in groups if g.act)
+        assert lm.generate(prompt, 12).tolist() == expected[:, :12].tolist()
+    finally:
+        lm.shutdown()
+
+
 def hetero_phase_decode():
     from hetero.partitioner.phases import Phase
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm
 from hetero.partitioner.graph import capture
 from hetero.runtime.split_linear import gpu_rows, shares, split_program
 
@@ -30,8 +31,8 @@ def test_split_program_computes_the_same(fraction):
     gm = graph.program.graph_module
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     params = {name: graph.program.state_dict[fqn] for name, (fqn, _) in graph.params.items()}
-    rows = {n: params[n].shape[0] for n in names if n in params and params[n].dim() == 2}
-    module, inputs, groups = split_program(gm, names, fraction, rows)
+    shapes = {n: tuple(params[n].shape) for n in names if n in params and params[n].dim() == 2}
+    module, inputs, groups = split_program(gm, names, fraction, shapes)
     assert len(groups) == 2  # q and k share x: one hand-off; o another
     assert sum(len(g.weights) for g in groups) == 3
     gpu, cpu = shares(params, groups)
@@ -44,3 +45,121 @@ def test_gpu_rows_keep_tiles_on_real_layers():
     assert gpu_rows(4096, 0.45) % 64 == 0
     assert gpu_rows(48, 0.5) == 24
     assert gpu_rows(100, 0.0) == 0 and gpu_rows(100, 1.0) == 100
+
+
+class Mlp(torch.nn.Module):
+    """A LLaMA-style MLP (gated) or a plain one, with the activations gated models use."""
+
+    ACTS = {
+        "silu": torch.nn.SiLU(),
+        "gelu": torch.nn.GELU(),
+        "gelu_tanh": torch.nn.GELU(approximate="tanh"),
+        "relu": torch.nn.ReLU(),
+    }
+
+    def __init__(self, hidden: int, features: int, act: str, gated: bool) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(hidden, features, bias=False) if gated else None
+        self.up = torch.nn.Linear(hidden, features, bias=False)
+        self.down = torch.nn.Linear(features, hidden, bias=False)
+        self.act = self.ACTS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is None:
+            return self.down(self.act(self.up(x)))
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+def _split(module: torch.nn.Module, x: torch.Tensor, fraction: float, cpu_dtype=None):
+    """(the split program's output, its groups, the op targets it calls)."""
+    graph = capture(module, (x,))
+    gm = graph.program.graph_module
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    params = {name: graph.program.state_dict[fqn] for name, (fqn, _) in graph.params.items()}
+    shapes = {n: tuple(params[n].shape) for n in names if n in params and params[n].dim() == 2}
+    split, inputs, groups = split_program(gm, names, fraction, shapes)
+    gpu, cpu = shares(params, groups, cpu_dtype)
+    values = {**params, **gpu, **cpu, names[-1]: x}
+    (out,) = split(*[values[n] for n in inputs])
+    calls = [n.target for n in split.graph.nodes if n.target in (gpu_cpu_mm, gpu_cpu_mlp)]
+    return out, groups, calls
+
+
+@pytest.mark.parametrize(
+    ("act", "gated"), [("silu", True), ("gelu", True), ("gelu_tanh", True), ("relu", False)]
+)
+@pytest.mark.parametrize(("features", "fraction"), [(40, 0.0), (40, 0.3), (40, 1.0), (1088, 0.45)])
+def test_an_mlp_is_one_hand_off_and_computes_the_unsplit_mlp(act, gated, features, fraction):
+    torch.manual_seed(0)
+    mlp = Mlp(16, features, act, gated).eval()
+    x = torch.randn(1, 3, 16)
+    out, groups, calls = _split(mlp, x, fraction)
+    assert calls == [gpu_cpu_mlp]
+    (group,) = groups
+    assert group.act == act and group.gated == gated
+    r = gpu_rows(features, fraction)
+    assert group.gpu_rows == (r,) * len(group.weights)
+    if features >= 1024:
+        assert r % 64 == 0 and 0 < r < features  # whole tiles on both sides
+    # only the order of the sum over the features differs
+    torch.testing.assert_close(out, mlp(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_cpu_share_of_an_mlp_runs_in_the_plans_cpu_dtype():
+    torch.manual_seed(0)
+    mlp = Mlp(64, 256, "silu", gated=True).eval()
+    x = torch.randn(1, 5, 64)
+    out, _, _ = _split(mlp, x, 0.25, cpu_dtype=torch.bfloat16)
+    want = mlp(x)
+    assert out.dtype == torch.float32
+    # three quarters of the features through bfloat16 (8 bits of mantissa): ~1e-2 relative
+    torch.testing.assert_close(out, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+    assert not torch.equal(out, want)  # it did round: the CPU's share ran in bfloat16
+
+
+class ReadsInside(Mlp):
+    """An MLP whose gate output is also returned: the block cannot become one op."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.gate(x)
+        return self.down(self.act(g) * self.up(x)), g
+
+
+class Deep(torch.nn.Module):
+    """mm -> relu -> mm -> relu -> mm: the middle matmul ends one block and starts another."""
+
+    def __init__(self, mid: int = 24) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(16, 32, bias=False)
+        self.b = torch.nn.Linear(32, mid, bias=False)
+        self.c = torch.nn.Linear(mid, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x).relu()).relu())
+
+
+def test_what_is_not_a_whole_mlp_splits_by_matmul():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16)
+    reads = ReadsInside(16, 40, "silu", gated=True).eval()
+    graph = capture(reads, (x,))
+    gm = graph.program.graph_module
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    params = {name: graph.program.state_dict[fqn] for name, (fqn, _) in graph.params.items()}
+    shapes = {n: tuple(params[n].shape) for n in names if n in params and params[n].dim() == 2}
+    split, inputs, groups = split_program(gm, names, 0.5, shapes)
+    assert not any(g.act for g in groups) and len(groups) == 2  # gate/up share x; down
+    gpu, cpu = shares(params, groups)
+    values = {**params, **gpu, **cpu, names[-1]: x}
+    for got, want in zip(split(*[values[n] for n in inputs]), reads(x), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    deep = Deep().eval()
+    out, groups, calls = _split(deep, x, 0.5)
+    # 16 -> 32 -> 24 -> 16: no block's output is as wide as its input
+    assert calls == [gpu_cpu_mm, gpu_cpu_mm, gpu_cpu_mm]
+    torch.testing.assert_close(out, deep(x), rtol=1e-5, atol=1e-6)
+    square = Deep(16).eval()
+    out, groups, calls = _split(square, x, 0.5)
+    assert calls == [gpu_cpu_mlp, gpu_cpu_mm]  # a -> b fused (16 -> 32 -> 16), c alone
+    assert groups[1].act == "relu" and not groups[1].gated
+    torch.testing.assert_close(out, square(x), rtol=1e-5, atol=1e-6)
