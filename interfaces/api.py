@@ -256,13 +256,16 @@ def compile(
     the model serves, and when they leave the plan's predictions behind it is planned again
     with the corrected costs and switched between requests if the new plan is predicted
     faster by the policy's margin (interfaces/feedback.py, runtime/online.py); the rounds
-    show in `cm.executor.metrics` and in the plan's notes.
+    show in `cm.executor.metrics` and in the plan's notes. With task="generate", feedback=True
+    runs one request after the build, prices the split layers' hand-offs as measured and
+    rebuilds with the re-plan when it is predicted faster (`CompiledLM.feedback`).
     """
     registry = registry if registry is not None else default_registry()
     if Task.parse(task) is Task.GENERATE:
-        if feedback:
+        if isinstance(feedback, ReplanPolicy):
             raise ConfigError(
-                "feedback=True re-plans a forward model; task='generate' plans per phase"
+                "a ReplanPolicy re-plans a forward model online; for task='generate' pass "
+                "feedback=True (one measured request after the build, then a re-plan)"
             )
         return compile_lm(
             model,
@@ -277,6 +280,7 @@ def compile(
             options=options if isinstance(options, Mapping) else None,
             cost_model=cost_model,
             registry=registry,
+            feedback=bool(feedback),
         )
     if example_inputs is None:
         raise ConfigError("hetero.compile needs example_inputs (or task='generate' for an LM)")

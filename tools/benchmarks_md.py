@@ -12,6 +12,7 @@ ORDER = [
     ("triton_rules.md", "Triton rules for modern models, interpreter-tested (issue 15 item 2)"),
     ("llama_offload.md", "GPU: memory-capped LLaMA 1.1B, weight streaming (issue 8)"),
     ("tvm.md", "CPU: TVM partitions vs eager, ONNX Runtime, torch.compile (issue 4)"),
+    ("backend_suite.md", "GPU: issue 15's suite, hetero's measured backend vs torch.compile (issue 15)"),
     ("cpu_choice.md", "CPU: the backend chosen by measurement; a 7B decode layer (issue 15)"),
     ("partitioner.md", "Planning time, cost-model accuracy, calibration (issue 3)"),
     ("plan_scale.md", "Planning at cluster scale: LLaMA-70B over 1-16 nodes (issue 20)"),
@@ -71,12 +72,12 @@ export PYTHONPATH=/tmp/shim:/tmp/site && cd /tmp && ...
 | GPU<->CPU hops vs pinned copies and the bare graph | `python3 $R/benchmarks/hop_overhead_gpu.py --json $OUT/hop_gpu.json` | nvidia-h100-x1 | - |
 | two GPUs: pipeline, split sweep, NCCL hops | `python3 $R/benchmarks/pipeline_2gpu.py --json $OUT/p2.json` | nvidia-h100-x2 | ~5 min |
 | the GPU tests | `python3 -m pytest -q $R/tests/gpu -p no:cacheprovider` | nvidia-h100-x1 | ~1 min |
-| LLaMA-7B generation, GPU capped at 4 GiB (issue 14; no `.devdeps` needed) | `python3 $R/benchmarks/llm_generate_gpu.py --case capped --json $OUT/capped.json` | nvidia-h200 | ~6 min |
+| LLaMA-7B generation, GPU capped at 4 GiB (issue 14; no `.devdeps` needed) | `python3 $R/benchmarks/llm_generate_gpu.py --case capped --json $OUT/capped.json` (with the feedback round: `--no-feedback` keeps the first plan) | nvidia-h200 | ~8 min (run 11: 7.7) |
 | a split layer's time, piece by piece (copies, CPU products, profiled decode) | `python3 $R/benchmarks/split_layer_gpu.py --json $OUT/split.json --trace $OUT/split_trace.json` | nvidia-h200 | ~2.5 min |
-| the same model uncapped: hetero vs eager and every torch.compile mode | `python3 $R/benchmarks/llm_generate_gpu.py --case uncapped --json $OUT/uncapped.json` | nvidia-h200 | not run yet |
-| batch 16 under the cap: chosen plan vs forced streaming / CPU | `python3 $R/benchmarks/llm_generate_gpu.py --case batch16 --json $OUT/b16.json` | nvidia-h200 | not run yet |
+| the same model uncapped: hetero vs eager and every torch.compile mode | `python3 $R/benchmarks/llm_generate_gpu.py --case uncapped --json $OUT/uncapped.json` | nvidia-h200 | ~8 min (run 8) |
+| batch 16 under the cap: chosen plan vs forced streaming / CPU | `python3 $R/benchmarks/llm_generate_gpu.py --case batch16 --json $OUT/b16.json` | nvidia-h200 | > 7 min (run 9: cut) |
 | Triton rules for modern models (3 runs: see triton_rules.md) | `python3 -m pytest -s -q $R/tests/gpu/test_triton_rules_gpu.py -k "<K>" -p no:cacheprovider` | nvidia-h200 | not run yet |
-| issue 15's suite: hetero vs eager and each torch.compile mode, 7 models (several calls: `--models`, `--modes`) | `python3 $R/benchmarks/backend_suite_gpu.py --models gpt2,bert --modes default reduce-overhead --budget-s 450 --json $OUT/suite1.json` | nvidia-h200 | not run yet |
+| issue 15's suite: hetero vs eager and each torch.compile mode, 7 models (several calls: `--models`, `--modes`) | `python3 $R/benchmarks/backend_suite_gpu.py --models gpt2,bert --modes default reduce-overhead --budget-s 450 --json $OUT/suite1.json` (carry and source `.devdeps`) | nvidia-h200 | 3.4 min (two models); 7 min (three) |
 """
 
 

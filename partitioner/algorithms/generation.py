@@ -198,10 +198,15 @@ def _reason(problem: Problem, ctx: Context, sol: Solution, gi: int, others) -> s
     ]
     if not faster:
         return ""
-    trial = sol.assign.copy()
-    trial[gi] = min(faster, key=lambda q: problem.unary[gi, q])
-    if problem.overflow(trial).any():
+    fits = []
+    for q in sorted(faster, key=lambda q: problem.unary[gi, q]):
+        trial = sol.assign.copy()
+        trial[gi] = q
+        if not problem.overflow(trial).any():
+            fits.append(trial)
+    if not fits:
         return "memory: a faster placement does not fit"
+    trial = fits[0]
     if problem.overlapped:
         slower = 1e3 * (problem.latency(trial) - problem.latency(sol.assign))
         return (
@@ -247,7 +252,7 @@ def _reserve_prefill_slots(problem: Problem, cluster: ClusterSpec) -> Problem:
 # capture stream) and the graph's pool. Measured on an H200: peaks 0.12-0.18 GiB above the
 # plan's memory (llm_generate.md, runs 7 and 10). A tiny cap (tests, emulated GPUs) keeps
 # most of itself.
-RUNTIME_RESERVE = 192 << 20
+RUNTIME_RESERVE = 320 << 20
 _RESERVE_SHARE = 0.05
 
 
