@@ -30,6 +30,7 @@ import argparse
 import gc
 import json
 import os
+import pickle
 import statistics
 import tempfile
 import time
@@ -243,6 +244,43 @@ def started(out: dict, key: str, path: str | None) -> None:
     save(path)
 
 
+def memory_at_peak(lm, ids, path: str, top: int = 16) -> list[dict]:
+    """One request under torch's allocation history (the snapshot pickled to `path`, for
+    torch.cuda._memory_viz): the largest allocation sites alive when allocated bytes peaked,
+    each named by the innermost hetero frame that allocated it (else the innermost frame):
+    what the plan's memory leaves out."""
+    torch.cuda.memory._record_memory_history(max_entries=500_000)
+    try:
+        lm.generate(ids, 8)
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    with open(path, "wb") as f:
+        pickle.dump(snap, f)
+    live: dict[int, tuple[int, str]] = {}
+    total = best = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for ev in (snap.get("device_traces") or [[]])[0]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = (ev["size"], _site(ev.get("frames") or []))
+            total += ev["size"]
+            if total > best:
+                best, at_peak = total, dict(live)
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])[0]
+    by_site: dict[str, list[int]] = {}
+    for size, where in at_peak.values():
+        by_site.setdefault(where, []).append(size)
+    rows = sorted(by_site.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return [{"site": w, "bytes": sum(v), "blocks": len(v)} for w, v in rows]
+
+
+def _site(frames: list[dict]) -> str:
+    ours = [f for f in frames if "hetero" in f["filename"] or "/runtime/" in f["filename"]]
+    f = (ours or frames or [{"filename": "?", "line": 0, "name": ""}])[0]
+    return f"{f['filename']}:{f['line']} {f['name']}"
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -326,6 +364,9 @@ def case_capped(args, cfg, cache: Path) -> None:
         log(
             f"  peak GPU memory {out['hetero_peak_gpu_bytes'] / 2**30:.2f} GiB (cap {args.cap_gib})"
         )
+        if args.memory_history:
+            out["hetero_memory_at_peak"] = memory_at_peak(lm, host_ids, args.memory_history)
+            log(f"  at the peak: {out['hetero_memory_at_peak'][:6]}")
     out["hetero_partitions"] = plan_rows(lm)
     out["logits_vs_uncapped"] = teacher_forced(lm, host_ids, tokens, ref)
     log(f"  logits {out['logits_vs_uncapped']}")
@@ -538,6 +579,12 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=520.0,
                     help="start no optional measurement after this many seconds")  # fmt: skip
     ap.add_argument("--cache-dir", help="artifact cache (default: a fresh temporary folder)")
+    ap.add_argument(
+        "--memory-history",
+        metavar="PATH",
+        help="capped case: record one request's allocations (snapshot to PATH) and report "
+        "the largest allocation sites alive at the peak",
+    )
     ap.add_argument(
         "--no-feedback",
         action="store_true",
