@@ -15,6 +15,17 @@ pytestmark = [
 ]
 
 
+def _stream_weights() -> tuple[torch.Tensor, torch.Tensor]:
+    """Keeps the copy engine busy as a streaming layer does: 256 MiB queued on a side stream
+    (the buffers are returned so they live until the caller synchronises)."""
+    src = torch.empty(64 << 20, dtype=torch.uint8).pin_memory()
+    dst = torch.empty_like(src, device="cuda")
+    with torch.cuda.stream(torch.cuda.Stream()):
+        for _ in range(4):
+            dst.copy_(src, non_blocking=True)
+    return src, dst
+
+
 @pytest.mark.parametrize(
     ("dtype", "cpu_dtype"),
     [
@@ -28,16 +39,12 @@ def test_each_call_returns_its_own_product_while_weights_stream(dtype, cpu_dtype
     g = torch.Generator().manual_seed(0)
     w_gpu = torch.randn(192, 256, generator=g).to(dtype).cuda()
     w_cpu = torch.randn(320, 256, generator=g).to(cpu_dtype)
-    src = torch.empty(64 << 20, dtype=torch.uint8).pin_memory()
-    dst = torch.empty_like(src, device="cuda")
-    side = torch.cuda.Stream()
     # batches that grow the staging buffers and shrink again between calls
     xs = [torch.randn(b, 256, generator=g).to(dtype).cuda() for b in (2, 2, 5, 1, 9, 2)]
-    with torch.cuda.stream(side):
-        for _ in range(4):
-            dst.copy_(src, non_blocking=True)
+    link = _stream_weights()
     outs = [gpu_cpu_mm(x, w_gpu, w_cpu) for x in xs]  # results kept: none may be overwritten
     torch.cuda.synchronize()
+    del link
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype != torch.float32 else {"rtol": 1e-4, "atol": 1e-4}
     for x, (y_gpu, y_cpu) in zip(xs, outs, strict=True):
         assert y_cpu.device == x.device and y_cpu.dtype == dtype
@@ -59,18 +66,14 @@ def test_each_mlp_call_adds_its_own_cpu_share_between_gpu_cpu_mm_calls(dtype, cp
     w_gpu = (torch.randn(3 * 96, 256, generator=g) / 16).to(dtype).cuda()
     w_cpu = (torch.randn(3 * 160, 256, generator=g) / 16).to(cpu_dtype)
     w_mm = torch.randn(64, 256, generator=g).to(dtype)
-    src = torch.empty(64 << 20, dtype=torch.uint8).pin_memory()
-    dst = torch.empty_like(src, device="cuda")
-    side = torch.cuda.Stream()
     xs = [torch.randn(b, 256, generator=g).to(dtype).cuda() for b in (2, 2, 5, 1, 9, 2)]
-    with torch.cuda.stream(side):
-        for _ in range(4):
-            dst.copy_(src, non_blocking=True)
+    link = _stream_weights()
     outs, mms = [], []
     for x in xs:
         mms.append(gpu_cpu_mm(x, w_mm.cuda(), w_mm))
         outs.append(gpu_cpu_mlp(x, w_gpu, w_cpu, act, True))
     torch.cuda.synchronize()
+    del link
     for x, y, (_, y_mm) in zip(xs, outs, mms, strict=True):
         assert y.device == x.device and y.dtype == dtype and y.shape == x.shape
         cpu_share = mlp_share(x.cpu().to(cpu_dtype), w_cpu, act, True)
