@@ -127,6 +127,12 @@ def plan_generation(
 
     moves = _moves(lm, prefill, decode, cluster, cm)
     notes = list(dict.fromkeys((*decode.notes, *prefill.notes)))
+    if any(d.kind == "gpu" and d.memory for d in cluster.devices):
+        notes.append(
+            f"each GPU keeps {RUNTIME_RESERVE / 2**20:.0f} MiB (at most "
+            f"{_RESERVE_SHARE:.0%} of its memory) for the runtime's own allocations: cuBLAS "
+            "workspaces and the CUDA graph's pool, which the plan's tensors leave out"
+        )
     if any(p.weights == SPLIT for p in decode.partitions):
         notes.append(
             "split: the GPU computes its share of each weight matrix's rows (streamed in) "
