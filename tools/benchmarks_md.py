@@ -12,7 +12,10 @@ ORDER = [
     ("triton_rules.md", "Triton rules for modern models, interpreter-tested (issue 15 item 2)"),
     ("llama_offload.md", "GPU: memory-capped LLaMA 1.1B, weight streaming (issue 8)"),
     ("tvm.md", "CPU: TVM partitions vs eager, ONNX Runtime, torch.compile (issue 4)"),
-    ("backend_suite.md", "GPU: issue 15's suite, hetero's measured backend vs torch.compile (issue 15)"),
+    (
+        "backend_suite.md",
+        "GPU: issue 15's suite, hetero's measured backend vs torch.compile (issue 15)",
+    ),
     ("cpu_choice.md", "CPU: the backend chosen by measurement; a 7B decode layer (issue 15)"),
     ("partitioner.md", "Planning time, cost-model accuracy, calibration (issue 3)"),
     ("plan_scale.md", "Planning at cluster scale: LLaMA-70B over 1-16 nodes (issue 20)"),
