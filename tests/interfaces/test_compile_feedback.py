@@ -129,6 +129,8 @@ def test_a_slowed_partition_is_replanned_away_under_load(tmp_path):
     assert RunLog.load(path) == log
 
 
-def test_feedback_is_for_forward_models():
-    with pytest.raises(hetero.ConfigError, match="feedback"):
-        hetero.compile(torch.nn.Linear(2, 2), task="generate", feedback=True)
+def test_online_replanning_is_for_forward_models():
+    """A ReplanPolicy re-plans a served forward model; a generation's feedback is one
+    measured round after the build (feedback=True), and the error says so."""
+    with pytest.raises(hetero.ConfigError, match="feedback=True"):
+        hetero.compile(torch.nn.Linear(2, 2), task="generate", feedback=ReplanPolicy())
