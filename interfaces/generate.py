@@ -185,7 +185,16 @@ def compile_lm(
     return compiled
 
 
-def _build(lm, plan, cluster, cache_dir, registry, options, executor, binder) -> CompiledLM:
+def _build(
+    lm: LMGraphs,
+    plan: GenerationPlan,
+    cluster: ClusterSpec,
+    cache_dir: str | os.PathLike[str],
+    registry: BackendRegistry,
+    options: Mapping[str, CompileOptions] | None,
+    executor: str,
+    binder: StageBinder | None,
+) -> CompiledLM:
     stages = compile_generation(
         lm, plan, cluster, Path(cache_dir), registry=registry, options=options
     )
@@ -222,7 +231,11 @@ def _feedback_round(
     compile again: the artifact cache keeps the others)."""
     lm, plan = compiled.lm, compiled.plan
     executors = getattr(compiled.generation, "executors", None)
-    if not executors:  # the Ray runtime reports no per-partition times here
+    if not executors:
+        compiled.feedback = {
+            "replanned": False,
+            "why": "the Ray runtime reports no per-partition times to this process",
+        }
         return compiled
     length = max(2, min(lm.max_len // 2, lm.max_len - _FEEDBACK_TOKENS - 1))
     new = max(1, min(_FEEDBACK_TOKENS, lm.max_len - length - 1))
