@@ -5,10 +5,9 @@ where both shares run on the host)."""
 from __future__ import annotations
 
 import torch
+from split_programs import split_calls, split_module
 
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm
-from hetero.partitioner.graph import capture
-from hetero.runtime.split_linear import shares, split_program
 
 
 class Layer(torch.nn.Module):
@@ -31,28 +30,19 @@ def _split_layer():
     torch.manual_seed(0)
     layer = Layer().eval()
     x = torch.randn(1, 4, 32)
-    graph = capture(layer, (x,))
-    gm = graph.program.graph_module
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    params = {name: graph.program.state_dict[fqn] for name, (fqn, _) in graph.params.items()}
-    shapes = {n: tuple(params[n].shape) for n in names if n in params and params[n].dim() == 2}
-    split, inputs, groups = split_program(gm, names, 0.4, shapes)
-    gpu, cpu = shares(params, groups, torch.float32)
-    values = {**params, **gpu, **cpu, names[-1]: x}
-    return layer, x, split, tuple(values[n] for n in inputs)
-
-
-def _calls(gm: torch.fx.GraphModule) -> list:
-    return [n.target for n in gm.graph.nodes if n.target in (gpu_cpu_mm, gpu_cpu_mlp)]
+    split, args, _ = split_module(layer, x, 0.4, torch.float32)
+    return layer, x, split, args
 
 
 def test_export_keeps_each_op_one_node_through_save_and_load(tmp_path):
     layer, x, split, args = _split_layer()
     ep = torch.export.export(split, args)
-    assert sorted(map(str, _calls(ep.graph_module))) == sorted(map(str, [gpu_cpu_mm, gpu_cpu_mlp]))
+    assert sorted(map(str, split_calls(ep.graph_module))) == sorted(
+        map(str, [gpu_cpu_mm, gpu_cpu_mlp])
+    )
     torch.export.save(ep, tmp_path / "p.pt2")
     again = torch.export.load(tmp_path / "p.pt2")
-    assert len(_calls(again.graph_module)) == 2
+    assert len(split_calls(again.graph_module)) == 2
     (out,) = again.module()(*args)
     torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from split_programs import split_calls, split_module
 
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm
-from hetero.partitioner.graph import capture
-from hetero.runtime.split_linear import gpu_rows, shares, split_program
+from hetero.runtime.split_linear import gpu_rows
 
 
 class Block(torch.nn.Module):
@@ -27,17 +27,10 @@ def test_split_program_computes_the_same(fraction):
     torch.manual_seed(0)
     block = Block().eval()
     x = torch.randn(3, 32)
-    graph = capture(block, (x,))
-    gm = graph.program.graph_module
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    params = {name: graph.program.state_dict[fqn] for name, (fqn, _) in graph.params.items()}
-    shapes = {n: tuple(params[n].shape) for n in names if n in params and params[n].dim() == 2}
-    module, inputs, groups = split_program(gm, names, fraction, shapes)
+    module, args, groups = split_module(block, x, fraction)
     assert len(groups) == 2  # q and k share x: one hand-off; o another
     assert sum(len(g.weights) for g in groups) == 3
-    gpu, cpu = shares(params, groups)
-    values = {**params, **gpu, **cpu, names[-1]: x}
-    (out,) = module(*[values[n] for n in inputs])
+    (out,) = module(*args)
     torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-6)
 
 
@@ -72,17 +65,9 @@ class Mlp(torch.nn.Module):
 
 def _split(module: torch.nn.Module, x: torch.Tensor, fraction: float, cpu_dtype=None):
     """(the split program's output, its groups, the op targets it calls)."""
-    graph = capture(module, (x,))
-    gm = graph.program.graph_module
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    params = {name: graph.program.state_dict[fqn] for name, (fqn, _) in graph.params.items()}
-    shapes = {n: tuple(params[n].shape) for n in names if n in params and params[n].dim() == 2}
-    split, inputs, groups = split_program(gm, names, fraction, shapes)
-    gpu, cpu = shares(params, groups, cpu_dtype)
-    values = {**params, **gpu, **cpu, names[-1]: x}
-    (out,) = split(*[values[n] for n in inputs])
-    calls = [n.target for n in split.graph.nodes if n.target in (gpu_cpu_mm, gpu_cpu_mlp)]
-    return out, groups, calls
+    split, args, groups = split_module(module, x, fraction, cpu_dtype)
+    (out,) = split(*args)
+    return out, groups, split_calls(split)
 
 
 @pytest.mark.parametrize(
@@ -142,16 +127,9 @@ def test_what_is_not_a_whole_mlp_splits_by_matmul():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 16)
     reads = ReadsInside(16, 40, "silu", gated=True).eval()
-    graph = capture(reads, (x,))
-    gm = graph.program.graph_module
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    params = {name: graph.program.state_dict[fqn] for name, (fqn, _) in graph.params.items()}
-    shapes = {n: tuple(params[n].shape) for n in names if n in params and params[n].dim() == 2}
-    split, inputs, groups = split_program(gm, names, 0.5, shapes)
+    split, args, groups = split_module(reads, x, 0.5)
     assert not any(g.act for g in groups) and len(groups) == 2  # gate/up share x; down
-    gpu, cpu = shares(params, groups)
-    values = {**params, **gpu, **cpu, names[-1]: x}
-    for got, want in zip(split(*[values[n] for n in inputs]), reads(x), strict=True):
+    for got, want in zip(split(*args), reads(x), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     deep = Deep().eval()
     out, groups, calls = _split(deep, x, 0.5)
