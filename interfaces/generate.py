@@ -270,9 +270,14 @@ def _feedback_round(
     report.update(extra_handoff_ms=1e3 * fb.extra_s, replan_predicted_ms=again.predicted_decode_ms)
     faster = again.predicted_decode_ms < token_ms * (1 - _FEEDBACK_MARGIN)
     if not faster or _placements(again) == _placements(plan):
+        verdict = (
+            "places every partition as the plan running does"
+            if faster
+            else f"is not {_FEEDBACK_MARGIN:.0%} faster than the {token_ms:.1f} ms measured"
+        )
         why = (
             f"{fb.note()}; the re-plan ({again.predicted_decode_ms:.1f} ms per token predicted) "
-            f"is not {_FEEDBACK_MARGIN:.0%} faster than the {token_ms:.1f} ms measured: kept"
+            f"{verdict}: kept"
         )
         compiled.plan = dataclasses.replace(plan, notes=(*plan.notes, why))
         compiled.feedback = {**report, "replanned": False, "why": why}

@@ -16,6 +16,7 @@ is replayed three times and the last one is measured.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,25 +56,23 @@ def schedule(problem: Problem, assign: np.ndarray) -> Schedule:
         e = np.arange(len(problem.edges))
         cost = problem.edge_cost[e, dev[problem.edges[:, 0]], dev[problem.edges[:, 1]]]
         np.add.at(incoming, problem.edges[:, 1], cost)
-    # per device: its streamed groups in order, and the ends of the items before them
-    order: dict[int, list[int]] = {}
-    for i in np.flatnonzero(streamed):
-        order.setdefault(int(dev[i]), []).append(int(i))
-    slot_of = {i: (d, k) for d, items in order.items() for k, i in enumerate(items)}
-    link_free = dict.fromkeys(order, 0.0)
-    ends: dict[int, list[float]] = {d: [] for d in order}  # item ends, all replays in order
+    # per device streaming there: how many items, when its link is free, and the ends of
+    # the items run so far (all replays, in order)
+    items = Counter(dev[streamed].tolist())
+    link_free = dict.fromkeys(items, 0.0)
+    ends: dict[int, list[float]] = {d: [] for d in items}
     start, end = np.zeros(n), np.zeros(n)
     t = step_start = 0.0
     own_l, copy_l, inc_l = own.tolist(), copy.tolist(), incoming.tolist()
+    streamed_l, dev_l = streamed.tolist(), dev.tolist()
     for _ in range(_STEPS):
         step_start = t
         for i in range(n):
             s = t + inc_l[i]
-            if i in slot_of:
-                d, _k = slot_of[i]
+            if streamed_l[i]:
+                d = dev_l[i]
                 done = ends[d]
-                items = len(order[d])
-                if items == 1:  # nothing to prefetch: copied when acquired
+                if items[d] == 1:  # nothing to prefetch: copied when acquired
                     ready = s
                 else:
                     # the copy waits for the item two before it to leave its slot

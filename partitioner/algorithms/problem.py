@@ -191,7 +191,7 @@ class Problem:
 
     def latency(self, assign: np.ndarray) -> float:
         """Seconds for one request under `assign` (inf where a group is not allowed)."""
-        if self.copy_s is not None:
+        if self.overlapped:
             return overlapped_latency(self, assign)
         t = self.unary[np.arange(self.n), assign].sum()
         if len(self.edges):
