@@ -29,9 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
+from hetero.partitioner import host_dtype
 from hetero.partitioner.coarsen import Group
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.graph import OpGraph, OpNode
+from hetero.partitioner.host_dtype import itemsize
 
 MATMULS = ("aten.mm.default", "aten.addmm.default")
 TRANSPOSES = ("aten.permute.default", "aten.t.default", "aten.transpose.int")
@@ -245,7 +247,7 @@ def split_cost(
     gpu_all = cm.group_time(group, ops, gpu, backend=gpu_backend, scale=scale)
     gpu_mm = cm.kernel_time(mm_ops, gpu, scale=scale, backend=gpu_backend)
     cpu_dtype, cpu_mm = _cpu_share(mm_ops, cpu, cm, cpu_backend, scale)
-    own_size = _itemsize(_dtype(mm_ops))
+    own_size = itemsize(_dtype(mm_ops))
     trips = handoffs(graph, mms)
     handoff = 0.0
     for trip in trips:
@@ -269,7 +271,7 @@ def split_cost(
                 fraction=f,
                 seconds=t,
                 gpu_bytes=int(f * split_bytes + other_bytes),
-                cpu_bytes=int((1 - f) * split_bytes * _itemsize(cpu_dtype) / own_size),
+                cpu_bytes=int((1 - f) * split_bytes * itemsize(cpu_dtype) / own_size),
                 link_s=link,
                 cpu_s=cpu_s,
                 handoffs=len(trips),
@@ -283,33 +285,17 @@ def _dtype(ops: Sequence[OpNode]) -> str:
     return ops[0].dtype if ops else "float32"
 
 
-def _itemsize(dtype: str) -> int:
-    return 4 if dtype == "float32" else 8 if dtype == "float64" else 2
-
-
 def _cpu_share(
     mm_ops: Sequence[OpNode], cpu: DeviceSpec, cm: CostModel, backend: str, scale: float
 ) -> tuple[str, float]:
     """(dtype, seconds) of the matmuls run whole on the CPU in the dtype the cost model
-    finds fastest for them: the model's own (no conversion, the same numbers as the GPU),
-    or, for a 16-bit model, bfloat16 copies (AMX; float16's range, 3 bits less mantissa:
-    each product's rounding error ~4e-3 relative instead of ~5e-4) or float32 copies
-    (twice the bytes, exact products of the float16 weights)."""
-    own = _dtype(mm_ops)
-    # never below the model's own precision: a float32 model's rows stay float32
-    candidates = [own] + [
-        d
-        for d in ("bfloat16", "float32")
-        if d != own and d in cpu.dtypes and _itemsize(d) >= _itemsize(own)
-    ]
-    # once some dtypes were measured, only those: an unmeasured one is priced by a guess
-    measured = [d for d in candidates if cm.measured(cpu, "matmul", d, backend)]
-    candidates = measured or candidates
+    finds fastest for them (partitioner/host_dtype.py says which and their numerics)."""
+    candidates = host_dtype.candidates(_dtype(mm_ops), cpu, cm, "matmul", backend)
     best = ("", float("inf"))
     for dtype in candidates:
         t = 0.0
         for op in mm_ops:
-            ratio = _itemsize(dtype) / _itemsize(op.dtype)
+            ratio = itemsize(dtype) / itemsize(op.dtype)
             ec, em = cm.efficiency(cpu, "matmul", dtype, backend)
             flops = op.flops * scale / (cpu.peak(dtype) * ec)
             acts = op.bytes_read - op.param_bytes + op.bytes_written

@@ -73,6 +73,8 @@ class PlannedPartition:
     # weights == "split": per group, the share of each weight matrix's rows the GPU computes
     # (those rows streamed in); the host CPU computes the rest, in `cpu_dtype`
     split: tuple[tuple[str, float], ...] = ()
+    # the dtype the host CPU computes its work in where not the model's own (a split's CPU
+    # rows, or a whole CPU partition: partitioner/host_dtype.py)
     cpu_dtype: str = ""
     group_sizes: tuple[int, ...] = ()  # ops of each of `groups`, in order (`nodes` cut by group)
     state_bytes: int = 0  # buffers it updates in place (a KV cache), held on its device

@@ -7,7 +7,8 @@ streamer item per layer: the planner's memory model holds two of them on the GPU
 stage's program is rewritten before compiling (runtime/split_linear.py): its weight
 matmuls call `hetero::gpu_cpu_mm` (a whole MLP block, `hetero::gpu_cpu_mlp`) with the GPU's
 share and the CPU's share as two inputs;
-the CPU's rows are stored in the plan's CPU dtype.
+the CPU's rows are stored in the plan's CPU dtype. A CPU partition with a CPU dtype computes
+in it (runtime/retype.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from hetero.partitioner.plan import Plan, PlannedPartition
 from hetero.partitioner.split import param_values, split
 from hetero.runtime.artifacts import build_artifact
 from hetero.runtime.build import dynamic_dims, example_env, on_device, trace_device
+from hetero.runtime.retype import host_tensor, retype_program
 from hetero.runtime.split_linear import split_program
 from hetero.runtime.stage import StageSpec
 
@@ -134,6 +136,8 @@ def _compile_phase(
         shared: tuple = ()
         if p.weights == "split":
             unit, shared = _split_unit(graph, unit, part.nodes, _fraction(p, group), p.cpu_dtype)
+        elif p.cpu_dtype:
+            unit = _retype_unit(unit, getattr(torch, p.cpu_dtype))
         opts = options.get(p.backend) or CompileOptions()
         if holds:
             # Traced on the host whatever it runs on: its weights are bound at load (no
@@ -171,10 +175,19 @@ def _compile_phase(
                 cpu_shares=tuple(f"cpu{k}" for k in range(len(shared))),
                 phase=phase.value,
                 shares=shared,
-                cpu_dtype=p.cpu_dtype if p.weights == "split" else "",
+                cpu_dtype=p.cpu_dtype,
             )
         )
     return tuple(stages)
+
+
+def _retype_unit(unit: CompileUnit, dtype: torch.dtype) -> CompileUnit:
+    """The unit computing its 16-bit work in `dtype`, its params as the runtime binds them."""
+    return dataclasses.replace(
+        unit,
+        module=retype_program(unit.module, unit.example_inputs, dtype),
+        param_values={k: host_tensor(v, dtype) for k, v in unit.param_values.items()},
+    )
 
 
 def _split_unit(

@@ -49,7 +49,9 @@ class StageSpec:
     cpu_shares: tuple[str, ...] = ()
     phase: str = ""
     # split: per shared group k (inputs gpu{k}, cpu{k}), its weights and what of each the
-    # GPU takes; the worker cuts both shares from the full weights, the CPU's in cpu_dtype
+    # GPU takes; the worker cuts both shares from the full weights, the CPU's in cpu_dtype.
+    # A stage with no shares and a cpu_dtype computes in it: its 16-bit weights and state
+    # are bound in that dtype (runtime/retype.py)
     shares: tuple[SharedMatmuls, ...] = ()
     cpu_dtype: str = ""
 

@@ -4,7 +4,7 @@ why each group or op is kept off a device."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +24,7 @@ from hetero.partitioner.cost import CostModel
 from hetero.partitioner.decisions import FALLBACK_BACKEND, BackendAssignment, Objective
 from hetero.partitioner.gpu_cpu_split import SplitCost, split_cost
 from hetero.partitioner.graph import OpGraph
+from hetero.partitioner.host_dtype import retyped
 from hetero.partitioner.plan import Rejection
 
 
@@ -50,6 +51,8 @@ class Context:
     rejections: tuple[Rejection, ...]
     notes: tuple[str, ...]
     splits: Mapping[int, SplitCost] = None  # group index -> its GPU/CPU split, where priced
+    # device -> the dtype its partitions compute in where not the model's (host_dtype.py)
+    host_dtypes: Mapping[str, str] = field(default_factory=dict)
 
 
 def resolve_backends(
@@ -112,11 +115,14 @@ def build_problem(
     notes: Sequence[str] = (),
     split: bool = False,
     overlap: bool = False,
+    host_dtypes: Mapping[str, str] | None = None,
 ) -> tuple[Problem, Context]:
     """`backends` as `resolve_backends` left it (every kind usable); `notes`: its notes.
     `split`: also offer GPUs the `split` weight home (partitioner/gpu_cpu_split.py), for
     bandwidth-bound steps (LLM decode). `overlap`: price weight copies as overlapping other
-    groups' work (partitioner/algorithms/overlap.py), as a generation's streamer runs them."""
+    groups' work (partitioner/algorithms/overlap.py), as a generation's streamer runs them.
+    `host_dtypes`: devices whose partitions compute in another dtype than the model's
+    (partitioner/host_dtype.py), priced so."""
     if microbatches < 1:
         raise ConfigError(f"microbatches must be at least 1, got {microbatches}")
     og = groups.opgraph
@@ -171,7 +177,9 @@ def build_problem(
                         )
                     )
                 continue
-            t = cost_model.group_time(g, ops, d, backend=backend_of[d.name], scale=scale)
+            dtype = (host_dtypes or {}).get(d.name, "")
+            priced = [retyped(op, dtype) for op in ops] if dtype else ops
+            t = cost_model.group_time(g, priced, d, backend=backend_of[d.name], scale=scale)
             for p, pl in enumerate(placements):
                 if pl.device == di:
                     compute[gi, p] = t
@@ -258,6 +266,7 @@ def build_problem(
         rejections=tuple(rejections),
         notes=tuple(notes),
         splits=splits,
+        host_dtypes=dict(host_dtypes or {}),
     )
     return problem, ctx
 

@@ -151,7 +151,9 @@ def assemble(
                 memory_bytes=int(_run_memory(problem, run, p)),
                 emulated=device.emulated,
                 split=split,
-                cpu_dtype=splits[run[0]].cpu_dtype if is_split else "",
+                cpu_dtype=(
+                    splits[run[0]].cpu_dtype if is_split else ctx.host_dtypes.get(device.name, "")
+                ),
                 state_bytes=int(sum(g.state_bytes for g in gs)),
                 group_sizes=tuple(len(g.nodes) for g in gs),
                 host_ms=1e3 * sum(splits[i].path_s for i in run) if is_split else 0.0,

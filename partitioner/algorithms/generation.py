@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from hetero.cluster.spec import ClusterSpec
+from hetero.partitioner import host_dtype
 from hetero.partitioner.algorithms.adapter import (
     BackendLookup,
     Context,
@@ -35,6 +36,7 @@ from hetero.partitioner.cost import CostModel
 from hetero.partitioner.decisions import BackendAssignment, Objective
 from hetero.partitioner.generation_plan import GenerationPlan, GroupChoice, StateMove
 from hetero.partitioner.graph import OpGraph
+from hetero.partitioner.host_dtype import HostDtype
 from hetero.partitioner.phases import LMGraphs, Phase
 from hetero.partitioner.plan import Plan
 
@@ -105,9 +107,16 @@ def plan_generation(
     by "|"), for comparisons."""
     cm = cost_model if cost_model is not None else CostModel.load(cluster=cluster)
     resolved, backend_notes = resolve_backends(cluster, backends, registry)
-    common = dict(backends=resolved, exclude=exclude, registry=registry)
+    hosts = _host_dtypes(lm, cluster, cm, resolved, registry, exclude)
+    backend_notes = (*backend_notes, *(h.note() for h in hosts if h.dtype))
+    common = dict(
+        backends=resolved,
+        exclude=exclude,
+        registry=registry,
+        host_dtypes={h.device: h.dtype for h in hosts if h.dtype},
+    )
 
-    dgroups = lm_groups(lm.decode, cluster, **common)
+    dgroups = lm_groups(lm.decode, cluster, **_grouping(common))
     dproblem, dctx = build_problem(
         dgroups, cluster, cm, pins=pins, split=True, overlap=True, notes=backend_notes, **common
     )
@@ -117,7 +126,7 @@ def plan_generation(
     dsol = latency(dproblem)
     decode = assemble(dproblem, dctx, dsol, objective=Objective.LATENCY)
 
-    pgroups = lm_groups(lm.prefill, cluster, **common)
+    pgroups = lm_groups(lm.prefill, cluster, **_grouping(common))
     pproblem, pctx = build_problem(pgroups, cluster, cm, pins=pins, notes=backend_notes, **common)
     pproblem = _keep_for_runtime(
         _bind_resident(pproblem, dproblem, dsol, dgroups, pgroups), cluster
@@ -152,6 +161,30 @@ def plan_generation(
     )
 
 
+def _host_dtypes(
+    lm: LMGraphs,
+    cluster: ClusterSpec,
+    cm: CostModel,
+    backends: BackendAssignment,
+    registry: BackendLookup,
+    exclude: Sequence[str],
+) -> list[HostDtype]:
+    """Per host CPU that holds layers' state, the dtype its partitions compute in: one per
+    device for both phases, since one copy of its weights and its caches serves both."""
+    out = []
+    excluded = {cluster.device(x).name for x in exclude}
+    for d in cluster.devices:
+        backend = backends.for_device(d)
+        if d.name in excluded or not getattr(registry.get(backend), "holds_state", False):
+            continue
+        out.append(host_dtype.choose(list(lm.decode), d, cm, backend))
+    return out
+
+
+def _grouping(common: Mapping) -> dict:
+    return {k: v for k, v in common.items() if k != "host_dtypes"}
+
+
 def _label(problem: Problem, ctx: Context, gi: int, p: int) -> str:
     pl = problem.placements[p]
     dev = problem.devices[pl.device]
@@ -160,7 +193,10 @@ def _label(problem: Problem, ctx: Context, gi: int, p: int) -> str:
         share = f" {s.fraction:.0%}/{1 - s.fraction:.0%} {s.cpu_dtype}" if s else ""
         return f"{dev} split{share}"
     kind = ctx.cluster.device(dev).kind
-    return dev if kind != "gpu" else f"{dev} {pl.weights}"
+    if kind != "gpu":
+        dtype = ctx.host_dtypes.get(dev, "")
+        return f"{dev} {dtype}" if dtype else dev
+    return f"{dev} {pl.weights}"
 
 
 def _choices(problem: Problem, ctx: Context, sol: Solution) -> tuple[GroupChoice, ...]:

@@ -148,3 +148,42 @@ def test_forced_decode_placements_are_honoured(lm):
     assert decode["model.model.layers.3"] == "node0/cpu"
     split = next(p for p in gp.decode.partitions if p.weights == "split")
     assert split.split and 0 < split.split[0][1] < 1 and split.cpu_dtype
+
+
+def _host_rates(float16: float, bfloat16: float | None):
+    from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency
+    from hetero.partitioner.cost import CostModel
+
+    rates = [Efficiency("matmul/float16", float16, float16)]
+    if bfloat16 is not None:
+        rates.append(Efficiency("matmul/bfloat16", bfloat16, bfloat16))
+    device = DeviceProfile("box/cpu", "cpu", efficiency=tuple(rates), backend="eager")
+    return CostModel(profile=CalibrationProfile(cluster="cpu-2core", devices=(device,)))
+
+
+@pytest.mark.parametrize(
+    ("model_dtype", "float16", "bfloat16", "chosen"),
+    [
+        (torch.float16, 0.3, 0.6, "bfloat16"),  # the host reads bfloat16 faster: copies
+        (torch.float16, 0.6, 0.3, ""),  # float16 is faster: the model's own
+        (torch.float16, 0.6, None, ""),  # only float16 measured: never a guess
+        (torch.float32, 0.3, 0.6, ""),  # never below the model's precision
+    ],
+)
+def test_the_cpu_computes_in_the_dtype_its_measured_rates_make_fastest(
+    model_dtype, float16, bfloat16, chosen
+):
+    lm = capture_lm(llama_lm().to(model_dtype), max_len=32)
+    cluster = ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml")
+    cm = _host_rates(float16, bfloat16)
+    gp = plan_generation(lm, cluster, registry=default_registry(), cost_model=cm)
+    for plan in (gp.prefill, gp.decode):  # one copy of the weights and cache serves both
+        assert {p.cpu_dtype for p in plan.partitions} == {chosen}
+    labels = {c.chosen for c in gp.choice(Phase.DECODE)}
+    assert labels == {f"box/cpu {chosen}".strip()}
+    assert any("bfloat16 copies" in n for n in gp.notes) == bool(chosen)
+    if chosen:  # and it is priced at the rate it runs at
+        own = plan_generation(
+            lm, cluster, registry=default_registry(), cost_model=_host_rates(float16, None)
+        )
+        assert gp.predicted_decode_ms < own.predicted_decode_ms

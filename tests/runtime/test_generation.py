@@ -228,3 +228,59 @@ def test_a_feedback_round_measures_the_split_layers_and_still_generates(
         assert lm.generate(prompt, 12).tolist() == expected[:, :12].tolist()
     finally:
         lm.shutdown()
+
+
+def test_a_float16_model_on_a_cpu_that_reads_bfloat16_faster_runs_bfloat16_copies(
+    tiny_llama, tmp_path
+):
+    """The plan's CPU dtype reaches the runtime: the CPU's weights and KV cache are
+    bfloat16 copies, and each step's logits are as close to the float32 model's as
+    transformers' own bfloat16 model's are (teacher-forced on the float32 model's tokens)."""
+    from llm_models import llama_lm
+
+    from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency
+    from hetero.partitioner.cost import CostModel
+    from hetero.partitioner.phases import Phase
+
+    _, prompt, expected = tiny_llama
+    rates = (Efficiency("matmul/float16", 0.3, 0.3), Efficiency("matmul/bfloat16", 0.6, 0.6))
+    device = DeviceProfile("box/cpu", "cpu", efficiency=rates, backend="eager")
+    cm = CostModel(profile=CalibrationProfile(cluster="cpu-2core", devices=(device,)))
+    cluster = ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml")
+    lm = compile_lm(llama_lm().half(), cluster, max_length=64, cache_dir=tmp_path, cost_model=cm)
+    try:
+        assert {p.cpu_dtype for p in lm.plan.decode.partitions} == {"bfloat16"}
+        assert lm.generate(prompt, 16).tolist() == expected[:, :16].tolist()
+        store = lm.generation.stores["box/cpu"]
+        assert store.state and {t.dtype for t in store.state.values()} == {torch.bfloat16}
+        assert {t.dtype for t in store.weights.values()} == {torch.bfloat16}
+
+        def logits(step):  # per step, teacher-forced on `expected`
+            return torch.stack([step(k).float() for k in range(expected.shape[1])])
+
+        def ours(k):
+            g = lm.generation
+            if k == 0:
+                out = g.step(Phase.PREFILL, prompt, 0)
+                g.move_state()
+                return out
+            return g.step(Phase.DECODE, expected[:, k - 1 : k], prompt.shape[1] + k - 1)
+
+        with torch.no_grad():
+            ids = torch.cat([prompt, expected], dim=1)
+            full = {
+                dt: llama_lm().to(dt)(ids).logits.float() for dt in (torch.float32, torch.bfloat16)
+            }
+        n = prompt.shape[1]
+
+        def theirs(dt):
+            return full[dt][:, n - 1 : n - 1 + expected.shape[1]].transpose(0, 1)
+
+        ref = theirs(torch.float32)
+        with torch.no_grad():
+            got = logits(ours)
+        err = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max()
+        bf16 = ((theirs(torch.bfloat16) - ref).norm(dim=-1) / ref.norm(dim=-1)).max()
+        assert err <= 1.25 * bf16, (float(err), float(bf16))
+    finally:
+        lm.shutdown()

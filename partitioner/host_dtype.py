@@ -1,0 +1,97 @@
+"""The dtype a host CPU computes a 16-bit model's work in.
+
+A CPU with AMX or AVX512-BF16 reads bfloat16 weights faster than float16 ones: float16
+matrix-vector products convert each element, bfloat16 ones do not (measured on the H200
+boxes' hosts: 41-57 GB/s float16, 51-57 bfloat16, llm_generate.md run 11). The GPU keeps the
+model's own dtype; the CPU may run bfloat16 copies (float16's exponent range is narrower,
+so nothing overflows; 3 bits less mantissa: each product's rounding error ~4e-3 relative
+instead of ~5e-4) or float32 copies (exact products of the 16-bit weights, twice the bytes).
+The cost model chooses, by the rates it measured; the numbers are in README's generation
+section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from hetero.cluster.spec import DeviceSpec
+from hetero.partitioner.cost import CostModel
+from hetero.partitioner.graph import OpNode, TensorMeta
+
+SIXTEEN_BIT = ("float16", "bfloat16")
+
+
+def itemsize(dtype: str) -> int:
+    return 4 if dtype == "float32" else 8 if dtype == "float64" else 2
+
+
+def candidates(
+    own: str, device: DeviceSpec, cm: CostModel, op_class: str, backend: str | None
+) -> list[str]:
+    """The dtypes `device` may compute a model of dtype `own` in: its own first, never below
+    its precision (a float32 model stays float32); once the profile measured some of them,
+    only those (an unmeasured one is priced by a guess)."""
+    found = [own] + [
+        d
+        for d in ("bfloat16", "float32")
+        if d != own and d in device.dtypes and itemsize(d) >= itemsize(own)
+    ]
+    measured = [d for d in found if cm.measured(device, op_class, d, backend)]
+    return measured or found
+
+
+def retyped(op: OpNode, dtype: str) -> OpNode:
+    """`op` as it runs with its 16-bit float tensors in `dtype` (bytes scaled to match)."""
+    own = op.dtype
+    if own not in SIXTEEN_BIT or dtype == own:
+        return op
+    ratio = itemsize(dtype) / itemsize(own)
+
+    def meta(ms: tuple[TensorMeta, ...]) -> tuple[TensorMeta, ...]:
+        return tuple(
+            dataclasses.replace(m, dtype=dtype) if m.dtype in SIXTEEN_BIT else m for m in ms
+        )
+
+    return dataclasses.replace(
+        op,
+        in_meta=meta(op.in_meta),
+        out_meta=meta(op.out_meta),
+        bytes_read=int(op.bytes_read * ratio),
+        bytes_written=int(op.bytes_written * ratio),
+        param_bytes=int(op.param_bytes * ratio),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class HostDtype:
+    """The decision for one host CPU: `dtype` ('' = the model's own) and the priced times
+    (ms of the ops it was chosen on, per candidate) that chose it."""
+
+    device: str
+    dtype: str
+    priced_ms: tuple[tuple[str, float], ...]
+
+    def note(self) -> str:
+        times = ", ".join(f"{d} {ms:.2f} ms" for d, ms in self.priced_ms)
+        if not self.dtype:
+            return f"{self.device} computes in the model's own dtype ({times})"
+        return (
+            f"{self.device} computes in {self.dtype} copies of the weights it holds (its "
+            f"matmuls priced {times})"
+        )
+
+
+def choose(ops: Sequence[OpNode], device: DeviceSpec, cm: CostModel, backend: str) -> HostDtype:
+    """The fastest dtype for `ops` (a phase's whole graph) on the CPU `device`, priced by the
+    cost model on their matmuls (where a decode step's time goes)."""
+    mms = [op for op in ops if op.op_class == "matmul"]
+    own = next((op.dtype for op in mms), "")
+    if own not in SIXTEEN_BIT or device.kind != "cpu":
+        return HostDtype(device.name, "", ())
+    priced = []
+    for dtype in candidates(own, device, cm, "matmul", backend):
+        t = sum(cm.op_time(retyped(op, dtype), device, 1.0, backend) for op in mms)
+        priced.append((dtype, 1e3 * t))
+    best = min(priced, key=lambda x: x[1])[0] if priced else own
+    return HostDtype(device.name, "" if best == own else best, tuple(priced))
