@@ -46,6 +46,8 @@ class _Staging(threading.local):
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[torch.device, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # host_to_device's roles: an event past the last kernel that read each buffer
+        self.reads: dict[tuple[torch.device, str], torch.cuda.Event] = {}
 
     def get(
         self, device: torch.device, role: str, shape: tuple[int, ...], dtype: torch.dtype
@@ -112,6 +114,32 @@ def from_host(
         return y if y.dtype == dtype else y.to(dtype)
     # an elementwise kernel (a same-dtype copy_ would go to the copy engine's queue)
     return y_dev.to(dtype) if y_dev.dtype != dtype else y_dev.mul(1)
+
+
+def host_to_device(
+    t: torch.Tensor, device: torch.device, role: str, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The host tensor `t` on the GPU `device` (into `out` where given), read there by a
+    kernel from a pinned buffer rather than copied: an activation a CPU stage hands to a
+    GPU stage would otherwise wait behind the weights streaming on the copy engine (a whole
+    layer's, milliseconds). `role` names the buffer (one per stage input): it is rewritten
+    only once the kernel that read it last has run."""
+    done = _STAGING.reads.pop((device, role), None)
+    if done is not None:
+        done.synchronize()  # before `get`, which may also drop the buffer for a larger one
+    host, dev = (
+        _STAGING.get(device, role, tuple(t.shape), t.dtype)
+        if device.type == "cuda" and t.dtype != torch.bool
+        else (None, None)
+    )
+    if dev is None:  # no GPU, or one that cannot read host memory: a copy
+        return t.to(device, non_blocking=True) if out is None else out.copy_(t, non_blocking=True)
+    host.copy_(t)
+    y = dev.mul(1) if out is None else torch.mul(dev, 1, out=out)
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(device))
+    _STAGING.reads[(device, role)] = ev
+    return y
 
 
 _LIB = torch.library.Library("hetero", "FRAGMENT")

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from hetero.backends.gpu_cpu_mm import host_to_device
+
 WARMUP = 3  # calls before capture: compiled code builds its kernels on the first ones
 
 
@@ -54,7 +56,11 @@ class CudaGraphRunner:
                 self.failed = e
                 self.graph = None
                 return tuple(self.fn(*acts))
-        for s, a in zip(self.static_in, acts, strict=True):
-            s.copy_(a, non_blocking=True)
+        for k, (s, a) in enumerate(zip(self.static_in, acts, strict=True)):
+            if a.device.type == "cpu":
+                # a CPU stage's output: read by a kernel, not queued behind streaming weights
+                host_to_device(a, self.device, f"graph{id(self)}:{k}", out=s)
+            else:
+                s.copy_(a, non_blocking=True)
         self.graph.replay()
         return tuple(o.clone() for o in self.static_out)

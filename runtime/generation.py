@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from hetero.backends.eager import torch_device
-from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm, host_to_device
 from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
@@ -42,6 +42,7 @@ from hetero.runtime.artifacts import load_runner, verify_artifact
 from hetero.runtime.build import retarget
 from hetero.runtime.cuda_graph import CudaGraphRunner
 from hetero.runtime.executor import LocalExecutor
+from hetero.runtime.retype import host_tensor
 from hetero.runtime.sampling import Sampling, next_token
 from hetero.runtime.stage import StageSpec
 from hetero.runtime.streaming import program_key
@@ -60,9 +61,13 @@ class DeviceStore:
         self.weights: dict[str, torch.Tensor] = {}
         self.state: dict[str, torch.Tensor] = {}
 
-    def weight(self, name: str, host: torch.Tensor) -> torch.Tensor:
+    def weight(
+        self, name: str, host: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """The device's copy of weight `name` (its 16-bit floats in `dtype` where given: a
+        device computes in one dtype, so one copy serves every stage there)."""
         if name not in self.weights:
-            self.weights[name] = host.to(self.device)
+            self.weights[name] = host_tensor(host, dtype).to(self.device)
         return self.weights[name]
 
     def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -98,9 +103,7 @@ class BoundRunner:
         self.streamed_at = tuple(streamed_at)
 
     def __call__(self, *acts: Any) -> tuple:
-        acts = tuple(
-            a.to(self.device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in acts
-        )
+        acts = tuple(self._here(k, a) for k, a in enumerate(acts))
         if self.streamer is None:
             with torch.no_grad():
                 return tuple(self.fn(*acts, *self.fixed))
@@ -113,6 +116,14 @@ class BoundRunner:
                 return tuple(self.fn(*acts, *params))
         finally:
             self.streamer.release(self.item)
+
+    def _here(self, k: int, a: Any) -> Any:
+        if not isinstance(a, torch.Tensor) or a.device == self.device:
+            return a
+        if a.device.type == "cpu" and self.device.type == "cuda":
+            # a CPU stage's output: read by a kernel, not queued behind streaming weights
+            return host_to_device(a, self.device, f"in{id(self)}:{k}")
+        return a.to(self.device, non_blocking=True)
 
 
 class Generation(abc.ABC):
@@ -314,13 +325,15 @@ class StageBinder:
             fn = self._compiled(s, dev, phase, compiled)
             fixed: list[torch.Tensor | None] = []
             moving: dict[str, torch.Tensor] = {}
+            # a CPU partition computing in another dtype binds its weights and state in it
+            retype = getattr(torch, s.cpu_dtype) if s.cpu_dtype and not s.shares else None
             for name in s.params:
                 if name in s.state:
-                    fixed.append(store.buffer(name, values[name]))
+                    fixed.append(store.buffer(name, host_tensor(values[name], retype)))
                 elif name in s.cpu_shares:
                     fixed.append(values[name])  # the CPU's rows stay in host memory
                 elif s.weights == "resident":
-                    fixed.append(store.weight(name, values[name]))
+                    fixed.append(store.weight(name, values[name], retype))
                 else:
                     fixed.append(None)
                     moving[name] = _host(values[name])

@@ -120,3 +120,25 @@ def test_a_split_mlp_exports_and_compiles_with_inductor_on_the_gpu():
     with torch.no_grad():
         want = mlp.cuda()(x.cuda())
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.long])
+def test_host_to_device_gives_each_call_its_own_values_while_weights_stream(dtype):
+    """A CPU stage's activations read by the GPU from one pinned buffer per role, call after
+    call (into a fresh tensor and into a graph's static input), never a stale or torn one."""
+    from hetero.backends.gpu_cpu_mm import host_to_device
+
+    dev = torch.device("cuda")
+    keep = _stream_weights()
+    static = torch.empty(3, 4096, dtype=dtype, device=dev)
+    got, want = [], []
+    for k in range(8):
+        t = (torch.arange(3 * 4096) % 97 + k).reshape(3, 4096).to(dtype)
+        got.append(host_to_device(t, dev, "test:a").clone())
+        host_to_device(t + 1, dev, "test:b", out=static)
+        got.append(static.clone())
+        want += [t, t + 1]
+    torch.cuda.synchronize()
+    del keep
+    for g, w in zip(got, want, strict=True):
+        assert g.device.type == "cuda" and torch.equal(g.cpu(), w)
