@@ -86,12 +86,19 @@ def choose(ops: Sequence[OpNode], device: DeviceSpec, cm: CostModel, backend: st
     """The fastest dtype for `ops` (a phase's whole graph) on the CPU `device`, priced by the
     cost model on their matmuls (where a decode step's time goes)."""
     mms = [op for op in ops if op.op_class == "matmul"]
-    own = next((op.dtype for op in mms), "")
+    # the model's dtype: the one most weight bytes are read in (a rotary embedding's
+    # float32 position product is a matmul too, and may come first)
+    weight: dict[str, int] = {}
+    for op in mms:
+        weight[op.dtype] = weight.get(op.dtype, 0) + op.param_bytes
+    own = max(weight, key=weight.__getitem__) if weight else ""
     if own not in SIXTEEN_BIT or device.kind != "cpu":
         return HostDtype(device.name, "", ())
     priced = []
     for dtype in candidates(own, device, cm, "matmul", backend):
-        t = sum(cm.op_time(retyped(op, dtype), device, 1.0, backend) for op in mms)
+        t = sum(
+            cm.op_time(retyped(op, dtype), device, 1.0, backend) for op in mms if op.dtype == own
+        )
         priced.append((dtype, 1e3 * t))
     best = min(priced, key=lambda x: x[1])[0] if priced else own
     return HostDtype(device.name, "" if best == own else best, tuple(priced))

@@ -22,8 +22,11 @@ WARMUP = 3  # calls before capture: compiled code builds its kernels on the firs
 class CudaGraphRunner:
     """`fn(*acts)` captured as a CUDA graph on first use; later calls replay it."""
 
-    def __init__(self, fn: Callable[..., tuple], device: torch.device) -> None:
+    def __init__(
+        self, fn: Callable[..., tuple], device: torch.device, *, host_reads: bool = True
+    ) -> None:
         self.fn = fn
+        self.host_reads = host_reads
         self.device = device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_in: list[torch.Tensor] = []
@@ -57,7 +60,7 @@ class CudaGraphRunner:
                 self.graph = None
                 return tuple(self.fn(*acts))
         for k, (s, a) in enumerate(zip(self.static_in, acts, strict=True)):
-            if a.device.type == "cpu":
+            if self.host_reads and a.device.type == "cpu":
                 # a CPU stage's output: read by a kernel, not queued behind streaming weights
                 host_to_device(a, self.device, f"graph{id(self)}:{k}", out=s)
             else:

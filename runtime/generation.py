@@ -94,8 +94,11 @@ class BoundRunner:
         streamer: WeightStreamer | None = None,
         item: int = 0,
         streamed_at: Sequence[int] = (),
+        *,
+        host_reads: bool = True,
     ) -> None:
         self.fn = fn
+        self.host_reads = host_reads
         self.device = device
         self.fixed = list(fixed)  # per param: its tensor, or None where the streamer gives it
         self.streamer = streamer
@@ -120,7 +123,7 @@ class BoundRunner:
     def _here(self, k: int, a: Any) -> Any:
         if not isinstance(a, torch.Tensor) or a.device == self.device:
             return a
-        if a.device.type == "cpu" and self.device.type == "cuda":
+        if self.host_reads and a.device.type == "cpu" and self.device.type == "cuda":
             # a CPU stage's output: read by a kernel, not queued behind streaming weights
             return host_to_device(a, self.device, f"in{id(self)}:{k}")
         return a.to(self.device, non_blocking=True)
@@ -258,14 +261,19 @@ class StageBinder:
         device_of: Callable[[DeviceSpec], torch.device] | None = None,
         compile_gpu: bool = True,
         cuda_graphs: bool = True,
+        host_reads: bool = True,
     ) -> None:
         """`device_of`: where this process runs a plan device (default: the device itself;
         tests map a GPU to the CPU). `compile_gpu`: torch.compile GPU stages (Inductor).
-        `cuda_graphs`: replay all-resident decode stages on a GPU as CUDA graphs."""
+        `cuda_graphs`: replay all-resident decode stages on a GPU as CUDA graphs.
+        `host_reads`: a GPU stage reads a CPU stage's outputs from pinned host memory
+        (backends.gpu_cpu_mm.host_to_device) instead of copying them (False: for
+        comparisons)."""
         self.registry = registry
         self.device_of = device_of or torch_device
         self.compile_gpu = compile_gpu
         self.cuda_graphs = cuda_graphs
+        self.host_reads = host_reads
         self.stores: dict[str, DeviceStore] = {}
         self.streamers: dict[Phase, dict[str, WeightStreamer]] = {}
         self._active: Phase | None = None
@@ -378,14 +386,16 @@ class StageBinder:
             streamers[name] = streamer
             for k, (s, _) in enumerate(items):
                 fn, d, fixed, at = runners[s.index]
-                runners[s.index] = BoundRunner(fn, d, fixed, streamer, k, at)
+                runners[s.index] = BoundRunner(
+                    fn, d, fixed, streamer, k, at, host_reads=self.host_reads
+                )
         for s in stages:
             r = runners[s.index]
             if isinstance(r, tuple):
                 fn, d, fixed, _ = r
-                r = BoundRunner(fn, d, fixed)
+                r = BoundRunner(fn, d, fixed, host_reads=self.host_reads)
                 if phase is Phase.DECODE and d.type == "cuda" and self.cuda_graphs:
-                    r = CudaGraphRunner(r, d)
+                    r = CudaGraphRunner(r, d, host_reads=self.host_reads)
                 runners[s.index] = r
         self.streamers[phase] = streamers
         return runners
@@ -448,6 +458,7 @@ class LocalGeneration(Generation):
     ) -> None:
         super().__init__(lm, plan)
         self.binder = binder
+        self.stages = stages
         runners = binder.bind(stages, lm_weights(lm))
         self.executors = {
             phase: LocalExecutor(

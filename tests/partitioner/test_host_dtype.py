@@ -1,0 +1,42 @@
+"""The host CPU's compute dtype: chosen by the priced rates, over the model's own matmuls."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from llm_models import llama_lm
+
+from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency
+from hetero.cluster.spec import ClusterSpec
+from hetero.partitioner import host_dtype
+from hetero.partitioner.cost import CostModel
+from hetero.partitioner.phases import capture_lm
+
+
+def _cm() -> CostModel:
+    rates = (Efficiency("matmul/float16", 0.3, 0.3), Efficiency("matmul/bfloat16", 0.6, 0.6))
+    device = DeviceProfile("box/cpu", "cpu", efficiency=rates, backend="eager")
+    return CostModel(profile=CalibrationProfile(cluster="cpu-2core", devices=(device,)))
+
+
+def test_a_float32_matmul_without_weights_does_not_decide_the_models_dtype():
+    """transformers' rotary embedding multiplies positions by frequencies in float32; some
+    versions export it as a matmul ahead of the first layer's."""
+    ops = list(capture_lm(llama_lm().half(), max_len=32).decode)
+    mm = next(op for op in ops if op.op_class == "matmul")
+    f32 = [dataclasses.replace(m, dtype="float32") for m in mm.out_meta]
+    rotary = dataclasses.replace(mm, name="rotary_mm", out_meta=tuple(f32), param_bytes=0)
+    cpu = ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml").device("box/cpu")
+    chosen = host_dtype.choose([rotary, *ops], cpu, _cm(), "eager")
+    assert chosen.dtype == "bfloat16"
+    assert chosen.priced_ms[0][0] == "float16"  # the model's own, first
+
+
+def test_retyped_ops_keep_their_other_dtypes_and_scale_bytes():
+    ops = list(capture_lm(llama_lm().half(), max_len=32).decode)
+    mm = next(op for op in ops if op.op_class == "matmul" and op.param_bytes)
+    as32 = host_dtype.retyped(mm, "float32")
+    assert as32.dtype == "float32" and as32.param_bytes == 2 * mm.param_bytes
+    assert host_dtype.retyped(mm, "bfloat16").param_bytes == mm.param_bytes
+    ints = next(op for op in ops if op.dtype == "int64")
+    assert host_dtype.retyped(ints, "bfloat16") is ints
