@@ -108,7 +108,7 @@ def plan_generation(
     cm = cost_model if cost_model is not None else CostModel.load(cluster=cluster)
     resolved, backend_notes = resolve_backends(cluster, backends, registry)
     hosts = _host_dtypes(lm, cluster, cm, resolved, registry, exclude)
-    backend_notes = (*backend_notes, *(h.note() for h in hosts if h.dtype))
+    backend_notes = (*backend_notes, *(h.note() for h in hosts if h.priced_ms))
     common = dict(
         backends=resolved,
         exclude=exclude,
