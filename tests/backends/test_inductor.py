@@ -136,3 +136,33 @@ def test_inductor_cudagraphs_matches_eager_where_it_cannot_capture(tmp_path):
     run = backend.load(Artifact("inductor-cudagraphs", "k", tmp_path, {}), CPU)
     with torch.no_grad():
         torch.testing.assert_close(run(x)[0], model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_candidates_of_one_partition_share_one_compile(tmp_path, monkeypatch):
+    # the measured choice loads both; Inductor's compile is the cost, the capture is not
+    from hetero.backends.cache import ArtifactCache
+
+    compiles = []
+    real = torch.compile
+
+    def counting(*a, **k):
+        compiles.append(k.get("mode"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "compile", counting)
+    torch.manual_seed(0)
+    model, x = Block(), torch.randn(3, 16)
+    unit, cache = unit_of(model, x), ArtifactCache(tmp_path)
+    runs = [
+        b.load(cache.build(b, unit, CPU, CompileOptions()), CPU)
+        for b in (InductorBackend(), InductorGraphsBackend())
+    ]
+    assert len(compiles) == 1
+    with torch.no_grad():
+        want = model(x)
+        for run in runs:
+            torch.testing.assert_close(run(x)[0], want, rtol=1e-4, atol=1e-5)
+    other = CompileOptions(extra=(("mode", "max-autotune-no-cudagraphs"),))
+    InductorBackend().load(cache.build(InductorBackend(), unit, CPU, other), CPU)
+    assert len(compiles) == 2  # other settings: compiled apart
