@@ -6,6 +6,9 @@ reference the measured choice (runtime/choice.py) holds Triton and Inductor to o
 A partition whose ops cannot be captured (a host sync, a CPU tensor) runs as plain eager
 from its first call on. Static shapes only: one graph per shape would hold one memory
 pool per prompt length.
+
+`replayed` is the capture-and-replay wrapper both graph backends share (this one, and
+`inductor-cudagraphs` in backends/inductor.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,46 @@ from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError
 
 
+def check_static(backend: str, unit: CompileUnit, options: CompileOptions, weights: str) -> None:
+    """A CompileError unless `unit` can be replayed as a graph: static shapes, resident weights."""
+    if options.dynamic or unit.dynamic_dims:
+        raise CompileError(
+            f"partition {unit.name}: the {backend} backend replays static shapes only and "
+            f"this partition has dynamic dims {unit.dynamic_dims}; use 'eager' or "
+            "'inductor' for it"
+        )
+    if weights != "resident" or unit.bound_params:
+        raise CompileError(
+            f"partition {unit.name}: the {backend} backend keeps the weights inside the "
+            "program; streamed or bound weights go through 'eager' or 'inductor'"
+        )
+
+
+def replayed(run: Runner, device: DeviceSpec) -> Runner:
+    """`run` captured as a CUDA graph on its first call per input signature and replayed
+    after, its outputs cloned out of the graph's pool (they flow into other partitions and
+    to the caller, and the next replay would overwrite them). `run` itself where there is
+    no CUDA device, and from the first call that cannot be captured on."""
+    dev = torch_device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return run
+    graphs = GraphRunner(run, clone_outputs=True)
+    failed: list[BaseException] = []
+
+    def replay(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if failed or not all(isinstance(a, torch.Tensor) for a in acts):
+            return run(*acts)
+        try:
+            with torch.cuda.device(dev):
+                return graphs(*[a.to(dev) for a in acts])
+        except Exception as e:  # not capturable (a host sync, ...): uncaptured from now on
+            failed.append(e)
+            torch.cuda.synchronize(dev)
+            return run(*acts)
+
+    return replay
+
+
 class CudaGraphsBackend(EagerBackend):
     name = "cudagraphs"
     device_kinds = ("gpu",)
@@ -29,36 +72,8 @@ class CudaGraphsBackend(EagerBackend):
     def compile(
         self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
     ) -> Manifest:
-        if options.dynamic or unit.dynamic_dims:
-            raise CompileError(
-                f"partition {unit.name}: the cudagraphs backend replays static shapes only and "
-                f"this partition has dynamic dims {unit.dynamic_dims}; use 'eager' or "
-                "'inductor' for it"
-            )
-        if self.parse_options(options).weights != "resident" or unit.bound_params:
-            raise CompileError(
-                f"partition {unit.name}: the cudagraphs backend keeps the weights inside the "
-                "program; streamed or bound weights go through 'eager' or 'inductor'"
-            )
+        check_static(self.name, unit, options, self.parse_options(options).weights)
         return super().compile(unit, device, options, out_dir)
 
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
-        run = super().load(artifact, device)
-        if torch_device(device).type != "cuda" or not torch.cuda.is_available():
-            return run
-        dev = torch_device(device)
-        graphs = GraphRunner(run)
-        failed: list[BaseException] = []
-
-        def replay(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            if failed or not all(isinstance(a, torch.Tensor) for a in acts):
-                return run(*acts)
-            try:
-                with torch.cuda.device(dev):
-                    return graphs(*[a.to(dev) for a in acts])
-            except Exception as e:  # not capturable (a host sync, ...): eager from now on
-                failed.append(e)
-                torch.cuda.synchronize(dev)
-                return run(*acts)
-
-        return replay
+        return replayed(super().load(artifact, device), device)

@@ -29,6 +29,7 @@ BUILTIN: dict[str, str] = {
     "triton": "hetero.backends.triton:TritonBackend",
     "inductor": "hetero.backends.inductor:InductorBackend",
     "cudagraphs": "hetero.backends.cudagraphs:CudaGraphsBackend",
+    "inductor-cudagraphs": "hetero.backends.inductor:InductorGraphsBackend",
 }
 
 

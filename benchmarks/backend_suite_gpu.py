@@ -19,13 +19,13 @@ torchvision.models; nothing is downloaded):
 
 Each row: eager; hetero (hetero.compile on this machine's cluster, configs/clusters/
 h200-sxm-node.yaml, in-process executor; its measured backend choice per partition,
-runtime/choice.py, among the GPU backends that import here: triton, inductor, cudagraphs,
-eager; TVM is left out, the GPU machine has none); then torch.compile in each of --modes,
-max-autotune-no-cudagraphs last since it may take minutes. The base models (no LM or
-classifier head on the language models) are timed, as gpt2_e2e_gpu.py does. Times are
-medians of CUDA-event-timed loops (gpt2_gpu.timed); error is ||out - eager|| / ||eager|| of
-the main output (last_hidden_state, or the logits); compile time is hetero.compile's wall
-time, and for torch.compile the first call's.
+runtime/choice.py, among the GPU backends that import here: triton, inductor,
+inductor-cudagraphs, cudagraphs, eager; TVM is left out, the GPU machine has none); then
+torch.compile in each of --modes, max-autotune-no-cudagraphs last since it may take minutes.
+The base models (no LM or classifier head on the language models) are timed,
+as gpt2_e2e_gpu.py does. Times are medians of CUDA-event-timed loops (gpt2_gpu.timed); error
+is ||out - eager|| / ||eager|| of the main output (last_hidden_state, or the logits); compile
+time is hetero.compile's wall time, and for torch.compile the first call's.
 
 llama-decode follows llm_generate_gpu.py's uncapped case (its functions, imported):
 transformers' generate (eager), hetero.compile(task="generate") (its decode plan's backend

@@ -1,12 +1,17 @@
-"""The inductor backend on the CPU: compile a partition, load it, match eager."""
+"""The inductor backend on the CPU: compile a partition, load it, match eager; and its
+CUDA-graph twin `inductor-cudagraphs`: registered for GPUs, its options, what it refuses,
+and that it runs uncaptured where there is no CUDA (tests/gpu/ checks its replays)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 from hetero.backends.base import Artifact, CompileOptions, CompileUnit
-from hetero.backends.inductor import InductorBackend
+from hetero.backends.cudagraphs import replayed
+from hetero.backends.inductor import InductorBackend, InductorGraphsBackend
 from hetero.backends.registry import default_registry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError
@@ -56,3 +61,108 @@ def test_unknown_mode_is_refused(tmp_path):
         InductorBackend().compile(
             unit_of(model, x), CPU, CompileOptions(extra=(("mode", "fastest"),)), tmp_path
         )
+
+
+# ---- inductor-cudagraphs: Inductor's artifact replayed through hetero's CUDA graphs ----------
+GPU = DeviceSpec("test/gpu0", "gpu", "test", index=0)
+
+
+def test_inductor_cudagraphs_is_a_gpu_candidate():
+    reg = default_registry()
+    b = reg.get("inductor-cudagraphs")
+    assert isinstance(b, InductorGraphsBackend) and b.device_kinds == ("gpu",)
+    assert "inductor-cudagraphs" in reg.for_kind("gpu")
+    assert "inductor-cudagraphs" not in reg.for_kind("cpu")
+    assert not b.holds_state  # a graph replays fixed addresses: no streamed weights
+
+
+@pytest.mark.parametrize(
+    "asked, compiled",
+    [
+        (None, None),
+        ("default", None),
+        ("reduce-overhead", None),
+        ("max-autotune", "max-autotune-no-cudagraphs"),
+        ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+    ],
+)
+def test_inductor_cudagraphs_compiles_without_inductors_own_graphs(asked, compiled):
+    # a graph captured inside Inductor's own would fail: the mode asked loses its graphs
+    b = InductorGraphsBackend()
+    options = CompileOptions(extra=(("mode", asked),))
+    assert b.mode(options) == compiled
+    assert b.target(GPU, options) == f"inductor-cudagraphs:gpu:any:{compiled or 'default'}"
+
+
+def test_inductor_cudagraphs_writes_the_mode_without_graphs(tmp_path):
+    model, x = Block(), torch.randn(3, 16)
+    options = CompileOptions(extra=(("mode", "max-autotune"),))
+    InductorGraphsBackend().compile(unit_of(model, x), GPU, options, tmp_path)
+    settings = json.loads((tmp_path / "inductor.json").read_text())
+    assert settings["mode"] == "max-autotune-no-cudagraphs"
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (CompileOptions(dynamic=True), "static shapes"),
+        (CompileOptions(extra=(("weights", "streamed"),)), "streamed or bound weights"),
+        (CompileOptions(extra=(("mode", "fastest"),)), "unknown torch.compile mode"),
+    ],
+)
+def test_inductor_cudagraphs_refuses_what_a_graph_cannot_replay(tmp_path, options, match):
+    model, x = Block(), torch.randn(3, 16)
+    with pytest.raises(CompileError, match=match):
+        InductorGraphsBackend().compile(unit_of(model, x), GPU, options, tmp_path)
+
+
+def test_without_cuda_the_replay_is_the_plain_run(monkeypatch):
+    def run(*acts):
+        return acts
+
+    assert replayed(run, CPU) is run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert replayed(run, GPU) is run
+
+
+@pytest.mark.slow
+def test_inductor_cudagraphs_matches_eager_where_it_cannot_capture(tmp_path):
+    # on a CPU the artifact loads as plain Inductor: the fallback the GPU path takes for a
+    # partition that cannot be captured
+    torch.manual_seed(0)
+    model, x = Block(), torch.randn(3, 16)
+    backend = InductorGraphsBackend()
+    backend.compile(unit_of(model, x), CPU, CompileOptions(), tmp_path)
+    run = backend.load(Artifact("inductor-cudagraphs", "k", tmp_path, {}), CPU)
+    with torch.no_grad():
+        torch.testing.assert_close(run(x)[0], model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_candidates_of_one_partition_share_one_compile(tmp_path, monkeypatch):
+    # the measured choice loads both; Inductor's compile is the cost, the capture is not
+    from hetero.backends.cache import ArtifactCache
+
+    compiles = []
+    real = torch.compile
+
+    def counting(*a, **k):
+        compiles.append(k.get("mode"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "compile", counting)
+    torch.manual_seed(0)
+    model, x = Block(), torch.randn(3, 16)
+    unit, cache = unit_of(model, x), ArtifactCache(tmp_path)
+    runs = [
+        b.load(cache.build(b, unit, CPU, CompileOptions()), CPU)
+        for b in (InductorBackend(), InductorGraphsBackend())
+    ]
+    assert len(compiles) == 1
+    with torch.no_grad():
+        want = model(x)
+        for run in runs:
+            torch.testing.assert_close(run(x)[0], want, rtol=1e-4, atol=1e-5)
+    other = CompileOptions(extra=(("mode", "max-autotune-no-cudagraphs"),))
+    InductorBackend().load(cache.build(InductorBackend(), unit, CPU, other), CPU)
+    assert len(compiles) == 2  # other settings: compiled apart
