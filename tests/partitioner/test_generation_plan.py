@@ -187,3 +187,17 @@ def test_the_cpu_computes_in_the_dtype_its_measured_rates_make_fastest(
             lm, cluster, registry=default_registry(), cost_model=_host_rates(float16, None)
         )
         assert gp.predicted_decode_ms < own.predicted_decode_ms
+
+
+def test_a_capped_gpu_keeps_memory_for_the_runtime_and_says_how_much(lm):
+    from hetero.partitioner.algorithms.generation import RUNTIME_RESERVE, runtime_reserve
+
+    assert runtime_reserve(4 << 30) == RUNTIME_RESERVE  # a 7B run's cap: all of it
+    assert runtime_reserve(64 << 20) < 8 << 20  # a tiny cap keeps most of itself
+    assert runtime_reserve(None) == 0
+    cluster = capped(0.5, lm)
+    gp = plan_generation(lm, cluster, registry=default_registry())
+    kept = runtime_reserve(cluster.device("node0/gpu").memory)
+    assert any(f"node0/gpu {kept / 2**20:.0f} MiB" in n for n in gp.notes)
+    used = dict(gp.decode.memory)["node0/gpu"]
+    assert used <= cluster.device("node0/gpu").memory - kept
