@@ -215,8 +215,22 @@ def mlp_share(
     r = mlp_features(w, gated)
     inner = 2 * r if gated else r
     h = x @ w[:inner].t()  # gate and up in one product
-    h = ACTIVATIONS[act](h[:, :r]) * h[:, r:] if gated else ACTIVATIONS[act](h)
+    h = _activate(act, h[:, :r]) * h[:, r:] if gated else _activate(act, h)
     return torch.mm(h, w[inner:], out=out)
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _activate(act: str, h: torch.Tensor) -> torch.Tensor:
+    """act(h) in float32, rounded once to h's 16-bit dtype: what the unsplit program computes
+    on its GPU, where a 16-bit model's SiLU runs in float32 between casts
+    (partitioner/mlp_pattern.py) and CUDA's activation kernels compute 16-bit inputs in
+    float32. The CPU's float16 GELU does not (1-ulp differences in ~6% of values against
+    the float32 GELU, torch 2.13): the host converts explicitly."""
+    if h.dtype in _LOW_PRECISION and h.device.type != "cuda":
+        return ACTIVATIONS[act](h.float()).to(h.dtype)
+    return ACTIVATIONS[act](h)
 
 
 def _gpu_cpu_mlp(

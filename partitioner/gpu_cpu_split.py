@@ -20,7 +20,9 @@ Matmuls that read the same activation (q/k/v) share one hand-off, and a whole ML
 (down(act(gate(x)) * up(x)), or down(act(up(x)))) is one: each side computes all three
 matmuls over its share of the intermediate features and only x and the [tokens, hidden]
 partial sums cross, where the matmuls one activation at a time also sent the intermediate
-activation across (runtime/split_linear.py matches the same blocks in the program).
+activation across (runtime/split_linear.py matches the same blocks in the program; both
+know an activation by partitioner/mlp_pattern.py's one rule, which sees through the float32
+casts around a 16-bit model's SiLU).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
-from hetero.partitioner import host_dtype
+from hetero.partitioner import host_dtype, mlp_pattern
 from hetero.partitioner.coarsen import Group
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.graph import OpGraph, OpNode
@@ -93,13 +95,6 @@ def _root(graph: OpGraph, value: str) -> str:
     return value
 
 
-# the MLP activations the runtime fuses (backends/gpu_cpu_mm.py ACTIVATIONS); SiLU also
-# appears decomposed, as x * sigmoid(x)
-_ACTIVATIONS = ("aten.silu.default", "aten.gelu.default", "aten.relu.default")
-_MUL = "aten.mul.Tensor"
-_SIGMOID = "aten.sigmoid.default"
-
-
 @dataclass(frozen=True)
 class Handoff:
     """One trip to the CPU and back: x goes to the host, the CPU's share of `outputs` returns."""
@@ -138,25 +133,39 @@ def _mlp_blocks(graph: OpGraph, mms: Sequence[SplitMatmul]) -> list[tuple[SplitM
     return out
 
 
+@dataclass(frozen=True)
+class _OpValues:
+    """An OpGraph's values as mlp_pattern's rule reads them."""
+
+    graph: OpGraph
+
+    def target(self, v: str) -> str | None:
+        op = self.graph.nodes.get(v)
+        return op.target if op is not None else None
+
+    def tensors(self, v: str) -> tuple[str, ...]:
+        return tuple(u for u in self.graph[v].inputs if _is_tensor(self.graph, u))
+
+    def dtype(self, v: str) -> str:
+        return self.graph.value_meta(v).dtype
+
+    def unview(self, v: str) -> str:
+        return _root(self.graph, v)
+
+    def kwarg(self, v: str, key: str) -> object:
+        return None  # an OpGraph keeps no op arguments
+
+
 def _activation(graph: OpGraph, value: str) -> str | None:
-    """The input of `value` when it is one of the fused activations, else None."""
-    op = graph.nodes.get(value)
-    if op is None:
-        return None
-    if op.target in _ACTIVATIONS and op.inputs:
-        return op.inputs[0]
-    if op.target == _MUL and len(op.inputs) == 2:
-        a, b = op.inputs
-        for v, s in ((a, b), (b, a)):
-            sigmoid = graph.nodes.get(s)
-            if sigmoid is not None and sigmoid.target == _SIGMOID and sigmoid.inputs == (v,):
-                return v
-    return None
+    """The value `value`'s activation reads when it is one the runtime fuses (the runtime's
+    rule, partitioner/mlp_pattern.py), else None."""
+    got = mlp_pattern.activation(_OpValues(graph), value)
+    return got[1] if got is not None else None
 
 
 def _gated(graph: OpGraph, down: SplitMatmul, by_node: dict) -> tuple | None:
     op = graph.nodes.get(down.x)
-    if op is None or op.target != _MUL or len(op.inputs) != 2:
+    if op is None or op.target != mlp_pattern.MUL or len(op.inputs) != 2:
         return None
     for a, b in (op.inputs, op.inputs[::-1]):
         inner = _activation(graph, _root(graph, a))

@@ -2,7 +2,9 @@
 CPU, at the same time (partitioner/gpu_cpu_split.py says why and prices it).
 
 The stage's program (weights as inputs) is rewritten before it is compiled. An MLP block,
-down(act(gate(x)) * up(x)) or down(act(up(x))), becomes one call of
+down(act(gate(x)) * up(x)) or down(act(up(x))), with its activation as
+partitioner/mlp_pattern.py knows it (a 16-bit model's runs in float32 between casts, which go
+with the block), becomes one call of
 `hetero::gpu_cpu_mlp(x, w_gpu, w_cpu, act, gated)`, split Megatron-style: the GPU takes the
 first intermediate features (those rows of gate and up, the same columns of down), the CPU
 the rest, each side computes the whole block over its features, and the two [tokens, hidden]
@@ -30,6 +32,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm
+from hetero.partitioner import mlp_pattern
 
 _MM = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 _TRANSPOSE = (torch.ops.aten.permute.default, torch.ops.aten.t.default)
@@ -102,13 +105,6 @@ def _same_value(x: Node) -> tuple:
 
 
 _MUL = torch.ops.aten.mul.Tensor
-_SIGMOID = torch.ops.aten.sigmoid.default
-# activations that are one node; SiLU also appears decomposed, as x * sigmoid(x)
-_ACT_NODES = {
-    torch.ops.aten.silu.default: "silu",
-    torch.ops.aten.relu.default: "relu",
-    torch.ops.aten.gelu.default: "gelu",
-}
 
 
 @dataclass(frozen=True)
@@ -128,21 +124,34 @@ def _unview(n: object) -> object:
     return n
 
 
+class _FxValues:
+    """The program's fx nodes as mlp_pattern's rule reads values."""
+
+    def target(self, v: object) -> str | None:
+        ok = isinstance(v, Node) and v.op == "call_function"
+        return str(v.target) if ok else None
+
+    def tensors(self, v: Node) -> tuple[Node, ...]:
+        return tuple(a for a in v.args if isinstance(a, Node))
+
+    def dtype(self, v: Node) -> str:
+        val = v.meta.get("val")
+        return str(val.dtype).removeprefix("torch.") if isinstance(val, torch.Tensor) else ""
+
+    def unview(self, v: object) -> object:
+        return _unview(v)
+
+    def kwarg(self, v: Node, key: str) -> object:
+        return v.kwargs.get(key)
+
+
+_FX = _FxValues()
+
+
 def _activation(n: object) -> tuple[str, object] | None:
-    """(the activation's name, its input) when `n` is one of the MLP activations."""
-    if not isinstance(n, Node) or n.op != "call_function":
-        return None
-    if n.target in _ACT_NODES:
-        name = _ACT_NODES[n.target]
-        if name == "gelu" and n.kwargs.get("approximate", "none") == "tanh":
-            name = "gelu_tanh"
-        return name, n.args[0]
-    if n.target is _MUL and len(n.args) == 2:
-        a, b = n.args
-        for v, s in ((a, b), (b, a)):
-            if isinstance(s, Node) and s.target is _SIGMOID and s.args[0] is v:
-                return "silu", v
-    return None
+    """(the activation's name, the value it reads) when `n` is one of the MLP activations
+    (partitioner/mlp_pattern.py: the planner's rule too)."""
+    return mlp_pattern.activation(_FX, n) if isinstance(n, Node) else None
 
 
 @dataclass(frozen=True)

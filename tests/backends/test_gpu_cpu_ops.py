@@ -4,10 +4,12 @@ where both shares run on the host)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from split_programs import split_calls, split_module
 
-from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm
+from hetero.backends.gpu_cpu_mm import ACTIVATIONS, gpu_cpu_mlp, gpu_cpu_mm, mlp_share
+from hetero.partitioner import mlp_pattern
 
 
 class Layer(torch.nn.Module):
@@ -53,3 +55,21 @@ def test_inductor_compiles_around_the_ops():
     compiled = torch.compile(module, backend="inductor", fullgraph=True)
     (out,) = compiled(*args)
     torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_activations_the_graphs_fuse_are_the_ones_the_op_computes():
+    assert {*mlp_pattern.ACTIVATIONS.values(), "gelu_tanh"} == set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_a_16_bit_share_rounds_its_activation_once_from_float32(dtype, act):
+    """What the unsplit program computes on its GPU (float32 between casts, or CUDA's
+    float32 arithmetic inside a 16-bit kernel), here on the host too."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16).to(dtype)
+    w = (torch.randn(3 * 24, 16) / 4).to(dtype)  # gate, up, down's columns: 24 features
+    h = x @ w[:48].t()
+    fn = ACTIVATIONS[act]
+    want = (fn(h[:, :24].float()).to(dtype) * h[:, 24:]) @ w[48:]
+    assert torch.equal(mlp_share(x, w, act, gated=True), want)

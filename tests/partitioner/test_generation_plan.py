@@ -3,27 +3,24 @@ bound to decode's resident set, caches that move once per request."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from llm_models import llama_lm
+from split_programs import split_calls, split_graph
 
-from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp
 from hetero.backends.registry import default_registry
 from hetero.cluster.spec import ClusterSpec
 from hetero.partitioner.algorithms.generation import plan_generation
 from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.partitioner.gpu_cpu_split import handoffs, split_cost, split_matmuls
 from hetero.partitioner.phases import Phase, capture_lm
-from hetero.runtime.split_linear import split_program
 
 H200 = "configs/clusters/h200-sxm-node.yaml"
 
 
-@pytest.fixture(scope="module")
-def lm():
-    """Layers of ~4 MiB of weights: large enough to be worth splitting."""
+def _llama(dtype: torch.dtype = torch.float32):
+    """Layers of ~4 MiB of weights (float32): large enough to be worth splitting."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -31,7 +28,25 @@ def lm():
         num_key_value_heads=2, vocab_size=512,
     )  # fmt: skip
     torch.manual_seed(0)
-    return capture_lm(LlamaForCausalLM(cfg).eval(), batch=1, max_len=64)
+    return capture_lm(LlamaForCausalLM(cfg).to(dtype).eval(), batch=1, max_len=64)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return _llama()
+
+
+@pytest.fixture(scope="module")
+def lm_in(lm):
+    """`lm`'s model captured in a dtype, each once."""
+    got = {torch.float32: lm}
+
+    def of(dtype: torch.dtype):
+        if dtype not in got:
+            got[dtype] = _llama(dtype)
+        return got[dtype]
+
+    return of
 
 
 def capped(fraction: float, lm) -> ClusterSpec:
@@ -47,25 +62,28 @@ def test_split_matmuls_are_the_linear_layers(lm):
     assert {(m.rows, m.cols) for m in mms} >= {(256, 256), (1024, 256), (256, 1024)}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("phase", [Phase.DECODE, Phase.PREFILL])
-def test_split_layers_hand_off_as_the_runtime_does(lm, phase):
+def test_split_layers_hand_off_as_the_runtime_does(lm_in, phase, dtype):
     """q/k/v, o and the whole MLP: 3 hand-offs a layer, the MLP's returning [tokens, hidden]
     (not its intermediate features); the program the runtime rewrites makes exactly the op
-    calls the pricing counts, in both phases (prefill's views take symbolic sizes)."""
-    graph = lm.graph(phase)
+    calls the pricing counts, in both phases (prefill's views take symbolic sizes) and in
+    16 bits too (SiLU in float32 between casts: still one block)."""
+    graph = lm_in(dtype).graph(phase)
     layer = [op.name for op in graph if op.module.startswith("model.model.layers.0")]
     trips = handoffs(graph, split_matmuls(graph, layer))
     assert len(trips) == 3 and sum(t.mlp for t in trips) == 1
     (mlp,) = [t for t in trips if t.mlp]
     assert graph.value_meta(mlp.outputs[0]).hint[-1] == 256  # hidden, not 1024 features
+    split, _, groups = split_graph(graph, 0.5)
+    calls = split_calls(split)
     mms = split_matmuls(graph, list(graph.nodes))
-    gm = copy.deepcopy(graph.program.graph_module)
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    split, _, groups = split_program(gm, names, 0.5, {m.weight: (m.rows, m.cols) for m in mms})
-    calls = [n.target for n in split.graph.nodes if n.target in (gpu_cpu_mm, gpu_cpu_mlp)]
     trips = handoffs(graph, mms)
     assert len(calls) == len(groups) == len(trips)
     assert calls.count(gpu_cpu_mlp) == sum(t.mlp for t in trips) == 8  # one per layer
+    weight = {m.node: m.weight for m in mms}  # and the same blocks, by their down's weight
+    fused = {g.weights[-1] for g in groups if g.act}
+    assert fused == {weight[t.outputs[0]] for t in trips if t.mlp}
 
 
 @pytest.fixture(scope="module")

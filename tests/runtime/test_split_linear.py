@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from split_programs import split_calls, split_module
+from llm_models import llama_lm
+from split_programs import split_calls, split_graph, split_module
 
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm
+from hetero.partitioner.phases import Phase, capture_lm
+from hetero.partitioner.split import param_values
 from hetero.runtime.split_linear import gpu_rows
 
 
@@ -141,3 +144,81 @@ def test_what_is_not_a_whole_mlp_splits_by_matmul():
     assert calls == [gpu_cpu_mlp, gpu_cpu_mm]  # a -> b fused (16 -> 32 -> 16), c alone
     assert groups[1].act == "relu" and not groups[1].gated
     torch.testing.assert_close(out, square(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("act", "gated"), [("silu", True), ("gelu", True), ("gelu_tanh", True), ("relu", False)]
+)
+def test_a_16_bit_mlp_is_one_hand_off_and_computes_the_unsplit_mlp(dtype, act, gated):
+    """A 16-bit SiLU is captured in float32 between casts; the op computes every activation
+    in float32 and rounds once, as the graph does."""
+    torch.manual_seed(0)
+    mlp = Mlp(16, 40, act, gated).eval().to(dtype)
+    x = torch.randn(1, 3, 16, dtype=dtype)
+    split, args, groups = split_module(mlp, x, 0.3)
+    assert split_calls(split) == [gpu_cpu_mlp] and groups[0].act == act
+    assert not [n for n in split.graph.nodes if n.target in _ELEMENTWISE]  # all in the op
+    (out,) = split(*args)
+    assert out.dtype == dtype
+    # the partial sums round apart, then add: a rounding or two of the dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out, mlp(x), rtol=4 * eps, atol=4 * eps * mlp(x).abs().max().item())
+
+
+_ELEMENTWISE = (
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten.sigmoid.default,
+    torch.ops.aten.silu.default,
+    torch.ops.aten.gelu.default,
+    torch.ops.aten.relu.default,
+    torch.ops.aten.mul.Tensor,
+)
+
+
+@pytest.fixture(scope="module")
+def llamas():
+    """A tiny LLaMA captured for generation, by dtype (captured once each)."""
+    got = {}
+
+    def of(dtype: torch.dtype):
+        if dtype not in got:
+            got[dtype] = capture_lm(llama_lm().to(dtype), batch=1, max_len=32)
+        return got[dtype]
+
+    return of
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_each_llama_mlp_is_one_op_in_every_dtype(llamas, dtype, phase):
+    """A 16-bit LLaMA's SiLU runs in float32 between casts (_to_copy up, x * sigmoid(x),
+    _to_copy down): the block still becomes one gpu_cpu_mlp per layer, the casts and the
+    activation go with it, and the program computes what it computed."""
+    lm = llamas(dtype)
+    graph = lm.graph(phase)
+    split, bind, groups = split_graph(graph, 0.4)
+    calls = split_calls(split)
+    assert calls.count(gpu_cpu_mlp) == 2 and len(calls) == 7  # a layer: qkv, o, mlp; lm_head
+    assert [g.act for g in groups if g.act] == ["silu", "silu"]
+    gm = graph.program.graph_module
+
+    def count(m, target):
+        return sum(n.target is target for n in m.graph.nodes)
+
+    cast, sigmoid = torch.ops.aten._to_copy.default, torch.ops.aten.sigmoid.default
+    absorbed = 2 * 2 if dtype != torch.float32 else 0  # each layer's two casts
+    assert count(gm, cast) - count(split, cast) == absorbed
+    assert count(gm, sigmoid) == 2 and count(split, sigmoid) == 0
+    torch.manual_seed(0)
+    state = {s.name: torch.randn(s.shape).to(dtype) for s in lm.state}
+    prefill = phase is Phase.PREFILL
+    ids = torch.randint(0, 512, (1, 5) if prefill else (1, 1))
+    user = {"input_ids": ids, "start": torch.tensor(0 if prefill else 9)}
+    env = {**param_values(graph), **{k: v.clone() for k, v in state.items()}, **user}
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        (want,) = gm(*[env[n] for n in names])
+        (got,) = split(*bind({**{k: v.clone() for k, v in state.items()}, **user}))
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < 4 * torch.finfo(dtype).eps, float(err)  # a rounding or two of the dtype
