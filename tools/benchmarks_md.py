@@ -75,7 +75,7 @@ export PYTHONPATH=/tmp/shim:/tmp/site && cd /tmp && ...
 | GPU<->CPU hops vs pinned copies and the bare graph | `python3 $R/benchmarks/hop_overhead_gpu.py --json $OUT/hop_gpu.json` | nvidia-h100-x1 | - |
 | two GPUs: pipeline, split sweep, NCCL hops | `python3 $R/benchmarks/pipeline_2gpu.py --json $OUT/p2.json` | nvidia-h100-x2 | ~5 min |
 | the GPU tests | `python3 -m pytest -q $R/tests/gpu -p no:cacheprovider` | nvidia-h100-x1 | ~1 min |
-| LLaMA-7B generation, GPU capped at 4 GiB (issue 14; no `.devdeps` needed) | `python3 $R/benchmarks/llm_generate_gpu.py --case capped --json $OUT/capped.json` (with the feedback round: `--no-feedback` keeps the first plan) | nvidia-h200 | ~8 min (run 11: 7.7) |
+| LLaMA-7B generation, GPU capped at 4 GiB (issue 14; no `.devdeps` needed) | `python3 $R/benchmarks/llm_generate_gpu.py --case capped --json $OUT/capped.json` (with the feedback round: `--no-feedback` keeps the first plan; `--copy-inputs-too` also times the same stages copying CPU outputs to the GPU) | nvidia-h200 | ~9.5 min (run 13: 9.4 with `--copy-inputs-too`) |
 | a split layer's time, piece by piece (copies, CPU products, profiled decode) | `python3 $R/benchmarks/split_layer_gpu.py --json $OUT/split.json --trace $OUT/split_trace.json` | nvidia-h200 | ~2.5 min |
 | the same model uncapped: hetero vs eager and every torch.compile mode | `python3 $R/benchmarks/llm_generate_gpu.py --case uncapped --json $OUT/uncapped.json` | nvidia-h200 | ~8 min (run 8) |
 | batch 16 under the cap: chosen plan vs forced streaming / CPU | `python3 $R/benchmarks/llm_generate_gpu.py --case batch16 --json $OUT/b16.json` | nvidia-h200 | > 7 min (run 9: cut) |
