@@ -15,7 +15,9 @@ memory it takes is known when planning.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -36,6 +38,31 @@ def is_hf_causal_lm(model: torch.nn.Module) -> bool:
     return hasattr(model, "config") and (
         hasattr(model, "generation_config") or hasattr(model, "lm_head")
     )
+
+
+@contextlib.contextmanager
+def _window_covers_cache(config: Any, max_len: int) -> Iterator[None]:
+    """A sliding window at least as long as the cache excludes no position the cache holds:
+    such a model attends exactly as with full attention. While inside, its config says so
+    (transformers then builds full-attention cache layers and a causal mask, which export
+    traces; its sliding-window mask of a static cache does not). Restored on the way out:
+    the user's model is theirs."""
+    window = getattr(config, "sliding_window", None)
+    if not window or window < max_len:
+        yield
+        return
+    types = getattr(config, "layer_types", None)
+    try:
+        config.sliding_window = None
+        if types is not None:
+            config.layer_types = [
+                "full_attention" if t == "sliding_attention" else t for t in types
+            ]
+        yield
+    finally:
+        config.sliding_window = window
+        if types is not None:
+            config.layer_types = types
 
 
 def _kv_shape(config: Any) -> tuple[int, int]:
@@ -67,8 +94,18 @@ class StaticCacheLM(torch.nn.Module):
         self.model = model
         self.batch = int(batch)
         self.max_len = int(max_len)
+        window = getattr(config, "sliding_window", None)
+        if window and window < self.max_len:
+            raise CaptureError(
+                f"{type(model).__name__} attends over a sliding window of {window} positions, "
+                f"shorter than max_length={self.max_len}: hetero's static cache holds "
+                "full-attention layers only. What to do: compile with max_length <= "
+                f"{window} (the window then never excludes a position the cache holds)"
+            )
+        self._config = config
         try:
-            cache = StaticCache(config=config, max_cache_len=self.max_len)
+            with _window_covers_cache(config, self.max_len):
+                cache = StaticCache(config=config, max_cache_len=self.max_len)
         except TypeError as e:
             raise CaptureError(
                 f"transformers {_version()} has a StaticCache hetero does not know ({e}); "
@@ -106,13 +143,14 @@ class StaticCacheLM(torch.nn.Module):
                 layer.cumulative_length = start.clone()
         length = input_ids.shape[1]
         positions = (torch.arange(length, device=input_ids.device) + start).unsqueeze(0)
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=positions.expand(input_ids.shape[0], -1),
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kw: self._cache},
-        )
+        with _window_covers_cache(self._config, self.max_len):
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=positions.expand(input_ids.shape[0], -1),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kw: self._cache},
+            )
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -1]
 

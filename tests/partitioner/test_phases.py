@@ -87,3 +87,17 @@ def test_a_model_without_a_cache_is_refused():
 
 def test_phase_graph_lookup(lm):
     assert lm.graph(Phase.PREFILL) is lm.prefill and lm.graph(Phase.DECODE) is lm.decode
+
+
+def test_a_sliding_window_shorter_than_the_cache_is_refused_with_what_to_do():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                        sliding_window=16)  # fmt: skip
+    model = MistralForCausalLM(cfg).eval()
+    with pytest.raises(CaptureError, match=r"sliding window of 16 .*max_length <= 16"):
+        capture_lm(model, max_len=32)
+    assert model.config.sliding_window == 16
+    capture_lm(model, max_len=16)  # the window covers the cache: full attention
+    assert model.config.sliding_window == 16  # the user's config, restored

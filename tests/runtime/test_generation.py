@@ -207,6 +207,9 @@ ARCHITECTURES = {
     # a learned position table offset by 2, a projection around the decoder
     "opt": dict(hidden_size=64, ffn_dim=176, num_hidden_layers=2, num_attention_heads=4,
                 vocab_size=512, word_embed_proj_dim=64),
+    # its default sliding window (4096) is longer than the cache: full attention, as captured
+    "mistral": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
 }  # fmt: skip
 
 
