@@ -247,7 +247,7 @@ def decode_summary(out: dict) -> str:
     )
 
 
-def rebound(lm, ids, args, **binder_kw) -> dict:
+def rebound(lm, ids, args, check=None, **binder_kw) -> dict:
     """`lm`'s stages bound again by a StageBinder with `binder_kw` (nothing recompiled) and
     timed; `lm` is left runnable by the caller's shutdown only (its stores are freed first,
     so both never hold the GPU's memory at once)."""
@@ -262,7 +262,10 @@ def rebound(lm, ids, args, **binder_kw) -> dict:
     g = LocalGeneration(lm.lm, lm.plan, stages, StageBinder(default_registry(), **binder_kw))
     other = CompiledLM(lm.lm, lm.plan, lm.cluster, g)
     try:
-        return hetero_times(other, ids, args.new_tokens, args.repeats)
+        out = hetero_times(other, ids, args.new_tokens, args.repeats)
+        if check is not None:  # (reference tokens, reference logits): teacher-forced
+            out["logits_vs_uncapped"] = teacher_forced(other, ids, *check)
+        return out
     finally:
         other.shutdown()
 
@@ -441,6 +444,13 @@ def case_capped(args, cfg, cache: Path) -> None:
         out["hetero_copied_inputs"] = rebound(lm, host_ids, args, host_reads=False)
         log(f"  CPU stages' outputs copied, not read: {out['hetero_copied_inputs']}")
         save(args.json)
+    if gpu and args.graph_streamed_too and time.perf_counter() - T0 < args.budget_s:
+        # the same stages, streamed decode layers replayed as CUDA graphs (one per slot)
+        out["hetero_graph_streamed"] = rebound(
+            lm, host_ids, args, check=(tokens, ref), graph_streamed=True
+        )
+        log(f"  streamed layers as CUDA graphs: {out['hetero_graph_streamed']}")
+        save(args.json)
     lm.shutdown()
 
 
@@ -618,6 +628,12 @@ def main() -> None:
         action="store_true",
         help="capped: also time the same stages with GPU stages copying CPU "
         "stages' outputs rather than reading them from pinned memory",
+    )
+    ap.add_argument(
+        "--graph-streamed-too",
+        action="store_true",
+        help="capped: also time the same stages with streamed decode layers "
+        "replayed as CUDA graphs, one per streaming slot (with its logits)",
     )
     ap.add_argument("--budget-s", type=float, default=520.0,
                     help="start no optional measurement after this many seconds")  # fmt: skip

@@ -6,11 +6,19 @@ needs: every tensor it touches at a fixed address (the runner's weights and the 
 are: they live in the device's store for the whole generation; its activations are copied
 into static input buffers) and fixed shapes (decode's are). Outputs are read back from the
 graph's own buffers, so they are cloned before they leave.
+
+A streamed stage's weights are not at one address: they arrive in one of the weight
+streamer's two slots. `SlotGraphs` captures such a stage once per set of parameter
+addresses (at most one graph per slot), waits for its slot's copy as the stream already
+does, and replays the graph of the slot its weights are in. All graphs of one binder share
+one memory pool (they run one after another and their outputs are cloned at once): a pool
+per graph would round each layer's few intermediates up to allocator segments.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -23,11 +31,17 @@ class CudaGraphRunner:
     """`fn(*acts)` captured as a CUDA graph on first use; later calls replay it."""
 
     def __init__(
-        self, fn: Callable[..., tuple], device: torch.device, *, host_reads: bool = True
+        self,
+        fn: Callable[..., tuple],
+        device: torch.device,
+        *,
+        host_reads: bool = True,
+        pool: Any = None,
     ) -> None:
         self.fn = fn
         self.host_reads = host_reads
         self.device = device
+        self.pool = pool
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_in: list[torch.Tensor] = []
         self.static_out: tuple = ()
@@ -35,16 +49,7 @@ class CudaGraphRunner:
 
     def _capture(self, acts: Sequence[torch.Tensor]) -> None:
         self.static_in = [a.detach().to(self.device).clone() for a in acts]
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(WARMUP):
-                self.fn(*self.static_in)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            self.static_out = tuple(self.fn(*self.static_in))
-        self.graph = graph
+        self.graph, self.static_out = capture(self.fn, self.static_in, self.device, self.pool)
 
     def __call__(self, *acts: torch.Tensor) -> tuple:
         if self.failed is not None:
@@ -67,3 +72,81 @@ class CudaGraphRunner:
                 s.copy_(a, non_blocking=True)
         self.graph.replay()
         return tuple(o.clone() for o in self.static_out)
+
+
+def capture(
+    fn: Callable[..., tuple], args: Sequence[Any], device: torch.device, pool: Any = None
+) -> tuple[torch.cuda.CUDAGraph, tuple]:
+    """(the graph of `fn(*args)`, its outputs' static buffers), after warm-up calls on a side
+    stream (compiled code builds its kernels on its first calls, which a graph cannot hold)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(WARMUP):
+            fn(*args)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool), torch.no_grad():
+        out = tuple(fn(*args))
+    return graph, out
+
+
+class SlotGraphs:
+    """`fn(*acts, *params)` captured once per set of parameter addresses, replayed after:
+    a streamed stage, whose weights sit in one of the streamer's slots. `acts` are copied
+    into the graph's own buffers by a kernel (a same-device copy could wait in the copy
+    engine's queue behind streaming weights); outputs are cloned out."""
+
+    def __init__(
+        self,
+        fn: Callable[..., tuple],
+        device: torch.device,
+        acts: int,
+        *,
+        pool: Any = None,
+        limit: int = 2,
+    ) -> None:
+        self.fn = fn
+        self.device = device
+        self.acts = acts
+        self.pool = pool
+        self.limit = limit  # graphs per stage: one per slot its weights may land in
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple]] = {}
+        self.failed: BaseException | None = None
+
+    def _key(self, args: Sequence[Any]) -> tuple:
+        acts, params = args[: self.acts], args[self.acts :]
+        return (
+            tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in acts),
+            tuple(p.data_ptr() if isinstance(p, torch.Tensor) else p for p in params),
+        )
+
+    def __call__(self, *args: Any) -> tuple:
+        if self.failed is not None or not all(
+            isinstance(a, torch.Tensor) and a.device == self.device for a in args[: self.acts]
+        ):
+            return tuple(self.fn(*args))
+        key = self._key(args)
+        got = self.graphs.get(key)
+        if got is None:
+            if len(self.graphs) >= self.limit:  # weights somewhere new every call: uncaptured
+                return tuple(self.fn(*args))
+            static = [a.detach().clone() for a in args[: self.acts]]
+            try:
+                graph, out = capture(self.fn, [*static, *args[self.acts :]], self.device, self.pool)
+            except Exception as e:  # an op that cannot be captured: run it as it is
+                self.failed = e
+                return tuple(self.fn(*args))
+            got = self.graphs[key] = (graph, static, out)
+        graph, static, out = got
+        for s, a in zip(static, args[: self.acts], strict=True):
+            _kernel_copy(s, a)
+        graph.replay()
+        return tuple(o.clone() for o in out)
+
+
+def _kernel_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if src.dtype == torch.bool:
+        dst.copy_(src, non_blocking=True)
+    else:
+        torch.mul(src, 1, out=dst)

@@ -95,6 +95,10 @@ class LocalExecutor:
     def streamers(self) -> dict[str, Any]:
         return self._state.streamers
 
+    def runner(self, index: int) -> Any:
+        """What runs stage `index` (a backend's runner, or a generation's bound runner)."""
+        return self._state.runners[index].runner
+
     def _install(
         self,
         deployment: StagedPlan,

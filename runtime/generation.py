@@ -40,7 +40,7 @@ from hetero.partitioner.phases import PROMPT, START, LMGraphs, Phase
 from hetero.partitioner.split import param_values
 from hetero.runtime.artifacts import load_runner, verify_artifact
 from hetero.runtime.build import retarget
-from hetero.runtime.cuda_graph import CudaGraphRunner
+from hetero.runtime.cuda_graph import CudaGraphRunner, SlotGraphs
 from hetero.runtime.executor import LocalExecutor
 from hetero.runtime.retype import host_tensor
 from hetero.runtime.sampling import Sampling, next_token
@@ -262,14 +262,18 @@ class StageBinder:
         compile_gpu: bool = True,
         cuda_graphs: bool = True,
         host_reads: bool = True,
+        graph_streamed: bool = False,
     ) -> None:
         """`device_of`: where this process runs a plan device (default: the device itself;
         tests map a GPU to the CPU). `compile_gpu`: torch.compile GPU stages (Inductor).
         `cuda_graphs`: replay all-resident decode stages on a GPU as CUDA graphs.
         `host_reads`: a GPU stage reads a CPU stage's outputs from pinned host memory
         (backends.gpu_cpu_mm.host_to_device) instead of copying them (False: for
-        comparisons)."""
+        comparisons). `graph_streamed`: also replay streamed decode stages as CUDA graphs, one
+        per streaming slot (runtime/cuda_graph.SlotGraphs; off until measured on a GPU)."""
         self.registry = registry
+        self.graph_streamed = graph_streamed
+        self._graph_pool: Any = None
         self.device_of = device_of or torch_device
         self.compile_gpu = compile_gpu
         self.cuda_graphs = cuda_graphs
@@ -386,6 +390,8 @@ class StageBinder:
             streamers[name] = streamer
             for k, (s, _) in enumerate(items):
                 fn, d, fixed, at = runners[s.index]
+                if phase is Phase.DECODE and d.type == "cuda" and self.graph_streamed:
+                    fn = SlotGraphs(fn, d, len(s.inputs), pool=self._pool())
                 runners[s.index] = BoundRunner(
                     fn, d, fixed, streamer, k, at, host_reads=self.host_reads
                 )
@@ -395,10 +401,16 @@ class StageBinder:
                 fn, d, fixed, _ = r
                 r = BoundRunner(fn, d, fixed, host_reads=self.host_reads)
                 if phase is Phase.DECODE and d.type == "cuda" and self.cuda_graphs:
-                    r = CudaGraphRunner(r, d, host_reads=self.host_reads)
+                    r = CudaGraphRunner(r, d, host_reads=self.host_reads, pool=self._pool())
                 runners[s.index] = r
         self.streamers[phase] = streamers
         return runners
+
+    def _pool(self) -> Any:
+        """One CUDA graph memory pool for every graph this binder captures."""
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return self._graph_pool
 
     def _compiled(self, s: StageSpec, dev: torch.device, phase: Phase, cache: dict) -> Any:
         """The stage's program, compiled with Inductor on a GPU (stages with the same program

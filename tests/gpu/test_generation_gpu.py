@@ -97,3 +97,84 @@ def test_fp16_logits_teacher_forced_within_2e_2(tmp_path):
         assert float(rel.max()) < 2e-2, rel
     finally:
         lm.shutdown()
+
+
+def test_streamed_layers_replayed_as_graphs_per_slot_give_transformers_tokens(tmp_path):
+    """Three streamed layers (an odd count: each one's slot alternates from step to step)
+    around a CPU layer, replayed as CUDA graphs (StageBinder(graph_streamed=True)): the same
+    tokens as transformers, request after request."""
+    from hetero.backends.registry import default_registry
+    from hetero.cluster.spec import ClusterSpec
+    from hetero.interfaces.generate import compile_lm
+    from hetero.runtime.cuda_graph import SlotGraphs
+    from hetero.runtime.generation import BoundRunner, StageBinder
+
+    model = _model(torch.float32)
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 1024, (1, 16), device="cuda")
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    registry = default_registry()
+    lm = compile_lm(
+        model, ClusterSpec.from_yaml(H200), max_length=64, registry=registry,
+        cache_dir=tmp_path, binder=StageBinder(registry, graph_streamed=True),
+        decode_placements={"model.model.layers.0": "streamed", "model.model.layers.1":
+                           "streamed", "model.model.layers.2": "node0/cpu",
+                           "model.model.layers.3": "streamed"},
+    )  # fmt: skip
+    try:
+        for _ in range(2):
+            out = lm.generate(prompt.cpu(), 24)
+            assert out.tolist() == ref[:, 16:].cpu().tolist()
+        runners = [ex.runner(s.index) for ex in lm.generation.executors.values() for s in ex.stages]
+        graphs = [
+            r.fn for r in runners if isinstance(r, BoundRunner) and isinstance(r.fn, SlotGraphs)
+        ]
+        assert graphs and all(g.failed is None and 1 <= len(g.graphs) <= 2 for g in graphs)
+    finally:
+        lm.shutdown()
+
+
+def test_float16_model_with_bfloat16_cpu_layers_within_2e_2(tmp_path):
+    """The host CPU's layers in bfloat16 copies (a profile that measured bfloat16 faster):
+    logits teacher-forced within 2e-2 of transformers' float16 run on the GPU."""
+    from hetero.backends.registry import default_registry
+    from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency
+    from hetero.cluster.spec import ClusterSpec
+    from hetero.interfaces.generate import compile_lm
+    from hetero.partitioner.cost import CostModel
+    from hetero.partitioner.phases import Phase
+
+    model = _model(torch.float16)
+    torch.manual_seed(2)
+    prompt = torch.randint(0, 1024, (1, 16), device="cuda")
+    with torch.no_grad():
+        out = model.generate(
+            prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    tokens = out.sequences[0, 16:]
+    ref = torch.stack([x[0].float() for x in out.logits]).cpu()
+    rates = (Efficiency("matmul/float16", 0.3, 0.3), Efficiency("matmul/bfloat16", 0.6, 0.6))
+    host = DeviceProfile("node0/cpu", "cpu", efficiency=rates, backend="eager")
+    cm = CostModel(profile=CalibrationProfile(cluster="h200-sxm-node", devices=(host,)))
+    lm = compile_lm(
+        model, ClusterSpec.from_yaml(H200), max_length=64, registry=default_registry(),
+        cache_dir=tmp_path, cost_model=cm,
+        decode_placements={"model.model.layers.1": "node0/cpu", "model.model.layers.2": "node0/cpu"},
+    )  # fmt: skip
+    try:
+        assert {p.cpu_dtype for p in lm.plan.decode.partitions if p.device == "node0/cpu"} == {
+            "bfloat16"
+        }
+        g = lm.generation
+        with torch.no_grad():
+            got = [g.step(Phase.PREFILL, prompt.cpu(), 0)]
+            g.move_state()
+            for k in range(11):
+                got.append(g.step(Phase.DECODE, tokens[k].view(1, 1).cpu(), 16 + k))
+        got = torch.stack([x[0].float().cpu() for x in got])
+        rel = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
+        assert float(rel.max()) < 2e-2, rel
+    finally:
+        lm.shutdown()
