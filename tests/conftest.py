@@ -61,11 +61,13 @@ class TestMLP(torch.nn.Module):
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into node ids
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups for `pytest -n 2 --dist loadgroup` (tools/test): every test that starts Ray
-    runs on one worker, so the 2-core machine never hosts two Ray clusters at once and
-    the session cluster starts once; every other module stays whole on one worker, so its
-    module fixtures (captured models, servers) are built once."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for `pytest -n 2 --dist loadgroup`: every test that starts Ray runs on one
+    worker, so the 2-core machine never hosts two Ray clusters at once and the session
+    cluster starts once; every other module stays whole on one worker, so its module
+    fixtures (captured models, servers) are built once."""
+    if not config.pluginmanager.hasplugin("xdist"):  # its marker exists only with it
+        return
     for item in items:
         if item.get_closest_marker("ray") or "ray_cluster" in item.fixturenames:
             group = "ray"
