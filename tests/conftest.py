@@ -60,6 +60,22 @@ class TestMLP(torch.nn.Module):
         return self.l3(torch.nn.functional.silu(self.l2(torch.relu(self.l1(x)))))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for `pytest -n 2 --dist loadgroup`: every test that starts Ray runs on one
+    worker, so the 2-core machine never hosts two Ray clusters at once and the session
+    cluster starts once; every other module stays whole on one worker, so its module
+    fixtures (captured models, servers) are built once."""
+    if not config.pluginmanager.hasplugin("xdist"):  # its marker exists only with it
+        return
+    for item in items:
+        if item.get_closest_marker("ray") or "ray_cluster" in item.fixturenames:
+            group = "ray"
+        else:
+            group = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt():
     from hetero.interfaces.models import TinyGPT

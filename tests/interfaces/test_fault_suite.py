@@ -37,7 +37,8 @@ from hetero.interfaces.serving import InferenceClient
 from hetero.interfaces.serving.tensors import to_proto
 
 pytest.importorskip("tvm")
-pytestmark = [pytest.mark.faults, pytest.mark.tvm, pytest.mark.timeout(600)]
+# ray: the server it starts runs the Ray executor on a head of its own
+pytestmark = [pytest.mark.faults, pytest.mark.tvm, pytest.mark.ray, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
