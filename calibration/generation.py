@@ -1,4 +1,4 @@
-"""What a running generation's decode steps say about the split placement's price.
+"""What a running generation's decode steps say about the split and streamed placements' prices.
 
 A split layer's host thread runs the compiled program between its hand-offs: kernel launches,
 the guard check of the stage's compiled callable, the stage boundary. None of that is in the
@@ -8,6 +8,10 @@ host-bound shows it: its measured time exceeds its host path as priced. The exce
 hand-off, becomes the runtime profile's `split_handoff`, so a re-plan prices every split layer
 (and every fraction of one) with it and may move rows to the GPU or run whole layers on the
 CPU while the link streams others.
+
+A streamed layer's call is the same kind of cost: its compiled program's launches and guards,
+on the host, between the CPU layer before it and the one after (run 13 on an H200: 1.5 ms per
+streamed layer against 0.18 priced). Its excess per call becomes `stream_call`.
 """
 
 from __future__ import annotations
@@ -64,10 +68,50 @@ def split_feedback(
 
 def with_split_handoff(cost_model: CostModel, cluster: str, extra_s: float) -> CostModel:
     """`cost_model` with `extra_s` more per split hand-off for its executor."""
+    return _with_runtime(cost_model, cluster, split_handoff=extra_s)
+
+
+@dataclass(frozen=True)
+class StreamFeedback:
+    extra_s: float  # seconds per streamed piece's call beyond the price, this round
+    partitions: int  # streamed partitions measured
+    cost_model: CostModel  # the cost model with it folded in
+
+    def note(self) -> str:
+        return (
+            f"feedback: streamed layers' calls measured {1e3 * self.extra_s:.3f} ms each beyond "
+            f"their price ({self.partitions} streamed partition(s) of the running decode step)"
+        )
+
+
+def stream_feedback(
+    decode: Plan, measured_ms: Mapping[int, float], cost_model: CostModel, cluster: str
+) -> StreamFeedback | None:
+    """The unpriced host time per call of `decode`'s streamed partitions (one call per group
+    each), folded into `cost_model`; None when none ran slower than predicted. A streamed
+    partition's measured time is its host time (its kernels run after), so an excess is
+    host work the plan did not price."""
+    extras, seen = [], 0
+    for p in decode.partitions:
+        got = measured_ms.get(p.index)
+        if p.weights != "streamed" or got is None or not p.groups:
+            continue
+        seen += 1
+        extras.append(max(0.0, got - _AGREES * p.predicted_ms) / len(p.groups) / 1e3)
+    if not extras:
+        return None
+    extra = statistics.median(extras)
+    if extra <= 0.0:
+        return None
+    return StreamFeedback(extra, seen, _with_runtime(cost_model, cluster, stream_call=extra))
+
+
+def _with_runtime(cost_model: CostModel, cluster: str, **more: float) -> CostModel:
+    """`cost_model` with each of `more` (a RuntimeProfile field) raised by its value."""
     profile = cost_model.profile or CalibrationProfile(cluster=cluster)
     now = profile.runtime_for(cost_model.executor) or RuntimeProfile(
         cost_model.executor, stage_overhead=0.0, hop_overhead=0.0
     )
-    updated = dataclasses.replace(now, split_handoff=now.split_handoff + extra_s)
+    updated = dataclasses.replace(now, **{k: getattr(now, k) + v for k, v in more.items()})
     runtime = (*(r for r in profile.runtime if r.executor != cost_model.executor), updated)
     return dataclasses.replace(cost_model, profile=dataclasses.replace(profile, runtime=runtime))

@@ -106,6 +106,9 @@ class RuntimeProfile:
     # s per hand-off of a `split` layer beyond its copies and the op's call: the compiled
     # program's host work between hand-offs, measured from running generations
     split_handoff: float = 0.0
+    # s per call of a streamed piece beyond its priced call: the compiled program's host work
+    # (launches, guards), on a decode step's critical path between CPU layers
+    stream_call: float = 0.0
 
 
 @dataclass(frozen=True)

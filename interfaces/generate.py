@@ -20,7 +20,7 @@ import torch
 
 from hetero.backends.base import CompileOptions
 from hetero.backends.registry import BackendRegistry, default_registry
-from hetero.calibration.generation import split_feedback
+from hetero.calibration.generation import split_feedback, stream_feedback
 from hetero.cluster.connect import init_ray
 from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.spec import ClusterSpec
@@ -226,7 +226,8 @@ def _feedback_round(
     plan_kw: Mapping[str, Any],
 ) -> CompiledLM:
     """One measured request, its decode partitions compared with their prices; where split
-    layers ran long, planned again with the measured hand-off cost and rebuilt when that
+    or streamed layers ran long, planned again with the measured hand-off and call costs
+    (calibration/generation.py) and rebuilt when that
     plan is predicted faster than the measured one by the margin (only changed partitions
     compile again: the artifact cache keeps the others)."""
     lm, plan = compiled.lm, compiled.plan
@@ -260,14 +261,28 @@ def _feedback_round(
             for p in plan.decode.partitions
         ],
     }
-    fb = split_feedback(plan.decode, measured, cost_model, compiled.cluster.name)
-    if fb is None:
-        ran = any(p.weights == "split" for p in plan.decode.partitions)
-        why = "split layers ran as priced" if ran else "no split layer to measure"
+    name = compiled.cluster.name
+    split = split_feedback(plan.decode, measured, cost_model, name)
+    cm = split.cost_model if split is not None else cost_model
+    streamed = stream_feedback(plan.decode, measured, cm, name)
+    cm = streamed.cost_model if streamed is not None else cm
+    found = [f for f in (split, streamed) if f is not None]
+    if not found:
+        ran = any(p.weights in ("split", "streamed") for p in plan.decode.partitions)
+        why = (
+            "split and streamed layers ran as priced"
+            if ran
+            else "no split or streamed layer to measure"
+        )
         compiled.feedback = {**report, "replanned": False, "why": why}
         return compiled
-    again = plan_generation(lm, compiled.cluster, cost_model=fb.cost_model, **plan_kw)
-    report.update(extra_handoff_ms=1e3 * fb.extra_s, replan_predicted_ms=again.predicted_decode_ms)
+    again = plan_generation(lm, compiled.cluster, cost_model=cm, **plan_kw)
+    report.update(
+        extra_handoff_ms=1e3 * split.extra_s if split is not None else 0.0,
+        extra_stream_call_ms=1e3 * streamed.extra_s if streamed is not None else 0.0,
+        replan_predicted_ms=again.predicted_decode_ms,
+    )
+    note = "; ".join(f.note() for f in found)
     faster = again.predicted_decode_ms < token_ms * (1 - _FEEDBACK_MARGIN)
     if not faster or _placements(again) == _placements(plan):
         verdict = (
@@ -276,14 +291,14 @@ def _feedback_round(
             else f"is not {_FEEDBACK_MARGIN:.0%} faster than the {token_ms:.1f} ms measured"
         )
         why = (
-            f"{fb.note()}; the re-plan ({again.predicted_decode_ms:.1f} ms per token predicted) "
+            f"{note}; the re-plan ({again.predicted_decode_ms:.1f} ms per token predicted) "
             f"{verdict}: kept"
         )
         compiled.plan = dataclasses.replace(plan, notes=(*plan.notes, why))
         compiled.feedback = {**report, "replanned": False, "why": why}
         return compiled
     why = (
-        f"{fb.note()}; re-planned: {again.predicted_decode_ms:.1f} ms per token predicted "
+        f"{note}; re-planned: {again.predicted_decode_ms:.1f} ms per token predicted "
         f"against {token_ms:.1f} ms measured for the first plan"
     )
     compiled.shutdown()

@@ -284,6 +284,11 @@ class CostModel:
         rt = self.runtime()
         return rt.split_handoff if rt is not None else 0.0
 
+    def stream_call(self) -> float:
+        """Seconds a streamed piece's call costs beyond its priced call (measured)."""
+        rt = self.runtime()
+        return rt.stream_call if rt is not None else 0.0
+
     def hop_overhead(self) -> float:
         """Seconds a hop between two devices' workers costs beyond the link's time."""
         rt = self.runtime()

@@ -99,7 +99,8 @@ def _streamed_time(
         t = cm.kernel_time(ops, device, scale=scale, backend=backend)
     else:
         t = cm.group_time(group, ops, device, backend=backend, scale=scale)
-    return t, cm.stream_time(cluster, device, group.param_bytes), cm.call_overhead(device, backend)
+    call = cm.call_overhead(device, backend) + cm.stream_call()
+    return t, cm.stream_time(cluster, device, group.param_bytes), call
 
 
 def build_problem(
