@@ -29,21 +29,25 @@ _AGREES = 1.05  # measured within this of the prediction: no evidence of an unpr
 
 
 @dataclass(frozen=True)
-class SplitFeedback:
-    extra_s: float  # seconds per hand-off beyond the price, this round
-    partitions: int  # split partitions measured
+class HostFeedback:
+    """What one round found for one placement: its unpriced host time per unit."""
+
+    weights: str  # the placement measured: "split" (per hand-off) or "streamed" (per call)
+    extra_s: float  # seconds per unit beyond the price, this round
+    partitions: int  # partitions of that placement measured
     cost_model: CostModel  # the cost model with it folded in
 
     def note(self) -> str:
+        what = "split hand-offs" if self.weights == "split" else "streamed layers' calls"
         return (
-            f"feedback: split hand-offs measured {1e3 * self.extra_s:.3f} ms each beyond their "
-            f"price ({self.partitions} split partition(s) of the running decode step)"
+            f"feedback: {what} measured {1e3 * self.extra_s:.3f} ms each beyond their price "
+            f"({self.partitions} {self.weights} partition(s) of the running decode step)"
         )
 
 
 def split_feedback(
     decode: Plan, measured_ms: Mapping[int, float], cost_model: CostModel, cluster: str
-) -> SplitFeedback | None:
+) -> HostFeedback | None:
     """The unpriced host time per hand-off of `decode`'s split partitions, from their
     measured ms (partition index -> ms), folded into `cost_model`; None when no split
     partition ran slower than its prediction."""
@@ -63,7 +67,7 @@ def split_feedback(
     extra = statistics.median(extras)
     if extra <= 0.0:
         return None
-    return SplitFeedback(extra, seen, with_split_handoff(cost_model, cluster, extra))
+    return HostFeedback("split", extra, seen, with_split_handoff(cost_model, cluster, extra))
 
 
 def with_split_handoff(cost_model: CostModel, cluster: str, extra_s: float) -> CostModel:
@@ -71,22 +75,9 @@ def with_split_handoff(cost_model: CostModel, cluster: str, extra_s: float) -> C
     return _with_runtime(cost_model, cluster, split_handoff=extra_s)
 
 
-@dataclass(frozen=True)
-class StreamFeedback:
-    extra_s: float  # seconds per streamed piece's call beyond the price, this round
-    partitions: int  # streamed partitions measured
-    cost_model: CostModel  # the cost model with it folded in
-
-    def note(self) -> str:
-        return (
-            f"feedback: streamed layers' calls measured {1e3 * self.extra_s:.3f} ms each beyond "
-            f"their price ({self.partitions} streamed partition(s) of the running decode step)"
-        )
-
-
 def stream_feedback(
     decode: Plan, measured_ms: Mapping[int, float], cost_model: CostModel, cluster: str
-) -> StreamFeedback | None:
+) -> HostFeedback | None:
     """The unpriced host time per call of `decode`'s streamed partitions (one call per group
     each), folded into `cost_model`; None when none ran slower than predicted. A streamed
     partition's measured time is its host time (its kernels run after), so an excess is
@@ -103,7 +94,9 @@ def stream_feedback(
     extra = statistics.median(extras)
     if extra <= 0.0:
         return None
-    return StreamFeedback(extra, seen, _with_runtime(cost_model, cluster, stream_call=extra))
+    return HostFeedback(
+        "streamed", extra, seen, _with_runtime(cost_model, cluster, stream_call=extra)
+    )
 
 
 def _with_runtime(cost_model: CostModel, cluster: str, **more: float) -> CostModel:

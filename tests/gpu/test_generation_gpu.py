@@ -31,6 +31,20 @@ def _model(dtype: torch.dtype, dim: int = 256, layers: int = 4):
     return model
 
 
+def _teacher_forced_error(lm, prompt, tokens, ref) -> torch.Tensor:
+    """Per step, hetero's logits against `ref` (the reference's, on its own `tokens`)."""
+    from hetero.partitioner.phases import Phase
+
+    g = lm.generation
+    with torch.no_grad():
+        got = [g.step(Phase.PREFILL, prompt.cpu(), 0)]
+        g.move_state()
+        for k in range(len(ref) - 1):
+            got.append(g.step(Phase.DECODE, tokens[k].view(1, 1).cpu(), prompt.shape[1] + k))
+    got = torch.stack([x[0].float().cpu() for x in got])
+    return (got - ref).norm(dim=-1) / ref.norm(dim=-1)
+
+
 MIXED = {
     "model.model.layers.1": "streamed",
     "model.model.layers.2": "split",
@@ -67,7 +81,6 @@ def test_fp16_logits_teacher_forced_within_2e_2(tmp_path):
     from hetero.backends.registry import default_registry
     from hetero.cluster.spec import ClusterSpec
     from hetero.interfaces.generate import compile_lm
-    from hetero.partitioner.phases import Phase
 
     model = _model(torch.float16)
     torch.manual_seed(2)
@@ -85,15 +98,7 @@ def test_fp16_logits_teacher_forced_within_2e_2(tmp_path):
         decode_placements={"model.model.layers.1": "split", "model.model.layers.2": "node0/cpu"},
     )  # fmt: skip
     try:
-        g = lm.generation
-        with torch.no_grad():
-            got = [g.step(Phase.PREFILL, prompt.cpu(), 0)]
-            g.move_state()
-            for k in range(11):
-                step = tokens[k].view(1, 1).cpu()
-                got.append(g.step(Phase.DECODE, step, 16 + k))
-        got = torch.stack([x[0].float().cpu() for x in got])
-        rel = (got - ref.cpu()).norm(dim=-1) / ref.cpu().norm(dim=-1)
+        rel = _teacher_forced_error(lm, prompt, tokens, ref.cpu())
         assert float(rel.max()) < 2e-2, rel
     finally:
         lm.shutdown()
@@ -143,7 +148,6 @@ def test_float16_model_with_bfloat16_cpu_layers_within_2e_2(tmp_path):
     from hetero.cluster.spec import ClusterSpec
     from hetero.interfaces.generate import compile_lm
     from hetero.partitioner.cost import CostModel
-    from hetero.partitioner.phases import Phase
 
     model = _model(torch.float16)
     torch.manual_seed(2)
@@ -167,14 +171,7 @@ def test_float16_model_with_bfloat16_cpu_layers_within_2e_2(tmp_path):
         assert {p.cpu_dtype for p in lm.plan.decode.partitions if p.device == "node0/cpu"} == {
             "bfloat16"
         }
-        g = lm.generation
-        with torch.no_grad():
-            got = [g.step(Phase.PREFILL, prompt.cpu(), 0)]
-            g.move_state()
-            for k in range(11):
-                got.append(g.step(Phase.DECODE, tokens[k].view(1, 1).cpu(), 16 + k))
-        got = torch.stack([x[0].float().cpu() for x in got])
-        rel = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
+        rel = _teacher_forced_error(lm, prompt, tokens, ref)
         assert float(rel.max()) < 2e-2, rel
     finally:
         lm.shutdown()

@@ -125,15 +125,25 @@ def test_any_placement_of_the_layers_generates_the_same_tokens(
         lm.shutdown()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_split_layers_generate_the_same_tokens_with_one_hand_off_per_mlp(
-    tiny_llama, captured, tmp_path
+    tiny_llama, captured, tmp_path, dtype
 ):
     """Both decode layers split: each layer's MLP runs as one `gpu_cpu_mlp` (here both of
-    its shares on this CPU), the rest through `gpu_cpu_mm`."""
+    its shares on this CPU), the rest through `gpu_cpu_mm`. A float16 LLaMA's SiLU runs in
+    float32 between casts and still fuses; its tokens are the float16 model's own."""
+    from llm_models import llama_lm
+
     model, prompt, expected = tiny_llama
+    lm_graphs = captured
+    if dtype != torch.float32:
+        model, lm_graphs = llama_lm().to(dtype), None
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        expected = out[:, prompt.shape[1] :]
     registry = default_registry()
     lm = compile_lm(
-        model, ClusterSpec.from_yaml(H100), max_length=64, lm=captured, registry=registry,
+        model, ClusterSpec.from_yaml(H100), max_length=64, lm=lm_graphs, registry=registry,
         cache_dir=tmp_path, decode_placements={f"model.model.layers.{i}": "split" for i in (0, 1)},
         binder=StageBinder(registry, device_of=lambda d: torch.device("cpu")),
     )  # fmt: skip
@@ -142,33 +152,9 @@ def test_split_layers_generate_the_same_tokens_with_one_hand_off_per_mlp(
         groups = [g for s in stages if s.weights == "split" for g in s.shares]
         assert [g.act for g in groups if g.act] == ["silu", "silu"]
         assert all(g.gated and len(g.weights) == 3 for g in groups if g.act)
-        assert lm.generate(prompt, 12).tolist() == expected[:, :12].tolist()
-    finally:
-        lm.shutdown()
-
-
-def test_a_float16_model_split_fuses_its_mlps_and_generates_its_own_tokens(tiny_llama, tmp_path):
-    """A float16 LLaMA's SiLU runs in float32 between casts: its split layers still run each
-    MLP as one `gpu_cpu_mlp`, and the greedy tokens are the float16 model's own."""
-    from llm_models import llama_lm
-
-    _, prompt, _ = tiny_llama
-    model = llama_lm().half()
-    with torch.no_grad():
-        out = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    registry = default_registry()
-    lm = compile_lm(
-        model, ClusterSpec.from_yaml(H100), max_length=64, cache_dir=tmp_path,
-        registry=registry, decode_placements={f"model.model.layers.{i}": "split" for i in (0, 1)},
-        binder=StageBinder(registry, device_of=lambda d: torch.device("cpu")),
-    )  # fmt: skip
-    try:
-        stages = lm.generation.executors[hetero_phase_decode()].stages
-        groups = [g for s in stages if s.weights == "split" for g in s.shares]
-        assert [g.act for g in groups if g.act] == ["silu", "silu"]
         split = [p for p in lm.plan.decode.partitions if p.weights == "split"]
         assert sum(p.handoffs for p in split) == 2 * 3  # a layer's q/k/v, o and MLP
-        assert lm.generate(prompt, 12).tolist() == out[:, prompt.shape[1] :].tolist()
+        assert lm.generate(prompt, 12).tolist() == expected[:, :12].tolist()
     finally:
         lm.shutdown()
 
