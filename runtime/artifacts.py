@@ -8,6 +8,7 @@ ArtifactCache), so the cache can change without touching the executors.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import stat
@@ -84,10 +85,13 @@ def unpack(artifact: Artifact, blob: bytes, root: Path | None = None) -> Artifac
     The default root is a directory of this user's in the temp dir, 0700 and checked to be
     ours: a shared /tmp/<name> that another user created first would let them swap files
     between the check and the load. Files are written whole (temp name, then rename), so
-    two workers unpacking one artifact never see each other's half-written file.
+    two workers unpacking one artifact never see each other's half-written file; and each
+    build of a key unpacks to its own directory (`unpacked_name`), since two deployments on
+    one host may ship the same key compiled twice, with other bytes (a replaced file would
+    fail the other's hash check).
     """
     base = Path(root) if root is not None else _private_dir()
-    out = base / artifact.key
+    out = base / unpacked_name(artifact)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     allowed = set(artifact.files)
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
@@ -108,6 +112,14 @@ def unpack(artifact: Artifact, blob: bytes, root: Path | None = None) -> Artifac
     local = replace(artifact, path=out)
     verify_artifact(local)
     return local
+
+
+def unpacked_name(artifact: Artifact) -> str:
+    """The artifact's key and a digest of its files' hashes: one directory per build."""
+    h = hashlib.sha256()
+    for name, digest in sorted(artifact.files.items()):
+        h.update(f"{name}={digest};".encode())
+    return f"{artifact.key}.{h.hexdigest()[:12]}"
 
 
 def _private_dir() -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import shutil
 import tarfile
@@ -25,8 +26,27 @@ def test_pack_unpack_round_trip(staged, tmp_path):
     stages, *_ = staged
     art = stages[0].artifact
     local = unpack(art, pack(art), tmp_path)
-    assert local.path == tmp_path / art.key
+    assert local.path.parent == tmp_path and local.path.name.startswith(f"{art.key}.")
     verify_artifact(local)
+
+
+def test_two_builds_of_one_key_unpack_apart(staged, tmp_path):
+    """Two deployments on one host may ship one key compiled twice with other bytes: each
+    unpacks whole to its own directory, and the first stays valid after the second."""
+    stages, *_ = staged
+    art = stages[0].artifact
+    other_dir = tmp_path / "other"
+    shutil.copytree(art.path, other_dir)
+    name = next(iter(art.files))
+    with open(other_dir / name, "ab") as f:
+        f.write(b"another build")
+    files = {**art.files, name: hashlib.sha256((other_dir / name).read_bytes()).hexdigest()}
+    other = dataclasses.replace(art, path=other_dir, manifest={**art.manifest, "files": files})
+    first = unpack(art, pack(art), tmp_path / "shipped")
+    second = unpack(other, pack(other), tmp_path / "shipped")
+    assert first.path != second.path
+    verify_artifact(first)
+    verify_artifact(second)
 
 
 def test_tampered_artifact_is_never_loaded(staged, tmp_path):
