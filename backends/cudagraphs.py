@@ -64,8 +64,11 @@ def replayed(run: Runner, device: DeviceSpec) -> Runner:
     return replay
 
 
-class CudaGraphsBackend(EagerBackend):
-    name = "cudagraphs"
+class Replayed:
+    """A backend's artifacts replayed as CUDA graphs: mixed in before the backend it
+    replays (`class B(Replayed, EagerBackend)`), it refuses what a graph cannot hold at
+    compile and wraps the loaded runner in `replayed`."""
+
     device_kinds = ("gpu",)
     holds_state = False  # a graph replays fixed addresses: weights live inside the program
 
@@ -77,3 +80,7 @@ class CudaGraphsBackend(EagerBackend):
 
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
         return replayed(super().load(artifact, device), device)
+
+
+class CudaGraphsBackend(Replayed, EagerBackend):
+    name = "cudagraphs"

@@ -32,7 +32,7 @@ from hetero.backends.base import (
     Runner,
     Support,
 )
-from hetero.backends.cudagraphs import check_static, replayed
+from hetero.backends.cudagraphs import Replayed
 from hetero.backends.eager import WEIGHTS_FILE, export_streamed, torch_device
 from hetero.backends.export import export_unit
 from hetero.cluster.spec import DeviceSpec
@@ -151,25 +151,14 @@ class InductorBackend(Backend):
         return run
 
 
-class InductorGraphsBackend(InductorBackend):
+class InductorGraphsBackend(Replayed, InductorBackend):
     """Inductor's artifact, compiled without Inductor's own CUDA graphs and replayed through
     hetero's (`backends.cudagraphs.replayed`): static input buffers, outputs cloned out of
     the graph's pool, and the plain compiled run where a call cannot be captured. One graph
     mechanism for every hetero backend, and none of cudagraph trees' per-thread state."""
 
     name = "inductor-cudagraphs"
-    device_kinds = ("gpu",)
-    holds_state = False  # a graph replays fixed addresses: weights live inside the program
 
     def mode(self, options: CompileOptions) -> str | None:
         mode = self.parse_options(options).mode
         return WITHOUT_GRAPHS.get(mode, mode)
-
-    def compile(
-        self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path
-    ) -> Manifest:
-        check_static(self.name, unit, options, self.parse_options(options).weights)
-        return super().compile(unit, device, options, out_dir)
-
-    def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
-        return replayed(super().load(artifact, device), device)

@@ -34,8 +34,7 @@ from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.partitioner import host_dtype, mlp_pattern
 from hetero.partitioner.coarsen import Group
 from hetero.partitioner.cost import CostModel
-from hetero.partitioner.graph import OpGraph, OpNode
-from hetero.partitioner.host_dtype import itemsize
+from hetero.partitioner.graph import OpGraph, OpNode, itemsize
 
 MATMULS = ("aten.mm.default", "aten.addmm.default")
 TRANSPOSES = ("aten.permute.default", "aten.t.default", "aten.transpose.int")

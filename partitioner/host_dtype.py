@@ -17,13 +17,9 @@ from collections.abc import Sequence
 
 from hetero.cluster.spec import DeviceSpec
 from hetero.partitioner.cost import CostModel
-from hetero.partitioner.graph import OpNode, TensorMeta
+from hetero.partitioner.graph import OpNode, TensorMeta, itemsize
 
 SIXTEEN_BIT = ("float16", "bfloat16")
-
-
-def itemsize(dtype: str) -> int:
-    return 4 if dtype == "float32" else 8 if dtype == "float64" else 2
 
 
 def candidates(

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Protocol, TypeVar
 
+from hetero.partitioner.host_dtype import SIXTEEN_BIT
+
 V = TypeVar("V")
 
 # op target -> the name gpu_cpu_mlp takes (backends/gpu_cpu_mm.py ACTIVATIONS; a tanh GELU
@@ -31,8 +33,6 @@ ACTIVATIONS = {
 MUL = "aten.mul.Tensor"
 SIGMOID = "aten.sigmoid.default"
 CAST = "aten._to_copy.default"
-# dtypes whose activations the decompositions compute in float32 between casts
-LOW_PRECISION = ("float16", "bfloat16")
 
 
 class Values(Protocol[V]):
@@ -60,7 +60,7 @@ def activation(g: Values[V], v: V) -> tuple[str, V] | None:
     gpu_cpu_mlp takes, computed in `v`'s dtype or in float32 between casts of a 16-bit
     value (then the value it reads is the 16-bit one, before its cast up), else None."""
     got = _computed(g, v)
-    if got is not None or g.target(v) != CAST or g.dtype(v) not in LOW_PRECISION:
+    if got is not None or g.target(v) != CAST or g.dtype(v) not in SIXTEEN_BIT:
         return got
     args = g.tensors(v)  # the cast down; then the activation, and the cast up it reads
     got = _computed(g, g.unview(args[0])) if len(args) == 1 else None

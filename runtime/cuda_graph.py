@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from hetero.backends.gpu_cpu_mm import host_to_device
+from hetero.backends.triton.graphs import capture
 
 WARMUP = 3  # calls before capture: compiled code builds its kernels on the first ones
 
@@ -49,7 +50,9 @@ class CudaGraphRunner:
 
     def _capture(self, acts: Sequence[torch.Tensor]) -> None:
         self.static_in = [a.detach().to(self.device).clone() for a in acts]
-        self.graph, self.static_out = capture(self.fn, self.static_in, self.device, self.pool)
+        self.graph, self.static_out = capture(
+            self.fn, self.static_in, warmup=WARMUP, device=self.device, pool=self.pool
+        )
 
     def __call__(self, *acts: torch.Tensor) -> tuple:
         if self.failed is not None:
@@ -72,23 +75,6 @@ class CudaGraphRunner:
                 s.copy_(a, non_blocking=True)
         self.graph.replay()
         return tuple(o.clone() for o in self.static_out)
-
-
-def capture(
-    fn: Callable[..., tuple], args: Sequence[Any], device: torch.device, pool: Any = None
-) -> tuple[torch.cuda.CUDAGraph, tuple]:
-    """(the graph of `fn(*args)`, its outputs' static buffers), after warm-up calls on a side
-    stream (compiled code builds its kernels on its first calls, which a graph cannot hold)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(WARMUP):
-            fn(*args)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool), torch.no_grad():
-        out = tuple(fn(*args))
-    return graph, out
 
 
 class SlotGraphs:
@@ -133,7 +119,13 @@ class SlotGraphs:
                 return tuple(self.fn(*args))
             static = [a.detach().clone() for a in args[: self.acts]]
             try:
-                graph, out = capture(self.fn, [*static, *args[self.acts :]], self.device, self.pool)
+                graph, out = capture(
+                    self.fn,
+                    [*static, *args[self.acts :]],
+                    warmup=WARMUP,
+                    device=self.device,
+                    pool=self.pool,
+                )
             except Exception as e:  # an op that cannot be captured: run it as it is
                 self.failed = e
                 return tuple(self.fn(*args))

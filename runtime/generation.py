@@ -42,7 +42,7 @@ from hetero.runtime.artifacts import load_runner, verify_artifact
 from hetero.runtime.build import retarget
 from hetero.runtime.cuda_graph import CudaGraphRunner, SlotGraphs
 from hetero.runtime.executor import LocalExecutor
-from hetero.runtime.retype import host_tensor
+from hetero.runtime.retype import bound_dtype, host_tensor
 from hetero.runtime.sampling import Sampling, next_token
 from hetero.runtime.stage import StageSpec
 from hetero.runtime.streaming import program_key
@@ -70,10 +70,15 @@ class DeviceStore:
             self.weights[name] = host_tensor(host, dtype).to(self.device)
         return self.weights[name]
 
-    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """The state tensor `name` (zeros the first time, shaped and typed like `like`)."""
+    def buffer(
+        self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """The state tensor `name` (zeros the first time, shaped like `like`, typed like it
+        or, for its 16-bit floats, in `dtype` where given: runtime/retype.py)."""
         if name not in self.state:
-            self.state[name] = torch.zeros(like.shape, dtype=like.dtype, device=self.device)
+            self.state[name] = torch.zeros(
+                like.shape, dtype=bound_dtype(like.dtype, dtype), device=self.device
+            )
         return self.state[name]
 
     @property
@@ -341,7 +346,7 @@ class StageBinder:
             retype = getattr(torch, s.cpu_dtype) if s.cpu_dtype and not s.shares else None
             for name in s.params:
                 if name in s.state:
-                    fixed.append(store.buffer(name, host_tensor(values[name], retype)))
+                    fixed.append(store.buffer(name, values[name], retype))
                 elif name in s.cpu_shares:
                     fixed.append(values[name])  # the CPU's rows stay in host memory
                 elif s.weights == "resident":

@@ -19,15 +19,22 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
-SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+from hetero.partitioner import host_dtype
+
+SIXTEEN_BIT = tuple(getattr(torch, d) for d in host_dtype.SIXTEEN_BIT)
 _CAST = torch.ops.aten._to_copy.default
+
+
+def bound_dtype(own: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a retyped program binds a tensor of dtype `own` in: `dtype` for 16-bit
+    floats (where given), `own` otherwise."""
+    return dtype if dtype is not None and own in SIXTEEN_BIT else own
 
 
 def host_tensor(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """`t` as a retyped program binds it: its 16-bit floats in `dtype`, the rest as is."""
-    if dtype is None or t.dtype not in SIXTEEN_BIT or t.dtype == dtype:
-        return t
-    return t.to(dtype)
+    want = bound_dtype(t.dtype, dtype)
+    return t if want == t.dtype else t.to(want)
 
 
 def retype_program(

@@ -8,11 +8,36 @@ cloned unless the caller promises to consume them before the next call.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+def capture(
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    *,
+    warmup: int,
+    device: torch.device | None = None,
+    pool: Any = None,
+) -> tuple[torch.cuda.CUDAGraph, tuple]:
+    """(the graph of `fn(*args)`, its outputs' static buffers), after `warmup` calls on a
+    side stream (compiled code builds its kernels on its first calls, which a graph cannot
+    hold). `device`: None for the current one; `pool`: a memory pool shared with other
+    graphs that never run at once (torch.cuda.graph_pool_handle())."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(warmup):
+            fn(*args)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool), torch.no_grad():
+        out = tuple(fn(*args))
+    return graph, out
 
 
 class GraphRunner:
@@ -25,15 +50,7 @@ class GraphRunner:
 
     def _capture(self, acts: tuple[torch.Tensor, ...]):
         static = [a.clone() for a in acts]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.fn(*static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = self.fn(*static)
+        graph, outs = capture(self.fn, static, warmup=self.warmup)
         return graph, static, outs
 
     def __call__(self, *acts: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -109,25 +109,24 @@ def plan_generation(
     resolved, backend_notes = resolve_backends(cluster, backends, registry)
     hosts = _host_dtypes(lm, cluster, cm, resolved, registry, exclude)
     backend_notes = (*backend_notes, *(h.note() for h in hosts if h.priced_ms))
-    common = dict(
-        backends=resolved,
-        exclude=exclude,
-        registry=registry,
-        host_dtypes={h.device: h.dtype for h in hosts if h.dtype},
-    )
+    common = dict(backends=resolved, exclude=exclude, registry=registry)
+    dtypes = {h.device: h.dtype for h in hosts if h.dtype}
 
-    dgroups = lm_groups(lm.decode, cluster, **_grouping(common))
+    dgroups = lm_groups(lm.decode, cluster, **common)
     dproblem, dctx = build_problem(
-        dgroups, cluster, cm, pins=pins, split=True, overlap=True, notes=backend_notes, **common
-    )
+        dgroups, cluster, cm, pins=pins, split=True, overlap=True, notes=backend_notes,
+        host_dtypes=dtypes, **common,
+    )  # fmt: skip
     dproblem = _keep_for_runtime(_reserve_prefill_slots(dproblem, cluster), cluster)
     if decode_placements:
         dproblem = _force(dproblem, dgroups, decode_placements)
     dsol = latency(dproblem)
     decode = assemble(dproblem, dctx, dsol, objective=Objective.LATENCY)
 
-    pgroups = lm_groups(lm.prefill, cluster, **_grouping(common))
-    pproblem, pctx = build_problem(pgroups, cluster, cm, pins=pins, notes=backend_notes, **common)
+    pgroups = lm_groups(lm.prefill, cluster, **common)
+    pproblem, pctx = build_problem(
+        pgroups, cluster, cm, pins=pins, notes=backend_notes, host_dtypes=dtypes, **common
+    )
     pproblem = _keep_for_runtime(
         _bind_resident(pproblem, dproblem, dsol, dgroups, pgroups), cluster
     )
@@ -180,10 +179,6 @@ def _host_dtypes(
             continue
         out.append(host_dtype.choose(list(lm.decode), d, cm, backend))
     return out
-
-
-def _grouping(common: Mapping) -> dict:
-    return {k: v for k, v in common.items() if k != "host_dtypes"}
 
 
 def _label(problem: Problem, ctx: Context, gi: int, p: int) -> str:

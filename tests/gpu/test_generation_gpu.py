@@ -31,6 +31,19 @@ def _model(dtype: torch.dtype, dim: int = 256, layers: int = 4):
     return model
 
 
+def _reference(model, steps: int = 12):
+    """(a 16-token prompt, transformers' greedy tokens after it, their logits on the host)."""
+    torch.manual_seed(2)
+    prompt = torch.randint(0, 1024, (1, 16), device="cuda")
+    with torch.no_grad():
+        out = model.generate(
+            prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    tokens = out.sequences[0, prompt.shape[1] :]
+    return prompt, tokens, torch.stack([x[0].float() for x in out.logits]).cpu()
+
+
 def _teacher_forced_error(lm, prompt, tokens, ref) -> torch.Tensor:
     """Per step, hetero's logits against `ref` (the reference's, on its own `tokens`)."""
     from hetero.partitioner.phases import Phase
@@ -83,22 +96,14 @@ def test_fp16_logits_teacher_forced_within_2e_2(tmp_path):
     from hetero.interfaces.generate import compile_lm
 
     model = _model(torch.float16)
-    torch.manual_seed(2)
-    prompt = torch.randint(0, 1024, (1, 16), device="cuda")
-    with torch.no_grad():
-        out = model.generate(
-            prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
-        )  # fmt: skip
-    tokens = out.sequences[0, 16:]
-    ref = torch.stack([x[0].float() for x in out.logits])
+    prompt, tokens, ref = _reference(model)
     lm = compile_lm(
         model, ClusterSpec.from_yaml(H200), max_length=64, registry=default_registry(),
         cache_dir=tmp_path,
         decode_placements={"model.model.layers.1": "split", "model.model.layers.2": "node0/cpu"},
     )  # fmt: skip
     try:
-        rel = _teacher_forced_error(lm, prompt, tokens, ref.cpu())
+        rel = _teacher_forced_error(lm, prompt, tokens, ref)
         assert float(rel.max()) < 2e-2, rel
     finally:
         lm.shutdown()
@@ -150,15 +155,7 @@ def test_float16_model_with_bfloat16_cpu_layers_within_2e_2(tmp_path):
     from hetero.partitioner.cost import CostModel
 
     model = _model(torch.float16)
-    torch.manual_seed(2)
-    prompt = torch.randint(0, 1024, (1, 16), device="cuda")
-    with torch.no_grad():
-        out = model.generate(
-            prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
-        )  # fmt: skip
-    tokens = out.sequences[0, 16:]
-    ref = torch.stack([x[0].float() for x in out.logits]).cpu()
+    prompt, tokens, ref = _reference(model)
     rates = (Efficiency("matmul/float16", 0.3, 0.3), Efficiency("matmul/bfloat16", 0.6, 0.6))
     host = DeviceProfile("node0/cpu", "cpu", efficiency=rates, backend="eager")
     cm = CostModel(profile=CalibrationProfile(cluster="h200-sxm-node", devices=(host,)))
