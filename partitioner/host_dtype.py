@@ -1,8 +1,9 @@
 """The dtype a host CPU computes a 16-bit model's work in.
 
-A CPU with AMX or AVX512-BF16 reads bfloat16 weights faster than float16 ones: float16
-matrix-vector products convert each element, bfloat16 ones do not (measured on the H200
-boxes' hosts: 41-57 GB/s float16, 51-57 bfloat16, llm_generate.md run 11). The GPU keeps the
+A CPU with AMX or AVX512-BF16 may read bfloat16 weights faster than float16 ones, or not:
+on the H200 boxes' hosts, while the link copied, float16 rows ran at 44.3 and bfloat16 at
+50.7 GB/s on one (llm_generate.md run 11) and 50.7 against 47.8 on another (run 13), so
+only a measurement decides. The GPU keeps the
 model's own dtype; the CPU may run bfloat16 copies (float16's exponent range is narrower,
 so nothing overflows; 3 bits less mantissa: each product's rounding error ~4e-3 relative
 instead of ~5e-4) or float32 copies (exact products of the 16-bit weights, twice the bytes).
