@@ -270,6 +270,23 @@ def rebound(lm, ids, args, check=None, **binder_kw) -> dict:
         other.shutdown()
 
 
+def decode_trace(lm, ids, path: str, steps: int = 3) -> dict:
+    """A torch.profiler trace (CPU and CUDA) of `steps` decode steps after prefill, written
+    to `path` (Chrome trace format): where a step's time goes between the stages."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    tokens = lm.stream(ids, steps + 1)
+    next(tokens)  # prefill's token: outside the trace
+    with profile(activities=acts) as prof:
+        for _ in tokens:
+            pass
+    prof.export_chrome_trace(path)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    log(f"  decode trace ({steps} steps) written to {path}\n{table}")
+    return {"path": path, "steps": steps}
+
+
 def started(out: dict, key: str, path: str | None) -> None:
     """Record that `key` started, so a call killed at its time limit leaves a trace."""
     out[key] = {"unfinished": f"started at {time.perf_counter() - T0:.0f} s; the process "
@@ -406,6 +423,9 @@ def case_capped(args, cfg, cache: Path) -> None:
     out["logits_vs_uncapped"] = teacher_forced(lm, host_ids, tokens, ref)
     log(f"  logits {out['logits_vs_uncapped']}")
     save(args.json)
+    if args.trace:
+        out["trace"] = decode_trace(lm, host_ids, args.trace)
+        save(args.json)
     # `lm` stays loaded through the baselines (they run under their own caps) for the
     # comparison at the end, which rebinds its stages
 
@@ -643,6 +663,11 @@ def main() -> None:
         metavar="PATH",
         help="capped case: record one request's allocations (snapshot to PATH) and report "
         "the largest allocation sites alive at the peak",
+    )
+    ap.add_argument(
+        "--trace",
+        metavar="PATH",
+        help="capped case: write a torch.profiler trace of three decode steps to PATH",
     )
     ap.add_argument(
         "--no-feedback",
