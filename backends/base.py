@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import hashlib
 import json
 import types
@@ -159,6 +160,19 @@ class CompileUnit:
                 h.update(f"{tuple(t.shape)}{t.dtype}".encode())
             else:
                 h.update(repr(t).encode())
+        h.update(self._params_digest.encode())
+        h.update(repr(self.dynamic_dims).encode())
+        h.update(b"bound" if self.bound_params else b"")
+        return h.hexdigest()
+
+    @functools.cached_property
+    def _params_digest(self) -> str:
+        """The parameters' names, shapes and bytes, hashed once per unit: every backend's
+        artifact key reads it (the measured choice asks for five keys, the cache again),
+        and reading the weights is most of a key's cost (GPT-2's 0.5 GB, a 7B's 14 GB).
+        A unit's parameters are not changed in place; a changed unit is a new one
+        (dataclasses.replace), with a digest of its own."""
+        h = hashlib.sha256()
         for name in self.params:
             t = self.param_values[name].detach()
             if self.bound_params:  # bound at run time: only what the program sees of them
@@ -167,9 +181,7 @@ class CompileUnit:
             t = t.contiguous().cpu()
             h.update(name.encode())
             h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        h.update(repr(self.dynamic_dims).encode())
-        h.update(b"bound" if self.bound_params else b"")
+            h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
         return h.hexdigest()
 
 
@@ -244,11 +256,17 @@ class Manifest:
     out_spec: str = ""
     # CompileOptions.dtype the artifact was built for: its runner casts floating inputs to it.
     dtype: str = ""
+    # Where the compile's time went (seconds by step: "autotune", "codegen", ...) and what it
+    # worked through ("kernels", "configs"): hetero/compile_times.py shows them per backend.
+    build_seconds: Mapping[str, float] = field(default_factory=dict)
+    build_counts: Mapping[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
         d = asdict(self)
         d["versions"] = dict(self.versions)
         d["files"] = dict(self.files)
+        d["build_seconds"] = {k: round(v, 3) for k, v in self.build_seconds.items()}
+        d["build_counts"] = dict(self.build_counts)
         return json.dumps(d, indent=2, sort_keys=True)
 
 

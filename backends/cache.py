@@ -36,6 +36,7 @@ from hetero.backends.base import (
     sha256_file,
 )
 from hetero.cluster.spec import DeviceSpec
+from hetero.compile_times import CompileClock
 from hetero.errors import ArtifactCorrupt, CompileError, ConfigError
 from hetero.paths import ENV_VAR, cache_root
 
@@ -148,31 +149,45 @@ class ArtifactCache:
         unit: CompileUnit,
         device: DeviceSpec,
         options: CompileOptions,
+        clock: CompileClock | None = None,
     ) -> Artifact:
         """The artifact for (unit, device, options): from the cache when present and intact,
-        else compiled now. A corrupt entry is removed and rebuilt."""
+        else compiled now. A corrupt entry is removed and rebuilt. `clock` hears of the
+        compile (phase: the backend's name, with the steps its manifest reports), of cache
+        hits and of writing the entry."""
+        clock = clock if clock is not None else CompileClock()
         key = backend.artifact_key(unit, device, options)
         if key in self:
             try:
-                return self.get(key)
+                with clock.phase("cache hits"):
+                    hit = self.get(key)
+                clock.add("cache hits", runs=0, counts={"artifacts": 1})
+                return hit
             except ArtifactCorrupt as e:
                 log.warning("rebuilding artifact %s (%s): %s", key, unit.name, e)
                 self.evict(key)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        fresh: Artifact | None = None
         try:
-            manifest: Manifest = backend.compile(unit, device, options, tmp)
-            manifest = replace(manifest, key=key)
-            signed = signing.sign(json.loads(manifest.to_json()), self._secret)
-            (tmp / MANIFEST).write_text(json.dumps(signed, indent=2, sort_keys=True))
-            _fsync_dir(tmp)
-            final = self.path(key)
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                # Another process finished the same key first; its entry is equivalent.
-                if key not in self:
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
+            with clock.phase(backend.name):
+                manifest: Manifest = backend.compile(unit, device, options, tmp)
+            clock.add(
+                backend.name, runs=0, parts=manifest.build_seconds, counts=manifest.build_counts
+            )
+            with clock.phase("artifacts"):
+                manifest = replace(manifest, key=key)
+                signed = signing.sign(json.loads(manifest.to_json()), self._secret)
+                (tmp / MANIFEST).write_text(json.dumps(signed, indent=2, sort_keys=True))
+                _fsync_dir(tmp)
+                final = self.path(key)
+                try:
+                    os.replace(tmp, final)
+                    fresh = Artifact(backend=backend.name, key=key, path=final, manifest=signed)
+                except OSError:
+                    # Another process finished the same key first; its entry is equivalent.
+                    if key not in self:
+                        raise
+                    shutil.rmtree(tmp, ignore_errors=True)
         except CompileError:
             raise
         except Exception as e:
@@ -183,7 +198,13 @@ class ArtifactCache:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return self.get(key)
+        if fresh is not None and not _writable_by_others(self.root):
+            # Just written and hashed by this process into a directory only this user can
+            # write: checking it again would read every file (the weights) once more for
+            # nothing. An entry another process wrote, or one in a shared cache, is checked.
+            return fresh
+        with clock.phase("artifacts"):
+            return self.get(key)
 
     def evict(self, key: str) -> None:
         """Remove an entry (moved aside first, so a concurrent reader never sees half of it)."""

@@ -26,6 +26,7 @@ from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.reference import resolve_cluster
 from hetero.cluster.runs import RunLog
 from hetero.cluster.spec import ClusterSpec
+from hetero.compile_times import CompileClock, CompileTimes
 from hetero.errors import ConfigError
 from hetero.interfaces.feedback import Feedback
 from hetero.interfaces.generate import CompiledLM, compile_lm
@@ -107,6 +108,7 @@ class CompiledModel:
         settings: CompileSettings | None = None,
         registry: BackendRegistry | None = None,
         feedback: Feedback | None = None,
+        compile_times: CompileTimes | None = None,
     ) -> None:
         self.graph = graph
         self.cluster = cluster
@@ -115,6 +117,8 @@ class CompiledModel:
         self.settings = settings  # what hetero.compile was asked (None: built by hand)
         self.registry = registry
         self.feedback = feedback  # run records and online re-planning (hetero.compile's)
+        # where hetero.compile's time went (None: built by hand); a note in plan.explain()
+        self.compile_times = compile_times
         self._plan = plan
 
     # ---- calling ----------------------------------------------------------------------------
@@ -167,7 +171,10 @@ class CompiledModel:
         deployment = getattr(self.executor, "deployment", None)
         plan = deployment.plan if deployment is not None and deployment.plan else self._plan
         measured = self.executor.measured_ms()
-        return plan.with_measured(measured) if measured else plan
+        plan = plan.with_measured(measured) if measured else plan
+        if self.compile_times is not None:
+            plan = replace(plan, notes=(*plan.notes, self.compile_times.note()))
+        return plan
 
     def run_log(self) -> RunLog:
         """What the running deployment measured, as records `hetero calibrate --from-runs`
@@ -260,6 +267,7 @@ def compile(
     runs one request after the build, prices the split layers' hand-offs as measured and
     rebuilds with the re-plan when it is predicted faster (`CompiledLM.feedback`).
     """
+    clock = CompileClock()
     registry = registry if registry is not None else default_registry()
     if Task.parse(task) is Task.GENERATE:
         if isinstance(feedback, ReplanPolicy):
@@ -281,6 +289,7 @@ def compile(
             cost_model=cost_model,
             registry=registry,
             feedback=bool(feedback),
+            clock=clock,
         )
     if example_inputs is None:
         raise ConfigError("hetero.compile needs example_inputs (or task='generate' for an LM)")
@@ -291,7 +300,8 @@ def compile(
     if kind not in ("local", "ray"):
         raise ConfigError(f"executor {executor!r} is not one of: auto, local, ray")
     # priced for the runtime that will run it (its measured per-stage and per-hop costs)
-    cost_model = replace(cost_model or CostModel.load(cluster=spec), executor=kind)
+    with clock.phase("cost model"):
+        cost_model = replace(cost_model or CostModel.load(cluster=spec), executor=kind)
     settings = _settings(
         registry,
         objective,
@@ -309,31 +319,45 @@ def compile(
             settings, feedback=feedback if isinstance(feedback, ReplanPolicy) else ReplanPolicy()
         )
     if graph is None:
-        graph = capture(model, example_inputs, dynamic_shapes)
-    build = _Builder(graph, settings, example_inputs, registry, progress)
+        with clock.phase("export"):
+            graph = capture(model, example_inputs, dynamic_shapes)
+    build = _Builder(graph, settings, example_inputs, registry, progress, clock)
     stages, plan = build(spec, plan)
     fb = online = None
     if settings.feedback is not None:
         fb = _feedback(graph, spec, settings, registry, build)
         online = OnlineReplanner(fb, settings.feedback)
-    if kind == "local":
-        runner = LocalExecutor(stages, needed_outputs(graph), registry, plan=plan, online=online)
-    else:
-        # A private, token-authenticated head on loopback for this process unless Ray runs
-        # already; emulated NPUs of this host become the custom resource NPU workers ask for.
-        npus = sum(1 for d in spec.devices if d.kind == "npu")
-        init_ray(resources={NPU_RESOURCE: float(npus)} if npus else None)
-        runner = RayExecutor(
-            stages,
-            needed_outputs(graph),
-            cluster=spec,
-            plan=plan,
-            replan=build,  # devices gone for good: plan again over what is left
-            registry=registry,
-            online=online,
-        )
+    with clock.phase("load"):
+        runner = _executor(kind, spec, stages, graph, plan, build, registry, online)
     return CompiledModel(
-        graph, plan, spec, stages, runner, settings=settings, registry=registry, feedback=fb
+        graph,
+        plan,
+        spec,
+        stages,
+        runner,
+        settings=settings,
+        registry=registry,
+        feedback=fb,
+        compile_times=clock.times(),
+    )
+
+
+def _executor(kind: str, spec: ClusterSpec, stages, graph, plan, build, registry, online):
+    """The executor that loads and runs the stages: in this process, or Ray actors."""
+    if kind == "local":
+        return LocalExecutor(stages, needed_outputs(graph), registry, plan=plan, online=online)
+    # A private, token-authenticated head on loopback for this process unless Ray runs
+    # already; emulated NPUs of this host become the custom resource NPU workers ask for.
+    npus = sum(1 for d in spec.devices if d.kind == "npu")
+    init_ray(resources={NPU_RESOURCE: float(npus)} if npus else None)
+    return RayExecutor(
+        stages,
+        needed_outputs(graph),
+        cluster=spec,
+        plan=plan,
+        replan=build,  # devices gone for good: plan again over what is left
+        registry=registry,
+        online=online,
     )
 
 
@@ -471,12 +495,14 @@ class _Builder:
         example_inputs: Sequence[Any],
         registry: BackendRegistry,
         progress: Callable[[str, int, int], None] | None = None,
+        clock: CompileClock | None = None,
     ) -> None:
         self.graph = graph
         self.settings = settings
         self.example_inputs = example_inputs
         self.registry = registry
         self.progress = progress  # for the first build only: a re-plan has no display
+        self.clock = clock  # likewise: hetero.compile's times are the first build's
         self._planned = self._replanning = False
 
     def __call__(self, cluster: ClusterSpec, plan: Plan | None = None):
@@ -485,11 +511,13 @@ class _Builder:
         if self._planned:  # a re-plan: pins and exclusions of devices now gone lapse
             s = _present(cluster, s)
         self._planned = True
+        clock = CompileClock() if self._replanning or self.clock is None else self.clock
         if plan is None:
-            plan = make_plan(
-                self.graph, cluster, s.objective, registry=self.registry, **s.plan_kwargs()
-            )
-        chooser = Chooser(self.registry, s.backends, s.choose, cluster)
+            with clock.phase("plan"):
+                plan = make_plan(
+                    self.graph, cluster, s.objective, registry=self.registry, **s.plan_kwargs()
+                )
+        chooser = Chooser(self.registry, s.backends, s.choose, cluster, clock)
         stages = compile_plan(
             self.graph,
             plan,

@@ -24,6 +24,7 @@ from hetero.calibration.generation import split_feedback, stream_feedback
 from hetero.cluster.connect import init_ray
 from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.spec import ClusterSpec
+from hetero.compile_times import CompileClock, CompileTimes
 from hetero.errors import ConfigError
 from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
 from hetero.partitioner.cost import CostModel
@@ -49,6 +50,8 @@ class CompiledLM:
         self.generation = generation
         # compile_lm(feedback=True): what the measured round found and did (None: no round)
         self.feedback: dict[str, Any] | None = None
+        # where compile_lm's time went (None: built by hand); a note in explain()
+        self.compile_times: CompileTimes | None = None
 
     @property
     def max_length(self) -> int:
@@ -101,7 +104,10 @@ class CompiledLM:
         return dict(self.generation.last)
 
     def explain(self, width: int = 140) -> str:
-        return self.plan.explain(width=width)
+        plan = self.plan
+        if self.compile_times is not None:
+            plan = dataclasses.replace(plan, notes=(*plan.notes, self.compile_times.note()))
+        return plan.explain(width=width)
 
     def ready(self) -> bool:
         return not self.generation._closed
@@ -136,6 +142,7 @@ def compile_lm(
     binder: StageBinder | None = None,
     prompt_length: int | None = None,
     feedback: bool = False,
+    clock: CompileClock | None = None,
 ) -> CompiledLM:
     """Capture both phases, plan them (unless `plan`), compile every partition (cached) and
     load them. `backends` override generation's defaults per device kind (GPU: inductor,
@@ -145,7 +152,9 @@ def compile_lm(
     `feedback`: after building, run one request, compare the decode partitions' measured
     times with their prices, and where split layers ran long plan again with the measured
     cost and rebuild if that is predicted faster (`CompiledLM.feedback` says what happened;
-    the in-process executor only)."""
+    the in-process executor only). `clock`: the compile's clock when the caller started it
+    (hetero.compile); the result's `compile_times` say where the time went."""
+    clock = clock if clock is not None else CompileClock()
     registry = registry if registry is not None else default_registry()
     if backends is None:
         assignment = GENERATION_BACKENDS
@@ -156,32 +165,40 @@ def compile_lm(
             {**GENERATION_BACKENDS.to_dict(), **backends}, known=registry.names()
         )
     if lm is None:
-        lm = capture_lm(model, batch=batch_size, max_len=max_length, example_len=prompt_length)
+        with clock.phase("export"):
+            lm = capture_lm(model, batch=batch_size, max_len=max_length, example_len=prompt_length)
     if plan is None:
-        plan = plan_generation(
-            lm,
-            cluster,
-            registry=registry,
-            cost_model=cost_model,
-            backends=assignment,
-            pins=pins,
-            exclude=exclude,
-            decode_placements=decode_placements,
-        )
-    compiled = _build(lm, plan, cluster, cache_dir, registry, options, executor, binder)
-    if feedback:
-        compiled = _feedback_round(
-            compiled,
-            cost_model if cost_model is not None else CostModel.load(cluster=cluster),
-            lambda p: _build(lm, p, cluster, cache_dir, registry, options, executor, binder),
-            dict(
+        with clock.phase("plan"):
+            plan = plan_generation(
+                lm,
+                cluster,
                 registry=registry,
+                cost_model=cost_model,
                 backends=assignment,
                 pins=pins,
                 exclude=exclude,
                 decode_placements=decode_placements,
-            ),
-        )
+            )
+
+    def build(p: GenerationPlan) -> CompiledLM:
+        return _build(lm, p, cluster, cache_dir, registry, options, executor, binder, clock)
+
+    compiled = build(plan)
+    if feedback:
+        with clock.phase("feedback"):  # the measured request and the re-plan; a rebuild's
+            compiled = _feedback_round(  # compiles count under their backends
+                compiled,
+                cost_model if cost_model is not None else CostModel.load(cluster=cluster),
+                build,
+                dict(
+                    registry=registry,
+                    backends=assignment,
+                    pins=pins,
+                    exclude=exclude,
+                    decode_placements=decode_placements,
+                ),
+            )
+    compiled.compile_times = clock.times()
     return compiled
 
 
@@ -194,10 +211,16 @@ def _build(
     options: Mapping[str, CompileOptions] | None,
     executor: str,
     binder: StageBinder | None,
+    clock: CompileClock,
 ) -> CompiledLM:
     stages = compile_generation(
-        lm, plan, cluster, Path(cache_dir), registry=registry, options=options
+        lm, plan, cluster, Path(cache_dir), registry=registry, options=options, clock=clock
     )
+    with clock.phase("load"):
+        return _load(lm, plan, cluster, stages, registry, executor, binder)
+
+
+def _load(lm, plan, cluster, stages, registry, executor, binder) -> CompiledLM:
     kind = executor
     if kind == "auto":
         kind = "local" if len(cluster.hosts) == 1 else "ray"

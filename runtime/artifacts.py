@@ -30,6 +30,7 @@ from hetero.backends.base import (
 from hetero.backends.cache import ArtifactCache
 from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import DeviceSpec
+from hetero.compile_times import CompileClock
 from hetero.errors import ArtifactCorrupt
 
 
@@ -39,10 +40,12 @@ def build_artifact(
     device: DeviceSpec,
     options: CompileOptions,
     root: Path,
+    clock: CompileClock | None = None,
 ) -> Artifact:
     """Compile `unit` for `device` under `root`, or reuse what is already there (verified:
-    this installation's signature on the manifest, every file's hash)."""
-    return ArtifactCache(root).build(backend, unit, device, options)
+    this installation's signature on the manifest, every file's hash). `clock` hears how
+    long it took (hetero/compile_times.py)."""
+    return ArtifactCache(root).build(backend, unit, device, options, clock)
 
 
 def verify_artifact(artifact: Artifact) -> None:

@@ -15,6 +15,7 @@ from torch.utils import _pytree as pytree
 from hetero.backends.base import CompileOptions, CompileUnit
 from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
+from hetero.compile_times import CompileClock
 from hetero.errors import CompileError, ConfigError
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Plan
@@ -126,6 +127,7 @@ def compile_partitions(
     streamed: Sequence[tuple[int, int] | None] | None = None,
     chooser: Chooser | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    clock: CompileClock | None = None,
 ) -> list[StageSpec]:
     """Compile `parts[i]` for `placements[i]` = (device, backend name); one stage each.
 
@@ -137,10 +139,13 @@ def compile_partitions(
     `chooser`: a resident partition's backend is chosen by measurement among those of its
     device kind (runtime/choice.py); the stage runs the chosen one. None: the placement's.
     `progress(what, done, total)` hears of each partition compiled (or found in the cache).
+    `clock` hears where the time went (the chooser's own clock when there is a chooser).
     """
     if len(placements) != len(parts):
         raise ConfigError(f"{len(parts)} partitions but {len(placements)} placements")
-    env = example_env(graph, parts, example_inputs)
+    clock = chooser.clock if chooser is not None else clock or CompileClock()
+    with clock.phase("eager run"):  # every partition's example inputs
+        env = example_env(graph, parts, example_inputs)
     params = param_values(graph)
     stages = []
 
@@ -173,7 +178,9 @@ def compile_partitions(
             )
             opts = options_for(backend_name)
         else:
-            art = build_artifact(registry.get(backend_name), unit, device, opts, Path(cache_dir))
+            art = build_artifact(
+                registry.get(backend_name), unit, device, opts, Path(cache_dir), clock
+            )
         ins, outs = manifest_io(art)
         if (ins and len(ins) != len(unit.inputs)) or (outs and len(outs) != len(unit.outputs)):
             raise CompileError(
@@ -215,6 +222,7 @@ def compile_plan(
     options: CompileOptions | Mapping[str, CompileOptions] | None = None,
     chooser: Chooser | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    clock: CompileClock | None = None,
 ) -> list[StageSpec]:
     """The stages of `plan`, in a topological order, named by the plan's partition indices.
 
@@ -223,8 +231,10 @@ def compile_plan(
     `chooser`: measure the backend of each partition the plan did not measure already
     (`PlannedPartition.choice`); `chooser.apply(plan)` then records what it chose.
     """
-    assignment, pieces = piece_assignment(graph, plan)
-    parts = split(graph, assignment)
+    clock = chooser.clock if chooser is not None else clock or CompileClock()
+    with clock.phase("split"):
+        assignment, pieces = piece_assignment(graph, plan)
+        parts = split(graph, assignment)
     fresh = max((p.index for p in plan.partitions), default=-1) + 1
     if chooser is not None:  # a plan measured before (prebuilt, deployed) keeps its choice
         chooser.skip.update(p.index for p in plan.partitions if p.choice)
@@ -260,6 +270,7 @@ def compile_plan(
         streamed=streamed,
         chooser=chooser,
         progress=progress,
+        clock=clock,
     )
 
 

@@ -52,6 +52,7 @@ from hetero.backends.cache import ArtifactCache
 from hetero.backends.registry import BackendRegistry
 from hetero.calibration.timing import time_call
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
+from hetero.compile_times import CompileClock
 from hetero.environment import THREAD_VARIABLES
 from hetero.errors import CompileError
 from hetero.partitioner.decisions import BackendAssignment, BackendChoice
@@ -135,8 +136,11 @@ class Chooser:
         assignment: BackendAssignment,
         choice: BackendChoice,
         cluster: ClusterSpec | None = None,
+        clock: CompileClock | None = None,
     ) -> None:
         self.registry = registry
+        # hears of every compile, cache hit and the measuring ("choice") of this compile
+        self.clock = clock if clock is not None else CompileClock()
         self.assignment = assignment
         self.choice = choice
         self.cache: ArtifactCache | None = None  # the cache of the compile under way
@@ -208,7 +212,10 @@ class Chooser:
             if self.spent_s >= self.choice.budget_s:
                 self.over_budget.append(index)
                 return planned, self._artifact(planned, unit, device, options_for)
-            decision, complete = self._measure(names, planned, unit, device, options_for, reference)
+            with self.clock.phase("choice"):
+                decision, complete = self._measure(
+                    names, planned, unit, device, options_for, reference
+                )
             if complete:
                 self._write_record(record_key, keys, decision, device)
             else:
@@ -231,7 +238,9 @@ class Chooser:
         options_for: Callable[[str], CompileOptions],
     ) -> Artifact:
         assert self.cache is not None  # set by build()
-        return self.cache.build(self.registry.get(name), unit, device, options_for(name))
+        return self.cache.build(
+            self.registry.get(name), unit, device, options_for(name), self.clock
+        )
 
     def _measure(
         self,
@@ -274,9 +283,11 @@ class Chooser:
                 if name == planned:
                     own = time.perf_counter() - t0
             try:
-                run = self.registry.get(name).load(artifacts[name], device)
-                got = run(*acts)
-                sync()
+                # a backend that compiles lazily (inductor, cudagraphs) compiles here
+                with self.clock.phase(f"first run {name}"):
+                    run = self.registry.get(name).load(artifacts[name], device)
+                    got = run(*acts)
+                    sync()
                 err, tol = _error(got, reference, options_for(name).dtype)
             except Exception as e:  # a backend that cannot run the partition here loses
                 notes[name] = f"run failed: {_short(e)}"

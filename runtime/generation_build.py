@@ -23,6 +23,7 @@ import torch
 from hetero.backends.base import CompileOptions, CompileUnit
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import ClusterSpec
+from hetero.compile_times import CompileClock
 from hetero.errors import CompileError
 from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.partitioner.gpu_cpu_split import split_matmuls
@@ -96,12 +97,15 @@ def compile_generation(
     *,
     registry: BackendRegistry | None = None,
     options: Mapping[str, CompileOptions] | None = None,
+    clock: CompileClock | None = None,
 ) -> dict[Phase, tuple[StageSpec, ...]]:
-    """Every stage of both phases, compiled (cache hits for what was built before)."""
+    """Every stage of both phases, compiled (cache hits for what was built before); `clock`
+    hears where the time went (hetero/compile_times.py)."""
     registry = registry or default_registry()
+    clock = clock if clock is not None else CompileClock()
     return {
         phase: _compile_phase(
-            lm, phase, gplan.plan(phase), cluster, Path(cache_dir), registry, options or {}
+            lm, phase, gplan.plan(phase), cluster, Path(cache_dir), registry, options or {}, clock
         )
         for phase in Phase
     }
@@ -115,11 +119,14 @@ def _compile_phase(
     cache_dir: Path,
     registry: BackendRegistry,
     options: Mapping[str, CompileOptions],
+    clock: CompileClock,
 ) -> tuple[StageSpec, ...]:
     graph = lm.graph(phase)
-    assignment, meta = pieces(plan, graph)
-    parts = split(graph, assignment)
-    env = example_env(graph, parts, example_inputs(lm, phase))
+    with clock.phase("split"):
+        assignment, meta = pieces(plan, graph)
+        parts = split(graph, assignment)
+    with clock.phase("eager run"):
+        env = example_env(graph, parts, example_inputs(lm, phase))
     params = param_values(graph)
     count: dict[int, int] = {}
     for plan_index, _, _ in meta.values():
@@ -152,7 +159,7 @@ def _compile_phase(
             )
         else:
             unit = on_device(unit, trace_device(device))
-        art = build_artifact(backend, unit, device, opts, cache_dir)
+        art = build_artifact(backend, unit, device, opts, cache_dir, clock)
         index = plan_index if number == 0 else fresh
         if number:
             fresh += 1
