@@ -4,16 +4,31 @@ The cache is one JSON file per GPU model (kernel key -> config); a kernel key ha
 kernel's source and its shapes, so the same layer in another model reuses the choice.
 Tuning runs each candidate launcher on the partition's real intermediate tensors (caught
 while `forward` runs once on the example inputs) and keeps the fastest.
+
+On a GPU every candidate of every kernel is compiled first, in a pool of threads, and only
+then timed one by one: compiling, not timing, is most of tuning (a Triton compile takes
+0.2-2 s, a config's timing some 50 ms), and a compile spends much of its time in ptxas
+(a subprocess) and in native passes, so threads overlap them as Inductor's
+select_algorithm precompiles its template choices in a thread pool. The threads only
+compile (`JITFunction.warmup`, in Triton 3.6 and 3.9 alike), into the same in-memory
+kernel cache the timing's launches then hit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from hetero.backends.triton.kernels import attention, decode, matmul_epilogue
 
@@ -67,25 +82,49 @@ class TuneCache:
         tmp.replace(self.path)  # atomic: parallel compiles never see half a file
 
 
+# Threads that compile candidate configs before they are timed (1: compile as each is timed).
+PRECOMPILE_THREADS = max(1, min(16, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """What `tune` found and what it took."""
+
+    found: dict[str, dict] = field(default_factory=dict)  # kernel key -> fastest config
+    kernels: int = 0  # kernels measured
+    configs: int = 0  # configs timed over them
+    compile_s: float = 0.0  # seconds compiling configs ahead of their timing (GPU threads)
+
+
 def tune(
     module: Any,
     kernels: Sequence[Any],
     run: Callable[[], object],
     known: Mapping[str, dict],
     trials: int = 0,
-) -> dict[str, dict]:
+    device: torch.device | None = None,
+    threads: int = PRECOMPILE_THREADS,
+) -> Tuned:
     """Measure candidate configs of `kernels` (codegen.Kernel) not in `known`.
 
     Wraps each such launcher of the loaded program `module`, calls `run()` once (which runs
-    `forward` on example inputs), and returns key -> fastest config.
+    `forward` on example inputs), and returns key -> fastest config. On a CUDA `device`
+    with `threads` > 1, a first `run()` compiles every candidate in `threads` threads.
     """
     from triton.testing import do_bench  # optional (hetero[triton]): loaded on first use
 
+    pending = [k for k in kernels if k.kind in CANDIDATES and k.key not in known]
+    if not pending:
+        return Tuned()
+    compile_s = 0.0
+    if device is not None and device.type == "cuda" and threads > 1:
+        start = time.perf_counter()
+        precompile(module, pending, run, trials, device, threads)
+        compile_s = time.perf_counter() - start
     found: dict[str, dict] = {}
     originals: dict[str, Callable] = {}
-    for k in kernels:
-        if k.kind not in CANDIDATES or k.key in known:
-            continue
+    timed = [0]
+    for k in pending:
         launcher = getattr(module, f"launch_{k.name}")
         originals[k.name] = launcher
         cands = candidates(k)[: trials or None]
@@ -94,6 +133,7 @@ def tune(
             if _k.key not in found:
                 best, best_ms = None, float("inf")
                 for c in _cands:
+                    timed[0] += 1
                     try:
                         ms = do_bench(lambda c=c: _launch(*args, cfg=c), warmup=5, rep=25)
                     except Exception:  # a tile that does not fit this GPU (shared memory)
@@ -107,9 +147,79 @@ def tune(
 
         setattr(module, f"launch_{k.name}", wrapped)
     try:
-        if originals:
-            run()
+        run()
     finally:
         for name, fn in originals.items():
             setattr(module, f"launch_{name}", fn)
-    return found
+    return Tuned(found, len(pending), timed[0], compile_s)
+
+
+def precompile(
+    module: Any,
+    kernels: Sequence[Any],
+    run: Callable[[], object],
+    trials: int,
+    device: torch.device,
+    threads: int,
+) -> None:
+    """Compile every candidate config of `kernels` in `threads` threads, launching none.
+
+    `run()` runs `forward` once with each launcher as it was (its own config): the launch
+    gives the candidates their real arguments, and a compile starts for each candidate as
+    soon as its kernel is reached. In the pool's threads the kernels' globals answer
+    `kernel[grid](...)` with `kernel.warmup(...)`: the compile lands in the JIT's kernel
+    cache, keyed by the same arguments the timing launches with."""
+    local = threading.local()
+    launched = {n for k in kernels for n in (k.name, f"{k.name}_merge")}
+    jitted = {n: f for n, f in vars(module).items() if n in launched and hasattr(f, "warmup")}
+    launchers = {k.name: getattr(module, f"launch_{k.name}") for k in kernels}
+    jobs: list[Future] = []
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="hetero-tune")
+
+    def compile_only(launch: Callable, args: tuple, cfg: dict) -> None:
+        local.compile_only = True
+        # A config that fails to compile here fails its timing too, which skips it. Triton
+        # compiles for the thread's current device: the partition's.
+        with contextlib.suppress(Exception), torch.cuda.device(device):
+            launch(*args, cfg=cfg)
+
+    def submitting(k: Any, launch: Callable) -> Callable:
+        submitted = []
+
+        def first_launch(*args, cfg=None):
+            out = launch(*args, cfg=cfg)  # first: the JIT's caches exist before threads use them
+            if not submitted:
+                submitted.append(True)
+                cands = candidates(k)[: trials or None]
+                jobs.extend(pool.submit(compile_only, launch, args, c) for c in cands)
+            return out
+
+        return first_launch
+
+    for name, fn in jitted.items():
+        setattr(module, name, _CompileOnly(fn, local))
+    for k in kernels:
+        setattr(module, f"launch_{k.name}", submitting(k, launchers[k.name]))
+    try:
+        run()
+        for job in jobs:
+            job.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for name, fn in jitted.items():
+            setattr(module, name, fn)
+        for name, fn in launchers.items():
+            setattr(module, f"launch_{name}", fn)
+
+
+class _CompileOnly:
+    """A kernel global that, in a precompile thread, compiles instead of launching."""
+
+    def __init__(self, fn: Any, local: threading.local) -> None:
+        self.fn = fn
+        self.local = local
+
+    def __getitem__(self, grid: Any) -> Callable:
+        if getattr(self.local, "compile_only", False):
+            return lambda *args, **kwargs: self.fn.warmup(*args, grid=grid, **kwargs)
+        return self.fn[grid]

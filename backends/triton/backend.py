@@ -16,8 +16,9 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from hetero.backends.base import (
     Runner,
     Support,
 )
-from hetero.backends.triton.autotune import TuneCache, cache_file, tune
+from hetero.backends.triton.autotune import TuneCache, Tuned, cache_file, tune
 from hetero.backends.triton.codegen import generate
 from hetero.backends.triton.fold import Folded, fold_weights
 from hetero.backends.triton.fuse import fuse
@@ -110,6 +111,9 @@ class TritonBackend(Backend):
             t.to(dtype) if dtype is not None and t.is_floating_point() else t
             for t in unit.example_inputs
         )
+        steps: dict[str, float] = {}  # where this compile's time went (Manifest.build_seconds)
+        counts: dict[str, int] = {}
+        start = time.perf_counter()
         try:
             folded = prepare(unit.module, unit.inputs, unit.param_values, acts, dtype)
             weights = tuple(t for _, t in folded.weights)
@@ -130,16 +134,25 @@ class TritonBackend(Backend):
         )
         known = cache.read()
         layout = frozenset(channels_last_weights(folded.module, wnames, own.channels_last))
+        steps["fuse"] = time.perf_counter() - start
+        start = time.perf_counter()
         program = generate(plan, wnames, interpret, known, layout)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "program.py").write_text(program.source)
+        steps["codegen"] = time.perf_counter() - start
+        counts["kernels"] = len(program.kernels)
         if not interpret and own.tune:
-            found = self._tune(out_dir, program, acts, weights, device, known,
+            start = time.perf_counter()
+            tuned = self._tune(out_dir, program, acts, weights, device, known,
                                options.tune_trials)  # fmt: skip
-            if found:
-                cache.write(found)
-                program = generate(plan, wnames, interpret, {**known, **found}, layout)
+            steps["autotune"] = time.perf_counter() - start
+            steps["autotune compile"] = tuned.compile_s
+            counts |= {"tuned": tuned.kernels, "configs": tuned.configs}
+            if tuned.found:
+                cache.write(tuned.found)
+                program = generate(plan, wnames, interpret, {**known, **tuned.found}, layout)
                 (out_dir / "program.py").write_text(program.source)
+        start = time.perf_counter()
         _save_weights(out_dir / "weights.safetensors", folded.weights)
         (out_dir / "fusion.txt").write_text(plan.table() + "\n")
         config = {
@@ -152,7 +165,7 @@ class TritonBackend(Backend):
             "clone_outputs": own.clone_outputs,
         }
         (out_dir / "triton.json").write_text(json.dumps(config, indent=1))
-        return self.manifest(
+        manifest = self.manifest(
             unit,
             device,
             options,
@@ -161,13 +174,15 @@ class TritonBackend(Backend):
             notes=f"{len(program.kernels)} kernels, {plan.kernels()} fused launches, "
             f"{len(plan.steps) - plan.kernels()} ATen calls",
         )
+        steps["weights"] = time.perf_counter() - start  # written, then hashed for the manifest
+        return replace(manifest, build_seconds=steps, build_counts=counts)
 
-    def _tune(self, out_dir, program, acts, weights, device, known, trials) -> dict:
+    def _tune(self, out_dir, program, acts, weights, device, known, trials) -> Tuned:
         dev = torch.device("cuda", device.index)
         mod = _import(out_dir / "program.py", f"hetero_triton_tune_{id(program)}")
         args = [a.to(dev) for a in acts] + [w.to(dev) for w in weights]
         with torch.no_grad():
-            return tune(mod, program.kernels, lambda: mod.forward(*args), known, trials)
+            return tune(mod, program.kernels, lambda: mod.forward(*args), known, trials, dev)
 
     # ---- load --------------------------------------------------------------------------------
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
