@@ -293,7 +293,7 @@ def run_hetero(env: Env, model, inputs, ref) -> dict:
         model, inputs, cluster=cluster(env), backends=assignment(), cache_dir=cache,
         executor="local", registry=registry_without_tvm(), choose=choose,
     )  # fmt: skip
-    out = {"compile_s": time.perf_counter() - t}
+    out = {"compile_s": time.perf_counter() - t, "compile_times": cm.compile_times.to_dict()}
     try:
         with torch.no_grad():
             out["err"] = rel_err(hidden(cm(*inputs)).clone(), ref)
@@ -372,6 +372,7 @@ def decode_row(env: Env, row: dict) -> None:
             check = g.teacher_forced(lm, ids.cpu(), tokens, ref)
             return {
                 "compile_s": secs,
+                "compile_times": lm.compile_times.to_dict(),
                 "ms": times["ms_per_token"],
                 "err": check["max_rel_err"],
                 "argmax_agreement": check["argmax_agreement"],

@@ -386,6 +386,7 @@ def case_capped(args, cfg, cache: Path) -> None:
         kw["cost_model"] = split_cost_model(spec, 1, out)
     lm, secs = compile_lm(model, spec, args.max_len, 1, cache, **kw)
     out["hetero_compile_s"] = secs  # with the feedback round's request and rebuild
+    out["hetero_compile_times"] = lm.compile_times.to_dict()  # where the seconds went
     out["hetero_feedback"] = lm.feedback
     log(f"  feedback round: {lm.feedback}")
     log(f"  compiled in {secs:.1f} s\n{lm.explain(width=160)}")
@@ -493,6 +494,7 @@ def case_uncapped(args, cfg, cache: Path) -> None:
             model, cluster(None), args.max_len, 1, cache, prompt_length=args.prompt
         )
         out["hetero_compile_s"] = secs
+        out["hetero_compile_times"] = lm.compile_times.to_dict()
         log(f"hetero compiled in {secs:.1f} s\n{lm.explain(width=160)}")
         out["hetero"] = hetero_times(lm, ids.cpu(), args.new_tokens, args.repeats)
         out["hetero_partitions"] = plan_rows(lm)

@@ -1,0 +1,94 @@
+"""The Triton autotuner's parallel precompile: the same configs found as serial tuning,
+the compile time and the counts reported in the manifest (hetero/compile_times.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "backends" / "triton"))
+
+
+@pytest.fixture(autouse=True)
+def compiled_kernels(monkeypatch):
+    # Other test modules turn the interpreter on at import; these tests need real kernels.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def test_precompiled_tuning_finds_what_serial_tuning_finds(tmp_path, monkeypatch):
+    from triton_models import LinearEpilogue, assert_close, build
+
+    import hetero.backends.triton.backend as triton_backend
+    from hetero.backends.base import CompileOptions
+    from hetero.backends.triton import TritonBackend, autotune
+
+    model = LinearEpilogue("tanh", d=64, h=128).half().cuda()
+    x = torch.randn(64, 64, dtype=torch.float16, device="cuda")
+    want = model(x)
+    seen = {}
+
+    def tune_with(threads):
+        def tune(*args, **kwargs):
+            seen[threads] = autotune.tune(*args, threads=threads, **kwargs)
+            return seen[threads]
+
+        return tune
+
+    for threads in (1, 4):
+        monkeypatch.setattr(triton_backend, "tune", tune_with(threads))
+        where = tmp_path / f"threads{threads}"  # its own tuning cache: nothing known
+        where.mkdir()
+        run, man = build(TritonBackend(), model, (x,), where, CompileOptions(tune_trials=4))
+        assert_close(run(x)[0], want, torch.float16)
+        assert man.build_counts["tuned"] >= 1 and man.build_counts["configs"] >= 1
+        assert {"fuse", "codegen", "autotune", "weights"} <= set(man.build_seconds)
+    assert set(seen[1].found) == set(seen[4].found) != set()
+    assert seen[1].compile_s == 0.0 and seen[4].compile_s > 0.0
+    assert seen[4].configs == seen[1].configs
+
+
+def test_precompile_leaves_the_program_as_it_was(tmp_path):
+    from triton_models import LinearEpilogue, build
+
+    from hetero.backends.triton import TritonBackend, autotune
+    from hetero.backends.triton.backend import _import
+
+    model = LinearEpilogue("tanh", d=64, h=128).half().cuda()
+    x = torch.randn(64, 64, dtype=torch.float16, device="cuda")
+    build(TritonBackend(), model, (x,), tmp_path)
+    art = tmp_path / "artifact"
+    mod = _import(art / "program.py", "hetero_test_precompile")
+    before = dict(vars(mod))
+    kernels = [k for k in _kernels(art) if k.kind in autotune.CANDIDATES]
+    weights = _weights(art)
+    autotune.precompile(
+        mod, kernels, lambda: mod.forward(x, *weights), 2, torch.device("cuda", 0), 4
+    )
+    assert {n: vars(mod)[n] for n in before} == before  # launchers and kernels restored
+
+
+def _kernels(art):
+    import json
+
+    from hetero.backends.triton.codegen import Kernel
+
+    config = json.loads((art / "triton.json").read_text())
+    return [Kernel(**{**k, "space": tuple(k.get("space", ()))}) for k in config["kernels"]]
+
+
+def _weights(art):
+    import json
+
+    from safetensors.torch import load_file
+
+    config = json.loads((art / "triton.json").read_text())
+    table = load_file(str(art / "weights.safetensors"), device="cuda")
+    return [table[n] for n in config["weights"]]
