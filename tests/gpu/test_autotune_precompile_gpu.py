@@ -3,9 +3,6 @@ the compile time and the counts reported in the manifest (hetero/compile_times.p
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,14 +10,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "backends" / "triton"))
-
-
-@pytest.fixture(autouse=True)
-def compiled_kernels(monkeypatch):
-    # Other test modules turn the interpreter on at import; these tests need real kernels.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 def test_precompiled_tuning_finds_what_serial_tuning_finds(tmp_path, monkeypatch):

@@ -6,8 +6,6 @@ Skipped where CUDA is absent. Run: pytest tests/gpu (TRITON_INTERPRET unset).
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,14 +14,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "backends" / "triton"))
-
-
-@pytest.fixture(autouse=True)
-def compiled_kernels(monkeypatch):
-    # Other test modules turn the interpreter on at import; these tests need real kernels.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 def _models():

@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,14 +29,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "backends" / "triton"))
-
-
-@pytest.fixture(autouse=True)
-def compiled_kernels(monkeypatch):
-    # Other test modules turn the interpreter on at import; these tests need real kernels.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 # ---- the modules, one per rule (weights random, nothing downloaded) ----------------------------
