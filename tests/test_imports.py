@@ -5,7 +5,7 @@ of an optional heavy dependency, with a comment saying so.
 Layers, bottom to top (each may import the ones below it, never one above):
 
     hetero.errors, hetero.paths,   what every layer shares
-    hetero.environment
+    hetero.environment, hetero.compile_times
     cluster                        the cluster description: spec, devices, profiles
     partitioner                    capture -> OpGraph -> cost -> algorithms -> Plan
     backends                       compile and load a partition
@@ -28,7 +28,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = (
-    ("hetero.errors", "hetero.paths", "hetero.environment"),
+    ("hetero.errors", "hetero.paths", "hetero.environment", "hetero.compile_times"),
     ("hetero.cluster",),
     ("hetero.partitioner",),
     ("hetero.backends",),
