@@ -256,7 +256,7 @@ def rebound(lm, ids, args, check=None, **binder_kw) -> dict:
     from hetero.runtime.generation import LocalGeneration, StageBinder
 
     stages = lm.generation.stages
-    lm.generation.binder.stores.clear()
+    lm.generation.binder.release()
     gc.collect()
     torch.cuda.empty_cache()
     g = LocalGeneration(lm.lm, lm.plan, stages, StageBinder(default_registry(), **binder_kw))
