@@ -304,6 +304,14 @@ class Backend(abc.ABC):
             return Support(False, f"{self.name} does not target {device.kind} devices")
         return YES
 
+    def prepare_process(self, device: DeviceSpec) -> None:
+        """Apply now what loading an artifact for `device` sets in this process (thread pools,
+        the variables they read), without loading one. The measured choice
+        (runtime/choice.py) calls it for every candidate before it names the conditions its
+        times hold for: a setting made by a load during the measuring would otherwise key
+        the record differently from the compile that reads it. Nothing by default."""
+        return None
+
     def target(self, device: DeviceSpec, options: CompileOptions) -> str:
         """A string naming what the artifact is compiled for (part of the key)."""
         return f"{self.name}:{device.kind}"

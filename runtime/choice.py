@@ -13,10 +13,12 @@ Timing: `calibration.timing.time_call` (the fastest of short rounds); the candid
 turns, `ROUNDS` times each, so that a burst of load on a shared machine falls on all of
 them rather than on whichever ran during it.
 
-Cached: one signed record per (candidates' artifact keys, device) in the artifact cache
-(`ArtifactCache.write_record`); a later compile of the same partitions with the same
-backends and options reads the choice and compiles only the chosen backend's artifact
-(a cache hit). Records from an incomplete measurement (the budget ran out) are not kept.
+Cached: one signed record per (candidates' artifact keys, device and thread settings) in
+the artifact cache (`ArtifactCache.write_record`). The settings are read after every
+candidate's `Backend.prepare_process` (TVM's first load sets TVM_BIND_THREADS: read before
+it, the first compile's record had another key than the one a second compile looked for).
+A later compile of the same partitions with the same backends and options reads the choice
+and compiles only the chosen backend's artifact (a cache hit). Records from an incomplete measurement (the budget ran out) are not kept.
 
 Budget: `BackendChoice.budget_s` seconds of compiling and timing beyond the planned
 backend's own compile, for the whole compile; past it the remaining partitions keep the
@@ -205,8 +207,10 @@ class Chooser:
             names = [planned]
         if len(names) == 1:
             return planned, self._artifact(planned, unit, device, options_for)
+        for name in names:  # the settings the candidates' loads make, before they are named
+            self.registry.get(name).prepare_process(device)
         keys = {n: self.registry.get(n).artifact_key(unit, device, options_for(n)) for n in names}
-        record_key = _record_key(keys, device)
+        record_key = _record_key(keys, _device_identity(device))
         decision = self._from_record(record_key, keys, planned, unit, device, options_for)
         if decision is None:
             if self.spent_s >= self.choice.budget_s:
@@ -217,7 +221,9 @@ class Chooser:
                     names, planned, unit, device, options_for, reference
                 )
             if complete:
-                self._write_record(record_key, keys, decision, device)
+                # under the conditions the candidates were timed in (after all of them
+                # loaded); the same as above unless a load changed a setting unannounced
+                self._write_record(keys, decision, _device_identity(device))
             else:
                 self.over_budget.append(index)
         self.decisions[index] = decision
@@ -345,15 +351,15 @@ class Chooser:
         return Decision(chosen, self._artifact(chosen, unit, device, options_for), timings, True)
 
     def _write_record(
-        self, record_key: str, keys: Mapping[str, str], decision: Decision, device: DeviceSpec
+        self, keys: Mapping[str, str], decision: Decision, identity: dict[str, Any]
     ) -> None:
         assert self.cache is not None
         self.cache.write_record(
             RECORD_KIND,
-            record_key,
+            _record_key(keys, identity),
             {
                 "version": RECORD_VERSION,
-                "device": _device_identity(device),
+                "device": identity,
                 "candidates": dict(keys),
                 "chosen": decision.backend,
                 "timings": [
@@ -500,12 +506,10 @@ def _device_identity(device: DeviceSpec) -> dict[str, Any]:
     }
 
 
-def _record_key(keys: Mapping[str, str], device: DeviceSpec) -> str:
-    body = {
-        "v": RECORD_VERSION,
-        "candidates": sorted(keys.items()),
-        "device": _device_identity(device),
-    }
+def _record_key(keys: Mapping[str, str], identity: Mapping[str, Any]) -> str:
+    """The record of a choice among the artifacts `keys` measured under `identity`
+    (`_device_identity`)."""
+    body = {"v": RECORD_VERSION, "candidates": sorted(keys.items()), "device": dict(identity)}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:40]
 
 

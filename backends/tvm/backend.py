@@ -155,6 +155,11 @@ class TVMBackend(Backend):
         )
 
     # ---- load ------------------------------------------------------------------------------------
+    def prepare_process(self, device: DeviceSpec) -> None:
+        """Size the thread pools as `load` does (TVM_BIND_THREADS, torch's threads)."""
+        if device.kind != "gpu":
+            _set_threads(targets.threads_for(device))
+
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
         """Map the verified .so and wrap its Relax VM. Only TVM's runtime is needed here (and
         torch, for the BLAS kernels), never its compiler: with TVM_USE_RUNTIME_LIB=1 a worker
@@ -169,7 +174,7 @@ class TVMBackend(Backend):
         else:
             dev = tvm.cpu(0)
             tdev = torch.device("cpu")
-            _set_threads(targets.threads_for(device))
+            self.prepare_process(device)
         lib = tvm.runtime.load_module(str(artifact.path / LIBRARY))
         vm = VirtualMachine(lib, dev)
         main = vm["main"]

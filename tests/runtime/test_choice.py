@@ -5,6 +5,7 @@ times, and the plan keeps them through JSON."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -57,13 +58,13 @@ def compile_mlp(mlp, tmp_path, planned: str, **kw):
     model, x, graph = mlp
     kw.setdefault("backends", BackendAssignment((("cpu", planned),)))  # planned, not pinned
     kw.setdefault("choose", "measured")
+    kw.setdefault("registry", registry())
     return hetero.compile(
         model,
         x,
         cluster=one_cpu(),
         graph=graph,
         cache_dir=tmp_path / "cache",
-        registry=registry(),
         executor="local",
         **kw,
     )
@@ -100,6 +101,36 @@ def test_a_second_compile_reads_the_choice(mlp, tmp_path, timed):
     # other options are other artifacts: measured again
     compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed(DELAY_MS + 1)})
     assert len(timed) > n
+    for cm in (first, second):
+        cm.shutdown()
+
+
+def test_a_second_compile_with_tvm_compiles_and_measures_nothing(mlp, tmp_path, monkeypatch):
+    """Issue 15: GPT-2's second compile into the same cache measured the choice again. The
+    record was keyed before TVM's first load set TVM_BIND_THREADS, so the second compile
+    (the variable now set) looked for another record. As in a fresh process: unset, and
+    TVM's pool not yet sized."""
+    pytest.importorskip("tvm")
+    from hetero.backends.tvm import backend as tvm_backend
+
+    monkeypatch.delenv("TVM_BIND_THREADS", raising=False)
+    monkeypatch.setattr(
+        tvm_backend, "_set_threads", functools.cache(tvm_backend._set_threads.__wrapped__)
+    )
+    reg = BackendRegistry()
+    for name, path in (("eager", "eager:EagerBackend"), ("tvm", "tvm:TVMBackend")):
+        reg.register(name, _Lazy(f"hetero.backends.{path}"))
+    first = compile_mlp(mlp, tmp_path, "eager", registry=reg)
+    assert {t.backend for t in first.plan.partitions[0].choice} == {"eager", "tvm"}
+    assert first.compile_times.seconds("choice") > 0
+    second = compile_mlp(mlp, tmp_path, "eager", registry=reg)
+    times = second.compile_times
+    ran = {p.name for p in times.phases}
+    assert not ran & {"eager", "tvm", "choice", "first run eager", "first run tvm"}, ran
+    hits = next(p for p in times.phases if p.name == "cache hits")
+    assert dict(hits.counts) == {"artifacts": 1}  # the chosen backend's, nothing else
+    assert second.plan.partitions[0].choice_cached
+    assert second.plan.partitions[0].backend == first.plan.partitions[0].backend
     for cm in (first, second):
         cm.shutdown()
 
