@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 
 import pytest
 import torch
@@ -226,3 +227,20 @@ def test_a_candidate_with_nan_or_inf_where_eager_is_finite_is_wrong():
     ref_inf = torch.tensor([1.0, float("inf"), 3.0])
     assert _error((ref_inf.clone(),), (ref_inf,), None)[0] == 0.0
     assert math.isinf(_error((-ref_inf,), (ref_inf,), None)[0])
+
+
+def test_a_call_longer_than_a_turn_is_timed_without_untimed_calls(timed):
+    """A slow call (GPT-2 on a CPU: seconds) is timed SLOW_SAMPLES times a turn, every call
+    timed; a fast one goes through time_call's rounds."""
+    calls = []
+
+    def slow(*_):
+        calls.append(1)
+        time.sleep(choice_mod.ROUND_BUDGET_S * 1.2)
+        return ()
+
+    ms = choice_mod._time(slow, (), lambda: None, 2)
+    assert len(calls) == 2 * choice_mod.SLOW_SAMPLES and not timed
+    assert ms >= 1e3 * choice_mod.ROUND_BUDGET_S
+    choice_mod._time(lambda *_: (), (), lambda: None, 2)
+    assert len(timed) == 2
