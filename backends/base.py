@@ -181,7 +181,7 @@ class CompileUnit:
             t = t.contiguous().cpu()
             h.update(name.encode())
             h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-            h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
         return h.hexdigest()
 
 

@@ -74,8 +74,10 @@ class CompiledLM:
         temperature: float = 0.0,
         top_k: int = 0,
         seed: int | None = None,
+        **unknown: Any,
     ) -> Iterator[torch.Tensor]:
         """[batch] token ids, one step at a time, as they are generated."""
+        _refuse(unknown)
         sampling = Sampling(temperature=temperature, top_k=top_k, seed=seed)
         return self.generation.generate_iter(
             input_ids, max_new_tokens, eos_token_id=eos_token_id, sampling=sampling
@@ -90,9 +92,11 @@ class CompiledLM:
         temperature: float = 0.0,
         top_k: int = 0,
         seed: int | None = None,
+        **unknown: Any,
     ) -> torch.Tensor:
         """[batch, new tokens] ids: the prompt's continuation (not the prompt). Stops early
         once every sequence produced `eos_token_id` (finished ones repeat it)."""
+        _refuse(unknown)
         sampling = Sampling(temperature=temperature, top_k=top_k, seed=seed)
         return self.generation.generate(
             input_ids, max_new_tokens, eos_token_id=eos_token_id, sampling=sampling
@@ -120,6 +124,30 @@ class CompiledLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+# transformers' generate() arguments that CompiledLM.generate does not take, and what to do
+_NOT_TAKEN = {
+    "do_sample": "sampling is on when temperature > 0 (temperature=0, the default, is greedy)",
+    "max_length": "give max_new_tokens (the cache holds the max_length it was compiled with)",
+    "top_p": "nucleus sampling is not supported: use top_k",
+    "num_beams": "beam search is not supported: generation is greedy or sampled",
+    "attention_mask": "prompts are not padded: give a batch of prompts of one length, no mask",
+    "pad_token_id": "prompts are not padded: give a batch of prompts of one length",
+    "generation_config": "give its max_new_tokens, eos_token_id, temperature and top_k directly",
+}
+
+
+def _refuse(unknown: Mapping[str, Any]) -> None:
+    """ConfigError for arguments generate()/stream() does not take (a TypeError would not
+    say that transformers' names have other names here)."""
+    if not unknown:
+        return
+    hints = "; ".join(f"{k}: {_NOT_TAKEN[k]}" for k in unknown if k in _NOT_TAKEN)
+    raise ConfigError(
+        f"generate() does not take {', '.join(map(repr, unknown))}; it takes max_new_tokens, "
+        f"eos_token_id, temperature, top_k and seed. What to do: " + (hints or "leave it out")
+    )
 
 
 def compile_lm(

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from hetero.errors import CaptureError
 
@@ -73,6 +74,30 @@ def _kv_shape(config: Any) -> tuple[int, int]:
     return int(kv), int(head_dim)
 
 
+def _written_kv_shapes(
+    model: torch.nn.Module, config: Any, cache_kw: str, layers: int
+) -> tuple[list[int], list[int]] | None:
+    """Per layer, (key/value heads, head dims) as the model's attention writes them: one
+    token through a DynamicCache, on fake tensors (shapes only, no weight read). A config's
+    numbers are not always what its attention writes: Falcon's `multi_query` writes one KV
+    head where `num_kv_heads` says one per query head. None when the probe cannot run
+    (then the config's numbers stand)."""
+    from transformers.cache_utils import DynamicCache  # optional heavy dependency
+
+    device = next(model.parameters()).device
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            cache = DynamicCache(config=config)
+            ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+            model(input_ids=ids, use_cache=True, **{cache_kw: cache})
+            shapes = [(layer.keys.shape, layer.values.shape) for layer in cache.layers]
+    except Exception:  # a model the probe cannot drive: its config describes its cache
+        return None
+    if len(shapes) != layers or any(k != v for k, v in shapes):
+        return None
+    return [int(k[1]) for k, _ in shapes], [int(k[-1]) for k, _ in shapes]
+
+
 class StaticCacheLM(torch.nn.Module):
     """A transformers causal LM with a static KV cache held as buffers `k{i}` / `v{i}`."""
 
@@ -111,7 +136,12 @@ class StaticCacheLM(torch.nn.Module):
                 f"transformers {_version()} has a StaticCache hetero does not know ({e}); "
                 "What to do: use transformers >= 5"
             ) from e
-        heads, head_dim = _kv_shape(config)
+        forward = inspect.signature(model.forward).parameters
+        # transformers 5.17 calls it past_key_values, 5.24 cache
+        self._cache_kw = "cache" if "cache" in forward else "past_key_values"
+        heads, head_dim = _written_kv_shapes(
+            model, config, self._cache_kw, len(cache.layers)
+        ) or _kv_shape(config)
         param = next(model.parameters())
         cache.early_initialization(self.batch, heads, head_dim, param.dtype, param.device)
         self._cache = cache
@@ -123,9 +153,6 @@ class StaticCacheLM(torch.nn.Module):
                 )
             self.register_buffer(f"k{i}", layer.keys, persistent=False)
             self.register_buffer(f"v{i}", layer.values, persistent=False)
-        forward = inspect.signature(model.forward).parameters
-        # transformers 5.17 calls it past_key_values, 5.24 cache
-        self._cache_kw = "cache" if "cache" in forward else "past_key_values"
 
     @property
     def num_layers(self) -> int:

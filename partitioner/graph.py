@@ -294,7 +294,7 @@ def capture(
     name = type(model).__name__
     model.eval()
     try:
-        with torch.no_grad(), _one_report():
+        with torch.no_grad(), _one_report(), _cache_off(model, kwargs or {}):
             ep = torch.export.export(
                 model,
                 tuple(example_inputs),
@@ -306,6 +306,24 @@ def capture(
     except Exception as e:  # torch raises many types here; all mean "cannot capture"
         raise CaptureError(_capture_message(name, e)) from e
     return from_exported(ep, model_name=name)
+
+
+@contextlib.contextmanager
+def _cache_off(model: torch.nn.Module, kwargs: Mapping[str, Any]):
+    """A model whose `config.use_cache` is on (transformers' LMs, encoder-decoders) returns
+    its KV cache, an object torch.export cannot return, and a forward graph has no cache to
+    carry from one call to the next: it is captured with the cache off (its outputs'
+    `past_key_values` are None; the rest is the model's), unless the call passes
+    `use_cache` itself. The config is put back after."""
+    config = getattr(model, "config", None)
+    if "use_cache" in kwargs or getattr(config, "use_cache", None) is not True:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 @contextlib.contextmanager
@@ -348,6 +366,13 @@ def _capture_message(name: str, e: Exception) -> str:
             "Data-dependent Python control flow must become torch.cond or be made static; "
             "outputs must be tensors or pytree containers of tensors (for transformers "
             "models, build the config with use_cache=False)."
+        )
+    elif "in output, which is not a known type" in text:
+        hint = (
+            "The model returns an object torch.export cannot return (not a tensor, nor a "
+            "pytree container of tensors): return tensors (or register the type with "
+            "torch.utils._pytree.register_pytree_node), or compile a wrapper module that "
+            "returns the tensors you need."
         )
     elif "Constraints violated" in text or "specializ" in text:
         hint = "A dim marked dynamic was specialised by the model: mark it static or fix the model's use of it."

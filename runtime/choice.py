@@ -79,6 +79,11 @@ SLOW_SAMPLES = 5  # as many as time_call's fewest rounds
 # Above this many weight bytes over all candidates, they are loaded one at a time (each
 # timed in its turns alone) rather than all at once.
 ALTERNATE_MAX_BYTES = 2 << 30
+# A candidate whose warm call (the one after its check run) took this many times the
+# fastest candidate's is not timed:
+# it cannot win, and timing it took long (untuned TVM convolutions ran ResNet-18 at 12.7 s
+# per call against inductor's 0.14 s: 21 timed calls, 9 of the compile's 10 minutes).
+TIME_ONLY_WITHIN = 10.0
 _NOTE_CHARS = 160
 
 
@@ -278,6 +283,7 @@ class Chooser:
         together = weights * len(names) <= ALTERNATE_MAX_BYTES
         sync = _sync(device)
         complete = True
+        checked: dict[str, float] = {}  # seconds of each candidate's warm call
         for name in names:
             if name != planned and (
                 self.spent_s + time.perf_counter() - start - own > self.choice.budget_s
@@ -302,6 +308,11 @@ class Chooser:
                     got = run(*acts)
                     sync()
                 err, tol = _error(got, reference, options_for(name).dtype)
+                if err <= tol:  # one warm call (the first may still compile or load)
+                    t0 = time.perf_counter()
+                    run(*acts)
+                    sync()
+                    checked[name] = time.perf_counter() - t0
             except Exception as e:  # a backend that cannot run the partition here loses
                 notes[name] = f"run failed: {_short(e)}"
                 continue
@@ -310,10 +321,11 @@ class Chooser:
                 continue
             if together:
                 runners[name] = run
-            else:
+            elif not _too_slow(name, checked, notes):
                 best[name] = _time(run, acts, sync, ROUNDS)
                 del run
                 _release(device)
+        runners = {n: r for n, r in runners.items() if not _too_slow(n, checked, notes)}
         if runners:
             best = _alternate(runners, acts, sync)
         runners.clear()
@@ -456,6 +468,19 @@ def _once(run: Runner, acts: tuple, sync: Callable[[], None]) -> float:
     run(*acts)
     sync()
     return time.perf_counter() - t0
+
+
+def _too_slow(name: str, checked: Mapping[str, float], notes: dict[str, str]) -> bool:
+    """Whether `name`'s warm call took over TIME_ONLY_WITHIN times the fastest one so far
+    (then `notes` says so and it is not timed)."""
+    fastest = min(checked.values())
+    if checked[name] <= TIME_ONLY_WITHIN * fastest:
+        return False
+    notes[name] = (
+        f"not timed: a warm call took {1e3 * checked[name]:.1f} ms, over "
+        f"{TIME_ONLY_WITHIN:g}x the fastest candidate's {1e3 * fastest:.1f} ms"
+    )
+    return True
 
 
 def _alternate(runners: Mapping[str, Runner], acts: tuple, sync) -> dict[str, float]:

@@ -3,6 +3,7 @@ top-k. Runs where the logits are, so a GPU step never waits on the host to pick 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +20,13 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature}: give 0 (greedy) or more")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k}: give 0 (no limit) or more")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            raise ConfigError(f"temperature={t!r}: give a finite number, 0 (greedy) or more")
+        if not _integer(self.top_k) or self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k!r}: give an integer, 0 (no limit) or more")
+        if self.seed is not None and not _integer(self.seed):
+            raise ConfigError(f"seed={self.seed!r}: give an integer, or None")
 
     @property
     def greedy(self) -> bool:
@@ -34,6 +38,10 @@ class Sampling:
         g = torch.Generator(device=device)
         g.manual_seed(self.seed)
         return g
+
+
+def _integer(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def next_token(

@@ -58,3 +58,30 @@ def test_inputs_reach_the_program_in_the_strides_it_was_traced_with():
         ep.module()(same_values)
     (got,) = ep.module()(*restride((same_values,), traced_strides(ep)))
     assert torch.equal(got, Flat()(example)[0])
+
+
+def test_a_scalar_parameter_is_hashed_and_compiled(artifact_cache, cpu_device, outputs_match):
+    """A 0-dim weight (a learned scale, as in Swin's attention) hashes by its bytes: viewing
+    it as bytes needs one dim (torch refuses to view a 0-dim float as uint8)."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, scale: float):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(8, 8)
+            self.scale = torch.nn.Parameter(torch.tensor(scale))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    args = (torch.randn(2, 8),)
+
+    def unit_of(scale: float):
+        graph = capture(Scaled(scale).eval(), args)
+        _, units, env = units_for(graph, contiguous_cut(graph, 1), *args)
+        return units[0], env
+
+    unit, env = unit_of(2.5)
+    assert unit.graph_hash() != unit_of(3.0)[0].graph_hash()  # the scalar's value is in the key
+    art = artifact_cache.build(EagerBackend(), unit, cpu_device, CompileOptions())
+    outputs_match(unit, EagerBackend().load(art, cpu_device)(*unit.example_inputs), env, 1e-6)

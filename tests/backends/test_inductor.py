@@ -55,6 +55,25 @@ def test_cpu_partition_matches_eager(tmp_path):
         torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_loaded_program_is_compiled_before_its_first_call(tmp_path):
+    """Inductor compiles on a program's first call: load makes that call (on the program's
+    example inputs), so the first request of a compiled model runs at speed."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(7)
+    model, x = Block(), torch.randn(5, 16)
+    backend = InductorBackend()
+    backend.compile(unit_of(model, x), CPU, CompileOptions(), tmp_path)
+    counters.clear()
+    run = backend.load(Artifact("inductor", "k", tmp_path, {}), CPU)
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled >= 1
+    (got,) = run(x)
+    assert counters["stats"]["unique_graphs"] == compiled  # nothing compiled at the call
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_unknown_mode_is_refused(tmp_path):
     model, x = Block(), torch.randn(3, 16)
     with pytest.raises(CompileError, match="reduce-overhead"):

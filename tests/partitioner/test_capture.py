@@ -191,3 +191,34 @@ def test_a_bool_tensor_counts_its_bytes_and_a_python_bool_does_not():
     assert mask.is_tensor and mask.nbytes == 4 * 256 * 256
     flag = tensor_meta(True)
     assert not flag.is_tensor and flag.nbytes == 8
+
+
+def test_a_transformers_lm_with_its_cache_on_captures_as_a_forward():
+    """A causal LM built from a config returns its KV cache (a DynamicCache) by default, which
+    torch.export cannot return: capture turns the cache off and puts the config back."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    assert config.use_cache
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    g = capture(model, (ids,))
+    assert model.config.use_cache  # put back
+    out = g.program.module()(ids)
+    torch.testing.assert_close(out.logits, model(ids).logits)
+    assert out.past_key_values is None
+
+
+def test_an_output_torch_cannot_return_is_named_with_what_to_do():
+    class Box:
+        def __init__(self, t):
+            self.t = t
+
+    class ReturnsBox(torch.nn.Module):
+        def forward(self, x):
+            return Box(x + 1)
+
+    with pytest.raises(CaptureError, match="register_pytree_node"):
+        capture(ReturnsBox(), (torch.randn(3),))

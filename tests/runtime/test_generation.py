@@ -196,6 +196,10 @@ ARCHITECTURES = {
     # its default sliding window (4096) is longer than the cache: full attention, as captured
     "mistral": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
+    # multi_query: one KV head written where the config's num_kv_heads says four
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=512),
+    # ALiBi instead of positions, fused query_key_value
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=512),
 }  # fmt: skip
 
 
