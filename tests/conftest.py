@@ -110,3 +110,12 @@ def tiny_llama():
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
     return model, prompt, out[:, prompt.shape[1] :]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_lm(tiny_llama):
+    """tiny_llama's model captured for generation (batch 1, a 64-position cache). Capturing
+    costs seconds; the tests only read the graphs, so every module shares one."""
+    from hetero.partitioner.phases import capture_lm
+
+    return capture_lm(tiny_llama[0], batch=1, max_len=64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -16,3 +18,12 @@ def llama_lm(layers: int = 2, dim: int = 64, vocab: int = 512, seed: int = 0):
     )  # fmt: skip
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
+
+
+@functools.cache
+def captured_llama(dtype: torch.dtype = torch.float32, max_len: int = 32):
+    """llama_lm() in `dtype` captured for generation (batch 1), once per session: a capture
+    costs seconds, and the tests that share it only read the graphs."""
+    from hetero.partitioner.phases import capture_lm
+
+    return capture_lm(llama_lm().to(dtype), batch=1, max_len=max_len)

@@ -113,7 +113,7 @@ job = CompileJob(units[0], dev, "tvm", CompileOptions())
 art = compile_units([job], ArtifactCache(sys.argv[1]), workers=1, progress=False)[0]
 """
 _AFFINITY_SCRIPT = (
-    _COMPILE_MLP.format(batch=1, seq=4)
+    _COMPILE_MLP.format(batch=2, seq=8)
     + """before = os.sched_getaffinity(0)
 default_registry().get("tvm").load(art, dev)(*args)
 torch.mm(torch.randn(256, 256), torch.randn(256, 256))  # OpenMP starts its workers now
@@ -137,8 +137,9 @@ def test_loading_an_artifact_leaves_torch_threads_on_every_core(bind, tmp_path_f
     if bind is not None:
         env["TVM_BIND_THREADS"] = bind
     out = subprocess.run(
-        # one cache for both cases: the second process loads what the first compiled
-        [sys.executable, "-c", _AFFINITY_SCRIPT, str(tmp_path_factory.getbasetemp() / "affinity")],
+        # one cache for both cases and the threads test: later processes load what the
+        # first compiled
+        [sys.executable, "-c", _AFFINITY_SCRIPT, str(tmp_path_factory.getbasetemp() / "tvm-mlp")],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -179,7 +180,7 @@ sys.exit(1 if bad else 0)
 def test_one_loaded_partition_serves_several_threads_at_once(tmp_path_factory):
     """A server's request threads call one loaded partition together: each gets its own
     answer and the process survives (TVM's VM keeps one call's frames at a time)."""
-    cache = tmp_path_factory.mktemp("tvm-threads")
+    cache = tmp_path_factory.getbasetemp() / "tvm-mlp"  # the affinity test's build, if it ran
     proc = subprocess.run(
         [sys.executable, "-c", _THREADS_SCRIPT, str(cache)],
         capture_output=True,

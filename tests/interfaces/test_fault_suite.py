@@ -358,6 +358,11 @@ def test_token_ids_at_every_bound_name_input_element_and_bound(server):
 
 def test_health_answered_every_probe_within_a_second_compiling_included(server):
     probe = server.probe
+    # The fixture returns when its own client sees SERVING; the probe asks every 100 ms and
+    # may not have asked since (the first test of a fresh server is this one under xdist).
+    end = time.monotonic() + 60
+    while "SERVING" not in [s for s, _ in probe.answers] and time.monotonic() < end:
+        time.sleep(0.05)
     statuses = [s for s, _ in probe.answers]
     assert "NOT_SERVING" in statuses and "SERVING" in statuses  # it probed while compiling
     assert not probe.failures, probe.failures

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llm_models import llama_lm
+from llm_models import captured_llama
 from split_programs import split_calls, split_graph
 
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp
@@ -19,12 +19,12 @@ from hetero.partitioner.phases import Phase, capture_lm
 H200 = "configs/clusters/h200-sxm-node.yaml"
 
 
-def _llama(dtype: torch.dtype = torch.float32):
+def _llama(dtype: torch.dtype = torch.float32, layers: int = 8):
     """Layers of ~4 MiB of weights (float32): large enough to be worth splitting."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=512,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -38,12 +38,13 @@ def lm():
 
 @pytest.fixture(scope="module")
 def lm_in(lm):
-    """`lm`'s model captured in a dtype, each once."""
+    """`lm`'s model captured in a dtype, each once. The 16-bit ones have 2 of its 8 layers:
+    the layers are alike, and a capture's cost grows with their number."""
     got = {torch.float32: lm}
 
     def of(dtype: torch.dtype):
         if dtype not in got:
-            got[dtype] = _llama(dtype)
+            got[dtype] = _llama(dtype, layers=2)
         return got[dtype]
 
     return of
@@ -80,7 +81,11 @@ def test_split_layers_hand_off_as_the_runtime_does(lm_in, phase, dtype):
     mms = split_matmuls(graph, list(graph.nodes))
     trips = handoffs(graph, mms)
     assert len(calls) == len(groups) == len(trips)
-    assert calls.count(gpu_cpu_mlp) == sum(t.mlp for t in trips) == 8  # one per layer
+    layers = len(
+        {op.module.split(".")[3] for op in graph if op.module.startswith("model.model.layers.")}
+    )
+    assert layers == (8 if dtype == torch.float32 else 2)
+    assert calls.count(gpu_cpu_mlp) == sum(t.mlp for t in trips) == layers  # one per layer
     weight = {m.node: m.weight for m in mms}  # and the same blocks, by their down's weight
     fused = {g.weights[-1] for g in groups if g.act}
     assert fused == {weight[t.outputs[0]] for t in trips if t.mlp}
@@ -149,7 +154,7 @@ def test_plan_round_trips_through_json(lm):
 
 
 def test_cpu_only_cluster_plans_everything_on_the_cpu():
-    lm = capture_lm(llama_lm(), max_len=32)
+    lm = captured_llama(torch.float32)
     gp = plan_generation(lm, ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml"),
                          registry=default_registry())  # fmt: skip
     assert {p.device for p in gp.decode.partitions} == {"box/cpu"}
@@ -191,7 +196,7 @@ def _host_rates(float16: float, bfloat16: float | None):
 def test_the_cpu_computes_in_the_dtype_its_measured_rates_make_fastest(
     model_dtype, float16, bfloat16, chosen
 ):
-    lm = capture_lm(llama_lm().to(model_dtype), max_len=32)
+    lm = captured_llama(model_dtype)
     cluster = ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml")
     cm = _host_rates(float16, bfloat16)
     gp = plan_generation(lm, cluster, registry=default_registry(), cost_model=cm)

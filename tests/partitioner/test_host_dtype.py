@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from llm_models import llama_lm
+import torch
+from llm_models import captured_llama
 
 from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency
 from hetero.cluster.spec import ClusterSpec
 from hetero.partitioner import host_dtype
 from hetero.partitioner.cost import CostModel
-from hetero.partitioner.phases import capture_lm
 
 
 def _cm() -> CostModel:
@@ -22,7 +22,7 @@ def _cm() -> CostModel:
 def test_a_float32_matmul_without_weights_does_not_decide_the_models_dtype():
     """transformers' rotary embedding multiplies positions by frequencies in float32; some
     versions export it as a matmul ahead of the first layer's."""
-    ops = list(capture_lm(llama_lm().half(), max_len=32).decode)
+    ops = list(captured_llama(torch.float16).decode)
     mm = next(op for op in ops if op.op_class == "matmul")
     f32 = [dataclasses.replace(m, dtype="float32") for m in mm.out_meta]
     rotary = dataclasses.replace(mm, name="rotary_mm", out_meta=tuple(f32), param_bytes=0)
@@ -33,7 +33,7 @@ def test_a_float32_matmul_without_weights_does_not_decide_the_models_dtype():
 
 
 def test_retyped_ops_keep_their_other_dtypes_and_scale_bytes():
-    ops = list(capture_lm(llama_lm().half(), max_len=32).decode)
+    ops = list(captured_llama(torch.float16).decode)
     mm = next(op for op in ops if op.op_class == "matmul" and op.param_bytes)
     as32 = host_dtype.retyped(mm, "float32")
     assert as32.dtype == "float32" and as32.param_bytes == 2 * mm.param_bytes

@@ -11,9 +11,8 @@ from hetero.partitioner.split import param_values, split
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_llama):
-    model, _, _ = tiny_llama
-    return capture_lm(model, batch=1, max_len=64)
+def lm(tiny_llama_lm):
+    return tiny_llama_lm
 
 
 def test_cache_is_state_of_both_phases(lm):

@@ -14,7 +14,6 @@ from hetero.backends.registry import default_registry
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
 from hetero.interfaces.generate import compile_lm
-from hetero.partitioner.phases import capture_lm
 from hetero.runtime.generation import StageBinder
 
 H100 = "configs/clusters/h100-sxm-node.yaml"
@@ -22,9 +21,8 @@ PLACEMENTS = ("resident", "streamed", "split", "node0/cpu")
 
 
 @pytest.fixture(scope="module")
-def captured(tiny_llama):
-    model, _, _ = tiny_llama
-    return capture_lm(model, batch=1, max_len=64)
+def captured(tiny_llama_lm):
+    return tiny_llama_lm
 
 
 @pytest.fixture(scope="module")

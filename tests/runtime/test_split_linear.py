@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llm_models import llama_lm
+from llm_models import captured_llama
 from split_programs import split_calls, split_graph, split_module
 
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm
-from hetero.partitioner.phases import Phase, capture_lm
+from hetero.partitioner.phases import Phase
 from hetero.partitioner.split import param_values
 from hetero.runtime.split_linear import gpu_rows
 
@@ -178,15 +178,8 @@ _ELEMENTWISE = (
 
 @pytest.fixture(scope="module")
 def llamas():
-    """A tiny LLaMA captured for generation, by dtype (captured once each)."""
-    got = {}
-
-    def of(dtype: torch.dtype):
-        if dtype not in got:
-            got[dtype] = capture_lm(llama_lm().to(dtype), batch=1, max_len=32)
-        return got[dtype]
-
-    return of
+    """A tiny LLaMA captured for generation, by dtype (captured once each per session)."""
+    return captured_llama
 
 
 @pytest.mark.parametrize("phase", list(Phase))
