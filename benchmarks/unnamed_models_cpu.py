@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -166,6 +167,18 @@ def _refused(cases: dict) -> dict:
     return out
 
 
+def interleaved_ms(engines: dict[str, Callable[[], object]], calls: int) -> dict[str, float]:
+    """Median ms per call of each engine, called in turns (a burst of load on the shared box
+    falls on all of them, not on whichever ran during it)."""
+    times: dict[str, list[float]] = {k: [] for k in engines}
+    for _ in range(calls):
+        for k, f in engines.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(1e3 * (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def forward_row(name: str, calls: int) -> dict:
     import hetero
 
@@ -192,17 +205,11 @@ def forward_row(name: str, calls: int) -> dict:
         "eager": lambda: model(*x),
         "torch.compile": lambda: compiled(*x),
     }
-    times: dict[str, list[float]] = {k: [] for k in engines}
     with torch.no_grad():
         for f in engines.values():
             f(), f()
         row["load"] = os.getloadavg()[0]
-        for _ in range(calls):
-            for k, f in engines.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(1e3 * (time.perf_counter() - t))
-    row["ms"] = {k: round(statistics.median(v), 3) for k, v in times.items()}
+        row["ms"] = {k: round(ms, 3) for k, ms in interleaved_ms(engines, calls).items()}
     x0 = x[0]
     bad = {
         "rank": lambda: cm(x0[0]),
@@ -242,21 +249,16 @@ def generate_row(name: str) -> dict:
         max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0,
         attention_mask=torch.ones_like(prompt),
     )  # fmt: skip
-    times: dict[str, list[float]] = {"hetero": [], "eager": []}
     with torch.no_grad():
         ours = lm.generate(prompt, 32)
         theirs = model.generate(prompt, **kw)[:, prompt.shape[1] :]
         row["tokens_equal"] = bool(torch.equal(ours, theirs))
         row["load"] = os.getloadavg()[0]
-        for _ in range(5):
-            for k, f in (
-                ("hetero", lambda: lm.generate(prompt, 32)),
-                ("eager", lambda: model.generate(prompt, **kw)),
-            ):
-                t = time.perf_counter()
-                f()
-                times[k].append(1e3 * (time.perf_counter() - t))
-    row["ms"] = {k: round(statistics.median(v), 1) for k, v in times.items()}
+        engines = {
+            "hetero": lambda: lm.generate(prompt, 32),
+            "eager": lambda: model.generate(prompt, **kw),
+        }
+        row["ms"] = {k: round(ms, 1) for k, ms in interleaved_ms(engines, 5).items()}
     row["bad"] = _refused({
         "prompt too long": lambda: lm.generate(torch.randint(0, VOCAB, (1, 70)), 4),
         "prompt + new > cache": lambda: lm.generate(torch.randint(0, VOCAB, (1, 60)), 10),

@@ -19,7 +19,8 @@ the artifact cache (`ArtifactCache.write_record`). The settings are read after e
 candidate's `Backend.prepare_process` (TVM's first load sets TVM_BIND_THREADS: read before
 it, the first compile's record had another key than the one a second compile looked for).
 A later compile of the same partitions with the same backends and options reads the choice
-and compiles only the chosen backend's artifact (a cache hit). Records from an incomplete measurement (the budget ran out) are not kept.
+and compiles only the chosen backend's artifact (a cache hit). Records from an incomplete
+measurement (the budget ran out) are not kept.
 
 Budget: `BackendChoice.budget_s` seconds of compiling and timing beyond the planned
 backend's own compile, for the whole compile; past it the remaining partitions keep the
@@ -309,10 +310,7 @@ class Chooser:
                     sync()
                 err, tol = _error(got, reference, options_for(name).dtype)
                 if err <= tol:  # one warm call (the first may still compile or load)
-                    t0 = time.perf_counter()
-                    run(*acts)
-                    sync()
-                    checked[name] = time.perf_counter() - t0
+                    checked[name] = _once(run, acts, sync)
             except Exception as e:  # a backend that cannot run the partition here loses
                 notes[name] = f"run failed: {_short(e)}"
                 continue
