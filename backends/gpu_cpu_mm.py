@@ -19,18 +19,34 @@ queued, so a 13 KB result copied back waited for the whole layer in flight (3.2 
 on an H200, against 0.013 ms alone; `benchmarks/split_layer_gpu.py`). The GPU reads the
 result straight from pinned host memory instead (a kernel's loads, which the copy engine
 does not order).
+
+Inside `overlapped()` (a generation's steps) a hand-off does not stop the thread that
+launches the GPU's work: it queues the CPU's share as a task for a TorchScript thread (no
+Python lock, so it multiplies while this thread goes on launching the rest of the step), and
+the GPU stream waits on a flag in pinned memory that the task sets when its rows are written
+(backends/stream_flags.py). Where either piece is missing the hand-off runs as before, in this
+thread, waiting for its copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
+import queue
 import threading
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from hetero.backends.stream_flags import StreamFlags
+from hetero.errors import WorkerError
+
+log = logging.getLogger(__name__)
 
 
 class _Staging(threading.local):
@@ -48,6 +64,11 @@ class _Staging(threading.local):
         self.buffers: dict[tuple[torch.device, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
         # host_to_device's roles: an event past the last kernel that read each buffer
         self.reads: dict[tuple[torch.device, str], torch.cuda.Event] = {}
+        # overlapped(): how deep, and per device the queue of hand-offs in flight
+        self.depth = 0
+        self.chains: dict[torch.device, _Chain | None] = {}
+        # buffers replaced while overlapped hand-offs may still read them: kept to the drain
+        self.retired: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def get(
         self, device: torch.device, role: str, shape: tuple[int, ...], dtype: torch.dtype
@@ -58,6 +79,8 @@ class _Staging(threading.local):
         got = self.buffers.get((device, role))
         if got is None or got[0].numel() < nbytes:
             size = max(nbytes, 2 * got[0].numel() if got is not None else 1)
+            if got is not None and self.depth:
+                self.retired.append(got)
             host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             got = (host, _device_view(host, device))
             self.buffers[(device, role)] = got
@@ -65,8 +88,42 @@ class _Staging(threading.local):
         mine = host[:nbytes].view(dtype).view(shape)
         return mine, None if dev is None else dev[:nbytes].view(dtype).view(shape)
 
+    def chain(self, device: torch.device) -> _Chain | None:
+        """The overlapped hand-offs' queue for `device` inside `overlapped()`, else None (also
+        where the driver's stream flags or TorchScript are missing, and while a CUDA graph
+        is being captured: a task queued at capture would run once, not at each replay)."""
+        if not self.depth or torch.cuda.is_current_stream_capturing():
+            return None
+        if device not in self.chains:
+            flags, tasks = StreamFlags.load(), _tasks()
+            self.chains[device] = (
+                _Chain(device, flags, tasks, self) if flags is not None and tasks else None
+            )
+        return self.chains[device]
+
 
 _STAGING = _Staging()
+
+
+@contextlib.contextmanager
+def overlapped() -> Iterator[None]:
+    """Split ops called inside (in this thread) hand the CPU's share to a task and go on;
+    leaving waits for every task and raises `WorkerError` if one failed. A generation's
+    steps run inside it (runtime/generation.py)."""
+    _STAGING.depth += 1
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        _STAGING.depth -= 1
+        if not _STAGING.depth:
+            chains = [c for c in _STAGING.chains.values() if c is not None]
+            for c in chains:
+                c.drain(raise_failure=not failed)
+            _STAGING.retired.clear()
 
 
 class _ArrayInterface:
@@ -162,6 +219,9 @@ def _gpu_cpu_mm(x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor) -> li
         # no GPU (tests, CPU-only machines): both shares here, same arithmetic per row
         y_cpu = x.to(w_cpu.dtype) @ w_cpu.t()
         return [x @ w_gpu.t(), y_cpu.to(x.dtype)]
+    chain = _STAGING.chain(x.device)
+    if chain is not None:
+        return chain.mm(x, w_gpu, w_cpu)
     x_host, ready = _to_host(x, "x")
     y_gpu = x @ w_gpu.t()  # queued behind the copy; runs while the CPU multiplies
     ready.synchronize()
@@ -201,6 +261,10 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# The functions from here to the tasks are TorchScript as well as Python (an overlapped
+# hand-off runs them in a TorchScript task): hence the if-chains and explicit types.
+
+
 def mlp_features(w: torch.Tensor, gated: bool) -> int:
     """Intermediate features in one side's MLP share `w`: [gate rows; up rows; down's
     columns, transposed] (no gate rows when not gated), all [features, hidden]."""
@@ -214,12 +278,27 @@ def mlp_share(
     [tokens, hidden] partial sum of the MLP's output."""
     r = mlp_features(w, gated)
     inner = 2 * r if gated else r
-    h = x @ w[:inner].t()  # gate and up in one product
-    h = _activate(act, h[:, :r]) * h[:, r:] if gated else _activate(act, h)
+    h = torch.mm(x, w[:inner].t())  # gate and up in one product
+    if gated:
+        h = _activate(act, h[:, :r]) * h[:, r:]
+    else:
+        h = _activate(act, h)
+    if out is None:
+        return torch.mm(h, w[inner:])
     return torch.mm(h, w[inner:], out=out)
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+def _activation(act: str, h: torch.Tensor) -> torch.Tensor:
+    """ACTIVATIONS[act](h), written out (TorchScript has no table of callables)."""
+    if act == "silu":
+        return F.silu(h)
+    if act == "gelu":
+        return F.gelu(h)
+    if act == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if act == "relu":
+        return F.relu(h)
+    raise ValueError("unknown MLP activation " + act)
 
 
 def _activate(act: str, h: torch.Tensor) -> torch.Tensor:
@@ -228,9 +307,10 @@ def _activate(act: str, h: torch.Tensor) -> torch.Tensor:
     (partitioner/mlp_pattern.py) and CUDA's activation kernels compute 16-bit inputs in
     float32. The CPU's float16 GELU does not (1-ulp differences in ~6% of values against
     the float32 GELU, torch 2.13): the host converts explicitly."""
-    if h.dtype in _LOW_PRECISION and h.device.type != "cuda":
-        return ACTIVATIONS[act](h.float()).to(h.dtype)
-    return ACTIVATIONS[act](h)
+    low = h.dtype == torch.float16 or h.dtype == torch.bfloat16
+    if low and not h.is_cuda:
+        return _activation(act, h.float()).to(h.dtype)
+    return _activation(act, h)
 
 
 def _gpu_cpu_mlp(
@@ -241,6 +321,9 @@ def _gpu_cpu_mlp(
     if x.device.type != "cuda":
         y = mlp_share(x, w_gpu, act, gated)
         return y.add_(mlp_share(x.to(w_cpu.dtype), w_cpu, act, gated))
+    chain = _STAGING.chain(x.device)
+    if chain is not None:
+        return chain.mlp(x, w_gpu, w_cpu, act, gated)
     # Roles of their own: a layer calls both ops, and each buffer's reuse rests only on the
     # ordering of its own role's calls (_Staging).
     x_host, ready = _to_host(x, "mlp_x")
@@ -266,3 +349,250 @@ gpu_cpu_mlp = _register(
     _gpu_cpu_mlp,
     _mlp_fake,
 )
+
+
+# ---- overlapped hand-offs (`overlapped()`) --------------------------------------------------
+# A task spins on the GPU's "x is on the host" flag, multiplies, writes its rows, then sets
+# the "rows are there" flag the GPU stream waits on. Each task first waits for the one before
+# (a TorchScript wait suspends the task rather than a thread), so one task at a time holds a
+# core, in the order the GPU needs them. Every buffer and flag can be reused by the next
+# hand-off without a host wait: the GPU writes the next x only after it has read the previous
+# rows, which the task wrote only after it had read the previous x.
+
+_X, _Y = 0, 16  # the two flags' cells: 64 bytes apart, so they sit on their own cache lines
+
+
+def _mm_task(
+    prev: torch.jit.Future[int],
+    cells: torch.Tensor,
+    seq: int,
+    x: torch.Tensor,
+    xc: torch.Tensor,
+    convert: bool,
+    w: torch.Tensor,
+    y: torch.Tensor,
+) -> int:
+    torch.jit.wait(prev)
+    while int(cells[0]) != seq:  # _X
+        pass
+    if convert:
+        xc.copy_(x)
+    torch.mm(xc, w.t(), out=y)
+    cells[16] = seq  # _Y
+    return seq
+
+
+def _mlp_task(
+    prev: torch.jit.Future[int],
+    cells: torch.Tensor,
+    seq: int,
+    x: torch.Tensor,
+    xc: torch.Tensor,
+    convert: bool,
+    w: torch.Tensor,
+    act: str,
+    gated: bool,
+    y: torch.Tensor,
+) -> int:
+    torch.jit.wait(prev)
+    while int(cells[0]) != seq:  # _X
+        pass
+    if convert:
+        xc.copy_(x)
+    mlp_share(xc, w, act, gated, y)
+    cells[16] = seq  # _Y
+    return seq
+
+
+def _queue_mm(
+    prev: torch.jit.Future[int],
+    cells: torch.Tensor,
+    seq: int,
+    x: torch.Tensor,
+    xc: torch.Tensor,
+    convert: bool,
+    w: torch.Tensor,
+    y: torch.Tensor,
+) -> torch.jit.Future[int]:
+    # fork only runs asynchronously when called from TorchScript, hence these two
+    fut = torch.jit.fork(_mm_task, prev, cells, seq, x, xc, convert, w, y)
+    return fut
+
+
+def _queue_mlp(
+    prev: torch.jit.Future[int],
+    cells: torch.Tensor,
+    seq: int,
+    x: torch.Tensor,
+    xc: torch.Tensor,
+    convert: bool,
+    w: torch.Tensor,
+    act: str,
+    gated: bool,
+    y: torch.Tensor,
+) -> torch.jit.Future[int]:
+    fut = torch.jit.fork(_mlp_task, prev, cells, seq, x, xc, convert, w, act, gated, y)
+    return fut
+
+
+def _done(seq: int) -> int:
+    return seq
+
+
+def _finished(seq: int) -> torch.jit.Future[int]:
+    fut = torch.jit.fork(_done, seq)
+    return fut
+
+
+@functools.cache
+def _tasks() -> dict[str, Callable] | None:
+    """The task queuers compiled by TorchScript, or None (warned) where it cannot: its
+    interpreter runs them off the Python lock, which a Python thread would hold and lose
+    to the launching thread for up to the 5 ms switch interval per hand-off."""
+    try:
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates torch.jit.script for models; a task has no alternative
+            # that runs off the Python lock (torch.compile and export do not fork)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return {
+                "mm": torch.jit.script(_queue_mm),
+                "mlp": torch.jit.script(_queue_mlp),
+                "finished": torch.jit.script(_finished),
+            }
+    except Exception as e:  # any failure: keep the synchronous path
+        warnings.warn(
+            f"gpu_cpu_mm: TorchScript cannot compile the overlapped hand-off ({e}); split "
+            "layers hand off synchronously",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+_RELEASE_TIMEOUT_S = 60.0
+
+
+class _Chain:
+    """One device's overlapped hand-offs: the flags, the task queue, and a watchdog that
+    releases the GPU if a task fails (a stream waiting on a flag nobody sets would hang
+    the process at its next synchronisation, with no error)."""
+
+    def __init__(
+        self, device: torch.device, flags: StreamFlags, tasks: dict, staging: _Staging
+    ) -> None:
+        self.device = device
+        self.flags = flags
+        self.tasks = tasks
+        self.staging = staging
+        self.cells = torch.zeros(2 * _Y, dtype=torch.int32)
+        if device.type == "cuda":
+            self.cells = self.cells.pin_memory()  # the stream reads and writes them
+        self.x_at = flags.address(self.cells[_X : _X + 1])
+        self.y_at = flags.address(self.cells[_Y : _Y + 1])
+        self.seq = 0
+        self.last = tasks["finished"](0)
+        self.failure: BaseException | None = None
+        self._watch: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._pending = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._watchdog, name="hetero-handoff-watch", daemon=True).start()
+
+    def mm(self, x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor) -> list[torch.Tensor]:
+        seq, stream, x_host, xc = self._send(x, "x", w_cpu.dtype)
+        y_host, y_dev = self.staging.get(x.device, "y", (x.shape[0], w_cpu.shape[0]), w_cpu.dtype)
+        convert = xc is not x_host
+        task = self.tasks["mm"](self.last, self.cells, seq, x_host, xc, convert, w_cpu, y_host)
+        self._queued(seq, task)
+        y_gpu = x @ w_gpu.t()  # runs while the CPU multiplies
+        self.flags.wait(stream, self.y_at, seq)
+        return [y_gpu, from_host(y_host, y_dev, x.device, x.dtype)]
+
+    def mlp(
+        self, x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor, act: str, gated: bool
+    ) -> torch.Tensor:
+        if act not in ACTIVATIONS:
+            raise ValueError(
+                f"gpu_cpu_mlp: unknown activation {act!r}; one of {sorted(ACTIVATIONS)}"
+            )
+        seq, stream, x_host, xc = self._send(x, "mlp_x", w_cpu.dtype)
+        y_host, y_dev = self.staging.get(
+            x.device, "mlp_y", (x.shape[0], w_cpu.shape[1]), w_cpu.dtype
+        )
+        convert = xc is not x_host
+        task = self.tasks["mlp"](
+            self.last, self.cells, seq, x_host, xc, convert, w_cpu, act, gated, y_host
+        )
+        self._queued(seq, task)
+        y = mlp_share(x, w_gpu, act, gated)
+        self.flags.wait(stream, self.y_at, seq)
+        if y_dev is None:
+            return y.add_(y_host.to(x.device, non_blocking=True))
+        return y.add_(y_dev)
+
+    def _send(
+        self, x: torch.Tensor, role: str, cpu_dtype: torch.dtype
+    ) -> tuple[int, torch.cuda.Stream, torch.Tensor, torch.Tensor]:
+        """Queues x's copy to the host and the flag after it; (seq, stream, x on the host,
+        the buffer the task converts it into: x's own where the dtypes agree)."""
+        if self.failure is not None:
+            raise self._error()
+        self.seq = self.seq % 0x7FFFFFFF + 1  # flags are int32; 0 is the initial value
+        stream = torch.cuda.current_stream(x.device)
+        x_host, _ = self.staging.get(x.device, role, tuple(x.shape), x.dtype)
+        x_host.copy_(x, non_blocking=True)
+        self.flags.write(stream, self.x_at, self.seq)
+        xc = x_host
+        if cpu_dtype != x.dtype:
+            xc, _ = self.staging.get(x.device, f"{role}c", tuple(x.shape), cpu_dtype)
+        return self.seq, stream, x_host, xc
+
+    def _queued(self, seq: int, task: torch.jit.Future) -> None:
+        self.last = task
+        with self._lock:
+            self._pending += 1
+            self._idle.clear()
+        self._watch.put((seq, task))
+
+    def _watchdog(self) -> None:
+        while True:
+            seq, task = self._watch.get()
+            try:
+                task.wait()  # off the Python lock
+            except BaseException as e:  # reported by drain()
+                if self.failure is None:
+                    self.failure = e
+                self._release(seq)
+            with self._lock:
+                self._pending -= 1
+                if not self._pending:
+                    self._idle.set()
+
+    def _release(self, seq: int) -> None:
+        """Sets the rows-ready flag of the failed hand-off `seq` once the GPU has reached
+        it, so the stream goes on (computing on stale rows, which drain() then refuses)."""
+        deadline = time.monotonic() + _RELEASE_TIMEOUT_S
+        while int(self.cells[_X]) != seq and time.monotonic() < deadline:
+            time.sleep(1e-4)
+        self.cells[_Y] = seq
+
+    def drain(self, *, raise_failure: bool = True) -> None:
+        """Waits for every queued task (and the watchdog's look at it); raises WorkerError
+        if one failed."""
+        self._idle.wait()
+        if self.staging.retired:
+            torch.cuda.current_stream(self.device).synchronize()  # kernels may read them
+        if self.failure is not None:
+            err = self._error()
+            self.failure = None
+            if raise_failure:
+                raise err
+
+    def _error(self) -> WorkerError:
+        return WorkerError(
+            f"a split layer's CPU share failed on the host ({type(self.failure).__name__}: "
+            f"{self.failure}); the step's output is not trustworthy and was dropped. What to "
+            "do: report it with the model and plan (`explain()`); a generation bound with "
+            "StageBinder(overlap_handoffs=False) runs its hand-offs synchronously."
+        )

@@ -247,7 +247,7 @@ def decode_summary(out: dict) -> str:
     )
 
 
-def rebound(lm, ids, args, check=None, **binder_kw) -> dict:
+def rebound(lm, ids, args, check=None, tokens=None, **binder_kw) -> dict:
     """`lm`'s stages bound again by a StageBinder with `binder_kw` (nothing recompiled) and
     timed; `lm` is left runnable by the caller's shutdown only (its stores are freed first,
     so both never hold the GPU's memory at once)."""
@@ -265,6 +265,9 @@ def rebound(lm, ids, args, check=None, **binder_kw) -> dict:
         out = hetero_times(other, ids, args.new_tokens, args.repeats)
         if check is not None:  # (reference tokens, reference logits): teacher-forced
             out["logits_vs_uncapped"] = teacher_forced(other, ids, *check)
+        if tokens is not None:  # greedy tokens of the first binding: these must equal them
+            got = other.generate(ids, tokens.shape[-1])
+            out["tokens_equal_first_binding"] = bool(torch.equal(got.cpu(), tokens.cpu()))
         return out
     finally:
         other.shutdown()
@@ -465,6 +468,13 @@ def case_capped(args, cfg, cache: Path) -> None:
         out["hetero_copied_inputs"] = rebound(lm, host_ids, args, host_reads=False)
         log(f"  CPU stages' outputs copied, not read: {out['hetero_copied_inputs']}")
         save(args.json)
+    if gpu and args.sync_handoffs_too and time.perf_counter() - T0 < args.budget_s:
+        # the same stages, the split layers' hand-offs made by the launching thread itself
+        out["hetero_sync_handoffs"] = rebound(
+            lm, host_ids, args, check=(tokens, ref), overlap_handoffs=False
+        )
+        log(f"  hand-offs not overlapped: {out['hetero_sync_handoffs']}")
+        save(args.json)
     if gpu and args.graph_streamed_too and time.perf_counter() - T0 < args.budget_s:
         # the same stages, streamed decode layers replayed as CUDA graphs (one per slot)
         out["hetero_graph_streamed"] = rebound(
@@ -650,6 +660,12 @@ def main() -> None:
         action="store_true",
         help="capped: also time the same stages with GPU stages copying CPU "
         "stages' outputs rather than reading them from pinned memory",
+    )
+    ap.add_argument(
+        "--sync-handoffs-too",
+        action="store_true",
+        help="capped: also time the same stages with the split layers' hand-offs made by "
+        "the launching thread itself (not overlapped; with its logits)",
     )
     ap.add_argument(
         "--graph-streamed-too",

@@ -157,6 +157,12 @@ def layer_times(args, trace: str | None) -> dict:
     gen.log(
         f"decode {r['ms_per_token']:.2f} ms/token (predicted {out['predicted_ms_per_token']:.2f})"
     )
+    if args.sync_too:
+        # the same stages, each hand-off made by the launching thread (not overlapped)
+        tokens = lm.generate(ids, args.new_tokens)
+        out["sync_handoffs"] = gen.rebound(lm, ids, args, tokens=tokens, overlap_handoffs=False)
+        gen.log(f"hand-offs not overlapped: {out['sync_handoffs']}")
+        return out  # rebound released lm's stages
     if trace:
         lm.generate(ids, 3)
         with torch.profiler.profile(
@@ -196,6 +202,8 @@ def main() -> None:
                     help="copies: the streamed item's piece sizes in bytes (0: one copy)")  # fmt: skip
     ap.add_argument("--fraction", type=float, default=0.453125, help="GPU share of the rows")
     ap.add_argument("--parts", nargs="*", default=["copies", "cpu", "layers"])
+    ap.add_argument("--sync-too", action="store_true",
+                    help="layers: also time them with hand-offs not overlapped (no trace then)")  # fmt: skip
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
     RESULTS["machine"] = {"gpu": torch.cuda.get_device_name() if gpu else None, "torch": torch.__version__,

@@ -62,14 +62,18 @@ class LocalExecutor:
         stream_runner: str = "auto",
         runners: Mapping[int, Any] | None = None,
         online: OnlineReplanner | None = None,
+        gpu_timing: bool = False,
     ) -> None:
         """`stream_runner`: how stages with streamed weights run: "auto" (torch.compile on
         CUDA, eager elsewhere), "eager" or "inductor" (runtime/streaming.py). `runners`:
         stage index -> a runner built by the caller (a generation binds its own), instead of
         loading each stage's artifact here. `online`: re-plans when measured stage times
         leave the plan's predictions behind (runtime/online.py); the executor switches to
-        what it hands over between requests."""
+        what it hands over between requests. `gpu_timing`: CUDA stages are timed on the
+        GPU's timeline (runtime/worker.py `StageRunner`; a generation's, whose split layers
+        return before their work has run)."""
         self.needed_outputs = tuple(needed_outputs)
+        self.gpu_timing = gpu_timing
         self.registry = registry
         self.stream_runner = stream_runner
         self.online = online
@@ -116,7 +120,7 @@ class LocalExecutor:
             previous.metrics.stages, previous.metrics.plan = stages, deployment.plan
             return _Installed(
                 deployment,
-                {i: StageRunner(s, previous.runners[i].runner, s.device) for i, s in _by(stages)},
+                {i: self._runner(s, previous.runners[i].runner) for i, s in _by(stages)},
                 previous.streamers,
                 previous.sources,
                 previous.host_out,
@@ -136,7 +140,7 @@ class LocalExecutor:
         needed = set(self.needed_outputs)
         return _Installed(
             deployment,
-            {s.index: StageRunner(s, runners[s.index], s.device) for s in stages},
+            {s.index: self._runner(s, runners[s.index]) for s in stages},
             streamers,
             src_of,
             {s.index: bool(readers.get(s.index, set()) - {s.device.name}) for s in stages},
@@ -148,6 +152,9 @@ class LocalExecutor:
             RunMetrics(stages, deployment.plan, replans=replans),
             _structure(stages),
         )
+
+    def _runner(self, s: StageSpec, runner: Any) -> StageRunner:
+        return StageRunner(s, runner, s.device, gpu_timing=self.gpu_timing)
 
     def switch(self, deployment: StagedPlan) -> None:
         """Run `deployment` from the next request on (requests running now finish on the
@@ -197,7 +204,8 @@ class LocalExecutor:
         home = _home(inputs)
         out = _collect(self.needed_outputs, first, packets.values(), home)
         for record in [*done, *(p.records[p.src] for p in packets.values())]:
-            state.metrics.record(record)
+            runner = state.runners.get(record.index)
+            state.metrics.record(runner.gpu_timed(record) if runner is not None else record)
         state.metrics.record_request((time.perf_counter() - t0) * 1e3)
         self.served += 1
         if self.online is not None and state is self._state:

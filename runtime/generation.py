@@ -21,6 +21,7 @@ another device in decode are copied there once (GenerationPlan.moves).
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import threading
 import time
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from hetero.backends.eager import torch_device
-from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm, host_to_device
+from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm, host_to_device, overlapped
 from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
@@ -268,6 +269,7 @@ class StageBinder:
         cuda_graphs: bool = True,
         host_reads: bool = True,
         graph_streamed: bool = False,
+        overlap_handoffs: bool = True,
     ) -> None:
         """`device_of`: where this process runs a plan device (default: the device itself;
         tests map a GPU to the CPU). `compile_gpu`: torch.compile GPU stages (Inductor).
@@ -275,8 +277,12 @@ class StageBinder:
         `host_reads`: a GPU stage reads a CPU stage's outputs from pinned host memory
         (backends.gpu_cpu_mm.host_to_device) instead of copying them (False: for
         comparisons). `graph_streamed`: also replay streamed decode stages as CUDA graphs, one
-        per streaming slot (runtime/cuda_graph.SlotGraphs; off until measured on a GPU)."""
+        per streaming slot (runtime/cuda_graph.SlotGraphs; off until measured on a GPU).
+        `overlap_handoffs`: a split layer's hand-off queues the CPU's share and returns, so
+        the launching thread goes on while the CPU multiplies (backends.gpu_cpu_mm
+        `overlapped`; False: the thread waits and multiplies itself, for comparisons)."""
         self.registry = registry
+        self.overlap_handoffs = overlap_handoffs
         self.graph_streamed = graph_streamed
         self._graph_pool: Any = None
         self.device_of = device_of or torch_device
@@ -494,6 +500,7 @@ class LocalGeneration(Generation):
                 tuple(stages[phase]),
                 tuple(o for o in lm.graph(phase).outputs if o),
                 runners=runners[phase],
+                gpu_timing=True,
             )
             for phase in Phase
         }
@@ -505,7 +512,9 @@ class LocalGeneration(Generation):
     def step(self, phase: Phase, ids: torch.Tensor, start: int) -> torch.Tensor:
         """One program run: [batch, vocab] logits of the last position."""
         self.binder.enter(phase)
-        out = self.executors[phase].run({PROMPT: ids, START: torch.tensor(start, dtype=torch.long)})
+        inputs = {PROMPT: ids, START: torch.tensor(start, dtype=torch.long)}
+        with overlapped() if self.binder.overlap_handoffs else contextlib.nullcontext():
+            out = self.executors[phase].run(inputs)
         return next(iter(out.values()))
 
     def move_state(self) -> None:

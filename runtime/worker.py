@@ -57,12 +57,32 @@ def local_device(device: DeviceSpec) -> DeviceSpec:
 
 
 class StageRunner:
-    """Runs one stage from packets; shared by the Ray worker and the in-process executor."""
+    """Runs one stage from packets; shared by the Ray worker and the in-process executor.
 
-    def __init__(self, stage: StageSpec, runner: Any, device: DeviceSpec) -> None:
+    `gpu_timing`: a stage on a CUDA device is also timed by events on its stream, read by
+    `gpu_timed` once the caller has synchronised. A generation's runner queues a split
+    layer's work and returns before the GPU (or the host CPU's share) has run it
+    (backends/gpu_cpu_mm.py `overlapped`): the host clock then measures launches, and the
+    feedback round would price the layers by them. The events measure the stage's span on
+    the GPU's timeline, waits for the CPU's rows included."""
+
+    def __init__(
+        self, stage: StageSpec, runner: Any, device: DeviceSpec, *, gpu_timing: bool = False
+    ) -> None:
         self.stage = stage
         self.runner = runner
         self.device = device
+        self.gpu_timing = gpu_timing and device.kind == "gpu" and torch.cuda.is_available()
+        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+
+    def gpu_timed(self, record: StageRecord) -> StageRecord:
+        """`record` (this stage's last run) with its GPU span as its times, where timed."""
+        events, self._events = self._events, None
+        if events is None or record.index != self.stage.index:
+            return record
+        events[1].synchronize()
+        ms = events[0].elapsed_time(events[1])
+        return replace(record, ms=ms, stage_ms=ms)
 
     def __call__(self, packets: Sequence[Packet], host_out: bool = True) -> Packet:
         s = self.stage
@@ -86,6 +106,10 @@ class StageRunner:
                 f"partition {s.name} on {s.device.name}: inputs {missing} did not arrive; "
                 "the stage graph is wired wrong (a bug in hetero's runtime: please report it)"
             )
+        events = None
+        if self.gpu_timing:
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record(torch.cuda.current_stream(self._cuda()))
         t0 = time.perf_counter()
         try:
             outs = self.runner(*[values[n] for n in s.inputs])
@@ -113,10 +137,16 @@ class StageRunner:
             for o in outs
         )
         stage_ms = (time.perf_counter() - began) * 1e3
+        if events is not None:  # after the outputs' moves: their copies are the stage's
+            events[1].record(torch.cuda.current_stream(self._cuda()))
+            self._events = events
         records[s.index] = StageRecord(
             s.index, ms, nbytes(outs), tuple(in_bytes), tuple(waits), stage_ms
         )
         return Packet(s.index, dict(zip(s.outputs, outs, strict=True)), records, time.time())
+
+    def _cuda(self) -> torch.device:
+        return torch.device("cuda", self.device.index or 0)
 
 
 def _fetch(blob: Any) -> bytes | None:

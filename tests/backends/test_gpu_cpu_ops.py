@@ -8,7 +8,9 @@ import pytest
 import torch
 from split_programs import split_calls, split_module
 
+from hetero.backends import gpu_cpu_mm as gcm
 from hetero.backends.gpu_cpu_mm import ACTIVATIONS, gpu_cpu_mlp, gpu_cpu_mm, mlp_share
+from hetero.errors import WorkerError
 from hetero.partitioner import mlp_pattern
 
 
@@ -73,3 +75,66 @@ def test_a_16_bit_share_rounds_its_activation_once_from_float32(dtype, act):
     fn = ACTIVATIONS[act]
     want = (fn(h[:, :24].float()).to(dtype) * h[:, 24:]) @ w[48:]
     assert torch.equal(mlp_share(x, w, act, gated=True), want)
+
+
+# ---- overlapped hand-offs: the tasks and the watchdog, with the test playing the GPU -------
+
+
+def _cells() -> torch.Tensor:
+    return torch.zeros(2 * gcm._Y, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("cpu_dtype", [torch.float32, torch.bfloat16])
+def test_overlapped_tasks_wait_for_their_flag_then_compute_what_the_ops_do(cpu_dtype):
+    tasks = gcm._tasks()
+    assert tasks is not None
+    cells = _cells()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=g)
+    w = torch.randn(40, 64, generator=g).to(cpu_dtype)
+    wm = torch.randn(3 * 24, 64, generator=g).to(cpu_dtype)
+    convert = cpu_dtype != x.dtype
+    xc = torch.empty(3, 64, dtype=cpu_dtype) if convert else x
+    y, ym = torch.empty(3, 40, dtype=cpu_dtype), torch.empty(3, 64, dtype=cpu_dtype)
+    first = tasks["mm"](tasks["finished"](0), cells, 1, x, xc, convert, w, y)
+    second = tasks["mlp"](first, cells, 2, x, xc, convert, wm, "silu", True, ym)
+    # the second's flag first: it must still wait for the first task
+    cells[gcm._X] = 2
+    assert not first.done() and int(cells[gcm._Y]) == 0
+    cells[gcm._X] = 1
+    first.wait()
+    assert torch.equal(y, x.to(cpu_dtype) @ w.t())
+    # the first set its rows flag (1); the second saw 1 on the x flag, not its 2: waits
+    assert int(cells[gcm._Y]) == 1 and not second.done()
+    cells[gcm._X] = 2
+    second.wait()
+    assert int(cells[gcm._Y]) == 2
+    assert torch.equal(ym, mlp_share(x.to(cpu_dtype), wm, "silu", True))
+
+
+class _NoStream:
+    """The flags' driver calls, for a chain driven by a test instead of a GPU."""
+
+    def address(self, flag: torch.Tensor) -> int:
+        return flag.data_ptr()
+
+    def wait(self, *args) -> None: ...
+
+    def write(self, *args) -> None: ...
+
+
+def test_a_failed_task_releases_the_waiting_stream_and_drain_says_so():
+    """A task that raises would leave the GPU waiting on a flag nobody sets (a hang at the
+    next synchronisation): the watchdog sets it once the GPU reached the hand-off, and
+    leaving `overlapped()` raises a WorkerError instead of returning stale rows."""
+    tasks = gcm._tasks()
+    chain = gcm._Chain(torch.device("cpu"), _NoStream(), tasks, gcm._Staging())
+    cells = chain.cells
+    bad_y = torch.empty(3, 40, dtype=torch.int64)  # no float product lands there: it raises
+    x, w = torch.randn(3, 64), torch.randn(40, 64)
+    chain._queued(1, tasks["mm"](chain.last, cells, 1, x, x, False, w, bad_y))
+    cells[gcm._X] = 1  # the "GPU" reaches the hand-off
+    with pytest.raises(WorkerError, match="CPU share failed"):
+        chain.drain()
+    assert int(cells[gcm._Y]) == 1  # released: the stream would go on
+    chain.drain()  # reported once; the chain serves the next step

@@ -1,13 +1,17 @@
 """`hetero::gpu_cpu_mm` and `hetero::gpu_cpu_mlp` on a real GPU: the CPU's rows come back
-right, call after call on the same staging buffers, while a layer's weights stream on another stream (the copy engine is
-busy, the op must not wait for it or read a buffer being rewritten)."""
+right, call after call on the same staging buffers, while a layer's weights stream on another
+stream (the copy engine is busy, the op must not wait for it or read a buffer being
+rewritten); synchronous, and overlapped (the CPU's share a queued task, the stream waiting on
+its flag)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
-from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm, mlp_share
+from hetero.backends.gpu_cpu_mm import _STAGING, gpu_cpu_mlp, gpu_cpu_mm, mlp_share, overlapped
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,14 +39,17 @@ def _stream_weights() -> tuple[torch.Tensor, torch.Tensor]:
         (torch.float32, torch.float32),
     ],
 )
-def test_each_call_returns_its_own_product_while_weights_stream(dtype, cpu_dtype):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlapped"])
+def test_each_call_returns_its_own_product_while_weights_stream(dtype, cpu_dtype, overlap):
     g = torch.Generator().manual_seed(0)
     w_gpu = torch.randn(192, 256, generator=g).to(dtype).cuda()
     w_cpu = torch.randn(320, 256, generator=g).to(cpu_dtype)
     # batches that grow the staging buffers and shrink again between calls
     xs = [torch.randn(b, 256, generator=g).to(dtype).cuda() for b in (2, 2, 5, 1, 9, 2)]
     link = _stream_weights()
-    outs = [gpu_cpu_mm(x, w_gpu, w_cpu) for x in xs]  # results kept: none may be overwritten
+    with overlapped() if overlap else contextlib.nullcontext():
+        # results kept: none may be overwritten
+        outs = [gpu_cpu_mm(x, w_gpu, w_cpu) for x in xs]
     torch.cuda.synchronize()
     del link
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype != torch.float32 else {"rtol": 1e-4, "atol": 1e-4}
@@ -58,7 +65,10 @@ def test_each_call_returns_its_own_product_while_weights_stream(dtype, cpu_dtype
     [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float32,) * 2],
 )
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-def test_each_mlp_call_adds_its_own_cpu_share_between_gpu_cpu_mm_calls(dtype, cpu_dtype, act):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlapped"])
+def test_each_mlp_call_adds_its_own_cpu_share_between_gpu_cpu_mm_calls(
+    dtype, cpu_dtype, act, overlap
+):
     """gpu_cpu_mlp's staging buffers are its own: a layer calls gpu_cpu_mm (q/k/v, o) and
     gpu_cpu_mlp in turn, batches grow and shrink, weights stream meanwhile, and each result
     is the GPU's share plus that call's CPU share."""
@@ -69,76 +79,39 @@ def test_each_mlp_call_adds_its_own_cpu_share_between_gpu_cpu_mm_calls(dtype, cp
     xs = [torch.randn(b, 256, generator=g).to(dtype).cuda() for b in (2, 2, 5, 1, 9, 2)]
     link = _stream_weights()
     outs, mms = [], []
-    for x in xs:
-        mms.append(gpu_cpu_mm(x, w_mm.cuda(), w_mm))
-        outs.append(gpu_cpu_mlp(x, w_gpu, w_cpu, act, True))
+    with overlapped() if overlap else contextlib.nullcontext():
+        for x in xs:
+            mms.append(gpu_cpu_mm(x, w_mm.cuda(), w_mm))
+            # GPU work between hand-offs reads the last one's rows (as attention does)
+            x = x + mms[-1][1][:, :1]
+            outs.append(gpu_cpu_mlp(x, w_gpu, w_cpu, act, True))
     torch.cuda.synchronize()
     del link
     for x, y, (_, y_mm) in zip(xs, outs, mms, strict=True):
+        assert torch.equal(y_mm.cpu(), (x.cpu().to(dtype) @ w_mm.t()).to(dtype))
+        x = x + y_mm[:, :1]
         assert y.device == x.device and y.dtype == dtype and y.shape == x.shape
         cpu_share = mlp_share(x.cpu().to(cpu_dtype), w_cpu, act, True)
         want = mlp_share(x, w_gpu, act, True).add_(cpu_share.cuda())  # the op's own arithmetic
         torch.testing.assert_close(y, want, rtol=1e-3, atol=1e-3)
-        assert torch.equal(y_mm.cpu(), (x.cpu().to(dtype) @ w_mm.t()).to(dtype))
 
 
-class _Mlp(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = torch.nn.Linear(256, 640, bias=False)
-        self.up = torch.nn.Linear(256, 640, bias=False)
-        self.down = torch.nn.Linear(640, 256, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
-
-
-def test_a_split_mlp_exports_and_compiles_with_inductor_on_the_gpu():
-    """The rewritten program, its GPU share on the GPU and its CPU share in host memory,
-    through torch.export and Inductor (the op one opaque call in the compiled code)."""
-    from hetero.partitioner.graph import capture
-    from hetero.runtime.split_linear import shares, split_program
-
-    torch.manual_seed(0)
-    mlp = _Mlp().eval()
-    x = torch.randn(1, 3, 256)
-    graph = capture(mlp, (x,))
-    gm = graph.program.graph_module
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    params = {name: graph.program.state_dict[fqn] for name, (fqn, _) in graph.params.items()}
-    split, inputs, groups = split_program(
-        gm, names, 0.4, {n: tuple(params[n].shape) for n in params}
-    )
-    gpu, cpu = shares(params, groups)
-    values = {**{k: v.cuda() for k, v in gpu.items()}, **cpu, names[-1]: x.cuda()}
-    args = tuple(values[n] for n in inputs)
-    ep = torch.export.export(split, args)
-    assert sum(n.target is gpu_cpu_mlp for n in ep.graph.nodes) == 1
-    compiled = torch.compile(ep.module(), backend="inductor", fullgraph=True)
-    for _ in range(3):
-        (out,) = compiled(*args)
-    with torch.no_grad():
-        want = mlp.cuda()(x.cuda())
-    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.long])
-def test_host_to_device_gives_each_call_its_own_values_while_weights_stream(dtype):
-    """A CPU stage's activations read by the GPU from one pinned buffer per role, call after
-    call (into a fresh tensor and into a graph's static input), never a stale or torn one."""
-    from hetero.backends.gpu_cpu_mm import host_to_device
-
-    dev = torch.device("cuda")
-    keep = _stream_weights()
-    static = torch.empty(3, 4096, dtype=dtype, device=dev)
-    got, want = [], []
-    for k in range(8):
-        t = (torch.arange(3 * 4096) % 97 + k).reshape(3, 4096).to(dtype)
-        got.append(host_to_device(t, dev, "test:a").clone())
-        host_to_device(t + 1, dev, "test:b", out=static)
-        got.append(static.clone())
-        want += [t, t + 1]
+def test_an_overlapped_hand_off_returns_before_the_cpu_has_multiplied():
+    """The point of overlapping: the launching thread is back while the task still works
+    (a 256 MiB float32 share takes the host milliseconds; one call first, so that kernel
+    loading and TorchScript's first runs are not in the race), and the GPU's next kernel
+    still sees the rows."""
+    w_cpu = torch.randn(16384, 4096)
+    w_gpu = torch.randn(64, 4096, device="cuda")
+    x = torch.randn(1, 4096, device="cuda")
+    with overlapped():
+        gpu_cpu_mm(x, w_gpu, w_cpu)[1].sum()
     torch.cuda.synchronize()
-    del keep
-    for g, w in zip(got, want, strict=True):
-        assert g.device.type == "cuda" and torch.equal(g.cpu(), w)
+    with overlapped():
+        chain = _STAGING.chain(x.device)
+        assert chain is not None, "stream flags or TorchScript unavailable on this GPU"
+        _, y_cpu = gpu_cpu_mm(x, w_gpu, w_cpu)
+        queued_and_running = not chain.last.done()
+        total = y_cpu.sum()  # queued behind the stream's wait for the task's flag
+    assert queued_and_running
+    torch.testing.assert_close(total.cpu(), (x.cpu() @ w_cpu.t()).sum(), rtol=1e-4, atol=1e-1)
