@@ -62,6 +62,8 @@ class _Staging(threading.local):
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[torch.device, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # per (device, role, shape, dtype): the views `get` returned for them
+        self.views: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         # host_to_device's roles: an event past the last kernel that read each buffer
         self.reads: dict[tuple[torch.device, str], torch.cuda.Event] = {}
         # overlapped(): how deep, and per device the queue of hand-offs in flight
@@ -75,6 +77,9 @@ class _Staging(threading.local):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the pinned buffer as `shape`/`dtype`, the same bytes on `device` or None where
         the GPU cannot read host memory)."""
+        views = self.views.get((device, role, shape, dtype))
+        if views is not None:  # four view ops less per call: ~10 us of a decode hand-off
+            return views
         nbytes = math.prod(shape) * dtype.itemsize
         got = self.buffers.get((device, role))
         if got is None or got[0].numel() < nbytes:
@@ -84,9 +89,12 @@ class _Staging(threading.local):
             host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             got = (host, _device_view(host, device))
             self.buffers[(device, role)] = got
+            self.views = {k: v for k, v in self.views.items() if k[:2] != (device, role)}
         host, dev = got
         mine = host[:nbytes].view(dtype).view(shape)
-        return mine, None if dev is None else dev[:nbytes].view(dtype).view(shape)
+        views = (mine, None if dev is None else dev[:nbytes].view(dtype).view(shape))
+        self.views[(device, role, shape, dtype)] = views
+        return views
 
     def chain(self, device: torch.device) -> _Chain | None:
         """The overlapped hand-offs' queue for `device` inside `overlapped()`, else None (also

@@ -96,6 +96,7 @@ class WeightStreamer:
         self.busy: set[int] = set()  # slots acquired and not yet released
         self.pending: set[int] = set()  # slots copied (or copying) and not yet acquired
         self._next = 0  # the slot the next copy goes to (round robin)
+        self._views: dict[tuple[int, int], list[torch.Tensor]] = {}  # (slot, item) -> views
         self.bytes_copied = 0
         self._pad_s_per_byte = 0.0  # emulate_link: idle time added per copied byte
         self._cycles_per_s = 0.0
@@ -202,11 +203,15 @@ class WeightStreamer:
             out = list(self.host[i])
         else:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
-            buf = self.buffers[slot]
-            out = [
-                buf[off : off + t.numel() * t.element_size()].view(dtype).view(shape)
-                for (off, dtype, shape), t in zip(self.layouts[i], self.host[i], strict=True)
-            ]
+            out = self._views.get((slot, i))
+            if out is None:  # made once per slot and item: ~30 view ops a layer otherwise
+                buf = self.buffers[slot]
+                out = [
+                    buf[off : off + t.numel() * t.element_size()].view(dtype).view(shape)
+                    for (off, dtype, shape), t in zip(self.layouts[i], self.host[i], strict=True)
+                ]
+                self._views[(slot, i)] = out
+            out = list(out)
         if len(self.host) > 1:
             self.prefetch((i + 1) % len(self.host))
         return out
