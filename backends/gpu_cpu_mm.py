@@ -34,6 +34,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -462,11 +463,13 @@ def _tasks() -> dict[str, Callable] | None:
             # torch 2.13 deprecates torch.jit.script for models; a task has no alternative
             # that runs off the Python lock (torch.compile and export do not fork)
             warnings.simplefilter("ignore", DeprecationWarning)
-            return {
+            tasks = {
                 "mm": torch.jit.script(_queue_mm),
                 "mlp": torch.jit.script(_queue_mlp),
                 "finished": torch.jit.script(_finished),
             }
+        _one_task_thread(tasks)
+        return tasks
     except Exception as e:  # any failure: keep the synchronous path
         warnings.warn(
             f"gpu_cpu_mm: TorchScript cannot compile the overlapped hand-off ({e}); split "
@@ -475,6 +478,44 @@ def _tasks() -> dict[str, Callable] | None:
             stacklevel=2,
         )
         return None
+
+
+def _one_task_thread(tasks: dict[str, Callable]) -> None:
+    """Runs every task on one inter-op thread whose OpenMP team has a core less than the
+    process's threads, when this process has started no inter-op work yet (else as it is).
+
+    One thread: in an H200 trace the tasks hopped over 14 inter-op threads, each with its
+    own OpenMP team gone to sleep since its last task, and the products ran at ~33 GB/s
+    against 57 calibrated. A core less: the launching thread keeps working while a task
+    multiplies, and an OpenMP team one thread larger than the free cores waits for its
+    slowest thread (benchmarks/cpu_task_rates_gpu.py: a task beside a spinning CUDA
+    synchronisation ran 2x slower). A pool thread reads the thread count when it starts,
+    so the count is lowered only around the first task."""
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError as e:  # the pool already runs: tasks go to its threads
+        log.info("overlapped hand-offs share the inter-op pool (%s)", e)
+        return
+    threads = torch.get_num_threads()
+    lowered = threads > 1 and threads >= (os.cpu_count() or threads)
+    if lowered:
+        torch.set_num_threads(threads - 1)
+    try:
+        tasks["finished"](0).wait()  # starts the pool's thread
+    finally:
+        if lowered:
+            torch.set_num_threads(threads)
+
+
+def settle(device: torch.device) -> None:
+    """Sleeps until this thread's overlapped tasks on `device` have run. Called before a
+    copy to the host that waits for the GPU: CUDA spins a core in that wait, one the tasks'
+    OpenMP team is using, for most of a decode step (the launching thread is done first)."""
+    chain = _STAGING.chains.get(device) if _STAGING.depth else None
+    if chain is None:
+        return
+    with contextlib.suppress(BaseException):  # a failure is drain()'s to report
+        chain.last.wait()
 
 
 _RELEASE_TIMEOUT_S = 60.0

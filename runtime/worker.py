@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from hetero.backends.gpu_cpu_mm import settle
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import WorkerError
@@ -132,6 +133,8 @@ class StageRunner:
         # scrambled: it goes contiguous, and a reader whose views need the old strides then
         # fails loudly instead of computing on garbage.
         move = torch.Tensor.cpu if host_out else torch.Tensor.contiguous
+        if host_out and self.gpu_timing:  # a generation's step: asleep while tasks multiply
+            settle(self._cuda())
         outs = tuple(
             pytree.tree_map(lambda t: move(t) if isinstance(t, torch.Tensor) else t, o)
             for o in outs
