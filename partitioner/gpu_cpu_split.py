@@ -298,8 +298,9 @@ def _cpu_share(
 ) -> tuple[str, float]:
     """(dtype, seconds) of the matmuls run whole on the CPU in the dtype the cost model
     finds fastest for them (partitioner/host_dtype.py says which and their numerics)."""
-    candidates = host_dtype.candidates(_dtype(mm_ops), cpu, cm, "matmul", backend)
-    best = ("", float("inf"))
+    own = _dtype(mm_ops)
+    candidates = host_dtype.candidates(own, cpu, cm, "matmul", backend)
+    priced: list[tuple[str, float]] = []
     for dtype in candidates:
         t = 0.0
         for op in mm_ops:
@@ -310,6 +311,8 @@ def _cpu_share(
             nbytes = op.param_bytes * ratio + acts * scale
             t += max(flops, nbytes / ((cpu.mem_bandwidth or 1e10) * em))
             t += op.launches * cm.op_overhead(cpu, "matmul", dtype, backend)
-        if t < best[1] - 1e-12:
-            best = (dtype, t)
-    return best
+        priced.append((dtype, t))
+    if not priced:
+        return ("", float("inf"))
+    chosen = host_dtype.preferred(own, priced)
+    return chosen, dict(priced)[chosen]
