@@ -187,10 +187,10 @@ def compile_lm(
     CPU: eager, NPU: tvm). `decode_placements` force decode placements (benchmarks).
     `prompt_length`: the prompt length prefill is planned for (default: half the cache;
     long prompts stream their weights, short ones may run where decode runs).
-    `feedback`: after building, run one request, compare the decode partitions' measured
-    times with their prices, and where split layers ran long plan again with the measured
-    cost and rebuild if that is predicted faster (`CompiledLM.feedback` says what happened;
-    the in-process executor only). `clock`: the compile's clock when the caller started it
+    `feedback`: after building, run one request, correct the cost model with every decode
+    partition's measured time, plan again with it and rebuild if that is predicted faster;
+    a plan kept carries the corrected prices (`CompiledLM.feedback`: per partition its price
+    before, measured and after, and the median errors; the in-process executor only). `clock`: the compile's clock when the caller started it
     (hetero.compile); the result's `compile_times` say where the time went."""
     clock = clock if clock is not None else CompileClock()
     registry = registry if registry is not None else default_registry()
@@ -364,7 +364,7 @@ def _feedback_round(
     note = "; ".join(f.note() for f in found)
     if repriced is not None:
         e0, e1 = report["median_error_before"], report["median_error_after"]
-        note += f" (median partition error {e0:.0%} -> {e1:.0%} at the corrected prices)"
+        note += f" (this round's median partition error: {e0:.0%} priced before, {e1:.0%} after)"
     faster = again.predicted_decode_ms < token_ms * (1 - _FEEDBACK_MARGIN)
     if not faster or _placements(again) == _placements(plan):
         verdict = (
@@ -376,7 +376,10 @@ def _feedback_round(
             f"{note}; the re-plan ({again.predicted_decode_ms:.1f} ms per token predicted) "
             f"{verdict}: kept"
         )
-        compiled.plan = dataclasses.replace(plan, notes=(*plan.notes, why))
+        # the plan kept says what its partitions cost now (as a forward's online round that
+        # keeps its plan does), so the next comparison starts from the corrected prices
+        decode = _with_prices(plan.decode, repriced) if repriced is not None else plan.decode
+        compiled.plan = dataclasses.replace(plan, decode=decode, notes=(*plan.notes, why))
         compiled.feedback = {**report, "replanned": False, "why": why}
         return compiled
     why = (
@@ -437,6 +440,18 @@ def partition_errors(
         "median_error_before_1ms": median_error("predicted_ms", 1.0),
         "median_error_after_1ms": median_error("after_ms", 1.0),
     }
+
+
+def _with_prices(running: Plan, repriced: Plan) -> Plan:
+    """`running` with `repriced`'s predicted times: each partition's and the step's. Only
+    the times: a split re-priced may prefer another share of rows, and the plan must keep
+    saying what runs."""
+    after = {_where(p): p.predicted_ms for p in repriced.partitions}
+    parts = tuple(
+        dataclasses.replace(p, predicted_ms=after.get(_where(p), p.predicted_ms))
+        for p in running.partitions
+    )
+    return dataclasses.replace(running, partitions=parts, predicted_ms=repriced.predicted_ms)
 
 
 def _where(p: PlannedPartition) -> tuple:

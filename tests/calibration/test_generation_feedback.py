@@ -262,3 +262,24 @@ def test_a_feedback_round_replans_away_from_a_gpu_measured_slow(tiny_llama_lm):
     assert fb["median_error_before"] == pytest.approx(1 - 1 / 40)
     assert fb["median_error_after"] < 0.05
     assert fb["replan_predicted_ms"] < slow
+
+
+def test_a_plan_kept_after_the_round_carries_the_corrected_prices(tiny_llama_lm):
+    """One CPU, nowhere else to go: the round keeps the plan, and the plan it keeps prices
+    its partition as measured (its next comparison starts there), saying so in its notes."""
+    from hetero.backends.registry import default_registry
+    from hetero.cluster.spec import ClusterSpec
+    from hetero.interfaces.generate import CompiledLM, _feedback_round
+    from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
+
+    cluster = ClusterSpec.from_yaml(CPU2)
+    kw = dict(registry=default_registry(), backends=GENERATION_BACKENDS, pins=None, exclude=(),
+              decode_placements=None)  # fmt: skip
+    plan = plan_generation(tiny_llama_lm, cluster, cost_model=CostModel(), **kw)
+    got = 3 * plan.decode.partitions[0].predicted_ms
+    compiled = CompiledLM(tiny_llama_lm, plan, cluster, _FakeGeneration({0: got}, got))
+    out = _feedback_round(compiled, CostModel(), lambda gp: pytest.fail("rebuilt"), kw)
+    assert out is compiled and not out.feedback["replanned"]
+    assert out.plan.decode.partitions[0].predicted_ms == pytest.approx(got, rel=0.05)
+    assert out.plan.predicted_decode_ms == pytest.approx(got, rel=0.05)
+    assert "median partition error: 67% priced before, 0% after" in out.plan.notes[-1]
