@@ -190,8 +190,9 @@ def compile_lm(
     `feedback`: after building, run one request, correct the cost model with every decode
     partition's measured time, plan again with it and rebuild if that is predicted faster;
     a plan kept carries the corrected prices (`CompiledLM.feedback`: per partition its price
-    before, measured and after, and the median errors; the in-process executor only). `clock`: the compile's clock when the caller started it
-    (hetero.compile); the result's `compile_times` say where the time went."""
+    before, measured and after, and the median errors; the in-process executor only).
+    `clock`: the compile's clock when the caller started it (hetero.compile); the result's
+    `compile_times` say where the time went."""
     clock = clock if clock is not None else CompileClock()
     registry = registry if registry is not None else default_registry()
     if backends is None:
@@ -362,8 +363,8 @@ def _feedback_round(
     report.update(partition_errors(plan.decode, measured, repriced, again.decode))
     report["replan_predicted_ms"] = again.predicted_decode_ms
     note = "; ".join(f.note() for f in found)
-    if repriced is not None:
-        e0, e1 = report["median_error_before"], report["median_error_after"]
+    e0, e1 = report["median_error_before"], report["median_error_after"]
+    if e0 is not None and e1 is not None:
         note += f" (this round's median partition error: {e0:.0%} priced before, {e1:.0%} after)"
     faster = again.predicted_decode_ms < token_ms * (1 - _FEEDBACK_MARGIN)
     if not faster or _placements(again) == _placements(plan):
@@ -404,7 +405,8 @@ def partition_errors(
     """Per decode partition of `first`: its price, what it measured, its price after the
     round (`repriced`: `first` at the corrected prices) and whether `replan` keeps it; and
     the median errors before and after, over all partitions and those of >= 1 ms (issue 16's
-    goals). Error = |predicted - measured| / measured."""
+    goals). Error = |predicted - measured| / measured. The errors after are in-sample (prices
+    fitted to these measurements); a rebuilt plan's own runs are the held-out check."""
     after = {_where(p): p.predicted_ms for p in repriced.partitions} if repriced else {}
     kept = {_where(p) for p in replan.partitions} if replan is not None else set()
     rows = []

@@ -183,6 +183,7 @@ def test_a_resident_partition_off_its_price_is_priced_as_measured_after_one_roun
     reg = default_registry()
     truth = plan_generation(tiny_llama_lm, cluster, registry=reg, cost_model=CostModel())
     cm = _halved_cpu(cluster) if wrong == "cpu costs halved" else CostModel()
+    cm = with_split_handoff(cm, cluster.name, 1e-3)  # a term the fit must keep
     first = plan_generation(tiny_llama_lm, cluster, registry=reg, cost_model=cm).decode
     (p,) = first.partitions
     got = truth.decode.predicted_ms if wrong == "cpu costs halved" else p.predicted_ms / 2
@@ -191,6 +192,7 @@ def test_a_resident_partition_off_its_price_is_priced_as_measured_after_one_roun
     priced = decode_pricing(tiny_llama_lm, cluster, registry=reg, cost_model=cm)
     fb = resident_feedback(first, priced, _measured({p.index: got}), cm, min_ms=0.25)
     assert fb is not None and fb.folded == 1 and "box/cpu" in fb.note()
+    assert fb.cost_model.split_handoff() == pytest.approx(1e-3)
     after = reprice(first, decode_pricing(tiny_llama_lm, cluster, registry=reg,
                                           cost_model=fb.cost_model))  # fmt: skip
     assert after.partitions[0].predicted_ms == pytest.approx(got, rel=0.05)
