@@ -239,11 +239,54 @@ def quick_probe(seconds: float = 0.5, size: int = 1 << 30) -> dict:
 
 def decode_summary(out: dict) -> str:
     rows = out["hetero_partitions"]["decode"]
-    return ", ".join(
+    each = ", ".join(
         f"p{r['partition']} {r['device'].split('/')[-1]} {r['weights']}"
         f" {r.get('predicted_ms', 0):.2f}/{r.get('measured_ms') or 0:.2f}"
         for r in rows
         if (r.get("measured_ms") or 0) >= 0.5 or r.get("predicted_ms", 0) >= 0.5
+    )
+    err = median_errors(rows, "predicted_ms")
+    out["hetero_partition_error"] = err  # the served plan's prices against these requests
+    return f"{each}; median error {_pct(err['all'])} ({_pct(err['1ms'])} of those >= 1 ms)"
+
+
+def median_errors(rows: list[dict], key: str) -> dict:
+    """Issue 16's numbers: the median |predicted - measured| / measured over the partitions,
+    and over those measured at >= 1 ms."""
+
+    def med(floor: float) -> float | None:
+        errs = [
+            abs(r[key] - r["measured_ms"]) / r["measured_ms"]
+            for r in rows
+            if r.get("measured_ms") and r.get(key) is not None and r["measured_ms"] >= floor
+        ]
+        return statistics.median(errs) if errs else None
+
+    return {"all": med(0.0), "1ms": med(1.0)}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def feedback_summary(fb: dict | None) -> str:
+    """The feedback round for people: per decode partition its price before the round,
+    what the round measured and its price after (the corrected model's), then the medians."""
+    if not fb:
+        return "none"
+    rows = fb.get("partitions", [])
+    each = "; ".join(
+        f"p{r['index']} {r['device'].split('/')[-1]} {r['weights']} "
+        f"{r['predicted_ms']:.2f} -> {r['measured_ms'] or 0:.2f} -> "
+        + ("-" if r["after_ms"] is None else f"{r['after_ms']:.2f}")
+        for r in rows
+    )
+    return (
+        f"{'re-planned' if fb.get('replanned') else 'kept'}; per partition, predicted before -> "
+        f"measured -> predicted after (ms): {each}; median error "
+        f"{_pct(fb.get('median_error_before'))} -> {_pct(fb.get('median_error_after'))} "
+        f"(>= 1 ms: {_pct(fb.get('median_error_before_1ms'))} -> "
+        f"{_pct(fb.get('median_error_after_1ms'))}); {fb.get('why', '')}"
     )
 
 
@@ -391,7 +434,7 @@ def case_capped(args, cfg, cache: Path) -> None:
     out["hetero_compile_s"] = secs  # with the feedback round's request and rebuild
     out["hetero_compile_times"] = lm.compile_times.to_dict()  # where the seconds went
     out["hetero_feedback"] = lm.feedback
-    log(f"  feedback round: {lm.feedback}")
+    log(f"  feedback round: {feedback_summary(lm.feedback)}")
     log(f"  compiled in {secs:.1f} s\n{lm.explain(width=160)}")
     out["hetero_plan"] = {
         "predicted_ttft_ms": lm.plan.predicted_ttft_ms,

@@ -43,7 +43,8 @@ from hetero.cluster.profile import (
     RuntimeProfile,
 )
 from hetero.cluster.runs import HopRun, PartitionRun, RunLog, Term
-from hetero.partitioner.cost import group_key
+from hetero.partitioner.cost import CostModel, group_key
+from hetero.partitioner.host_dtype import retyped
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.reprice import Pricing
 
@@ -89,12 +90,15 @@ def partition_runs(
         if m is None or m.runs < 1 or p.weights != "resident":
             continue
         device = ctx.cluster.device(p.device)
+        # priced as the planner prices them: a host CPU computing in another dtype than the
+        # model's (a generation's bf16 copies) has its groups retyped (adapter.build_problem)
+        dtype = ctx.host_dtypes.get(device.name, "")
         terms: dict[tuple[str, int], float] = {}
         for name in p.groups:
             g = ctx.groups[name]
-            t = cm.group_time(
-                g, [og[n] for n in g.nodes], device, backend=p.backend, scale=ctx.scale
-            )
+            ops = [og[n] for n in g.nodes]
+            ops = [retyped(op, dtype) for op in ops] if dtype else ops
+            t = cm.group_time(g, ops, device, backend=p.backend, scale=ctx.scale)
             if t > 0:
                 key = group_key(g, device, ctx.scale)
                 terms[key] = terms.get(key, 0.0) + t
@@ -334,15 +338,28 @@ def _fold_runtime(existing: tuple[RuntimeProfile, ...], log: RunLog) -> tuple[Ru
         hops = [h for h in log.hops if h.executor == executor]
         stage = _weighted_median((max(0.0, r.stage_s - r.measured_s), r.runs) for r in parts)
         hop = _weighted_median((max(0.0, h.measured_s - h.link_s), h.runs) for h in hops)
-        old = out.get(executor)
+        old = out.get(executor) or RuntimeProfile(executor, 0.0, 0.0)
         samples = sum(r.runs for r in parts) + sum(h.runs for h in hops)
-        out[executor] = RuntimeProfile(
-            executor,
-            stage if stage is not None else (old.stage_overhead if old else 0.0),
-            hop if hop is not None else (old.hop_overhead if old else 0.0),
-            samples + (old.samples if old else 0),
+        # a generation's split and streamed terms come from its own feedback
+        # (calibration/generation.py), not from these records: kept as they are
+        out[executor] = replace(
+            old,
+            stage_overhead=stage if stage is not None else old.stage_overhead,
+            hop_overhead=hop if hop is not None else old.hop_overhead,
+            samples=samples + old.samples,
         )
     return tuple(out[k] for k in sorted(out))
+
+
+def corrected(cost_model: CostModel, log: RunLog, min_s: float) -> CostModel:
+    """`cost_model` with `log` folded into its profile, leaving out the partitions below
+    `min_s` both measured and predicted: to a fit, such a partition is jitter and per-call
+    overhead (a 0.04 ms partition measured 0.6 ms priced every group of its device ~15x and
+    kept a re-plan on a device slowed 25x). The run log keeps them (`hetero calibrate
+    --from-runs` sees every partition)."""
+    kept = tuple(r for r in log.partitions if max(r.measured_s, r.base_s) >= min_s)
+    profile = fold(cost_model.profile, replace(log, partitions=kept))
+    return replace(cost_model, profile=profile)
 
 
 def error_table(log: RunLog, profile: CalibrationProfile) -> list[tuple[str, float, float]]:

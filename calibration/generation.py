@@ -12,6 +12,13 @@ CPU while the link streams others.
 A streamed layer's call is the same kind of cost: its compiled program's launches and guards,
 on the host, between the CPU layer before it and the one after (run 13 on an H200: 1.5 ms per
 streamed layer against 0.18 priced). Its excess per call becomes `stream_call`.
+
+Both corrections go both ways: a placement measured faster than priced lowers its term
+(never below zero: the calibrated copies and calls stay). Within `_AGREES` of the price a
+partition is evidence of nothing. Resident partitions (a GPU's layers, a CPU's LM head) are
+fitted as the forward path fits them (`resident_feedback`: calibration/feedback.py's run
+records and fold, keyed by device, backend, op class and shape bucket), so the corrections
+reach the same op classes wherever a re-plan puts them.
 """
 
 from __future__ import annotations
@@ -21,11 +28,14 @@ import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from hetero.calibration.feedback import Measured, corrected, partition_runs
 from hetero.cluster.profile import CalibrationProfile, RuntimeProfile
+from hetero.cluster.runs import RunLog
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.plan import Plan
+from hetero.partitioner.reprice import Pricing
 
-_AGREES = 1.05  # measured within this of the prediction: no evidence of an unpriced cost
+_AGREES = 1.05  # measured within this factor of the prediction: no evidence either way
 
 
 @dataclass(frozen=True)
@@ -33,15 +43,16 @@ class HostFeedback:
     """What one round found for one placement: its unpriced host time per unit."""
 
     weights: str  # the placement measured: "split" (per hand-off) or "streamed" (per call)
-    extra_s: float  # seconds per unit beyond the price, this round
+    extra_s: float  # seconds per unit added to its term (below 0: taken off), this round
     partitions: int  # partitions of that placement measured
     cost_model: CostModel  # the cost model with it folded in
 
     def note(self) -> str:
         what = "split hand-offs" if self.weights == "split" else "streamed layers' calls"
+        how = "beyond" if self.extra_s > 0 else "below"
         return (
-            f"feedback: {what} measured {1e3 * self.extra_s:.3f} ms each beyond their price "
-            f"({self.partitions} {self.weights} partition(s) of the running decode step)"
+            f"feedback: {what} measured {1e3 * abs(self.extra_s):.3f} ms each {how} their "
+            f"price ({self.partitions} {self.weights} partition(s) of the running decode step)"
         )
 
 
@@ -49,29 +60,28 @@ def split_feedback(
     decode: Plan, measured_ms: Mapping[int, float], cost_model: CostModel, cluster: str
 ) -> HostFeedback | None:
     """The unpriced host time per hand-off of `decode`'s split partitions, from their
-    measured ms (partition index -> ms), folded into `cost_model`; None when no split
-    partition ran slower than its prediction."""
+    measured ms (partition index -> ms), folded into `cost_model`; None when the split
+    partitions ran as priced (the median one within `_AGREES`)."""
     extras, seen = [], 0
     for p in decode.partitions:
         got = measured_ms.get(p.index)
         if p.weights != "split" or not p.handoffs or got is None:
             continue
         seen += 1
-        if got <= _AGREES * p.predicted_ms:
+        if got > _AGREES * p.predicted_ms:
+            # the host path is what ran long: a link-bound layer would have taken its prediction
+            extras.append(max(0.0, got - p.host_ms) / p.handoffs / 1e3)
+        elif got * _AGREES < p.predicted_ms:
+            # faster than priced: the hand-offs cost less than the term says (a link-bound
+            # layer's price does not move with it, which is all the evidence allows)
+            extras.append((got * _AGREES - p.predicted_ms) / p.handoffs / 1e3)
+        else:
             extras.append(0.0)
-            continue
-        # the host path is what ran long: a link-bound layer would have taken its prediction
-        extras.append(max(0.0, got - p.host_ms) / p.handoffs / 1e3)
-    if not extras:
-        return None
-    extra = statistics.median(extras)
-    if extra <= 0.0:
-        return None
-    return HostFeedback("split", extra, seen, with_split_handoff(cost_model, cluster, extra))
+    return _folded("split", extras, seen, cost_model, cluster, "split_handoff")
 
 
 def with_split_handoff(cost_model: CostModel, cluster: str, extra_s: float) -> CostModel:
-    """`cost_model` with `extra_s` more per split hand-off for its executor."""
+    """`cost_model` with `extra_s` more per split hand-off for its executor (never below 0)."""
     return _with_runtime(cost_model, cluster, split_handoff=extra_s)
 
 
@@ -79,32 +89,92 @@ def stream_feedback(
     decode: Plan, measured_ms: Mapping[int, float], cost_model: CostModel, cluster: str
 ) -> HostFeedback | None:
     """The unpriced host time per call of `decode`'s streamed partitions (one call per group
-    each), folded into `cost_model`; None when none ran slower than predicted. A streamed
-    partition's measured time is its host time (its kernels run after), so an excess is
-    host work the plan did not price."""
+    each), folded into `cost_model`; None when they ran as priced. A streamed partition's
+    measured time is its host time (its kernels run after), so an excess is host work the
+    plan did not price, and a shortfall host work it priced twice."""
     extras, seen = [], 0
     for p in decode.partitions:
         got = measured_ms.get(p.index)
         if p.weights != "streamed" or got is None or not p.groups:
             continue
         seen += 1
-        extras.append(max(0.0, got - _AGREES * p.predicted_ms) / len(p.groups) / 1e3)
+        if got > _AGREES * p.predicted_ms:
+            gap = got - _AGREES * p.predicted_ms
+        elif got * _AGREES < p.predicted_ms:
+            gap = got * _AGREES - p.predicted_ms
+        else:
+            gap = 0.0
+        extras.append(gap / len(p.groups) / 1e3)
+    return _folded("streamed", extras, seen, cost_model, cluster, "stream_call")
+
+
+def _folded(
+    weights: str, extras: list[float], seen: int, cost_model: CostModel, cluster: str, term: str
+) -> HostFeedback | None:
+    """The median extra folded into `term`, floored so the term stays >= 0; None when that
+    changes nothing."""
     if not extras:
         return None
-    extra = statistics.median(extras)
-    if extra <= 0.0:
+    now = _runtime(cost_model, cluster)
+    applied = max(statistics.median(extras), -getattr(now, term))
+    if applied == 0.0:
         return None
     return HostFeedback(
-        "streamed", extra, seen, _with_runtime(cost_model, cluster, stream_call=extra)
+        weights, applied, seen, _with_runtime(cost_model, cluster, **{term: applied})
+    )
+
+
+@dataclass(frozen=True)
+class ResidentFeedback:
+    """Resident partitions' measured times folded into the cost model (per device, backend,
+    op class and shape bucket, and the executor's per-stage work)."""
+
+    log: RunLog  # the records folded (every measured resident partition)
+    folded: int  # of which above the floor (the others are jitter to a fit)
+    cost_model: CostModel
+
+    def note(self) -> str:
+        devices = sorted({r.device for r in self.log.partitions})
+        return (
+            f"feedback: {self.folded} resident partition(s) on {', '.join(devices)} folded into "
+            "the prices of their op classes"
+        )
+
+
+def resident_feedback(
+    decode: Plan,
+    priced: Pricing,
+    measured: Mapping[int, Measured],
+    cost_model: CostModel,
+    *,
+    min_ms: float,
+) -> ResidentFeedback | None:
+    """`decode`'s resident partitions as run records (`priced`: its decode problem, for the
+    groups' terms), folded into `cost_model` as `hetero.compile(feedback=True)` folds a
+    forward's; partitions under `min_ms` both measured and priced are recorded, not fitted.
+    None when no resident partition was measured."""
+    runs = partition_runs(decode, priced, measured, executor=cost_model.executor)
+    if not runs:
+        return None
+    log = RunLog(cluster=priced.context.cluster.name, partitions=runs)
+    folded = sum(max(r.measured_s, r.base_s) >= min_ms / 1e3 for r in runs)
+    return ResidentFeedback(log, folded, corrected(cost_model, log, min_ms / 1e3))
+
+
+def _runtime(cost_model: CostModel, cluster: str) -> RuntimeProfile:
+    profile = cost_model.profile or CalibrationProfile(cluster=cluster)
+    return profile.runtime_for(cost_model.executor) or RuntimeProfile(
+        cost_model.executor, stage_overhead=0.0, hop_overhead=0.0
     )
 
 
 def _with_runtime(cost_model: CostModel, cluster: str, **more: float) -> CostModel:
-    """`cost_model` with each of `more` (a RuntimeProfile field) raised by its value."""
+    """`cost_model` with each of `more` (a RuntimeProfile field) moved by its value, never
+    below 0 (a measured term lowered past nothing would price host work as negative)."""
     profile = cost_model.profile or CalibrationProfile(cluster=cluster)
-    now = profile.runtime_for(cost_model.executor) or RuntimeProfile(
-        cost_model.executor, stage_overhead=0.0, hop_overhead=0.0
+    now = _runtime(cost_model, cluster)
+    updated = dataclasses.replace(
+        now, **{k: max(0.0, getattr(now, k) + v) for k, v in more.items()}
     )
-    updated = dataclasses.replace(now, **{k: getattr(now, k) + v for k, v in more.items()})
     runtime = (*(r for r in profile.runtime if r.executor != cost_model.executor), updated)
     return dataclasses.replace(cost_model, profile=dataclasses.replace(profile, runtime=runtime))

@@ -18,7 +18,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from hetero.calibration.feedback import Measured, MeasuredHop, fold, hop_runs, partition_runs
+from hetero.calibration.feedback import (
+    Measured,
+    MeasuredHop,
+    corrected,
+    hop_runs,
+    partition_runs,
+)
 from hetero.cluster.runs import RunLog
 from hetero.cluster.spec import ClusterSpec
 from hetero.partitioner.algorithms import plan as make_plan
@@ -125,14 +131,7 @@ class Feedback:
             return RunLog.merge(self.cluster.name, self._logs.values())
 
     def corrected(self, log: RunLog) -> CostModel:
-        # A partition below the policy's `min_ms`, measured and predicted, is jitter and
-        # per-call overhead to it: folded, its ratio (a 0.04 ms partition measured 0.6 ms)
-        # priced every group of its device ~15x and kept the re-plan on a device slowed
-        # 25x. The run log keeps it (`hetero calibrate --from-runs` sees every partition).
-        floor = self.policy.min_ms / 1e3
-        kept = tuple(r for r in log.partitions if max(r.measured_s, r.base_s) >= floor)
-        profile = fold(self.base.profile, replace(log, partitions=kept))
-        return replace(self.base, profile=profile)
+        return corrected(self.base, log, self.policy.min_ms / 1e3)
 
     # ---- the online hook ------------------------------------------------------------------------
     def __call__(self, obs: Observation) -> Proposal:

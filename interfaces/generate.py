@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,19 +21,28 @@ import torch
 
 from hetero.backends.base import CompileOptions
 from hetero.backends.registry import BackendRegistry, default_registry
-from hetero.calibration.generation import split_feedback, stream_feedback
+from hetero.calibration.feedback import Measured
+from hetero.calibration.generation import resident_feedback, split_feedback, stream_feedback
 from hetero.cluster.connect import init_ray
 from hetero.cluster.devices import NPU_RESOURCE
 from hetero.cluster.spec import ClusterSpec
 from hetero.compile_times import CompileClock, CompileTimes
-from hetero.errors import ConfigError
-from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
+from hetero.errors import ConfigError, PartitionError
+from hetero.interfaces.feedback import measured_partitions
+from hetero.partitioner.algorithms.generation import (
+    GENERATION_BACKENDS,
+    decode_pricing,
+    plan_generation,
+)
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.decisions import BackendAssignment
 from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.partitioner.phases import LMGraphs, Phase, capture_lm
+from hetero.partitioner.plan import Plan, PlannedPartition
+from hetero.partitioner.reprice import reprice
 from hetero.runtime.generation import Generation, LocalGeneration, StageBinder
 from hetero.runtime.generation_build import compile_generation
+from hetero.runtime.online import ReplanPolicy
 from hetero.runtime.ray_generation import RayGeneration
 from hetero.runtime.sampling import Sampling
 
@@ -177,11 +187,12 @@ def compile_lm(
     CPU: eager, NPU: tvm). `decode_placements` force decode placements (benchmarks).
     `prompt_length`: the prompt length prefill is planned for (default: half the cache;
     long prompts stream their weights, short ones may run where decode runs).
-    `feedback`: after building, run one request, compare the decode partitions' measured
-    times with their prices, and where split layers ran long plan again with the measured
-    cost and rebuild if that is predicted faster (`CompiledLM.feedback` says what happened;
-    the in-process executor only). `clock`: the compile's clock when the caller started it
-    (hetero.compile); the result's `compile_times` say where the time went."""
+    `feedback`: after building, run one request, correct the cost model with every decode
+    partition's measured time, plan again with it and rebuild if that is predicted faster;
+    a plan kept carries the corrected prices (`CompiledLM.feedback`: per partition its price
+    before, measured and after, and the median errors; the in-process executor only).
+    `clock`: the compile's clock when the caller started it (hetero.compile); the result's
+    `compile_times` say where the time went."""
     clock = clock if clock is not None else CompileClock()
     registry = registry if registry is not None else default_registry()
     if backends is None:
@@ -276,11 +287,12 @@ def _feedback_round(
     rebuild: Callable[[GenerationPlan], CompiledLM],
     plan_kw: Mapping[str, Any],
 ) -> CompiledLM:
-    """One measured request, its decode partitions compared with their prices; where split
-    or streamed layers ran long, planned again with the measured hand-off and call costs
-    (calibration/generation.py) and rebuilt when that
-    plan is predicted faster than the measured one by the margin (only changed partitions
-    compile again: the artifact cache keeps the others)."""
+    """One measured request; every decode partition's measured time corrects the prices:
+    resident ones fitted per device, backend and op class as a forward's feedback is
+    (calibration/generation.py `resident_feedback`), split and streamed ones through their
+    unpriced host terms, both ways. Planned again with the corrected costs and rebuilt when
+    that plan is predicted faster than the measured one by the margin (only changed
+    partitions compile again: the artifact cache keeps the others)."""
     lm, plan = compiled.lm, compiled.plan
     executors = getattr(compiled.generation, "executors", None)
     if not executors:
@@ -295,45 +307,65 @@ def _feedback_round(
     compiled.generate(ids, min(4, new))  # warm-up: first calls compile and capture
     compiled.generate(ids, new)
     token_ms = compiled.last_request["decode_ms_per_token"]
-    measured = executors[Phase.DECODE].measured_ms()
+    runs = decode_measurements(executors[Phase.DECODE])
+    measured = {k: m.stage_ms for k, m in runs.items()}  # the whole stage, as priced
+    cluster, name = compiled.cluster, compiled.cluster.name
+
+    def at_prices(cm: CostModel) -> Plan | None:
+        """The running decode plan priced by `cm` (None: a plan given by hand, for groups
+        this capture and these settings do not make)."""
+        try:
+            return reprice(plan.decode, decode_pricing(lm, cluster, cost_model=cm, **plan_kw))
+        except (KeyError, PartitionError):
+            return None
+
+    found: list[Any] = []
+    cm = cost_model
+    try:
+        priced = decode_pricing(lm, cluster, cost_model=cost_model, **plan_kw)
+        resident = resident_feedback(
+            plan.decode, priced, runs, cost_model, min_ms=ReplanPolicy().min_ms
+        )
+    except (KeyError, PartitionError):
+        resident = None
+    # split and streamed partitions are compared with their prices after the resident fit:
+    # it moves the GPU's and the CPU's own terms inside them too, and their host terms take
+    # only what is left
+    now = plan.decode
+    if resident is not None:
+        found.append(resident)
+        cm = resident.cost_model
+        now = at_prices(cm) or plan.decode
+    where = {_where(p): p.index for p in plan.decode.partitions}
+    here = {
+        q.index: measured[where[_where(q)]]
+        for q in now.partitions
+        if where.get(_where(q)) in measured
+    }
+    split = split_feedback(now, here, cm, name)
+    cm = split.cost_model if split is not None else cm
+    streamed = stream_feedback(now, here, cm, name)
+    cm = streamed.cost_model if streamed is not None else cm
+    found += [f for f in (split, streamed) if f is not None]
     report: dict[str, Any] = {
         "measured_ms_per_token": token_ms,
         "predicted_ms_per_token": plan.predicted_decode_ms,
-        "partitions_ms": {int(k): float(v) for k, v in measured.items()},
-        "first_plan": [
-            {
-                "device": p.device,
-                "weights": p.weights,
-                "groups": len(p.groups),
-                "predicted_ms": p.predicted_ms,
-                "host_ms": p.host_ms,
-                "handoffs": p.handoffs,
-            }
-            for p in plan.decode.partitions
-        ],
+        "extra_handoff_ms": 1e3 * split.extra_s if split is not None else 0.0,
+        "extra_stream_call_ms": 1e3 * streamed.extra_s if streamed is not None else 0.0,
     }
-    name = compiled.cluster.name
-    split = split_feedback(plan.decode, measured, cost_model, name)
-    cm = split.cost_model if split is not None else cost_model
-    streamed = stream_feedback(plan.decode, measured, cm, name)
-    cm = streamed.cost_model if streamed is not None else cm
-    found = [f for f in (split, streamed) if f is not None]
     if not found:
-        ran = any(p.weights in ("split", "streamed") for p in plan.decode.partitions)
-        why = (
-            "split and streamed layers ran as priced"
-            if ran
-            else "no split or streamed layer to measure"
-        )
+        report.update(partition_errors(plan.decode, measured, None, None))
+        why = "no decode partition was measured" if not measured else "nothing to correct"
         compiled.feedback = {**report, "replanned": False, "why": why}
         return compiled
-    again = plan_generation(lm, compiled.cluster, cost_model=cm, **plan_kw)
-    report.update(
-        extra_handoff_ms=1e3 * split.extra_s if split is not None else 0.0,
-        extra_stream_call_ms=1e3 * streamed.extra_s if streamed is not None else 0.0,
-        replan_predicted_ms=again.predicted_decode_ms,
-    )
+    again = plan_generation(lm, cluster, cost_model=cm, **plan_kw)
+    repriced = at_prices(cm)  # the running decode plan at the corrected prices
+    report.update(partition_errors(plan.decode, measured, repriced, again.decode))
+    report["replan_predicted_ms"] = again.predicted_decode_ms
     note = "; ".join(f.note() for f in found)
+    e0, e1 = report["median_error_before"], report["median_error_after"]
+    if e0 is not None and e1 is not None:
+        note += f" (this round's median partition error: {e0:.0%} priced before, {e1:.0%} after)"
     faster = again.predicted_decode_ms < token_ms * (1 - _FEEDBACK_MARGIN)
     if not faster or _placements(again) == _placements(plan):
         verdict = (
@@ -345,7 +377,10 @@ def _feedback_round(
             f"{note}; the re-plan ({again.predicted_decode_ms:.1f} ms per token predicted) "
             f"{verdict}: kept"
         )
-        compiled.plan = dataclasses.replace(plan, notes=(*plan.notes, why))
+        # the plan kept says what its partitions cost now (as a forward's online round that
+        # keeps its plan does), so the next comparison starts from the corrected prices
+        decode = _with_prices(plan.decode, repriced) if repriced is not None else plan.decode
+        compiled.plan = dataclasses.replace(plan, decode=decode, notes=(*plan.notes, why))
         compiled.feedback = {**report, "replanned": False, "why": why}
         return compiled
     why = (
@@ -356,6 +391,73 @@ def _feedback_round(
     rebuilt = rebuild(dataclasses.replace(again, notes=(*again.notes, why)))
     rebuilt.feedback = {**report, "replanned": True, "why": why}
     return rebuilt
+
+
+def decode_measurements(executor: Any) -> dict[int, Measured]:
+    """Plan partition index -> its measured decode times (medians of the warm runs; a
+    streamed partition's pieces summed)."""
+    return measured_partitions(executor.stages, executor.metrics.snapshot())
+
+
+def partition_errors(
+    first: Plan, measured: Mapping[int, float], repriced: Plan | None, replan: Plan | None
+) -> dict[str, Any]:
+    """Per decode partition of `first`: its price, what it measured, its price after the
+    round (`repriced`: `first` at the corrected prices) and whether `replan` keeps it; and
+    the median errors before and after, over all partitions and those of >= 1 ms (issue 16's
+    goals). Error = |predicted - measured| / measured. The errors after are in-sample (prices
+    fitted to these measurements); a rebuilt plan's own runs are the held-out check."""
+    after = {_where(p): p.predicted_ms for p in repriced.partitions} if repriced else {}
+    kept = {_where(p) for p in replan.partitions} if replan is not None else set()
+    rows = []
+    for p in first.partitions:
+        got = measured.get(p.index)
+        rows.append(
+            {
+                "index": p.index,
+                "device": p.device,
+                "weights": p.weights,
+                "groups": len(p.groups),
+                "predicted_ms": p.predicted_ms,
+                "measured_ms": got,
+                "after_ms": after.get(_where(p)),
+                "in_replan": _where(p) in kept,
+                "host_ms": p.host_ms,
+                "handoffs": p.handoffs,
+            }
+        )
+
+    def median_error(key: str, floor: float = 0.0) -> float | None:
+        errs = [
+            abs(r[key] - r["measured_ms"]) / r["measured_ms"]
+            for r in rows
+            if r["measured_ms"] and r[key] is not None and r["measured_ms"] >= floor
+        ]
+        return statistics.median(errs) if errs else None
+
+    return {
+        "partitions": rows,
+        "median_error_before": median_error("predicted_ms"),
+        "median_error_after": median_error("after_ms"),
+        "median_error_before_1ms": median_error("predicted_ms", 1.0),
+        "median_error_after_1ms": median_error("after_ms", 1.0),
+    }
+
+
+def _with_prices(running: Plan, repriced: Plan) -> Plan:
+    """`running` with `repriced`'s predicted times: each partition's and the step's. Only
+    the times: a split re-priced may prefer another share of rows, and the plan must keep
+    saying what runs."""
+    after = {_where(p): p.predicted_ms for p in repriced.partitions}
+    parts = tuple(
+        dataclasses.replace(p, predicted_ms=after.get(_where(p), p.predicted_ms))
+        for p in running.partitions
+    )
+    return dataclasses.replace(running, partitions=parts, predicted_ms=repriced.predicted_ms)
+
+
+def _where(p: PlannedPartition) -> tuple:
+    return (p.groups, p.device, p.weights)
 
 
 def _placements(plan: GenerationPlan) -> tuple:

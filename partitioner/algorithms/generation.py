@@ -39,6 +39,7 @@ from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.host_dtype import HostDtype
 from hetero.partitioner.phases import LMGraphs, Phase
 from hetero.partitioner.plan import Plan
+from hetero.partitioner.reprice import Pricing
 
 
 def layer_depth(graph: OpGraph) -> int | None:
@@ -106,20 +107,10 @@ def plan_generation(
     module prefix -> "resident" | "streamed" | "split" | a device name, or several joined
     by "|"), for comparisons."""
     cm = cost_model if cost_model is not None else CostModel.load(cluster=cluster)
-    resolved, backend_notes = resolve_backends(cluster, backends, registry)
-    hosts = _host_dtypes(lm, cluster, cm, resolved, registry, exclude)
-    backend_notes = (*backend_notes, *(h.note() for h in hosts if h.priced_ms))
-    common = dict(backends=resolved, exclude=exclude, registry=registry)
-    dtypes = {h.device: h.dtype for h in hosts if h.dtype}
-
-    dgroups = lm_groups(lm.decode, cluster, **common)
-    dproblem, dctx = build_problem(
-        dgroups, cluster, cm, pins=pins, split=True, overlap=True, notes=backend_notes,
-        host_dtypes=dtypes, **common,
-    )  # fmt: skip
-    dproblem = _keep_for_runtime(_reserve_prefill_slots(dproblem, cluster), cluster)
-    if decode_placements:
-        dproblem = _force(dproblem, dgroups, decode_placements)
+    setup = _setup(lm, cluster, cm, registry, backends, exclude)
+    common = setup.common
+    dproblem, dctx = _decode_problem(lm, cluster, cm, setup, pins, decode_placements)
+    dgroups, backend_notes, dtypes = dctx.groups, setup.notes, setup.dtypes
     dsol = latency(dproblem)
     decode = assemble(dproblem, dctx, dsol, objective=Objective.LATENCY)
 
@@ -159,6 +150,57 @@ def plan_generation(
         ),
         notes=tuple(notes),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What both phases' problems are built with: the resolved backends, the host CPUs'
+    dtypes and the notes they bring."""
+
+    common: dict
+    notes: tuple[str, ...]
+    dtypes: dict[str, str]
+
+
+def _setup(lm, cluster, cm, registry, backends, exclude) -> _Setup:
+    resolved, backend_notes = resolve_backends(cluster, backends, registry)
+    hosts = _host_dtypes(lm, cluster, cm, resolved, registry, exclude)
+    return _Setup(
+        dict(backends=resolved, exclude=exclude, registry=registry),
+        (*backend_notes, *(h.note() for h in hosts if h.priced_ms)),
+        {h.device: h.dtype for h in hosts if h.dtype},
+    )
+
+
+def _decode_problem(lm, cluster, cm, setup: _Setup, pins, decode_placements):
+    dgroups = lm_groups(lm.decode, cluster, **setup.common)
+    dproblem, dctx = build_problem(
+        dgroups, cluster, cm, pins=pins, split=True, overlap=True, notes=setup.notes,
+        host_dtypes=setup.dtypes, **setup.common,
+    )  # fmt: skip
+    dproblem = _keep_for_runtime(_reserve_prefill_slots(dproblem, cluster), cluster)
+    if decode_placements:
+        dproblem = _force(dproblem, dgroups, decode_placements)
+    return dproblem, dctx
+
+
+def decode_pricing(
+    lm: LMGraphs,
+    cluster: ClusterSpec,
+    *,
+    registry: BackendLookup,
+    cost_model: CostModel,
+    backends: BackendAssignment = GENERATION_BACKENDS,
+    pins: Mapping[str, str] | None = None,
+    exclude: Sequence[str] = (),
+    decode_placements: Mapping[str, str] | None = None,
+) -> Pricing:
+    """The decode problem `plan_generation` solves for these arguments, priced with
+    `cost_model`: what a decode plan is re-priced with (`partitioner.reprice`) and its
+    measured partitions are cut into terms with (`calibration.feedback.partition_runs`)."""
+    setup = _setup(lm, cluster, cost_model, registry, backends, exclude)
+    problem, ctx = _decode_problem(lm, cluster, cost_model, setup, pins, decode_placements)
+    return Pricing(problem, ctx, Objective.LATENCY)
 
 
 def _host_dtypes(

@@ -117,3 +117,171 @@ def test_a_higher_streamed_call_cost_is_priced_into_every_streamed_group():
     base = CostModel()
     slower = _with_runtime(base, cluster.name, stream_call=1e-3)
     assert step_ms(slower) == pytest.approx(step_ms(base) + 4 * 1.0, rel=0.05, abs=0.5)
+
+
+# ---- both ways: faster than priced lowers the host terms, never below zero -------------------
+def test_split_layers_faster_than_priced_lower_the_hand_off_term_down_to_zero():
+    plan = _plan(_split(0, 4.8, 4.0), _split(1, 4.8, 4.0))
+    priced = with_split_handoff(CostModel(), "c", 1e-3)  # 1 ms per hand-off in force
+    fb = split_feedback(plan, {0: 3.0, 1: 3.0}, priced, "c")
+    assert fb is not None and fb.extra_s == pytest.approx((3.0 * 1.05 - 4.8) / 4 / 1e3)
+    assert fb.cost_model.split_handoff() == pytest.approx(1e-3 + fb.extra_s)
+    assert "below their price" in fb.note()
+    # far faster still: the term goes to zero, not below (the calibrated copies stay)
+    floored = split_feedback(plan, {0: 0.5, 1: 0.5}, priced, "c")
+    assert floored is not None and floored.cost_model.split_handoff() == 0.0
+    assert floored.extra_s == pytest.approx(-1e-3)
+    # with no term to take from, nothing changes
+    assert split_feedback(plan, {0: 0.5, 1: 0.5}, CostModel(), "c") is None
+
+
+def test_streamed_calls_faster_than_priced_lower_their_term():
+    from hetero.calibration.generation import _with_runtime
+
+    plan = _plan(_streamed(0, 2.0), _streamed(1, 2.0))
+    priced = _with_runtime(CostModel(), "c", stream_call=1.5e-3)
+    fb = stream_feedback(plan, {0: 1.0, 1: 1.0}, priced, "c")
+    assert fb is not None and fb.extra_s == pytest.approx((1.0 * 1.05 - 2.0) / 1e3)
+    assert fb.cost_model.stream_call() == pytest.approx(1.5e-3 + fb.extra_s)
+    assert stream_feedback(plan, {0: 1.95, 1: 2.05}, priced, "c") is None  # the 5% band
+
+
+# ---- resident partitions: fitted as a forward's, carried into the re-plan --------------------
+CPU2 = "configs/clusters/cpu-2core.yaml"
+H100 = "configs/clusters/h100-sxm-node.yaml"
+
+
+def _halved_cpu(cluster) -> CostModel:
+    """A deliberately wrong profile: every CPU cost (its groups and its call) at half."""
+    from hetero.cluster.profile import ALL_CLASSES, CALL, CalibrationProfile, Correction
+
+    cpu = next(d for d in cluster.devices if d.kind == "cpu")
+    halves = tuple(Correction(cpu.name, "eager", k, 0.5) for k in (ALL_CLASSES, CALL))
+    return CostModel(profile=CalibrationProfile(cluster=cluster.name, corrections=halves))
+
+
+def _measured(ms: dict[int, float]) -> dict:
+    from hetero.calibration.feedback import Measured
+
+    return {k: Measured(runs=16, runner_ms=v, stage_ms=v) for k, v in ms.items()}
+
+
+@pytest.mark.parametrize("wrong", ["cpu costs halved", "cpu measured at half"])
+def test_a_resident_partition_off_its_price_is_priced_as_measured_after_one_round(
+    tiny_llama_lm, wrong
+):
+    """Both ways: a profile with the CPU's costs halved (measured twice its price), and a CPU
+    measured at half its price. One round's fold prices the same partition as measured,
+    and the re-plan is priced with it."""
+    from hetero.backends.registry import default_registry
+    from hetero.calibration.generation import resident_feedback
+    from hetero.cluster.spec import ClusterSpec
+    from hetero.partitioner.algorithms.generation import decode_pricing, plan_generation
+    from hetero.partitioner.reprice import reprice
+
+    cluster = ClusterSpec.from_yaml(CPU2)
+    reg = default_registry()
+    truth = plan_generation(tiny_llama_lm, cluster, registry=reg, cost_model=CostModel())
+    cm = _halved_cpu(cluster) if wrong == "cpu costs halved" else CostModel()
+    cm = with_split_handoff(cm, cluster.name, 1e-3)  # a term the fit must keep
+    first = plan_generation(tiny_llama_lm, cluster, registry=reg, cost_model=cm).decode
+    (p,) = first.partitions
+    got = truth.decode.predicted_ms if wrong == "cpu costs halved" else p.predicted_ms / 2
+    assert abs(p.predicted_ms - got) / got > 0.4  # off before
+
+    priced = decode_pricing(tiny_llama_lm, cluster, registry=reg, cost_model=cm)
+    fb = resident_feedback(first, priced, _measured({p.index: got}), cm, min_ms=0.25)
+    assert fb is not None and fb.folded == 1 and "box/cpu" in fb.note()
+    assert fb.cost_model.split_handoff() == pytest.approx(1e-3)
+    after = reprice(first, decode_pricing(tiny_llama_lm, cluster, registry=reg,
+                                          cost_model=fb.cost_model))  # fmt: skip
+    assert after.partitions[0].predicted_ms == pytest.approx(got, rel=0.05)
+    again = plan_generation(tiny_llama_lm, cluster, registry=reg, cost_model=fb.cost_model)
+    assert again.predicted_decode_ms == pytest.approx(got, rel=0.05)
+
+
+class _FakeDecode:
+    """A decode executor's measurements without running anything: per plan partition, the
+    warm runs' median (stage index = plan index)."""
+
+    def __init__(self, ms: dict[int, float]) -> None:
+        from hetero.runtime.metrics import MetricsSnapshot, StageStats
+
+        self.stages = ()
+        snap = MetricsSnapshot(tuple(StageStats(k, 16, v, v) for k, v in ms.items()), (), 2)
+        self.metrics = type("M", (), {"snapshot": lambda self, *a: snap})()
+
+
+class _FakeGeneration:
+    def __init__(self, decode_ms: dict[int, float], token_ms: float) -> None:
+        from hetero.partitioner.phases import Phase
+
+        self.executors = {Phase.DECODE: _FakeDecode(decode_ms)}
+        self.last = {"decode_ms_per_token": token_ms}
+        self._closed = False
+
+    def generate(self, *a, **kw):
+        return None
+
+    def shutdown(self) -> None:
+        self._closed = True
+
+
+def test_a_feedback_round_replans_away_from_a_gpu_measured_slow(tiny_llama_lm):
+    """The round itself (interfaces/generate.py), on measurements injected in place of a
+    run: the GPU's resident partition measured 40x its price. Its corrected price is what
+    was measured, the report says so per partition, and the re-plan, priced with it,
+    moves the layers to the host CPU and is rebuilt."""
+    from hetero.backends.registry import default_registry
+    from hetero.cluster.spec import ClusterSpec
+    from hetero.interfaces.generate import CompiledLM, _feedback_round
+    from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
+
+    cluster = ClusterSpec.from_yaml(H100)
+    reg = default_registry()
+    kw = dict(registry=reg, backends=GENERATION_BACKENDS, pins=None, exclude=(),
+              decode_placements=None)  # fmt: skip
+    plan = plan_generation(tiny_llama_lm, cluster, cost_model=CostModel(), **kw)
+    (p,) = plan.decode.partitions
+    assert p.device == "node0/gpu"
+    slow = 40 * p.predicted_ms
+    compiled = CompiledLM(tiny_llama_lm, plan, cluster, _FakeGeneration({0: slow}, slow))
+    built = []
+
+    def rebuild(gp):
+        built.append(gp)
+        return CompiledLM(tiny_llama_lm, gp, cluster, _FakeGeneration({}, 0.0))
+
+    out = _feedback_round(compiled, CostModel(), rebuild, kw)
+    fb = out.feedback
+    assert fb["replanned"] and built and out.plan is built[0]
+    assert {q.device for q in built[0].decode.partitions} == {"node0/cpu"}
+    assert "re-planned" in built[0].notes[-1] and "folded" in fb["why"]
+    (row,) = fb["partitions"]
+    assert row["measured_ms"] == pytest.approx(slow)
+    assert row["predicted_ms"] == pytest.approx(p.predicted_ms)
+    assert row["after_ms"] == pytest.approx(slow, rel=0.05) and not row["in_replan"]
+    assert fb["median_error_before"] == pytest.approx(1 - 1 / 40)
+    assert fb["median_error_after"] < 0.05
+    assert fb["replan_predicted_ms"] < slow
+
+
+def test_a_plan_kept_after_the_round_carries_the_corrected_prices(tiny_llama_lm):
+    """One CPU, nowhere else to go: the round keeps the plan, and the plan it keeps prices
+    its partition as measured (its next comparison starts there), saying so in its notes."""
+    from hetero.backends.registry import default_registry
+    from hetero.cluster.spec import ClusterSpec
+    from hetero.interfaces.generate import CompiledLM, _feedback_round
+    from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
+
+    cluster = ClusterSpec.from_yaml(CPU2)
+    kw = dict(registry=default_registry(), backends=GENERATION_BACKENDS, pins=None, exclude=(),
+              decode_placements=None)  # fmt: skip
+    plan = plan_generation(tiny_llama_lm, cluster, cost_model=CostModel(), **kw)
+    got = 3 * plan.decode.partitions[0].predicted_ms
+    compiled = CompiledLM(tiny_llama_lm, plan, cluster, _FakeGeneration({0: got}, got))
+    out = _feedback_round(compiled, CostModel(), lambda gp: pytest.fail("rebuilt"), kw)
+    assert out is compiled and not out.feedback["replanned"]
+    assert out.plan.decode.partitions[0].predicted_ms == pytest.approx(got, rel=0.05)
+    assert out.plan.predicted_decode_ms == pytest.approx(got, rel=0.05)
+    assert "median partition error: 67% priced before, 0% after" in out.plan.notes[-1]

@@ -223,25 +223,60 @@ def test_other_architectures_generate_like_transformers(arch, tmp_path):
         lm.shutdown()
 
 
-def test_a_feedback_round_measures_the_split_layers_and_still_generates(
+class _SlowFirstDecodeStage(StageBinder):
+    """Binds as StageBinder does, then slows decode's first partition by `delay_s` per call:
+    a partition measured off its price on purpose."""
+
+    def __init__(self, *a, delay_s: float, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.delay_s = delay_s
+
+    def bind(self, stages, weights):
+        import time
+
+        from hetero.partitioner.phases import Phase
+
+        runners = super().bind(stages, weights)
+        decode = runners[Phase.DECODE]
+        first = min(s.index for s in stages[Phase.DECODE] if s.plan_index == 0)
+        inner = decode[first]
+
+        def slow(*acts):
+            time.sleep(self.delay_s)
+            return inner(*acts)
+
+        decode[first] = slow
+        return runners
+
+
+def test_a_feedback_round_measures_every_decode_partition_and_still_generates(
     tiny_llama, captured, tmp_path
 ):
-    """compile_lm(feedback=True) runs one request, compares the split layers' measured
-    times with their prices and re-plans where they ran long; whichever plan it keeps
-    gives transformers' tokens."""
+    """compile_lm(feedback=True) runs one request and compares every decode partition's
+    measured time with its price: the first one, slowed by 20 ms a call on purpose, is
+    priced at what it measured after the round, and so are the split layers; whichever plan
+    it keeps gives transformers' tokens."""
     model, prompt, expected = tiny_llama
     registry = default_registry()
     lm = compile_lm(
         model, ClusterSpec.from_yaml(H100), max_length=64, lm=captured, registry=registry,
         cache_dir=tmp_path, decode_placements={"model.model.layers": "split"}, feedback=True,
-        binder=StageBinder(registry, device_of=lambda d: torch.device("cpu")),
+        binder=_SlowFirstDecodeStage(registry, device_of=lambda d: torch.device("cpu"),
+                                     delay_s=0.02),
     )  # fmt: skip
     try:
         fb = lm.feedback
         assert fb is not None and fb["measured_ms_per_token"] > 0
-        measured_split = [p for p in fb["first_plan"] if p["weights"] == "split"]
-        assert measured_split and all(p["handoffs"] > 0 for p in measured_split)
-        assert all(ms > 0 for ms in fb["partitions_ms"].values())
+        rows = fb["partitions"]
+        split = [p for p in rows if p["weights"] == "split"]
+        assert split and all(p["handoffs"] > 0 for p in split)
+        assert all(p["measured_ms"] > 0 and p["after_ms"] is not None for p in rows)
+        slowed = next(p for p in rows if p["index"] == 0)
+        assert slowed["measured_ms"] >= 20 and slowed["predicted_ms"] < 5
+        # in-sample: the corrected prices are fitted to this very round
+        assert slowed["after_ms"] == pytest.approx(slowed["measured_ms"], rel=0.15)
+        assert fb["median_error_after"] < fb["median_error_before"]
+        assert "folded into the prices" in fb["why"]
         assert lm.generate(prompt, 12).tolist() == expected[:, :12].tolist()
     finally:
         lm.shutdown()
