@@ -371,27 +371,7 @@ gpu_cpu_mlp = _register(
 _X, _Y = 0, 16  # the two flags' cells: 64 bytes apart, so they sit on their own cache lines
 
 
-def _mm_task(
-    prev: torch.jit.Future[int],
-    cells: torch.Tensor,
-    seq: int,
-    x: torch.Tensor,
-    xc: torch.Tensor,
-    convert: bool,
-    w: torch.Tensor,
-    y: torch.Tensor,
-) -> int:
-    torch.jit.wait(prev)
-    while int(cells[0]) != seq:  # _X
-        pass
-    if convert:
-        xc.copy_(x)
-    torch.mm(xc, w.t(), out=y)
-    cells[16] = seq  # _Y
-    return seq
-
-
-def _mlp_task(
+def _task(
     prev: torch.jit.Future[int],
     cells: torch.Tensor,
     seq: int,
@@ -403,32 +383,22 @@ def _mlp_task(
     gated: bool,
     y: torch.Tensor,
 ) -> int:
+    """x @ w.T into y (`act` ""), or the MLP share of `w` (mlp_share), once the GPU has set
+    the x flag to `seq` and the task before has run; then sets the rows flag to `seq`."""
     torch.jit.wait(prev)
     while int(cells[0]) != seq:  # _X
         pass
     if convert:
         xc.copy_(x)
-    mlp_share(xc, w, act, gated, y)
+    if act == "":
+        torch.mm(xc, w.t(), out=y)
+    else:
+        mlp_share(xc, w, act, gated, y)
     cells[16] = seq  # _Y
     return seq
 
 
-def _queue_mm(
-    prev: torch.jit.Future[int],
-    cells: torch.Tensor,
-    seq: int,
-    x: torch.Tensor,
-    xc: torch.Tensor,
-    convert: bool,
-    w: torch.Tensor,
-    y: torch.Tensor,
-) -> torch.jit.Future[int]:
-    # fork only runs asynchronously when called from TorchScript, hence these two
-    fut = torch.jit.fork(_mm_task, prev, cells, seq, x, xc, convert, w, y)
-    return fut
-
-
-def _queue_mlp(
+def _queue(
     prev: torch.jit.Future[int],
     cells: torch.Tensor,
     seq: int,
@@ -440,7 +410,8 @@ def _queue_mlp(
     gated: bool,
     y: torch.Tensor,
 ) -> torch.jit.Future[int]:
-    fut = torch.jit.fork(_mlp_task, prev, cells, seq, x, xc, convert, w, act, gated, y)
+    # fork only runs asynchronously when called from TorchScript, hence this function
+    fut = torch.jit.fork(_task, prev, cells, seq, x, xc, convert, w, act, gated, y)
     return fut
 
 
@@ -463,11 +434,7 @@ def _tasks() -> dict[str, Callable] | None:
             # torch 2.13 deprecates torch.jit.script for models; a task has no alternative
             # that runs off the Python lock (torch.compile and export do not fork)
             warnings.simplefilter("ignore", DeprecationWarning)
-            tasks = {
-                "mm": torch.jit.script(_queue_mm),
-                "mlp": torch.jit.script(_queue_mlp),
-                "finished": torch.jit.script(_finished),
-            }
+            tasks = {"queue": torch.jit.script(_queue), "finished": torch.jit.script(_finished)}
         _one_task_thread(tasks)
         return tasks
     except Exception as e:  # any failure: keep the synchronous path
@@ -552,7 +519,9 @@ class _Chain:
         seq, stream, x_host, xc = self._send(x, "x", w_cpu.dtype)
         y_host, y_dev = self.staging.get(x.device, "y", (x.shape[0], w_cpu.shape[0]), w_cpu.dtype)
         convert = xc is not x_host
-        task = self.tasks["mm"](self.last, self.cells, seq, x_host, xc, convert, w_cpu, y_host)
+        task = self.tasks["queue"](
+            self.last, self.cells, seq, x_host, xc, convert, w_cpu, "", False, y_host
+        )
         self._queued(seq, task)
         y_gpu = x @ w_gpu.t()  # runs while the CPU multiplies
         self.flags.wait(stream, self.y_at, seq)
@@ -570,7 +539,7 @@ class _Chain:
             x.device, "mlp_y", (x.shape[0], w_cpu.shape[1]), w_cpu.dtype
         )
         convert = xc is not x_host
-        task = self.tasks["mlp"](
+        task = self.tasks["queue"](
             self.last, self.cells, seq, x_host, xc, convert, w_cpu, act, gated, y_host
         )
         self._queued(seq, task)

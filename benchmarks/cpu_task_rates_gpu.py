@@ -70,7 +70,7 @@ def main() -> None:
     def task(x, w, y):
         seq[0] += 1
         cells[gcm._X] = seq[0]
-        return tasks["mm"](tasks["finished"](0), cells, seq[0], x, x, False, w, y)
+        return tasks["queue"](tasks["finished"](0), cells, seq[0], x, x, False, w, "", False, y)
 
     for dt in args.dtypes:
         dtype = getattr(torch, dt)

@@ -96,8 +96,8 @@ def test_overlapped_tasks_wait_for_their_flag_then_compute_what_the_ops_do(cpu_d
     convert = cpu_dtype != x.dtype
     xc = torch.empty(3, 64, dtype=cpu_dtype) if convert else x
     y, ym = torch.empty(3, 40, dtype=cpu_dtype), torch.empty(3, 64, dtype=cpu_dtype)
-    first = tasks["mm"](tasks["finished"](0), cells, 1, x, xc, convert, w, y)
-    second = tasks["mlp"](first, cells, 2, x, xc, convert, wm, "silu", True, ym)
+    first = tasks["queue"](tasks["finished"](0), cells, 1, x, xc, convert, w, "", False, y)
+    second = tasks["queue"](first, cells, 2, x, xc, convert, wm, "silu", True, ym)
     # the second's flag first: it must still wait for the first task
     cells[gcm._X] = 2
     assert not first.done() and int(cells[gcm._Y]) == 0
@@ -132,7 +132,7 @@ def test_a_failed_task_releases_the_waiting_stream_and_drain_says_so():
     cells = chain.cells
     bad_y = torch.empty(3, 40, dtype=torch.int64)  # no float product lands there: it raises
     x, w = torch.randn(3, 64), torch.randn(40, 64)
-    chain._queued(1, tasks["mm"](chain.last, cells, 1, x, x, False, w, bad_y))
+    chain._queued(1, tasks["queue"](chain.last, cells, 1, x, x, False, w, "", False, bad_y))
     cells[gcm._X] = 1  # the "GPU" reaches the hand-off
     with pytest.raises(WorkerError, match="CPU share failed"):
         chain.drain()
