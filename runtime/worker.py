@@ -74,6 +74,12 @@ class StageRunner:
         self.runner = runner
         self.device = device
         self.gpu_timing = gpu_timing and device.kind == "gpu" and torch.cuda.is_available()
+        # made once: a run's pair is read (gpu_timed) before the stage runs again
+        self._pair = (
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            if self.gpu_timing
+            else None
+        )
         self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
     def gpu_timed(self, record: StageRecord) -> StageRecord:
@@ -107,9 +113,8 @@ class StageRunner:
                 f"partition {s.name} on {s.device.name}: inputs {missing} did not arrive; "
                 "the stage graph is wired wrong (a bug in hetero's runtime: please report it)"
             )
-        events = None
-        if self.gpu_timing:
-            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        events = self._pair
+        if events is not None:
             events[0].record(torch.cuda.current_stream(self._cuda()))
         t0 = time.perf_counter()
         try:
