@@ -114,11 +114,20 @@ class _Staging(threading.local):
 _STAGING = _Staging()
 
 
+# One overlapped block at a time in a process. Two threads' blocks could otherwise deadlock:
+# their tasks share one inter-op thread (_one_task_thread), and on a shared CUDA stream one
+# thread's flag write can queue behind the other's wait for a task that cannot start while
+# the first thread's task spins for that write.
+_OVERLAP = threading.Lock()
+
+
 @contextlib.contextmanager
 def overlapped() -> Iterator[None]:
     """Split ops called inside (in this thread) hand the CPU's share to a task and go on;
     leaving waits for every task and raises `WorkerError` if one failed. A generation's
-    steps run inside it (runtime/generation.py)."""
+    steps run inside it (runtime/generation.py); other threads' blocks wait their turn."""
+    if not _STAGING.depth:
+        _OVERLAP.acquire()
     _STAGING.depth += 1
     failed = False
     try:
@@ -129,10 +138,13 @@ def overlapped() -> Iterator[None]:
     finally:
         _STAGING.depth -= 1
         if not _STAGING.depth:
-            chains = [c for c in _STAGING.chains.values() if c is not None]
-            for c in chains:
-                c.drain(raise_failure=not failed)
-            _STAGING.retired.clear()
+            try:
+                chains = [c for c in _STAGING.chains.values() if c is not None]
+                for c in chains:
+                    c.drain(raise_failure=not failed)
+                _STAGING.retired.clear()
+            finally:
+                _OVERLAP.release()
 
 
 class _ArrayInterface:

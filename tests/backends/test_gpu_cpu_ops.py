@@ -138,3 +138,24 @@ def test_a_failed_task_releases_the_waiting_stream_and_drain_says_so():
         chain.drain()
     assert int(cells[gcm._Y]) == 1  # released: the stream would go on
     chain.drain()  # reported once; the chain serves the next step
+
+
+def test_overlapped_blocks_of_two_threads_take_turns():
+    """Two generations stepping at once in two threads would share one task thread and, on
+    one CUDA stream, could wait on each other forever: their blocks run one at a time."""
+    import threading
+
+    order = []
+
+    def other() -> None:
+        with gcm.overlapped():
+            order.append("other")
+
+    with gcm.overlapped(), gcm.overlapped():  # nested in one thread: no self-deadlock
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(timeout=0.2)
+        assert t.is_alive()  # waiting for this block
+        order.append("this")
+    t.join(timeout=5)
+    assert order == ["this", "other"]
