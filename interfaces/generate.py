@@ -21,7 +21,6 @@ import torch
 
 from hetero.backends.base import CompileOptions
 from hetero.backends.registry import BackendRegistry, default_registry
-from hetero.calibration.feedback import Measured
 from hetero.calibration.generation import resident_feedback, split_feedback, stream_feedback
 from hetero.cluster.connect import init_ray
 from hetero.cluster.devices import NPU_RESOURCE
@@ -307,7 +306,9 @@ def _feedback_round(
     compiled.generate(ids, min(4, new))  # warm-up: first calls compile and capture
     compiled.generate(ids, new)
     token_ms = compiled.last_request["decode_ms_per_token"]
-    runs = decode_measurements(executors[Phase.DECODE])
+    executor = executors[Phase.DECODE]
+    # per plan partition, medians of the warm runs (a streamed partition's pieces summed)
+    runs = measured_partitions(executor.stages, executor.metrics.snapshot())
     measured = {k: m.stage_ms for k, m in runs.items()}  # the whole stage, as priced
     cluster, name = compiled.cluster, compiled.cluster.name
 
@@ -391,12 +392,6 @@ def _feedback_round(
     rebuilt = rebuild(dataclasses.replace(again, notes=(*again.notes, why)))
     rebuilt.feedback = {**report, "replanned": True, "why": why}
     return rebuilt
-
-
-def decode_measurements(executor: Any) -> dict[int, Measured]:
-    """Plan partition index -> its measured decode times (medians of the warm runs; a
-    streamed partition's pieces summed)."""
-    return measured_partitions(executor.stages, executor.metrics.snapshot())
 
 
 def partition_errors(

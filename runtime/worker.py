@@ -73,22 +73,24 @@ class StageRunner:
         self.stage = stage
         self.runner = runner
         self.device = device
-        self.gpu_timing = gpu_timing and device.kind == "gpu" and torch.cuda.is_available()
+        cuda = device.kind == "gpu" and torch.cuda.is_available()
+        self._cuda = torch.device("cuda", device.index or 0) if cuda else None
         # made once: a run's pair is read (gpu_timed) before the stage runs again
         self._pair = (
             (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            if self.gpu_timing
+            if gpu_timing and cuda
             else None
         )
-        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self._timed = False  # the pair holds a run gpu_timed has not read
 
     def gpu_timed(self, record: StageRecord) -> StageRecord:
         """`record` (this stage's last run) with its GPU span as its times, where timed."""
-        events, self._events = self._events, None
-        if events is None or record.index != self.stage.index:
+        timed, self._timed = self._timed, False
+        if not timed or record.index != self.stage.index:
             return record
-        events[1].synchronize()
-        ms = events[0].elapsed_time(events[1])
+        start, end = self._pair
+        end.synchronize()
+        ms = start.elapsed_time(end)
         return replace(record, ms=ms, stage_ms=ms)
 
     def __call__(self, packets: Sequence[Packet], host_out: bool = True) -> Packet:
@@ -113,9 +115,8 @@ class StageRunner:
                 f"partition {s.name} on {s.device.name}: inputs {missing} did not arrive; "
                 "the stage graph is wired wrong (a bug in hetero's runtime: please report it)"
             )
-        events = self._pair
-        if events is not None:
-            events[0].record(torch.cuda.current_stream(self._cuda()))
+        if self._pair is not None:
+            self._pair[0].record(torch.cuda.current_stream(self._cuda))
         t0 = time.perf_counter()
         try:
             outs = self.runner(*[values[n] for n in s.inputs])
@@ -138,23 +139,20 @@ class StageRunner:
         # scrambled: it goes contiguous, and a reader whose views need the old strides then
         # fails loudly instead of computing on garbage.
         move = torch.Tensor.cpu if host_out else torch.Tensor.contiguous
-        if host_out and self.gpu_timing:  # a generation's step: asleep while tasks multiply
-            settle(self._cuda())
+        if host_out and self._cuda is not None:  # asleep while overlapped tasks multiply
+            settle(self._cuda)
         outs = tuple(
             pytree.tree_map(lambda t: move(t) if isinstance(t, torch.Tensor) else t, o)
             for o in outs
         )
         stage_ms = (time.perf_counter() - began) * 1e3
-        if events is not None:  # after the outputs' moves: their copies are the stage's
-            events[1].record(torch.cuda.current_stream(self._cuda()))
-            self._events = events
+        if self._pair is not None:  # after the outputs' moves: their copies are the stage's
+            self._pair[1].record(torch.cuda.current_stream(self._cuda))
+            self._timed = True
         records[s.index] = StageRecord(
             s.index, ms, nbytes(outs), tuple(in_bytes), tuple(waits), stage_ms
         )
         return Packet(s.index, dict(zip(s.outputs, outs, strict=True)), records, time.time())
-
-    def _cuda(self) -> torch.device:
-        return torch.device("cuda", self.device.index or 0)
 
 
 def _fetch(blob: Any) -> bytes | None:
