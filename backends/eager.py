@@ -26,7 +26,7 @@ from hetero.backends.base import (
     Manifest,
     Runner,
 )
-from hetero.backends.export import dynamic_spec, export_unit
+from hetero.backends.export import dynamic_spec, export_unit, save_program
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
 
@@ -179,7 +179,7 @@ class EagerBackend(Backend):
                 files.append(WEIGHTS_FILE)
         else:
             ep = export_unit(unit, dtype)
-        torch.export.save(ep, out_dir / "program.pt2")
+        save_program(ep, out_dir / "program.pt2", weights_as_inputs=bool(streamed))
         return self.manifest(
             unit,
             device,

@@ -35,7 +35,7 @@ from hetero.backends.base import (
 )
 from hetero.backends.cudagraphs import Replayed
 from hetero.backends.eager import WEIGHTS_FILE, export_streamed, torch_device
-from hetero.backends.export import export_unit
+from hetero.backends.export import export_unit, save_program
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError
 
@@ -118,7 +118,7 @@ class InductorBackend(Backend):
             order = json.dumps(list(weights))
             save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"params": order})
             files.append(WEIGHTS_FILE)
-        torch.export.save(ep, out_dir / "program.pt2")
+        save_program(ep, out_dir / "program.pt2", weights_as_inputs=bool(streamed))
         settings = {
             "mode": mode,
             "fullgraph": own.fullgraph,

@@ -202,12 +202,14 @@ def load_runners(
             verify_artifact(s.artifact)
             weights.append(load_weights(s.artifact))
             if compiled is not None:
-                # torch.export.load reads a program; it never unpickles code.
-                program = torch.export.load(Path(s.artifact.path) / "program.pt2")
-                key = program_key(program)
-                if key not in compiled:
-                    compiled[key] = _CompiledPiece(program.module().to(tdev), tdev)
-                runners[s.index] = _Bound(compiled[key], runners[s.index])
+                if s.artifact.key not in compiled:  # equal keys: equal programs, one load
+                    # torch.export.load reads a program; it never unpickles code.
+                    program = torch.export.load(Path(s.artifact.path) / "program.pt2")
+                    key = program_key(program)
+                    if key not in compiled:
+                        compiled[key] = _CompiledPiece(program.module().to(tdev), tdev)
+                    compiled[s.artifact.key] = compiled[key]
+                runners[s.index] = _Bound(compiled[s.artifact.key], runners[s.index])
         streamer = WeightStreamer(weights, tdev, slots=slots)
         for k, s in enumerate(group):
             runners[s.index] = StreamedRunner(runners[s.index], streamer, k)
