@@ -281,8 +281,15 @@ def feedback_summary(fb: dict | None) -> str:
         + ("-" if r["after_ms"] is None else f"{r['after_ms']:.2f}")
         for r in rows
     )
+    rounds = "; ".join(
+        f"round {r['round']}: measured {r['measured_ms_per_token'] or 0:.1f} ms/token, "
+        f"predicted {r['predicted_ms_per_token']:.1f}, "
+        + ("re-planned" if r["replanned"] else "kept")
+        for r in fb.get("rounds", [])
+    )
     return (
-        f"{'re-planned' if fb.get('replanned') else 'kept'}; per partition, predicted before -> "
+        (f"rounds: {rounds}; first round: " if rounds else "")
+        + f"{'re-planned' if fb.get('replanned') else 'kept'}; per partition, predicted before -> "
         f"measured -> predicted after (ms): {each}; median error "
         f"{_pct(fb.get('median_error_before'))} -> {_pct(fb.get('median_error_after'))} "
         f"(>= 1 ms: {_pct(fb.get('median_error_before_1ms'))} -> "
@@ -321,12 +328,33 @@ def decode_trace(lm, ids, path: str, steps: int = 3) -> dict:
     to `path` (Chrome trace format): where a step's time goes between the stages."""
     from torch.profiler import ProfilerActivity, profile
 
+    from hetero.partitioner.phases import Phase
+
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    # each decode stage as a named range (host side), for the duration of the trace only
+    runners = lm.generation.executors[Phase.DECODE]._state.runners
+    saved = dict(runners)
+
+    class Named:
+        def __init__(self, runner) -> None:
+            self.runner, self.name = runner, f"stage {runner.stage.name} {runner.stage.weights}"
+
+        def __call__(self, *a, **kw):
+            with torch.profiler.record_function(self.name):
+                return self.runner(*a, **kw)
+
+        def __getattr__(self, name: str):
+            return getattr(self.runner, name)
+
     tokens = lm.stream(ids, steps + 1)
     next(tokens)  # prefill's token: outside the trace
-    with profile(activities=acts) as prof:
-        for _ in tokens:
-            pass
+    runners.update({i: Named(r) for i, r in saved.items()})
+    try:
+        with profile(activities=acts) as prof:
+            for _ in tokens:
+                pass
+    finally:
+        runners.update(saved)
     prof.export_chrome_trace(path)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
     log(f"  decode trace ({steps} steps) written to {path}\n{table}")

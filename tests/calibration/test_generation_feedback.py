@@ -285,3 +285,65 @@ def test_a_plan_kept_after_the_round_carries_the_corrected_prices(tiny_llama_lm)
     assert out.plan.decode.partitions[0].predicted_ms == pytest.approx(got, rel=0.05)
     assert out.plan.predicted_decode_ms == pytest.approx(got, rel=0.05)
     assert "median partition error: 67% priced before, 0% after" in out.plan.notes[-1]
+
+
+def test_rounds_go_back_to_the_plan_measured_fastest(tiny_llama_lm):
+    """The re-plan runs slower than the plan it replaced: the next round measures it, and the
+    rounds end on the plan measured fastest (rebuilt from its measurement, not a price),
+    with every round in the report."""
+    from hetero.backends.registry import default_registry
+    from hetero.cluster.spec import ClusterSpec
+    from hetero.interfaces.generate import CompiledLM, _feedback_rounds
+    from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
+
+    cluster = ClusterSpec.from_yaml(H100)
+    kw = dict(registry=default_registry(), backends=GENERATION_BACKENDS, pins=None, exclude=(),
+              decode_placements=None)  # fmt: skip
+    plan = plan_generation(tiny_llama_lm, cluster, cost_model=CostModel(), **kw)
+    (p,) = plan.decode.partitions
+    gpu_ms = 40 * p.predicted_ms  # the GPU plan: slow, but the CPU plan is slower still
+    cpu_ms = 3 * gpu_ms
+
+    def fake(gp) -> CompiledLM:
+        parts = gp.decode.partitions
+        total = gpu_ms if any(q.device == "node0/gpu" for q in parts) else cpu_ms
+        each = {q.index: total / len(parts) for q in parts}
+        return CompiledLM(tiny_llama_lm, gp, cluster, _FakeGeneration(each, total))
+
+    built = []
+
+    def rebuild(gp):
+        built.append(gp)
+        return fake(gp)
+
+    out = _feedback_rounds(fake(plan), CostModel(), rebuild, kw)
+    devices = [{q.device for q in b.decode.partitions} for b in built]
+    assert devices[0] == {"node0/cpu"}  # round 1: priced faster on the CPU
+    assert devices[-1] == {"node0/gpu"}  # back to the faster one, and kept there
+    assert {q.device for q in out.plan.decode.partitions} == {"node0/gpu"}
+    rounds = out.feedback["rounds"]
+    assert [r["measured_ms_per_token"] for r in rounds[:2]] == pytest.approx([gpu_ms, cpu_ms])
+    assert rounds[0]["replanned"] and rounds[1]["replanned"]
+    assert "ms per token measured against" in built[-1].notes[-1]
+    assert out.feedback["partitions"][0]["measured_ms"] == pytest.approx(gpu_ms)  # round 1's
+    assert len(rounds) <= 3
+
+
+def test_the_last_round_rebuilds_only_a_plan_measured_faster(tiny_llama_lm):
+    """One round allowed: it is the last, so a re-plan that was never measured is not built
+    however fast it is priced; with no plan measured before, the running one is kept."""
+    from hetero.backends.registry import default_registry
+    from hetero.cluster.spec import ClusterSpec
+    from hetero.interfaces.generate import CompiledLM, _feedback_rounds
+    from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
+
+    cluster = ClusterSpec.from_yaml(H100)
+    kw = dict(registry=default_registry(), backends=GENERATION_BACKENDS, pins=None, exclude=(),
+              decode_placements=None)  # fmt: skip
+    plan = plan_generation(tiny_llama_lm, cluster, cost_model=CostModel(), **kw)
+    (p,) = plan.decode.partitions
+    slow = 40 * p.predicted_ms
+    compiled = CompiledLM(tiny_llama_lm, plan, cluster, _FakeGeneration({0: slow}, slow))
+    out = _feedback_rounds(compiled, CostModel(), lambda gp: pytest.fail("rebuilt"), kw, 1)
+    assert out is compiled and not out.feedback["replanned"]
+    assert "no plan measured before" in out.feedback["why"]
