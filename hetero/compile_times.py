@@ -17,10 +17,16 @@ The result, `CompileTimes`, is a frozen value on the compiled object: a one-line
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+# A phase that took a second or more is logged as it ends: a compile cut short (a job's
+# time limit) still says where its time went.
+log = logging.getLogger("hetero.compile")
+_LOGGED_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,13 @@ class CompileClock:
             if self._nested:
                 self._nested[-1] += elapsed
             self.add(name, elapsed - inner)
+            if elapsed >= _LOGGED_S:
+                log.info(
+                    "%s: %.1f s (%.1f s since the compile started)",
+                    name,
+                    elapsed,
+                    time.perf_counter() - self._start,
+                )
 
     def add(
         self,

@@ -223,8 +223,9 @@ class _FakeGeneration:
     def generate(self, *a, **kw):
         return None
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # as LocalGeneration's: its executors (and runners) dropped
         self._closed = True
+        self.executors.clear()
 
 
 def test_a_feedback_round_replans_away_from_a_gpu_measured_slow(tiny_llama_lm):
@@ -347,3 +348,97 @@ def test_the_last_round_rebuilds_only_a_plan_measured_faster(tiny_llama_lm):
     out = _feedback_rounds(compiled, CostModel(), lambda gp: pytest.fail("rebuilt"), kw, 1)
     assert out is compiled and not out.feedback["replanned"]
     assert "no plan measured before" in out.feedback["why"]
+
+
+def test_a_re_plan_priced_slower_than_a_plan_measured_goes_back_to_that_plan(
+    tiny_llama_lm, monkeypatch
+):
+    """Round 1 re-plans from the GPU plan to the CPU, which measures slower; round 2's
+    re-plan is a third plan priced between the two measurements. A price that has been wrong
+    does not beat a measurement: round 2 goes back to the GPU plan, and the third is never
+    built."""
+    import dataclasses
+
+    import hetero.interfaces.generate as generate
+    from hetero.backends.registry import default_registry
+    from hetero.cluster.spec import ClusterSpec
+    from hetero.interfaces.generate import CompiledLM, _feedback_rounds
+    from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
+
+    cluster = ClusterSpec.from_yaml(H100)
+    kw = dict(registry=default_registry(), backends=GENERATION_BACKENDS, pins=None, exclude=(),
+              decode_placements=None)  # fmt: skip
+    plan = plan_generation(tiny_llama_lm, cluster, cost_model=CostModel(), **kw)
+    (p,) = plan.decode.partitions
+    gpu_ms = 40 * p.predicted_ms
+    cpu_ms = 3 * gpu_ms
+    third_ms = 2 * gpu_ms  # between the two measurements, well under the CPU plan's
+    third = dataclasses.replace(
+        plan,
+        decode=dataclasses.replace(
+            plan.decode,
+            partitions=tuple(
+                dataclasses.replace(q, weights="streamed") for q in plan.decode.partitions
+            ),
+            predicted_ms=third_ms,
+        ),
+    )
+    calls = []
+
+    def planned(*a, **k):
+        calls.append(1)
+        return plan_generation(*a, **k) if len(calls) == 1 else third
+
+    monkeypatch.setattr(generate, "plan_generation", planned)
+
+    def fake(gp) -> CompiledLM:
+        parts = gp.decode.partitions
+        assert gp.decode.partitions[0].weights != "streamed", "the third plan was built"
+        total = gpu_ms if any(q.device == "node0/gpu" for q in parts) else cpu_ms
+        each = {q.index: total / len(parts) for q in parts}
+        return CompiledLM(tiny_llama_lm, gp, cluster, _FakeGeneration(each, total))
+
+    built = []
+
+    def rebuild(gp):
+        built.append(gp)
+        return fake(gp)
+
+    out = _feedback_rounds(fake(plan), CostModel(), rebuild, kw)
+    assert [{q.device for q in b.decode.partitions} for b in built] == [
+        {"node0/cpu"},
+        {"node0/gpu"},
+    ]
+    assert "back to the plan measured fastest" in out.feedback["rounds"][1]["why"]
+    assert {q.device for q in out.plan.decode.partitions} == {"node0/gpu"}
+
+
+def test_a_rebuild_binds_the_next_plan_with_nothing_of_the_last_one_alive(tiny_llama_lm):
+    """The plan being replaced is shut down before the next one binds, and no frame of the
+    round still holds its decode executor (through it, every runner's weights): an H200
+    compile that rebuilt with one held peaked at 7.65 GB under a 4 GiB cap (run 18)."""
+    import gc
+    import weakref
+
+    from hetero.backends.registry import default_registry
+    from hetero.cluster.spec import ClusterSpec
+    from hetero.interfaces.generate import CompiledLM, _feedback_round
+    from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
+    from hetero.partitioner.phases import Phase
+
+    cluster = ClusterSpec.from_yaml(H100)
+    kw = dict(registry=default_registry(), backends=GENERATION_BACKENDS, pins=None, exclude=(),
+              decode_placements=None)  # fmt: skip
+    plan = plan_generation(tiny_llama_lm, cluster, cost_model=CostModel(), **kw)
+    slow = 40 * plan.decode.partitions[0].predicted_ms
+    compiled = CompiledLM(tiny_llama_lm, plan, cluster, _FakeGeneration({0: slow}, slow))
+    old = weakref.ref(compiled.generation.executors[Phase.DECODE])
+    alive = []
+
+    def rebuild(gp):
+        gc.collect()
+        alive.append(old() is not None)
+        return CompiledLM(tiny_llama_lm, gp, cluster, _FakeGeneration({}, 0.0))
+
+    out = _feedback_round(compiled, CostModel(), rebuild, kw)
+    assert out.feedback["replanned"] and alive == [False]
