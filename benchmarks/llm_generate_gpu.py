@@ -786,27 +786,13 @@ def main() -> None:
     ap.add_argument(
         "--no-feedback",
         action="store_true",
-        help="capped case: keep the first plan (no measured feedback round)",
+        help="capped case: keep the first plan (no measured feedback rounds)",
     )
-    ap.add_argument(
-        "--stacks",
-        metavar="PATH",
-        help="write every thread's stack to PATH every --stacks-every-s seconds",
-    )
-    ap.add_argument("--stacks-every-s", type=float, default=60.0)
     args = ap.parse_args()
     # the compile's phases and feedback rounds as they end: a call cut short by its time
     # limit still says where the time went
     logging.basicConfig(format="  [%(name)s %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hetero.compile").setLevel(logging.INFO)
-    if args.stacks:  # every thread's stack at intervals: where a stuck call is stuck
-        import faulthandler
-
-        faulthandler.dump_traceback_later(
-            args.stacks_every_s,
-            repeat=True,
-            file=open(args.stacks, "w"),  # noqa: SIM115
-        )
     if args.tiny:
         args.cap_gib = args.cap_gib if args.cap_gib != 4.0 else 0.002
         args.prompt, args.new_tokens, args.max_len = (
