@@ -11,6 +11,7 @@ generation with a KV cache, and `CompiledLM.generate()`.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import statistics
@@ -483,6 +484,7 @@ def _round(
         why = f"{note}; back to the plan measured fastest ({expected:.1f} ms per token)"
     log.info("feedback: building decode partitions %s", _layout(target))
     compiled.shutdown()
+    gc.collect()  # runners caught in reference cycles would hold their weights to the next gc
     rebuilt = rebuild(dataclasses.replace(target, notes=(*target.notes, why)))
     rebuilt.feedback = {**report, "replanned": True, "why": why}
     return _Round(rebuilt, cm, token_ms, True)
