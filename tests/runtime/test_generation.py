@@ -248,6 +248,7 @@ class _SlowFirstDecodeStage(StageBinder):
         return runners
 
 
+@pytest.mark.timing  # the slowed partition's 20 ms and the fitted prices are measured
 def test_a_feedback_round_measures_every_decode_partition_and_still_generates(
     tiny_llama, captured, tmp_path
 ):
