@@ -60,16 +60,81 @@ class TestMLP(torch.nn.Module):
         return self.l3(torch.nn.functional.silu(self.l2(torch.relu(self.l1(x)))))
 
 
+# Compute-only modules (compiles, TVM, the Triton interpreter, captures, partitioner
+# properties, generation correctness): tools/test runs them in a second pytest process under
+# `nice -n 19` (HETERO_TEST_SHARE=background) beside the rest at normal priority
+# (HETERO_TEST_SHARE=foreground). Chosen with `pytest --durations=0` so that the two shares
+# take about as long. Whatever measures wall time stays out of here, as it would measure
+# its own starvation: Ray and servers, the fault suite, the online re-plans, the measured
+# backend choice (runtime/test_choice.py), calibration, and the default planner's proof of
+# optimality within its one-second exact search (partitioner/test_scale.py). A test of a
+# module listed here that uses Ray, or is marked `timing`, stays in the foreground.
+BACKGROUND = (
+    "tests/runtime/test_generation.py",
+    "tests/backends/test_tvm.py",
+    "tests/partitioner/test_generation_plan.py",
+    "tests/backends/triton/test_triton_rules.py",
+    "tests/backends/test_tvm_lowering.py",
+    "tests/runtime/test_split_linear.py",
+    "tests/calibration/test_generation_feedback.py",
+    "tests/backends/test_cache.py",
+    "tests/partitioner/test_algorithms.py",
+    "tests/partitioner/test_capture.py",
+    "tests/backends/test_tvm_support.py",
+    "tests/backends/test_tvm_safe_index.py",
+    "tests/backends/triton/test_triton_kernels.py",
+    "tests/backends/triton/test_triton_fusion.py",
+    "tests/backends/triton/test_triton_backend.py",
+)
+SHARES = ("foreground", "background")
+
+
+def _uses_ray(item: pytest.Item) -> bool:
+    return bool(item.get_closest_marker("ray")) or "ray_cluster" in item.fixturenames
+
+
+def _share(item: pytest.Item, root) -> str:
+    if _uses_ray(item) or item.get_closest_marker("timing"):
+        return "foreground"
+    module = item.path.relative_to(root).as_posix()
+    return "background" if module in BACKGROUND else "foreground"
+
+
+def _select_share(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keeps the tests of $HETERO_TEST_SHARE (all when unset). A BACKGROUND entry that names
+    no file fails every run: a renamed module would otherwise move to the foreground
+    unnoticed and the two shares drift apart."""
+    root = config.rootpath
+    missing = [m for m in BACKGROUND if not (root / m).is_file()]
+    if missing:
+        raise pytest.UsageError(
+            f"tests/conftest.py BACKGROUND names modules that do not exist: {missing}; "
+            "update the list (measure the shares with `pytest --durations=0`)"
+        )
+    share = os.environ.get("HETERO_TEST_SHARE", "")
+    if not share:
+        return
+    if share not in SHARES:
+        raise pytest.UsageError(f"HETERO_TEST_SHARE={share!r} is not one of {SHARES}")
+    kept, dropped = [], []
+    for item in items:
+        (kept if _share(item, root) == share else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for `pytest -n 2 --dist loadgroup`: every test that starts Ray runs on one
-    worker, so the 2-core machine never hosts two Ray clusters at once and the session
-    cluster starts once; every other module stays whole on one worker, so its module
-    fixtures (captured models, servers) are built once."""
+    """tools/test's share (above); then groups for `pytest -n 2 --dist loadgroup`: every
+    test that starts Ray runs on one worker, so the 2-core machine never hosts two Ray
+    clusters at once and the session cluster starts once; every other module stays whole on
+    one worker, so its module fixtures (captured models, servers) are built once."""
+    _select_share(config, items)
     if not config.pluginmanager.hasplugin("xdist"):  # its marker exists only with it
         return
     for item in items:
-        if item.get_closest_marker("ray") or "ray_cluster" in item.fixturenames:
+        if _uses_ray(item):
             group = "ray"
         else:
             group = item.nodeid.split("::", 1)[0]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from llm_models import captured_llama, llama_lm
 
 import hetero
 from hetero.backends.registry import default_registry
@@ -130,12 +131,10 @@ def test_split_layers_generate_the_same_tokens_with_one_hand_off_per_mlp(
     """Both decode layers split: each layer's MLP runs as one `gpu_cpu_mlp` (here both of
     its shares on this CPU), the rest through `gpu_cpu_mm`. A float16 LLaMA's SiLU runs in
     float32 between casts and still fuses; its tokens are the float16 model's own."""
-    from llm_models import llama_lm
-
     model, prompt, expected = tiny_llama
     lm_graphs = captured
     if dtype != torch.float32:
-        model, lm_graphs = llama_lm().to(dtype), None
+        model, lm_graphs = llama_lm().to(dtype), captured_llama(dtype, max_len=64)
         with torch.no_grad():
             out = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         expected = out[:, prompt.shape[1] :]
@@ -249,6 +248,7 @@ class _SlowFirstDecodeStage(StageBinder):
         return runners
 
 
+@pytest.mark.timing  # the slowed partition's 20 ms and the fitted prices are measured
 def test_a_feedback_round_measures_every_decode_partition_and_still_generates(
     tiny_llama, captured, tmp_path
 ):
@@ -288,8 +288,6 @@ def test_a_float16_model_on_a_cpu_that_reads_bfloat16_faster_runs_bfloat16_copie
     """The plan's CPU dtype reaches the runtime: the CPU's weights and KV cache are
     bfloat16 copies, and each step's logits are as close to the float32 model's as
     transformers' own bfloat16 model's are (teacher-forced on the float32 model's tokens)."""
-    from llm_models import llama_lm
-
     from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency
     from hetero.partitioner.cost import CostModel
     from hetero.partitioner.phases import Phase
@@ -299,7 +297,10 @@ def test_a_float16_model_on_a_cpu_that_reads_bfloat16_faster_runs_bfloat16_copie
     device = DeviceProfile("box/cpu", "cpu", efficiency=rates, backend="eager")
     cm = CostModel(profile=CalibrationProfile(cluster="cpu-2core", devices=(device,)))
     cluster = ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml")
-    lm = compile_lm(llama_lm().half(), cluster, max_length=64, cache_dir=tmp_path, cost_model=cm)
+    lm = compile_lm(
+        llama_lm().half(), cluster, max_length=64, cache_dir=tmp_path, cost_model=cm,
+        lm=captured_llama(torch.float16, max_len=64),
+    )  # fmt: skip
     try:
         assert {p.cpu_dtype for p in lm.plan.decode.partitions} == {"bfloat16"}
         assert lm.generate(prompt, 16).tolist() == expected[:, :16].tolist()
