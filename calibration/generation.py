@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from hetero.calibration.feedback import Measured, corrected, partition_runs
-from hetero.cluster.profile import CalibrationProfile, RuntimeProfile
+from hetero.cluster.profile import ALL_CLASSES, CalibrationProfile, RuntimeProfile
 from hetero.cluster.runs import RunLog
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.plan import Plan
@@ -133,11 +133,38 @@ class ResidentFeedback:
     folded: int  # of which above the floor (the others are jitter to a fit)
     cost_model: CostModel
 
+    local: bool = False  # the fit without its device-wide fallback (`localised`)
+
     def note(self) -> str:
         devices = sorted({r.device for r in self.log.partitions})
+        where = "their op classes" if not self.local else "the op classes they ran"
         return (
             f"feedback: {self.folded} resident partition(s) on {', '.join(devices)} folded into "
-            "the prices of their op classes"
+            f"the prices of {where}"
+        )
+
+    def localised(self, prior: CostModel) -> ResidentFeedback:
+        """The same fit without its device-wide factor (`ALL_CLASSES`) on the (device,
+        backend) pairs it refitted: op classes none of its partitions ran keep `prior`'s
+        price. From a few partitions a device-wide factor can be wrong by orders of
+        magnitude (one partition slowed by a fixed delay priced every class of its GPU
+        ~900x); the classes they ran are still priced as measured."""
+        profile = self.cost_model.profile
+        if profile is None:
+            return self
+        pairs = {(r.device, r.backend) for r in self.log.partitions}
+        before = prior.profile.corrections if prior.profile is not None else ()
+        kept = tuple(
+            c
+            for c in profile.corrections
+            if c.key != ALL_CLASSES or (c.device, c.backend) not in pairs
+        )
+        restored = tuple(
+            c for c in before if c.key == ALL_CLASSES and (c.device, c.backend) in pairs
+        )
+        corrections = dataclasses.replace(profile, corrections=kept + restored)
+        return dataclasses.replace(
+            self, cost_model=dataclasses.replace(self.cost_model, profile=corrections), local=True
         )
 
 

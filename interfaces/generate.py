@@ -288,6 +288,9 @@ _FEEDBACK_MARGIN = 0.05  # a re-plan is built when predicted this much faster th
 # layers then ran 9.3 ms against 7.3 priced), so it is measured in turn; the last round
 # only goes back to a plan measured faster, so the plan kept is never one measured slower.
 _FEEDBACK_ROUNDS = 3
+# Resident partitions measured and priced under this are recorded, not fitted (per-call
+# jitter to a fit), as in a forward's online round.
+_FEEDBACK_MIN_MS = ReplanPolicy().min_ms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,34 +394,60 @@ def _round(
         except (KeyError, PartitionError):
             return None
 
-    found: list[Any] = []
-    cm = cost_model
     try:
         priced = decode_pricing(lm, cluster, cost_model=cost_model, **plan_kw)
-        resident = resident_feedback(
-            plan.decode, priced, runs, cost_model, min_ms=ReplanPolicy().min_ms
-        )
+        resident = resident_feedback(plan.decode, priced, runs, cost_model, min_ms=_FEEDBACK_MIN_MS)
     except (KeyError, PartitionError):
         resident = None
-    # split and streamed partitions are compared with their prices after the resident fit:
-    # it moves the GPU's and the CPU's own terms inside them too, and their host terms take
-    # only what is left
-    now = plan.decode
-    if resident is not None:
-        found.append(resident)
-        cm = resident.cost_model
-        now = at_prices(cm) or plan.decode
     where = {_where(p): p.index for p in plan.decode.partitions}
-    here = {
-        q.index: measured[where[_where(q)]]
-        for q in now.partitions
-        if where.get(_where(q)) in measured
-    }
-    split = split_feedback(now, here, cm, name)
-    cm = split.cost_model if split is not None else cm
-    streamed = stream_feedback(now, here, cm, name)
-    cm = streamed.cost_model if streamed is not None else cm
-    found += [f for f in (split, streamed) if f is not None]
+
+    def corrections(fit: Any) -> tuple[CostModel, tuple[Any, Any, Any]]:
+        """The cost model corrected by the resident fit `fit` (or none), then by the split and
+        streamed partitions' host terms; and (the fit, the split's, the streamed's). Split and streamed partitions
+        are compared with their prices after the resident fit: it moves the GPU's and the
+        CPU's own terms inside them too, and their host terms take only what is left."""
+        cm, now = cost_model, plan.decode
+        if fit is not None:
+            cm = fit.cost_model
+            now = at_prices(cm) or plan.decode
+        here = {
+            q.index: measured[where[_where(q)]]
+            for q in now.partitions
+            if where.get(_where(q)) in measured
+        }
+        split = split_feedback(now, here, cm, name)
+        cm = split.cost_model if split is not None else cm
+        streamed = stream_feedback(now, here, cm, name)
+        cm = streamed.cost_model if streamed is not None else cm
+        return cm, (fit, split, streamed)
+
+    def error_after(cm: CostModel) -> float:
+        got = partition_errors(plan.decode, measured, at_prices(cm), None)["median_error_after"]
+        return got if got is not None else float("inf")
+
+    cm, parts = corrections(resident)
+    dropped = ""
+    if resident is not None:
+        # The fit generalises from the partitions it saw to every group of their device; from
+        # few it can price the round's other partitions far off what they measured (one
+        # partition slowed by a fixed delay priced a split layer 46x its time). Corrections
+        # must explain this round's measurements: the fit, the fit without its device-wide
+        # factor, or none, whichever leaves the smallest median error.
+        e_fit = error_after(cm)
+        for fit, what in ((resident.localised(cost_model), "without its device-wide factor"),
+                          (None, "left out")):  # fmt: skip
+            other, other_parts = corrections(fit)
+            e_other = error_after(other)
+            if e_other < e_fit:
+                cm, parts = other, other_parts
+                dropped = (
+                    f"the resident fit {what}: in full it priced this round's partitions "
+                    f"{error_after(corrections(resident)[0]):.0%} off their measurements, "
+                    f"{e_other:.0%} so"
+                )
+                e_fit = e_other
+    _, split, streamed = parts
+    found = [f for f in parts if f is not None]
     report: dict[str, Any] = {
         "measured_ms_per_token": token_ms,
         "predicted_ms_per_token": plan.predicted_decode_ms,
@@ -428,13 +457,14 @@ def _round(
     if not found:
         report.update(partition_errors(plan.decode, measured, None, None))
         why = "no decode partition was measured" if not measured else "nothing to correct"
+        why = f"{why}; {dropped}" if dropped else why
         compiled.feedback = {**report, "replanned": False, "why": why}
         return _Round(compiled, cm, token_ms, False)
     again = plan_generation(lm, cluster, cost_model=cm, **plan_kw)
     repriced = at_prices(cm)  # the running decode plan at the corrected prices
     report.update(partition_errors(plan.decode, measured, repriced, again.decode))
     report["replan_predicted_ms"] = again.predicted_decode_ms
-    note = "; ".join(f.note() for f in found)
+    note = "; ".join([*(f.note() for f in found), *([dropped] if dropped else [])])
     e0, e1 = report["median_error_before"], report["median_error_after"]
     if e0 is not None and e1 is not None:
         note += f" (this round's median partition error: {e0:.0%} priced before, {e1:.0%} after)"
