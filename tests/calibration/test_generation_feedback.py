@@ -228,6 +228,19 @@ class _FakeGeneration:
         self.executors.clear()
 
 
+def _h100_plan(lm):
+    """(the H100 node, the planning settings a round re-plans with, the generation's plan at
+    the default prices)."""
+    from hetero.backends.registry import default_registry
+    from hetero.cluster.spec import ClusterSpec
+    from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
+
+    cluster = ClusterSpec.from_yaml(H100)
+    kw = dict(registry=default_registry(), backends=GENERATION_BACKENDS, pins=None, exclude=(),
+              decode_placements=None)  # fmt: skip
+    return cluster, kw, plan_generation(lm, cluster, cost_model=CostModel(), **kw)
+
+
 def test_a_feedback_round_replans_away_from_a_gpu_measured_slow(tiny_llama_lm):
     """The round itself (interfaces/generate.py), on measurements injected in place of a
     run: the GPU's resident partition measured 40x its price. Its corrected price is what
@@ -288,35 +301,40 @@ def test_a_plan_kept_after_the_round_carries_the_corrected_prices(tiny_llama_lm)
     assert "median partition error: 67% priced before, 0% after" in out.plan.notes[-1]
 
 
-def test_rounds_go_back_to_the_plan_measured_fastest(tiny_llama_lm):
-    """The re-plan runs slower than the plan it replaced: the next round measures it, and the
-    rounds end on the plan measured fastest (rebuilt from its measurement, not a price),
-    with every round in the report."""
-    from hetero.backends.registry import default_registry
-    from hetero.cluster.spec import ClusterSpec
-    from hetero.interfaces.generate import CompiledLM, _feedback_rounds
-    from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
-
-    cluster = ClusterSpec.from_yaml(H100)
-    kw = dict(registry=default_registry(), backends=GENERATION_BACKENDS, pins=None, exclude=(),
-              decode_placements=None)  # fmt: skip
-    plan = plan_generation(tiny_llama_lm, cluster, cost_model=CostModel(), **kw)
-    (p,) = plan.decode.partitions
-    gpu_ms = 40 * p.predicted_ms  # the GPU plan: slow, but the CPU plan is slower still
-    cpu_ms = 3 * gpu_ms
+def _two_speeds(lm, cluster, gpu_ms: float, cpu_ms: float, never: str = ""):
+    """(a fake build whose step takes `gpu_ms` where any decode partition is on the GPU,
+    else `cpu_ms`; a rebuild that records each plan it builds; the plans built). `never`:
+    weights no built plan may have."""
+    from hetero.interfaces.generate import CompiledLM
 
     def fake(gp) -> CompiledLM:
         parts = gp.decode.partitions
+        assert not never or parts[0].weights != never, f"a plan with {never} layers was built"
         total = gpu_ms if any(q.device == "node0/gpu" for q in parts) else cpu_ms
         each = {q.index: total / len(parts) for q in parts}
-        return CompiledLM(tiny_llama_lm, gp, cluster, _FakeGeneration(each, total))
+        return CompiledLM(lm, gp, cluster, _FakeGeneration(each, total))
 
-    built = []
+    built: list = []
 
     def rebuild(gp):
         built.append(gp)
         return fake(gp)
 
+    return fake, rebuild, built
+
+
+def test_rounds_go_back_to_the_plan_measured_fastest(tiny_llama_lm):
+    """The re-plan runs slower than the plan it replaced: the next round measures it, and the
+    rounds end on the plan measured fastest (rebuilt from its measurement, not a price),
+    with every round in the report."""
+    from hetero.interfaces.generate import _feedback_rounds
+
+    cluster, kw, plan = _h100_plan(tiny_llama_lm)
+    (p,) = plan.decode.partitions
+    gpu_ms = 40 * p.predicted_ms  # the GPU plan: slow, but the CPU plan is slower still
+    cpu_ms = 3 * gpu_ms
+
+    fake, rebuild, built = _two_speeds(tiny_llama_lm, cluster, gpu_ms, cpu_ms)
     out = _feedback_rounds(fake(plan), CostModel(), rebuild, kw)
     devices = [{q.device for q in b.decode.partitions} for b in built]
     assert devices[0] == {"node0/cpu"}  # round 1: priced faster on the CPU
@@ -333,15 +351,9 @@ def test_rounds_go_back_to_the_plan_measured_fastest(tiny_llama_lm):
 def test_the_last_round_rebuilds_only_a_plan_measured_faster(tiny_llama_lm):
     """One round allowed: it is the last, so a re-plan that was never measured is not built
     however fast it is priced; with no plan measured before, the running one is kept."""
-    from hetero.backends.registry import default_registry
-    from hetero.cluster.spec import ClusterSpec
     from hetero.interfaces.generate import CompiledLM, _feedback_rounds
-    from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
 
-    cluster = ClusterSpec.from_yaml(H100)
-    kw = dict(registry=default_registry(), backends=GENERATION_BACKENDS, pins=None, exclude=(),
-              decode_placements=None)  # fmt: skip
-    plan = plan_generation(tiny_llama_lm, cluster, cost_model=CostModel(), **kw)
+    cluster, kw, plan = _h100_plan(tiny_llama_lm)
     (p,) = plan.decode.partitions
     slow = 40 * p.predicted_ms
     compiled = CompiledLM(tiny_llama_lm, plan, cluster, _FakeGeneration({0: slow}, slow))
@@ -360,15 +372,10 @@ def test_a_re_plan_priced_slower_than_a_plan_measured_goes_back_to_that_plan(
     import dataclasses
 
     import hetero.interfaces.generate as generate
-    from hetero.backends.registry import default_registry
-    from hetero.cluster.spec import ClusterSpec
-    from hetero.interfaces.generate import CompiledLM, _feedback_rounds
-    from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
+    from hetero.interfaces.generate import _feedback_rounds
+    from hetero.partitioner.algorithms.generation import plan_generation
 
-    cluster = ClusterSpec.from_yaml(H100)
-    kw = dict(registry=default_registry(), backends=GENERATION_BACKENDS, pins=None, exclude=(),
-              decode_placements=None)  # fmt: skip
-    plan = plan_generation(tiny_llama_lm, cluster, cost_model=CostModel(), **kw)
+    cluster, kw, plan = _h100_plan(tiny_llama_lm)
     (p,) = plan.decode.partitions
     gpu_ms = 40 * p.predicted_ms
     cpu_ms = 3 * gpu_ms
@@ -391,19 +398,7 @@ def test_a_re_plan_priced_slower_than_a_plan_measured_goes_back_to_that_plan(
 
     monkeypatch.setattr(generate, "plan_generation", planned)
 
-    def fake(gp) -> CompiledLM:
-        parts = gp.decode.partitions
-        assert gp.decode.partitions[0].weights != "streamed", "the third plan was built"
-        total = gpu_ms if any(q.device == "node0/gpu" for q in parts) else cpu_ms
-        each = {q.index: total / len(parts) for q in parts}
-        return CompiledLM(tiny_llama_lm, gp, cluster, _FakeGeneration(each, total))
-
-    built = []
-
-    def rebuild(gp):
-        built.append(gp)
-        return fake(gp)
-
+    fake, rebuild, built = _two_speeds(tiny_llama_lm, cluster, gpu_ms, cpu_ms, never="streamed")
     out = _feedback_rounds(fake(plan), CostModel(), rebuild, kw)
     assert [{q.device for q in b.decode.partitions} for b in built] == [
         {"node0/cpu"},
@@ -420,16 +415,10 @@ def test_a_rebuild_binds_the_next_plan_with_nothing_of_the_last_one_alive(tiny_l
     import gc
     import weakref
 
-    from hetero.backends.registry import default_registry
-    from hetero.cluster.spec import ClusterSpec
     from hetero.interfaces.generate import CompiledLM, _feedback_round
-    from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, plan_generation
     from hetero.partitioner.phases import Phase
 
-    cluster = ClusterSpec.from_yaml(H100)
-    kw = dict(registry=default_registry(), backends=GENERATION_BACKENDS, pins=None, exclude=(),
-              decode_placements=None)  # fmt: skip
-    plan = plan_generation(tiny_llama_lm, cluster, cost_model=CostModel(), **kw)
+    cluster, kw, plan = _h100_plan(tiny_llama_lm)
     slow = 40 * plan.decode.partitions[0].predicted_ms
     compiled = CompiledLM(tiny_llama_lm, plan, cluster, _FakeGeneration({0: slow}, slow))
     old = weakref.ref(compiled.generation.executors[Phase.DECODE])
