@@ -26,7 +26,7 @@ from hetero.backends.base import (
     Manifest,
     Runner,
 )
-from hetero.backends.export import dynamic_spec, export_unit, save_program
+from hetero.backends.export import dynamic_spec, export_unit, runnable, save_program
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
 
@@ -197,7 +197,7 @@ class EagerBackend(Backend):
         # torch.export.load reads a program and its weights; it never unpickles code.
         ep = torch.export.load(artifact.path / "program.pt2")
         dev = torch_device(device)
-        mod = ep.module().to(dev)
+        mod = runnable(ep).to(dev)
 
         cast = (
             getattr(torch, artifact.manifest["dtype"]) if artifact.manifest.get("dtype") else None

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from hetero.backends.eager import torch_device
+from hetero.backends.export import runnable
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm, host_to_device, overlapped
 from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import DeviceSpec
@@ -448,7 +449,7 @@ class StageBinder:
         program = torch.export.load(Path(s.artifact.path) / "program.pt2")
         key = f"{program_key(program)}:{phase.value}:{dev}"
         if key not in cache:
-            mod = program.module()
+            mod = runnable(program)
             retarget(mod, dev)  # traced on the host: its own tensors follow it here
             mod = mod.to(dev)
             # Prefill runs op by op: a long prompt keeps the GPU busy while the host queues

@@ -35,6 +35,7 @@ import torch
 
 from hetero.backends.base import CompileOptions, Runner, _canonical_graph
 from hetero.backends.eager import load_weights, torch_device
+from hetero.backends.export import runnable
 from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
@@ -207,7 +208,7 @@ def load_runners(
                     program = torch.export.load(Path(s.artifact.path) / "program.pt2")
                     key = program_key(program)
                     if key not in compiled:
-                        compiled[key] = _CompiledPiece(program.module().to(tdev), tdev)
+                        compiled[key] = _CompiledPiece(runnable(program).to(tdev), tdev)
                     compiled[s.artifact.key] = compiled[key]
                 runners[s.index] = _Bound(compiled[s.artifact.key], runners[s.index])
         streamer = WeightStreamer(weights, tdev, slots=slots)
