@@ -149,6 +149,52 @@ def restride(acts: tuple, strides: list[tuple[int, ...] | None]) -> tuple:
     return pytree.tree_unflatten(fixed, spec)
 
 
+def traced_layouts(ep: torch.export.ExportedProgram) -> list[tuple[int, ...] | None]:
+    """Per user input (flattened): the order of its dims in memory as traced, outermost
+    first (None where not a tensor). Unlike `traced_strides` it holds for dynamic shapes
+    (ordered by the example's strides): a permuted view traced with a symbolic prompt length
+    still says which dim is innermost."""
+    user = set(ep.graph_signature.user_inputs)
+    out = []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() < 2:
+            out.append(None)
+            continue
+        hints = [_hint(d) for d in val.stride()]
+        out.append(
+            None if None in hints else tuple(sorted(range(val.dim()), key=lambda d: -hints[d]))
+        )
+    return out
+
+
+def _hint(x: int | torch.SymInt) -> int | None:
+    if isinstance(x, int):
+        return x
+    hint = getattr(x.node, "hint", None)
+    return int(hint) if hint is not None else None
+
+
+def relayout(a: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
+    """`a` laid out in memory in dim `order` (outermost first), dense; `a` itself where it
+    already is (dims of size 1 are free to sit anywhere). A value that crossed from another
+    backend (TVM returns dense tensors) may reach a program traced on a permuted view, whose
+    later `view` then fails."""
+    if order is None or a.dim() != len(order):
+        return a
+    want = [0] * a.dim()
+    step = 1
+    for d in reversed(order):
+        want[d] = step
+        step *= a.shape[d]
+    got = a.stride()
+    if all(a.shape[d] == 1 or got[d] == want[d] for d in range(a.dim())):
+        return a
+    return torch.empty_strided(a.shape, want, dtype=a.dtype, device=a.device).copy_(a)
+
+
 def torch_device(device: DeviceSpec) -> torch.device:
     if device.kind == "gpu":
         return torch.device("cuda", device.index)

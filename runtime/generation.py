@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from hetero.backends.eager import torch_device
+from hetero.backends.eager import relayout, torch_device, traced_layouts
 from hetero.backends.export import runnable
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm, host_to_device, overlapped
 from hetero.backends.registry import BackendRegistry
@@ -457,9 +457,30 @@ class StageBinder:
             # the host's dispatch would bound, so they compile.
             if dev.type == "cuda" and self.compile_gpu and phase is Phase.DECODE:
                 mod = _Compiled(mod, dynamic=False, name=s.name)
+            layouts = traced_layouts(program)[: len(s.inputs)]
+            if any(x is not None for x in layouts):
+                mod = _Relaid(mod, layouts)
             cache[key] = mod
         cache[by_artifact] = cache[key]
         return cache[key]
+
+
+class _Relaid:
+    """A program whose activations are first put in the memory layout it was traced with
+    (`backends.eager.relayout`: a copy only where a value arrives otherwise, as TVM's dense
+    outputs of a permuted view do)."""
+
+    def __init__(self, fn: Any, layouts: Sequence[tuple[int, ...] | None]) -> None:
+        self.fn = fn
+        self.layouts = tuple(layouts)
+
+    def __call__(self, *args: Any) -> Any:
+        n = len(self.layouts)
+        acts = [
+            relayout(a, o) if isinstance(a, torch.Tensor) else a
+            for a, o in zip(args[:n], self.layouts, strict=False)
+        ]
+        return self.fn(*acts, *args[n:])
 
 
 class _Compiled:

@@ -85,3 +85,27 @@ def test_a_scalar_parameter_is_hashed_and_compiled(artifact_cache, cpu_device, o
     assert unit.graph_hash() != unit_of(3.0)[0].graph_hash()  # the scalar's value is in the key
     art = artifact_cache.build(EagerBackend(), unit, cpu_device, CompileOptions())
     outputs_match(unit, EagerBackend().load(art, cpu_device)(*unit.example_inputs), env, 1e-6)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_value_arriving_dense_is_relaid_as_the_program_traced_it(dynamic):
+    """A program traced on a permuted view (as a partition's input is where the producer's
+    permute was the cut) fails its `view` on the dense tensor another backend returns
+    (TVM's outputs are dense); relayout puts it back, with a symbolic length too."""
+    from hetero.backends.eager import relayout, traced_layouts
+
+    class Merge(torch.nn.Module):
+        def forward(self, x):
+            return x.transpose(1, 2).view(x.shape[0], x.shape[2], -1)
+
+    x = torch.randn(2, 4, 7, 5).transpose(1, 2)  # [2, 7, 4, 5], traced as a view
+    dims = ({1: torch.export.Dim("n", min=2, max=64)},) if dynamic else None
+    ep = torch.export.export(Merge(), (x,), dynamic_shapes=dims)
+    (order,) = traced_layouts(ep)
+    assert order == (0, 2, 1, 3)
+    dense = x.contiguous()
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        ep.module()(dense)
+    fixed = relayout(dense, order)
+    assert torch.equal(ep.module()(fixed), Merge()(x))
+    assert relayout(x, order) is x  # already as traced: no copy
