@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -123,15 +124,17 @@ def traced_strides(ep: torch.export.ExportedProgram) -> list[tuple[int, ...] | N
     not static. The captured graph's views assume them: a value may reach the partition
     with others (another artifact's output where the whole model's eager run, which made
     the example, returned a copy), and a view then fails or misreads."""
-    user = set(ep.graph_signature.user_inputs)
     out = []
-    for node in ep.graph.nodes:
-        if node.op != "placeholder" or node.name not in user:
-            continue
-        val = node.meta.get("val")
+    for val in _traced_inputs(ep):
         stride = tuple(val.stride()) if isinstance(val, torch.Tensor) else None
         out.append(stride if stride and all(isinstance(d, int) for d in stride) else None)
     return out
+
+
+def _traced_inputs(ep: torch.export.ExportedProgram) -> list[Any]:
+    """The value each user input (flattened) was traced with (a fake tensor, a SymInt...)."""
+    user = set(ep.graph_signature.user_inputs)
+    return [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
 
 
 def restride(acts: tuple, strides: list[tuple[int, ...] | None]) -> tuple:
@@ -154,12 +157,8 @@ def traced_layouts(ep: torch.export.ExportedProgram) -> list[tuple[int, ...] | N
     first (None where not a tensor). Unlike `traced_strides` it holds for dynamic shapes
     (ordered by the example's strides): a permuted view traced with a symbolic prompt length
     still says which dim is innermost."""
-    user = set(ep.graph_signature.user_inputs)
     out = []
-    for node in ep.graph.nodes:
-        if node.op != "placeholder" or node.name not in user:
-            continue
-        val = node.meta.get("val")
+    for val in _traced_inputs(ep):
         if not isinstance(val, torch.Tensor) or val.dim() < 2:
             out.append(None)
             continue

@@ -402,10 +402,11 @@ def _round(
     where = {_where(p): p.index for p in plan.decode.partitions}
 
     def corrections(fit: Any) -> tuple[CostModel, tuple[Any, Any, Any]]:
-        """The cost model corrected by the resident fit `fit` (or none), then by the split and
-        streamed partitions' host terms; and (the fit, the split's, the streamed's). Split and streamed partitions
-        are compared with their prices after the resident fit: it moves the GPU's and the
-        CPU's own terms inside them too, and their host terms take only what is left."""
+        """The cost model corrected by the resident fit `fit` (or none), then by the split
+        and streamed partitions' host terms; and (the fit, the split's, the streamed's).
+        Split and streamed partitions are compared with their prices after the resident fit:
+        it moves the GPU's and the CPU's own terms inside them too, and their host terms take
+        only what is left."""
         cm, now = cost_model, plan.decode
         if fit is not None:
             cm = fit.cost_model
@@ -433,7 +434,7 @@ def _round(
         # partition slowed by a fixed delay priced a split layer 46x its time). Corrections
         # must explain this round's measurements: the fit, the fit without its device-wide
         # factor, or none, whichever leaves the smallest median error.
-        e_fit = error_after(cm)
+        e_full = e_fit = error_after(cm)
         for fit, what in ((resident.localised(cost_model), "without its device-wide factor"),
                           (None, "left out")):  # fmt: skip
             other, other_parts = corrections(fit)
@@ -442,7 +443,7 @@ def _round(
                 cm, parts = other, other_parts
                 dropped = (
                     f"the resident fit {what}: in full it priced this round's partitions "
-                    f"{error_after(corrections(resident)[0]):.0%} off their measurements, "
+                    f"{e_full:.0%} off their measurements, "
                     f"{e_other:.0%} so"
                 )
                 e_fit = e_other
