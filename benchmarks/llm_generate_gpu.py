@@ -386,6 +386,29 @@ def decode_trace(lm, ids, path: str, steps: int = 3) -> dict:
     return {"path": path, "steps": steps}
 
 
+def prefill_profile(lm, ids, rows: int = 15) -> dict:
+    """One request's prefill (`generate(ids, 1)`) under torch.profiler: its wall time and the
+    ops that took the most host and device time (what bounds the time to first token)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        sync()
+        t = time.perf_counter()
+        lm.generate(ids, 1)
+        sync()
+        wall = (time.perf_counter() - t) * 1e3
+    avg = prof.key_averages()
+    out = {"wall_ms": wall, "host_ops": len(prof.events() or [])}
+    for key in ("self_cpu_time_total", "self_device_time_total"):
+        try:
+            out[key] = avg.table(sort_by=key, row_limit=rows)
+        except Exception as e:  # a column this torch does not know
+            out[key] = f"{type(e).__name__}: {e}"
+    log(f"  prefill under the profiler {wall:.1f} ms\n{out['self_device_time_total']}")
+    return out
+
+
 def started(out: dict, key: str, path: str | None) -> None:
     """Record that `key` started, so a call killed at its time limit leaves a trace."""
     out[key] = {"unfinished": f"started at {time.perf_counter() - T0:.0f} s; the process "
@@ -605,6 +628,7 @@ def case_uncapped(args, cfg, cache: Path) -> None:
         out["hetero"] = hetero_times(lm, ids.cpu(), args.new_tokens, args.repeats)
         out["hetero_partitions"] = plan_rows(lm)
         log(f"hetero {out['hetero']}")
+        out["hetero_prefill_profile"] = prefill_profile(lm, ids.cpu())
         lm.shutdown()
         del lm
     except Exception as e:  # recorded; the torch.compile modes still run
@@ -687,9 +711,14 @@ def case_batch16(args, cfg, cache: Path) -> None:
     # priced from rates measured at this batch (a 16-row product on the CPU is no GEMV)
     kw = {"cost_model": split_cost_model(spec, args.batch, out)} if gpu else {}
     started(out, "chosen", args.json)
+    # the chosen plan as a user gets it with feedback=True (measured rounds); the forced
+    # ones below are fixed by hand
     chosen, secs = compile_lm(
-        model, spec, args.max_len, args.batch, cache, prompt_length=args.prompt, **kw
-    )
+        model, spec, args.max_len, args.batch, cache, prompt_length=args.prompt,
+        feedback=not args.no_feedback, **kw,
+    )  # fmt: skip
+    out["chosen_feedback"] = chosen.feedback
+    log(f"  feedback: {feedback_summary(chosen.feedback)}")
     log(f"batch {args.batch}, chosen plan (compiled in {secs:.1f} s)\n{chosen.explain(width=160)}")
     decode = {c.group: c.chosen for c in chosen.plan.choice(Phase.DECODE)}
     layers = [g for g in decode if ".layers." in g and g.rsplit(".", 1)[-1].isdigit()]
@@ -736,7 +765,8 @@ def case_batch16(args, cfg, cache: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--case", choices=("capped", "uncapped", "batch16", "all"), default="capped")
+    ap.add_argument("--case", nargs="+", choices=("capped", "uncapped", "batch16", "all"),
+                    default=["capped"], help="one or more, in order")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="a small model: a smoke test on a CPU")
     ap.add_argument("--shape", choices=("7b", "1.1b"), default="7b",
                     help="LLaMA-7B (12.55 GiB, cap 4 GiB) or the 1.1B of llama_offload.py "
@@ -786,7 +816,7 @@ def main() -> None:
     ap.add_argument(
         "--no-feedback",
         action="store_true",
-        help="capped case: keep the first plan (no measured feedback rounds)",
+        help="capped and batch16 cases: keep the first plan (no measured feedback rounds)",
     )
     args = ap.parse_args()
     # the compile's phases and feedback rounds as they end: a call cut short by its time
@@ -815,7 +845,7 @@ def main() -> None:
         RESULTS["machine"]["transformers"] = transformers.__version__
     except ImportError:
         pass
-    cases = ("capped", "uncapped", "batch16") if args.case == "all" else (args.case,)
+    cases = ("capped", "uncapped", "batch16") if "all" in args.case else tuple(args.case)
     for case in cases:
         {"capped": case_capped, "uncapped": case_uncapped, "batch16": case_batch16}[case](
             args, cfg, cache

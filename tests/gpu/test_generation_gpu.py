@@ -86,6 +86,11 @@ def test_greedy_tokens_equal_transformers(placements, tmp_path):
         assert out.tolist() == ref[:, 16:].cpu().tolist()
         again = lm.generate(prompt.cpu(), 24)  # the cache is reused across requests
         assert again.tolist() == out.tolist()
+        if not placements:  # all resident: prefill compiled once for any prompt length
+            short = prompt[:, :9]
+            with torch.no_grad():
+                ref = model.generate(short, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            assert lm.generate(short.cpu(), 8).tolist() == ref[:, 9:].cpu().tolist()
     finally:
         lm.shutdown()
 

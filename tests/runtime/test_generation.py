@@ -394,3 +394,20 @@ def test_shutdown_lets_go_of_the_streamers_slots_and_pinned_weights(tiny_llama, 
     # `lm` and `binder` are still referenced here, as in the feedback round
     assert not binder.streamers and not binder.stores
     assert all(r() is None for r in streamers + stores)
+
+
+def test_prefill_compiles_for_any_prompt_length_only_where_its_device_streams_nothing(cpu_lm):
+    import dataclasses
+
+    from hetero.partitioner.phases import Phase
+    from hetero.runtime.generation import CompileMode, compile_mode
+
+    prefill = tuple(cpu_lm.generation.stages[Phase.PREFILL])
+    decode = tuple(cpu_lm.generation.stages[Phase.DECODE])
+    assert all(s.weights == "resident" for s in prefill)
+    assert {compile_mode(Phase.PREFILL, s, prefill) for s in prefill} == {CompileMode.DYNAMIC}
+    assert {compile_mode(Phase.DECODE, s, decode) for s in decode} == {CompileMode.STATIC}
+    # one stage of the device streams: the prompt waits on the link, the host's dispatch
+    # is not its bound, and nothing of that device's prefill compiles
+    streaming = (dataclasses.replace(prefill[0], weights="streamed"), *prefill[1:])
+    assert {compile_mode(Phase.PREFILL, s, streaming) for s in streaming} == {CompileMode.OP_BY_OP}
