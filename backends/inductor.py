@@ -35,7 +35,7 @@ from hetero.backends.base import (
 )
 from hetero.backends.cudagraphs import Replayed
 from hetero.backends.eager import WEIGHTS_FILE, export_streamed, torch_device
-from hetero.backends.export import export_unit, save_program
+from hetero.backends.export import export_unit, runnable, save_program
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError
 
@@ -137,7 +137,7 @@ class InductorBackend(Backend):
             # torch.export.load reads a program and its weights; it never unpickles code.
             ep = torch.export.load(artifact.path / "program.pt2")
             compiled = torch.compile(
-                ep.module().to(dev),
+                runnable(ep).to(dev),
                 mode=settings["mode"],
                 fullgraph=settings["fullgraph"],
                 dynamic=settings["dynamic"],

@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from hetero.backends.export import runnable
 from hetero.calibration.fit import BLOCK, Sample, fit_classes
 from hetero.calibration.timing import Progress, time_call
 from hetero.calibration.units import unit_modules
@@ -56,7 +57,7 @@ def runner_dispatch(dev, dtype, sync) -> tuple[float, float, float]:
     for views in (False, True):
         for n in (CHAIN_SHORT, CHAIN_LONG):
             ep = torch.export.export(_chain(n, views).eval(), (x,), strict=False)
-            mod = ep.module().to(dev)
+            mod = runnable(ep).to(dev)
             timed[views, n] = time_call(lambda mod=mod: mod(x), sync)
     span = CHAIN_LONG - CHAIN_SHORT
     per_op = max((timed[False, CHAIN_LONG] - timed[False, CHAIN_SHORT]) / span, 1e-8)
