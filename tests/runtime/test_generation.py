@@ -4,6 +4,8 @@ binding, streaming, the GPU/CPU split)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -218,6 +220,49 @@ def test_other_architectures_generate_like_transformers(arch, tmp_path):
         cache_dir=tmp_path,
     )  # fmt: skip
     try:
+        assert lm.generate(prompt, 12).tolist() == ref[:, 9:].tolist()
+    finally:
+        lm.shutdown()
+
+
+# layer structures unlike LLaMA's, for the GPU/CPU split (fused q/k/v rows, parallel
+# residual, a fused gate/up projection)
+SPLIT_ARCHITECTURES = {
+    "falcon": ARCHITECTURES["falcon"],
+    "bloom": ARCHITECTURES["bloom"],
+    "gpt_neox": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                     num_attention_heads=4, vocab_size=512),
+    "phi3": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512, pad_token_id=0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", sorted(SPLIT_ARCHITECTURES))
+def test_other_architectures_split_and_streamed_on_a_gpu_generate_like_transformers(arch, tmp_path):
+    """A capped GPU's placements (one layer split with the host CPU, one streamed; the GPU's
+    stages run on this CPU) for layers the split was not written against."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hetero.partitioner.phases import Phase
+
+    cfg = AutoConfig.for_model(arch, **SPLIT_ARCHITECTURES[arch])
+    cfg.initializer_range = 0.2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    prompt = torch.randint(1, 512, (1, 9))
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    layers = [n for n, _ in model.named_modules() if re.fullmatch(r".*\.(h|layers)\.[01]", n)]
+    forced = dict(zip((f"model.{n}" for n in layers), ("split", "streamed"), strict=True))
+    registry = default_registry()
+    lm = compile_lm(
+        model, ClusterSpec.from_yaml(H100), max_length=32, registry=registry,
+        cache_dir=tmp_path, decode_placements=forced,
+        binder=StageBinder(registry, device_of=lambda d: torch.device("cpu")),
+    )  # fmt: skip
+    try:
+        chosen = {c.group: c.chosen for c in lm.plan.choice(Phase.DECODE)}
+        assert [chosen[g].split()[1] for g in forced] == ["split", "streamed"]
         assert lm.generate(prompt, 12).tolist() == ref[:, 9:].tolist()
     finally:
         lm.shutdown()
