@@ -289,6 +289,10 @@ class Backend(abc.ABC):
     # The device kinds where the measured backend choice (runtime/choice.py) tries it
     # unasked; None: all of `device_kinds`. It still runs where it is planned or pinned.
     choice_kinds: ClassVar[tuple[str, ...] | None] = None
+    # The device kinds where the measured choice tries it unasked only as a last resort:
+    # after the other candidates, and only when none of them passed its check (then the
+    # plan notes it was not measured, and why). It still runs where it is planned or pinned.
+    last_resort_kinds: ClassVar[tuple[str, ...]] = ()
 
     def parse_options(self, options: CompileOptions) -> BackendOptions:
         """This backend's own knobs from `options` (typed; a wrong type is a ConfigError)."""

@@ -71,6 +71,7 @@ class Replayed:
 
     device_kinds = ("gpu",)
     holds_state = False  # a graph replays fixed addresses: weights live inside the program
+    last_resort_kinds = ()  # not the eager backend's: a replay is a candidate in full
 
     def compile(
         self, unit: CompileUnit, device: DeviceSpec, options: CompileOptions, out_dir: Path

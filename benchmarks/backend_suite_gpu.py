@@ -29,9 +29,10 @@ time is hetero.compile's wall time, and for torch.compile the first call's.
 
 llama-decode follows llm_generate_gpu.py's uncapped case (its functions, imported):
 transformers' generate (eager), hetero.compile(task="generate") (its decode plan's backend
-per partition; error: the largest relative error of its logits, teacher-forced, against
-generate's), torch.compile of transformers' model on a static cache; each ms per token after
-the first.
+per partition), torch.compile of transformers' model on the same kind of static cache
+(StaticCacheLM, the module hetero captures); each ms per token after the first. Error, for
+hetero and each mode alike: the largest relative error of a step's logits against
+generate's, teacher-forced on generate's tokens (prefill, then 7 decode steps).
 
 Inductor's and Triton's on-disk caches are pointed at a fresh folder per process and
 Inductor's caches are disabled, so that whichever way runs second does not reuse the
@@ -404,10 +405,16 @@ def decode_row(env: Env, row: dict) -> None:
             lm.shutdown()
 
     def compiled(mode: str) -> dict:
-        r = g.compiled_times(model, ids, a, mode)
+        # the same static cache and the same teacher-forced tokens as hetero's check above
+        r = g.compiled_times(model, ids, a, mode, check=(tokens, ref))
         torch._dynamo.reset()
-        # the static-cache loop's logits are not compared here; the prefill row compares them
-        return {"compile_s": r["compile_s"], "ms": r["ms_per_token"], "err": None}
+        check = r["logits_vs_eager"]
+        return {
+            "compile_s": r["compile_s"],
+            "ms": r["ms_per_token"],
+            "err": check["max_rel_err"],
+            "argmax_agreement": check["argmax_agreement"],
+        }
 
     ways = [("hetero", hetero_decode)] if env.hetero else []
     ways += [(m, lambda m=m: compiled(m)) for m in env.modes]

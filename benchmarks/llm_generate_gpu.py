@@ -186,6 +186,13 @@ def teacher_forced(lm, ids, tokens: torch.Tensor, ref: torch.Tensor) -> dict:
         g.move_state()
         for k in range(tokens.shape[1] - 1):
             got.append(g.step(Phase.DECODE, tokens[:, k : k + 1], length + k))
+    return logit_errors(got, ref)
+
+
+def logit_errors(got: list[torch.Tensor], ref: torch.Tensor) -> dict:
+    """Per-step logits `got` ([batch, vocab] each) against the reference's [steps, batch,
+    vocab]: the largest and mean relative error of a step's logits, and how often the
+    argmax agrees."""
     got_t = torch.stack([x.float().cpu() for x in got])  # [steps, batch, vocab]
     rel = (got_t - ref).norm(dim=-1) / ref.norm(dim=-1)
     agree = (got_t.argmax(-1) == ref.argmax(-1)).float().mean()
@@ -655,10 +662,12 @@ def case_uncapped(args, cfg, cache: Path) -> None:
         save(args.json)
 
 
-def compiled_times(model, ids, args, mode: str) -> dict:
+def compiled_times(model, ids, args, mode: str, check=None) -> dict:
     """transformers' model on a static cache (the module hetero captures: the cache as
     buffers), through torch.compile in `mode`: a greedy loop, prefill then one token per
-    step; compile time is the first (warm-up) generation's."""
+    step; compile time is the first (warm-up) generation's. `check`: (reference tokens,
+    reference logits), to which the same compiled program is held teacher-forced, as
+    `teacher_forced` holds hetero's."""
     from hetero.partitioner.causal_lm import StaticCacheLM
 
     torch._dynamo.reset()
@@ -684,12 +693,26 @@ def compiled_times(model, ids, args, mode: str) -> dict:
     generate(3)
     compile_s = time.perf_counter() - t
     runs = [generate(args.new_tokens) for _ in range(args.repeats)]
-    return {
+    out = {
         "ttft_ms": statistics.median(r[0] for r in runs),
         "ms_per_token": statistics.median(r[1] for r in runs),
         "compile_s": compile_s,
         "new_tokens": args.new_tokens,
     }
+    if check is not None:
+        tokens, ref = check
+        got = []
+        with torch.no_grad():
+            # .cpu() copies each step's logits out before the next call (reduce-overhead
+            # hands out its CUDA graph's buffers); contiguous: the loop above fed
+            # `argmax(-1).view(-1, 1)`, and another stride would recompile
+            got.append(fwd(ids, torch.tensor(0, device=ids.device)).float().cpu())
+            for k in range(tokens.shape[1] - 1):
+                tok = tokens[:, k : k + 1].contiguous().to(ids.device)
+                pos = torch.tensor(length + k, device=ids.device)
+                got.append(fwd(tok, pos).float().cpu())
+        out["logits_vs_eager"] = logit_errors(got, ref)
+    return out
 
 
 def case_batch16(args, cfg, cache: Path) -> None:

@@ -9,6 +9,10 @@ hold state (`Backend.holds_state`). Only kinds the person did not pin
 host, where its time says nothing about the NPU. Streamed and split partitions keep their
 backend (their pieces run through the streaming backend).
 
+A backend that declares the device's kind among its `Backend.last_resort_kinds` (plain
+eager on a GPU) is tried last, and only when no other candidate passed its check: the plan
+records it as not measured, and why.
+
 Timing: `calibration.timing.time_call` (the fastest of short rounds; a call longer than a
 round's budget: the fastest of SLOW_SAMPLES calls); the candidates take turns, `ROUNDS`
 times each, so that a burst of load on a shared machine falls on all of them rather than on
@@ -172,8 +176,8 @@ class Chooser:
     def candidates(
         self, device: DeviceSpec, planned: str, ops: Sequence[OpNode], state: bool = False
     ) -> tuple[list[str], dict[str, str]]:
-        """The backends that may run the partition (the planned one first) and, for the
-        others of its kind, why not."""
+        """The backends that may run the partition (the planned one first, those that are
+        only a last resort on this kind last) and, for the others of its kind, why not."""
         if (
             not self.choice.measured
             or device.kind not in CHOICE_KINDS
@@ -195,7 +199,12 @@ class Chooser:
                 why[name] = bad
                 continue
             names.append(name)
+        # stable: the registry's order otherwise
+        names[1:] = sorted(names[1:], key=lambda n: self._last_resort(n, device))
         return names, why
+
+    def _last_resort(self, name: str, device: DeviceSpec) -> bool:
+        return device.kind in self.registry.get(name).last_resort_kinds
 
     # ---- one partition -------------------------------------------------------------------------
     def build(
@@ -286,6 +295,12 @@ class Chooser:
         complete = True
         checked: dict[str, float] = {}  # seconds of each candidate's warm call
         for name in names:
+            if name != planned and checked and self._last_resort(name, device):
+                notes[name] = (
+                    f"not measured: a last resort on a {device.kind}, and "
+                    f"{', '.join(checked)} passed the check"
+                )
+                continue
             if name != planned and (
                 self.spent_s + time.perf_counter() - start - own > self.choice.budget_s
             ):

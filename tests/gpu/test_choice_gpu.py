@@ -1,7 +1,7 @@
 """The measured backend choice on a GPU: every GPU backend (triton, inductor, cudagraphs,
-inductor-cudagraphs, eager) is compiled, checked and timed on the partition's real inputs, the fastest runs,
-and a second compile reads the choice from the cache; the cudagraphs backend alone
-matches eager.
+inductor-cudagraphs) is compiled, checked and timed on the partition's real inputs, the fastest
+runs (plain eager, a last resort on a GPU, is not measured once another passed its check), and
+a second compile reads the choice from the cache; the cudagraphs backend alone matches eager.
 
 Skipped where CUDA is absent. Run: pytest tests/gpu/test_choice_gpu.py
 """
@@ -44,6 +44,8 @@ def test_the_fastest_gpu_backend_runs(tmp_path):
         timed = {t.backend: t.ms for t in p.choice if t.ms is not None}
         assert {"triton", "inductor", "cudagraphs", "inductor-cudagraphs"} <= set(timed), p.choice
         assert p.backend == min(timed, key=timed.get)
+        eager = next(t for t in p.choice if t.backend == "eager")
+        assert eager.ms is None and eager.note.startswith("not measured: a last resort"), eager
         assert "chosen over" in cm.plan.explain()
         with torch.no_grad():
             got, want = cm(*x), model(*x)

@@ -265,3 +265,64 @@ def test_a_call_longer_than_a_turn_is_timed_without_untimed_calls(timed):
     assert ms >= 1e3 * choice_mod.ROUND_BUDGET_S
     choice_mod._time(lambda *_: (), (), lambda: None, 2)
     assert len(timed) == 2
+
+
+class LastResort(FaultyBackend):
+    """A CPU candidate that is only a last resort (as plain eager is on a GPU)."""
+
+    name = "last-resort"
+    last_resort_kinds = ("cpu",)
+
+
+def with_last_resort(*others: str) -> BackendRegistry:
+    reg = BackendRegistry()
+    for name in others:
+        reg.register(name, {"eager": _Lazy("hetero.backends.eager:EagerBackend"),
+                            "faulty": FaultyBackend}[name])  # fmt: skip
+    reg.register("last-resort", LastResort)
+    return reg
+
+
+def test_a_last_resort_is_not_measured_when_another_candidate_passes(mlp, tmp_path, monkeypatch):
+    compiled = []
+    real = LastResort.compile
+    monkeypatch.setattr(LastResort, "compile", lambda *a, **k: compiled.append(1) or real(*a, **k))
+    cm = compile_mlp(mlp, tmp_path, "eager", registry=with_last_resort("eager"))
+    (p,) = cm.plan.partitions
+    by = {t.backend: t for t in p.choice}
+    assert p.backend == "eager" and by["eager"].ms is not None
+    assert by["last-resort"].ms is None and not compiled
+    assert (
+        by["last-resort"].note == "not measured: a last resort on a cpu, and eager passed the check"
+    )
+    assert "last-resort: not measured" in cm.plan.explain()
+    cm.shutdown()
+
+
+def test_a_last_resort_is_measured_when_no_other_candidate_passes(mlp, tmp_path):
+    wrong = CompileOptions(extra=(("miscompile", "addmm"),))
+    cm = compile_mlp(
+        mlp, tmp_path, "faulty", registry=with_last_resort("faulty"), options={"faulty": wrong}
+    )
+    (p,) = cm.plan.partitions
+    by = {t.backend: t for t in p.choice}
+    assert p.backend == "last-resort" and by["last-resort"].ms is not None
+    assert by["faulty"].note.startswith("wrong values")
+    model, x, _ = mlp
+    torch.testing.assert_close(cm(*x), model(*x))
+    cm.shutdown()
+
+
+def test_a_planned_last_resort_is_measured_first(mlp, tmp_path):
+    cm = compile_mlp(mlp, tmp_path, "last-resort", registry=with_last_resort("eager"))
+    (p,) = cm.plan.partitions
+    assert {t.backend for t in p.choice if t.ms is not None} == {"eager", "last-resort"}
+    cm.shutdown()
+
+
+def test_plain_eager_is_a_last_resort_on_a_gpu_only():
+    from hetero.backends.cudagraphs import CudaGraphsBackend
+    from hetero.backends.eager import EagerBackend
+
+    assert EagerBackend.last_resort_kinds == ("gpu",)
+    assert CudaGraphsBackend.last_resort_kinds == ()  # it inherits the eager backend's rest
