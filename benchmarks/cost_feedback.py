@@ -232,10 +232,11 @@ GPU_SWEEP = ("triton", "inductor", "eager")
 GPU_CASES = [
     case(f"{m}-gpu-b{b}{'-capped' if cap else ''}", m, b, s, "local", GPU_BACKENDS,
          caps=(("local/gpu0", cap),) if cap else (), gpu=True)
+    # in this order: a run cut by --budget-s loses the small models, not the caps
     for m, b, s, cap in (
-        ("gpt2", 1, 128, ""), ("gpt2", 8, 128, ""), ("bert", 1, 128, ""), ("bert", 8, 128, ""),
-        ("llama", 1, 128, ""), ("llama", 8, 128, ""), ("tiny_gpt", 1, 64, ""),
-        ("mlp", 8, 128, ""), ("gpt2", 8, 128, "5 MiB"), ("llama", 8, 128, "2 MiB"),
+        ("gpt2", 1, 128, ""), ("gpt2", 8, 128, ""), ("gpt2", 8, 128, "5 MiB"),
+        ("bert", 1, 128, ""), ("bert", 8, 128, ""), ("llama", 1, 128, ""), ("llama", 8, 128, ""),
+        ("llama", 8, 128, "2 MiB"), ("tiny_gpt", 1, 64, ""), ("mlp", 8, 128, ""),
     )
 ]  # fmt: skip
 
@@ -257,6 +258,7 @@ def small(c: Case) -> Case:
 
 
 # ---- calibration, measuring --------------------------------------------------------------------
+# --budget-s and the progress lines count from here: torch and hetero imported (a few seconds)
 T0 = time.time()
 
 
@@ -279,7 +281,6 @@ def base_profile(
     safe = "".join(ch if ch.isalnum() else "_" for ch in key)
     path = cache_root() / "bench-profiles" / f"{safe}{'-quick' if quick else ''}.json"
     if path.exists() and not recalibrate:
-        say(f"calibration of {key}: the cached {path}")
         return CalibrationProfile.load(path)
     say(f"calibrating {key} (quick={quick})")
     t0 = time.time()
@@ -340,7 +341,7 @@ class Bench:
         self.args = args
         self.registry = default_registry()
         self.cache = cache_root()
-        self.calibrated: set[str] = set()  # pools calibrated again in this run
+        self.calibrated: set[str] = set()  # pools asked for in this run (--recalibrate: once each)
         emulate = args.gpu and args.device == "cpu"
         # the GPU cases' cluster ("local"): this machine's, or an emulated H200 beside this CPU
         self.local = emulated_gpu_cluster() if emulate else hetero.Cluster.local()
@@ -367,14 +368,19 @@ class Bench:
     def profile(self, c: Case, spec: ClusterSpec) -> CalibrationProfile:
         a = self.args
         key, assignments = self.pool(c, spec)
-        if a.profile:
-            return CalibrationProfile.load(a.profile)
-        again = a.recalibrate and key not in self.calibrated
         first = key not in self.calibrated
         self.calibrated.add(key)
-        profile = base_profile(key, spec, assignments, again, a.quick or a.quick_calibration)
-        if c.gpu and first:  # kept beside the results: `--profile` plans with it again
-            profile.to_json(Path(a.json).with_suffix(".profile.json"))
+        if a.profile:
+            if first:
+                say(f"profile of {key}: {a.profile} (--profile)")
+            return CalibrationProfile.load(a.profile)
+        profile = base_profile(
+            key, spec, assignments, a.recalibrate and first, a.quick or a.quick_calibration
+        )
+        if first:
+            say(f"profile of {key}: {len(profile.devices)} (device, backend) entries")
+            if c.gpu:  # kept beside the results: `--profile` plans with it again
+                profile.to_json(Path(a.json).with_suffix(".profile.json"))
         return profile
 
     def prepare(self, c: Case):
