@@ -1113,6 +1113,10 @@ def main() -> None:
     if args.gpu and args.device == "cpu":
         cases = [small(c) for c in cases]
     if args.only:
+        unknown = sorted(set(args.only) - {c.name for c in cases})
+        if unknown:
+            sys.exit(f"--only: no case {', '.join(unknown)} here; known: "
+                     f"{', '.join(c.name for c in cases)}")  # fmt: skip
         cases = [c for c in cases if c.name in args.only]
     result: dict[str, Any] = {"rows": [], "summary": summarize([])}
 
