@@ -83,6 +83,7 @@ export PYTHONPATH=/tmp/shim:/tmp/site && cd /tmp && ...
 | batch 16 under the cap: chosen plan vs forced streaming / CPU | `python3 $R/benchmarks/llm_generate_gpu.py --case batch16 --json $OUT/b16.json` | nvidia-h200 | > 7 min (run 9: cut) |
 | Triton rules for modern models (3 runs: see triton_rules.md) | `python3 -m pytest -s -q $R/tests/gpu/test_triton_rules_gpu.py -k "<K>" -p no:cacheprovider` | nvidia-h200 | not run yet |
 | issue 15's suite: hetero vs eager and each torch.compile mode, 7 models (several calls: `--models`, `--modes`) | `python3 $R/benchmarks/backend_suite_gpu.py --models gpt2,bert --modes default reduce-overhead --budget-s 450 --json $OUT/suite1.json` (carry and source `.devdeps`) | nvidia-h200 | 3.4 min (two models); 7 min (three) |
+| issue 16's accuracy benchmark: 10 GPU cases and the GPU backend sweep, one feedback round (`--device cpu` rehearses it here under TRITON_INTERPRET=1) | `timeout -s INT -k 10 245 python3 $R/benchmarks/cost_feedback.py --gpu --quick-calibration --quantile 0.5 --budget-s 180 --json $OUT/cost_feedback_gpu.json --md $OUT/cost_feedback_gpu.md 2>&1 | tee $OUT/cost_feedback_gpu.log` (no `.devdeps`: leave `source .devdeps/bootstrap.sh &&` out of the prefix) | nvidia-h200 | ~4 min (estimated; not run yet) |
 """
 
 
