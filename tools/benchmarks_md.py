@@ -54,6 +54,8 @@ python3 -m pip download -d .whl --only-binary=:all: --python-version 3.12 --no-d
     --platform manylinux_2_17_x86_64 --implementation cp pydantic==2.14.4 \
     pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions platformdirs \
     pint==0.25.3 flexcache flexparser
+python3 -m pip download -d .whl --only-binary=:all: --no-deps --platform manylinux1_x86_64 \
+    py-spy==0.4.3                                    # stacks of a run that stops answering
 ```
 
 then one `run` call per line below, carrying `[".whl", ".devdeps"]` (the kind in brackets).
@@ -68,6 +70,11 @@ mkdir -p /tmp/shim/hetero && cp -r hetero/* /tmp/shim/hetero/ && \
 for d in partitioner backends runtime cluster interfaces calibration; do ln -sfn $R/$d /tmp/shim/hetero/$d; done && \
 export PYTHONPATH=/tmp/shim:/tmp/site && cd /tmp && ...
 ```
+
+A long run can leave its stacks if it stops answering: start it in the background with its
+output in `$OUT/run.log`, then `PATH=/tmp/site/bin:$PATH $R/tools/stall_dump.sh $! $OUT/run.log
+60 $OUT/stacks.txt` dumps every thread (Python and native frames, read from outside the
+process by py-spy) whenever the log has been quiet for 60 s, until the run ends.
 
 | question | `...` (from /tmp) | kind | wall |
 | --- | --- | --- | ---: |
