@@ -16,9 +16,10 @@ import dataclasses
 import functools
 import hashlib
 import json
+import threading
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -109,6 +110,41 @@ def _types_of(hint: Any) -> tuple[type, ...]:
     return (hint,)
 
 
+_Made = TypeVar("_Made")
+
+
+class SharedExports:
+    """A unit's torch.export programs, made once and shared by every backend that compiles
+    the unit while it is attached (`CompileUnit.sharing_exports`): the measured choice
+    (runtime/choice.py) compiles one partition with up to five backends, and eager,
+    cudagraphs, inductor, inductor-cudagraphs and TVM each began with the same export
+    (1.1-1.7 s each for ConvNeXt-T or MobileNet on an H200).
+
+    A program handed out here is shared: a backend must not change it (run_decompositions
+    returns a new program; `save_program` saves a copy when it drops the examples).
+    Safe across threads; a copy sent to another process (pickled) starts empty."""
+
+    def __init__(self) -> None:
+        self._made: dict[Hashable, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, make: Callable[[], _Made]) -> _Made:
+        """The value made for `key`, made now by `make()` if it is the first ask. Held under
+        the lock while it is made: a second thread asking for any key waits rather than
+        making the same program twice (exports of one unit are not worth running at once)."""
+        with self._lock:
+            if key not in self._made:
+                self._made[key] = make()
+            return self._made[key]
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        # a lock does not pickle, and programs are per process anyway
+        return (SharedExports, ())
+
+
 @dataclass(frozen=True)
 class CompileUnit:
     """One partition as a backend sees it."""
@@ -126,6 +162,11 @@ class CompileUnit:
     # the artifact holds no weights, so its key does not depend on their values or names
     # (every decoder layer shares one artifact). Only backends that `holds_state` take it.
     bound_params: bool = False
+    # The unit's exports while several backends compile it (`sharing_exports`); None: each
+    # export is made afresh. Not settable through __init__ or dataclasses.replace, so that a
+    # unit changed by replace (another module, other params) never inherits programs made
+    # for the one it came from. Not part of the unit's identity or hash.
+    exports: SharedExports | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_partition(
@@ -146,6 +187,17 @@ class CompileUnit:
             param_values={p: params[p] for p in part.params},
             dynamic_dims=dynamic_dims,
         )
+
+    def sharing_exports(self) -> CompileUnit:
+        """This unit with an empty `SharedExports` attached: the backends that compile the
+        returned unit export it once per (dtype, flags). Drop the returned unit when they are
+        done: its programs hold a copy of the weights. The parameters' digest, when already
+        read, carries over (the same tensors)."""
+        twin = dataclasses.replace(self)
+        object.__setattr__(twin, "exports", SharedExports())
+        if "_params_digest" in self.__dict__:
+            twin.__dict__["_params_digest"] = self.__dict__["_params_digest"]
+        return twin
 
     def graph_hash(self) -> str:
         """Hash of the partition's graph and of its parameters' contents.

@@ -67,13 +67,8 @@ def export_streamed(
     (contiguous host copies, in the order the program takes them; none when the unit's
     params are bound by the runtime). `device`: where the
     piece runs (its examples and weights are traced there, next to the module's own
-    constants); None: where its first activation is."""
-
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        return t
-
+    constants); None: where its first activation is. Both are the unit's `SharedExports`
+    ones when it has them (then shared: change neither)."""
     if device is None:
         device = next(
             (
@@ -83,6 +78,21 @@ def export_streamed(
             ),
             torch.device("cpu"),
         )
+    if unit.exports is None:
+        return _export_streamed(unit, dtype, device)
+    return unit.exports.get(
+        ("streamed", dtype, device), lambda: _export_streamed(unit, dtype, device)
+    )
+
+
+def _export_streamed(
+    unit: CompileUnit, dtype: torch.dtype | None, device: torch.device
+) -> tuple[torch.export.ExportedProgram, dict[str, torch.Tensor]]:
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t
+
     # An example can sit elsewhere than the piece runs (a value made by a CPU partition):
     # traced there, it would meet the module's device constants in one op.
     acts = tuple(

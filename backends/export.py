@@ -6,6 +6,7 @@ Backends that consume torch.export programs (TVM's Relax frontend, the eager ref
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import sympy
@@ -52,6 +53,9 @@ def save_program(
     model's layers), written at compile and read back at every load. Nothing that loads such
     a program calls it on its examples."""
     if weights_as_inputs:
+        # a shallow copy: `ep` may be shared with other backends (SharedExports), whose own
+        # save or load still wants its examples
+        ep = copy.copy(ep)
         ep.example_inputs = None
     torch.export.save(ep, path)
 
@@ -77,11 +81,22 @@ def size_carrier(n: int) -> torch.Tensor:
 def export_unit(
     unit: CompileUnit, dtype: torch.dtype | None = None, carry_sizes: bool = False
 ) -> torch.export.ExportedProgram:
-    """torch.export of the unit (dynamic dims kept when the unit names them).
+    """torch.export of the unit (dynamic dims kept when the unit names them); the unit's
+    `SharedExports` program when it has one (then shared: do not change it).
 
     `carry_sizes`: inputs that are sizes computed upstream (SymInts crossing the cut) are
     taken as `size_carrier` tensors whose dim 0 is the size, instead of as ints."""
     sizes = frozenset(i for i, d, _ in unit.dynamic_dims if d < 0) if carry_sizes else frozenset()
+    if unit.exports is None:
+        return _export_unit(unit, dtype, sizes)
+    # keyed by the sizes carried, not the flag: with none to carry, TVM's export (carry_sizes)
+    # is the same program as eager's and inductor's
+    return unit.exports.get(("unit", dtype, sizes), lambda: _export_unit(unit, dtype, sizes))
+
+
+def _export_unit(
+    unit: CompileUnit, dtype: torch.dtype | None, sizes: frozenset[int]
+) -> torch.export.ExportedProgram:
     mod = UnitModule(unit, dtype, sizes).eval()
     inputs = pytree.tree_map(
         lambda t: (

@@ -82,7 +82,8 @@ ROUND_BUDGET_S = 0.05  # time_call's budget per turn
 # candidate ran once already (its check) and a seconds-long call has nothing to warm.
 SLOW_SAMPLES = 5  # as many as time_call's fewest rounds
 # Above this many weight bytes over all candidates, they are loaded one at a time (each
-# timed in its turns alone) rather than all at once.
+# timed in its turns alone) rather than all at once, and their shared export (one more
+# copy of the weights, held while the partition is measured) is not kept.
 ALTERNATE_MAX_BYTES = 2 << 30
 # A candidate whose warm call (the one after its check run) took this many times the
 # fastest candidate's is not timed:
@@ -231,6 +232,12 @@ class Chooser:
             return planned, self._artifact(planned, unit, device, options_for)
         for name in names:  # the settings the candidates' loads make, before they are named
             self.registry.get(name).prepare_process(device)
+        if _weight_bytes(unit) * (len(names) + 1) <= ALTERNATE_MAX_BYTES:
+            # The candidates that start from a torch.export of the partition (eager,
+            # cudagraphs, inductor, inductor-cudagraphs, TVM) share one. Its program holds a
+            # copy of the weights until this partition is decided: only where every candidate
+            # is kept loaded at once anyway, so one more copy stays within that bound.
+            unit = unit.sharing_exports()
         keys = {n: self.registry.get(n).artifact_key(unit, device, options_for(n)) for n in names}
         record_key = _record_key(keys, _device_identity(device))
         decision = self._from_record(record_key, keys, planned, unit, device, options_for)
@@ -289,8 +296,7 @@ class Chooser:
         notes: dict[str, str] = {}
         planned_error: CompileError | None = None
         acts = tuple(unit.example_inputs)
-        weights = sum(t.numel() * t.element_size() for t in unit.param_values.values())
-        together = weights * len(names) <= ALTERNATE_MAX_BYTES
+        together = _weight_bytes(unit) * len(names) <= ALTERNATE_MAX_BYTES
         sync = _sync(device)
         complete = True
         checked: dict[str, float] = {}  # seconds of each candidate's warm call
@@ -446,6 +452,10 @@ def _unsupported(backend: Any, ops: Sequence[OpNode], device: DeviceSpec) -> str
         if not ok:
             return f"{op.target} unsupported: {getattr(ok, 'reason', '') or 'no reason given'}"
     return ""
+
+
+def _weight_bytes(unit: CompileUnit) -> int:
+    return sum(t.numel() * t.element_size() for t in unit.param_values.values())
 
 
 def _sync(device: DeviceSpec) -> Callable[[], None]:
