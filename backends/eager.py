@@ -28,6 +28,7 @@ from hetero.backends.base import (
     Runner,
 )
 from hetero.backends.export import dynamic_spec, export_unit, runnable, save_program
+from hetero.backends.linear_fold import fold_linears
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
 
@@ -258,6 +259,7 @@ class EagerBackend(Backend):
         ep = torch.export.load(artifact.path / "program.pt2")
         dev = torch_device(device)
         mod = runnable(ep).to(dev)
+        fold_linears(mod)  # run op by op: a dispatch per Linear instead of four
 
         cast = (
             getattr(torch, artifact.manifest["dtype"]) if artifact.manifest.get("dtype") else None

@@ -81,19 +81,23 @@ class _Staging(threading.local):
         views = self.views.get((device, role, shape, dtype))
         if views is not None:  # four view ops less per call: ~10 us of a decode hand-off
             return views
-        nbytes = math.prod(shape) * dtype.itemsize
-        got = self.buffers.get((device, role))
-        if got is None or got[0].numel() < nbytes:
-            size = max(nbytes, 2 * got[0].numel() if got is not None else 1)
-            if got is not None and self.depth:
-                self.retired.append(got)
-            host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            got = (host, _device_view(host, device))
-            self.buffers[(device, role)] = got
-            self.views = {k: v for k, v in self.views.items() if k[:2] != (device, role)}
-        host, dev = got
-        mine = host[:nbytes].view(dtype).view(shape)
-        views = (mine, None if dev is None else dev[:nbytes].view(dtype).view(shape))
+        # Normal tensors even when first asked for inside torch.inference_mode (generation's
+        # stages run there): the buffers outlive the call, and a hand-off's task writes them
+        # from its own thread, which is not in inference mode.
+        with torch.inference_mode(False):
+            nbytes = math.prod(shape) * dtype.itemsize
+            got = self.buffers.get((device, role))
+            if got is None or got[0].numel() < nbytes:
+                size = max(nbytes, 2 * got[0].numel() if got is not None else 1)
+                if got is not None and self.depth:
+                    self.retired.append(got)
+                host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+                got = (host, _device_view(host, device))
+                self.buffers[(device, role)] = got
+                self.views = {k: v for k, v in self.views.items() if k[:2] != (device, role)}
+            host, dev = got
+            mine = host[:nbytes].view(dtype).view(shape)
+            views = (mine, None if dev is None else dev[:nbytes].view(dtype).view(shape))
         self.views[(device, role, shape, dtype)] = views
         return views
 
@@ -105,9 +109,10 @@ class _Staging(threading.local):
             return None
         if device not in self.chains:
             flags, tasks = StreamFlags.load(), _tasks()
-            self.chains[device] = (
-                _Chain(device, flags, tasks, self) if flags is not None and tasks else None
-            )
+            with torch.inference_mode(False):  # its flags are written from the task thread
+                self.chains[device] = (
+                    _Chain(device, flags, tasks, self) if flags is not None and tasks else None
+                )
         return self.chains[device]
 
 

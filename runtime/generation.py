@@ -35,6 +35,7 @@ import torch
 from hetero.backends.eager import relayout, torch_device, traced_layouts
 from hetero.backends.export import runnable
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm, host_to_device, overlapped
+from hetero.backends.linear_fold import fold_linears
 from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
@@ -92,7 +93,11 @@ class DeviceStore:
 
 
 class BoundRunner:
-    """A stage's program called with its activations, then its params bound per call."""
+    """A stage's program called with its activations, then its params bound per call, in
+    torch.inference_mode: no op of a step records autograd state or bumps a version
+    counter (a small LM's CPU decode, ~370 ops per token: 71.5 -> 61.6 ms for 32 tokens).
+    What a step's ops make are inference tensors; buffers that outlive a step and are
+    written outside one are made outside it (the stores at bind, the hand-offs' staging)."""
 
     def __init__(
         self,
@@ -116,14 +121,14 @@ class BoundRunner:
     def __call__(self, *acts: Any) -> tuple:
         acts = tuple(self._here(k, a) for k, a in enumerate(acts))
         if self.streamer is None:
-            with torch.no_grad():
+            with torch.inference_mode():
                 return tuple(self.fn(*acts, *self.fixed))
         weights = self.streamer.acquire(self.item)
         try:
             params = list(self.fixed)
             for k, w in zip(self.streamed_at, weights, strict=True):
                 params[k] = w
-            with torch.no_grad():
+            with torch.inference_mode():
                 return tuple(self.fn(*acts, *params))
         finally:
             self.streamer.release(self.item)
@@ -456,7 +461,9 @@ class StageBinder:
             mod = runnable(program)
             retarget(mod, dev)  # traced on the host: its own tensors follow it here
             mod = mod.to(dev)
-            if mode is not CompileMode.OP_BY_OP:
+            if mode is CompileMode.OP_BY_OP:
+                fold_linears(mod)  # a dispatch per Linear instead of four
+            else:
                 mod = _Compiled(mod, dynamic=mode is CompileMode.DYNAMIC, name=s.name)
             layouts = traced_layouts(program)[: len(s.inputs)]
             if any(x is not None for x in layouts):
