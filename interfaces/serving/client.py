@@ -63,7 +63,13 @@ class InferenceClient:
         """Token ids as they come (one per sequence of the batch), from hetero.v1 Generate.
         `input_ids`: the prompt, [batch, length] or one prompt's ids; max_new_tokens 0: the
         server's default. Raises grpc.RpcError (INVALID_ARGUMENT, DEADLINE_EXCEEDED, ...)."""
-        ids = torch.as_tensor(input_ids).reshape(-1).tolist()
+        ids = torch.as_tensor(input_ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(
+                f"input_ids must be integer token ids; got {ids.dtype}. What to do: pass the "
+                "tokenizer's ids (an int64 tensor or a list of ints)"
+            )
+        ids = ids.reshape(-1).tolist()
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         request = pb.GenerateRequest(
             input_ids=ids,

@@ -115,6 +115,9 @@ def test_bad_prompts_get_invalid_argument_naming_the_problem(lm_server, compiled
             assert w in details, (name, details)
     code, details = _code(lambda: list(client.generate(prompt, 4, temperature=-1.0, timeout=10)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "'temperature'" in details
+    # float ids never leave the client: protobuf would only say a float is not an integer
+    with pytest.raises(TypeError, match="integer token ids"):
+        list(client.generate(torch.randn(1, 5), 4, timeout=10))
     assert slow.made == 0  # nothing invalid reached the model
     assert [t[0] for t in client.generate(prompt, 4)] == expected[:4]
 
