@@ -142,6 +142,18 @@ def traced_strides(ep: torch.export.ExportedProgram) -> list[tuple[int, ...] | N
     return out
 
 
+def symbolic_dims(ep: torch.export.ExportedProgram) -> tuple[tuple[int, int], ...]:
+    """(user input, dim) of every size `ep` was traced with as a symbol (a prompt's length):
+    what a compiler of the program should keep dynamic, and nothing else."""
+    return tuple(
+        (k, d)
+        for k, val in enumerate(_traced_inputs(ep))
+        if isinstance(val, torch.Tensor)
+        for d, size in enumerate(val.shape)
+        if not isinstance(size, int)
+    )
+
+
 def _traced_inputs(ep: torch.export.ExportedProgram) -> list[Any]:
     """The value each user input (flattened) was traced with (a fake tensor, a SymInt...)."""
     user = set(ep.graph_signature.user_inputs)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from hetero.backends.eager import relayout, torch_device, traced_layouts
+from hetero.backends.eager import relayout, symbolic_dims, torch_device, traced_layouts
 from hetero.backends.export import runnable
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm, host_to_device, overlapped
 from hetero.backends.linear_fold import fold_linears
@@ -464,7 +464,8 @@ class StageBinder:
             if mode is CompileMode.OP_BY_OP:
                 fold_linears(mod)  # a dispatch per Linear instead of four
             else:
-                mod = _Compiled(mod, dynamic=mode is CompileMode.DYNAMIC, name=s.name)
+                dims = symbolic_dims(program) if mode is CompileMode.DYNAMIC else ()
+                mod = _Compiled(mod, dynamic_dims=dims, name=s.name)
             layouts = traced_layouts(program)[: len(s.inputs)]
             if any(x is not None for x in layouts):
                 mod = _Relaid(mod, layouts)
@@ -519,17 +520,28 @@ class _Relaid:
 
 class _Compiled:
     """A program through torch.compile (Inductor); run as it is if compiling fails, with a
-    warning naming the stage (a missing kernel must not stop a generation)."""
+    warning naming the stage (a missing kernel must not stop a generation). `dynamic_dims`:
+    (input, dim) sizes kept symbolic (the prompt's length: `symbolic_dims`), every other
+    size static; none: one compile for the shapes of the first call."""
 
-    def __init__(self, module: torch.nn.Module, *, dynamic: bool, name: str) -> None:
+    def __init__(
+        self, module: torch.nn.Module, *, dynamic_dims: Sequence[tuple[int, int]], name: str
+    ) -> None:
         self.module = module
-        self.compiled = torch.compile(module, dynamic=dynamic, fullgraph=False)
+        self.dynamic_dims = tuple(dynamic_dims)
+        # marked per call rather than dynamic=True, which would make the weights' sizes
+        # symbols too
+        self.compiled = torch.compile(
+            module, dynamic=None if self.dynamic_dims else False, fullgraph=False
+        )
         self.name = name
         self.failed: BaseException | None = None
 
     def __call__(self, *args: Any) -> Any:
         if self.failed is None:
             try:
+                for k, d in self.dynamic_dims:
+                    torch._dynamo.mark_dynamic(args[k], d)
                 return self.compiled(*args)
             except Exception as e:  # Inductor cannot take it: the program still runs
                 self.failed = e

@@ -456,3 +456,37 @@ def test_prefill_compiles_for_any_prompt_length_only_where_its_device_streams_no
     # is not its bound, and nothing of that device's prefill compiles
     streaming = (dataclasses.replace(prefill[0], weights="streamed"), *prefill[1:])
     assert {compile_mode(Phase.PREFILL, s, streaming) for s in streaming} == {CompileMode.OP_BY_OP}
+
+
+def test_a_compiled_prefill_program_compiles_once_for_every_prompt_length():
+    """An all-resident GPU prefill's program (here on the CPU: the same torch.compile) keeps
+    only the prompt's length symbolic: one compile serves every length, values as op by op."""
+    from torch._dynamo.utils import counters
+
+    from hetero.backends.eager import symbolic_dims
+    from hetero.backends.export import runnable
+    from hetero.runtime.generation import _Compiled
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.proj(x), dim=-1) * x.shape[1]
+
+    torch._dynamo.reset()
+    block = Block().eval()
+    length = torch.export.Dim("prompt", min=2, max=64)
+    ep = torch.export.export(
+        block, (torch.randn(1, 8, 16),), dynamic_shapes=({1: length},), strict=False
+    )
+    assert symbolic_dims(ep) == ((0, 1),)
+    compiled = _Compiled(runnable(ep), dynamic_dims=symbolic_dims(ep), name="prefill")
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for n in (8, 5, 13, 2):
+            x = torch.randn(1, n, 16)
+            torch.testing.assert_close(compiled(x), runnable(ep)(x))
+    assert compiled.failed is None
+    assert counters["stats"]["unique_graphs"] - before == 1
