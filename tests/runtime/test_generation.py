@@ -203,18 +203,25 @@ ARCHITECTURES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_other_architectures_generate_like_transformers(arch, tmp_path):
-    """Models the generation work was not written against give transformers' tokens too."""
+def _arch_lm(arch: str, config: dict) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """transformers' `arch` LM from `config` (random weights), a 9-token prompt, and the
+    prompt with its 12 greedy tokens."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(arch, **ARCHITECTURES[arch])
+    cfg = AutoConfig.for_model(arch, **config)
     cfg.initializer_range = 0.2
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     prompt = torch.randint(1, 512, (1, 9))
     with torch.no_grad():
         ref = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    return model, prompt, ref
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_other_architectures_generate_like_transformers(arch, tmp_path):
+    """Models the generation work was not written against give transformers' tokens too."""
+    model, prompt, ref = _arch_lm(arch, ARCHITECTURES[arch])
     lm = hetero.compile(
         model, task="generate", cluster="configs/clusters/cpu-2core.yaml", max_length=32,
         cache_dir=tmp_path,
@@ -241,17 +248,9 @@ SPLIT_ARCHITECTURES = {
 def test_other_architectures_split_and_streamed_on_a_gpu_generate_like_transformers(arch, tmp_path):
     """A capped GPU's placements (one layer split with the host CPU, one streamed; the GPU's
     stages run on this CPU) for layers the split was not written against."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from hetero.partitioner.phases import Phase
 
-    cfg = AutoConfig.for_model(arch, **SPLIT_ARCHITECTURES[arch])
-    cfg.initializer_range = 0.2
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    prompt = torch.randint(1, 512, (1, 9))
-    with torch.no_grad():
-        ref = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    model, prompt, ref = _arch_lm(arch, SPLIT_ARCHITECTURES[arch])
     layers = [n for n, _ in model.named_modules() if re.fullmatch(r".*\.(h|layers)\.[01]", n)]
     forced = dict(zip((f"model.{n}" for n in layers), ("split", "streamed"), strict=True))
     registry = default_registry()
