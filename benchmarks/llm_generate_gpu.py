@@ -759,8 +759,9 @@ def case_batch16(args, cfg, cache: Path) -> None:
         if time.perf_counter() - T0 > args.budget_s:
             out[name] = {"skipped": "out of the call's time budget"}
             continue
-        # what fits stays resident; every other layer streams / runs on the CPU
-        forced = {g: f"resident|{where}" for g in layers}
+        # what fits stays resident on the GPU; every other layer streams / runs on the CPU
+        # ("resident" alone would let layers sit on the CPU, whose weights are resident too)
+        forced = {g: f"node0/gpu:resident|{where}" for g in layers}
         started(out, name, args.json)
         try:
             lm, _ = compile_lm(
@@ -775,6 +776,8 @@ def case_batch16(args, cfg, cache: Path) -> None:
             )
             out[name] = hetero_times(lm, ids, args.new_tokens, args.repeats)
             out[name]["predicted_ms_per_token"] = lm.plan.predicted_decode_ms
+            placed = {c.group: c.chosen for c in lm.plan.choice(Phase.DECODE)}
+            out[name]["decode"] = {g: placed[g] for g in layers}
             log(f"  {name} {out[name]['ms_per_token']:.2f} ms/token")
             lm.shutdown()
         except Exception as e:

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from hetero.cluster.spec import ClusterSpec
+from hetero.errors import ConfigError
 from hetero.partitioner import host_dtype
 from hetero.partitioner.algorithms.adapter import (
     BackendLookup,
@@ -30,7 +31,7 @@ from hetero.partitioner.algorithms.adapter import (
 )
 from hetero.partitioner.algorithms.assemble import assemble
 from hetero.partitioner.algorithms.latency import latency
-from hetero.partitioner.algorithms.problem import INF, SPLIT, Problem, Solution
+from hetero.partitioner.algorithms.problem import INF, SPLIT, Placement, Problem, Solution
 from hetero.partitioner.coarsen import GroupGraph
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.decisions import BackendAssignment, Objective
@@ -104,8 +105,8 @@ def plan_generation(
     decode_placements: Mapping[str, str] | None = None,
 ) -> GenerationPlan:
     """Plans for both phases. `decode_placements` forces placements in decode (group or
-    module prefix -> "resident" | "streamed" | "split" | a device name, or several joined
-    by "|"), for comparisons."""
+    module path -> "resident" | "streamed" | "split" | a device name | "DEVICE:HOME", or
+    several joined by "|"; `_force`), for comparisons."""
     cm = cost_model if cost_model is not None else CostModel.load(cluster=cluster)
     setup = _setup(lm, cluster, cm, registry, backends, exclude)
     common = setup.common
@@ -297,23 +298,59 @@ def _reason(problem: Problem, ctx: Context, sol: Solution, gi: int, others) -> s
 
 
 def _force(problem: Problem, groups: GroupGraph, forced: Mapping[str, str]) -> Problem:
-    """Only the placements named (weight homes or device names; "a|b" allows either) for
-    the groups whose name starts with each key."""
+    """Only the placements named for the groups under each key (the group, or a module path
+    whose groups sit below it: "model.layers.1" is not "model.layers.10"; a key ending in
+    "." names a prefix as it is). A placement is a weight home ("resident", "streamed",
+    "split"), a device name, or "DEVICE:HOME" for both ("node0/gpu:resident": resident on
+    that GPU, where "resident" alone also takes the CPU, whose weights are resident too);
+    "a|b" allows either. A key that names no group, or a group none of whose placements is
+    allowed, is a ConfigError: a comparison must not measure another plan than it names."""
     compute = problem.compute.copy()
     for key, want in forced.items():
-        wants = set(want.split("|"))
-        hit = [i for i, g in enumerate(groups.groups) if g.name == key or g.name.startswith(key)]
+        wants = [w.strip() for w in want.split("|") if w.strip()]
+        hit = [i for i, g in enumerate(groups.groups) if _under(g.name, key)]
+        if not hit:
+            raise ConfigError(
+                f"decode_placements: {key!r} names no group of this model's decode step; "
+                f"groups are module paths such as {groups.groups[-1].name!r}"
+            )
+        keep = [q for q, pl in enumerate(problem.placements) if _allowed(problem, pl, wants)]
+        mask = np.full(problem.num_placements, True)
+        mask[keep] = False
         for i in hit:
-            keep = [
-                q
-                for q, pl in enumerate(problem.placements)
-                if pl.weights in wants or problem.devices[pl.device] in wants
-            ]
-            mask = np.full(problem.num_placements, True)
-            mask[keep] = False
-            if np.isfinite(compute[i, keep]).any():
-                compute[i, mask] = INF
+            if not np.isfinite(compute[i, keep]).any():
+                able = sorted(
+                    _placement_name(problem, pl)
+                    for q, pl in enumerate(problem.placements)
+                    if np.isfinite(compute[i, q])
+                )
+                raise ConfigError(
+                    f"decode_placements: {key!r} -> {want!r}: group "
+                    f"{groups.groups[i].name!r} cannot be placed so; it can be: "
+                    f"{', '.join(able) or 'nowhere'}"
+                )
+            compute[i, mask] = INF
     return dataclasses.replace(problem, compute=compute)
+
+
+def _under(name: str, key: str) -> bool:
+    return name == key or name.startswith(key if key.endswith(".") else key + ".")
+
+
+def _allowed(problem: Problem, pl: Placement, wants: Sequence[str]) -> bool:
+    device = problem.devices[pl.device]
+    for w in wants:
+        where, _, home = w.rpartition(":") if ":" in w else ("", "", w)
+        if where:
+            if where == device and home == pl.weights:
+                return True
+        elif home == pl.weights or home == device:
+            return True
+    return False
+
+
+def _placement_name(problem: Problem, pl: Placement) -> str:
+    return f"{problem.devices[pl.device]}:{pl.weights}"
 
 
 def _reserve_prefill_slots(problem: Problem, cluster: ClusterSpec) -> Problem:

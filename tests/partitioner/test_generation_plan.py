@@ -173,6 +173,44 @@ def test_forced_decode_placements_are_honoured(lm):
     assert split.split and 0 < split.split[0][1] < 1 and split.cpu_dtype
 
 
+def test_a_device_and_home_together_keep_resident_layers_off_the_cpu(lm):
+    # "resident" alone takes the CPU too (its weights are resident there): a forced
+    # comparison names the GPU with it
+    everywhere = {"model.model.layers": "node0/gpu:resident|streamed"}
+    gp = plan_generation(lm, capped(0.6, lm), registry=default_registry(),
+                         decode_placements=everywhere)  # fmt: skip
+    decode = {c.group: c.chosen for c in gp.choice(Phase.DECODE) if ".layers." in c.group}
+    assert decode and all(where.startswith("node0/gpu ") for where in decode.values()), decode
+    assert {where.split()[1] for where in decode.values()} <= {"resident", "streamed"}
+
+
+@pytest.mark.parametrize(
+    ("forced", "words"),
+    [
+        ({"model.model.layer.2": "split"}, ["'model.model.layer.2' names no group"]),
+        ({"model.model.layers.2": "node0/npu"}, ["cannot be placed so", "node0/gpu:split"]),
+    ],
+    ids=["no such group", "nowhere allowed"],
+)
+def test_a_forced_placement_that_cannot_be_had_is_an_error_not_another_plan(lm, forced, words):
+    from hetero.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        plan_generation(lm, capped(0.6, lm), registry=default_registry(),
+                        decode_placements=forced)  # fmt: skip
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_a_forced_module_path_is_not_a_prefix_of_its_siblings():
+    from hetero.partitioner.algorithms.generation import _under
+
+    assert _under("model.layers.1", "model.layers.1")
+    assert _under("model.layers.1.mlp", "model.layers.1")
+    assert not _under("model.layers.10", "model.layers.1")
+    assert _under("model.layers.10", "model.layers.")  # a key ending in "." is a prefix
+
+
 def _host_rates(float16: float, bfloat16: float | None):
     from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency
     from hetero.partitioner.cost import CostModel
