@@ -492,12 +492,10 @@ def compile_mode(phase: Phase, stage: StageSpec, stages: Sequence[StageSpec]) ->
     Inductor compile over a symbolic prompt length serves every prompt."""
     if phase is Phase.DECODE:
         return CompileMode.STATIC
-    if stage.weights != "resident" or stage.shares:
-        return CompileMode.OP_BY_OP
-    same = [t for t in stages if t.device.name == stage.device.name]
-    if any(t.weights != "resident" or t.shares for t in same):
-        return CompileMode.OP_BY_OP
-    return CompileMode.DYNAMIC
+    streams = any(
+        t.weights != "resident" or t.shares for t in stages if t.device.name == stage.device.name
+    )  # `stage` among them
+    return CompileMode.OP_BY_OP if streams else CompileMode.DYNAMIC
 
 
 class _Relaid:

@@ -307,7 +307,8 @@ def _force(problem: Problem, groups: GroupGraph, forced: Mapping[str, str]) -> P
     allowed, is a ConfigError: a comparison must not measure another plan than it names."""
     compute = problem.compute.copy()
     for key, want in forced.items():
-        wants = [w.strip() for w in want.split("|") if w.strip()]
+        # (device or "", home or device name) per token: "node0/gpu:resident" -> both
+        wants = [w.strip().rpartition(":")[::2] for w in want.split("|") if w.strip()]
         hit = [i for i, g in enumerate(groups.groups) if _under(g.name, key)]
         if not hit:
             raise ConfigError(
@@ -337,16 +338,12 @@ def _under(name: str, key: str) -> bool:
     return name == key or name.startswith(key if key.endswith(".") else key + ".")
 
 
-def _allowed(problem: Problem, pl: Placement, wants: Sequence[str]) -> bool:
+def _allowed(problem: Problem, pl: Placement, wants: Sequence[tuple[str, str]]) -> bool:
     device = problem.devices[pl.device]
-    for w in wants:
-        where, _, home = w.rpartition(":") if ":" in w else ("", "", w)
-        if where:
-            if where == device and home == pl.weights:
-                return True
-        elif home == pl.weights or home == device:
-            return True
-    return False
+    return any(
+        (where == device and home == pl.weights) if where else home in (pl.weights, device)
+        for where, home in wants
+    )
 
 
 def _placement_name(problem: Problem, pl: Placement) -> str:

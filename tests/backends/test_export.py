@@ -9,38 +9,25 @@ import pickle
 
 import pytest
 import torch
+from block_units import Block, unit_of
 
-from hetero.backends.base import CompileOptions, CompileUnit, SharedExports
+from hetero.backends.base import CompileOptions, SharedExports
 from hetero.backends.cudagraphs import CudaGraphsBackend
 from hetero.backends.eager import EagerBackend, export_streamed
 from hetero.backends.export import export_unit, save_program
 from hetero.backends.inductor import InductorBackend, InductorGraphsBackend
 from hetero.cluster.spec import DeviceSpec
-from hetero.partitioner.graph import capture
-from hetero.partitioner.split import flatten_inputs, param_values, split
 
 CPU = DeviceSpec("test/cpu0", "cpu", "test", cores=2)
 # compiles only (no CUDA here): the graph backends' compile is their base's, for a GPU
 GPU = DeviceSpec("test/gpu0", "gpu", "test")
 
 
-class Block(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(16, 16)
-        self.ln = torch.nn.LayerNorm(16)
-
-    def forward(self, x):
-        return self.ln(torch.nn.functional.gelu(self.lin(x)) + x)
-
-
 @pytest.fixture
 def block():
     torch.manual_seed(0)
     model, x = Block().eval(), torch.randn(3, 16)
-    graph = capture(model, (x,))
-    (part,) = split(graph, {n: 0 for n in graph.order})
-    unit = CompileUnit.from_partition(part, flatten_inputs(graph, (x,)), param_values(graph))
+    unit = unit_of(model, x)
     with torch.no_grad():
         return model, x, unit
 

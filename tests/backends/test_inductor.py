@@ -8,33 +8,16 @@ import json
 
 import pytest
 import torch
+from block_units import Block, unit_of
 
-from hetero.backends.base import Artifact, CompileOptions, CompileUnit
+from hetero.backends.base import Artifact, CompileOptions
 from hetero.backends.cudagraphs import replayed
 from hetero.backends.inductor import InductorBackend, InductorGraphsBackend
 from hetero.backends.registry import default_registry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError
-from hetero.partitioner.graph import capture
-from hetero.partitioner.split import flatten_inputs, param_values, split
 
 CPU = DeviceSpec("test/cpu0", "cpu", "test", cores=2)
-
-
-class Block(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(16, 16)
-        self.ln = torch.nn.LayerNorm(16)
-
-    def forward(self, x):
-        return self.ln(torch.nn.functional.gelu(self.lin(x)) + x)
-
-
-def unit_of(model, x) -> CompileUnit:
-    graph = capture(model.eval(), (x,))
-    (part,) = split(graph, {n: 0 for n in graph.order})
-    return CompileUnit.from_partition(part, flatten_inputs(graph, (x,)), param_values(graph))
 
 
 def test_registry_builds_it():
