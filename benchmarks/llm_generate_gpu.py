@@ -232,6 +232,8 @@ def bounds(weight_bytes: int, cap: int, probe: dict) -> dict:
 
 def quick_probe(seconds: float = 0.5, size: int = 1 << 30) -> dict:
     """Pinned host->GPU copy rate and a 16-thread host read rate, for the bounds."""
+    from hetero.calibration.split import COPY_BYTES, copy_sources, queue_copies
+
     out = {}
     t = torch.ones(size // 2, dtype=torch.float16)
     n, t0 = 0, time.perf_counter()
@@ -251,16 +253,10 @@ def quick_probe(seconds: float = 0.5, size: int = 1 << 30) -> dict:
         out["h2d_GBps"] = src.numel() * n / (time.perf_counter() - t0) / 1e9
         # both at once, the copies reading more pinned memory than the last-level cache holds
         # (as streamed weights do): the host's DRAM serves both, so their sum is the bound
-        del src
-        srcs = [torch.empty(256 << 20, dtype=torch.uint8).pin_memory() for _ in range(4)]
-        stream = torch.cuda.Stream()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        copies = max(8, int(out["h2d_GBps"] * 1e9 * seconds / (256 << 20)))
-        with torch.cuda.stream(stream):
-            start.record(stream)
-            for k in range(copies):
-                dst.copy_(srcs[k % len(srcs)], non_blocking=True)
-            end.record(stream)
+        del src, dst
+        sources = copy_sources(1 << 30)
+        count = max(8, int(out["h2d_GBps"] * 1e9 * seconds / COPY_BYTES))
+        start, end, nbytes = queue_copies(torch.device("cuda"), count, sources)
         n, t0 = 0, time.perf_counter()
         while not end.query():
             t.sum()
@@ -268,7 +264,7 @@ def quick_probe(seconds: float = 0.5, size: int = 1 << 30) -> dict:
         cpu_s = time.perf_counter() - t0
         end.synchronize()
         out["shared_cpu_read_GBps"] = 2 * t.numel() * n / cpu_s / 1e9
-        out["shared_h2d_GBps"] = copies * (256 << 20) / (start.elapsed_time(end) / 1e3) / 1e9
+        out["shared_h2d_GBps"] = nbytes / (start.elapsed_time(end) / 1e3) / 1e9
     return out
 
 

@@ -65,7 +65,7 @@ def _gemv_rate(weights, x, seconds: float, until=None) -> float:
             return n * nbytes / el
 
 
-def _sources(total: int) -> list[torch.Tensor]:
+def copy_sources(total: int) -> list[torch.Tensor]:
     """Pinned copy sources, `total` bytes in all, read in turn (from DRAM, as streamed weights
     are: see the module's note)."""
     return [
@@ -74,7 +74,7 @@ def _sources(total: int) -> list[torch.Tensor]:
     ]
 
 
-def _copies(dev: torch.device, count: int, sources: list[torch.Tensor]):
+def queue_copies(dev: torch.device, count: int, sources: list[torch.Tensor]):
     dst = torch.empty(COPY_BYTES, dtype=torch.uint8, device=dev)
     stream = torch.cuda.Stream(dev)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -107,14 +107,14 @@ def _measure(
     dev = torch.device("cuda", gpu.index)
     t = getattr(torch, dtype)
     weights = _weights(t, 2 * l3_bytes)
-    sources = _sources(2 * l3_bytes)
+    sources = copy_sources(2 * l3_bytes)
     x = torch.randn(batch, COLS).to(t)
     cpu_alone = _gemv_rate(weights, x, seconds)
-    start, end, nbytes = _copies(dev, max(8, len(sources)), sources)
+    start, end, nbytes = queue_copies(dev, max(8, len(sources)), sources)
     end.synchronize()
     link_alone = nbytes / (start.elapsed_time(end) / 1e3)
     count = max(4, int(link_alone * seconds / COPY_BYTES))
-    start, end, nbytes = _copies(dev, count, sources)
+    start, end, nbytes = queue_copies(dev, count, sources)
     cpu_shared = _gemv_rate(weights, x, seconds, until=end.query)
     end.synchronize()
     link_shared = nbytes / (start.elapsed_time(end) / 1e3)
