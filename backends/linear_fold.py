@@ -5,8 +5,8 @@ torch.export writes a Linear over a [..., K] input as four ops: the input flatte
 [N, K] (`view`), the weight transposed (`permute`/`t`), `mm` or `addmm` (with the bias),
 and the product viewed back to [..., M]. Run by the eager backend, each op is a dispatch
 (a few microseconds on a CPU), and a small LM's decode step is mostly dispatch: a 4-layer
-Qwen2-shaped model ran 377 ops per token, 87 of them such views and transposes, where
-transformers' eager module ran 265. `aten.linear` computes the same product with the same
+Qwen2-shaped model ran 388 ops per token where transformers' eager module ran 265, and 290
+with this fold and inference mode (benchmarks/decode_ops_cpu.py). `aten.linear` computes the same product with the same
 kernels (it flattens and calls addmm/mm itself), so the outputs are bit for bit the same.
 
 Only for op-by-op runs: compilers (Inductor, TVM, hetero's Triton) see the program as

@@ -95,7 +95,8 @@ class DeviceStore:
 class BoundRunner:
     """A stage's program called with its activations, then its params bound per call, in
     torch.inference_mode: no op of a step records autograd state or bumps a version
-    counter (a small LM's CPU decode, ~370 ops per token: 71.5 -> 61.6 ms for 32 tokens).
+    counter (a small LM's CPU decode dispatches ~300 ops per token: benchmarks/
+    decode_ops_cpu.py, BENCHMARKS.md "generation stages in inference mode").
     What a step's ops make are inference tensors; buffers that outlive a step and are
     written outside one are made outside it (the stores at bind, the hand-offs' staging)."""
 
