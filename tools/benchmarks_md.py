@@ -27,6 +27,7 @@ ORDER = [
     ("health_during_compile.md", "Health probes while `hetero serve` compiles (issue 18)"),
     ("safe_gather.md", "The cost of TVM's memory-safe gathers (issue 18)"),
     ("cost_feedback.md", "The cost model after feedback: accuracy and plan choice (issue 16)"),
+    ("cost_feedback_gpu.md", "The cost model after feedback on an H200: the GPU cases (issue 16)"),
     ("crossing_values.md", "What a value crossing between partitions costs (issue 16)"),
     ("serving.md", "Serving: the Open Inference Protocol and Generate (issue 19)"),
 ]
@@ -83,14 +84,14 @@ process by py-spy) whenever the log has been quiet for 60 s, until the run ends.
 | LLaMA 1.1B under a 0.55 GB cap (calibrates first) | `python3 $R/benchmarks/llama_offload.py --budget-s 300 --json $OUT/llama.json` | nvidia-h100-x1 | ~6 min (run 8: 5.4) |
 | GPU<->CPU hops vs pinned copies and the bare graph | `python3 $R/benchmarks/hop_overhead_gpu.py --json $OUT/hop_gpu.json` | nvidia-h100-x1 | - |
 | two GPUs: pipeline, split sweep, NCCL hops | `python3 $R/benchmarks/pipeline_2gpu.py --json $OUT/p2.json` | nvidia-h100-x2 | ~5 min |
-| the GPU tests | `python3 -m pytest -q $R/tests/gpu -p no:cacheprovider` | nvidia-h200 | ~5 min (run 17: 56 passed in 4:45) |
-| LLaMA-7B generation, GPU capped at 4 GiB (issue 14; no `.devdeps` needed) | `python3 $R/benchmarks/llm_generate_gpu.py --case capped --json $OUT/capped.json` (with up to three feedback rounds: `--no-feedback` keeps the first plan; `--copy-inputs-too` also times the same stages copying CPU outputs to the GPU, `--graph-streamed-too` with streamed layers as CUDA graphs) | nvidia-h200 | ~4 min (run 18: 3.7 with `--trace`; run 15 took 9.4 before the compile fell to 128 s) |
+| the GPU tests | `python3 -m pytest -q $R/tests/gpu -p no:cacheprovider` | nvidia-h200 | ~4 min (run 19: 56 passed in 4:09) |
+| LLaMA-7B generation, GPU capped at 4 GiB (issue 14; no `.devdeps` needed) | `python3 $R/benchmarks/llm_generate_gpu.py --case capped --json $OUT/capped.json` (with up to three feedback rounds: `--no-feedback` keeps the first plan; `--copy-inputs-too` also times the same stages copying CPU outputs to the GPU, `--graph-streamed-too` with streamed layers as CUDA graphs) | nvidia-h200 | ~3 min (run 19: 2.9 with the baselines; run 18: 3.7 with `--trace`) |
 | a split layer's time, piece by piece (copies, CPU products, profiled decode) | `python3 $R/benchmarks/split_layer_gpu.py --json $OUT/split.json --trace $OUT/split_trace.json` | nvidia-h200 | ~2.5 min |
-| the same model uncapped: hetero vs eager and every torch.compile mode | `python3 $R/benchmarks/llm_generate_gpu.py --case uncapped --json $OUT/uncapped.json` | nvidia-h200 | ~8 min (run 8) |
-| batch 16 under the cap: chosen plan vs forced streaming / CPU | `python3 $R/benchmarks/llm_generate_gpu.py --case batch16 --json $OUT/b16.json` | nvidia-h200 | > 7 min (run 9: cut) |
+| the same model uncapped: hetero vs eager and every torch.compile mode | `python3 $R/benchmarks/llm_generate_gpu.py --case uncapped --json $OUT/uncapped.json` | nvidia-h200 | ~4.5 min with two modes (run 19); max-autotune-no-cudagraphs needs a call of its own |
+| batch 16 under the cap: chosen plan vs forced streaming / CPU | `python3 $R/benchmarks/llm_generate_gpu.py --case batch16 --json $OUT/b16.json` | nvidia-h200 | > 7 min (run 9: cut); run 19 stopped at a view (fixed, not re-run) |
 | Triton rules for modern models (3 runs: see triton_rules.md) | `python3 -m pytest -s -q $R/tests/gpu/test_triton_rules_gpu.py -k "<K>" -p no:cacheprovider` | nvidia-h200 | not run yet |
 | issue 15's suite: hetero vs eager and each torch.compile mode, 7 models (several calls: `--models`, `--modes`) | `python3 $R/benchmarks/backend_suite_gpu.py --models gpt2,bert --modes default reduce-overhead --budget-s 450 --json $OUT/suite1.json` (carry and source `.devdeps`) | nvidia-h200 | 3.4 min (two models); 7 min (three) |
-| issue 16's accuracy benchmark: 10 GPU cases and the GPU backend sweep, one feedback round (`--device cpu` rehearses it here under TRITON_INTERPRET=1) | `timeout -s INT -k 10 245 python3 $R/benchmarks/cost_feedback.py --gpu --quick-calibration --quantile 0.5 --budget-s 180 --json $OUT/cost_feedback_gpu.json --md $OUT/cost_feedback_gpu.md 2>&1 | tee $OUT/cost_feedback_gpu.log` (no `.devdeps`: leave `source .devdeps/bootstrap.sh &&` out of the prefix) | nvidia-h200 | ~4 min (estimated; not run yet) |
+| issue 16's accuracy benchmark: 10 GPU cases and the GPU backend sweep, one feedback round (`--device cpu` rehearses it here under TRITON_INTERPRET=1) | `timeout -s INT -k 10 245 python3 $R/benchmarks/cost_feedback.py --gpu --quick-calibration --quantile 0.5 --budget-s 180 --json $OUT/cost_feedback_gpu.json --md $OUT/cost_feedback_gpu.md 2>&1 | tee $OUT/cost_feedback_gpu.log` (no `.devdeps`: leave `source .devdeps/bootstrap.sh &&` out of the prefix) | nvidia-h200 | ~3.2 min (run 19: 4 of 10 cases in a 175 s budget; `--profile $R/benchmarks/results/cost_feedback_gpu.profile.json` skips its 92 s calibration) |
 """
 
 
