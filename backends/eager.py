@@ -29,6 +29,7 @@ from hetero.backends.base import (
 )
 from hetero.backends.export import dynamic_spec, export_unit, runnable, save_program
 from hetero.backends.linear_fold import fold_linears
+from hetero.backends.reshape_views import reshape_views
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
 
@@ -272,6 +273,7 @@ class EagerBackend(Backend):
         dev = torch_device(device)
         mod = runnable(ep).to(dev)
         fold_linears(mod)  # run op by op: a dispatch per Linear instead of four
+        reshape_views(mod)  # its views may meet another device's strides
 
         cast = (
             getattr(torch, artifact.manifest["dtype"]) if artifact.manifest.get("dtype") else None

@@ -37,6 +37,7 @@ from hetero.backends.export import runnable
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm, host_to_device, overlapped
 from hetero.backends.linear_fold import fold_linears
 from hetero.backends.registry import BackendRegistry
+from hetero.backends.reshape_views import reshape_views
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
 from hetero.partitioner.generation_plan import GenerationPlan
@@ -464,6 +465,7 @@ class StageBinder:
             mod = mod.to(dev)
             if mode is CompileMode.OP_BY_OP:
                 fold_linears(mod)  # a dispatch per Linear instead of four
+                reshape_views(mod)  # the GPU's attention may lay its output out otherwise
             else:
                 dims = symbolic_dims(program) if mode is CompileMode.DYNAMIC else ()
                 mod = _Compiled(mod, dynamic_dims=dims, name=s.name)
