@@ -194,7 +194,7 @@ def compile_lm(
     the cost model with every decode partition's measured time, plan again with it and
     rebuild if that is expected faster (the last round only goes back to a plan measured
     faster); a plan kept carries the corrected prices (`CompiledLM.feedback`: per partition its price
-    before, measured and after, and the median errors; the in-process executor only).
+    before, measured and after, and the median errors; either executor).
     `clock`: the compile's clock when the caller started it (hetero.compile); the result's
     `compile_times` say where the time went."""
     clock = clock if clock is not None else CompileClock()
@@ -375,14 +375,7 @@ def _round(
     partitions compile again: the artifact cache keeps the others."""
     lm, plan = compiled.lm, compiled.plan
     tried = tried or {}
-    got = _measure(compiled)
-    if got is None:
-        compiled.feedback = {
-            "replanned": False,
-            "why": "the Ray runtime reports no per-partition times to this process",
-        }
-        return _Round(compiled, cost_model, None, False)
-    token_ms, runs = got
+    token_ms, runs = _measure(compiled)
     measured = {k: m.stage_ms for k, m in runs.items()}  # the whole stage, as priced
     cluster, name = compiled.cluster, compiled.cluster.name
 
@@ -521,24 +514,20 @@ def _round(
     return _Round(rebuilt, cm, token_ms, True)
 
 
-def _measure(compiled: CompiledLM) -> tuple[float, dict[int, Any]] | None:
+def _measure(compiled: CompiledLM) -> tuple[float, dict[int, Any]]:
     """One warm request: (its decode ms per token, per plan partition the medians of the
-    warm runs, a streamed partition's pieces summed); None where the runtime reports no
-    per-partition times to this process (Ray). A function of its own so that no frame of
-    the round holds the executor, and through it every runner's weights, while a rebuild
-    binds the next plan: a local reference to it put an H200 compile at 7.65 GB against a
-    4 GiB cap (run 18)."""
-    executors = getattr(compiled.generation, "executors", None)
-    if not executors:
-        return None
+    warm runs, a streamed partition's pieces summed), from either runtime (the Ray workers'
+    records travel back with each step's values). A function of its own so that no frame
+    of the round holds the executor, and through it every runner's weights, while a
+    rebuild binds the next plan: a local reference to it put an H200 compile at 7.65 GB
+    against a 4 GiB cap (run 18)."""
     lm = compiled.lm
     length = max(2, min(lm.max_len // 2, lm.max_len - _FEEDBACK_TOKENS - 1))
     new = max(1, min(_FEEDBACK_TOKENS, lm.max_len - length - 1))
     ids = torch.randint(0, lm.vocab, (lm.batch, length), generator=torch.Generator().manual_seed(0))
     compiled.generate(ids, min(4, new))  # warm-up: first calls compile and capture
     compiled.generate(ids, new)
-    executor = executors[Phase.DECODE]
-    runs = measured_partitions(executor.stages, executor.metrics.snapshot())
+    runs = measured_partitions(*compiled.generation.measured(Phase.DECODE))
     return compiled.last_request["decode_ms_per_token"], runs
 
 

@@ -47,6 +47,7 @@ from hetero.runtime.artifacts import load_runner, verify_artifact
 from hetero.runtime.build import retarget
 from hetero.runtime.cuda_graph import CudaGraphRunner, SlotGraphs
 from hetero.runtime.executor import LocalExecutor
+from hetero.runtime.metrics import MetricsSnapshot
 from hetero.runtime.retype import bound_dtype, host_tensor
 from hetero.runtime.sampling import Sampling, next_token
 from hetero.runtime.stage import StageSpec
@@ -169,6 +170,11 @@ class Generation(abc.ABC):
 
     @abc.abstractmethod
     def shutdown(self) -> None: ...
+
+    @abc.abstractmethod
+    def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
+        """`phase`'s stages and the medians of their recent warm runs, as their workers
+        measured them (what feedback folds into the cost model)."""
 
     def check(self, input_ids: Any, max_new_tokens: int) -> torch.Tensor:
         """The request as a [batch, length] int64 tensor, or ConfigError saying what is wrong."""
@@ -595,6 +601,10 @@ class LocalGeneration(Generation):
     def move_state(self) -> None:
         for move in self.plan.moves:
             self.binder.write_state(move.dst, self.binder.read_state(move.src, move.state))
+
+    def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
+        executor = self.executors[phase]
+        return executor.stages, executor.metrics.snapshot()
 
     def shutdown(self) -> None:
         self._closed = True

@@ -27,6 +27,7 @@ from hetero.partitioner.phases import PROMPT, START, LMGraphs, Phase
 from hetero.runtime import faults, placement
 from hetero.runtime.artifacts import unpack
 from hetero.runtime.generation import Generation, StageBinder, lm_weights
+from hetero.runtime.metrics import MetricsSnapshot, RunMetrics
 from hetero.runtime.stage import CALLER, StageSpec, producers, sources
 from hetero.runtime.worker import Packet, StageRunner, caller_packet, local_device
 
@@ -143,6 +144,9 @@ class RayGeneration(Generation):
             phase: next(s.index for s in ss if set(s.outputs) & set(lm.graph(phase).outputs))
             for phase, ss in self.stages.items()
         }
+        # each worker's packet carries the records of every stage upstream of it, so the
+        # final one brings the step's times here without calling the actors again
+        self.metrics = {phase: RunMetrics(self.stages[phase]) for phase in Phase}
 
     def step(self, phase: Phase, ids: torch.Tensor, start: int) -> torch.Tensor:
         import ray  # optional heavy dependency
@@ -158,8 +162,13 @@ class RayGeneration(Generation):
             packet = ray.get(refs[self._final[phase]], timeout=self.timeout_s)
         except Exception as e:
             raise faults.clean(faults.user_error(e) or e) from None
+        for record in packet.records.values():
+            self.metrics[phase].record(record)
         out = [o for o in self.lm.graph(phase).outputs if o]
         return packet.values[out[0]]
+
+    def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
+        return self.stages[phase], self.metrics[phase].snapshot()
 
     def move_state(self) -> None:
         import ray  # optional heavy dependency

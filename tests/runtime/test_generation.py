@@ -184,6 +184,29 @@ def test_greedy_tokens_equal_transformers_over_ray(tiny_llama, captured, ray_clu
         lm.shutdown()
 
 
+@pytest.mark.ray
+def test_feedback_rounds_measure_the_ray_workers_partitions(
+    tiny_llama, captured, ray_cluster, tmp_path
+):
+    """feedback=True over Ray: each step's records come back with its values, so the round
+    has every decode partition's measured time (it was a no-op over Ray before), and the
+    plan it keeps or rebuilds still gives transformers' tokens."""
+    model, prompt, expected = tiny_llama
+    lm = compile_lm(
+        model, ClusterSpec.from_yaml("configs/clusters/dev-box-npu.yaml"), max_length=64,
+        lm=captured, registry=default_registry(), cache_dir=tmp_path, executor="ray",
+        backends={"npu": "eager"}, pins={"model.model.layers.1": "npu"}, feedback=True,
+    )  # fmt: skip
+    try:
+        rows = lm.feedback["partitions"]  # the first plan's: CPU, the pinned NPU layer, CPU
+        assert [r["device"] for r in rows] == ["local/cpu", "local/npu", "local/cpu"]
+        assert all(r["measured_ms"] and r["measured_ms"] > 0 for r in rows)
+        assert lm.feedback["median_error_before"] is not None
+        assert lm.generate(prompt, 8).tolist() == expected[:, :8].tolist()
+    finally:
+        lm.shutdown()
+
+
 ARCHITECTURES = {
     # q/k/v with biases, grouped KV heads
     "qwen2": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
