@@ -10,7 +10,10 @@ wide, grouped KV heads, vocab 2048, random weights, float32), generating 32 toke
 ops a `TorchDispatchMode` sees over 16 generated tokens minus those over 8, divided by 8
 (prefill and the loop's setup cancel out). Times: `bench_generation`, the `hetero bench`
 command's own measurement (streamed tokens' arrivals, interleaved with transformers' eager
-`generate` under inference mode).
+`generate` under inference mode). The op count comes from a model that serves 24 tokens,
+fewer than a CPU decode program's 32 op-by-op calls before it is measured against Inductor
+(runtime/measured_choice.py): it counts the op-by-op program. The timed runs come after two
+warm-up generations, by when the faster of the two serves.
 """
 
 from __future__ import annotations
@@ -113,6 +116,9 @@ def main() -> None:
           f"{t['ms_per_token']['p50']:.2f} ms; first token p50: hetero "
           f"{h['ttft_ms']['p50']:.2f}, transformers {t['ttft_ms']['p50']:.2f}; "
           f"tokens match: {timed['tokens_match']}")  # fmt: skip
+    for stage, got in timed["measured_programs"].items():
+        times = ", ".join(f"{k} {v:.3f}" for k, v in got["median_ms"].items())
+        print(f"{stage}: {got['chosen']} kept ({times} ms)")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
 

@@ -47,6 +47,7 @@ from hetero.runtime.artifacts import load_runner, verify_artifact
 from hetero.runtime.build import retarget
 from hetero.runtime.cuda_graph import CudaGraphRunner, SlotGraphs
 from hetero.runtime.executor import LocalExecutor
+from hetero.runtime.measured_choice import MeasuredChoice
 from hetero.runtime.metrics import MetricsSnapshot
 from hetero.runtime.retype import bound_dtype, host_tensor
 from hetero.runtime.sampling import Sampling, next_token
@@ -281,6 +282,7 @@ class StageBinder:
         *,
         device_of: Callable[[DeviceSpec], torch.device] | None = None,
         compile_gpu: bool = True,
+        compile_cpu: bool = True,
         cuda_graphs: bool = True,
         host_reads: bool = True,
         graph_streamed: bool = False,
@@ -288,6 +290,8 @@ class StageBinder:
     ) -> None:
         """`device_of`: where this process runs a plan device (default: the device itself;
         tests map a GPU to the CPU). `compile_gpu`: torch.compile GPU stages (Inductor).
+        `compile_cpu`: a CPU decode stage also compiles through Inductor, and its first
+        calls measure which of the two programs serves it (`CompileMode.MEASURED`).
         `cuda_graphs`: replay all-resident decode stages on a GPU as CUDA graphs.
         `host_reads`: a GPU stage reads a CPU stage's outputs from pinned host memory
         (backends.gpu_cpu_mm.host_to_device) instead of copying them (False: for
@@ -302,6 +306,8 @@ class StageBinder:
         self._graph_pool: Any = None
         self.device_of = device_of or torch_device
         self.compile_gpu = compile_gpu
+        self.compile_cpu = compile_cpu
+        self.choices: dict[str, MeasuredChoice] = {}  # stage name -> its measured programs
         self.cuda_graphs = cuda_graphs
         self.host_reads = host_reads
         self.stores: dict[str, DeviceStore] = {}
@@ -453,9 +459,16 @@ class StageBinder:
     def _compiled(
         self, s: StageSpec, dev: torch.device, phase: Phase, cache: dict, mode: CompileMode
     ) -> Any:
-        """The stage's program, compiled with Inductor on a GPU as `mode` says (stages with
-        the same program and mode share one compiled module: every decoder layer)."""
-        mode = mode if dev.type == "cuda" and self.compile_gpu else CompileMode.OP_BY_OP
+        """The stage's program, compiled with Inductor on a GPU as `mode` says, and a host
+        CPU's decode measured against op by op (stages with the same program and mode share
+        one module: every decoder layer). A GPU or NPU that tests map to this CPU runs op by
+        op: those stages stand for other devices."""
+        if dev.type == "cuda":
+            mode = mode if self.compile_gpu else CompileMode.OP_BY_OP
+        elif mode is CompileMode.STATIC and self.compile_cpu and s.device.kind == "cpu":
+            mode = CompileMode.MEASURED
+        else:
+            mode = CompileMode.OP_BY_OP
         # Equal artifact keys are equal programs (every decoder layer's, its weights bound
         # here): deserialising one took ~2 s on the 7B's host, ~60 times per build before.
         by_artifact = f"artifact:{s.artifact.key}:{phase.value}:{dev}:{mode.value}"
@@ -469,10 +482,18 @@ class StageBinder:
             mod = runnable(program)
             retarget(mod, dev)  # traced on the host: its own tensors follow it here
             mod = mod.to(dev)
-            if mode is CompileMode.OP_BY_OP:
+            if mode in (CompileMode.OP_BY_OP, CompileMode.MEASURED):
                 fold_linears(mod)  # a dispatch per Linear instead of four
                 reshape_views(mod)  # the GPU's attention may lay its output out otherwise
-            else:
+            if mode is CompileMode.MEASURED:
+                inductor = _Compiled(mod, dynamic_dims=(), name=s.name)
+                n = len(s.inputs)  # activations, then params: the cache among them
+                writes = [n + k for k, p in enumerate(s.params) if p in s.state]
+                mod = MeasuredChoice(
+                    [("op-by-op", mod), ("inductor", inductor)], name=s.name, mutated=writes
+                )
+                self.choices[s.name] = mod
+            elif mode is not CompileMode.OP_BY_OP:
                 dims = symbolic_dims(program) if mode is CompileMode.DYNAMIC else ()
                 mod = _Compiled(mod, dynamic_dims=dims, name=s.name)
             layouts = traced_layouts(program)[: len(s.inputs)]
@@ -490,6 +511,9 @@ class CompileMode(enum.Enum):
     OP_BY_OP = "op-by-op"
     STATIC = "static"
     DYNAMIC = "dynamic"
+    # the host CPU's decode: op by op or Inductor's static program, whichever its first
+    # calls measure faster (runtime/measured_choice.py)
+    MEASURED = "measured"
 
 
 def compile_mode(phase: Phase, stage: StageSpec, stages: Sequence[StageSpec]) -> CompileMode:
@@ -554,6 +578,10 @@ class _Compiled:
                 self.failed = e
                 log.warning("torch.compile of %s failed (%s); running it op by op", self.name, e)
         return self.module(*args)
+
+    def prepare(self, *args: Any) -> None:
+        """Compiles for `args` (and runs once on them: give copies of what it writes)."""
+        self(*args)
 
 
 def lm_weights(lm: LMGraphs) -> dict[str, torch.Tensor]:

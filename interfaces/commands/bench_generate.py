@@ -110,9 +110,20 @@ def bench_generation(
             "hetero": _summary(hetero_runs),
             "transformers_eager": _summary(eager_runs),
             "tokens_match": hetero_ids == eager_ids,
+            "measured_programs": _measured_programs(lm),
         }
     finally:
         lm.shutdown()
+
+
+def _measured_programs(lm: Any) -> dict[str, Any]:
+    """Per CPU decode stage measured in process: the program kept and each one's median ms
+    (runtime/measured_choice.py; a Ray worker's choices stay in the worker)."""
+    choices = getattr(getattr(lm.generation, "binder", None), "choices", {})
+    return {
+        name: {"chosen": c.chosen[0] if c.chosen else None, "median_ms": c.medians_ms}
+        for name, c in choices.items()
+    }
 
 
 def generation_table(result: dict[str, Any]) -> Table:

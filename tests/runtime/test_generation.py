@@ -47,6 +47,23 @@ def test_greedy_tokens_equal_transformers_on_the_cpu(tiny_llama, cpu_lm):
     assert cpu_lm.last_request["tokens"] == 32 and cpu_lm.last_request["ttft_ms"] > 0
 
 
+def test_cpu_decode_measures_inductor_against_op_by_op_and_keeps_the_faster(tiny_llama, cpu_lm):
+    """After its first 32 calls, a CPU decode program compiles through Inductor in the
+    background while op by op serves, then the two run in turn and the faster is kept; the
+    tokens are transformers' throughout."""
+    import time
+
+    _, prompt, expected = tiny_llama
+    choices = cpu_lm.generation.binder.choices
+    assert choices
+    deadline = time.monotonic() + 300  # a cold compile took 18 s on the 2-core box
+    while not all(c.chosen for c in choices.values()) and time.monotonic() < deadline:
+        assert cpu_lm.generate(prompt, max_new_tokens=32).tolist() == expected.tolist()
+    assert all(c.chosen is not None for c in choices.values())
+    assert all(set(c.medians_ms) == {"op-by-op", "inductor"} for c in choices.values())
+    assert cpu_lm.generate(prompt, max_new_tokens=32).tolist() == expected.tolist()
+
+
 def test_stream_yields_tokens_as_they_come(tiny_llama, cpu_lm):
     _, prompt, expected = tiny_llama
     tokens = [int(t[0]) for t in cpu_lm.stream(prompt, 5)]
