@@ -173,6 +173,11 @@ class Generation(abc.ABC):
     def shutdown(self) -> None: ...
 
     @abc.abstractmethod
+    def settle(self) -> None:
+        """Finish what this runtime chooses in the background (a CPU decode program measured
+        against its compiled twin), so that the next request runs as later ones will."""
+
+    @abc.abstractmethod
     def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
         """`phase`'s stages and the medians of their recent warm runs, as their workers
         measured them (what feedback folds into the cost model)."""
@@ -629,6 +634,11 @@ class LocalGeneration(Generation):
     def move_state(self) -> None:
         for move in self.plan.moves:
             self.binder.write_state(move.dst, self.binder.read_state(move.src, move.state))
+
+    def settle(self) -> None:
+        with torch.inference_mode():  # as the steps run: the compiled guards check it
+            for choice in self.binder.choices.values():
+                choice.settle()
 
     def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
         executor = self.executors[phase]

@@ -61,10 +61,26 @@ class MeasuredChoice:
         self._seen = dict.fromkeys(self.times, 0)
         self._turn = 0
         self._preparing: threading.Thread | None = None
+        self._last: tuple | None = None  # until the choice: settle() decides on these
         self.prepare_error: BaseException | None = None
         self.chosen: tuple[str, Callable[..., Any]] | None = (
             self.candidates[0] if len(self.candidates) == 1 else None
         )
+
+    def settle(self) -> None:
+        """Decides now, on the last call's inputs (a step run again on its own inputs
+        rewrites the same cache slots), waiting for the preparation: what is measured next
+        (a feedback round's request) is then the program that will serve. Nothing to do
+        before the first call or after the choice."""
+        args = self._last
+        if self.chosen is not None or args is None:
+            return
+        self.after = 0
+        if self._preparing is None:
+            self._prepare(args)
+        self._preparing.join()
+        while self.chosen is None:
+            self(*args)
 
     @property
     def medians_ms(self) -> dict[str, float]:
@@ -73,6 +89,7 @@ class MeasuredChoice:
     def __call__(self, *args: Any) -> Any:
         if self.chosen is not None:
             return self.chosen[1](*args)
+        self._last = args
         if self.after > 0:
             self.after -= 1
             return self.candidates[0][1](*args)
@@ -92,6 +109,7 @@ class MeasuredChoice:
             med = self.medians_ms
             best = min(med, key=med.__getitem__)
             self.chosen = next(c for c in self.candidates if c[0] == best)
+            self._last = None
             log.info(
                 "%s: %s chosen (%s)",
                 self.name,

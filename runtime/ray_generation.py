@@ -77,6 +77,11 @@ class GenerationWorker:
     def run(self, phase: str, index: int, *packets: Packet) -> Packet:
         return self.stages[(phase, index)](packets, True)
 
+    def settle(self) -> None:
+        with torch.inference_mode():
+            for choice in self.binder.choices.values():
+                choice.settle()
+
     def read_state(self, device: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return {n: t.cpu() for n, t in self.binder.read_state(device, names).items()}
 
@@ -169,6 +174,11 @@ class RayGeneration(Generation):
 
     def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
         return self.stages[phase], self.metrics[phase].snapshot()
+
+    def settle(self) -> None:
+        import ray  # optional heavy dependency
+
+        ray.get([w.settle.remote() for w in self.workers.values()], timeout=self.timeout_s)
 
     def move_state(self) -> None:
         import ray  # optional heavy dependency

@@ -223,6 +223,13 @@ class _FakeGeneration:
     def generate(self, *a, **kw):
         return None
 
+    def settle(self) -> None:
+        pass
+
+    def measured(self, phase):
+        executor = self.executors[phase]
+        return executor.stages, executor.metrics.snapshot()
+
     def shutdown(self) -> None:  # as LocalGeneration's: its executors (and runners) dropped
         self._closed = True
         self.executors.clear()

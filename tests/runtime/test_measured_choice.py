@@ -93,3 +93,19 @@ def test_a_candidate_prepares_in_the_background_on_copies_of_what_it_writes():
     for k in range(4):  # then in turn
         choice(torch.tensor(k), cache)
     assert slow.calls == 2 and choice.chosen is not None
+
+
+def test_settle_decides_on_the_last_inputs_waiting_for_the_preparation():
+    served: list[str] = []
+    slow = _Compiling()
+    slow.release.set()
+    choice = MeasuredChoice(
+        [("op-by-op", _program("op-by-op", 0.0, served)), ("compiled", slow)],
+        name="p5", mutated=[1], after=32, trials=2,
+    )  # fmt: skip
+    choice.settle()  # never called: nothing to decide on
+    assert choice.chosen is None
+    choice(torch.tensor(1), torch.zeros(3))
+    choice.settle()
+    assert choice.chosen is not None and slow.calls == 3  # 1 warm-up, 2 timed
+    assert set(choice.medians_ms) == {"op-by-op", "compiled"}
