@@ -341,6 +341,8 @@ class DeployConfig(_Strict):
                 "backends": dict(self.backends) or None,
                 "cache_dir": self.cache_dir,
                 "executor": self.executor,
+                # measured rounds after the build (interfaces/generate.py), as hetero.compile
+                "feedback": self.feedback,
             }
         return {
             "objective": self.objective,

@@ -174,8 +174,8 @@ class Generation(abc.ABC):
 
     @abc.abstractmethod
     def settle(self) -> None:
-        """Finish what this runtime chooses in the background (a CPU decode program measured
-        against its compiled twin), so that the next request runs as later ones will."""
+        """Choose now, by measurement, what this runtime can run two ways (a CPU decode
+        program and its Inductor twin), so that the next request runs as later ones will."""
 
     @abc.abstractmethod
     def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
@@ -295,8 +295,8 @@ class StageBinder:
     ) -> None:
         """`device_of`: where this process runs a plan device (default: the device itself;
         tests map a GPU to the CPU). `compile_gpu`: torch.compile GPU stages (Inductor).
-        `compile_cpu`: a CPU decode stage also compiles through Inductor, and its first
-        calls measure which of the two programs serves it (`CompileMode.MEASURED`).
+        `compile_cpu`: a CPU decode stage may also run Inductor's program: op by op serves
+        until `settle()` (a feedback round) measures both (`CompileMode.MEASURED`).
         `cuda_graphs`: replay all-resident decode stages on a GPU as CUDA graphs.
         `host_reads`: a GPU stage reads a CPU stage's outputs from pinned host memory
         (backends.gpu_cpu_mm.host_to_device) instead of copying them (False: for
@@ -492,11 +492,7 @@ class StageBinder:
                 reshape_views(mod)  # the GPU's attention may lay its output out otherwise
             if mode is CompileMode.MEASURED:
                 inductor = _Compiled(mod, dynamic_dims=(), name=s.name)
-                n = len(s.inputs)  # activations, then params: the cache among them
-                writes = [n + k for k, p in enumerate(s.params) if p in s.state]
-                mod = MeasuredChoice(
-                    [("op-by-op", mod), ("inductor", inductor)], name=s.name, mutated=writes
-                )
+                mod = MeasuredChoice([("op-by-op", mod), ("inductor", inductor)], name=s.name)
                 self.choices[s.name] = mod
             elif mode is not CompileMode.OP_BY_OP:
                 dims = symbolic_dims(program) if mode is CompileMode.DYNAMIC else ()
@@ -516,8 +512,8 @@ class CompileMode(enum.Enum):
     OP_BY_OP = "op-by-op"
     STATIC = "static"
     DYNAMIC = "dynamic"
-    # the host CPU's decode: op by op or Inductor's static program, whichever its first
-    # calls measure faster (runtime/measured_choice.py)
+    # the host CPU's decode: op by op, or Inductor's static program where a feedback round
+    # measured it faster (runtime/measured_choice.py)
     MEASURED = "measured"
 
 
@@ -583,10 +579,6 @@ class _Compiled:
                 self.failed = e
                 log.warning("torch.compile of %s failed (%s); running it op by op", self.name, e)
         return self.module(*args)
-
-    def prepare(self, *args: Any) -> None:
-        """Compiles for `args` (and runs once on them: give copies of what it writes)."""
-        self(*args)
 
 
 def lm_weights(lm: LMGraphs) -> dict[str, torch.Tensor]:

@@ -219,6 +219,7 @@ def test_generate_configs_say_what_is_wrong():
     base = {"model": "hetero.interfaces.models:tiny_llama", "task": "generate"}
     cfg = config_from_dict(base)
     assert cfg.generation.max_length == 256 and cfg.compile_kwargs()["task"] == "generate"
+    assert config_from_dict({**base, "feedback": True}).compile_kwargs()["feedback"] is True
     with pytest.raises(ConfigError, match="dynamic"):
         config_from_dict({**base, "dynamic": {"input_ids": {1: "seq"}}})
     with pytest.raises(ConfigError, match="task: generate"):
