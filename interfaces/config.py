@@ -115,7 +115,7 @@ class RayOptions(_Strict):
 class GenerationOptions(_Strict):
     """`task: generate`: the static KV cache and the default request size."""
 
-    max_length: int = Field(256, ge=2)  # cache positions: prompt + new tokens
+    max_length: int = Field(256, ge=3)  # cache positions: a prompt of 2+ and new tokens
     batch_size: int = Field(1, ge=1)  # sequences per request
     max_new_tokens: int = Field(32, ge=1)  # for a request that names no number
 

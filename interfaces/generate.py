@@ -121,9 +121,11 @@ class CompiledLM:
         first user's request runs at full speed: the uncapped 7B's first request took 58.7 s
         on an H200 after a 74.6 s compile (run 19), past any serving deadline."""
         lm = self.lm
-        length = max(2, min(8, lm.max_len - 3))
+        if lm.max_len < 2:  # no room for a prompt and a token: nothing to warm
+            return
+        length = min(8, max(1, lm.max_len - 3))  # 1 only where the cache holds fewer than 5
         ids = torch.zeros((lm.batch, length), dtype=torch.long)
-        self.generate(ids, max(1, min(3, lm.max_len - length)))
+        self.generate(ids, min(3, lm.max_len - length))
 
     @property
     def last_request(self) -> dict[str, float]:

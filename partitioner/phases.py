@@ -188,8 +188,11 @@ def capture_lm(
     `model`: a transformers causal LM (wrapped in StaticCacheLM) or a module with
     forward(input_ids, start) -> logits of the last position, its cache as buffers.
     """
-    if max_len < 2:
-        raise ConfigError(f"max_length={max_len}: a generation needs at least 2 positions")
+    if max_len < 3:  # a prompt of 2 or more and one new token (torch.export's Dim needs min < max)
+        raise ConfigError(
+            f"max_length={max_len}: a generation needs at least 3 positions (a prompt and "
+            "a new token); compile with max_length=3 or more"
+        )
     model.eval()
     lm = as_cached_lm(model, batch, max_len)
     name = type(model).__name__

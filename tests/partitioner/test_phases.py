@@ -100,3 +100,9 @@ def test_a_sliding_window_shorter_than_the_cache_is_refused_with_what_to_do():
     assert model.config.sliding_window == 16
     capture_lm(model, max_len=16)  # the window covers the cache: full attention
     assert model.config.sliding_window == 16  # the user's config, restored
+
+
+@pytest.mark.parametrize("max_len", [1, 2])
+def test_a_cache_too_short_for_a_prompt_and_a_token_says_so(tiny_llama, max_len):
+    with pytest.raises(ConfigError, match=f"max_length={max_len}: .*at least 3"):
+        capture_lm(tiny_llama[0], max_len=max_len)
