@@ -120,9 +120,7 @@ class CompiledLM:
         the GPU's prefill and decode, the decode step's CUDA graph) compiles here and the
         first user's request runs at full speed: the uncapped 7B's first request took 58.7 s
         on an H200 after a 74.6 s compile (run 19), past any serving deadline."""
-        lm = self.lm
-        if lm.max_len < 2:  # no room for a prompt and a token: nothing to warm
-            return
+        lm = self.lm  # capture_lm makes max_len >= 3
         length = min(8, max(1, lm.max_len - 3))  # 1 only where the cache holds fewer than 5
         ids = torch.zeros((lm.batch, length), dtype=torch.long)
         self.generate(ids, min(3, lm.max_len - length))
@@ -544,7 +542,7 @@ def _measure(compiled: CompiledLM) -> tuple[float, dict[int, Any]]:
     length = max(2, min(lm.max_len // 2, lm.max_len - _FEEDBACK_TOKENS - 1))
     new = max(1, min(_FEEDBACK_TOKENS, lm.max_len - length - 1))
     ids = torch.randint(0, lm.vocab, (lm.batch, length), generator=torch.Generator().manual_seed(0))
-    compiled.generate(ids, min(4, new))  # warm-up: first calls compile and capture
+    # _build's warm-up request compiled and captured what a first call does
     compiled.generation.settle()  # measure the programs that will serve, not their trials
     compiled.generate(ids, new)
     runs = measured_partitions(*compiled.generation.measured(Phase.DECODE))

@@ -333,6 +333,12 @@ class StageBinder:
             for phase in Phase
         }
 
+    def settle(self) -> None:
+        """Makes every measured choice of the programs bound here (`CompileMode.MEASURED`)."""
+        with torch.inference_mode():  # as the steps run: the compiled guards check it
+            for choice in self.choices.values():
+                choice.settle()
+
     def release(self) -> None:
         """Drop everything this binder holds on its devices and pinned in host memory: the
         stores (weights, KV cache), the streamers (their GPU slots and pinned weight copies),
@@ -628,9 +634,7 @@ class LocalGeneration(Generation):
             self.binder.write_state(move.dst, self.binder.read_state(move.src, move.state))
 
     def settle(self) -> None:
-        with torch.inference_mode():  # as the steps run: the compiled guards check it
-            for choice in self.binder.choices.values():
-                choice.settle()
+        self.binder.settle()
 
     def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
         executor = self.executors[phase]

@@ -78,9 +78,7 @@ class GenerationWorker:
         return self.stages[(phase, index)](packets, True)
 
     def settle(self) -> None:
-        with torch.inference_mode():
-            for choice in self.binder.choices.values():
-                choice.settle()
+        self.binder.settle()
 
     def read_state(self, device: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return {n: t.cpu() for n, t in self.binder.read_state(device, names).items()}
