@@ -325,7 +325,17 @@ def feedback_summary(fb: dict | None) -> str:
         f"{_pct(fb.get('median_error_before'))} -> {_pct(fb.get('median_error_after'))} "
         f"(>= 1 ms: {_pct(fb.get('median_error_before_1ms'))} -> "
         f"{_pct(fb.get('median_error_after_1ms'))}); {fb.get('why', '')}"
+        + _threads_summary(fb.get("host_threads"))
     )
+
+
+def _threads_summary(threads: dict | None) -> str:
+    """The host CPU teams' width the settle chose on whole decode steps, and each one's
+    median ms per step (runtime/thread_choice.py)."""
+    if not threads:
+        return ""
+    each = ", ".join(f"{k} {v:.2f}" for k, v in sorted(threads["median_ms"].items()))
+    return f"; host threads {threads['chosen']} ({each} ms per step)"
 
 
 def rebound(lm, ids, args, check=None, tokens=None, **binder_kw) -> dict:

@@ -364,12 +364,22 @@ def _feedback_rounds(
         compiled, cm = r.compiled, r.cost_model
         if not r.replanned:
             break
+    if summary[-1]["replanned"]:  # the last round's rebuild was never measured: choose now
+        compiled.generation.settle()
     compiled.feedback = {
         **(first or {}),
         "replanned": any(x["replanned"] for x in summary),
         "why": " | ".join(f"round {x['round']}: {x['why']}" for x in summary),
         "rounds": summary,
     }
+    threads = compiled.generation.thread_choice
+    if threads is not None:
+        compiled.feedback["host_threads"] = {
+            "chosen": dict(threads.threads),
+            "median_ms": dict(threads.median_ms),
+        }
+        plan = compiled.plan
+        compiled.plan = dataclasses.replace(plan, notes=(*plan.notes, threads.note()))
     return compiled
 
 

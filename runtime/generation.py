@@ -53,6 +53,7 @@ from hetero.runtime.retype import bound_dtype, host_tensor
 from hetero.runtime.sampling import Sampling, next_token
 from hetero.runtime.stage import StageSpec
 from hetero.runtime.streaming import program_key
+from hetero.runtime.thread_choice import ThreadChoice, choose_threads
 from hetero.runtime.weight_stream import WeightStreamer, slot_bytes
 
 log = logging.getLogger("hetero.runtime")
@@ -160,6 +161,9 @@ class Generation(abc.ABC):
         self._lock = threading.Lock()
         self._closed = False
         self.last: dict[str, float] = {}
+        # the last decode step's inputs: settle() times the step again on them
+        self._last_decode: tuple[torch.Tensor, int] | None = None
+        self.thread_choice: ThreadChoice | None = None
 
     @abc.abstractmethod
     def step(self, phase: Phase, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -181,6 +185,25 @@ class Generation(abc.ABC):
     def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
         """`phase`'s stages and the medians of their recent warm runs, as their workers
         measured them (what feedback folds into the cost model)."""
+
+    def _choose_threads(
+        self, current: Mapping[str, int], apply: Callable[[Mapping[str, int]], None]
+    ) -> None:
+        """Times the last decode step again at each candidate thread count of the host CPU
+        teams that run decode stages (`current`: their counts now), and keeps the fastest
+        (runtime/thread_choice.py). Nothing before a first decode step."""
+        last = self._last_decode
+        if last is None or not current:
+            return
+        ids, start = last
+
+        def step() -> None:
+            logits = self.step(Phase.DECODE, ids, start)
+            if logits.device.type == "cuda":  # the step's wall time includes its GPU work
+                torch.cuda.synchronize(logits.device)
+
+        with self._lock:
+            self.thread_choice = choose_threads(step, current, apply)
 
     def check(self, input_ids: Any, max_new_tokens: int) -> torch.Tensor:
         """The request as a [batch, length] int64 tensor, or ConfigError saying what is wrong."""
@@ -227,6 +250,8 @@ class Generation(abc.ABC):
             length = ids.shape[1]
             phase = Phase.PREFILL if length >= 2 else Phase.DECODE
             logits = self.step(phase, ids, 0)
+            if phase is Phase.DECODE:
+                self._last_decode = (ids, 0)
             if phase is Phase.PREFILL:
                 self.move_state()
             gen = sampling.generator(logits.device)
@@ -244,7 +269,9 @@ class Generation(abc.ABC):
                         break
                 if k == max_new_tokens - 1:
                     break
-                logits = self.step(Phase.DECODE, token.view(-1, 1).to(torch.long), length + k)
+                last = (token.view(-1, 1).to(torch.long), length + k)
+                logits = self.step(Phase.DECODE, *last)
+                self._last_decode = last
                 nxt = next_token(logits, sampling, gen)
                 if eos:
                     fill = torch.full_like(nxt, min(eos))
@@ -270,6 +297,29 @@ class Generation(abc.ABC):
             )
         )
         return torch.stack(tokens, dim=1)
+
+
+_HOST = "host"
+
+
+def keep_threads(threads: int | None) -> None:
+    """Make this thread's OpenMP team `threads` wide (None: as it is). torch sets the count
+    per thread: a request thread that ran torch before the choice keeps its old team, so
+    each step makes sure."""
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def threads_for(threads: int | None) -> Iterator[None]:
+    """This thread's team `threads` wide inside, as it was after: a local generation's
+    choice is for its steps, not for the rest of the caller's process."""
+    before = torch.get_num_threads()
+    keep_threads(threads)
+    try:
+        yield
+    finally:
+        keep_threads(before)
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -606,6 +656,7 @@ class LocalGeneration(Generation):
         super().__init__(lm, plan)
         self.binder = binder
         self.stages = stages
+        self._threads: int | None = None  # the decode team's width, once settle() chose it
         runners = binder.bind(stages, lm_weights(lm))
         self.executors = {
             phase: LocalExecutor(
@@ -625,7 +676,11 @@ class LocalGeneration(Generation):
         """One program run: [batch, vocab] logits of the last position."""
         self.binder.enter(phase)
         inputs = {PROMPT: ids, START: torch.tensor(start, dtype=torch.long)}
-        with overlapped() if self.binder.overlap_handoffs else contextlib.nullcontext():
+        with (
+            # measured on decode steps; a prompt's GEMMs keep the caller's team
+            threads_for(self._threads if phase is Phase.DECODE else None),
+            overlapped() if self.binder.overlap_handoffs else contextlib.nullcontext(),
+        ):
             out = self.executors[phase].run(inputs)
         return next(iter(out.values()))
 
@@ -635,6 +690,15 @@ class LocalGeneration(Generation):
 
     def settle(self) -> None:
         self.binder.settle()
+        on_host = any(
+            self.binder.device_of(s.device).type == "cpu" for s in self.stages[Phase.DECODE]
+        )
+        if on_host:  # every stage here runs on the calling thread's OpenMP team
+
+            def apply(threads: Mapping[str, int]) -> None:
+                self._threads = threads[_HOST]
+
+            self._choose_threads({_HOST: torch.get_num_threads()}, apply)
 
     def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
         executor = self.executors[phase]

@@ -70,21 +70,52 @@ class MeasuredChoice:
         args = self._last
         if self.chosen is not None or args is None:
             return
-        for _, fn in self.candidates:
-            for _ in range(self.warmup):
-                fn(*args)
-        for _ in range(self.trials):  # interleaved: both see the same machine
-            for name, fn in self.candidates:
-                t0 = time.perf_counter()
-                fn(*args)
-                self.times[name].append(time.perf_counter() - t0)
-        med = self.medians_ms
-        best = min(med, key=med.__getitem__)
+        timed = time_candidates(self.candidates, args, warmup=self.warmup, trials=self.trials)
+        for name, times in timed.items():
+            self.times[name].extend(times)
+        best = fastest(self.medians_ms)
         self.chosen = next(c for c in self.candidates if c[0] == best)
         self._last = None
-        log.info(
-            "%s: %s chosen (%s)",
-            self.name,
-            best,
-            ", ".join(f"{n} {ms:.3f} ms" for n, ms in sorted(med.items(), key=lambda x: x[1])),
-        )
+        log.info("%s: %s chosen (%s)", self.name, best, describe(self.medians_ms))
+
+
+def time_candidates(
+    candidates: Sequence[tuple[str, Callable[..., Any]]],
+    args: tuple = (),
+    *,
+    warmup: int,
+    trials: int,
+    before: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate on `args`: `warmup` untimed calls each (a compiled
+    one compiles there), then `trials` timed rounds, interleaved so that every candidate
+    sees the same machine (a neighbour's burst lands on all of them, not on one).
+    `before(name)` runs untimed ahead of each of that candidate's calls (a setting the
+    candidates differ in, applied outside the clock)."""
+    for name, fn in candidates:
+        for _ in range(warmup):
+            if before is not None:
+                before(name)
+            fn(*args)
+    times: dict[str, list[float]] = {n: [] for n, _ in candidates}
+    for _ in range(trials):
+        for name, fn in candidates:
+            if before is not None:
+                before(name)
+            t0 = time.perf_counter()
+            fn(*args)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def fastest(medians: dict[str, float], *, incumbent: str | None = None, margin: float = 0.0) -> str:
+    """The name with the lowest median; where an `incumbent` is given, another must beat it
+    by `margin` (a fraction) to replace it: a tie within the noise keeps what runs."""
+    best = min(medians, key=medians.__getitem__)
+    if incumbent is not None and medians[best] > medians[incumbent] * (1.0 - margin):
+        return incumbent
+    return best
+
+
+def describe(medians: dict[str, float]) -> str:
+    return ", ".join(f"{n} {ms:.3f} ms" for n, ms in sorted(medians.items(), key=lambda x: x[1]))

@@ -26,7 +26,7 @@ from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.partitioner.phases import PROMPT, START, LMGraphs, Phase
 from hetero.runtime import faults, placement
 from hetero.runtime.artifacts import unpack
-from hetero.runtime.generation import Generation, StageBinder, lm_weights
+from hetero.runtime.generation import Generation, StageBinder, keep_threads, lm_weights
 from hetero.runtime.metrics import MetricsSnapshot, RunMetrics
 from hetero.runtime.stage import CALLER, StageSpec, producers, sources
 from hetero.runtime.worker import Packet, StageRunner, caller_packet, local_device
@@ -67,6 +67,8 @@ class GenerationWorker:
             for s in mine
         }
         self.started = time.time()
+        self._width = torch.get_num_threads()  # the worker's team, as placement sized it
+        self._decode_width: int | None = None  # for decode steps, once settle() chose it
 
     def ready(self) -> dict[str, Any]:
         return {"device": self.device.name, "pid": os.getpid(), "started": self.started}
@@ -75,10 +77,21 @@ class GenerationWorker:
         self.binder.enter(Phase(phase))
 
     def run(self, phase: str, index: int, *packets: Packet) -> Packet:
+        decoding = phase == Phase.DECODE.value and self._decode_width is not None
+        keep_threads(self._decode_width if decoding else self._width)
         return self.stages[(phase, index)](packets, True)
 
     def settle(self) -> None:
         self.binder.settle()
+
+    def threads(self) -> int | None:
+        """The width of the OpenMP team this worker's stages run on; None where they run
+        on a GPU."""
+        return self._width if torch_device(self.device).type == "cpu" else None
+
+    def set_threads(self, threads: int) -> None:
+        """The width of the team that runs this worker's decode steps from now on."""
+        self._decode_width = threads
 
     def read_state(self, device: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return {n: t.cpu() for n, t in self.binder.read_state(device, names).items()}
@@ -177,6 +190,16 @@ class RayGeneration(Generation):
         import ray  # optional heavy dependency
 
         ray.get([w.settle.remote() for w in self.workers.values()], timeout=self.timeout_s)
+        decoding = {s.device.name for s in self.stages[Phase.DECODE]}
+        names = [d for d in self.workers if d in decoding]
+        counts = ray.get([self.workers[d].threads.remote() for d in names], timeout=60)
+        current = {d: n for d, n in zip(names, counts, strict=True) if n is not None}
+
+        def apply(threads: Mapping[str, int]) -> None:
+            calls = [self.workers[d].set_threads.remote(n) for d, n in threads.items()]
+            ray.get(calls, timeout=60)
+
+        self._choose_threads(current, apply)
 
     def move_state(self) -> None:
         import ray  # optional heavy dependency

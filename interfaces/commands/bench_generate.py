@@ -111,6 +111,7 @@ def bench_generation(
             "transformers_eager": _summary(eager_runs),
             "tokens_match": hetero_ids == eager_ids,
             "measured_programs": _measured_programs(lm),
+            "host_threads": (lm.feedback or {}).get("host_threads"),
         }
     finally:
         lm.shutdown()

@@ -55,9 +55,15 @@ def test_cpu_decode_measures_inductor_against_op_by_op_and_keeps_the_faster(tiny
     assert cpu_lm.generate(prompt, max_new_tokens=32).tolist() == expected.tolist()
     choices = cpu_lm.generation.binder.choices
     assert choices and not any(c.chosen for c in choices.values())
+    threads = torch.get_num_threads()
     cpu_lm.generation.settle()
     assert all(set(c.medians_ms) == {"op-by-op", "inductor"} for c in choices.values())
+    # then the decode step at each width of the host's team, the fastest kept for its steps
+    choice = cpu_lm.generation.thread_choice
+    assert choice is not None and 1 <= choice.threads["host"] <= threads
+    assert len(choice.median_ms) == len({threads, threads - 1, threads - 2, threads // 2} - {0})
     assert cpu_lm.generate(prompt, max_new_tokens=32).tolist() == expected.tolist()
+    assert torch.get_num_threads() == threads  # the caller's own team is as it was
 
 
 def test_stream_yields_tokens_as_they_come(tiny_llama, cpu_lm):
@@ -215,6 +221,10 @@ def test_feedback_rounds_measure_the_ray_workers_partitions(
         assert [r["device"] for r in rows] == ["local/cpu", "local/npu", "local/cpu"]
         assert all(r["measured_ms"] and r["measured_ms"] > 0 for r in rows)
         assert lm.feedback["median_error_before"] is not None
+        # each decoding worker's team width was measured on whole steps (all on this CPU)
+        decoding = {p.device for p in lm.plan.decode.partitions}
+        assert set(lm.feedback["host_threads"]["chosen"]) == decoding
+        assert "host threads:" in lm.explain()
         assert lm.generate(prompt, 8).tolist() == expected[:, :8].tolist()
     finally:
         lm.shutdown()
