@@ -43,7 +43,8 @@ from hetero.cluster.profile import (
     RuntimeProfile,
 )
 from hetero.cluster.runs import HopRun, PartitionRun, RunLog, Term
-from hetero.partitioner.cost import CostModel, group_key
+from hetero.partitioner.cost import CostModel, default_runtime, group_key
+from hetero.partitioner.decisions import ExecutorKind
 from hetero.partitioner.host_dtype import retyped
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.reprice import Pricing
@@ -338,7 +339,8 @@ def _fold_runtime(existing: tuple[RuntimeProfile, ...], log: RunLog) -> tuple[Ru
         hops = [h for h in log.hops if h.executor == executor]
         stage = _weighted_median((max(0.0, r.stage_s - r.measured_s), r.runs) for r in parts)
         hop = _weighted_median((max(0.0, h.measured_s - h.link_s), h.runs) for h in hops)
-        old = out.get(executor) or RuntimeProfile(executor, 0.0, 0.0)
+        # a term no record measured keeps its default (`default_runtime`), not 0
+        old = out.get(executor) or default_runtime(ExecutorKind(executor))
         samples = sum(r.runs for r in parts) + sum(h.runs for h in hops)
         # a generation's split and streamed terms come from its own feedback
         # (calibration/generation.py), not from these records: kept as they are

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from hetero.calibration.feedback import Measured, corrected, partition_runs
-from hetero.cluster.profile import ALL_CLASSES, CalibrationProfile, RuntimeProfile
+from hetero.cluster.profile import ALL_CLASSES, CalibrationProfile
 from hetero.cluster.runs import RunLog
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.plan import Plan
@@ -115,7 +115,7 @@ def _folded(
     changes nothing."""
     if not extras:
         return None
-    now = _runtime(cost_model, cluster)
+    now = cost_model.runtime()
     applied = max(statistics.median(extras), -getattr(now, term))
     if applied == 0.0:
         return None
@@ -188,18 +188,12 @@ def resident_feedback(
     return ResidentFeedback(log, folded, corrected(cost_model, log, min_ms / 1e3))
 
 
-def _runtime(cost_model: CostModel, cluster: str) -> RuntimeProfile:
-    profile = cost_model.profile or CalibrationProfile(cluster=cluster)
-    return profile.runtime_for(cost_model.executor) or RuntimeProfile(
-        cost_model.executor, stage_overhead=0.0, hop_overhead=0.0
-    )
-
-
 def _with_runtime(cost_model: CostModel, cluster: str, **more: float) -> CostModel:
     """`cost_model` with each of `more` (a RuntimeProfile field) moved by its value, never
     below 0 (a measured term lowered past nothing would price host work as negative)."""
     profile = cost_model.profile or CalibrationProfile(cluster=cluster)
-    now = _runtime(cost_model, cluster)
+    # from the terms in force: an executor's defaults stay until measured (`default_runtime`)
+    now = cost_model.runtime()
     updated = dataclasses.replace(
         now, **{k: max(0.0, getattr(now, k) + v) for k, v in more.items()}
     )

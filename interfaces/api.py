@@ -37,6 +37,7 @@ from hetero.partitioner.decisions import (
     BackendAssignment,
     BackendChoice,
     Choose,
+    ExecutorKind,
     Objective,
     Task,
 )
@@ -222,7 +223,7 @@ def compile(
     dynamic_shapes: Any = None,
     backends: BackendAssignment | Mapping[str, str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    executor: str = "auto",
+    executor: ExecutorKind | str = "auto",
     *,
     pins: Mapping[str, str] | None = None,
     exclude: Sequence[str] = (),
@@ -294,11 +295,7 @@ def compile(
     if example_inputs is None:
         raise ConfigError("hetero.compile needs example_inputs (or task='generate' for an LM)")
     spec = resolve_cluster(cluster)
-    kind = executor
-    if kind == "auto":
-        kind = "local" if len(spec.hosts) == 1 else "ray"
-    if kind not in ("local", "ray"):
-        raise ConfigError(f"executor {executor!r} is not one of: auto, local, ray")
+    kind = ExecutorKind.parse(executor, spec)
     # priced for the runtime that will run it (its measured per-stage and per-hop costs)
     with clock.phase("cost model"):
         cost_model = replace(cost_model or CostModel.load(cluster=spec), executor=kind)
@@ -342,9 +339,9 @@ def compile(
     )
 
 
-def _executor(kind: str, spec: ClusterSpec, stages, graph, plan, build, registry, online):
+def _executor(kind: ExecutorKind, spec: ClusterSpec, stages, graph, plan, build, registry, online):
     """The executor that loads and runs the stages: in this process, or Ray actors."""
-    if kind == "local":
+    if kind is ExecutorKind.LOCAL:
         return LocalExecutor(stages, needed_outputs(graph), registry, plan=plan, online=online)
     # A private, token-authenticated head on loopback for this process unless Ray runs
     # already; emulated NPUs of this host become the custom resource NPU workers ask for.
@@ -369,7 +366,7 @@ def _feedback(graph, cluster, settings: CompileSettings, registry, build) -> Fee
         settings.plan_kwargs(),
         registry=registry,
         cost_model=settings.cost_model or CostModel.load(cluster=cluster),
-        executor=settings.cost_model.executor if settings.cost_model else "local",
+        executor=settings.cost_model.executor if settings.cost_model else ExecutorKind.LOCAL,
         compile_plan=build,
         policy=settings.feedback,
     )

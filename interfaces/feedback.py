@@ -29,7 +29,7 @@ from hetero.cluster.runs import RunLog
 from hetero.cluster.spec import ClusterSpec
 from hetero.partitioner.algorithms import plan as make_plan
 from hetero.partitioner.cost import CostModel
-from hetero.partitioner.decisions import Objective
+from hetero.partitioner.decisions import ExecutorKind, Objective
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.reprice import Pricing, assignment_of, pricing, reprice
@@ -74,7 +74,7 @@ class Feedback:
         *,
         registry: Any,
         cost_model: CostModel,
-        executor: str,
+        executor: ExecutorKind,
         compile_plan: Compile,
         policy: ReplanPolicy | None = None,
     ) -> None:

@@ -36,7 +36,7 @@ from hetero.partitioner.algorithms.generation import (
     plan_generation,
 )
 from hetero.partitioner.cost import CostModel
-from hetero.partitioner.decisions import BackendAssignment
+from hetero.partitioner.decisions import BackendAssignment, ExecutorKind
 from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.partitioner.phases import LMGraphs, Phase, capture_lm
 from hetero.partitioner.plan import Plan, PlannedPartition
@@ -181,7 +181,7 @@ def compile_lm(
     batch_size: int = 1,
     backends: BackendAssignment | Mapping[str, str] | None = None,
     cache_dir: str | os.PathLike[str],
-    executor: str = "auto",
+    executor: ExecutorKind | str = "auto",
     pins: Mapping[str, str] | None = None,
     exclude: Sequence[str] = (),
     options: Mapping[str, CompileOptions] | None = None,
@@ -206,9 +206,16 @@ def compile_lm(
     faster); a plan kept carries the corrected prices (`CompiledLM.feedback`: per partition its price
     before, measured and after, and the median errors; either executor).
     `clock`: the compile's clock when the caller started it (hetero.compile); the result's
-    `compile_times` say where the time went."""
+    `compile_times` say where the time went.
+    Both phases are planned, and feedback corrects the prices, for the runtime that runs
+    them (`executor`; "auto": local on one host, Ray on more): over Ray, with its actors'
+    per-stage and per-hop costs."""
     clock = clock if clock is not None else CompileClock()
     registry = registry if registry is not None else default_registry()
+    kind = ExecutorKind.parse(executor, cluster)
+    cost_model = dataclasses.replace(
+        cost_model if cost_model is not None else CostModel.load(cluster=cluster), executor=kind
+    )
     if backends is None:
         assignment = GENERATION_BACKENDS
     elif isinstance(backends, BackendAssignment):
@@ -234,14 +241,14 @@ def compile_lm(
             )
 
     def build(p: GenerationPlan) -> CompiledLM:
-        return _build(lm, p, cluster, cache_dir, registry, options, executor, binder, clock)
+        return _build(lm, p, cluster, cache_dir, registry, options, kind, binder, clock)
 
     compiled = build(plan)
     if feedback:
         with clock.phase("feedback"):  # the measured request and the re-plan; a rebuild's
             compiled = _feedback_rounds(  # compiles count under their backends
                 compiled,
-                cost_model if cost_model is not None else CostModel.load(cluster=cluster),
+                cost_model,
                 build,
                 dict(
                     registry=registry,
@@ -262,7 +269,7 @@ def _build(
     cache_dir: str | os.PathLike[str],
     registry: BackendRegistry,
     options: Mapping[str, CompileOptions] | None,
-    executor: str,
+    executor: ExecutorKind,
     binder: StageBinder | None,
     clock: CompileClock,
 ) -> CompiledLM:
@@ -280,21 +287,16 @@ def _build(
     return compiled
 
 
-def _load(lm, plan, cluster, stages, registry, executor, binder) -> CompiledLM:
-    kind = executor
-    if kind == "auto":
-        kind = "local" if len(cluster.hosts) == 1 else "ray"
-    if kind == "local":
+def _load(lm, plan, cluster, stages, registry, executor: ExecutorKind, binder) -> CompiledLM:
+    if executor is ExecutorKind.LOCAL:
         generation: Generation = LocalGeneration(lm, plan, stages, binder or StageBinder(registry))
-    elif kind == "ray":
+    else:
         import ray  # optional heavy dependency
 
         if not ray.is_initialized():
             npus = sum(1 for d in cluster.devices if d.kind == "npu")
             init_ray(resources={NPU_RESOURCE: float(npus)} if npus else None)
         generation = RayGeneration(lm, plan, stages, cluster=cluster, registry=registry)
-    else:
-        raise ConfigError(f"executor {executor!r} is not one of: auto, local, ray")
     return CompiledLM(lm, plan, cluster, generation)
 
 

@@ -46,7 +46,9 @@ by the group's main op class and shape bucket (`group_key`: log4 of its roofline
 microseconds at the datasheet peaks), then by class, then over all classes; the partition
 call by its own correction. The executor the plan runs on (`CostModel.executor`) adds its
 measured per-stage work to each partition's call and its per-hop cost (a Ray channel's
-write and pickling) to each transfer between devices.
+write and pickling) to each transfer between devices; until a run has measured them, an
+executor's terms are `default_runtime`'s. Where the executor's workers are processes apart
+from the caller (Ray), the caller's inputs and outputs pay a hop too (`caller_hop`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from hetero.cluster.profile import (
     default_profile_path,
 )
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
+from hetero.partitioner.decisions import ExecutorKind
 
 if TYPE_CHECKING:
     from hetero.partitioner.coarsen import Group
@@ -209,6 +212,24 @@ def group_key(group: Group, device: DeviceSpec, scale: float = 1.0) -> tuple[str
     return main_class(group), shape_bucket(group, device, scale)
 
 
+# What Ray adds around the partitions before any run has measured it (feedback replaces
+# both with the medians it measures). A generation over Ray calls each stage's actor from the
+# driver, and a stage's inputs reach it through the driver: benchmarks/ray_decode_pricing.py
+# on the 2-core development box measured 1.2-1.9 ms from a producer's values being ready to
+# the next worker's stage starting (the caller's inputs alike), and 0.02-0.04 ms per stage
+# in the worker around its runner's call.
+RAY_STAGE_OVERHEAD = 30e-6
+RAY_HOP_OVERHEAD = 1.2e-3
+
+
+def default_runtime(executor: ExecutorKind) -> RuntimeProfile:
+    """The runtime terms `executor` is priced with until a run measures its own: in process
+    nothing (a partition's call is the runner's), over Ray its actor calls."""
+    if executor is ExecutorKind.RAY:
+        return RuntimeProfile(executor, RAY_STAGE_OVERHEAD, RAY_HOP_OVERHEAD)
+    return RuntimeProfile(executor, stage_overhead=0.0, hop_overhead=0.0)
+
+
 # ---- the cost model ------------------------------------------------------------------------
 
 
@@ -220,15 +241,17 @@ class CostModel:
     # Backends that fuse a group into few kernels: each backend declares it (`Backend.fuses`)
     # and the planner fills this in from the registry it is given (`adapter.with_fusing`).
     fusing_backends: frozenset[str] = frozenset()
-    # The runtime the plan runs on ("local": in-process, "ray": actors), whose measured
-    # per-stage and per-hop costs the profile's `runtime` entries hold.
-    executor: str = "local"
+    # The runtime the plan runs on, whose measured per-stage and per-hop costs the
+    # profile's `runtime` entries hold (`default_runtime` until measured).
+    executor: ExecutorKind = ExecutorKind.LOCAL
     # (backend, "name:<device>" or "model:<model>") -> key -> factor, from profile.corrections
     _corrections: Mapping[tuple[str, str], Mapping[str, float]] = field(
         default=None, init=False, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:
+        if not isinstance(self.executor, ExecutorKind):  # a person's CostModel(executor="ray")
+            object.__setattr__(self, "executor", ExecutorKind(self.executor))
         index: dict[tuple[str, str], dict[str, float]] = {}
         for c in self.profile.corrections if self.profile is not None else ():
             index.setdefault((c.backend, f"name:{c.device}"), {})[c.key] = c.factor
@@ -270,29 +293,32 @@ class CostModel:
             self._corrections.get((backend, f"model:{device.model}"), {}) if device.model else {}
         )
 
-    def runtime(self) -> RuntimeProfile | None:
-        """What the executor adds around partitions, as measured (None: not yet)."""
-        return self.profile.runtime_for(self.executor) if self.profile is not None else None
+    def runtime(self) -> RuntimeProfile:
+        """What the executor adds around partitions: as measured, else `default_runtime`."""
+        measured = self.profile.runtime_for(self.executor) if self.profile is not None else None
+        return measured if measured is not None else default_runtime(self.executor)
 
     def stage_overhead(self) -> float:
         """Seconds the executor spends per stage around the partition's call."""
-        rt = self.runtime()
-        return rt.stage_overhead if rt is not None else 0.0
+        return self.runtime().stage_overhead
 
     def split_handoff(self) -> float:
         """Seconds a split layer's hand-off costs beyond its priced copies and op call."""
-        rt = self.runtime()
-        return rt.split_handoff if rt is not None else 0.0
+        return self.runtime().split_handoff
 
     def stream_call(self) -> float:
         """Seconds a streamed piece's call costs beyond its priced call (measured)."""
-        rt = self.runtime()
-        return rt.stream_call if rt is not None else 0.0
+        return self.runtime().stream_call
 
     def hop_overhead(self) -> float:
         """Seconds a hop between two devices' workers costs beyond the link's time."""
-        rt = self.runtime()
-        return rt.hop_overhead if rt is not None else 0.0
+        return self.runtime().hop_overhead
+
+    def caller_hop(self) -> float:
+        """Seconds the caller's inputs take into a worker on the caller's own host, and its
+        outputs out of it: a hop where the caller is a process apart (Ray's driver), nothing
+        in process."""
+        return self.hop_overhead() if self.executor.caller_apart else 0.0
 
     @classmethod
     def load(cls, path: str | Path | None = None, cluster: ClusterSpec | None = None) -> CostModel:
@@ -538,7 +564,8 @@ class CostModel:
 
     # ---- transfers -------------------------------------------------------------------------
     def transfer_time(self, cluster: ClusterSpec, src: str, dst: str, nbytes: float) -> float:
-        """Seconds to move `nbytes` from device `src` to device `dst`."""
+        """Seconds to move `nbytes` from device `src` to device `dst`: from one device's
+        worker to another's (the executor's hop). Within one worker, `link_time`."""
         if src == dst or nbytes <= 0:
             return 0.0
         return self.link_time(cluster, src, dst, nbytes) + self.hop_overhead()

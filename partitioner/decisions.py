@@ -1,8 +1,9 @@
 """The decisions a person makes about a plan, typed once at the edge and passed down.
 
 `Objective` (what the plan minimises), `BackendAssignment` (which backend compiles each
-device kind's partitions, and which kinds the person pinned) and `BackendChoice` (whether
-the unpinned kinds' backends are chosen per partition by measurement) are parsed where
+device kind's partitions, and which kinds the person pinned), `BackendChoice` (whether
+the unpinned kinds' backends are chosen per partition by measurement) and `ExecutorKind`
+(the runtime the plan is priced for and runs on) are parsed where
 they enter hetero (`hetero.plan`, `hetero.compile`, the deploy config, the CLI);
 everything below takes these types and never reads a string again.
 """
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from hetero.cluster.schema import did_you_mean
-from hetero.cluster.spec import DEVICE_KINDS, DeviceSpec
+from hetero.cluster.spec import DEVICE_KINDS, ClusterSpec, DeviceSpec
 from hetero.errors import ConfigError
 
 
@@ -67,6 +68,42 @@ class Task(str, enum.Enum):
             known = ", ".join(t.value for t in cls)
             hint = did_you_mean(value, (t.value for t in cls))
             raise ConfigError(f"{where}: {value!r} is not a task{hint}; known: {known}") from None
+
+
+class ExecutorKind(str, enum.Enum):
+    """The runtime that runs a plan's stages. A `str` whose value keys the calibration
+    profile's measured `runtime` entries (cluster/profile.py) and the run logs."""
+
+    LOCAL = "local"  # in this process, stages called one after another
+    RAY = "ray"  # one Ray actor per device; the caller (the driver) is a process apart
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def caller_apart(self) -> bool:
+        """The caller's inputs and outputs cross into and out of the workers, even those
+        on the caller's own host: every request pays a hop each way."""
+        return self is ExecutorKind.RAY
+
+    @classmethod
+    def parse(
+        cls, value: ExecutorKind | str, cluster: ClusterSpec, where: str = "executor"
+    ) -> ExecutorKind:
+        """The executor `value` names; "auto" is local on a one-host `cluster`, Ray on more.
+        A ConfigError listing the known ones otherwise."""
+        if isinstance(value, cls):
+            return value
+        if value == "auto":
+            return cls.LOCAL if len(cluster.hosts) == 1 else cls.RAY
+        try:
+            return cls(value)
+        except ValueError:
+            known = ("auto", *(e.value for e in cls))
+            hint = did_you_mean(str(value), known)
+            raise ConfigError(
+                f"{where}: {value!r} is not an executor{hint}; known: {', '.join(known)}"
+            ) from None
 
 
 # (kind, backend), sorted by kind. gpu: our own Triton fusion; cpu and npu: TVM (an NPU compiles for the host and is emulated)

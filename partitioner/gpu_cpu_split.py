@@ -261,9 +261,11 @@ def split_cost(
     for trip in trips:
         x_bytes = graph.value_bytes(trip.x) * scale
         y_bytes = sum(graph.value_bytes(v) for v in trip.outputs) * scale
+        # the GPU's worker runs the CPU's rows itself (host memory, its own threads): the
+        # copies cross the link, never a hop between workers
         handoff += (
-            cm.transfer_time(cluster, gpu.name, cpu.name, x_bytes)
-            + cm.transfer_time(cluster, cpu.name, gpu.name, y_bytes)
+            cm.link_time(cluster, gpu.name, cpu.name, x_bytes)
+            + cm.link_time(cluster, cpu.name, gpu.name, y_bytes)
             + cm.op_overhead(cpu, "matmul", cpu_dtype, cpu_backend)
             + cm.split_handoff()
         )

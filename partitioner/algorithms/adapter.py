@@ -254,6 +254,7 @@ def build_problem(
         state_bytes=np.array([g.state_bytes for g in groups], dtype=float),
         split_bytes=split_bytes,
         call=call,
+        caller_hop=cost_model.caller_hop(),
         copy_s=copy_s if overlap else None,
         own_s=own_s if overlap else None,
     )

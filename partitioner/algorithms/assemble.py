@@ -217,13 +217,15 @@ def _transfers(problem, ctx: Context, partitions, part_of_op) -> list[Transfer]:
         if out in part_of_op:
             flows.setdefault((part_of_op[out], -1), {})[out] = None
     result = []
+    caller_hop = cm.caller_hop()
     for (src, dst), values in sorted(flows.items()):
         a = partitions[src].device if src >= 0 else origin
         b = partitions[dst].device if dst >= 0 else origin
-        if a == b:
-            continue  # stays in the device's memory
+        if a == b and not (caller_hop and min(src, dst) < 0):
+            continue  # stays in the device's memory (the caller's too, in process)
         nbytes = int(sum(og.value_bytes(v) for v in values) * ctx.scale)
         links = tuple(f"{l.a}<->{l.b} ({l.kind})" for l in cluster.route(a, b))
+        seconds = cm.transfer_time(cluster, a, b, nbytes) if a != b else caller_hop
         result.append(
             Transfer(
                 src=src,
@@ -233,7 +235,7 @@ def _transfers(problem, ctx: Context, partitions, part_of_op) -> list[Transfer]:
                 src_device=a,
                 dst_device=b,
                 links=links,
-                predicted_ms=1e3 * cm.transfer_time(cluster, a, b, nbytes),
+                predicted_ms=1e3 * seconds,
             )
         )
     return result

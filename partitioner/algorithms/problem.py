@@ -10,7 +10,9 @@ where unary holds compute (max(compute, weight stream) for streamed placements) 
 the group's user inputs from, and model outputs to, the caller's device. A transfer into a
 device starts a partition there and pays its call (`call`); so does reading the caller's
 inputs, on the caller's own device too, while handing outputs back starts nothing: each
-stage of a pipeline pays one call, as the assembled plan's partitions do.
+stage of a pipeline pays one call, as the assembled plan's partitions do. Where the caller
+is a process apart from the workers (Ray's driver), its inputs reach, and its outputs
+leave, the origin device's worker through a hop too (`caller_hop`).
 
 Throughput objective (a pipeline): stages are maximal runs of one placement along the
 order, each on its own device. A stage takes the values live across its first boundary
@@ -82,6 +84,10 @@ class Problem:
     # the origin device pays its own call, and handing outputs back to the caller starts
     # nothing (0: not priced)
     call: np.ndarray = field(default=None)
+    # seconds the caller's values take into, and out of, a worker on the origin device: a
+    # hop where the caller is a process apart (Ray's driver; the other devices' hops are in
+    # `link_latency`), 0 in process
+    caller_hop: float = 0.0
     # [n, P] where weight copies overlap other groups' work (a generation's decode step):
     # seconds the link spends bringing a streamed or split placement's weights in per run
     # (0 for the others), and each placement's time with its weights at hand. Set: latency
@@ -117,9 +123,9 @@ class Problem:
         # the caller's inputs start a partition wherever they go (on the origin too); the
         # outputs' way back is the link's alone
         from_origin = self.link_latency[self.origin].copy()
-        from_origin[self.origin] = self.call[self.origin]
+        from_origin[self.origin] = self.call[self.origin] + self.caller_hop
         to_origin = np.maximum(self.link_latency[:, self.origin] - self.call[self.origin], 0.0)
-        to_origin[self.origin] = 0.0
+        to_origin[self.origin] = self.caller_hop
         object.__setattr__(self, "out_latency", to_origin)
         io = (
             np.where(self.in_bytes[:, None] > 0, from_origin[None, :], 0)

@@ -206,6 +206,7 @@ def expand(
         split_bytes=problem.split_bytes,
         slot_floor=problem.slot_floor[reps],
         call=problem.call[reps],
+        caller_hop=problem.caller_hop,
     )
 
 

@@ -12,8 +12,9 @@ import hetero
 from hetero.backends.base import CompileOptions
 from hetero.backends.eager import EagerBackend
 from hetero.backends.registry import default_registry
+from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
-from hetero.partitioner.decisions import BackendAssignment, Objective
+from hetero.partitioner.decisions import BackendAssignment, ExecutorKind, Objective
 from hetero.partitioner.plan import Plan
 
 
@@ -95,3 +96,12 @@ def test_a_custom_registry_is_honoured_through_the_runtime(mlp, tmp_path):
             torch.testing.assert_close(cm(*inputs), model(*inputs))
     finally:
         cm.shutdown()
+
+
+def test_executor_auto_is_local_on_one_host_and_a_name_is_typed_once():
+    one = ClusterSpec.from_yaml("configs/clusters/dev-box-npu.yaml")
+    assert ExecutorKind.parse("auto", one) is ExecutorKind.LOCAL
+    assert ExecutorKind.parse("ray", one) is ExecutorKind.RAY
+    assert ExecutorKind.parse(ExecutorKind.RAY, one) is ExecutorKind.RAY
+    with pytest.raises(ConfigError, match=r"'rya' is not an executor \(did you mean 'ray'\?\)"):
+        ExecutorKind.parse("rya", one)

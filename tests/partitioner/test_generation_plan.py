@@ -262,3 +262,60 @@ def test_a_capped_gpu_keeps_memory_for_the_runtime_and_says_how_much(lm):
     assert any(f"node0/gpu {kept / 2**20:.0f} MiB" in n for n in gp.notes)
     used = dict(gp.decode.memory)["node0/gpu"]
     assert used <= cluster.device("node0/gpu").memory - kept
+
+
+def _runtime_priced(executor: str, stage_s: float = 0.0, hop_s: float = 0.0):
+    from hetero.cluster.profile import CalibrationProfile, RuntimeProfile
+    from hetero.partitioner.cost import CostModel
+
+    runtime = (RuntimeProfile(executor, stage_overhead=stage_s, hop_overhead=hop_s),)
+    return CostModel(CalibrationProfile("any", runtime=runtime), executor=executor)
+
+
+def test_ray_prices_a_hop_where_stages_cross_workers_and_a_stage_per_partition(tiny_llama_lm):
+    """Over Ray each device's stages run in its own actor and the caller is the driver: each
+    partition pays the stage overhead, each transfer between devices and each way in and
+    out of the caller a hop. In process, the caller's values stay where they are."""
+    from hetero.partitioner.algorithms.generation import GENERATION_BACKENDS, decode_pricing
+    from hetero.partitioner.reprice import reprice
+
+    cluster = ClusterSpec.from_yaml("configs/clusters/dev-box-npu.yaml")
+    kw = dict(
+        registry=default_registry(), backends=GENERATION_BACKENDS.with_kind("npu", "eager"),
+        pins={"model.model.layers.1": "npu"},
+    )  # fmt: skip
+    local = plan_generation(tiny_llama_lm, cluster, cost_model=_runtime_priced("local"), **kw)
+    stage_s, hop_s = 1e-3, 10e-3
+    ray_cm = _runtime_priced("ray", stage_s, hop_s)
+    ray = reprice(local.decode, decode_pricing(tiny_llama_lm, cluster, cost_model=ray_cm, **kw))
+    parts = local.decode.partitions
+    assert [p.device for p in parts] == ["local/cpu", "local/npu", "local/cpu"]
+    for before, after in zip(parts, ray.partitions, strict=True):
+        assert after.predicted_ms == pytest.approx(before.predicted_ms + 1e3 * stage_s)
+    crossing = {(t.src, t.dst): t.predicted_ms for t in local.decode.transfers}
+    assert len(crossing) == 2  # cpu -> npu -> cpu; the caller's values stay on the CPU
+    for t in ray.transfers:
+        assert t.predicted_ms == pytest.approx(crossing.get((t.src, t.dst), 0.0) + 1e3 * hop_s)
+    assert {(t.src, t.dst) for t in ray.transfers} - set(crossing) == {(-1, 0), (2, -1)}
+    assert ray.predicted_ms == pytest.approx(
+        local.decode.predicted_ms + 1e3 * (3 * stage_s + 4 * hop_s)
+    )
+
+
+def test_a_split_layers_hand_offs_stay_in_its_worker_whatever_the_executor(big):
+    """The GPU's worker computes the CPU's rows itself: a split layer's hand-offs cross the
+    link, never a hop between Ray workers."""
+    cluster = ClusterSpec.from_yaml(H200)
+    group = next(g for g in big.decode.coarsen(depth=3).groups if g.name == "model.model.layers.1")
+    ops = [big.decode[n] for n in group.nodes]
+
+    def priced(cm):
+        return split_cost(
+            big.decode, group, ops, cluster.device("node0/gpu"), cluster.device("node0/cpu"),
+            cluster, cm, gpu_backend="inductor", cpu_backend="eager",
+        )  # fmt: skip
+
+    local, ray = priced(_runtime_priced("local")), priced(_runtime_priced("ray", 1e-3, 10e-3))
+    assert ray.handoffs == local.handoffs > 0
+    assert ray.path_s == pytest.approx(local.path_s)
+    assert ray.seconds == pytest.approx(local.seconds)

@@ -99,3 +99,18 @@ def test_a_step_is_never_shorter_than_either_resource_alone(seed, n):
     assert got >= p.copy_s[idx, assign].sum() - 1e-9
     assert got >= p.own_s[idx, assign].sum() - 1e-9
     assert got <= p.copy_s[idx, assign].sum() + p.own_s[idx, assign].sum() + 1e-9
+
+
+def test_values_crossing_between_two_stages_pay_one_hop():
+    """A layer reads the hidden state and the tables made before it (rotary, mask): three
+    edges from the stage before, one packet in the runtime, so one hop's latency."""
+    import dataclasses
+
+    p = layers(4, copy=0.0, gpu=1.0, split_own=99.0, split_copy=99.0, cpu=1.0, hop=5.0)
+    fan = dataclasses.replace(
+        p, edges=np.array([(0, 1), (0, 2), (0, 3), (1, 2), (2, 3)]), edge_bytes=np.ones(5)
+    )
+    # CPU, CPU | GPU, GPU: edges 0->2, 0->3 and 1->2 cross between the same two stages
+    assert fan.latency(np.array([CPU, CPU, GPU_RES, GPU_RES])) == pytest.approx(4.0 + 5.0)
+    # CPU | GPU | CPU | GPU: the last stage reads from two stages (0->3, 2->3), two packets
+    assert fan.latency(np.array([CPU, GPU_RES, CPU, GPU_RES])) == pytest.approx(4.0 + 4 * 5.0)

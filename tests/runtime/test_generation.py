@@ -209,7 +209,8 @@ def test_feedback_rounds_measure_the_ray_workers_partitions(
 ):
     """feedback=True over Ray: each step's records come back with its values, so the round
     has every decode partition's measured time (it was a no-op over Ray before), and the
-    plan it keeps or rebuilds still gives transformers' tokens."""
+    plan it keeps or rebuilds still gives transformers' tokens. The first plan, before any
+    feedback, is priced for Ray: its actor calls, not only its partitions."""
     model, prompt, expected = tiny_llama
     lm = compile_lm(
         model, ClusterSpec.from_yaml("configs/clusters/dev-box-npu.yaml"), max_length=64,
@@ -217,10 +218,19 @@ def test_feedback_rounds_measure_the_ray_workers_partitions(
         backends={"npu": "eager"}, pins={"model.model.layers.1": "npu"}, feedback=True,
     )  # fmt: skip
     try:
-        rows = lm.feedback["partitions"]  # the first plan's: CPU, the pinned NPU layer, CPU
-        assert [r["device"] for r in rows] == ["local/cpu", "local/npu", "local/cpu"]
+        rows = lm.feedback["partitions"]  # the first plan's: CPU, the pinned NPU layer, ...
+        assert [r["device"] for r in rows][:2] == ["local/cpu", "local/npu"]
         assert all(r["measured_ms"] and r["measured_ms"] > 0 for r in rows)
         assert lm.feedback["median_error_before"] is not None
+        # Priced in process, the first plan's hops came to 0.04 ms of a step that measured
+        # ~5 ms with ~3 ms of Ray's calls between its partitions (the 2-core box, loaded);
+        # wide bounds: CI runs this beside the other share's compiles.
+        measured = lm.feedback["measured_ms_per_token"]
+        predicted = lm.feedback["predicted_ms_per_token"]
+        assert 1 / 3 < measured / predicted < 3  # in process: 3.6x
+        between = measured - sum(r["measured_ms"] for r in rows)
+        priced_between = predicted - sum(r["predicted_ms"] for r in rows)
+        assert 1 / 5 < between / priced_between < 5  # in process: 235x
         # each decoding worker's team width was measured on whole steps (all on this CPU)
         decoding = {p.device for p in lm.plan.decode.partitions}
         assert set(lm.feedback["host_threads"]["chosen"]) == decoding
