@@ -37,6 +37,7 @@ from hetero.interfaces.api import compile as hetero_compile
 from hetero.interfaces.api import prebuild as api_prebuild
 from hetero.interfaces.config import DeployConfig, ServingOptions, load_config
 from hetero.interfaces.serving.servable import ModelServable
+from hetero.partitioner.decisions import ExecutorKind
 from hetero.partitioner.graph import from_exported
 from hetero.partitioner.plan import Plan
 
@@ -179,9 +180,9 @@ def ensure_ray(cluster: ClusterSpec, host: str = LOOPBACK) -> None:
 
 def needs_ray(cfg: DeployConfig) -> bool:
     """Whether the config's model runs on Ray (so this process must start or join it)."""
-    if cfg.is_ray or cfg.executor == "ray":
+    if cfg.is_ray:
         return True
-    return cfg.executor == "auto" and len(cfg.cluster_spec().hosts) > 1
+    return ExecutorKind.parse(cfg.executor, cfg.cluster_spec()) is ExecutorKind.RAY
 
 
 @dataclass(frozen=True)

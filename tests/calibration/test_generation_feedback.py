@@ -219,6 +219,7 @@ class _FakeGeneration:
         self.executors = {Phase.DECODE: _FakeDecode(decode_ms)}
         self.last = {"decode_ms_per_token": token_ms}
         self._closed = False
+        self.thread_choice = None  # no host CPU team: nothing to choose
 
     def generate(self, *a, **kw):
         return None
