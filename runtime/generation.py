@@ -656,7 +656,9 @@ class LocalGeneration(Generation):
         super().__init__(lm, plan)
         self.binder = binder
         self.stages = stages
-        self._threads: int | None = None  # the decode team's width, once settle() chose it
+        # the width of the team that runs decode steps: None, the caller's own (until
+        # settle() chooses; a benchmark may set it to compare)
+        self.decode_threads: int | None = None
         runners = binder.bind(stages, lm_weights(lm))
         self.executors = {
             phase: LocalExecutor(
@@ -678,7 +680,7 @@ class LocalGeneration(Generation):
         inputs = {PROMPT: ids, START: torch.tensor(start, dtype=torch.long)}
         with (
             # measured on decode steps; a prompt's GEMMs keep the caller's team
-            threads_for(self._threads if phase is Phase.DECODE else None),
+            threads_for(self.decode_threads if phase is Phase.DECODE else None),
             overlapped() if self.binder.overlap_handoffs else contextlib.nullcontext(),
         ):
             out = self.executors[phase].run(inputs)
@@ -696,7 +698,7 @@ class LocalGeneration(Generation):
         if on_host:  # every stage here runs on the calling thread's OpenMP team
 
             def apply(threads: Mapping[str, int]) -> None:
-                self._threads = threads[_HOST]
+                self.decode_threads = threads[_HOST]
 
             self._choose_threads({_HOST: torch.get_num_threads()}, apply)
 
