@@ -55,7 +55,10 @@ def _lagrangian(problem: Problem) -> list[np.ndarray]:
         their pair's latency: a split that sends several values at once pays one hop."""
         assign = candidates[-1]
         for _ in range(_RESHARE if len(problem.edges) else 0):
-            new = solve(lam, _shared_edge_cost(problem, assign))
+            shared = _shared_edge_cost(problem, assign)
+            if shared is None:  # no pair carries two values: the same cut again
+                break
+            new = solve(lam, shared)
             if np.array_equal(new, assign):
                 break
             assign = new
@@ -138,15 +141,18 @@ def _collapse(problem: Problem, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return u, mode
 
 
-def _shared_edge_cost(problem: Problem, assign: np.ndarray) -> np.ndarray:
+def _shared_edge_cost(problem: Problem, assign: np.ndarray) -> np.ndarray | None:
     """[E, D, D] `problem.edge_cost` with the latency of each edge crossing devices under
-    `assign` divided among the edges between the same two runs (one packet for them all)."""
+    `assign` divided among the edges between the same two runs (one packet for them all);
+    None where no two edges share one."""
     u, v = problem.edges[:, 0], problem.edges[:, 1]
     dev = problem.place_device[assign]
     run = run_index(assign[None, :])[0]
     pair = np.where(dev[u] != dev[v], run[u] * (problem.n + 1) + run[v], -1)
     _, where, count = np.unique(pair, return_inverse=True, return_counts=True)
     share = np.where(pair >= 0, count[where], 1)
+    if (share == 1).all():
+        return None
     lat = problem.edge_cost - problem.edge_bytes[:, None, None] * problem.link_inv_bw
     return problem.edge_cost - lat * (1 - 1 / share)[:, None, None]
 

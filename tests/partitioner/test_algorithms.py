@@ -172,7 +172,12 @@ def every_assignment(p: Problem):
 )
 def test_with_a_hop_exact_searches_match_brute_force_per_packet(seed, d, n, chain, memory):
     p = hopped_problem(seed, n, d, chain=chain, memory=memory)
-    best = min((per_packet(p, a) for a in every_assignment(p) if p.feasible(a)), default=INF)
+    every = np.array(list(every_assignment(p)))
+    slow = np.array([per_packet(p, a) for a in every])
+    assert p.latencies(every) == pytest.approx(slow, rel=1e-9)  # exhaustive's, per row
+    some = slice(None, None, max(1, len(every) // 50))
+    assert [p.latency(a) for a in every[some]] == pytest.approx(slow[some], rel=1e-9)
+    best = min((t for a, t in zip(every, slow, strict=True) if p.feasible(a)), default=INF)
     ex = exhaustive(p)
     assert ex.seconds == pytest.approx(best, rel=1e-9)
     bb = branch_and_bound(p)
