@@ -7,7 +7,7 @@ import numpy as np
 
 from hetero.errors import PlanInfeasible
 from hetero.partitioner.algorithms.adapter import Context, gib
-from hetero.partitioner.algorithms.overlap import schedule
+from hetero.partitioner.algorithms.overlap import caller_io, schedule
 from hetero.partitioner.algorithms.problem import SPLIT, Problem, Solution
 from hetero.partitioner.decisions import Objective
 from hetero.partitioner.plan import Plan, PlannedPartition, Transfer
@@ -100,9 +100,7 @@ def assemble(
     # per group, what it adds to the step: its compute, or where weight copies overlap
     # other groups' work, its time in the replayed step (the wait for its weights included)
     if problem.overlapped:
-        idx = np.arange(problem.n)
-        io = problem.unary[idx, assign] - problem.compute[idx, assign]
-        step_s = schedule(problem, assign).durations() - io
+        step_s = schedule(problem, assign).durations() - caller_io(problem, assign)
     else:
         step_s = problem.compute[np.arange(problem.n), assign]
     for k, run in enumerate(runs):

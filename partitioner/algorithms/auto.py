@@ -456,7 +456,7 @@ class _Search:
         """Note how far `best` is from a lower bound: every group at its cheapest placement,
         nothing transferred, memory ignored."""
         p = best.problem
-        bound = float(np.where(p.allowed(), p.unary, INF).min(axis=1).sum())
+        bound = float(np.where(p.allowed(), p.base, INF).min(axis=1).sum())
         if best.over == 0 and np.isfinite(best.value) and bound > 0:
             self.notes.append(_gap(best.value, bound, "each group at its cheapest placement"))
 

@@ -1,8 +1,10 @@
 """Exact latency by branch and bound, with identical devices tried once, until a deadline.
 
-Groups are placed in topological order. A partial assignment costs its groups' unary terms
-plus the transfers of edges whose ends are both placed; every unplaced group adds at least
-its cheapest allowed unary term, which bounds the subtree. Memory only grows as groups are
+Groups are placed in topological order. A partial assignment costs its groups' base terms,
+the bytes of edges whose ends are both placed and, once per pair of partitions (runs of one
+placement, which placing in order closes one after another), the link's latency, and the
+caller's once per partition that reads or writes its values; every unplaced group adds at
+least its cheapest allowed base term, which bounds the subtree. Memory only grows as groups are
 added, so a device that overflows ends a branch. Devices that swapping leaves every cost
 array unchanged (`interchangeable`) form a class; a group may go to a device of a class
 already in use, or to the first unused one (any other choice is a relabelling of one tried).
@@ -80,7 +82,7 @@ def branch_and_bound(
     if n == 0:
         return BranchResult(np.zeros(0, dtype=int), 0.0, True, 0)
     allowed = problem.allowed()
-    unary = problem.unary
+    base = problem.base
     dev_of = problem.place_device
     streamed = problem.place_streamed
     classes = classes if classes is not None else interchangeable(problem)
@@ -89,7 +91,7 @@ def branch_and_bound(
     for c, members in enumerate(classes):
         for r, d in enumerate(sorted(members)):
             class_of[d], rank[d] = c, r
-    cheapest = np.where(allowed, unary, INF).min(axis=1)
+    cheapest = np.where(allowed, base, INF).min(axis=1)
     rest = np.r_[np.cumsum(cheapest[::-1])[::-1], 0.0]  # rest[i]: lower bound for i..n-1
     preds: list[list[tuple[int, int]]] = [[] for _ in range(n)]  # (edge, source group)
     for e, (u, v) in enumerate(problem.edges):
@@ -101,6 +103,7 @@ def branch_and_bound(
     if incumbent is not None and problem.feasible(incumbent):
         best, best_value = incumbent.copy(), problem.latency(incumbent)
     assign = np.full(n, -1, dtype=int)
+    run = np.zeros(n, dtype=int)  # the run of one placement each placed group is in
     resident = np.zeros(problem.num_devices)
     stream_max = np.zeros(problem.num_devices)
     act_max = np.zeros(problem.num_devices)
@@ -124,7 +127,29 @@ def branch_and_bound(
         act = max(act, problem.act_bytes[i])
         return (res, st, act) if res + 2 * st + act <= problem.capacity[d] else None
 
-    def visit(i: int, cost: float) -> None:
+    def step(i: int, p: int, d: int, paid: frozenset[int], read: bool, wrote: bool):
+        """What placing group i at p adds, and the state of the run it then ends: the
+        sending runs it has paid a pair's latency for, whether it read (wrote) the caller's
+        values."""
+        if i and assign[i - 1] != p:  # a new run: nothing paid yet
+            paid, read, wrote, r = frozenset(), False, False, run[i - 1] + 1
+        else:
+            r = run[i - 1] if i else 0
+        inc = base[i, p]
+        for e, u in preds[i]:
+            du = dev_of[assign[u]]
+            if du != d:
+                inc += problem.edge_bytes[e] * problem.link_inv_bw[du, d]
+                if run[u] not in paid:
+                    inc += problem.link_latency[du, d]
+                    paid = paid | {int(run[u])}
+        if problem.in_bytes[i] > 0 and not read:
+            inc, read = inc + problem.in_latency[d], True
+        if problem.out_bytes[i] > 0 and not wrote:
+            inc, wrote = inc + problem.out_latency[d], True
+        return inc, (int(r), paid, read, wrote)
+
+    def visit(i: int, cost: float, paid: frozenset[int], read: bool, wrote: bool) -> None:
         nonlocal best, best_value, nodes, timed_out
         if i == n:
             if cost < best_value - eps:
@@ -141,14 +166,12 @@ def branch_and_bound(
             c = class_of[d]
             if count_on[d] == 0 and rank[d] != used_in_class[c]:
                 continue  # an unused device that is not its class's next: a relabelling
-            inc = unary[i, p]
-            for e, u in preds[i]:
-                inc += problem.edge_cost[e, dev_of[assign[u]], d]
+            inc, after = step(i, int(p), d, paid, read, wrote)
             if cost + inc + rest[i + 1] >= best_value - eps:
                 continue
-            trials.append((inc, int(p), d))
-        trials.sort()
-        for inc, p, d in trials:
+            trials.append((inc, int(p), d, after))
+        trials.sort(key=lambda x: x[:3])
+        for inc, p, d, (r, paid_after, read_after, wrote_after) in trials:
             if cost + inc + rest[i + 1] >= best_value - eps or timed_out:
                 break
             new = fits(d, i, p)
@@ -161,13 +184,13 @@ def branch_and_bound(
             count_on[d] += 1
             if opened:
                 used_in_class[c] += 1
-            assign[i] = p
-            visit(i + 1, cost + inc)
+            assign[i], run[i] = p, r
+            visit(i + 1, cost + inc, paid_after, read_after, wrote_after)
             assign[i] = -1
             if opened:
                 used_in_class[c] -= 1
             count_on[d] -= 1
             resident[d], stream_max[d], act_max[d] = saved
 
-    visit(0, 0.0)
+    visit(0, 0.0, frozenset(), False, False)
     return BranchResult(best, best_value, not timed_out, nodes)

@@ -25,17 +25,12 @@ def exhaustive(problem: Problem) -> Solution:
         )
     best, best_cost = None, INF
     strides = np.cumprod(np.r_[1, sizes[:-1]])
-    n_e = len(problem.edges)
     for lo in range(0, total, _CHUNK):
         idx = np.arange(lo, min(total, lo + _CHUNK))
         digits = (idx[:, None] // strides[None, :]) % sizes[None, :]
         assign = np.stack([choices[i][digits[:, i]] for i in range(problem.n)], axis=1)
-        cost = problem.unary[np.arange(problem.n)[None, :], assign].sum(axis=1)
+        cost = problem.latencies(assign)
         dev = problem.place_device[assign]
-        if n_e:
-            e = np.arange(n_e)[None, :]
-            u, v = problem.edges[:, 0], problem.edges[:, 1]
-            cost = cost + problem.edge_cost[e, dev[:, u], dev[:, v]].sum(axis=1)
         cost = np.where(_fits(problem, assign, dev), cost, INF)
         k = int(np.argmin(cost))
         if cost[k] < best_cost:

@@ -3,10 +3,19 @@ expansion moves for more, memory by Lagrangian penalties, then local refinement.
 
 Placements on one device differ only in where weights live, so the cut works on devices:
 each group's cost on a device is its cheapest placement there, with resident parameters
-charged `lam[d]` per byte while device d overflows. Without binding memory the two-device
-cut is optimal for the latency objective (unary + pairwise transfer costs). The quotient
-of any assignment is made acyclic later by cutting it into more partitions (see
-`assemble.form_partitions`), so no acyclicity constraint weakens the cut.
+charged `lam[d]` per byte while device d overflows. The quotient of any assignment is made
+acyclic later by cutting it into more partitions (see `assemble.form_partitions`), so no
+acyclicity constraint weakens the cut.
+
+The cut prices each value crossing devices as a packet of its own (`Problem.edge_cost`);
+the runtime sends one packet per pair of partitions, so `Problem.latency` pays a link's
+latency (and the executor's hop) once per pair, and the caller's once per partition. The
+two are equal where every pair of partitions exchanges one value and every partition
+reads (writes) at most one of the caller's (a chain of groups), and there, without binding
+memory, the two-device cut is optimal. Elsewhere (a block's hidden state and residual
+crossing together) the cut minimises an upper bound: the result costs at most the fewest
+seconds any assignment costs priced per value, which the cuts re-priced with each pair's
+latency shared among its values, and the local search under `Problem.latency`, improve on.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import networkx as nx
 import numpy as np
 
 from hetero.partitioner.algorithms.overlap import pattern_seeds
-from hetero.partitioner.algorithms.problem import INF, Problem, Solution
+from hetero.partitioner.algorithms.problem import INF, Problem, Solution, run_index
 
 _ROUNDS = 24  # Lagrangian updates before falling back to repair by local search
 _BLOCK = 4  # longest run of consecutive groups the local search moves at once
@@ -25,6 +34,7 @@ _SWEEP = 16  # penalties sampled around the one that first fits
 _STARTS = 3  # candidates the local search starts from
 _SWAP_LIMIT = 24  # groups up to which the local search also tries two-group trades
 _SMALL = 12  # up to this many groups, trades are tried even when memory does not bind
+_RESHARE = 3  # cuts re-priced with each pair's latency shared among the values it carries
 
 
 def _lagrangian(problem: Problem) -> list[np.ndarray]:
@@ -33,11 +43,25 @@ def _lagrangian(problem: Problem) -> list[np.ndarray]:
     candidates: list[np.ndarray] = []
     scale = _penalty_scale(problem)
 
-    def solve(lam: np.ndarray) -> np.ndarray:
+    def solve(lam: np.ndarray, edge_cost: np.ndarray | None = None) -> np.ndarray:
         u, mode = _collapse(problem, lam)
-        assign = mode[np.arange(problem.n), _solve_devices(problem, u)]
+        cost = problem.edge_cost if edge_cost is None else edge_cost
+        assign = mode[np.arange(problem.n), _solve_devices(problem, u, cost)]
         candidates.append(assign)
         return assign
+
+    def reshare(lam: np.ndarray) -> None:
+        """Cuts where the values crossing between two partitions of the last cut share
+        their pair's latency: a split that sends several values at once pays one hop."""
+        assign = candidates[-1]
+        for _ in range(_RESHARE if len(problem.edges) else 0):
+            shared = _shared_edge_cost(problem, assign)
+            if shared is None:  # no pair carries two values: the same cut again
+                break
+            new = solve(lam, shared)
+            if np.array_equal(new, assign):
+                break
+            assign = new
 
     lam = np.zeros(problem.num_devices)
     low = lam.copy()
@@ -49,6 +73,7 @@ def _lagrangian(problem: Problem) -> list[np.ndarray]:
         lam = np.where(over > 0, np.maximum(lam * 2.0, scale), lam)
     else:
         return candidates
+    reshare(lam)
     high = lam
     for _ in range(6 if high.any() else 0):
         mid = (low + high) / 2
@@ -116,39 +141,58 @@ def _collapse(problem: Problem, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return u, mode
 
 
-def _energy(problem: Problem, u: np.ndarray, labels: np.ndarray) -> float:
+def _shared_edge_cost(problem: Problem, assign: np.ndarray) -> np.ndarray | None:
+    """[E, D, D] `problem.edge_cost` with the latency of each edge crossing devices under
+    `assign` divided among the edges between the same two runs (one packet for them all);
+    None where no two edges share one."""
+    u, v = problem.edges[:, 0], problem.edges[:, 1]
+    dev = problem.place_device[assign]
+    run = run_index(assign[None, :])[0]
+    pair = np.where(dev[u] != dev[v], run[u] * (problem.n + 1) + run[v], -1)
+    _, where, count = np.unique(pair, return_inverse=True, return_counts=True)
+    share = np.where(pair >= 0, count[where], 1)
+    if (share == 1).all():
+        return None
+    lat = problem.edge_cost - problem.edge_bytes[:, None, None] * problem.link_inv_bw
+    return problem.edge_cost - lat * (1 - 1 / share)[:, None, None]
+
+
+def _energy(problem: Problem, u: np.ndarray, labels: np.ndarray, edge_cost: np.ndarray) -> float:
     t = u[np.arange(problem.n), labels].sum()
     if len(problem.edges):
         e = np.arange(len(problem.edges))
-        t += problem.edge_cost[e, labels[problem.edges[:, 0]], labels[problem.edges[:, 1]]].sum()
+        t += edge_cost[e, labels[problem.edges[:, 0]], labels[problem.edges[:, 1]]].sum()
     return float(t)
 
 
-def _solve_devices(problem: Problem, u: np.ndarray) -> np.ndarray:
-    """Device per group minimising unary + transfers (exact for two devices)."""
+def _solve_devices(problem: Problem, u: np.ndarray, edge_cost: np.ndarray) -> np.ndarray:
+    """Device per group minimising unary + transfers priced by `edge_cost` [E, D, D] (exact
+    for two devices)."""
     d = problem.num_devices
     usable = [k for k in range(d) if np.isfinite(u[:, k]).any()]
     if len(usable) == 1:
         return np.full(problem.n, usable[0], dtype=int)
-    starts = [_pair_cut(problem, u, a, b) for a, b in itertools.combinations(usable, 2)]
+    starts = [_pair_cut(problem, u, a, b, edge_cost) for a, b in itertools.combinations(usable, 2)]
     if len(usable) > 2:  # expansion moves from every pair's cut: they reach different optima
-        starts = [_expansion(problem, u, lab, usable) for lab in starts]
-    return min(starts, key=lambda lab: _energy(problem, u, lab))
+        starts = [_expansion(problem, u, lab, usable, edge_cost) for lab in starts]
+    return min(starts, key=lambda lab: _energy(problem, u, lab, edge_cost))
 
 
-def _pair_cut(problem: Problem, u: np.ndarray, a: int, b: int) -> np.ndarray:
+def _pair_cut(problem: Problem, u: np.ndarray, a: int, b: int, edge_cost: np.ndarray) -> np.ndarray:
     """Best assignment of every group to device a or b (x=1 means b)."""
     pairs = [
-        (int(s), int(t), 0.0, problem.edge_cost[e, a, b], problem.edge_cost[e, b, a], 0.0)
+        (int(s), int(t), 0.0, edge_cost[e, a, b], edge_cost[e, b, a], 0.0)
         for e, (s, t) in enumerate(problem.edges)
     ]
     x = _binary_cut(u[:, a], u[:, b], pairs)
     return np.where(x, b, a)
 
 
-def _expansion(problem: Problem, u: np.ndarray, labels: np.ndarray, usable) -> np.ndarray:
+def _expansion(
+    problem: Problem, u: np.ndarray, labels: np.ndarray, usable, edge_cost: np.ndarray
+) -> np.ndarray:
     """Alpha-expansion moves (each an exact binary cut) until none improves."""
-    best = _energy(problem, u, labels)
+    best = _energy(problem, u, labels, edge_cost)
     improved = True
     while improved:
         improved = False
@@ -156,11 +200,11 @@ def _expansion(problem: Problem, u: np.ndarray, labels: np.ndarray, usable) -> n
             pairs = []
             for e, (s, t) in enumerate(problem.edges):
                 ls, lt = labels[s], labels[t]
-                c = problem.edge_cost[e]
+                c = edge_cost[e]
                 pairs.append((int(s), int(t), c[ls, lt], c[ls, alpha], c[alpha, lt], 0.0))
             x = _binary_cut(u[np.arange(problem.n), labels], u[:, alpha], pairs)
             new = np.where(x, alpha, labels)
-            energy = _energy(problem, u, new)
+            energy = _energy(problem, u, new, edge_cost)
             if energy < best - 1e-15:
                 best, labels, improved = energy, new, True
     return labels

@@ -48,7 +48,7 @@ def schedule(problem: Problem, assign: np.ndarray) -> Schedule:
     n = problem.n
     idx = np.arange(n)
     dev = problem.place_device[assign]
-    own = problem.own_s[idx, assign] + (problem.unary[idx, assign] - problem.compute[idx, assign])
+    own = problem.own_s[idx, assign] + caller_io(problem, assign)
     copy = problem.copy_s[idx, assign]
     streamed = problem.place_streamed[assign] & (copy > 0)
     incoming = _incoming(problem, assign, dev)
@@ -84,6 +84,14 @@ def schedule(problem: Problem, assign: np.ndarray) -> Schedule:
     return Schedule(t - step_start, start - step_start, end - step_start)
 
 
+def caller_io(problem: Problem, assign: np.ndarray) -> np.ndarray:
+    """[n] seconds each group spends on the caller's values: their bytes, and the caller's
+    latency once per run that reads (or writes) them."""
+    idx = np.arange(problem.n)
+    io_bytes = problem.base[idx, assign] - problem.compute[idx, assign]
+    return io_bytes + problem.caller_latency(assign[None, :])[0]
+
+
 def _incoming(problem: Problem, assign: np.ndarray, dev: np.ndarray) -> np.ndarray:
     """[n] seconds of transfers into each group: its edges' bytes over the link, and the
     link's latency (with the executor's hop and the call it starts) once per pair of stages
@@ -95,16 +103,10 @@ def _incoming(problem: Problem, assign: np.ndarray, dev: np.ndarray) -> np.ndarr
     if not len(problem.edges):
         return incoming
     u, v = problem.edges[:, 0], problem.edges[:, 1]
-    crossing = np.flatnonzero(dev[u] != dev[v])
-    if not len(crossing):
-        return incoming
-    crossing = crossing[np.argsort(v[crossing], kind="stable")]  # receivers in order
-    a, b = dev[u[crossing]], dev[v[crossing]]
-    np.add.at(incoming, v[crossing], problem.edge_bytes[crossing] * problem.link_inv_bw[a, b])
-    stage = np.concatenate(([0], np.cumsum(assign[1:] != assign[:-1])))
-    pairs = stage[u[crossing]] * (problem.n + 1) + stage[v[crossing]]
-    _, first = np.unique(pairs, return_index=True)
-    np.add.at(incoming, v[crossing[first]], problem.link_latency[a[first], b[first]])
+    a, b = dev[u], dev[v]
+    np.add.at(incoming, v, problem.edge_bytes * problem.link_inv_bw[a, b])
+    heads = problem.pair_heads(assign[None, :])[0]
+    np.add.at(incoming, v[heads], problem.link_latency[a[heads], b[heads]])
     return incoming
 
 

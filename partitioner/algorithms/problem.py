@@ -5,14 +5,29 @@ that computes and whether its weights stay resident there or stream in from the 
 memory. An assignment maps each group to a placement.
 
 Latency objective (one request, partitions run one after another):
-    sum_i unary[i, a_i] + sum_(u,v) transfer(bytes_uv, dev(a_u), dev(a_v))
-where unary holds compute (max(compute, weight stream) for streamed placements) plus moving
-the group's user inputs from, and model outputs to, the caller's device. A transfer into a
-device starts a partition there and pays its call (`call`); so does reading the caller's
+    sum_i base[i, a_i] + sum_(u,v) bytes_uv * link_inv_bw[dev(a_u), dev(a_v)]
+    + sum over pairs (run P, run Q) on two devices with a value from P to Q of
+      link_latency[dev(P), dev(Q)]
+    + per run that reads the caller's inputs in_latency[dev], per run that writes model
+      outputs out_latency[dev]
+where base holds compute (max(compute, weight stream) for streamed placements) plus the
+bytes of the group's user inputs from, and model outputs to, the caller's device. The
+runtime sends one packet from a partition to each partition that reads from it, holding
+every value that one reads, so a link's latency and the executor's hop are paid once per
+pair of partitions, its bandwidth per byte. Partitions are the runs of one placement along
+the order (`stages`). The assembled plan's walk (`assemble.form_partitions`) cuts at the
+same places where each group reads from the one before it (a chain of blocks); where the
+order interleaves independent groups it may merge runs, and the plan's transfers follow its
+own partitions. A transfer into
+a device starts a partition there and pays its call (`call`); so does reading the caller's
 inputs, on the caller's own device too, while handing outputs back starts nothing: each
 stage of a pipeline pays one call, as the assembled plan's partitions do. Where the caller
 is a process apart from the workers (Ray's driver), its inputs reach, and its outputs
 leave, the origin device's worker through a hop too (`caller_hop`).
+
+`unary` and `edge_cost` price each group and each value as if it were a partition and a
+packet of its own: an upper bound on `latency` that the heuristics' pairwise models (the
+min-cut, list scheduling) work with.
 
 Throughput objective (a pipeline): stages are maximal runs of one placement along the
 order, each on its own device. A stage takes the values live across its first boundary
@@ -116,24 +131,32 @@ class Problem:
         object.__setattr__(self, "place_streamed", streamed)
         split = np.array([p.weights == SPLIT for p in self.placements], dtype=bool)
         object.__setattr__(self, "place_split", split)
-        # [E, D, D]: the transfer cost of each edge between every pair of devices.
+        # [E, D, D]: each edge's transfer between every pair of devices, as a packet of its
+        # own (the heuristics' pairwise bound; `latency` pays the latency once per pair)
         ec = self.link_latency[None, :, :] + self.edge_bytes[:, None, None] * self.link_inv_bw
         ec[:, np.arange(d), np.arange(d)] = 0.0
         object.__setattr__(self, "edge_cost", ec)
+        # [E, D, D]: the bytes' part alone, what `latency` pays per value
+        object.__setattr__(self, "_edge_bytes_s", self.edge_bytes[:, None, None] * self.link_inv_bw)
         # the caller's inputs start a partition wherever they go (on the origin too); the
         # outputs' way back is the link's alone
         from_origin = self.link_latency[self.origin].copy()
         from_origin[self.origin] = self.call[self.origin] + self.caller_hop
         to_origin = np.maximum(self.link_latency[:, self.origin] - self.call[self.origin], 0.0)
         to_origin[self.origin] = self.caller_hop
+        object.__setattr__(self, "in_latency", from_origin)
+        object.__setattr__(self, "_reads", np.flatnonzero(self.in_bytes > 0))
+        object.__setattr__(self, "_writes", np.flatnonzero(self.out_bytes > 0))
         object.__setattr__(self, "out_latency", to_origin)
-        io = (
-            np.where(self.in_bytes[:, None] > 0, from_origin[None, :], 0)
-            + self.in_bytes[:, None] * self.link_inv_bw[self.origin][None, :]
-            + np.where(self.out_bytes[:, None] > 0, to_origin[None, :], 0)
+        io_bytes = (
+            self.in_bytes[:, None] * self.link_inv_bw[self.origin][None, :]
             + self.out_bytes[:, None] * self.link_inv_bw[:, self.origin][None, :]
         )  # [n, D]
-        object.__setattr__(self, "unary", self.compute + io[:, dev])
+        object.__setattr__(self, "base", self.compute + io_bytes[:, dev])
+        io_latency = np.where(self.in_bytes[:, None] > 0, from_origin[None, :], 0) + np.where(
+            self.out_bytes[:, None] > 0, to_origin[None, :], 0
+        )  # [n, D]
+        object.__setattr__(self, "unary", self.base + io_latency[:, dev])
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -199,12 +222,84 @@ class Problem:
         """Seconds for one request under `assign` (inf where a group is not allowed)."""
         if self.overlapped:
             return overlapped_latency(self, assign)
-        t = self.unary[np.arange(self.n), assign].sum()
+        # one assignment at a time (the local searches' inner loop): `latencies`' rule,
+        # with the pairs marked in a runs x runs table instead of ranking every edge
+        dev = self.place_device[assign]
+        change = np.flatnonzero(assign[1:] != assign[:-1]) + 1
+        run = np.zeros(self.n, dtype=int)
+        run[change] = 1
+        run = np.cumsum(run)
+        t = self.base[np.arange(self.n), assign].sum()
+        for at, lat in ((self._reads, self.in_latency), (self._writes, self.out_latency)):
+            if len(at):
+                r = run[at]
+                first = np.ones(len(r), dtype=bool)
+                first[1:] = r[1:] != r[:-1]
+                t += lat[dev[at[first]]].sum()
+        if len(self.edges):
+            a, b = dev[self.edges[:, 0]], dev[self.edges[:, 1]]
+            t += self._edge_bytes_s[np.arange(len(a)), a, b].sum()
+            cross = np.flatnonzero(a != b)
+            if len(cross):
+                runs = len(change) + 1
+                starts = np.zeros(runs, dtype=int)
+                starts[1:] = change
+                run_dev = dev[starts]
+                pair = run[self.edges[cross, 0]] * runs + run[self.edges[cross, 1]]
+                if runs * runs <= 8 * len(cross) + 1024:
+                    seen = np.zeros(runs * runs, dtype=bool)
+                    seen[pair] = True
+                    pair = np.flatnonzero(seen)
+                else:
+                    pair = np.unique(pair)
+                t += self.link_latency[run_dev[pair // runs], run_dev[pair % runs]].sum()
+        return float(t)
+
+    def latencies(self, assign: np.ndarray) -> np.ndarray:
+        """[B] `latency` of each row of `assign` [B, n], additively (no overlap replay)."""
+        idx = np.arange(self.n)[None, :]
+        t = self.base[idx, assign].sum(axis=1) + self.caller_latency(assign).sum(axis=1)
         if len(self.edges):
             dev = self.place_device[assign]
-            e = np.arange(len(self.edges))
-            t += self.edge_cost[e, dev[self.edges[:, 0]], dev[self.edges[:, 1]]].sum()
-        return float(t)
+            a, b = dev[:, self.edges[:, 0]], dev[:, self.edges[:, 1]]
+            t = t + (self.edge_bytes[None, :] * self.link_inv_bw[a, b]).sum(axis=1)
+            t = t + np.where(self.pair_heads(assign), self.link_latency[a, b], 0.0).sum(axis=1)
+        return t
+
+    def pair_heads(self, assign: np.ndarray) -> np.ndarray:
+        """[B, E] for `assign` [B, n]: the edges that pay their pair's latency (the link's,
+        the executor's hop and the call it starts), one per (sending run, receiving run) on
+        two devices: the pair's edge into the earliest group of the receiving run."""
+        u, v = self.edges[:, 0], self.edges[:, 1]
+        dev = self.place_device[assign]
+        run = run_index(assign)
+        n1 = self.n + 1
+        pair = np.where(dev[:, u] != dev[:, v], run[:, u] * n1 + run[:, v], -1)
+        order = np.argsort(pair * n1 + v[None, :], axis=1, kind="stable")
+        ranked = np.take_along_axis(pair, order, axis=1)
+        first = ranked != np.concatenate([np.full((len(pair), 1), -2), ranked[:, :-1]], axis=1)
+        heads = np.zeros(pair.shape, dtype=bool)
+        np.put_along_axis(heads, order, first & (ranked >= 0), axis=1)
+        return heads
+
+    def caller_latency(self, assign: np.ndarray) -> np.ndarray:
+        """[B, n] for `assign` [B, n]: the caller's latencies, once per run on its first
+        group that reads the caller's inputs and on its first that writes model outputs
+        (one packet each way, as between partitions)."""
+        out = np.zeros(assign.shape)
+        run = run_index(assign)
+        dev = self.place_device[assign]
+        for used, lat in (
+            (self.in_bytes > 0, self.in_latency),
+            (self.out_bytes > 0, self.out_latency),
+        ):
+            at = np.flatnonzero(used)
+            if not len(at):
+                continue
+            r = run[:, at]
+            first = np.concatenate([np.ones((len(r), 1), bool), r[:, 1:] != r[:, :-1]], axis=1)
+            out[:, at] += np.where(first, lat[dev[:, at]], 0.0)
+        return out
 
     def live_bytes(self) -> np.ndarray:
         """[n+1] bytes of values crossing boundary s (produced before group s, used at/after)."""
@@ -228,8 +323,9 @@ class Problem:
         live = self.live_bytes() if live is None else live
         times = []
         prev = None
+        caller = self.caller_latency(assign[None, :])[0]
         for start, stop, p in self.stages(assign):
-            t = float(self.unary[start:stop, p].sum())
+            t = float(self.base[start:stop, p].sum() + caller[start:stop].sum())
             if prev is not None:
                 t += self.transfer(live[start], self.place_device[prev], self.place_device[p])
             times.append(t)
@@ -254,6 +350,13 @@ class Problem:
         w = 2 * params.max() if self.place_streamed[p] else params.sum()
         state = self.state_bytes[start:stop].sum()
         return float(w + state + self.act_bytes[start:stop].max())
+
+
+def run_index(assign: np.ndarray) -> np.ndarray:
+    """[B, n] for `assign` [B, n]: which run of one placement along the order each group is in."""
+    change = np.zeros(assign.shape, dtype=int)
+    change[:, 1:] = assign[:, 1:] != assign[:, :-1]
+    return np.cumsum(change, axis=1)
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,15 @@ def segment_costs(tiers: Tiers, t: int, *, outputs: bool = True) -> np.ndarray:
     csum = np.vstack([np.zeros(k_n), np.cumsum(np.where(finite, u, 0.0), axis=0)])
     cbad = np.vstack([np.zeros(k_n, dtype=int), np.cumsum(~finite, axis=0)])
     seg = csum[None, :, :] - csum[:, None, :]
+    # the caller's packet into (out of) a stage, once for all its groups that read (write)
+    for used, lat in (
+        (tiers.reads, tiers.in_lat),
+        (tiers.writes if outputs else None, tiers.out_lat),
+    ):
+        if used is None or lat is None:
+            continue
+        count = np.r_[0, np.cumsum(used)]
+        seg = seg + ((count[None, :] - count[:, None]) > 0)[:, :, None] * lat[t][None, None, :]
     bad = (cbad[None, :, :] - cbad[:, None, :]) > 0
     p = tiers.param_bytes
     psum = np.r_[0.0, np.cumsum(p)]

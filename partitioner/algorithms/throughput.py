@@ -73,15 +73,22 @@ def _segment_costs(problem: Problem) -> np.ndarray:
     is not allowed there or the stage does not fit the device's memory."""
     n, num_p = problem.n, problem.num_placements
     out = np.full((n, n + 1, num_p), INF)
-    unary = problem.unary
+    base = problem.base
+    reads, writes = problem.in_bytes > 0, problem.out_bytes > 0
     for p in range(num_p):
-        cap = problem.capacity[problem.place_device[p]]
+        d = problem.place_device[p]
+        cap = problem.capacity[d]
         streamed = problem.place_streamed[p]
         for start in range(n):
             total, psum, pmax, amax = 0.0, 0.0, 0.0, 0.0
+            read = wrote = False  # the caller's packet in (out) is paid once per stage
             for stop in range(start + 1, n + 1):
                 i = stop - 1
-                total += unary[i, p]
+                total += base[i, p]
+                if reads[i] and not read:
+                    total, read = total + problem.in_latency[d], True
+                if writes[i] and not wrote:
+                    total, wrote = total + problem.out_latency[d], True
                 if not np.isfinite(total):
                     break
                 psum += problem.param_bytes[i]

@@ -22,7 +22,9 @@ from hetero.partitioner.algorithms.symmetry import Slot
 
 @dataclass(frozen=True, eq=False)
 class Tiers:
-    unary: np.ndarray  # [T, n, K] seconds of group i at placement class k on a host of type t
+    # [T, n, K] seconds of group i at placement class k on a host of type t, the caller's
+    # latencies aside (a stage pays those once: `in_lat`, `out_lat`)
+    unary: np.ndarray
     place_class: np.ndarray  # [K] the device class of placement class k
     place_keys: tuple[Placement, ...]  # [K] the placement with its device left out (-1)
     streamed: np.ndarray  # [K] weights stream in from the host (double-buffered)
@@ -38,6 +40,12 @@ class Tiers:
     live: np.ndarray  # [n+1] bytes live across boundary s (forwarded along a pipeline)
     out_io: np.ndarray | None = None  # [T, n, K] the part of unary that returns outputs
     state_bytes: np.ndarray | None = None  # [n] buffers updated in place (stay where they run)
+    # [T, K] the caller's latency into (out of) a stage at class k on a host of type t, paid
+    # once by a stage with a group that reads its inputs (`reads`, [n]) or writes outputs
+    in_lat: np.ndarray | None = None
+    out_lat: np.ndarray | None = None
+    reads: np.ndarray | None = None
+    writes: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -89,7 +97,8 @@ def from_problem(
     k_n = len(keys)
     unary = np.full((num_t, problem.n, k_n), INF)
     out_io = np.zeros((num_t, problem.n, k_n))
-    to_origin = problem.out_latency  # what Problem's unary prices the outputs' way back at
+    in_lat = np.zeros((num_t, k_n))
+    out_lat = np.zeros((num_t, k_n))
     out = problem.out_bytes
     place_class = np.zeros(k_n, dtype=int)
     place_keys: list[Placement] = [Placement(-1)] * k_n
@@ -101,12 +110,11 @@ def from_problem(
         place_keys[k] = placement_key(pl)
         streamed[k] = problem.place_streamed[p]
         if s.host == 0 and s.instance == 0:
-            unary[s.host_type, :, k] = problem.unary[:, p]
+            unary[s.host_type, :, k] = problem.base[:, p]
             d = pl.device
-            out_io[s.host_type, :, k] = (
-                np.where(out > 0, to_origin[d], 0.0)
-                + out * (problem.link_inv_bw[d, problem.origin])
-            )
+            out_io[s.host_type, :, k] = out * problem.link_inv_bw[d, problem.origin]
+            in_lat[s.host_type, k] = problem.in_latency[d]
+            out_lat[s.host_type, k] = problem.out_latency[d]
     capacity = np.full(num_c, INF)
     for i, s in enumerate(slots):
         capacity[s.cls] = problem.capacity[i]
@@ -146,6 +154,10 @@ def from_problem(
         live=problem.live_bytes(),
         out_io=out_io,
         state_bytes=problem.state_bytes,
+        in_lat=in_lat,
+        out_lat=out_lat,
+        reads=problem.in_bytes > 0,
+        writes=out > 0,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import hetero
@@ -82,3 +83,67 @@ def test_cli_plan_reads_a_deploy_config(tmp_path):
     result = CliRunner().invoke(app, ["plan", "configs/demo.yaml", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert Plan.from_json(out).cluster == "dev-box-npu"
+
+
+class _TwoOut(torch.nn.Module):
+    """A block handing the next one two values: its output and a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.lin(x), torch.tanh(x)
+
+
+class _TwoIn(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 64)
+
+    def forward(self, h, r):
+        return self.lin(h) + r
+
+
+class _Split(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _TwoOut(), _TwoIn()
+
+    def forward(self, x):
+        return self.b(*self.a(x))
+
+
+def test_a_cut_carrying_two_values_over_ray_is_one_hop_more_than_in_process():
+    """The runtime sends one packet from a partition to each that reads from it: the two
+    values crossing the cut are one hop over Ray, as are the caller's inputs and outputs;
+    the planner's price and the plan's transfers say so alike."""
+    from hetero.backends.registry import default_registry
+    from hetero.cluster.profile import CalibrationProfile, RuntimeProfile
+    from hetero.partitioner.cost import CostModel
+    from hetero.partitioner.decisions import BackendAssignment, Objective
+    from hetero.partitioner.reprice import assignment_of, pricing
+
+    spec = hetero.Cluster.from_yaml("configs/clusters/dev-box-npu.yaml")
+    graph = hetero.capture(_Split(), (torch.randn(4, 64),))
+    backends = BackendAssignment.everywhere("eager")
+    pins = {"a": "local/cpu", "b": "local/npu"}
+    hop_s = 5e-3
+    priced = {}
+    for executor, hop in (("local", 0.0), ("ray", hop_s)):
+        runtime = (RuntimeProfile(executor, stage_overhead=0.0, hop_overhead=hop),)
+        cm = CostModel(CalibrationProfile(spec.name, runtime=runtime), executor=executor)
+        kw = dict(backends=backends, cost_model=cm, pins=pins)
+        plan = hetero.plan(graph, spec, "latency", **kw)
+        at = pricing(graph, spec, Objective.LATENCY, registry=default_registry(), **kw)
+        seconds = at.problem.latency(assignment_of(plan, at))
+        assert plan.predicted_ms == pytest.approx(1e3 * seconds, rel=1e-9)
+        priced[executor] = plan
+    local, ray = priced["local"], priced["ray"]
+    (cut,) = [t for t in ray.transfers if t.src >= 0 and t.dst >= 0]
+    assert len(cut.values) == 2
+    (before,) = [t for t in local.transfers if (t.src, t.dst) == (cut.src, cut.dst)]
+    assert cut.predicted_ms == pytest.approx(before.predicted_ms + 1e3 * hop_s)
+    # in, across the cut, out: three hops
+    assert ray.predicted_ms == pytest.approx(local.predicted_ms + 3e3 * hop_s)
+    assert f"{cut.predicted_ms:.3f}" in ray.explain()
