@@ -349,7 +349,6 @@ class _SlowFirstDecodeStage(StageBinder):
         return runners
 
 
-@pytest.mark.timing  # the slowed partition's 20 ms and the fitted prices are measured
 def _slowed_split_lm(model, captured, tmp_path):
     registry = default_registry()
     return compile_lm(
@@ -383,6 +382,7 @@ def test_a_fit_from_one_slowed_partition_does_not_misprice_the_others(
         lm.shutdown()
 
 
+@pytest.mark.timing  # the slowed partition's 20 ms and the fitted prices are measured
 def test_a_feedback_round_measures_every_decode_partition_and_still_generates(
     tiny_llama, captured, tmp_path, monkeypatch
 ):
