@@ -10,8 +10,9 @@ compiled with `task="generate", feedback=True` on configs/clusters/cpu-2core.yam
 feedback round settles the CPU programs, then times whole decode steps at each candidate
 width and keeps the fastest. Then 32-token generations, interleaved: hetero at the chosen
 width, hetero at the full width (`LocalGeneration.decode_threads` reset), transformers'
-eager `generate`; ms per decoded token, the median over every step of every run. With
-`--neighbour`, a process spinning on one core runs from before the compile to the end.
+eager `generate` at the full width and at one thread (the same choice made by hand); ms per
+decoded token, the median over every step of every run. With `--neighbour`, a process
+spinning on one core runs from before the compile to the end.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
     import hetero
     from benchmarks.decode_ops_cpu import qwen
     from hetero.interfaces.commands.bench_generate import _eager, _timed
+    from hetero.runtime.generation import threads_for
 
     stop = multiprocessing.Event()
     neighbour = None
@@ -75,10 +77,16 @@ def main() -> None:
 
             return run
 
+        def transformers_on_one() -> list[float]:
+            # the same width choice made by hand for transformers: the best alternative
+            with threads_for(1):
+                return _gaps(_eager(model, ids, NEW))
+
         ways = {
             f"hetero, chosen ({chosen} threads)": hetero_at(chosen),
             f"hetero, full team ({full} threads)": hetero_at(full),
-            "transformers eager": lambda: _gaps(_eager(model, ids, NEW)),
+            f"transformers eager ({full} threads)": lambda: _gaps(_eager(model, ids, NEW)),
+            "transformers eager (1 thread)": transformers_on_one,
         }
         gaps: dict[str, list[float]] = {w: [] for w in ways}
         for fn in ways.values():  # warm
