@@ -29,6 +29,10 @@ ORDER = [
     ("cost_feedback.md", "The cost model after feedback: accuracy and plan choice (issue 16)"),
     ("cost_feedback_gpu.md", "The cost model after feedback on an H200: the GPU cases (issue 16)"),
     ("crossing_values.md", "What a value crossing between partitions costs (issue 16)"),
+    (
+        "ray_pricing.md",
+        "Generation over Ray, priced for Ray: one hop per partition pair (issue 16)",
+    ),
     ("serving.md", "Serving: the Open Inference Protocol and Generate (issue 19)"),
 ]
 
