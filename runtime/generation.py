@@ -179,7 +179,8 @@ class Generation(abc.ABC):
     @abc.abstractmethod
     def settle(self) -> None:
         """Choose now, by measurement, what this runtime can run two ways (a CPU decode
-        program and its Inductor twin), so that the next request runs as later ones will."""
+        program and its Inductor twin, the host team's width), so that the next request runs
+        as later ones will; the runs measured before (and the trials) are forgotten."""
 
     @abc.abstractmethod
     def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
@@ -701,6 +702,8 @@ class LocalGeneration(Generation):
                 self.decode_threads = threads[_HOST]
 
             self._choose_threads({_HOST: torch.get_num_threads()}, apply)
+        for executor in self.executors.values():  # the trials ran other programs and widths
+            executor.metrics.forget_runs()
 
     def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
         executor = self.executors[phase]

@@ -156,6 +156,14 @@ class RunMetrics:
         if self.exporter is not None:
             self.exporter.stage(self._device(rec.index), rec)
 
+    def forget_runs(self) -> None:
+        """Drop every run measured so far (not the re-plans): what runs changed under them
+        (a measured choice settled), and a median over both would price neither."""
+        self._stage.clear()
+        self._transfer.clear()
+        self.requests = 0
+        self.request_ms = 0.0
+
     def record_replan(self, event: ReplanEvent) -> None:
         self.replans.append(event)
         if self.exporter is not None:

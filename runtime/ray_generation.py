@@ -200,6 +200,8 @@ class RayGeneration(Generation):
             ray.get(calls, timeout=60)
 
         self._choose_threads(current, apply)
+        for metrics in self.metrics.values():  # the trials ran other programs and widths
+            metrics.forget_runs()
 
     def move_state(self) -> None:
         import ray  # optional heavy dependency

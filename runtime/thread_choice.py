@@ -11,6 +11,10 @@ the host, the plan and the load, so it is measured on the step it serves, like t
 programs (runtime/measured_choice.py): the same decode step (same token, same cache
 position: it rewrites the same cache slot with the same values) timed at each count,
 interleaved, the current count kept unless another beats it by a margin.
+
+A compiled program recompiles at each new width (Dynamo guards on the thread count, as
+global state): a candidate's untimed warm-up step takes that, and afterwards every program
+runs at the one width it serves with.
 """
 
 from __future__ import annotations

@@ -62,6 +62,8 @@ def test_cpu_decode_measures_inductor_against_op_by_op_and_keeps_the_faster(tiny
     choice = cpu_lm.generation.thread_choice
     assert choice is not None and 1 <= choice.threads["host"] <= threads
     assert len(choice.median_ms) == len({threads, threads - 1, threads - 2, threads // 2} - {0})
+    # the runs measured before and the trials ran other programs and widths: forgotten
+    assert cpu_lm.generation.measured(hetero_phase_decode())[1].stages == ()
     assert cpu_lm.generate(prompt, max_new_tokens=32).tolist() == expected.tolist()
     assert torch.get_num_threads() == threads  # the caller's own team is as it was
 
