@@ -306,15 +306,15 @@ _HOST = "host"
 def keep_threads(threads: int | None) -> None:
     """Make this thread's OpenMP team `threads` wide (None: as it is). torch sets the count
     per thread: a request thread that ran torch before the choice keeps its old team, so
-    each step makes sure."""
+    each call makes sure."""
     if threads is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
 def threads_for(threads: int | None) -> Iterator[None]:
-    """This thread's team `threads` wide inside, as it was after: a local generation's
-    choice is for its steps, not for the rest of the caller's process."""
+    """This thread's team `threads` wide inside, as it was after: a generation's choice is
+    for its host CPU's decode stages, not for the rest of the caller's process."""
     before = torch.get_num_threads()
     keep_threads(threads)
     try:
@@ -369,6 +369,9 @@ class StageBinder:
         self.stores: dict[str, DeviceStore] = {}
         self.streamers: dict[Phase, dict[str, WeightStreamer]] = {}
         self._active: Phase | None = None
+        # the width of the OpenMP team the host CPU's decode stages run on: None, the
+        # calling thread's own (until a settle chooses: runtime/thread_choice.py)
+        self.decode_threads: int | None = None
 
     def bind(
         self, stages: Mapping[Phase, Sequence[StageSpec]], weights: Mapping[str, torch.Tensor]
@@ -509,6 +512,8 @@ class StageBinder:
                 if phase is Phase.DECODE and d.type == "cuda" and self.cuda_graphs:
                     r = CudaGraphRunner(r, d, host_reads=self.host_reads, pool=self._pool())
                 runners[s.index] = r
+            if phase is Phase.DECODE and self.stores[s.device.name].device.type == "cpu":
+                runners[s.index] = _OnDecodeTeam(runners[s.index], self)
         self.streamers[phase] = streamers
         return runners
 
@@ -560,6 +565,23 @@ class StageBinder:
             cache[key] = mod
         cache[by_artifact] = cache[key]
         return cache[key]
+
+
+class _OnDecodeTeam:
+    """A host CPU's decode stage run by an OpenMP team `binder.decode_threads` wide, the
+    caller's team as it was after. Only these stages: a GPU stage's compiled program would
+    recompile at another width (Dynamo guards on the thread count) and gains nothing."""
+
+    def __init__(self, runner: Any, binder: StageBinder) -> None:
+        self.runner = runner
+        self.binder = binder
+
+    def __call__(self, *args: Any) -> Any:
+        with threads_for(self.binder.decode_threads):
+            return self.runner(*args)
+
+    def __getattr__(self, name: str) -> Any:  # the runner's own (gpu_timed, ...)
+        return getattr(self.runner, name)
 
 
 class CompileMode(enum.Enum):
@@ -657,9 +679,6 @@ class LocalGeneration(Generation):
         super().__init__(lm, plan)
         self.binder = binder
         self.stages = stages
-        # the width of the team that runs decode steps: None, the caller's own (until
-        # settle() chooses; a benchmark may set it to compare)
-        self.decode_threads: int | None = None
         runners = binder.bind(stages, lm_weights(lm))
         self.executors = {
             phase: LocalExecutor(
@@ -675,15 +694,21 @@ class LocalGeneration(Generation):
     def stores(self) -> dict[str, DeviceStore]:
         return self.binder.stores
 
+    @property
+    def decode_threads(self) -> int | None:
+        """The host CPU decode stages' team width (None: the caller's own, until settle()
+        chooses; a benchmark may set it to compare)."""
+        return self.binder.decode_threads
+
+    @decode_threads.setter
+    def decode_threads(self, threads: int | None) -> None:
+        self.binder.decode_threads = threads
+
     def step(self, phase: Phase, ids: torch.Tensor, start: int) -> torch.Tensor:
         """One program run: [batch, vocab] logits of the last position."""
         self.binder.enter(phase)
         inputs = {PROMPT: ids, START: torch.tensor(start, dtype=torch.long)}
-        with (
-            # measured on decode steps; a prompt's GEMMs keep the caller's team
-            threads_for(self.decode_threads if phase is Phase.DECODE else None),
-            overlapped() if self.binder.overlap_handoffs else contextlib.nullcontext(),
-        ):
+        with overlapped() if self.binder.overlap_handoffs else contextlib.nullcontext():
             out = self.executors[phase].run(inputs)
         return next(iter(out.values()))
 
@@ -696,10 +721,10 @@ class LocalGeneration(Generation):
         on_host = any(
             self.binder.device_of(s.device).type == "cpu" for s in self.stages[Phase.DECODE]
         )
-        if on_host:  # every stage here runs on the calling thread's OpenMP team
+        if on_host:  # every host stage here runs on the calling thread's OpenMP team
 
             def apply(threads: Mapping[str, int]) -> None:
-                self.decode_threads = threads[_HOST]
+                self.binder.decode_threads = threads[_HOST]
 
             self._choose_threads({_HOST: torch.get_num_threads()}, apply)
         for executor in self.executors.values():  # the trials ran other programs and widths

@@ -26,7 +26,7 @@ from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.partitioner.phases import PROMPT, START, LMGraphs, Phase
 from hetero.runtime import faults, placement
 from hetero.runtime.artifacts import unpack
-from hetero.runtime.generation import Generation, StageBinder, keep_threads, lm_weights
+from hetero.runtime.generation import Generation, StageBinder, lm_weights
 from hetero.runtime.metrics import MetricsSnapshot, RunMetrics
 from hetero.runtime.stage import CALLER, StageSpec, producers, sources
 from hetero.runtime.worker import Packet, StageRunner, caller_packet, local_device
@@ -68,7 +68,6 @@ class GenerationWorker:
         }
         self.started = time.time()
         self._width = torch.get_num_threads()  # the worker's team, as placement sized it
-        self._decode_width: int | None = None  # for decode steps, once settle() chose it
 
     def ready(self) -> dict[str, Any]:
         return {"device": self.device.name, "pid": os.getpid(), "started": self.started}
@@ -77,8 +76,6 @@ class GenerationWorker:
         self.binder.enter(Phase(phase))
 
     def run(self, phase: str, index: int, *packets: Packet) -> Packet:
-        decoding = phase == Phase.DECODE.value and self._decode_width is not None
-        keep_threads(self._decode_width if decoding else self._width)
         return self.stages[(phase, index)](packets, True)
 
     def settle(self) -> None:
@@ -90,8 +87,8 @@ class GenerationWorker:
         return self._width if torch_device(self.device).type == "cpu" else None
 
     def set_threads(self, threads: int) -> None:
-        """The width of the team that runs this worker's decode steps from now on."""
-        self._decode_width = threads
+        """The width of the team that runs this worker's host CPU decode stages from now on."""
+        self.binder.decode_threads = threads
 
     def read_state(self, device: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return {n: t.cpu() for n, t in self.binder.read_state(device, names).items()}
