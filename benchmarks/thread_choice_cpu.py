@@ -52,7 +52,7 @@ def main() -> None:
     import hetero
     from benchmarks.decode_ops_cpu import qwen
     from hetero.interfaces.commands.bench_generate import _eager, _timed
-    from hetero.runtime.generation import threads_for
+    from hetero.runtime.generation import team_width
 
     stop = multiprocessing.Event()
     neighbour = None
@@ -79,7 +79,7 @@ def main() -> None:
 
         def transformers_on_one() -> list[float]:
             # the same width choice made by hand for transformers: the best alternative
-            with threads_for(1):
+            with team_width(1):
                 return _gaps(_eager(model, ids, NEW))
 
         ways = {

@@ -303,24 +303,21 @@ class Generation(abc.ABC):
 _HOST = "host"
 
 
-def keep_threads(threads: int | None) -> None:
-    """Make this thread's OpenMP team `threads` wide (None: as it is). torch sets the count
-    per thread: a request thread that ran torch before the choice keeps its old team, so
-    each call makes sure."""
-    if threads is not None and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
 @contextlib.contextmanager
-def threads_for(threads: int | None) -> Iterator[None]:
-    """This thread's team `threads` wide inside, as it was after: a generation's choice is
-    for its host CPU's decode stages, not for the rest of the caller's process."""
+def team_width(threads: int | None) -> Iterator[None]:
+    """This thread's OpenMP team `threads` wide inside (None: as it is), as it was after: a
+    generation's choice is for its host CPU's decode stages, not for the rest of the
+    caller's process. torch keeps a count per thread (a request thread that ran torch before
+    the choice has its old team), so every call sets it."""
     before = torch.get_num_threads()
-    keep_threads(threads)
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        keep_threads(before)
+        torch.set_num_threads(before)
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -577,7 +574,7 @@ class _OnDecodeTeam:
         self.binder = binder
 
     def __call__(self, *args: Any) -> Any:
-        with threads_for(self.binder.decode_threads):
+        with team_width(self.binder.decode_threads):
             return self.runner(*args)
 
     def __getattr__(self, name: str) -> Any:  # the runner's own (gpu_timed, ...)
