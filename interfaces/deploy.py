@@ -447,6 +447,20 @@ def stop(name: str, namespace: str = NAMESPACE, timeout: float = 30.0) -> None:
     except Exception as e:  # an actor that already failed is killed all the same
         log.warning("deployment %s did not shut down cleanly: %s", name, e)
     ray.kill(handle, no_restart=True)
+    # ray.kill only asks the GCS to end the actor; its name stays registered until the GCS
+    # sees it dead. Returning before then let `find` (or a redeploy under the same name)
+    # still see the stopped deployment.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return
+        time.sleep(0.05)
+    raise HeteroError(
+        f"deployment {name!r} was killed but Ray still lists its name after {timeout:.0f} s; "
+        "`ray list actors` shows its state"
+    )
 
 
 def list_deployments(namespace: str = NAMESPACE, timeout: float = 5.0) -> list[dict[str, Any]]:
