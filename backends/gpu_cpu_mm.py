@@ -389,7 +389,7 @@ _X, _Y = 0, 16  # the two flags' cells: 64 bytes apart, so they sit on their own
 
 
 def _task(
-    prev: torch.jit.Future[int],
+    prev: torch.jit.Future[list[torch.Tensor]],
     cells: torch.Tensor,
     seq: int,
     x: torch.Tensor,
@@ -399,7 +399,7 @@ def _task(
     act: str,
     gated: bool,
     y: torch.Tensor,
-) -> int:
+) -> list[torch.Tensor]:
     """x @ w.T into y (`act` ""), or the MLP share of `w` (mlp_share), once the GPU has set
     the x flag to `seq` and the task before has run; then sets the rows flag to `seq`."""
     torch.jit.wait(prev)
@@ -412,11 +412,18 @@ def _task(
     else:
         mlp_share(xc, w, act, gated, y)
     cells[16] = seq  # _Y
-    return seq
+    # Returned so that the task's future holds them: a tensor Python also holds needs the
+    # Python lock when its C++ count drops from two to one (torch releases its PyObject),
+    # and without the future's references that drop came as this thread ended the task. It
+    # then waited for the launching thread to let go of the lock; in one GPU run that thread
+    # held it inside cuModuleLoad (a kernel's first use), which waited for the GPU, which
+    # waited on this task's flag: a hang (BENCHMARKS.md, run 21). The chain keeps the
+    # futures and drops them with the lock held (_Chain.drain).
+    return [cells, x, xc, w, y]
 
 
 def _queue(
-    prev: torch.jit.Future[int],
+    prev: torch.jit.Future[list[torch.Tensor]],
     cells: torch.Tensor,
     seq: int,
     x: torch.Tensor,
@@ -426,17 +433,17 @@ def _queue(
     act: str,
     gated: bool,
     y: torch.Tensor,
-) -> torch.jit.Future[int]:
+) -> torch.jit.Future[list[torch.Tensor]]:
     # fork only runs asynchronously when called from TorchScript, hence this function
     fut = torch.jit.fork(_task, prev, cells, seq, x, xc, convert, w, act, gated, y)
     return fut
 
 
-def _done(seq: int) -> int:
-    return seq
+def _done(seq: int) -> list[torch.Tensor]:
+    return torch.jit.annotate(list[torch.Tensor], [])
 
 
-def _finished(seq: int) -> torch.jit.Future[int]:
+def _finished(seq: int) -> torch.jit.Future[list[torch.Tensor]]:
     fut = torch.jit.fork(_done, seq)
     return fut
 
@@ -451,7 +458,10 @@ def _tasks() -> dict[str, Callable] | None:
             # torch 2.13 deprecates torch.jit.script for models; a task has no alternative
             # that runs off the Python lock (torch.compile and export do not fork)
             warnings.simplefilter("ignore", DeprecationWarning)
-            tasks = {"queue": torch.jit.script(_queue), "finished": torch.jit.script(_finished)}
+            tasks = {
+                "queue": torch.jit.script(_queue),
+                "finished": torch.jit.script(_finished),
+            }
         _one_task_thread(tasks)
         return tasks
     except Exception as e:  # any failure: keep the synchronous path
@@ -520,6 +530,8 @@ class _Chain:
         self.cells = torch.zeros(2 * _Y, dtype=torch.int32)
         if device.type == "cuda":
             self.cells = self.cells.pin_memory()  # the stream reads and writes them
+        # every task queued since the last drain(): each holds its tensors (_task's note)
+        self._held: list[torch.jit.Future] = []
         self.x_at = flags.address(self.cells[_X : _X + 1])
         self.y_at = flags.address(self.cells[_Y : _Y + 1])
         self.seq = 0
@@ -535,11 +547,7 @@ class _Chain:
     def mm(self, x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor) -> list[torch.Tensor]:
         seq, stream, x_host, xc = self._send(x, "x", w_cpu.dtype)
         y_host, y_dev = self.staging.get(x.device, "y", (x.shape[0], w_cpu.shape[0]), w_cpu.dtype)
-        convert = xc is not x_host
-        task = self.tasks["queue"](
-            self.last, self.cells, seq, x_host, xc, convert, w_cpu, "", False, y_host
-        )
-        self._queued(seq, task)
+        self._queue_task(seq, x_host, xc, w_cpu, "", False, y_host)
         y_gpu = x @ w_gpu.t()  # runs while the CPU multiplies
         self.flags.wait(stream, self.y_at, seq)
         return [y_gpu, from_host(y_host, y_dev, x.device, x.dtype)]
@@ -555,11 +563,7 @@ class _Chain:
         y_host, y_dev = self.staging.get(
             x.device, "mlp_y", (x.shape[0], w_cpu.shape[1]), w_cpu.dtype
         )
-        convert = xc is not x_host
-        task = self.tasks["queue"](
-            self.last, self.cells, seq, x_host, xc, convert, w_cpu, act, gated, y_host
-        )
-        self._queued(seq, task)
+        self._queue_task(seq, x_host, xc, w_cpu, act, gated, y_host)
         y = mlp_share(x, w_gpu, act, gated)
         self.flags.wait(stream, self.y_at, seq)
         if y_dev is None:
@@ -582,6 +586,21 @@ class _Chain:
         if cpu_dtype != x.dtype:
             xc, _ = self.staging.get(x.device, f"{role}c", tuple(x.shape), cpu_dtype)
         return self.seq, stream, x_host, xc
+
+    def _queue_task(
+        self,
+        seq: int,
+        x: torch.Tensor,
+        xc: torch.Tensor,
+        w: torch.Tensor,
+        act: str,
+        gated: bool,
+        y: torch.Tensor,
+    ) -> None:
+        """Queues the task for hand-off `seq`."""
+        task = self.tasks["queue"](self.last, self.cells, seq, x, xc, xc is not x, w, act, gated, y)
+        self._held.append(task)
+        self._queued(seq, task)
 
     def _queued(self, seq: int, task: torch.jit.Future) -> None:
         self.last = task
@@ -616,6 +635,12 @@ class _Chain:
         """Waits for every queued task (and the watchdog's look at it); raises WorkerError
         if one failed."""
         self._idle.wait()
+        if self._held:
+            # the task thread ends a task's frame after completing its future: once a no-op
+            # queued behind them has run, no frame holds the tensors, and they are released
+            # here, with the Python lock (_task's note)
+            self.tasks["finished"](0).wait()
+            self._held.clear()
         if self.staging.retired:
             torch.cuda.current_stream(self.device).synchronize()  # kernels may read them
         if self.failure is not None:

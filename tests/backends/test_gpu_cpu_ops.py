@@ -140,6 +140,25 @@ def test_a_failed_task_releases_the_waiting_stream_and_drain_says_so():
     chain.drain()  # reported once; the chain serves the next step
 
 
+def test_a_task_runs_while_the_launching_thread_holds_the_python_lock():
+    """The launching thread may hold the Python lock inside a driver call that waits for
+    the GPU (cuModuleLoad did, run 21), and the GPU waits for the task's rows flag: the
+    task must get there without the lock. Its tensors are held by C++ references, so
+    dropping its own does not release a PyObject (which needs the lock)."""
+    import ctypes
+
+    tasks = gcm._tasks()
+    chain = gcm._Chain(torch.device("cpu"), _NoStream(), tasks, gcm._Staging())
+    x, w, y = torch.randn(1, 64), torch.randn(40, 64), torch.empty(1, 40)
+    chain._queue_task(1, x, x, w, "", False, y)
+    chain.cells[gcm._X] = 1  # the "GPU" reaches the hand-off
+    ctypes.PyDLL(None).usleep(300_000)  # PyDLL: the call keeps the Python lock
+    done = int(chain.cells[gcm._Y])
+    chain.drain()
+    assert done == 1, "the task waited for the Python lock"
+    assert torch.equal(y, x @ w.t()) and chain._held == []
+
+
 def test_overlapped_blocks_of_two_threads_take_turns():
     """Two generations stepping at once in two threads would share one task thread and, on
     one CUDA stream, could wait on each other forever: their blocks run one at a time."""
