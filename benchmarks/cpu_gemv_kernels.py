@@ -1,7 +1,8 @@
 """Which CPU kernel multiplies a decode token by a layer's weights fastest on this host: the
 weight bytes per second of `x @ W.T` (batch 1) for each dtype the CPU's rows may be kept in,
 through torch's default product (`torch.mm`), and through oneDNN with the weight reordered
-once into its blocked layout (`mkldnn._linear_pointwise`, what Inductor's freezing emits).
+once into its blocked layout (`mkldnn._linear_pointwise`, what Inductor's freezing emits),
+and as a float32 reduction compiled by Inductor.
 With CUDA, each is measured again while the link copies pinned memory to the GPU, as in a
 decode step that streams other layers' weights.
 
@@ -41,6 +42,13 @@ def _kernels(dtype: torch.dtype):
     yield "torch.mm", mm, lambda w, b: w
     if dtype != torch.float32:
         yield "onednn packed", onednn, _packed
+        # the product as a float32 reduction over the rows, which Inductor's C++ code
+        # vectorises itself (its own conversions, its own loop over rows per thread)
+        yield "inductor reduction", torch.compile(_reduction, dynamic=False), lambda w, b: w
+
+
+def _reduction(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x.float().unsqueeze(1) * w.float()).sum(-1).to(x.dtype)
 
 
 def _rate(fn, x, weights, nbytes: int, seconds: float, until=None) -> float:
