@@ -202,7 +202,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="alternations of the engines")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=5, help="tokens per round")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--cache-len", type=int, default=128, help="KV cache positions")
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--cache", default=None, help="artifact cache (default: the user cache)")
