@@ -36,6 +36,7 @@ from hetero.backends.eager import relayout, symbolic_dims, torch_device, traced_
 from hetero.backends.export import runnable
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm, host_to_device, overlapped
 from hetero.backends.linear_fold import fold_linears
+from hetero.backends.packed_linear import pack_linears, packable_dtypes
 from hetero.backends.registry import BackendRegistry
 from hetero.backends.reshape_views import reshape_views
 from hetero.cluster.spec import DeviceSpec
@@ -543,15 +544,20 @@ class StageBinder:
         program = torch.export.load(Path(s.artifact.path) / "program.pt2")
         key = f"{program_key(program)}:{phase.value}:{dev}:{mode.value}"
         if key not in cache:
-            mod = runnable(program)
-            retarget(mod, dev)  # traced on the host: its own tensors follow it here
-            mod = mod.to(dev)
             if mode in (CompileMode.OP_BY_OP, CompileMode.MEASURED):
-                fold_linears(mod)  # a dispatch per Linear instead of four
-                reshape_views(mod)  # the GPU's attention may lay its output out otherwise
+                mod = _op_by_op(program, dev)
+            else:
+                mod = runnable(program)
+                retarget(mod, dev)  # traced on the host: its own tensors follow it here
+                mod = mod.to(dev)
             if mode is CompileMode.MEASURED:
                 inductor = _Compiled(mod, dynamic_dims=(), name=s.name)
-                mod = MeasuredChoice([("op-by-op", mod), ("inductor", inductor)], name=s.name)
+                candidates = [("op-by-op", mod), ("inductor", inductor)]
+                dtypes = packable_dtypes()
+                packed = _op_by_op(program, dev) if dtypes else None
+                if packed is not None and pack_linears(packed, dtypes):
+                    candidates.append(("onednn-packed", packed))  # weights packed once
+                mod = MeasuredChoice(candidates, name=s.name)
                 self.choices[s.name] = mod
             elif mode is not CompileMode.OP_BY_OP:
                 dims = symbolic_dims(program) if mode is CompileMode.DYNAMIC else ()
@@ -562,6 +568,16 @@ class StageBinder:
             cache[key] = mod
         cache[by_artifact] = cache[key]
         return cache[key]
+
+
+def _op_by_op(program: Any, dev: torch.device) -> torch.fx.GraphModule:
+    """`program` as a module run op by op on `dev`, each Linear one call."""
+    mod = runnable(program)
+    retarget(mod, dev)  # traced on the host: its own tensors follow it here
+    mod = mod.to(dev)
+    fold_linears(mod)  # a dispatch per Linear instead of four
+    reshape_views(mod)  # the GPU's attention may lay its output out otherwise
+    return mod
 
 
 class _OnDecodeTeam:

@@ -75,6 +75,8 @@ class MeasuredChoice:
             self.times[name].extend(times)
         best = fastest(self.medians_ms)
         self.chosen = next(c for c in self.candidates if c[0] == best)
+        # the others go: a compiled program, or another copy of the weights (packed ones)
+        self.candidates = (self.chosen,)
         self._last = None
         log.info("%s: %s chosen (%s)", self.name, best, describe(self.medians_ms))
 

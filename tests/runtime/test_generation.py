@@ -68,6 +68,35 @@ def test_cpu_decode_measures_inductor_against_op_by_op_and_keeps_the_faster(tiny
     assert torch.get_num_threads() == threads  # the caller's own team is as it was
 
 
+def test_a_bfloat16_decode_program_also_measures_onednn_on_packed_weights(tmp_path):
+    """16-bit CPU layers have a third candidate where oneDNN has a kernel for them: the
+    op-by-op program with its Linears on weights packed once (backends/packed_linear.py).
+    Its numerics are the unit tests'; here: measured, and every layer's tokens still come."""
+    from hetero.backends.packed_linear import packable_dtypes
+
+    if torch.bfloat16 not in packable_dtypes():
+        pytest.skip("oneDNN has no bfloat16 kernel on this CPU")
+    model = llama_lm().to(torch.bfloat16)
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 512, (1, 11))
+    lm = hetero.compile(
+        model, task="generate", cluster="configs/clusters/cpu-2core.yaml", max_length=64,
+        cache_dir=tmp_path,
+    )  # fmt: skip
+    try:
+        before = lm.generate(prompt, max_new_tokens=8)
+        lm.generation.settle()
+        choices = lm.generation.binder.choices
+        assert choices and all(
+            set(c.medians_ms) == {"op-by-op", "inductor", "onednn-packed"} for c in choices.values()
+        )
+        assert all(len(c.candidates) == 1 for c in choices.values())  # the others dropped
+        after = lm.generate(prompt, max_new_tokens=8)
+        assert after.shape == before.shape and after[0, 0] == before[0, 0]  # prefill's token
+    finally:
+        lm.shutdown()
+
+
 def test_stream_yields_tokens_as_they_come(tiny_llama, cpu_lm):
     _, prompt, expected = tiny_llama
     tokens = [int(t[0]) for t in cpu_lm.stream(prompt, 5)]
