@@ -6,7 +6,8 @@ bind each layer's weights per call.
 Why: a batch-1 product is bound by host memory, and which kernel reads it fastest is the
 host's and the shape's. On the 2-core development box (AMD EPYC, avx512_bf16) oneDNN on
 packed bfloat16 weights read 40-49 GB/s where `torch.mm` read 18-28; on the H200 host's
-Xeon `torch.mm` was faster (benchmarks/cpu_gemv_kernels.py; BENCHMARKS.md). So this is one
+Xeon `torch.mm` read bfloat16 faster, and packed float16 won on one shape of three
+(benchmarks/cpu_gemv_kernels.py; BENCHMARKS.md, run 21). So this is one
 more candidate of the CPU decode program's measured choice (runtime/measured_choice.py),
 never a default.
 
