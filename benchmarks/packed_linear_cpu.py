@@ -41,6 +41,7 @@ def main() -> None:
 
     import hetero
     from hetero.backends.packed_linear import packable_dtypes
+    from hetero.interfaces.commands.bench_generate import measured_programs
 
     dtype = getattr(torch, a.dtype)
     torch.manual_seed(0)
@@ -57,10 +58,7 @@ def main() -> None:
     )  # fmt: skip
     lm.generate(prompt, max_new_tokens=8)
     lm.generation.settle()
-    choices = {
-        name: {"chosen": c.chosen[0], "median_ms": c.medians_ms}
-        for name, c in lm.generation.binder.choices.items()
-    }
+    choices = measured_programs(lm)
 
     def hf(p, n):
         with torch.inference_mode():

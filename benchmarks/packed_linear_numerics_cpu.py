@@ -25,6 +25,7 @@ def main() -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     import hetero
+    from hetero.interfaces.commands.bench_generate import measured_programs
     from hetero.partitioner.phases import Phase
 
     torch.manual_seed(0)
@@ -61,10 +62,7 @@ def main() -> None:
     after = decode_logits()
     out = {
         "torch": torch.__version__,
-        "choices": {
-            name: {"chosen": c.chosen[0], "median_ms": c.medians_ms}
-            for name, c in lm.generation.binder.choices.items()
-        },
+        "choices": measured_programs(lm),
         "max_rel_err": {
             "op_by_op_vs_fp32": err(before, ref32),
             "chosen_vs_fp32": err(after, ref32),

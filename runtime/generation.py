@@ -547,9 +547,7 @@ class StageBinder:
             if mode in (CompileMode.OP_BY_OP, CompileMode.MEASURED):
                 mod = _op_by_op(program, dev)
             else:
-                mod = runnable(program)
-                retarget(mod, dev)  # traced on the host: its own tensors follow it here
-                mod = mod.to(dev)
+                mod = _on_device(program, dev)
             if mode is CompileMode.MEASURED:
                 inductor = _Compiled(mod, dynamic_dims=(), name=s.name)
                 candidates = [("op-by-op", mod), ("inductor", inductor)]
@@ -570,11 +568,16 @@ class StageBinder:
         return cache[key]
 
 
-def _op_by_op(program: Any, dev: torch.device) -> torch.fx.GraphModule:
-    """`program` as a module run op by op on `dev`, each Linear one call."""
+def _on_device(program: Any, dev: torch.device) -> torch.fx.GraphModule:
+    """`program` as a module on `dev`."""
     mod = runnable(program)
     retarget(mod, dev)  # traced on the host: its own tensors follow it here
-    mod = mod.to(dev)
+    return mod.to(dev)
+
+
+def _op_by_op(program: Any, dev: torch.device) -> torch.fx.GraphModule:
+    """`program` as a module run op by op on `dev`, each Linear one call."""
+    mod = _on_device(program, dev)
     fold_linears(mod)  # a dispatch per Linear instead of four
     reshape_views(mod)  # the GPU's attention may lay its output out otherwise
     return mod

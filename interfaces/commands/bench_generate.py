@@ -110,14 +110,14 @@ def bench_generation(
             "hetero": _summary(hetero_runs),
             "transformers_eager": _summary(eager_runs),
             "tokens_match": hetero_ids == eager_ids,
-            "measured_programs": _measured_programs(lm),
+            "measured_programs": measured_programs(lm),
             "host_threads": (lm.feedback or {}).get("host_threads"),
         }
     finally:
         lm.shutdown()
 
 
-def _measured_programs(lm: Any) -> dict[str, Any]:
+def measured_programs(lm: Any) -> dict[str, Any]:
     """Per CPU decode stage measured in process: the program kept and each one's median ms
     (runtime/measured_choice.py; a Ray worker's choices stay in the worker)."""
     choices = getattr(getattr(lm.generation, "binder", None), "choices", {})
