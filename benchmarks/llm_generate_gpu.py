@@ -526,6 +526,7 @@ def case_capped(args, cfg, cache: Path) -> None:
     out["hetero_compile_s"] = secs  # with the feedback round's request and rebuild
     out["hetero_compile_times"] = lm.compile_times.to_dict()  # where the seconds went
     out["hetero_feedback"] = lm.feedback
+    out["cpu_programs"] = (lm.feedback or {}).get("cpu_programs")  # which program each kept
     log(f"  feedback round: {feedback_summary(lm.feedback)}")
     log(f"  compiled in {secs:.1f} s\n{lm.explain(width=160)}")
     out["hetero_plan"] = {
@@ -750,6 +751,7 @@ def case_batch16(args, cfg, cache: Path) -> None:
         feedback=not args.no_feedback, **kw,
     )  # fmt: skip
     out["chosen_feedback"] = chosen.feedback
+    out["cpu_programs"] = (chosen.feedback or {}).get("cpu_programs")
     log(f"  feedback: {feedback_summary(chosen.feedback)}")
     log(f"batch {args.batch}, chosen plan (compiled in {secs:.1f} s)\n{chosen.explain(width=160)}")
     decode = {c.group: c.chosen for c in chosen.plan.choice(Phase.DECODE)}
@@ -761,7 +763,7 @@ def case_batch16(args, cfg, cache: Path) -> None:
     chosen.shutdown()
     log(f"  chosen {out['chosen']['ms_per_token']:.2f} ms/token")
     save(args.json)
-    for name, where in (("all_streamed", "streamed"), ("cpu_for_the_rest", "node0/cpu")):
+    for name, where in (("cpu_for_the_rest", "node0/cpu"), ("all_streamed", "streamed")):
         if time.perf_counter() - T0 > args.budget_s:
             out[name] = {"skipped": "out of the call's time budget"}
             continue

@@ -374,14 +374,22 @@ def _feedback_rounds(
         "why": " | ".join(f"round {x['round']}: {x['why']}" for x in summary),
         "rounds": summary,
     }
+    notes: list[str] = []
+    programs = compiled.generation.program_choices()
+    if programs:
+        compiled.feedback["cpu_programs"] = {
+            c.stage: {"chosen": c.chosen, "median_ms": dict(c.median_ms)} for c in programs
+        }
+        notes.append("host CPU decode programs: " + "; ".join(c.note() for c in programs))
     threads = compiled.generation.thread_choice
     if threads is not None:
         compiled.feedback["host_threads"] = {
             "chosen": dict(threads.threads),
             "median_ms": dict(threads.median_ms),
         }
-        plan = compiled.plan
-        compiled.plan = dataclasses.replace(plan, notes=(*plan.notes, threads.note()))
+        notes.append(threads.note())
+    if notes:
+        compiled.plan = dataclasses.replace(compiled.plan, notes=(*compiled.plan.notes, *notes))
     return compiled
 
 

@@ -48,7 +48,7 @@ from hetero.runtime.artifacts import load_runner, verify_artifact
 from hetero.runtime.build import retarget
 from hetero.runtime.cuda_graph import CudaGraphRunner, SlotGraphs
 from hetero.runtime.executor import LocalExecutor
-from hetero.runtime.measured_choice import MeasuredChoice
+from hetero.runtime.measured_choice import MeasuredChoice, ProgramChoice
 from hetero.runtime.metrics import MetricsSnapshot
 from hetero.runtime.retype import bound_dtype, host_tensor
 from hetero.runtime.sampling import Sampling, next_token
@@ -182,6 +182,10 @@ class Generation(abc.ABC):
         """Choose now, by measurement, what this runtime can run two ways (a CPU decode
         program and its Inductor twin, the host team's width), so that the next request runs
         as later ones will; the runs measured before (and the trials) are forgotten."""
+
+    def program_choices(self) -> tuple[ProgramChoice, ...]:
+        """The host CPU decode programs `settle` chose by measurement (none before it)."""
+        return ()
 
     @abc.abstractmethod
     def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
@@ -390,6 +394,11 @@ class StageBinder:
         with torch.inference_mode():  # as the steps run: the compiled guards check it
             for choice in self.choices.values():
                 choice.settle()
+
+    def program_choices(self) -> tuple[ProgramChoice, ...]:
+        """The measured choices made so far, by the first stage of each shared program."""
+        made = (c.made() for c in self.choices.values())
+        return tuple(c for c in made if c is not None)
 
     def release(self) -> None:
         """Drop everything this binder holds on its devices and pinned in host memory: the
@@ -745,6 +754,9 @@ class LocalGeneration(Generation):
             self._choose_threads({_HOST: torch.get_num_threads()}, apply)
         for executor in self.executors.values():  # the trials ran other programs and widths
             executor.metrics.forget_runs()
+
+    def program_choices(self) -> tuple[ProgramChoice, ...]:
+        return self.binder.program_choices()
 
     def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
         executor = self.executors[phase]

@@ -21,10 +21,24 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("hetero.runtime")
+
+
+@dataclass(frozen=True)
+class ProgramChoice:
+    """A made choice: the program `stage` (and every stage sharing its program) runs, and
+    the median ms per call each candidate measured."""
+
+    stage: str
+    chosen: str
+    median_ms: Mapping[str, float] = field(default_factory=dict)
+
+    def note(self) -> str:
+        return f"{self.stage}: {self.chosen} chosen ({describe(dict(self.median_ms))})"
 
 
 class MeasuredChoice:
@@ -57,6 +71,12 @@ class MeasuredChoice:
     @property
     def medians_ms(self) -> dict[str, float]:
         return {n: statistics.median(t) * 1e3 for n, t in self.times.items() if t}
+
+    def made(self) -> ProgramChoice | None:
+        """The choice once `settle` measured it; None before (or with one candidate only)."""
+        if self.chosen is None or not self.times[self.chosen[0]]:
+            return None
+        return ProgramChoice(self.name, self.chosen[0], self.medians_ms)
 
     def __call__(self, *args: Any) -> Any:
         if self.chosen is not None:

@@ -27,6 +27,7 @@ from hetero.partitioner.phases import PROMPT, START, LMGraphs, Phase
 from hetero.runtime import faults, placement
 from hetero.runtime.artifacts import unpack
 from hetero.runtime.generation import Generation, StageBinder, lm_weights
+from hetero.runtime.measured_choice import ProgramChoice
 from hetero.runtime.metrics import MetricsSnapshot, RunMetrics
 from hetero.runtime.stage import CALLER, StageSpec, producers, sources
 from hetero.runtime.worker import Packet, StageRunner, caller_packet, local_device
@@ -165,6 +166,9 @@ class GenerationWorker:
     def settle(self) -> None:
         self.binder.settle()
 
+    def program_choices(self) -> tuple[ProgramChoice, ...]:
+        return self.binder.program_choices()
+
     def threads(self) -> int | None:
         """The width of the OpenMP team this worker's stages run on; None where they run
         on a GPU."""
@@ -291,6 +295,12 @@ class RayGeneration(Generation):
         self._choose_threads(current, apply)
         for metrics in self.metrics.values():  # the trials ran other programs and widths
             metrics.forget_runs()
+
+    def program_choices(self) -> tuple[ProgramChoice, ...]:
+        import ray  # optional heavy dependency
+
+        made = ray.get([w.program_choices.remote() for w in self.workers.values()], timeout=60)
+        return tuple(c for worker in made for c in worker)
 
     def move_state(self) -> None:
         import ray  # optional heavy dependency

@@ -439,6 +439,11 @@ def test_a_feedback_round_measures_every_decode_partition_and_still_generates(
         assert slowed["after_ms"] == pytest.approx(slowed["measured_ms"], rel=0.15)
         assert fb["median_error_after"] < fb["median_error_before"]
         assert "folded into the prices" in fb["why"]
+        # the host CPU's decode programs were chosen by measurement, and explain() says so
+        programs = fb["cpu_programs"]
+        assert programs and all(p["chosen"] in p["median_ms"] for p in programs.values())
+        assert all({"op-by-op", "inductor"} <= set(p["median_ms"]) for p in programs.values())
+        assert "host CPU decode programs:" in lm.explain()
         assert lm.generate(prompt, 12).tolist() == expected[:, :12].tolist()
     finally:
         lm.shutdown()

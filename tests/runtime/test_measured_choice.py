@@ -30,6 +30,9 @@ def test_the_first_program_serves_until_settle_keeps_the_fastest():
     assert calls.count("slow") == calls.count("fast") == 4
     assert choice.chosen[0] == "fast"
     assert choice.medians_ms["slow"] > choice.medians_ms["fast"]
+    made = choice.made()  # what explain() shows: the kept program and every one's median
+    assert made.stage == "p0" and made.chosen == "fast" and set(made.median_ms) == {"slow", "fast"}
+    assert made.note().startswith("p0: fast chosen (fast ")
     calls.clear()
     assert choice(7) == 8 and calls == ["fast"]
     choice.settle()  # decided: nothing more runs
@@ -42,13 +45,14 @@ def test_settle_before_any_call_decides_nothing():
         [("a", _program("a", 0.0, calls)), ("b", _program("b", 0.0, calls))], name="p1"
     )
     choice.settle()
-    assert choice.chosen is None and calls == []
+    assert choice.chosen is None and calls == [] and choice.made() is None
 
 
 def test_one_candidate_is_chosen_at_once():
     calls: list[str] = []
     choice = MeasuredChoice([("only", _program("only", 0.0, calls))], name="p2")
     assert choice(1) == 2 and choice.chosen[0] == "only" and choice.times == {"only": []}
+    assert choice.made() is None  # nothing was measured: no choice to report
 
 
 def test_no_candidate_is_an_error_naming_the_stage():
