@@ -44,6 +44,10 @@ T0 = time.perf_counter()
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "configs" / "clusters" / "h200-sxm-node.yaml"
 RESULTS: dict = {}
+# The capped goals are ratios against accelerate and the CPU alone measured in the same run:
+# those two (~25 s together) may start this long past --budget-s (run 22 skipped both when
+# hetero's part ended 12 s past it)
+ANCHOR_GRACE_S = 60.0
 
 
 def log(msg: str) -> None:
@@ -569,7 +573,7 @@ def case_capped(args, cfg, cache: Path) -> None:
     # `lm` stays loaded through the baselines (they run under their own caps) for the
     # comparison at the end, which rebinds its stages
 
-    if gpu and time.perf_counter() - T0 < args.budget_s:
+    if gpu and time.perf_counter() - T0 < args.budget_s + ANCHOR_GRACE_S:
         log("accelerate dispatch_model, same cap")
         try:
             from accelerate import dispatch_model, infer_auto_device_map
@@ -591,7 +595,7 @@ def case_capped(args, cfg, cache: Path) -> None:
             log(traceback.format_exc())
         save(args.json)
 
-    if time.perf_counter() - T0 < args.budget_s:
+    if time.perf_counter() - T0 < args.budget_s + ANCHOR_GRACE_S:
         log(f"host CPU only, bfloat16, {torch.get_num_threads()} threads")
         cpu_model = model.to(torch.bfloat16)
         n = max(3, min(8, args.new_tokens))
@@ -837,7 +841,8 @@ def main() -> None:
         "replayed as CUDA graphs, one per streaming slot (with its logits)",
     )
     ap.add_argument("--budget-s", type=float, default=520.0,
-                    help="start no optional measurement after this many seconds")  # fmt: skip
+                    help="start no optional measurement after this many seconds (the capped "
+                         "case's accelerate and CPU baselines get ANCHOR_GRACE_S more)")  # fmt: skip
     ap.add_argument("--cache-dir", help="artifact cache (default: a fresh temporary folder)")
     ap.add_argument(
         "--memory-history",
