@@ -59,34 +59,45 @@ def save(path: str | None) -> None:
         Path(path).write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
-def config(tiny: bool, shape: str = "7b"):
-    from transformers import LlamaConfig
+# Shapes by name: LLaMA-7B is issue 14's; the others are models it never named, built
+# from their published configurations (random weights): Qwen2-7B (grouped-query attention
+# with 4 KV heads, biased q/k/v, a 152k vocabulary whose head alone is 1.1 GB in float16)
+# and Mistral-7B (8 KV heads, a 14336-wide MLP).
+SHAPES = {
+    "7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)),
+    "1.1b": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)),
+    "qwen2-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                               num_attention_heads=28, num_key_value_heads=4,
+                               vocab_size=152064)),
+    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336,
+                                   num_hidden_layers=32, num_attention_heads=32,
+                                   num_key_value_heads=8, vocab_size=32000, sliding_window=None)),
+}  # fmt: skip
 
-    if shape == "1.1b":  # benchmarks/llama_offload.py's model, with its real decode
-        return LlamaConfig(
-            hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
-        )  # fmt: skip
+
+def config(tiny: bool, shape: str = "7b"):
+    """The model's transformers configuration; `tiny`: the same architecture, small."""
+    from transformers import AutoConfig
+
+    arch, kw = SHAPES[shape]
     if tiny:
-        return LlamaConfig(
-            hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=4, vocab_size=512, max_position_embeddings=512,
-        )  # fmt: skip
-    return LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-    )  # fmt: skip
+        kv = 2 if kw["num_key_value_heads"] < kw["num_attention_heads"] else 4
+        kw = dict(kw, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=kv, vocab_size=512)  # fmt: skip
+    return AutoConfig.for_model(arch, max_position_embeddings=4096, **kw)
 
 
 def build(cfg, device: str, dtype: torch.dtype):
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(cfg)
+            model = AutoModelForCausalLM.from_config(cfg)
     finally:
         torch.set_default_dtype(old)
     model.generation_config.pad_token_id = 0
@@ -581,7 +592,7 @@ def case_capped(args, cfg, cache: Path) -> None:
 
             dmap = infer_auto_device_map(
                 model, max_memory={0: cap, "cpu": 200 * 2**30},
-                no_split_module_classes=["LlamaDecoderLayer"],
+                no_split_module_classes=list(model._no_split_modules or ()),
             )  # fmt: skip
             acc = dispatch_model(model, device_map=dmap)
             n = max(3, min(8, args.new_tokens))
@@ -809,9 +820,10 @@ def main() -> None:
     ap.add_argument("--case", nargs="+", choices=("capped", "uncapped", "batch16", "all"),
                     default=["capped"], help="one or more, in order")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="a small model: a smoke test on a CPU")
-    ap.add_argument("--shape", choices=("7b", "1.1b"), default="7b",
-                    help="LLaMA-7B (12.55 GiB, cap 4 GiB) or the 1.1B of llama_offload.py "
-                    "(2.2 GB; give --cap-gib 0.512)")  # fmt: skip
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="7b",
+                    help="LLaMA-7B (12.55 GiB, cap 4 GiB), the 1.1B of llama_offload.py "
+                    "(2.2 GB; give --cap-gib 0.512), or a 7B the issue never named: "
+                    "qwen2-7b (14.2 GiB), mistral-7b (13.5 GiB)")  # fmt: skip
     ap.add_argument("--json", help="write the results here (rewritten after each step)")
     ap.add_argument("--cap-gib", type=float, default=4.0, help="GPU memory cap (GiB)")
     ap.add_argument("--prompt", type=int, default=128)
