@@ -22,6 +22,10 @@ from hetero.errors import ConfigError, InvalidInput, Unavailable
 from hetero.interfaces.serving.outcome import Code, GenerationSettings, Outcome
 
 _DONE = object()
+# gRPC ends a call at its deadline through the same callback as a client's cancel; the
+# stream's own clock (`expires`, taken from the same remaining time a moment later) may read
+# a hair short of it. A cancel this close to `expires` is the deadline's.
+_DEADLINE_SLACK_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,15 @@ class TokenStream:
 
     # ---- the handler's side ------------------------------------------------------------------
     def cancel(self, outcome: Outcome | None = None) -> None:
-        """Stop generating (a client that went away); the worker stops after its step."""
-        self._finish(outcome or Outcome(Code.CANCELLED, "the client cancelled the request"))
+        """Stop generating (a client that went away, or gRPC ending the call at its deadline:
+        then the outcome is DEADLINE_EXCEEDED, whichever side noticed first); the worker
+        stops after its step."""
+        if outcome is None:
+            if time.monotonic() >= self.expires - _DEADLINE_SLACK_S:
+                outcome = self._deadline("mid-stream" if self.tokens else "before a token")
+            else:
+                outcome = Outcome(Code.CANCELLED, "the client cancelled the request")
+        self._finish(outcome)
 
     def __iter__(self) -> Iterator[Token]:
         try:

@@ -227,6 +227,9 @@ class _FakeGeneration:
     def settle(self) -> None:
         pass
 
+    def program_choices(self) -> tuple:
+        return ()  # no host CPU programs measured
+
     def measured(self, phase):
         executor = self.executors[phase]
         return executor.stages, executor.metrics.snapshot()

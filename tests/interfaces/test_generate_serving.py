@@ -142,6 +142,23 @@ def test_a_deadline_mid_stream_stops_generating_and_the_next_request_is_served(l
     assert server.stats["expired"] == 1 and server.admitted == 0
 
 
+@pytest.mark.parametrize(("expires_in", "code"), [(-0.001, "DEADLINE_EXCEEDED"), (60, "CANCELLED")])
+def test_grpc_ending_a_call_at_its_deadline_counts_as_the_deadline(expires_in, code):
+    """gRPC ends a call at its deadline through the callback a client's cancel takes: loaded
+    (CI), that callback came before the stream's own clock saw the deadline, and the stream
+    was counted cancelled, not expired."""
+    from hetero.interfaces.serving.outcome import GenerationSettings
+    from hetero.interfaces.serving.streams import TokenStream
+
+    ended: list[TokenStream] = []
+    stream = TokenStream(
+        None, torch.zeros(1, 3, dtype=torch.long), GenerationSettings(max_new_tokens=4),
+        expires=time.monotonic() + expires_in, on_end=ended.append,
+    )  # fmt: skip
+    stream.cancel()
+    assert ended == [stream] and stream.outcome.code.name == code
+
+
 def test_a_client_that_cancels_stops_the_generation(lm_server, compiled):
     _, _, prompt, expected = compiled
     server, client, slow = lm_server()
