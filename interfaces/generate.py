@@ -642,7 +642,8 @@ def _layout(plan: GenerationPlan) -> str:
 
 def _placements(plan: GenerationPlan) -> tuple:
     return tuple(
-        (p.groups, p.device, p.weights, p.split, p.cpu_dtype) for p in plan.decode.partitions
+        (p.groups, p.device, p.weights, p.split, p.split_whole, p.cpu_dtype)
+        for p in plan.decode.partitions
     )
 
 

@@ -73,6 +73,9 @@ class PlannedPartition:
     # weights == "split": per group, the share of each weight matrix's rows the GPU computes
     # (those rows streamed in); the host CPU computes the rest, in `cpu_dtype`
     split: tuple[tuple[str, float], ...] = ()
+    # weights == "split": per group whose matmuls are not all shared, the weights it streams
+    # whole to the GPU instead (no hand-off for them: partitioner/gpu_cpu_split.split_cost)
+    split_whole: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # the dtype the host CPU computes its work in where not the model's own (a split's CPU
     # rows, or a whole CPU partition: partitioner/host_dtype.py)
     cpu_dtype: str = ""
@@ -171,6 +174,7 @@ class Plan(JsonFile):
                     "nodes": tuple(p["nodes"]),
                     "groups": tuple(p["groups"]),
                     "split": tuple((g, float(f)) for g, f in p.get("split", ())),
+                    "split_whole": tuple((g, tuple(ws)) for g, ws in p.get("split_whole", ())),
                     "group_sizes": tuple(p.get("group_sizes", ())),
                     "choice": tuple(BackendTiming(**c) for c in p.get("choice", ())),
                 }

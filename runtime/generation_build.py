@@ -89,6 +89,11 @@ def _fraction(p: PlannedPartition, group: str) -> float:
     return dict(p.split).get(group, p.split[0][1] if p.split else 1.0)
 
 
+def _whole(p: PlannedPartition, group: str) -> frozenset[str]:
+    """The weights `group` streams whole instead of sharing them (no hand-off for them)."""
+    return frozenset(dict(p.split_whole).get(group, ()))
+
+
 def compile_generation(
     lm: LMGraphs,
     gplan: GenerationPlan,
@@ -142,7 +147,9 @@ def _compile_phase(
         holds = bool(getattr(backend, "holds_state", False))
         shared: tuple = ()
         if p.weights == "split":
-            unit, shared = _split_unit(graph, unit, part.nodes, _fraction(p, group), p.cpu_dtype)
+            unit, shared = _split_unit(
+                graph, unit, part.nodes, _fraction(p, group), p.cpu_dtype, _whole(p, group)
+            )
         elif p.cpu_dtype:
             unit = _retype_unit(unit, getattr(torch, p.cpu_dtype))
         opts = options.get(p.backend) or CompileOptions()
@@ -198,13 +205,19 @@ def _retype_unit(unit: CompileUnit, dtype: torch.dtype) -> CompileUnit:
 
 
 def _split_unit(
-    graph: OpGraph, unit: CompileUnit, nodes: Sequence[str], fraction: float, cpu_dtype: str
+    graph: OpGraph,
+    unit: CompileUnit,
+    nodes: Sequence[str],
+    fraction: float,
+    cpu_dtype: str,
+    whole: frozenset[str] = frozenset(),
 ) -> tuple[CompileUnit, tuple]:
-    """The unit with its weight matmuls through gpu_cpu_mm and gpu_cpu_mlp; (unit, its
+    """The unit with its weight matmuls through gpu_cpu_mm and gpu_cpu_mlp, but those of
+    the `whole` weights (streamed to the GPU whole, as a streamed stage's); (unit, its
     shared groups). The shares it traces with are empty tensors of the right shapes: the
     worker cuts the real ones from the weights it binds."""
     mms = split_matmuls(graph, nodes)
-    shapes = {m.weight: (m.rows, m.cols) for m in mms}
+    shapes = {m.weight: (m.rows, m.cols) for m in mms if m.weight not in whole}
     names = (*unit.inputs, *unit.params)
     module, names, groups = split_program(unit.module, names, fraction, shapes)
     new_params = names[len(unit.inputs) :]

@@ -127,6 +127,13 @@ def assemble(
             if is_split
             else ()
         )
+        whole = (
+            tuple(
+                (g.name, splits[i].whole) for i, g in zip(run, gs, strict=True) if splits[i].whole
+            )
+            if is_split
+            else ()
+        )
         if is_split:
             stream = sum(splits[i].link_s for i in run)
         elif problem.place_streamed[p]:
@@ -154,6 +161,7 @@ def assemble(
                 ),
                 state_bytes=int(sum(g.state_bytes for g in gs)),
                 group_sizes=tuple(len(g.nodes) for g in gs),
+                split_whole=whole,
                 host_ms=1e3 * sum(splits[i].path_s for i in run) if is_split else 0.0,
                 handoffs=sum(splits[i].handoffs for i in run) if is_split else 0,
             )

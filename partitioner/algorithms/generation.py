@@ -230,6 +230,8 @@ def _label(problem: Problem, ctx: Context, gi: int, p: int) -> str:
     if pl.weights == SPLIT:
         s = (ctx.splits or {}).get(gi)
         share = f" {s.fraction:.0%}/{1 - s.fraction:.0%} {s.cpu_dtype}" if s else ""
+        if s is not None and s.whole:
+            share += f" ({len(s.whole)} matrices streamed whole)"
         return f"{dev} split{share}"
     kind = ctx.cluster.device(dev).kind
     if kind != "gpu":

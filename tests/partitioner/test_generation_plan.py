@@ -319,3 +319,36 @@ def test_a_split_layers_hand_offs_stay_in_its_worker_whatever_the_executor(big):
     assert ray.handoffs == local.handoffs > 0
     assert ray.path_s == pytest.approx(local.path_s)
     assert ray.seconds == pytest.approx(local.seconds)
+
+
+def test_a_split_shares_only_the_trips_worth_their_hand_offs(big, monkeypatch):
+    """A hand-off sits on the host's serial path while the bytes it saves the link overlap:
+    where hand-offs are dear, the split makes fewer trips and streams the other matrices
+    whole (`SplitCost.whole`), and that prices below sharing every matmul."""
+    from hetero.partitioner import gpu_cpu_split
+
+    cluster = ClusterSpec.from_yaml(H200)
+    group = next(g for g in big.decode.coarsen(depth=3).groups if g.name == "model.model.layers.1")
+    ops = [big.decode[n] for n in group.nodes]
+    weights = {m.weight for m in split_matmuls(big.decode, [o.name for o in ops])}
+
+    def priced(handoff_s):
+        from hetero.cluster.profile import CalibrationProfile, RuntimeProfile
+        from hetero.partitioner.cost import CostModel
+
+        runtime = (RuntimeProfile("local", 0.0, 0.0, split_handoff=handoff_s),)
+        return split_cost(
+            big.decode, group, ops, cluster.device("node0/gpu"), cluster.device("node0/cpu"),
+            cluster, CostModel(CalibrationProfile("any", runtime=runtime)),
+            gpu_backend="inductor", cpu_backend="eager",
+        )  # fmt: skip
+
+    cheap, dear = priced(0.0), priced(2e-3)
+    assert dear.handoffs <= cheap.handoffs <= 3 and dear.whole and set(dear.whole) < weights
+    monkeypatch.setattr(gpu_cpu_split, "_MAX_TRIPS", 0)  # every matmul shared, as before
+    every = priced(2e-3)
+    assert every.handoffs == 3 and not every.whole
+    assert dear.seconds < every.seconds
+    # the bytes still add up: what the GPU streams (shares and whole matrices) and the CPU reads
+    whole_bytes = sum(m.nbytes for m in split_matmuls(big.decode, [o.name for o in ops]))
+    assert dear.gpu_bytes + dear.cpu_bytes == pytest.approx(whole_bytes, rel=0.02)

@@ -179,11 +179,17 @@ def test_any_placement_of_the_layers_generates_the_same_tokens(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_split_layers_generate_the_same_tokens_with_one_hand_off_per_mlp(
-    tiny_llama, captured, tmp_path, dtype
+    tiny_llama, captured, tmp_path, dtype, monkeypatch
 ):
-    """Both decode layers split: each layer's MLP runs as one `gpu_cpu_mlp` (here both of
-    its shares on this CPU), the rest through `gpu_cpu_mm`. A float16 LLaMA's SiLU runs in
-    float32 between casts and still fuses; its tokens are the float16 model's own."""
+    """Both decode layers split, every matmul shared: each layer's MLP runs as one
+    `gpu_cpu_mlp` (here both of its shares on this CPU), the rest through `gpu_cpu_mm`. A
+    float16 LLaMA's SiLU runs in float32 between casts and still fuses; its tokens are the
+    float16 model's own."""
+    from hetero.partitioner import gpu_cpu_split
+
+    # price only the split of every matmul (a tiny layer's hand-offs cost more than its
+    # rows: the planner would share fewer, the next test)
+    monkeypatch.setattr(gpu_cpu_split, "_MAX_TRIPS", 0)
     model, prompt, expected = tiny_llama
     lm_graphs = captured
     if dtype != torch.float32:
@@ -204,6 +210,43 @@ def test_split_layers_generate_the_same_tokens_with_one_hand_off_per_mlp(
         assert all(g.gated and len(g.weights) == 3 for g in groups if g.act)
         split = [p for p in lm.plan.decode.partitions if p.weights == "split"]
         assert sum(p.handoffs for p in split) == 2 * 3  # a layer's q/k/v, o and MLP
+        assert lm.generate(prompt, 12).tolist() == expected[:, :12].tolist()
+    finally:
+        lm.shutdown()
+
+
+@pytest.mark.parametrize("handoff_s", [0.0, 0.005])
+def test_split_layers_share_only_the_matmuls_worth_a_hand_off(
+    tiny_llama, captured, tmp_path, handoff_s
+):
+    """A split layer's hand-offs sit on the host's serial path, so the planner may stream
+    some matrices whole instead (`SplitCost.whole`). Whatever it chose, the runtime makes
+    the hand-offs the plan counts and shares no weight it streams whole, and the tokens are
+    transformers'. Where a hand-off costs 5 ms (far above a tiny layer's rows), each layer
+    makes one trip and streams its other matrices whole."""
+    from hetero.cluster.profile import CalibrationProfile, RuntimeProfile
+    from hetero.partitioner.cost import CostModel
+
+    model, prompt, expected = tiny_llama
+    runtime = (RuntimeProfile("local", 0.0, 0.0, split_handoff=handoff_s),)
+    registry = default_registry()
+    lm = compile_lm(
+        model, ClusterSpec.from_yaml(H100), max_length=64, lm=captured, registry=registry,
+        cache_dir=tmp_path, decode_placements={f"model.model.layers.{i}": "split" for i in (0, 1)},
+        cost_model=CostModel(CalibrationProfile("any", runtime=runtime)),
+        binder=StageBinder(registry, device_of=lambda d: torch.device("cpu")),
+    )  # fmt: skip
+    try:
+        split = [p for p in lm.plan.decode.partitions if p.weights == "split"]
+        whole = {w for p in split for _, ws in p.split_whole for w in ws}
+        stages = lm.generation.executors[hetero_phase_decode()].stages
+        shared = [g for s in stages if s.weights == "split" for g in s.shares]
+        assert len(shared) == sum(p.handoffs for p in split) > 0
+        assert not whole & {w for g in shared for w in g.weights}
+        if handoff_s:  # one trip a layer; its other matrices (of 7) stream whole
+            assert len(shared) == 2
+            assert len(whole) == 2 * 7 - sum(len(g.weights) for g in shared)
+            assert "matrices streamed whole" in lm.explain()
         assert lm.generate(prompt, 12).tolist() == expected[:, :12].tolist()
     finally:
         lm.shutdown()
