@@ -35,14 +35,23 @@ sys.path.insert(0, str(HERE))
 import llm_generate_gpu as gen  # noqa: E402  (the benchmark's model and cluster)
 
 
-def plan_row(lm, spec, rates, label: str) -> dict:
+def plan_row(
+    lm, spec, rates, label: str, handoff_s: float = 0.0, stream_call_s: float = 0.0
+) -> dict:
     from hetero.backends.registry import default_registry
     from hetero.calibration.split import split_profile
+    from hetero.cluster.profile import RuntimeProfile
     from hetero.partitioner.algorithms.generation import plan_generation
     from hetero.partitioner.cost import CostModel
     from hetero.partitioner.phases import Phase
 
-    cm = CostModel(split_profile(spec, spec.device("node0/gpu"), tuple(rates)))
+    profile = split_profile(spec, spec.device("node0/gpu"), tuple(rates))
+    if handoff_s or stream_call_s:  # what a feedback round folds in (calibration/generation.py)
+        runtime = RuntimeProfile(
+            "local", 0.0, 0.0, split_handoff=handoff_s, stream_call=stream_call_s
+        )
+        profile = dataclasses.replace(profile, runtime=(runtime,))
+    cm = CostModel(profile)
     plan = plan_generation(lm, spec, registry=default_registry(), cost_model=cm)
     layers = Counter(
         " ".join(c.chosen.split()[1:2]) or c.chosen
@@ -74,6 +83,19 @@ def main() -> None:
                     help="the host memory rate link and CPU share (default: the run's probe "
                     "of both at once, where it has one)")  # fmt: skip
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument(
+        "--handoff-extra-ms",
+        type=float,
+        default=0.0,
+        help="each split hand-off's cost beyond its calibrated copies, as a feedback "
+        "round measures it (runs 20 and 22, round 1: 0.55, 0.45)",
+    )
+    ap.add_argument(
+        "--stream-call-ms",
+        type=float,
+        default=0.0,
+        help="each streamed layer's call beyond its price (run 22, round 1: 1.35)",
+    )
     args = ap.parse_args()
 
     from hetero.calibration.split import SplitRates
@@ -89,11 +111,19 @@ def main() -> None:
     lm = capture_lm(model, batch=1, max_len=256, example_len=128)
     spec = gen.cluster(args.cap_gib)
     f16 = next(r for r in recorded if r.dtype == "float16")
-    rows = [plan_row(lm, spec, recorded, f"recorded (float16 CPU {f16.cpu_shared / 1e9:.1f})")]
+    extra = {"handoff_s": args.handoff_extra_ms * 1e-3, "stream_call_s": args.stream_call_ms * 1e-3}
+    label = f"recorded (float16 CPU {f16.cpu_shared / 1e9:.1f})"
+    if args.handoff_extra_ms or args.stream_call_ms:
+        label += (
+            f", hand-off +{args.handoff_extra_ms:g} ms, streamed call +{args.stream_call_ms:g} ms"
+        )
+    rows = [plan_row(lm, spec, recorded, label, **extra)]
     for gbps in args.cpu_shared_gbps:
         scaled = [dataclasses.replace(r, cpu_shared=r.cpu_shared * gbps * 1e9 / f16.cpu_shared)
                   for r in recorded]  # fmt: skip
-        rows.append(plan_row(lm, spec, scaled, f"float16 CPU {gbps:.1f} while the link copies"))
+        rows.append(
+            plan_row(lm, spec, scaled, f"float16 CPU {gbps:.1f} while the link copies", **extra)
+        )
     print(f"{Path(args.run).name}: GPU capped at {args.cap_gib} GiB; DRAM {shared or '-'} GB/s")
     print("| rates (GB/s) | decode layers | decode ms | TTFT ms | host GB/token | at DRAM |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
