@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import llm_generate_gpu as gen  # the capped benchmark's model
 
 
 def main() -> None:
@@ -24,7 +30,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig
 
     from hetero.cluster.profile import CalibrationProfile, RuntimeProfile
     from hetero.cluster.spec import ClusterSpec
@@ -32,12 +38,9 @@ def main() -> None:
     from hetero.partitioner.cost import CostModel
     from hetero.partitioner.phases import capture_lm
 
-    cfg = LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=512,
-    )  # fmt: skip
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg).to(torch.float16).eval()
+    arch, shape = gen.SHAPES["7b"]  # the capped benchmark's model, two of its layers
+    cfg = AutoConfig.for_model(arch, **{**shape, "num_hidden_layers": 2, "vocab_size": 512})
+    model = gen.build(cfg, "meta", torch.float16)
     lm = capture_lm(model, batch=1, max_len=256)
     cluster = ClusterSpec.from_yaml(args.cluster)
     gpu = next(d for d in cluster.devices if d.kind == "gpu")
