@@ -27,6 +27,7 @@ minutes there) and copied to host memory when a case needs them there.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import logging
@@ -506,6 +507,8 @@ def split_cost_model(spec, batch: int, out: dict):
 
 
 def case_capped(args, cfg, cache: Path) -> None:
+    from hetero.partitioner.phases import Phase
+
     gpu = torch.cuda.is_available()
     dev = "cuda" if gpu else "cpu"
     dtype = torch.float16 if gpu else torch.float32
@@ -608,7 +611,10 @@ def case_capped(args, cfg, cache: Path) -> None:
 
     if time.perf_counter() - T0 < args.budget_s + ANCHOR_GRACE_S:
         log(f"host CPU only, bfloat16, {torch.get_num_threads()} threads")
-        cpu_model = model.to(torch.bfloat16)
+        # a copy: Module.to converts in place, and --sweep compiles the float16 model again
+        cpu_model = (
+            copy.deepcopy(model).to(torch.bfloat16) if args.sweep else model.to(torch.bfloat16)
+        )
         n = max(3, min(8, args.new_tokens))
         out["cpu_only_bf16"] = hf_times(cpu_model, host_ids, n, 1)
         out["cpu_only_bf16"]["threads"] = torch.get_num_threads()
@@ -633,7 +639,21 @@ def case_capped(args, cfg, cache: Path) -> None:
         )
         log(f"  streamed layers as CUDA graphs: {out['hetero_graph_streamed']}")
         save(args.json)
+    lm_graphs = lm.lm
+    decode = {c.group: c.chosen for c in lm.plan.choice(Phase.DECODE)}
     lm.shutdown()
+    if args.sweep:
+        # issue 16's sweep: the plan chosen (with its feedback rounds) against every decoder
+        # layer split, on the CPU, or streamed, in the same run
+        layers = [g for g in decode if ".layers." in g and g.rsplit(".", 1)[-1].isdigit()]
+        sweep = out.setdefault("sweep", {"chosen": dict(out["hetero"], decode=decode)})
+        cm = {"cost_model": kw["cost_model"]} if "cost_model" in kw else {}
+        forced_plans(
+            args, model, spec, layers, lm_graphs, host_ids, sweep, FORCED_CAPPED, batch=1,
+            cache=cache, **cm,
+        )  # fmt: skip
+        sweep["chosen_vs_best"] = vs_best(sweep)
+        save(args.json)
 
 
 def case_uncapped(args, cfg, cache: Path) -> None:
@@ -740,6 +760,49 @@ def compiled_times(model, ids, args, mode: str, check=None) -> dict:
     return out
 
 
+# What a chosen plan is compared with (issue 14): each names, for every decoder layer, the
+# placements allowed; what fits stays resident on the GPU ("resident" alone would let layers
+# sit on the CPU, whose weights are resident too)
+FORCED_BATCH16 = {"cpu_for_the_rest": "node0/cpu", "all_streamed": "streamed"}
+FORCED_CAPPED = {"all_split": "split", **FORCED_BATCH16}
+
+
+def forced_plans(
+    args, model, spec, layers, lm_graphs, ids, out, forced, *, batch, cache, **kw
+) -> None:
+    """Each plan of `forced` compiled (the chosen one's captured graphs reused) and timed into
+    `out[name]`, while the call's budget lasts; a failure is recorded, not raised."""
+    from hetero.partitioner.phases import Phase
+
+    for name, where in forced.items():
+        if time.perf_counter() - T0 > args.budget_s:
+            out[name] = {"skipped": "out of the call's time budget"}
+            continue
+        started(out, name, args.json)
+        try:
+            lm, _ = compile_lm(
+                model,
+                spec,
+                args.max_len,
+                batch,
+                cache,
+                decode_placements={g: f"node0/gpu:resident|{where}" for g in layers},
+                lm=lm_graphs,
+                **kw,
+            )
+            out[name] = hetero_times(lm, ids, args.new_tokens, args.repeats)
+            out[name]["predicted_ms_per_token"] = lm.plan.predicted_decode_ms
+            placed = {c.group: c.chosen for c in lm.plan.choice(Phase.DECODE)}
+            out[name]["decode"] = {g: placed[g] for g in layers}
+            log(f"  {name} {out[name]['ms_per_token']:.2f} ms/token")
+            lm.shutdown()
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}",
+                         "traceback": traceback.format_exc()[-4000:]}  # fmt: skip
+            log(traceback.format_exc())
+        save(args.json)
+
+
 def case_batch16(args, cfg, cache: Path) -> None:
     from hetero.partitioner.phases import Phase
 
@@ -778,41 +841,21 @@ def case_batch16(args, cfg, cache: Path) -> None:
     chosen.shutdown()
     log(f"  chosen {out['chosen']['ms_per_token']:.2f} ms/token")
     save(args.json)
-    for name, where in (("cpu_for_the_rest", "node0/cpu"), ("all_streamed", "streamed")):
-        if time.perf_counter() - T0 > args.budget_s:
-            out[name] = {"skipped": "out of the call's time budget"}
-            continue
-        # what fits stays resident on the GPU; every other layer streams / runs on the CPU
-        # ("resident" alone would let layers sit on the CPU, whose weights are resident too)
-        forced = {g: f"node0/gpu:resident|{where}" for g in layers}
-        started(out, name, args.json)
-        try:
-            lm, _ = compile_lm(
-                model,
-                spec,
-                args.max_len,
-                args.batch,
-                cache,
-                decode_placements=forced,
-                lm=lm_graphs,
-                **kw,
-            )
-            out[name] = hetero_times(lm, ids, args.new_tokens, args.repeats)
-            out[name]["predicted_ms_per_token"] = lm.plan.predicted_decode_ms
-            placed = {c.group: c.chosen for c in lm.plan.choice(Phase.DECODE)}
-            out[name]["decode"] = {g: placed[g] for g in layers}
-            log(f"  {name} {out[name]['ms_per_token']:.2f} ms/token")
-            lm.shutdown()
-        except Exception as e:
-            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}",
-                         "traceback": traceback.format_exc()[-4000:]}  # fmt: skip
-            log(traceback.format_exc())
-        save(args.json)
+    forced_plans(
+        args, model, spec, layers, lm_graphs, ids, out, FORCED_BATCH16, batch=args.batch,
+        cache=cache, **kw,
+    )  # fmt: skip
+    out["chosen_vs_best"] = vs_best(out)
+
+
+def vs_best(out: dict) -> float | None:
+    """The chosen plan's ms per token over the fastest measured in `out` (1.0: it is)."""
     got = {
         k: v["ms_per_token"] for k, v in out.items() if isinstance(v, dict) and "ms_per_token" in v
     }
-    if got:
-        out["chosen_vs_best"] = out["chosen"]["ms_per_token"] / min(got.values())
+    if "chosen" not in got:
+        return None
+    return got["chosen"] / min(got.values())
 
 
 def main() -> None:
@@ -851,6 +894,12 @@ def main() -> None:
         action="store_true",
         help="capped: also time the same stages with streamed decode layers "
         "replayed as CUDA graphs, one per streaming slot (with its logits)",
+    )
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="capped case: also time every decoder layer forced split, on the CPU, "
+        "and streamed (~70 s each on the H200 host), against the chosen plan",
     )
     ap.add_argument("--budget-s", type=float, default=520.0,
                     help="start no optional measurement after this many seconds (the capped "
