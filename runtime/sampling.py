@@ -25,8 +25,11 @@ class Sampling:
             raise ConfigError(f"temperature={t!r}: give a finite number, 0 (greedy) or more")
         if not _integer(self.top_k) or self.top_k < 0:
             raise ConfigError(f"top_k={self.top_k!r}: give an integer, 0 (no limit) or more")
-        if self.seed is not None and not _integer(self.seed):
-            raise ConfigError(f"seed={self.seed!r}: give an integer, or None")
+        if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+            raise ConfigError(
+                f"seed={self.seed!r}: give an integer from 0 to 2**63 - 1 (torch.Generator's "
+                "range), or None"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -40,6 +43,9 @@ class Sampling:
         return g
 
 
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a signed 64-bit integer
+
+
 def _integer(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -50,7 +56,11 @@ def next_token(
     """[batch, vocab] logits -> [batch] token ids (int64, on the logits' device)."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
-    scores = logits.float() / sampling.temperature
+    # measured from the largest score: a tiny temperature sends the others to -inf and keeps
+    # the largest at 0, where dividing the raw logits made inf - inf (NaN) in the softmax; in
+    # float64, where a temperature such as 1e-300 is not 0 (one vocabulary row per step)
+    scores = logits.double()
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / sampling.temperature
     if sampling.top_k and sampling.top_k < scores.shape[-1]:
         kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -13,6 +13,7 @@ import grpc
 import torch
 
 from hetero.errors import InvalidInput
+from hetero.runtime.sampling import SEED_LIMIT
 
 
 class Code(enum.Enum):
@@ -68,7 +69,8 @@ class GenerationSettings:
     def parse(cls, params: Mapping[str, Any], default_max_new_tokens: int) -> GenerationSettings:
         """From a request's parameters (OIP `parameters`, a JSON body's keys); InvalidInput
         names the parameter and what it takes."""
-        max_new = params.get("max_new_tokens") or default_max_new_tokens
+        max_new = params.get("max_new_tokens")
+        max_new = default_max_new_tokens if max_new is None else max_new  # 0 is an error
         eos = params.get("eos_token_id", ())
         eos = (eos,) if isinstance(eos, int | float) and not isinstance(eos, bool) else eos
         seed = params.get("seed")
@@ -77,7 +79,7 @@ class GenerationSettings:
             eos_token_id=tuple(_int("eos_token_id", e, low=0) for e in _list("eos_token_id", eos)),
             temperature=_float("temperature", params.get("temperature", 0.0)),
             top_k=_int("top_k", params.get("top_k", 0), low=0),
-            seed=None if seed is None else _int("seed", seed, low=0),
+            seed=None if seed is None else _int("seed", seed, low=0, high=SEED_LIMIT - 1),
         )
 
     def stream_kwargs(self) -> dict[str, Any]:
@@ -91,11 +93,14 @@ class GenerationSettings:
         }
 
 
-def _int(key: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+def _int(key: str, value: Any, low: int, high: int | None = None) -> int:
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole:  # a float's inf and NaN are not integers
         raise InvalidInput(f"parameter {key!r}: {value!r} is not an integer")
     if int(value) < low:
         raise InvalidInput(f"parameter {key!r}: {int(value)} is below {low}")
+    if high is not None and int(value) > high:
+        raise InvalidInput(f"parameter {key!r}: {int(value)} is above {high}")
     return int(value)
 
 

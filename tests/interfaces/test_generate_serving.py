@@ -142,6 +142,28 @@ def test_a_deadline_mid_stream_stops_generating_and_the_next_request_is_served(l
     assert server.stats["expired"] == 1 and server.admitted == 0
 
 
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ({"max_new_tokens": 0}, "'max_new_tokens': 0 is below 1"),  # was the default, silently
+        ({"max_new_tokens": float("inf")}, "'max_new_tokens': inf is not an integer"),
+        ({"top_k": float("nan")}, "'top_k': nan is not an integer"),
+        ({"eos_token_id": [float("inf")]}, "'eos_token_id': inf is not an integer"),
+        ({"seed": 2**64 - 1}, "'seed': 18446744073709551615 is above"),
+    ],
+)
+def test_request_parameters_torch_cannot_take_are_invalid_not_internal(params, words):
+    """JSON carries inf and NaN and any integer: each an InvalidInput naming the parameter,
+    where int() raised OverflowError or ValueError (an INTERNAL answer) or a seed beyond
+    torch.Generator's range failed inside the step."""
+    from hetero.errors import InvalidInput
+    from hetero.interfaces.serving.outcome import GenerationSettings
+
+    with pytest.raises(InvalidInput, match=words.replace("(", "\\(")):
+        GenerationSettings.parse(params, 8)
+    assert GenerationSettings.parse({"seed": 2**63 - 1}, 8).seed == 2**63 - 1
+
+
 @pytest.mark.parametrize(("expires_in", "code"), [(-0.001, "DEADLINE_EXCEEDED"), (60, "CANCELLED")])
 def test_grpc_ending_a_call_at_its_deadline_counts_as_the_deadline(expires_in, code):
     """gRPC ends a call at its deadline through the callback a client's cancel takes: loaded
