@@ -77,6 +77,8 @@ class LMGraphs:
             raise ConfigError(
                 f"input_ids must be [batch, length]; got shape {tuple(input_ids.shape)}"
             )
+        if input_ids.shape[0] == 0:
+            raise ConfigError("input_ids hold no prompt (a batch of 0): give at least one")
         if input_ids.shape[0] != self.batch:
             raise ConfigError(
                 f"{self.model_name} was compiled for batch {self.batch}; got a batch of "

@@ -24,6 +24,7 @@ import abc
 import contextlib
 import enum
 import logging
+import numbers
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -215,9 +216,12 @@ class Generation(abc.ABC):
         """The request as a [batch, length] int64 tensor, or ConfigError saying what is wrong."""
         if self._closed:
             raise ConfigError("this generator was shut down; compile the model again")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool):
+            raise ConfigError(f"max_new_tokens={max_new_tokens!r}: give an integer, 1 or more")
+        max_new_tokens = int(max_new_tokens)
+        if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r}: ask for at least 1 token")
-        ids = torch.as_tensor(input_ids)
+        ids = _as_ids(input_ids)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -244,13 +248,7 @@ class Generation(abc.ABC):
     ) -> Iterator[torch.Tensor]:
         """Yields [batch] token ids as they come; sequences that met an EOS repeat it."""
         ids = self.check(input_ids, max_new_tokens)
-        eos = (
-            set()
-            if eos_token_id is None
-            else {int(eos_token_id)}
-            if isinstance(eos_token_id, int)
-            else {int(e) for e in eos_token_id}
-        )
+        eos = eos_ids(eos_token_id)
         with self._lock:
             t0 = time.perf_counter()
             length = ids.shape[1]
@@ -590,6 +588,43 @@ def _op_by_op(program: Any, dev: torch.device) -> torch.fx.GraphModule:
     fold_linears(mod)  # a dispatch per Linear instead of four
     reshape_views(mod)  # the GPU's attention may lay its output out otherwise
     return mod
+
+
+def _as_ids(input_ids: Any) -> torch.Tensor:
+    """`input_ids` (a tensor, an array, a list of token-id lists) as a tensor, or ConfigError
+    saying what it is instead."""
+    if input_ids is None or isinstance(input_ids, str | bytes):
+        raise ConfigError(
+            f"input_ids must be token ids ([batch, length]: a tensor, an array or a list of "
+            f"lists of ints); got {type(input_ids).__name__}. What to do: tokenize the text first"
+        )
+    try:
+        return torch.as_tensor(input_ids)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(
+            f"input_ids must be [batch, length] token ids, every row as long as the others "
+            f"(pad them, or send them one at a time); torch could not read them: {e}"
+        ) from None
+
+
+def eos_ids(eos_token_id: Any) -> set[int]:
+    """The EOS ids as a set (None: none), or ConfigError naming a value that is not one."""
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.flatten().tolist()
+    items = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else eos_token_id
+    try:
+        items = list(items)
+    except TypeError:
+        items = [items]
+    bad = [e for e in items if not isinstance(e, numbers.Integral) or isinstance(e, bool) or e < 0]
+    if bad:
+        raise ConfigError(
+            f"eos_token_id={eos_token_id!r}: {bad[0]!r} is not a token id (a non-negative "
+            "integer); give an int, a list of them, or None"
+        )
+    return {int(e) for e in items}
 
 
 class _OnDecodeTeam:

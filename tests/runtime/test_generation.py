@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -133,6 +134,34 @@ def test_bad_requests_say_what_is_wrong(cpu_lm):
         cpu_lm.generate(torch.zeros(1, 4), 2)
     with pytest.raises(ConfigError, match="at least 1 token"):
         cpu_lm.generate(torch.zeros(1, 4, dtype=torch.long), 0)
+
+
+@pytest.mark.parametrize(
+    ("ids", "kwargs", "words"),
+    [
+        # torch's own TypeError / ValueError / RuntimeError before
+        ([[1, 2], [3]], {}, "every row as long as the others"),
+        ("hello", {}, "got str. What to do: tokenize the text first"),
+        (None, {}, "got NoneType"),
+        ([torch.tensor([1, 2])], {}, "torch could not read them"),
+        (
+            torch.zeros(0, 3, dtype=torch.long),
+            {},
+            "a batch of 0",
+        ),  # was "compile with batch_size=0"
+        ([[1, 2]], {"max_new_tokens": True}, "max_new_tokens=True: give an integer"),  # was 1 token
+        ([[1, 2]], {"max_new_tokens": 2.0}, "max_new_tokens=2.0: give an integer"),
+        ([[1, 2]], {"eos_token_id": [1, "a"]}, "'a' is not a token id"),  # a ValueError before
+        ([[1, 2]], {"eos_token_id": -1}, "-1 is not a token id"),
+    ],
+)
+def test_a_python_caller_s_bad_input_is_a_config_error(cpu_lm, ids, kwargs, words):
+    """Whatever a caller hands generate(), a ConfigError says what is wrong and what to give,
+    and the generator serves the next request."""
+    kwargs = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        cpu_lm.generate(ids, **kwargs)
+    assert cpu_lm.generate([[1, 2]], 2, eos_token_id=np.int64(7)).shape == (1, 2)
 
 
 @pytest.mark.tvm
