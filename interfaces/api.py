@@ -270,6 +270,10 @@ def compile(
     """
     clock = CompileClock()
     registry = registry if registry is not None else default_registry()
+    if not isinstance(feedback, bool | ReplanPolicy):  # "no" would be true
+        raise ConfigError(
+            f"feedback={feedback!r}: give True, False or a hetero.runtime.online.ReplanPolicy (its thresholds)"
+        )
     if Task.parse(task) is Task.GENERATE:
         if isinstance(feedback, ReplanPolicy):
             raise ConfigError(

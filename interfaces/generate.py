@@ -224,6 +224,8 @@ def compile_lm(
         assignment = BackendAssignment.parse(
             {**GENERATION_BACKENDS.to_dict(), **backends}, known=registry.names()
         )
+    if not isinstance(feedback, bool):  # "no" would be true
+        raise ConfigError(f"feedback={feedback!r}: give True (measured rounds) or False")
     if lm is None:
         with clock.phase("export"):
             lm = capture_lm(model, batch=batch_size, max_len=max_length, example_len=prompt_length)

@@ -190,6 +190,13 @@ def capture_lm(
     `model`: a transformers causal LM (wrapped in StaticCacheLM) or a module with
     forward(input_ids, start) -> logits of the last position, its cache as buffers.
     """
+    for key, value in (("max_length", max_len), ("batch_size", batch)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: give an integer")
+    if batch < 1:
+        raise ConfigError(
+            f"batch_size={batch}: give the number of prompts a request holds, 1 or more"
+        )
     if max_len < 3:  # a prompt of 2 or more and one new token (torch.export's Dim needs min < max)
         raise ConfigError(
             f"max_length={max_len}: a generation needs at least 3 positions (a prompt and "

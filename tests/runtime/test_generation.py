@@ -137,6 +137,22 @@ def test_bad_requests_say_what_is_wrong(cpu_lm):
 
 
 @pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"batch_size": 0}, "batch_size=0: give the number of prompts"),  # torch.export's error
+        ({"batch_size": True}, "batch_size=True: give an integer"),  # a TypeError in capture
+        ({"max_length": 64.0}, "max_length=64.0: give an integer"),
+        ({"feedback": "no"}, "feedback='no': give True, False"),  # was true
+    ],
+)
+def test_bad_compile_arguments_are_config_errors(tiny_llama, kwargs, words):
+    model, _, _ = tiny_llama
+    kwargs = {"max_length": 64, **kwargs}
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        hetero.compile(model, task="generate", cluster="configs/clusters/cpu-2core.yaml", **kwargs)
+
+
+@pytest.mark.parametrize(
     ("ids", "kwargs", "words"),
     [
         # torch's own TypeError / ValueError / RuntimeError before
