@@ -38,6 +38,7 @@ from hetero.partitioner.algorithms.generation import (
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.decisions import BackendAssignment, ExecutorKind
 from hetero.partitioner.generation_plan import GenerationPlan
+from hetero.partitioner.gpu_cpu_split import split_decisions
 from hetero.partitioner.phases import LMGraphs, Phase, capture_lm
 from hetero.partitioner.plan import Plan, PlannedPartition
 from hetero.partitioner.reprice import reprice
@@ -418,16 +419,22 @@ def _round(
     measured = {k: m.stage_ms for k, m in runs.items()}  # the whole stage, as priced
     cluster, name = compiled.cluster, compiled.cluster.name
 
+    # the running plan's split shares and trips: priced as they run, not chosen again
+    running = split_decisions(plan.decode.partitions)
+
     def at_prices(cm: CostModel) -> Plan | None:
         """The running decode plan priced by `cm` (None: a plan given by hand, for groups
         this capture and these settings do not make)."""
         try:
-            return reprice(plan.decode, decode_pricing(lm, cluster, cost_model=cm, **plan_kw))
+            return reprice(
+                plan.decode,
+                decode_pricing(lm, cluster, cost_model=cm, fixed_splits=running, **plan_kw),
+            )
         except (KeyError, PartitionError):
             return None
 
     try:
-        priced = decode_pricing(lm, cluster, cost_model=cost_model, **plan_kw)
+        priced = decode_pricing(lm, cluster, cost_model=cost_model, fixed_splits=running, **plan_kw)
         resident = resident_feedback(plan.decode, priced, runs, cost_model, min_ms=_FEEDBACK_MIN_MS)
     except (KeyError, PartitionError):
         resident = None

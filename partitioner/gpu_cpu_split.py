@@ -30,14 +30,18 @@ casts around a 16-bit model's SiLU).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.partitioner import host_dtype, mlp_pattern
 from hetero.partitioner.coarsen import Group
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.graph import OpGraph, OpNode, itemsize
+
+if TYPE_CHECKING:
+    from hetero.partitioner.plan import PlannedPartition
 
 MATMULS = ("aten.mm.default", "aten.addmm.default")
 TRANSPOSES = ("aten.permute.default", "aten.t.default", "aten.transpose.int")
@@ -225,6 +229,25 @@ class SplitCost:
     whole: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class SplitDecision:
+    """What a plan decided for one split group: the GPU's share of the shared matmuls' rows,
+    and the weights it streams whole (PlannedPartition.split, .split_whole)."""
+
+    fraction: float
+    whole: tuple[str, ...] = ()
+
+
+def split_decisions(partitions: Iterable[PlannedPartition]) -> dict[str, SplitDecision]:
+    """Per group of the split partitions among `partitions` (PlannedPartitions), its decision."""
+    out = {}
+    for p in partitions:
+        whole = dict(p.split_whole)
+        for group, fraction in p.split:
+            out[group] = SplitDecision(fraction, tuple(whole.get(group, ())))
+    return out
+
+
 # A group with more trips than this prices only the split of every matmul (2^trips subsets)
 _MAX_TRIPS = 5
 
@@ -252,9 +275,11 @@ def split_cost(
     gpu_backend: str,
     cpu_backend: str,
     scale: float = 1.0,
+    fixed: SplitDecision | None = None,
 ) -> SplitCost | None:
     """The group's time split between `gpu` and its host `cpu`; None when it has no weight
     matmul (a small layer prices itself out: its hand-offs cost more than they save).
+    `fixed`: price this share and these trips only (a running plan's, re-priced).
 
     Which trips to make is priced too: a trip's hand-off is on the host's serial path (the
     GPU waits for the CPU's rows), while the bytes it saves the link overlap other work. A
@@ -298,6 +323,11 @@ def split_cost(
     subsets = [everything]
     if len(trips) <= _MAX_TRIPS:
         subsets += list(range(everything - 1, 0, -1))
+    steps = range(1, _STEPS)
+    if fixed is not None:
+        whole = set(fixed.whole)
+        subsets = [sum(1 << j for j, t in enumerate(trips) if not set(t.weights) <= whole)]
+        steps = [min(_STEPS - 1, max(1, round(fixed.fraction * _STEPS)))]
     best: SplitCost | None = None
     for mask in subsets:
         shared = [t for j, t in enumerate(trips) if mask >> j & 1]
@@ -307,7 +337,7 @@ def split_cost(
         cpu_mm = sum(t.cpu_s for t in shared)
         gpu_mm = sum(t.gpu_s for t in shared)
         handoff = sum(t.handoff_s for t in shared)
-        for k in range(1, _STEPS):
+        for k in steps:
             f = k / _STEPS
             link = cm.stream_time(cluster, gpu, f * split_bytes + streamed)
             cpu_s = (1 - f) * cpu_mm

@@ -22,7 +22,7 @@ from hetero.partitioner.algorithms.problem import (
 from hetero.partitioner.coarsen import GroupGraph
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.decisions import FALLBACK_BACKEND, BackendAssignment, Objective
-from hetero.partitioner.gpu_cpu_split import SplitCost, split_cost
+from hetero.partitioner.gpu_cpu_split import SplitCost, SplitDecision, split_cost
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.host_dtype import retyped
 from hetero.partitioner.plan import Rejection
@@ -117,13 +117,15 @@ def build_problem(
     split: bool = False,
     overlap: bool = False,
     host_dtypes: Mapping[str, str] | None = None,
+    fixed_splits: Mapping[str, SplitDecision] | None = None,
 ) -> tuple[Problem, Context]:
     """`backends` as `resolve_backends` left it (every kind usable); `notes`: its notes.
     `split`: also offer GPUs the `split` weight home (partitioner/gpu_cpu_split.py), for
     bandwidth-bound steps (LLM decode). `overlap`: price weight copies as overlapping other
     groups' work (partitioner/algorithms/overlap.py), as a generation's streamer runs them.
     `host_dtypes`: devices whose partitions compute in another dtype than the model's
-    (partitioner/host_dtype.py), priced so."""
+    (partitioner/host_dtype.py), priced so. `fixed_splits`: per group, the split share and
+    trips a running plan uses, priced as they are rather than chosen again."""
     if microbatches < 1:
         raise ConfigError(f"microbatches must be at least 1, got {microbatches}")
     og = groups.opgraph
@@ -209,6 +211,7 @@ def build_problem(
                             gpu_backend=backend_of[d.name],
                             cpu_backend=backend_of[host.name],
                             scale=scale,
+                            fixed=(fixed_splits or {}).get(g.name),
                         )
                         if cost is not None:
                             splits[gi] = cost

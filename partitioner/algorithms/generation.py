@@ -36,6 +36,7 @@ from hetero.partitioner.coarsen import GroupGraph
 from hetero.partitioner.cost import CostModel
 from hetero.partitioner.decisions import BackendAssignment, Objective
 from hetero.partitioner.generation_plan import GenerationPlan, GroupChoice, StateMove
+from hetero.partitioner.gpu_cpu_split import SplitDecision
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.host_dtype import HostDtype
 from hetero.partitioner.phases import LMGraphs, Phase
@@ -173,11 +174,11 @@ def _setup(lm, cluster, cm, registry, backends, exclude) -> _Setup:
     )
 
 
-def _decode_problem(lm, cluster, cm, setup: _Setup, pins, decode_placements):
+def _decode_problem(lm, cluster, cm, setup: _Setup, pins, decode_placements, fixed_splits=None):
     dgroups = lm_groups(lm.decode, cluster, **setup.common)
     dproblem, dctx = build_problem(
         dgroups, cluster, cm, pins=pins, split=True, overlap=True, notes=setup.notes,
-        host_dtypes=setup.dtypes, **setup.common,
+        host_dtypes=setup.dtypes, fixed_splits=fixed_splits, **setup.common,
     )  # fmt: skip
     dproblem = _keep_for_runtime(_reserve_prefill_slots(dproblem, cluster), cluster)
     if decode_placements:
@@ -195,12 +196,17 @@ def decode_pricing(
     pins: Mapping[str, str] | None = None,
     exclude: Sequence[str] = (),
     decode_placements: Mapping[str, str] | None = None,
+    fixed_splits: Mapping[str, SplitDecision] | None = None,
 ) -> Pricing:
     """The decode problem `plan_generation` solves for these arguments, priced with
     `cost_model`: what a decode plan is re-priced with (`partitioner.reprice`) and its
-    measured partitions are cut into terms with (`calibration.feedback.partition_runs`)."""
+    measured partitions are cut into terms with (`calibration.feedback.partition_runs`).
+    `fixed_splits` (gpu_cpu_split.split_decisions of the plan): its split groups priced at
+    the shares and trips that run, not chosen again at the new prices."""
     setup = _setup(lm, cluster, cost_model, registry, backends, exclude)
-    problem, ctx = _decode_problem(lm, cluster, cost_model, setup, pins, decode_placements)
+    problem, ctx = _decode_problem(
+        lm, cluster, cost_model, setup, pins, decode_placements, fixed_splits
+    )
     return Pricing(problem, ctx, Objective.LATENCY)
 
 

@@ -352,3 +352,38 @@ def test_a_split_shares_only_the_trips_worth_their_hand_offs(big, monkeypatch):
     # the bytes still add up: what the GPU streams (shares and whole matrices) and the CPU reads
     whole_bytes = sum(m.nbytes for m in split_matmuls(big.decode, [o.name for o in ops]))
     assert dear.gpu_bytes + dear.cpu_bytes == pytest.approx(whole_bytes, rel=0.02)
+
+
+def test_a_running_split_is_repriced_as_it_runs(big):
+    """Feedback re-prices the running plan at corrected prices and compares its measured
+    partitions with those prices: a split group keeps the share and trips that ran
+    (`fixed`), where choosing again would price hand-offs that were never made."""
+    from hetero.cluster.profile import CalibrationProfile, RuntimeProfile
+    from hetero.partitioner.cost import CostModel
+    from hetero.partitioner.gpu_cpu_split import SplitDecision
+
+    cluster = ClusterSpec.from_yaml(H200)
+    group = next(g for g in big.decode.coarsen(depth=3).groups if g.name == "model.model.layers.1")
+    ops = [big.decode[n] for n in group.nodes]
+
+    def priced(handoff_s, fixed=None):
+        runtime = (RuntimeProfile("local", 0.0, 0.0, split_handoff=handoff_s),)
+        return split_cost(
+            big.decode, group, ops, cluster.device("node0/gpu"), cluster.device("node0/cpu"),
+            cluster, CostModel(CalibrationProfile("any", runtime=runtime)),
+            gpu_backend="inductor", cpu_backend="eager", fixed=fixed,
+        )  # fmt: skip
+
+    # every matmul shared at a third of the rows: a plan a cheaper round chose, say
+    ran = SplitDecision(fraction=21 / 64, whole=())
+    again = priced(2e-3)  # chosen afresh at dear hand-offs: fewer trips, another share
+    kept = priced(2e-3, fixed=ran)
+    assert (kept.fraction, kept.whole, kept.handoffs) == (ran.fraction, (), 3)
+    assert again.handoffs < 3 and kept.seconds > again.seconds
+    # and a decision that streams some matrices whole is priced with them whole
+    partial = priced(2e-3, fixed=SplitDecision(again.fraction, again.whole))
+    assert (partial.whole, partial.handoffs, partial.seconds) == (
+        again.whole,
+        again.handoffs,
+        pytest.approx(again.seconds),
+    )
