@@ -19,6 +19,7 @@ from hetero.backends.registry import default_registry
 from hetero.cluster.spec import ClusterSpec
 from hetero.errors import ConfigError
 from hetero.interfaces.generate import compile_lm
+from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.runtime.generation import StageBinder
 
 H100 = "configs/clusters/h100-sxm-node.yaml"
@@ -292,6 +293,8 @@ def test_split_layers_share_only_the_matmuls_worth_a_hand_off(
             assert len(shared) == 2
             assert len(whole) == 2 * 7 - sum(len(g.weights) for g in shared)
             assert "matrices streamed whole" in lm.explain()
+            # what the plan decided survives its JSON (a plan saved and built later)
+            assert GenerationPlan.from_json(lm.plan.to_json()) == lm.plan
         assert lm.generate(prompt, 12).tolist() == expected[:, :12].tolist()
     finally:
         lm.shutdown()
