@@ -27,7 +27,7 @@ import logging
 import numbers
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,11 @@ class Generation(abc.ABC):
     def program_choices(self) -> tuple[ProgramChoice, ...]:
         """The host CPU decode programs `settle` chose by measurement (none before it)."""
         return ()
+
+    @abc.abstractmethod
+    def settle_programs(self, skip: Collection[str]) -> None:
+        """Choose the host CPU decode programs by measurement among the candidates not in
+        `skip` (on the last decode step's inputs), nothing else; a no-op where none are."""
 
     @abc.abstractmethod
     def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
@@ -387,11 +392,12 @@ class StageBinder:
             for phase in Phase
         }
 
-    def settle(self) -> None:
-        """Makes every measured choice of the programs bound here (`CompileMode.MEASURED`)."""
+    def settle(self, skip: Collection[str] = ()) -> None:
+        """Makes every measured choice of the programs bound here (`CompileMode.MEASURED`);
+        `skip`: candidates not tried (`NO_COMPILE`: only those that run at once)."""
         with torch.inference_mode():  # as the steps run: the compiled guards check it
             for choice in self.choices.values():
-                choice.settle()
+                choice.settle(skip)
 
     def program_choices(self) -> tuple[ProgramChoice, ...]:
         """The measured choices made so far, by the first stage of each shared program."""
@@ -656,6 +662,12 @@ class CompileMode(enum.Enum):
     MEASURED = "measured"
 
 
+# The CPU decode candidates that compile on their first call (Inductor's: ~18 s cold on the
+# 2-core box): what a generation compiled without feedback rounds does not try, so that its
+# compile measures only programs that run at once (op by op, oneDNN on packed weights).
+NO_COMPILE = ("inductor",)
+
+
 def compile_mode(phase: Phase, stage: StageSpec, stages: Sequence[StageSpec]) -> CompileMode:
     """Decode's tiny steps are what the host's dispatch bounds: they compile. Prefill
     compiles only where its device streams nothing in that phase: a streamed prompt's GPU
@@ -792,6 +804,11 @@ class LocalGeneration(Generation):
 
     def program_choices(self) -> tuple[ProgramChoice, ...]:
         return self.binder.program_choices()
+
+    def settle_programs(self, skip: Collection[str]) -> None:
+        self.binder.settle(skip)
+        for executor in self.executors.values():  # the trials ran other programs
+            executor.metrics.forget_runs()
 
     def measured(self, phase: Phase) -> tuple[Sequence[StageSpec], MetricsSnapshot]:
         executor = self.executors[phase]

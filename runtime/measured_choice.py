@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,13 +84,18 @@ class MeasuredChoice:
         self._last = args
         return self.candidates[0][1](*args)
 
-    def settle(self) -> None:
+    def settle(self, skip: Collection[str] = ()) -> None:
         """Decides on the last call's inputs; nothing to do before a first call or after
-        the choice."""
+        the choice. `skip`: candidates not tried (one that compiles, where the caller will not
+        wait for that); they go with the others not kept, and where fewer than two are left
+        to try nothing is decided."""
         args = self._last
         if self.chosen is not None or args is None:
             return
-        timed = time_candidates(self.candidates, args, warmup=self.warmup, trials=self.trials)
+        tried = [c for c in self.candidates if c[0] not in skip]
+        if len(tried) < 2:  # nothing to choose among: left open for a settle that tries all
+            return
+        timed = time_candidates(tried, args, warmup=self.warmup, trials=self.trials)
         for name, times in timed.items():
             self.times[name].extend(times)
         best = fastest(self.medians_ms)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -163,8 +163,8 @@ class GenerationWorker:
             made.append(self.stages[(phase, index)](ins, k == last))
         return made[-1]
 
-    def settle(self) -> None:
-        self.binder.settle()
+    def settle(self, skip: Collection[str] = ()) -> None:
+        self.binder.settle(skip)
 
     def program_choices(self) -> tuple[ProgramChoice, ...]:
         return self.binder.program_choices()
@@ -301,6 +301,14 @@ class RayGeneration(Generation):
 
         made = ray.get([w.program_choices.remote() for w in self.workers.values()], timeout=60)
         return tuple(c for worker in made for c in worker)
+
+    def settle_programs(self, skip: Collection[str]) -> None:
+        import ray  # optional heavy dependency
+
+        calls = [w.settle.remote(tuple(skip)) for w in self.workers.values()]
+        ray.get(calls, timeout=self.timeout_s)
+        for metrics in self.metrics.values():  # the trials ran other programs
+            metrics.forget_runs()
 
     def move_state(self) -> None:
         import ray  # optional heavy dependency

@@ -73,7 +73,8 @@ def test_cpu_decode_measures_inductor_against_op_by_op_and_keeps_the_faster(tiny
 def test_a_bfloat16_decode_program_also_measures_onednn_on_packed_weights(tmp_path):
     """16-bit CPU layers have a third candidate where oneDNN has a kernel for them: the
     op-by-op program with its Linears on weights packed once (backends/packed_linear.py).
-    Its numerics are the unit tests'; here: measured, and every layer's tokens still come."""
+    Its numerics are the unit tests'; here: a feedback round measures all three, and every
+    layer's tokens still come."""
     from hetero.backends.packed_linear import packable_dtypes
 
     if torch.bfloat16 not in packable_dtypes():
@@ -83,18 +84,41 @@ def test_a_bfloat16_decode_program_also_measures_onednn_on_packed_weights(tmp_pa
     prompt = torch.randint(0, 512, (1, 11))
     lm = hetero.compile(
         model, task="generate", cluster="configs/clusters/cpu-2core.yaml", max_length=64,
-        cache_dir=tmp_path,
+        cache_dir=tmp_path, feedback=True,
     )  # fmt: skip
     try:
-        before = lm.generate(prompt, max_new_tokens=8)
-        lm.generation.settle()
+        before = lm.generate(prompt, max_new_tokens=1)
         choices = lm.generation.binder.choices
         assert choices and all(
             set(c.medians_ms) == {"op-by-op", "inductor", "onednn-packed"} for c in choices.values()
         )
         assert all(len(c.candidates) == 1 for c in choices.values())  # the others dropped
         after = lm.generate(prompt, max_new_tokens=8)
-        assert after.shape == before.shape and after[0, 0] == before[0, 0]  # prefill's token
+        assert after.shape == (1, 8) and after[0, 0] == before[0, 0]  # prefill's token
+    finally:
+        lm.shutdown()
+
+
+def test_without_feedback_the_programs_that_run_at_once_are_still_chosen(tmp_path):
+    """A generation compiled without feedback rounds chooses its CPU decode programs on the
+    warm-up request among those that need no compile (op by op, oneDNN on packed weights):
+    op by op served every request before. Inductor's, which compiles, is left to feedback."""
+    from hetero.backends.packed_linear import packable_dtypes
+
+    if torch.bfloat16 not in packable_dtypes():
+        pytest.skip("oneDNN has no bfloat16 kernel on this CPU: one program, nothing to choose")
+    model = llama_lm().to(torch.bfloat16)
+    lm = hetero.compile(
+        model, task="generate", cluster="configs/clusters/cpu-2core.yaml", max_length=64,
+        cache_dir=tmp_path,
+    )  # fmt: skip
+    try:
+        made = lm.generation.program_choices()
+        assert made and all(set(c.median_ms) == {"op-by-op", "onednn-packed"} for c in made)
+        choices = lm.generation.binder.choices.values()
+        assert all(len(c.candidates) == 1 for c in choices)  # Inductor's never compiled
+        assert "program choice" in {p["name"] for p in lm.compile_times.to_dict()["phases"]}
+        assert lm.generate(torch.tensor([[1, 2, 3]]), 4).shape == (1, 4)
     finally:
         lm.shutdown()
 

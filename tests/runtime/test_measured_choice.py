@@ -58,3 +58,29 @@ def test_one_candidate_is_chosen_at_once():
 def test_no_candidate_is_an_error_naming_the_stage():
     with pytest.raises(ValueError, match="decode:p3"):
         MeasuredChoice([], name="decode:p3")
+
+
+def test_a_settle_that_skips_candidates_chooses_among_the_rest_or_leaves_the_choice_open():
+    calls: list[str] = []
+
+    def three():
+        return MeasuredChoice(
+            [("a", _program("a", 0.003, calls)), ("compiles", _program("compiles", 0.0, calls)),
+             ("b", _program("b", 0.0, calls))],
+            name="p5", warmup=1, trials=2,
+        )  # fmt: skip
+
+    choice = three()
+    choice(1)
+    choice.settle(skip=("compiles",))
+    assert choice.chosen[0] == "b" and "compiles" not in calls  # never ran, and dropped
+    assert [n for n, _ in choice.candidates] == ["b"]
+    two = MeasuredChoice(
+        [("a", _program("a", 0.0, calls)), ("compiles", _program("compiles", 0.0, calls))],
+        name="p6",
+    )
+    two(1)
+    two.settle(skip=("compiles",))  # one left to try: nothing decided, both kept
+    assert two.chosen is None and len(two.candidates) == 2
+    two.settle()
+    assert two.chosen is not None
