@@ -293,7 +293,7 @@ def compile(
             options=options if isinstance(options, Mapping) else None,
             cost_model=cost_model,
             registry=registry,
-            feedback=bool(feedback),
+            feedback=feedback,
             clock=clock,
         )
     if example_inputs is None:

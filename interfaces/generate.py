@@ -254,7 +254,7 @@ def compile_lm(
         # Inductor's, which compiles, waits for feedback rounds
         with clock.phase("program choice"):
             compiled.generation.settle_programs(NO_COMPILE)
-    if feedback:
+    else:
         with clock.phase("feedback"):  # the measured request and the re-plan; a rebuild's
             compiled = _feedback_rounds(  # compiles count under their backends
                 compiled,

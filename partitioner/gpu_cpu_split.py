@@ -325,8 +325,8 @@ def split_cost(
         subsets += list(range(everything - 1, 0, -1))
     steps = range(1, _STEPS)
     if fixed is not None:
-        whole = set(fixed.whole)
-        subsets = [sum(1 << j for j, t in enumerate(trips) if not set(t.weights) <= whole)]
+        kept_whole = set(fixed.whole)
+        subsets = [sum(1 << j for j, t in enumerate(trips) if not set(t.weights) <= kept_whole)]
         steps = [min(_STEPS - 1, max(1, round(fixed.fraction * _STEPS)))]
     best: SplitCost | None = None
     for mask in subsets:
