@@ -308,6 +308,9 @@ class Manifest:
     out_spec: str = ""
     # CompileOptions.dtype the artifact was built for: its runner casts floating inputs to it.
     dtype: str = ""
+    # Tensors a call passes after the activations, read from a weights file of the artifact
+    # (TVM's CPU libraries take their folded weights so: backends/tvm/params.py).
+    params: int = 0
     # Where the compile's time went (seconds by step: "autotune", "codegen", ...) and what it
     # worked through ("kernels", "configs"): hetero/compile_times.py shows them per backend.
     build_seconds: Mapping[str, float] = field(default_factory=dict)

@@ -32,6 +32,7 @@ from torch import nn
 from hetero.backends.base import Artifact, CompileOptions
 from hetero.backends.tvm.backend import LIBRARY, TVMBackend, _spec_string
 from hetero.backends.tvm.lower import build
+from hetero.backends.tvm.params import PARAMS, save_params
 from hetero.backends.units import units_for
 from hetero.cluster.spec import DeviceSpec
 from hetero.interfaces.models import tiny_gpt
@@ -69,11 +70,17 @@ def models() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
 
 
 def compiled(unit, device: DeviceSpec, safe: bool, where: Path):
-    ex, spec = build(unit, device, CompileOptions(), None, safe_indexing=safe)
+    ex, spec, weights = build(unit, device, CompileOptions(), None, safe_indexing=safe)
     out = where / ("safe" if safe else "fast")
     out.mkdir()
     ex.export_library(str(out / LIBRARY))
-    manifest = {"out_spec": _spec_string(spec, len(unit.outputs)), "dtype": ""}
+    if weights:
+        save_params(weights, out / PARAMS)
+    manifest = {
+        "out_spec": _spec_string(spec, len(unit.outputs)),
+        "dtype": "",
+        "params": len(weights),
+    }
     return TVMBackend().load(Artifact("tvm", out.name, out, manifest), device)
 
 

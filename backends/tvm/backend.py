@@ -4,13 +4,12 @@ Targets: llvm for CPUs, the same llvm build for `npu` devices (no NPU is reachab
 artifact runs emulated on the host, with the NPU's op set and dtypes enforced by
 `supports`), and CUDA with dlight's default GPU schedules.
 
-Weights are folded into the compiled module as constants rather than shipped as a
-safetensors file beside it. Why: TVM then constant-folds everything that depends only on
-weights at compile time (weight transposes for the BLAS dispatch, casts to the compile
-dtype, position tables), so no per-call work or extra copy is spent on them; the artifact
-is one file whose sha256 the cache checks before the native code is ever mapped; and a
-loader needs nothing but the TVM runtime. The cost is a larger .so per partition, which
-matters only for partitions of several GB; the partitioner cuts those anyway.
+Weights enter the Relax module as constants, so TVM constant-folds everything that depends
+only on weights at compile time (weight transposes for the BLAS dispatch, casts to the
+compile dtype, position tables) and no per-call work or extra copy is spent on them. On a
+CPU the folded weights then leave the module for `params.safetensors` beside the library
+(params.py says what keeping them inside cost); the cache checks both files' sha256 before
+the native code is ever mapped, and a loader needs nothing but the TVM runtime and torch.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from hetero.backends.tvm.frontend import unsupported_reason
 from hetero.backends.tvm.kernels import register_kernels
 from hetero.backends.tvm.lower import build
 from hetero.backends.tvm.options import TVMOptions
+from hetero.backends.tvm.params import PARAMS, load_params, save_params
 from hetero.cluster.spec import DeviceSpec
 from hetero.environment import BIND_THREADS, THREAD_ENV
 from hetero.errors import CompileError
@@ -132,8 +132,10 @@ class TVMBackend(Backend):
         where = f"partition {unit.name} on {device.name} ({self.target(device, options)})"
         dtype = getattr(torch, options.dtype) if options.dtype else None
         try:
-            ex, out_spec = build(unit, device, options, dtype)
+            ex, out_spec, weights = build(unit, device, options, dtype)
             ex.export_library(str(out_dir / LIBRARY))
+            if weights:
+                save_params(weights, out_dir / PARAMS)
         except Exception as e:  # TVM raises many types; all mean "this partition did not build"
             raise CompileError(f"TVM could not compile {where}: {type(e).__name__}: {e}") from e
         return self.manifest(
@@ -141,8 +143,9 @@ class TVMBackend(Backend):
             device,
             options,
             out_dir,
-            [LIBRARY],
+            [LIBRARY, PARAMS] if weights else [LIBRARY],
             versions={**self.versions(), "host": platform.machine()},
+            params=len(weights),
             emulated=device.kind == "npu" or device.emulated,
             out_spec=_spec_string(out_spec, len(unit.outputs)),
             dtype=options.dtype or "",
@@ -176,6 +179,12 @@ class TVMBackend(Backend):
             tdev = torch.device("cpu")
             self.prepare_process(device)
         lib = tvm.runtime.load_module(str(artifact.path / LIBRARY))
+        count = int(artifact.manifest.get("params") or 0)
+        # torch's tensors own the memory; TVM's views of them are made once, not per call
+        weights = tuple(
+            tvm.runtime.from_dlpack(w)
+            for w in (load_params(artifact.path / PARAMS, count, tdev) if count else ())
+        )
         vm = VirtualMachine(lib, dev)
         main = vm["main"]
         spec = artifact.manifest.get("out_spec") or ""
@@ -207,7 +216,7 @@ class TVMBackend(Backend):
                 for a in flat_in
             ]
             with turn:
-                out = main(*args)
+                out = main(*args, *weights)
             outs = tuple(out) if not isinstance(out, tvm.runtime.Tensor) else (out,)
             flat = [torch.from_dlpack(o) if isinstance(o, tvm.runtime.Tensor) else o for o in outs]
             return tuple(pytree.tree_unflatten(flat, tree)) if tree is not None else tuple(flat)

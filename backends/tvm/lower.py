@@ -7,6 +7,8 @@ CPU (llvm, also for emulated NPUs):
   -> LegalizeOps, with vectorizable GELU/erf/tanh/exp/softmax (fastmath.py) -> FuseOps/FuseTIR
   -> tuned schedules from the MetaSchedule database where it has them (tune.py)
   -> default parallel/vectorized CPU schedules for the rest (schedule.py)
+  -> the large constants (weights, as the passes left them) lifted into `main`'s
+     parameters, saved beside the library (params.py)
   -> TVM's CPU lowering and finalisation passes.
 CUDA: TVM's default CUDA pipeline, whose legalisation applies dlight's GPU rules.
 """
@@ -23,6 +25,7 @@ from hetero.backends.tvm.frontend import to_relax
 from hetero.backends.tvm.kernels import register_kernels
 from hetero.backends.tvm.linear import offload_linears
 from hetero.backends.tvm.options import ONEDNN_MIN_FLOPS, TVMOptions
+from hetero.backends.tvm.params import lift_constants
 from hetero.backends.tvm.schedule import apply_cpu_schedules
 from hetero.backends.tvm.tune import apply_tuning
 from hetero.cluster.spec import DeviceSpec
@@ -40,16 +43,19 @@ def build(
     *,
     safe_indexing: bool = True,
 ):
-    """(VM executable, pytree spec of the unit's outputs). `safe_indexing=False` is for
+    """(VM executable, pytree spec of the unit's outputs, the weights its `main` takes after
+    the activations: TVM tensors, see params.py). `safe_indexing=False` is for
     benchmarks/safe_gather.py alone (frontend.to_relax says why)."""
     import tvm  # optional (hetero[tvm]): loaded on first use
 
     target = targets.make_target(device, options)
     mod, out_spec = to_relax(unit, dtype, safe_indexing=safe_indexing)
     if target.kind.name == "cuda":
-        return tvm.compile(mod, target, relax_pipeline="default"), out_spec
+        # the default CUDA pipeline folds weight transposes itself: they stay constants
+        return tvm.compile(mod, target, relax_pipeline="default"), out_spec, ()
     mod = optimize_cpu(mod, target, options)
-    return tvm.compile(mod, target, relax_pipeline=_cpu_lowering(target)), out_spec
+    mod, weights = lift_constants(mod)
+    return tvm.compile(mod, target, relax_pipeline=_cpu_lowering(target)), out_spec, weights
 
 
 def optimize_cpu(mod, target, options: CompileOptions):

@@ -188,3 +188,48 @@ def test_one_loaded_partition_serves_several_threads_at_once(tmp_path_factory):
         timeout=600,
     )
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_every_lifted_weight_is_handed_back_to_its_call(
+    dtype, tmp_path_factory, cpu_device, outputs_match, monkeypatch
+):
+    """A library's large constants (weights, folded: transposed, cast) leave it for
+    params.safetensors and come back as trailing arguments of `main`; with every constant
+    lifted (threshold 0: scalars, biases, masks too) GPT-2's and BERT's partitions still
+    match eager. A fresh cache: the threshold is not part of the artifact key."""
+    from hetero.backends.cache import ArtifactCache
+    from hetero.backends.tvm import params
+
+    monkeypatch.setattr(params, "LIFT_MIN_BYTES", 0)
+    cache = ArtifactCache(tmp_path_factory.mktemp("lifted"))
+    tvm = default_registry().get("tvm")
+    for factory in (_gpt2, _bert):
+        m, args = factory()
+        m = m.to(dtype)
+        graph = capture(m, args)
+        _, units, env = units_for(graph, contiguous_cut(graph, 2), *args)
+        for unit in units:
+            art = cache.build(tvm, unit, cpu_device, CompileOptions())
+            assert art.manifest["params"] > 0 and params.PARAMS in art.files
+            outputs_match(unit, tvm.load(art, cpu_device)(*unit.example_inputs), env, TOL[dtype])
+
+
+def test_a_library_keeps_no_large_weight(artifact_cache, cpu_device):
+    """The MLP block's two 1 MiB weights live in params.safetensors, not in module.so:
+    exporting and loading a library that held them cost GPT-2 small 24 s and 4-7 s."""
+    from hetero.backends.tvm.backend import LIBRARY
+    from hetero.backends.tvm.params import PARAMS, load_params
+
+    m, args = mlp_block(batch=2, seq=8)
+    graph = capture(m, args)
+    _, units, _ = units_for(graph, {n: 0 for n in graph.order}, *args)
+    tvm = default_registry().get("tvm")
+    art = artifact_cache.build(tvm, units[0], cpu_device, CompileOptions())
+    weights = sum(p.numel() * p.element_size() for p in m.parameters() if p.dim() == 2)
+    assert art.manifest["params"] == 2
+    assert (art.path / PARAMS).stat().st_size >= weights
+    assert (art.path / LIBRARY).stat().st_size < weights / 4
+    torch.testing.assert_close(tvm.load(art, cpu_device)(*args)[0], m(*args), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"holds 2 weights where the library takes 3"):
+        load_params(art.path / PARAMS, 3, torch.device("cpu"))
