@@ -253,7 +253,7 @@ class EagerBackend(Backend):
                 files.append(WEIGHTS_FILE)
         else:
             ep = export_unit(unit, dtype)
-        save_program(ep, out_dir / "program.pt2", weights_as_inputs=bool(streamed))
+        save_program(ep, out_dir / "program.pt2", weights_as_inputs=bool(streamed), unit=unit)
         return self.manifest(
             unit,
             device,

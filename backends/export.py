@@ -45,19 +45,32 @@ class UnitModule(torch.nn.Module):
 
 
 def save_program(
-    ep: torch.export.ExportedProgram, path: Path | str, *, weights_as_inputs: bool
+    ep: torch.export.ExportedProgram,
+    path: Path | str,
+    *,
+    weights_as_inputs: bool,
+    unit: CompileUnit | None = None,
 ) -> None:
     """torch.export.save, without the example inputs when the program takes its weights as
     inputs (streamed pieces, a generation's bound stages): the archive would otherwise hold
     a second copy of every weight (`sample_inputs/model.pt`: 1.6 GB for one stage of a 7B
     model's layers), written at compile and read back at every load. Nothing that loads such
-    a program calls it on its examples."""
+    a program calls it on its examples. A `unit` sharing its exports saves one of them once
+    for every backend (`SharedExports.saved_file`)."""
     if weights_as_inputs:
         # a shallow copy: `ep` may be shared with other backends (SharedExports), whose own
         # save or load still wants its examples
-        ep = copy.copy(ep)
-        ep.example_inputs = None
-    torch.export.save(ep, path)
+        saved = copy.copy(ep)
+        saved.example_inputs = None
+    else:
+        saved = ep
+    if unit is None or unit.exports is None:
+        torch.export.save(saved, path)
+        return
+    # keyed by the program object itself (held by the key: its id is never reused)
+    unit.exports.saved_file(
+        ("program", ep, weights_as_inputs), Path(path), lambda p: torch.export.save(saved, p)
+    )
 
 
 def runnable(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:

@@ -118,7 +118,7 @@ class InductorBackend(Backend):
             order = json.dumps(list(weights))
             save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"params": order})
             files.append(WEIGHTS_FILE)
-        save_program(ep, out_dir / "program.pt2", weights_as_inputs=bool(streamed))
+        save_program(ep, out_dir / "program.pt2", weights_as_inputs=bool(streamed), unit=unit)
         settings = {
             "mode": mode,
             "fullgraph": own.fullgraph,

@@ -213,12 +213,25 @@ def test_the_candidates_share_one_export_of_the_partition(mlp, tmp_path, monkeyp
         exports.append(1)
         return real(*a, **k)
 
+    saves = []
+    real_save = torch.export.save
+
+    def counting_saves(*a, **k):
+        saves.append(1)
+        return real_save(*a, **k)
+
     monkeypatch.setattr(torch.export, "export", counting)  # where export.py looks it up
+    monkeypatch.setattr(torch.export, "save", counting_saves)
     cm = compile_mlp(mlp, tmp_path, "faulty")
     (p,) = cm.plan.partitions
     assert {t.backend for t in p.choice} == {"eager", "faulty"}  # both compiled and checked
     assert not any(t.note.startswith(("compile", "run", "wrong")) for t in p.choice), p.choice
     assert len(exports) == 1, f"{len(exports)} exports of one partition by 2 candidates"
+    # ... and one program written: the second candidate's is a link to the first's
+    assert len(saves) == 1, f"the same program saved {len(saves)} times"
+    programs = sorted((tmp_path / "cache").glob("*/program.pt2"))
+    assert len(programs) == 2 and programs[0].samefile(programs[1])
+    assert not list((tmp_path / "cache").glob(".shared-*")), "the shared copy outlived its unit"
     model, x, _ = mlp
     with torch.no_grad():
         torch.testing.assert_close(cm(*x), model(*x))
