@@ -1,26 +1,33 @@
-"""Where hetero.compile's time goes on this machine's CPUs: GPT-2 small, torchvision
-ConvNeXt-T and the tests' tiny LLaMA (generation), each compiled into a fresh cache, with
-`CompileTimes` printed (the note explain() shows) and written as JSON.
+"""Where hetero.compile's time goes on this machine's CPUs, against torch.compile's cold
+compile of the same model: GPT-2 small, torchvision ConvNeXt-T and the tests' tiny LLaMA
+(generation; hetero only), each compiled into a fresh artifact cache, with `CompileTimes`
+printed (the note explain() shows) and written as JSON.
 
-    python benchmarks/compile_times_cpu.py --json /tmp/ctimes.json
-    python benchmarks/compile_times_cpu.py --models gpt2 --choose fixed
+Every compile runs in a fresh process with a fresh Inductor cache (TORCHINDUCTOR_CACHE_DIR),
+so neither way finds kernels an earlier run compiled; the ways alternate `--repeats` times.
+
+    python benchmarks/compile_times_cpu.py --models gpt2 --repeats 2 --json /tmp/ctimes.json
+    python benchmarks/compile_times_cpu.py --models gpt2 --choose fixed --ways hetero
+    python benchmarks/compile_times_cpu.py --models gpt2 --twice     # a second compile, same cache
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-import hetero
+WAYS = ("hetero", "torch.compile")
 
 
 def gpt2(batch: int, seq: int):
+    import torch
     from transformers import GPT2Config, GPT2Model
 
     model = GPT2Model(GPT2Config(use_cache=False)).eval()
@@ -28,46 +35,104 @@ def gpt2(batch: int, seq: int):
 
 
 def convnext(batch: int):
+    import torch
     from torchvision.models import convnext_tiny
 
     return convnext_tiny().eval(), (torch.randn(batch, 3, 224, 224),)
 
 
+def one(model_name: str, way: str, choose: str, twice: bool) -> list[dict]:
+    """Compile `model_name` one `way` in this process (a child); its rows."""
+    import torch
+
+    import hetero
+
+    torch.manual_seed(0)
+    cache = tempfile.mkdtemp(prefix="hetero-ctimes-")
+    rows = []
+    # built once: a second build draws other random weights, hence other artifact keys
+    if model_name != "tiny-llama":
+        model, inputs = gpt2(1, 128) if model_name == "gpt2" else convnext(2)
+    for attempt in range(2 if twice else 1):
+        start = time.perf_counter()
+        if way == "torch.compile":
+            compiled = torch.compile(model)
+            with torch.no_grad():
+                compiled(*inputs)  # Inductor compiles on the first call
+            rows.append({"model": model_name, "way": way, "attempt": attempt + 1,
+                         "wall_s": time.perf_counter() - start})  # fmt: skip
+            continue
+        if model_name == "tiny-llama":
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from llm_models import llama_lm
+
+            compiled = hetero.compile(
+                llama_lm(), task="generate", max_length=64, cache_dir=cache, executor="local"
+            )
+        else:
+            with torch.no_grad():
+                compiled = hetero.compile(
+                    model, inputs, cache_dir=cache, executor="local", choose=choose
+                )
+        wall = time.perf_counter() - start
+        times = compiled.compile_times
+        plan = compiled.plan
+        plans = (plan.prefill, plan.decode) if hasattr(plan, "decode") else (plan,)
+        chosen = sorted({p.backend for plan in plans for p in plan.partitions})
+        compiled.shutdown()
+        rows.append({"model": model_name, "way": way, "attempt": attempt + 1, "wall_s": wall,
+                     "backends": chosen, "note": times.note(),
+                     "compile_times": times.to_dict()})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="gpt2,convnext-t,tiny-llama")
+    ap.add_argument("--ways", default=",".join(WAYS), help="hetero and/or torch.compile")
     ap.add_argument("--choose", default="measured", help="measured or fixed (backend choice)")
     ap.add_argument("--twice", action="store_true", help="compile again into the same cache")
+    ap.add_argument("--repeats", type=int, default=1, help="alternations of the ways")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "WAY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    rows = []
+    if args.child:
+        rows = one(args.child[0], args.child[1], args.choose, args.twice)
+        print("ROWS " + json.dumps(rows), flush=True)
+        return
+    rows: list[dict] = []
     for name in args.models.split(","):
-        cache = tempfile.mkdtemp(prefix="hetero-ctimes-")
-        # built once: a second build draws other random weights, hence other artifact keys
-        # (--twice then compiled another model and measured a miss, not the cache)
-        if name != "tiny-llama":
-            model, inputs = gpt2(1, 128) if name == "gpt2" else convnext(2)
-        for attempt in range(2 if args.twice else 1):
-            start = time.perf_counter()
-            if name == "tiny-llama":
-                sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-                from llm_models import llama_lm
-
-                compiled = hetero.compile(
-                    llama_lm(), task="generate", max_length=64, cache_dir=cache, executor="local"
+        ways = [w for w in args.ways.split(",") if name != "tiny-llama" or w == "hetero"]
+        for _ in range(args.repeats):
+            for way in ways:
+                env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="ind-"))
+                cmd = [sys.executable, __file__, "--child", name, way, "--choose", args.choose]
+                out = subprocess.run(
+                    cmd + (["--twice"] if args.twice else []),
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=False,
                 )
-            else:
-                with torch.no_grad():
-                    compiled = hetero.compile(
-                        model, inputs, cache_dir=cache, executor="local", choose=args.choose
+                found = [ln for ln in out.stdout.splitlines() if ln.startswith("ROWS ")]
+                if out.returncode or not found:
+                    print(f"{name} {way}: failed\n{out.stderr[-3000:]}", flush=True)
+                    continue
+                for row in json.loads(found[-1][5:]):
+                    rows.append(row)
+                    extra = (
+                        f"; {row['note']} (ran {', '.join(row['backends'])})"
+                        if "note" in row
+                        else ""
                     )
-            wall = time.perf_counter() - start
-            times = compiled.compile_times
-            compiled.shutdown()
-            print(f"{name} (compile {attempt + 1}): {wall:.1f} s wall; {times.note()}", flush=True)
-            rows.append({"model": name, "attempt": attempt + 1, "wall_s": wall,
-                         "compile_times": times.to_dict()})  # fmt: skip
+                    print(f"{name} {way} (compile {row['attempt']}): {row['wall_s']:.1f} s{extra}",
+                          flush=True)  # fmt: skip
+        first = [r for r in rows if r["model"] == name and r["attempt"] == 1]
+        walls = {w: [r["wall_s"] for r in first if r["way"] == w] for w in ways}
+        if all(walls.get(w) for w in WAYS):
+            h, t = (statistics.median(walls[w]) for w in WAYS)
+            print(f"{name}: hetero {h:.1f} s, torch.compile {t:.1f} s: {h / t:.2f}x (medians "
+                  f"of {len(walls['hetero'])})", flush=True)  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
