@@ -16,7 +16,7 @@ ORDER = [
         "backend_suite.md",
         "GPU: issue 15's suite, hetero's measured backend vs torch.compile (issue 15)",
     ),
-    ("compile_times.md", "CPU: a second compile into the same cache (issue 15)"),
+    ("compile_times.md", "CPU: compile time against torch.compile; a second compile (issue 15)"),
     ("unnamed_models.md", "CPU: models hetero was never tuned on (a new user's trial)"),
     ("cpu_choice.md", "CPU: the backend chosen by measurement; a 7B decode layer (issue 15)"),
     ("partitioner.md", "Planning time, cost-model accuracy, calibration (issue 3)"),
