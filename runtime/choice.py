@@ -14,9 +14,9 @@ eager on a GPU) is tried last, and only when no other candidate passed its check
 records it as not measured, and why.
 
 Timing: `calibration.timing.time_call` (the fastest of short rounds; a call longer than a
-round's budget: the fastest of SLOW_SAMPLES calls); the candidates take turns, `ROUNDS`
+round's budget: the fastest of SLOW_SAMPLES calls); the candidates take turns, up to `ROUNDS`
 times each, so that a burst of load on a shared machine falls on all of them rather than on
-whichever ran during it.
+whichever ran during it; one left over RACE_WITHIN times the leader by a turn takes no more.
 
 Cached: one signed record per (candidates' artifact keys, device and thread settings) in
 the artifact cache (`ArtifactCache.write_record`). The settings are read after every
@@ -90,6 +90,12 @@ ALTERNATE_MAX_BYTES = 2 << 30
 # it cannot win, and timing it took long (untuned TVM convolutions ran ResNet-18 at 12.7 s
 # per call against inductor's 0.14 s: 21 timed calls, 9 of the compile's 10 minutes).
 TIME_ONLY_WITHIN = 10.0
+# After a turn, a candidate whose fastest time so far is over this many times the leader's
+# takes no more turns: its recorded time is its best of those it took. A turn is noisy on a
+# shared box, but not by 30%: the later turns only settle which of the close ones wins
+# (GPT-2 small's turns took 7-8 s of a 55 s compile on the 2-core box, Inductor's and
+# eager's at 1.3-1.5x TVM's).
+RACE_WITHIN = 1.3
 _NOTE_CHARS = 160
 
 
@@ -507,10 +513,17 @@ def _too_slow(name: str, checked: Mapping[str, float], notes: dict[str, str]) ->
 
 
 def _alternate(runners: Mapping[str, Runner], acts: tuple, sync) -> dict[str, float]:
+    """Milliseconds per call of each runner, the fastest of its turns: up to ROUNDS turns
+    each, taken in turn, and none after a turn that left it over RACE_WITHIN times the
+    leader."""
     best = {name: math.inf for name in runners}
-    for _ in range(ROUNDS):
-        for name, run in runners.items():
+    racing = dict(runners)
+    for turn in range(ROUNDS):
+        for name, run in racing.items():
             best[name] = min(best[name], _time(run, acts, sync, 1))
+        if turn < ROUNDS - 1:
+            lead = min(best[n] for n in racing)
+            racing = {n: r for n, r in racing.items() if best[n] <= RACE_WITHIN * lead}
     return best
 
 

@@ -362,3 +362,22 @@ def test_plain_eager_is_a_last_resort_on_a_gpu_only():
 
     assert EagerBackend.last_resort_kinds == ("gpu",)
     assert CudaGraphsBackend.last_resort_kinds == ()  # it inherits the eager backend's rest
+
+
+def test_a_candidate_far_behind_after_a_turn_takes_no_more_turns(monkeypatch):
+    """Racing: the leader and a close one take every turn; one over RACE_WITHIN times the
+    leader after the first turn takes no more (its time is its best so far)."""
+    monkeypatch.setattr(choice_mod, "_time", lambda run, acts, sync, rounds: run())
+    turns = {"fast": 0, "close": 0, "slow": 0}
+    ms = {"fast": 10.0, "close": 12.0, "slow": 20.0}
+
+    def runner(name):
+        def run():
+            turns[name] += 1
+            return ms[name]
+
+        return run
+
+    best = choice_mod._alternate({n: runner(n) for n in ms}, (), lambda: None)
+    assert best == ms
+    assert turns == {"fast": choice_mod.ROUNDS, "close": choice_mod.ROUNDS, "slow": 1}
