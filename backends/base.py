@@ -154,7 +154,12 @@ class SharedExports:
         with self._lock:
             if key not in self._files:
                 if self._dir is None:  # beside the artifact's directory: one filesystem
-                    self._dir = Path(tempfile.mkdtemp(prefix=".shared-", dir=path.parent.parent))
+                    try:
+                        made = tempfile.mkdtemp(prefix=".shared-", dir=path.parent.parent)
+                    except OSError:  # nowhere to keep a first copy: every backend writes
+                        write(path)
+                        return
+                    self._dir = Path(made)
                     weakref.finalize(self, shutil.rmtree, self._dir, True)
                 # under its own name: torch.export.save names the archive's folder after it
                 first = self._dir / str(len(self._files)) / path.name
