@@ -96,9 +96,11 @@ def save_params(values: Sequence[Any], path: Path) -> None:
     seen: set[int] = set()
     for i, v in enumerate(values):
         t = torch.from_dlpack(v)
-        if t.data_ptr() in seen or not t.is_contiguous():  # safetensors stores no aliases
-            t = t.contiguous().clone()
-        seen.add(t.data_ptr())
+        storage = t.untyped_storage().data_ptr()
+        if storage in seen or not t.is_contiguous():  # safetensors stores no aliases
+            t = t.contiguous().clone() if t.is_contiguous() else t.contiguous()
+            storage = t.untyped_storage().data_ptr()
+        seen.add(storage)
         tensors[_name(i)] = t
     save_file(tensors, str(path), metadata={"count": str(len(values))})
 
