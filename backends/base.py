@@ -123,7 +123,8 @@ class SharedExports:
     the unit while it is attached (`CompileUnit.sharing_exports`): the measured choice
     (runtime/choice.py) compiles one partition with up to five backends, and eager,
     cudagraphs, inductor, inductor-cudagraphs and TVM each began with the same export
-    (1.1-1.7 s each for ConvNeXt-T or MobileNet on an H200).
+    (1.1-1.7 s each for ConvNeXt-T or MobileNet on an H200). The files they save from one
+    program are shared too (`saved_file`): one write, hard links for the others.
 
     A program handed out here is shared: a backend must not change it (run_decompositions
     returns a new program; `save_program` saves a copy when it drops the examples).
