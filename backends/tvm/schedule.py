@@ -133,8 +133,15 @@ def cpu_rules() -> list:
                 lane, red = loops[1], loops[-1]
                 sch.reorder(red, lane)
                 sch.vectorize(sch.get_loops(block)[-1])
-            elif sch.get(block).init is None and len(sch.get_loops(block)) > 1:
-                # injective, with a loop of its own under the row loop: vectorize it
+            elif (
+                sch.get(block).init is None
+                and len(sch.get_loops(block)) > 1
+                and str(sch.get(block).writes[0].source.dtype) != "bool"
+            ):
+                # injective, with a loop of its own under the row loop: vectorize it. Not
+                # where it writes booleans (a causal mask fused into an attention matmul):
+                # LLVM's codegen met a select of a loaded bool (stored as int8) and a bool
+                # constant as int8x16 against boolx16, and the partition did not build.
                 inner = sch.get_loops(block)[-1]
                 extent = get_extent(sch, inner)
                 if isinstance(extent, int) and extent > vec and extent % vec == 0:

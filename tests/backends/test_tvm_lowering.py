@@ -84,6 +84,23 @@ def test_offloaded_linears_match_eager(onednn, epilogues, artifact_cache, cpu_de
         assert float((g - w).norm() / w.norm()) < 1e-5
 
 
+def test_without_blas_a_causal_mask_fused_into_attention_builds(artifact_cache, cpu_device):
+    """blas: False leaves the attention matmuls to TVM, where FuseOps puts the causal mask
+    (booleans) in the matmul's kernel; the row rule vectorized the mask's blocks and LLVM's
+    codegen refused the result (int8x16 against boolx16): the demo model did not build."""
+    m, args = tiny_gpt(batch=2, seq=64)
+    graph = capture(m, args)
+    _, units, _ = units_for(graph, {n: 0 for n in graph.order}, *args)
+    opts = CompileOptions(extra=(("blas", False),))
+    (art,) = compile_units([CompileJob(units[0], cpu_device, "tvm", opts)], artifact_cache,
+                           workers=1, progress=False)  # fmt: skip
+    got = default_registry().get("tvm").load(art, cpu_device)(*args)
+    with torch.no_grad():
+        want = m(*args)
+    torch.testing.assert_close(got[0], want if torch.is_tensor(want) else want[0],
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
 def test_kernels_fall_back_without_onednn(monkeypatch):
     """A torch built without oneDNN still runs an offloaded artifact (F.linear + epilogue)."""
     import tvm
