@@ -19,7 +19,7 @@ from hetero.partitioner.graph import capture
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
 
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 def _gpt2():
@@ -54,8 +54,18 @@ def _demo():
 MODELS = {"demo": (_demo, 3), "gpt2": (_gpt2, 2), "bert": (_bert, 2)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("model", sorted(MODELS))
+# bfloat16: TVM's layer_norm and power refuse it, and the importer runs them in float32 (a
+# bfloat16 GPT-2 or BERT did not build). Not BERT's cut here: its first partition returns
+# LayerNorm's mean, ~5e-4 over rows of ~1, where bfloat16 sums that round differently
+# (TVM adds the three embeddings in one kernel) leave a 30% relative difference.
+BF16 = [("demo", torch.bfloat16), ("gpt2", torch.bfloat16)]
+
+
+@pytest.mark.parametrize(
+    ("model", "dtype"),
+    [(m, d) for m in sorted(MODELS) for d in (torch.float32, torch.float16)] + BF16,
+    ids=lambda v: {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(v, v),
+)
 def test_partitions_match_eager(model, dtype, artifact_cache, cpu_device, outputs_match):
     factory, pieces = MODELS[model]
     m, args = factory()
