@@ -490,5 +490,4 @@ def hash_files(
     out_dir: Path, names: Sequence[str], shared: SharedExports | None = None
 ) -> dict[str, str]:
     """name -> sha256 of each file; a file `shared` saved is not read again."""
-    known = (shared.digest(out_dir / n) if shared is not None else None for n in names)
-    return {n: k or sha256_file(out_dir / n) for n, k in zip(names, known, strict=True)}
+    return {n: (shared and shared.digest(out_dir / n)) or sha256_file(out_dir / n) for n in names}

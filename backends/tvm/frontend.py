@@ -61,15 +61,21 @@ def _importer_class():
                     "scaled_dot_product_attention.default": self._sdpa,
                 }
             )
+            # Ops TVM refuses in bfloat16 (layer_norm takes float32 or float16 alone, "power
+            # only applies to float"; a bfloat16 GPT-2 or BERT did not build): in float32, as
+            # torch's bfloat16 kernels accumulate, the result rounded back
+            for key in (
+                "native_layer_norm.default",
+                "pow.Tensor_Scalar",
+                "pow.Tensor_Tensor",
+                "pow.Scalar",
+            ):
+                if key in table:
+                    table[key] = self._bfloat16_in_float32(table[key])
             if "native_layer_norm.default" in table:
                 table["native_layer_norm.default"] = self._with_stats(
                     table["native_layer_norm.default"]
                 )
-            # Ops TVM refuses in bfloat16 ("power only applies to float"): in float32, the
-            # result rounded back
-            for key in ("pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar"):
-                if key in table:
-                    table[key] = self._bfloat16_in_float32(table[key])
             # Accumulations over bool/int input: torch accumulates in its output dtype (int64
             # for bool); TVM would accumulate in the input's, and LLVM has no bool add.
             for key in (
@@ -92,15 +98,9 @@ def _importer_class():
             removed by dead-code elimination."""
 
             def run(node: fx.Node):
+                out = convert(node)
                 bb = self.block_builder
                 x = self.env[node.args[0]]
-                if str(x.ty.dtype) == "bfloat16":
-                    # TVM's layer_norm takes float32 or float16 alone (a bfloat16 GPT-2 or
-                    # BERT did not build): normalise in float32, as torch's bfloat16 kernel
-                    # accumulates, and round the output back
-                    out = bb.emit(relax.op.astype(self._in_float32(convert, node), "bfloat16"))
-                else:
-                    out = convert(node)
                 ndims = len(node.args[1])
                 eps = node.args[4] if len(node.args) > 4 else 1e-5
                 axes = list(range(-ndims, 0))
@@ -119,28 +119,29 @@ def _importer_class():
             return run
 
         def _bfloat16_in_float32(self, convert):
+            """`convert` with its node's bfloat16 tensor arguments cast to float32 and the
+            result cast back to bfloat16 (as it was where none is bfloat16)."""
+
             def run(node: fx.Node):
-                if _torch_dtype_name(node.meta.get("val")) != "bfloat16":
+                bb = self.block_builder
+                saved = {
+                    a: self.env[a]
+                    for a in node.args
+                    if isinstance(a, fx.Node)
+                    and str(getattr(getattr(self.env.get(a), "ty", None), "dtype", ""))
+                    == "bfloat16"
+                }
+                if not saved:
                     return convert(node)
-                out = self._in_float32(convert, node)
-                return self.block_builder.emit(relax.op.astype(out, "bfloat16"))
+                for a, v in saved.items():
+                    self.env[a] = bb.emit(relax.op.astype(v, "float32"))
+                try:
+                    out = convert(node)
+                finally:
+                    self.env.update(saved)
+                return bb.emit(relax.op.astype(out, "bfloat16"))
 
             return run
-
-        def _in_float32(self, convert, node: fx.Node):
-            """`convert(node)` with its bfloat16 tensor arguments cast to float32."""
-            saved = {}
-            for a in node.args:
-                v = self.env.get(a) if isinstance(a, fx.Node) else None
-                if v is not None and str(getattr(getattr(v, "ty", None), "dtype", "")) == (
-                    "bfloat16"
-                ):
-                    saved[a] = v
-                    self.env[a] = self.block_builder.emit(relax.op.astype(v, "float32"))
-            try:
-                return convert(node)
-            finally:
-                self.env.update(saved)
 
         def _accumulate_in_out_dtype(self, convert):
             def run(node: fx.Node):

@@ -87,7 +87,7 @@ def _worth_lifting(ty: Any, min_bytes: int) -> bool:
             numel *= int(d)
     except TypeError:  # a symbolic dim: not a weight
         return False
-    return numel * torch.empty((), dtype=getattr(torch, dtype)).element_size() >= min_bytes
+    return numel * getattr(torch, dtype).itemsize >= min_bytes
 
 
 def save_params(values: Sequence[Any], path: Path) -> None:
