@@ -298,10 +298,17 @@ def mlp_features(w: torch.Tensor, gated: bool) -> int:
 
 
 def mlp_share(
-    x: torch.Tensor, w: torch.Tensor, act: str, gated: bool, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    w: torch.Tensor,
+    act: str,
+    gated: bool,
+    out: torch.Tensor | None = None,
+    host: bool = False,
 ) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) (or down(act(up(x)))) over the features `w` holds: a
-    [tokens, hidden] partial sum of the MLP's output."""
+    [tokens, hidden] partial sum of the MLP's output. `host`: `w` is a CPU share, its down
+    block holding down's columns hidden-major (runtime/split_linear.py, SharedMatmuls.cut,
+    says why)."""
     r = mlp_features(w, gated)
     inner = 2 * r if gated else r
     h = torch.mm(x, w[:inner].t())  # gate and up in one product
@@ -309,9 +316,12 @@ def mlp_share(
         h = _activate(act, h[:, :r]) * h[:, r:]
     else:
         h = _activate(act, h)
+    down = w[inner:]
+    if host:
+        down = down.reshape(w.shape[1], r).t()  # [hidden, features] rows, read transposed
     if out is None:
-        return torch.mm(h, w[inner:])
-    return torch.mm(h, w[inner:], out=out)
+        return torch.mm(h, down)
+    return torch.mm(h, down, out=out)
 
 
 def _activation(act: str, h: torch.Tensor) -> torch.Tensor:
@@ -346,7 +356,7 @@ def _gpu_cpu_mlp(
     w_cpu's dtype), added on x's device."""
     if x.device.type != "cuda":
         y = mlp_share(x, w_gpu, act, gated)
-        return y.add_(mlp_share(x.to(w_cpu.dtype), w_cpu, act, gated))
+        return y.add_(mlp_share(x.to(w_cpu.dtype), w_cpu, act, gated, host=True))
     chain = _STAGING.chain(x.device)
     if chain is not None:
         return chain.mlp(x, w_gpu, w_cpu, act, gated)
@@ -357,7 +367,7 @@ def _gpu_cpu_mlp(
     ready.synchronize()
     xc = x_host if x_host.dtype == w_cpu.dtype else x_host.to(w_cpu.dtype)
     y_host, y_dev = _STAGING.get(x.device, "mlp_y", (x.shape[0], w_cpu.shape[1]), w_cpu.dtype)
-    mlp_share(xc, w_cpu, act, gated, out=y_host)
+    mlp_share(xc, w_cpu, act, gated, out=y_host, host=True)
     if y_dev is None:
         return y.add_(y_host.to(x.device, non_blocking=True))
     # the sum's kernel reads the CPU's rows from pinned memory: no copy engine queue
@@ -410,7 +420,7 @@ def _task(
     if act == "":
         torch.mm(xc, w.t(), out=y)
     else:
-        mlp_share(xc, w, act, gated, y)
+        mlp_share(xc, w, act, gated, y, True)
     cells[16] = seq  # _Y
     # Returned so that the task's future holds them: a tensor Python also holds needs the
     # Python lock when its C++ count drops from two to one (torch releases its PyObject),

@@ -109,7 +109,7 @@ def test_overlapped_tasks_wait_for_their_flag_then_compute_what_the_ops_do(cpu_d
     cells[gcm._X] = 2
     second.wait()
     assert int(cells[gcm._Y]) == 2
-    assert torch.equal(ym, mlp_share(x.to(cpu_dtype), wm, "silu", True))
+    assert torch.equal(ym, mlp_share(x.to(cpu_dtype), wm, "silu", True, host=True))
 
 
 class _NoStream:

@@ -91,7 +91,7 @@ def test_each_mlp_call_adds_its_own_cpu_share_between_gpu_cpu_mm_calls(
         assert torch.equal(y_mm.cpu(), (x.cpu().to(dtype) @ w_mm.t()).to(dtype))
         x = x + y_mm[:, :1]
         assert y.device == x.device and y.dtype == dtype and y.shape == x.shape
-        cpu_share = mlp_share(x.cpu().to(cpu_dtype), w_cpu, act, True)
+        cpu_share = mlp_share(x.cpu().to(cpu_dtype), w_cpu, act, True, host=True)
         want = mlp_share(x, w_gpu, act, True).add_(cpu_share.cuda())  # the op's own arithmetic
         torch.testing.assert_close(y, want, rtol=1e-3, atol=1e-3)
 
