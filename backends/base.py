@@ -37,6 +37,9 @@ from hetero.errors import ConfigError
 from hetero.partitioner.graph import OpNode
 from hetero.partitioner.split import Partition
 
+if typing.TYPE_CHECKING:
+    from hetero.backends.warming import Warming
+
 
 @dataclass(frozen=True)
 class Support:
@@ -425,6 +428,17 @@ class Backend(abc.ABC):
         (runtime/choice.py) calls it for every candidate before it names the conditions its
         times hold for: a setting made by a load during the measuring would otherwise key
         the record differently from the compile that reads it. Nothing by default."""
+        return None
+
+    def can_warm(self, device: DeviceSpec) -> bool:
+        """Whether `start_warming` starts something for an artifact for `device`. False by
+        default: a backend whose compile makes the artifact leaves its load nothing to do."""
+        return False
+
+    def start_warming(self, artifact: Artifact, device: DeviceSpec) -> Warming | None:
+        """Start, in another process, the compile this backend's `load` of `artifact` would
+        otherwise do itself (backends/warming.py), so that it runs while this process
+        compiles other candidates; None where there is none to start."""
         return None
 
     def target(self, device: DeviceSpec, options: CompileOptions) -> str:

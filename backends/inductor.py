@@ -36,6 +36,7 @@ from hetero.backends.base import (
 from hetero.backends.cudagraphs import Replayed
 from hetero.backends.eager import WEIGHTS_FILE, export_streamed, torch_device
 from hetero.backends.export import export_unit, runnable, save_program
+from hetero.backends.warming import Warming
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError
 
@@ -134,14 +135,7 @@ class InductorBackend(Backend):
         key = (program, json.dumps(settings, sort_keys=True), str(dev)) if program else None
         compiled = _LOADED.get(key) if key else None
         if compiled is None:
-            # torch.export.load reads a program and its weights; it never unpickles code.
-            ep = torch.export.load(artifact.path / "program.pt2")
-            compiled = torch.compile(
-                runnable(ep).to(dev),
-                mode=settings["mode"],
-                fullgraph=settings["fullgraph"],
-                dynamic=settings["dynamic"],
-            )
+            compiled, ep = compile_program(artifact.path, dev)
             if key and not ep.graph_signature.buffers_to_mutate:  # state stays per runner
                 _LOADED[key] = compiled
             _compile_now(compiled, ep, dev)
@@ -151,6 +145,44 @@ class InductorBackend(Backend):
                 return tuple(compiled(*[a.to(dev) for a in acts]))
 
         return run
+
+    def can_warm(self, device: DeviceSpec) -> bool:
+        """On a CPU only: on a GPU the warming's kernel tuning and the candidates timed
+        here would share the card and skew each other. Not where Inductor's caches are
+        off, since the compile would leave nothing behind."""
+        return device.kind == "cpu" and _caches_on()
+
+    def start_warming(self, artifact: Artifact, device: DeviceSpec) -> Warming | None:
+        """Inductor's compile of the program in another process, for its caches to hand
+        to `load` (backends/warming.py)."""
+        if not self.can_warm(device):
+            return None
+        threads = str(torch.get_num_threads())  # the kernels' OpenMP width is in their code
+        return Warming("hetero.backends.inductor_warm", [str(artifact.path), threads])
+
+
+def _caches_on() -> bool:
+    """Whether Inductor keeps compiled graphs on disk for a later compile to reuse."""
+    from torch._inductor import config
+
+    return bool(getattr(config, "fx_graph_cache", False)) and not getattr(
+        config, "force_disable_caches", False
+    )
+
+
+def compile_program(path: Path, dev: torch.device) -> tuple[Any, torch.export.ExportedProgram]:
+    """(the artifact's program at `path` through torch.compile for `dev` with its saved
+    settings, the program); Inductor compiles it on the first call."""
+    settings = json.loads((path / "inductor.json").read_text())
+    # torch.export.load reads a program and its weights; it never unpickles code.
+    ep = torch.export.load(path / "program.pt2")
+    compiled = torch.compile(
+        runnable(ep).to(dev),
+        mode=settings["mode"],
+        fullgraph=settings["fullgraph"],
+        dynamic=settings["dynamic"],
+    )
+    return compiled, ep
 
 
 def _compile_now(compiled: Any, ep: torch.export.ExportedProgram, dev: torch.device) -> None:

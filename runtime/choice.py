@@ -58,6 +58,7 @@ from torch.utils import _pytree as pytree
 from hetero.backends.base import Artifact, CompileOptions, CompileUnit, Runner
 from hetero.backends.cache import ArtifactCache
 from hetero.backends.registry import BackendRegistry
+from hetero.backends.warming import Warming
 from hetero.calibration.timing import time_call
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.compile_times import CompileClock
@@ -85,6 +86,10 @@ SLOW_SAMPLES = 5  # as many as time_call's fewest rounds
 # timed in its turns alone) rather than all at once, and their shared export (one more
 # copy of the weights, held while the partition is measured) is not kept.
 ALTERNATE_MAX_BYTES = 2 << 30
+# Programs of fewer ops are not warmed in another process (backends/warming.py): starting
+# one costs ~2.4 s (importing torch and the backend, dev box), about what Inductor takes to
+# compile such a program itself at GPT-2 small's rate (532 ATen ops, 17-26 s).
+WARM_MIN_OPS = 100
 # A candidate whose warm call (the one after its check run) took this many times the
 # fastest candidate's is not timed:
 # it cannot win, and timing it took long (untuned TVM convolutions ran ResNet-18 at 12.7 s
@@ -306,7 +311,15 @@ class Chooser:
         sync = _sync(device)
         complete = True
         checked: dict[str, float] = {}  # seconds of each candidate's warm call
+        built_s: dict[str, float] = {}  # compiles made before the warmings started
+        warming = (
+            self._start_warmings(names, unit, device, options_for, artifacts, notes, built_s)
+            if together
+            else {}
+        )
         for name in names:
+            if name in notes:  # its artifact failed to compile before the warmings started
+                continue
             if name != planned and checked and self._last_resort(name, device):
                 notes[name] = (
                     f"not measured: a last resort on a {device.kind}, and "
@@ -321,16 +334,20 @@ class Chooser:
                 continue
             t0 = time.perf_counter()
             try:
-                artifacts[name] = self._artifact(name, unit, device, options_for)
+                if name not in artifacts:
+                    artifacts[name] = self._artifact(name, unit, device, options_for)
             except CompileError as e:
                 notes[name] = f"compile failed: {_short(e)}"
                 planned_error = e if name == planned else planned_error
                 continue
             finally:
                 if name == planned:
-                    own = time.perf_counter() - t0
+                    own = time.perf_counter() - t0 + built_s.get(name, 0.0)
             try:
                 # a backend that compiles lazily (inductor, cudagraphs) compiles here
+                if name in warming:
+                    with self.clock.phase(f"warming {name}"):
+                        warming.pop(name).wait()
                 with self.clock.phase(f"first run {name}"):
                     run = self.registry.get(name).load(artifacts[name], device)
                     got = run(*acts)
@@ -350,6 +367,8 @@ class Chooser:
                 best[name] = _time(run, acts, sync, ROUNDS)
                 del run
                 _release(device)
+        for w in warming.values():  # candidates never loaded (the budget ran out)
+            w.cancel()
         runners = {n: r for n, r in runners.items() if not _too_slow(n, checked, notes)}
         if runners:
             best = _alternate(runners, acts, sync)
@@ -370,6 +389,43 @@ class Chooser:
         chosen = min(best, key=best.__getitem__)
         timings = _timings(best, notes, chosen, planned)
         return Decision(chosen, artifacts[chosen], timings, False), complete
+
+    def _start_warmings(
+        self,
+        names: Sequence[str],
+        unit: CompileUnit,
+        device: DeviceSpec,
+        options_for: Callable[[str], CompileOptions],
+        artifacts: dict[str, Artifact],
+        notes: dict[str, str],
+        built_s: dict[str, float],
+    ) -> dict[str, Warming]:
+        """Per candidate whose backend compiles lazily and can do so in another process
+        (backends/warming.py), that process, started now so that it compiles while this
+        one compiles the others; its artifact is made first, into `artifacts` (a compile
+        error into `notes`, the seconds into `built_s`). Not for a small program, which
+        compiles in about the time a process takes to start. Only with another candidate to compile meanwhile, and only
+        where every candidate's weights fit at once (the process holds another copy)."""
+        out: dict[str, Warming] = {}
+        ops = sum(n.op == "call_function" for n in unit.module.graph.nodes)
+        if len(names) < 2 or ops < WARM_MIN_OPS:
+            return out
+        for name in names:
+            backend = self.registry.get(name)
+            if not backend.can_warm(device):
+                continue
+            t0 = time.perf_counter()
+            try:
+                artifacts[name] = self._artifact(name, unit, device, options_for)
+            except CompileError as e:
+                notes[name] = f"compile failed: {_short(e)}"
+                continue
+            finally:
+                built_s[name] = time.perf_counter() - t0
+            w = backend.start_warming(artifacts[name], device)
+            if w is not None:
+                out[name] = w
+        return out
 
     # ---- the record ------------------------------------------------------------------------------
     def _from_record(

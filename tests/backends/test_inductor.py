@@ -168,3 +168,36 @@ def test_inductor_candidates_of_one_partition_share_one_compile(tmp_path, monkey
     other = CompileOptions(extra=(("mode", "max-autotune-no-cudagraphs"),))
     InductorBackend().load(cache.build(InductorBackend(), unit, CPU, other), CPU)
     assert len(compiles) == 2  # other settings: compiled apart
+
+
+@pytest.mark.slow
+def test_a_warming_process_leaves_the_compile_in_inductors_cache(tmp_path, monkeypatch):
+    """backends/warming.py: another process compiles the artifact; this process's load then
+    reads Inductor's FX graph cache instead of compiling."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
+    torch.manual_seed(3)
+    model, x = Block(), torch.randn(4, 16)
+    backend = InductorBackend()
+    assert backend.can_warm(CPU)
+    backend.compile(unit_of(model, x), CPU, CompileOptions(), tmp_path / "a")
+    artifact = Artifact("inductor", "k", tmp_path / "a", {})
+    warming = backend.start_warming(artifact, CPU)
+    assert warming is not None and warming.wait(timeout_s=300)
+    torch._dynamo.reset()  # nothing of this process's earlier compiles
+    counters.clear()
+    (got,) = backend.load(artifact, CPU)(x)
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_no_warming_where_inductors_caches_are_off_or_on_a_gpu(monkeypatch):
+    from torch._inductor import config
+
+    gpu = DeviceSpec("test/gpu0", "gpu", "test")
+    assert not InductorBackend().can_warm(gpu)
+    monkeypatch.setattr(config, "force_disable_caches", True)
+    assert not InductorBackend().can_warm(CPU)

@@ -381,3 +381,81 @@ def test_a_candidate_far_behind_after_a_turn_takes_no_more_turns(monkeypatch):
     best = choice_mod._alternate({n: runner(n) for n in ms}, (), lambda: None)
     assert best == ms
     assert turns == {"fast": choice_mod.ROUNDS, "close": choice_mod.ROUNDS, "slow": 1}
+
+
+class _Recorded:
+    """A warming that only records when it is waited for or stopped."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    def wait(self) -> bool:
+        self.events.append("waited")
+        return True
+
+    def cancel(self) -> None:
+        self.events.append("cancelled")
+
+
+class Warmed(FaultyBackend):
+    """A candidate that compiles lazily in another process; `events` records what happens."""
+
+    name = "warmed"
+    events: list[str] = []
+
+    def can_warm(self, device):
+        return True
+
+    def start_warming(self, artifact, device):
+        self.events.append("started")
+        return _Recorded(self.events)
+
+    def compile(self, unit, device, options, out_dir):
+        self.events.append(f"compiled {self.name}")
+        return super().compile(unit, device, options, out_dir)
+
+    def load(self, artifact, device):
+        self.events.append(f"loaded {self.name}")
+        return super().load(artifact, device)
+
+
+class Plain(Warmed):
+    name = "faulty"
+
+    def can_warm(self, device):
+        return False
+
+
+def warmed_registry(events: list[str]) -> BackendRegistry:
+    reg = BackendRegistry()
+    for cls in (Plain, Warmed):
+        reg.register(cls.name, type(cls.__name__, (cls,), {"events": events}))
+    return reg
+
+
+def test_a_small_program_is_not_warmed(mlp, tmp_path):
+    events: list[str] = []
+    compile_mlp(mlp, tmp_path, "faulty", registry=warmed_registry(events)).shutdown()
+    assert "started" not in events and "compiled warmed" in events
+
+
+def test_a_warming_starts_before_the_other_candidates_compile_and_ends_before_its_load(
+    mlp, tmp_path, monkeypatch
+):
+    """A candidate that compiles lazily in another process (backends/warming.py) has its
+    artifact made and its warming started first, so that it compiles while this process
+    compiles the others; it is waited for right before its own load, never stopped."""
+    events: list[str] = []
+    monkeypatch.setattr(choice_mod, "WARM_MIN_OPS", 0)  # the test's MLP is a few ops
+    cm = compile_mlp(mlp, tmp_path, "faulty", registry=warmed_registry(events))
+    assert events[:6] == [
+        "compiled warmed",
+        "started",
+        "compiled faulty",
+        "loaded faulty",
+        "waited",
+        "loaded warmed",
+    ]
+    assert "cancelled" not in events
+    assert {t.backend for t in cm.plan.partitions[0].choice} == {"faulty", "warmed"}
+    cm.shutdown()

@@ -1,0 +1,66 @@
+"""A backend's lazy compile started in another process while this one does other work.
+
+Inductor compiles a program on its first call, and its compile holds Python's lock and
+torch's process-wide tracing state: a thread cannot run it beside TVM's compile (measured:
+a 4-layer GPT-2's TVM compile took 5.3 s alone and 35 s beside a Python loop in another
+thread). A process can. It compiles the same saved program with the same settings, so its
+kernels land in Inductor's on-disk caches (FX graph and AOTAutograd), and this process's
+own compile of it later reads them back: GPT-2 small's program took 21.5 s cold and 5.7 s
+warm on the 2-core dev box. The measured choice (runtime/choice.py) starts one for each
+candidate that offers it before it compiles the others, and waits for it before loading
+that candidate.
+
+A warming is only ever a head start: if it fails, is slow, or its cache entries miss, the
+load compiles as it would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+# Longest the choice waits for a warming before loading without it (the load then compiles
+# itself, as with no warming); a 7B partition's compile is minutes, a small one's seconds.
+WAIT_S = 600.0
+
+
+class Warming:
+    """One warming process: `python -m <module> <args>`, its output kept for the log."""
+
+    def __init__(self, module: str, args: Sequence[str]) -> None:
+        self.what = f"{module} {' '.join(args)}"
+        self.started = time.perf_counter()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=os.environ.copy(),
+        )
+
+    def wait(self, timeout_s: float = WAIT_S) -> bool:
+        """Waits for the process (at most `timeout_s`, then stops it); whether it finished
+        its compile. A failure is logged, never raised: the load compiles without it."""
+        try:
+            _, err = self._proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            log.info("warming %s: still running after %.0f s, stopped", self.what, timeout_s)
+            return False
+        if self._proc.returncode:
+            tail = (err or b"").decode(errors="replace").strip().splitlines()[-3:]
+            log.info("warming %s failed (exit %s): %s", self.what, self._proc.returncode, tail)
+            return False
+        log.info("warming %s: %.1f s", self.what, time.perf_counter() - self.started)
+        return True
+
+    def cancel(self) -> None:
+        """Stops the process if it still runs (a candidate the choice no longer loads)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
