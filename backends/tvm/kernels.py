@@ -14,4 +14,5 @@ def register_kernels() -> None:
     import tvm  # optional (hetero[tvm]): only a process that compiles or loads TVM needs it
 
     tvm.register_global_func(dispatch.MATMUL, dispatch.matmul, override=True)
+    tvm.register_global_func(dispatch.MATMUL_NT, dispatch.matmul_nt, override=True)
     linear.register(lambda name, fn: tvm.register_global_func(name, fn, override=True))

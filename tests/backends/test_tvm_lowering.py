@@ -69,6 +69,59 @@ def test_linear_chains_become_one_onednn_call_each(epilogues):
     assert calls == [f"{PREFIX}_gelu", PREFIX, f"{PREFIX}_relu", f"{PREFIX}_add"]
 
 
+def _dps_calls(mod) -> list[tuple[str, str]]:
+    """(function name, the weight argument's type) of each R.call_dps_packed in main."""
+    from tvm import relax
+
+    from hetero.backends.tvm.dispatch import KERNELS
+
+    out = []
+
+    def visit(e):
+        fn = e.args[0] if isinstance(e, relax.Call) and e.args else None
+        if isinstance(fn, relax.ExternFunc) and fn.global_symbol in KERNELS:
+            out.append((fn.global_symbol, e.args[1].fields[1].ty))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_16_bit_constant_weight_goes_to_the_library_rows_first(dtype):
+    """torch's 16-bit CPU product reads nn.Linear's [N, K] weight as a @ W.T far faster than
+    the [K, N] constant FoldConstant makes (float16 30x on the dev box): a 16-bit constant
+    weight is handed over rows first, float32's as folded."""
+    from hetero.backends.tvm.dispatch import MATMUL, MATMUL_NT, dispatch_matmuls
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(64, 48, bias=False).to(dtype).eval()
+    x = torch.randn(4, 64).to(dtype)
+    graph = capture(m, (x,))
+    _, units, _ = units_for(graph, contiguous_cut(graph, 1), x)
+    ((name, ty),) = _dps_calls(dispatch_matmuls(_relax(units[0])))
+    shape = [int(d) for d in ty.shape]
+    if dtype == torch.float32:
+        assert name == MATMUL and shape == [64, 48]
+    else:
+        assert name == MATMUL_NT and shape == [48, 64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_linear_through_the_library_matches_eager(dtype, artifact_cache, cpu_device):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.GELU(), torch.nn.Linear(160, 96))
+    m = m.to(dtype).eval()
+    x = torch.randn(8, 96).to(dtype)
+    graph = capture(m, (x,))
+    _, units, _ = units_for(graph, contiguous_cut(graph, 1), x)
+    (art,) = compile_units([CompileJob(units[0], cpu_device, "tvm", CompileOptions())],
+                           artifact_cache, workers=1, progress=False)  # fmt: skip
+    (got,) = default_registry().get("tvm").load(art, cpu_device)(x)
+    with torch.no_grad():
+        want = m(x)
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
 def test_offloaded_linears_match_eager(onednn, epilogues, artifact_cache, cpu_device):
     m, args = epilogues
