@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch._inductor import config as inductor_config
 
 from hetero.backends.base import (
     YES,
@@ -163,10 +164,8 @@ class InductorBackend(Backend):
 
 def _caches_on() -> bool:
     """Whether Inductor keeps compiled graphs on disk for a later compile to reuse."""
-    from torch._inductor import config
-
-    return bool(getattr(config, "fx_graph_cache", False)) and not getattr(
-        config, "force_disable_caches", False
+    return bool(getattr(inductor_config, "fx_graph_cache", False)) and not getattr(
+        inductor_config, "force_disable_caches", False
     )
 
 

@@ -194,10 +194,11 @@ def test_a_warming_process_leaves_the_compile_in_inductors_cache(tmp_path, monke
         torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_no_warming_where_inductors_caches_are_off_or_on_a_gpu(monkeypatch):
+def test_no_warming_where_inductors_caches_are_off_or_on_a_gpu():
     from torch._inductor import config
 
     gpu = DeviceSpec("test/gpu0", "gpu", "test")
     assert not InductorBackend().can_warm(gpu)
-    monkeypatch.setattr(config, "force_disable_caches", True)
-    assert not InductorBackend().can_warm(CPU)
+    with config.patch(force_disable_caches=True):
+        assert not InductorBackend().can_warm(CPU)
+    assert InductorBackend().can_warm(CPU)
