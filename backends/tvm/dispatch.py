@@ -82,7 +82,8 @@ def dispatch_matmuls(mod, min_flops: int = 0):
                 # FoldConstant turned nn.Linear's transposed weight into a [K, N] constant;
                 # torch's 16-bit CPU product reads it far faster back as [N, K], a @ W.T
                 # (float16, dev box: 3.2 ms against 0.12 for 1x768x3072; the MLP block
-                # pinned to TVM in float16 took 481 ms a call, now 38, eager 28-40)
+                # pinned to TVM in float16 took 481-513 ms a call, now 30-38, eager 28-40:
+                # benchmarks/tvm_call_cpu.py --dtype float16)
                 return relax.op.call_dps_packed(
                     relax.ExternFunc(MATMUL_NT), [a, _rows_first(b)], out_ty=out_ty
                 )
