@@ -139,7 +139,7 @@ class InductorBackend(Backend):
             compiled, ep = compile_program(artifact.path, dev)
             if key and not ep.graph_signature.buffers_to_mutate:  # state stays per runner
                 _LOADED[key] = compiled
-            _compile_now(compiled, ep, dev)
+            compile_now(compiled, ep, dev)
 
         def run(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
             with torch.no_grad():
@@ -184,18 +184,22 @@ def compile_program(path: Path, dev: torch.device) -> tuple[Any, torch.export.Ex
     return compiled, ep
 
 
-def _compile_now(compiled: Any, ep: torch.export.ExportedProgram, dev: torch.device) -> None:
+def compile_now(
+    compiled: Any, ep: torch.export.ExportedProgram, dev: torch.device, *, state_too: bool = False
+) -> bool:
     """Inductor compiles on a program's first call: make that call here, on the program's own
     example inputs, so a model `hetero.compile` returns answers its first request at speed
     (the measured choice's runner is gone by then; a tiny GPT-J's first call took 14 s after
-    compiling). Not for a program that updates its own buffers: the call would change them."""
+    compiling). Not for a program that updates its own buffers, unless `state_too` (a process
+    whose state is thrown away): the call would change them. Whether the call was made."""
     example = getattr(ep, "example_inputs", None)
-    if not example or ep.graph_signature.buffers_to_mutate:
-        return
+    if not example or (ep.graph_signature.buffers_to_mutate and not state_too):
+        return False
     args, kwargs = example
     moved = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in args]
     with torch.no_grad():
         compiled(*moved, **(kwargs or {}))
+    return True
 
 
 class InductorGraphsBackend(Replayed, InductorBackend):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from hetero.backends.inductor import compile_program
+from hetero.backends.inductor import compile_now, compile_program
 
 
 def main(argv: list[str]) -> int:
@@ -23,14 +23,11 @@ def main(argv: list[str]) -> int:
         return 2
     path, threads = Path(argv[0]), int(argv[1])
     torch.set_num_threads(threads)
-    compiled, ep = compile_program(path, torch.device("cpu"))
-    example = getattr(ep, "example_inputs", None)
-    if not example:
+    cpu = torch.device("cpu")
+    compiled, ep = compile_program(path, cpu)
+    if not compile_now(compiled, ep, cpu, state_too=True):
         print(f"{path}: the program keeps no example inputs to compile on", file=sys.stderr)
         return 1
-    args, kwargs = example
-    with torch.no_grad():
-        compiled(*args, **(kwargs or {}))
     return 0
 
 

@@ -17,7 +17,6 @@ load compiles as it would have.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -40,7 +39,6 @@ class Warming:
             [sys.executable, "-m", module, *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=os.environ.copy(),
         )
 
     def wait(self, timeout_s: float = WAIT_S) -> bool:

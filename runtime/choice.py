@@ -301,6 +301,16 @@ class Chooser:
         whether every candidate was tried within the budget)."""
         start = time.perf_counter()
         own = 0.0  # the planned backend's compile: paid with or without a choice
+
+        def build(name: str) -> Artifact:
+            nonlocal own
+            t0 = time.perf_counter()
+            try:
+                return self._artifact(name, unit, device, options_for)
+            finally:
+                if name == planned:
+                    own += time.perf_counter() - t0
+
         artifacts: dict[str, Artifact] = {}
         runners: dict[str, Runner] = {}
         best: dict[str, float] = {}
@@ -311,15 +321,11 @@ class Chooser:
         sync = _sync(device)
         complete = True
         checked: dict[str, float] = {}  # seconds of each candidate's warm call
-        built_s: dict[str, float] = {}  # compiles made before the warmings started
-        warming = (
-            self._start_warmings(names, unit, device, options_for, artifacts, notes, built_s)
-            if together
-            else {}
+        # the warmed candidates' artifacts (or compile errors), made before the others
+        warming, prebuilt = (
+            self._start_warmings(names, unit, device, build) if together else ({}, {})
         )
         for name in names:
-            if name in notes:  # its artifact failed to compile before the warmings started
-                continue
             if name != planned and checked and self._last_resort(name, device):
                 notes[name] = (
                     f"not measured: a last resort on a {device.kind}, and "
@@ -332,17 +338,15 @@ class Chooser:
                 notes[name] = "not measured: the compile-time budget of the choice ran out"
                 complete = False
                 continue
-            t0 = time.perf_counter()
             try:
-                if name not in artifacts:
-                    artifacts[name] = self._artifact(name, unit, device, options_for)
+                made = prebuilt.pop(name) if name in prebuilt else build(name)
+                if isinstance(made, CompileError):
+                    raise made
+                artifacts[name] = made
             except CompileError as e:
                 notes[name] = f"compile failed: {_short(e)}"
                 planned_error = e if name == planned else planned_error
                 continue
-            finally:
-                if name == planned:
-                    own = time.perf_counter() - t0 + built_s.get(name, 0.0)
             try:
                 # a backend that compiles lazily (inductor, cudagraphs) compiles here
                 if name in warming:
@@ -395,37 +399,33 @@ class Chooser:
         names: Sequence[str],
         unit: CompileUnit,
         device: DeviceSpec,
-        options_for: Callable[[str], CompileOptions],
-        artifacts: dict[str, Artifact],
-        notes: dict[str, str],
-        built_s: dict[str, float],
-    ) -> dict[str, Warming]:
-        """Per candidate whose backend compiles lazily and can do so in another process
+        build: Callable[[str], Artifact],
+    ) -> tuple[dict[str, Warming], dict[str, Artifact | CompileError]]:
+        """(per candidate whose backend compiles lazily and can do so in another process
         (backends/warming.py), that process, started now so that it compiles while this
-        one compiles the others; its artifact is made first, into `artifacts` (a compile
-        error into `notes`, the seconds into `built_s`). Not for a small program, which
-        compiles in about the time a process takes to start. Only with another candidate to compile meanwhile, and only
-        where every candidate's weights fit at once (the process holds another copy)."""
-        out: dict[str, Warming] = {}
+        one compiles the others; the artifacts `build` made for them first, or its error).
+        Only with another candidate to compile meanwhile, for a program that is not small
+        (it would compile in about the time a process takes to start), and only where every
+        candidate's weights fit at once (the process holds another copy): the caller's
+        `together`."""
+        warming: dict[str, Warming] = {}
+        made: dict[str, Artifact | CompileError] = {}
         ops = sum(n.op == "call_function" for n in unit.module.graph.nodes)
         if len(names) < 2 or ops < WARM_MIN_OPS:
-            return out
+            return warming, made
         for name in names:
             backend = self.registry.get(name)
             if not backend.can_warm(device):
                 continue
-            t0 = time.perf_counter()
             try:
-                artifacts[name] = self._artifact(name, unit, device, options_for)
+                made[name] = build(name)
             except CompileError as e:
-                notes[name] = f"compile failed: {_short(e)}"
+                made[name] = e
                 continue
-            finally:
-                built_s[name] = time.perf_counter() - t0
-            w = backend.start_warming(artifacts[name], device)
+            w = backend.start_warming(made[name], device)
             if w is not None:
-                out[name] = w
-        return out
+                warming[name] = w
+        return warming, made
 
     # ---- the record ------------------------------------------------------------------------------
     def _from_record(

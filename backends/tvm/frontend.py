@@ -39,6 +39,36 @@ def _torch_dtype_name(val: Any) -> str | None:
     return None
 
 
+# Ops TVM refuses in bfloat16 (layer_norm takes float32 or float16 alone, "power only applies
+# to float"; a bfloat16 GPT-2 or BERT did not build): converted in float32, as torch's
+# bfloat16 kernels accumulate, the result rounded back
+_REFUSED_IN_BFLOAT16 = (
+    "native_layer_norm.default",
+    "pow.Tensor_Scalar",
+    "pow.Tensor_Tensor",
+    "pow.Scalar",
+)
+# Accumulations over bool/int input: torch accumulates in its output dtype (int64 for bool);
+# TVM would accumulate in the input's, and LLVM has no bool add.
+_ACCUMULATIONS = (
+    "cumsum.default",
+    "cumprod.default",
+    "sum.default",
+    "sum.dim_IntList",
+    "prod.default",
+    "prod.dim_int",
+    "mean.default",
+    "mean.dim",
+)
+
+
+def _wrap(table: dict, keys: tuple[str, ...], wrapper: Any) -> None:
+    """Each converter of `keys` that `table` has, through `wrapper`."""
+    for key in keys:
+        if key in table:
+            table[key] = wrapper(table[key])
+
+
 @functools.cache
 def _importer_class():
     """The amended importer class (built lazily: importing TVM costs a second)."""
@@ -61,35 +91,9 @@ def _importer_class():
                     "scaled_dot_product_attention.default": self._sdpa,
                 }
             )
-            # Ops TVM refuses in bfloat16 (layer_norm takes float32 or float16 alone, "power
-            # only applies to float"; a bfloat16 GPT-2 or BERT did not build): in float32, as
-            # torch's bfloat16 kernels accumulate, the result rounded back
-            for key in (
-                "native_layer_norm.default",
-                "pow.Tensor_Scalar",
-                "pow.Tensor_Tensor",
-                "pow.Scalar",
-            ):
-                if key in table:
-                    table[key] = self._bfloat16_in_float32(table[key])
-            if "native_layer_norm.default" in table:
-                table["native_layer_norm.default"] = self._with_stats(
-                    table["native_layer_norm.default"]
-                )
-            # Accumulations over bool/int input: torch accumulates in its output dtype (int64
-            # for bool); TVM would accumulate in the input's, and LLVM has no bool add.
-            for key in (
-                "cumsum.default",
-                "cumprod.default",
-                "sum.default",
-                "sum.dim_IntList",
-                "prod.default",
-                "prod.dim_int",
-                "mean.default",
-                "mean.dim",
-            ):
-                if key in table:
-                    table[key] = self._accumulate_in_out_dtype(table[key])
+            _wrap(table, _REFUSED_IN_BFLOAT16, self._bfloat16_in_float32)
+            _wrap(table, ("native_layer_norm.default",), self._with_stats)
+            _wrap(table, _ACCUMULATIONS, self._accumulate_in_out_dtype)
             return {k: self._reconcile(v) for k, v in table.items()}
 
         def _with_stats(self, convert):

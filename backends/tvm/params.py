@@ -98,7 +98,7 @@ def save_params(values: Sequence[Any], path: Path) -> None:
         t = torch.from_dlpack(v)
         storage = t.untyped_storage().data_ptr()
         if storage in seen or not t.is_contiguous():  # safetensors stores no aliases
-            t = t.contiguous().clone() if t.is_contiguous() else t.contiguous()
+            t = t.clone(memory_format=torch.contiguous_format)
             storage = t.untyped_storage().data_ptr()
         seen.add(storage)
         tensors[_name(i)] = t
