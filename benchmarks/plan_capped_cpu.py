@@ -36,7 +36,13 @@ import llm_generate_gpu as gen  # noqa: E402  (the benchmark's model and cluster
 
 
 def plan_row(
-    lm, spec, rates, label: str, handoff_s: float = 0.0, stream_call_s: float = 0.0
+    lm,
+    spec,
+    rates,
+    label: str,
+    handoff_s: float = 0.0,
+    stream_call_s: float = 0.0,
+    split_cpu: float = 0.0,
 ) -> dict:
     from hetero.backends.registry import default_registry
     from hetero.calibration.split import split_profile
@@ -46,9 +52,15 @@ def plan_row(
     from hetero.partitioner.phases import Phase
 
     profile = split_profile(spec, spec.device("node0/gpu"), tuple(rates))
-    if handoff_s or stream_call_s:  # what a feedback round folds in (calibration/generation.py)
+    if handoff_s or stream_call_s or split_cpu:
+        # what a feedback round folds in (calibration/generation.py)
         runtime = RuntimeProfile(
-            "local", 0.0, 0.0, split_handoff=handoff_s, stream_call=stream_call_s
+            "local",
+            0.0,
+            0.0,
+            split_handoff=handoff_s,
+            stream_call=stream_call_s,
+            split_cpu=split_cpu,
         )
         profile = dataclasses.replace(profile, runtime=(runtime,))
     cm = CostModel(profile)
@@ -96,6 +108,13 @@ def main() -> None:
         default=0.0,
         help="each streamed layer's call beyond its price (run 22, round 1: 1.35)",
     )
+    ap.add_argument(
+        "--split-cpu",
+        type=float,
+        default=0.0,
+        help="a split's CPU rows' time beyond calibrated, per second of it, as a feedback "
+        "round fits it (run 26: the split LM head ran ~0.9 longer)",
+    )
     args = ap.parse_args()
 
     from hetero.calibration.split import SplitRates
@@ -111,11 +130,16 @@ def main() -> None:
     lm = capture_lm(model, batch=1, max_len=256, example_len=128)
     spec = gen.cluster(args.cap_gib)
     f16 = next(r for r in recorded if r.dtype == "float16")
-    extra = {"handoff_s": args.handoff_extra_ms * 1e-3, "stream_call_s": args.stream_call_ms * 1e-3}
+    extra = {
+        "handoff_s": args.handoff_extra_ms * 1e-3,
+        "stream_call_s": args.stream_call_ms * 1e-3,
+        "split_cpu": args.split_cpu,
+    }
     label = f"recorded (float16 CPU {f16.cpu_shared / 1e9:.1f})"
-    if args.handoff_extra_ms or args.stream_call_ms:
+    if args.handoff_extra_ms or args.stream_call_ms or args.split_cpu:
         label += (
             f", hand-off +{args.handoff_extra_ms:g} ms, streamed call +{args.stream_call_ms:g} ms"
+            f", split CPU rows +{args.split_cpu:.0%}"
         )
     rows = [plan_row(lm, spec, recorded, label, **extra)]
     for gbps in args.cpu_shared_gbps:

@@ -46,23 +46,41 @@ class HostFeedback:
     extra_s: float  # seconds per unit added to its term (below 0: taken off), this round
     partitions: int  # partitions of that placement measured
     cost_model: CostModel  # the cost model with it folded in
+    # "split": seconds per second of the CPU's rows added to `split_cpu` (below 0: taken off)
+    cpu_extra: float = 0.0
 
     def note(self) -> str:
         what = "split hand-offs" if self.weights == "split" else "streamed layers' calls"
-        how = "beyond" if self.extra_s > 0 else "below"
+        said = []
+        if self.extra_s:
+            how = "beyond" if self.extra_s > 0 else "below"
+            said.append(f"{what} measured {1e3 * abs(self.extra_s):.3f} ms each {how} their price")
+        if self.cpu_extra:
+            more = "longer" if self.cpu_extra > 0 else "shorter"
+            said.append(f"split CPU rows {abs(self.cpu_extra):.0%} {more} than calibrated")
         return (
-            f"feedback: {what} measured {1e3 * abs(self.extra_s):.3f} ms each {how} their "
-            f"price ({self.partitions} {self.weights} partition(s) of the running decode step)"
+            f"feedback: {', '.join(said)} ({self.partitions} {self.weights} partition(s) of the "
+            "running decode step)"
         )
 
 
 def split_feedback(
     decode: Plan, measured_ms: Mapping[int, float], cost_model: CostModel, cluster: str
 ) -> HostFeedback | None:
-    """The unpriced host time per hand-off of `decode`'s split partitions, from their
-    measured ms (partition index -> ms), folded into `cost_model`; None when the split
-    partitions ran as priced (the median one within `_AGREES`)."""
-    extras, seen = [], 0
+    """The unpriced host time of `decode`'s split partitions, from their measured ms
+    (partition index -> ms), folded into `cost_model`; None when the split partitions ran as
+    priced (every one within `_AGREES`).
+
+    A split partition's excess has two causes the prices keep apart: work per hand-off (the
+    program's launches and guards between them: `split_handoff`) and CPU rows slower in the
+    step than calibrated alone (`split_cpu`, per second of the rows). One kind of partition
+    cannot tell them apart (25 layers alike are one equation); partitions whose CPU seconds
+    per hand-off differ can (an H200 run's split layers and split LM head: run 26). So the
+    excess per hand-off is fitted as a line over the CPU's calibrated seconds per hand-off
+    (Theil-Sen: a slope from every pair of partitions that differ, robust to a few slow
+    runs); where they all sit at one point the excess goes to the hand-offs, as it did
+    before the CPU term was measured."""
+    points, seen = [], 0
     for p in decode.partitions:
         got = measured_ms.get(p.index)
         if p.weights != "split" or not p.handoffs or got is None:
@@ -70,14 +88,47 @@ def split_feedback(
         seen += 1
         if got > _AGREES * p.predicted_ms:
             # the host path is what ran long: a link-bound layer would have taken its prediction
-            extras.append(max(0.0, got - p.host_ms) / p.handoffs / 1e3)
+            excess = max(0.0, got - p.host_ms)
         elif got * _AGREES < p.predicted_ms:
-            # faster than priced: the hand-offs cost less than the term says (a link-bound
-            # layer's price does not move with it, which is all the evidence allows)
-            extras.append((got * _AGREES - p.predicted_ms) / p.handoffs / 1e3)
+            # faster than priced: the host's terms are too high (a link-bound layer's price does
+            # not move with them, which is all the evidence allows)
+            excess = got * _AGREES - p.predicted_ms
         else:
-            extras.append(0.0)
-    return _folded("split", extras, seen, cost_model, cluster, "split_handoff")
+            excess = 0.0
+        points.append((p.cpu_ms / p.handoffs / 1e3, excess / p.handoffs / 1e3))
+    if not points:
+        return None
+    now = cost_model.runtime()
+    per_handoff, per_cpu_s = _line(points, -now.split_handoff, -now.split_cpu)
+    if per_handoff == 0.0 and per_cpu_s == 0.0:
+        return None
+    cm = _with_runtime(cost_model, cluster, split_handoff=per_handoff, split_cpu=per_cpu_s)
+    return HostFeedback("split", per_handoff, seen, cm, cpu_extra=per_cpu_s)
+
+
+_DISTINCT = 1.2  # CPU seconds per hand-off this many times apart: two points, not one
+
+
+def _line(points: list[tuple[float, float]], floor_a: float, floor_b: float) -> tuple[float, float]:
+    """(a, b) of y = a + b*x through `points` (x, y), robustly: b the median slope over pairs
+    whose x differ by `_DISTINCT`, a the median of y - b*x; b = 0 where no pair differs. Each
+    kept at or above its floor (a term lowered below zero would price work as negative),
+    the other refitted when one is held there."""
+    slopes = [
+        (y2 - y1) / (x2 - x1)
+        for i, (x1, y1) in enumerate(points)
+        for x2, y2 in points[i + 1 :]
+        if max(x1, x2) > _DISTINCT * min(x1, x2) and x2 != x1
+    ]
+    b = statistics.median(slopes) if slopes else 0.0
+    if b < floor_b:
+        b = floor_b
+    a = statistics.median(y - b * x for x, y in points)
+    if a < floor_a:
+        a = floor_a
+        if slopes:  # the CPU term takes what the hand-offs cannot
+            b = max(floor_b, statistics.median((y - a) / x for x, y in points if x > 0))
+    return a, b
 
 
 def with_split_handoff(cost_model: CostModel, cluster: str, extra_s: float) -> CostModel:

@@ -109,6 +109,10 @@ class RuntimeProfile:
     # s per call of a streamed piece beyond its priced call: the compiled program's host work
     # (launches, guards), on a decode step's critical path between CPU layers
     stream_call: float = 0.0
+    # s per s of a split layer's CPU rows beyond their calibrated time: inside a decode step
+    # the host's products ran slower than the microbenchmark measures them alone (an H200
+    # run: the split LM head's rows at ~28 GB/s against 57 calibrated beside the link)
+    split_cpu: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -499,6 +499,7 @@ def _round(
         "measured_ms_per_token": token_ms,
         "predicted_ms_per_token": plan.predicted_decode_ms,
         "extra_handoff_ms": 1e3 * split.extra_s if split is not None else 0.0,
+        "extra_split_cpu": split.cpu_extra if split is not None else 0.0,
         "extra_stream_call_ms": 1e3 * streamed.extra_s if streamed is not None else 0.0,
     }
     if not found:

@@ -306,6 +306,10 @@ class CostModel:
         """Seconds a split layer's hand-off costs beyond its priced copies and op call."""
         return self.runtime().split_handoff
 
+    def split_cpu(self) -> float:
+        """Seconds a split layer's CPU rows take per second of their calibrated time, beyond it."""
+        return self.runtime().split_cpu
+
     def stream_call(self) -> float:
         """Seconds a streamed piece's call costs beyond its priced call (measured)."""
         return self.runtime().stream_call

@@ -224,6 +224,9 @@ class SplitCost:
     handoffs: int  # trips to the CPU and back per run (`handoffs()`: an MLP block is one)
     cpu_dtype: str
     path_s: float = 0.0  # the host's side: the GPU's work, the hand-offs, the CPU's rows beyond
+    # the CPU's rows at their calibrated rate (`cpu_s` less the measured `split_cpu` term):
+    # what a measured run's excess is fitted against (calibration/generation.split_feedback)
+    cpu_calibrated_s: float = 0.0
     # weights of the matmuls not shared: streamed whole to the GPU, no hand-off (a trip whose
     # hand-off costs more than the CPU's rows save: `split_cost`)
     whole: tuple[str, ...] = ()
@@ -318,6 +321,7 @@ def split_cost(
                 + cm.split_handoff(),
             )
         )
+    slow = 1.0 + cm.split_cpu()
     everything = (1 << len(trips)) - 1
     # every trip first: it wins ties (the split as it was before subsets were priced)
     subsets = [everything]
@@ -340,7 +344,7 @@ def split_cost(
         for k in steps:
             f = k / _STEPS
             link = cm.stream_time(cluster, gpu, f * split_bytes + streamed)
-            cpu_s = (1 - f) * cpu_mm
+            cpu_s = (1 - f) * cpu_mm * slow
             path = gpu_all + handoff + max(0.0, cpu_s - f * gpu_mm)
             t = max(link, path)
             if best is None or t < best.seconds - 1e-12:
@@ -355,6 +359,7 @@ def split_cost(
                     cpu_dtype=cpu_dtype,
                     path_s=path,
                     whole=tuple(w for t in whole for w in t.weights),
+                    cpu_calibrated_s=(1 - f) * cpu_mm,
                 )
     return best
 

@@ -91,6 +91,7 @@ class PlannedPartition:
     # is compared with (calibration/generation.py)
     host_ms: float = 0.0
     handoffs: int = 0
+    cpu_ms: float = 0.0  # weights == "split": the CPU's rows at their calibrated rate
 
     @property
     def measured_choice_ms(self) -> float | None:

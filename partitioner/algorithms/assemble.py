@@ -164,6 +164,7 @@ def assemble(
                 split_whole=whole,
                 host_ms=1e3 * sum(splits[i].path_s for i in run) if is_split else 0.0,
                 handoffs=sum(splits[i].handoffs for i in run) if is_split else 0,
+                cpu_ms=1e3 * sum(splits[i].cpu_calibrated_s for i in run) if is_split else 0.0,
             )
         )
     transfers = _transfers(problem, ctx, partitions, part_of_op)

@@ -16,10 +16,12 @@ def _plan(*parts: PlannedPartition) -> Plan:
                 partitions=parts, transfers=(), predicted_ms=0.0)  # fmt: skip
 
 
-def _split(i: int, predicted: float, host: float, handoffs: int = 4) -> PlannedPartition:
+def _split(
+    i: int, predicted: float, host: float, handoffs: int = 4, cpu: float = 0.0
+) -> PlannedPartition:
     return PlannedPartition(index=i, nodes=(), groups=(f"layers.{i}",), device="gpu",
                             backend="inductor", weights="split", predicted_ms=predicted,
-                            host_ms=host, handoffs=handoffs)  # fmt: skip
+                            host_ms=host, handoffs=handoffs, cpu_ms=cpu)  # fmt: skip
 
 
 def test_host_bound_split_layers_price_their_hand_offs_higher():
@@ -32,6 +34,48 @@ def test_host_bound_split_layers_price_their_hand_offs_higher():
     # a second round adds to the first
     again = with_split_handoff(fb.cost_model, "c", 1e-4)
     assert again.split_handoff() == pytest.approx(fb.extra_s + 1e-4)
+
+
+@pytest.mark.parametrize(("handoff_ms", "cpu_slower"), [(0.5, 0.9), (0.0, 1.0), (1.2, 0.0)])
+def test_split_partitions_of_two_shapes_tell_slow_cpu_rows_from_hand_off_work(
+    handoff_ms: float, cpu_slower: float
+):
+    """Layers with one hand-off and 4 ms of CPU rows each, a LM head with one hand-off and
+    1.5 ms: their excesses are one line, so both terms are recovered (run 26's case: the
+    LM head, with no down projection, also ran ~1.9x its price)."""
+    parts, measured = [], {}
+    for i in range(6):
+        cpu = 1.5 if i == 5 else 4.0
+        parts.append(_split(i, 5.0, 5.0, handoffs=1, cpu=cpu))
+        measured[i] = 5.0 + handoff_ms + cpu_slower * cpu + (0.05 if i == 2 else 0.0)
+    fb = split_feedback(_plan(*parts), measured, CostModel(), "c")
+    assert fb is not None and fb.partitions == 6
+    assert 1e3 * fb.extra_s == pytest.approx(handoff_ms, abs=0.02)
+    assert fb.cpu_extra == pytest.approx(cpu_slower, abs=0.02)
+    assert fb.cost_model.split_cpu() == pytest.approx(fb.cpu_extra)
+    assert fb.cost_model.split_handoff() == pytest.approx(fb.extra_s)
+    assert ("CPU rows" in fb.note()) == (cpu_slower > 0)
+
+
+def test_split_partitions_all_of_one_shape_charge_their_hand_offs():
+    """25 layers alike are one equation: the excess stays on the hand-offs (no CPU term)."""
+    plan = _plan(*(_split(i, 5.0, 5.0, handoffs=1, cpu=4.0) for i in range(4)))
+    fb = split_feedback(plan, dict.fromkeys(range(4), 8.0), CostModel(), "c")
+    assert fb is not None and fb.cpu_extra == 0.0
+    assert 1e3 * fb.extra_s == pytest.approx(3.0)
+
+
+def test_a_cpu_term_never_goes_below_zero():
+    """Layers faster than priced with a CPU term in force lower it to zero, not past it; the
+    hand-offs refit what the floor leaves."""
+    from hetero.calibration.generation import _with_runtime
+
+    priced = _with_runtime(CostModel(), "c", split_cpu=0.2)
+    parts = [_split(i, 6.0, 6.0, handoffs=1, cpu=1.5 if i else 4.0) for i in range(3)]
+    fb = split_feedback(_plan(*parts), {0: 1.0, 1: 4.0, 2: 4.0}, priced, "c")
+    assert fb is not None
+    assert fb.cost_model.split_cpu() == 0.0
+    assert fb.cost_model.split_handoff() == 0.0
 
 
 def test_split_layers_that_ran_as_priced_change_nothing():
@@ -68,6 +112,10 @@ def test_a_higher_hand_off_cost_moves_a_split_toward_the_gpu():
 
     base = CostModel()
     assert fraction(with_split_handoff(base, cluster.name, 2e-4)) > fraction(base)
+    # CPU rows measured slower than calibrated: more of them go to the GPU too
+    from hetero.calibration.generation import _with_runtime
+
+    assert fraction(_with_runtime(base, cluster.name, split_cpu=1.0)) > fraction(base)
 
 
 def _streamed(i: int, predicted: float, groups: int = 1) -> PlannedPartition:
