@@ -52,7 +52,7 @@ from hetero.runtime.executor import LocalExecutor
 from hetero.runtime.measured_choice import MeasuredChoice, ProgramChoice
 from hetero.runtime.metrics import MetricsSnapshot
 from hetero.runtime.retype import bound_dtype, host_tensor
-from hetero.runtime.sampling import Sampling, next_token
+from hetero.runtime.sampling import Sampling, next_token, whole_number
 from hetero.runtime.stage import StageSpec
 from hetero.runtime.streaming import program_key
 from hetero.runtime.thread_choice import ThreadChoice, choose_threads
@@ -221,7 +221,7 @@ class Generation(abc.ABC):
         """The request as a [batch, length] int64 tensor, or ConfigError saying what is wrong."""
         if self._closed:
             raise ConfigError("this generator was shut down; compile the model again")
-        if not _whole_number(max_new_tokens):
+        if not whole_number(max_new_tokens):
             raise ConfigError(f"max_new_tokens={max_new_tokens!r}: give an integer, 1 or more")
         max_new_tokens = int(max_new_tokens)
         if max_new_tokens < 1:
@@ -596,11 +596,6 @@ def _op_by_op(program: Any, dev: torch.device) -> torch.fx.GraphModule:
     return mod
 
 
-def _whole_number(x: object) -> bool:
-    """An integer a caller may pass (Python's or numpy's), not a bool."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _as_ids(input_ids: Any) -> torch.Tensor:
     """`input_ids` (a tensor, an array, a list of token-id lists) as a tensor, or ConfigError
     saying what it is instead."""
@@ -629,7 +624,7 @@ def eos_ids(eos_token_id: Any) -> set[int]:
         items = list(items)
     except TypeError:
         items = [items]
-    bad = [e for e in items if not _whole_number(e) or e < 0]
+    bad = [e for e in items if not whole_number(e) or e < 0]
     if bad:
         raise ConfigError(
             f"eos_token_id={eos_token_id!r}: {bad[0]!r} is not a token id (a non-negative "

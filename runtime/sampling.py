@@ -4,6 +4,7 @@ top-k. Runs where the logits are, so a GPU step never waits on the host to pick 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -23,13 +24,20 @@ class Sampling:
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
             raise ConfigError(f"temperature={t!r}: give a finite number, 0 (greedy) or more")
-        if not _integer(self.top_k) or self.top_k < 0:
+        if not whole_number(self.top_k) or self.top_k < 0:
             raise ConfigError(f"top_k={self.top_k!r}: give an integer, 0 (no limit) or more")
-        if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+        if self.seed is not None and (
+            not whole_number(self.seed) or not 0 <= self.seed < SEED_LIMIT
+        ):
             raise ConfigError(
                 f"seed={self.seed!r}: give an integer from 0 to 2**63 - 1 (torch.Generator's "
                 "range), or None"
             )
+        # numpy's integers are accepted and kept as Python's (torch.Generator.manual_seed and
+        # the JSON of a record take only those)
+        object.__setattr__(self, "top_k", int(self.top_k))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
 
     @property
     def greedy(self) -> bool:
@@ -46,8 +54,9 @@ class Sampling:
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 
-def _integer(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def whole_number(x: object) -> bool:
+    """An integer a caller may pass (Python's or numpy's), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def next_token(

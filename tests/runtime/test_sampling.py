@@ -49,3 +49,15 @@ def test_extreme_temperatures_still_sample(temperature, top_k):
     assert got.shape == (2,) and ((got >= 0) & (got < 3)).all()
     if temperature < 1:
         assert got.tolist() == [1, 0]
+
+
+def test_numpy_integers_are_accepted_as_python_ints():
+    """A caller's top_k or seed read from a numpy array counts as the integer it is, and is
+    kept as Python's (what torch.Generator and a JSON record take); a bool is not one."""
+    import numpy as np
+
+    s = Sampling(temperature=0.7, top_k=np.int64(5), seed=np.uint32(3))
+    assert (s.top_k, s.seed) == (5, 3)
+    assert type(s.top_k) is int and type(s.seed) is int
+    with pytest.raises(ConfigError, match="top_k"):
+        Sampling(top_k=True)
