@@ -16,7 +16,8 @@ records it as not measured, and why.
 Timing: `calibration.timing.time_call` (the fastest of short rounds; a call longer than a
 round's budget: the fastest of SLOW_SAMPLES calls); the candidates take turns, up to `ROUNDS`
 times each, so that a burst of load on a shared machine falls on all of them rather than on
-whichever ran during it; one left over RACE_WITHIN times the leader by a turn takes no more.
+whichever ran during it; one left over RACE_WITHIN times the leader by a turn takes no more,
+and a leader left alone takes no more either.
 
 Cached: one signed record per (candidates' artifact keys, device and thread settings) in
 the artifact cache (`ArtifactCache.write_record`). The settings are read after every
@@ -571,15 +572,18 @@ def _too_slow(name: str, checked: Mapping[str, float], notes: dict[str, str]) ->
 def _alternate(runners: Mapping[str, Runner], acts: tuple, sync) -> dict[str, float]:
     """Milliseconds per call of each runner, the fastest of its turns: up to ROUNDS turns
     each, taken in turn, and none after a turn that left it over RACE_WITHIN times the
-    leader."""
+    leader; no more turns at all once the leader is left alone."""
     best = {name: math.inf for name in runners}
     racing = dict(runners)
-    for turn in range(ROUNDS):
+    for _ in range(ROUNDS):
         for name, run in racing.items():
             best[name] = min(best[name], _time(run, acts, sync, 1))
-        if turn < ROUNDS - 1:
-            lead = min(best[n] for n in racing)
-            racing = {n: r for n, r in racing.items() if best[n] <= RACE_WITHIN * lead}
+        lead = min(best[n] for n in racing)
+        racing = {n: r for n, r in racing.items() if best[n] <= RACE_WITHIN * lead}
+        if len(racing) < 2:
+            # a leader racing alone decides nothing more: its later turns only refined its
+            # own time (GPT-2 small: 2 turns of 5 calls, ~1 s of the 2-core box's compile)
+            break
     return best
 
 

@@ -108,7 +108,7 @@ def test_a_candidate_far_slower_in_a_warm_call_is_not_timed(mlp, tmp_path, monke
     assert p.backend == "eager" and by["eager"].ms is not None
     assert by["faulty"].ms is None and by["faulty"].planned
     assert by["faulty"].note.startswith("not timed: a warm call took 1")
-    assert len(timed) == choice_mod.ROUNDS  # eager's turns only
+    assert len(timed) == 1  # eager alone: one turn, and none of the slow one's
     cm.shutdown()
 
 
@@ -381,6 +381,26 @@ def test_a_candidate_far_behind_after_a_turn_takes_no_more_turns(monkeypatch):
     best = choice_mod._alternate({n: runner(n) for n in ms}, (), lambda: None)
     assert best == ms
     assert turns == {"fast": choice_mod.ROUNDS, "close": choice_mod.ROUNDS, "slow": 1}
+
+
+def test_a_leader_left_alone_takes_no_more_turns(monkeypatch):
+    """Once every other candidate fell out of the race, the leader's later turns would
+    decide nothing: the race ends after the turn that left it alone."""
+    monkeypatch.setattr(choice_mod, "_time", lambda run, acts, sync, rounds: run())
+    turns = {"fast": 0, "slow": 0, "slower": 0}
+    ms = {"fast": 10.0, "slow": 20.0, "slower": 40.0}
+
+    def runner(name):
+        def run():
+            turns[name] += 1
+            return ms[name]
+
+        return run
+
+    assert choice_mod.ROUNDS > 1
+    best = choice_mod._alternate({n: runner(n) for n in ms}, (), lambda: None)
+    assert best == ms
+    assert turns == {"fast": 1, "slow": 1, "slower": 1}
 
 
 class _Recorded:
