@@ -38,7 +38,7 @@ from hetero.partitioner.graph import OpNode
 from hetero.partitioner.split import Partition
 
 if typing.TYPE_CHECKING:
-    from hetero.backends.warming import Warming
+    from hetero.backends.warming import Standby, Warming
 
 
 @dataclass(frozen=True)
@@ -435,10 +435,19 @@ class Backend(abc.ABC):
         default: a backend whose compile makes the artifact leaves its load nothing to do."""
         return False
 
-    def start_warming(self, artifact: Artifact, device: DeviceSpec) -> Warming | None:
+    def start_warming(
+        self, artifact: Artifact, device: DeviceSpec, standby: Standby | None = None
+    ) -> Warming | None:
         """Start, in another process, the compile this backend's `load` of `artifact` would
         otherwise do itself (backends/warming.py), so that it runs while this process
-        compiles other candidates; None where there is none to start."""
+        compiles other candidates; None where there is none to start. `standby`: a process
+        `stand_by` started earlier, to hand the work to (a fresh one where it cannot)."""
+        return None
+
+    def stand_by(self, device: DeviceSpec) -> Standby | None:
+        """A warming process for `device` started before any artifact exists, getting ready
+        (imports, one-time probes) while the caller plans, for `start_warming` to hand an
+        artifact to; None where this backend warms nothing there."""
         return None
 
     def target(self, device: DeviceSpec, options: CompileOptions) -> str:

@@ -37,10 +37,12 @@ from hetero.backends.base import (
 from hetero.backends.cudagraphs import Replayed
 from hetero.backends.eager import WEIGHTS_FILE, export_streamed, torch_device
 from hetero.backends.export import export_unit, runnable, save_program
-from hetero.backends.warming import Warming
+from hetero.backends.warming import Standby, Warming
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError
 
+# The module a warming process runs (`python -m`): backends/inductor_warm.py
+WARM_MODULE = "hetero.backends.inductor_warm"
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # The mode `inductor-cudagraphs` compiles for each mode asked: its graphs replace Inductor's own
 # (a graph captured inside another fails).
@@ -153,13 +155,20 @@ class InductorBackend(Backend):
         off, since the compile would leave nothing behind."""
         return device.kind == "cpu" and _caches_on()
 
-    def start_warming(self, artifact: Artifact, device: DeviceSpec) -> Warming | None:
+    def start_warming(
+        self, artifact: Artifact, device: DeviceSpec, standby: Standby | None = None
+    ) -> Warming | None:
         """Inductor's compile of the program in another process, for its caches to hand
-        to `load` (backends/warming.py)."""
+        to `load` (backends/warming.py); in `standby`'s process where it is still there."""
         if not self.can_warm(device):
             return None
         threads = str(torch.get_num_threads())  # the kernels' OpenMP width is in their code
-        return Warming("hetero.backends.inductor_warm", [str(artifact.path), threads])
+        args = [str(artifact.path), threads]
+        handed = standby.start(args) if standby is not None else None
+        return handed or Warming(WARM_MODULE, args)
+
+    def stand_by(self, device: DeviceSpec) -> Standby | None:
+        return Standby(WARM_MODULE) if self.can_warm(device) else None
 
 
 def _caches_on() -> bool:

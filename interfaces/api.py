@@ -330,6 +330,7 @@ def compile(
         online = OnlineReplanner(fb, settings.feedback)
     with clock.phase("load"):
         runner = _executor(kind, spec, stages, graph, plan, build, registry, online)
+    build.held = ()  # the stages loaded what they share with the choice's runners
     return CompiledModel(
         graph,
         plan,
@@ -505,6 +506,7 @@ class _Builder:
         self.progress = progress  # for the first build only: a re-plan has no display
         self.clock = clock  # likewise: hetero.compile's times are the first build's
         self._planned = self._replanning = False
+        self.held: tuple = ()  # the first build's chosen runners (Chooser.held)
 
     def __call__(self, cluster: ClusterSpec, plan: Plan | None = None):
         s = self.settings
@@ -513,23 +515,30 @@ class _Builder:
             s = _present(cluster, s)
         self._planned = True
         clock = CompileClock() if self._replanning or self.clock is None else self.clock
-        if plan is None:
-            with clock.phase("plan"):
-                plan = make_plan(
-                    self.graph, cluster, s.objective, registry=self.registry, **s.plan_kwargs()
-                )
         chooser = Chooser(self.registry, s.backends, s.choose, cluster, clock)
-        stages = compile_plan(
-            self.graph,
-            plan,
-            cluster,
-            cache_root(s.cache_dir),
-            registry=self.registry,
-            example_inputs=self.example_inputs,
-            options=s.options,
-            chooser=chooser,
-            progress=None if self._replanning else self.progress,
-        )
+        try:
+            # its warming processes get ready while the graph is planned
+            chooser.stand_by(len(self.graph.nodes))
+            if plan is None:
+                with clock.phase("plan"):
+                    plan = make_plan(
+                        self.graph, cluster, s.objective, registry=self.registry, **s.plan_kwargs()
+                    )
+            stages = compile_plan(
+                self.graph,
+                plan,
+                cluster,
+                cache_root(s.cache_dir),
+                registry=self.registry,
+                example_inputs=self.example_inputs,
+                options=s.options,
+                chooser=chooser,
+                progress=None if self._replanning else self.progress,
+            )
+        finally:
+            chooser.close()
+        if not self._replanning:
+            self.held = tuple(chooser.held)  # until hetero.compile loaded the stages
         return stages, chooser.apply(plan)
 
 

@@ -417,6 +417,18 @@ class _Recorded:
         self.events.append("cancelled")
 
 
+class _Standby:
+    """A standby process that only records being closed."""
+
+    name = "standby"
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    def close(self) -> None:
+        self.events.append("standby closed")
+
+
 class Warmed(FaultyBackend):
     """A candidate that compiles lazily in another process; `events` records what happens."""
 
@@ -426,9 +438,13 @@ class Warmed(FaultyBackend):
     def can_warm(self, device):
         return True
 
-    def start_warming(self, artifact, device):
-        self.events.append("started")
+    def start_warming(self, artifact, device, standby=None):
+        self.events.append("started" if standby is None else f"started in {standby.name}")
         return _Recorded(self.events)
+
+    def stand_by(self, device):
+        self.events.append("standing by")
+        return _Standby(self.events)
 
     def compile(self, unit, device, options, out_dir):
         self.events.append(f"compiled {self.name}")
@@ -445,6 +461,9 @@ class Plain(Warmed):
     def can_warm(self, device):
         return False
 
+    def stand_by(self, device):
+        return None
+
 
 def warmed_registry(events: list[str]) -> BackendRegistry:
     reg = BackendRegistry()
@@ -456,7 +475,8 @@ def warmed_registry(events: list[str]) -> BackendRegistry:
 def test_a_small_program_is_not_warmed(mlp, tmp_path):
     events: list[str] = []
     compile_mlp(mlp, tmp_path, "faulty", registry=warmed_registry(events)).shutdown()
-    assert "started" not in events and "compiled warmed" in events
+    assert "compiled warmed" in events
+    assert not any(e.startswith(("started", "standing by")) for e in events)
 
 
 def test_a_warming_starts_before_the_other_candidates_compile_and_ends_before_its_load(
@@ -468,14 +488,56 @@ def test_a_warming_starts_before_the_other_candidates_compile_and_ends_before_it
     events: list[str] = []
     monkeypatch.setattr(choice_mod, "WARM_MIN_OPS", 0)  # the test's MLP is a few ops
     cm = compile_mlp(mlp, tmp_path, "faulty", registry=warmed_registry(events))
-    assert events[:6] == [
+    assert events[:8] == [
+        "standing by",  # before the plan: it gets ready meanwhile
         "compiled warmed",
-        "started",
+        "started in standby",  # the work handed to the standby
+        "standby closed",  # a no-op once handed over
         "compiled faulty",
         "loaded faulty",
         "waited",
         "loaded warmed",
     ]
     assert "cancelled" not in events
+    assert events.count("standing by") == 1 and events.count("standby closed") == 1
     assert {t.backend for t in cm.plan.partitions[0].choice} == {"faulty", "warmed"}
+    cm.shutdown()
+
+
+def test_a_standby_no_warming_took_is_closed(mlp, tmp_path, monkeypatch):
+    """Standbys start for a graph large enough to warm; where no partition warms (here: a
+    fixed choice measures nothing) the compile ends them."""
+    events: list[str] = []
+    monkeypatch.setattr(choice_mod, "WARM_MIN_OPS", 0)
+    compile_mlp(mlp, tmp_path, "faulty", registry=warmed_registry(events), choose="fixed")
+    assert "standing by" not in events  # fixed: nothing will be measured, none started
+    events.clear()
+    chooser = choice_mod.Chooser(
+        warmed_registry(events),
+        BackendAssignment((("cpu", "faulty"),)),
+        BackendChoice(Choose.MEASURED),
+        one_cpu(),
+    )
+    chooser.stand_by(ops=choice_mod.WARM_MIN_OPS)
+    assert events == ["standing by"]
+    chooser.close()
+    assert events == ["standing by", "standby closed"]
+
+
+def test_the_chosen_runner_is_held_until_the_stages_loaded(mlp, tmp_path, monkeypatch):
+    """The chooser hands its chosen candidate's runner to hetero.compile, which holds it
+    while the stages load (a backend sharing a loaded program loads it without compiling
+    again) and lets it go after."""
+    from hetero.interfaces import api
+
+    held_at_load = []
+    real = api._executor
+
+    def executor(kind, spec, stages, graph, plan, build, *rest):
+        held_at_load.append(len(build.held))
+        return real(kind, spec, stages, graph, plan, build, *rest)
+
+    monkeypatch.setattr(api, "_executor", executor)
+    cm = compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed()})
+    assert held_at_load == [1]
     cm.shutdown()
