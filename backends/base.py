@@ -444,6 +444,15 @@ class Backend(abc.ABC):
         `stand_by` started earlier, to hand the work to (a fresh one where it cannot)."""
         return None
 
+    def load_warmed(
+        self, artifact: Artifact, device: DeviceSpec, ready: Callable[[], object]
+    ) -> Runner:
+        """`load` of an artifact whose warming (`start_warming`) may still run: `ready()`
+        waits for it. By default before anything else; a backend whose load does work the
+        warming's result is not needed for overrides this to call it as late as it can."""
+        ready()
+        return self.load(artifact, device)
+
     def stand_by(self, device: DeviceSpec) -> Standby | None:
         """A warming process for `device` started before any artifact exists, getting ready
         (imports, one-time probes) while the caller plans, for `start_warming` to hand an

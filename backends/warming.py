@@ -49,6 +49,7 @@ class Warming:
         """`process`: a Standby's, already handed `args`; None starts one."""
         self.what = f"{module} {' '.join(args)}"
         self.started = time.perf_counter()
+        self._done: bool | None = None  # what `wait` found
         self._proc = process or subprocess.Popen(
             [sys.executable, "-m", module, *args],
             stdout=subprocess.DEVNULL,
@@ -57,7 +58,13 @@ class Warming:
 
     def wait(self, timeout_s: float = WAIT_S) -> bool:
         """Waits for the process (at most `timeout_s`, then stops it); whether it finished
-        its compile. A failure is logged, never raised: the load compiles without it."""
+        its compile. A failure is logged, never raised: the load compiles without it. Once
+        it has answered, it answers the same again at once."""
+        if self._done is None:
+            self._done = self._wait(timeout_s)
+        return self._done
+
+    def _wait(self, timeout_s: float) -> bool:
         try:
             _, err = self._proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:

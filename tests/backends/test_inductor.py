@@ -189,10 +189,19 @@ def test_a_warming_process_leaves_the_compile_in_inductors_cache(tmp_path, monke
     warming = backend.start_warming(artifact, CPU, ahead)
     if ahead is not None:
         assert ahead.start(["taken"]) is None  # the warming runs in the standby's process
-    assert warming is not None and warming.wait(timeout_s=300)
+    assert warming is not None
     torch._dynamo.reset()  # nothing of this process's earlier compiles
     counters.clear()
-    (got,) = backend.load(artifact, CPU)(x)
+    traced_before_ready = []
+
+    def ready() -> bool:
+        traced_before_ready.append(counters["stats"]["calls_captured"])
+        return warming.wait(timeout_s=300)
+
+    # the load reads and traces the program while the warming runs, waits right before
+    # Inductor compiles, then finds the warming's compile in the cache
+    (got,) = backend.load_warmed(artifact, CPU, ready)(x)
+    assert len(traced_before_ready) == 1 and traced_before_ready[0] > 0 and warming.wait()
     assert counters["inductor"]["fxgraph_cache_hit"] >= 1
     assert counters["inductor"]["fxgraph_cache_miss"] == 0
     with torch.no_grad():
