@@ -407,6 +407,11 @@ class Backend(abc.ABC):
     # after the other candidates, and only when none of them passed its check (then the
     # plan notes it was not measured, and why). It still runs where it is planned or pinned.
     last_resort_kinds: ClassVar[tuple[str, ...]] = ()
+    # Whether a load of an artifact while a runner of it is still alive reuses that runner's
+    # program instead of loading (compiling) it again: the measured choice then holds its
+    # chosen runner until the stages loaded (runtime/choice.py, `Chooser.held`). Held
+    # otherwise, it would only keep one more copy of the weights alive meanwhile.
+    shares_loads: ClassVar[bool] = False
 
     def parse_options(self, options: CompileOptions) -> BackendOptions:
         """This backend's own knobs from `options` (typed; a wrong type is a ConfigError)."""

@@ -80,6 +80,7 @@ class InductorBackend(Backend):
     holds_state = True
     fuses = True
     options_type = InductorOptions
+    shares_loads = True  # `_LOADED`
 
     def available(self) -> Support:
         if not hasattr(torch, "compile"):

@@ -187,9 +187,9 @@ class Chooser:
         self.cluster = cluster
         # per backend, a warming process started ahead (`stand_by`) for its first warming
         self.standbys: dict[str, Standby] = {}
-        # The chosen candidates' runners, for the caller to hold until its stages loaded: a
-        # backend that shares a loaded program between loads (inductor's `_LOADED`) then
-        # loads the stage without compiling it again (GPT-2 small: 4.8 s on the 2-core box).
+        # The chosen candidates' runners whose backend shares loads (`Backend.shares_loads`),
+        # for the caller to hold until its stages loaded: the stage's load then reuses the
+        # program instead of compiling it again (inductor, GPT-2 small: 3.3-4.8 s, 2 cores).
         self.held: list[Runner] = []
 
     # ---- which backends ------------------------------------------------------------------------
@@ -422,8 +422,9 @@ class Chooser:
         runners = {n: r for n, r in runners.items() if not _too_slow(n, checked, notes)}
         if runners:
             best = _alternate(runners, acts, sync)
-        if best and (kept := runners.get(min(best, key=best.__getitem__))) is not None:
-            self.held.append(kept)
+        fastest = min(best, key=best.__getitem__) if best else ""
+        if fastest in runners and self.registry.get(fastest).shares_loads:
+            self.held.append(runners[fastest])
         runners.clear()
         _release(device)
         self.spent_s += max(0.0, time.perf_counter() - start - own)

@@ -527,7 +527,7 @@ def test_a_standby_no_warming_took_is_closed(mlp, tmp_path, monkeypatch):
 def test_the_chosen_runner_is_held_until_the_stages_loaded(mlp, tmp_path, monkeypatch):
     """The chooser hands its chosen candidate's runner to hetero.compile, which holds it
     while the stages load (a backend sharing a loaded program loads it without compiling
-    again) and lets it go after."""
+    again) and lets it go after; a backend whose loads share nothing has nothing held."""
     from hetero.interfaces import api
 
     held_at_load = []
@@ -538,6 +538,11 @@ def test_the_chosen_runner_is_held_until_the_stages_loaded(mlp, tmp_path, monkey
         return real(kind, spec, stages, graph, plan, build, *rest)
 
     monkeypatch.setattr(api, "_executor", executor)
-    cm = compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed()})
-    assert held_at_load == [1]
+    reg = registry()
+    cm = compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed()}, registry=reg)
+    assert cm.plan.partitions[0].backend == "eager"
+    cm.shutdown()
+    reg.get("eager").shares_loads = True  # as inductor's loads share a compiled program
+    cm = compile_mlp(mlp, tmp_path / "b", "faulty", options={"faulty": delayed()}, registry=reg)
+    assert held_at_load == [0, 1]  # held only where the stage's load can reuse it
     cm.shutdown()
