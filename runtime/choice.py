@@ -105,6 +105,18 @@ RACE_WITHIN = 1.3
 _NOTE_CHARS = 160
 
 
+# A model with this many parameters gets its warming standbys before its capture
+# (`early_standby`); its op count, the real test (WARM_MIN_OPS), is known only after, and
+# capturing GPT-2 small took 3.4 s of the ~10.6 s a standby takes to get ready. A big model
+# of few ops ends them once captured, having spent a core on them meanwhile.
+EARLY_STANDBY_PARAMS = 1_000_000
+
+
+def early_standby(model: torch.nn.Module) -> bool:
+    """Whether `model` is large enough to start warming standbys before its capture."""
+    return sum(p.numel() for p in model.parameters()) >= EARLY_STANDBY_PARAMS
+
+
 def tolerance(dtype: torch.dtype) -> float:
     """Largest relative error (norm-wise, against the eager run) a candidate may show."""
     return 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
@@ -223,14 +235,18 @@ class Chooser:
         names[1:] = sorted(names[1:], key=lambda n: self._last_resort(n, device))
         return names, why
 
-    def stand_by(self, ops: int) -> None:
+    def stand_by(self, ops: int | None) -> None:
         """Start now, for each backend that warms on a device of the cluster the choice may
-        measure, a process that gets ready to warm (`warming.Standby`) while the caller plans
-        a graph of `ops` ops: the first warming of the compile then starts without its
-        imports and probes (9 s on the dev box). Nothing for a graph below WARM_MIN_OPS
-        (none of its partitions would be warmed) or where nothing is measured here. `close`
-        ends what no warming took."""
-        if not self.choice.measured or not self.local or ops < WARM_MIN_OPS or self.cluster is None:
+        measure, a process that gets ready to warm (`warming.Standby`) while the caller
+        captures or plans a graph of `ops` ops (None: not captured yet): the first warming of
+        the compile then starts without its imports and probes (10.6 s on the dev box).
+        Nothing where nothing is measured here; for a graph below WARM_MIN_OPS (none of its
+        partitions would be warmed) those started earlier end. `close` ends what no warming
+        took."""
+        if ops is not None and ops < WARM_MIN_OPS:
+            self.close()
+            return
+        if not self.choice.measured or not self.local or self.cluster is None:
             return
         for device in self.cluster.devices:
             if device.kind not in CHOICE_KINDS or self.assignment.is_pinned(device.kind):

@@ -546,3 +546,31 @@ def test_the_chosen_runner_is_held_until_the_stages_loaded(mlp, tmp_path, monkey
     cm = compile_mlp(mlp, tmp_path / "b", "faulty", options={"faulty": delayed()}, registry=reg)
     assert held_at_load == [0, 1]  # held only where the stage's load can reuse it
     cm.shutdown()
+
+
+@pytest.mark.parametrize("warmed", [True, False])
+def test_a_large_model_gets_its_standbys_before_its_capture(mlp, tmp_path, monkeypatch, warmed):
+    """A model of EARLY_STANDBY_PARAMS parameters or more has its standbys started before
+    torch.export captures it; once captured, a graph too small to warm ends them."""
+    from hetero.interfaces import api
+
+    events: list[str] = []
+    monkeypatch.setattr(choice_mod, "EARLY_STANDBY_PARAMS", 0)
+    monkeypatch.setattr(choice_mod, "WARM_MIN_OPS", 0 if warmed else 10**9)
+    real = api.capture
+    monkeypatch.setattr(api, "capture", lambda *a, **k: events.append("captured") or real(*a, **k))
+    model, x, _ = mlp
+    cm = hetero.compile(
+        model,
+        x,
+        cluster=one_cpu(),
+        backends=BackendAssignment((("cpu", "faulty"),)),
+        choose="measured",
+        registry=warmed_registry(events),
+        cache_dir=tmp_path / "cache",
+        executor="local",
+    )
+    assert events[:2] == ["standing by", "captured"]
+    assert events.count("standing by") == 1 and events.count("standby closed") == 1
+    assert ("started in standby" in events) is warmed
+    cm.shutdown()
