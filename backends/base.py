@@ -38,7 +38,7 @@ from hetero.partitioner.graph import OpNode
 from hetero.partitioner.split import Partition
 
 if typing.TYPE_CHECKING:
-    from hetero.backends.warming import Warming
+    from hetero.backends.warming import Standby, Warming
 
 
 @dataclass(frozen=True)
@@ -407,6 +407,11 @@ class Backend(abc.ABC):
     # after the other candidates, and only when none of them passed its check (then the
     # plan notes it was not measured, and why). It still runs where it is planned or pinned.
     last_resort_kinds: ClassVar[tuple[str, ...]] = ()
+    # Whether a load of an artifact while a runner of it is still alive reuses that runner's
+    # program instead of loading (compiling) it again: the measured choice then holds its
+    # chosen runner until the stages loaded (runtime/choice.py, `Chooser.held`). Held
+    # otherwise, it would only keep one more copy of the weights alive meanwhile.
+    shares_loads: ClassVar[bool] = False
 
     def parse_options(self, options: CompileOptions) -> BackendOptions:
         """This backend's own knobs from `options` (typed; a wrong type is a ConfigError)."""
@@ -435,10 +440,28 @@ class Backend(abc.ABC):
         default: a backend whose compile makes the artifact leaves its load nothing to do."""
         return False
 
-    def start_warming(self, artifact: Artifact, device: DeviceSpec) -> Warming | None:
+    def start_warming(
+        self, artifact: Artifact, device: DeviceSpec, standby: Standby | None = None
+    ) -> Warming | None:
         """Start, in another process, the compile this backend's `load` of `artifact` would
         otherwise do itself (backends/warming.py), so that it runs while this process
-        compiles other candidates; None where there is none to start."""
+        compiles other candidates; None where there is none to start. `standby`: a process
+        `stand_by` started earlier, to hand the work to (a fresh one where it cannot)."""
+        return None
+
+    def load_warmed(
+        self, artifact: Artifact, device: DeviceSpec, ready: Callable[[], object]
+    ) -> Runner:
+        """`load` of an artifact whose warming (`start_warming`) may still run: `ready()`
+        waits for it. By default before anything else; a backend whose load does work the
+        warming's result is not needed for overrides this to call it as late as it can."""
+        ready()
+        return self.load(artifact, device)
+
+    def stand_by(self, device: DeviceSpec) -> Standby | None:
+        """A warming process for `device` started before any artifact exists, getting ready
+        (imports, one-time probes) while the caller plans, for `start_warming` to hand an
+        artifact to; None where this backend warms nothing there."""
         return None
 
     def target(self, device: DeviceSpec, options: CompileOptions) -> str:

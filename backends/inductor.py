@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch._inductor import config as inductor_config
+from torch._inductor import list_mode_options
 
 from hetero.backends.base import (
     YES,
@@ -37,10 +39,12 @@ from hetero.backends.base import (
 from hetero.backends.cudagraphs import Replayed
 from hetero.backends.eager import WEIGHTS_FILE, export_streamed, torch_device
 from hetero.backends.export import export_unit, runnable, save_program
-from hetero.backends.warming import Warming
+from hetero.backends.warming import Standby, Warming
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError
 
+# The module a warming process runs (`python -m`): backends/inductor_warm.py
+WARM_MODULE = "hetero.backends.inductor_warm"
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # The mode `inductor-cudagraphs` compiles for each mode asked: its graphs replace Inductor's own
 # (a graph captured inside another fails).
@@ -76,6 +80,7 @@ class InductorBackend(Backend):
     holds_state = True
     fuses = True
     options_type = InductorOptions
+    shares_loads = True  # `_LOADED`
 
     def available(self) -> Support:
         if not hasattr(torch, "compile"):
@@ -130,13 +135,21 @@ class InductorBackend(Backend):
         return self.manifest(unit, device, options, out_dir, files)
 
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
+        return self.load_warmed(artifact, device, None)
+
+    def load_warmed(
+        self, artifact: Artifact, device: DeviceSpec, ready: Callable[[], object] | None
+    ) -> Runner:
+        """`load`, calling `ready()` (the wait for a warming) only where Inductor is about
+        to compile: the program's read and dynamo's trace of it (1.3 s and ~2 s for GPT-2
+        small) run while the warming process still compiles."""
         settings = json.loads((artifact.path / "inductor.json").read_text())
         dev = torch_device(device)
         program = (artifact.manifest.get("files") or {}).get("program.pt2")
         key = (program, json.dumps(settings, sort_keys=True), str(dev)) if program else None
         compiled = _LOADED.get(key) if key else None
         if compiled is None:
-            compiled, ep = compile_program(artifact.path, dev)
+            compiled, ep = compile_program(artifact.path, dev, ready)
             if key and not ep.graph_signature.buffers_to_mutate:  # state stays per runner
                 _LOADED[key] = compiled
             compile_now(compiled, ep, dev)
@@ -153,13 +166,20 @@ class InductorBackend(Backend):
         off, since the compile would leave nothing behind."""
         return device.kind == "cpu" and _caches_on()
 
-    def start_warming(self, artifact: Artifact, device: DeviceSpec) -> Warming | None:
+    def start_warming(
+        self, artifact: Artifact, device: DeviceSpec, standby: Standby | None = None
+    ) -> Warming | None:
         """Inductor's compile of the program in another process, for its caches to hand
-        to `load` (backends/warming.py)."""
+        to `load` (backends/warming.py); in `standby`'s process where it is still there."""
         if not self.can_warm(device):
             return None
         threads = str(torch.get_num_threads())  # the kernels' OpenMP width is in their code
-        return Warming("hetero.backends.inductor_warm", [str(artifact.path), threads])
+        args = [str(artifact.path), threads]
+        handed = standby.start(args) if standby is not None else None
+        return handed or Warming(WARM_MODULE, args)
+
+    def stand_by(self, device: DeviceSpec) -> Standby | None:
+        return Standby(WARM_MODULE) if self.can_warm(device) else None
 
 
 def _caches_on() -> bool:
@@ -169,17 +189,36 @@ def _caches_on() -> bool:
     )
 
 
-def compile_program(path: Path, dev: torch.device) -> tuple[Any, torch.export.ExportedProgram]:
+def compile_program(
+    path: Path, dev: torch.device, ready: Callable[[], object] | None = None
+) -> tuple[Any, torch.export.ExportedProgram]:
     """(the artifact's program at `path` through torch.compile for `dev` with its saved
-    settings, the program); Inductor compiles it on the first call."""
+    settings, the program); Inductor compiles it on the first call, after `ready()` where
+    given (dynamo traces the program before)."""
     settings = json.loads((path / "inductor.json").read_text())
     # torch.export.load reads a program and its weights; it never unpickles code.
     ep = torch.export.load(path / "program.pt2")
+    mode, dynamic = settings["mode"], settings["dynamic"]
+    backend: Any = "inductor"
+    if ready is not None:
+        # what torch.compile's own "inductor" backend runs for this mode, after `ready()`:
+        # the same compile, hence the same cache entries as the warming process's
+        patches = list_mode_options(mode, dynamic) if mode and mode != "default" else {}
+        # imported here, before the wait, not at the top: 0.9 s that every process loading
+        # the registry would pay (a Ray worker running TVM), while only this path calls it
+        from torch._inductor.compile_fx import compile_fx
+
+        def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+            ready()
+            return compile_fx(gm, example_inputs, config_patches=patches)
+
+        mode = None  # in `patches`; torch.compile takes a mode for its own backend only
     compiled = torch.compile(
         runnable(ep).to(dev),
-        mode=settings["mode"],
+        backend=backend,
+        mode=mode,
         fullgraph=settings["fullgraph"],
-        dynamic=settings["dynamic"],
+        dynamic=dynamic,
     )
     return compiled, ep
 

@@ -10,12 +10,20 @@ warm on the 2-core dev box. The measured choice (runtime/choice.py) starts one f
 candidate that offers it before it compiles the others, and waits for it before loading
 that candidate.
 
+A fresh process pays for more than the compile: on the dev box, importing torch and
+Inductor took 4.3 s, Inductor's probe of the CPU's vector instructions (it compiles and runs
+a test program per instruction set) 3.0 s and the first compile's own set-up about 1.8 s
+more, about 9 s before GPT-2's 17-20 s compile began. A `Standby` is such a process started
+before its program exists (while the model is planned and the artifact written): it gets
+ready, then waits for its arguments.
+
 A warming is only ever a head start: if it fails, is slow, or its cache entries miss, the
 load compiles as it would have.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -27,15 +35,22 @@ log = logging.getLogger(__name__)
 # Longest the choice waits for a warming before loading without it (the load then compiles
 # itself, as with no warming); a 7B partition's compile is minutes, a small one's seconds.
 WAIT_S = 600.0
+# The only argument of a warming module started as a Standby: get ready, then read the real
+# arguments (one JSON list) from stdin; an end of input instead means there is no work.
+STANDBY = "--standby"
 
 
 class Warming:
     """One warming process: `python -m <module> <args>`, its output kept for the log."""
 
-    def __init__(self, module: str, args: Sequence[str]) -> None:
+    def __init__(
+        self, module: str, args: Sequence[str], *, process: subprocess.Popen | None = None
+    ) -> None:
+        """`process`: a Standby's, already handed `args`; None starts one."""
         self.what = f"{module} {' '.join(args)}"
         self.started = time.perf_counter()
-        self._proc = subprocess.Popen(
+        self._done: bool | None = None  # what `wait` found
+        self._proc = process or subprocess.Popen(
             [sys.executable, "-m", module, *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -43,7 +58,13 @@ class Warming:
 
     def wait(self, timeout_s: float = WAIT_S) -> bool:
         """Waits for the process (at most `timeout_s`, then stops it); whether it finished
-        its compile. A failure is logged, never raised: the load compiles without it."""
+        its compile. A failure is logged, never raised: the load compiles without it. Once
+        it has answered, it answers the same again at once."""
+        if self._done is None:
+            self._done = self._wait(timeout_s)
+        return self._done
+
+    def _wait(self, timeout_s: float) -> bool:
         try:
             _, err = self._proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -62,3 +83,51 @@ class Warming:
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.communicate()
+
+
+class Standby:
+    """A warming process started before its work is known: `python -m <module> --standby`
+    gets ready (imports, the compiler's one-time probes) and waits for its arguments.
+    `start(args)` hands them over; `close()` ends a process that got none. A process whose
+    parent is gone reads the end of its input and exits."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+        self._proc: subprocess.Popen | None = subprocess.Popen(
+            [sys.executable, "-m", module, STANDBY],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def start(self, args: Sequence[str]) -> Warming | None:
+        """The process, handed `args`, as a Warming; None where it was handed some already
+        or has ended (its imports failed): start a Warming of its own then."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            try:
+                assert proc.stdin is not None  # opened as a pipe
+                proc.stdin.write((json.dumps(list(args)) + "\n").encode())
+                proc.stdin.flush()  # left open: `communicate` (Warming.wait) closes it
+                return Warming(self.module, args, process=proc)
+            except OSError:  # it ended between the poll and the write
+                pass
+        _end(proc)
+        log.info(
+            "standby %s had ended (exit %s); a warming starts afresh", self.module, proc.returncode
+        )
+        return None
+
+    def close(self) -> None:
+        """Ends the process if it was never handed work (it may be importing still)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _end(proc)
+
+
+def _end(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()

@@ -46,7 +46,7 @@ from hetero.partitioner.plan import Plan
 from hetero.partitioner.split import flatten_inputs, unflatten_outputs
 from hetero.paths import cache_root
 from hetero.runtime.build import compile_plan, needed_outputs
-from hetero.runtime.choice import Chooser
+from hetero.runtime.choice import Chooser, early_standby
 from hetero.runtime.executor import LocalExecutor
 from hetero.runtime.online import OnlineReplanner, ReplanPolicy
 from hetero.runtime.ray_executor import RayExecutor
@@ -319,10 +319,20 @@ def compile(
         settings = replace(
             settings, feedback=feedback if isinstance(feedback, ReplanPolicy) else ReplanPolicy()
         )
+    chooser = None
+    if graph is None and early_standby(model):
+        # its warming processes get ready while the model is captured and planned
+        chooser = Chooser(registry, settings.backends, settings.choose, spec, clock)
+        chooser.stand_by(None)
     if graph is None:
-        with clock.phase("export"):
-            graph = capture(model, example_inputs, dynamic_shapes)
-    build = _Builder(graph, settings, example_inputs, registry, progress, clock)
+        try:
+            with clock.phase("export"):
+                graph = capture(model, example_inputs, dynamic_shapes)
+        except BaseException:
+            if chooser is not None:
+                chooser.close()
+            raise
+    build = _Builder(graph, settings, example_inputs, registry, progress, clock, chooser)
     stages, plan = build(spec, plan)
     fb = online = None
     if settings.feedback is not None:
@@ -330,6 +340,7 @@ def compile(
         online = OnlineReplanner(fb, settings.feedback)
     with clock.phase("load"):
         runner = _executor(kind, spec, stages, graph, plan, build, registry, online)
+    build.held = ()  # the stages loaded what they share with the choice's runners
     return CompiledModel(
         graph,
         plan,
@@ -497,14 +508,17 @@ class _Builder:
         registry: BackendRegistry,
         progress: Callable[[str, int, int], None] | None = None,
         clock: CompileClock | None = None,
+        chooser: Chooser | None = None,
     ) -> None:
         self.graph = graph
+        self._chooser = chooser  # for the first build: made (its standbys started) earlier
         self.settings = settings
         self.example_inputs = example_inputs
         self.registry = registry
         self.progress = progress  # for the first build only: a re-plan has no display
         self.clock = clock  # likewise: hetero.compile's times are the first build's
         self._planned = self._replanning = False
+        self.held: tuple = ()  # the first build's chosen runners (Chooser.held)
 
     def __call__(self, cluster: ClusterSpec, plan: Plan | None = None):
         s = self.settings
@@ -513,23 +527,32 @@ class _Builder:
             s = _present(cluster, s)
         self._planned = True
         clock = CompileClock() if self._replanning or self.clock is None else self.clock
-        if plan is None:
-            with clock.phase("plan"):
-                plan = make_plan(
-                    self.graph, cluster, s.objective, registry=self.registry, **s.plan_kwargs()
-                )
-        chooser = Chooser(self.registry, s.backends, s.choose, cluster, clock)
-        stages = compile_plan(
-            self.graph,
-            plan,
-            cluster,
-            cache_root(s.cache_dir),
-            registry=self.registry,
-            example_inputs=self.example_inputs,
-            options=s.options,
-            chooser=chooser,
-            progress=None if self._replanning else self.progress,
-        )
+        chooser = self._chooser or Chooser(self.registry, s.backends, s.choose, cluster, clock)
+        self._chooser = None
+        try:
+            # its warming processes get ready while the graph is planned (started earlier:
+            # ended here where the graph is too small to warm)
+            chooser.stand_by(len(self.graph.nodes))
+            if plan is None:
+                with clock.phase("plan"):
+                    plan = make_plan(
+                        self.graph, cluster, s.objective, registry=self.registry, **s.plan_kwargs()
+                    )
+            stages = compile_plan(
+                self.graph,
+                plan,
+                cluster,
+                cache_root(s.cache_dir),
+                registry=self.registry,
+                example_inputs=self.example_inputs,
+                options=s.options,
+                chooser=chooser,
+                progress=None if self._replanning else self.progress,
+            )
+        finally:
+            chooser.close()
+        if not self._replanning:
+            self.held = tuple(chooser.held)  # until hetero.compile loaded the stages
         return stages, chooser.apply(plan)
 
 

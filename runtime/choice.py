@@ -16,7 +16,8 @@ records it as not measured, and why.
 Timing: `calibration.timing.time_call` (the fastest of short rounds; a call longer than a
 round's budget: the fastest of SLOW_SAMPLES calls); the candidates take turns, up to `ROUNDS`
 times each, so that a burst of load on a shared machine falls on all of them rather than on
-whichever ran during it; one left over RACE_WITHIN times the leader by a turn takes no more.
+whichever ran during it; one left over RACE_WITHIN times the leader by a turn takes no more,
+and a leader left alone takes no more either.
 
 Cached: one signed record per (candidates' artifact keys, device and thread settings) in
 the artifact cache (`ArtifactCache.write_record`). The settings are read after every
@@ -58,7 +59,7 @@ from torch.utils import _pytree as pytree
 from hetero.backends.base import Artifact, CompileOptions, CompileUnit, Runner
 from hetero.backends.cache import ArtifactCache
 from hetero.backends.registry import BackendRegistry
-from hetero.backends.warming import Warming
+from hetero.backends.warming import Standby, Warming
 from hetero.calibration.timing import time_call
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.compile_times import CompileClock
@@ -102,6 +103,18 @@ TIME_ONLY_WITHIN = 10.0
 # eager's at 1.3-1.5x TVM's).
 RACE_WITHIN = 1.3
 _NOTE_CHARS = 160
+
+
+# A model with this many parameters gets its warming standbys before its capture
+# (`early_standby`); its op count, the real test (WARM_MIN_OPS), is known only after, and
+# capturing GPT-2 small took 3.4 s of the ~10.6 s a standby takes to get ready. A big model
+# of few ops ends them once captured, having spent a core on them meanwhile.
+EARLY_STANDBY_PARAMS = 1_000_000
+
+
+def early_standby(model: torch.nn.Module) -> bool:
+    """Whether `model` is large enough to start warming standbys before its capture."""
+    return sum(p.numel() for p in model.parameters()) >= EARLY_STANDBY_PARAMS
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -183,6 +196,13 @@ class Chooser:
         self.spent_s = 0.0
         self.over_budget: list[int] = []
         self.notes: list[str] = []
+        self.cluster = cluster
+        # per backend, a warming process started ahead (`stand_by`) for its first warming
+        self.standbys: dict[str, Standby] = {}
+        # The chosen candidates' runners whose backend shares loads (`Backend.shares_loads`),
+        # for the caller to hold until its stages loaded: the stage's load then reuses the
+        # program instead of compiling it again (inductor, GPT-2 small: 3.3-4.8 s, 2 cores).
+        self.held: list[Runner] = []
 
     # ---- which backends ------------------------------------------------------------------------
     def candidates(
@@ -214,6 +234,45 @@ class Chooser:
         # stable: the registry's order otherwise
         names[1:] = sorted(names[1:], key=lambda n: self._last_resort(n, device))
         return names, why
+
+    def stand_by(self, ops: int | None) -> None:
+        """Start now, for each backend that warms on a device of the cluster the choice may
+        measure, a process that gets ready to warm (`warming.Standby`) while the caller
+        captures or plans a graph of `ops` ops (None: not captured yet): the first warming of
+        the compile then starts without its imports and probes (10.6 s on the dev box).
+        Nothing where nothing is measured here; for a graph below WARM_MIN_OPS (none of its
+        partitions would be warmed) those started earlier end. `close` ends what no warming
+        took."""
+        if ops is not None and ops < WARM_MIN_OPS:
+            self.close()
+            return
+        if not self.choice.measured or not self.local or self.cluster is None:
+            return
+        for device in self.cluster.devices:
+            if device.kind not in CHOICE_KINDS or self.assignment.is_pinned(device.kind):
+                continue
+            # not `registry.for_kind`: its check of every backend's libraries imports TVM
+            # (3 s), which would hold the standby back until the plan imports it anyway
+            for name in self.registry.names():
+                if name in self.standbys:
+                    continue
+                try:
+                    backend = self.registry.get(name)
+                except Exception:  # as for_kind: a plug-in that fails to import is skipped
+                    continue
+                if (
+                    device.kind in (backend.choice_kinds or backend.device_kinds)
+                    and backend.can_warm(device)
+                    and backend.available()
+                    and (standby := backend.stand_by(device)) is not None
+                ):
+                    self.standbys[name] = standby
+
+    def close(self) -> None:
+        """Ends the standby processes no warming took."""
+        for standby in self.standbys.values():
+            standby.close()
+        self.standbys.clear()
 
     def _last_resort(self, name: str, device: DeviceSpec) -> bool:
         return device.kind in self.registry.get(name).last_resort_kinds
@@ -349,11 +408,14 @@ class Chooser:
                 continue
             try:
                 # a backend that compiles lazily (inductor, cudagraphs) compiles here
-                if name in warming:
-                    with self.clock.phase(f"warming {name}"):
-                        warming.pop(name).wait()
+                backend = self.registry.get(name)
                 with self.clock.phase(f"first run {name}"):
-                    run = self.registry.get(name).load(artifacts[name], device)
+                    if name in warming:  # waited for inside the load, as late as it can
+                        run = backend.load_warmed(
+                            artifacts[name], device, self._waiter(name, warming.pop(name))
+                        )
+                    else:
+                        run = backend.load(artifacts[name], device)
                     got = run(*acts)
                     sync()
                 err, tol = _error(got, reference, options_for(name).dtype)
@@ -376,6 +438,9 @@ class Chooser:
         runners = {n: r for n, r in runners.items() if not _too_slow(n, checked, notes)}
         if runners:
             best = _alternate(runners, acts, sync)
+        fastest = min(best, key=best.__getitem__) if best else ""
+        if fastest in runners and self.registry.get(fastest).shares_loads:
+            self.held.append(runners[fastest])
         runners.clear()
         _release(device)
         self.spent_s += max(0.0, time.perf_counter() - start - own)
@@ -393,6 +458,15 @@ class Chooser:
         chosen = min(best, key=best.__getitem__)
         timings = _timings(best, notes, chosen, planned)
         return Decision(chosen, artifacts[chosen], timings, False), complete
+
+    def _waiter(self, name: str, warming: Warming) -> Callable[[], object]:
+        """The wait for `warming`, timed as its own phase (nested in the load's)."""
+
+        def wait() -> bool:
+            with self.clock.phase(f"warming {name}"):
+                return warming.wait()
+
+        return wait
 
     def _start_warmings(
         self,
@@ -422,7 +496,10 @@ class Chooser:
             except CompileError as e:
                 made[name] = e
                 continue
-            w = backend.start_warming(made[name], device)
+            standby = self.standbys.pop(name, None)
+            w = backend.start_warming(made[name], device, standby)
+            if standby is not None:
+                standby.close()  # where it was not handed the work
             if w is not None:
                 warming[name] = w
         return warming, made
@@ -571,15 +648,18 @@ def _too_slow(name: str, checked: Mapping[str, float], notes: dict[str, str]) ->
 def _alternate(runners: Mapping[str, Runner], acts: tuple, sync) -> dict[str, float]:
     """Milliseconds per call of each runner, the fastest of its turns: up to ROUNDS turns
     each, taken in turn, and none after a turn that left it over RACE_WITHIN times the
-    leader."""
+    leader; no more turns at all once the leader is left alone."""
     best = {name: math.inf for name in runners}
     racing = dict(runners)
-    for turn in range(ROUNDS):
+    for _ in range(ROUNDS):
         for name, run in racing.items():
             best[name] = min(best[name], _time(run, acts, sync, 1))
-        if turn < ROUNDS - 1:
-            lead = min(best[n] for n in racing)
-            racing = {n: r for n, r in racing.items() if best[n] <= RACE_WITHIN * lead}
+        lead = min(best[n] for n in racing)
+        racing = {n: r for n, r in racing.items() if best[n] <= RACE_WITHIN * lead}
+        if len(racing) < 2:
+            # a leader racing alone decides nothing more: its later turns only refined its
+            # own time (GPT-2 small: 2 turns of 5 calls, ~1 s of the 2-core box's compile)
+            break
     return best
 
 

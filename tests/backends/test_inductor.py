@@ -171,9 +171,11 @@ def test_inductor_candidates_of_one_partition_share_one_compile(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_a_warming_process_leaves_the_compile_in_inductors_cache(tmp_path, monkeypatch):
+@pytest.mark.parametrize("standby", [False, True])
+def test_a_warming_process_leaves_the_compile_in_inductors_cache(tmp_path, monkeypatch, standby):
     """backends/warming.py: another process compiles the artifact; this process's load then
-    reads Inductor's FX graph cache instead of compiling."""
+    reads Inductor's FX graph cache instead of compiling. Also where the process was started
+    ahead (`stand_by`), before the artifact existed."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
@@ -181,13 +183,25 @@ def test_a_warming_process_leaves_the_compile_in_inductors_cache(tmp_path, monke
     model, x = Block(), torch.randn(4, 16)
     backend = InductorBackend()
     assert backend.can_warm(CPU)
+    ahead = backend.stand_by(CPU) if standby else None
     backend.compile(unit_of(model, x), CPU, CompileOptions(), tmp_path / "a")
     artifact = Artifact("inductor", "k", tmp_path / "a", {})
-    warming = backend.start_warming(artifact, CPU)
-    assert warming is not None and warming.wait(timeout_s=300)
+    warming = backend.start_warming(artifact, CPU, ahead)
+    if ahead is not None:
+        assert ahead.start(["taken"]) is None  # the warming runs in the standby's process
+    assert warming is not None
     torch._dynamo.reset()  # nothing of this process's earlier compiles
     counters.clear()
-    (got,) = backend.load(artifact, CPU)(x)
+    traced_before_ready = []
+
+    def ready() -> bool:
+        traced_before_ready.append(counters["stats"]["calls_captured"])
+        return warming.wait(timeout_s=300)
+
+    # the load reads and traces the program while the warming runs, waits right before
+    # Inductor compiles, then finds the warming's compile in the cache
+    (got,) = backend.load_warmed(artifact, CPU, ready)(x)
+    assert len(traced_before_ready) == 1 and traced_before_ready[0] > 0 and warming.wait()
     assert counters["inductor"]["fxgraph_cache_hit"] >= 1
     assert counters["inductor"]["fxgraph_cache_miss"] == 0
     with torch.no_grad():

@@ -267,3 +267,36 @@ def test_hetero_compile_with_dynamic_dims_serves_other_lengths(tmp_path):
                 got = got[0] if isinstance(got, tuple | list) else got
                 assert got.shape == want.shape
                 assert float((got - want).norm() / want.norm()) < 1e-4
+
+
+def test_a_partition_already_in_core_aten_is_not_decomposed_again(monkeypatch):
+    """A partition's re-export holds the captured graph's ops, decomposed at capture: the
+    frontend imports it without tracing it through the decompositions again. A program
+    with an op the table decomposes (a Linear exported as is) or an in-place op is."""
+    from torch.export import ExportedProgram
+
+    from hetero.backends.export import export_unit
+    from hetero.backends.tvm.frontend import _decomposed, to_relax
+    from hetero.partitioner.graph import decomposition_table
+
+    table = decomposition_table()
+    model, (x,) = mlp_block(batch=2, seq=8)
+    graph = capture(model, (x,))
+    _, (unit,), _ = units_for(graph, dict.fromkeys(graph.nodes, 0), x)
+    assert _decomposed(export_unit(unit, carry_sizes=True), table)
+    calls = []
+    real = ExportedProgram.run_decompositions
+    monkeypatch.setattr(
+        ExportedProgram,
+        "run_decompositions",
+        lambda ep, *a, **k: calls.append(1) or real(ep, *a, **k),
+    )
+    to_relax(unit)
+    assert calls == []
+
+    class InPlace(torch.nn.Module):
+        def forward(self, a):
+            return torch.nn.functional.linear(a, torch.ones(4, 4)).add_(1.0)
+
+    raw = torch.export.export(InPlace(), (torch.randn(2, 4),), strict=False)
+    assert not _decomposed(raw, table)

@@ -108,7 +108,7 @@ def test_a_candidate_far_slower_in_a_warm_call_is_not_timed(mlp, tmp_path, monke
     assert p.backend == "eager" and by["eager"].ms is not None
     assert by["faulty"].ms is None and by["faulty"].planned
     assert by["faulty"].note.startswith("not timed: a warm call took 1")
-    assert len(timed) == choice_mod.ROUNDS  # eager's turns only
+    assert len(timed) == 1  # eager alone: one turn, and none of the slow one's
     cm.shutdown()
 
 
@@ -383,6 +383,26 @@ def test_a_candidate_far_behind_after_a_turn_takes_no_more_turns(monkeypatch):
     assert turns == {"fast": choice_mod.ROUNDS, "close": choice_mod.ROUNDS, "slow": 1}
 
 
+def test_a_leader_left_alone_takes_no_more_turns(monkeypatch):
+    """Once every other candidate fell out of the race, the leader's later turns would
+    decide nothing: the race ends after the turn that left it alone."""
+    monkeypatch.setattr(choice_mod, "_time", lambda run, acts, sync, rounds: run())
+    turns = {"fast": 0, "slow": 0, "slower": 0}
+    ms = {"fast": 10.0, "slow": 20.0, "slower": 40.0}
+
+    def runner(name):
+        def run():
+            turns[name] += 1
+            return ms[name]
+
+        return run
+
+    assert choice_mod.ROUNDS > 1
+    best = choice_mod._alternate({n: runner(n) for n in ms}, (), lambda: None)
+    assert best == ms
+    assert turns == {"fast": 1, "slow": 1, "slower": 1}
+
+
 class _Recorded:
     """A warming that only records when it is waited for or stopped."""
 
@@ -397,6 +417,18 @@ class _Recorded:
         self.events.append("cancelled")
 
 
+class _Standby:
+    """A standby process that only records being closed."""
+
+    name = "standby"
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    def close(self) -> None:
+        self.events.append("standby closed")
+
+
 class Warmed(FaultyBackend):
     """A candidate that compiles lazily in another process; `events` records what happens."""
 
@@ -406,9 +438,13 @@ class Warmed(FaultyBackend):
     def can_warm(self, device):
         return True
 
-    def start_warming(self, artifact, device):
-        self.events.append("started")
+    def start_warming(self, artifact, device, standby=None):
+        self.events.append("started" if standby is None else f"started in {standby.name}")
         return _Recorded(self.events)
+
+    def stand_by(self, device):
+        self.events.append("standing by")
+        return _Standby(self.events)
 
     def compile(self, unit, device, options, out_dir):
         self.events.append(f"compiled {self.name}")
@@ -425,6 +461,9 @@ class Plain(Warmed):
     def can_warm(self, device):
         return False
 
+    def stand_by(self, device):
+        return None
+
 
 def warmed_registry(events: list[str]) -> BackendRegistry:
     reg = BackendRegistry()
@@ -436,7 +475,8 @@ def warmed_registry(events: list[str]) -> BackendRegistry:
 def test_a_small_program_is_not_warmed(mlp, tmp_path):
     events: list[str] = []
     compile_mlp(mlp, tmp_path, "faulty", registry=warmed_registry(events)).shutdown()
-    assert "started" not in events and "compiled warmed" in events
+    assert "compiled warmed" in events
+    assert not any(e.startswith(("started", "standing by")) for e in events)
 
 
 def test_a_warming_starts_before_the_other_candidates_compile_and_ends_before_its_load(
@@ -448,14 +488,89 @@ def test_a_warming_starts_before_the_other_candidates_compile_and_ends_before_it
     events: list[str] = []
     monkeypatch.setattr(choice_mod, "WARM_MIN_OPS", 0)  # the test's MLP is a few ops
     cm = compile_mlp(mlp, tmp_path, "faulty", registry=warmed_registry(events))
-    assert events[:6] == [
+    assert events[:8] == [
+        "standing by",  # before the plan: it gets ready meanwhile
         "compiled warmed",
-        "started",
+        "started in standby",  # the work handed to the standby
+        "standby closed",  # a no-op once handed over
         "compiled faulty",
         "loaded faulty",
         "waited",
         "loaded warmed",
     ]
     assert "cancelled" not in events
+    assert events.count("standing by") == 1 and events.count("standby closed") == 1
     assert {t.backend for t in cm.plan.partitions[0].choice} == {"faulty", "warmed"}
+    cm.shutdown()
+
+
+def test_a_standby_no_warming_took_is_closed(mlp, tmp_path, monkeypatch):
+    """Standbys start for a graph large enough to warm; where no partition warms (here: a
+    fixed choice measures nothing) the compile ends them."""
+    events: list[str] = []
+    monkeypatch.setattr(choice_mod, "WARM_MIN_OPS", 0)
+    compile_mlp(mlp, tmp_path, "faulty", registry=warmed_registry(events), choose="fixed")
+    assert "standing by" not in events  # fixed: nothing will be measured, none started
+    events.clear()
+    chooser = choice_mod.Chooser(
+        warmed_registry(events),
+        BackendAssignment((("cpu", "faulty"),)),
+        BackendChoice(Choose.MEASURED),
+        one_cpu(),
+    )
+    chooser.stand_by(ops=choice_mod.WARM_MIN_OPS)
+    assert events == ["standing by"]
+    chooser.close()
+    assert events == ["standing by", "standby closed"]
+
+
+def test_the_chosen_runner_is_held_until_the_stages_loaded(mlp, tmp_path, monkeypatch):
+    """The chooser hands its chosen candidate's runner to hetero.compile, which holds it
+    while the stages load (a backend sharing a loaded program loads it without compiling
+    again) and lets it go after; a backend whose loads share nothing has nothing held."""
+    from hetero.interfaces import api
+
+    held_at_load = []
+    real = api._executor
+
+    def executor(kind, spec, stages, graph, plan, build, *rest):
+        held_at_load.append(len(build.held))
+        return real(kind, spec, stages, graph, plan, build, *rest)
+
+    monkeypatch.setattr(api, "_executor", executor)
+    reg = registry()
+    cm = compile_mlp(mlp, tmp_path, "faulty", options={"faulty": delayed()}, registry=reg)
+    assert cm.plan.partitions[0].backend == "eager"
+    cm.shutdown()
+    reg.get("eager").shares_loads = True  # as inductor's loads share a compiled program
+    cm = compile_mlp(mlp, tmp_path / "b", "faulty", options={"faulty": delayed()}, registry=reg)
+    assert held_at_load == [0, 1]  # held only where the stage's load can reuse it
+    cm.shutdown()
+
+
+@pytest.mark.parametrize("warmed", [True, False])
+def test_a_large_model_gets_its_standbys_before_its_capture(mlp, tmp_path, monkeypatch, warmed):
+    """A model of EARLY_STANDBY_PARAMS parameters or more has its standbys started before
+    torch.export captures it; once captured, a graph too small to warm ends them."""
+    from hetero.interfaces import api
+
+    events: list[str] = []
+    monkeypatch.setattr(choice_mod, "EARLY_STANDBY_PARAMS", 0)
+    monkeypatch.setattr(choice_mod, "WARM_MIN_OPS", 0 if warmed else 10**9)
+    real = api.capture
+    monkeypatch.setattr(api, "capture", lambda *a, **k: events.append("captured") or real(*a, **k))
+    model, x, _ = mlp
+    cm = hetero.compile(
+        model,
+        x,
+        cluster=one_cpu(),
+        backends=BackendAssignment((("cpu", "faulty"),)),
+        choose="measured",
+        registry=warmed_registry(events),
+        cache_dir=tmp_path / "cache",
+        executor="local",
+    )
+    assert events[:2] == ["standing by", "captured"]
+    assert events.count("standing by") == 1 and events.count("standby closed") == 1
+    assert ("started in standby" in events) is warmed
     cm.shutdown()

@@ -1,0 +1,64 @@
+"""backends/warming.py's Standby: a warming process started before its work is known gets
+its arguments on stdin when the work exists, ends quietly when none comes, and is not
+handed work once it has ended."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from hetero.backends.warming import STANDBY, Standby
+
+# A warming module that only writes down the arguments it got (or that it got none).
+FAKE = f"""
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[0]).with_name("got.json")
+argv = sys.argv[1:]
+if argv == [{STANDBY!r}]:
+    line = sys.stdin.readline()
+    argv = json.loads(line) if line.strip() else None
+out.write_text(json.dumps(argv))
+sys.exit(3 if argv == ["fail"] else 0)
+"""
+
+
+@pytest.fixture
+def fake_module(tmp_path, monkeypatch):
+    (tmp_path / "fake_warm.py").write_text(FAKE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    return tmp_path / "got.json"
+
+
+def test_a_standby_gets_its_arguments_when_started(fake_module):
+    standby = Standby("fake_warm")
+    warming = standby.start(["/some/artifact", "2"])
+    assert warming is not None and warming.wait(timeout_s=60)
+    assert json.loads(fake_module.read_text()) == ["/some/artifact", "2"]
+    assert standby.start(["again"]) is None  # handed over once only
+    standby.close()  # a no-op after the hand-over
+
+
+def test_a_standby_closed_unused_ends_without_work(fake_module):
+    standby = Standby("fake_warm")
+    proc = standby._proc
+    standby.close()
+    assert proc is not None and proc.returncode is not None
+    assert standby.start(["late"]) is None
+
+
+def test_a_standby_that_ended_is_not_handed_work(fake_module, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/nonexistent")  # `python -m fake_warm` fails at once
+    standby = Standby("fake_warm")
+    deadline = time.monotonic() + 30
+    while standby._proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert standby.start(["/some/artifact", "2"]) is None  # the caller starts a fresh one
+    assert not fake_module.exists()
+
+
+def test_a_failed_warming_reports_false(fake_module):
+    warming = Standby("fake_warm").start(["fail"])
+    assert warming is not None and not warming.wait(timeout_s=60)
