@@ -49,6 +49,9 @@ ALLOWED_INSIDE = {
     ("hetero.cluster.discover", "torch"),
     # the gRPC server needs grpc (hetero[serve]); a deployment that never serves does not
     ("hetero.interfaces.deploy", "hetero.interfaces.serving.server"),
+    # Inductor's compiler proper (0.9-1.3 s to import) for a warmed load only; every process
+    # that loads the backend registry (a Ray worker running TVM) would pay it at the top
+    ("hetero.backends.inductor", "torch._inductor.compile_fx"),
 }
 
 
