@@ -364,31 +364,21 @@ def test_plain_eager_is_a_last_resort_on_a_gpu_only():
     assert CudaGraphsBackend.last_resort_kinds == ()  # it inherits the eager backend's rest
 
 
-def test_a_candidate_far_behind_after_a_turn_takes_no_more_turns(monkeypatch):
-    """Racing: the leader and a close one take every turn; one over RACE_WITHIN times the
-    leader after the first turn takes no more (its time is its best so far)."""
+@pytest.mark.parametrize(
+    ("ms", "turns_of"),
+    [
+        # the leader and a close one take every turn; one over RACE_WITHIN times the leader
+        # after the first turn takes no more (its time is its best so far)
+        ({"fast": 10.0, "close": 12.0, "slow": 20.0}, {"fast": None, "close": None, "slow": 1}),
+        # once every other candidate fell out, the leader's later turns would decide nothing:
+        # the race ends after the turn that left it alone
+        ({"fast": 10.0, "slow": 20.0, "slower": 40.0}, {"fast": 1, "slow": 1, "slower": 1}),
+    ],
+    ids=["a-close-one-races-on", "a-leader-left-alone-stops"],
+)
+def test_the_race_gives_turns_only_to_candidates_that_can_still_win(monkeypatch, ms, turns_of):
     monkeypatch.setattr(choice_mod, "_time", lambda run, acts, sync, rounds: run())
-    turns = {"fast": 0, "close": 0, "slow": 0}
-    ms = {"fast": 10.0, "close": 12.0, "slow": 20.0}
-
-    def runner(name):
-        def run():
-            turns[name] += 1
-            return ms[name]
-
-        return run
-
-    best = choice_mod._alternate({n: runner(n) for n in ms}, (), lambda: None)
-    assert best == ms
-    assert turns == {"fast": choice_mod.ROUNDS, "close": choice_mod.ROUNDS, "slow": 1}
-
-
-def test_a_leader_left_alone_takes_no_more_turns(monkeypatch):
-    """Once every other candidate fell out of the race, the leader's later turns would
-    decide nothing: the race ends after the turn that left it alone."""
-    monkeypatch.setattr(choice_mod, "_time", lambda run, acts, sync, rounds: run())
-    turns = {"fast": 0, "slow": 0, "slower": 0}
-    ms = {"fast": 10.0, "slow": 20.0, "slower": 40.0}
+    turns = dict.fromkeys(ms, 0)
 
     def runner(name):
         def run():
@@ -400,7 +390,7 @@ def test_a_leader_left_alone_takes_no_more_turns(monkeypatch):
     assert choice_mod.ROUNDS > 1
     best = choice_mod._alternate({n: runner(n) for n in ms}, (), lambda: None)
     assert best == ms
-    assert turns == {"fast": 1, "slow": 1, "slower": 1}
+    assert turns == {n: choice_mod.ROUNDS if t is None else t for n, t in turns_of.items()}
 
 
 class _Recorded:
