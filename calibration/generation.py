@@ -118,11 +118,9 @@ def _line(points: list[tuple[float, float]], floor_a: float, floor_b: float) -> 
         (y2 - y1) / (x2 - x1)
         for i, (x1, y1) in enumerate(points)
         for x2, y2 in points[i + 1 :]
-        if max(x1, x2) > _DISTINCT * min(x1, x2) and x2 != x1
+        if max(x1, x2) > _DISTINCT * min(x1, x2)
     ]
-    b = statistics.median(slopes) if slopes else 0.0
-    if b < floor_b:
-        b = floor_b
+    b = max(floor_b, statistics.median(slopes) if slopes else 0.0)
     a = statistics.median(y - b * x for x, y in points)
     if a < floor_a:
         a = floor_a

@@ -317,10 +317,9 @@ def to_relax(unit: CompileUnit, dtype: torch.dtype | None = None, *, safe_indexi
     ep = export_unit(unit, dtype, carry_sizes=True)
     # hetero's own decompositions: core ATen but SDPA kept whole (TVM's default would split it).
     table = decomposition_table()
-    bad = _unconvertible(ep)
-    if bad or not _decomposed(ep, table):
+    if not _decomposed(ep, table) or _unconvertible(ep):
         ep = ep.run_decompositions(table)
-        bad = _unconvertible(ep)
+    bad = _unconvertible(ep)
     if bad:
         raise ValueError("cannot convert to Relax:\n  " + "\n  ".join(bad))
     mod = _importer_class()().from_exported_program(ep, False, False, False, None)
