@@ -200,9 +200,13 @@ def test_one_loaded_partition_serves_several_threads_at_once(tmp_path_factory):
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    ("factory", "dtype"),
+    [(_gpt2, torch.float32), (_bert, torch.float16)],  # each model and each dtype once
+    ids=["gpt2-fp32", "bert-fp16"],
+)
 def test_every_lifted_weight_is_handed_back_to_its_call(
-    dtype, tmp_path_factory, cpu_device, outputs_match, monkeypatch
+    factory, dtype, tmp_path_factory, cpu_device, outputs_match, monkeypatch
 ):
     """A library's large constants (weights, folded: transposed, cast) leave it for
     params.safetensors and come back as trailing arguments of `main`; with every constant
@@ -214,15 +218,13 @@ def test_every_lifted_weight_is_handed_back_to_its_call(
     monkeypatch.setattr(params, "LIFT_MIN_BYTES", 0)
     cache = ArtifactCache(tmp_path_factory.mktemp("lifted"))
     tvm = default_registry().get("tvm")
-    for factory in (_gpt2, _bert):
-        m, args = factory()
-        m = m.to(dtype)
-        graph = capture(m, args)
-        _, units, env = units_for(graph, contiguous_cut(graph, 2), *args)
-        for unit in units:
-            art = cache.build(tvm, unit, cpu_device, CompileOptions())
-            assert art.manifest["params"] > 0 and params.PARAMS in art.files
-            outputs_match(unit, tvm.load(art, cpu_device)(*unit.example_inputs), env, TOL[dtype])
+    m, args = factory()
+    graph = capture(m.to(dtype), args)
+    _, units, env = units_for(graph, contiguous_cut(graph, 2), *args)
+    for unit in units:
+        art = cache.build(tvm, unit, cpu_device, CompileOptions())
+        assert art.manifest["params"] > 0 and params.PARAMS in art.files
+        outputs_match(unit, tvm.load(art, cpu_device)(*unit.example_inputs), env, TOL[dtype])
 
 
 def test_a_library_keeps_no_large_weight(artifact_cache, cpu_device):
