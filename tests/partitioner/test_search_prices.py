@@ -1,5 +1,5 @@
-"""The local search's fast prices (`Rows`, the replay in Python floats) against the array
-versions they replaced: the same floats, so the search makes the same moves."""
+"""The local search's fast prices (`Rows`, the replay in Python floats, `Prices`) against the
+array versions they replaced: the same floats, so the search makes the same moves."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hetero.partitioner.algorithms.latency import Prices, _local_search
 from hetero.partitioner.algorithms.overlap import caller_io, schedule
 from hetero.partitioner.algorithms.problem import (
     RESIDENT,
@@ -165,3 +166,42 @@ def test_the_replay_is_the_arrays_replay(seed, n):
             end.tolist(),
         )
         assert p.latency(assign) == step
+
+
+@_FAST
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 16), overlapped=st.booleans())
+def test_prices_refuse_only_trials_that_lose(seed, n, overlapped):
+    """Memory first and the lower bound skip work, never a decision: `improves` agrees with
+    comparing full keys, for trials near the best (one group moved) and anywhere."""
+    p = random_step(seed, n, overlapped=overlapped)
+    rng = np.random.default_rng(seed)
+    prices = Prices(p)
+    best = random_assignment(p, rng)
+    key = (float(p.overflow(best).sum()), p.latency(best))
+    for k in range(30):
+        trial = random_assignment(p, rng) if k % 2 else best.copy()
+        if k % 2 == 0:
+            i = rng.integers(n)
+            trial[i] = rng.choice(np.flatnonzero(p.allowed()[i]))
+        full = (float(p.overflow(trial).sum()), p.latency(trial))
+        wins = full[0] < key[0] or (full[0] == key[0] and full[1] < key[1] - 1e-12)
+        got = prices.improves(trial, key)
+        assert (got is not None) == wins
+        assert got is None or got == full
+
+
+@_FAST
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 10))
+def test_searches_sharing_prices_end_where_each_would_alone(seed, n):
+    """A search that reaches a pass another one started from stops there with that one's
+    result: the same as searching on."""
+    p = random_step(seed, n)
+    rng = np.random.default_rng(seed)
+    allowed = p.allowed()
+    shared = Prices(p)
+    for _ in range(4):
+        start = random_assignment(p, rng)
+        alone = _local_search(p, start, allowed, trades=True)
+        assert _local_search(p, start, allowed, trades=True, prices=shared).tolist() == (
+            alone.tolist()
+        )
