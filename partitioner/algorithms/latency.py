@@ -154,17 +154,27 @@ class Prices:
     def improves(self, trial: np.ndarray, best: tuple[float, float]) -> tuple[float, float] | None:
         """`trial`'s key where it beats `best` (less overflow, or as much and faster by more
         than 1e-12 s), else None."""
-        over = self.overflow(trial)
-        if over > best[0]:
+        k = trial.tobytes()
+        # where the best fits, no trial overflows less: one that cannot be faster loses
+        # before its memory is counted
+        if best[0] <= 0 and k not in self._over and self._slower(trial, k, best[1]):
             return None
-        if over == best[0] and trial.tobytes() not in self._time:
-            least = sum(row[p] for row, p in zip(self._least, trial.tolist(), strict=True))
-            if least * (1 - _BOUND_MARGIN) >= best[1] - 1e-12:
-                return None
+        over = self.overflow(trial)
+        if over > best[0] or (over == best[0] and self._slower(trial, k, best[1])):
+            return None
         key = over, self.latency(trial)
         if key[0] < best[0] or (key[0] == best[0] and key[1] < best[1] - 1e-12):
             return key
         return None
+
+    def _slower(self, trial: np.ndarray, k: bytes, seconds: float) -> bool:
+        """Whether `trial` is no faster than `seconds` (by 1e-12 s): by its time where known,
+        else by its lower bound."""
+        known = self._time.get(k)
+        if known is not None:
+            return not known < seconds - 1e-12
+        least = sum(row[p] for row, p in zip(self._least, trial.tolist(), strict=True))
+        return least * (1 - _BOUND_MARGIN) >= seconds - 1e-12
 
 
 def _penalty_scale(problem: Problem) -> float:

@@ -359,6 +359,9 @@ class Rows:
     state: tuple[float, ...]  # [n]
     act: tuple[float, ...]  # [n]
     weighted: int  # groups with parameters
+    # parameter and state bytes are whole numbers that sum exactly in any order (a model's
+    # are; random problems' are not): summed by the builtin, not in numpy's order
+    whole: bool
     slot_floor: tuple[float, ...]  # [D]
     capacity: tuple[float, ...]  # [D]
     # [n][P] seconds no step can spend less on group i at placement p (its own time and its
@@ -393,6 +396,7 @@ class Rows:
             state=_floats(p.state_bytes),
             act=_floats(p.act_bytes),
             weighted=int((p.param_bytes > 0).sum()),
+            whole=_whole(p.param_bytes, p.state_bytes),
             slot_floor=_floats(p.slot_floor),
             capacity=_floats(p.capacity),
             least=rows(least),
@@ -413,6 +417,7 @@ class Rows:
     def memory(self, assign: list[int]) -> list[float]:
         """`Problem.memory` of `assign` (a placement per group; -1: unplaced)."""
         d = len(self.capacity)
+        total = sum if self.whole else np_sum
         resident: list[list[float]] = [[] for _ in range(d)]
         state: list[list[float]] = [[] for _ in range(d)]
         act: list[list[float]] = [[] for _ in range(d)]
@@ -438,8 +443,13 @@ class Rows:
             slots = 2 * item[k] if item[k] is not None else 0.0
             if self.slot_floor[k] and weighted_here[k] < self.weighted:
                 slots = max(slots, self.slot_floor[k])
-            mem[k] = np_sum(resident[k]) + slots + np_sum(state[k]) + max(act[k])
+            mem[k] = total(resident[k]) + slots + total(state[k]) + max(act[k])
         return mem
+
+
+def _whole(*arrays: np.ndarray) -> bool:
+    both = np.concatenate([np.asarray(a, dtype=float) for a in arrays])
+    return bool(np.all(both == np.round(both)) and np.abs(both).sum() < 2.0**53)
 
 
 def _floats(a) -> tuple[float, ...]:

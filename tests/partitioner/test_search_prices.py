@@ -23,10 +23,11 @@ from hetero.partitioner.algorithms.problem import (
 _FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def random_step(seed: int, n: int, *, overlapped: bool = True) -> Problem:
+def random_step(seed: int, n: int, *, overlapped: bool = True, whole: bool = False) -> Problem:
     """Groups on a GPU (resident / streamed / split), a second GPU and a CPU, with fractional
-    bytes (so summation order shows), random edges, several groups reading the caller's
-    inputs and writing outputs, a slot floor and a capacity that binds."""
+    bytes (so summation order shows; `whole`: whole numbers, as a model's), random edges,
+    several groups reading the caller's inputs and writing outputs, a slot floor and a
+    capacity that binds."""
     rng = np.random.default_rng(seed)
     placements = (
         Placement(0, RESIDENT), Placement(0, STREAMED), Placement(0, SPLIT),
@@ -40,6 +41,9 @@ def random_step(seed: int, n: int, *, overlapped: bool = True) -> Problem:
     edges = [(u, v) for v in range(1, n) for u in range(v) if u == v - 1 or rng.random() < 0.2]
     params = rng.uniform(0, 10, n)
     params[rng.random(n) < 0.2] = 0.0
+    state = rng.uniform(0, 2, n)
+    if whole:
+        params, state = np.round(params * 1e6), np.round(state * 1e6)
     lat = rng.uniform(0, 0.3, (3, 3))
     return Problem(
         names=tuple(f"g{i}" for i in range(n)),
@@ -52,12 +56,12 @@ def random_step(seed: int, n: int, *, overlapped: bool = True) -> Problem:
         link_inv_bw=rng.uniform(0.1, 1, (3, 3)),
         param_bytes=params,
         act_bytes=rng.uniform(0, 1, n),
-        capacity=np.r_[rng.uniform(5, params.sum() + 10, 2), 1e9],
+        capacity=np.r_[rng.uniform(0.5, 1.1, 2) * params.sum(), 1e9],
         in_bytes=(rng.random(n) < 0.3) * rng.uniform(0.5, 2, n),
         out_bytes=(rng.random(n) < 0.3) * rng.uniform(0.5, 2, n),
-        state_bytes=rng.uniform(0, 2, n),
+        state_bytes=state,
         split_bytes=params * rng.uniform(0.2, 0.8, n),
-        slot_floor=np.r_[rng.uniform(0, 20), 0.0, 0.0],
+        slot_floor=np.r_[rng.uniform(0, 2) * params.max(initial=1.0), 0.0, 0.0],
         call=rng.uniform(0, 0.1, 3),
         caller_hop=float(rng.uniform(0, 0.5)),
         copy_s=copy if overlapped else None,
@@ -139,9 +143,10 @@ def test_np_sum_is_numpys_sum(seed, n):
 
 
 @_FAST
-@given(seed=st.integers(0, 2**31), n=st.integers(1, 40))
-def test_memory_is_the_arrays_memory(seed, n):
-    p = random_step(seed, n)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 40), whole=st.booleans())
+def test_memory_is_the_arrays_memory(seed, n, whole):
+    p = random_step(seed, n, whole=whole)
+    assert p.rows.whole == whole
     rng = np.random.default_rng(seed)
     for _ in range(5):
         assign = random_assignment(p, rng)
