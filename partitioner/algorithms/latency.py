@@ -135,18 +135,10 @@ class Prices:
         self.searched: dict[tuple[bool, bytes], np.ndarray] = {}
 
     def overflow(self, assign: np.ndarray) -> float:
-        k = assign.tobytes()
-        got = self._over.get(k)
-        if got is None:
-            got = self._over[k] = self.problem.excess(assign)
-        return got
+        return _once(self._over, assign, self.problem.excess)
 
     def latency(self, assign: np.ndarray) -> float:
-        k = assign.tobytes()
-        got = self._time.get(k)
-        if got is None:
-            got = self._time[k] = self.problem.latency(assign)
-        return got
+        return _once(self._time, assign, self.problem.latency)
 
     def key(self, assign: np.ndarray) -> tuple[float, float]:
         return self.overflow(assign), self.latency(assign)
@@ -175,6 +167,14 @@ class Prices:
             return not known < seconds - 1e-12
         least = sum(row[p] for row, p in zip(self._least, trial.tolist(), strict=True))
         return least * (1 - _BOUND_MARGIN) >= seconds - 1e-12
+
+
+def _once(known: dict[bytes, float], assign: np.ndarray, price) -> float:
+    k = assign.tobytes()
+    got = known.get(k)
+    if got is None:
+        got = known[k] = price(assign)
+    return got
 
 
 def _penalty_scale(problem: Problem) -> float:
