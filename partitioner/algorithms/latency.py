@@ -35,6 +35,9 @@ _STARTS = 3  # candidates the local search starts from
 _SWAP_LIMIT = 24  # groups up to which the local search also tries two-group trades
 _SMALL = 12  # up to this many groups, trades are tried even when memory does not bind
 _RESHARE = 3  # cuts re-priced with each pair's latency shared among the values it carries
+# relative margin under which a lower bound refuses a trial: far above the bound's rounding
+# (a few ulps per group), far below any difference the search acts on (1e-12 s)
+_BOUND_MARGIN = 1e-9
 
 
 def _lagrangian(problem: Problem) -> list[np.ndarray]:
@@ -92,31 +95,86 @@ def latency(problem: Problem) -> Solution:
     if problem.n == 0:
         return Solution(np.zeros(0, dtype=int), 0.0, "latency")
     allowed = problem.allowed()
+    prices = Prices(problem)
     candidates = _lagrangian(problem)
     candidates.append(_greedy(problem))
     if problem.overlapped:
         # the cuts and the greedy price additively; interleavings only pay when replayed
-        fastest = min(candidates, key=lambda a: _key(problem, a))
+        fastest = min(candidates, key=prices.key)
         candidates.extend(pattern_seeds(problem, fastest))
     unique = list({tuple(a): a for a in candidates}.values())
     # the best that fit, and the fastest that overflow: repairing a fast assignment often
     # beats polishing a feasible one that the penalties pushed too far
-    by_key = sorted(unique, key=lambda a: _key(problem, a))[:_STARTS]
-    by_time = sorted(unique, key=problem.latency)[:_STARTS]
+    by_key = sorted(unique, key=prices.key)[:_STARTS]
+    by_time = sorted(unique, key=prices.latency)[:_STARTS]
     candidates = list({tuple(a): a for a in by_key + by_time}.values())
     # trading two groups' placements pays mostly when memory binds (a knapsack step)
-    tight = any(problem.overflow(a).any() for a in candidates) or problem.n <= _SMALL
+    tight = any(prices.overflow(a) > 0 for a in candidates) or problem.n <= _SMALL
     best = None
     for start in candidates:
-        refined = _local_search(problem, start, allowed, trades=tight)
-        if best is None or _key(problem, refined) < _key(problem, best):
+        refined = _local_search(problem, start, allowed, trades=tight, prices=prices)
+        if best is None or prices.key(refined) < prices.key(best):
             best = refined
-    return Solution(best, problem.latency(best), "latency")
+    return Solution(best, prices.latency(best), "latency")
 
 
-def _key(problem: Problem, assign: np.ndarray) -> tuple[float, float]:
-    """Feasibility first (bytes over capacity), then time."""
-    return float(problem.overflow(assign).sum()), problem.latency(assign)
+class Prices:
+    """One problem's assignments priced as the local search asks: feasibility first (bytes
+    over capacity, summed), then time. Each assignment is priced once; a trial that
+    overflows more than the best is refused before its time, and one whose lower bound
+    (`Rows.least`) already reaches the best's time before its step is replayed: the search
+    moves exactly as when it priced everything, at a fraction of the replays. It also keeps
+    where each local search led (`searched`): the search is a function of where a pass
+    starts, so a later start that reaches one goes on no further."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        self._least = problem.rows.least
+        self._over: dict[bytes, float] = {}
+        self._time: dict[bytes, float] = {}
+        self.searched: dict[tuple[bool, bytes], np.ndarray] = {}
+
+    def overflow(self, assign: np.ndarray) -> float:
+        return _once(self._over, assign, self.problem.excess)
+
+    def latency(self, assign: np.ndarray) -> float:
+        return _once(self._time, assign, self.problem.latency)
+
+    def key(self, assign: np.ndarray) -> tuple[float, float]:
+        return self.overflow(assign), self.latency(assign)
+
+    def improves(self, trial: np.ndarray, best: tuple[float, float]) -> tuple[float, float] | None:
+        """`trial`'s key where it beats `best` (less overflow, or as much and faster by more
+        than 1e-12 s), else None."""
+        k = trial.tobytes()
+        # where the best fits, no trial overflows less: one that cannot be faster loses
+        # before its memory is counted
+        if best[0] <= 0 and k not in self._over and self._slower(trial, k, best[1]):
+            return None
+        over = self.overflow(trial)
+        if over > best[0] or (over == best[0] and self._slower(trial, k, best[1])):
+            return None
+        key = over, self.latency(trial)
+        if key[0] < best[0] or (key[0] == best[0] and key[1] < best[1] - 1e-12):
+            return key
+        return None
+
+    def _slower(self, trial: np.ndarray, k: bytes, seconds: float) -> bool:
+        """Whether `trial` is no faster than `seconds` (by 1e-12 s): by its time where known,
+        else by its lower bound."""
+        known = self._time.get(k)
+        if known is not None:
+            return not known < seconds - 1e-12
+        least = sum(row[p] for row, p in zip(self._least, trial.tolist(), strict=True))
+        return least * (1 - _BOUND_MARGIN) >= seconds - 1e-12
+
+
+def _once(known: dict[bytes, float], assign: np.ndarray, price) -> float:
+    k = assign.tobytes()
+    got = known.get(k)
+    if got is None:
+        got = known[k] = price(assign)
+    return got
 
 
 def _penalty_scale(problem: Problem) -> float:
@@ -265,7 +323,7 @@ def _greedy(problem: Problem) -> np.ndarray:
             )
             trial = assign.copy()
             trial[i] = p
-            over = float(problem.overflow(trial).sum())
+            over = problem.excess(trial)
             if (over, t) < best_key:
                 best, best_key = int(p), (over, t)
         assign[i] = best if best >= 0 else 0
@@ -273,24 +331,37 @@ def _greedy(problem: Problem) -> np.ndarray:
 
 
 def _local_search(
-    problem: Problem, assign: np.ndarray, allowed: np.ndarray, *, trades: bool
+    problem: Problem,
+    assign: np.ndarray,
+    allowed: np.ndarray,
+    *,
+    trades: bool,
+    prices: Prices | None = None,
 ) -> np.ndarray:
     """Move runs of up to _BLOCK consecutive groups to another placement, or trade the
-    placements of two groups (a knapsack step when memory binds), while it helps."""
+    placements of two groups (a knapsack step when memory binds), while it helps.
+    `prices`: the caller's, shared by its searches of `problem`."""
+    prices = Prices(problem) if prices is None else prices
     assign = assign.copy()
-    best = _key(problem, assign)
+    best = prices.key(assign)
     resident_of = _resident_of(problem)
 
     def better(trial: np.ndarray) -> bool:
         nonlocal assign, best
-        key = _key(problem, trial)
-        if key[0] < best[0] or (key[0] == best[0] and key[1] < best[1] - 1e-12):
-            assign, best = trial, key
-            return True
-        return False
+        key = prices.improves(trial, best)
+        if key is None:
+            return False
+        assign, best = trial, key
+        return True
 
+    passes = []
     improved = True
     while improved:
+        led = prices.searched.get((trades, assign.tobytes()))
+        if led is not None:  # an earlier search passed here: it ends where that one did
+            assign = led.copy()
+            break
+        passes.append(assign.tobytes())
         improved = False
         for length in range(1, _BLOCK + 1):
             for start in range(problem.n - length + 1):
@@ -310,7 +381,7 @@ def _local_search(
                     if p != assign[i]:
                         trial = assign.copy()
                         trial[i] = p
-                        improved |= better(_refill(problem, trial, allowed, resident_of))
+                        improved |= better(_refill(problem, trial, allowed, resident_of, prices))
         if improved or not trades or problem.n > _SWAP_LIMIT:
             continue
         for i, j in itertools.combinations(range(problem.n), 2):
@@ -323,6 +394,8 @@ def _local_search(
                     if better(trial):
                         improved = True
                         break
+    for start in passes:
+        prices.searched[(trades, start)] = assign
     return assign
 
 
@@ -344,12 +417,15 @@ def _refill(
     assign: np.ndarray,
     allowed: np.ndarray,
     resident_of: dict[int, int] | None = None,
+    prices: Prices | None = None,
 ) -> np.ndarray:
     """`assign` with streamed groups made resident on their device: all of them when they
     fit (their streaming slots are then freed too), else one by one while they fit, the
-    largest time saving first. `resident_of`: `_resident_of(problem)`, when the caller has it."""
+    largest time saving first. `resident_of`: `_resident_of(problem)`, and `prices`, when the
+    caller has them."""
     if resident_of is None:
         resident_of = _resident_of(problem)
+    overflow = problem.excess if prices is None else prices.overflow
     gains = []
     for i in range(problem.n):
         p = int(assign[i])
@@ -359,12 +435,12 @@ def _refill(
     out = assign.copy()
     for _, i, q in gains:  # all of them: streaming's two slots go too
         out[i] = q
-    if not problem.overflow(out).any():
+    if not overflow(out) > 0:
         return out
     out = assign
     for _, i, q in sorted(gains, reverse=True):
         trial = out.copy()
         trial[i] = q
-        if not problem.overflow(trial).any():
+        if not overflow(trial) > 0:
             out = trial
     return out

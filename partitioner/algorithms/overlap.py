@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from hetero.partitioner.algorithms.problem import Problem
+    from hetero.partitioner.algorithms.problem import Problem, Rows
 
 _STEPS = 3  # replays: the first fills the pipeline, the last is the steady state
 _SLOTS = 2  # the streamer's double buffer (problem.memory prices the same two)
@@ -45,43 +45,70 @@ class Schedule:
 
 def schedule(problem: Problem, assign: np.ndarray) -> Schedule:
     """Replay `assign` (a placement per group); needs `problem.copy_s` and `own_s`."""
-    n = problem.n
-    idx = np.arange(n)
-    dev = problem.place_device[assign]
-    own = problem.own_s[idx, assign] + caller_io(problem, assign)
-    copy = problem.copy_s[idx, assign]
-    streamed = problem.place_streamed[assign] & (copy > 0)
-    incoming = _incoming(problem, assign, dev)
+    seconds, start, end = _replay(problem.rows, assign.tolist())
+    return Schedule(seconds, np.array(start), np.array(end))
+
+
+def _replay(r: Rows, assign: list[int]) -> tuple[float, list[float], list[float]]:
+    """`schedule`'s step and per group its start and end, in Python floats: the local
+    search replays thousands of steps of a few dozen groups, where numpy's cost per call
+    outweighs the work. The sums are `caller_io`'s and `_incoming`'s, in their order."""
+    n = len(assign)
+    dev = [r.device[p] for p in assign]
+    run = [0] * n
+    for i in range(1, n):
+        run[i] = run[i - 1] + (assign[i] != assign[i - 1])
+    # the caller's latency once per run that reads (writes) its values: `caller_latency`
+    caller = [0.0] * n
+    for at, lat in ((r.reads, r.in_latency), (r.writes, r.out_latency)):
+        last = -1
+        for i in at:
+            if run[i] != last:
+                caller[i] += lat[dev[i]]
+                last = run[i]
+    own = [r.own[i][p] + (r.io[i][p] + caller[i]) for i, p in enumerate(assign)]
+    copy = [r.copy[i][p] for i, p in enumerate(assign)]
+    streamed = [r.streamed[p] and c > 0 for p, c in zip(assign, copy, strict=True)]
+    incoming = [0.0] * n
+    heads: dict[tuple[int, int], tuple[int, int]] = {}  # pair of runs -> (v, edge)
+    for e, (u, v, nbytes) in enumerate(r.edges):
+        a, b = dev[u], dev[v]
+        if a != b:  # on one device the link's row is 0: adding it changes nothing
+            incoming[v] += nbytes * r.inv_bw[a][b]
+            head = heads.get((run[u], run[v]))
+            if head is None or v < head[0]:
+                heads[(run[u], run[v])] = (v, e)
+    for e in sorted(e for _, e in heads.values()):
+        u, v, _ = r.edges[e]
+        incoming[v] += r.link_latency[dev[u]][dev[v]]
     # per device streaming there: how many items, when its link is free, and the ends of
     # the items run so far (all replays, in order)
-    items = Counter(dev[streamed].tolist())
+    items = Counter(d for d, s in zip(dev, streamed, strict=True) if s)
     link_free = dict.fromkeys(items, 0.0)
     ends: dict[int, list[float]] = {d: [] for d in items}
-    start, end = np.zeros(n), np.zeros(n)
+    start, end = [0.0] * n, [0.0] * n
     t = step_start = 0.0
-    own_l, copy_l, inc_l = own.tolist(), copy.tolist(), incoming.tolist()
-    streamed_l, dev_l = streamed.tolist(), dev.tolist()
     for _ in range(_STEPS):
         step_start = t
         for i in range(n):
-            s = t + inc_l[i]
-            if streamed_l[i]:
-                d = dev_l[i]
+            s = t + incoming[i]
+            if streamed[i]:
+                d = dev[i]
                 done = ends[d]
                 if items[d] == 1:  # nothing to prefetch: copied when acquired
                     ready = s
                 else:
                     # the copy waits for the item two before it to leave its slot
                     ready = done[-_SLOTS] if len(done) >= _SLOTS else 0.0
-                copied = max(link_free[d], ready) + copy_l[i]
+                copied = max(link_free[d], ready) + copy[i]
                 link_free[d] = copied
-                e_i = max(s, copied) + own_l[i]
+                e_i = max(s, copied) + own[i]
                 done.append(e_i)
             else:
-                e_i = s + own_l[i]
+                e_i = s + own[i]
             start[i], end[i] = s, e_i
             t = e_i
-    return Schedule(t - step_start, start - step_start, end - step_start)
+    return t - step_start, [x - step_start for x in start], [x - step_start for x in end]
 
 
 def caller_io(problem: Problem, assign: np.ndarray) -> np.ndarray:
@@ -111,9 +138,10 @@ def _incoming(problem: Problem, assign: np.ndarray, dev: np.ndarray) -> np.ndarr
 
 
 def overlapped_latency(problem: Problem, assign: np.ndarray) -> float:
-    if not np.isfinite(problem.compute[np.arange(problem.n), assign]).all():
+    r, a = problem.rows, assign.tolist()
+    if not all(ok[p] for ok, p in zip(r.allowed, a, strict=True)):
         return float("inf")
-    return schedule(problem, assign).seconds
+    return _replay(r, a)[0]
 
 
 def pattern_seeds(problem: Problem, assign: np.ndarray) -> list[np.ndarray]:

@@ -56,6 +56,7 @@ largest single tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -180,35 +181,25 @@ class Problem:
         return float(self.link_latency[a, b] + nbytes * self.link_inv_bw[a, b])
 
     # ---- evaluation ------------------------------------------------------------------------
+    @cached_property
+    def rows(self) -> Rows:
+        """The arrays one assignment is priced with, as Python values (made once)."""
+        return Rows.of(self)
+
     def memory(self, assign: np.ndarray) -> np.ndarray:
         """[D] bytes each device needs under `assign` (placement per group; -1: unplaced)."""
-        mem = np.zeros(self.num_devices)
-        placed = assign >= 0
-        dev = np.where(placed, self.place_device[np.maximum(assign, 0)], -1)
-        streamed = self.place_streamed[np.maximum(assign, 0)] & placed
-        split = self.place_split[np.maximum(assign, 0)] & placed
-        item = np.where(split, self.split_bytes, self.param_bytes)  # what one slot holds
-        for d in range(self.num_devices):
-            on = dev == d
-            if not on.any():
-                continue
-            res = on & ~streamed
-            st = on & streamed
-            slots = 2 * item[st].max() if st.any() else 0.0
-            weighted = self.param_bytes > 0
-            if self.slot_floor[d] and (weighted & ~res).any():
-                slots = max(slots, self.slot_floor[d])
-            mem[d] = (
-                self.param_bytes[res].sum()
-                + slots
-                + self.state_bytes[on].sum()
-                + self.act_bytes[on].max()
-            )
-        return mem
+        return np.array(self.rows.memory(assign.tolist()))
 
     def overflow(self, assign: np.ndarray) -> np.ndarray:
         """[D] bytes over capacity (0 where it fits)."""
         return np.maximum(self.memory(assign) - self.capacity, 0.0)
+
+    def excess(self, assign: np.ndarray) -> float:
+        """`overflow(assign).sum()`, the same float, without arrays (a search's inner loop)."""
+        cap = self.rows.capacity
+        return np_sum(
+            [max(m - c, 0.0) for m, c in zip(self.rows.memory(assign.tolist()), cap, strict=True)]
+        )
 
     def feasible(self, assign: np.ndarray) -> bool:
         allowed = np.isfinite(self.compute[np.arange(self.n), assign]).all()
@@ -350,6 +341,147 @@ class Problem:
         w = 2 * params.max() if self.place_streamed[p] else params.sum()
         state = self.state_bytes[start:stop].sum()
         return float(w + state + self.act_bytes[start:stop].max())
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A problem's arrays as tuples of Python floats, for pricing one assignment at a time:
+    on a few dozen groups numpy's cost per call exceeds the arithmetic, and a local search
+    prices thousands of assignments. The prices take the arrays' operations in their order
+    (sums in numpy's, `np_sum`), so they are the same floats and the search the same search."""
+
+    device: tuple[int, ...]  # [P] per placement
+    streamed: tuple[bool, ...]  # [P]
+    split: tuple[bool, ...]  # [P]
+    allowed: tuple[tuple[bool, ...], ...]  # [n][P]
+    param: tuple[float, ...]  # [n]
+    split_item: tuple[float, ...]  # [n] a split group's GPU share
+    state: tuple[float, ...]  # [n]
+    act: tuple[float, ...]  # [n]
+    weighted: int  # groups with parameters
+    # parameter and state bytes are whole numbers that sum exactly in any order (a model's
+    # are; random problems' are not): summed by the builtin, not in numpy's order
+    whole: bool
+    slot_floor: tuple[float, ...]  # [D]
+    capacity: tuple[float, ...]  # [D]
+    # [n][P] seconds no step can spend less on group i at placement p (its own time and its
+    # caller bytes, the other terms only add): prices a trial that cannot win away unreplayed
+    least: tuple[tuple[float, ...], ...]
+    own: tuple[tuple[float, ...], ...] | None  # [n][P] `own_s` (overlapped problems)
+    copy: tuple[tuple[float, ...], ...] | None  # [n][P] `copy_s`
+    io: tuple[tuple[float, ...], ...]  # [n][P] the caller's bytes: base - compute
+    edges: tuple[tuple[int, int, float], ...]  # (u, v, bytes) per edge, in order
+    inv_bw: tuple[tuple[float, ...], ...]  # [D][D]
+    link_latency: tuple[tuple[float, ...], ...]  # [D][D]
+    reads: tuple[int, ...]  # groups reading the caller's inputs, in order
+    writes: tuple[int, ...]  # groups writing model outputs, in order
+    in_latency: tuple[float, ...]  # [D]
+    out_latency: tuple[float, ...]  # [D]
+
+    @classmethod
+    def of(cls, p: Problem) -> Rows:
+        def rows(a: np.ndarray) -> tuple:
+            return tuple(map(tuple, a.tolist()))
+
+        with np.errstate(invalid="ignore"):  # inf - inf where a placement is not allowed
+            io = p.base - p.compute
+            least = p.base if p.copy_s is None else p.own_s + io
+        return cls(
+            device=tuple(p.place_device.tolist()),
+            streamed=tuple(p.place_streamed.tolist()),
+            split=tuple(p.place_split.tolist()),
+            allowed=rows(p.allowed()),
+            param=_floats(p.param_bytes),
+            split_item=_floats(p.split_bytes),
+            state=_floats(p.state_bytes),
+            act=_floats(p.act_bytes),
+            weighted=int((p.param_bytes > 0).sum()),
+            whole=_whole(p.param_bytes, p.state_bytes),
+            slot_floor=_floats(p.slot_floor),
+            capacity=_floats(p.capacity),
+            least=rows(least),
+            own=None if p.own_s is None else rows(p.own_s),
+            copy=None if p.copy_s is None else rows(p.copy_s),
+            io=rows(io),
+            edges=tuple(
+                (int(u), int(v), float(b)) for (u, v), b in zip(p.edges, p.edge_bytes, strict=True)
+            ),
+            inv_bw=rows(p.link_inv_bw),
+            link_latency=rows(p.link_latency),
+            reads=tuple(p._reads.tolist()),
+            writes=tuple(p._writes.tolist()),
+            in_latency=tuple(p.in_latency.tolist()),
+            out_latency=tuple(p.out_latency.tolist()),
+        )
+
+    def memory(self, assign: list[int]) -> list[float]:
+        """`Problem.memory` of `assign` (a placement per group; -1: unplaced)."""
+        d = len(self.capacity)
+        total = sum if self.whole else np_sum
+        resident: list[list[float]] = [[] for _ in range(d)]
+        state: list[list[float]] = [[] for _ in range(d)]
+        act: list[list[float]] = [[] for _ in range(d)]
+        item: list[float | None] = [None] * d  # the largest streamed item
+        weighted_here = [0] * d  # weighted groups resident on the device
+        for i, p in enumerate(assign):
+            if p < 0:
+                continue
+            k = self.device[p]
+            state[k].append(self.state[i])
+            act[k].append(self.act[i])
+            if self.streamed[p]:
+                x = self.split_item[i] if self.split[p] else self.param[i]
+                if item[k] is None or x > item[k]:
+                    item[k] = x
+            else:
+                resident[k].append(self.param[i])
+                weighted_here[k] += self.param[i] > 0
+        mem = [0.0] * d
+        for k in range(d):
+            if not act[k]:
+                continue
+            slots = 2 * item[k] if item[k] is not None else 0.0
+            if self.slot_floor[k] and weighted_here[k] < self.weighted:
+                slots = max(slots, self.slot_floor[k])
+            mem[k] = total(resident[k]) + slots + total(state[k]) + max(act[k])
+        return mem
+
+
+def _whole(*arrays: np.ndarray) -> bool:
+    both = np.concatenate([np.asarray(a, dtype=float) for a in arrays])
+    return bool(np.all(both == np.round(both)) and np.abs(both).sum() < 2.0**53)
+
+
+def _floats(a) -> tuple[float, ...]:
+    return tuple(np.asarray(a, dtype=float).tolist())
+
+
+def np_sum(values: list[float]) -> float:
+    """`np.array(values).sum()` without the array: numpy's pairwise order (eight running sums
+    over blocks of up to 128, halves above), so the same float. Byte counts are whole
+    numbers that any order sums exactly; random problems' are not."""
+    return 0.0 + _pairwise(values, 0, len(values)) if values else 0.0
+
+
+def _pairwise(a: list[float], lo: int, n: int) -> float:
+    if n < 8:
+        res = 0.0
+        for x in a[lo : lo + n]:
+            res += x
+        return res
+    if n <= 128:
+        r = a[lo : lo + 8]
+        i = 8
+        while i < n - n % 8:
+            r = [r[j] + a[lo + i + j] for j in range(8)]
+            i += 8
+        res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        for x in a[lo + i : lo + n]:
+            res += x
+        return res
+    half = n // 2
+    half -= half % 8
+    return _pairwise(a, lo, half) + _pairwise(a, lo + half, n - half)
 
 
 def run_index(assign: np.ndarray) -> np.ndarray:
