@@ -20,6 +20,7 @@ ORDER = [
     ("unnamed_models.md", "CPU: models hetero was never tuned on (a new user's trial)"),
     ("cpu_choice.md", "CPU: the backend chosen by measurement; a 7B decode layer (issue 15)"),
     ("partitioner.md", "Planning time, cost-model accuracy, calibration (issue 3)"),
+    ("plan_generation_speed.md", "The generation planner's search: 6-18x faster, same plans"),
     ("plan_scale.md", "Planning at cluster scale: LLaMA-70B over 1-16 nodes (issue 20)"),
     ("runtime.md", "Ray runtime: per-hop overhead (issue 6)"),
     ("pipeline_2gpu.md", "Two GPUs: GPT-2 XL pipeline over NCCL (issue 9)"),
