@@ -86,6 +86,21 @@ def plan_row(
     }
 
 
+def _hold_host_precision() -> None:
+    """Drops, for this process, the host dtypes coarser than the model's from the planner's
+    candidates (a what-if: the planner itself has no such setting yet)."""
+    from hetero.partitioner import host_dtype
+
+    every = host_dtype.candidates
+
+    def held(own, device, cm, op_class, backend):
+        bits = host_dtype.MANTISSA_BITS
+        found = every(own, device, cm, op_class, backend)
+        return [d for d in found if bits.get(d, 99) >= bits.get(own, 0)]
+
+    host_dtype.candidates = held
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default=str(HERE / "results/llm_generate_run18_capped.json"))
@@ -115,7 +130,15 @@ def main() -> None:
         help="a split's CPU rows' time beyond calibrated, per second of it, as a feedback "
         "round fits it (run 26: the split LM head ran ~0.9 longer)",
     )
+    ap.add_argument(
+        "--model-precision",
+        action="store_true",
+        help="the host computes in no dtype with less mantissa than the model's (no "
+        "bfloat16 copies of a float16 model): what that costs (run 28)",
+    )
     args = ap.parse_args()
+    if args.model_precision:
+        _hold_host_precision()
 
     from hetero.calibration.split import SplitRates
     from hetero.partitioner.phases import capture_lm
