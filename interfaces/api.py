@@ -38,6 +38,7 @@ from hetero.partitioner.decisions import (
     BackendChoice,
     Choose,
     ExecutorKind,
+    HostPrecision,
     Objective,
     Task,
 )
@@ -239,6 +240,7 @@ def compile(
     feedback: bool | ReplanPolicy = False,
     choose: BackendChoice | Choose | str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    host_precision: HostPrecision | str = HostPrecision.MODEL,
 ) -> CompiledModel | CompiledLM:
     """Capture, plan, compile every partition (cached) and start an executor.
 
@@ -267,6 +269,9 @@ def compile(
     show in `cm.executor.metrics` and in the plan's notes. With task="generate", feedback=True
     runs one request after the build, prices the split layers' hand-offs as measured and
     rebuilds with the re-plan when it is predicted faster (`CompiledLM.feedback`).
+    host_precision="fastest" lets a host CPU compute a float16 LM in bfloat16 copies where
+    its measured rates make them faster; the default "model" keeps the model's mantissa
+    (bfloat16 rows put a capped 7B's logits 3.5% off the GPU's: BENCHMARKS.md, run 28).
     """
     clock = CompileClock()
     registry = registry if registry is not None else default_registry()
@@ -295,6 +300,7 @@ def compile(
             registry=registry,
             feedback=feedback,
             clock=clock,
+            host_precision=host_precision,
         )
     if example_inputs is None:
         raise ConfigError("hetero.compile needs example_inputs (or task='generate' for an LM)")

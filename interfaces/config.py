@@ -50,7 +50,14 @@ from hetero.interfaces.modelfile import load_exported
 from hetero.interfaces.modelref import load_factory
 from hetero.interfaces.pretrained import PREFIX as HF_PREFIX
 from hetero.interfaces.pretrained import load_hf, load_weights
-from hetero.partitioner.decisions import BackendAssignment, BackendChoice, Choose, Objective, Task
+from hetero.partitioner.decisions import (
+    BackendAssignment,
+    BackendChoice,
+    Choose,
+    HostPrecision,
+    Objective,
+    Task,
+)
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -118,6 +125,9 @@ class GenerationOptions(_Strict):
     max_length: int = Field(256, ge=3)  # cache positions: a prompt of 2+ and new tokens
     batch_size: int = Field(1, ge=1)  # sequences per request
     max_new_tokens: int = Field(32, ge=1)  # for a request that names no number
+    # "model": host CPUs keep the model's mantissa; "fastest": a float16 LM's CPU layers may
+    # run bfloat16 copies where that host reads them faster (logits further from the GPU's)
+    host_precision: HostPrecision = HostPrecision.MODEL
 
 
 class Constraints(_Strict):
@@ -337,6 +347,7 @@ class DeployConfig(_Strict):
                 "task": Task.GENERATE,
                 "max_length": self.generation.max_length,
                 "batch_size": self.generation.batch_size,
+                "host_precision": self.generation.host_precision,
                 # overrides of generation's own defaults per device kind, as written
                 "backends": dict(self.backends) or None,
                 "cache_dir": self.cache_dir,

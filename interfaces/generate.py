@@ -36,7 +36,7 @@ from hetero.partitioner.algorithms.generation import (
     plan_generation,
 )
 from hetero.partitioner.cost import CostModel
-from hetero.partitioner.decisions import BackendAssignment, ExecutorKind
+from hetero.partitioner.decisions import BackendAssignment, ExecutorKind, HostPrecision
 from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.partitioner.gpu_cpu_split import split_decisions
 from hetero.partitioner.phases import LMGraphs, Phase, capture_lm
@@ -195,6 +195,7 @@ def compile_lm(
     prompt_length: int | None = None,
     feedback: bool = False,
     clock: CompileClock | None = None,
+    host_precision: HostPrecision | str = HostPrecision.MODEL,
 ) -> CompiledLM:
     """Capture both phases, plan them (unless `plan`), compile every partition (cached) and
     load them. `backends` override generation's defaults per device kind (GPU: inductor,
@@ -207,7 +208,9 @@ def compile_lm(
     faster); a plan kept carries the corrected prices (`CompiledLM.feedback`: per partition its price
     before, measured and after, and the median errors; either executor).
     `clock`: the compile's clock when the caller started it (hetero.compile); the result's
-    `compile_times` say where the time went.
+    `compile_times` say where the time went. `host_precision` ("model" or "fastest",
+    partitioner.decisions.HostPrecision): whether a host CPU may compute a float16 model
+    in bfloat16 copies where its measured rates make them faster (default: no).
     Both phases are planned, and feedback corrects the prices, for the runtime that runs
     them (`executor`; "auto": local on one host, Ray on more): over Ray, with its actors'
     per-stage and per-hop costs."""
@@ -227,6 +230,7 @@ def compile_lm(
         )
     if not isinstance(feedback, bool):  # "no" would be true
         raise ConfigError(f"feedback={feedback!r}: give True (measured rounds) or False")
+    precision = HostPrecision.parse(host_precision)
     if lm is None:
         with clock.phase("export"):
             lm = capture_lm(model, batch=batch_size, max_len=max_length, example_len=prompt_length)
@@ -241,6 +245,7 @@ def compile_lm(
                 pins=pins,
                 exclude=exclude,
                 decode_placements=decode_placements,
+                host_precision=precision,
             )
 
     def build(p: GenerationPlan) -> CompiledLM:
@@ -266,6 +271,7 @@ def compile_lm(
                     pins=pins,
                     exclude=exclude,
                     decode_placements=decode_placements,
+                    host_precision=precision,
                 ),
             )
     compiled.compile_times = clock.times()

@@ -38,6 +38,7 @@ from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.partitioner import host_dtype, mlp_pattern
 from hetero.partitioner.coarsen import Group
 from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import HostPrecision
 from hetero.partitioner.graph import OpGraph, OpNode, itemsize
 
 if TYPE_CHECKING:
@@ -279,6 +280,7 @@ def split_cost(
     cpu_backend: str,
     scale: float = 1.0,
     fixed: SplitDecision | None = None,
+    host_precision: HostPrecision = HostPrecision.MODEL,
 ) -> SplitCost | None:
     """The group's time split between `gpu` and its host `cpu`; None when it has no weight
     matmul (a small layer prices itself out: its hand-offs cost more than they save).
@@ -300,7 +302,7 @@ def split_cost(
     # The GPU's own work, bounded by the whole group run there with its weights at hand
     # (as its backend runs it: fused or op by op); its matmul rows overlap the CPU's.
     gpu_all = cm.group_time(group, ops, gpu, backend=gpu_backend, scale=scale)
-    cpu_dtype, _ = _cpu_share(mm_ops, cpu, cm, cpu_backend, scale)
+    cpu_dtype, _ = _cpu_share(mm_ops, cpu, cm, cpu_backend, scale, host_precision)
     own_size = itemsize(_dtype(mm_ops))
     trips = []
     for trip, members in _trips(graph, mms):
@@ -384,12 +386,17 @@ def _dtype(ops: Sequence[OpNode]) -> str:
 
 
 def _cpu_share(
-    mm_ops: Sequence[OpNode], cpu: DeviceSpec, cm: CostModel, backend: str, scale: float
+    mm_ops: Sequence[OpNode],
+    cpu: DeviceSpec,
+    cm: CostModel,
+    backend: str,
+    scale: float,
+    precision: HostPrecision,
 ) -> tuple[str, float]:
     """(dtype, seconds) of the matmuls run whole on the CPU in the dtype the cost model
     finds fastest for them (partitioner/host_dtype.py says which and their numerics)."""
     own = _dtype(mm_ops)
-    candidates = host_dtype.candidates(own, cpu, cm, "matmul", backend)
+    candidates = host_dtype.candidates(own, cpu, cm, "matmul", backend, precision)
     priced = [(d, _cpu_time(mm_ops, cpu, cm, backend, scale, d)) for d in candidates]
     if not priced:
         return ("", float("inf"))

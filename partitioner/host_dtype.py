@@ -8,8 +8,10 @@ model's own dtype; the CPU may run bfloat16 copies (float16's exponent range is 
 so nothing overflows; 3 bits less mantissa: each product's rounding error ~4e-3 relative
 instead of ~5e-4) or float32 copies (exact products of the 16-bit weights, twice the bytes).
 The cost model chooses, by the rates it measured; the numbers are in README's generation
-section. A dtype with less mantissa than the model's must be priced `COARSER_MARGIN` faster
-to be taken: on an H200 host (run 15) bfloat16 was priced 8.6% faster than float16, and the
+section. By default (`HostPrecision.MODEL`) no dtype with less mantissa than the model's is a
+candidate: run 28 (an H100 host) read bfloat16 13% faster, took it past the margin below,
+and its logits came out 3.5% off the GPU's. Under `HostPrecision.FASTEST` a dtype with less
+mantissa than the model's must be priced `COARSER_MARGIN` faster to be taken: on an H200 host (run 15) bfloat16 was priced 8.6% faster than float16, and the
 12 decoder layers the plan then ran on the CPU in bfloat16 put the logits 3.6% off the GPU's
 (the goal is 2e-2); the same plan in float16 loses those 8.6% on the CPU layers only.
 """
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 
 from hetero.cluster.spec import DeviceSpec
 from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import HostPrecision
 from hetero.partitioner.graph import OpNode, TensorMeta, itemsize
 
 SIXTEEN_BIT = ("float16", "bfloat16")
@@ -42,15 +45,25 @@ def preferred(own: str, priced: Sequence[tuple[str, float]]) -> str:
 
 
 def candidates(
-    own: str, device: DeviceSpec, cm: CostModel, op_class: str, backend: str | None
+    own: str,
+    device: DeviceSpec,
+    cm: CostModel,
+    op_class: str,
+    backend: str | None,
+    precision: HostPrecision = HostPrecision.MODEL,
 ) -> list[str]:
     """The dtypes `device` may compute a model of dtype `own` in: its own first, never below
-    its precision (a float32 model stays float32); once the profile measured some of them,
-    only those (an unmeasured one is priced by a guess)."""
+    its size (a float32 model stays float32) and, under `HostPrecision.MODEL`, never with
+    less mantissa (a float16 model's stay float16 or float32); once the profile measured
+    some of them, only those (an unmeasured one is priced by a guess)."""
+    coarser_ok = precision is HostPrecision.FASTEST
     found = [own] + [
         d
         for d in ("bfloat16", "float32")
-        if d != own and d in device.dtypes and itemsize(d) >= itemsize(own)
+        if d != own
+        and d in device.dtypes
+        and itemsize(d) >= itemsize(own)
+        and (coarser_ok or MANTISSA_BITS.get(d, 99) >= MANTISSA_BITS.get(own, 0))
     ]
     measured = [d for d in found if cm.measured(device, op_class, d, backend)]
     return measured or found
@@ -97,7 +110,13 @@ class HostDtype:
         )
 
 
-def choose(ops: Sequence[OpNode], device: DeviceSpec, cm: CostModel, backend: str) -> HostDtype:
+def choose(
+    ops: Sequence[OpNode],
+    device: DeviceSpec,
+    cm: CostModel,
+    backend: str,
+    precision: HostPrecision = HostPrecision.MODEL,
+) -> HostDtype:
     """The fastest dtype for `ops` (a phase's whole graph) on the CPU `device`, priced by the
     cost model on their matmuls (where a decode step's time goes)."""
     mms = [op for op in ops if op.op_class == "matmul"]
@@ -110,7 +129,7 @@ def choose(ops: Sequence[OpNode], device: DeviceSpec, cm: CostModel, backend: st
     if own not in SIXTEEN_BIT or device.kind != "cpu":
         return HostDtype(device.name, "", ())
     priced = []
-    for dtype in candidates(own, device, cm, "matmul", backend):
+    for dtype in candidates(own, device, cm, "matmul", backend, precision):
         t = sum(
             cm.op_time(retyped(op, dtype), device, 1.0, backend) for op in mms if op.dtype == own
         )

@@ -21,7 +21,12 @@ from hetero.partitioner.algorithms.problem import (
 )
 from hetero.partitioner.coarsen import GroupGraph
 from hetero.partitioner.cost import CostModel
-from hetero.partitioner.decisions import FALLBACK_BACKEND, BackendAssignment, Objective
+from hetero.partitioner.decisions import (
+    FALLBACK_BACKEND,
+    BackendAssignment,
+    HostPrecision,
+    Objective,
+)
 from hetero.partitioner.gpu_cpu_split import SplitCost, SplitDecision, split_cost
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.host_dtype import retyped
@@ -118,6 +123,7 @@ def build_problem(
     overlap: bool = False,
     host_dtypes: Mapping[str, str] | None = None,
     fixed_splits: Mapping[str, SplitDecision] | None = None,
+    host_precision: HostPrecision = HostPrecision.MODEL,
 ) -> tuple[Problem, Context]:
     """`backends` as `resolve_backends` left it (every kind usable); `notes`: its notes.
     `split`: also offer GPUs the `split` weight home (partitioner/gpu_cpu_split.py), for
@@ -212,6 +218,7 @@ def build_problem(
                             cpu_backend=backend_of[host.name],
                             scale=scale,
                             fixed=(fixed_splits or {}).get(g.name),
+                            host_precision=host_precision,
                         )
                         if cost is not None:
                             splits[gi] = cost

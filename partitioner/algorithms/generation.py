@@ -34,7 +34,7 @@ from hetero.partitioner.algorithms.latency import latency
 from hetero.partitioner.algorithms.problem import INF, SPLIT, Placement, Problem, Solution
 from hetero.partitioner.coarsen import GroupGraph
 from hetero.partitioner.cost import CostModel
-from hetero.partitioner.decisions import BackendAssignment, Objective
+from hetero.partitioner.decisions import BackendAssignment, HostPrecision, Objective
 from hetero.partitioner.generation_plan import GenerationPlan, GroupChoice, StateMove
 from hetero.partitioner.gpu_cpu_split import SplitDecision
 from hetero.partitioner.graph import OpGraph
@@ -104,12 +104,15 @@ def plan_generation(
     pins: Mapping[str, str] | None = None,
     exclude: Sequence[str] = (),
     decode_placements: Mapping[str, str] | None = None,
+    host_precision: HostPrecision | str = HostPrecision.MODEL,
 ) -> GenerationPlan:
     """Plans for both phases. `decode_placements` forces placements in decode (group or
     module path -> "resident" | "streamed" | "split" | a device name | "DEVICE:HOME", or
     several joined by "|"; `_force`), for comparisons."""
     cm = cost_model if cost_model is not None else CostModel.load(cluster=cluster)
-    setup = _setup(lm, cluster, cm, registry, backends, exclude)
+    setup = _setup(
+        lm, cluster, cm, registry, backends, exclude, HostPrecision.parse(host_precision)
+    )
     common = setup.common
     dproblem, dctx = _decode_problem(lm, cluster, cm, setup, pins, decode_placements)
     dgroups, backend_notes, dtypes = dctx.groups, setup.notes, setup.dtypes
@@ -162,15 +165,17 @@ class _Setup:
     common: dict
     notes: tuple[str, ...]
     dtypes: dict[str, str]
+    precision: HostPrecision
 
 
-def _setup(lm, cluster, cm, registry, backends, exclude) -> _Setup:
+def _setup(lm, cluster, cm, registry, backends, exclude, precision: HostPrecision) -> _Setup:
     resolved, backend_notes = resolve_backends(cluster, backends, registry)
-    hosts = _host_dtypes(lm, cluster, cm, resolved, registry, exclude)
+    hosts = _host_dtypes(lm, cluster, cm, resolved, registry, exclude, precision)
     return _Setup(
         dict(backends=resolved, exclude=exclude, registry=registry),
         (*backend_notes, *(h.note() for h in hosts if h.priced_ms)),
         {h.device: h.dtype for h in hosts if h.dtype},
+        precision,
     )
 
 
@@ -178,7 +183,8 @@ def _decode_problem(lm, cluster, cm, setup: _Setup, pins, decode_placements, fix
     dgroups = lm_groups(lm.decode, cluster, **setup.common)
     dproblem, dctx = build_problem(
         dgroups, cluster, cm, pins=pins, split=True, overlap=True, notes=setup.notes,
-        host_dtypes=setup.dtypes, fixed_splits=fixed_splits, **setup.common,
+        host_dtypes=setup.dtypes, fixed_splits=fixed_splits, host_precision=setup.precision,
+        **setup.common,
     )  # fmt: skip
     dproblem = _keep_for_runtime(_reserve_prefill_slots(dproblem, cluster), cluster)
     if decode_placements:
@@ -197,13 +203,16 @@ def decode_pricing(
     exclude: Sequence[str] = (),
     decode_placements: Mapping[str, str] | None = None,
     fixed_splits: Mapping[str, SplitDecision] | None = None,
+    host_precision: HostPrecision | str = HostPrecision.MODEL,
 ) -> Pricing:
     """The decode problem `plan_generation` solves for these arguments, priced with
     `cost_model`: what a decode plan is re-priced with (`partitioner.reprice`) and its
     measured partitions are cut into terms with (`calibration.feedback.partition_runs`).
     `fixed_splits` (gpu_cpu_split.split_decisions of the plan): its split groups priced at
     the shares and trips that run, not chosen again at the new prices."""
-    setup = _setup(lm, cluster, cost_model, registry, backends, exclude)
+    setup = _setup(
+        lm, cluster, cost_model, registry, backends, exclude, HostPrecision.parse(host_precision)
+    )
     problem, ctx = _decode_problem(
         lm, cluster, cost_model, setup, pins, decode_placements, fixed_splits
     )
@@ -217,6 +226,7 @@ def _host_dtypes(
     backends: BackendAssignment,
     registry: BackendLookup,
     exclude: Sequence[str],
+    precision: HostPrecision,
 ) -> list[HostDtype]:
     """Per host CPU that holds layers' state, the dtype its partitions compute in: one per
     device for both phases, since one copy of its weights and its caches serves both."""
@@ -226,7 +236,7 @@ def _host_dtypes(
         backend = backends.for_device(d)
         if d.name in excluded or not getattr(registry.get(backend), "holds_state", False):
             continue
-        out.append(host_dtype.choose(list(lm.decode), d, cm, backend))
+        out.append(host_dtype.choose(list(lm.decode), d, cm, backend, precision))
     return out
 
 

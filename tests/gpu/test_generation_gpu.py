@@ -200,7 +200,7 @@ def test_float16_model_with_bfloat16_cpu_layers_within_2e_2(tmp_path):
     cm = CostModel(profile=CalibrationProfile(cluster="h200-sxm-node", devices=(host,)))
     lm = compile_lm(
         model, ClusterSpec.from_yaml(H200), max_length=64, registry=default_registry(),
-        cache_dir=tmp_path, cost_model=cm,
+        cache_dir=tmp_path, cost_model=cm, host_precision="fastest",
         decode_placements={"model.model.layers.1": "node0/cpu", "model.model.layers.2": "node0/cpu"},
     )  # fmt: skip
     try:

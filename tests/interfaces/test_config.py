@@ -10,6 +10,7 @@ import yaml
 
 from hetero.errors import ConfigError
 from hetero.interfaces.config import GRPC_DEFAULT_MESSAGE_BYTES, config_from_dict, load_config
+from hetero.partitioner.decisions import HostPrecision
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -176,3 +177,19 @@ def test_dtype_casts_weights_and_float_inputs(tmp_path):
     loaded = cfg.load_model()
     assert loaded.example_inputs[0].dtype == torch.bfloat16
     assert next(loaded.module.parameters()).dtype == torch.bfloat16
+
+
+def test_a_generation_config_says_how_precise_its_host_cpus_compute(tmp_path):
+    """generation.host_precision reaches hetero.compile as the typed decision (default:
+    the model's mantissa); anything else names the key and what is known."""
+    path = Path("configs/deploy/cpu-2core-generate.yaml")
+    data = yaml.safe_load(path.read_text())
+    data["cluster"] = str((path.parent / data["cluster"]).resolve())
+    cfg = config_from_dict(data, tmp_path / "gen.yaml")
+    assert cfg.compile_kwargs()["host_precision"] is HostPrecision.MODEL
+    data["generation"]["host_precision"] = "fastest"
+    cfg = config_from_dict(data, tmp_path / "gen.yaml")
+    assert cfg.compile_kwargs()["host_precision"] is HostPrecision.FASTEST
+    data["generation"]["host_precision"] = "bf16"
+    with pytest.raises(ConfigError, match="host_precision"):
+        config_from_dict(data, tmp_path / "gen.yaml")

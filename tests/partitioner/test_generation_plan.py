@@ -238,7 +238,9 @@ def test_the_cpu_computes_in_the_dtype_its_measured_rates_make_fastest(
     lm = captured_llama(model_dtype)
     cluster = ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml")
     cm = _host_rates(float16, bfloat16)
-    gp = plan_generation(lm, cluster, registry=default_registry(), cost_model=cm)
+    gp = plan_generation(
+        lm, cluster, registry=default_registry(), cost_model=cm, host_precision="fastest"
+    )
     for plan in (gp.prefill, gp.decode):  # one copy of the weights and cache serves both
         assert {p.cpu_dtype for p in plan.partitions} == {chosen}
     labels = {c.chosen for c in gp.choice(Phase.DECODE)}

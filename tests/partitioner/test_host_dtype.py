@@ -11,6 +11,7 @@ from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency
 from hetero.cluster.spec import ClusterSpec
 from hetero.partitioner import host_dtype
 from hetero.partitioner.cost import CostModel
+from hetero.partitioner.decisions import HostPrecision
 
 
 def _cm() -> CostModel:
@@ -27,9 +28,24 @@ def test_a_float32_matmul_without_weights_does_not_decide_the_models_dtype():
     f32 = [dataclasses.replace(m, dtype="float32") for m in mm.out_meta]
     rotary = dataclasses.replace(mm, name="rotary_mm", out_meta=tuple(f32), param_bytes=0)
     cpu = ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml").device("box/cpu")
-    chosen = host_dtype.choose([rotary, *ops], cpu, _cm(), "eager")
+    chosen = host_dtype.choose([rotary, *ops], cpu, _cm(), "eager", HostPrecision.FASTEST)
     assert chosen.dtype == "bfloat16"
     assert chosen.priced_ms[0][0] == "float16"  # the model's own, first
+
+
+def test_by_default_a_float16_model_never_computes_in_bfloat16_copies():
+    """HostPrecision.MODEL (the default): bfloat16 read twice as fast is still not taken, its
+    3 bits less mantissa cost run 28 3.5% of the logits (goal 2%); float32 copies still may."""
+    ops = list(captured_llama(torch.float16).decode)
+    cpu = ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml").device("box/cpu")
+    chosen = host_dtype.choose(ops, cpu, _cm(), "eager")
+    assert chosen.dtype == ""  # the model's own
+    assert "bfloat16" not in dict(chosen.priced_ms)
+    # the measured ones only (float32 was not measured here)
+    assert host_dtype.candidates("float16", cpu, _cm(), "matmul", "eager") == ["float16"]
+    assert "bfloat16" in host_dtype.candidates(
+        "float16", cpu, _cm(), "matmul", "eager", HostPrecision.FASTEST
+    )
 
 
 def test_retyped_ops_keep_their_other_dtypes_and_scale_bytes():
