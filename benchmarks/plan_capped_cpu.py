@@ -43,6 +43,7 @@ def plan_row(
     handoff_s: float = 0.0,
     stream_call_s: float = 0.0,
     split_cpu: float = 0.0,
+    host_precision: str = "model",
 ) -> dict:
     from hetero.backends.registry import default_registry
     from hetero.calibration.split import split_profile
@@ -64,7 +65,9 @@ def plan_row(
         )
         profile = dataclasses.replace(profile, runtime=(runtime,))
     cm = CostModel(profile)
-    plan = plan_generation(lm, spec, registry=default_registry(), cost_model=cm)
+    plan = plan_generation(
+        lm, spec, registry=default_registry(), cost_model=cm, host_precision=host_precision
+    )
     layers = Counter(
         " ".join(c.chosen.split()[1:2]) or c.chosen
         for c in plan.choice(Phase.DECODE)
@@ -84,21 +87,6 @@ def plan_row(
         "ttft_ms": plan.predicted_ttft_ms,
         "host_bytes_per_token": host,
     }
-
-
-def _hold_host_precision() -> None:
-    """Drops, for this process, the host dtypes coarser than the model's from the planner's
-    candidates (a what-if: the planner itself has no such setting yet)."""
-    from hetero.partitioner import host_dtype
-
-    every = host_dtype.candidates
-
-    def held(own, device, cm, op_class, backend):
-        bits = host_dtype.MANTISSA_BITS
-        found = every(own, device, cm, op_class, backend)
-        return [d for d in found if bits.get(d, 99) >= bits.get(own, 0)]
-
-    host_dtype.candidates = held
 
 
 def main() -> None:
@@ -131,14 +119,13 @@ def main() -> None:
         "round fits it (run 26: the split LM head ran ~0.9 longer)",
     )
     ap.add_argument(
-        "--model-precision",
-        action="store_true",
-        help="the host computes in no dtype with less mantissa than the model's (no "
-        "bfloat16 copies of a float16 model): what that costs (run 28)",
+        "--host-precision",
+        choices=("model", "fastest"),
+        default="model",
+        help="the planner's HostPrecision: 'fastest' lets the host run bfloat16 copies of a "
+        "float16 model (what runs before 2026-12-06 planned; run 28's plan)",
     )
     args = ap.parse_args()
-    if args.model_precision:
-        _hold_host_precision()
 
     from hetero.calibration.split import SplitRates
     from hetero.partitioner.phases import capture_lm
@@ -154,6 +141,7 @@ def main() -> None:
     spec = gen.cluster(args.cap_gib)
     f16 = next(r for r in recorded if r.dtype == "float16")
     extra = {
+        "host_precision": args.host_precision,
         "handoff_s": args.handoff_extra_ms * 1e-3,
         "stream_call_s": args.stream_call_ms * 1e-3,
         "split_cpu": args.split_cpu,
