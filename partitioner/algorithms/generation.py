@@ -297,15 +297,15 @@ def _reason(problem: Problem, ctx: Context, sol: Solution, gi: int, others) -> s
     ]
     if not faster:
         return ""
-    fits = []
+    trial = None
     for q in sorted(faster, key=lambda q: problem.unary[gi, q]):
-        trial = sol.assign.copy()
-        trial[gi] = q
-        if not problem.overflow(trial).any():
-            fits.append(trial)
-    if not fits:
+        candidate = sol.assign.copy()
+        candidate[gi] = q
+        if not problem.overflow(candidate).any():  # the fastest that fits is the one shown
+            trial = candidate
+            break
+    if trial is None:
         return "memory: a faster placement does not fit"
-    trial = fits[0]
     if problem.overlapped:
         slower = 1e3 * (problem.latency(trial) - problem.latency(sol.assign))
         return (
