@@ -37,6 +37,7 @@ from hetero.backends.base import (
     Runner,
     Support,
 )
+from hetero.backends.reshape_views import reshape_views
 from hetero.backends.triton.autotune import TuneCache, Tuned, cache_file, tune
 from hetero.backends.triton.codegen import generate
 from hetero.backends.triton.fold import Folded, fold_weights
@@ -210,8 +211,12 @@ class TritonBackend(Backend):
 def prepare(gm: torch.fx.GraphModule, inputs: tuple[str, ...], params: Mapping[str, torch.Tensor],
             acts: tuple[torch.Tensor, ...], dtype: torch.dtype | None = None) -> Folded:  # fmt: skip
     """Fold weights, rewrite (rewrite.py), and fold again what the rewrites made constant;
-    every node carries fresh meta['val'] for fusion."""
+    every node carries fresh meta['val'] for fusion. Bare `view`s become `reshape`s first
+    (backends/reshape_views.py): the trace may have elided a `contiguous` that another
+    attention kernel's layout needs (torch 2.11's SDPA on an H200 returned [b, h, s, d] where
+    the trace had [b, s, h, d], and a LLaMA's compile stopped at the view before `o_proj`)."""
     folded = fold_weights(gm, inputs, params, dtype)
+    reshape_views(folded.module)
     _propagate(folded.module, (*acts, *(t for _, t in folded.weights)))
     if rewrite(folded.module):
         folded = fold_weights(folded.module, folded.inputs, dict(folded.weights))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from triton_models import GPU, LinearEpilogue, assert_close, build, gpt2, unit_of
 
-from hetero.backends.base import CompileOptions
+from hetero.backends.base import Artifact, CompileOptions
 from hetero.backends.registry import default_registry
 from hetero.backends.triton import TritonBackend
 from hetero.backends.triton.backend import FILES
@@ -112,3 +112,36 @@ def test_dtype_option_casts_weights_and_inputs(tmp_path):
     (got,) = run(x.half())
     assert got.dtype == torch.float16  # (the model's .to(float32) was a no-op at capture)
     assert_close(got, want, torch.float16)
+
+
+class _MergeHeads(torch.nn.Module):
+    """Attention's output merge then a projection: [b, h, s, d] -> [b, s, h*d] @ W."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.transpose(1, 2).contiguous()
+        return self.proj(y.view(y.shape[0], y.shape[1], -1))
+
+
+def test_a_view_traced_on_another_layout_compiles_and_runs(tmp_path):
+    """Traced where attention's output was laid out [b, s, h, d] (the host's kernel: the
+    trace keeps a bare `view`), compiled and run where it is dense [b, h, s, d] (torch
+    2.11's SDPA on an H200 stopped a LLaMA's compile at that view)."""
+    import dataclasses
+
+    model = _MergeHeads()
+    seq_major = torch.randn(2, 5, 4, 2).transpose(1, 2)
+    dense = torch.randn(2, 4, 5, 2)
+    unit = unit_of(model, seq_major)
+    assert any(n.target == torch.ops.aten.view.default for n in unit.module.graph.nodes)
+    unit = dataclasses.replace(unit, example_inputs=(dense,))
+    out = tmp_path / "artifact"
+    TritonBackend().compile(unit, GPU, CompileOptions(), out)
+    runner = TritonBackend().load(Artifact("triton", "views", out, {}), GPU)
+    with torch.no_grad():
+        for x in (dense, seq_major):
+            (got,) = runner(x)
+            assert_close(got, model(x), torch.float32)
