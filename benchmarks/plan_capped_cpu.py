@@ -68,11 +68,14 @@ def plan_row(
     plan = plan_generation(
         lm, spec, registry=default_registry(), cost_model=cm, host_precision=host_precision
     )
-    layers = Counter(
-        " ".join(c.chosen.split()[1:2]) or c.chosen
-        for c in plan.choice(Phase.DECODE)
-        if c.group.rsplit(".", 1)[-1].isdigit()
-    )
+
+    def layers(phase: Phase) -> Counter:
+        return Counter(
+            " ".join(c.chosen.split()[1:2]) or c.chosen
+            for c in plan.choice(phase)
+            if c.group.rsplit(".", 1)[-1].isdigit()
+        )
+
     # an embedding table is read one row per token: left out
     host = sum(
         p.param_bytes
@@ -82,7 +85,8 @@ def plan_row(
     )
     return {
         "rates": label,
-        "layers": dict(layers),
+        "layers": dict(layers(Phase.DECODE)),
+        "prefill_layers": dict(layers(Phase.PREFILL)),
         "decode_ms": plan.predicted_decode_ms,
         "ttft_ms": plan.predicted_ttft_ms,
         "host_bytes_per_token": host,
@@ -160,12 +164,14 @@ def main() -> None:
             plan_row(lm, spec, scaled, f"float16 CPU {gbps:.1f} while the link copies", **extra)
         )
     print(f"{Path(args.run).name}: GPU capped at {args.cap_gib} GiB; DRAM {shared or '-'} GB/s")
-    print("| rates (GB/s) | decode layers | decode ms | TTFT ms | host GB/token | at DRAM |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| rates (GB/s) | decode layers | decode ms | prefill layers | TTFT ms | host GB/token "
+          "| at DRAM |")  # fmt: skip
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
     for r in rows:
         at = f"{r['host_bytes_per_token'] / (shared * 1e9) * 1e3:.1f} ms" if shared else "-"
-        layers = ", ".join(f"{n} {k}" for k, n in sorted(r["layers"].items()))
-        print(f"| {r['rates']} | {layers} | {r['decode_ms']:.1f} | {r['ttft_ms']:.1f} | "
+        layers, pre = (", ".join(f"{n} {k}" for k, n in sorted(r[key].items()))
+                       for key in ("layers", "prefill_layers"))  # fmt: skip
+        print(f"| {r['rates']} | {layers} | {r['decode_ms']:.1f} | {pre} | {r['ttft_ms']:.1f} | "
               f"{r['host_bytes_per_token'] / 1e9:.2f} | {at} |")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -168,8 +168,8 @@ def split_profile(
     base: CalibrationProfile | None = None,
 ) -> CalibrationProfile:
     """`base` (or an empty profile of `cluster`) with the CPU's matmul memory efficiency in
-    each measured dtype and the host link's bandwidth (the slowest measured), all with the
-    CPU and the link at work together."""
+    each measured dtype with the link at work, and the host link's bandwidth alone and with
+    the CPU at work (the slowest measured of each)."""
     cpu = cluster.host_cpu(gpu.host)
     base = base or CalibrationProfile(cluster=cluster.name)
     entries = tuple(
@@ -204,11 +204,11 @@ def split_profile(
         )
     links = tuple(lp for lp in base.links if {lp.a, lp.b} != {cpu.name, gpu.name})
     latency = next((lp.latency for lp in base.links if {lp.a, lp.b} == {cpu.name, gpu.name}), 1e-5)
-    link = min(r.link_shared for r in rates)
+    alone, shared = min(r.link_alone for r in rates), min(r.link_shared for r in rates)
     measured = [r.handoff_s for r in rates if r.handoff_s > 0]
     if measured:  # a hand-off is two small copies: each pays half of it
         latency = min(measured) / 2
-    links = (*links, LinkProfile(cpu.name, gpu.name, link, latency))
+    links = (*links, LinkProfile(cpu.name, gpu.name, alone, latency, bandwidth_shared=shared))
     return CalibrationProfile(
         cluster=cluster.name,
         devices=tuple(devices),

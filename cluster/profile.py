@@ -73,6 +73,9 @@ class LinkProfile:
     b: str
     bandwidth: float  # bytes/s, measured
     latency: float  # seconds, measured
+    # bytes/s while the host CPU reads host memory too (a split layer's rows, a CPU layer
+    # beside a streamed one): the two share the host's memory. 0: not measured, `bandwidth`.
+    bandwidth_shared: float = 0.0
 
 
 # Keys of a Correction besides "<op class>@<bucket>" and "<op class>":

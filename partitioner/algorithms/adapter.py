@@ -94,18 +94,19 @@ def with_fusing(cost_model: CostModel, names: Sequence[str], registry: BackendLo
 
 
 def _streamed_time(
-    cm: CostModel, cluster: ClusterSpec, group, ops, device, backend: str, scale
+    cm: CostModel, cluster: ClusterSpec, group, ops, device, backend: str, scale, shared: bool
 ) -> tuple[float, float, float]:
     """A group run as a streamed piece: (its time with the weights at hand, its weights'
     copy, its call). A stage of its own (one more call) whose kernels wait for the copy; on a GPU the
     host queues the piece's kernels while the copy runs, so the device's side (not the
-    host's dispatch) overlaps the copy."""
+    host's dispatch) overlaps the copy. `shared`: the copy runs beside the host CPU's
+    work (an overlapped step's CPU layers and split rows)."""
     if device.kind == "gpu" and not cm.fuses(backend):
         t = cm.kernel_time(ops, device, scale=scale, backend=backend)
     else:
         t = cm.group_time(group, ops, device, backend=backend, scale=scale)
     call = cm.call_overhead(device, backend) + cm.stream_call()
-    return t, cm.stream_time(cluster, device, group.param_bytes), call
+    return t, cm.stream_time(cluster, device, group.param_bytes, shared=shared), call
 
 
 def build_problem(
@@ -197,7 +198,14 @@ def build_problem(
                         # nothing to stream: such a group runs with a neighbour's piece
                         if g.param_bytes:
                             own, copy, call = _streamed_time(
-                                cost_model, cluster, g, ops, d, backend_of[d.name], scale
+                                cost_model,
+                                cluster,
+                                g,
+                                ops,
+                                d,
+                                backend_of[d.name],
+                                scale,
+                                shared=overlap,
                             )
                             compute[gi, p] = max(own, copy) + call
                             own_s[gi, p], copy_s[gi, p] = own + call, copy

@@ -137,7 +137,10 @@ def assemble(
         if is_split:
             stream = sum(splits[i].link_s for i in run)
         elif problem.place_streamed[p]:
-            stream = sum(cm.stream_time(cluster, device, g.param_bytes) for g in gs)
+            stream = sum(  # overlapped: its copies run beside the CPU's work
+                cm.stream_time(cluster, device, g.param_bytes, shared=problem.overlapped)
+                for g in gs
+            )
         else:
             stream = 0.0
         partitions.append(

@@ -1,5 +1,5 @@
 """The split placement's calibration as the planner reads it: measured CPU rates per dtype
-and the link's rate with both at work become profile entries the cost model prices with."""
+and the link's rate alone and with both at work become profile entries the cost model prices with."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def test_profile_prices_the_cpu_and_the_link_as_measured():
     _, mem16 = cm.efficiency(cpu, "matmul", "float16", "eager")
     _, mem_bf = cm.efficiency(cpu, "matmul", "bfloat16", "eager")
     assert mem16 * cpu.mem_bandwidth == 53e9 and mem_bf * cpu.mem_bandwidth == 30e9
-    # the link under load, its latency half the fastest hand-off
+    # the link alone (the slowest measured), its latency half the fastest hand-off
     t = cm.transfer_time(cluster, "node0/cpu", "node0/gpu", 1e9)
-    assert abs(t - (30e-6 + 1e9 / 53.4e9)) < 1e-9
+    assert abs(t - (30e-6 + 1e9 / 55e9)) < 1e-9
+    # weights streamed beside the CPU's work: the link as measured with both at work
+    assert abs(cm.stream_time(cluster, gpu, 1e9) - (30e-6 + 1e9 / 55e9)) < 1e-9
+    assert abs(cm.stream_time(cluster, gpu, 1e9, shared=True) - (30e-6 + 1e9 / 53.4e9)) < 1e-9
