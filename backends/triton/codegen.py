@@ -109,7 +109,10 @@ def _aten_call(node: Node) -> str:
     if node.target is operator.getitem:
         return f"{var(node.args[0])}[{node.args[1]!r}]"
     t = node.target
-    name = f"aten.{t.__name__}" if hasattr(t, "_schema") else None
+    name = None
+    if hasattr(t, "_schema"):  # an OpOverload: aten's, or a library's own (transformers' MoE)
+        ns = getattr(t, "namespace", "aten")
+        name = f"aten.{t.__name__}" if ns == "aten" else f"torch.ops.{ns}.{t.__name__}"
     if name is None:
         raise TypeError(f"node {node.name}: cannot call {t!r} from generated code")
     args = [render_arg(a) for a in node.args]

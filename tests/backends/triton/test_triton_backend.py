@@ -145,3 +145,32 @@ def test_a_view_traced_on_another_layout_compiles_and_runs(tmp_path):
         for x in (dense, seq_major):
             (got,) = runner(x)
             assert_close(got, model(x), torch.float32)
+
+
+_LIB = torch.library.Library("hetero_triton_test", "DEF")  # held: the op lives as long as it
+_LIB.define("scaled(Tensor x, float s) -> Tensor")
+_LIB.impl("scaled", lambda x, s: x * s, "CompositeExplicitAutograd")
+_LIB.impl("scaled", lambda x, s: torch.empty_like(x), "Meta")
+
+
+class _LibraryOp(torch.nn.Module):
+    """A library's own operator between two matmuls (transformers' Mixtral calls
+    `transformers::grouped_mm_fallback` where torch has no grouped matmul)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.ops.hetero_triton_test.scaled(self.a(x), 3.0))
+
+
+def test_a_library_operator_is_called_in_its_own_namespace(tmp_path):
+    model = _LibraryOp()
+    x = torch.randn(4, 8)
+    run, _ = build(TritonBackend(), model, (x,), tmp_path)
+    assert (
+        "torch.ops.hetero_triton_test.scaled" in (tmp_path / "artifact" / "program.py").read_text()
+    )
+    with torch.no_grad():
+        assert_close(run(x)[0], model(x), torch.float32)
