@@ -168,8 +168,8 @@ def split_profile(
     base: CalibrationProfile | None = None,
 ) -> CalibrationProfile:
     """`base` (or an empty profile of `cluster`) with the CPU's matmul memory efficiency in
-    each measured dtype with the link at work, and the host link's bandwidth alone and with
-    the CPU at work (the slowest measured of each)."""
+    each measured dtype with the link at work, and the host link's bandwidth alone (the
+    slowest measured) and beside the CPU's matmuls in each dtype."""
     cpu = cluster.host_cpu(gpu.host)
     base = base or CalibrationProfile(cluster=cluster.name)
     entries = tuple(
@@ -208,7 +208,13 @@ def split_profile(
     measured = [r.handoff_s for r in rates if r.handoff_s > 0]
     if measured:  # a hand-off is two small copies: each pays half of it
         latency = min(measured) / 2
-    links = (*links, LinkProfile(cpu.name, gpu.name, alone, latency, bandwidth_shared=shared))
+    by_dtype = tuple((r.dtype, r.link_shared) for r in rates)
+    links = (
+        *links,
+        LinkProfile(
+            cpu.name, gpu.name, alone, latency, bandwidth_shared=shared, shared_by_dtype=by_dtype
+        ),
+    )
     return CalibrationProfile(
         cluster=cluster.name,
         devices=tuple(devices),

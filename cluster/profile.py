@@ -76,6 +76,15 @@ class LinkProfile:
     # bytes/s while the host CPU reads host memory too (a split layer's rows, a CPU layer
     # beside a streamed one): the two share the host's memory. 0: not measured, `bandwidth`.
     bandwidth_shared: float = 0.0
+    # (dtype, bytes/s): the same, measured beside the CPU's matmuls in that dtype; float32
+    # rows read faster and leave the link less (an H100 host: 40.9 GB/s beside float32,
+    # 49.5 beside float16). `bandwidth_shared` is the slowest of them.
+    shared_by_dtype: tuple[tuple[str, float], ...] = ()
+
+    def shared_rate(self, beside: str = "") -> float:
+        """bytes/s beside the host CPU's work in dtype `beside` (any: the slowest measured)."""
+        rate = dict(self.shared_by_dtype).get(beside) if beside else None
+        return rate or self.bandwidth_shared or self.bandwidth
 
 
 # Keys of a Correction besides "<op class>@<bucket>" and "<op class>":
@@ -159,7 +168,17 @@ class CalibrationProfile:
                 )
                 for dp in d.get("devices", ())
             )
-            links = tuple(LinkProfile(**lp) for lp in d.get("links", ()))
+            links = tuple(
+                LinkProfile(
+                    **{
+                        **lp,
+                        "shared_by_dtype": tuple(
+                            (str(k), float(v)) for k, v in lp.get("shared_by_dtype", ())
+                        ),
+                    }
+                )
+                for lp in d.get("links", ())
+            )
             corrections = tuple(Correction(**c) for c in d.get("corrections", ()))
             runtime = tuple(RuntimeProfile(**r) for r in d.get("runtime", ()))
             nested = ("devices", "links", "corrections", "runtime")

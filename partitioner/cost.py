@@ -575,11 +575,18 @@ class CostModel:
         return self.link_time(cluster, src, dst, nbytes) + self.hop_overhead()
 
     def link_time(
-        self, cluster: ClusterSpec, src: str, dst: str, nbytes: float, *, shared: bool = False
+        self,
+        cluster: ClusterSpec,
+        src: str,
+        dst: str,
+        nbytes: float,
+        *,
+        shared: bool = False,
+        beside: str = "",
     ) -> float:
         """The link's part of a transfer: latency + bytes / bandwidth (no executor hop).
-        `shared`: while the host CPU reads host memory too (the link's measured rate then,
-        where the profile has one)."""
+        `shared`: while the host CPU reads host memory too, computing in dtype `beside`
+        (the link's rate measured so, where the profile has one)."""
         if src == dst or nbytes <= 0:
             return 0.0
         # A measured link describes the cluster it was measured on; another cluster file
@@ -587,19 +594,25 @@ class CostModel:
         if self.profile is not None and self.profile.cluster in ("", cluster.name):
             lp = self.profile.link(src, dst)
             if lp is not None:
-                rate = lp.bandwidth_shared if shared and lp.bandwidth_shared else lp.bandwidth
+                rate = lp.shared_rate(beside) if shared else lp.bandwidth
                 return lp.latency + nbytes / rate
         return cluster.transfer_time(src, dst, nbytes)
 
     def stream_time(
-        self, cluster: ClusterSpec, device: DeviceSpec, nbytes: float, *, shared: bool = False
+        self,
+        cluster: ClusterSpec,
+        device: DeviceSpec,
+        nbytes: float,
+        *,
+        shared: bool = False,
+        beside: str = "",
     ) -> float:
         """Seconds to copy `nbytes` of weights from the host's memory to `device`; `shared`:
-        while the host CPU computes from host memory too (decode's split rows and CPU
-        layers; prefill's streamed layers copy alone: an H100 host's 25 of them priced at the
-        shared 44 GB/s took 270 ms, measured 193)."""
+        while the host CPU computes from host memory too, in dtype `beside` (decode's split
+        rows and CPU layers; prefill's streamed layers copy alone: an H100 host's 25 of them
+        priced at the shared 44 GB/s took 270 ms, measured 193)."""
         host = cluster.host_cpu(device.host)
         if host is None or host.name == device.name:
             return 0.0
         # a copy engine's work, not a hop between workers: no executor overhead
-        return self.link_time(cluster, host.name, device.name, nbytes, shared=shared)
+        return self.link_time(cluster, host.name, device.name, nbytes, shared=shared, beside=beside)

@@ -93,20 +93,30 @@ def with_fusing(cost_model: CostModel, names: Sequence[str], registry: BackendLo
     return replace(cost_model, fusing_backends=cost_model.fusing_backends | fusing)
 
 
+def _host_dtype(cluster: ClusterSpec, device, ops, host_dtypes) -> str:
+    """The dtype `device`'s host CPU computes in: its chosen one, else the model's."""
+    host = cluster.host_cpu(device.host)
+    chosen = (host_dtypes or {}).get(host.name, "") if host is not None else ""
+    return chosen or (ops[0].dtype if ops else "")
+
+
 def _streamed_time(
-    cm: CostModel, cluster: ClusterSpec, group, ops, device, backend: str, scale, shared: bool
+    cm: CostModel, cluster: ClusterSpec, group, ops, device, backend: str, scale, beside: str | None
 ) -> tuple[float, float, float]:
     """A group run as a streamed piece: (its time with the weights at hand, its weights'
     copy, its call). A stage of its own (one more call) whose kernels wait for the copy; on a GPU the
     host queues the piece's kernels while the copy runs, so the device's side (not the
-    host's dispatch) overlaps the copy. `shared`: the copy runs beside the host CPU's
-    work (an overlapped step's CPU layers and split rows)."""
+    host's dispatch) overlaps the copy. `beside`: the dtype the host CPU computes in while
+    the copy runs (an overlapped step's CPU layers and split rows); None: the copy runs alone."""
     if device.kind == "gpu" and not cm.fuses(backend):
         t = cm.kernel_time(ops, device, scale=scale, backend=backend)
     else:
         t = cm.group_time(group, ops, device, backend=backend, scale=scale)
     call = cm.call_overhead(device, backend) + cm.stream_call()
-    return t, cm.stream_time(cluster, device, group.param_bytes, shared=shared), call
+    copy = cm.stream_time(
+        cluster, device, group.param_bytes, shared=beside is not None, beside=beside or ""
+    )
+    return t, copy, call
 
 
 def build_problem(
@@ -205,7 +215,9 @@ def build_problem(
                                 d,
                                 backend_of[d.name],
                                 scale,
-                                shared=overlap,
+                                beside=_host_dtype(cluster, d, ops, host_dtypes)
+                                if overlap
+                                else None,
                             )
                             compute[gi, p] = max(own, copy) + call
                             own_s[gi, p], copy_s[gi, p] = own + call, copy

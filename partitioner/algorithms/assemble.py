@@ -137,8 +137,12 @@ def assemble(
         if is_split:
             stream = sum(splits[i].link_s for i in run)
         elif problem.place_streamed[p]:
+            host = cluster.host_cpu(device.host)
+            beside = ctx.host_dtypes.get(host.name, "") if host is not None else ""
             stream = sum(  # overlapped: its copies run beside the CPU's work
-                cm.stream_time(cluster, device, g.param_bytes, shared=problem.overlapped)
+                cm.stream_time(
+                    cluster, device, g.param_bytes, shared=problem.overlapped, beside=beside
+                )
                 for g in gs
             )
         else:
