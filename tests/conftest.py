@@ -87,7 +87,6 @@ BACKGROUND = (
     "tests/backends/test_cache.py",
     "tests/partitioner/test_algorithms.py",
     "tests/partitioner/test_capture.py",
-    "tests/backends/test_tvm_support.py",
     "tests/backends/test_tvm_safe_index.py",
     "tests/backends/triton/test_triton_kernels.py",
     "tests/backends/triton/test_triton_fusion.py",
