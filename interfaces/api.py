@@ -49,6 +49,7 @@ from hetero.paths import cache_root
 from hetero.runtime.build import compile_plan, needed_outputs
 from hetero.runtime.choice import Chooser, early_standby
 from hetero.runtime.executor import LocalExecutor
+from hetero.runtime.library_ops import defining_modules
 from hetero.runtime.online import OnlineReplanner, ReplanPolicy
 from hetero.runtime.ray_executor import RayExecutor
 
@@ -376,6 +377,7 @@ def _executor(kind: ExecutorKind, spec: ClusterSpec, stages, graph, plan, build,
         replan=build,  # devices gone for good: plan again over what is left
         registry=registry,
         online=online,
+        imports=defining_modules(graph.program.graph),
     )
 
 

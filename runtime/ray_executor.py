@@ -73,6 +73,7 @@ class RayExecutor:
         watch_s: float = 1.0,
         retry_s: float = 30.0,
         online: OnlineReplanner | None = None,
+        imports: Sequence[str] = (),
     ) -> None:
         """Start the workers (waits at most `start_timeout_s` for them to load) and compile
         the graph. Every later wait is bounded: a request by `timeout_s`, a recovery by
@@ -111,6 +112,9 @@ class RayExecutor:
         self.ship_artifacts = ship_artifacts
         self.node_map = dict(node_map or {})
         self.registry = registry if registry is not None else default_registry()
+        # modules each worker imports first: they register the library operators the
+        # partitions call (runtime/library_ops.py)
+        self.imports = tuple(imports)
         self.name = name
         self.replan_hook = replan
         self.online = online
@@ -307,7 +311,7 @@ class RayExecutor:
                 d, node, max_restarts=self.max_restarts, shares_cores=d.name in shared
             )
             actor = _actor_class().options(**opts)
-            self._workers[d.name] = actor.remote(d, mine, blobs, self.registry)
+            self._workers[d.name] = actor.remote(d, mine, blobs, self.registry, self.imports)
             self._nodes[d.name] = node.node_id
         ready, lost = faults.wait_ready(self._workers, self.start_timeout_s)
         if lost:

@@ -25,6 +25,7 @@ from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import WorkerError
 from hetero.runtime.artifacts import unpack
+from hetero.runtime.library_ops import import_all
 from hetero.runtime.metrics import StageRecord, nbytes
 from hetero.runtime.stage import CALLER, StageSpec
 from hetero.runtime.streaming import load_runners
@@ -172,7 +173,11 @@ class DeviceWorker:
         stages: Sequence[StageSpec],
         blobs: Mapping[str, bytes] | None = None,
         registry: BackendRegistry | None = None,
+        imports: Sequence[str] = (),
     ) -> None:
+        """`imports`: modules that register the library operators the stages call
+        (runtime/library_ops.py), imported before anything loads."""
+        import_all(imports)
         self.device = local_device(device)
         registry = registry if registry is not None else default_registry()
         self.started = time.time()

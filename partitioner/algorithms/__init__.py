@@ -21,11 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from hetero.cluster.spec import ClusterSpec
-from hetero.errors import ConfigError
+from hetero.errors import ConfigError, PlanInfeasible
 from hetero.partitioner.algorithms.adapter import (
     BackendLookup,
     problem_for,
     refine_for_support,
+    unsupported_ops,
 )
 from hetero.partitioner.algorithms.assemble import assemble
 from hetero.partitioner.algorithms.auto import plan_auto
@@ -34,7 +35,7 @@ from hetero.partitioner.algorithms.latency import latency
 from hetero.partitioner.algorithms.problem import Placement, Problem, Solution
 from hetero.partitioner.algorithms.throughput import throughput
 from hetero.partitioner.cost import CostModel
-from hetero.partitioner.decisions import BackendAssignment, Objective
+from hetero.partitioner.decisions import FALLBACK_BACKEND, BackendAssignment, Objective
 from hetero.partitioner.graph import OpGraph
 from hetero.partitioner.plan import Plan
 from hetero.partitioner.progress import Report as Progress
@@ -139,6 +140,75 @@ def plan(
     """
     if time_budget_s is not None and time_budget_s <= 0:
         raise ConfigError(f"time_budget_s must be positive, got {time_budget_s}")
+
+    def attempt(assignment: BackendAssignment) -> Plan:
+        return _plan(
+            graph, cluster, objective, registry=registry, backends=assignment, pins=pins,
+            exclude=exclude, microbatches=microbatches, cost_model=cost_model,
+            algorithm=algorithm, groups=groups, time_budget_s=time_budget_s, progress=progress,
+        )  # fmt: skip
+
+    try:
+        return attempt(backends)
+    except PlanInfeasible as first:
+        # A kind the person did not pin plans with eager where its backend leaves some group
+        # on no device, one kind at a time in the cluster's order: transformers' Mixtral calls
+        # `transformers::grouped_mm_fallback`, which TVM's importer cannot convert. The
+        # measured choice (runtime/choice.py) still tries the kind's other backends on each
+        # partition they run.
+        assignment, said = backends, []
+        for kind in dict.fromkeys(d.kind for d in cluster.devices):
+            asked = assignment.for_kind(kind)
+            if kind not in _FALLS_BACK or assignment.is_pinned(kind) or asked == FALLBACK_BACKEND:
+                continue
+            assignment = assignment.with_kind(kind, FALLBACK_BACKEND)
+            device = next(d for d in cluster.devices if d.kind == kind)
+            said.append(
+                f"{kind}: {asked} cannot run every op of this model "
+                f"({_cannot(graph, device, asked, registry)}); planned with {FALLBACK_BACKEND}, "
+                f"and the measured choice still tries {asked} on each partition it runs (pin "
+                f"backends={{{kind!r}: {asked!r}}} to be refused instead)"
+            )
+            try:
+                planned = attempt(assignment)
+            except PlanInfeasible:
+                continue
+            return replace(planned, notes=(*planned.notes, *said))
+        raise first
+
+
+# Kinds whose eager backend is the device's own PyTorch: an NPU's limits are its hardware's
+# (an emulated one would run eager and say nothing of the real one).
+_FALLS_BACK = ("cpu", "gpu")
+
+
+def _cannot(graph: OpGraph, device, backend: str, registry: BackendLookup) -> str:
+    """The first few ops `backend` refuses on `device`, by target."""
+    ops = {op.name: op for op in graph}
+    refused = dict.fromkeys(
+        str(ops[name].target)
+        for name, why in unsupported_ops(list(graph), device, backend, registry, {})
+        if f"unsupported by {backend} " in why
+    )
+    return ", ".join(list(refused)[:3]) + (" ..." if len(refused) > 3 else "")
+
+
+def _plan(
+    graph: OpGraph,
+    cluster: ClusterSpec,
+    objective: Objective,
+    *,
+    registry: BackendLookup,
+    backends: BackendAssignment,
+    pins: Mapping[str, str] | None,
+    exclude: Sequence[str],
+    microbatches: int,
+    cost_model: CostModel | None,
+    algorithm: str | None,
+    groups,
+    time_budget_s: float | None,
+    progress: bool | Progress | None,
+) -> Plan:
     if algorithm in (None, AUTO):
         with progress_bar(progress) as report:
             return plan_auto(

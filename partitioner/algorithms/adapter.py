@@ -180,7 +180,7 @@ def build_problem(
             if g.name in pinned and pinned[g.name] != d.name:
                 rejections.append(Rejection(g.name, d.name, f"pinned to {pinned[g.name]}"))
                 continue
-            bad = _unsupported(ops, d, backend_of[d.name], registry, support_cache)
+            bad = unsupported_ops(ops, d, backend_of[d.name], registry, support_cache)
             if g.state_bytes and not getattr(
                 registry.get(backend_of[d.name]), "holds_state", False
             ):
@@ -364,7 +364,7 @@ def refine_for_support(
             ops = [og[x] for x in g.nodes]
             real = sum(op.op_class != "view" for op in ops)
             mixed = any(
-                0 < len(_unsupported(ops, d, backend_of[d.name], registry, cache)) < real
+                0 < len(unsupported_ops(ops, d, backend_of[d.name], registry, cache)) < real
                 for d in devices
             )
             done.add(g.name)
@@ -405,7 +405,8 @@ def _inside(module: str, key: str) -> bool:
     return module == key or module.startswith(key + ".")
 
 
-def _unsupported(ops, device: DeviceSpec, backend_name: str, registry, cache):
+def unsupported_ops(ops, device: DeviceSpec, backend_name: str, registry, cache):
+    """(op name, why) for each of `ops` that `backend_name` or `device` refuses."""
     backend = registry.get(backend_name)
     bad = []
     for op in ops:

@@ -474,3 +474,39 @@ def test_priced_once_keeps_devices_with_their_own_corrections_apart(mlp):
     assert ta == pytest.approx(cm.group_time(g, ops, a, backend="eager"))
     assert tb == pytest.approx(cm.group_time(g, ops, b, backend="eager"))
     assert ta == pytest.approx(3 * tb)
+
+
+@torch.library.custom_op("hetero_plan_test::scaled", mutates_args=())
+def _scaled(x: torch.Tensor) -> torch.Tensor:
+    return x * 3.0
+
+
+@_scaled.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _LibraryOpMLP(torch.nn.Module):
+    """An MLP calling a library's own operator, which no compiler converts (transformers'
+    Mixtral calls `transformers::grouped_mm_fallback`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.ops.hetero_plan_test.scaled(self.a(x)))
+
+
+def test_an_op_the_kinds_backend_cannot_run_plans_that_kind_with_eager_unless_pinned():
+    model, x = _LibraryOpMLP().eval(), torch.randn(4, 16)
+    graph = hetero.capture(model, (x,))
+    spec = hetero.Cluster.from_yaml(f"{CLUSTERS}/dev-box-npu.yaml")
+    plan = hetero.plan(graph, spec)  # cpu: tvm, which has no converter for the op
+    note = next(n for n in plan.notes if "cannot run every op" in n)
+    assert "hetero_plan_test.scaled" in note and "planned with eager" in note
+    runs = [p for p in plan.partitions if any("scaled" in n for n in p.nodes)]
+    assert runs and all(p.device == "local/cpu" and p.backend == "eager" for p in runs)
+    _runs_like_eager(graph, plan, model, (x,))
+    with pytest.raises(PlanInfeasible, match="can run on no device"):
+        hetero.plan(graph, spec, backends={"cpu": "tvm"})  # named: refused, as asked
