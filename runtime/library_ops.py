@@ -15,6 +15,11 @@ from collections.abc import Iterable
 
 import torch
 
+try:  # where torch keeps `torch.library.custom_op` definitions (private, since torch 2.4)
+    from torch._library.custom_ops import OPDEFS
+except ImportError:  # another torch: no operator is traced to its module
+    OPDEFS = {}
+
 # torch's own namespaces: registered by `import torch`
 _TORCH = frozenset(
     {"aten", "prims", "prim", "quantized", "_c10d_functional", "c10d", "higher_order"}
@@ -24,10 +29,6 @@ _TORCH = frozenset(
 def defining_modules(graph: torch.fx.Graph) -> tuple[str, ...]:
     """The modules whose import registers the library operators `graph` calls (those
     defined with `torch.library.custom_op`; an operator defined otherwise is left out)."""
-    try:  # where torch keeps custom_op definitions (private; absent: nothing to add)
-        from torch._library.custom_ops import OPDEFS
-    except ImportError:
-        return ()
     found: dict[str, None] = {}
     for node in graph.nodes:
         ns = getattr(node.target, "namespace", None) if node.op == "call_function" else None

@@ -27,6 +27,7 @@ from hetero.partitioner.phases import PROMPT, START, LMGraphs, Phase
 from hetero.runtime import faults, placement
 from hetero.runtime.artifacts import unpack
 from hetero.runtime.generation import Generation, StageBinder, lm_weights
+from hetero.runtime.library_ops import defining_modules, import_all
 from hetero.runtime.measured_choice import ProgramChoice
 from hetero.runtime.metrics import MetricsSnapshot, RunMetrics
 from hetero.runtime.stage import CALLER, StageSpec, producers, sources
@@ -121,7 +122,9 @@ class GenerationWorker:
         registry: BackendRegistry,
         weights: Mapping[str, torch.Tensor],
         blobs: Mapping[str, bytes] | None = None,
+        imports: Sequence[str] = (),
     ) -> None:
+        import_all(imports)  # the library operators the stages call (runtime/library_ops.py)
         self.device = local_device(device)
         here = torch_device(self.device)
         self.binder = StageBinder(registry, device_of=lambda d: here)
@@ -217,6 +220,11 @@ class RayGeneration(Generation):
         host_node = placement.map_hosts(devices, nodes, {})
         shared = placement.sharing_cores(devices, host_node)
         actor = ray.remote(GenerationWorker)
+        imports = tuple(
+            dict.fromkeys(
+                m for g in (lm.prefill, lm.decode) for m in defining_modules(g.program.graph)
+            )
+        )
         self.workers: dict[str, Any] = {}
         for d in devices:
             node = by_id[host_node[d.host]]
@@ -228,7 +236,9 @@ class RayGeneration(Generation):
                 d, node, max_restarts=max_restarts, shares_cores=d.name in shared
             )
             values = ray.put(_weights_for([s for ss in mine.values() for s in ss], weights))
-            self.workers[d.name] = actor.options(**opts).remote(d, mine, registry, values)
+            self.workers[d.name] = actor.options(**opts).remote(
+                d, mine, registry, values, None, imports
+            )
         ready, lost = faults.wait_ready(self.workers, start_timeout_s)
         if lost:
             self.shutdown()
