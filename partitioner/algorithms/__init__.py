@@ -161,11 +161,14 @@ def plan(
             asked = assignment.for_kind(kind)
             if kind not in _FALLS_BACK or assignment.is_pinned(kind) or asked == FALLBACK_BACKEND:
                 continue
-            assignment = assignment.with_kind(kind, FALLBACK_BACKEND)
             device = next(d for d in cluster.devices if d.kind == kind)
+            refused = _cannot(graph, device, asked, registry)
+            if not refused:  # infeasible for another reason (memory, pins): eager won't help
+                continue
+            assignment = assignment.with_kind(kind, FALLBACK_BACKEND)
             said.append(
                 f"{kind}: {asked} cannot run every op of this model "
-                f"({_cannot(graph, device, asked, registry)}); planned with {FALLBACK_BACKEND}, "
+                f"({refused}); planned with {FALLBACK_BACKEND}, "
                 f"and the measured choice still tries {asked} on each partition it runs (pin "
                 f"backends={{{kind!r}: {asked!r}}} to be refused instead)"
             )
@@ -183,7 +186,10 @@ _FALLS_BACK = ("cpu", "gpu")
 
 
 def _cannot(graph: OpGraph, device, backend: str, registry: BackendLookup) -> str:
-    """The first few ops `backend` refuses on `device`, by target."""
+    """The first few ops `backend` refuses on `device`, by target ("": none, or a backend
+    this registry does not know, which planning already replaced with eager)."""
+    if backend not in registry:
+        return ""
     ops = {op.name: op for op in graph}
     refused = dict.fromkeys(
         str(ops[name].target)
