@@ -204,16 +204,14 @@ def split_profile(
         )
     links = tuple(lp for lp in base.links if {lp.a, lp.b} != {cpu.name, gpu.name})
     latency = next((lp.latency for lp in base.links if {lp.a, lp.b} == {cpu.name, gpu.name}), 1e-5)
-    alone, shared = min(r.link_alone for r in rates), min(r.link_shared for r in rates)
+    alone = min(r.link_alone for r in rates)
     measured = [r.handoff_s for r in rates if r.handoff_s > 0]
     if measured:  # a hand-off is two small copies: each pays half of it
         latency = min(measured) / 2
     by_dtype = tuple((r.dtype, r.link_shared) for r in rates)
     links = (
         *links,
-        LinkProfile(
-            cpu.name, gpu.name, alone, latency, bandwidth_shared=shared, shared_by_dtype=by_dtype
-        ),
+        LinkProfile(cpu.name, gpu.name, alone, latency, shared_by_dtype=by_dtype),
     )
     return CalibrationProfile(
         cluster=cluster.name,

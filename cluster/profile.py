@@ -73,18 +73,17 @@ class LinkProfile:
     b: str
     bandwidth: float  # bytes/s, measured
     latency: float  # seconds, measured
-    # bytes/s while the host CPU reads host memory too (a split layer's rows, a CPU layer
-    # beside a streamed one): the two share the host's memory. 0: not measured, `bandwidth`.
-    bandwidth_shared: float = 0.0
-    # (dtype, bytes/s): the same, measured beside the CPU's matmuls in that dtype; float32
-    # rows read faster and leave the link less (an H100 host: 40.9 GB/s beside float32,
-    # 49.5 beside float16). `bandwidth_shared` is the slowest of them.
+    # (dtype, bytes/s) while the host CPU reads host memory too, running matmuls in that
+    # dtype (a split layer's rows, a CPU layer beside a streamed one): the two share the
+    # host's memory, and float32 rows read faster and leave the link less (an H100 host:
+    # 40.9 GB/s beside float32, 49.5 beside float16). Empty: not measured.
     shared_by_dtype: tuple[tuple[str, float], ...] = ()
 
     def shared_rate(self, beside: str = "") -> float:
-        """bytes/s beside the host CPU's work in dtype `beside` (any: the slowest measured)."""
-        rate = dict(self.shared_by_dtype).get(beside) if beside else None
-        return rate or self.bandwidth_shared or self.bandwidth
+        """bytes/s beside the host CPU's work in dtype `beside` (another or "": the slowest
+        measured; none measured: `bandwidth`)."""
+        rates = dict(self.shared_by_dtype)
+        return rates.get(beside) or min(rates.values(), default=self.bandwidth)
 
 
 # Keys of a Correction besides "<op class>@<bucket>" and "<op class>":

@@ -580,13 +580,12 @@ class CostModel:
         src: str,
         dst: str,
         nbytes: float,
-        *,
-        shared: bool = False,
-        beside: str = "",
+        beside: str | None = None,
     ) -> float:
         """The link's part of a transfer: latency + bytes / bandwidth (no executor hop).
-        `shared`: while the host CPU reads host memory too, computing in dtype `beside`
-        (the link's rate measured so, where the profile has one)."""
+        `beside`: the dtype the host CPU computes in from host memory meanwhile ("": some
+        dtype), which the link's rate measured so prices where the profile has one; None:
+        the link alone."""
         if src == dst or nbytes <= 0:
             return 0.0
         # A measured link describes the cluster it was measured on; another cluster file
@@ -594,25 +593,19 @@ class CostModel:
         if self.profile is not None and self.profile.cluster in ("", cluster.name):
             lp = self.profile.link(src, dst)
             if lp is not None:
-                rate = lp.shared_rate(beside) if shared else lp.bandwidth
+                rate = lp.bandwidth if beside is None else lp.shared_rate(beside)
                 return lp.latency + nbytes / rate
         return cluster.transfer_time(src, dst, nbytes)
 
     def stream_time(
-        self,
-        cluster: ClusterSpec,
-        device: DeviceSpec,
-        nbytes: float,
-        *,
-        shared: bool = False,
-        beside: str = "",
+        self, cluster: ClusterSpec, device: DeviceSpec, nbytes: float, beside: str | None = None
     ) -> float:
-        """Seconds to copy `nbytes` of weights from the host's memory to `device`; `shared`:
-        while the host CPU computes from host memory too, in dtype `beside` (decode's split
-        rows and CPU layers; prefill's streamed layers copy alone: an H100 host's 25 of them
-        priced at the shared 44 GB/s took 270 ms, measured 193)."""
+        """Seconds to copy `nbytes` of weights from the host's memory to `device`; `beside`
+        as in `link_time` (decode's split rows and CPU layers run beside the copies;
+        prefill's streamed layers copy alone: an H100 host's 25 of them priced at the shared
+        44 GB/s took 270 ms, measured 193)."""
         host = cluster.host_cpu(device.host)
         if host is None or host.name == device.name:
             return 0.0
         # a copy engine's work, not a hop between workers: no executor overhead
-        return self.link_time(cluster, host.name, device.name, nbytes, shared=shared, beside=beside)
+        return self.link_time(cluster, host.name, device.name, nbytes, beside)

@@ -345,9 +345,7 @@ def split_cost(
         handoff = sum(t.handoff_s for t in shared)
         for k in steps:
             f = k / _STEPS
-            link = cm.stream_time(
-                cluster, gpu, f * split_bytes + streamed, shared=True, beside=cpu_dtype
-            )
+            link = cm.stream_time(cluster, gpu, f * split_bytes + streamed, beside=cpu_dtype)
             cpu_s = (1 - f) * cpu_mm * slow
             path = gpu_all + handoff + max(0.0, cpu_s - f * gpu_mm)
             t = max(link, path)

@@ -190,9 +190,8 @@ def _cannot(graph: OpGraph, device, backend: str, registry: BackendLookup) -> st
     this registry does not know, which planning already replaced with eager)."""
     if backend not in registry:
         return ""
-    ops = {op.name: op for op in graph}
     refused = dict.fromkeys(
-        str(ops[name].target)
+        str(graph[name].target)
         for name, why in unsupported_ops(list(graph), device, backend, registry, {})
         if f"unsupported by {backend} " in why
     )

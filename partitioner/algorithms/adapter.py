@@ -93,8 +93,9 @@ def with_fusing(cost_model: CostModel, names: Sequence[str], registry: BackendLo
     return replace(cost_model, fusing_backends=cost_model.fusing_backends | fusing)
 
 
-def _host_dtype(cluster: ClusterSpec, device, ops, host_dtypes) -> str:
-    """The dtype `device`'s host CPU computes in: its chosen one, else the model's."""
+def host_dtype_of(cluster: ClusterSpec, device, ops, host_dtypes) -> str:
+    """The dtype `device`'s host CPU computes in: its chosen one, else the model's (that of
+    `ops`)."""
     host = cluster.host_cpu(device.host)
     chosen = (host_dtypes or {}).get(host.name, "") if host is not None else ""
     return chosen or (ops[0].dtype if ops else "")
@@ -113,10 +114,7 @@ def _streamed_time(
     else:
         t = cm.group_time(group, ops, device, backend=backend, scale=scale)
     call = cm.call_overhead(device, backend) + cm.stream_call()
-    copy = cm.stream_time(
-        cluster, device, group.param_bytes, shared=beside is not None, beside=beside or ""
-    )
-    return t, copy, call
+    return t, cm.stream_time(cluster, device, group.param_bytes, beside), call
 
 
 def build_problem(
@@ -215,7 +213,7 @@ def build_problem(
                                 d,
                                 backend_of[d.name],
                                 scale,
-                                beside=_host_dtype(cluster, d, ops, host_dtypes)
+                                beside=host_dtype_of(cluster, d, ops, host_dtypes)
                                 if overlap
                                 else None,
                             )

@@ -6,7 +6,7 @@ import networkx as nx
 import numpy as np
 
 from hetero.errors import PlanInfeasible
-from hetero.partitioner.algorithms.adapter import Context, gib
+from hetero.partitioner.algorithms.adapter import Context, gib, host_dtype_of
 from hetero.partitioner.algorithms.overlap import caller_io, schedule
 from hetero.partitioner.algorithms.problem import SPLIT, Problem, Solution
 from hetero.partitioner.decisions import Objective
@@ -137,11 +137,11 @@ def assemble(
         if is_split:
             stream = sum(splits[i].link_s for i in run)
         elif problem.place_streamed[p]:
-            host = cluster.host_cpu(device.host)
-            beside = ctx.host_dtypes.get(host.name, "") if host is not None else ""
-            stream = sum(  # overlapped: its copies run beside the CPU's work
+            # overlapped: its copies run beside the CPU's work, priced as the problem was
+            beside = host_dtype_of(cluster, device, [og[n] for n in nodes], ctx.host_dtypes)
+            stream = sum(
                 cm.stream_time(
-                    cluster, device, g.param_bytes, shared=problem.overlapped, beside=beside
+                    cluster, device, g.param_bytes, beside if problem.overlapped else None
                 )
                 for g in gs
             )

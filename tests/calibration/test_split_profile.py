@@ -29,9 +29,9 @@ def test_profile_prices_the_cpu_and_the_link_as_measured():
     assert abs(t - (30e-6 + 1e9 / 55e9)) < 1e-9
     # weights streamed beside the CPU's work: the link as measured with both at work
     assert abs(cm.stream_time(cluster, gpu, 1e9) - (30e-6 + 1e9 / 55e9)) < 1e-9
-    assert abs(cm.stream_time(cluster, gpu, 1e9, shared=True) - (30e-6 + 1e9 / 53.4e9)) < 1e-9
+    assert abs(cm.stream_time(cluster, gpu, 1e9, beside="") - (30e-6 + 1e9 / 53.4e9)) < 1e-9
     # beside the CPU's rows in one dtype: the link's rate measured beside that dtype's matmuls
-    bf16 = cm.stream_time(cluster, gpu, 1e9, shared=True, beside="bfloat16")
+    bf16 = cm.stream_time(cluster, gpu, 1e9, beside="bfloat16")
     assert abs(bf16 - (30e-6 + 1e9 / 54e9)) < 1e-9
 
 

@@ -186,14 +186,14 @@ def test_transfer_uses_measured_link_else_the_route():
 def test_streamed_weights_take_the_shared_rate_only_beside_the_cpu():
     cluster = hetero.Cluster.from_yaml("configs/clusters/h100-sxm-node.yaml")
     gpu = cluster.device("node0/gpu")
-    both = (LinkProfile("node0/cpu", "node0/gpu", 50e9, 0.0, bandwidth_shared=40e9),)
+    both = (LinkProfile("node0/cpu", "node0/gpu", 50e9, 0.0, shared_by_dtype=(("float16", 40e9),)),)
     cm = CostModel(CalibrationProfile(cluster.name, links=both))
     assert cm.stream_time(cluster, gpu, 1e9) == pytest.approx(1 / 50)
-    assert cm.stream_time(cluster, gpu, 1e9, shared=True) == pytest.approx(1 / 40)
+    assert cm.stream_time(cluster, gpu, 1e9, beside="") == pytest.approx(1 / 40)
     # a link measured alone only: its one rate either way
     alone = (LinkProfile("node0/cpu", "node0/gpu", 50e9, 0.0),)
     cm = CostModel(CalibrationProfile(cluster.name, links=alone))
-    assert cm.stream_time(cluster, gpu, 1e9, shared=True) == pytest.approx(1 / 50)
+    assert cm.stream_time(cluster, gpu, 1e9, beside="") == pytest.approx(1 / 50)
 
 
 def test_fit_recovers_known_efficiencies():
