@@ -11,9 +11,10 @@ The cost model chooses, by the rates it measured; the numbers are in README's ge
 section. By default (`HostPrecision.MODEL`) no dtype with less mantissa than the model's is a
 candidate: run 28 (an H100 host) read bfloat16 13% faster, took it past the margin below,
 and its logits came out 3.5% off the GPU's. Under `HostPrecision.FASTEST` a dtype with less
-mantissa than the model's must be priced `COARSER_MARGIN` faster to be taken: on an H200 host (run 15) bfloat16 was priced 8.6% faster than float16, and the
-12 decoder layers the plan then ran on the CPU in bfloat16 put the logits 3.6% off the GPU's
-(the goal is 2e-2); the same plan in float16 loses those 8.6% on the CPU layers only.
+mantissa than the model's must be priced `COARSER_MARGIN` faster to be taken: on an H200
+host (run 15) bfloat16 was priced 8.6% faster than float16, and the 12 decoder layers the
+plan then ran on the CPU in bfloat16 put the logits 3.6% off the GPU's (the goal is 2e-2);
+the same plan in float16 loses those 8.6% on the CPU layers only.
 """
 
 from __future__ import annotations
