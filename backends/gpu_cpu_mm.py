@@ -152,6 +152,56 @@ def overlapped() -> Iterator[None]:
                 _OVERLAP.release()
 
 
+class HandoffClock:
+    """Times the overlapped hand-offs of one stage's run on the GPU's timeline: an event
+    when x's flag is written, another when the stream's wait for the CPU's rows ends. The
+    span is the CPU's share as the step ran it (the task's pickup and its product; the
+    GPU's own share runs inside it and is the shorter on a split layer the CPU bounds).
+    The calibrated rate is measured with nothing else running; in a step the launching
+    thread, the link and the driver share the host (an H100 host's split MLP rows ran at
+    ~80% of it, BENCHMARKS.md run 34), and the stage's time alone cannot say whether its
+    overrun is the CPU's or the hand-offs'. Events are made once and reused per run."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._used = 0
+        self._chain: _Chain | None = None
+
+    def start(self, device: torch.device | None) -> bool:
+        """Times the hand-offs this thread makes on `device` until `stop()`; False (nothing
+        timed) outside `overlapped()`, where hand-offs run synchronously, and before this
+        thread's first hand-off on `device` (a plan without split layers never starts the
+        task thread for a clock; a stage's first run is a cold one anyway)."""
+        self._used = 0
+        if device is None or device.type != "cuda" or not _STAGING.depth:
+            return False
+        chain = _STAGING.chains.get(device)
+        if chain is None or torch.cuda.is_current_stream_capturing():
+            return False
+        chain.clock, self._chain = self, chain
+        return True
+
+    def stop(self) -> None:
+        if self._chain is not None and self._chain.clock is self:
+            self._chain.clock = None
+        self._chain = None
+
+    def pair(self) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        if self._used == len(self._events):
+            self._events.append(
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            )
+        self._used += 1
+        return self._events[self._used - 1]
+
+    def ms(self) -> float | None:
+        """The run's hand-offs' spans summed (its stream synchronised first by the caller);
+        None where it made none."""
+        if not self._used:
+            return None
+        return sum(a.elapsed_time(b) for a, b in self._events[: self._used])
+
+
 class _ArrayInterface:
     """A pinned host byte buffer as a CUDA array (`__cuda_array_interface__`): with unified
     addressing a pinned buffer's host address is valid on the device, so kernels given the
@@ -545,6 +595,7 @@ class _Chain:
         self.x_at = flags.address(self.cells[_X : _X + 1])
         self.y_at = flags.address(self.cells[_Y : _Y + 1])
         self.seq = 0
+        self.clock: HandoffClock | None = None  # the stage run being timed, if one is
         self.last = tasks["finished"](0)
         self.failure: BaseException | None = None
         self._watch: queue.SimpleQueue = queue.SimpleQueue()
@@ -556,10 +607,13 @@ class _Chain:
 
     def mm(self, x: torch.Tensor, w_gpu: torch.Tensor, w_cpu: torch.Tensor) -> list[torch.Tensor]:
         seq, stream, x_host, xc = self._send(x, "x", w_cpu.dtype)
+        timed = self._sent(stream)
         y_host, y_dev = self.staging.get(x.device, "y", (x.shape[0], w_cpu.shape[0]), w_cpu.dtype)
         self._queue_task(seq, x_host, xc, w_cpu, "", False, y_host)
         y_gpu = x @ w_gpu.t()  # runs while the CPU multiplies
         self.flags.wait(stream, self.y_at, seq)
+        if timed is not None:
+            timed.record(stream)
         return [y_gpu, from_host(y_host, y_dev, x.device, x.dtype)]
 
     def mlp(
@@ -570,12 +624,15 @@ class _Chain:
                 f"gpu_cpu_mlp: unknown activation {act!r}; one of {sorted(ACTIVATIONS)}"
             )
         seq, stream, x_host, xc = self._send(x, "mlp_x", w_cpu.dtype)
+        timed = self._sent(stream)
         y_host, y_dev = self.staging.get(
             x.device, "mlp_y", (x.shape[0], w_cpu.shape[1]), w_cpu.dtype
         )
         self._queue_task(seq, x_host, xc, w_cpu, act, gated, y_host)
         y = mlp_share(x, w_gpu, act, gated)
         self.flags.wait(stream, self.y_at, seq)
+        if timed is not None:
+            timed.record(stream)
         if y_dev is None:
             return y.add_(y_host.to(x.device, non_blocking=True))
         return y.add_(y_dev)
@@ -596,6 +653,15 @@ class _Chain:
         if cpu_dtype != x.dtype:
             xc, _ = self.staging.get(x.device, f"{role}c", tuple(x.shape), cpu_dtype)
         return self.seq, stream, x_host, xc
+
+    def _sent(self, stream: torch.cuda.Stream) -> torch.cuda.Event | None:
+        """Where a stage run is timed: marks x sent on `stream`; the event to record when
+        the rows are back."""
+        if self.clock is None:
+            return None
+        sent, back = self.clock.pair()
+        sent.record(stream)
+        return back
 
     def _queue_task(
         self,

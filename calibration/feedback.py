@@ -62,6 +62,8 @@ class Measured:
     runs: int
     runner_ms: float  # median of the runner's call
     stage_ms: float  # median of the whole stage on its worker
+    # median of its split hand-offs' spans, x sent -> the CPU's rows back (None: not timed)
+    cpu_rows_ms: float | None = None
 
 
 @dataclass(frozen=True)

@@ -49,13 +49,23 @@ def measured_partitions(stages: Sequence[StageSpec], snap: MetricsSnapshot) -> d
         k = plan_index.get(st.index, st.index)
         m = out.get(k)
         out[k] = (
-            Measured(st.runs, st.runner_ms, st.stage_ms)
+            Measured(st.runs, st.runner_ms, st.stage_ms, st.cpu_rows_ms)
             if m is None
             else Measured(
-                min(m.runs, st.runs), m.runner_ms + st.runner_ms, m.stage_ms + st.stage_ms
+                min(m.runs, st.runs),
+                m.runner_ms + st.runner_ms,
+                m.stage_ms + st.stage_ms,
+                _added(m.cpu_rows_ms, st.cpu_rows_ms),
             )
         )
     return out
+
+
+def _added(a: float | None, b: float | None) -> float | None:
+    """A partition's pieces' hand-off spans summed; None where none was timed."""
+    if a is None or b is None:
+        return a if b is None else b
+    return a + b
 
 
 def measured_hops(snap: MetricsSnapshot) -> dict[tuple[int, int], MeasuredHop]:

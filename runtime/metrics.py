@@ -40,6 +40,9 @@ class StageRecord:
     in_bytes: tuple[tuple[int, int], ...]  # (source stage or CALLER, bytes read from it)
     wait_ms: tuple[tuple[int, float], ...] = ()  # (source, its finish -> this start), same clock
     stage_ms: float = 0.0  # the whole stage on its worker: inputs gathered -> outputs ready
+    # a split stage's overlapped hand-offs on the GPU's timeline, x sent -> the CPU's rows
+    # back, summed (None: not timed; backends/gpu_cpu_mm.HandoffClock)
+    cpu_rows_ms: float | None = None
 
 
 def nbytes(values: Iterable[Any]) -> int:
@@ -60,6 +63,7 @@ class StageStats:
     runs: int  # warm runs (the cold first one not counted)
     runner_ms: float  # median over the recent warm runs: the runner's call
     stage_ms: float  # the same runs, the whole stage on its worker
+    cpu_rows_ms: float | None = None  # the same runs' split hand-offs (StageRecord), if timed
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class _Stage:
     first_ms: float = 0.0  # the cold first run (lazy init, page faults): kept apart from the mean
     recent_runner: deque = field(default_factory=lambda: deque(maxlen=RECENT))
     recent_stage: deque = field(default_factory=lambda: deque(maxlen=RECENT))
+    recent_cpu_rows: deque = field(default_factory=lambda: deque(maxlen=RECENT))
 
 
 @dataclass
@@ -139,6 +144,8 @@ class RunMetrics:
             s.runner_ms += rec.ms
             s.recent_runner.append(rec.ms)
             s.recent_stage.append(whole)
+            if rec.cpu_rows_ms is not None:
+                s.recent_cpu_rows.append(rec.cpu_rows_ms)
         s.out_bytes += rec.out_bytes
         waits = dict(rec.wait_ms)
         # the source whose values came last started the stage: its wait is the hop's time
@@ -180,7 +187,13 @@ class RunMetrics:
             return recent[min(len(recent) - 1, int(quantile * len(recent)))]
 
         stages = tuple(
-            StageStats(i, s.count, median(s.recent_runner), median(s.recent_stage))
+            StageStats(
+                i,
+                s.count,
+                median(s.recent_runner),
+                median(s.recent_stage),
+                median(s.recent_cpu_rows) if s.recent_cpu_rows else None,
+            )
             for i, s in sorted(self._stage.items())
             if s.recent_stage
         )

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from hetero.backends.gpu_cpu_mm import settle
+from hetero.backends.gpu_cpu_mm import HandoffClock, settle
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import WorkerError
@@ -83,6 +83,9 @@ class StageRunner:
             else None
         )
         self._timed = False  # the pair holds a run gpu_timed has not read
+        # a split stage's hand-offs, timed with it: the CPU's share as the step ran it
+        self._handoffs = HandoffClock() if self._pair is not None else None
+        self._handoffs_timed = False
 
     def gpu_timed(self, record: StageRecord) -> StageRecord:
         """`record` (this stage's last run) with its GPU span as its times, where timed."""
@@ -92,7 +95,8 @@ class StageRunner:
         start, end = self._pair
         end.synchronize()
         ms = start.elapsed_time(end)
-        return replace(record, ms=ms, stage_ms=ms)
+        cpu = self._handoffs.ms() if self._handoffs_timed else None
+        return replace(record, ms=ms, stage_ms=ms, cpu_rows_ms=cpu)
 
     def __call__(self, packets: Sequence[Packet], host_out: bool = True) -> Packet:
         s = self.stage
@@ -119,6 +123,8 @@ class StageRunner:
         if self._pair is not None:
             self._pair[0].record(torch.cuda.current_stream(self._cuda))
         t0 = time.perf_counter()
+        clock = self._handoffs
+        self._handoffs_timed = clock is not None and clock.start(self._cuda)
         try:
             outs = self.runner(*[values[n] for n in s.inputs])
         except Exception as e:
@@ -128,6 +134,9 @@ class StageRunner:
                 "`hetero verify` on this config to find the op; check the inputs' shapes "
                 "and dtypes against the ones the model was compiled for."
             ) from e
+        finally:
+            if clock is not None:
+                clock.stop()
         ms = (time.perf_counter() - t0) * 1e3
         if len(outs) != len(s.outputs):
             raise WorkerError(
