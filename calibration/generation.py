@@ -48,6 +48,7 @@ class HostFeedback:
     cost_model: CostModel  # the cost model with it folded in
     # "split": seconds per second of the CPU's rows added to `split_cpu` (below 0: taken off)
     cpu_extra: float = 0.0
+    cpu_timed: bool = False  # that term from the hand-offs' timed spans, not from a fit
 
     def note(self) -> str:
         what = "split hand-offs" if self.weights == "split" else "streamed layers' calls"
@@ -55,9 +56,10 @@ class HostFeedback:
         if self.extra_s:
             how = "beyond" if self.extra_s > 0 else "below"
             said.append(f"{what} measured {1e3 * abs(self.extra_s):.3f} ms each {how} their price")
-        if self.cpu_extra:
+        if abs(self.cpu_extra) >= 0.005:  # a timed factor within noise of calibration is none
             more = "longer" if self.cpu_extra > 0 else "shorter"
-            said.append(f"split CPU rows {abs(self.cpu_extra):.0%} {more} than calibrated")
+            how = " (their hand-offs timed)" if self.cpu_timed else ""
+            said.append(f"split CPU rows {abs(self.cpu_extra):.0%} {more} than calibrated{how}")
         return (
             f"feedback: {', '.join(said)} ({self.partitions} {self.weights} partition(s) of the "
             "running decode step)"
@@ -65,12 +67,26 @@ class HostFeedback:
 
 
 def split_feedback(
-    decode: Plan, measured_ms: Mapping[int, float], cost_model: CostModel, cluster: str
+    decode: Plan,
+    measured_ms: Mapping[int, float],
+    cost_model: CostModel,
+    cluster: str,
+    cpu_rows_ms: Mapping[int, float] | None = None,
 ) -> HostFeedback | None:
     """The unpriced host time of `decode`'s split partitions, from their measured ms
     (partition index -> ms), folded into `cost_model`; None when the split partitions ran as
     priced (every one within `_AGREES`).
 
+    Where the runtime timed the hand-offs (`cpu_rows_ms`: partition index -> its hand-offs'
+    spans on the GPU's timeline, x sent -> the CPU's rows back, summed), the CPU term is
+    read from them: the spans over the rows' calibrated time, pooled over the partitions,
+    is the CPU's in-step factor, and what the partitions ran beyond their prices with that
+    factor, per hand-off, is the hand-offs'. An H100 host's Qwen2-7B split layers (run 34) overran by
+    12%; the trace put it on the CPU's rows (their task thread busy all the layer, the
+    link idle a fifth of it), and the fit below, with every layer one point, had given it
+    to the hand-offs: each re-plan moved away from splitting and measured slower.
+
+    Without timed spans:
     A split partition's excess has two causes the prices keep apart: work per hand-off (the
     program's launches and guards between them: `split_handoff`) and CPU rows slower in the
     step than calibrated alone (`split_cpu`, per second of the rows). One kind of partition
@@ -80,6 +96,9 @@ def split_feedback(
     (Theil-Sen: a slope from every pair of partitions that differ, robust to a few slow
     runs); where they all sit at one point the excess goes to the hand-offs, as it did
     before the CPU term was measured."""
+    timed = _timed_split(decode, measured_ms, cost_model, cpu_rows_ms or {})
+    if timed is not None:
+        return _folded_split(timed, cost_model, cluster)
     points, seen = [], 0
     for p in decode.partitions:
         got = measured_ms.get(p.index)
@@ -104,6 +123,53 @@ def split_feedback(
         return None
     cm = _with_runtime(cost_model, cluster, split_handoff=per_handoff, split_cpu=per_cpu_s)
     return HostFeedback("split", per_handoff, seen, cm, cpu_extra=per_cpu_s)
+
+
+def _timed_split(
+    decode: Plan,
+    measured_ms: Mapping[int, float],
+    cost_model: CostModel,
+    cpu_rows_ms: Mapping[int, float],
+) -> tuple[float, float, int, bool] | None:
+    """(CPU term delta, hand-off term delta in s, split partitions measured, whether the
+    CPU term was timed) from the hand-offs' spans; None where no split partition has them.
+
+    Pooled, not a median over partitions: they differ in size (a run of 24 split layers
+    beside one split layer after a CPU layer, run 34), and the one-layer partition's first
+    hand-off waits for the pipeline to refill; as one of two points it set both terms."""
+    split = [
+        (p, measured_ms[p.index])
+        for p in decode.partitions
+        if p.weights == "split" and p.handoffs and p.index in measured_ms
+    ]
+    timed = [(p, cpu_rows_ms[p.index]) for p, _ in split if p.index in cpu_rows_ms and p.cpu_ms > 0]
+    if not timed:
+        return None
+    now = cost_model.runtime()
+    # the spans hold the GPU's own share too where it is the longer: a floor of "as
+    # calibrated" keeps such a partition from pricing the CPU faster than measured alone
+    factor = sum(span for _, span in timed) / sum(p.cpu_ms for p, _ in timed)
+    cpu = max(-now.split_cpu, factor - 1.0 - now.split_cpu)
+    excess = 0.0
+    for p, got in split:
+        # the price with the CPU term moved: its host path grows by the rows' share of it
+        price = max(p.predicted_ms, p.host_ms + cpu * p.cpu_ms)
+        if got > _AGREES * price:
+            excess += got - price
+        elif got * _AGREES < price:
+            excess += got * _AGREES - price
+    handoff = max(-now.split_handoff, excess / sum(p.handoffs for p, _ in split) / 1e3)
+    return cpu, handoff, len(split), True
+
+
+def _folded_split(
+    timed: tuple[float, float, int, bool], cost_model: CostModel, cluster: str
+) -> HostFeedback | None:
+    cpu, handoff, seen, _ = timed
+    if cpu == 0.0 and handoff == 0.0:
+        return None
+    cm = _with_runtime(cost_model, cluster, split_handoff=handoff, split_cpu=cpu)
+    return HostFeedback("split", handoff, seen, cm, cpu_extra=cpu, cpu_timed=True)
 
 
 _DISTINCT = 1.2  # CPU seconds per hand-off this many times apart: two points, not one

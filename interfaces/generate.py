@@ -430,6 +430,8 @@ def _round(
     tried = tried or {}
     token_ms, runs = _measure(compiled)
     measured = {k: m.stage_ms for k, m in runs.items()}  # the whole stage, as priced
+    # split partitions' hand-offs as the GPU's timeline saw them (where the runtime timed them)
+    cpu_rows = {k: m.cpu_rows_ms for k, m in runs.items() if m.cpu_rows_ms is not None}
     cluster, name = compiled.cluster, compiled.cluster.name
 
     # the running plan's split shares and trips: priced as they run, not chosen again
@@ -468,7 +470,12 @@ def _round(
             for q in now.partitions
             if where.get(_where(q)) in measured
         }
-        split = split_feedback(now, here, cm, name)
+        rows = {
+            q.index: cpu_rows[where[_where(q)]]
+            for q in now.partitions
+            if where.get(_where(q)) in cpu_rows
+        }
+        split = split_feedback(now, here, cm, name, cpu_rows_ms=rows)
         cm = split.cost_model if split is not None else cm
         streamed = stream_feedback(now, here, cm, name)
         cm = streamed.cost_model if streamed is not None else cm
@@ -506,6 +513,7 @@ def _round(
         "predicted_ms_per_token": plan.predicted_decode_ms,
         "extra_handoff_ms": 1e3 * split.extra_s if split is not None else 0.0,
         "extra_split_cpu": split.cpu_extra if split is not None else 0.0,
+        "split_cpu_timed": split.cpu_timed if split is not None else False,
         "extra_stream_call_ms": 1e3 * streamed.extra_s if streamed is not None else 0.0,
     }
     if not found:

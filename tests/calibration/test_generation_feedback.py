@@ -65,6 +65,70 @@ def test_split_partitions_all_of_one_shape_charge_their_hand_offs():
     assert 1e3 * fb.extra_s == pytest.approx(3.0)
 
 
+@pytest.mark.parametrize(
+    ("cpu_slower", "handoff_ms"), [(0.2, 0.0), (0.0, 0.5), (0.25, 0.3), (-0.1, 0.0)]
+)
+def test_timed_hand_offs_split_an_overrun_between_slow_cpu_rows_and_hand_off_work(
+    cpu_slower: float, handoff_ms: float
+):
+    """Layers all alike, CPU-bound (host path = price), their hand-offs timed: the spans say
+    how much slower the CPU's rows ran than calibrated, and the rest of the overrun is the
+    hand-offs' (run 34's Qwen2-7B: a fit over one kind of layer had given it all to the
+    hand-offs). A CPU faster than calibrated leaves the CPU term at zero."""
+    cpu, price = 4.0, 4.4
+    parts = [_split(i, price, price, handoffs=1, cpu=cpu) for i in range(5)]
+    measured = {i: price + max(0.0, cpu_slower) * cpu + handoff_ms for i in range(5)}
+    spans = {i: cpu * (1 + cpu_slower) + (0.02 if i == 3 else 0.0) for i in range(5)}
+    fb = split_feedback(_plan(*parts), measured, CostModel(), "c", cpu_rows_ms=spans)
+    if cpu_slower <= 0 and handoff_ms == 0:
+        assert fb is None
+        return
+    assert fb is not None and fb.cpu_timed and fb.partitions == 5
+    assert fb.cpu_extra == pytest.approx(max(0.0, cpu_slower), abs=2e-3)
+    assert 1e3 * fb.extra_s == pytest.approx(handoff_ms, abs=5e-3)
+    assert fb.cost_model.split_cpu() == pytest.approx(max(0.0, cpu_slower), abs=2e-3)
+    assert ("hand-offs timed" in fb.note()) == (cpu_slower > 0)
+
+
+def test_timed_terms_pool_partitions_by_their_size():
+    """Run 34's round: 24 split layers 10% over their price, their rows' spans as much over
+    the calibrated time, beside one split layer after a CPU layer that ran 1.8x its price. Each
+    partition one point, the small one set half of both terms (CPU +38%, hand-offs +0.59
+    ms), and the layers were priced 44% over what they had just measured; pooled, the run of
+    layers decides."""
+    big = _split(0, 83.0, 81.0, handoffs=24, cpu=74.0)
+    small = _split(1, 3.39, 3.37, handoffs=1, cpu=3.1)
+    measured = {0: 91.3, 1: 5.98}
+    spans = {0: 74.0 * 1.1, 1: 3.1 * 1.6}
+    fb = split_feedback(_plan(big, small), measured, CostModel(), "c", cpu_rows_ms=spans)
+    assert fb is not None and fb.cpu_timed
+    assert fb.cpu_extra == pytest.approx((74.0 * 1.1 + 3.1 * 1.6) / 77.1 - 1)
+    assert 1e3 * fb.extra_s < 0.1  # the small layer's 2 ms over 25 hand-offs
+    repriced = 81.0 + fb.cpu_extra * 74.0 + 24 * 1e3 * fb.extra_s
+    assert repriced == pytest.approx(91.3, rel=0.06)  # the layers as they measured
+
+
+def test_timed_hand_off_spans_reach_the_feedback_as_a_partitions_median_summed_over_pieces():
+    """The runtime's records carry each split stage's hand-off spans; the snapshot keeps their
+    median and a partition's pieces add up (a stage without them stays untimed)."""
+    from hetero.interfaces.feedback import measured_partitions
+    from hetero.runtime.metrics import RunMetrics, StageRecord
+
+    class _Stage:
+        def __init__(self, index: int, plan_index: int) -> None:
+            self.index, self.plan_index = index, plan_index
+
+    stages = [_Stage(0, 0), _Stage(1, 0), _Stage(2, 1)]
+    metrics = RunMetrics(stages=stages)
+    for run in range(4):  # the first run of each stage is cold: not in the medians
+        metrics.record(StageRecord(0, 5.0, 0, (), (), 5.0, cpu_rows_ms=4.0 + run))
+        metrics.record(StageRecord(1, 5.0, 0, (), (), 5.0, cpu_rows_ms=2.0))
+        metrics.record(StageRecord(2, 1.0, 0, (), (), 1.0))
+    runs = measured_partitions(stages, metrics.snapshot())
+    assert runs[0].cpu_rows_ms == pytest.approx(6.0 + 2.0)
+    assert runs[1].cpu_rows_ms is None
+
+
 def test_a_cpu_term_never_goes_below_zero():
     """Layers faster than priced with a CPU term in force lower it to zero, not past it; the
     hand-offs refit what the floor leaves."""

@@ -95,6 +95,14 @@ def test_greedy_tokens_equal_transformers(placements, tmp_path):
         assert out.tolist() == ref[:, 16:].cpu().tolist()
         again = lm.generate(prompt.cpu(), 24)  # the cache is reused across requests
         assert again.tolist() == out.tolist()
+        if placements:  # the split layer's hand-offs timed on the GPU's timeline
+            from hetero.interfaces.feedback import measured_partitions
+            from hetero.partitioner.phases import Phase
+
+            runs = measured_partitions(*lm.generation.measured(Phase.DECODE))
+            split = [p.index for p in lm.plan.decode.partitions if p.weights == "split"]
+            assert split and all(runs[k].cpu_rows_ms > 0 for k in split)
+            assert all(m.cpu_rows_ms is None for k, m in runs.items() if k not in split)
         if not placements:  # all resident: prefill compiled once for any prompt length
             short = prompt[:, :9]
             with torch.no_grad():
