@@ -915,8 +915,9 @@ def main() -> None:
     ap.add_argument(
         "--sweep",
         action="store_true",
-        help="capped case: also time every decoder layer forced split, on the CPU, "
-        "and streamed (~70 s each on the H200 host), against the chosen plan",
+        help="capped case: also time every decoder layer forced split, CPU and streamed "
+        "layers in turn, every layer on the CPU, and streamed (~25-40 s each on an H100 "
+        "host), against the chosen plan",
     )
     ap.add_argument("--budget-s", type=float, default=520.0,
                     help="start no optional measurement after this many seconds (the capped "
