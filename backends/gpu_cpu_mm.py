@@ -158,9 +158,9 @@ class HandoffClock:
     span is the CPU's share as the step ran it (the task's pickup and its product; the
     GPU's own share runs inside it and is the shorter on a split layer the CPU bounds).
     The calibrated rate is measured with nothing else running; in a step the launching
-    thread, the link and the driver share the host (an H100 host's split MLP rows ran at
-    ~80% of it, BENCHMARKS.md run 34), and the stage's time alone cannot say whether its
-    overrun is the CPU's or the hand-offs'. Events are made once and reused per run."""
+    thread, the link and the driver share the host (H100 hosts' split MLP rows ran at 80%
+    and 68% of it, BENCHMARKS.md runs 34 and 36), and the stage's time alone cannot say
+    whether its overrun is the CPU's or the hand-offs'. Events are made once and reused."""
 
     def __init__(self) -> None:
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []

@@ -81,10 +81,11 @@ def split_feedback(
     spans on the GPU's timeline, x sent -> the CPU's rows back, summed), the CPU term is
     read from them: the spans over the rows' calibrated time, pooled over the partitions,
     is the CPU's in-step factor, and what the partitions ran beyond their prices with that
-    factor, per hand-off, is the hand-offs'. An H100 host's Qwen2-7B split layers (run 34) overran by
-    12%; the trace put it on the CPU's rows (their task thread busy all the layer, the
-    link idle a fifth of it), and the fit below, with every layer one point, had given it
-    to the hand-offs: each re-plan moved away from splitting and measured slower.
+    factor, per hand-off, is the hand-offs'. An H100 host's Qwen2-7B split layers (run 34)
+    overran by 12%; the trace put it on the CPU's rows (their task thread busy all the
+    layer, the link idle a fifth of it), and the fit below, with every layer one point, had
+    given it to the hand-offs: each re-plan moved away from splitting and measured slower.
+    Timed (run 36, the 7B): rows 46% slower than calibrated, re-planned 115.8 -> 100.7 ms.
 
     Without timed spans:
     A split partition's excess has two causes the prices keep apart: work per hand-off (the
@@ -98,7 +99,11 @@ def split_feedback(
     before the CPU term was measured."""
     timed = _timed_split(decode, measured_ms, cost_model, cpu_rows_ms or {})
     if timed is not None:
-        return _folded_split(timed, cost_model, cluster)
+        cpu, handoff, seen = timed
+        if cpu == 0.0 and handoff == 0.0:
+            return None
+        cm = _with_runtime(cost_model, cluster, split_handoff=handoff, split_cpu=cpu)
+        return HostFeedback("split", handoff, seen, cm, cpu_extra=cpu, cpu_timed=True)
     points, seen = [], 0
     for p in decode.partitions:
         got = measured_ms.get(p.index)
@@ -130,12 +135,12 @@ def _timed_split(
     measured_ms: Mapping[int, float],
     cost_model: CostModel,
     cpu_rows_ms: Mapping[int, float],
-) -> tuple[float, float, int, bool] | None:
-    """(CPU term delta, hand-off term delta in s, split partitions measured, whether the
-    CPU term was timed) from the hand-offs' spans; None where no split partition has them.
+) -> tuple[float, float, int] | None:
+    """(CPU term delta, hand-off term delta in s, split partitions measured) from the
+    hand-offs' spans; None where no split partition has them.
 
     Pooled, not a median over partitions: they differ in size (a run of 24 split layers
-    beside one split layer after a CPU layer, run 34), and the one-layer partition's first
+    beside one split layer after a CPU layer, run 35), and the one-layer partition's first
     hand-off waits for the pipeline to refill; as one of two points it set both terms."""
     split = [
         (p, measured_ms[p.index])
@@ -159,17 +164,7 @@ def _timed_split(
         elif got * _AGREES < price:
             excess += got * _AGREES - price
     handoff = max(-now.split_handoff, excess / sum(p.handoffs for p, _ in split) / 1e3)
-    return cpu, handoff, len(split), True
-
-
-def _folded_split(
-    timed: tuple[float, float, int, bool], cost_model: CostModel, cluster: str
-) -> HostFeedback | None:
-    cpu, handoff, seen, _ = timed
-    if cpu == 0.0 and handoff == 0.0:
-        return None
-    cm = _with_runtime(cost_model, cluster, split_handoff=handoff, split_cpu=cpu)
-    return HostFeedback("split", handoff, seen, cm, cpu_extra=cpu, cpu_timed=True)
+    return cpu, handoff, len(split)
 
 
 _DISTINCT = 1.2  # CPU seconds per hand-off this many times apart: two points, not one
