@@ -42,26 +42,27 @@ def plan_row(
     label: str,
     handoff_s: float = 0.0,
     stream_call_s: float = 0.0,
-    split_cpu: float = 0.0,
+    split_cpu: float | None = None,
     host_precision: str = "model",
 ) -> dict:
     from hetero.backends.registry import default_registry
     from hetero.calibration.split import split_profile
     from hetero.cluster.profile import RuntimeProfile
     from hetero.partitioner.algorithms.generation import plan_generation
-    from hetero.partitioner.cost import CostModel
+    from hetero.partitioner.cost import SPLIT_CPU_PRIOR, CostModel
     from hetero.partitioner.phases import Phase
 
     profile = split_profile(spec, spec.device("node0/gpu"), tuple(rates))
-    if handoff_s or stream_call_s or split_cpu:
-        # what a feedback round folds in (calibration/generation.py)
+    if handoff_s or stream_call_s or split_cpu is not None:
+        # what a feedback round folds in (calibration/generation.py); the split's CPU term
+        # not given: the cost model's prior (SPLIT_CPU_PRIOR), as a first plan prices it
         runtime = RuntimeProfile(
             "local",
             0.0,
             0.0,
             split_handoff=handoff_s,
             stream_call=stream_call_s,
-            split_cpu=split_cpu,
+            split_cpu=split_cpu if split_cpu is not None else SPLIT_CPU_PRIOR,
         )
         profile = dataclasses.replace(profile, runtime=(runtime,))
     cm = CostModel(profile)
@@ -118,9 +119,11 @@ def main() -> None:
     ap.add_argument(
         "--split-cpu",
         type=float,
-        default=0.0,
+        default=None,
         help="a split's CPU rows' time beyond calibrated, per second of it, as a feedback "
-        "round fits it (run 26: the split LM head ran ~0.9 longer)",
+        "round fits it (run 26: the split LM head ran ~0.9 longer; run 36, timed: 0.46); "
+        "default: the cost model's prior before any run (partitioner/cost.py "
+        "SPLIT_CPU_PRIOR, 0.3); 0: as calibrated",
     )
     ap.add_argument(
         "--host-precision",
@@ -151,11 +154,14 @@ def main() -> None:
         "split_cpu": args.split_cpu,
     }
     label = f"recorded (float16 CPU {f16.cpu_shared / 1e9:.1f})"
-    if args.handoff_extra_ms or args.stream_call_ms or args.split_cpu:
+    if args.handoff_extra_ms or args.stream_call_ms or args.split_cpu is not None:
         label += (
             f", hand-off +{args.handoff_extra_ms:g} ms, streamed call +{args.stream_call_ms:g} ms"
-            f", split CPU rows +{args.split_cpu:.0%}"
         )
+    if args.split_cpu is not None:
+        label += f", split CPU rows +{args.split_cpu:.0%}"
+    else:
+        label += ", split CPU rows at the prior"
     rows = [plan_row(lm, spec, recorded, label, **extra)]
     for gbps in args.cpu_shared_gbps:
         scaled = [dataclasses.replace(r, cpu_shared=r.cpu_shared * gbps * 1e9 / f16.cpu_shared)

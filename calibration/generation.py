@@ -56,10 +56,14 @@ class HostFeedback:
         if self.extra_s:
             how = "beyond" if self.extra_s > 0 else "below"
             said.append(f"{what} measured {1e3 * abs(self.extra_s):.3f} ms each {how} their price")
-        if abs(self.cpu_extra) >= 0.005:  # a timed factor within noise of calibration is none
-            more = "longer" if self.cpu_extra > 0 else "shorter"
-            how = " (their hand-offs timed)" if self.cpu_timed else ""
-            said.append(f"split CPU rows {abs(self.cpu_extra):.0%} {more} than calibrated{how}")
+        if abs(self.cpu_extra) >= 0.005:  # a timed factor within noise of its price is none
+            # the term now and before (a delta from the prior would read as the rows' speed)
+            now = self.cost_model.split_cpu()
+            how = "their hand-offs timed" if self.cpu_timed else "fitted"
+            said.append(
+                f"split CPU rows {now:+.0%} against calibrated ({how}; priced "
+                f"{now - self.cpu_extra:+.0%} before)"
+            )
         return (
             f"feedback: {', '.join(said)} ({self.partitions} {self.weights} partition(s) of the "
             "running decode step)"

@@ -222,12 +222,27 @@ RAY_STAGE_OVERHEAD = 30e-6
 RAY_HOP_OVERHEAD = 1.2e-3
 
 
+# How much longer a split layer's CPU rows take inside a decode step than the calibration
+# measures them alone (`RuntimeProfile.split_cpu`), before a run of this machine measures
+# its own: on every GPU host measured so far they ran slower, never faster (BENCHMARKS.md:
+# H200 run 19 +32%, run 26 about +100%; H100 run 31 +11%, run 34 +22-28%, run 36 +46% timed
+# on the GPU's timeline), the median about +30%. Priced at zero, run 36's first plan split
+# every layer that did not fit (81.7 ms priced, 115.8 measured) and only a feedback round
+# found the plan that ran 100.7; priced with this prior the same rates choose that plan's
+# layout (`plan_capped_cpu.py --run ...run36... --split-cpu 0.3`: 12 CPU, 5 split, 8
+# streamed layers, 91.6 ms). Feedback replaces it, up or down.
+SPLIT_CPU_PRIOR = 0.3
+
+
 def default_runtime(executor: ExecutorKind) -> RuntimeProfile:
     """The runtime terms `executor` is priced with until a run measures its own: in process
-    nothing (a partition's call is the runner's), over Ray its actor calls."""
+    nothing (a partition's call is the runner's), over Ray its actor calls; for either, a
+    split layer's CPU rows at `SPLIT_CPU_PRIOR` beyond their calibrated time."""
     if executor is ExecutorKind.RAY:
-        return RuntimeProfile(executor, RAY_STAGE_OVERHEAD, RAY_HOP_OVERHEAD)
-    return RuntimeProfile(executor, stage_overhead=0.0, hop_overhead=0.0)
+        return RuntimeProfile(
+            executor, RAY_STAGE_OVERHEAD, RAY_HOP_OVERHEAD, split_cpu=SPLIT_CPU_PRIOR
+        )
+    return RuntimeProfile(executor, stage_overhead=0.0, hop_overhead=0.0, split_cpu=SPLIT_CPU_PRIOR)
 
 
 # ---- the cost model ------------------------------------------------------------------------

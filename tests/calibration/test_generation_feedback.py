@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from hetero.calibration.generation import split_feedback, stream_feedback, with_split_handoff
-from hetero.partitioner.cost import CostModel
+from hetero.cluster.profile import CalibrationProfile, RuntimeProfile
+from hetero.partitioner.cost import SPLIT_CPU_PRIOR, CostModel
 from hetero.partitioner.decisions import Objective
 from hetero.partitioner.plan import Plan, PlannedPartition
 
@@ -14,6 +15,13 @@ from hetero.partitioner.plan import Plan, PlannedPartition
 def _plan(*parts: PlannedPartition) -> Plan:
     return Plan(model="m", cluster="c", objective=Objective.LATENCY, algorithm="latency",
                 partitions=parts, transfers=(), predicted_ms=0.0)  # fmt: skip
+
+
+# The fits' arithmetic from a machine whose runs measured the split terms at zero (the
+# default prices split CPU rows at SPLIT_CPU_PRIOR before any run: the test below).
+_NO_PRIOR = CostModel(
+    profile=CalibrationProfile(cluster="c", runtime=(RuntimeProfile("local", 0.0, 0.0),))
+)
 
 
 def _split(
@@ -26,7 +34,7 @@ def _split(
 
 def test_host_bound_split_layers_price_their_hand_offs_higher():
     plan = _plan(_split(0, 4.8, 4.0), _split(1, 4.8, 4.0), _split(2, 4.8, 4.0))
-    fb = split_feedback(plan, {0: 6.8, 1: 6.4, 2: 7.2}, CostModel(), "c")
+    fb = split_feedback(plan, {0: 6.8, 1: 6.4, 2: 7.2}, _NO_PRIOR, "c")
     assert fb is not None and fb.partitions == 3
     assert fb.extra_s == pytest.approx((6.8 - 4.0) / 4 / 1e3)
     assert fb.cost_model.split_handoff() == pytest.approx(fb.extra_s)
@@ -48,7 +56,7 @@ def test_split_partitions_of_two_shapes_tell_slow_cpu_rows_from_hand_off_work(
         cpu = 1.5 if i == 5 else 4.0
         parts.append(_split(i, 5.0, 5.0, handoffs=1, cpu=cpu))
         measured[i] = 5.0 + handoff_ms + cpu_slower * cpu + (0.05 if i == 2 else 0.0)
-    fb = split_feedback(_plan(*parts), measured, CostModel(), "c")
+    fb = split_feedback(_plan(*parts), measured, _NO_PRIOR, "c")
     assert fb is not None and fb.partitions == 6
     assert 1e3 * fb.extra_s == pytest.approx(handoff_ms, abs=0.02)
     assert fb.cpu_extra == pytest.approx(cpu_slower, abs=0.02)
@@ -60,7 +68,7 @@ def test_split_partitions_of_two_shapes_tell_slow_cpu_rows_from_hand_off_work(
 def test_split_partitions_all_of_one_shape_charge_their_hand_offs():
     """25 layers alike are one equation: the excess stays on the hand-offs (no CPU term)."""
     plan = _plan(*(_split(i, 5.0, 5.0, handoffs=1, cpu=4.0) for i in range(4)))
-    fb = split_feedback(plan, dict.fromkeys(range(4), 8.0), CostModel(), "c")
+    fb = split_feedback(plan, dict.fromkeys(range(4), 8.0), _NO_PRIOR, "c")
     assert fb is not None and fb.cpu_extra == 0.0
     assert 1e3 * fb.extra_s == pytest.approx(3.0)
 
@@ -79,7 +87,7 @@ def test_timed_hand_offs_split_an_overrun_between_slow_cpu_rows_and_hand_off_wor
     parts = [_split(i, price, price, handoffs=1, cpu=cpu) for i in range(5)]
     measured = {i: price + max(0.0, cpu_slower) * cpu + handoff_ms for i in range(5)}
     spans = {i: cpu * (1 + cpu_slower) + (0.02 if i == 3 else 0.0) for i in range(5)}
-    fb = split_feedback(_plan(*parts), measured, CostModel(), "c", cpu_rows_ms=spans)
+    fb = split_feedback(_plan(*parts), measured, _NO_PRIOR, "c", cpu_rows_ms=spans)
     if cpu_slower <= 0 and handoff_ms == 0:
         assert fb is None
         return
@@ -88,6 +96,23 @@ def test_timed_hand_offs_split_an_overrun_between_slow_cpu_rows_and_hand_off_wor
     assert 1e3 * fb.extra_s == pytest.approx(handoff_ms, abs=5e-3)
     assert fb.cost_model.split_cpu() == pytest.approx(max(0.0, cpu_slower), abs=2e-3)
     assert ("hand-offs timed" in fb.note()) == (cpu_slower > 0)
+
+
+def test_split_rows_are_priced_at_the_prior_until_a_timed_round_moves_them_either_way():
+    """Before any run a split layer's CPU rows cost SPLIT_CPU_PRIOR more than calibrated (every
+    GPU host measured ran them slower inside a step); timed spans replace it, down as well."""
+    assert CostModel().split_cpu() == SPLIT_CPU_PRIOR
+    parts = [
+        _split(i, 4.4 + SPLIT_CPU_PRIOR * 4.0, 4.4 + SPLIT_CPU_PRIOR * 4.0, 1, 4.0)
+        for i in range(3)
+    ]
+    measured = dict.fromkeys(range(3), 4.8)
+    fb = split_feedback(
+        _plan(*parts), measured, CostModel(), "c", cpu_rows_ms=dict.fromkeys(range(3), 4.4)
+    )
+    assert fb is not None and fb.cost_model.split_cpu() == pytest.approx(0.1)
+    assert "split CPU rows +10% against calibrated (their hand-offs timed; priced +30%" in fb.note()
+    assert fb.cpu_extra == pytest.approx(0.1 - SPLIT_CPU_PRIOR)
 
 
 def test_timed_terms_pool_partitions_by_their_size():
@@ -100,7 +125,7 @@ def test_timed_terms_pool_partitions_by_their_size():
     small = _split(1, 3.39, 3.37, handoffs=1, cpu=3.1)
     measured = {0: 91.3, 1: 5.98}
     spans = {0: 74.0 * 1.1, 1: 3.1 * 1.6}
-    fb = split_feedback(_plan(big, small), measured, CostModel(), "c", cpu_rows_ms=spans)
+    fb = split_feedback(_plan(big, small), measured, _NO_PRIOR, "c", cpu_rows_ms=spans)
     assert fb is not None and fb.cpu_timed
     assert fb.cpu_extra == pytest.approx((74.0 * 1.1 + 3.1 * 1.6) / 77.1 - 1)
     assert 1e3 * fb.extra_s < 0.1  # the small layer's 2 ms over 25 hand-offs
@@ -134,7 +159,7 @@ def test_a_cpu_term_never_goes_below_zero():
     hand-offs refit what the floor leaves."""
     from hetero.calibration.generation import _with_runtime
 
-    priced = _with_runtime(CostModel(), "c", split_cpu=0.2)
+    priced = _with_runtime(_NO_PRIOR, "c", split_cpu=0.2)
     parts = [_split(i, 6.0, 6.0, handoffs=1, cpu=1.5 if i else 4.0) for i in range(3)]
     fb = split_feedback(_plan(*parts), {0: 1.0, 1: 4.0, 2: 4.0}, priced, "c")
     assert fb is not None
@@ -144,8 +169,8 @@ def test_a_cpu_term_never_goes_below_zero():
 
 def test_split_layers_that_ran_as_priced_change_nothing():
     plan = _plan(_split(0, 4.8, 4.0), _split(1, 4.8, 4.0))
-    assert split_feedback(plan, {0: 4.9, 1: 4.7}, CostModel(), "c") is None
-    assert split_feedback(plan, {}, CostModel(), "c") is None
+    assert split_feedback(plan, {0: 4.9, 1: 4.7}, _NO_PRIOR, "c") is None
+    assert split_feedback(plan, {}, _NO_PRIOR, "c") is None
 
 
 def test_a_higher_hand_off_cost_moves_a_split_toward_the_gpu():
@@ -244,7 +269,7 @@ def test_split_layers_faster_than_priced_lower_the_hand_off_term_down_to_zero():
     assert floored is not None and floored.cost_model.split_handoff() == 0.0
     assert floored.extra_s == pytest.approx(-1e-3)
     # with no term to take from, nothing changes
-    assert split_feedback(plan, {0: 0.5, 1: 0.5}, CostModel(), "c") is None
+    assert split_feedback(plan, {0: 0.5, 1: 0.5}, _NO_PRIOR, "c") is None
 
 
 def test_streamed_calls_faster_than_priced_lower_their_term():
