@@ -167,16 +167,16 @@ class HandoffClock:
         self._used = 0
         self._chain: _Chain | None = None
 
-    def start(self, device: torch.device | None) -> bool:
+    def start(self, device: torch.device) -> bool:
         """Times the hand-offs this thread makes on `device` until `stop()`; False (nothing
         timed) outside `overlapped()`, where hand-offs run synchronously, and before this
         thread's first hand-off on `device` (a plan without split layers never starts the
-        task thread for a clock; a stage's first run is a cold one anyway)."""
+        task thread for a clock; a stage's first run is a cold one anyway). Called for every
+        GPU stage run, so no CUDA call here: hand-offs made while a CUDA graph is captured
+        bypass the chain (`_Staging.chain`), so they are never timed."""
         self._used = 0
-        if device is None or device.type != "cuda" or not _STAGING.depth:
-            return False
-        chain = _STAGING.chains.get(device)
-        if chain is None or torch.cuda.is_current_stream_capturing():
+        chain = _STAGING.chains.get(device) if _STAGING.depth else None
+        if chain is None:
             return False
         chain.clock, self._chain = self, chain
         return True

@@ -465,17 +465,17 @@ def _round(
         if fit is not None:
             cm = fit.cost_model
             now = at_prices(cm) or plan.decode
-        here = {
-            q.index: measured[where[_where(q)]]
-            for q in now.partitions
-            if where.get(_where(q)) in measured
-        }
-        rows = {
-            q.index: cpu_rows[where[_where(q)]]
-            for q in now.partitions
-            if where.get(_where(q)) in cpu_rows
-        }
-        split = split_feedback(now, here, cm, name, cpu_rows_ms=rows)
+
+        def on_now(values: Mapping[int, float]) -> dict[int, float]:
+            """`values` (by the running plan's partition) keyed by `now`'s partitions."""
+            return {
+                q.index: values[where[_where(q)]]
+                for q in now.partitions
+                if where.get(_where(q)) in values
+            }
+
+        here = on_now(measured)
+        split = split_feedback(now, here, cm, name, cpu_rows_ms=on_now(cpu_rows))
         cm = split.cost_model if split is not None else cm
         streamed = stream_feedback(now, here, cm, name)
         cm = streamed.cost_model if streamed is not None else cm

@@ -238,11 +238,13 @@ def default_runtime(executor: ExecutorKind) -> RuntimeProfile:
     """The runtime terms `executor` is priced with until a run measures its own: in process
     nothing (a partition's call is the runner's), over Ray its actor calls; for either, a
     split layer's CPU rows at `SPLIT_CPU_PRIOR` beyond their calibrated time."""
-    if executor is ExecutorKind.RAY:
-        return RuntimeProfile(
-            executor, RAY_STAGE_OVERHEAD, RAY_HOP_OVERHEAD, split_cpu=SPLIT_CPU_PRIOR
-        )
-    return RuntimeProfile(executor, stage_overhead=0.0, hop_overhead=0.0, split_cpu=SPLIT_CPU_PRIOR)
+    ray = executor is ExecutorKind.RAY
+    return RuntimeProfile(
+        executor,
+        stage_overhead=RAY_STAGE_OVERHEAD if ray else 0.0,
+        hop_overhead=RAY_HOP_OVERHEAD if ray else 0.0,
+        split_cpu=SPLIT_CPU_PRIOR,
+    )
 
 
 # ---- the cost model ------------------------------------------------------------------------

@@ -138,13 +138,12 @@ def assemble(
             stream = sum(splits[i].link_s for i in run)
         elif problem.place_streamed[p]:
             # overlapped: its copies run beside the CPU's work, priced as the problem was
-            beside = host_dtype_of(cluster, device, [og[n] for n in nodes], ctx.host_dtypes)
-            stream = sum(
-                cm.stream_time(
-                    cluster, device, g.param_bytes, beside if problem.overlapped else None
-                )
-                for g in gs
+            beside = (
+                host_dtype_of(cluster, device, [og[n] for n in nodes], ctx.host_dtypes)
+                if problem.overlapped
+                else None
             )
+            stream = sum(cm.stream_time(cluster, device, g.param_bytes, beside) for g in gs)
         else:
             stream = 0.0
         partitions.append(
