@@ -194,12 +194,14 @@ class HandoffClock:
         self._used += 1
         return self._events[self._used - 1]
 
+    def spans(self) -> list[float]:
+        """Each hand-off's span (ms) in the order the run made them (its stream synchronised
+        first by the caller)."""
+        return [a.elapsed_time(b) for a, b in self._events[: self._used]]
+
     def ms(self) -> float | None:
-        """The run's hand-offs' spans summed (its stream synchronised first by the caller);
-        None where it made none."""
-        if not self._used:
-            return None
-        return sum(a.elapsed_time(b) for a, b in self._events[: self._used])
+        """The run's hand-offs' spans summed; None where it made none."""
+        return sum(self.spans()) if self._used else None
 
 
 class _ArrayInterface:
