@@ -357,7 +357,11 @@ class StageBinder:
         `host_reads`: a GPU stage reads a CPU stage's outputs from pinned host memory
         (backends.gpu_cpu_mm.host_to_device) instead of copying them (False: for
         comparisons). `graph_streamed`: also replay streamed decode stages as CUDA graphs, one
-        per streaming slot (runtime/cuda_graph.SlotGraphs; off until measured on a GPU).
+        per streaming slot (runtime/cuda_graph.SlotGraphs). Off by default though it paid
+        (an H100 host, BENCHMARKS.md run 38: 159.6 ms per token launched, 119.9 replayed, the
+        same stages in one process): on by default (run 39), a GPU test's process could no
+        longer draw random numbers on the GPU afterwards, and a capped run peaked over its
+        cap; both are open.
         `overlap_handoffs`: a split layer's hand-off queues the CPU's share and returns, so
         the launching thread goes on while the CPU multiplies (backends.gpu_cpu_mm
         `overlapped`; False: the thread waits and multiplies itself, for comparisons)."""

@@ -73,3 +73,21 @@ def test_hetero_compile_with_inductor_cudagraphs_matches_eager(tmp_path):
             want = model(*x)
         for got in outs:
             assert _error(got, want) < 2e-2
+
+
+def test_a_capture_that_fails_leaves_the_generator_drawing():
+    """An op a graph cannot hold (a host synchronisation) fails the capture; the caller falls
+    back to running uncaptured, and the process still draws random numbers on the GPU (a
+    capture that ended without the generator's epilogue once broke every later draw)."""
+    from hetero.backends.triton.graphs import capture
+
+    def syncs(x: torch.Tensor) -> tuple[torch.Tensor]:
+        y = x * 2
+        torch.cuda.synchronize()
+        return (y,)
+
+    with pytest.raises(Exception):  # noqa: B017 - CUDA reports it as one error or another
+        capture(syncs, [torch.ones(4, device="cuda")], warmup=1)
+    assert torch.randn(4, device="cuda").isfinite().all()
+    nn_init = torch.nn.Linear(8, 8, device="cuda")  # draws through the default generator
+    assert nn_init.weight.isfinite().all()
