@@ -357,11 +357,12 @@ class StageBinder:
         `host_reads`: a GPU stage reads a CPU stage's outputs from pinned host memory
         (backends.gpu_cpu_mm.host_to_device) instead of copying them (False: for
         comparisons). `graph_streamed`: also replay streamed decode stages as CUDA graphs, one
-        per streaming slot (runtime/cuda_graph.SlotGraphs). Off by default though it paid
-        (an H100 host, BENCHMARKS.md run 38: 159.6 ms per token launched, 119.9 replayed, the
-        same stages in one process): on by default (run 39), a GPU test's process could no
-        longer draw random numbers on the GPU afterwards, and a capped run peaked over its
-        cap; both are open.
+        per streaming slot (runtime/cuda_graph.SlotGraphs; split stages, whose GPU rows
+        stream too, stay launched). Off by default though it paid (an H100 host, BENCHMARKS.md
+        run 38: 159.6 ms per token launched, 119.9 replayed, the same stages in one process):
+        on by default (run 39), a GPU test's process could no longer draw random numbers on
+        the GPU afterwards, and a capped run peaked over its cap, both most likely from split
+        stages, which were wrapped then; not yet re-run on a GPU.
         `overlap_handoffs`: a split layer's hand-off queues the CPU's share and returns, so
         the launching thread goes on while the CPU multiplies (backends.gpu_cpu_mm
         `overlapped`; False: the thread waits and multiplies itself, for comparisons)."""
@@ -514,7 +515,10 @@ class StageBinder:
             streamers[name] = streamer
             for k, (s, _) in enumerate(items):
                 fn, d, fixed, at = runners[s.index]
-                if phase is Phase.DECODE and d.type == "cuda" and self.graph_streamed:
+                # not a split stage: its hand-offs wait on the host, which no capture can hold
+                # (a failed capture leaves what it allocated in the graphs' pool)
+                graphed = self.graph_streamed and s.weights == "streamed"
+                if phase is Phase.DECODE and d.type == "cuda" and graphed:
                     fn = SlotGraphs(fn, d, len(s.inputs), pool=self._pool())
                 runners[s.index] = BoundRunner(
                     fn, d, fixed, streamer, k, at, host_reads=self.host_reads

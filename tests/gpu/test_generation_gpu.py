@@ -156,15 +156,24 @@ def test_fp16_logits_teacher_forced_within_2e_2(tmp_path):
         lm.shutdown()
 
 
-def test_streamed_layers_replayed_as_graphs_per_slot_give_transformers_tokens(tmp_path):
+AROUND_CPU = {"model.model.layers.0": "streamed", "model.model.layers.1": "streamed",
+              "model.model.layers.2": "node0/cpu", "model.model.layers.3": "streamed"}  # fmt: skip
+AROUND_SPLIT = {**AROUND_CPU, "model.model.layers.2": "split"}
+
+
+@pytest.mark.parametrize("placements", [AROUND_CPU, AROUND_SPLIT], ids=["cpu", "split"])
+def test_streamed_layers_replayed_as_graphs_per_slot_give_transformers_tokens(placements, tmp_path):
     """Three streamed layers (an odd count: each one's slot alternates from step to step)
-    around a CPU layer, replayed as CUDA graphs (StageBinder(graph_streamed=True)): the same
-    tokens as transformers, request after request."""
+    around a CPU or a split layer, replayed as CUDA graphs (StageBinder(graph_streamed=True)):
+    the same tokens as transformers, request after request; every capture held, the split
+    stage (whose hand-offs wait on the host) launched, and the GPU's generator still draws
+    (run 39: after a split stage's capture it raised)."""
     from hetero.backends.registry import default_registry
     from hetero.cluster.spec import ClusterSpec
     from hetero.interfaces.generate import compile_lm
+    from hetero.partitioner.phases import Phase
     from hetero.runtime.cuda_graph import SlotGraphs
-    from hetero.runtime.generation import BoundRunner, StageBinder
+    from hetero.runtime.generation import StageBinder
 
     model = _model(torch.float32)
     torch.manual_seed(3)
@@ -175,19 +184,19 @@ def test_streamed_layers_replayed_as_graphs_per_slot_give_transformers_tokens(tm
     lm = compile_lm(
         model, ClusterSpec.from_yaml(H200), max_length=64, registry=registry,
         cache_dir=tmp_path, binder=StageBinder(registry, graph_streamed=True),
-        decode_placements={"model.model.layers.0": "streamed", "model.model.layers.1":
-                           "streamed", "model.model.layers.2": "node0/cpu",
-                           "model.model.layers.3": "streamed"},
+        decode_placements=placements,
     )  # fmt: skip
     try:
         for _ in range(2):
             out = lm.generate(prompt.cpu(), 24)
             assert out.tolist() == ref[:, 16:].cpu().tolist()
-        runners = [ex.runner(s.index) for ex in lm.generation.executors.values() for s in ex.stages]
-        graphs = [
-            r.fn for r in runners if isinstance(r, BoundRunner) and isinstance(r.fn, SlotGraphs)
-        ]
-        assert graphs and all(g.failed is None and 1 <= len(g.graphs) <= 2 for g in graphs)
+        decode = lm.generation.executors[Phase.DECODE]
+        runners = [(s, decode.runner(s.index)) for s in decode.stages]
+        graphed = [(s, r.fn) for s, r in runners if isinstance(getattr(r, "fn", None), SlotGraphs)]
+        assert {s.weights for s, _ in graphed} == {"streamed"}
+        assert len(graphed) == sum(s.weights == "streamed" for s, _ in runners)
+        assert all(g.failed is None and 1 <= len(g.graphs) <= 2 for _, g in graphed)
+        assert torch.randn(4, device="cuda").isfinite().all()
     finally:
         lm.shutdown()
 
