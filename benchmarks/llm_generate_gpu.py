@@ -146,6 +146,15 @@ def hetero_times(lm, ids, new: int, repeats: int) -> dict:
     }
 
 
+def feedback_rounds(args):
+    """compile_lm's `feedback` as the flags ask: none, or rounds within a time budget."""
+    from hetero.partitioner.decisions import FeedbackRounds
+
+    if args.no_feedback:
+        return False
+    return FeedbackRounds(budget_s=args.feedback_budget_s) if args.feedback_budget_s else True
+
+
 def cluster(cap_gib: float | None):
     from hetero.cluster.spec import ClusterSpec
 
@@ -537,7 +546,7 @@ def case_capped(args, cfg, cache: Path) -> None:
     log("hetero, GPU capped")
     started(out, "hetero", args.json)
     spec = cluster(args.cap_gib)
-    kw = {"prompt_length": args.prompt, "feedback": not args.no_feedback}
+    kw = {"prompt_length": args.prompt, "feedback": feedback_rounds(args)}
     if gpu:
         kw["cost_model"] = split_cost_model(spec, 1, out)
     lm, secs = compile_lm(model, spec, args.max_len, 1, cache, **kw)
@@ -843,7 +852,7 @@ def case_batch16(args, cfg, cache: Path) -> None:
     # ones below are fixed by hand
     chosen, secs = compile_lm(
         model, spec, args.max_len, args.batch, cache, prompt_length=args.prompt,
-        feedback=not args.no_feedback, **kw,
+        feedback=feedback_rounds(args), **kw,
     )  # fmt: skip
     out["chosen_feedback"] = chosen.feedback
     out["cpu_programs"] = (chosen.feedback or {}).get("cpu_programs")
@@ -938,6 +947,12 @@ def main() -> None:
         "--no-feedback",
         action="store_true",
         help="capped and batch16 cases: keep the first plan (no measured feedback rounds)",
+    )
+    ap.add_argument(
+        "--feedback-budget-s",
+        type=float,
+        help="capped and batch16 cases: the feedback rounds' time budget "
+        "(hetero.FeedbackRounds(budget_s=...); default: up to three rounds)",
     )
     args = ap.parse_args()
     # the compile's phases and feedback rounds as they end: a call cut short by its time

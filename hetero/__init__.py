@@ -41,6 +41,7 @@ _LAZY = {
     "deploy": "hetero.interfaces.deploy:deploy",
     "CompiledModel": "hetero.interfaces.api:CompiledModel",
     "CompiledLM": "hetero.interfaces.generate:CompiledLM",
+    "FeedbackRounds": "hetero.partitioner.decisions:FeedbackRounds",
     "GenerationPlan": "hetero.partitioner.generation_plan:GenerationPlan",
     "Task": "hetero.partitioner.decisions:Task",
 }
@@ -58,6 +59,7 @@ __all__ = [
     "CompiledModel",
     "ConfigError",
     "DeviceSpec",
+    "FeedbackRounds",
     "GenerationPlan",
     "HeteroError",
     "InvalidInput",

@@ -38,6 +38,7 @@ from hetero.partitioner.decisions import (
     BackendChoice,
     Choose,
     ExecutorKind,
+    FeedbackRounds,
     HostPrecision,
     Objective,
     Task,
@@ -238,7 +239,7 @@ def compile(
     task: Task | str = Task.FORWARD,
     max_length: int = 256,
     batch_size: int = 1,
-    feedback: bool | ReplanPolicy = False,
+    feedback: bool | ReplanPolicy | FeedbackRounds = False,
     choose: BackendChoice | Choose | str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     host_precision: HostPrecision | str = HostPrecision.MODEL,
@@ -269,16 +270,22 @@ def compile(
     faster by the policy's margin (interfaces/feedback.py, runtime/online.py); the rounds
     show in `cm.executor.metrics` and in the plan's notes. With task="generate", feedback=True
     runs one request after the build, prices the split layers' hand-offs as measured and
-    rebuilds with the re-plan when it is predicted faster (`CompiledLM.feedback`).
+    rebuilds with the re-plan when it is predicted faster (`CompiledLM.feedback`), up to three
+    rounds; `feedback=FeedbackRounds(rounds=..., budget_s=...)` bounds them.
     host_precision="fastest" lets a host CPU compute a float16 LM in bfloat16 copies where
     its measured rates make them faster; the default "model" keeps the model's mantissa
     (bfloat16 rows put a capped 7B's logits 3.5% off the GPU's: BENCHMARKS.md, run 28).
     """
     clock = CompileClock()
     registry = registry if registry is not None else default_registry()
-    if not isinstance(feedback, bool | ReplanPolicy):  # "no" would be true
+    if not isinstance(feedback, bool | ReplanPolicy | FeedbackRounds):  # "no" would be true
         raise ConfigError(
             f"feedback={feedback!r}: give True, False or a hetero.runtime.online.ReplanPolicy (its thresholds)"
+        )
+    if isinstance(feedback, FeedbackRounds) and Task.parse(task) is not Task.GENERATE:
+        raise ConfigError(
+            "FeedbackRounds bounds a generation's measured rounds at compile; a forward model "
+            "re-plans online: pass feedback=True or a hetero.runtime.online.ReplanPolicy"
         )
     if Task.parse(task) is Task.GENERATE:
         if isinstance(feedback, ReplanPolicy):

@@ -54,6 +54,7 @@ from hetero.partitioner.decisions import (
     BackendAssignment,
     BackendChoice,
     Choose,
+    FeedbackRounds,
     HostPrecision,
     Objective,
     Task,
@@ -128,6 +129,9 @@ class GenerationOptions(_Strict):
     # "model": host CPUs keep the model's mantissa; "fastest": a float16 LM's CPU layers may
     # run bfloat16 copies where that host reads them faster (logits further from the GPU's)
     host_precision: HostPrecision = HostPrecision.MODEL
+    # with `feedback: true`: seconds of measured rounds after which the next is the last
+    # (hetero.FeedbackRounds' budget_s); none: up to three rounds, however long
+    feedback_budget: Duration | None = None
 
 
 class Constraints(_Strict):
@@ -241,6 +245,14 @@ class DeployConfig(_Strict):
             )
         if self.task is not Task.GENERATE and self.generation is not None:
             raise ValueError("generation: applies to `task: generate` only; add it or remove this")
+        if self.generation is not None and self.generation.feedback_budget is not None:
+            if not self.feedback:
+                raise ValueError(
+                    "generation.feedback_budget bounds the measured rounds of `feedback: true`; "
+                    "add `feedback: true` or remove the budget"
+                )
+            if not float(self.generation.feedback_budget) > 0:
+                raise ValueError("generation.feedback_budget: give a duration above 0")
         return self
 
     @model_validator(mode="after")
@@ -353,7 +365,9 @@ class DeployConfig(_Strict):
                 "cache_dir": self.cache_dir,
                 "executor": self.executor,
                 # measured rounds after the build (interfaces/generate.py), as hetero.compile
-                "feedback": self.feedback,
+                "feedback": FeedbackRounds(budget_s=float(self.generation.feedback_budget))
+                if self.feedback and self.generation.feedback_budget is not None
+                else self.feedback,
             }
         return {
             "objective": self.objective,

@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import statistics
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,12 @@ from hetero.partitioner.algorithms.generation import (
     plan_generation,
 )
 from hetero.partitioner.cost import CostModel
-from hetero.partitioner.decisions import BackendAssignment, ExecutorKind, HostPrecision
+from hetero.partitioner.decisions import (
+    BackendAssignment,
+    ExecutorKind,
+    FeedbackRounds,
+    HostPrecision,
+)
 from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.partitioner.gpu_cpu_split import split_decisions
 from hetero.partitioner.phases import LMGraphs, Phase, capture_lm
@@ -193,7 +199,7 @@ def compile_lm(
     lm: LMGraphs | None = None,
     binder: StageBinder | None = None,
     prompt_length: int | None = None,
-    feedback: bool = False,
+    feedback: bool | FeedbackRounds = False,
     clock: CompileClock | None = None,
     host_precision: HostPrecision | str = HostPrecision.MODEL,
 ) -> CompiledLM:
@@ -202,11 +208,12 @@ def compile_lm(
     CPU: eager, NPU: tvm). `decode_placements` force decode placements (benchmarks).
     `prompt_length`: the prompt length prefill is planned for (default: half the cache;
     long prompts stream their weights, short ones may run where decode runs).
-    `feedback`: after building, measured rounds (at most three): run one request, correct
-    the cost model with every decode partition's measured time, plan again with it and
-    rebuild if that is expected faster (the last round only goes back to a plan measured
-    faster); a plan kept carries the corrected prices (`CompiledLM.feedback`: per partition its price
-    before, measured and after, and the median errors; either executor).
+    `feedback`: after building, measured rounds (True: at most three; a `FeedbackRounds`
+    sets how many and a time budget): run one request, correct the cost model with every
+    decode partition's measured time, plan again with it and rebuild if that is expected
+    faster (the last round only goes back to a plan measured faster); a plan kept carries
+    the corrected prices (`CompiledLM.feedback`: per partition its price before, measured
+    and after, and the median errors; either executor).
     `clock`: the compile's clock when the caller started it (hetero.compile); the result's
     `compile_times` say where the time went. `host_precision` ("model" or "fastest",
     partitioner.decisions.HostPrecision): whether a host CPU may compute a float16 model
@@ -228,8 +235,7 @@ def compile_lm(
         assignment = BackendAssignment.parse(
             {**GENERATION_BACKENDS.to_dict(), **backends}, known=registry.names()
         )
-    if not isinstance(feedback, bool):  # "no" would be true
-        raise ConfigError(f"feedback={feedback!r}: give True (measured rounds) or False")
+    limits = FeedbackRounds.parse(feedback)
     precision = HostPrecision.parse(host_precision)
     if lm is None:
         with clock.phase("export"):
@@ -252,7 +258,7 @@ def compile_lm(
         return _build(lm, p, cluster, cache_dir, registry, options, kind, binder, clock)
 
     compiled = build(plan)
-    if not feedback:
+    if limits is None:
         # the host CPU's decode programs that run at once (op by op, oneDNN on packed
         # weights), chosen on the warm-up request's last step: without this, op by op served
         # every request (a bfloat16 7B-wide layer 39.8 ms against 27.2 packed, 2-core box);
@@ -273,6 +279,7 @@ def compile_lm(
                     decode_placements=decode_placements,
                     host_precision=precision,
                 ),
+                limits,
             )
     compiled.compile_times = clock.times()
     return compiled
@@ -318,11 +325,8 @@ def _load(lm, plan, cluster, stages, registry, executor: ExecutorKind, binder) -
 
 _FEEDBACK_TOKENS = 16  # decode steps measured by the feedback round
 _FEEDBACK_MARGIN = 0.05  # a re-plan is built when predicted this much faster than measured
-# Measured rounds at most. A re-planned plan is priced with corrections learnt on another
-# plan's partitions (run 15: the first plan's split layers corrected, the re-plan's CPU
-# layers then ran 9.3 ms against 7.3 priced), so it is measured in turn; the last round
-# only goes back to a plan measured faster, so the plan kept is never one measured slower.
-_FEEDBACK_ROUNDS = 3
+
+
 # Resident partitions measured and priced under this are recorded, not fitted (per-call
 # jitter to a fit), as in a forward's online round.
 _FEEDBACK_MIN_MS = ReplanPolicy().min_ms
@@ -351,19 +355,31 @@ def _feedback_rounds(
     cost_model: CostModel,
     rebuild: Callable[[GenerationPlan], CompiledLM],
     plan_kw: Mapping[str, Any],
-    rounds: int = _FEEDBACK_ROUNDS,
+    limits: FeedbackRounds = FeedbackRounds(),
+    clock: Callable[[], float] = time.monotonic,
 ) -> CompiledLM:
-    """Rounds until a plan is kept: each measures the running plan, corrects the prices and
-    may rebuild (`_round`). `feedback` is the first round's report (the first plan's
-    per-partition errors, before and after) with every round's summary under "rounds"."""
+    """Rounds until a plan is kept, within `limits`: each measures the running plan,
+    corrects the prices and may rebuild (`_round`). `feedback` is the first round's report
+    (the first plan's per-partition errors, before and after) with every round's summary
+    under "rounds"."""
     tried: dict[tuple, tuple[float, GenerationPlan]] = {}
     first: dict[str, Any] | None = None
     summary: list[dict[str, Any]] = []
     cm = cost_model
-    for k in range(max(1, rounds)):
+    began, longest = clock(), 0.0
+    for k in range(limits.rounds):
         plan = compiled.plan
-        r = _round(compiled, cm, rebuild, plan_kw, tried=tried, final=k == rounds - 1)
+        start = clock()
+        late = k > 0 and limits.budget_s is not None and start - began + longest > limits.budget_s
+        final = k == limits.rounds - 1 or late
+        r = _round(compiled, cm, rebuild, plan_kw, tried=tried, final=final)
+        longest = max(longest, clock() - start)
         report = dict(r.compiled.feedback or {})
+        if late:
+            report["why"] = (
+                f"{report.get('why', '')} (the last round: {start - began:.0f} s of rounds "
+                f"and the longest, {longest:.0f} s, would pass the {limits.budget_s:g} s budget)"
+            )
         first = first if first is not None else report
         summary.append(
             {
@@ -380,7 +396,7 @@ def _feedback_rounds(
         if r.measured_ms is not None:
             tried[_placements(plan)] = (r.measured_ms, plan)
         compiled, cm = r.compiled, r.cost_model
-        if not r.replanned:
+        if not r.replanned or final:
             break
     if summary[-1]["replanned"]:  # the last round's rebuild was never measured: choose now
         compiled.generation.settle()

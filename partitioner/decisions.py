@@ -3,7 +3,8 @@
 `Objective` (what the plan minimises), `BackendAssignment` (which backend compiles each
 device kind's partitions, and which kinds the person pinned), `BackendChoice` (whether
 the unpinned kinds' backends are chosen per partition by measurement) and `ExecutorKind`
-(the runtime the plan is priced for and runs on) are parsed where
+(the runtime the plan is priced for and runs on) and `FeedbackRounds` (how much a
+generation's compile measures and re-plans) are parsed where
 they enter hetero (`hetero.plan`, `hetero.compile`, the deploy config, the CLI);
 everything below takes these types and never reads a string again.
 """
@@ -259,3 +260,40 @@ class BackendChoice:
 
     def __str__(self) -> str:
         return f"{self.mode} (budget {self.budget_s:g} s)" if self.measured else str(self.mode)
+
+
+@dataclass(frozen=True)
+class FeedbackRounds:
+    """How much a generation's compile may measure and re-plan (`feedback=`; True is the
+    default one). At most `rounds` measured rounds: a re-planned plan is priced with
+    corrections learnt on another plan's partitions (run 15: the first plan's split layers
+    corrected, the re-plan's CPU layers then ran 9.3 ms against 7.3 priced), so it is
+    measured in turn, and the last round only goes back to a plan measured faster: the plan
+    kept is never one measured slower. `budget_s`: seconds of rounds after which the next
+    round is the last (it starts as the last one once the rounds so far plus the longest
+    of them would pass the budget: a 7B's three rounds took 155 s on a slow host, run 34).
+    The first round always runs; a last round measures a plan rebuilt unmeasured."""
+
+    rounds: int = 3
+    budget_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ConfigError(f"FeedbackRounds(rounds={self.rounds!r}): give 1 or more rounds")
+        if self.budget_s is not None and not self.budget_s > 0:
+            raise ConfigError(
+                f"FeedbackRounds(budget_s={self.budget_s!r}): give seconds above 0, or None "
+                "for no limit"
+            )
+
+    @staticmethod
+    def parse(feedback: bool | FeedbackRounds) -> FeedbackRounds | None:
+        """compile_lm's `feedback`: None (no rounds), or the rounds' limits."""
+        if isinstance(feedback, FeedbackRounds):
+            return feedback
+        if not isinstance(feedback, bool):  # "no" would be true
+            raise ConfigError(
+                f"feedback={feedback!r}: give True (measured rounds), False, or a "
+                "hetero.FeedbackRounds (how many, and a time budget)"
+            )
+        return FeedbackRounds() if feedback else None

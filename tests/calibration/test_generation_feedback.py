@@ -496,16 +496,59 @@ def test_rounds_go_back_to_the_plan_measured_fastest(tiny_llama_lm):
     assert len(rounds) <= 3
 
 
+def test_a_budget_makes_the_round_that_would_pass_it_the_last(tiny_llama_lm):
+    """The rounds of test_rounds_go_back_to_the_plan_measured_fastest take three rounds
+    (re-plan, go back, keep); with a budget the second round would pass, it is the last: it
+    measures the re-plan, goes back to the plan measured faster, and says why it stopped."""
+    from hetero.interfaces.generate import _feedback_rounds
+    from hetero.partitioner.decisions import FeedbackRounds
+
+    cluster, kw, plan = _h100_plan(tiny_llama_lm)
+    (p,) = plan.decode.partitions
+    gpu_ms = 40 * p.predicted_ms
+    fake, rebuild, built = _two_speeds(tiny_llama_lm, cluster, gpu_ms, 3 * gpu_ms)
+    ticks = iter(range(0, 1000, 5))  # every reading of the clock is 5 s later
+
+    def rounds(limits):
+        built.clear()
+        out = _feedback_rounds(fake(plan), CostModel(), rebuild, kw, limits, lambda: next(ticks))
+        return out.feedback["rounds"], out
+
+    unbounded, _ = rounds(FeedbackRounds())
+    assert len(unbounded) == 3
+    bounded, out = rounds(FeedbackRounds(budget_s=12))  # round 2 starts 15 s in, 5 s long
+    assert len(bounded) == 2 and "12 s budget" in bounded[1]["why"]
+    assert [{q.device for q in b.decode.partitions} for b in built] == [
+        {"node0/cpu"},
+        {"node0/gpu"},
+    ]
+    assert {q.device for q in out.plan.decode.partitions} == {"node0/gpu"}  # measured faster
+
+
+@pytest.mark.parametrize(
+    "kw, what", [({"rounds": 0}, "1 or more rounds"), ({"budget_s": 0}, "seconds above 0")]
+)
+def test_feedback_rounds_out_of_range_say_what_to_give(kw, what):
+    from hetero.errors import ConfigError
+    from hetero.partitioner.decisions import FeedbackRounds
+
+    with pytest.raises(ConfigError, match=what):
+        FeedbackRounds(**kw)
+
+
 def test_the_last_round_rebuilds_only_a_plan_measured_faster(tiny_llama_lm):
     """One round allowed: it is the last, so a re-plan that was never measured is not built
     however fast it is priced; with no plan measured before, the running one is kept."""
     from hetero.interfaces.generate import CompiledLM, _feedback_rounds
+    from hetero.partitioner.decisions import FeedbackRounds
 
     cluster, kw, plan = _h100_plan(tiny_llama_lm)
     (p,) = plan.decode.partitions
     slow = 40 * p.predicted_ms
     compiled = CompiledLM(tiny_llama_lm, plan, cluster, _FakeGeneration({0: slow}, slow))
-    out = _feedback_rounds(compiled, CostModel(), lambda gp: pytest.fail("rebuilt"), kw, 1)
+    out = _feedback_rounds(
+        compiled, CostModel(), lambda gp: pytest.fail("rebuilt"), kw, FeedbackRounds(rounds=1)
+    )
     assert out is compiled and not out.feedback["replanned"]
     assert "no plan measured before" in out.feedback["why"]
 

@@ -137,3 +137,12 @@ def test_online_replanning_is_for_forward_models():
     measured round after the build (feedback=True), and the error says so."""
     with pytest.raises(hetero.ConfigError, match="feedback=True"):
         hetero.compile(torch.nn.Linear(2, 2), task="generate", feedback=ReplanPolicy())
+
+
+def test_feedback_rounds_are_for_generations():
+    """FeedbackRounds bounds a generation's measured rounds at compile; a forward model given
+    one is told what re-plans it instead."""
+    with pytest.raises(hetero.ConfigError, match="ReplanPolicy"):
+        hetero.compile(
+            torch.nn.Linear(2, 2), (torch.randn(1, 2),), feedback=hetero.FeedbackRounds()
+        )

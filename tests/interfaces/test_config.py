@@ -193,3 +193,22 @@ def test_a_generation_config_says_how_precise_its_host_cpus_compute(tmp_path):
     data["generation"]["host_precision"] = "bf16"
     with pytest.raises(ConfigError, match="host_precision"):
         config_from_dict(data, tmp_path / "gen.yaml")
+
+
+def test_a_generation_config_bounds_its_feedback_rounds(tmp_path):
+    """generation.feedback_budget reaches hetero.compile as FeedbackRounds' budget (a
+    duration, "2 min" as 120 s); without `feedback: true` it is an error naming both keys."""
+    from hetero.partitioner.decisions import FeedbackRounds
+
+    path = Path("configs/deploy/cpu-2core-generate.yaml")
+    data = yaml.safe_load(path.read_text())
+    data["cluster"] = str((path.parent / data["cluster"]).resolve())
+    data["feedback"] = True
+    cfg = config_from_dict(data, tmp_path / "gen.yaml")
+    assert cfg.compile_kwargs()["feedback"] is True
+    data["generation"]["feedback_budget"] = "2 min"
+    cfg = config_from_dict(data, tmp_path / "gen.yaml")
+    assert cfg.compile_kwargs()["feedback"] == FeedbackRounds(budget_s=120.0)
+    data["feedback"] = False
+    with pytest.raises(ConfigError, match="feedback: true"):
+        config_from_dict(data, tmp_path / "gen.yaml")
