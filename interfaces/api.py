@@ -280,7 +280,8 @@ def compile(
     registry = registry if registry is not None else default_registry()
     if not isinstance(feedback, bool | ReplanPolicy | FeedbackRounds):  # "no" would be true
         raise ConfigError(
-            f"feedback={feedback!r}: give True, False or a hetero.runtime.online.ReplanPolicy (its thresholds)"
+            f"feedback={feedback!r}: give True, False, a hetero.runtime.online.ReplanPolicy (a "
+            "forward model's thresholds) or a hetero.FeedbackRounds (a generation's rounds)"
         )
     if isinstance(feedback, FeedbackRounds) and Task.parse(task) is not Task.GENERATE:
         raise ConfigError(

@@ -325,8 +325,6 @@ def _load(lm, plan, cluster, stages, registry, executor: ExecutorKind, binder) -
 
 _FEEDBACK_TOKENS = 16  # decode steps measured by the feedback round
 _FEEDBACK_MARGIN = 0.05  # a re-plan is built when predicted this much faster than measured
-
-
 # Resident partitions measured and priced under this are recorded, not fitted (per-call
 # jitter to a fit), as in a forward's online round.
 _FEEDBACK_MIN_MS = ReplanPolicy().min_ms
