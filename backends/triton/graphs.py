@@ -43,10 +43,10 @@ def capture(
     except BaseException:
         # A capture an op invalidated can end without the generator's epilogue: it then goes
         # on believing itself captured, and the process's next random draw on the GPU raises
-        # "Offset increment outside graph capture" (what a GPU test's process did after its
-        # streamed layers were captured, BENCHMARKS.md run 39: a failed capture is the likely
-        # cause, not yet seen). Callers fall back to running uncaptured; the generator gets
-        # a copy of its state from before the capture.
+        # "Offset increment outside graph capture" (what a GPU test's process did once a
+        # split stage, whose hand-offs wait on the host, had been captured: BENCHMARKS.md run
+        # 39). Callers fall back to running uncaptured; the generator gets a copy of its
+        # state from before the capture.
         rng.graphsafe_set_state(before)
         raise
     return graph, out
