@@ -375,10 +375,13 @@ def rebound(lm, ids, args, check=None, tokens=None, **binder_kw) -> dict:
     lm.generation.binder.release()
     gc.collect()
     torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     g = LocalGeneration(lm.lm, lm.plan, stages, StageBinder(default_registry(), **binder_kw))
     other = CompiledLM(lm.lm, lm.plan, lm.cluster, g)
     try:
         out = hetero_times(other, ids, args.new_tokens, args.repeats)
+        # bound and served this way (a CUDA graph's pool holds its intermediates for good)
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         if check is not None:  # (reference tokens, reference logits): teacher-forced
             out["logits_vs_uncapped"] = teacher_forced(other, ids, *check)
         if tokens is not None:  # greedy tokens of the first binding: these must equal them
