@@ -696,3 +696,36 @@ def test_a_compiled_prefill_program_compiles_once_for_every_prompt_length():
             torch.testing.assert_close(compiled(x), runnable(ep)(x))
     assert compiled.failed is None
     assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_a_fresh_build_hands_its_programs_over_and_a_cache_hit_reads_the_files(
+    tiny_llama, captured, tmp_path
+):
+    """The process that builds a stage's artifact runs the program it made (reading back the
+    file it just wrote cost ~0.5 s a program); a rebuild that hits the cache, and another
+    process (a Ray worker: the program is never pickled), read the file, and generate the
+    same tokens from it."""
+    import pickle
+
+    from hetero.interfaces.generate import CompiledLM
+    from hetero.partitioner.algorithms.generation import plan_generation
+    from hetero.runtime.generation import LocalGeneration
+    from hetero.runtime.generation_build import compile_generation
+
+    _, prompt, expected = tiny_llama
+    cluster = ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml")
+    registry = default_registry()
+    plan = plan_generation(captured, cluster, registry=registry)
+    fresh = compile_generation(captured, plan, cluster, tmp_path, registry=registry)
+    stages = [s for phase in fresh.values() for s in phase]
+    assert stages and all(s.program is not None for s in stages)
+    assert all(pickle.loads(pickle.dumps(s)).program is None for s in stages)
+    hits = compile_generation(captured, plan, cluster, tmp_path, registry=registry)
+    assert all(s.program is None for phase in hits.values() for s in phase)
+    lm = CompiledLM(
+        captured, plan, cluster, LocalGeneration(captured, plan, hits, StageBinder(registry))
+    )
+    try:
+        assert lm.generate(prompt, max_new_tokens=32).tolist() == expected.tolist()
+    finally:
+        lm.shutdown()
