@@ -196,6 +196,11 @@ class SharedExports:
                         return digest
         return None
 
+    def made(self) -> tuple[Any, ...]:
+        """Every value made so far, in the order made."""
+        with self._lock:
+            return tuple(self._made.values())
+
     def __len__(self) -> int:
         return len(self._made)
 

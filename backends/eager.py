@@ -28,6 +28,7 @@ from hetero.backends.base import (
     Runner,
 )
 from hetero.backends.export import dynamic_spec, export_unit, runnable, save_program
+from hetero.backends.lifted import lifted_program
 from hetero.backends.linear_fold import fold_linears
 from hetero.backends.reshape_views import reshape_views
 from hetero.cluster.spec import DeviceSpec
@@ -112,6 +113,10 @@ def _export_streamed(
         }
         example_params = tuple(w.to(device) for w in weights.values())
     args = (*acts, *example_params)
+    # the partition's graph as captured: wrapped as it is, not traced once more
+    ep = lifted_program(unit.module, args)
+    if ep is not None:
+        return ep, weights
     with torch.no_grad():
         ep = torch.export.export(
             _ParamsAsInputs(unit.module).eval(),

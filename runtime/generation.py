@@ -560,9 +560,12 @@ class StageBinder:
         by_artifact = f"artifact:{s.artifact.key}:{phase.value}:{dev}:{mode.value}"
         if by_artifact in cache:
             return cache[by_artifact]
-        verify_artifact(s.artifact)
-        # torch.export.load reads a program; it never unpickles code.
-        program = torch.export.load(Path(s.artifact.path) / "program.pt2")
+        if s.program is not None:  # built by this process: the file holds the same program
+            program = s.program
+        else:
+            verify_artifact(s.artifact)
+            # torch.export.load reads a program; it never unpickles code.
+            program = torch.export.load(Path(s.artifact.path) / "program.pt2")
         key = f"{program_key(program)}:{phase.value}:{dev}:{mode.value}"
         if key not in cache:
             if mode in (CompileMode.OP_BY_OP, CompileMode.MEASURED):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from hetero.backends.base import CompileOptions, CompileUnit
+from hetero.backends.export import built_program
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import ClusterSpec
 from hetero.compile_times import CompileClock
@@ -166,6 +167,8 @@ def _compile_phase(
             )
         else:
             unit = on_device(unit, trace_device(device))
+        if holds:  # its program kept when made now (not a cache hit), for this process's binder
+            unit = unit.sharing_exports()
         art = build_artifact(backend, unit, device, opts, cache_dir, clock)
         index = plan_index if number == 0 else fresh
         if number:
@@ -190,6 +193,7 @@ def _compile_phase(
                 phase=phase.value,
                 shares=shared,
                 cpu_dtype=p.cpu_dtype,
+                program=built_program(unit),
             )
         )
     return tuple(stages)

@@ -54,6 +54,14 @@ class StageSpec:
     # are bound in that dtype (runtime/retype.py)
     shares: tuple[SharedMatmuls, ...] = ()
     cpu_dtype: str = ""
+    # The artifact's program as the process that built it made it (backends/export.py's
+    # `built_program`): that process's binder runs it rather than reading the file back. Not
+    # part of the stage's identity; never sent to another process (`__getstate__`), where
+    # the file is read.
+    program: torch.export.ExportedProgram | None = field(default=None, compare=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "program": None}
 
     @property
     def plan_index(self) -> int:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from block_units import Block, unit_of
 
+import hetero.backends.eager as eager
 from hetero.backends.base import CompileOptions, SharedExports
 from hetero.backends.cudagraphs import CudaGraphsBackend
 from hetero.backends.eager import EagerBackend, export_streamed
@@ -34,16 +35,25 @@ def block():
 
 @pytest.fixture
 def exports(monkeypatch):
-    """Every torch.export.export call (backends/export.py and eager.py look it up on the
-    module, so each export of a partition passes here)."""
+    """Every program made of a partition: each torch.export.export call (backends/export.py
+    and eager.py look it up on the module, so each export passes here) and each streamed
+    program wrapped from the captured graph without one (backends/lifted.py)."""
     calls = []
     real = torch.export.export
+    real_lifted = eager.lifted_program
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
+    def lifting(*a, **k):
+        ep = real_lifted(*a, **k)
+        if ep is not None:
+            calls.append(1)
+        return ep
+
     monkeypatch.setattr(torch.export, "export", counting)
+    monkeypatch.setattr(eager, "lifted_program", lifting)
     return calls
 
 

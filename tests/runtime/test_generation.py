@@ -4,6 +4,7 @@ binding, streaming, the GPU/CPU split)."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -405,28 +406,33 @@ ARCHITECTURES = {
 }  # fmt: skip
 
 
-def _arch_lm(arch: str, config: dict) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """transformers' `arch` LM from `config` (random weights), a 9-token prompt, and the
-    prompt with its 12 greedy tokens."""
+@functools.cache
+def _arch_lm(arch: str):
+    """transformers' `arch` LM (random weights), a 9-token prompt, the prompt with its 12
+    greedy tokens, and the model captured for generation (batch 1, 32 positions): once a
+    session, as falcon and bloom serve both tests below and a capture costs seconds (the
+    tests only read the graphs)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(arch, **config)
+    from hetero.partitioner.phases import capture_lm
+
+    cfg = AutoConfig.for_model(arch, **{**ARCHITECTURES, **SPLIT_ARCHITECTURES}[arch])
     cfg.initializer_range = 0.2
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     prompt = torch.randint(1, 512, (1, 9))
     with torch.no_grad():
         ref = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    return model, prompt, ref
+    return model, prompt, ref, capture_lm(model, batch=1, max_len=32)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_other_architectures_generate_like_transformers(arch, tmp_path):
     """Models the generation work was not written against give transformers' tokens too."""
-    model, prompt, ref = _arch_lm(arch, ARCHITECTURES[arch])
-    lm = hetero.compile(
-        model, task="generate", cluster="configs/clusters/cpu-2core.yaml", max_length=32,
-        cache_dir=tmp_path,
+    model, prompt, ref, captured = _arch_lm(arch)
+    lm = compile_lm(
+        model, ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml"), max_length=32,
+        lm=captured, cache_dir=tmp_path,
     )  # fmt: skip
     try:
         assert lm.generate(prompt, 12).tolist() == ref[:, 9:].tolist()
@@ -452,12 +458,12 @@ def test_other_architectures_split_and_streamed_on_a_gpu_generate_like_transform
     stages run on this CPU) for layers the split was not written against."""
     from hetero.partitioner.phases import Phase
 
-    model, prompt, ref = _arch_lm(arch, SPLIT_ARCHITECTURES[arch])
+    model, prompt, ref, captured = _arch_lm(arch)
     layers = [n for n, _ in model.named_modules() if re.fullmatch(r".*\.(h|layers)\.[01]", n)]
     forced = dict(zip((f"model.{n}" for n in layers), ("split", "streamed"), strict=True))
     registry = default_registry()
     lm = compile_lm(
-        model, ClusterSpec.from_yaml(H100), max_length=32, registry=registry,
+        model, ClusterSpec.from_yaml(H100), max_length=32, lm=captured, registry=registry,
         cache_dir=tmp_path, decode_placements=forced,
         binder=StageBinder(registry, device_of=lambda d: torch.device("cpu")),
     )  # fmt: skip
@@ -696,3 +702,36 @@ def test_a_compiled_prefill_program_compiles_once_for_every_prompt_length():
             torch.testing.assert_close(compiled(x), runnable(ep)(x))
     assert compiled.failed is None
     assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_a_fresh_build_hands_its_programs_over_and_a_cache_hit_reads_the_files(
+    tiny_llama, captured, tmp_path
+):
+    """The process that builds a stage's artifact runs the program it made (reading back the
+    file it just wrote cost ~0.5 s a program); a rebuild that hits the cache, and another
+    process (a Ray worker: the program is never pickled), read the file, and generate the
+    same tokens from it."""
+    import pickle
+
+    from hetero.interfaces.generate import CompiledLM
+    from hetero.partitioner.algorithms.generation import plan_generation
+    from hetero.runtime.generation import LocalGeneration
+    from hetero.runtime.generation_build import compile_generation
+
+    _, prompt, expected = tiny_llama
+    cluster = ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml")
+    registry = default_registry()
+    plan = plan_generation(captured, cluster, registry=registry)
+    fresh = compile_generation(captured, plan, cluster, tmp_path, registry=registry)
+    stages = [s for phase in fresh.values() for s in phase]
+    assert stages and all(s.program is not None for s in stages)
+    assert all(pickle.loads(pickle.dumps(s)).program is None for s in stages)
+    hits = compile_generation(captured, plan, cluster, tmp_path, registry=registry)
+    assert all(s.program is None for phase in hits.values() for s in phase)
+    lm = CompiledLM(
+        captured, plan, cluster, LocalGeneration(captured, plan, hits, StageBinder(registry))
+    )
+    try:
+        assert lm.generate(prompt, max_new_tokens=32).tolist() == expected.tolist()
+    finally:
+        lm.shutdown()
