@@ -58,3 +58,19 @@ def test_table_gives_hetero_over_the_best_mode_and_lists_failures(suite):
     assert "geometric mean of hetero / best torch.compile: 0.800 over 1 model(s)" in table
     assert "| bert | 8x512 | 5.000 | 4.000 | not run (time) | failed | - |" in table
     assert "- bert / hetero: CaptureError: no" in table
+
+
+def test_a_16_bit_model_is_also_measured_against_its_float32_self(suite):
+    """float32_reference: the same 16-bit weights computed in float32, the model left in
+    its dtype; nothing for a float32 model (eager is then the exact reference)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).to(torch.bfloat16)
+    x = torch.randn(2, 8).to(torch.bfloat16)
+    wide = copy.deepcopy(model).float()
+    exact = suite.float32_reference(model, (x,))
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(exact, wide(x.float()), rtol=0, atol=0)
+    assert suite.float32_reference(wide, (x.float(),)) is None
