@@ -93,7 +93,7 @@ def step(layers: list[dict], x: torch.Tensor, attention_cycles: int) -> torch.Te
 
 def child(args) -> dict:
     from hetero.backends import gpu_cpu_mm as gcm
-    from hetero.calibration.split import COPY_BYTES, _gemv_rate, copy_sources, queue_copies
+    from hetero.calibration.split import COPY_BYTES, copy_sources, rates_at_once
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,11 +109,7 @@ def child(args) -> dict:
 
     def calibrated() -> tuple[float, float]:
         """The calibration's measurement: the launching thread's products beside the link."""
-        count = max(4, int(55e9 * args.seconds / COPY_BYTES))
-        start, end, nbytes = queue_copies(dev, count, sources)
-        rate = _gemv_rate(gemv_weights, x1, args.seconds, until=end.query)
-        end.synchronize()
-        return rate, nbytes / (start.elapsed_time(end) / 1e3)
+        return rates_at_once(dev, gemv_weights, x1, sources, args.seconds, 55e9)
 
     out: dict = {
         "threads": torch.get_num_threads(),

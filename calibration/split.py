@@ -86,6 +86,24 @@ def queue_copies(dev: torch.device, count: int, sources: list[torch.Tensor]):
     return start, end, count * COPY_BYTES
 
 
+def rates_at_once(
+    dev: torch.device,
+    weights: list[torch.Tensor],
+    x: torch.Tensor,
+    sources: list[torch.Tensor],
+    seconds: float,
+    link_rate: float,
+) -> tuple[float, float]:
+    """(the CPU's x @ W.T rate over `weights`, the link's copy rate from `sources`) in bytes
+    per second, both over the same window of about `seconds` (the copies queued for that
+    long at `link_rate`): what the split placement is priced with."""
+    count = max(4, int(link_rate * seconds / COPY_BYTES))
+    start, end, nbytes = queue_copies(dev, count, sources)
+    cpu = _gemv_rate(weights, x, seconds, until=end.query)
+    end.synchronize()
+    return cpu, nbytes / (start.elapsed_time(end) / 1e3)
+
+
 def calibrate_split(
     gpu: DeviceSpec,
     *,
@@ -113,11 +131,7 @@ def _measure(
     start, end, nbytes = queue_copies(dev, max(8, len(sources)), sources)
     end.synchronize()
     link_alone = nbytes / (start.elapsed_time(end) / 1e3)
-    count = max(4, int(link_alone * seconds / COPY_BYTES))
-    start, end, nbytes = queue_copies(dev, count, sources)
-    cpu_shared = _gemv_rate(weights, x, seconds, until=end.query)
-    end.synchronize()
-    link_shared = nbytes / (start.elapsed_time(end) / 1e3)
+    cpu_shared, link_shared = rates_at_once(dev, weights, x, sources, seconds, link_alone)
     return SplitRates(
         dtype, batch, cpu_alone, cpu_shared, link_alone, link_shared, _handoff(dev, t, batch)
     )
