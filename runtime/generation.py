@@ -346,7 +346,7 @@ class StageBinder:
         compile_cpu: bool = True,
         cuda_graphs: bool = True,
         host_reads: bool = True,
-        graph_streamed: bool = False,
+        graph_streamed: bool = True,
         overlap_handoffs: bool = True,
     ) -> None:
         """`device_of`: where this process runs a plan device (default: the device itself;
@@ -357,12 +357,12 @@ class StageBinder:
         `host_reads`: a GPU stage reads a CPU stage's outputs from pinned host memory
         (backends.gpu_cpu_mm.host_to_device) instead of copying them (False: for
         comparisons). `graph_streamed`: also replay streamed decode stages as CUDA graphs, one
-        per streaming slot (runtime/cuda_graph.SlotGraphs; split stages, whose GPU rows
-        stream too, stay launched). Off by default though it paid (an H100 host, BENCHMARKS.md
-        run 38: 159.6 ms per token launched, 119.9 replayed, the same stages in one process):
-        on by default (run 39), a GPU test's process could no longer draw random numbers on
-        the GPU afterwards, and a capped run peaked over its cap, both most likely from split
-        stages, which were wrapped then; not yet re-run on a GPU.
+        per streaming slot (runtime/cuda_graph.SlotGraphs): a streamed layer's step was bound
+        by the launching thread (an H100 host, BENCHMARKS.md run 38: 159.6 ms per token
+        launched, 119.9 replayed, the same stages in one process). Split stages, whose GPU
+        rows stream too, stay launched: their hand-offs wait on the host, which no capture can
+        hold (run 39 captured them: a failed capture, a GPU generator left capturing, a peak
+        over the cap). False: launched, for comparisons.
         `overlap_handoffs`: a split layer's hand-off queues the CPU's share and returns, so
         the launching thread goes on while the CPU multiplies (backends.gpu_cpu_mm
         `overlapped`; False: the thread waits and multiplies itself, for comparisons)."""
