@@ -1,9 +1,10 @@
 """Replay a partition's whole launch sequence as one CUDA graph when shapes are static.
 
-The first call for an input signature warms the program up on a side stream (Triton
-compiles, the allocator settles), then captures one call; later calls copy the inputs
-into the captured buffers and replay. Outputs live in the graph's memory pool, so they are
-cloned unless the caller promises to consume them before the next call.
+The first call for an input signature warms the program up on the stream the capture runs
+on (Triton compiles, the allocator settles, cuBLAS makes its workspace), then captures one
+call; later calls copy the inputs into the captured buffers and replay. Outputs live in the
+graph's memory pool, so they are cloned unless the caller promises to consume them before
+the next call.
 """
 
 from __future__ import annotations
@@ -24,21 +25,33 @@ def capture(
     device: torch.device | None = None,
     pool: Any = None,
 ) -> tuple[torch.cuda.CUDAGraph, tuple]:
-    """(the graph of `fn(*args)`, its outputs' static buffers), after `warmup` calls on a
-    side stream (compiled code builds its kernels on its first calls, which a graph cannot
-    hold). `device`: None for the current one; `pool`: a memory pool shared with other
+    """(the graph of `fn(*args)`, its outputs' static buffers), after `warmup` calls on the
+    stream it captures on (compiled code builds its kernels on its first calls, which a graph
+    cannot hold). `device`: None for the current one; `pool`: a memory pool shared with other
     graphs that never run at once (torch.cuda.graph_pool_handle())."""
-    side = torch.cuda.Stream(device)
+    graph = torch.cuda.CUDAGraph()
+    ctx = torch.cuda.graph(graph, pool=pool)
+    # Warm up on the stream the capture runs on, torch's one capture stream, not a new side
+    # stream per capture: cuBLAS (and cuBLASLt) keep a workspace per (handle, stream) for the
+    # process's life, 32 MiB each on Hopper, allocated by the stream's first product. A side
+    # stream per graph left ~64 MiB behind per capture, up to the 32 pooled streams: 0.3-0.9
+    # GiB past the plan's memory (BENCHMARKS.md runs 41-42; pytorch/pytorch#99196).
+    side = ctx.capture_stream
+    want = torch.device(device if device is not None else "cuda")
+    if want.index is None:
+        want = torch.device("cuda", torch.cuda.current_device())
+    if side.device != want:  # that stream lives on another GPU
+        side = torch.cuda.Stream(want)
+        ctx = torch.cuda.graph(graph, pool=pool, stream=side)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), torch.no_grad():
         for _ in range(warmup):
             fn(*args)
     torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
     rng = torch.cuda.default_generators[torch.device(device or "cuda").index or 0]
     before = rng.clone_state()
     try:
-        with torch.cuda.graph(graph, pool=pool), torch.no_grad():
+        with ctx, torch.no_grad():
             out = tuple(fn(*args))
     except BaseException:
         # A capture an op invalidated can end without the generator's epilogue: it then goes
