@@ -361,8 +361,8 @@ class StageBinder:
         by the launching thread (an H100 host, BENCHMARKS.md run 38: 159.6 ms per token
         launched, 119.9 replayed, the same stages in one process). Split stages, whose GPU
         rows stream too, stay launched: their hand-offs wait on the host, which no capture can
-        hold (run 39 captured them: a failed capture, a GPU generator left capturing, a peak
-        over the cap). False: launched, for comparisons.
+        hold (run 39 captured them: a failed capture, a GPU generator left capturing). False:
+        launched, for comparisons.
         `overlap_handoffs`: a split layer's hand-off queues the CPU's share and returns, so
         the launching thread goes on while the CPU multiplies (backends.gpu_cpu_mm
         `overlapped`; False: the thread waits and multiplies itself, for comparisons)."""

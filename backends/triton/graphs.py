@@ -32,10 +32,10 @@ def capture(
     graph = torch.cuda.CUDAGraph()
     ctx = torch.cuda.graph(graph, pool=pool)
     # Warm up on the stream the capture runs on, torch's one capture stream, not a new side
-    # stream per capture: cuBLAS (and cuBLASLt) keep a workspace per (handle, stream) for the
-    # process's life, 32 MiB each on Hopper, allocated by the stream's first product. A side
-    # stream per graph left ~64 MiB behind per capture, up to the 32 pooled streams: 0.3-0.9
-    # GiB past the plan's memory (BENCHMARKS.md runs 41-42; pytorch/pytorch#99196).
+    # stream per capture: cuBLAS keeps a workspace per (handle, stream) for the process's
+    # life, 32 MiB on Hopper, made by the stream's first product. A side stream per graph
+    # left 32 MiB behind per capture, up to the 32 pooled streams: 0.3-0.9 GiB past a capped
+    # 7B's plan (BENCHMARKS.md runs 41-42; pytorch/pytorch#99196).
     side = ctx.capture_stream
     want = torch.device(device if device is not None else "cuda")
     if want.index is None:
