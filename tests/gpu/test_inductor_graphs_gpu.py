@@ -95,9 +95,9 @@ def test_a_capture_that_fails_leaves_the_generator_drawing():
 
 def test_captures_leave_no_cublas_workspace_behind_each():
     """cuBLAS keeps a workspace per (handle, stream) for the process's life (32 MiB on
-    Hopper, cuBLASLt another): captures warmed up on a fresh side stream each left one per
-    graph behind, 0.3-0.9 GiB past a capped 7B's plan (BENCHMARKS.md runs 41-42). They now
-    warm up on the stream they capture on, so more graphs hold only their outputs."""
+    Hopper): captures warmed up on a fresh side stream each left one per graph behind,
+    0.3-0.9 GiB past a capped 7B's plan (BENCHMARKS.md runs 41-42). They now warm up on the
+    stream they capture on, so more graphs hold only their outputs."""
     from hetero.backends.triton.graphs import capture
 
     w = torch.randn(256, 256, device="cuda")
