@@ -108,6 +108,11 @@ def main() -> None:
             if gpu:
                 row["request_peak_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                 row["allocated_after_MiB"] = round(torch.cuda.memory_allocated() / 2**20, 1)
+                # what the plan did not price: held past the request beyond its larger phase
+                # (runs 41-42: a cuBLAS workspace per capture's warm-up stream, since fixed)
+                priced = max(row["prefill_priced_MiB"].get("node0/gpu", 0.0),
+                             row["decode_priced_MiB"].get("node0/gpu", 0.0))  # fmt: skip
+                row["unpriced_after_MiB"] = round(row["allocated_after_MiB"] - priced, 1)
                 row["alive_by_site"] = alive_by_site(torch.cuda.memory._snapshot())
             lm.shutdown()
         except Exception as e:  # a layout the cap cannot hold is a row, not the end
