@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 import torch
-from llm_models import llama_lm
+from llm_models import captured_llama, llama_lm
 
 # Keep the 2-core CI machine responsive when several torch ops run in tests.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -204,9 +204,8 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_lm(tiny_llama):
-    """tiny_llama's model captured for generation (batch 1, a 64-position cache). Capturing
-    costs seconds; the tests only read the graphs, so every module shares one."""
-    from hetero.partitioner.phases import capture_lm
-
-    return capture_lm(tiny_llama[0], batch=1, max_len=64)
+def tiny_llama_lm():
+    """tiny_llama's model (llama_lm(), the same weights) captured for generation (batch 1, a
+    64-position cache). Capturing costs seconds; the tests only read the graphs, so every
+    module shares one: llm_models.captured_llama's, which other modules ask for directly."""
+    return captured_llama(torch.float32)

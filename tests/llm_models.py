@@ -21,9 +21,11 @@ def llama_lm(layers: int = 2, dim: int = 64, vocab: int = 512, seed: int = 0):
 
 
 @functools.cache
-def captured_llama(dtype: torch.dtype = torch.float32, max_len: int = 32):
+def captured_llama(dtype: torch.dtype = torch.float32, max_len: int = 64):
     """llama_lm() in `dtype` captured for generation (batch 1), once per session: a capture
-    costs seconds, and the tests that share it only read the graphs."""
+    costs seconds, and the tests that share it only read the graphs. One cache length (64,
+    what the generation tests need for 11 + 32 tokens) for every module, so a pytest process
+    captures each dtype once (tests/conftest.py's tiny_llama_lm is the float32 one)."""
     from hetero.partitioner.phases import capture_lm
 
     return capture_lm(llama_lm().to(dtype), batch=1, max_len=max_len)
