@@ -175,19 +175,14 @@ def test_split_layers_that_ran_as_priced_change_nothing():
 
 def test_a_higher_hand_off_cost_moves_a_split_toward_the_gpu():
     """What the feedback is for: priced with the measured hand-off cost, a split layer's
-    best share puts more rows on the GPU (its host path got longer)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    best share puts more rows on the GPU (its host path got longer). Layers of 50 MB (the
+    planning tests' capture, shared: its first layer is the one priced)."""
+    from llm_models import captured_big_llama
 
     from hetero.cluster.spec import ClusterSpec
     from hetero.partitioner.gpu_cpu_split import split_cost
-    from hetero.partitioner.phases import capture_lm
 
-    cfg = LlamaConfig(hidden_size=1024, intermediate_size=5632, num_hidden_layers=1,
-                      num_attention_heads=8, num_key_value_heads=8, vocab_size=512)  # fmt: skip
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg).to(torch.float16).eval()
-    lm = capture_lm(model, batch=1, max_len=32)
+    lm = captured_big_llama()
     cluster = ClusterSpec.from_yaml("configs/clusters/h200-sxm-node.yaml")
     group = next(g for g in lm.decode.coarsen(depth=3).groups if g.name == "model.model.layers.0")
     ops = [lm.decode[n] for n in group.nodes]
@@ -227,21 +222,16 @@ def test_streamed_layers_with_unpriced_host_work_price_their_calls_higher():
 
 
 def test_a_higher_streamed_call_cost_is_priced_into_every_streamed_group():
-    """What the feedback is for: the re-plan prices each streamed group's call with it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """What the feedback is for: the re-plan prices each streamed group's call with it. Four
+    layers (the planning tests' capture, shared), every one streamed."""
+    from llm_models import captured_wide_llama
 
     from hetero.backends.registry import default_registry
     from hetero.calibration.generation import _with_runtime
     from hetero.cluster.spec import ClusterSpec
     from hetero.partitioner.algorithms.generation import plan_generation
-    from hetero.partitioner.phases import capture_lm
 
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512)  # fmt: skip
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg).to(torch.float16).eval()
-    lm = capture_lm(model, batch=1, max_len=32)
+    lm = captured_wide_llama()
     cluster = ClusterSpec.from_yaml("configs/clusters/h200-sxm-node.yaml")
     cluster = cluster.with_device("node0/gpu", memory=int(lm.decode.param_bytes * 0.9))
     forced = {f"model.model.layers.{i}": "streamed" for i in range(4)}

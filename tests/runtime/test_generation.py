@@ -207,12 +207,13 @@ def test_a_python_caller_s_bad_input_is_a_config_error(cpu_lm, ids, kwargs, word
 
 
 @pytest.mark.tvm
-def test_greedy_tokens_equal_transformers_on_cpu_and_npu(tiny_llama, tmp_path):
-    """An MLP on the emulated NPU through TVM (it holds no cache), the rest on the CPU."""
+def test_greedy_tokens_equal_transformers_on_cpu_and_npu(tiny_llama, captured, tmp_path):
+    """An MLP on the emulated NPU through TVM (it holds no cache), the rest on the CPU. The
+    module's capture (cpu_lm covers hetero.compile capturing by itself)."""
     model, prompt, expected = tiny_llama
-    lm = hetero.compile(
-        model, task="generate", cluster="configs/clusters/dev-box-npu.yaml", max_length=64,
-        cache_dir=tmp_path, pins={"model.model.layers.1.mlp": "npu"},
+    lm = compile_lm(
+        model, ClusterSpec.from_yaml("configs/clusters/dev-box-npu.yaml"), max_length=64,
+        lm=captured, cache_dir=tmp_path, pins={"model.model.layers.1.mlp": "npu"},
     )  # fmt: skip
     try:
         devices = {p.device for p in lm.plan.decode.partitions}
@@ -264,7 +265,7 @@ def test_split_layers_generate_the_same_tokens_with_one_hand_off_per_mlp(
     model, prompt, expected = tiny_llama
     lm_graphs = captured
     if dtype != torch.float32:
-        model, lm_graphs = llama_lm().to(dtype), captured_llama(dtype, max_len=64)
+        model, lm_graphs = llama_lm().to(dtype), captured_llama(dtype)
         with torch.no_grad():
             out = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         expected = out[:, prompt.shape[1] :]
@@ -587,7 +588,7 @@ def test_a_float16_model_on_a_cpu_that_reads_bfloat16_faster_runs_bfloat16_copie
     cluster = ClusterSpec.from_yaml("configs/clusters/cpu-2core.yaml")
     lm = compile_lm(
         llama_lm().half(), cluster, max_length=64, cache_dir=tmp_path, cost_model=cm,
-        lm=captured_llama(torch.float16, max_len=64), host_precision="fastest",
+        lm=captured_llama(torch.float16), host_precision="fastest",
     )  # fmt: skip
     try:
         assert {p.cpu_dtype for p in lm.plan.decode.partitions} == {"bfloat16"}
