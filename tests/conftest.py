@@ -121,8 +121,6 @@ BACKGROUND_2 = (
     "tests/backends/test_eager.py",
     "tests/backends/test_inductor.py",
     "tests/backends/test_linear_fold.py",
-    # from the foreground (2026-12-06: 12-16 s alone, TVM's compiles and a fresh process)
-    "tests/backends/test_tvm_support.py",
 )
 SHARES = ("foreground", "background", "background2")
 
