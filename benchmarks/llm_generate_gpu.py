@@ -492,9 +492,15 @@ def memory_at_peak(lm, ids, path: str, top: int = 16) -> list[dict]:
     return [{"site": w, "bytes": sum(v), "blocks": len(v)} for w, v in rows]
 
 
+def hetero_frames(frames: list[dict]) -> list[dict]:
+    """An allocation's frames that are hetero's, innermost first (a partition program's own
+    code claims the captured module's file: torch.fx gives it the traced forward's
+    co_filename)."""
+    return [f for f in frames if "hetero" in f["filename"] or "/runtime/" in f["filename"]]
+
+
 def _site(frames: list[dict]) -> str:
-    ours = [f for f in frames if "hetero" in f["filename"] or "/runtime/" in f["filename"]]
-    f = (ours or frames or [{"filename": "?", "line": 0, "name": ""}])[0]
+    f = (hetero_frames(frames) or frames or [{"filename": "?", "line": 0, "name": ""}])[0]
     return f"{f['filename']}:{f['line']} {f['name']}"
 
 

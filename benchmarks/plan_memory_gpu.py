@@ -35,12 +35,10 @@ LAYOUTS = {
 
 
 def _ours(frames: list[dict]) -> list[str]:
-    """The hetero frames of an allocation, innermost first (a partition program's own code
-    claims the captured module's file: torch.fx gives it the traced forward's co_filename)."""
+    """The hetero frames of an allocation as `file:line name`, innermost first."""
     return [
-        f"{f['filename'].rsplit('/', 2)[-2:][-1]}:{f['line']} {f['name']}"
-        for f in frames
-        if "hetero" in f["filename"] or "/runtime/" in f["filename"]
+        f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}"
+        for f in lg.hetero_frames(frames)
     ]
 
 
