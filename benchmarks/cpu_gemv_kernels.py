@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from hetero.backends import cpu_gemv
+
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 
 
@@ -45,6 +47,8 @@ def _kernels(dtype: torch.dtype):
         # the product as a float32 reduction over the rows, which Inductor's C++ code
         # vectorises itself (its own conversions, its own loop over rows per thread)
         yield "inductor reduction", torch.compile(_reduction, dynamic=False), lambda w, b: w
+        if cpu_gemv.available():  # hetero's own (backends/cpu_gemv.py)
+            yield "hetero gemv", cpu_gemv.product, lambda w, b: w
 
 
 def _reduction(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -77,6 +81,14 @@ def main() -> None:
 
         sources = copy_sources(a.total_mib << 20)
     rows = []
+    # the host's plain read rate, the bound the products are judged against: a sum over
+    # float16 weights-sized buffers, as llm_generate_gpu.py's probe reads
+    flat = [torch.ones((a.total_mib << 20) // 4, dtype=torch.float16) for _ in range(2)]
+    read = {"kernel": "read (t.sum())", "alone_gbs": _rate(
+        lambda x, t: t.sum(), None, flat, flat[0].numel() * 2, a.seconds) / 1e9}  # fmt: skip
+    print(json.dumps(read), flush=True)
+    rows.append(read)
+    del flat
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for rows_, cols in SHAPES:
             one = rows_ * cols * torch.tensor([], dtype=dtype).element_size()

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from hetero.backends import cpu_gemv
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mm, overlapped
 from hetero.cluster.profile import CalibrationProfile, DeviceProfile, Efficiency, LinkProfile
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
@@ -51,18 +53,34 @@ def _weights(dtype: torch.dtype, total: int) -> list[torch.Tensor]:
     return [torch.randn(ROWS, COLS).to(dtype) for _ in range(max(2, total // one))]
 
 
-def _gemv_rate(weights, x, seconds: float, until=None) -> float:
-    """Weight bytes per second of x @ W.T over `weights` in turn, for `seconds` or until
-    `until()` is true."""
+def _torch_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.mm(x, w.t())
+
+
+def _gemv_rate(weights, x, seconds: float, until=None, product=_torch_mm) -> float:
+    """Weight bytes per second of `product(x, W)` (x @ W.T) over `weights` in turn, for
+    `seconds` or until `until()` is true."""
     nbytes = weights[0].numel() * weights[0].element_size()
-    torch.mm(x, weights[0].t())  # warm the thread pool
+    product(x, weights[0])  # warm the thread pool
     n, t0 = 0, time.perf_counter()
     while True:
-        torch.mm(x, weights[n % len(weights)].t())
+        product(x, weights[n % len(weights)])
         n += 1
         el = time.perf_counter() - t0
         if (until is not None and until()) or (until is None and el >= seconds):
             return n * nbytes / el
+
+
+def host_product(weights, x, seconds: float) -> tuple[Callable, float]:
+    """The faster of torch's product and hetero's matrix-vector kernel (backends/cpu_gemv.py:
+    one of the CPU decode program's candidates, for the 16-bit dtypes) on this host, and its
+    rate alone: the CPU's rows are priced with the product their programs can run."""
+    best = (_torch_mm, _gemv_rate(weights, x, seconds))
+    if cpu_gemv.takes(x, weights[0], None) and cpu_gemv.available():
+        rate = _gemv_rate(weights, x, seconds, product=cpu_gemv.product)
+        if rate > best[1]:
+            best = (cpu_gemv.product, rate)
+    return best
 
 
 def copy_sources(total: int) -> list[torch.Tensor]:
@@ -93,13 +111,14 @@ def rates_at_once(
     sources: list[torch.Tensor],
     seconds: float,
     link_rate: float,
+    product: Callable = _torch_mm,
 ) -> tuple[float, float]:
     """(the CPU's x @ W.T rate over `weights`, the link's copy rate from `sources`) in bytes
     per second, both over the same window of about `seconds` (the copies queued for that
     long at `link_rate`): what the split placement is priced with."""
     count = max(4, int(link_rate * seconds / COPY_BYTES))
     start, end, nbytes = queue_copies(dev, count, sources)
-    cpu = _gemv_rate(weights, x, seconds, until=end.query)
+    cpu = _gemv_rate(weights, x, seconds, until=end.query, product=product)
     end.synchronize()
     return cpu, nbytes / (start.elapsed_time(end) / 1e3)
 
@@ -127,11 +146,13 @@ def _measure(
     weights = _weights(t, 2 * l3_bytes)
     sources = copy_sources(2 * l3_bytes)
     x = torch.randn(batch, COLS).to(t)
-    cpu_alone = _gemv_rate(weights, x, seconds)
+    product, cpu_alone = host_product(weights, x, seconds)
     start, end, nbytes = queue_copies(dev, max(8, len(sources)), sources)
     end.synchronize()
     link_alone = nbytes / (start.elapsed_time(end) / 1e3)
-    cpu_shared, link_shared = rates_at_once(dev, weights, x, sources, seconds, link_alone)
+    cpu_shared, link_shared = rates_at_once(
+        dev, weights, x, sources, seconds, link_alone, product=product
+    )
     return SplitRates(
         dtype, batch, cpu_alone, cpu_shared, link_alone, link_shared, _handoff(dev, t, batch)
     )

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from hetero.backends.cpu_gemv import route_gemv
 from hetero.backends.eager import relayout, symbolic_dims, torch_device, traced_layouts
 from hetero.backends.export import runnable
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm, host_to_device, overlapped
@@ -579,6 +580,12 @@ class StageBinder:
                 packed = _op_by_op(program, dev) if dtypes else None
                 if packed is not None and pack_linears(packed, dtypes):
                     candidates.append(("onednn-packed", packed))  # weights packed once
+                routed = _op_by_op(program, dev)
+                if route_gemv(routed):  # 16-bit weights: hetero's matrix-vector kernel
+                    candidates.append(("gemv", routed))
+                    candidates.append(
+                        ("inductor-gemv", _Compiled(routed, dynamic_dims=(), name=s.name))
+                    )
                 mod = MeasuredChoice(candidates, name=s.name)
                 self.choices[s.name] = mod
             elif mode is not CompileMode.OP_BY_OP:
@@ -675,8 +682,9 @@ class CompileMode(enum.Enum):
 
 # The CPU decode candidates that compile on their first call (Inductor's: ~18 s cold on the
 # 2-core box): what a generation compiled without feedback rounds does not try, so that its
-# compile measures only programs that run at once (op by op, oneDNN on packed weights).
-NO_COMPILE = ("inductor",)
+# compile measures only programs that run at once (op by op, oneDNN on packed weights,
+# hetero::gemv).
+NO_COMPILE = ("inductor", "inductor-gemv")
 
 
 def compile_mode(phase: Phase, stage: StageSpec, stages: Sequence[StageSpec]) -> CompileMode:

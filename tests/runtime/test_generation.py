@@ -71,15 +71,30 @@ def test_cpu_decode_measures_inductor_against_op_by_op_and_keeps_the_faster(tiny
     assert torch.get_num_threads() == threads  # the caller's own team is as it was
 
 
-def test_a_bfloat16_decode_program_also_measures_onednn_on_packed_weights(tmp_path):
-    """16-bit CPU layers have a third candidate where oneDNN has a kernel for them: the
-    op-by-op program with its Linears on weights packed once (backends/packed_linear.py).
-    Its numerics are the unit tests'; here: a feedback round measures all three, and every
-    layer's tokens still come."""
+def _sixteen_bit_candidates(compiled: bool) -> set[str]:
+    """The CPU decode candidates a bfloat16 program has on this host beside op by op (and
+    Inductor's, where `compiled`): oneDNN on packed weights where oneDNN has a kernel,
+    hetero's matrix-vector kernel where it builds (op by op, and under Inductor)."""
+    from hetero.backends import cpu_gemv
     from hetero.backends.packed_linear import packable_dtypes
 
-    if torch.bfloat16 not in packable_dtypes():
-        pytest.skip("oneDNN has no bfloat16 kernel on this CPU")
+    out = {"op-by-op", "inductor"} if compiled else {"op-by-op"}
+    if torch.bfloat16 in packable_dtypes():
+        out.add("onednn-packed")
+    if cpu_gemv.available():
+        out |= {"gemv", "inductor-gemv"} if compiled else {"gemv"}
+    return out
+
+
+def test_a_bfloat16_decode_program_also_measures_its_16_bit_kernels(tmp_path):
+    """16-bit CPU layers have more candidates: the op-by-op program with its Linears through
+    oneDNN on weights packed once (backends/packed_linear.py) where oneDNN has a kernel for
+    them, and through hetero's matrix-vector kernel (backends/cpu_gemv.py), op by op and
+    under Inductor. Their numerics are the unit tests'; here: a feedback round measures them
+    all, keeps one, and every layer's tokens still come."""
+    expected = _sixteen_bit_candidates(compiled=True)
+    if expected == {"op-by-op", "inductor"}:
+        pytest.skip("neither oneDNN's bfloat16 kernel nor hetero::gemv on this CPU")
     model = llama_lm().to(torch.bfloat16)
     torch.manual_seed(1)
     prompt = torch.randint(0, 512, (1, 11))
@@ -90,9 +105,7 @@ def test_a_bfloat16_decode_program_also_measures_onednn_on_packed_weights(tmp_pa
     try:
         before = lm.generate(prompt, max_new_tokens=1)
         choices = lm.generation.binder.choices
-        assert choices and all(
-            set(c.medians_ms) == {"op-by-op", "inductor", "onednn-packed"} for c in choices.values()
-        )
+        assert choices and all(set(c.medians_ms) == expected for c in choices.values())
         assert all(len(c.candidates) == 1 for c in choices.values())  # the others dropped
         after = lm.generate(prompt, max_new_tokens=8)
         assert after.shape == (1, 8) and after[0, 0] == before[0, 0]  # prefill's token
@@ -102,12 +115,12 @@ def test_a_bfloat16_decode_program_also_measures_onednn_on_packed_weights(tmp_pa
 
 def test_without_feedback_the_programs_that_run_at_once_are_still_chosen(tmp_path):
     """A generation compiled without feedback rounds chooses its CPU decode programs on the
-    warm-up request among those that need no compile (op by op, oneDNN on packed weights):
-    op by op served every request before. Inductor's, which compiles, is left to feedback."""
-    from hetero.backends.packed_linear import packable_dtypes
-
-    if torch.bfloat16 not in packable_dtypes():
-        pytest.skip("oneDNN has no bfloat16 kernel on this CPU: one program, nothing to choose")
+    warm-up request among those that need no compile (op by op, oneDNN on packed weights,
+    hetero's matrix-vector kernel): op by op served every request before. Inductor's, which
+    compiles, is left to feedback."""
+    expected = _sixteen_bit_candidates(compiled=False)
+    if expected == {"op-by-op"}:
+        pytest.skip("one program on this CPU, nothing to choose")
     model = llama_lm().to(torch.bfloat16)
     lm = hetero.compile(
         model, task="generate", cluster="configs/clusters/cpu-2core.yaml", max_length=64,
@@ -115,7 +128,7 @@ def test_without_feedback_the_programs_that_run_at_once_are_still_chosen(tmp_pat
     )  # fmt: skip
     try:
         made = lm.generation.program_choices()
-        assert made and all(set(c.median_ms) == {"op-by-op", "onednn-packed"} for c in made)
+        assert made and all(set(c.median_ms) == expected for c in made)
         choices = lm.generation.binder.choices.values()
         assert all(len(c.candidates) == 1 for c in choices)  # Inductor's never compiled
         assert "program choice" in {p["name"] for p in lm.compile_times.to_dict()["phases"]}
