@@ -428,7 +428,11 @@ def decode_trace(lm, ids, path: str, steps: int = 3) -> dict:
     prof.export_chrome_trace(path)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
     log(f"  decode trace ({steps} steps) written to {path}\n{table}")
-    return {"path": path, "steps": steps}
+    from trace_timeline import timeline  # this script's folder
+
+    spans = timeline(path)
+    log(f"  trace timeline: { {k: v for k, v in spans.items() if k != 'link_idle_gaps'} }")
+    return {"path": path, "steps": steps, "timeline": spans}
 
 
 def prefill_profile(lm, ids, rows: int = 15) -> dict:
