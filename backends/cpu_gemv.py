@@ -46,7 +46,7 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
-#include <vector>
+#include <memory>
 
 // 16-bit weights widened to float32 in registers: float16 by the F16C conversion, bfloat16
 // by a shift (it is the upper half of a float32).
@@ -55,6 +55,7 @@ typedef __m512 vec;
 static const int64_t W = 16;
 static inline vec vzero() { return _mm512_setzero_ps(); }
 static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 static inline vec widen_f16(const uint16_t* p) {
@@ -69,6 +70,7 @@ typedef __m256 vec;
 static const int64_t W = 8;
 static inline vec vzero() { return _mm256_setzero_ps(); }
 static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline float vsum(vec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -108,8 +110,13 @@ static void gemv(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16
   const int64_t blocks = (N + R - 1) / R;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> xf(M * K);  // x widened once per thread: read from L1/L2 after
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = BF16 ? bf16_to_f32(x[i]) : f16_to_f32(x[i]);
+    // x widened once per thread (read from L1/L2 after), in vectors: a scalar loop over a
+    // 11008-wide x cost ~10 us per call per thread
+    std::unique_ptr<float[]> xbuf(new float[M * K]);
+    float* xf = xbuf.get();
+    int64_t i = 0;
+    for (; i + W <= M * K; i += W) vstore(xf + i, BF16 ? widen_bf16(x + i) : widen_f16(x + i));
+    for (; i < M * K; ++i) xf[i] = BF16 ? bf16_to_f32(x[i]) : f16_to_f32(x[i]);
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t n0 = blk * R;
@@ -117,7 +124,7 @@ static void gemv(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16
       const uint16_t* wr[4];
       for (int64_t r = 0; r < R; ++r) wr[r] = w + (n0 + (r < rows ? r : 0)) * K;
       for (int64_t m = 0; m < M; ++m) {
-        const float* xm = xf.data() + m * K;
+        const float* xm = xf + m * K;
         vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
         int64_t k = 0;
         for (; k + W <= K; k += W) {
