@@ -44,11 +44,12 @@ def _kernels(dtype: torch.dtype):
     yield "torch.mm", mm, lambda w, b: w
     if dtype != torch.float32:
         yield "onednn packed", onednn, _packed
-        # the product as a float32 reduction over the rows, which Inductor's C++ code
-        # vectorises itself (its own conversions, its own loop over rows per thread)
-        yield "inductor reduction", torch.compile(_reduction, dynamic=False), lambda w, b: w
         if cpu_gemv.available():  # hetero's own (backends/cpu_gemv.py)
             yield "hetero gemv", cpu_gemv.product, lambda w, b: w
+        # the product as a float32 reduction over the rows, which Inductor's C++ code
+        # vectorises itself (its own conversions, its own loop over rows per thread); last:
+        # its compile took most of run 44's 70 s
+        yield "inductor reduction", torch.compile(_reduction, dynamic=False), lambda w, b: w
 
 
 def _reduction(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
