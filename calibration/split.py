@@ -74,7 +74,10 @@ def _gemv_rate(weights, x, seconds: float, until=None, product=_torch_mm) -> flo
 def host_product(weights, x, seconds: float) -> tuple[Callable, float]:
     """The faster of torch's product and hetero's matrix-vector kernel (backends/cpu_gemv.py:
     one of the CPU decode program's candidates, for the 16-bit dtypes) on this host, and its
-    rate alone: the CPU's rows are priced with the product their programs can run."""
+    rate alone: the CPU's rows are priced with the product their programs can run. A split
+    layer's own CPU rows still multiply with torch's product (in a TorchScript task, which
+    cannot call the kernel): a feedback round's split-CPU factor measures that gap with the
+    rest of a split's (run 44: +60% against calibrated, run 43's torch-priced +35%)."""
     best = (_torch_mm, _gemv_rate(weights, x, seconds))
     if cpu_gemv.takes(x, weights[0], None) and cpu_gemv.available():
         rate = _gemv_rate(weights, x, seconds, product=cpu_gemv.product)
