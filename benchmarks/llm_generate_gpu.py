@@ -969,7 +969,18 @@ def main() -> None:
         help="capped and batch16 cases: the feedback rounds' time budget "
         "(hetero.FeedbackRounds(budget_s=...); default: up to three rounds)",
     )
+    ap.add_argument(
+        "--without-gemv",
+        action="store_true",
+        help="leave hetero::gemv (backends/cpu_gemv.py) out: of the CPU decode programs' "
+        "candidates and of the calibration (an A/B of the kernel: run once with, once "
+        "without, on one host)",
+    )
     args = ap.parse_args()
+    if args.without_gemv:
+        from hetero.backends import cpu_gemv
+
+        cpu_gemv.available = lambda: False  # what routing and calibration ask
     # the compile's phases and feedback rounds as they end: a call cut short by its time
     # limit still says where the time went
     logging.basicConfig(format="  [%(name)s %(asctime)s] %(message)s", datefmt="%H:%M:%S")
