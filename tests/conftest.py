@@ -126,6 +126,7 @@ BACKGROUND_2 = (
     "tests/backends/triton/test_triton_backend.py",
     "tests/backends/test_inductor.py",
     "tests/backends/test_linear_fold.py",
+    "tests/backends/test_cpu_gemv.py",
 )
 SHARES = ("foreground", "background", "background2")
 
