@@ -164,6 +164,7 @@ def _kernel() -> Any:
     """The built kernel's entry point, or None where it cannot be built here (no C++
     compiler, a CPU without AVX2/F16C): said once in the log."""
     try:
+        # Inductor's builder (its compile machinery, ~1 s to import) on the first build only
         from torch._inductor.codecache import CppCodeCache
 
         fn = CppCodeCache.load(_SOURCE).hetero_gemv

@@ -19,14 +19,19 @@ def test_nested_phases_count_once_and_reports_fold_in():
     clock.add("triton", runs=0, parts={"autotune": 0.06}, counts={"kernels": 3, "configs": 12})
     times = clock.times()
     assert 0.045 <= times.seconds("triton") < times.total_s
-    assert 0.015 <= times.seconds("choice") < 0.045  # its nested compile is not its own
+    # its nested compile is not its own: counted in both, the two would outgrow the whole
+    # (a bound on wall time instead failed where a loaded box oversleeps)
+    assert times.seconds("choice") >= 0.015
+    assert times.seconds("choice") + times.seconds("triton") <= times.total_s + 1e-9
     assert sum(p.seconds for p in times.phases) + times.other_s == times.total_s
     (triton,) = [p for p in times.phases if p.name == "triton"]
     assert triton.runs == 1 and dict(triton.counts) == {"kernels": 3, "configs": 12}
     note = times.note()
-    assert (
-        note.startswith("compile ") and "triton 0.1 (autotune 0.1; 3 kernels, 12 configs)" in note
-    )
+    # the phase's own seconds as measured (a loaded box oversleeps: 0.3 s in a clean CI),
+    # its folded-in part and counts as added
+    triton_s = f"{times.seconds('triton'):.1f}"
+    assert note.startswith("compile ")
+    assert f"triton {triton_s} (autotune 0.1; 3 kernels, 12 configs)" in note
     row = times.to_dict()
     assert [p["name"] for p in row["phases"]] == ["triton", "choice"]
     assert row["phases"][0]["counts"] == {"kernels": 3, "configs": 12}
