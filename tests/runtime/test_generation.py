@@ -100,7 +100,7 @@ def test_a_bfloat16_decode_program_also_measures_its_16_bit_kernels(tmp_path):
     prompt = torch.randint(0, 512, (1, 11))
     lm = hetero.compile(
         model, task="generate", cluster="configs/clusters/cpu-2core.yaml", max_length=64,
-        cache_dir=tmp_path, feedback=True,
+        cache_dir=tmp_path, feedback=hetero.FeedbackRounds(rounds=1),
     )  # fmt: skip
     try:
         before = lm.generate(prompt, max_new_tokens=1)
