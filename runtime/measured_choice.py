@@ -25,6 +25,9 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch.utils import _pytree as pytree
+
 log = logging.getLogger("hetero.runtime")
 
 
@@ -95,7 +98,8 @@ class MeasuredChoice:
         tried = [c for c in self.candidates if c[0] not in skip]
         if len(tried) < 2:  # nothing to choose among: left open for a settle that tries all
             return
-        timed = time_candidates(tried, args, warmup=self.warmup, trials=self.trials)
+        tried = self._agreeing(tried, args)
+        timed = time_candidates(tried, args, warmup=max(0, self.warmup - 1), trials=self.trials)
         for name, times in timed.items():
             self.times[name].extend(times)
         best = fastest(self.medians_ms)
@@ -104,6 +108,70 @@ class MeasuredChoice:
         self.candidates = (self.chosen,)
         self._last = None
         log.info("%s: %s chosen (%s)", self.name, best, describe(self.medians_ms))
+
+    def _agreeing(
+        self, tried: list[tuple[str, Callable[..., Any]]], args: tuple
+    ) -> list[tuple[str, Callable[..., Any]]]:
+        """`tried` less the candidates whose outputs on `args` disagree with the first's (the
+        program that has served until now), each said in the log: a kernel wrong on this host
+        (a vector path a test machine never ran) must lose the choice, not win it by being
+        fast. These calls are the candidates' first warm-up."""
+        name0, first = tried[0]
+        ref = [_detached(t) for t in pytree.tree_leaves(first(*args))]
+        kept = [tried[0]]
+        for name, fn in tried[1:]:
+            why = _disagreement(pytree.tree_leaves(fn(*args)), ref)
+            if why is None:
+                kept.append((name, fn))
+            else:
+                log.warning("%s: %s left out: its outputs differ from %s's (%s)", self.name,
+                            name, name0, why)  # fmt: skip
+        return kept
+
+
+def _detached(x: Any) -> Any:
+    return x.detach().clone() if isinstance(x, torch.Tensor) else x
+
+
+# Outputs of equivalent programs differ by their summation orders and where they round:
+# 16-bit programs by ~1e-3 relative (a fused program keeps float32 where op by op rounds),
+# float32 by ~1e-6. A wrong kernel is off by the size of the values.
+_AGREE = {torch.float16: 5e-2, torch.bfloat16: 5e-2}
+_AGREE_DEFAULT = 1e-3
+
+
+def _disagreement(outs: list[Any], ref: list[Any]) -> str | None:
+    """Why `outs` are not `ref` (relative error over each tensor, bounded per dtype; other
+    values equal), or None where they agree."""
+    if len(outs) != len(ref):
+        return f"{len(outs)} outputs against {len(ref)}"
+    for k, (a, b) in enumerate(zip(outs, ref, strict=True)):
+        if not isinstance(b, torch.Tensor):
+            if a != b:
+                return f"output {k}: {a!r} against {b!r}"
+            continue
+        if not isinstance(a, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+            return f"output {k}: {_describe(a)} against {_describe(b)}"
+        if not b.is_floating_point():
+            if not torch.equal(a, b):
+                return f"output {k}: other values"
+            continue
+        fa, fb = a.detach().double(), b.double()
+        finite = torch.isfinite(fb)
+        if not torch.equal(torch.isfinite(fa), finite):
+            return (
+                f"output {k}: non-finite values where the reference has none, or none where it has"
+            )
+        diff, size = (fa[finite] - fb[finite]).norm(), fb[finite].norm()
+        if float(diff) > _AGREE.get(b.dtype, _AGREE_DEFAULT) * max(float(size), 1e-6):
+            return f"output {k}: relative error {float(diff) / max(float(size), 1e-30):.2e}"
+    return None
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} {tuple(x.shape)}"
+    return type(x).__name__
 
 
 def time_candidates(

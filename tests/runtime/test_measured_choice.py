@@ -84,3 +84,54 @@ def test_a_settle_that_skips_candidates_chooses_among_the_rest_or_leaves_the_cho
     assert two.chosen is None and len(two.candidates) == 2
     two.settle()
     assert two.chosen is not None
+
+
+def test_a_fast_candidate_whose_outputs_differ_is_left_out_and_said(caplog):
+    """A kernel wrong on this host (a vector path no test machine ran) must lose the choice,
+    not win it by being fast: each candidate's first call on the settle's inputs is checked
+    against the program that served until then."""
+    import torch
+
+    def right(x):
+        time.sleep(0.003)
+        return (x * 2, x.sum())
+
+    def close(x):  # another summation order: agrees
+        return (x * 2 * (1 + 1e-4), x.sum())
+
+    def wrong(x):
+        return (x * 3, x.sum())
+
+    choice = MeasuredChoice(
+        [("served", right), ("wrong", wrong), ("close", close)], name="decode:p4", trials=2
+    )
+    x = torch.randn(64, dtype=torch.float16)
+    choice(x)
+    with caplog.at_level("WARNING", logger="hetero.runtime"):
+        choice.settle()
+    assert choice.chosen[0] == "close"  # the fastest of those that agree
+    assert set(choice.medians_ms) == {"served", "close"}  # "wrong" never timed
+    assert "decode:p4: wrong left out: its outputs differ from served's" in caplog.text
+    assert "relative error" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["nan", "shape", "dtype", "count", "int"],
+)
+def test_outputs_that_are_not_the_same_kind_of_value_disagree(bad):
+    import torch
+
+    from hetero.runtime.measured_choice import _disagreement
+
+    ref = [torch.ones(4), 3]
+    outs = {
+        "nan": [torch.tensor([1.0, float("nan"), 1.0, 1.0]), 3],
+        "shape": [torch.ones(5), 3],
+        "dtype": [torch.ones(4, dtype=torch.float64), 3],
+        "count": [torch.ones(4)],
+        "int": [torch.ones(4), 4],
+    }[bad]
+    assert _disagreement(outs, ref) is not None
+    assert _disagreement([torch.ones(4), 3], ref) is None
+    assert _disagreement([torch.zeros(3)], [torch.zeros(3)]) is None  # zero against zero
