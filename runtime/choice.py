@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from hetero.backends.base import Artifact, CompileOptions, CompileUnit, Runner
 from hetero.backends.cache import ArtifactCache
@@ -69,6 +68,7 @@ from hetero.partitioner.decisions import BackendAssignment, BackendChoice
 from hetero.partitioner.graph import OpNode
 from hetero.partitioner.plan import BackendTiming, Plan
 from hetero.paths import cache_root
+from hetero.runtime.agreement import output_error
 
 log = logging.getLogger("hetero.choice")
 
@@ -115,11 +115,6 @@ EARLY_STANDBY_PARAMS = 1_000_000
 def early_standby(model: torch.nn.Module) -> bool:
     """Whether `model` is large enough to start warming standbys before its capture."""
     return sum(p.numel() for p in model.parameters()) >= EARLY_STANDBY_PARAMS
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    """Largest relative error (norm-wise, against the eager run) a candidate may show."""
-    return 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
 @dataclass(frozen=True)
@@ -418,7 +413,7 @@ class Chooser:
                         run = backend.load(artifacts[name], device)
                     got = run(*acts)
                     sync()
-                err, tol = _error(got, reference, options_for(name).dtype)
+                err, tol = output_error(got, reference, options_for(name).dtype)
                 if err <= tol:  # one warm call (the first may still compile or load)
                     checked[name] = _once(run, acts, sync)
             except Exception as e:  # a backend that cannot run the partition here loses
@@ -661,41 +656,6 @@ def _alternate(runners: Mapping[str, Runner], acts: tuple, sync) -> dict[str, fl
             # own time (GPT-2 small: 2 turns of 5 calls, ~1 s of the 2-core box's compile)
             break
     return best
-
-
-def _error(got: Any, reference: Sequence[Any], dtype: str | None) -> tuple[float, float]:
-    """(worst relative error over the outputs, the tolerance it must meet)."""
-    got_leaves = pytree.tree_leaves(tuple(got))
-    ref_leaves = pytree.tree_leaves(tuple(reference))
-    if len(got_leaves) != len(ref_leaves):
-        return math.inf, 0.0
-    worst, tol = 0.0, tolerance(getattr(torch, dtype) if dtype else torch.float32)
-    for g, r in zip(got_leaves, ref_leaves, strict=True):
-        if not isinstance(r, torch.Tensor):
-            worst = max(worst, 0.0 if g == r else math.inf)
-            continue
-        if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(r.shape):
-            return math.inf, tol
-        if not r.is_floating_point():
-            worst = max(worst, 0.0 if torch.equal(g.cpu(), r.cpu()) else math.inf)
-            continue
-        tol = max(tol, tolerance(r.dtype))
-        worst = max(worst, _relative_error(g.detach().double().cpu(), r.detach().double().cpu()))
-    return worst, tol
-
-
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| over the finite values of the reference `b`; inf where `a` is not
-    finite where `b` is, or differs from `b`'s non-finite values (NaN compares false with
-    every bound, so a NaN error would have passed any tolerance)."""
-    finite = torch.isfinite(b)
-    if not torch.equal(torch.isfinite(a), finite):
-        return math.inf
-    odd = ~finite
-    if odd.any() and not torch.equal(a[odd].nan_to_num(0.0), b[odd].nan_to_num(0.0)):
-        return math.inf  # an inf of the other sign, or a NaN where the reference is inf
-    a, b = a[finite], b[finite]
-    return float((a - b).norm()) / (float(b.norm()) or 1.0)
 
 
 def _timings(

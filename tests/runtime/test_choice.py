@@ -272,7 +272,7 @@ def test_a_candidate_with_nan_or_inf_where_eager_is_finite_is_wrong():
     """NaN compares false with any tolerance: the check must say so, not let it through."""
     import math
 
-    from hetero.runtime.choice import _error
+    from hetero.runtime.agreement import output_error as _error
 
     ref = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16)
     assert _error((ref.clone(),), (ref,), "float16")[0] == 0.0
