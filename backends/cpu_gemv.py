@@ -228,12 +228,6 @@ torch.library.register_fake("hetero::gemv", _gemv_fake, lib=_LIB)
 gemv = torch.ops.hetero.gemv.default
 
 
-def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T as a host CPU's decode layers run it where the kernel is built: through the
-    kernel for the shapes it takes, torch.mm otherwise (what calibration/split.py times)."""
-    return gemv(x, w) if takes(x, w, None) and available() else torch.mm(x, w.t())
-
-
 def route_gemv(gm: fx.GraphModule) -> int:
     """Routes `gm`'s `aten.linear` calls on 16-bit weights that are inputs of the program
     through `hetero::gemv` (in place; after backends.linear_fold.fold_linears). Returns how

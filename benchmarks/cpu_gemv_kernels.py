@@ -45,7 +45,7 @@ def _kernels(dtype: torch.dtype):
     if dtype != torch.float32:
         yield "onednn packed", onednn, _packed
         if cpu_gemv.available():  # hetero's own (backends/cpu_gemv.py)
-            yield "hetero gemv", cpu_gemv.product, lambda w, b: w
+            yield "hetero gemv", cpu_gemv.gemv, lambda w, b: w
         # the product as a float32 reduction over the rows, which Inductor's C++ code
         # vectorises itself (its own conversions, its own loop over rows per thread); last:
         # its compile took most of run 44's 70 s

@@ -80,9 +80,9 @@ def host_product(weights, x, seconds: float) -> tuple[Callable, float]:
     rest of a split's (run 44: +60% against calibrated, run 43's torch-priced +35%)."""
     best = (_torch_mm, _gemv_rate(weights, x, seconds))
     if cpu_gemv.takes(x, weights[0], None) and cpu_gemv.available():
-        rate = _gemv_rate(weights, x, seconds, product=cpu_gemv.product)
+        rate = _gemv_rate(weights, x, seconds, product=cpu_gemv.gemv)
         if rate > best[1]:
-            best = (cpu_gemv.product, rate)
+            best = (cpu_gemv.gemv, rate)
     return best
 
 
