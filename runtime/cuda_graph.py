@@ -81,7 +81,12 @@ class SlotGraphs:
     """`fn(*acts, *params)` captured once per set of parameter addresses, replayed after:
     a streamed stage, whose weights sit in one of the streamer's slots. `acts` are copied
     into the graph's own buffers by a kernel (a same-device copy could wait in the copy
-    engine's queue behind streaming weights); outputs are cloned out."""
+    engine's queue behind streaming weights); a host act (a CPU stage's output) is read by
+    that kernel straight from pinned memory (`reads_host`: the bound runner hands host
+    tensors over as they are, one kernel per act instead of an upload and then a copy);
+    outputs are cloned out."""
+
+    reads_host = True
 
     def __init__(
         self,
@@ -107,17 +112,30 @@ class SlotGraphs:
             tuple(p.data_ptr() if isinstance(p, torch.Tensor) else p for p in params),
         )
 
+    def _role(self, k: int) -> str:
+        return f"slot{id(self)}:{k}"
+
+    def _uncaptured(self, args: Sequence[Any]) -> tuple:
+        acts = [
+            host_to_device(a, self.device, self._role(k))
+            if isinstance(a, torch.Tensor) and a.device.type == "cpu"
+            else a
+            for k, a in enumerate(args[: self.acts])
+        ]
+        return tuple(self.fn(*acts, *args[self.acts :]))
+
     def __call__(self, *args: Any) -> tuple:
         if self.failed is not None or not all(
-            isinstance(a, torch.Tensor) and a.device == self.device for a in args[: self.acts]
+            isinstance(a, torch.Tensor) and a.device in (self.device, _HOST)
+            for a in args[: self.acts]
         ):
-            return tuple(self.fn(*args))
+            return self._uncaptured(args)
         key = self._key(args)
         got = self.graphs.get(key)
         if got is None:
             if len(self.graphs) >= self.limit:  # weights somewhere new every call: uncaptured
-                return tuple(self.fn(*args))
-            static = [a.detach().clone() for a in args[: self.acts]]
+                return self._uncaptured(args)
+            static = [a.detach().to(self.device).clone() for a in args[: self.acts]]
             try:
                 graph, out = capture(
                     self.fn,
@@ -128,13 +146,19 @@ class SlotGraphs:
                 )
             except Exception as e:  # an op that cannot be captured: run it as it is
                 self.failed = e
-                return tuple(self.fn(*args))
+                return self._uncaptured(args)
             got = self.graphs[key] = (graph, static, out)
         graph, static, out = got
-        for s, a in zip(static, args[: self.acts], strict=True):
-            _kernel_copy(s, a)
+        for k, (s, a) in enumerate(zip(static, args[: self.acts], strict=True)):
+            if a.device.type == "cpu":
+                host_to_device(a, self.device, self._role(k), out=s)
+            else:
+                _kernel_copy(s, a)
         graph.replay()
         return tuple(o.clone() for o in out)
+
+
+_HOST = torch.device("cpu")
 
 
 def _kernel_copy(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -154,7 +154,7 @@ class LocalExecutor:
         )
 
     def _runner(self, s: StageSpec, runner: Any) -> StageRunner:
-        return StageRunner(s, runner, s.device, gpu_timing=self.gpu_timing)
+        return StageRunner(s, runner, s.device, gpu_timing=self.gpu_timing, keep_on_device=True)
 
     def switch(self, deployment: StagedPlan) -> None:
         """Run `deployment` from the next request on (requests running now finish on the

@@ -120,6 +120,8 @@ class BoundRunner:
     ) -> None:
         self.fn = fn
         self.host_reads = host_reads
+        # a program that reads host tensors itself (SlotGraphs: into its graph's buffers)
+        self.fn_reads_host = host_reads and getattr(fn, "reads_host", False)
         self.device = device
         self.fixed = list(fixed)  # per param: its tensor, or None where the streamer gives it
         self.streamer = streamer
@@ -143,6 +145,8 @@ class BoundRunner:
 
     def _here(self, k: int, a: Any) -> Any:
         if not isinstance(a, torch.Tensor) or a.device == self.device:
+            return a
+        if self.fn_reads_host and a.device.type == "cpu":
             return a
         if self.host_reads and a.device.type == "cpu" and self.device.type == "cuda":
             # a CPU stage's output: read by a kernel, not queued behind streaming weights
