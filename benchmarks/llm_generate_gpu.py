@@ -976,7 +976,17 @@ def main() -> None:
         "candidates and of the calibration (an A/B of the kernel: run once with, once "
         "without, on one host)",
     )
+    ap.add_argument(
+        "--no-huge-pages",
+        action="store_true",
+        help="leave the host CPU's weights in the pages they were allocated in (an A/B of "
+        "runtime/host_pages.py: run once with, once without, on one host)",
+    )
     args = ap.parse_args()
+    if args.no_huge_pages:
+        from hetero.runtime import host_pages
+
+        host_pages.available = lambda: False  # what collapse asks
     if args.without_gemv:
         from hetero.backends import cpu_gemv
 
@@ -996,12 +1006,15 @@ def main() -> None:
         )
         args.batch, args.repeats, args.check_steps = min(args.batch, 2), 1, 4
         args.modes = args.modes[:1]
+    from hetero.runtime.host_pages import thp_mode
+
     cfg = config(args.tiny, args.shape)
     cache = Path(args.cache_dir or tempfile.mkdtemp(prefix="hetero-gen-"))
     RESULTS["machine"] = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "args": vars(args),
+        "cpu_count": os.cpu_count(), "args": vars(args), "thp": thp_mode(),
+        "kernel": os.uname().release,
     }  # fmt: skip
     try:
         import transformers

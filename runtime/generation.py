@@ -50,6 +50,7 @@ from hetero.runtime.artifacts import load_runner, verify_artifact
 from hetero.runtime.build import retarget
 from hetero.runtime.cuda_graph import CudaGraphRunner, SlotGraphs
 from hetero.runtime.executor import LocalExecutor
+from hetero.runtime.host_pages import collapse
 from hetero.runtime.measured_choice import MeasuredChoice, ProgramChoice
 from hetero.runtime.metrics import MetricsSnapshot
 from hetero.runtime.retype import bound_dtype, host_tensor
@@ -395,7 +396,9 @@ class StageBinder:
         parameter and state buffer the stages take, by name (the captured program's values,
         on whatever device the model is); each lands on its stage's device once."""
         self.weights = weights
+        self._cpu_rows: list[torch.Tensor] = []
         prepared = {phase: self._prepare(phase, tuple(stages.get(phase, ()))) for phase in Phase}
+        self._huge_pages()
         shared = self._shared_slots(prepared)
         return {
             phase: self._finish(phase, tuple(stages.get(phase, ())), *prepared[phase], shared)
@@ -474,6 +477,7 @@ class StageBinder:
                     fixed.append(store.buffer(name, values[name], retype))
                 elif name in s.cpu_shares:
                     fixed.append(values[name])  # the CPU's rows stay in host memory
+                    self._cpu_rows.append(values[name])
                 elif s.weights == "resident":
                     fixed.append(store.weight(name, values[name], retype))
                 else:
@@ -483,6 +487,24 @@ class StageBinder:
                 streamed.setdefault(s.device.name, []).append((s, moving))
             runners[s.index] = (fn, dev, fixed, [k for k, t in enumerate(fixed) if t is None])
         return runners, streamed
+
+    def _huge_pages(self) -> None:
+        """The weights the host CPU reads every step, re-backed by huge pages in place
+        (runtime/host_pages.py: why, and where it cannot)."""
+        host = [
+            t
+            for store in self.stores.values()
+            if store.device.type == "cpu"
+            for t in store.weights.values()
+        ]
+        t0 = time.perf_counter()
+        moved = collapse([*host, *self._cpu_rows])
+        if moved:
+            log.info(
+                "%.2f GB of the host CPU's weights in huge pages (%.1f s)",
+                moved / 1e9,
+                time.perf_counter() - t0,
+            )
 
     def _values(self, s: StageSpec) -> dict[str, torch.Tensor]:
         """The stage's params by name; a split stage's shares cut from the full weights."""
