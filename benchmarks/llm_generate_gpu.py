@@ -255,6 +255,22 @@ def bounds(weight_bytes: int, cap: int, probe: dict) -> dict:
     return out
 
 
+def plan_bound(lm, weight_bytes: int, probe: dict) -> dict:
+    """The chosen plan's own bound: every weight not resident on the GPU read from host
+    memory once per token by the link and the CPU together, sharing its DRAM. `bounds`
+    counts the whole cap as weights; a plan that streams keeps two slots and the runtime's
+    reserve in it too, so this one says how near the plan runs to what its placement
+    allows, the other what any placement might."""
+    store = lm.generation.stores.get("node0/gpu")
+    resident = sum(t.numel() * t.element_size() for t in store.weights.values()) if store else 0
+    host = weight_bytes - resident
+    out = {"gpu_resident_bytes": resident, "host_bytes_per_token": host}
+    if "shared_h2d_GBps" in probe:
+        both = (probe["shared_h2d_GBps"] + probe["shared_cpu_read_GBps"]) * 1e9
+        out["both_shared_ms"] = 1e3 * host / both
+    return out
+
+
 def quick_probe(seconds: float = 0.5, size: int = 1 << 30) -> dict:
     """Pinned host->GPU copy rate and a 16-thread host read rate, for the bounds."""
     from hetero.calibration.split import COPY_BYTES, copy_sources, queue_copies
@@ -582,6 +598,8 @@ def case_capped(args, cfg, cache: Path) -> None:
     log(f"  {out['hetero']}")
     out["hetero_partitions"] = plan_rows(lm)
     log(f"  decode partitions (ms, predicted / measured): {decode_summary(out)}")
+    out["plan_bound"] = plan_bound(lm, wbytes, probe)
+    log(f"  this plan's bound: {out['plan_bound']}")
     save(args.json)
     if gpu:
         out["hetero_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
