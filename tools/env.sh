@@ -34,8 +34,10 @@ if [[ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]]; then
     wait $! || true
     rm -f "$log.big"
   fi
-  # --no-compile, then compileall on every core: pip writes the packages' bytecode itself,
-  # one file at a time (~17,500 files, 67 s of the 2-core CI box's set-up; 36 s on both).
+  # --no-compile: pip writes the packages' bytecode itself, one file at a time (~17,500 files,
+  # 67 s of the 2-core CI box's set-up). Python writes a module's on its first import instead
+  # (tools/test sees to it where PYTHONDONTWRITEBYTECODE is set): the suite imports ~5,600 of
+  # them, and compiling all ahead, even on both cores, took 36 s of the CI box's set-up.
   if ! "$VENV/bin/python" -m pip install -q --no-compile -c "$ROOT/constraints.txt" \
     -e "$ROOT[test,bench]" >"$log" 2>&1; then
     grep -v -E "^WARNING: Location" "$log" >&2
@@ -43,13 +45,5 @@ if [[ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]]; then
     exit 1
   fi
   rm -f "$log"
-  # As pip does, a file that does not compile (a package's templates, Python 2 examples) is
-  # left to be compiled, or not, when imported.
-  "$VENV/bin/python" - <<'PY' || true
-import compileall, sysconfig
-
-for path in sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}):
-    compileall.compile_dir(path, quiet=2, workers=0)
-PY
   echo "$want" >"$STAMP"
 fi
