@@ -170,17 +170,30 @@ def test_inductor_candidates_of_one_partition_share_one_compile(tmp_path, monkey
     assert len(compiles) == 2  # other settings: compiled apart
 
 
+@pytest.fixture(scope="module")
+def warming_cache(tmp_path_factory):
+    """One Inductor cache, new each session, for both warming cases: a fresh cache costs each
+    process that compiles into it Inductor's probes of the CPU's vector instructions (a test
+    program compiled per instruction set: ~6 s of g++ on the 2-core box, 2026-12-06), made
+    here once for both. No graph is shared: each case compiles its own input size."""
+    return tmp_path_factory.mktemp("inductor-cache")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("standby", [False, True])
-def test_a_warming_process_leaves_the_compile_in_inductors_cache(tmp_path, monkeypatch, standby):
+def test_a_warming_process_leaves_the_compile_in_inductors_cache(
+    tmp_path, monkeypatch, standby, warming_cache
+):
     """backends/warming.py: another process compiles the artifact; this process's load then
     reads Inductor's FX graph cache instead of compiling. Also where the process was started
     ahead (`stand_by`), before the artifact existed."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(warming_cache))
     torch.manual_seed(3)
-    model, x = Block(), torch.randn(4, 16)
+    # a size of each case's own (static shapes: a graph per size), so that the cache the two
+    # share holds no entry for this case's program until its own warming writes one
+    model, x = Block(), torch.randn(5 if standby else 4, 16)
     backend = InductorBackend()
     assert backend.can_warm(CPU)
     ahead = backend.stand_by(CPU) if standby else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -128,42 +129,15 @@ _AFFINITY_SCRIPT = (
 default_registry().get("tvm").load(art, dev)(*args)
 torch.mm(torch.randn(256, 256), torch.randn(256, 256))  # OpenMP starts its workers now
 masks = {int(t): os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")}
-print(len(before), sum(m == before for m in masks.values()), len(masks),
-      int(os.sched_getaffinity(0) == before))
+print("affinity:", len(before), sum(m == before for m in masks.values()), len(masks),
+      int(os.sched_getaffinity(0) == before), flush=True)
 """
 )
-
-
-@pytest.mark.skipif(
-    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
-    reason="needs a process allowed on two or more cores",
-)
-@pytest.mark.parametrize("bind", [None, "1"], ids=["default", "user-pins-tvm"])
-def test_loading_an_artifact_leaves_torch_threads_on_every_core(bind, tmp_path_factory):
-    """TVM pins the thread that sizes its pool; OpenMP workers torch starts later inherit
-    that mask (eager ran on one core of two). The loader keeps every thread free, and where
-    a person asks TVM to pin its own workers, the caller's thread is still given back."""
-    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
-    if bind is not None:
-        env["TVM_BIND_THREADS"] = bind
-    out = subprocess.run(
-        # one cache for both cases and the threads test: later processes load what the
-        # first compiled
-        [sys.executable, "-c", _AFFINITY_SCRIPT, str(tmp_path_factory.getbasetemp() / "tvm-mlp")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    cores, free, threads, caller_free = map(int, out.stdout.split()[-4:])
-    assert cores >= 2 and caller_free == 1
-    if bind is None:
-        assert free == threads, f"{threads - free} of {threads} threads pinned"
-
-
-# A fresh process: on failure TVM's VM crashes the process (a segfault in AllocTensor), which
-# must not take the test session with it.
-_THREADS_SCRIPT = (
-    _COMPILE_MLP.format(batch=2, seq=8)
-    + """
+# Then, in the default case's process (one start of torch and TVM fewer: ~4 s of CPU on the
+# 2-core box), the threads test's calls. Its own process still: on failure TVM's VM crashes
+# the process (a segfault in AllocTensor), which must not take the test session with it; the
+# affinity line is printed, and read, before they start.
+_THREADS_PART = """
 import threading
 run = default_registry().get("tvm").load(art, dev)
 inputs = [tuple(a + k for a in args) for k in range(4)]
@@ -184,19 +158,53 @@ for t in threads:
 print("wrong answers:", len(bad))
 sys.exit(1 if bad else 0)
 """
+
+
+@functools.cache
+def _fresh_process(bind: str | None, cache: str) -> subprocess.CompletedProcess:
+    """The affinity script in a fresh process (TVM_BIND_THREADS=`bind`), the threads test's
+    calls after it where `bind` is None; run once per session and case, for the tests that
+    read it. `cache`: one artifact cache for every case: later processes load what the first
+    compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    if bind is not None:
+        env["TVM_BIND_THREADS"] = bind
+    script = _AFFINITY_SCRIPT + (_THREADS_PART if bind is None else "")
+    return subprocess.run(
+        [sys.executable, "-c", script, cache], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def mlp_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tvm-mlp"))
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs a process allowed on two or more cores",
 )
+@pytest.mark.parametrize("bind", [None, "1"], ids=["default", "user-pins-tvm"])
+def test_loading_an_artifact_leaves_torch_threads_on_every_core(bind, mlp_cache):
+    """TVM pins the thread that sizes its pool; OpenMP workers torch starts later inherit
+    that mask (eager ran on one core of two). The loader keeps every thread free, and where
+    a person asks TVM to pin its own workers, the caller's thread is still given back."""
+    out = _fresh_process(bind, mlp_cache)
+    line = [x for x in out.stdout.splitlines() if x.startswith("affinity:")]
+    assert line, (out.returncode, out.stderr[-3000:])
+    cores, free, threads, caller_free = map(int, line[0].split()[1:])
+    assert cores >= 2 and caller_free == 1
+    if bind is None:
+        assert free == threads, f"{threads - free} of {threads} threads pinned"
+    else:
+        assert out.returncode == 0, out.stderr[-3000:]
 
 
-def test_one_loaded_partition_serves_several_threads_at_once(tmp_path_factory):
+def test_one_loaded_partition_serves_several_threads_at_once(mlp_cache):
     """A server's request threads call one loaded partition together: each gets its own
     answer and the process survives (TVM's VM keeps one call's frames at a time)."""
-    cache = tmp_path_factory.getbasetemp() / "tvm-mlp"  # the affinity test's build, if it ran
-    proc = subprocess.run(
-        [sys.executable, "-c", _THREADS_SCRIPT, str(cache)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _fresh_process(None, mlp_cache)
+    assert "wrong answers: 0" in proc.stdout.splitlines(), (proc.returncode, proc.stdout[-2000:])
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
 
 
