@@ -36,7 +36,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--no-huge-pages",
+        action="store_true",
+        help="leave the CPU's weights in 4 KiB pages (runtime/host_pages.py; hetero re-backs "
+        "the weights it binds in place, which are the model's own: transformers then reads "
+        "them in huge pages too)",
+    )
     a = ap.parse_args()
+    if a.no_huge_pages:
+        from hetero.runtime import host_pages
+
+        host_pages.available = lambda: False  # what collapse asks
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hetero
@@ -75,6 +86,7 @@ def main() -> None:
     out = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": a.dtype,
         "layers": a.layers, "packable": [str(t) for t in packable_dtypes()],
+        "huge_pages": not a.no_huge_pages,
         "choices": choices, "ms_per_token": runs,
         "median_ms_per_token": {k: statistics.median(v) for k, v in runs.items()},
     }  # fmt: skip
