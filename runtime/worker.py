@@ -176,7 +176,7 @@ class StageRunner:
             if self.keep_on_device:
                 on_device = {
                     n: o.contiguous()
-                    for n, o in zip(s.outputs, outs, strict=False)
+                    for n, o in zip(s.outputs, outs, strict=True)
                     if isinstance(o, torch.Tensor) and o.device == self._cuda
                 }
         outs = tuple(
