@@ -34,10 +34,12 @@ def timeline(path: str, gap_ms: float = 1.0) -> dict:
         return {}
     t0 = min(e["ts"] for e in events)
     end = max(e["ts"] + e["dur"] for e in events)
+    # The link is the host->device copy engine; device->host copies (a GPU stage's output
+    # for the CPU) run on another engine, beside it, and would read as the link's work.
     copies = sorted(
         (e["ts"], e["ts"] + e["dur"], e.get("args", {}).get("bytes", 0))
         for e in events
-        if e.get("cat") == "gpu_memcpy"
+        if e.get("cat") == "gpu_memcpy" and "DtoH" not in e.get("name", "")
     )
     products = [
         (e["ts"], e["ts"] + e["dur"])
@@ -51,7 +53,10 @@ def timeline(path: str, gap_ms: float = 1.0) -> dict:
     )
     link = [(s, e) for s, e, _ in copies]
     gaps = []
-    for (_, prev_end, _), (start, _, _) in itertools.pairwise(copies):
+    # a gap runs from the end of everything copied so far: a short copy that starts and ends
+    # inside a long one does not end the link's busy time
+    busy_until = itertools.accumulate((e for _, e, _ in copies), max)
+    for prev_end, (start, _, _) in zip(busy_until, copies[1:], strict=False):
         if start - prev_end >= gap_ms * 1e3:
             ending = next((n for s, e, n in stages if s <= start <= e + 50), "")
             gaps.append(
