@@ -25,6 +25,7 @@ import torch
 from hetero.backends.gpu_cpu_mm import host_to_device
 from hetero.backends.triton.graphs import capture
 
+_HOST = torch.device("cpu")
 WARMUP = 3  # calls before capture: compiled code builds its kernels on the first ones
 
 
@@ -156,9 +157,6 @@ class SlotGraphs:
                 _kernel_copy(s, a)
         graph.replay()
         return tuple(o.clone() for o in out)
-
-
-_HOST = torch.device("cpu")
 
 
 def _kernel_copy(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -174,8 +174,8 @@ class StageRunner:
         if host_out and self._cuda is not None:  # asleep while overlapped tasks multiply
             settle(self._cuda)
             if self.keep_on_device:
-                on_device = {
-                    n: o.contiguous()
+                on_device = {  # as they are: the host copies keep the same strides
+                    n: o
                     for n, o in zip(s.outputs, outs, strict=True)
                     if isinstance(o, torch.Tensor) and o.device == self._cuda
                 }
