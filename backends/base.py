@@ -454,6 +454,12 @@ class Backend(abc.ABC):
         `stand_by` started earlier, to hand the work to (a fresh one where it cannot)."""
         return None
 
+    def warming_key(self, artifact: Artifact, device: DeviceSpec) -> str | None:
+        """What a warming of `artifact` compiles, where two candidates' artifacts may need
+        the same compile (then only one warming runs, and both loads wait for it); None:
+        each its own."""
+        return None
+
     def load_warmed(
         self, artifact: Artifact, device: DeviceSpec, ready: Callable[[], object]
     ) -> Runner:

@@ -161,25 +161,47 @@ class InductorBackend(Backend):
         return run
 
     def can_warm(self, device: DeviceSpec) -> bool:
-        """On a CPU only: on a GPU the warming's kernel tuning and the candidates timed
-        here would share the card and skew each other. Not where Inductor's caches are
-        off, since the compile would leave nothing behind."""
-        return device.kind == "cpu" and _caches_on()
+        """Where Inductor's caches are on (the compile would leave nothing behind
+        otherwise), on a CPU, or on a GPU this process sees. On a GPU the warming compiles
+        without running the compiled program (`inductor_warm`): Inductor times its kernels'
+        configs on their first launch, which here happens in this process, so the warming
+        never times kernels on the card the candidates are timed on."""
+        if not _caches_on():
+            return False
+        if device.kind == "gpu":
+            return torch.cuda.is_available() and device.index < torch.cuda.device_count()
+        return device.kind == "cpu"
 
     def start_warming(
         self, artifact: Artifact, device: DeviceSpec, standby: Standby | None = None
     ) -> Warming | None:
         """Inductor's compile of the program in another process, for its caches to hand
-        to `load` (backends/warming.py); in `standby`'s process where it is still there."""
+        to `load` (backends/warming.py); in `standby`'s process where it is still there.
+        Not on a GPU for a mode that tunes kernels while it compiles (max-autotune): that
+        tuning would time kernels beside the candidates timed here."""
         if not self.can_warm(device):
             return None
+        settings = json.loads((artifact.path / "inductor.json").read_text())
+        if device.kind == "gpu" and "max-autotune" in (settings.get("mode") or ""):
+            return None
         threads = str(torch.get_num_threads())  # the kernels' OpenMP width is in their code
-        args = [str(artifact.path), threads]
+        args = [str(artifact.path), threads, str(torch_device(device))]
         handed = standby.start(args) if standby is not None else None
         return handed or Warming(WARM_MODULE, args)
 
+    def warming_key(self, artifact: Artifact, device: DeviceSpec) -> str | None:
+        """The program and settings a warming compiles: `inductor` and
+        `inductor-cudagraphs` artifacts of one partition compile the same, once."""
+        program = (artifact.manifest.get("files") or {}).get("program.pt2")
+        if not program:
+            return None
+        settings = json.loads((artifact.path / "inductor.json").read_text())
+        return f"{program}:{json.dumps(settings, sort_keys=True)}:{torch_device(device)}"
+
     def stand_by(self, device: DeviceSpec) -> Standby | None:
-        return Standby(WARM_MODULE) if self.can_warm(device) else None
+        if not self.can_warm(device):
+            return None
+        return Standby(WARM_MODULE, [str(torch_device(device))])
 
 
 def _caches_on() -> bool:
@@ -190,17 +212,23 @@ def _caches_on() -> bool:
 
 
 def compile_program(
-    path: Path, dev: torch.device, ready: Callable[[], object] | None = None
+    path: Path,
+    dev: torch.device,
+    ready: Callable[[], object] | None = None,
+    *,
+    compile_only: bool = False,
 ) -> tuple[Any, torch.export.ExportedProgram]:
     """(the artifact's program at `path` through torch.compile for `dev` with its saved
     settings, the program); Inductor compiles it on the first call, after `ready()` where
-    given (dynamo traces the program before)."""
+    given (dynamo traces the program before). `compile_only`: that call compiles, writes
+    Inductor's cache entries, then runs the traced graph as it is (a warming's, which must
+    not launch Inductor's kernels: their first launch times configs)."""
     settings = json.loads((path / "inductor.json").read_text())
     # torch.export.load reads a program and its weights; it never unpickles code.
     ep = torch.export.load(path / "program.pt2")
     mode, dynamic = settings["mode"], settings["dynamic"]
     backend: Any = "inductor"
-    if ready is not None:
+    if ready is not None or compile_only:
         # what torch.compile's own "inductor" backend runs for this mode, after `ready()`:
         # the same compile, hence the same cache entries as the warming process's
         patches = list_mode_options(mode, dynamic) if mode and mode != "default" else {}
@@ -209,8 +237,10 @@ def compile_program(
         from torch._inductor.compile_fx import compile_fx
 
         def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-            ready()
-            return compile_fx(gm, example_inputs, config_patches=patches)
+            if ready is not None:
+                ready()
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+            return gm.forward if compile_only else compiled
 
         mode = None  # in `patches`; torch.compile takes a mode for its own backend only
     compiled = torch.compile(

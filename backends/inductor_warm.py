@@ -1,13 +1,18 @@
-"""`python -m hetero.backends.inductor_warm ARTIFACT_DIR THREADS`: compile an inductor
-artifact's program on its example inputs and exit, leaving the compiled graph in Inductor's
-on-disk caches for the process that started it (backends/warming.py says why).
+"""`python -m hetero.backends.inductor_warm ARTIFACT_DIR THREADS [DEVICE]`: compile an
+inductor artifact's program on its example inputs for DEVICE (default: the CPU) and exit,
+leaving the compiled graph in Inductor's on-disk caches for the process that started it
+(backends/warming.py says why).
 
 The compile is the one `InductorBackend.load` makes, with the caller's thread count (the
 CPU kernels' OpenMP width is part of their code, so a different count would miss the cache).
-A program that updates its own buffers is called too: its state here is thrown away.
+On a CPU the compiled program is called too (a program that updates its own buffers as well:
+its state here is thrown away). On a GPU it is compiled only, never launched: the first
+launch of Inductor's GPU kernels times their configs, which must happen where the
+candidates are timed, not beside them (`compile_program`'s `compile_only`).
 
-`python -m hetero.backends.inductor_warm --standby` (a `warming.Standby`): get ready first,
-then read [ARTIFACT_DIR, THREADS] as one JSON list from stdin; exit at once on an empty input.
+`python -m hetero.backends.inductor_warm --standby [DEVICE]` (a `warming.Standby`): get
+ready for DEVICE first, then read [ARTIFACT_DIR, THREADS, DEVICE] as one JSON list from
+stdin; exit at once on an empty input.
 """
 
 from __future__ import annotations
@@ -23,32 +28,38 @@ from hetero.backends.warming import STANDBY
 
 
 def main(argv: list[str]) -> int:
-    if argv == [STANDBY]:
-        ready()
+    if argv[:1] == [STANDBY]:
+        ready(torch.device(argv[1] if len(argv) > 1 else "cpu"))
         line = sys.stdin.readline()
         if not line.strip():  # no work: the caller closed its end, or is gone
             return 0
         argv = json.loads(line)
-    if len(argv) != 2:
+    if len(argv) not in (2, 3):
         print(__doc__.split("\n")[0], file=sys.stderr)
         return 2
     path, threads = Path(argv[0]), int(argv[1])
+    dev = torch.device(argv[2] if len(argv) > 2 else "cpu")
     torch.set_num_threads(threads)
-    cpu = torch.device("cpu")
-    compiled, ep = compile_program(path, cpu)
-    if not compile_now(compiled, ep, cpu, state_too=True):
+    gpu = dev.type == "cuda"
+    if gpu:
+        torch.cuda.set_device(dev)
+    compiled, ep = compile_program(path, dev, compile_only=gpu)
+    if not compile_now(compiled, ep, dev, state_too=True):
         print(f"{path}: the program keeps no example inputs to compile on", file=sys.stderr)
         return 1
     return 0
 
 
-def ready() -> None:
+def ready(dev: torch.device) -> None:
     """Pay now what any first compile in a process pays before its own work: the compiler's
-    imports, Inductor's probe of the CPU's vector instructions and dynamo's and Inductor's
-    set-up, by compiling a one-op function (its kernel lands in the cache too) and forgetting
-    it. A failure here is no failure of the warming: the real compile retries what it needs."""
+    imports, Inductor's probe of the CPU's vector instructions (on a CPU) or the GPU's
+    context and Triton's (on a GPU) and dynamo's and Inductor's set-up, by compiling a
+    one-op function (its kernel lands in the cache too) and forgetting it. A failure here is
+    no failure of the warming: the real compile retries what it needs."""
     try:
-        torch.compile(_tiny, fullgraph=True)(torch.ones(8))
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        torch.compile(_tiny, fullgraph=True)(torch.ones(8, device=dev))
     except Exception as e:  # only a head start: the real compile reports its own errors
         print(f"getting ready: {type(e).__name__}: {e}", file=sys.stderr)
     torch._dynamo.reset()

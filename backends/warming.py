@@ -91,10 +91,12 @@ class Standby:
     `start(args)` hands them over; `close()` ends a process that got none. A process whose
     parent is gone reads the end of its input and exits."""
 
-    def __init__(self, module: str) -> None:
+    def __init__(self, module: str, ready_for: Sequence[str] = ()) -> None:
+        """`ready_for`: what the module's standby takes after STANDBY (what to get ready
+        for: a device); the work handed later may differ."""
         self.module = module
         self._proc: subprocess.Popen | None = subprocess.Popen(
-            [sys.executable, "-m", module, STANDBY],
+            [sys.executable, "-m", module, STANDBY, *ready_for],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -221,11 +221,12 @@ def test_a_warming_process_leaves_the_compile_in_inductors_cache(
         torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_no_warming_where_inductors_caches_are_off_or_on_a_gpu():
+def test_no_warming_where_inductors_caches_are_off_or_on_a_gpu_this_process_lacks():
     from torch._inductor import config
 
-    gpu = DeviceSpec("test/gpu0", "gpu", "test")
+    gpu = DeviceSpec("test/gpu0", "gpu", "test", index=torch.cuda.device_count())
     assert not InductorBackend().can_warm(gpu)
+    assert not InductorBackend().stand_by(gpu)
     with config.patch(force_disable_caches=True):
         assert not InductorBackend().can_warm(CPU)
     assert InductorBackend().can_warm(CPU)

@@ -411,6 +411,7 @@ class _Standby:
     """A standby process that only records being closed."""
 
     name = "standby"
+    module = "warm-module"  # what it would run: one per module and device kind is kept
 
     def __init__(self, events: list[str]) -> None:
         self.events = events
@@ -494,6 +495,34 @@ def test_a_warming_starts_before_the_other_candidates_compile_and_ends_before_it
     cm.shutdown()
 
 
+def test_candidates_that_warm_the_same_compile_share_one_warming(mlp, tmp_path, monkeypatch):
+    """`inductor` and `inductor-cudagraphs` compile one program with one setting: one
+    standby gets ready for both, one warming compiles it, and both loads wait for it."""
+    events: list[str] = []
+    monkeypatch.setattr(choice_mod, "WARM_MIN_OPS", 0)
+
+    class Twin(Warmed):
+        name = "twin"
+
+        def warming_key(self, artifact, device):
+            return "the same program"
+
+    class Original(Warmed):
+        def warming_key(self, artifact, device):
+            return "the same program"
+
+    reg = BackendRegistry()
+    for cls in (Plain, Original, Twin):
+        reg.register(cls.name, type(cls.__name__, (cls,), {"events": events}))
+    cm = compile_mlp(mlp, tmp_path, "faulty", registry=reg)
+    assert events.count("standing by") == 2  # the second one is closed at once, unused
+    assert events.count("started in standby") == 1
+    assert not any(e == "started" for e in events)  # the twin started nothing of its own
+    assert events.count("waited") == 2
+    assert {t.backend for t in cm.plan.partitions[0].choice} == {"faulty", "warmed", "twin"}
+    cm.shutdown()
+
+
 def test_a_standby_no_warming_took_is_closed(mlp, tmp_path, monkeypatch):
     """Standbys start for a graph large enough to warm; where no partition warms (here: a
     fixed choice measures nothing) the compile ends them."""
@@ -564,3 +593,15 @@ def test_a_large_model_gets_its_standbys_before_its_capture(mlp, tmp_path, monke
     assert events.count("standing by") == 1 and events.count("standby closed") == 1
     assert ("started in standby" in events) is warmed
     cm.shutdown()
+
+
+def test_candidates_are_measured_together_up_to_a_share_of_the_devices_memory():
+    """A 0.75 GB partition's five candidates fit an 80 GB card at once (loaded one at a time,
+    each would export and compile again); a small or unsized device keeps the fixed bound."""
+    from hetero.cluster.spec import DeviceSpec
+
+    card = DeviceSpec("n/gpu0", "gpu", "n", memory=80e9)
+    assert choice_mod._together_bytes(card) == choice_mod.TOGETHER_SHARE * 80e9
+    assert 6 * 0.75e9 <= choice_mod._together_bytes(card)
+    unsized = DeviceSpec("n/cpu", "cpu", "n")
+    assert choice_mod._together_bytes(unsized) == choice_mod.ALTERNATE_MAX_BYTES
