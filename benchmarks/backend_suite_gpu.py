@@ -315,12 +315,16 @@ def run_hetero(env: Env, model, inputs, ref, exact: torch.Tensor | None = None) 
 
     cache = tempfile.mkdtemp(prefix="hetero-suite-")  # fresh: nothing measured before is reused
     choose = None if env.choice_budget_s is None else BackendChoice(budget_s=env.choice_budget_s)
+    stats = torch._dynamo.utils.counters["inductor"]
+    before = {k: stats[k] for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
     t = time.perf_counter()
     cm = hetero.compile(
         model, inputs, cluster=cluster(env), backends=assignment(), cache_dir=cache,
         executor="local", registry=registry_without_tvm(), choose=choose,
     )  # fmt: skip
     out = {"compile_s": time.perf_counter() - t, "compile_times": cm.compile_times.to_dict()}
+    # hits: Inductor's compiles found in the cache a warming process wrote (backends/warming.py)
+    out["inductor_cache"] = {k: stats[k] - v for k, v in before.items()}
     try:
         with torch.no_grad():
             first = hidden(cm(*inputs)).clone()

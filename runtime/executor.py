@@ -63,6 +63,7 @@ class LocalExecutor:
         runners: Mapping[int, Any] | None = None,
         online: OnlineReplanner | None = None,
         gpu_timing: bool = False,
+        outputs_where_made: bool = False,
     ) -> None:
         """`stream_runner`: how stages with streamed weights run: "auto" (torch.compile on
         CUDA, eager elsewhere), "eager" or "inductor" (runtime/streaming.py). `runners`:
@@ -71,8 +72,13 @@ class LocalExecutor:
         leave the plan's predictions behind (runtime/online.py); the executor switches to
         what it hands over between requests. `gpu_timing`: CUDA stages are timed on the
         GPU's timeline (runtime/worker.py `StageRunner`; a generation's, whose split layers
-        return before their work has run)."""
+        return before their work has run). `outputs_where_made`: each output is handed back
+        on the device whose stage made it, not moved to the caller's inputs' device (a
+        generation in this process samples its next token on the GPU that made the logits:
+        moving them to the host cost each decode step a copy, a wait and a float16 argmax on
+        the CPU)."""
         self.needed_outputs = tuple(needed_outputs)
+        self.outputs_where_made = outputs_where_made
         self.gpu_timing = gpu_timing
         self.registry = registry
         self.stream_runner = stream_runner
@@ -201,7 +207,7 @@ class LocalExecutor:
                 if state.last_reader.get(src) == s.index and src not in state.keep:
                     p = packets.pop(src)
                     done.append(p.records[p.src])
-        home = _home(inputs)
+        home = None if self.outputs_where_made else _home(inputs)
         out = _collect(self.needed_outputs, first, packets.values(), home)
         for record in [*done, *(p.records[p.src] for p in packets.values())]:
             runner = state.runners.get(record.index)
@@ -256,14 +262,17 @@ def _collect(
     needed: Sequence[str],
     first: Packet,
     packets: Sequence[Packet] | object,
-    home: torch.device = torch.device("cpu"),
+    home: torch.device | None = torch.device("cpu"),
 ) -> dict[str, torch.Tensor]:
+    """The `needed` values, moved to `home` (None: where they are)."""
     values: dict[str, torch.Tensor] = dict(first.values)
     for p in packets:  # type: ignore[union-attr]
         values.update(p.values)
     missing = [n for n in needed if n not in values]
     if missing:
         raise WorkerError(f"the stages did not produce {missing}; the plan is incomplete")
+    if home is None:
+        return {n: values[n] for n in needed}
     return {
         n: pytree.tree_map(lambda v: v.to(home) if isinstance(v, torch.Tensor) else v, values[n])
         for n in needed

@@ -152,7 +152,9 @@ class BoundRunner:
         if self.host_reads and a.device.type == "cpu" and self.device.type == "cuda":
             # a CPU stage's output: read by a kernel, not queued behind streaming weights
             return host_to_device(a, self.device, f"in{id(self)}:{k}")
-        return a.to(self.device, non_blocking=True)
+        # to the host it waits: a non-blocking copy there lands in pinned memory after the
+        # call returns, and the CPU stage would read it first (a step's ids from the GPU)
+        return a.to(self.device, non_blocking=self.device.type != "cpu")
 
 
 class Generation(abc.ABC):
@@ -175,7 +177,9 @@ class Generation(abc.ABC):
 
     @abc.abstractmethod
     def step(self, phase: Phase, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """One program run: [batch, vocab] logits of the last position."""
+        """One program run: [batch, vocab] logits of the last position, on the device whose
+        stage made them where that runs in this process (the next token is sampled there),
+        on the host otherwise."""
 
     @abc.abstractmethod
     def move_state(self) -> None:
@@ -803,6 +807,7 @@ class LocalGeneration(Generation):
                 tuple(o for o in lm.graph(phase).outputs if o),
                 runners=runners[phase],
                 gpu_timing=True,
+                outputs_where_made=True,
             )
             for phase in Phase
         }

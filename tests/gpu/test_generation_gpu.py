@@ -104,6 +104,11 @@ def test_greedy_tokens_equal_transformers(placements, tmp_path):
             assert split and all(runs[k].cpu_rows_ms > 0 for k in split)
             assert all(m.cpu_rows_ms is None for k, m in runs.items() if k not in split)
         if not placements:  # all resident: prefill compiled once for any prompt length
+            from hetero.partitioner.phases import Phase
+
+            # the logits stay on the GPU that made them; the next token is sampled there
+            logits = lm.generation.step(Phase.DECODE, out[:, :1].cuda(), 16)
+            assert logits.device.type == "cuda"
             short = prompt[:, :9]
             with torch.no_grad():
                 ref = model.generate(short, max_new_tokens=8, min_new_tokens=8, do_sample=False)
