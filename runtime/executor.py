@@ -252,9 +252,10 @@ def _by(stages: Sequence[StageSpec]) -> list[tuple[int, StageSpec]]:
 
 def _home(inputs: Mapping[str, object]) -> torch.device:
     """The device the caller's tensors are on (the host when they differ or there are none)."""
-    devices = {
-        t.device for t in pytree.tree_leaves(list(inputs.values())) if isinstance(t, torch.Tensor)
-    }
+    values = list(inputs.values())
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        values = pytree.tree_leaves(values)
+    devices = {t.device for t in values if isinstance(t, torch.Tensor)}
     return devices.pop() if len(devices) == 1 else torch.device("cpu")
 
 
@@ -273,7 +274,10 @@ def _collect(
         raise WorkerError(f"the stages did not produce {missing}; the plan is incomplete")
     if home is None:
         return {n: values[n] for n in needed}
-    return {
-        n: pytree.tree_map(lambda v: v.to(home) if isinstance(v, torch.Tensor) else v, values[n])
-        for n in needed
-    }
+    return {n: _to(values[n], home) for n in needed}
+
+
+def _to(value: Any, home: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):  # nearly every value: pytree's walk costs a few us
+        return value.to(home)
+    return pytree.tree_map(lambda v: v.to(home) if isinstance(v, torch.Tensor) else v, value)

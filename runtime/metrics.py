@@ -48,9 +48,12 @@ class StageRecord:
 def nbytes(values: Iterable[Any]) -> int:
     """Bytes of every tensor in `values` (an activation may be a tuple of tensors)."""
     total = 0
-    for v in pytree.tree_leaves(list(values)):
-        if isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
+    for value in values:
+        # plain tensors (nearly every value) without pytree's walk: it ran twice per stage
+        leaves = (value,) if isinstance(value, torch.Tensor) else pytree.tree_leaves(value)
+        for v in leaves:
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
     return total
 
 

@@ -180,7 +180,9 @@ class StageRunner:
                     if isinstance(o, torch.Tensor) and o.device == self._cuda
                 }
         outs = tuple(
-            pytree.tree_map(lambda t: move(t) if isinstance(t, torch.Tensor) else t, o)
+            move(o)
+            if isinstance(o, torch.Tensor)
+            else pytree.tree_map(lambda t: move(t) if isinstance(t, torch.Tensor) else t, o)
             for o in outs
         )
         stage_ms = (time.perf_counter() - began) * 1e3
