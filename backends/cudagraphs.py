@@ -13,6 +13,7 @@ pool per prompt length.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,6 +82,13 @@ class Replayed:
 
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
         return replayed(super().load(artifact, device), device)
+
+    def load_warmed(
+        self, artifact: Artifact, device: DeviceSpec, ready: Callable[[], object]
+    ) -> Runner:
+        # the measured choice loads a warmed candidate through this, not `load`: replayed
+        # too, or the candidate would be timed without its graphs
+        return replayed(super().load_warmed(artifact, device, ready), device)  # type: ignore[misc]
 
 
 class CudaGraphsBackend(Replayed, EagerBackend):

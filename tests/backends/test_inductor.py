@@ -118,6 +118,18 @@ def test_inductor_cudagraphs_refuses_what_a_graph_cannot_replay(tmp_path, option
         InductorGraphsBackend().compile(unit_of(model, x), GPU, options, tmp_path)
 
 
+def test_a_warmed_load_of_inductor_cudagraphs_is_replayed_too(monkeypatch):
+    """The measured choice loads a candidate whose compile was warmed in another process
+    through `load_warmed`: `inductor-cudagraphs` must replay its graphs there as in `load`,
+    or it would be timed as plain Inductor and run otherwise once chosen."""
+    from hetero.backends import cudagraphs
+
+    monkeypatch.setattr(InductorBackend, "load_warmed", lambda self, art, dev, ready: "plain")
+    monkeypatch.setattr(cudagraphs, "replayed", lambda run, device: ("replayed", run))
+    got = InductorGraphsBackend().load_warmed(None, GPU, lambda: True)
+    assert got == ("replayed", "plain")
+
+
 def test_without_cuda_the_replay_is_the_plain_run(monkeypatch):
     def run(*acts):
         return acts
