@@ -143,10 +143,8 @@ class InductorBackend(Backend):
         """`load`, calling `ready()` (the wait for a warming) only where Inductor is about
         to compile: the program's read and dynamo's trace of it (1.3 s and ~2 s for GPT-2
         small) run while the warming process still compiles."""
-        settings = json.loads((artifact.path / "inductor.json").read_text())
         dev = torch_device(device)
-        program = (artifact.manifest.get("files") or {}).get("program.pt2")
-        key = (program, json.dumps(settings, sort_keys=True), str(dev)) if program else None
+        key = _program_key(artifact, dev)
         compiled = _LOADED.get(key) if key else None
         if compiled is None:
             compiled, ep = compile_program(artifact.path, dev, ready)
@@ -181,8 +179,7 @@ class InductorBackend(Backend):
         tuning would time kernels beside the candidates timed here."""
         if not self.can_warm(device):
             return None
-        settings = json.loads((artifact.path / "inductor.json").read_text())
-        if device.kind == "gpu" and "max-autotune" in (settings.get("mode") or ""):
+        if device.kind == "gpu" and "max-autotune" in (_settings(artifact.path)["mode"] or ""):
             return None
         threads = str(torch.get_num_threads())  # the kernels' OpenMP width is in their code
         args = [str(artifact.path), threads, str(torch_device(device))]
@@ -192,16 +189,27 @@ class InductorBackend(Backend):
     def warming_key(self, artifact: Artifact, device: DeviceSpec) -> str | None:
         """The program and settings a warming compiles: `inductor` and
         `inductor-cudagraphs` artifacts of one partition compile the same, once."""
-        program = (artifact.manifest.get("files") or {}).get("program.pt2")
-        if not program:
-            return None
-        settings = json.loads((artifact.path / "inductor.json").read_text())
-        return f"{program}:{json.dumps(settings, sort_keys=True)}:{torch_device(device)}"
+        return _program_key(artifact, torch_device(device))
 
     def stand_by(self, device: DeviceSpec) -> Standby | None:
         if not self.can_warm(device):
             return None
         return Standby(WARM_MODULE, [str(torch_device(device))])
+
+
+def _settings(path: Path) -> dict[str, Any]:
+    """The torch.compile settings an artifact at `path` was made with (`inductor.json`)."""
+    return json.loads((path / "inductor.json").read_text())
+
+
+def _program_key(artifact: Artifact, dev: torch.device) -> str | None:
+    """What Inductor compiles for `artifact` on `dev`: its program (by hash), its settings
+    and the device; None where the manifest names no program hash. Two artifacts with one
+    key share a loaded program (`_LOADED`) and a warming."""
+    program = (artifact.manifest.get("files") or {}).get("program.pt2")
+    if not program:
+        return None
+    return f"{program}:{json.dumps(_settings(artifact.path), sort_keys=True)}:{dev}"
 
 
 def _caches_on() -> bool:
@@ -223,7 +231,7 @@ def compile_program(
     given (dynamo traces the program before). `compile_only`: that call compiles, writes
     Inductor's cache entries, then runs the traced graph as it is (a warming's, which must
     not launch Inductor's kernels: their first launch times configs)."""
-    settings = json.loads((path / "inductor.json").read_text())
+    settings = _settings(path)
     # torch.export.load reads a program and its weights; it never unpickles code.
     ep = torch.export.load(path / "program.pt2")
     mode, dynamic = settings["mode"], settings["dynamic"]

@@ -601,10 +601,9 @@ def cold_caches(cold: bool):
     compiled the same kernels before it."""
     if not cold:
         return contextlib.nullcontext()
-    from torch._inductor import utils
+    from torch._inductor.utils import fresh_cache  # torch 2.11 and 2.13 alike
 
-    fresh = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache  # older torch
-    return fresh()
+    return fresh_cache()
 
 
 def warm_up_process(env: Env) -> float:

@@ -26,7 +26,7 @@ from hetero.runtime.online import OnlineReplanner
 from hetero.runtime.replan import StagedPlan, log_switch
 from hetero.runtime.stage import StageSpec, check_stages, producers, sources
 from hetero.runtime.streaming import load_runners
-from hetero.runtime.worker import Packet, StageRunner, caller_packet
+from hetero.runtime.worker import Packet, StageRunner, caller_packet, map_tensors
 
 
 @dataclass
@@ -274,10 +274,4 @@ def _collect(
         raise WorkerError(f"the stages did not produce {missing}; the plan is incomplete")
     if home is None:
         return {n: values[n] for n in needed}
-    return {n: _to(values[n], home) for n in needed}
-
-
-def _to(value: Any, home: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):  # nearly every value: pytree's walk costs a few us
-        return value.to(home)
-    return pytree.tree_map(lambda v: v.to(home) if isinstance(v, torch.Tensor) else v, value)
+    return {n: map_tensors(lambda t: t.to(home), values[n]) for n in needed}

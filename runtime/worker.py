@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -179,12 +179,7 @@ class StageRunner:
                     for n, o in zip(s.outputs, outs, strict=True)
                     if isinstance(o, torch.Tensor) and o.device == self._cuda
                 }
-        outs = tuple(
-            move(o)
-            if isinstance(o, torch.Tensor)
-            else pytree.tree_map(lambda t: move(t) if isinstance(t, torch.Tensor) else t, o)
-            for o in outs
-        )
+        outs = tuple(map_tensors(move, o) for o in outs)
         stage_ms = (time.perf_counter() - began) * 1e3
         if self._pair is not None:  # after the outputs' moves: their copies are the stage's
             self._pair[1].record(torch.cuda.current_stream(self._cuda))
@@ -195,6 +190,14 @@ class StageRunner:
         return Packet(
             s.index, dict(zip(s.outputs, outs, strict=True)), records, time.time(), on_device
         )
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
+    """`value` with `fn` applied to each tensor in it (an activation may be a tuple of
+    tensors); a plain tensor, nearly every value, without pytree's walk (a few us each)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    return pytree.tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) else t, value)
 
 
 def _fetch(blob: Any) -> bytes | None:

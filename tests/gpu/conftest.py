@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "backends" / "triton"))  # triton_models
+sys.path.insert(0, str(Path(__file__).parents[1] / "backends"))  # block_units
 
 
 @pytest.fixture(autouse=True)

@@ -29,16 +29,14 @@ def _model():
 
 
 def test_outputs_match_eager_and_survive_the_next_replay(tmp_path):
-    from hetero.backends.base import Artifact, CompileOptions, CompileUnit
+    from block_units import unit_of
+
+    from hetero.backends.base import Artifact, CompileOptions
     from hetero.backends.inductor import InductorGraphsBackend
     from hetero.cluster.spec import ClusterSpec
-    from hetero.partitioner.graph import capture
-    from hetero.partitioner.split import flatten_inputs, param_values, split
 
     model, (x,) = _model()
-    graph = capture(model.eval(), (x,))
-    (part,) = split(graph, {n: 0 for n in graph.order})
-    unit = CompileUnit.from_partition(part, flatten_inputs(graph, (x,)), param_values(graph))
+    unit = unit_of(model, x)
     gpu = next(d for d in ClusterSpec.local().devices if d.kind == "gpu")
     backend = InductorGraphsBackend()
     backend.compile(unit, gpu, CompileOptions(), tmp_path)

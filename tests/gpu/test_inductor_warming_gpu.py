@@ -18,17 +18,13 @@ pytestmark = [
 
 
 def _unit():
-    from hetero.backends.base import CompileUnit
+    from block_units import unit_of
+
     from hetero.interfaces.models import mlp_block
-    from hetero.partitioner.graph import capture
-    from hetero.partitioner.split import flatten_inputs, param_values, split
 
     model, (x,) = mlp_block(batch=8, seq=64)
     model, x = model.half().cuda().eval(), x.half().cuda()
-    graph = capture(model, (x,))
-    (part,) = split(graph, {n: 0 for n in graph.order})
-    unit = CompileUnit.from_partition(part, flatten_inputs(graph, (x,)), param_values(graph))
-    return model, x, unit
+    return model, x, unit_of(model, x)
 
 
 @pytest.mark.parametrize("standby", [False, True])
