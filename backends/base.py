@@ -412,6 +412,11 @@ class Backend(abc.ABC):
     # after the other candidates, and only when none of them passed its check (then the
     # plan notes it was not measured, and why). It still runs where it is planned or pinned.
     last_resort_kinds: ClassVar[tuple[str, ...]] = ()
+    # The backends that run the same program as this one and better, on every device kind
+    # this one runs on: where one of them passed its check, the measured choice does not
+    # compile or time this one (the plan notes which). It still runs where planned or pinned,
+    # and is measured where none of them could run the partition.
+    outclassed_by: ClassVar[tuple[str, ...]] = ()
     # Whether a load of an artifact while a runner of it is still alive reuses that runner's
     # program instead of loading (compiling) it again: the measured choice then holds its
     # chosen runner until the stages loaded (runtime/choice.py, `Chooser.held`). Held

@@ -93,3 +93,9 @@ class Replayed:
 
 class CudaGraphsBackend(Replayed, EagerBackend):
     name = "cudagraphs"
+    # Both replay the partition as CUDA graphs; Inductor's program does the same ATen work
+    # in fused kernels. Measured on H100/H200 (backend_suite.md, runs 3-5, 32, 39): slower in
+    # all five rows that had both, by 1.4-3.0x (ConvNeXt-T 3.29 vs 2.29 ms, MobileNetV3-L 2.66
+    # vs 0.88, GPT-2 4.14 vs 2.30, Mixtral 9.01 vs 6.07), while its compile and capture took
+    # 5.1 s of GPT-2's 36 s compile and 6.8 s of Mixtral's 62.
+    outclassed_by = ("inductor-cudagraphs",)

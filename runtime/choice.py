@@ -10,8 +10,10 @@ host, where its time says nothing about the NPU. Streamed and split partitions k
 backend (their pieces run through the streaming backend).
 
 A backend that declares the device's kind among its `Backend.last_resort_kinds` (plain
-eager on a GPU) is tried last, and only when no other candidate passed its check: the plan
-records it as not measured, and why.
+eager on a GPU) is tried last, and only when no other candidate passed its check; one that
+names a candidate in its `Backend.outclassed_by` (eager replayed as CUDA graphs, outclassed
+by Inductor's program replayed) is tried after it, and only when it failed its check. The
+plan records such a candidate as not measured, and why.
 
 Timing: `calibration.timing.time_call` (the fastest of short rounds; a call longer than a
 round's budget: the fastest of SLOW_SAMPLES calls); the candidates take turns, up to `ROUNDS`
@@ -48,7 +50,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,8 +235,11 @@ class Chooser:
                 why[name] = bad
                 continue
             names.append(name)
-        # stable: the registry's order otherwise
-        names[1:] = sorted(names[1:], key=lambda n: self._last_resort(n, device))
+        # stable: the registry's order otherwise; one outclassed after those that outclass it
+        names[1:] = sorted(
+            names[1:],
+            key=lambda n: (self._last_resort(n, device), self._outclassed(n, names) is not None),
+        )
         return names, why
 
     def stand_by(self, ops: int | None) -> None:
@@ -287,6 +292,10 @@ class Chooser:
 
     def _last_resort(self, name: str, device: DeviceSpec) -> bool:
         return device.kind in self.registry.get(name).last_resort_kinds
+
+    def _outclassed(self, name: str, among: Collection[str]) -> str | None:
+        """The first of `among` that outclasses `name` (`Backend.outclassed_by`), or None."""
+        return next((n for n in self.registry.get(name).outclassed_by if n in among), None)
 
     # ---- one partition -------------------------------------------------------------------------
     def build(
@@ -400,6 +409,11 @@ class Chooser:
                 notes[name] = (
                     f"not measured: a last resort on a {device.kind}, and "
                     f"{', '.join(checked)} passed the check"
+                )
+                continue
+            if name != planned and (better := self._outclassed(name, checked)):
+                notes[name] = (
+                    f"not measured: {better} passed the check, and runs its program better"
                 )
                 continue
             if name != planned and (

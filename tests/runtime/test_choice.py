@@ -5,6 +5,7 @@ times, and the plan keeps them through JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -354,6 +355,64 @@ def test_a_planned_last_resort_is_measured_first(mlp, tmp_path):
     (p,) = cm.plan.partitions
     assert {t.backend for t in p.choice if t.ms is not None} == {"eager", "last-resort"}
     cm.shutdown()
+
+
+class Outclassed(FaultyBackend):
+    """A CPU candidate that `faulty` outclasses (as Inductor's replayed program does eager's)."""
+
+    name = "outclassed"
+    outclassed_by = ("faulty",)
+
+
+def with_outclassed() -> BackendRegistry:
+    reg = BackendRegistry()
+    reg.register("outclassed", Outclassed)  # before faulty in the registry's order
+    reg.register("faulty", FaultyBackend)
+    reg.register("eager", _Lazy("hetero.backends.eager:EagerBackend"))
+    return reg
+
+
+def test_an_outclassed_candidate_is_not_measured_once_what_outclasses_it_passes(
+    mlp, tmp_path, monkeypatch
+):
+    compiled = []
+    real = Outclassed.compile
+    monkeypatch.setattr(Outclassed, "compile", lambda *a, **k: compiled.append(1) or real(*a, **k))
+    cm = compile_mlp(mlp, tmp_path, "eager", registry=with_outclassed())
+    (p,) = cm.plan.partitions
+    by = {t.backend: t for t in p.choice}
+    assert by["faulty"].ms is not None and by["eager"].ms is not None
+    assert by["outclassed"].ms is None and not compiled
+    assert by["outclassed"].note == (
+        "not measured: faulty passed the check, and runs its program better"
+    )
+    cm.shutdown()
+
+
+def test_an_outclassed_candidate_is_measured_where_what_outclasses_it_fails(mlp, tmp_path):
+    wrong = CompileOptions(extra=(("miscompile", "addmm"),))
+    cm = compile_mlp(mlp, tmp_path, "eager", registry=with_outclassed(), options={"faulty": wrong})
+    (p,) = cm.plan.partitions
+    by = {t.backend: t for t in p.choice}
+    assert by["faulty"].note.startswith("wrong values")
+    assert by["outclassed"].ms is not None
+    cm.shutdown()
+
+
+def test_eager_replayed_as_graphs_is_outclassed_by_inductors_replayed_program():
+    from hetero.backends.cudagraphs import CudaGraphsBackend
+    from hetero.backends.registry import default_registry
+
+    assert CudaGraphsBackend.outclassed_by == ("inductor-cudagraphs",)
+    gpu = next(d for d in ClusterSpec.local(include_gpus=False).devices)
+    gpu = dataclasses.replace(gpu, kind="gpu", name="node0/gpu")
+    chooser = choice_mod.Chooser(
+        default_registry(), BackendAssignment(), BackendChoice(Choose.MEASURED)
+    )
+    names, _ = chooser.candidates(gpu, "cudagraphs", ())
+    assert names[0] == "cudagraphs"  # planned: measured first all the same
+    names, _ = chooser.candidates(gpu, "triton", ())
+    assert names.index("inductor-cudagraphs") < names.index("cudagraphs") < names.index("eager")
 
 
 def test_plain_eager_is_a_last_resort_on_a_gpu_only():
