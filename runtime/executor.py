@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.errors import WorkerError
 from hetero.partitioner.plan import Plan
-from hetero.runtime.metrics import RunMetrics
+from hetero.runtime.metrics import RunMetrics, StageRecord
 from hetero.runtime.online import OnlineReplanner
 from hetero.runtime.replan import StagedPlan, log_switch
 from hetero.runtime.stage import StageSpec, check_stages, producers, sources
@@ -86,6 +86,9 @@ class LocalExecutor:
         self.history: list[StagedPlan] = []  # earlier deployments, oldest first
         self.served = 0  # requests answered, all deployments
         self._closed = False
+        # (metrics, runner, record) of runs whose stage's GPU has not reached their end: a
+        # generation queues its next step before it reads this one's token
+        self._unread: list[tuple[RunMetrics, StageRunner, StageRecord]] = []
         self._state = self._install(StagedPlan(tuple(stages), plan), runners)
 
     # ---- the running deployment -----------------------------------------------------------
@@ -99,7 +102,21 @@ class LocalExecutor:
 
     @property
     def metrics(self) -> RunMetrics:
+        """The runs' measurements, every run's GPU times read (waiting for them)."""
+        self._read_gpu_times(wait=True)
         return self._state.metrics
+
+    def _read_gpu_times(self, wait: bool) -> None:
+        """Records the runs whose GPU times were unread, as far as the GPU has reached (all
+        of them, waiting, where `wait`), in the order they ran."""
+        left = []
+        for metrics, runner, record in self._unread:
+            timed = runner.gpu_timed(record, wait=wait)
+            if timed is None:
+                left.append((metrics, runner, record))
+            else:
+                metrics.record(timed)
+        self._unread = left
 
     @property
     def streamers(self) -> dict[str, Any]:
@@ -211,7 +228,11 @@ class LocalExecutor:
         out = _collect(self.needed_outputs, first, packets.values(), home)
         for record in [*done, *(p.records[p.src] for p in packets.values())]:
             runner = state.runners.get(record.index)
-            state.metrics.record(runner.gpu_timed(record) if runner is not None else record)
+            if runner is None:
+                state.metrics.record(record)
+            else:
+                self._unread.append((state.metrics, runner, record))
+        self._read_gpu_times(wait=False)
         state.metrics.record_request((time.perf_counter() - t0) * 1e3)
         self.served += 1
         if self.online is not None and state is self._state:
@@ -235,6 +256,7 @@ class LocalExecutor:
     def shutdown(self) -> None:
         if self.online is not None:
             self.online.close()
+        self._unread.clear()
         self._state.runners.clear()
         self._state.streamers.clear()
         self._closed = True

@@ -275,31 +275,59 @@ class Generation(abc.ABC):
                 self.move_state()
             gen = sampling.generator(logits.device)
             token = next_token(logits, sampling, gen)
+            # Where the logits come back on a GPU, its step runs after the call returns: the
+            # next step is queued before this token is read, so the GPU runs it while the
+            # host copies the token and the caller takes it (a read first left the GPU idle
+            # through the copy, the caller's work and the next launch, every token). A step
+            # run on the host is done when it returns: queued first, it would only hold
+            # each token back by a step.
+            ahead = runs_after_return(token.device)
+            eos_host = torch.tensor(sorted(eos), dtype=torch.long)
+            eos_ids_t = eos_host.to(token.device) if eos else None
             done = torch.zeros(token.shape, dtype=torch.bool, device=token.device)
+            done_here = torch.zeros(token.shape, dtype=torch.bool)  # read without a wait
             first = time.perf_counter()
             self.last = {"ttft_ms": (first - t0) * 1e3, "tokens": 1}
             for k in range(max_new_tokens):
+                nxt = None
+                if ahead and k < max_new_tokens - 1:
+                    nxt, done = self._next(token, length + k, done, sampling, gen, eos_ids_t)
                 out = token.cpu()
                 yield out
                 if eos:
-                    hit = torch.tensor([int(t) in eos for t in out], device=done.device)
-                    done = done | hit
-                    if bool(done.all()):
-                        break
+                    done_here |= torch.isin(out, eos_host)
+                    if bool(done_here.all()):
+                        break  # a step queued ahead is dropped: its cache row lies past the end
                 if k == max_new_tokens - 1:
                     break
-                last = (token.view(-1, 1).to(torch.long), length + k)
-                logits = self.step(Phase.DECODE, *last)
-                self._last_decode = last
-                nxt = next_token(logits, sampling, gen)
-                if eos:
-                    fill = torch.full_like(nxt, min(eos))
-                    nxt = torch.where(done, fill, nxt)
+                if nxt is None:
+                    nxt, done = self._next(token, length + k, done, sampling, gen, eos_ids_t)
                 token = nxt
                 self.last["tokens"] = k + 2
             end = time.perf_counter()
             n = self.last["tokens"]
             self.last["decode_ms_per_token"] = (end - first) * 1e3 / max(1, n - 1)
+
+    def _next(
+        self,
+        token: torch.Tensor,
+        start: int,
+        done: torch.Tensor,
+        sampling: Sampling,
+        gen: torch.Generator | None,
+        eos: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the token after `token`, which sequences met an EOS up to `token`), from one
+        decode step at `start`; nothing waits for the device. A sequence that met an EOS
+        repeats the smallest EOS id."""
+        last = (token.view(-1, 1).to(torch.long), start)
+        logits = self.step(Phase.DECODE, *last)
+        self._last_decode = last
+        nxt = next_token(logits, sampling, gen)
+        if eos is None:
+            return nxt, done
+        done = done | torch.isin(token, eos)
+        return torch.where(done, eos[0], nxt), done
 
     def generate(
         self,
@@ -319,6 +347,11 @@ class Generation(abc.ABC):
 
 
 _HOST = "host"
+
+
+def runs_after_return(device: torch.device) -> bool:
+    """Whether work queued on `device` may still run after the call that queued it returns."""
+    return device.type == "cuda"
 
 
 @contextlib.contextmanager

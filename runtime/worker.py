@@ -62,15 +62,22 @@ def local_device(device: DeviceSpec) -> DeviceSpec:
     return device
 
 
+# Runs of one stage whose GPU times may wait unread (`StageRunner.gpu_timed`): a caller
+# that never reads them loses the oldest rather than holding events without end.
+_UNREAD_RUNS = 8
+
+
 class StageRunner:
     """Runs one stage from packets; shared by the Ray worker and the in-process executor.
 
     `gpu_timing`: a stage on a CUDA device is also timed by events on its stream, read by
-    `gpu_timed` once the caller has synchronised. A generation's runner queues a split
-    layer's work and returns before the GPU (or the host CPU's share) has run it
-    (backends/gpu_cpu_mm.py `overlapped`): the host clock then measures launches, and the
-    feedback round would price the layers by them. The events measure the stage's span on
-    the GPU's timeline, waits for the CPU's rows included."""
+    `gpu_timed`. A generation's runner queues a split layer's work and returns before the
+    GPU (or the host CPU's share) has run it (backends/gpu_cpu_mm.py `overlapped`): the host
+    clock then measures launches, and the feedback round would price the layers by them. The
+    events measure the stage's span on the GPU's timeline, waits for the CPU's rows included.
+    Each run has its own pair of events until it is read, so a caller may queue the next run
+    before it reads this one's (`gpu_timed(..., wait=False)`): a decode step that waited for
+    its own events left the GPU idle while the host sampled and launched the next."""
 
     def __init__(
         self,
@@ -93,27 +100,37 @@ class StageRunner:
         self.device = device
         cuda = device.kind == "gpu" and torch.cuda.is_available()
         self._cuda = torch.device("cuda", device.index or 0) if cuda else None
-        # made once: a run's pair is read (gpu_timed) before the stage runs again
-        self._pair = (
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            if gpu_timing and cuda
-            else None
-        )
-        self._timed = False  # the pair holds a run gpu_timed has not read
+        self._times_gpu = gpu_timing and cuda
+        # per run not yet read, by its record's id: (the record, its events, its hand-offs'
+        # CPU span where a clock timed them); pairs are reused once read
+        self._unread: dict[int, tuple[StageRecord, tuple, float | None]] = {}
+        self._free: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         # a split stage's hand-offs, timed with it: the CPU's share as the step ran it
-        self._handoffs = HandoffClock() if self._pair is not None else None
+        self._handoffs = HandoffClock() if self._times_gpu else None
         self._handoffs_timed = False
 
-    def gpu_timed(self, record: StageRecord) -> StageRecord:
-        """`record` (this stage's last run) with its GPU span as its times, where timed."""
-        timed, self._timed = self._timed, False
-        if not timed or record.index != self.stage.index:
+    def gpu_timed(self, record: StageRecord, wait: bool = True) -> StageRecord | None:
+        """`record` (a run of this stage) with its GPU span as its times, where timed;
+        None where `wait` is False and the GPU has not reached the run's end yet."""
+        entry = self._unread.get(id(record))
+        if entry is None or entry[0] is not record:
             return record
-        start, end = self._pair
+        start, end = entry[1]
+        if not wait and not end.query():
+            return None
+        del self._unread[id(record)]
         end.synchronize()
         ms = start.elapsed_time(end)
-        cpu = self._handoffs.ms() if self._handoffs_timed else None
-        return replace(record, ms=ms, stage_ms=ms, cpu_rows_ms=cpu)
+        self._free.append(entry[1])
+        return replace(record, ms=ms, stage_ms=ms, cpu_rows_ms=entry[2])
+
+    def _events(self) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        if len(self._unread) >= _UNREAD_RUNS:  # a caller that never reads: the oldest go
+            _, pair, _ = self._unread.pop(next(iter(self._unread)))
+            self._free.append(pair)
+        if self._free:
+            return self._free.pop()
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def __call__(self, packets: Sequence[Packet], host_out: bool = True) -> Packet:
         s = self.stage
@@ -141,8 +158,9 @@ class StageRunner:
                 f"partition {s.name} on {s.device.name}: inputs {missing} did not arrive; "
                 "the stage graph is wired wrong (a bug in hetero's runtime: please report it)"
             )
-        if self._pair is not None:
-            self._pair[0].record(torch.cuda.current_stream(self._cuda))
+        pair = self._events() if self._times_gpu else None
+        if pair is not None:
+            pair[0].record(torch.cuda.current_stream(self._cuda))
         t0 = time.perf_counter()
         clock = self._handoffs
         self._handoffs_timed = clock is not None and clock.start(self._cuda)
@@ -181,12 +199,15 @@ class StageRunner:
                 }
         outs = tuple(map_tensors(move, o) for o in outs)
         stage_ms = (time.perf_counter() - began) * 1e3
-        if self._pair is not None:  # after the outputs' moves: their copies are the stage's
-            self._pair[1].record(torch.cuda.current_stream(self._cuda))
-            self._timed = True
-        records[s.index] = StageRecord(
-            s.index, ms, nbytes(outs), tuple(in_bytes), tuple(waits), stage_ms
-        )
+        record = StageRecord(s.index, ms, nbytes(outs), tuple(in_bytes), tuple(waits), stage_ms)
+        if pair is not None:  # after the outputs' moves: their copies are the stage's
+            pair[1].record(torch.cuda.current_stream(self._cuda))
+            cpu = None
+            if self._handoffs_timed:  # read now, its stream done: the next run reuses them
+                pair[1].synchronize()
+                cpu = self._handoffs.ms()
+            self._unread[id(record)] = (record, pair, cpu)
+        records[s.index] = record
         return Packet(
             s.index, dict(zip(s.outputs, outs, strict=True)), records, time.time(), on_device
         )

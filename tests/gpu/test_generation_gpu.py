@@ -106,6 +106,12 @@ def test_greedy_tokens_equal_transformers(placements, tmp_path):
         if not placements:  # all resident: prefill compiled once for any prompt length
             from hetero.partitioner.phases import Phase
 
+            # each decode step queued before the last token was read, and still every
+            # step's GPU time recorded: 2 requests of 23 steps (the first run cold), at least
+            decode = lm.generation.executors[Phase.DECODE]
+            stats = decode.metrics.snapshot().stages
+            assert stats and all(st.runs >= 2 * 23 - 1 and st.stage_ms > 0 for st in stats)
+            assert not decode._unread  # reading the metrics read every run
             # the logits stay on the GPU that made them; the next token is sampled there
             logits = lm.generation.step(Phase.DECODE, out[:, :1].cuda(), 16)
             assert logits.device.type == "cuda"

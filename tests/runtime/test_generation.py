@@ -154,6 +154,39 @@ def test_stops_at_eos_and_keeps_a_one_token_prompt(tiny_llama, cpu_lm):
     assert one.tolist() == ref[:, 1:].tolist()
 
 
+def test_a_step_queued_before_its_token_is_read_gives_the_same_tokens(
+    tiny_llama, cpu_lm, monkeypatch
+):
+    """Where a step runs after its call returns (a GPU), the next step is queued before the
+    host reads the token: the same tokens, greedy, sampled and stopped at an EOS, with at
+    most one step run past the end and dropped."""
+    from hetero.runtime import generation as generation_mod
+
+    _, prompt, expected = tiny_llama
+    steps = []
+    real = cpu_lm.generation.step
+    monkeypatch.setattr(
+        cpu_lm.generation, "step", lambda phase, *a: steps.append(phase) or real(phase, *a)
+    )
+    eos = int(expected[0, 5])
+    stop_at = expected[0].tolist().index(eos) + 1
+
+    def run() -> tuple[list, list, list, int]:
+        steps.clear()
+        greedy = cpu_lm.generate(prompt, 12).tolist()
+        sampled = cpu_lm.generate(prompt, 8, temperature=0.9, top_k=20, seed=3).tolist()
+        steps.clear()
+        stopped = cpu_lm.generate(prompt, 16, eos_token_id=eos).tolist()
+        return greedy, sampled, stopped, len(steps)
+
+    in_turn = run()
+    monkeypatch.setattr(generation_mod, "runs_after_return", lambda device: True)
+    ahead = run()
+    assert ahead[:3] == in_turn[:3]
+    assert in_turn[0] == expected[:, :12].tolist() and in_turn[2] == expected[:, :stop_at].tolist()
+    assert in_turn[3] == stop_at and ahead[3] == stop_at + 1  # prefill and the decode steps
+
+
 def test_sampling_is_reproducible_and_top1_is_greedy(tiny_llama, cpu_lm):
     _, prompt, expected = tiny_llama
     a = cpu_lm.generate(prompt, 8, temperature=0.9, top_k=20, seed=3)
