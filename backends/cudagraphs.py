@@ -40,15 +40,15 @@ def check_static(backend: str, unit: CompileUnit, options: CompileOptions, weigh
         )
 
 
-def replayed(run: Runner, device: DeviceSpec) -> Runner:
+def replayed(run: Runner, device: DeviceSpec, clone_outputs: bool = True) -> Runner:
     """`run` captured as a CUDA graph on its first call per input signature and replayed
     after, its outputs cloned out of the graph's pool (they flow into other partitions and
     to the caller, and the next replay would overwrite them). `run` itself where there is
     no CUDA device, and from the first call that cannot be captured on."""
     dev = torch_device(device)
-    if dev.type != "cuda" or not torch.cuda.is_available():
-        return run
-    graphs = GraphRunner(run, clone_outputs=True)
+    if dev.type != "cuda" or not torch.cuda.is_available() or getattr(run, "replays", False):
+        return run  # replayed already: a capture inside a capture fails
+    graphs = GraphRunner(run, clone_outputs=clone_outputs)
     failed: list[BaseException] = []
 
     def replay(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -62,6 +62,7 @@ def replayed(run: Runner, device: DeviceSpec) -> Runner:
             torch.cuda.synchronize(dev)
             return run(*acts)
 
+    replay.replays = True  # type: ignore[attr-defined]
     return replay
 
 

@@ -135,7 +135,7 @@ class InductorBackend(Backend):
         return self.manifest(unit, device, options, out_dir, files)
 
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:
-        return self.load_warmed(artifact, device, None)
+        return self._load(artifact, device, None)
 
     def load_warmed(
         self, artifact: Artifact, device: DeviceSpec, ready: Callable[[], object] | None
@@ -143,6 +143,15 @@ class InductorBackend(Backend):
         """`load`, calling `ready()` (the wait for a warming) only where Inductor is about
         to compile: the program's read and dynamo's trace of it (1.3 s and ~2 s for GPT-2
         small) run while the warming process still compiles."""
+        return self._load(artifact, device, ready)
+
+    def _load(
+        self, artifact: Artifact, device: DeviceSpec, ready: Callable[[], object] | None
+    ) -> Runner:
+        # not `load` through `load_warmed`: a subclass that wraps both (`Replayed`) would
+        # wrap a load twice, and a graph captured inside another's capture fails: the
+        # chosen inductor-cudagraphs stage of MobileNetV3-L ran as plain Inductor, 2.83 ms
+        # where the choice had timed it at 0.93 (run 47)
         dev = torch_device(device)
         key = _program_key(artifact, dev)
         compiled = _LOADED.get(key) if key else None
