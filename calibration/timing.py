@@ -11,18 +11,22 @@ Progress = Callable[[str, int, int], None]
 
 
 def time_call(
-    fn: Callable[[], object], sync: Callable[[], None] = lambda: None, budget: float = 0.15
+    fn: Callable[[], object],
+    sync: Callable[[], None] = lambda: None,
+    budget: float = 0.15,
+    min_calls: int = 1,
 ) -> float:
-    """Seconds per call: warm up, then short rounds (about 1 ms each) within `budget`
-    seconds, keeping the fastest. On a shared machine the slower rounds measure other
-    processes, not the op, and a short round is likelier to run undisturbed."""
+    """Seconds per call: warm up, then short rounds (about 1 ms each, at least `min_calls`
+    calls back to back) within `budget` seconds, keeping the fastest. On a shared machine
+    the slower rounds measure other processes, not the op, and a short round is likelier to
+    run undisturbed."""
     fn()
     sync()
     t0 = time.perf_counter()
     fn()
     sync()
     once = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, min(1000, int(1e-3 / once)))
+    inner = max(min_calls, min(1000, int(1e-3 / once)))
     reps = max(5, min(300, int(budget / (once * inner))))
     best = float("inf")
     for _ in range(reps):

@@ -52,3 +52,21 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
         return math.inf  # an inf of the other sign, or a NaN where the reference is inf
     a, b = a[finite], b[finite]
     return float((a - b).norm()) / (float(b.norm()) or 1.0)
+
+
+def float32_outputs(unit: Any, dev: torch.device) -> tuple[Any, ...]:
+    """A partition's (`CompileUnit`) outputs with its 16-bit float work done in float32 on
+    `dev`, each cast back to its own dtype: nearer the exact values than the 16-bit eager
+    run, which rounds after every op."""
+    from hetero.runtime.retype import SIXTEEN_BIT, retype_program
+
+    def wide(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.to(dev, torch.float32) if t.dtype in SIXTEEN_BIT else t.to(dev)
+
+    module = retype_program(unit.module, unit.example_inputs, torch.float32).to(dev)
+    acts = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in unit.example_inputs]
+    params = [wide(unit.param_values[p]) for p in unit.params]
+    with torch.no_grad():
+        return tuple(module(*acts, *params))

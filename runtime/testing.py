@@ -14,6 +14,7 @@ It lives in the package (not in tests/) so Ray workers can import it by name.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from hetero.backends.eager import EagerBackend, EagerOptions
 from hetero.cluster.spec import DeviceSpec
 
 POISON = 1234.5
-DELAY_FILE = "faulty.json"  # the delay a compiled partition sleeps, beside its program
+DELAY_FILE = "faulty.json"  # the delay a compiled partition sleeps (and its scale), beside it
 
 
 class InjectedFault(RuntimeError):
@@ -45,6 +46,10 @@ class FaultyOptions(EagerOptions):
     miscompile: str = ""  # scale the output of every node whose target contains this by 1.5
     delay_ms: float = 0.0  # every call sleeps this long more ...
     delay_after: int = 0  # ... after this many calls of the loaded partition
+    # its 16-bit work done in float32, outputs cast back (as a kernel that keeps float32
+    # between fused ops): nearer the exact values than the 16-bit eager run
+    float32: bool = False
+    scale: float = 1.0  # every floating output multiplied by this (a subtly wrong program)
 
 
 class FaultyBackend(EagerBackend):
@@ -57,10 +62,13 @@ class FaultyBackend(EagerBackend):
         opts = self.parse_options(options)
         if opts.miscompile:
             unit = _miscompiled(unit, str(opts.miscompile))
+        if opts.float32:
+            unit = _widened(unit)
         manifest = super().compile(unit, device, options, out_dir)
         files = dict(manifest.files)
-        if opts.delay_ms > 0:
+        if opts.delay_ms > 0 or opts.scale != 1.0:
             delay = {"delay_ms": opts.delay_ms, "delay_after": opts.delay_after}
+            delay["scale"] = opts.scale
             (out_dir / DELAY_FILE).write_text(json.dumps(delay))
             files[DELAY_FILE] = sha256_file(out_dir / DELAY_FILE)
         return Manifest(**{**manifest.__dict__, "backend": self.name, "files": files})
@@ -73,7 +81,7 @@ class FaultyBackend(EagerBackend):
 
         def faulty(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
             calls[0] += 1
-            if delay and calls[0] > delay["delay_after"]:
+            if delay and calls[0] > delay["delay_after"] and delay["delay_ms"] > 0:
                 time.sleep(delay["delay_ms"] / 1e3)
             first = acts[0] if acts else None
             if (
@@ -83,7 +91,11 @@ class FaultyBackend(EagerBackend):
                 and float(first.flatten()[0]) == POISON
             ):
                 raise InjectedFault(f"injected fault in {artifact.key} (input[0][0] == {POISON})")
-            return run(*acts)
+            scale = delay.get("scale", 1.0)
+            outs = run(*acts)
+            if scale == 1.0:
+                return outs
+            return tuple(o * scale if o.is_floating_point() else o for o in outs)
 
         return faulty
 
@@ -105,6 +117,18 @@ def _miscompiled(unit: CompileUnit, op: str) -> CompileUnit:
         example_inputs=unit.example_inputs,
         param_values=unit.param_values,
         dynamic_dims=unit.dynamic_dims,
+    )
+
+
+def _widened(unit: CompileUnit) -> CompileUnit:
+    from hetero.runtime.retype import SIXTEEN_BIT, retype_program
+
+    return dataclasses.replace(
+        unit,
+        module=retype_program(unit.module, unit.example_inputs, torch.float32),
+        param_values={
+            k: v.float() if v.dtype in SIXTEEN_BIT else v for k, v in unit.param_values.items()
+        },
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import time
 
 import pytest
@@ -269,6 +270,52 @@ def test_choose_is_typed_at_the_edge(monkeypatch):
     assert BackendAssignment.parse(None).pinned == ()
 
 
+class Drift(torch.nn.Module):
+    """Adds 1e-4 five hundred times to values near 1: float16 rounds every add away (half
+    its step there is 4.9e-4), float32 keeps them: the 16-bit eager run ends 5% from exact."""
+
+    def forward(self, x):
+        for _ in range(500):
+            x = x + 1e-4
+        return x
+
+
+def test_a_16_bit_candidate_nearer_the_exact_values_than_eager_is_kept(tmp_path):
+    torch.manual_seed(0)
+    x = (1 + 0.1 * torch.randn(4, 64)).half()
+    reg = registry()
+    exact = CompileOptions(extra=(("float32", True),))
+    cm = hetero.compile(
+        Drift(), (x,), cluster=one_cpu(), cache_dir=tmp_path, executor="local", registry=reg,
+        backends=BackendAssignment((("cpu", "eager"),)), choose="measured",
+        options={"faulty": exact},
+    )  # fmt: skip
+    (p,) = cm.plan.partitions
+    by = {t.backend: t for t in p.choice}
+    assert by["faulty"].ms is not None and by["eager"].ms is not None  # both passed
+    kept = [n for n in cm.plan.notes if "faulty kept" in n]
+    assert kept and re.search(r"kept [45]\.\de-02 from the 16-bit eager run", kept[0]), kept
+    cm.shutdown()
+
+
+def test_a_16_bit_candidate_off_eager_and_further_from_float32_is_wrong(tmp_path):
+    """20% over eager's values: within RECHECK_WITHIN of the tolerance, so judged against
+    float32 too, where it is 14% off and eager 5%."""
+    torch.manual_seed(0)
+    x = (1 + 0.1 * torch.randn(4, 64)).half()
+    wrong = CompileOptions(extra=(("scale", 1.2),))
+    cm = hetero.compile(
+        Drift(), (x,), cluster=one_cpu(), cache_dir=tmp_path, executor="local",
+        registry=registry(), backends=BackendAssignment((("cpu", "eager"),)),
+        choose="measured", options={"faulty": wrong},
+    )  # fmt: skip
+    (p,) = cm.plan.partitions
+    by = {t.backend: t for t in p.choice}
+    assert by["faulty"].note.startswith("wrong values: relative error 2.0e-01")
+    assert not any("faulty kept" in n for n in cm.plan.notes)
+    cm.shutdown()
+
+
 def test_a_candidate_with_nan_or_inf_where_eager_is_finite_is_wrong():
     """NaN compares false with any tolerance: the check must say so, not let it through."""
     import math
@@ -302,6 +349,28 @@ def test_a_call_longer_than_a_turn_is_timed_without_untimed_calls(timed):
     assert ms >= 1e3 * choice_mod.ROUND_BUDGET_S
     choice_mod._time(lambda *_: (), (), lambda: None, 2)
     assert len(timed) == 2
+
+
+def test_a_turn_on_a_gpu_times_calls_back_to_back():
+    """A round of a GPU turn is GPU_CALLS calls with one wait at the end (how a stream of
+    requests runs), where a lone call of over a millisecond made a round by itself."""
+    rounds = []
+    calls = []
+
+    def run(*_):
+        time.sleep(0.002)  # a 2 ms call: time_call would make each round one call
+        calls.append(1)
+
+    def sync():
+        rounds.append(len(calls))
+        calls.clear()
+
+    choice_mod._turn(run, (), sync, choice_mod.GPU_CALLS)
+    assert choice_mod.GPU_CALLS > 1 and rounds[:2] == [1, 1]  # the check and the warm-up
+    assert set(rounds[3:]) == {choice_mod.GPU_CALLS}  # after time_call's sizing call
+    rounds.clear()
+    choice_mod._turn(run, (), sync)
+    assert set(rounds) == {1}
 
 
 class LastResort(FaultyBackend):
@@ -436,7 +505,7 @@ def test_plain_eager_is_a_last_resort_on_a_gpu_only():
     ids=["a-close-one-races-on", "a-leader-left-alone-stops"],
 )
 def test_the_race_gives_turns_only_to_candidates_that_can_still_win(monkeypatch, ms, turns_of):
-    monkeypatch.setattr(choice_mod, "_time", lambda run, acts, sync, rounds: run())
+    monkeypatch.setattr(choice_mod, "_time", lambda run, acts, sync, rounds, calls: run())
     turns = dict.fromkeys(ms, 0)
 
     def runner(name):
