@@ -20,7 +20,7 @@ import torch
 
 from hetero.backends.base import Artifact, CompileOptions, CompileUnit, Manifest, Runner
 from hetero.backends.eager import EagerBackend, torch_device
-from hetero.backends.triton.graphs import GraphRunner
+from hetero.backends.triton.graphs import replay_or_run
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError
 
@@ -44,26 +44,12 @@ def replayed(run: Runner, device: DeviceSpec, clone_outputs: bool = True) -> Run
     """`run` captured as a CUDA graph on its first call per input signature and replayed
     after, its outputs cloned out of the graph's pool (they flow into other partitions and
     to the caller, and the next replay would overwrite them). `run` itself where there is
-    no CUDA device, and from the first call that cannot be captured on."""
+    no CUDA device, and from the first call that cannot be captured on
+    (`triton.graphs.replay_or_run`)."""
     dev = torch_device(device)
-    if dev.type != "cuda" or not torch.cuda.is_available() or getattr(run, "replays", False):
-        return run  # replayed already: a capture inside a capture fails
-    graphs = GraphRunner(run, clone_outputs=clone_outputs)
-    failed: list[BaseException] = []
-
-    def replay(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if failed or not all(isinstance(a, torch.Tensor) for a in acts):
-            return run(*acts)
-        try:
-            with torch.cuda.device(dev):
-                return graphs(*[a.to(dev) for a in acts])
-        except Exception as e:  # not capturable (a host sync, ...): uncaptured from now on
-            failed.append(e)
-            torch.cuda.synchronize(dev)
-            return run(*acts)
-
-    replay.replays = True  # type: ignore[attr-defined]
-    return replay
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return run
+    return replay_or_run(run, dev, clone_outputs)
 
 
 class Replayed:

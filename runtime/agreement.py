@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from hetero.runtime.retype import SIXTEEN_BIT, retype_program
+
 
 def tolerance(dtype: torch.dtype) -> float:
     """Largest relative error (norm-wise, against the reference: the eager run, or the program
@@ -58,7 +60,6 @@ def float32_outputs(unit: Any, dev: torch.device) -> tuple[Any, ...]:
     """A partition's (`CompileUnit`) outputs with its 16-bit float work done in float32 on
     `dev`, each cast back to its own dtype: nearer the exact values than the 16-bit eager
     run, which rounds after every op."""
-    from hetero.runtime.retype import SIXTEEN_BIT, retype_program
 
     def wide(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):

@@ -32,6 +32,7 @@ from hetero.backends.base import (
 )
 from hetero.backends.eager import EagerBackend, EagerOptions
 from hetero.cluster.spec import DeviceSpec
+from hetero.runtime.retype import SIXTEEN_BIT, retype_program
 
 POISON = 1234.5
 DELAY_FILE = "faulty.json"  # the delay a compiled partition sleeps (and its scale), beside it
@@ -121,8 +122,6 @@ def _miscompiled(unit: CompileUnit, op: str) -> CompileUnit:
 
 
 def _widened(unit: CompileUnit) -> CompileUnit:
-    from hetero.runtime.retype import SIXTEEN_BIT, retype_program
-
     return dataclasses.replace(
         unit,
         module=retype_program(unit.module, unit.example_inputs, torch.float32),

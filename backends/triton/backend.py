@@ -42,6 +42,7 @@ from hetero.backends.triton.autotune import TuneCache, Tuned, cache_file, tune
 from hetero.backends.triton.codegen import generate
 from hetero.backends.triton.fold import Folded, fold_weights
 from hetero.backends.triton.fuse import fuse
+from hetero.backends.triton.graphs import replay_or_run
 from hetero.backends.triton.rewrite import rewrite
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import CompileError, WorkerError
@@ -199,11 +200,8 @@ class TritonBackend(Backend):
         fn = forward
         if dev.type == "cuda" and config.get("cuda_graphs", True):
             # a program that cannot be captured runs uncaptured: transformers' Mixtral copies
-            # a host tensor in its expert routing, and the candidate failed (run 47). Imported
-            # here: backends.cudagraphs imports this package's graphs module.
-            from hetero.backends.cudagraphs import replayed
-
-            fn = replayed(forward, device, clone_outputs=config.get("clone_outputs", True))
+            # a host tensor in its expert routing, and the candidate failed (run 47)
+            fn = replay_or_run(forward, dev, clone_outputs=config.get("clone_outputs", True))
 
         def run(*acts: torch.Tensor) -> tuple[torch.Tensor, ...]:
             with torch.no_grad():

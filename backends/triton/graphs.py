@@ -89,3 +89,31 @@ class GraphRunner:
         if self.clone_outputs:
             return tuple(o.clone() for o in outs)
         return outs
+
+
+def replay_or_run(
+    run: Callable[..., tuple[torch.Tensor, ...]], dev: torch.device, clone_outputs: bool = True
+) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """`run` (on CUDA device `dev`) captured as a CUDA graph on its first call per input
+    signature and replayed after (`GraphRunner`); from the first call that cannot be
+    captured on (a host sync, a host tensor copied in: transformers' Mixtral routing), `run`
+    itself. A run made by this already is handed back as it is: a capture inside another's
+    fails, and both would run uncaptured."""
+    if getattr(run, "replays", False):
+        return run
+    graphs = GraphRunner(run, clone_outputs=clone_outputs)
+    failed: list[BaseException] = []
+
+    def replay(*acts: Any) -> tuple[torch.Tensor, ...]:
+        if failed or not all(isinstance(a, torch.Tensor) for a in acts):
+            return run(*acts)
+        try:
+            with torch.cuda.device(dev):
+                return graphs(*[a.to(dev) for a in acts])
+        except Exception as e:  # not capturable: uncaptured from now on
+            failed.append(e)
+            torch.cuda.synchronize(dev)
+            return run(*acts)
+
+    replay.replays = True  # type: ignore[attr-defined]
+    return replay
