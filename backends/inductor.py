@@ -148,10 +148,10 @@ class InductorBackend(Backend):
     def _load(
         self, artifact: Artifact, device: DeviceSpec, ready: Callable[[], object] | None
     ) -> Runner:
-        # not `load` through `load_warmed`: a subclass that wraps both (`Replayed`) would
-        # wrap a load twice, and a graph captured inside another's capture fails: the
-        # chosen inductor-cudagraphs stage of MobileNetV3-L ran as plain Inductor, 2.83 ms
-        # where the choice had timed it at 0.93 (run 47)
+        # `load` and `load_warmed` both come here, neither through the other: `Replayed`
+        # wraps each, and a load routed through both was replayed twice (the nested
+        # capture failed, and MobileNetV3-L's chosen inductor-cudagraphs stage ran as plain
+        # Inductor, 2.83 ms where the choice had timed 0.93: run 47)
         dev = torch_device(device)
         key = _program_key(artifact, dev)
         compiled = _LOADED.get(key) if key else None

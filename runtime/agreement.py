@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from hetero.runtime.retype import SIXTEEN_BIT, retype_program
+from hetero.runtime.retype import retype_unit
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -60,14 +60,8 @@ def float32_outputs(unit: Any, dev: torch.device) -> tuple[Any, ...]:
     """A partition's (`CompileUnit`) outputs with its 16-bit float work done in float32 on
     `dev`, each cast back to its own dtype: nearer the exact values than the 16-bit eager
     run, which rounds after every op."""
-
-    def wide(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
-            return t
-        return t.to(dev, torch.float32) if t.dtype in SIXTEEN_BIT else t.to(dev)
-
-    module = retype_program(unit.module, unit.example_inputs, torch.float32).to(dev)
-    acts = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in unit.example_inputs]
-    params = [wide(unit.param_values[p]) for p in unit.params]
+    wide = retype_unit(unit, torch.float32)
+    acts = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in wide.example_inputs]
+    params = [wide.param_values[p].to(dev) for p in wide.params]
     with torch.no_grad():
-        return tuple(module(*acts, *params))
+        return tuple(wide.module.to(dev)(*acts, *params))

@@ -34,7 +34,7 @@ from hetero.partitioner.plan import Plan, PlannedPartition
 from hetero.partitioner.split import param_values, split
 from hetero.runtime.artifacts import build_artifact
 from hetero.runtime.build import dynamic_dims, example_env, on_device, trace_device
-from hetero.runtime.retype import host_tensor, retype_program
+from hetero.runtime.retype import retype_unit
 from hetero.runtime.split_linear import split_program
 from hetero.runtime.stage import StageSpec
 
@@ -152,7 +152,7 @@ def _compile_phase(
                 graph, unit, part.nodes, _fraction(p, group), p.cpu_dtype, _whole(p, group)
             )
         elif p.cpu_dtype:
-            unit = _retype_unit(unit, getattr(torch, p.cpu_dtype))
+            unit = retype_unit(unit, getattr(torch, p.cpu_dtype))
         opts = options.get(p.backend) or CompileOptions()
         if holds:
             # Traced on the host whatever it runs on: its weights are bound at load (no
@@ -197,15 +197,6 @@ def _compile_phase(
             )
         )
     return tuple(stages)
-
-
-def _retype_unit(unit: CompileUnit, dtype: torch.dtype) -> CompileUnit:
-    """The unit computing its 16-bit work in `dtype`, its params as the runtime binds them."""
-    return dataclasses.replace(
-        unit,
-        module=retype_program(unit.module, unit.example_inputs, dtype),
-        param_values={k: host_tensor(v, dtype) for k, v in unit.param_values.items()},
-    )
 
 
 def _split_unit(

@@ -13,12 +13,14 @@ is converted by the copy).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
+from hetero.backends.base import CompileUnit
 from hetero.partitioner import host_dtype
 
 SIXTEEN_BIT = tuple(getattr(torch, d) for d in host_dtype.SIXTEEN_BIT)
@@ -35,6 +37,15 @@ def host_tensor(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """`t` as a retyped program binds it: its 16-bit floats in `dtype`, the rest as is."""
     want = bound_dtype(t.dtype, dtype)
     return t if want == t.dtype else t.to(want)
+
+
+def retype_unit(unit: CompileUnit, dtype: torch.dtype) -> CompileUnit:
+    """`unit` computing its 16-bit work in `dtype`, its params as the runtime binds them."""
+    return dataclasses.replace(
+        unit,
+        module=retype_program(unit.module, unit.example_inputs, dtype),
+        param_values={k: host_tensor(v, dtype) for k, v in unit.param_values.items()},
+    )
 
 
 def retype_program(

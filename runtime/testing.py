@@ -14,7 +14,6 @@ It lives in the package (not in tests/) so Ray workers can import it by name.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from hetero.backends.base import (
 )
 from hetero.backends.eager import EagerBackend, EagerOptions
 from hetero.cluster.spec import DeviceSpec
-from hetero.runtime.retype import SIXTEEN_BIT, retype_program
+from hetero.runtime.retype import retype_unit
 
 POISON = 1234.5
 DELAY_FILE = "faulty.json"  # the delay a compiled partition sleeps (and its scale), beside it
@@ -64,7 +63,7 @@ class FaultyBackend(EagerBackend):
         if opts.miscompile:
             unit = _miscompiled(unit, str(opts.miscompile))
         if opts.float32:
-            unit = _widened(unit)
+            unit = retype_unit(unit, torch.float32)
         manifest = super().compile(unit, device, options, out_dir)
         files = dict(manifest.files)
         if opts.delay_ms > 0 or opts.scale != 1.0:
@@ -118,16 +117,6 @@ def _miscompiled(unit: CompileUnit, op: str) -> CompileUnit:
         example_inputs=unit.example_inputs,
         param_values=unit.param_values,
         dynamic_dims=unit.dynamic_dims,
-    )
-
-
-def _widened(unit: CompileUnit) -> CompileUnit:
-    return dataclasses.replace(
-        unit,
-        module=retype_program(unit.module, unit.example_inputs, torch.float32),
-        param_values={
-            k: v.float() if v.dtype in SIXTEEN_BIT else v for k, v in unit.param_values.items()
-        },
     )
 
 
