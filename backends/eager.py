@@ -142,7 +142,7 @@ def traced_strides(ep: torch.export.ExportedProgram) -> list[tuple[int, ...] | N
     with others (another artifact's output where the whole model's eager run, which made
     the example, returned a copy), and a view then fails or misreads."""
     out = []
-    for val in _traced_inputs(ep):
+    for val in traced_inputs(ep):
         stride = tuple(val.stride()) if isinstance(val, torch.Tensor) else None
         out.append(stride if stride and all(isinstance(d, int) for d in stride) else None)
     return out
@@ -153,14 +153,14 @@ def symbolic_dims(ep: torch.export.ExportedProgram) -> tuple[tuple[int, int], ..
     what a compiler of the program should keep dynamic, and nothing else."""
     return tuple(
         (k, d)
-        for k, val in enumerate(_traced_inputs(ep))
+        for k, val in enumerate(traced_inputs(ep))
         if isinstance(val, torch.Tensor)
         for d, size in enumerate(val.shape)
         if not isinstance(size, int)
     )
 
 
-def _traced_inputs(ep: torch.export.ExportedProgram) -> list[Any]:
+def traced_inputs(ep: torch.export.ExportedProgram) -> list[Any]:
     """The value each user input (flattened) was traced with (a fake tensor, a SymInt...)."""
     user = set(ep.graph_signature.user_inputs)
     return [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
@@ -187,7 +187,7 @@ def traced_layouts(ep: torch.export.ExportedProgram) -> list[tuple[int, ...] | N
     (ordered by the example's strides): a permuted view traced with a symbolic prompt length
     still says which dim is innermost."""
     out = []
-    for val in _traced_inputs(ep):
+    for val in traced_inputs(ep):
         if not isinstance(val, torch.Tensor) or val.dim() < 2:
             out.append(None)
             continue

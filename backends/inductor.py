@@ -173,7 +173,7 @@ class InductorBackend(Backend):
         without running the compiled program (`inductor_warm`): Inductor times its kernels'
         configs on their first launch, which here happens in this process, so the warming
         never times kernels on the card the candidates are timed on."""
-        if not _caches_on():
+        if not inductor_caches_on():
             return False
         if device.kind == "gpu":
             return torch.cuda.is_available() and device.index < torch.cuda.device_count()
@@ -221,7 +221,7 @@ def _program_key(artifact: Artifact, dev: torch.device) -> str | None:
     return f"{program}:{json.dumps(_settings(artifact.path), sort_keys=True)}:{dev}"
 
 
-def _caches_on() -> bool:
+def inductor_caches_on() -> bool:
     """Whether Inductor keeps compiled graphs on disk for a later compile to reuse."""
     return bool(getattr(inductor_config, "fx_graph_cache", False)) and not getattr(
         inductor_config, "force_disable_caches", False

@@ -17,23 +17,20 @@ stdin; exit at once on an empty input.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from hetero.backends.inductor import compile_now, compile_program
-from hetero.backends.warming import STANDBY
+from hetero.backends.warming import handed_args
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == [STANDBY]:
-        ready(torch.device(argv[1] if len(argv) > 1 else "cpu"))
-        line = sys.stdin.readline()
-        if not line.strip():  # no work: the caller closed its end, or is gone
-            return 0
-        argv = json.loads(line)
+    handed = handed_args(argv, lambda dev: ready(torch.device(dev or "cpu")))
+    if handed is None:  # a standby never handed work
+        return 0
+    argv = handed
     if len(argv) not in (2, 3):
         print(__doc__.split("\n")[0], file=sys.stderr)
         return 2

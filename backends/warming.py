@@ -28,7 +28,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,17 @@ WAIT_S = 600.0
 # The only argument of a warming module started as a Standby: get ready, then read the real
 # arguments (one JSON list) from stdin; an end of input instead means there is no work.
 STANDBY = "--standby"
+
+
+def handed_args(argv: Sequence[str], get_ready: Callable[[str | None], object]) -> list | None:
+    """A warming module's arguments: `argv` itself, or for a Standby's process (`STANDBY
+    [READY_FOR]`) `get_ready(READY_FOR)` first and then the arguments it is handed (one JSON
+    list on stdin); None where it is handed none (its caller closed the pipe, or is gone)."""
+    if list(argv[:1]) != [STANDBY]:
+        return list(argv)
+    get_ready(argv[1] if len(argv) > 1 else None)
+    line = sys.stdin.readline()
+    return json.loads(line) if line.strip() else None
 
 
 class Warming:

@@ -418,16 +418,21 @@ def decode_row(env: Env, row: dict) -> None:
 
     def hetero_decode() -> dict:
         cache = Path(tempfile.mkdtemp(prefix="hetero-suite-gen-"))
+        stats = torch._dynamo.utils.counters["inductor"]
+        before = {k: stats[k] for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
         # the H200 box's cluster; without CUDA compile_lm runs the GPU's stages on the CPU
         lm, secs = g.compile_lm(
             model, g.cluster(None), a.max_len, batch, cache, prompt_length=prompt
         )
+        # hits: compiles a warming process left (runtime/stage_warming.py)
+        cached = {k: stats[k] - v for k, v in before.items()}
         try:
             times = g.hetero_times(lm, ids.cpu(), a.new_tokens, a.repeats)
             check = g.teacher_forced(lm, ids.cpu(), tokens, ref)
             return {
                 "compile_s": secs,
                 "compile_times": lm.compile_times.to_dict(),
+                "inductor_cache": cached,
                 "ms": times["ms_per_token"],
                 "err": check["max_rel_err"],
                 "argmax_agreement": check["argmax_agreement"],

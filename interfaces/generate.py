@@ -10,6 +10,7 @@ generation with a KV cache, and `CompiledLM.generate()`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -24,6 +25,7 @@ import torch
 
 from hetero.backends.base import CompileOptions
 from hetero.backends.registry import BackendRegistry, default_registry
+from hetero.backends.warming import Standby
 from hetero.calibration.generation import resident_feedback, split_feedback, stream_feedback
 from hetero.cluster.connect import init_ray
 from hetero.cluster.devices import NPU_RESOURCE
@@ -53,6 +55,7 @@ from hetero.runtime.generation_build import compile_generation
 from hetero.runtime.online import ReplanPolicy
 from hetero.runtime.ray_generation import RayGeneration
 from hetero.runtime.sampling import Sampling
+from hetero.runtime.stage_warming import StageWarmings, stand_by
 
 log = logging.getLogger("hetero.compile")
 
@@ -237,50 +240,60 @@ def compile_lm(
         )
     limits = FeedbackRounds.parse(feedback)
     precision = HostPrecision.parse(host_precision)
-    if lm is None:
-        with clock.phase("export"):
-            lm = capture_lm(model, batch=batch_size, max_len=max_length, example_len=prompt_length)
-    if plan is None:
-        with clock.phase("plan"):
-            plan = plan_generation(
-                lm,
-                cluster,
-                registry=registry,
-                cost_model=cost_model,
-                backends=assignment,
-                pins=pins,
-                exclude=exclude,
-                decode_placements=decode_placements,
-                host_precision=precision,
-            )
-
-    def build(p: GenerationPlan) -> CompiledLM:
-        return _build(lm, p, cluster, cache_dir, registry, options, kind, binder, clock)
-
-    compiled = build(plan)
-    if limits is None:
-        # the host CPU's decode programs that run at once (op by op, oneDNN on packed
-        # weights), chosen on the warm-up request's last step: without this, op by op served
-        # every request (a bfloat16 7B-wide layer 39.8 ms against 27.2 packed, 2-core box);
-        # Inductor's, which compiles, waits for feedback rounds
-        with clock.phase("program choice"):
-            compiled.generation.settle_programs(NO_COMPILE)
-    else:
-        with clock.phase("feedback"):  # the measured request and the re-plan; a rebuild's
-            compiled = _feedback_rounds(  # compiles count under their backends
-                compiled,
-                cost_model,
-                build,
-                dict(
+    # warming processes getting ready while the model is captured (runtime/stage_warming.py),
+    # ended on the way out where no warming took them
+    standbys = stand_by(cluster, model) if kind is ExecutorKind.LOCAL and lm is None else []
+    with contextlib.ExitStack() as ends:
+        for standby in standbys:
+            ends.callback(standby.close)
+        if lm is None:
+            with clock.phase("export"):
+                lm = capture_lm(
+                    model, batch=batch_size, max_len=max_length, example_len=prompt_length
+                )
+        if plan is None:
+            with clock.phase("plan"):
+                plan = plan_generation(
+                    lm,
+                    cluster,
                     registry=registry,
+                    cost_model=cost_model,
                     backends=assignment,
                     pins=pins,
                     exclude=exclude,
                     decode_placements=decode_placements,
                     host_precision=precision,
-                ),
-                limits,
+                )
+
+        def build(p: GenerationPlan) -> CompiledLM:
+            return _build(
+                lm, p, cluster, cache_dir, registry, options, kind, binder, clock, standbys
             )
+
+        compiled = build(plan)
+        if limits is None:
+            # the host CPU's decode programs that run at once (op by op, oneDNN on packed
+            # weights), chosen on the warm-up request's last step: without this, op by op served
+            # every request (a bfloat16 7B-wide layer 39.8 ms against 27.2 packed, 2-core box);
+            # Inductor's, which compiles, waits for feedback rounds
+            with clock.phase("program choice"):
+                compiled.generation.settle_programs(NO_COMPILE)
+        else:
+            with clock.phase("feedback"):  # the measured request and the re-plan; a rebuild's
+                compiled = _feedback_rounds(  # compiles count under their backends
+                    compiled,
+                    cost_model,
+                    build,
+                    dict(
+                        registry=registry,
+                        backends=assignment,
+                        pins=pins,
+                        exclude=exclude,
+                        decode_placements=decode_placements,
+                        host_precision=precision,
+                    ),
+                    limits,
+                )
     compiled.compile_times = clock.times()
     return compiled
 
@@ -295,18 +308,38 @@ def _build(
     executor: ExecutorKind,
     binder: StageBinder | None,
     clock: CompileClock,
+    standbys: list[Standby] | None = None,
 ) -> CompiledLM:
-    stages = compile_generation(
-        lm, plan, cluster, Path(cache_dir), registry=registry, options=options, clock=clock
-    )
-    with clock.phase("load"):
-        compiled = _load(lm, plan, cluster, stages, registry, executor, binder)
-    with clock.phase("first request"):
-        try:
-            compiled.warm_up()
-        except BaseException:  # a program that cannot run fails the compile, not a user
-            compiled.shutdown()
-            raise
+    """`standbys`: warming processes to hand this build's first warmings (taken from the
+    list)."""
+    warmings = None
+    if executor is ExecutorKind.LOCAL:
+        binder = binder or StageBinder(registry)
+        # this process's Inductor compiles, started in others as each phase is written
+        handed = list(standbys or ())
+        if standbys:
+            standbys.clear()
+        warmings = StageWarmings(
+            registry, binder.device_of, standbys=handed, compile_gpu=binder.compile_gpu
+        )
+        binder.warmings = warmings
+    try:
+        stages = compile_generation(
+            lm, plan, cluster, Path(cache_dir), registry=registry, options=options, clock=clock,
+            built=warmings.start if warmings is not None else None,
+        )  # fmt: skip
+        with clock.phase("load"):
+            compiled = _load(lm, plan, cluster, stages, registry, executor, binder)
+        with clock.phase("first request"):
+            try:
+                compiled.warm_up()
+            except BaseException:  # a program that cannot run fails the compile, not a user
+                compiled.shutdown()
+                raise
+    finally:
+        if warmings is not None:
+            warmings.close()
+            binder.warmings = None
     return compiled
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import enum
 import logging
 import numbers
 import threading
@@ -35,7 +34,6 @@ import torch
 
 from hetero.backends.cpu_gemv import route_gemv
 from hetero.backends.eager import relayout, symbolic_dims, torch_device, traced_layouts
-from hetero.backends.export import runnable
 from hetero.backends.gpu_cpu_mm import gpu_cpu_mlp, gpu_cpu_mm, host_to_device, overlapped
 from hetero.backends.linear_fold import fold_linears
 from hetero.backends.packed_linear import pack_linears, packable_dtypes
@@ -47,7 +45,6 @@ from hetero.partitioner.generation_plan import GenerationPlan
 from hetero.partitioner.phases import PROMPT, START, LMGraphs, Phase
 from hetero.partitioner.split import param_values
 from hetero.runtime.artifacts import load_runner, verify_artifact
-from hetero.runtime.build import retarget
 from hetero.runtime.cuda_graph import CudaGraphRunner, SlotGraphs
 from hetero.runtime.executor import LocalExecutor
 from hetero.runtime.host_pages import collapse
@@ -56,6 +53,8 @@ from hetero.runtime.metrics import MetricsSnapshot
 from hetero.runtime.retype import bound_dtype, host_tensor
 from hetero.runtime.sampling import Sampling, next_token, whole_number
 from hetero.runtime.stage import StageSpec
+from hetero.runtime.stage_compile import CompileMode, InductorStage, compile_mode, on_device
+from hetero.runtime.stage_warming import StageWarmings
 from hetero.runtime.streaming import program_key
 from hetero.runtime.thread_choice import ThreadChoice, choose_threads
 from hetero.runtime.weight_stream import WeightStreamer, slot_bytes
@@ -79,7 +78,9 @@ class DeviceStore:
         """The device's copy of weight `name` (its 16-bit floats in `dtype` where given: a
         device computes in one dtype, so one copy serves every stage there)."""
         if name not in self.weights:
-            self.weights[name] = host_tensor(host, dtype).to(self.device)
+            # detached: data, not a parameter (a copy that requires grad would also key
+            # Inductor's cache otherwise than a warming's zeros: runtime/stage_warming.py)
+            self.weights[name] = host_tensor(host, dtype).to(self.device).detach()
         return self.weights[name]
 
     def buffer(
@@ -417,6 +418,8 @@ class StageBinder:
         self.compile_gpu = compile_gpu
         self.compile_cpu = compile_cpu
         self.choices: dict[str, MeasuredChoice] = {}  # stage name -> its measured programs
+        # Inductor's compiles of the stages bound next, started elsewhere by the build
+        self.warmings: StageWarmings | None = None
         self.cuda_graphs = cuda_graphs
         self.host_reads = host_reads
         self.stores: dict[str, DeviceStore] = {}
@@ -635,9 +638,9 @@ class StageBinder:
             if mode in (CompileMode.OP_BY_OP, CompileMode.MEASURED):
                 mod = _op_by_op(program, dev)
             else:
-                mod = _on_device(program, dev)
+                mod = on_device(program, dev)
             if mode is CompileMode.MEASURED:
-                inductor = _Compiled(mod, dynamic_dims=(), name=s.name)
+                inductor = InductorStage(mod, dynamic_dims=(), name=s.name)
                 candidates = [("op-by-op", mod), ("inductor", inductor)]
                 dtypes = packable_dtypes()
                 packed = _op_by_op(program, dev) if dtypes else None
@@ -647,13 +650,14 @@ class StageBinder:
                 if route_gemv(routed):  # 16-bit weights: hetero's matrix-vector kernel
                     candidates.append(("gemv", routed))
                     candidates.append(
-                        ("inductor-gemv", _Compiled(routed, dynamic_dims=(), name=s.name))
+                        ("inductor-gemv", InductorStage(routed, dynamic_dims=(), name=s.name))
                     )
                 mod = MeasuredChoice(candidates, name=s.name)
                 self.choices[s.name] = mod
             elif mode is not CompileMode.OP_BY_OP:
                 dims = symbolic_dims(program) if mode is CompileMode.DYNAMIC else ()
-                mod = _Compiled(mod, dynamic_dims=dims, name=s.name)
+                ready = self.warmings.ready(s, dev, mode) if self.warmings else None
+                mod = InductorStage(mod, dynamic_dims=dims, name=s.name, ready=ready)
             layouts = traced_layouts(program)[: len(s.inputs)]
             if any(x is not None for x in layouts):
                 mod = _Relaid(mod, layouts)
@@ -662,16 +666,9 @@ class StageBinder:
         return cache[key]
 
 
-def _on_device(program: Any, dev: torch.device) -> torch.fx.GraphModule:
-    """`program` as a module on `dev`."""
-    mod = runnable(program)
-    retarget(mod, dev)  # traced on the host: its own tensors follow it here
-    return mod.to(dev)
-
-
 def _op_by_op(program: Any, dev: torch.device) -> torch.fx.GraphModule:
     """`program` as a module run op by op on `dev`, each Linear one call."""
-    mod = _on_device(program, dev)
+    mod = on_device(program, dev)
     fold_linears(mod)  # a dispatch per Linear instead of four
     reshape_views(mod)  # the GPU's attention may lay its output out otherwise
     return mod
@@ -731,38 +728,11 @@ class _OnDecodeTeam:
         return getattr(self.runner, name)
 
 
-class CompileMode(enum.Enum):
-    """How a GPU stage's program runs: op by op, or through Inductor for fixed shapes
-    (decode's one token) or for a symbolic prompt length (prefill)."""
-
-    OP_BY_OP = "op-by-op"
-    STATIC = "static"
-    DYNAMIC = "dynamic"
-    # the host CPU's decode: op by op, or Inductor's static program where a feedback round
-    # measured it faster (runtime/measured_choice.py)
-    MEASURED = "measured"
-
-
 # The CPU decode candidates that compile on their first call (Inductor's: ~18 s cold on the
 # 2-core box): what a generation compiled without feedback rounds does not try, so that its
 # compile measures only programs that run at once (op by op, oneDNN on packed weights,
 # hetero::gemv).
 NO_COMPILE = ("inductor", "inductor-gemv")
-
-
-def compile_mode(phase: Phase, stage: StageSpec, stages: Sequence[StageSpec]) -> CompileMode:
-    """Decode's tiny steps are what the host's dispatch bounds: they compile. Prefill
-    compiles only where its device streams nothing in that phase: a streamed prompt's GPU
-    waits on the link while the host queues op by op (the 7B under a 4 GiB cap: ~7 ms per
-    layer's copy), while an all-resident prompt ran op by op at 49 ms to the first token
-    on an H200 against torch.compile's 9 (run 8), the host's dispatch the bound. One
-    Inductor compile over a symbolic prompt length serves every prompt."""
-    if phase is Phase.DECODE:
-        return CompileMode.STATIC
-    streams = any(
-        t.weights != "resident" or t.shares for t in stages if t.device.name == stage.device.name
-    )  # `stage` among them
-    return CompileMode.OP_BY_OP if streams else CompileMode.DYNAMIC
 
 
 class _Relaid:
@@ -781,37 +751,6 @@ class _Relaid:
             for a, o in zip(args[:n], self.layouts, strict=False)
         ]
         return self.fn(*acts, *args[n:])
-
-
-class _Compiled:
-    """A program through torch.compile (Inductor); run as it is if compiling fails, with a
-    warning naming the stage (a missing kernel must not stop a generation). `dynamic_dims`:
-    (input, dim) sizes kept symbolic (the prompt's length: `symbolic_dims`), every other
-    size static; none: one compile for the shapes of the first call."""
-
-    def __init__(
-        self, module: torch.nn.Module, *, dynamic_dims: Sequence[tuple[int, int]], name: str
-    ) -> None:
-        self.module = module
-        self.dynamic_dims = tuple(dynamic_dims)
-        # marked per call rather than dynamic=True, which would make the weights' sizes
-        # symbols too
-        self.compiled = torch.compile(
-            module, dynamic=None if self.dynamic_dims else False, fullgraph=False
-        )
-        self.name = name
-        self.failed: BaseException | None = None
-
-    def __call__(self, *args: Any) -> Any:
-        if self.failed is None:
-            try:
-                for k, d in self.dynamic_dims:
-                    torch._dynamo.mark_dynamic(args[k], d)
-                return self.compiled(*args)
-            except Exception as e:  # Inductor cannot take it: the program still runs
-                self.failed = e
-                log.warning("torch.compile of %s failed (%s); running it op by op", self.name, e)
-        return self.module(*args)
 
 
 def lm_weights(lm: LMGraphs) -> dict[str, torch.Tensor]:

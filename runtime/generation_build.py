@@ -14,7 +14,7 @@ in it (runtime/retype.py).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,17 +104,22 @@ def compile_generation(
     registry: BackendRegistry | None = None,
     options: Mapping[str, CompileOptions] | None = None,
     clock: CompileClock | None = None,
+    built: Callable[[Phase, tuple[StageSpec, ...]], object] | None = None,
 ) -> dict[Phase, tuple[StageSpec, ...]]:
     """Every stage of both phases, compiled (cache hits for what was built before); `clock`
-    hears where the time went (hetero/compile_times.py)."""
+    hears where the time went (hetero/compile_times.py); `built(phase, stages)` is called as
+    soon as a phase's stages are (prefill's before decode's are built: its warmings,
+    runtime/stage_warming.py, start then)."""
     registry = registry or default_registry()
     clock = clock if clock is not None else CompileClock()
-    return {
-        phase: _compile_phase(
+    out = {}
+    for phase in Phase:
+        out[phase] = _compile_phase(
             lm, phase, gplan.plan(phase), cluster, Path(cache_dir), registry, options or {}, clock
         )
-        for phase in Phase
-    }
+        if built is not None:
+            built(phase, out[phase])
+    return out
 
 
 def _compile_phase(

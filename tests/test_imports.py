@@ -52,6 +52,8 @@ ALLOWED_INSIDE = {
     # Inductor's compiler proper (0.9-1.3 s to import) for a warmed load only; every process
     # that loads the backend registry (a Ray worker running TVM) would pay it at the top
     ("hetero.backends.inductor", "torch._inductor.compile_fx"),
+    # the same, for a generation stage's warmed compile only (runtime/stage_warming.py)
+    ("hetero.runtime.stage_compile", "torch._inductor.compile_fx"),
     # Inductor's C++ builder, for the host kernel's first build only: the runtime imports
     # this module wherever it runs a generation, most of them never building it
     ("hetero.backends.cpu_gemv", "torch._inductor.codecache"),

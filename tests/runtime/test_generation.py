@@ -704,7 +704,7 @@ def test_prefill_compiles_for_any_prompt_length_only_where_its_device_streams_no
     import dataclasses
 
     from hetero.partitioner.phases import Phase
-    from hetero.runtime.generation import CompileMode, compile_mode
+    from hetero.runtime.stage_compile import CompileMode, compile_mode
 
     prefill = tuple(cpu_lm.generation.stages[Phase.PREFILL])
     decode = tuple(cpu_lm.generation.stages[Phase.DECODE])
@@ -724,7 +724,7 @@ def test_a_compiled_prefill_program_compiles_once_for_every_prompt_length():
 
     from hetero.backends.eager import symbolic_dims
     from hetero.backends.export import runnable
-    from hetero.runtime.generation import _Compiled
+    from hetero.runtime.stage_compile import InductorStage
 
     class Block(torch.nn.Module):
         def __init__(self) -> None:
@@ -741,7 +741,7 @@ def test_a_compiled_prefill_program_compiles_once_for_every_prompt_length():
         block, (torch.randn(1, 8, 16),), dynamic_shapes=({1: length},), strict=False
     )
     assert symbolic_dims(ep) == ((0, 1),)
-    compiled = _Compiled(runnable(ep), dynamic_dims=symbolic_dims(ep), name="prefill")
+    compiled = InductorStage(runnable(ep), dynamic_dims=symbolic_dims(ep), name="prefill")
     before = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         for n in (8, 5, 13, 2):
