@@ -146,8 +146,9 @@ class StageWarmings:
 def stand_by(cluster: ClusterSpec, model: torch.nn.Module) -> list[Standby]:
     """Warming processes for the first GPU of `cluster` this process sees, started before
     `model` is captured (the capture takes longer than their imports and the GPU's set-up):
-    `AT_ONCE` of them, where Inductor's caches are on and the model is large enough to be
-    worth it (`choice.early_standby`'s size); none otherwise. Ended by `StageWarmings.close`
+    `AT_ONCE` of them, where Inductor's caches are on, the model is large enough to be
+    worth it (`choice.early_standby`'s size) and small enough for a warming's copy of it to
+    fit beside it; none otherwise. Ended by `StageWarmings.close`
     where no stage takes them."""
     gpus = [d for d in cluster.devices if d.kind == "gpu"]
     if not gpus or not torch.cuda.is_available() or not inductor_caches_on():
@@ -155,7 +156,14 @@ def stand_by(cluster: ClusterSpec, model: torch.nn.Module) -> list[Standby]:
     dev = torch_device(gpus[0])
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         return []
-    if sum(p.numel() for p in model.parameters()) < STANDBY_PARAMS:
+    params = list(model.parameters())
+    if sum(p.numel() for p in params) < STANDBY_PARAMS:
+        return []
+    # a warming holds about a phase's inputs, the model's size: none would start (`_fits`)
+    size = sum(p.numel() * p.element_size() for p in params)
+    free, _ = torch.cuda.mem_get_info(dev)
+    later = 0 if params[0].device == dev else size  # the binder copies it there
+    if size > MEMORY_SHARE * (free - later):
         return []
     return [Standby(WARM_MODULE, [str(dev)]) for _ in range(AT_ONCE)]
 

@@ -76,7 +76,9 @@ MIXED = {
 
 # {}: the planner's choice, uncapped: all resident, decode as one CUDA graph
 @pytest.mark.parametrize("placements", [{}, MIXED], ids=["resident", "mixed"])
-def test_greedy_tokens_equal_transformers(placements, tmp_path):
+def test_greedy_tokens_equal_transformers(placements, tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
     from hetero.backends.registry import default_registry
     from hetero.cluster.spec import ClusterSpec
     from hetero.interfaces.generate import compile_lm
@@ -86,11 +88,17 @@ def test_greedy_tokens_equal_transformers(placements, tmp_path):
     prompt = torch.randint(0, 1024, (1, 16), device="cuda")
     with torch.no_grad():
         ref = model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    # a cache of this test's own: a hit is a warming's compile (runtime/stage_warming.py)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    before = dict(counters["inductor"])
     lm = compile_lm(
         model, ClusterSpec.from_yaml(H200), max_length=64, registry=default_registry(),
         cache_dir=tmp_path, decode_placements=placements or None,
     )  # fmt: skip
+    cached = {k: counters["inductor"][k] - before.get(k, 0) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}  # fmt: skip
     try:
+        if not placements:  # prefill and decode, each compiled by a warming first
+            assert cached["fxgraph_cache_hit"] >= 2 and not cached["fxgraph_cache_miss"], cached
         out = lm.generate(prompt.cpu(), 24)
         assert out.tolist() == ref[:, 16:].cpu().tolist()
         again = lm.generate(prompt.cpu(), 24)  # the cache is reused across requests
