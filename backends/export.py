@@ -7,10 +7,14 @@ Backends that consume torch.export programs (TVM's Relax frontend, the eager ref
 from __future__ import annotations
 
 import copy
+import threading
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import sympy
 import torch
+from torch._export.serde import serialize as serde  # its self-check skipped: export_save
 from torch.utils import _pytree as pytree
 
 from hetero.backends.base import CompileUnit
@@ -65,12 +69,36 @@ def save_program(
     else:
         saved = ep
     if unit is None or unit.exports is None:
-        torch.export.save(saved, path)
+        export_save(saved, path)
         return
     # keyed by the program object itself (held by the key: its id is never reused)
     unit.exports.saved_file(
-        ("program", ep, weights_as_inputs), Path(path), lambda p: torch.export.save(saved, p)
+        ("program", ep, weights_as_inputs), Path(path), lambda p: export_save(saved, p)
     )
+
+
+def export_save(ep: torch.export.ExportedProgram, path: Path | str) -> None:
+    """torch.export.save without its self-check of the canonical form: its serializer
+    canonicalises a deep copy of the program it has just serialised, only to test that this
+    is defined, and throws the copy away (`ExportedProgramSerializer.serialize`, torch 2.11
+    and 2.13: "Test canonical form is well defined"). That check was 9.0 of the 13.1 s a
+    22-layer LLaMA's two generation programs took to save on the 2-core box, and ~17 s of a
+    1.1B's compile on an H100 host, all of it before their Inductor compiles could start
+    (backend_suite.md, run 47). What is written is the same; where torch has no such check
+    (another version), the save is torch's own."""
+    if not hasattr(serde, "canonicalize"):
+        torch.export.save(ep, path)
+        return
+    with _LOCK, mock.patch.object(serde, "canonicalize", _kept_as_is):
+        torch.export.save(ep, path)
+
+
+def _kept_as_is(ep: Any, constants: Any = None) -> Any:
+    return ep
+
+
+# one patched save at a time: the patch is the module's, seen by every thread
+_LOCK = threading.Lock()
 
 
 def built_program(unit: CompileUnit) -> torch.export.ExportedProgram | None:

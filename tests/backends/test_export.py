@@ -189,3 +189,36 @@ def test_sharing_keeps_the_parameters_digest(block):
     shared = unit.sharing_exports()
     assert "_params_digest" in shared.__dict__
     assert shared.graph_hash() == key
+
+
+def test_a_save_without_torchs_canonical_self_check_writes_the_same_archive(tmp_path, monkeypatch):
+    """export_save skips only a check whose result torch throws away: every entry of the
+    archive is what torch.export.save writes, it loads and runs alike, and torch's check is
+    in place again after."""
+    import zipfile
+
+    import torch._export.serde.serialize as serde
+
+    from hetero.backends.export import export_save
+
+    checks = []
+
+    def check(program, constants=None):
+        checks.append(program)
+        return program
+
+    monkeypatch.setattr(serde, "canonicalize", check)
+    model, x = Block(), torch.randn(3, 16)
+    ep = torch.export.export(model, (x,))
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "ours").mkdir()
+    torch.export.save(ep, tmp_path / "torch" / "p.pt2")
+    assert len(checks) == 1  # torch's save checks
+    export_save(ep, tmp_path / "ours" / "p.pt2")
+    assert len(checks) == 1 and serde.canonicalize is check  # ours did not; put back after
+    theirs, ours = (zipfile.ZipFile(tmp_path / w / "p.pt2") for w in ("torch", "ours"))
+    assert [(i.filename, theirs.read(i)) for i in theirs.infolist()] == [
+        (i.filename, ours.read(i)) for i in ours.infolist()
+    ]
+    back = torch.export.load(tmp_path / "ours" / "p.pt2")
+    torch.testing.assert_close(back.module()(x), model(x))
