@@ -1,7 +1,8 @@
 """Where hetero.compile's time goes on this machine's CPUs, against torch.compile's cold
-compile of the same model: GPT-2 small, torchvision ConvNeXt-T and the tests' tiny LLaMA
-(generation; hetero only), each compiled into a fresh artifact cache, with `CompileTimes`
-printed (the note explain() shows) and written as JSON.
+compile of the same model: GPT-2 small, torchvision ConvNeXt-T, the tests' tiny LLaMA and
+`llama-22`, the 1.1B's 22 layers narrowed (generation; hetero only), each compiled into a
+fresh artifact cache, with `CompileTimes` printed (the note explain() shows) and written as
+JSON.
 
 Every compile runs in a fresh process with a fresh Inductor cache (TORCHINDUCTOR_CACHE_DIR),
 so neither way finds kernels an earlier run compiled; the ways alternate `--repeats` times.
@@ -9,6 +10,7 @@ so neither way finds kernels an earlier run compiled; the ways alternate `--repe
     python benchmarks/compile_times_cpu.py --models gpt2 --repeats 2 --json /tmp/ctimes.json
     python benchmarks/compile_times_cpu.py --models gpt2 --choose fixed --ways hetero
     python benchmarks/compile_times_cpu.py --models gpt2 --twice     # a second compile, same cache
+    python benchmarks/compile_times_cpu.py --models llama-22 --ways hetero --repeats 2
 """
 
 from __future__ import annotations
@@ -41,6 +43,22 @@ def convnext(batch: int):
     return convnext_tiny().eval(), (torch.randn(batch, 3, 224, 224),)
 
 
+def llama22():
+    """The 1.1B LLaMA's 22 layers at a width this box compiles in a minute (hidden 256): a
+    generation's programs of ~2,000 nodes each, as the 1.1B's, whose capture and writing
+    dominate a generation's compile before its Inductor compiles (backend_suite.md)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=22,
+                      num_attention_heads=8, num_key_value_heads=4, vocab_size=1024,
+                      max_position_embeddings=512)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+# generation: hetero only (task="generate"); torch.compile has no such one-call path
+GENERATION = ("tiny-llama", "llama-22")
+
+
 def one(model_name: str, way: str, choose: str, twice: bool) -> list[dict]:
     """Compile `model_name` one `way` in this process (a child); its rows."""
     import torch
@@ -51,7 +69,7 @@ def one(model_name: str, way: str, choose: str, twice: bool) -> list[dict]:
     cache = tempfile.mkdtemp(prefix="hetero-ctimes-")
     rows = []
     # built once: a second build draws other random weights, hence other artifact keys
-    if model_name != "tiny-llama":
+    if model_name not in GENERATION:
         model, inputs = gpt2(1, 128) if model_name == "gpt2" else convnext(2)
     for attempt in range(2 if twice else 1):
         start = time.perf_counter()
@@ -69,6 +87,11 @@ def one(model_name: str, way: str, choose: str, twice: bool) -> list[dict]:
             compiled = hetero.compile(
                 llama_lm(), task="generate", max_length=64, cache_dir=cache, executor="local"
             )
+        elif model_name == "llama-22":
+            compiled = hetero.compile(
+                llama22(), task="generate", max_length=320, batch_size=4, cache_dir=cache,
+                executor="local",
+            )  # fmt: skip
         else:
             with torch.no_grad():
                 compiled = hetero.compile(
@@ -102,7 +125,7 @@ def main() -> None:
         return
     rows: list[dict] = []
     for name in args.models.split(","):
-        ways = [w for w in args.ways.split(",") if name != "tiny-llama" or w == "hetero"]
+        ways = [w for w in args.ways.split(",") if name not in GENERATION or w == "hetero"]
         for _ in range(args.repeats):
             for way in ways:
                 env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="ind-"))
