@@ -128,13 +128,15 @@ class CompiledModel:
     # ---- calling ----------------------------------------------------------------------------
     @functools.cached_property
     def contract(self) -> Any:
-        """What a call may hold (interfaces/validation.py); checked before anything runs."""
+        """What a call may hold (interfaces/validation.py); checked before anything runs
+        (a GPU input's values: before any output is handed back, `Contract.admit`)."""
         return Contract.from_graph(self.graph)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        inputs = flatten_inputs(self.graph, args, kwargs)
-        self.contract.check(inputs)
-        return unflatten_outputs(self.graph, self.executor.run(inputs))
+        admitted = self.contract.admit(flatten_inputs(self.graph, args, kwargs))
+        values = self.executor.run(admitted.inputs)
+        admitted.verdict()  # a GPU input's check, read once the request is queued
+        return unflatten_outputs(self.graph, values)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -147,8 +149,9 @@ class CompiledModel:
 
     def run_flat(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Named tensors in (by `input_names`), named tensors out (by `output_names`)."""
-        self.contract.check(inputs)
-        values = self.executor.run({n: inputs[n] for n in self.input_names})
+        admitted = self.contract.admit(inputs)
+        values = self.executor.run({n: admitted.inputs[n] for n in self.input_names})
+        admitted.verdict()
         out = {}
         for name, value_name in zip(self.output_names, self.graph.outputs, strict=True):
             out[name] = values[value_name] if value_name in values else inputs.get(value_name)

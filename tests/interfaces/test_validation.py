@@ -121,3 +121,36 @@ def test_python_api_refuses_before_anything_runs(gpt, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(cm(idx), model(idx))
     cm.shutdown()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=2, max_size=16))
+def test_the_gpus_queued_check_agrees_with_the_hosts_and_runs_on_ids_that_cannot_fault(gpt, ids):
+    """`Contract.admit` checks a GPU input's ids with kernels (here run on the host: the same
+    ops): the flag passes exactly when `check` would, and until it is read the request runs
+    on the ids clamped into the table, each in-range id as it was."""
+    from hetero.interfaces.validation import _on_device_check
+
+    _, _, graph = gpt
+    rule = Contract.from_graph(graph).inputs[0]
+    x = torch.tensor([ids], dtype=torch.int64)
+    ok, safe = _on_device_check(rule, x)
+    assert bool(ok) == all(0 <= i < VOCAB for i in ids)
+    assert bool(((safe >= 0) & (safe < VOCAB)).all())
+    inside = (x >= 0) & (x < VOCAB)
+    assert torch.equal(safe[inside], x[inside])
+
+
+def test_only_checks_that_need_no_host_value_are_queued():
+    """A bool's bytes and an index input's range are queued on the GPU; a float input's
+    finiteness, and any input without a bound, are checked at once as before."""
+    from hetero.interfaces.validation import InputRule, _on_device_check
+
+    flags = InputRule("m", TensorMeta((4,), (4,), "bool"))
+    raw = torch.tensor([1, 0, 7, 1], dtype=torch.uint8).view(torch.bool)
+    ok, safe = _on_device_check(flags, raw)
+    assert not bool(ok) and safe is raw
+    assert bool(_on_device_check(flags, torch.tensor([True, False, True, False]))[0])
+    assert _on_device_check(InputRule("x", META), torch.ones(2, 4)) is None
+    ints = InputRule("n", TensorMeta((2,), (2,), "int64"))
+    assert _on_device_check(ints, torch.tensor([5, -3])) is None
