@@ -97,11 +97,13 @@ class InductorStage:
             module, backend=backend, dynamic=None if self.dynamic_dims else False, fullgraph=False
         )
         self.name = name
+        self.warmed = ready is not None or compile_only  # one side of a warming's compile
         self.failed: BaseException | None = None
 
     def __call__(self, *args: Any) -> Any:
         if self.failed is None:
-            args = tuple(canonical_strides(a) for a in args)
+            if self.warmed:  # laid out as the warming's zeros were (a step's few µs)
+                args = tuple(canonical_strides(a) for a in args)
             try:
                 for k, d in self.dynamic_dims:
                     torch._dynamo.mark_dynamic(args[k], d)

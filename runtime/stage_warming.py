@@ -49,9 +49,10 @@ WARM_MODULE = "hetero.runtime.stage_warm"
 # Warmings on one device hold at most this share of its free memory (each holds a copy of
 # its program's inputs), leaving the rest to the binding process's KV cache and activations.
 MEMORY_SHARE = 0.5
-# At most this many warmings at once (both phases of a generation); each compile spreads
-# its kernels over Inductor's pool of workers, so more would only share the same cores.
-AT_ONCE = 2
+# At most this many warmings per build: prefill's program and decode's (the decoder layers of
+# a streamed phase share one); each compile spreads its kernels over Inductor's pool of
+# workers, so more side by side would only share the same cores.
+MOST = 2
 # A model with this many parameters gets its standbys before its capture (as the measured
 # choice's: runtime/choice.py); a smaller one compiles in seconds, less than their start-up.
 STANDBY_PARAMS = 1_000_000
@@ -59,7 +60,7 @@ STANDBY_PARAMS = 1_000_000
 
 class StageWarmings:
     """The warmings of one generation build: `start(phase, stages)` after each phase's
-    artifacts are written, `ready(stage, phase, mode)` for the binder's compile to wait on,
+    artifacts are written, `ready(stage, device, mode)` for the binder's compile to wait on,
     `close()` once the first request has compiled everything."""
 
     def __init__(
@@ -76,19 +77,19 @@ class StageWarmings:
         self.device_of = device_of
         self.compile_gpu = compile_gpu
         self._standbys = list(standbys)
-        self._running: dict[str, tuple[Warming, torch.device, int]] = {}
+        self._started: dict[str, tuple[Warming, torch.device, int]] = {}
         self._dir: tempfile.TemporaryDirectory | None = None
 
     def start(self, phase: Phase, stages: Sequence[StageSpec]) -> None:
         """Start a warming for each program of `phase` that the binder will compile with
-        Inductor on a GPU (`warmable`), one per program, while memory and `AT_ONCE` allow."""
+        Inductor on a GPU (`warmable`), one per program, while memory and `MOST` allow."""
         for s in stages:
             dev = self.device_of(s.device)
             mode = compile_mode(phase, s, stages)
             key = warming_key(s, dev, mode)
-            if key in self._running or not self.warmable(s, dev, mode):
+            if key in self._started or not self.warmable(s, dev, mode):
                 continue
-            if len(self._running) >= AT_ONCE or not inductor_caches_on():
+            if len(self._started) >= MOST or not inductor_caches_on():
                 return
             spec = stage_spec(s, dev, mode)
             if spec is None:
@@ -98,10 +99,10 @@ class StageWarmings:
                 log.info("%s: not warmed, its inputs (%.2f GB) would crowd %s", s.name,
                          need / 1e9, dev)  # fmt: skip
                 continue
-            path = self._workdir() / f"{len(self._running)}.json"
+            path = self._workdir() / f"{len(self._started)}.json"
             path.write_text(json.dumps(spec))
             handed = self._standbys.pop(0).start([str(path)]) if self._standbys else None
-            self._running[key] = (handed or Warming(WARM_MODULE, [str(path)]), dev, need)
+            self._started[key] = (handed or Warming(WARM_MODULE, [str(path)]), dev, need)
 
     def warmable(self, s: StageSpec, dev: torch.device, mode: CompileMode) -> bool:
         """Whether the binder compiles `s` through `InductorStage` on a GPU: a stage of a
@@ -115,13 +116,13 @@ class StageWarmings:
     ) -> Callable[[], object] | None:
         """What the binder's compile of `s` calls before Inductor compiles: the wait for its
         warming; None where none was started."""
-        running = self._running.get(warming_key(s, dev, mode))
+        running = self._started.get(warming_key(s, dev, mode))
         return running[0].wait if running is not None else None
 
     def close(self) -> None:
         """Stops warmings still running (their programs compiled without them) and standbys
         never handed work, and removes the specs."""
-        for warming, _, _ in self._running.values():
+        for warming, _, _ in self._started.values():
             warming.cancel()
         for standby in self._standbys:
             standby.close()
@@ -134,7 +135,7 @@ class StageWarmings:
         if dev.type != "cuda":
             return True
         free, _ = torch.cuda.mem_get_info(dev)
-        held = sum(n for _, d, n in self._running.values() if d == dev)
+        held = sum(n for _, d, n in self._started.values() if d == dev)
         return held + need <= MEMORY_SHARE * free
 
     def _workdir(self) -> Path:
@@ -146,7 +147,7 @@ class StageWarmings:
 def stand_by(cluster: ClusterSpec, model: torch.nn.Module) -> list[Standby]:
     """Warming processes for the first GPU of `cluster` this process sees, started before
     `model` is captured (the capture takes longer than their imports and the GPU's set-up):
-    `AT_ONCE` of them, where Inductor's caches are on, the model is large enough to be
+    `MOST` of them, where Inductor's caches are on, the model is large enough to be
     worth it (`choice.early_standby`'s size) and small enough for a warming's copy of it to
     fit beside it; none otherwise. Ended by `StageWarmings.close`
     where no stage takes them."""
@@ -165,7 +166,7 @@ def stand_by(cluster: ClusterSpec, model: torch.nn.Module) -> list[Standby]:
     later = 0 if params[0].device == dev else size  # the binder copies it there
     if size > MEMORY_SHARE * (free - later):
         return []
-    return [Standby(WARM_MODULE, [str(dev)]) for _ in range(AT_ONCE)]
+    return [Standby(WARM_MODULE, [str(dev)]) for _ in range(MOST)]
 
 
 def warming_key(s: StageSpec, dev: torch.device, mode: CompileMode) -> str:

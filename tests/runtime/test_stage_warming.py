@@ -19,7 +19,7 @@ from hetero.runtime.stage_compile import (
     on_device,
     row_major,
 )
-from hetero.runtime.stage_warming import AT_ONCE, StageWarmings, stage_spec
+from hetero.runtime.stage_warming import MOST, StageWarmings, stage_spec
 
 CPU = torch.device("cpu")
 
@@ -104,9 +104,9 @@ def test_a_spec_lays_each_input_out_as_the_binders_call_does(tiny_llama_lm, buil
     assert stage_spec(dataclasses.replace(decode, program=None), CPU, CompileMode.STATIC) is None
 
 
-def test_only_compiled_gpu_stages_are_warmed_and_at_most_at_once(built):
+def test_only_compiled_gpu_stages_are_warmed(built):
     """The binder compiles only a GPU's stages through InductorStage: nothing else starts a
-    warming; and no more than AT_ONCE run."""
+    warming."""
     registry = default_registry()
     warmings = StageWarmings(registry, lambda d: CPU)
     s = built[Phase.DECODE][0]
@@ -119,7 +119,22 @@ def test_only_compiled_gpu_stages_are_warmed_and_at_most_at_once(built):
         s, gpu, CompileMode.STATIC
     )
     assert not StageWarmings(registry, lambda d: gpu).warmable(s, gpu, CompileMode.OP_BY_OP)
-    assert AT_ONCE >= 2  # prefill's and decode's side by side
+
+
+def test_no_more_than_most_warmings_start_in_a_build(built, monkeypatch):
+    import hetero.runtime.stage_warming as stage_warming
+
+    assert MOST >= 2  # prefill's and decode's side by side
+    monkeypatch.setattr(stage_warming, "MOST", 1)
+    warmings = _EveryDevice(default_registry(), lambda d: CPU)
+    try:
+        warmings.start(Phase.PREFILL, built[Phase.PREFILL])
+        warmings.start(Phase.DECODE, built[Phase.DECODE])
+        prefill, decode = built[Phase.PREFILL][0], built[Phase.DECODE][0]
+        assert warmings.ready(prefill, CPU, CompileMode.DYNAMIC) is not None
+        assert warmings.ready(decode, CPU, CompileMode.STATIC) is None
+    finally:
+        warmings.close()  # stops the one started
 
 
 def test_canonical_strides_make_row_major_layouts_fresh_and_leave_others():
