@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
         name=spec["name"],
         compile_only=dev.type == "cuda",
     )
-    # exactly the traced strides (a size-1 dim's too: Dynamo guards them)
+    # laid out exactly as the binder's call hands them over (`stage_spec`): Inductor keys
+    # its cache by every stride, a size-1 dim's too
     args = [
         torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=dev).zero_()
         for shape, stride, dtype in spec["inputs"]
