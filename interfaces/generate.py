@@ -319,9 +319,7 @@ def _build(
         handed = list(standbys or ())
         if standbys:
             standbys.clear()
-        warmings = StageWarmings(
-            registry, binder.device_of, standbys=handed, compile_gpu=binder.compile_gpu
-        )
+        warmings = StageWarmings(binder.run_mode, binder.device_of, standbys=handed)
         binder.warmings = warmings
     try:
         stages = compile_generation(

@@ -502,12 +502,13 @@ class StageBinder:
         for s in stages:
             store = self._store(s.device)
             dev = store.device
-            if not getattr(self.registry.get(s.backend), "holds_state", False):
+            mode = self.run_mode(phase, s, stages)
+            if mode is None:
                 # weights inside the artifact (TVM): the backend's own runner
                 runners[s.index] = load_runner(s.artifact, s.device, self.registry)
                 continue
             values = self._values(s)
-            fn = self._compiled(s, dev, phase, compiled, compile_mode(phase, s, stages))
+            fn = self._compiled(s, dev, phase, compiled, mode)
             fixed: list[torch.Tensor | None] = []
             moving: dict[str, torch.Tensor] = {}
             # a CPU partition computing in another dtype binds its weights and state in it
@@ -609,19 +610,28 @@ class StageBinder:
             self._graph_pool = torch.cuda.graph_pool_handle()
         return self._graph_pool
 
+    def run_mode(
+        self, phase: Phase, s: StageSpec, stages: Sequence[StageSpec]
+    ) -> CompileMode | None:
+        """How this binder runs stage `s` of `phase` (among `stages`): its program compiled
+        with Inductor on a GPU as the phase asks (`compile_mode`), a host CPU's decode
+        measured against op by op, op by op otherwise (a GPU or NPU that tests map to this
+        CPU: those stages stand for other devices); None where the backend keeps no state
+        (its weights inside the artifact: its own runner)."""
+        if not getattr(self.registry.get(s.backend), "holds_state", False):
+            return None
+        mode = compile_mode(phase, s, stages)
+        if self.device_of(s.device).type == "cuda":
+            return mode if self.compile_gpu else CompileMode.OP_BY_OP
+        if mode is CompileMode.STATIC and self.compile_cpu and s.device.kind == "cpu":
+            return CompileMode.MEASURED
+        return CompileMode.OP_BY_OP
+
     def _compiled(
         self, s: StageSpec, dev: torch.device, phase: Phase, cache: dict, mode: CompileMode
     ) -> Any:
-        """The stage's program, compiled with Inductor on a GPU as `mode` says, and a host
-        CPU's decode measured against op by op (stages with the same program and mode share
-        one module: every decoder layer). A GPU or NPU that tests map to this CPU runs op by
-        op: those stages stand for other devices."""
-        if dev.type == "cuda":
-            mode = mode if self.compile_gpu else CompileMode.OP_BY_OP
-        elif mode is CompileMode.STATIC and self.compile_cpu and s.device.kind == "cpu":
-            mode = CompileMode.MEASURED
-        else:
-            mode = CompileMode.OP_BY_OP
+        """The stage's program as `run_mode` says (stages with the same program and mode
+        share one module: every decoder layer)."""
         # Equal artifact keys are equal programs (every decoder layer's, its weights bound
         # here): deserialising one took ~2 s on the 7B's host, ~60 times per build before.
         by_artifact = f"artifact:{s.artifact.key}:{phase.value}:{dev}:{mode.value}"

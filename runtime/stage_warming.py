@@ -30,14 +30,12 @@ import torch
 
 from hetero.backends.eager import symbolic_dims, torch_device, traced_inputs
 from hetero.backends.inductor import inductor_caches_on
-from hetero.backends.registry import BackendRegistry
 from hetero.backends.warming import Standby, Warming
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.partitioner.phases import Phase
 from hetero.runtime.stage import StageSpec
 from hetero.runtime.stage_compile import (
     CompileMode,
-    compile_mode,
     contiguous_strides,
     row_major,
 )
@@ -49,6 +47,8 @@ WARM_MODULE = "hetero.runtime.stage_warm"
 # Warmings on one device hold at most this share of its free memory (each holds a copy of
 # its program's inputs), leaving the rest to the binding process's KV cache and activations.
 MEMORY_SHARE = 0.5
+# The modes the binder compiles a stage through InductorStage in (on a GPU only)
+COMPILED = (CompileMode.STATIC, CompileMode.DYNAMIC)
 # At most this many warmings per build: prefill's program and decode's (the decoder layers of
 # a streamed phase share one); each compile spreads its kernels over Inductor's pool of
 # workers, so more side by side would only share the same cores.
@@ -65,36 +65,37 @@ class StageWarmings:
 
     def __init__(
         self,
-        registry: BackendRegistry,
+        run_mode: Callable[[Phase, StageSpec, Sequence[StageSpec]], CompileMode | None],
         device_of: Callable[[DeviceSpec], torch.device],
         *,
         standbys: Sequence[Standby] = (),
-        compile_gpu: bool = True,
     ) -> None:
-        """`standbys`: warming processes started ahead (while the model was captured),
-        handed the first specs; `device_of` and `compile_gpu`: the binder's."""
-        self.registry = registry
+        """`run_mode` and `device_of`: the binder's (`StageBinder.run_mode`: how it will
+        run each stage, decided there once); `standbys`: warming processes started ahead
+        (while the model was captured), handed the first specs."""
+        self.run_mode = run_mode
         self.device_of = device_of
-        self.compile_gpu = compile_gpu
         self._standbys = list(standbys)
         self._started: dict[str, tuple[Warming, torch.device, int]] = {}
         self._dir: tempfile.TemporaryDirectory | None = None
 
     def start(self, phase: Phase, stages: Sequence[StageSpec]) -> None:
         """Start a warming for each program of `phase` that the binder will compile with
-        Inductor on a GPU (`warmable`), one per program, while memory and `MOST` allow."""
+        Inductor (`COMPILED`: on a GPU), one per program, while memory and `MOST` allow."""
         for s in stages:
+            mode = self.run_mode(phase, s, stages)
+            if mode not in COMPILED:
+                continue
             dev = self.device_of(s.device)
-            mode = compile_mode(phase, s, stages)
             key = warming_key(s, dev, mode)
-            if key in self._started or not self.warmable(s, dev, mode):
+            if key in self._started:
                 continue
             if len(self._started) >= MOST or not inductor_caches_on():
                 return
-            spec = stage_spec(s, dev, mode)
-            if spec is None:
+            made = stage_spec(s, dev, mode)
+            if made is None:
                 continue
-            need = spec.pop("nbytes")
+            spec, need = made
             if not self._fits(dev, need):
                 log.info("%s: not warmed, its inputs (%.2f GB) would crowd %s", s.name,
                          need / 1e9, dev)  # fmt: skip
@@ -103,13 +104,6 @@ class StageWarmings:
             path.write_text(json.dumps(spec))
             handed = self._standbys.pop(0).start([str(path)]) if self._standbys else None
             self._started[key] = (handed or Warming(WARM_MODULE, [str(path)]), dev, need)
-
-    def warmable(self, s: StageSpec, dev: torch.device, mode: CompileMode) -> bool:
-        """Whether the binder compiles `s` through `InductorStage` on a GPU: a stage of a
-        backend that holds state (its weights bound by the binder), in a compiled mode."""
-        holds = getattr(self.registry.get(s.backend), "holds_state", False)
-        gpu = dev.type == "cuda" and self.compile_gpu
-        return holds and gpu and mode in (CompileMode.STATIC, CompileMode.DYNAMIC)
 
     def ready(
         self, s: StageSpec, dev: torch.device, mode: CompileMode
@@ -175,11 +169,11 @@ def warming_key(s: StageSpec, dev: torch.device, mode: CompileMode) -> str:
     return f"{s.artifact.key}:{dev}:{mode.value}"
 
 
-def stage_spec(s: StageSpec, dev: torch.device, mode: CompileMode) -> dict | None:
-    """What runtime/stage_warm.py reads: the program's file, where it compiles, the sizes
+def stage_spec(s: StageSpec, dev: torch.device, mode: CompileMode) -> tuple[dict, int] | None:
+    """(what runtime/stage_warm.py reads: the program's file, where it compiles, the sizes
     kept symbolic and each input's (shape, stride, dtype) as traced, a symbolic size at its
-    traced example's value; with "nbytes", the inputs' size. None where an input is no
-    tensor or a size has no example value (nothing to lay zeros out by)."""
+    traced example's value; the bytes those inputs take). None where an input is no tensor
+    or a size has no example value (nothing to lay zeros out by)."""
     program = s.program
     if program is None:
         return None  # a cache hit: its compile reads the cache the build that wrote it left
@@ -207,8 +201,7 @@ def stage_spec(s: StageSpec, dev: torch.device, mode: CompileMode) -> dict | Non
         if mode is CompileMode.DYNAMIC
         else [],
         "inputs": inputs,
-        "nbytes": nbytes,
-    }
+    }, nbytes
 
 
 def _hint(size: object) -> int | None:

@@ -11,15 +11,16 @@ import torch
 from hetero.backends.registry import default_registry
 from hetero.cluster.spec import ClusterSpec
 from hetero.partitioner.phases import PROMPT, START, Phase
-from hetero.runtime.generation import lm_weights
+from hetero.runtime.generation import StageBinder, lm_weights
 from hetero.runtime.stage_compile import (
     CompileMode,
     InductorStage,
     canonical_strides,
+    compile_mode,
     on_device,
     row_major,
 )
-from hetero.runtime.stage_warming import MOST, StageWarmings, stage_spec
+from hetero.runtime.stage_warming import COMPILED, MOST, StageWarmings, stage_spec
 
 CPU = torch.device("cpu")
 
@@ -37,12 +38,11 @@ def built(tiny_llama_lm, tmp_path_factory):
     return compile_generation(tiny_llama_lm, plan, cluster, cache, registry=registry)
 
 
-class _EveryDevice(StageWarmings):
-    """Warms on this CPU too: the binder compiles only a GPU's stages through InductorStage,
-    but the compile and its cache are the same on a CPU."""
-
-    def warmable(self, s, dev, mode) -> bool:
-        return mode in (CompileMode.STATIC, CompileMode.DYNAMIC)
+def _every_device() -> StageWarmings:
+    """Warmings that take this CPU's stages as a GPU binder takes its own (`compile_mode`):
+    the binder compiles only a GPU's stages through InductorStage, but the compile and its
+    cache are the same on a CPU."""
+    return StageWarmings(compile_mode, lambda d: CPU)
 
 
 @pytest.mark.slow
@@ -58,7 +58,7 @@ def test_a_warmed_decode_stage_compiles_from_the_cache_the_warming_left(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     stages = built[Phase.DECODE]
     s = stages[0]
-    warmings = _EveryDevice(default_registry(), lambda d: CPU)
+    warmings = _every_device()
     try:
         warmings.start(Phase.DECODE, stages)
         ready = warmings.ready(s, CPU, CompileMode.STATIC)
@@ -88,37 +88,44 @@ def test_a_spec_lays_each_input_out_as_the_binders_call_does(tiny_llama_lm, buil
     call makes them so: `canonical_strides`), prefill's prompt length is its example's and
     kept symbolic, and a program read back from the cache (none in memory) gets no spec."""
     prefill = built[Phase.PREFILL][0]
-    spec = stage_spec(prefill, CPU, CompileMode.DYNAMIC)
-    assert spec is not None and spec["program"].endswith("program.pt2")
+    made = stage_spec(prefill, CPU, CompileMode.DYNAMIC)
+    assert made is not None
+    spec, nbytes = made
+    assert spec["program"].endswith("program.pt2")
     k = prefill.inputs.index(PROMPT)
     assert spec["dynamic_dims"] == [[k, 1]]
     shape, stride, dtype = spec["inputs"][k]
     assert dtype == "int64" and shape[1] >= 2 and stride == [shape[1], 1]
     weights = lm_weights(tiny_llama_lm)
-    assert spec["nbytes"] >= sum(
-        weights[n].numel() * weights[n].element_size() for n in prefill.params
-    )
+    assert nbytes >= sum(weights[n].numel() * weights[n].element_size() for n in prefill.params)
     decode = built[Phase.DECODE][0]
     static = stage_spec(decode, CPU, CompileMode.STATIC)
-    assert static is not None and static["dynamic_dims"] == []
+    assert static is not None and static[0]["dynamic_dims"] == []
     assert stage_spec(dataclasses.replace(decode, program=None), CPU, CompileMode.STATIC) is None
 
 
 def test_only_compiled_gpu_stages_are_warmed(built):
-    """The binder compiles only a GPU's stages through InductorStage: nothing else starts a
-    warming."""
+    """The binder compiles only a GPU's stages through InductorStage (`StageBinder.run_mode`,
+    which the warmings ask): nothing else starts a warming."""
     registry = default_registry()
-    warmings = StageWarmings(registry, lambda d: CPU)
-    s = built[Phase.DECODE][0]
-    assert not warmings.warmable(s, CPU, CompileMode.STATIC)
-    warmings.start(Phase.DECODE, built[Phase.DECODE])
+    decode = built[Phase.DECODE]
+    s = decode[0]
+    on_cpu = StageBinder(registry, device_of=lambda d: CPU)
+    assert on_cpu.run_mode(Phase.DECODE, s, decode) not in COMPILED
+    warmings = StageWarmings(on_cpu.run_mode, on_cpu.device_of)
+    warmings.start(Phase.DECODE, decode)
     assert warmings.ready(s, CPU, CompileMode.STATIC) is None
     gpu = torch.device("cuda", 0)
-    assert StageWarmings(registry, lambda d: gpu).warmable(s, gpu, CompileMode.STATIC)
-    assert not StageWarmings(registry, lambda d: gpu, compile_gpu=False).warmable(
-        s, gpu, CompileMode.STATIC
+    assert (
+        StageBinder(registry, device_of=lambda d: gpu).run_mode(Phase.DECODE, s, decode) in COMPILED
     )
-    assert not StageWarmings(registry, lambda d: gpu).warmable(s, gpu, CompileMode.OP_BY_OP)
+    unwanted = StageBinder(registry, device_of=lambda d: gpu, compile_gpu=False)
+    assert unwanted.run_mode(Phase.DECODE, s, decode) not in COMPILED
+    streamed = [dataclasses.replace(p, weights="streamed") for p in built[Phase.PREFILL]]
+    op_by_op = StageBinder(registry, device_of=lambda d: gpu).run_mode(
+        Phase.PREFILL, streamed[0], streamed
+    )
+    assert op_by_op is CompileMode.OP_BY_OP and op_by_op not in COMPILED
 
 
 def test_no_more_than_most_warmings_start_in_a_build(built, monkeypatch):
@@ -126,7 +133,7 @@ def test_no_more_than_most_warmings_start_in_a_build(built, monkeypatch):
 
     assert MOST >= 2  # prefill's and decode's side by side
     monkeypatch.setattr(stage_warming, "MOST", 1)
-    warmings = _EveryDevice(default_registry(), lambda d: CPU)
+    warmings = _every_device()
     try:
         warmings.start(Phase.PREFILL, built[Phase.PREFILL])
         warmings.start(Phase.DECODE, built[Phase.DECODE])
