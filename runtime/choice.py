@@ -47,6 +47,7 @@ measurements into calibration profiles.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -422,7 +423,8 @@ class Chooser:
         calls = GPU_CALLS if device.kind == "gpu" else 1
         complete = True
         checked: dict[str, float] = {}  # seconds of each candidate's warm call
-        exact: list = []  # the partition's float32 outputs, once a candidate needs them
+        # the partition's float32 outputs, made once a candidate needs them (None: not made)
+        exact = functools.cache(lambda: self._float32_reference(unit, device))
         # the warmed candidates' artifacts (or compile errors), made before the others
         warming, prebuilt = (
             self._start_warmings(names, unit, device, build) if together else ({}, {})
@@ -468,7 +470,7 @@ class Chooser:
                     sync()
                 err, tol = output_error(got, reference, options_for(name).dtype)
                 passed = err <= tol or self._nearer_exact(
-                    name, got, err, tol, reference, unit, device, exact
+                    unit.name, name, got, err, tol, reference, exact
                 )
                 if passed:  # one warm call (the first may still compile or load)
                     checked[name] = _once(run, acts, sync)
@@ -512,40 +514,42 @@ class Chooser:
 
     def _nearer_exact(
         self,
+        partition: str,
         name: str,
         got: Any,
         err: float,
         tol: float,
         reference: Sequence[Any],
-        unit: CompileUnit,
-        device: DeviceSpec,
-        exact: list,
+        exact: Callable[[], tuple[Any, ...] | None],
     ) -> bool:
         """Whether a 16-bit candidate `err` from the eager run (over `tol`) is still no
-        further from the float32 computation than eager is (RECHECK_WITHIN); `exact` holds
-        that computation once made (None: it would not fit beside the candidates)."""
+        further from the float32 computation (`exact()`) than eager is (RECHECK_WITHIN)."""
         if tol <= tolerance(torch.float32) or err > RECHECK_WITHIN * tol:
             return False
-        if not exact:
-            made = None
-            if 2 * _weight_bytes(unit) <= _together_bytes(device):
-                try:
-                    with self.clock.phase("float32 reference"):
-                        made = float32_outputs(unit, torch_device(device))
-                except Exception as e:  # no second opinion: the eager run's stands
-                    log.info("%s: no float32 reference (%s)", unit.name, _short(e))
-            exact.append(made)
-        if exact[0] is None:
+        wide = exact()
+        if wide is None:
             return False
-        own, _ = output_error(reference, exact[0], None)
-        mine, _ = output_error(got, exact[0], None)
+        own, _ = output_error(reference, wide, None)
+        mine, _ = output_error(got, wide, None)
         if mine > max(tol, EXACT_SLACK * own):
             return False
         self.notes.append(
-            f"{unit.name}: {name} kept {err:.1e} from the 16-bit eager run (over {tol:.0e}): "
+            f"{partition}: {name} kept {err:.1e} from the 16-bit eager run (over {tol:.0e}): "
             f"{mine:.1e} from float32, where eager is {own:.1e}"
         )
         return True
+
+    def _float32_reference(self, unit: CompileUnit, device: DeviceSpec) -> tuple[Any, ...] | None:
+        """The partition computed in float32 (`agreement.float32_outputs`); None where it
+        would not fit beside the candidates or cannot be made (the eager run's check stands)."""
+        if 2 * _weight_bytes(unit) > _together_bytes(device):
+            return None
+        try:
+            with self.clock.phase("float32 reference"):
+                return float32_outputs(unit, torch_device(device))
+        except Exception as e:  # no second opinion: the eager run's stands
+            log.info("%s: no float32 reference (%s)", unit.name, _short(e))
+            return None
 
     def _waiter(self, name: str, warming: Warming) -> Callable[[], object]:
         """The wait for `warming`, timed as its own phase (nested in the load's)."""
