@@ -451,12 +451,18 @@ class Backend(abc.ABC):
         return False
 
     def start_warming(
-        self, artifact: Artifact, device: DeviceSpec, standby: Standby | None = None
+        self,
+        artifact: Artifact,
+        device: DeviceSpec,
+        standby: Standby | None = None,
+        imports: Sequence[str] = (),
     ) -> Warming | None:
         """Start, in another process, the compile this backend's `load` of `artifact` would
         otherwise do itself (backends/warming.py), so that it runs while this process
         compiles other candidates; None where there is none to start. `standby`: a process
-        `stand_by` started earlier, to hand the work to (a fresh one where it cannot)."""
+        `stand_by` started earlier, to hand the work to (a fresh one where it cannot).
+        `imports`: modules that register library operators the program calls
+        (runtime/library_ops.py), imported there before the program is read."""
         return None
 
     def warming_key(self, artifact: Artifact, device: DeviceSpec) -> str | None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,10 +170,10 @@ class InductorBackend(Backend):
 
     def can_warm(self, device: DeviceSpec) -> bool:
         """Where Inductor's caches are on (the compile would leave nothing behind
-        otherwise), on a CPU, or on a GPU this process sees. On a GPU the warming compiles
-        without running the compiled program (`inductor_warm`): Inductor times its kernels'
-        configs on their first launch, which here happens in this process, so the warming
-        never times kernels on the card the candidates are timed on."""
+        otherwise), on a CPU, or on a GPU this process sees. On a GPU the warming runs the
+        compiled program once in its turn on the card (`inductor_warm`): Inductor times its
+        kernels' configs on their first launch and caches the best, so this process's
+        first call loads them untimed, and no timing here runs beside the warming's."""
         if not inductor_caches_on():
             return False
         if device.kind == "gpu":
@@ -180,18 +181,23 @@ class InductorBackend(Backend):
         return device.kind == "cpu"
 
     def start_warming(
-        self, artifact: Artifact, device: DeviceSpec, standby: Standby | None = None
+        self,
+        artifact: Artifact,
+        device: DeviceSpec,
+        standby: Standby | None = None,
+        imports: Sequence[str] = (),
     ) -> Warming | None:
         """Inductor's compile of the program in another process, for its caches to hand
         to `load` (backends/warming.py); in `standby`'s process where it is still there.
         Not on a GPU for a mode that tunes kernels while it compiles (max-autotune): that
-        tuning would time kernels beside the candidates timed here."""
+        tuning, outside the warming's turn on the card, would time kernels beside those
+        timed here."""
         if not self.can_warm(device):
             return None
         if device.kind == "gpu" and "max-autotune" in (_settings(artifact.path)["mode"] or ""):
             return None
         threads = str(torch.get_num_threads())  # the kernels' OpenMP width is in their code
-        args = [str(artifact.path), threads, str(torch_device(device))]
+        args = [str(artifact.path), threads, str(torch_device(device)), *imports]
         handed = standby.start(args) if standby is not None else None
         return handed or Warming(WARM_MODULE, args)
 
@@ -233,19 +239,21 @@ def compile_program(
     dev: torch.device,
     ready: Callable[[], object] | None = None,
     *,
-    compile_only: bool = False,
+    launch_in: Callable[[], AbstractContextManager] | None = None,
 ) -> tuple[Any, torch.export.ExportedProgram]:
     """(the artifact's program at `path` through torch.compile for `dev` with its saved
     settings, the program); Inductor compiles it on the first call, after `ready()` where
-    given (dynamo traces the program before). `compile_only`: that call compiles, writes
-    Inductor's cache entries, then runs the traced graph as it is (a warming's, which must
-    not launch Inductor's kernels: their first launch times configs)."""
+    given (dynamo traces the program before). `launch_in`: a warming's; the compiled
+    program's calls run inside `launch_in()` (its turn on the card, backends/gpu_turn.py),
+    the compile before them outside it: Inductor times its kernels' configs on their first
+    launch and caches the best beside the kernels, which the process loading the warmed
+    program then reads instead of timing them again."""
     settings = _settings(path)
     # torch.export.load reads a program and its weights; it never unpickles code.
     ep = torch.export.load(path / "program.pt2")
     mode, dynamic = settings["mode"], settings["dynamic"]
     backend: Any = "inductor"
-    if ready is not None or compile_only:
+    if ready is not None or launch_in is not None:
         # what torch.compile's own "inductor" backend runs for this mode, after `ready()`:
         # the same compile, hence the same cache entries as the warming process's
         patches = list_mode_options(mode, dynamic) if mode and mode != "default" else {}
@@ -257,7 +265,7 @@ def compile_program(
             if ready is not None:
                 ready()
             compiled = compile_fx(gm, example_inputs, config_patches=patches)
-            return gm.forward if compile_only else compiled
+            return compiled if launch_in is None else launched_in(compiled, launch_in)
 
         mode = None  # in `patches`; torch.compile takes a mode for its own backend only
     compiled = torch.compile(
@@ -268,6 +276,16 @@ def compile_program(
         dynamic=dynamic,
     )
     return compiled, ep
+
+
+def launched_in(fn: Callable, context: Callable[[], AbstractContextManager]) -> Callable:
+    """`fn`, each call of it run inside `context()`."""
+
+    def launched(*args: Any) -> Any:
+        with context():
+            return fn(*args)
+
+    return launched
 
 
 def compile_now(

@@ -78,6 +78,7 @@ from hetero.partitioner.graph import OpNode
 from hetero.partitioner.plan import BackendTiming, Plan
 from hetero.paths import cache_root
 from hetero.runtime.agreement import float32_outputs, output_error, tolerance
+from hetero.runtime.library_ops import defining_modules
 
 log = logging.getLogger("hetero.choice")
 
@@ -580,6 +581,8 @@ class Chooser:
         if len(names) < 2 or ops < WARM_MIN_OPS:
             return warming, made
         started: dict[str, Warming] = {}  # by `Backend.warming_key`
+        # a library's operators the program calls: registered there before it is read
+        imports = defining_modules(unit.module.graph)
         for name in names:
             backend = self.registry.get(name)
             if not backend.can_warm(device):
@@ -594,7 +597,7 @@ class Chooser:
                 warming[name] = started[key]
                 continue
             standby = self.standbys.pop((name, device.kind), None)
-            w = backend.start_warming(made[name], device, standby)
+            w = backend.start_warming(made[name], device, standby, imports)
             if standby is not None:
                 standby.close()  # where it was not handed the work
             if w is not None:

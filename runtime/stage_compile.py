@@ -9,11 +9,13 @@ import enum
 import itertools
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
 from hetero.backends.export import runnable
+from hetero.backends.inductor import launched_in
 from hetero.partitioner.phases import Phase
 from hetero.runtime.build import retarget
 from hetero.runtime.stage import StageSpec
@@ -63,11 +65,12 @@ class InductorStage:
 
     `ready`: called once Dynamo has traced the program and Inductor is about to compile it
     (the wait for a warming process compiling the same: runtime/stage_warming.py).
-    `compile_only`: a warming's (on a GPU) — Inductor compiles and writes its caches, then
-    the traced graph runs as it is: the first launch of Inductor's GPU kernels times their
-    configs, which belongs in the process that runs them. Either one compiles through the
-    backend torch.compile's "inductor" calls (`compile_fx`), so both processes make the same
-    cache entries."""
+    `launch_in`: a warming's (on a GPU) — the compiled program's calls run inside
+    `launch_in()`, its turn on the card (backends/gpu_turn.py): the first launch of
+    Inductor's kernels times their configs and caches the best, which the binding process
+    then reads instead of timing them. Either one compiles through the backend
+    torch.compile's "inductor" calls (`compile_fx`), so both processes make the same cache
+    entries."""
 
     def __init__(
         self,
@@ -76,12 +79,12 @@ class InductorStage:
         dynamic_dims: Sequence[tuple[int, int]],
         name: str,
         ready: Callable[[], object] | None = None,
-        compile_only: bool = False,
+        launch_in: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
         self.module = module
         self.dynamic_dims = tuple(dynamic_dims)
         backend: Any = "inductor"
-        if ready is not None or compile_only:
+        if ready is not None or launch_in is not None:
             # imported here: 0.9 s that only a warmed compile pays
             from torch._inductor.compile_fx import compile_fx
 
@@ -89,7 +92,7 @@ class InductorStage:
                 if ready is not None:
                     ready()
                 compiled = compile_fx(gm, example_inputs)
-                return gm.forward if compile_only else compiled
+                return compiled if launch_in is None else launched_in(compiled, launch_in)
 
         # marked per call rather than dynamic=True, which would make the weights' sizes
         # symbols too
@@ -97,7 +100,7 @@ class InductorStage:
             module, backend=backend, dynamic=None if self.dynamic_dims else False, fullgraph=False
         )
         self.name = name
-        self.warmed = ready is not None or compile_only  # one side of a warming's compile
+        self.warmed = ready is not None or launch_in is not None  # a side of a warming
         self.failed: BaseException | None = None
 
     def __call__(self, *args: Any) -> Any:

@@ -4,10 +4,16 @@ laid out as its first call's, and exit, leaving the compiled graph in Inductor's
 caches (runtime/stage_warming.py says why). SPEC is a JSON file written by `StageWarmings`:
 
     {"program": ".../program.pt2", "device": "cuda:0", "threads": 16, "name": "decode p0",
-     "dynamic_dims": [[0, 1]], "inputs": [[shape, stride, dtype], ...]}
+     "dynamic_dims": [[0, 1]], "inputs": [[shape, stride, dtype], ...],
+     "imports": ["transformers.integrations.moe"]}
 
-On a GPU the compile writes the caches without launching Inductor's kernels (their first
-launch times their configs: the binding process does that, alone on the card).
+("imports": modules that register library operators the program calls, runtime/
+library_ops.py: imported before the program is read, which fails without them.)
+
+On a GPU the compiled program's one call runs in the process's turn on the card
+(backends/gpu_turn.py): the first launch of Inductor's kernels times their configs and
+caches the best, which the binding process reads instead of timing them, and two warmings
+(prefill's and decode's) never time kernels at once.
 
 `python -m hetero.runtime.stage_warm --standby [DEVICE]` (a `warming.Standby`): get ready
 for DEVICE first, then read [SPEC] as one JSON list from stdin; exit at once on an empty
@@ -18,12 +24,15 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from hetero.backends.gpu_turn import timing_turn
 from hetero.backends.inductor_warm import ready
 from hetero.backends.warming import handed_args
+from hetero.runtime.library_ops import import_all
 from hetero.runtime.stage_compile import InductorStage, on_device
 
 
@@ -40,13 +49,14 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(int(spec["threads"]))  # CPU kernels carry their OpenMP width
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    import_all(spec.get("imports", ()))
     # torch.export.load reads a program; it never unpickles code.
     program = torch.export.load(spec["program"])
     stage = InductorStage(
         on_device(program, dev),
         dynamic_dims=[tuple(d) for d in spec["dynamic_dims"]],
         name=spec["name"],
-        compile_only=dev.type == "cuda",
+        launch_in=partial(timing_turn, dev) if dev.type == "cuda" else None,
     )
     # laid out exactly as the binder's call hands them over (`stage_spec`): Inductor keys
     # its cache by every stride, a size-1 dim's too

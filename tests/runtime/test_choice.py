@@ -557,7 +557,7 @@ class Warmed(FaultyBackend):
     def can_warm(self, device):
         return True
 
-    def start_warming(self, artifact, device, standby=None):
+    def start_warming(self, artifact, device, standby=None, imports=()):
         self.events.append("started" if standby is None else f"started in {standby.name}")
         return _Recorded(self.events)
 
