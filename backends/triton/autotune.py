@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from hetero.backends.gpu_turn import timing_turn
 from hetero.backends.triton.kernels import attention, decode, matmul_epilogue
 
 _MATMUL = tuple(matmul_epilogue.as_cfg(c) for c in matmul_epilogue.CANDIDATES)
@@ -84,6 +85,11 @@ class TuneCache:
 
 # Threads that compile candidate configs before they are timed (1: compile as each is timed).
 PRECOMPILE_THREADS = max(1, min(16, os.cpu_count() or 1))
+# Their priority (a nice value): the measured choice compiles this candidate while a warming
+# process compiles Inductor's (backends/warming.py), whose long single-threaded stretches
+# (lowering, scheduling) set when the compile ends; at a lower priority these threads fill
+# the cores it leaves idle instead of slowing it.
+YIELD_NICE = 10
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,8 @@ def tune(
 
         setattr(module, f"launch_{k.name}", wrapped)
     try:
-        run()
+        with timing_turn(device) if device is not None else contextlib.nullcontext():
+            run()
     finally:
         for name, fn in originals.items():
             setattr(module, f"launch_{name}", fn)
@@ -174,7 +181,7 @@ def precompile(
     jitted = {n: f for n, f in vars(module).items() if n in launched and hasattr(f, "warmup")}
     launchers = {k.name: getattr(module, f"launch_{k.name}") for k in kernels}
     jobs: list[Future] = []
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="hetero-tune")
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="hetero-tune", initializer=_yield_cores)
 
     def compile_only(launch: Callable, args: tuple, cfg: dict) -> None:
         local.compile_only = True
@@ -210,6 +217,14 @@ def precompile(
             setattr(module, name, fn)
         for name, fn in launchers.items():
             setattr(module, f"launch_{name}", fn)
+
+
+def _yield_cores() -> None:
+    """Lowers the calling thread's priority to YIELD_NICE (Linux sets it per thread; its
+    ptxas processes inherit it); where the system refuses, it stays as it is."""
+    with contextlib.suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(YIELD_NICE, os.getpriority(os.PRIO_PROCESS, tid)))
 
 
 class _CompileOnly:

@@ -93,6 +93,26 @@ def test_tune_cache_round_trips_per_gpu_model(tmp_path):
     assert cache.read() == {"k1": {"BLOCK_M": 64}, "k2": {"BLOCK_M": 128}}
 
 
+def test_precompile_threads_yield_the_cores_and_the_caller_keeps_its_priority():
+    import os
+    import threading
+
+    from hetero.backends.triton.autotune import YIELD_NICE, _yield_cores
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = []
+
+    def worker():
+        _yield_cores()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == [max(YIELD_NICE, mine)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+
+
 def test_small_matmuls_try_only_tiles_that_fit():
     from hetero.backends.triton.autotune import candidates
     from hetero.backends.triton.codegen import Kernel
