@@ -66,6 +66,7 @@ import copy
 import gc
 import importlib
 import json
+import logging
 import math
 import statistics
 import sys
@@ -641,6 +642,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(default: hetero's)")  # fmt: skip
     ap.add_argument("--skip-hetero", action="store_true",
                     help="eager and torch.compile only (e.g. max-autotune in a call of its own)")  # fmt: skip
+    ap.add_argument("--log", choices=("warning", "info", "debug"), default="warning",
+                    help="hetero's log level (info: each warming's time or failure, the choice's notes)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.modes is None:  # a smoke test needs one mode; max-autotune's search is the slowest
         args.modes = ["default"] if args.tiny else list(MODES)
@@ -658,6 +661,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    logging.basicConfig(format="[%(asctime)s] %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("hetero").setLevel(args.log.upper())
     cuda = torch.cuda.is_available()
     modes = tuple(m for m in args.modes if cuda or m not in CUDA_ONLY_MODES)
     env = Env(
