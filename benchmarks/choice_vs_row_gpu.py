@@ -52,6 +52,7 @@ def one_way(env, model, inputs, backend: str | None) -> dict:
     """hetero.compile of the model, the GPU's backend measured (None) or pinned."""
     import hetero
     from hetero.partitioner.decisions import BackendAssignment
+    from hetero.partitioner.split import flatten_inputs
 
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -72,6 +73,14 @@ def one_way(env, model, inputs, backend: str | None) -> dict:
             cm(*inputs)
         out["ms"] = env.time_ms(cm, inputs)
         out["ms_again"] = env.time_ms(cm, inputs)
+        # the call taken apart: the executor without the input check, and (one stage) the
+        # backend's runner alone, as the choice timed it
+        flat = flatten_inputs(cm.graph, inputs, {})
+        out["executor_ms"] = env.time_ms(lambda *_: cm.executor.run(flat), inputs)
+        if len(cm.stages) == 1:
+            runner = cm.executor.runner(cm.stages[0].index)
+            acts = [flat[n] for n in cm.stages[0].inputs]
+            out["runner_ms"] = env.time_ms(lambda *_: runner(*acts), inputs)
         out["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles", "graph_break", "inductor")}  # fmt: skip
         out["profile"] = profile(cm, inputs)
     finally:
