@@ -32,6 +32,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch.utils import _pytree as pytree
 
+from hetero.backends.substitutes import substituted
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import ConfigError
 from hetero.partitioner.graph import OpNode
@@ -240,10 +241,12 @@ class CompileUnit:
         params: Mapping[str, torch.Tensor],
         dynamic_dims: tuple[tuple[int, int, str], ...] = (),
     ) -> CompileUnit:
-        """`env` holds example values for the partition's inputs (from an eager run)."""
+        """`env` holds example values for the partition's inputs (from an eager run). Calls
+        of library operators hetero runs through its own are rewritten to those
+        (backends/substitutes.py)."""
         return cls(
             name=f"p{part.index}",
-            module=_reorder(part),
+            module=substituted(_reorder(part)),
             inputs=part.inputs,
             params=part.params,
             outputs=part.outputs,
