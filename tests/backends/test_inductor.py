@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,17 +246,16 @@ def test_a_warming_process_leaves_the_compile_in_inductors_cache(
 
 
 class _LibraryOperator(torch.nn.Module):
-    """Calls transformers' grouped matmul operator, which only a process that imported
-    `transformers.integrations.moe` can read from a saved program (Mixtral's MoE calls it)."""
+    """Calls a library's operator (tests/backends/library_op.py), which only a process that
+    imported its module can read from a saved program, as Mixtral's MoE called transformers'."""
 
     def __init__(self) -> None:
         super().__init__()
-        importlib.import_module("transformers.integrations.moe")  # registers it here
-        self.w = torch.nn.Parameter(torch.randn(2, 16, 8))
-        self.register_buffer("offs", torch.tensor([3, 6]))
+        importlib.import_module("library_op")  # registers it here
+        self.w = torch.nn.Parameter(torch.randn(16))
 
     def forward(self, x):
-        return torch.ops.transformers.grouped_mm_fallback(x, self.w, self.offs) * 2.0
+        return torch.ops.hetero_test.scaled_add(x, self.w).relu() * 2.0
 
 
 @pytest.mark.slow
@@ -271,13 +272,15 @@ def test_a_warming_imports_the_modules_that_define_the_programs_library_operator
     from hetero.runtime.library_ops import defining_modules
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(warming_cache))
+    here = str(Path(__file__).parent)  # where the warming finds library_op.py
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     model, x = _LibraryOperator().eval(), torch.randn(6 if imported else 7, 16)
     unit = unit_of(model, x)
     backend = InductorBackend()
     backend.compile(unit, CPU, CompileOptions(), tmp_path / "a")
     artifact = Artifact("inductor", "k", tmp_path / "a", {})
     modules = defining_modules(unit.module.graph) if imported else ()
-    assert not imported or modules == ("transformers.integrations.moe",)
+    assert not imported or modules == ("library_op",)
     warming = backend.start_warming(artifact, CPU, None, modules)
     assert warming is not None
     assert warming.wait(timeout_s=300) is imported
