@@ -74,8 +74,13 @@ source .devdeps/bootstrap.sh && \
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && R=$PWD && \
 mkdir -p /tmp/shim/hetero && cp -r hetero/* /tmp/shim/hetero/ && \
 for d in partitioner backends runtime cluster interfaces calibration; do ln -sfn $R/$d /tmp/shim/hetero/$d; done && \
-export PYTHONPATH=/tmp/shim:/tmp/site && cd /tmp && ...
+export PYTHONPATH=/tmp/shim:/tmp/site PYTHONPYCACHEPREFIX=/tmp/pycache && cd /tmp && ...
 ```
+
+(`PYTHONPYCACHEPREFIX`, since run 51: the machines' torch keeps no bytecode and its folders
+take none, so every process compiled torch's modules from source, 7-8 s each; hetero starts
+several (warmings, standbys, Inductor's compile workers), the suite's torch.compile rows none.
+A user's installation has the bytecode; with the prefix the first process writes it.)
 
 A long run can leave its stacks if it stops answering: start it in the background with its
 output in `$OUT/run.log`, then `PATH=/tmp/site/bin:$PATH $R/tools/stall_dump.sh $! $OUT/run.log
@@ -98,7 +103,7 @@ process by py-spy) whenever the log has been quiet for 60 s, until the run ends.
 | batch 16 under the cap: chosen plan vs forced streaming / CPU | `python3 $R/benchmarks/llm_generate_gpu.py --case batch16 --json $OUT/b16.json` | nvidia-h200 | ~7 min with `--budget-s 375` (run 24: the chosen plan and both forced ones in 376 s, 425 s of wall time); `--budget-s 300` leaves out the last forced plan |
 | Triton rules for modern models (3 runs: see triton_rules.md) | `python3 -m pytest -s -q $R/tests/gpu/test_triton_rules_gpu.py -k "<K>" -p no:cacheprovider` | nvidia-h200 | not run yet |
 | issue 15's suite: hetero vs eager and each torch.compile mode, 7 models (several calls: `--models`, `--modes`) | `python3 $R/benchmarks/backend_suite_gpu.py --models gpt2,bert --modes default reduce-overhead --budget-s 450 --json $OUT/suite1.json` (carry and source `.devdeps`) | nvidia-h200 | 3.4 min (two models); 7 min (three) |
-| a suite row slower than its measured choice: the model measured and with each GPU backend pinned, timed as a row, with Dynamo's counters and a profile | `python3 $R/benchmarks/choice_vs_row_gpu.py --model mixtral --json $OUT/choice_vs_row.json` (carry and source `.devdeps`) | nvidia-h100-x1 | not run yet (~2 min expected) |
+| a suite row slower than its measured choice: the model measured and with each GPU backend pinned, timed as a row, with Dynamo's counters and a profile | `python3 $R/benchmarks/choice_vs_row_gpu.py --model mixtral --ways measured,inductor --json $OUT/choice_vs_row.json` (carry and source `.devdeps`) | nvidia-h100-x1 | 78 s for two ways (run 50) |
 | issue 16's accuracy benchmark: 10 GPU cases and the GPU backend sweep, one feedback round (`--device cpu` rehearses it here under TRITON_INTERPRET=1) | `timeout -s INT -k 10 245 python3 $R/benchmarks/cost_feedback.py --gpu --quick-calibration --quantile 0.5 --budget-s 180 --json $OUT/cost_feedback_gpu.json --md $OUT/cost_feedback_gpu.md 2>&1 | tee $OUT/cost_feedback_gpu.log` (no `.devdeps`: leave `source .devdeps/bootstrap.sh &&` out of the prefix) | nvidia-h200 | ~3 min (run 19: 4 of 10 cases in a 175 s budget with its 92 s calibration; run 32, 2026-12-06: every case started in 175 s with `--profile $R/benchmarks/results/cost_feedback_gpu.profile.json`, which skips the calibration) |
 """
 
