@@ -94,8 +94,8 @@ def launch(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor
 def _kernel(interpret: bool) -> Any:
     """The kernel, made on first use: Triton decides at `triton.jit` whether it compiles for
     the GPU or runs in its interpreter (TRITON_INTERPRET), and a test may set that after
-    this module is imported. (Triton's own jit helpers, `tl.cdiv` and `tl.zeros`, were decided when
-    triton.language was imported: the kernel calls none.)"""
+    this module is imported. (Triton's own jit helpers, `tl.cdiv` and `tl.zeros`, were
+    decided when triton.language was imported: the kernel calls none.)"""
     return triton.jit(_grouped_mm_kernel)
 
 
