@@ -194,3 +194,31 @@ def test_a_library_operator_is_called_in_its_own_namespace(tmp_path):
     )
     with torch.no_grad():
         assert_close(run(x)[0], model(x), torch.float32)
+
+
+class _Experts(torch.nn.Module):
+    """A mixture of experts' core as transformers runs it for 16-bit weights: rows sorted by
+    expert, then its host-looped grouped product (rewritten to hetero::grouped_mm in the
+    partition the backend compiles: backends/substitutes.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers.integrations.moe  # noqa: F401  (registers the operator)
+
+        self.up = torch.nn.Linear(16, 16)
+        self.w = torch.nn.Parameter(torch.randn(3, 16, 8) / 4)
+        self.register_buffer("offs", torch.tensor([2, 2, 9]))
+
+    def forward(self, x):
+        h = self.up(x).relu()
+        return torch.ops.transformers.grouped_mm_fallback(h, self.w, self.offs) + 1.0
+
+
+def test_a_library_loop_rewritten_to_heteros_operator_runs_between_fused_kernels(tmp_path):
+    pytest.importorskip("transformers")
+    model, x = _Experts().eval(), torch.randn(11, 16)
+    targets = {n.target for n in unit_of(model, x).module.graph.nodes}
+    assert torch.ops.hetero.grouped_mm.default in targets
+    run, _ = build(TritonBackend(), model, (x,), tmp_path)
+    with torch.no_grad():
+        assert_close(run(x)[0], model(x), torch.float32)
