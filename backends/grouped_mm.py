@@ -47,9 +47,9 @@ TILES = {
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows `x[offs[e-1]:offs[e]]` (x: [S, K], sorted by expert) times `w[e]` (w: [E, K, N])
     for each expert e; rows past `offs[-1]` are zeros. [S, N] in x's dtype."""
-    if x.is_cuda and triton is not None and x.dtype in TILES:
-        return launch(x, w, offs)
-    return looped(x, w, offs)
+    if x.is_cuda and triton is not None and x.dtype in TILES and w.dtype == x.dtype:
+        return launch(x, w, offs.to(x.device))  # bounds the host holds: copied once, here
+    return looped(x, w, offs)  # mixed dtypes: torch.mm's own error
 
 
 @grouped_mm.register_fake

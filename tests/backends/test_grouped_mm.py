@@ -60,6 +60,12 @@ def test_the_operator_runs_the_loop_on_a_cpu_and_has_its_shape_under_fake_tensor
         assert torch.ops.hetero.grouped_mm(fx, fw, fo).shape == (6, 5)
 
 
+def test_mixed_dtypes_are_refused_as_the_loop_refuses_them():
+    x, w, offs = torch.randn(4, 3), torch.randn(2, 3, 5, dtype=torch.float64), torch.tensor([1, 4])
+    with pytest.raises(RuntimeError):
+        torch.ops.hetero.grouped_mm(x, w, offs)
+
+
 def _calling(op) -> torch.fx.GraphModule:
     g = torch.fx.Graph()
     x, w, offs = g.placeholder("x"), g.placeholder("w"), g.placeholder("offs")
