@@ -77,7 +77,7 @@ for d in partitioner backends runtime cluster interfaces calibration; do ln -sfn
 export PYTHONPATH=/tmp/shim:/tmp/site PYTHONPYCACHEPREFIX=/tmp/pycache && cd /tmp && ...
 ```
 
-(`PYTHONPYCACHEPREFIX`, since run 51: the machines' torch keeps no bytecode and its folders
+(`PYTHONPYCACHEPREFIX`, since 2026-12-07, not yet used in a run: the machines' torch keeps no bytecode and its folders
 take none, so every process compiled torch's modules from source, 7-8 s each; hetero starts
 several (warmings, standbys, Inductor's compile workers), the suite's torch.compile rows none.
 A user's installation has the bytecode; with the prefix the first process writes it.)
