@@ -10,9 +10,9 @@ CPU kernels' OpenMP width is part of their code, so a different count would miss
 The compiled program is then called on its example inputs (a program that updates its own
 buffers as well: its state here is thrown away). On a GPU that call runs in the process's
 turn on the card (backends/gpu_turn.py): the first launch of Inductor's kernels times their
-configs and caches the best beside them, so the loading process's first call (GPT-2 small:
-3.2 s on an H100 host, MobileNetV3-L 8.5 s) reads them instead of timing them, and never
-while that process times its own kernels.
+configs and caches the best beside them, so the loading process's first call reads them
+instead of timing them (tests/gpu/test_inductor_warming_gpu.py), and never while that process
+times its own kernels.
 
 `python -m hetero.backends.inductor_warm --standby [DEVICE]` (a `warming.Standby`): get
 ready for DEVICE first, then read [ARTIFACT_DIR, THREADS, DEVICE, MODULE...] as one JSON list
