@@ -23,6 +23,7 @@ as the one to import before it is read (runtime/library_ops.py).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any
 
@@ -33,6 +34,8 @@ try:  # optional (hetero[triton]); the loop serves without it
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
+
+log = logging.getLogger(__name__)
 
 # Tiles (rows, columns, depth) and launch settings: 16-bit products use the tensor cores;
 # float32 ones run exactly (IEEE), as torch.mm does by default.
@@ -47,7 +50,13 @@ TILES = {
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows `x[offs[e-1]:offs[e]]` (x: [S, K], sorted by expert) times `w[e]` (w: [E, K, N])
     for each expert e; rows past `offs[-1]` are zeros. [S, N] in x's dtype."""
-    if x.is_cuda and triton is not None and x.dtype in TILES and w.dtype == x.dtype:
+    if (
+        x.is_cuda
+        and triton is not None
+        and x.dtype in TILES
+        and w.dtype == x.dtype
+        and (torch.cuda.is_current_stream_capturing() or kernel_works(x.dtype, x.device.index))
+    ):
         return launch(x, w, offs.to(x.device))  # bounds the host holds: copied once, here
     return looped(x, w, offs)  # mixed dtypes: torch.mm's own error
 
@@ -55,6 +64,34 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
 @grouped_mm.register_fake
 def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], w.shape[2]))
+
+
+@functools.cache
+def kernel_works(dtype: torch.dtype, index: int | None) -> bool:
+    """Whether the kernel compiles and runs on GPU `index` for `dtype`: checked once, on a
+    small product against the loop. Every backend's program calls this operator, so a kernel
+    that could not compile on some GPU or Triton would fail every candidate of the partition;
+    there the loop serves instead, with a warning."""
+    dev = torch.device("cuda", index)
+    try:
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(70, 48, device=dev, generator=g).to(dtype)
+        w = (torch.randn(3, 48, 40, device=dev, generator=g) / 7).to(dtype)
+        offs = torch.tensor([20, 20, 65], device=dev)
+        got, want = launch(x, w, offs).float(), looped(x.float(), w.float(), offs)
+        works = bool(torch.allclose(got, want, rtol=3e-2, atol=3e-2))
+        why = "its values differ from the loop's"
+    except Exception as e:  # any failure to build or run it: the loop still answers
+        works, why = False, f"{type(e).__name__}: {e}"
+    if not works:
+        log.warning(
+            "hetero::grouped_mm: the Triton kernel does not run on %s for %s (%s); "
+            "experts' products run one at a time, waiting on the host",
+            dev,
+            dtype,
+            why[:300],
+        )
+    return works
 
 
 def looped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

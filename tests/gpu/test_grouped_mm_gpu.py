@@ -28,7 +28,9 @@ def _case(dtype, rows=300, depth=256, cols=384, experts=8):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_the_kernel_equals_the_loop(dtype):
-    from hetero.backends.grouped_mm import looped
+    from hetero.backends.grouped_mm import kernel_works, looped
+
+    assert kernel_works(dtype, torch.cuda.current_device())  # the operator runs the kernel
 
     x, w, offs = _case(dtype)
     got = torch.ops.hetero.grouped_mm(x, w, offs)
