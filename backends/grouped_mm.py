@@ -118,7 +118,7 @@ def launch(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor
     # each expert's run adds at most one partial row tile to the whole rows' tiles
     grid = (triton.cdiv(rows, bm) + experts, triton.cdiv(cols, bn))
     _kernel(os.environ.get("TRITON_INTERPRET") == "1")[grid](
-        x, w, offs, out, depth, cols,
+        x, w, offs, out, rows, depth, cols,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
         out.stride(0), out.stride(1),
         EXPERTS=experts, BM=bm, BN=bn, BK=bk, EXACT=x.dtype == torch.float32,
@@ -139,7 +139,7 @@ def _kernel(interpret: bool) -> Any:
 if triton is not None:
 
     def _grouped_mm_kernel(
-        x, w, offs, out, K, N,
+        x, w, offs, out, M, K, N,
         sxm, sxk, swe, swk, swn, som, son,
         EXPERTS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         EXACT: tl.constexpr,
@@ -164,13 +164,16 @@ if triton is not None:
         if expert >= 0:
             # 64-bit offsets: an expert's weight lies past 2**31 elements in a large model
             rows = (row0 + tl.arange(0, BM)).to(tl.int64)
+            # within the run and within x: bounds that are not ascending, or run past x's
+            # rows, give wrong values (as the loop's slices would) but touch no other memory
+            inside = (rows < end) & (rows >= 0) & (rows < M)
             cols = tl.program_id(1) * BN + tl.arange(0, BN)
             acc = tl.full((BM, BN), 0.0, dtype=tl.float32)  # not tl.zeros: a jit helper
             for k0 in range(0, K, BK):
                 ks = k0 + tl.arange(0, BK)
                 a = tl.load(
                     x + rows[:, None] * sxm + ks[None, :] * sxk,
-                    mask=(rows[:, None] < end) & (ks[None, :] < K),
+                    mask=inside[:, None] & (ks[None, :] < K),
                     other=0.0,
                 )
                 b = tl.load(
@@ -185,5 +188,5 @@ if triton is not None:
             tl.store(
                 out + rows[:, None] * som + cols[None, :] * son,
                 acc.to(out.dtype.element_ty),
-                mask=(rows[:, None] < end) & (cols[None, :] < N),
+                mask=inside[:, None] & (cols[None, :] < N),
             )

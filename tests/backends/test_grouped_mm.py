@@ -90,3 +90,13 @@ def test_a_partition_calling_transformers_loop_calls_heteros_kernel_instead():
 def test_a_partition_without_library_operators_is_the_same_module():
     gm = _calling(torch.ops.aten.mm.default)
     assert substituted(gm) is gm
+
+
+def test_bounds_past_the_rows_touch_no_memory_outside_them():
+    """Runs' ends past x's rows (a malformed router's): the rows x has are computed, the
+    output keeps x's size, and nothing past it is read or written."""
+    x, w = torch.randn(5, 8), torch.randn(2, 8, 3)
+    offs = torch.tensor([3, 40])
+    got = launch(x, w, offs)
+    assert got.shape == (5, 3)
+    torch.testing.assert_close(got, looped(x, w, torch.tensor([3, 5])))
