@@ -465,7 +465,7 @@ class Backend(abc.ABC):
         compiles other candidates; None where there is none to start. `standby`: a process
         `stand_by` started earlier, to hand the work to (a fresh one where it cannot).
         `imports`: modules that register library operators the program calls
-        (runtime/library_ops.py), imported there before the program is read."""
+        (backends/library_ops.py), imported there before the program is read."""
         return None
 
     def warming_key(self, artifact: Artifact, device: DeviceSpec) -> str | None:

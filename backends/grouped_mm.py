@@ -17,7 +17,7 @@ are zeros, as the fallback leaves them. On a CPU, or without Triton, the fallbac
 runs (the host holds `offs` already there).
 
 Registered with `torch.library.custom_op`, so that a program calling it names this module
-as the one to import before it is read (runtime/library_ops.py).
+as the one to import before it is read (backends/library_ops.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 compile an inductor artifact's program on its example inputs for DEVICE (default: the CPU)
 and exit, leaving the compiled graph in Inductor's on-disk caches for the process that
 started it (backends/warming.py says why). Each MODULE is imported first: it registers a
-library operator the program calls (runtime/library_ops.py; Mixtral's
+library operator the program calls (backends/library_ops.py; Mixtral's
 `transformers::grouped_mm_fallback`), without which the program cannot be read.
 
 The compile is the one `InductorBackend.load` makes, with the caller's thread count (the
@@ -21,7 +21,6 @@ from stdin; exit at once on an empty input.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from functools import partial
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from hetero.backends.gpu_turn import timing_turn
 from hetero.backends.inductor import compile_now, compile_program
+from hetero.backends.library_ops import import_all
 from hetero.backends.warming import handed_args
 
 
@@ -43,8 +43,7 @@ def main(argv: list[str]) -> int:
         return 2
     path, threads = Path(argv[0]), int(argv[1])
     dev = torch.device(argv[2] if len(argv) > 2 else "cpu")
-    for module in argv[3:]:
-        importlib.import_module(module)
+    import_all(argv[3:])
     torch.set_num_threads(threads)
     gpu = dev.type == "cuda"
     if gpu:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from hetero.backends.base import CompileOptions
+from hetero.backends.library_ops import defining_modules
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.connect import init_ray
 from hetero.cluster.devices import NPU_RESOURCE
@@ -50,7 +51,6 @@ from hetero.paths import cache_root
 from hetero.runtime.build import compile_plan, needed_outputs
 from hetero.runtime.choice import Chooser, early_standby
 from hetero.runtime.executor import LocalExecutor
-from hetero.runtime.library_ops import defining_modules
 from hetero.runtime.online import OnlineReplanner, ReplanPolicy
 from hetero.runtime.ray_executor import RayExecutor
 

@@ -66,6 +66,7 @@ import torch
 from hetero.backends.base import Artifact, CompileOptions, CompileUnit, Runner
 from hetero.backends.cache import ArtifactCache
 from hetero.backends.eager import torch_device
+from hetero.backends.library_ops import defining_modules
 from hetero.backends.registry import BackendRegistry
 from hetero.backends.warming import Standby, Warming
 from hetero.calibration.timing import time_call
@@ -78,7 +79,6 @@ from hetero.partitioner.graph import OpNode
 from hetero.partitioner.plan import BackendTiming, Plan
 from hetero.paths import cache_root
 from hetero.runtime.agreement import float32_outputs, output_error, tolerance
-from hetero.runtime.library_ops import defining_modules
 
 log = logging.getLogger("hetero.choice")
 

@@ -113,7 +113,7 @@ class RayExecutor:
         self.node_map = dict(node_map or {})
         self.registry = registry if registry is not None else default_registry()
         # modules each worker imports first: they register the library operators the
-        # partitions call (runtime/library_ops.py)
+        # partitions call (backends/library_ops.py)
         self.imports = tuple(imports)
         self.name = name
         self.replan_hook = replan

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from hetero.backends.eager import torch_device
+from hetero.backends.library_ops import defining_modules, import_all
 from hetero.backends.registry import BackendRegistry
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.errors import ConfigError, WorkerError
@@ -27,7 +28,6 @@ from hetero.partitioner.phases import PROMPT, START, LMGraphs, Phase
 from hetero.runtime import faults, placement
 from hetero.runtime.artifacts import unpack
 from hetero.runtime.generation import Generation, StageBinder, lm_weights
-from hetero.runtime.library_ops import defining_modules, import_all
 from hetero.runtime.measured_choice import ProgramChoice
 from hetero.runtime.metrics import MetricsSnapshot, RunMetrics
 from hetero.runtime.stage import CALLER, StageSpec, producers, sources
@@ -124,7 +124,7 @@ class GenerationWorker:
         blobs: Mapping[str, bytes] | None = None,
         imports: Sequence[str] = (),
     ) -> None:
-        import_all(imports)  # the library operators the stages call (runtime/library_ops.py)
+        import_all(imports)  # the library operators the stages call (backends/library_ops.py)
         self.device = local_device(device)
         here = torch_device(self.device)
         self.binder = StageBinder(registry, device_of=lambda d: here)

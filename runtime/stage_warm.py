@@ -31,8 +31,8 @@ import torch
 
 from hetero.backends.gpu_turn import timing_turn
 from hetero.backends.inductor_warm import ready
+from hetero.backends.library_ops import import_all
 from hetero.backends.warming import handed_args
-from hetero.runtime.library_ops import import_all
 from hetero.runtime.stage_compile import InductorStage, on_device
 
 

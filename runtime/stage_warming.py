@@ -30,10 +30,10 @@ import torch
 
 from hetero.backends.eager import symbolic_dims, torch_device, traced_inputs
 from hetero.backends.inductor import inductor_caches_on
+from hetero.backends.library_ops import defining_modules
 from hetero.backends.warming import Standby, Warming
 from hetero.cluster.spec import ClusterSpec, DeviceSpec
 from hetero.partitioner.phases import Phase
-from hetero.runtime.library_ops import defining_modules
 from hetero.runtime.stage import StageSpec
 from hetero.runtime.stage_compile import (
     CompileMode,
@@ -174,7 +174,7 @@ def stage_spec(s: StageSpec, dev: torch.device, mode: CompileMode) -> tuple[dict
     """(what runtime/stage_warm.py reads: the program's file, where it compiles, the sizes
     kept symbolic, each input's (shape, stride, dtype) as traced, a symbolic size at its
     traced example's value, and the modules to import before reading the program
-    (runtime/library_ops.py); the bytes those inputs take). None where an input is no tensor
+    (backends/library_ops.py); the bytes those inputs take). None where an input is no tensor
     or a size has no example value (nothing to lay zeros out by)."""
     program = s.program
     if program is None:

@@ -21,11 +21,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 from hetero.backends.gpu_cpu_mm import HandoffClock, settle
+from hetero.backends.library_ops import import_all
 from hetero.backends.registry import BackendRegistry, default_registry
 from hetero.cluster.spec import DeviceSpec
 from hetero.errors import WorkerError
 from hetero.runtime.artifacts import unpack
-from hetero.runtime.library_ops import import_all
 from hetero.runtime.metrics import StageRecord, nbytes
 from hetero.runtime.stage import CALLER, StageSpec
 from hetero.runtime.streaming import load_runners
@@ -241,7 +241,7 @@ class DeviceWorker:
         imports: Sequence[str] = (),
     ) -> None:
         """`imports`: modules that register the library operators the stages call
-        (runtime/library_ops.py), imported before anything loads."""
+        (backends/library_ops.py), imported before anything loads."""
         import_all(imports)
         self.device = local_device(device)
         registry = registry if registry is not None else default_registry()

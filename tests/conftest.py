@@ -93,7 +93,7 @@ BACKGROUND = (
     "tests/partitioner/test_host_dtype.py",
     "tests/partitioner/test_search_prices.py",
     "tests/partitioner/test_split.py",
-    "tests/runtime/test_library_ops.py",
+    "tests/backends/test_library_ops.py",
     # from background2, which finished last (2026-12-06, three shares on the quiet 2-core box,
     # collection and garbage collection trimmed: foreground 477 s, background 437 s,
     # background2 517 s; these three ~23 s of background2's): captures and eager/exported

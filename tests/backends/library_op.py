@@ -1,5 +1,5 @@
 """A library's own operator, for the tests of programs that call one: registered by
-importing this module, as transformers registers its operators (runtime/library_ops.py)."""
+importing this module, as transformers registers its operators (backends/library_ops.py)."""
 
 from __future__ import annotations
 

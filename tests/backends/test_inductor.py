@@ -269,7 +269,7 @@ def test_a_warming_imports_the_modules_that_define_the_programs_library_operator
     warming compiles and the load hits its cache."""
     from torch._dynamo.utils import counters
 
-    from hetero.runtime.library_ops import defining_modules
+    from hetero.backends.library_ops import defining_modules
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(warming_cache))
     here = str(Path(__file__).parent)  # where the warming finds library_op.py

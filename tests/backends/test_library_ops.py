@@ -1,5 +1,5 @@
 """A library's own operators in a program: the driver names the modules that define them and
-a worker imports those before it loads (runtime/library_ops.py)."""
+a worker imports those before it loads (backends/library_ops.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from hetero.runtime.library_ops import defining_modules
+from hetero.backends.library_ops import defining_modules
 
 
 def _graph_calling(op) -> torch.fx.Graph:
@@ -28,7 +28,7 @@ def test_transformers_moe_operator_is_traced_to_its_module_and_a_fresh_process_g
     # what a Ray worker that never imported transformers does before loading its stages
     check = (
         "import torch, sys\n"
-        "from hetero.runtime.library_ops import import_all\n"
+        "from hetero.backends.library_ops import import_all\n"
         "assert not hasattr(torch.ops.transformers, 'grouped_mm_fallback')\n"
         f"import_all({modules!r})\n"
         "print(torch.ops.transformers.grouped_mm_fallback.default._schema.name)\n"
