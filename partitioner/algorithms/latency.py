@@ -41,6 +41,12 @@ _SMALL = 12  # up to this many groups, trades are tried even when memory does no
 # 12.11 s against [0,1,0,0] at 10.89, every assignment between them over a device's memory;
 # tests/partitioner/test_algorithms.py, seed 4937). C(8,3) * 27 trials at most per pass.
 _TRIPLE_LIMIT = 8
+# Perturbed restarts of the local search on small problems whose memory binds: there the
+# best can lie five or six changes from a local optimum of every step above (3 devices,
+# tests/partitioner/test_algorithms.py: seed 1382953814, 7 groups, 7.5% over the optimum;
+# seed 962122045, 9 groups, 5.2%), beyond any fixed neighbourhood. 32 restarts close every
+# gap over 1% in a sweep of 4,000 of its random problems; 16 leave one at 5.7%.
+_KICKS = 32
 _RESHARE = 3  # cuts re-priced with each pair's latency shared among the values it carries
 # relative margin under which a lower bound refuses a trial: far above the bound's rounding
 # (a few ulps per group), far below any difference the search acts on (1e-12 s)
@@ -73,6 +79,17 @@ def _lagrangian(problem: Problem) -> list[np.ndarray]:
                 break
             assign = new
 
+    def every_pair(lam: np.ndarray) -> None:
+        """Each pair of devices' own cut, which `solve` passes over for the labelling of least
+        energy. The energy counts streamed weights as free, yet their slots take memory: where
+        those overflow, the least energy stays over a device's memory at any penalty, while
+        the pair that leaves it out fits, a few block moves from the best."""
+        u, mode = _collapse(problem, lam)
+        usable = [k for k in range(problem.num_devices) if np.isfinite(u[:, k]).any()]
+        for a, b in itertools.combinations(usable if len(usable) > 2 else (), 2):
+            labels = _pair_cut(problem, u, a, b, problem.edge_cost)
+            candidates.append(mode[np.arange(problem.n), labels])
+
     lam = np.zeros(problem.num_devices)
     low = lam.copy()
     for _ in range(_ROUNDS):
@@ -82,6 +99,7 @@ def _lagrangian(problem: Problem) -> list[np.ndarray]:
         low = lam.copy()
         lam = np.where(over > 0, np.maximum(lam * 2.0, scale), lam)
     else:
+        every_pair(lam)
         return candidates
     reshare(lam)
     high = lam
@@ -116,13 +134,33 @@ def latency(problem: Problem) -> Solution:
     by_time = sorted(unique, key=prices.latency)[:_STARTS]
     candidates = list({tuple(a): a for a in by_key + by_time}.values())
     # trading two groups' placements pays mostly when memory binds (a knapsack step)
-    tight = any(prices.overflow(a) > 0 for a in candidates) or problem.n <= _SMALL
+    binds = any(prices.overflow(a) > 0 for a in candidates)
+    tight = binds or problem.n <= _SMALL
     best = None
     for start in candidates:
         refined = _local_search(problem, start, allowed, trades=tight, prices=prices)
         if best is None or prices.key(refined) < prices.key(best):
             best = refined
+    if binds and problem.n <= _SMALL:
+        best = _kicked(problem, best, allowed, prices)
     return Solution(best, prices.latency(best), "latency")
+
+
+def _kicked(problem: Problem, best: np.ndarray, allowed: np.ndarray, prices: Prices) -> np.ndarray:
+    """Iterated local search: `_KICKS` times, change two to four random groups of the best
+    assignment to random allowed placements, search again from there, and keep what beats
+    the best. A generator seeded here makes the plan a function of the problem alone."""
+    rng = np.random.default_rng(0)
+    choices = [np.flatnonzero(row) for row in allowed]
+    for _ in range(_KICKS):
+        trial = best.copy()
+        size = min(problem.n, int(rng.integers(2, 5)))
+        for g in rng.choice(problem.n, size=size, replace=False):
+            trial[g] = rng.choice(choices[g])
+        refined = _local_search(problem, trial, allowed, trades=True, prices=prices)
+        if prices.key(refined) < prices.key(best):
+            best = refined
+    return best
 
 
 class Prices:

@@ -95,10 +95,10 @@ def test_three_devices_within_5_percent(seed, n, chain):
     assert la.seconds <= ex.seconds * 1.05 + 1e-12
 
 
-# The same 40 problems every run (derandomized): a sweep of 600 random ones (seeds drawn by
-# numpy's default_rng(7), 2026-12-07) found one 8.7% over the optimum (seed 805319493, d=3,
-# n=8, chain), a heuristic's gap this test does not hide but need not rediscover at random
-# in CI: at one problem in ~600 over 5%, 40 fresh draws a run would fail ~1 run in 15.
+# The same 40 problems every run (derandomized), plus the four that a sweep of 4,000 random
+# ones (seeds drawn by numpy's default_rng(7); d, n, chain as here) found over 5%; since
+# the latency planner's pair cuts and restarts (partitioner/algorithms/latency.py,
+# `every_pair`, `_KICKS`) the same sweep finds none over 1% (the worst 0.6%).
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
@@ -111,6 +111,13 @@ def test_three_devices_within_5_percent(seed, n, chain):
 # found by a random draw in CI: the best lay three changes from a local optimum of single
 # moves and two-group trades (partitioner/algorithms/latency.py, _TRIPLE_LIMIT)
 @example(seed=4937, d=2, n=4, chain=False)
+# 8.7% over: streamed weights' slots overflowed device 1 at every penalty, so no cut tried
+# device 2, where the best ran groups 2-7; every start lay six changes or more from it
+@example(seed=805319493, d=3, n=8, chain=True)
+# 7.5%, 5.7% and 5.2% over: the best lay five or six changes from a local optimum
+@example(seed=1382953814, d=3, n=7, chain=False)
+@example(seed=155526986, d=3, n=7, chain=True)
+@example(seed=962122045, d=3, n=9, chain=False)
 def test_memory_limits_hold_and_stay_near_optimal(seed, d, n, chain):
     p = random_problem(seed, n, d, chain=chain, memory=True)
     ex, la = exhaustive(p), latency(p)
