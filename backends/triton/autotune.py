@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import threading
@@ -32,6 +33,8 @@ import torch
 
 from hetero.backends.gpu_turn import timing_turn
 from hetero.backends.triton.kernels import attention, decode, matmul_epilogue
+
+log = logging.getLogger("hetero.triton.autotune")
 
 _MATMUL = tuple(matmul_epilogue.as_cfg(c) for c in matmul_epilogue.CANDIDATES)
 CANDIDATES: dict[str, tuple[dict, ...]] = {
@@ -138,14 +141,20 @@ def tune(
         def wrapped(*args, _k=k, _launch=launcher, _cands=cands, cfg=None):
             if _k.key not in found:
                 best, best_ms = None, float("inf")
+                measured = []
                 for c in _cands:
                     timed[0] += 1
                     try:
                         ms = do_bench(lambda c=c: _launch(*args, cfg=c), warmup=5, rep=25)
                     except Exception:  # a tile that does not fit this GPU (shared memory)
                         continue
+                    measured.append([round(ms, 5), c])
                     if ms < best_ms:
                         best, best_ms = c, ms
+                # every config's time (`--log debug`): the data to judge which configs are
+                # worth their compile (most of tuning's time) on which shapes
+                log.debug("tuned %s %s space=%s flops=%d: %s", _k.name, _k.kind, _k.space,
+                          _k.flops, json.dumps(sorted(measured, key=lambda m: m[0])))  # fmt: skip
                 if best is not None:
                     found[_k.key] = dict(best, ms=round(best_ms, 5))
             cfg = found.get(_k.key)

@@ -12,7 +12,10 @@ pytestmark = [
 ]
 
 
-def test_precompiled_tuning_finds_what_serial_tuning_finds(tmp_path, monkeypatch):
+def test_precompiled_tuning_finds_what_serial_tuning_finds(tmp_path, monkeypatch, caplog):
+    import json
+    import logging
+
     from triton_models import LinearEpilogue, assert_close, build
 
     import hetero.backends.triton.backend as triton_backend
@@ -31,6 +34,7 @@ def test_precompiled_tuning_finds_what_serial_tuning_finds(tmp_path, monkeypatch
 
         return tune
 
+    caplog.set_level(logging.DEBUG, logger="hetero.triton.autotune")
     for threads in (1, 4):
         monkeypatch.setattr(triton_backend, "tune", tune_with(threads))
         where = tmp_path / f"threads{threads}"  # its own tuning cache: nothing known
@@ -42,6 +46,11 @@ def test_precompiled_tuning_finds_what_serial_tuning_finds(tmp_path, monkeypatch
     assert set(seen[1].found) == set(seen[4].found) != set()
     assert seen[1].compile_s == 0.0 and seen[4].compile_s > 0.0
     assert seen[4].configs == seen[1].configs
+    # `--log debug` shows every config timed, fastest first: [[ms, config], ...]
+    logged = [json.loads(r.getMessage().split(": ", 1)[1]) for r in caplog.records
+              if r.getMessage().startswith("tuned ")]  # fmt: skip
+    assert logged and all(len(t) <= 4 for t in logged)
+    assert all([ms for ms, _ in t] == sorted(ms for ms, _ in t) for t in logged)
 
 
 def test_precompile_leaves_the_program_as_it_was(tmp_path):
