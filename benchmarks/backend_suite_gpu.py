@@ -643,7 +643,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--skip-hetero", action="store_true",
                     help="eager and torch.compile only (e.g. max-autotune in a call of its own)")  # fmt: skip
     ap.add_argument("--log", choices=("warning", "info", "debug"), default="warning",
-                    help="hetero's log level (info: each warming's time or failure, the choice's notes)")  # fmt: skip
+                    help="hetero's log level (info: each warming's time or failure, the choice's notes; "
+                    "debug: also every Triton autotune config's time per kernel)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.modes is None:  # a smoke test needs one mode; max-autotune's search is the slowest
         args.modes = ["default"] if args.tiny else list(MODES)
