@@ -12,15 +12,15 @@ every candidate is checked against); only the partition a backend compiles calls
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
 from hetero.backends import grouped_mm  # noqa: F401  (registers hetero::grouped_mm)
 
 # the library operator's qualified name -> hetero's operator taking the same arguments
-SUBSTITUTES: Mapping[str, Callable[[], torch._ops.OpOverload]] = {
-    "transformers::grouped_mm_fallback": lambda: torch.ops.hetero.grouped_mm.default,
+SUBSTITUTES: Mapping[str, torch._ops.OpOverload] = {
+    "transformers::grouped_mm_fallback": torch.ops.hetero.grouped_mm.default,
 }
 
 
@@ -36,10 +36,10 @@ def substituted(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             continue
         names = [a.name for a in node.target._schema.arguments]
         args = list(node.args) + [node.kwargs[n] for n in names[len(node.args) :]]
-        node.target, node.args, node.kwargs = ours(), tuple(args), {}
+        node.target, node.args, node.kwargs = ours, tuple(args), {}
     return torch.fx.GraphModule(gm, graph)
 
 
-def _substitute(node: torch.fx.Node) -> Callable[[], torch._ops.OpOverload] | None:
+def _substitute(node: torch.fx.Node) -> torch._ops.OpOverload | None:
     schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
     return SUBSTITUTES.get(schema.name) if schema is not None else None

@@ -151,10 +151,11 @@ def tune(
                     measured.append([round(ms, 5), c])
                     if ms < best_ms:
                         best, best_ms = c, ms
-                # every config's time (`--log debug`): the data to judge which configs are
-                # worth their compile (most of tuning's time) on which shapes
-                log.debug("tuned %s %s space=%s flops=%d: %s", _k.name, _k.kind, _k.space,
-                          _k.flops, json.dumps(sorted(measured, key=lambda m: m[0])))  # fmt: skip
+                if log.isEnabledFor(logging.DEBUG):
+                    # every config's time (`--log debug`): the data to judge which configs
+                    # are worth their compile (most of tuning's time) on which shapes
+                    log.debug("tuned %s %s space=%s flops=%d: %s", _k.name, _k.kind, _k.space,
+                              _k.flops, json.dumps(sorted(measured, key=lambda m: m[0])))  # fmt: skip
                 if best is not None:
                     found[_k.key] = dict(best, ms=round(best_ms, 5))
             cfg = found.get(_k.key)
