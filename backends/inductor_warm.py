@@ -30,10 +30,11 @@ import torch
 from hetero.backends.gpu_turn import timing_turn
 from hetero.backends.inductor import compile_now, compile_program
 from hetero.backends.library_ops import import_all
-from hetero.backends.warming import handed_args
+from hetero.backends.warming import handed_args, mark
 
 
 def main(argv: list[str]) -> int:
+    mark("imported")
     handed = handed_args(argv, lambda dev: ready(torch.device(dev or "cpu")))
     if handed is None:  # a standby never handed work
         return 0
@@ -49,9 +50,11 @@ def main(argv: list[str]) -> int:
     if gpu:
         torch.cuda.set_device(dev)
     compiled, ep = compile_program(path, dev, launch_in=partial(timing_turn, dev) if gpu else None)
+    mark("read")
     if not compile_now(compiled, ep, dev, state_too=True):
         print(f"{path}: the program keeps no example inputs to compile on", file=sys.stderr)
         return 1
+    mark("compiled-and-run")
     return 0
 
 

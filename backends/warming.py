@@ -38,6 +38,31 @@ WAIT_S = 600.0
 # The only argument of a warming module started as a Standby: get ready, then read the real
 # arguments (one JSON list) from stdin; an end of input instead means there is no work.
 STANDBY = "--standby"
+# How a warming process marks on its stderr the moment it reached a step (`mark`), so the
+# log says where its time went: ready, handed its work, program read, compiled and run.
+MARK = "hetero-warming-mark"
+
+
+def mark(step: str) -> None:
+    """Writes, from inside a warming process, that it has reached `step` now (wall clock,
+    which its parent reads against its own)."""
+    print(f"{MARK} {step} {time.time():.3f}", file=sys.stderr, flush=True)
+
+
+def marked_steps(err: bytes, spawned: float, handed: float) -> str:
+    """When a warming process, `spawned` and `handed` its work at those wall clock times,
+    reached the steps it marked on its stderr, in seconds since it was spawned: "imported
+    +2.0 s, handed over +5.1 s, ready +5.4 s, read +5.6 s, ..." (a standby ready after its hand-over kept its
+    work waiting), in the order they came."""
+    steps = [(handed, "handed over")]
+    for line in err.decode(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == MARK:
+            try:
+                steps.append((float(parts[2]), parts[1]))
+            except ValueError:
+                continue
+    return ", ".join(f"{step} +{at - spawned:.1f} s" for at, step in sorted(steps))
 
 
 def handed_args(argv: Sequence[str], get_ready: Callable[[str | None], object]) -> list | None:
@@ -47,6 +72,7 @@ def handed_args(argv: Sequence[str], get_ready: Callable[[str | None], object]) 
     if list(argv[:1]) != [STANDBY]:
         return list(argv)
     get_ready(argv[1] if len(argv) > 1 else None)
+    mark("ready")
     line = sys.stdin.readline()
     return json.loads(line) if line.strip() else None
 
@@ -55,11 +81,19 @@ class Warming:
     """One warming process: `python -m <module> <args>`, its output kept for the log."""
 
     def __init__(
-        self, module: str, args: Sequence[str], *, process: subprocess.Popen | None = None
+        self,
+        module: str,
+        args: Sequence[str],
+        *,
+        process: subprocess.Popen | None = None,
+        spawned: float | None = None,
     ) -> None:
-        """`process`: a Standby's, already handed `args`; None starts one."""
+        """`process`: a Standby's, already handed `args`, started at wall clock `spawned`;
+        None starts one."""
         self.what = f"{module} {' '.join(args)}"
         self.started = time.perf_counter()
+        self.handed = time.time()
+        self.spawned = self.handed if spawned is None else spawned
         self._done: bool | None = None  # what `wait` found
         self._proc = process or subprocess.Popen(
             [sys.executable, "-m", module, *args],
@@ -86,7 +120,12 @@ class Warming:
             tail = (err or b"").decode(errors="replace").strip().splitlines()[-3:]
             log.info("warming %s failed (exit %s): %s", self.what, self._proc.returncode, tail)
             return False
-        log.info("warming %s: %.1f s", self.what, time.perf_counter() - self.started)
+        log.info(
+            "warming %s: %.1f s (its process, since it started: %s)",
+            self.what,
+            time.perf_counter() - self.started,
+            marked_steps(err or b"", self.spawned, self.handed),
+        )
         return True
 
     def cancel(self) -> None:
@@ -106,6 +145,7 @@ class Standby:
         """`ready_for`: what the module's standby takes after STANDBY (what to get ready
         for: a device); the work handed later may differ."""
         self.module = module
+        self.spawned = time.time()
         self._proc: subprocess.Popen | None = subprocess.Popen(
             [sys.executable, "-m", module, STANDBY, *ready_for],
             stdin=subprocess.PIPE,
@@ -124,7 +164,7 @@ class Standby:
                 assert proc.stdin is not None  # opened as a pipe
                 proc.stdin.write((json.dumps(list(args)) + "\n").encode())
                 proc.stdin.flush()  # left open: `communicate` (Warming.wait) closes it
-                return Warming(self.module, args, process=proc)
+                return Warming(self.module, args, process=proc, spawned=self.spawned)
             except OSError:  # it ended between the poll and the write
                 pass
         _end(proc)

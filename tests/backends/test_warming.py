@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from hetero.backends.warming import STANDBY, Standby
+from hetero.backends.warming import MARK, STANDBY, Standby, marked_steps
 
 # A warming module that only writes down the arguments it got (or that it got none).
 FAKE = f"""
@@ -62,3 +62,17 @@ def test_a_standby_that_ended_is_not_handed_work(fake_module, monkeypatch):
 def test_a_failed_warming_reports_false(fake_module):
     warming = Standby("fake_warm").start(["fail"])
     assert warming is not None and not warming.wait(timeout_s=60)
+
+
+def test_the_steps_a_warming_marked_are_read_as_seconds_since_it_started():
+    err = (
+        f"some warning\n{MARK} ready 1009.25 \n{MARK} read 1012.5\n"
+        f"{MARK} broken x\n{MARK} compiled-and-run 1020.0\n"
+    ).encode()
+    assert marked_steps(err, spawned=1000.0, handed=1006.0) == (
+        "handed over +6.0 s, ready +9.2 s, read +12.5 s, compiled-and-run +20.0 s"
+    )
+    assert marked_steps(f"{MARK} ready 1003.0".encode(), spawned=1000.0, handed=1006.0) == (
+        "ready +3.0 s, handed over +6.0 s"
+    )
+    assert marked_steps(b"", spawned=5.0, handed=5.0) == "handed over +0.0 s"
