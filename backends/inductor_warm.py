@@ -30,7 +30,7 @@ import torch
 from hetero.backends.gpu_turn import timing_turn
 from hetero.backends.inductor import compile_now, compile_program
 from hetero.backends.library_ops import import_all
-from hetero.backends.warming import handed_args, mark
+from hetero.backends.warming import DONE, handed_args, mark
 
 
 def main(argv: list[str]) -> int:
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     if not compile_now(compiled, ep, dev, state_too=True):
         print(f"{path}: the program keeps no example inputs to compile on", file=sys.stderr)
         return 1
-    mark("compiled-and-run")
+    mark(DONE)
     return 0
 
 

@@ -27,6 +27,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -41,6 +42,11 @@ STANDBY = "--standby"
 # How a warming process marks on its stderr the moment it reached a step (`mark`), so the
 # log says where its time went: ready, handed its work, program read, compiled and run.
 MARK = "hetero-warming-mark"
+# The step a warming marks once its work is in the caches: its parent goes on from there
+# and the process ends on its own. The end of a process that compiled on a GPU (the
+# interpreter's teardown, Inductor's compile workers, the CUDA context) took 2.5-4.2 s after
+# its work was done, all of it on the compile's critical path (backend_suite.md, run 51).
+DONE = "done"
 
 
 def mark(step: str) -> None:
@@ -100,6 +106,24 @@ class Warming:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+        self._err: list[bytes] = []  # its stderr's lines so far
+        self._marked_done = False
+        # set once the process has marked DONE or has ended
+        self._over = threading.Event()
+        threading.Thread(target=self._read, name="hetero-warming", daemon=True).start()
+
+    def _read(self) -> None:
+        """Keeps the process's stderr read to its end (a full pipe would stop it), notes its
+        DONE mark, and reaps it."""
+        assert self._proc.stderr is not None  # opened as a pipe
+        done = f"{MARK} {DONE} ".encode()
+        for line in self._proc.stderr:
+            self._err.append(line)
+            if line.startswith(done):
+                self._marked_done = True
+                self._over.set()
+        self._proc.wait()
+        self._over.set()
 
     def wait(self, timeout_s: float = WAIT_S) -> bool:
         """Waits for the process (at most `timeout_s`, then stops it); whether it finished
@@ -110,21 +134,21 @@ class Warming:
         return self._done
 
     def _wait(self, timeout_s: float) -> bool:
-        try:
-            _, err = self._proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+        """Until the process marks DONE (then it ends on its own) or ends."""
+        if not self._over.wait(timeout_s):
             self.cancel()
             log.info("warming %s: still running after %.0f s, stopped", self.what, timeout_s)
             return False
-        if self._proc.returncode:
-            tail = (err or b"").decode(errors="replace").strip().splitlines()[-3:]
+        err = b"".join(list(self._err))
+        if not self._marked_done and self._proc.returncode:
+            tail = err.decode(errors="replace").strip().splitlines()[-3:]
             log.info("warming %s failed (exit %s): %s", self.what, self._proc.returncode, tail)
             return False
         log.info(
             "warming %s: %.1f s (its process, since it started: %s)",
             self.what,
             time.perf_counter() - self.started,
-            marked_steps(err or b"", self.spawned, self.handed),
+            marked_steps(err, self.spawned, self.handed),
         )
         return True
 
@@ -132,7 +156,7 @@ class Warming:
         """Stops the process if it still runs (a candidate the choice no longer loads)."""
         if self._proc.poll() is None:
             self._proc.kill()
-            self._proc.communicate()
+        self._proc.wait()
 
 
 class Standby:
@@ -163,7 +187,7 @@ class Standby:
             try:
                 assert proc.stdin is not None  # opened as a pipe
                 proc.stdin.write((json.dumps(list(args)) + "\n").encode())
-                proc.stdin.flush()  # left open: `communicate` (Warming.wait) closes it
+                proc.stdin.close()  # all it reads: the line is in the pipe for it
                 return Warming(self.module, args, process=proc, spawned=self.spawned)
             except OSError:  # it ended between the poll and the write
                 pass

@@ -32,7 +32,7 @@ import torch
 from hetero.backends.gpu_turn import timing_turn
 from hetero.backends.inductor_warm import ready
 from hetero.backends.library_ops import import_all
-from hetero.backends.warming import handed_args
+from hetero.backends.warming import DONE, handed_args, mark
 from hetero.runtime.stage_compile import InductorStage, on_device
 
 
@@ -69,6 +69,7 @@ def main(argv: list[str]) -> int:
     if stage.failed is not None:
         print(f"{spec['name']}: {type(stage.failed).__name__}: {stage.failed}", file=sys.stderr)
         return 1
+    mark(DONE)
     return 0
 
 

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from hetero.backends.warming import MARK, STANDBY, Standby, marked_steps
+from hetero.backends.warming import MARK, STANDBY, Standby, Warming, marked_steps
 
 # A warming module that only writes down the arguments it got (or that it got none).
 FAKE = f"""
-import json, sys
+import json, sys, time
 from pathlib import Path
 out = Path(sys.argv[0]).with_name("got.json")
 argv = sys.argv[1:]
@@ -21,6 +21,11 @@ if argv == [{STANDBY!r}]:
     line = sys.stdin.readline()
     argv = json.loads(line) if line.strip() else None
 out.write_text(json.dumps(argv))
+if argv and argv[0] == "done-then-linger":  # its work done, a slow end (a GPU's teardown)
+    from hetero.backends.warming import DONE, mark
+    mark(DONE)
+    time.sleep(float(argv[1]))
+    sys.exit(5)
 sys.exit(3 if argv == ["fail"] else 0)
 """
 
@@ -28,6 +33,7 @@ sys.exit(3 if argv == ["fail"] else 0)
 @pytest.fixture
 def fake_module(tmp_path, monkeypatch):
     (tmp_path / "fake_warm.py").write_text(FAKE)
+    # the fake imports hetero as a warming module does (an editable install: on sys.path)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     return tmp_path / "got.json"
 
@@ -62,6 +68,20 @@ def test_a_standby_that_ended_is_not_handed_work(fake_module, monkeypatch):
 def test_a_failed_warming_reports_false(fake_module):
     warming = Standby("fake_warm").start(["fail"])
     assert warming is not None and not warming.wait(timeout_s=60)
+
+
+def test_a_warming_that_marked_done_is_waited_for_no_longer(fake_module):
+    # the parent goes on at the mark, not at the process's end 30 s later; the process,
+    # still ending, is reaped once it has (its exit status no longer matters)
+    for warming in (Standby("fake_warm").start(["done-then-linger", "30"]),
+                    Warming("fake_warm", ["done-then-linger", "30"])):  # fmt: skip
+        assert warming is not None
+        start = time.monotonic()
+        assert warming.wait(timeout_s=60)
+        assert time.monotonic() - start < 20
+        assert warming._proc.poll() is None  # still ending
+        warming.cancel()
+        assert warming._proc.returncode is not None
 
 
 def test_the_steps_a_warming_marked_are_read_as_seconds_since_it_started():
