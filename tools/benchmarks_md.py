@@ -74,13 +74,17 @@ source .devdeps/bootstrap.sh && \
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && R=$PWD && \
 mkdir -p /tmp/shim/hetero && cp -r hetero/* /tmp/shim/hetero/ && \
 for d in partitioner backends runtime cluster interfaces calibration; do ln -sfn $R/$d /tmp/shim/hetero/$d; done && \
-export PYTHONPATH=/tmp/shim:/tmp/site PYTHONPYCACHEPREFIX=/tmp/pycache && cd /tmp && ...
+export PYTHONPATH=/tmp/shim:/tmp/site PYTHONPYCACHEPREFIX=/tmp/pycache && \
+SP=$(python3 -c "import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))") && \
+python3 -m compileall -q -j 16 -x '/tests?/' $SP/torch $SP/triton $SP/transformers $SP/sympy \
+    $SP/safetensors $SP/numpy $SP/jinja2 $SP/networkx /tmp/site /tmp/shim && cd /tmp && ...
 ```
 
-(`PYTHONPYCACHEPREFIX`, since 2026-12-07, not yet used in a run: the machines' torch keeps no bytecode and its folders
-take none, so every process compiled torch's modules from source, 7-8 s each; hetero starts
-several (warmings, standbys, Inductor's compile workers), the suite's torch.compile rows none.
-A user's installation has the bytecode; with the prefix the first process writes it.)
+(The bytecode, since run 52: the machines set `PYTHONDONTWRITEBYTECODE=1` and their torch
+ships none, so every process compiled torch's modules from source, and the prefix alone
+never filled. compileall writes it into the prefix in 6 s; importing what a warming imports
+then took 4.7 s instead of 11.5. hetero starts several processes (warmings, standbys), the
+suite's torch.compile rows none; a user's installation has the bytecode.)
 
 A long run can leave its stacks if it stops answering: start it in the background with its
 output in `$OUT/run.log`, then `PATH=/tmp/site/bin:$PATH $R/tools/stall_dump.sh $! $OUT/run.log
