@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 WAYS = ("hetero", "torch.compile")
 
@@ -109,6 +110,18 @@ def one(model_name: str, way: str, choose: str, twice: bool) -> list[dict]:
     return rows
 
 
+def in_fresh_process(cmd: list[str], what: str) -> Any:
+    """Runs `cmd` in a fresh process with a fresh Inductor cache; the JSON it printed last
+    after "ROWS " (None where it failed: printed with its error, as `what`)."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="ind-"))
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    found = [ln for ln in out.stdout.splitlines() if ln.startswith("ROWS ")]
+    if out.returncode or not found:
+        print(f"{what}: failed\n{out.stderr[-3000:]}", flush=True)
+        return None
+    return json.loads(found[-1][5:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="gpt2,convnext-t,tiny-llama")
@@ -128,20 +141,9 @@ def main() -> None:
         ways = [w for w in args.ways.split(",") if name not in GENERATION or w == "hetero"]
         for _ in range(args.repeats):
             for way in ways:
-                env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="ind-"))
                 cmd = [sys.executable, __file__, "--child", name, way, "--choose", args.choose]
-                out = subprocess.run(
-                    cmd + (["--twice"] if args.twice else []),
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                found = [ln for ln in out.stdout.splitlines() if ln.startswith("ROWS ")]
-                if out.returncode or not found:
-                    print(f"{name} {way}: failed\n{out.stderr[-3000:]}", flush=True)
-                    continue
-                for row in json.loads(found[-1][5:]):
+                got = in_fresh_process(cmd + (["--twice"] if args.twice else []), f"{name} {way}")
+                for row in got or []:
                     rows.append(row)
                     extra = (
                         f"; {row['note']} (ran {', '.join(row['backends'])})"

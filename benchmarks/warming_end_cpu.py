@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from compile_times_cpu import in_fresh_process
 
 CHILD = r"""
 import json, sys, tempfile, time
@@ -38,7 +37,7 @@ t = time.perf_counter()
 with torch.no_grad():
     cm = hetero.compile(model, inputs, cache_dir=tempfile.mkdtemp(), executor="local")
 wall = time.perf_counter() - t
-print("ROW", json.dumps({"way": sys.argv[1], "wall_s": wall, "note": cm.compile_times.note()}))
+print("ROWS", json.dumps({"way": sys.argv[1], "wall_s": wall, "note": cm.compile_times.note()}))
 cm.shutdown()
 """
 
@@ -52,19 +51,9 @@ def main() -> None:
     rows = []
     for _ in range(args.rounds):
         for way in ("end", "done"):
-            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="ind-"))
-            out = subprocess.run(
-                [sys.executable, "-c", CHILD, way, here],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            found = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
-            if out.returncode or not found:
-                print(f"{way}: failed\n{out.stderr[-3000:]}", flush=True)
+            row = in_fresh_process([sys.executable, "-c", CHILD, way, here], way)
+            if row is None:
                 continue
-            row = json.loads(found[-1][4:])
             rows.append(row)
             print(f"{way}: {row['wall_s']:.1f} s; {row['note']}", flush=True)
     if args.json:
