@@ -40,7 +40,7 @@ WAIT_S = 600.0
 # arguments (one JSON list) from stdin; an end of input instead means there is no work.
 STANDBY = "--standby"
 # How a warming process marks on its stderr the moment it reached a step (`mark`), so the
-# log says where its time went: ready, handed its work, program read, compiled and run.
+# log says where its time went: imported, ready, program read, done.
 MARK = "hetero-warming-mark"
 # The step a warming marks once its work is in the caches: its parent goes on from there
 # and the process ends on its own. The end of a process that compiled on a GPU (the
@@ -57,9 +57,9 @@ def mark(step: str) -> None:
 
 def marked_steps(err: bytes, spawned: float, handed: float) -> str:
     """When a warming process, `spawned` and `handed` its work at those wall clock times,
-    reached the steps it marked on its stderr, in seconds since it was spawned: "imported
-    +2.0 s, handed over +5.1 s, ready +5.4 s, read +5.6 s, ..." (a standby ready after its hand-over kept its
-    work waiting), in the order they came."""
+    reached the steps it marked on its stderr, in seconds since it was spawned and in the
+    order they came: "imported +2.0 s, handed over +5.1 s, ready +5.4 s, read +5.6 s, ..."
+    (a standby ready after its hand-over kept its work waiting)."""
     steps = [(handed, "handed over")]
     for line in err.decode(errors="replace").splitlines():
         parts = line.split()
