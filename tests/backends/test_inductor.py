@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -206,11 +207,12 @@ def warming_cache(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("standby", [False, True])
 def test_a_warming_process_leaves_the_compile_in_inductors_cache(
-    tmp_path, monkeypatch, standby, warming_cache
+    tmp_path, monkeypatch, standby, warming_cache, caplog
 ):
     """backends/warming.py: another process compiles the artifact; this process's load then
     reads Inductor's FX graph cache instead of compiling. Also where the process was started
-    ahead (`stand_by`), before the artifact existed."""
+    ahead (`stand_by`), before the artifact existed. The log says when the process reached
+    each step, its work done among them (where the wait ends)."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(warming_cache))
@@ -237,8 +239,12 @@ def test_a_warming_process_leaves_the_compile_in_inductors_cache(
 
     # the load reads and traces the program while the warming runs, waits right before
     # Inductor compiles, then finds the warming's compile in the cache
-    (got,) = backend.load_warmed(artifact, CPU, ready)(x)
+    with caplog.at_level(logging.INFO, logger="hetero.backends.warming"):
+        (got,) = backend.load_warmed(artifact, CPU, ready)(x)
     assert len(traced_before_ready) == 1 and traced_before_ready[0] > 0 and warming.wait()
+    (line,) = [r.getMessage() for r in caplog.records if "its process" in r.getMessage()]
+    steps = ["handed over", "imported", "read", "done", *(["ready"] if standby else [])]
+    assert all(f"{step} +" in line for step in steps), line
     assert counters["inductor"]["fxgraph_cache_hit"] >= 1
     assert counters["inductor"]["fxgraph_cache_miss"] == 0
     with torch.no_grad():
