@@ -23,8 +23,11 @@ load compiles as it would have.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -71,6 +74,34 @@ def marked_steps(err: bytes, spawned: float, handed: float) -> str:
     return ", ".join(f"{step} +{at - spawned:.1f} s" for at, step in sorted(steps))
 
 
+def bytecode_advice(module_file: str) -> str | None:
+    """What to do where the process starting warmings finds no bytecode for `module_file`
+    (torch's `__init__.py`): its warming processes would then compile torch's modules from
+    source at every start (PYTHONDONTWRITEBYTECODE, an install without `__pycache__` or
+    read-only). On an H100 host that set PYTHONDONTWRITEBYTECODE and shipped torch
+    without bytecode, a warming's imports took 11.5 s against 4.7 with it, most of the
+    warming's lead (backend_suite.md, run 52). None where the bytecode is there."""
+    cached = importlib.util.cache_from_source(module_file)
+    if os.path.exists(cached):
+        return None
+    where = os.path.dirname(os.path.dirname(module_file))
+    return (
+        f"no bytecode for {module_file} (looked for {cached}): every warming process hetero "
+        f"starts compiles torch's modules from source first (~7 s each on an H100 host). "
+        f"Write it once: `python -m compileall -q -j 0 {where}` (with PYTHONPYCACHEPREFIX "
+        f"set, if that is where this Python looks)"
+    )
+
+
+@functools.cache
+def _advise_bytecode_once() -> None:
+    """Warns, once per process, where warming processes will lack bytecode."""
+    spec = importlib.util.find_spec("torch")
+    advice = bytecode_advice(spec.origin) if spec is not None and spec.origin else None
+    if advice:
+        log.warning(advice)
+
+
 def handed_args(argv: Sequence[str], get_ready: Callable[[str | None], object]) -> list | None:
     """A warming module's arguments: `argv` itself, or for a Standby's process (`STANDBY
     [READY_FOR]`) `get_ready(READY_FOR)` first and then the arguments it is handed (one JSON
@@ -101,6 +132,8 @@ class Warming:
         self.handed = time.time()
         self.spawned = self.handed if spawned is None else spawned
         self._done: bool | None = None  # what `wait` found
+        if process is None:
+            _advise_bytecode_once()
         self._proc = process or subprocess.Popen(
             [sys.executable, "-m", module, *args],
             stdout=subprocess.DEVNULL,
@@ -170,6 +203,7 @@ class Standby:
         for: a device); the work handed later may differ."""
         self.module = module
         self.spawned = time.time()
+        _advise_bytecode_once()
         self._proc: subprocess.Popen | None = subprocess.Popen(
             [sys.executable, "-m", module, STANDBY, *ready_for],
             stdin=subprocess.PIPE,

@@ -4,12 +4,21 @@ handed work once it has ended."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import py_compile
 import time
 
 import pytest
 
-from hetero.backends.warming import MARK, STANDBY, Standby, Warming, marked_steps
+from hetero.backends.warming import (
+    MARK,
+    STANDBY,
+    Standby,
+    Warming,
+    bytecode_advice,
+    marked_steps,
+)
 
 # A warming module that only writes down the arguments it got (or that it got none).
 FAKE = f"""
@@ -96,3 +105,15 @@ def test_the_steps_a_warming_marked_are_read_as_seconds_since_it_started():
         "ready +3.0 s, handed over +6.0 s"
     )
     assert marked_steps(b"", spawned=5.0, handed=5.0) == "handed over +0.0 s"
+
+
+def test_where_warmings_would_compile_torch_from_source_the_advice_says_how_to_avoid_it(
+    tmp_path,
+):
+    source = tmp_path / "pkg" / "__init__.py"
+    source.parent.mkdir()
+    source.write_text("x = 1\n")
+    advice = bytecode_advice(str(source))
+    assert advice is not None and "python -m compileall" in advice and str(tmp_path) in advice
+    py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)))
+    assert bytecode_advice(str(source)) is None
