@@ -64,14 +64,21 @@ def marked_steps(err: bytes, spawned: float, handed: float) -> str:
     order they came: "imported +2.0 s, handed over +5.1 s, ready +5.4 s, read +5.6 s, ..."
     (a standby ready after its hand-over kept its work waiting)."""
     steps = [(handed, "handed over")]
-    for line in err.decode(errors="replace").splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == MARK:
-            try:
-                steps.append((float(parts[2]), parts[1]))
-            except ValueError:
-                continue
+    for line in err.splitlines():
+        if got := _marked(line):
+            steps.append((got[1], got[0]))
     return ", ".join(f"{step} +{at - spawned:.1f} s" for at, step in sorted(steps))
+
+
+def _marked(line: bytes) -> tuple[str, float] | None:
+    """(step, wall clock) where `line` is a `mark`, else None."""
+    parts = line.decode(errors="replace").split()
+    if len(parts) != 3 or parts[0] != MARK:
+        return None
+    try:
+        return parts[1], float(parts[2])
+    except ValueError:
+        return None
 
 
 def bytecode_advice(module_file: str) -> str | None:
@@ -149,10 +156,9 @@ class Warming:
         """Keeps the process's stderr read to its end (a full pipe would stop it), notes its
         DONE mark, and reaps it."""
         assert self._proc.stderr is not None  # opened as a pipe
-        done = f"{MARK} {DONE} ".encode()
         for line in self._proc.stderr:
             self._err.append(line)
-            if line.startswith(done):
+            if (got := _marked(line)) and got[0] == DONE:
                 self._marked_done = True
                 self._over.set()
         self._proc.wait()
