@@ -248,6 +248,7 @@ class Env:
     json_path: str | None
     results: dict
     cold: bool = True  # each way in fresh caches (`cold_caches`)
+    tune_trials: int | None = None  # configs the Triton candidate tunes per kernel (None: its default)
 
     @property
     def cuda(self) -> bool:
@@ -312,6 +313,7 @@ def assignment():
 
 def run_hetero(env: Env, model, inputs, ref, exact: torch.Tensor | None = None) -> dict:
     import hetero
+    from hetero.backends.base import CompileOptions
     from hetero.partitioner.decisions import BackendChoice
 
     cache = tempfile.mkdtemp(prefix="hetero-suite-")  # fresh: nothing measured before is reused
@@ -319,9 +321,12 @@ def run_hetero(env: Env, model, inputs, ref, exact: torch.Tensor | None = None) 
     stats = torch._dynamo.utils.counters["inductor"]
     before = {k: stats[k] for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
     t = time.perf_counter()
+    options = None
+    if env.tune_trials is not None:  # the Triton candidate's configs per tuned kernel
+        options = {"triton": CompileOptions(tune_trials=env.tune_trials)}
     cm = hetero.compile(
         model, inputs, cluster=cluster(env), backends=assignment(), cache_dir=cache,
-        executor="local", registry=registry_without_tvm(), choose=choose,
+        executor="local", registry=registry_without_tvm(), choose=choose, options=options,
     )  # fmt: skip
     out = {"compile_s": time.perf_counter() - t, "compile_times": cm.compile_times.to_dict()}
     # hits: Inductor's compiles found in the cache a warming process wrote (backends/warming.py)
@@ -640,6 +645,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--choice-budget-s", type=float, default=None,
                     help="seconds hetero's measured backend choice may spend per compile "
                     "(default: hetero's)")  # fmt: skip
+    ap.add_argument("--tune-trials", type=int, default=None,
+                    help="configs hetero's Triton candidate compiles and times per tuned kernel "
+                    "(CompileOptions.tune_trials; default: hetero's, 8 for a matmul)")  # fmt: skip
     ap.add_argument("--skip-hetero", action="store_true",
                     help="eager and torch.compile only (e.g. max-autotune in a call of its own)")  # fmt: skip
     ap.add_argument("--log", choices=("warning", "info", "debug"), default="warning",
@@ -669,6 +677,7 @@ def main(argv=None) -> dict:
     env = Env(
         device="cuda" if cuda else "cpu", dtype=torch.float16 if cuda else torch.float32,
         tiny=args.tiny, modes=modes, budget_s=args.budget_s, choice_budget_s=args.choice_budget_s,
+        tune_trials=args.tune_trials,
         hetero=not args.skip_hetero, json_path=args.json,
         results={"machine": machine(), "args": vars(args), "modes": list(modes), "rows": []},
         cold=not (args.warm_caches or args.tiny),

@@ -32,7 +32,9 @@ from typing import Any
 import torch
 
 from hetero.backends.gpu_turn import timing_turn
+from hetero.backends.triton import tile_model
 from hetero.backends.triton.kernels import attention, decode, matmul_epilogue
+from hetero.backends.triton.tile_model import Gpu
 
 log = logging.getLogger("hetero.triton.autotune")
 
@@ -44,20 +46,42 @@ CANDIDATES: dict[str, tuple[dict, ...]] = {
     "attention": tuple(attention.as_cfg(c) for c in attention.CANDIDATES),
     "decode": tuple(decode.as_cfg(c) for c in decode.CANDIDATES),
 }
+# Matmul configs compiled and timed per kernel by default, the most promising by tile_model:
+# of the 14, most are out of the running on any one shape, and each costs a compile (GPT-2
+# small: 61 configs, 6.9 s of an 11 s Triton compile; run 52). Over the 26 tuned matmuls of
+# runs 51 and 53 (GPT-2, BERT, the 1.1B LLaMA prefill, Mixtral) the fastest of the model's
+# top 8 was the fastest of all 14 on every kernel; its top 6 lost 0.4% summed, 9% on one
+# kernel (benchmarks/tile_model_eval.py). `CompileOptions.tune_trials` keeps more or fewer.
+MATMUL_KEEP = 8
 
 
-def candidates(kernel: Any) -> tuple[dict, ...]:
-    """Configs worth trying for a kernel: tiles no larger than its (padded) output."""
+def candidates(kernel: Any, gpu: Gpu | None = None, trials: int = 0) -> tuple[dict, ...]:
+    """Configs worth trying for a kernel, at most `trials` (0: all, or for a matmul on a
+    known `gpu` MATMUL_KEEP): tiles no larger than its (padded) output; for a matmul on
+    `gpu`, the most promising first by tile_model's estimate, those that cannot fit left out."""
     cands = CANDIDATES[kernel.kind]
     if kernel.kind not in ("matmul", "gated") or len(kernel.space) != 3:
-        return cands
+        return cands[: trials or None]
     _, m, n = kernel.space
     fit = tuple(
         c for c in cands
         if c["BLOCK_M"] <= max(16, 1 << (m - 1).bit_length())
         and c["BLOCK_N"] <= max(16, 1 << (n - 1).bit_length())
-    )  # fmt: skip
-    return fit or cands
+    ) or cands  # fmt: skip
+    if gpu is None or not kernel.flops:
+        return fit[: trials or None]
+    gemm = _gemm(kernel)
+    return (tile_model.ranked(fit, gemm, gpu) or fit)[: trials or MATMUL_KEEP]
+
+
+def _gemm(kernel: Any) -> tile_model.Gemm:
+    """The product a matmul kernel computes, from its space, work and traffic."""
+    b, m, n = kernel.space
+    operands = 2 if kernel.kind == "gated" else 1
+    k = max(1, round(kernel.flops / (2 * b * m * n * operands)))
+    elements = b * (m * k + operands * k * n + m * n)
+    elem = 4 if kernel.bytes >= 3.5 * elements else 2
+    return tile_model.Gemm(b, m, n, k, operands, elem)
 
 
 def cache_file(root: Path, gpu_name: str) -> Path:
@@ -128,15 +152,16 @@ def tune(
     compile_s = 0.0
     if device is not None and device.type == "cuda" and threads > 1:
         start = time.perf_counter()
-        precompile(module, pending, run, trials, device, threads)
+        precompile(module, pending, run, trials, device, threads, _gpu(device))
         compile_s = time.perf_counter() - start
+    gpu = _gpu(device)
     found: dict[str, dict] = {}
     originals: dict[str, Callable] = {}
     timed = [0]
     for k in pending:
         launcher = getattr(module, f"launch_{k.name}")
         originals[k.name] = launcher
-        cands = candidates(k)[: trials or None]
+        cands = candidates(k, gpu, trials)
 
         def wrapped(*args, _k=k, _launch=launcher, _cands=cands, cfg=None):
             if _k.key not in found:
@@ -178,6 +203,7 @@ def precompile(
     trials: int,
     device: torch.device,
     threads: int,
+    gpu: Gpu | None = None,
 ) -> None:
     """Compile every candidate config of `kernels` in `threads` threads, launching none.
 
@@ -207,7 +233,7 @@ def precompile(
             out = launch(*args, cfg=cfg)  # first: the JIT's caches exist before threads use them
             if not submitted:
                 submitted.append(True)
-                cands = candidates(k)[: trials or None]
+                cands = candidates(k, gpu, trials)
                 jobs.extend(pool.submit(compile_only, launch, args, c) for c in cands)
             return out
 
@@ -227,6 +253,13 @@ def precompile(
             setattr(module, name, fn)
         for name, fn in launchers.items():
             setattr(module, f"launch_{name}", fn)
+
+
+def _gpu(device: torch.device | None) -> Gpu | None:
+    """tile_model's view of `device`, where it is a GPU."""
+    if device is None or device.type != "cuda":
+        return None
+    return Gpu.of(torch.cuda.get_device_properties(device))
 
 
 def _yield_cores() -> None:
