@@ -248,7 +248,9 @@ class Env:
     json_path: str | None
     results: dict
     cold: bool = True  # each way in fresh caches (`cold_caches`)
-    tune_trials: int | None = None  # configs the Triton candidate tunes per kernel (None: its default)
+    tune_trials: int | None = (
+        None  # configs the Triton candidate tunes per kernel (None: its default)
+    )
 
     @property
     def cuda(self) -> bool:

@@ -11,7 +11,9 @@ then timed one by one: compiling, not timing, is most of tuning (a Triton compil
 (a subprocess) and in native passes, so threads overlap them as Inductor's
 select_algorithm precompiles its template choices in a thread pool. The threads only
 compile (`JITFunction.warmup`, in Triton 3.6 and 3.9 alike), into the same in-memory
-kernel cache the timing's launches then hit.
+kernel cache the timing's launches then hit. Every other kernel of the program is compiled
+in them too: the forward that finds each launch's arguments defers its compiles to the pool
+instead of compiling and running kernel after kernel (`precompile`).
 """
 
 from __future__ import annotations
@@ -205,54 +207,126 @@ def precompile(
     threads: int,
     gpu: Gpu | None = None,
 ) -> None:
-    """Compile every candidate config of `kernels` in `threads` threads, launching none.
+    """Compile every kernel of `module` and every candidate config of `kernels` in
+    `threads` threads, launching none.
 
-    `run()` runs `forward` once with each launcher as it was (its own config): the launch
-    gives the candidates their real arguments, and a compile starts for each candidate as
-    soon as its kernel is reached. In the pool's threads the kernels' globals answer
-    `kernel[grid](...)` with `kernel.warmup(...)`: the compile lands in the JIT's kernel
-    cache, keyed by the same arguments the timing launches with."""
+    `run()` runs `forward` once in this thread with every launch deferred: a kernel's
+    `kernel[grid](...)` hands its compile (`JITFunction.warmup` with the launch's real
+    arguments, hence the key the timing's launches look up) to the pool and launches
+    nothing, and the first call of each tuned kernel's launcher also hands over one compile
+    per candidate config. Before, this thread compiled and ran each kernel in turn, one
+    compile after another: MobileNetV3-L's 47 kernels took 7.2 s of "autotune compile" for 8
+    candidate configs (run 53). A launcher's fresh outputs come back zeroed, not computed,
+    so that what reads them (an index, an expert's routing) sees valid values; the pass's
+    results are thrown away."""
     local = threading.local()
-    launched = {n for k in kernels for n in (k.name, f"{k.name}_merge")}
-    jitted = {n: f for n, f in vars(module).items() if n in launched and hasattr(f, "warmup")}
-    launchers = {k.name: getattr(module, f"launch_{k.name}") for k in kernels}
+    tuned = {k.name: k for k in kernels}
+    launchers = {n: f for n, f in vars(module).items() if n.startswith("launch_") and callable(f)}
+    # the kernels the launchers launch (a split decode's `_merge` too), and no other @jit
+    # global: a kernel's body may call one (the reductions' combiners), and Triton reads
+    # those from the module's globals when it compiles and checks them at each launch
+    named = {n.removeprefix("launch_") for n in launchers}
+    jitted = {
+        n: f
+        for n, f in vars(module).items()
+        if n.removesuffix("_merge") in named and callable(getattr(f, "warmup", None))
+    }
     jobs: list[Future] = []
+    asked: set[tuple] = set()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="hetero-tune", initializer=_yield_cores)
+
+    def warm(fn: Any, grid: Any, args: tuple, kwargs: dict) -> None:
+        # A kernel that fails to compile here fails its launch (or its timing) again later,
+        # which reports (or skips) it. Triton compiles for the thread's current device.
+        with contextlib.suppress(Exception), _on(device):
+            fn.warmup(*args, grid=grid, **kwargs)
+
+    def defer(fn: Any, grid: Any, args: tuple, kwargs: dict) -> None:
+        key = (id(fn), _compile_key(args), _compile_key(tuple(sorted(kwargs.items()))))
+        if key not in asked:  # a layer's kernel again, with the same arguments
+            asked.add(key)
+            jobs.append(pool.submit(warm, fn, grid, args, kwargs))
 
     def compile_only(launch: Callable, args: tuple, cfg: dict) -> None:
         local.compile_only = True
-        # A config that fails to compile here fails its timing too, which skips it. Triton
-        # compiles for the thread's current device: the partition's.
-        with contextlib.suppress(Exception), torch.cuda.device(device):
+        with contextlib.suppress(Exception), _on(device):
             launch(*args, cfg=cfg)
 
-    def submitting(k: Any, launch: Callable) -> Callable:
-        submitted = []
+    def deferring(name: str, launch: Callable) -> Callable:
+        k = tuned.get(name.removeprefix("launch_"))
+        cands = candidates(k, gpu, trials) if k is not None else ()
 
-        def first_launch(*args, cfg=None):
-            out = launch(*args, cfg=cfg)  # first: the JIT's caches exist before threads use them
-            if not submitted:
-                submitted.append(True)
-                cands = candidates(k, gpu, trials)
-                jobs.extend(pool.submit(compile_only, launch, args, c) for c in cands)
+        def launch_deferred(*args, cfg=None):
+            if cands and k.name not in local.submitted:
+                local.submitted.add(k.name)
+                jobs.extend(pool.submit(compile_only, launch, args, c) for c in cands[1:])
+            out = launch(*args, cfg=cands[0] if cands else cfg)
+            _zero_fresh(out, args)
             return out
 
-        return first_launch
+        return launch_deferred
 
     for name, fn in jitted.items():
-        setattr(module, name, _CompileOnly(fn, local))
-    for k in kernels:
-        setattr(module, f"launch_{k.name}", submitting(k, launchers[k.name]))
+        _bind_device_cache(fn, device)  # before threads race to make it (Triton makes it lazily)
+        setattr(module, name, _CompileOnly(fn, local, defer))
+    for name, fn in launchers.items():
+        setattr(module, name, deferring(name, fn))
+    local.defer, local.submitted = True, set()
     try:
         run()
-        for job in jobs:
+        for job in jobs:  # none is added after run() returns: only this thread defers
             job.result()
     finally:
+        local.defer = False
         pool.shutdown(wait=True, cancel_futures=True)
         for name, fn in jitted.items():
             setattr(module, name, fn)
         for name, fn in launchers.items():
-            setattr(module, f"launch_{name}", fn)
+            setattr(module, name, fn)
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """The compiling thread's current device: `device` where it is a GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _compile_key(values: tuple) -> tuple:
+    """What of a launch's arguments a compile depends on, hashable: a tensor's dtype, shape,
+    strides and 16-byte alignment, any other value itself (its repr where unhashable)."""
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append((v.dtype, tuple(v.shape), v.stride(), v.data_ptr() % 16 == 0))
+        elif isinstance(v, tuple):
+            out.append(_compile_key(v))
+        else:
+            try:
+                hash(v)
+                out.append(v)
+            except TypeError:
+                out.append(repr(v))
+    return tuple(out)
+
+
+def _zero_fresh(out: object, args: tuple) -> None:
+    """Zeroes the tensors of `out` that a launcher allocated (none of `args` shares their
+    storage): its kernel never ran, and what reads them must not meet garbage (an index
+    out of range would fault the device)."""
+    given = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    for t in out if isinstance(out, tuple | list) else (out,):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+            t.zero_()
+
+
+def _bind_device_cache(fn: Any, device: torch.device) -> None:
+    """Makes a Triton JIT function's per-device kernel cache for `device` in this thread, so
+    that pool threads compiling into it at once share one (Triton 3.x makes it lazily, per
+    device, on first use: two threads could each make one, and a compile kept in the lost
+    one would be compiled again at its launch). Nothing where Triton keeps none."""
+    caches = getattr(fn, "device_caches", None)
+    if device.type == "cuda" and isinstance(caches, dict):
+        with contextlib.suppress(Exception), torch.cuda.device(device):
+            caches[torch.cuda.current_device()]
 
 
 def _gpu(device: torch.device | None) -> Gpu | None:
@@ -271,13 +345,18 @@ def _yield_cores() -> None:
 
 
 class _CompileOnly:
-    """A kernel global that, in a precompile thread, compiles instead of launching."""
+    """A kernel global that launches nothing while precompiling: in a pool thread
+    (`local.compile_only`) `kernel[grid](...)` compiles; in the thread running the deferred
+    forward (`local.defer`) it hands the compile to `defer(fn, grid, args, kwargs)`."""
 
-    def __init__(self, fn: Any, local: threading.local) -> None:
+    def __init__(self, fn: Any, local: threading.local, defer: Callable) -> None:
         self.fn = fn
         self.local = local
+        self.defer = defer
 
     def __getitem__(self, grid: Any) -> Callable:
         if getattr(self.local, "compile_only", False):
             return lambda *args, **kwargs: self.fn.warmup(*args, grid=grid, **kwargs)
+        if getattr(self.local, "defer", False):
+            return lambda *args, **kwargs: self.defer(self.fn, grid, args, kwargs)
         return self.fn[grid]
