@@ -248,9 +248,8 @@ class Env:
     json_path: str | None
     results: dict
     cold: bool = True  # each way in fresh caches (`cold_caches`)
-    tune_trials: int | None = (
-        None  # configs the Triton candidate tunes per kernel (None: its default)
-    )
+    # configs the Triton candidate tunes per kernel (None: its default)
+    tune_trials: int | None = None
 
     @property
     def cuda(self) -> bool:
