@@ -273,7 +273,12 @@ def precompile(
         setattr(module, name, deferring(name, fn))
     local.defer, local.submitted = True, set()
     try:
-        run()
+        try:
+            run()
+        except Exception as e:
+            # an op met a zero the pass left where a kernel's values belong (an assert on
+            # data); what the pass reached is compiled, the timing's run compiles the rest
+            log.info("precompile stopped early, the rest compiles as it is timed: %s", e)
         for job in jobs:  # none is added after run() returns: only this thread defers
             job.result()
     finally:

@@ -109,3 +109,17 @@ def test_the_compile_key_tells_layouts_and_values_apart():
     assert autotune._compile_key((a, 3)) != autotune._compile_key((a.t(), 3))
     assert autotune._compile_key((a, 3)) != autotune._compile_key((a, 4))
     assert autotune._compile_key((a, [1])) == autotune._compile_key((a, [1]))  # unhashable
+
+
+def test_a_forward_that_fails_on_the_zeroed_values_ends_the_precompile_not_the_tuning():
+    log: list = []
+    mod = program(log)
+
+    def run():
+        (idx,) = mod.launch_k0(torch.zeros(4, 2))
+        if not idx.any():  # an assert on data the kernel never wrote
+            raise RuntimeError("expected a nonzero index")
+
+    autotune.precompile(mod, [], run, 0, torch.device("cpu"), threads=2)
+    assert [e[:2] for e in log] == [("compile", "k0")]
+    assert mod.launch_k0 is vars(mod)["launch_k0"] and not isinstance(mod.k0, autotune._CompileOnly)
