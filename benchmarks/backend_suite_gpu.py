@@ -248,8 +248,9 @@ class Env:
     json_path: str | None
     results: dict
     cold: bool = True  # each way in fresh caches (`cold_caches`)
-    # configs the Triton candidate tunes per kernel (None: its default)
+    # configs the Triton candidate tunes per kernel, and threads compiling them (None: its default)
     tune_trials: int | None = None
+    tune_threads: int | None = None
 
     @property
     def cuda(self) -> bool:
@@ -323,8 +324,9 @@ def run_hetero(env: Env, model, inputs, ref, exact: torch.Tensor | None = None) 
     before = {k: stats[k] for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
     t = time.perf_counter()
     options = None
-    if env.tune_trials is not None:  # the Triton candidate's configs per tuned kernel
-        options = {"triton": CompileOptions(tune_trials=env.tune_trials)}
+    if env.tune_trials is not None or env.tune_threads is not None:  # the Triton candidate's
+        extra = () if env.tune_threads is None else (("compile_threads", env.tune_threads),)
+        options = {"triton": CompileOptions(tune_trials=env.tune_trials or 0, extra=extra)}
     cm = hetero.compile(
         model, inputs, cluster=cluster(env), backends=assignment(), cache_dir=cache,
         executor="local", registry=registry_without_tvm(), choose=choose, options=options,
@@ -649,6 +651,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tune-trials", type=int, default=None,
                     help="configs hetero's Triton candidate compiles and times per tuned kernel "
                     "(CompileOptions.tune_trials; default: hetero's, 8 for a matmul)")  # fmt: skip
+    ap.add_argument("--tune-threads", type=int, default=None,
+                    help="threads compiling the Triton candidate's kernels and configs before they "
+                    "are timed (TritonOptions.compile_threads; 1: serial tuning, no precompile)")  # fmt: skip
     ap.add_argument("--skip-hetero", action="store_true",
                     help="eager and torch.compile only (e.g. max-autotune in a call of its own)")  # fmt: skip
     ap.add_argument("--log", choices=("warning", "info", "debug"), default="warning",
@@ -678,7 +683,7 @@ def main(argv=None) -> dict:
     env = Env(
         device="cuda" if cuda else "cpu", dtype=torch.float16 if cuda else torch.float32,
         tiny=args.tiny, modes=modes, budget_s=args.budget_s, choice_budget_s=args.choice_budget_s,
-        tune_trials=args.tune_trials,
+        tune_trials=args.tune_trials, tune_threads=args.tune_threads,
         hetero=not args.skip_hetero, json_path=args.json,
         results={"machine": machine(), "args": vars(args), "modes": list(modes), "rows": []},
         cold=not (args.warm_caches or args.tiny),

@@ -38,7 +38,13 @@ from hetero.backends.base import (
     Support,
 )
 from hetero.backends.reshape_views import reshape_views
-from hetero.backends.triton.autotune import TuneCache, Tuned, cache_file, tune
+from hetero.backends.triton.autotune import (
+    PRECOMPILE_THREADS,
+    TuneCache,
+    Tuned,
+    cache_file,
+    tune,
+)
 from hetero.backends.triton.codegen import generate
 from hetero.backends.triton.fold import Folded, fold_weights
 from hetero.backends.triton.fuse import fuse
@@ -73,6 +79,9 @@ class TritonOptions(BackendOptions):
     clone_outputs: bool = True  # copy outputs out of the CUDA graph's memory pool
     tune: bool = True  # autotune kernel configs on a GPU (cached in `tune_cache`)
     tune_cache: str | None = None  # a directory; None: `triton-autotune` beside the artifact
+    # threads compiling every kernel and tile config before the timing (autotune.precompile);
+    # 0: autotune.PRECOMPILE_THREADS; 1: each config compiled as it is timed, no precompile
+    compile_threads: int = 0
     # NHWC activations between convolutions; None: for float16/bfloat16 convolution weights
     channels_last: bool | None = None
 
@@ -145,7 +154,7 @@ class TritonBackend(Backend):
         if not interpret and own.tune:
             start = time.perf_counter()
             tuned = self._tune(out_dir, program, acts, weights, device, known,
-                               options.tune_trials)  # fmt: skip
+                               options.tune_trials, own.compile_threads)  # fmt: skip
             steps["autotune"] = time.perf_counter() - start
             steps["autotune compile"] = tuned.compile_s
             counts |= {"tuned": tuned.kernels, "configs": tuned.configs}
@@ -178,12 +187,13 @@ class TritonBackend(Backend):
         steps["weights"] = time.perf_counter() - start  # written, then hashed for the manifest
         return replace(manifest, build_seconds=steps, build_counts=counts)
 
-    def _tune(self, out_dir, program, acts, weights, device, known, trials) -> Tuned:
+    def _tune(self, out_dir, program, acts, weights, device, known, trials, threads) -> Tuned:
         dev = torch.device("cuda", device.index)
         mod = _import(out_dir / "program.py", f"hetero_triton_tune_{id(program)}")
         args = [a.to(dev) for a in acts] + [w.to(dev) for w in weights]
         with torch.no_grad():
-            return tune(mod, program.kernels, lambda: mod.forward(*args), known, trials, dev)
+            return tune(mod, program.kernels, lambda: mod.forward(*args), known, trials, dev,
+                        threads=threads or PRECOMPILE_THREADS)  # fmt: skip
 
     # ---- load --------------------------------------------------------------------------------
     def load(self, artifact: Artifact, device: DeviceSpec) -> Runner:

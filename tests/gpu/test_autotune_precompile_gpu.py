@@ -29,7 +29,8 @@ def test_precompiled_tuning_finds_what_serial_tuning_finds(tmp_path, monkeypatch
 
     def tune_with(threads):
         def tune(*args, **kwargs):
-            seen[threads] = autotune.tune(*args, threads=threads, **kwargs)
+            assert kwargs["threads"] == threads  # TritonOptions.compile_threads reached it
+            seen[threads] = autotune.tune(*args, **kwargs)
             return seen[threads]
 
         return tune
@@ -39,7 +40,8 @@ def test_precompiled_tuning_finds_what_serial_tuning_finds(tmp_path, monkeypatch
         monkeypatch.setattr(triton_backend, "tune", tune_with(threads))
         where = tmp_path / f"threads{threads}"  # its own tuning cache: nothing known
         where.mkdir()
-        run, man = build(TritonBackend(), model, (x,), where, CompileOptions(tune_trials=4))
+        opts = CompileOptions(tune_trials=4, extra=(("compile_threads", threads),))
+        run, man = build(TritonBackend(), model, (x,), where, opts)
         assert_close(run(x)[0], want, torch.float16)
         assert man.build_counts["tuned"] >= 1 and man.build_counts["configs"] >= 1
         assert {"fuse", "codegen", "autotune", "weights"} <= set(man.build_seconds)
