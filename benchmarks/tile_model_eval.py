@@ -34,10 +34,8 @@ def kernels(paths: list[str]) -> list[tuple[str, Gemm, list]]:
             dims = [int(x) for x in space.split(",")]
             if kind not in ("matmul", "gated") or len(dims) != 3:
                 continue
-            b, rows, cols = dims
-            operands = 2 if kind == "gated" else 1
-            k = int(flops) // (2 * b * rows * cols * operands)
-            out.append((f"{path}:{name}", Gemm(b, rows, cols, k, operands), json.loads(measured)))
+            gemm = Gemm.of_kernel(kind, tuple(dims), int(flops))
+            out.append((f"{path}:{name}", gemm, json.loads(measured)))
     return out
 
 

@@ -36,7 +36,7 @@ import torch
 from hetero.backends.gpu_turn import timing_turn
 from hetero.backends.triton import tile_model
 from hetero.backends.triton.kernels import attention, decode, matmul_epilogue
-from hetero.backends.triton.tile_model import Gpu
+from hetero.backends.triton.tile_model import Gemm, Gpu
 
 log = logging.getLogger("hetero.triton.autotune")
 
@@ -72,18 +72,8 @@ def candidates(kernel: Any, gpu: Gpu | None = None, trials: int = 0) -> tuple[di
     ) or cands  # fmt: skip
     if gpu is None or not kernel.flops:
         return fit[: trials or None]
-    gemm = _gemm(kernel)
+    gemm = Gemm.of_kernel(kernel.kind, kernel.space, kernel.flops, kernel.bytes)
     return (tile_model.ranked(fit, gemm, gpu) or fit)[: trials or MATMUL_KEEP]
-
-
-def _gemm(kernel: Any) -> tile_model.Gemm:
-    """The product a matmul kernel computes, from its space, work and traffic."""
-    b, m, n = kernel.space
-    operands = 2 if kernel.kind == "gated" else 1
-    k = max(1, round(kernel.flops / (2 * b * m * n * operands)))
-    elements = b * (m * k + operands * k * n + m * n)
-    elem = 4 if kernel.bytes >= 3.5 * elements else 2
-    return tile_model.Gemm(b, m, n, k, operands, elem)
 
 
 def cache_file(root: Path, gpu_name: str) -> Path:
@@ -152,11 +142,11 @@ def tune(
     if not pending:
         return Tuned()
     compile_s = 0.0
+    gpu = _gpu(device)
     if device is not None and device.type == "cuda" and threads > 1:
         start = time.perf_counter()
-        precompile(module, pending, run, trials, device, threads, _gpu(device))
+        precompile(module, pending, run, trials, device, threads, gpu)
         compile_s = time.perf_counter() - start
-    gpu = _gpu(device)
     found: dict[str, dict] = {}
     originals: dict[str, Callable] = {}
     timed = [0]
@@ -233,6 +223,7 @@ def precompile(
     }
     jobs: list[Future] = []
     asked: set[tuple] = set()
+    submitted: set[str] = set()  # tuned kernels whose candidates are handed over
     pool = ThreadPoolExecutor(threads, thread_name_prefix="hetero-tune", initializer=_yield_cores)
 
     def warm(fn: Any, grid: Any, args: tuple, kwargs: dict) -> None:
@@ -257,8 +248,8 @@ def precompile(
         cands = candidates(k, gpu, trials) if k is not None else ()
 
         def launch_deferred(*args, cfg=None):
-            if cands and k.name not in local.submitted:
-                local.submitted.add(k.name)
+            if cands and k.name not in submitted:
+                submitted.add(k.name)
                 jobs.extend(pool.submit(compile_only, launch, args, c) for c in cands[1:])
             out = launch(*args, cfg=cands[0] if cands else cfg)
             _zero_fresh(out, args)
@@ -271,7 +262,7 @@ def precompile(
         setattr(module, name, _CompileOnly(fn, local, defer))
     for name, fn in launchers.items():
         setattr(module, name, deferring(name, fn))
-    local.defer, local.submitted = True, set()
+    local.defer = True
     try:
         try:
             run()

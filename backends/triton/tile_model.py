@@ -64,6 +64,18 @@ class Gemm:
     operands: int = 1
     elem: int = 2
 
+    @classmethod
+    def of_kernel(cls, kind: str, space: tuple[int, ...], flops: int, traffic: int = 0) -> Gemm:
+        """The product a matmul kernel of `kind` ("matmul" or "gated") computes over its
+        iteration `space` (batch, rows, columns), from its work in flops and, where known, its
+        `traffic` in bytes (else 16-bit elements)."""
+        b, m, n = space
+        operands = 2 if kind == "gated" else 1
+        k = max(1, round(flops / (2 * b * m * n * operands)))
+        elements = b * (m * k + operands * k * n + m * n)
+        elem = 4 if traffic >= 3.5 * elements else 2
+        return cls(b, m, n, k, operands, elem)
+
 
 def resident(cfg: dict, gemm: Gemm, gpu: Gpu) -> int:
     """How many CTAs of `cfg` one SM holds at once (0: the config does not fit)."""
